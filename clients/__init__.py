@@ -1,0 +1,1 @@
+"""prefloop.clients: Python clients (sync and asyncio), terminal chat, load generator."""

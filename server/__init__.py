@@ -1,0 +1,1 @@
+"""prefloop.server: the serving side — model, engine, tokenizer, gRPC services, feedback log, CLI."""
