@@ -1,0 +1,326 @@
+"""Python clients for a prefloop server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    from prefloop.clients import Client
+    with Client("127.0.0.1:50051") as client:
+        reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=64, temperature=0)
+        print(reply.text, reply.response_id)
+        for chunk in client.chat_stream([{"role": "user", "content": "Tell me a story"}]):
+            print(chunk.text_delta, end="", flush=True)
+
+Both clients take TLS (`root_certificates`: PEM bytes or a file path, or `tls=True` for the system
+roots) and a bearer `token`; every call takes a `timeout` (seconds, the call's deadline; the
+client default applies when omitted). Failures raise the typed exceptions of
+`prefloop.clients.errors`. Breaking out of a stream cancels the call, which aborts the request on
+the server. Imports go to the generated proto modules only, never to the server.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+
+import grpc
+
+from prefloop.proto.prefloop.v1 import (generation_pb2, generation_pb2_grpc, models_pb2,
+                                        models_pb2_grpc)
+
+from .errors import error_from_rpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TOKEN_ENV = "PREFLOOP_TOKEN"
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    response_id: str  # send this with feedback
+    text: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    completion_tokens: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    completions: tuple[Completion, ...]
+    prompt_tokens: int
+    model_version: str
+    request_id: str
+
+    @property
+    def text(self) -> str:
+        """The first completion's text (the only one unless n > 1)."""
+        return self.completions[0].text
+
+    @property
+    def response_id(self) -> str:
+        return self.completions[0].response_id
+
+    @property
+    def finish_reason(self) -> str:
+        return self.completions[0].finish_reason
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.GenerateResponse) -> "GenerateResult":
+        return cls(tuple(Completion(c.response_id, c.text, c.finish_reason, c.completion_tokens,
+                                    c.index) for c in msg.completions),
+                   msg.prompt_tokens, msg.model_version, msg.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed piece of a completion; `finish_reason` is set (not None) on its last chunk."""
+
+    index: int
+    response_id: str
+    text_delta: str
+    finish_reason: str | None
+    model_version: str
+    completion_tokens: int  # generated so far for this completion
+    prompt_tokens: int
+    request_id: str
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.GenerateChunk) -> "Chunk":
+        return cls(msg.index, msg.response_id, msg.text_delta, msg.finish_reason or None,
+                   msg.model_version, msg.completion_tokens, msg.prompt_tokens, msg.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model_version: str
+    architecture: str
+    context_length: int
+    dtype: str
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    prefix_cache_hit_tokens: int
+    active_requests: int
+    queued_requests: int
+    extra: dict[str, float]
+
+
+def _model_info(msg: models_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(msg.model_version, msg.architecture, msg.context_length, msg.dtype,
+                     msg.backend)
+
+
+def _engine_stats(msg: models_pb2.EngineStats) -> EngineStats:
+    return EngineStats(msg.running, msg.waiting, msg.free_blocks, msg.total_blocks,
+                       msg.prefix_cache_hit_tokens, msg.active_requests, msg.queued_requests,
+                       dict(msg.extra))
+
+
+def sampling_proto(*, max_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, top_k: int | None = None,
+                   stop: Sequence[str] | str | None = None, seed: int | None = None,
+                   n: int | None = None, repetition_penalty: float | None = None,
+                   ) -> generation_pb2.SamplingParams:
+    """A proto SamplingParams; None leaves a field unset (the server's default applies)."""
+    fields = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  seed=seed, n=n, repetition_penalty=repetition_penalty)
+    msg = generation_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    if stop:
+        msg.stop.extend([stop] if isinstance(stop, str) else stop)
+    return msg
+
+
+def chat_messages(messages: Iterable[Message]) -> list[generation_pb2.ChatMessage]:
+    """Accepts {"role", "content"} mappings or (role, content) pairs."""
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.append(generation_pb2.ChatMessage(role=role, content=content))
+    return out
+
+
+def _generate_request(prompt: str, session_id: str, user_id: str,
+                      sampling: dict[str, Any]) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling_proto(**sampling),
+                                          session_id=session_id, user_id=user_id)
+
+
+def _chat_request(messages: Iterable[Message], session_id: str, user_id: str,
+                  sampling: dict[str, Any]) -> generation_pb2.ChatRequest:
+    return generation_pb2.ChatRequest(messages=chat_messages(messages),
+                                      sampling=sampling_proto(**sampling),
+                                      session_id=session_id, user_id=user_id)
+
+
+class _ClientBase:
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 root_certificates: bytes | str | os.PathLike | None = None, tls: bool = False,
+                 tls_server_name: str | None = None, timeout: float | None = None,
+                 max_message_bytes: int | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """`token` defaults to $PREFLOOP_TOKEN; `timeout` is the default deadline (seconds)."""
+        self.target = target
+        self.timeout = timeout
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._options = list(options)
+        if max_message_bytes is not None:
+            self._options += [("grpc.max_send_message_length", max_message_bytes),
+                              ("grpc.max_receive_message_length", max_message_bytes)]
+        if tls_server_name:
+            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._credentials = None
+        if root_certificates is not None or tls:
+            roots = root_certificates
+            if roots is not None and not isinstance(roots, bytes):
+                roots = Path(roots).read_bytes()
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+
+    def _kwargs(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": self.timeout if timeout is None else timeout,
+                "metadata": self._metadata}
+
+
+class Client(_ClientBase):
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(target, self._credentials, self._options)
+        else:
+            self._channel = grpc.insecure_channel(target, self._options)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._models = models_pb2_grpc.ModelsStub(self._channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, rpc, request, timeout):
+        try:
+            return rpc(request, **self._kwargs(timeout))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def _stream(self, rpc, request, timeout) -> Iterator[Chunk]:
+        call = rpc(request, **self._kwargs(timeout))
+        try:
+            for msg in call:
+                yield Chunk.from_proto(msg)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()  # no-op when finished; aborts the request if the consumer stopped
+
+    def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
+                 timeout: float | None = None, **sampling: Any) -> GenerateResult:
+        """Complete a raw prompt. `sampling`: max_tokens, temperature, top_p, top_k, stop,
+        seed, n, repetition_penalty (None/omitted = server default)."""
+        request = _generate_request(prompt, session_id, user_id, sampling)
+        return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout))
+
+    def chat(self, messages: Iterable[Message], *, session_id: str = "", user_id: str = "",
+             timeout: float | None = None, **sampling: Any) -> GenerateResult:
+        """Answer a conversation (the server applies the chat template)."""
+        request = _chat_request(messages, session_id, user_id, sampling)
+        return GenerateResult.from_proto(self._unary(self._generation.Chat, request, timeout))
+
+    def generate_stream(self, prompt: str, *, session_id: str = "", user_id: str = "",
+                        timeout: float | None = None, **sampling: Any) -> Iterator[Chunk]:
+        request = _generate_request(prompt, session_id, user_id, sampling)
+        return self._stream(self._generation.GenerateStream, request, timeout)
+
+    def chat_stream(self, messages: Iterable[Message], *, session_id: str = "",
+                    user_id: str = "", timeout: float | None = None,
+                    **sampling: Any) -> Iterator[Chunk]:
+        request = _chat_request(messages, session_id, user_id, sampling)
+        return self._stream(self._generation.ChatStream, request, timeout)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        return _model_info(self._unary(self._models.GetModelInfo,
+                                       models_pb2.GetModelInfoRequest(), timeout))
+
+    def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
+        """Engine internals (admin token when the server requires tokens)."""
+        return _engine_stats(self._unary(self._models.GetEngineStats,
+                                         models_pb2.GetEngineStatsRequest(), timeout))
+
+
+class AsyncClient(_ClientBase):
+    """asyncio client (grpc.aio). Create it inside the running loop; `async with` or aclose()."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, self._credentials, self._options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, self._options)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._models = models_pb2_grpc.ModelsStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, rpc, request, timeout):
+        try:
+            return await rpc(request, **self._kwargs(timeout))
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    async def _stream(self, rpc, request, timeout) -> AsyncIterator[Chunk]:
+        call = rpc(request, **self._kwargs(timeout))
+        try:
+            async for msg in call:
+                yield Chunk.from_proto(msg)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
+                       timeout: float | None = None, **sampling: Any) -> GenerateResult:
+        request = _generate_request(prompt, session_id, user_id, sampling)
+        return GenerateResult.from_proto(
+            await self._unary(self._generation.Generate, request, timeout))
+
+    async def chat(self, messages: Iterable[Message], *, session_id: str = "",
+                   user_id: str = "", timeout: float | None = None,
+                   **sampling: Any) -> GenerateResult:
+        request = _chat_request(messages, session_id, user_id, sampling)
+        return GenerateResult.from_proto(
+            await self._unary(self._generation.Chat, request, timeout))
+
+    def generate_stream(self, prompt: str, *, session_id: str = "", user_id: str = "",
+                        timeout: float | None = None, **sampling: Any) -> AsyncIterator[Chunk]:
+        request = _generate_request(prompt, session_id, user_id, sampling)
+        return self._stream(self._generation.GenerateStream, request, timeout)
+
+    def chat_stream(self, messages: Iterable[Message], *, session_id: str = "",
+                    user_id: str = "", timeout: float | None = None,
+                    **sampling: Any) -> AsyncIterator[Chunk]:
+        request = _chat_request(messages, session_id, user_id, sampling)
+        return self._stream(self._generation.ChatStream, request, timeout)
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        return _model_info(await self._unary(self._models.GetModelInfo,
+                                             models_pb2.GetModelInfoRequest(), timeout))
+
+    async def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
+        return _engine_stats(await self._unary(self._models.GetEngineStats,
+                                               models_pb2.GetEngineStatsRequest(), timeout))

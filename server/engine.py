@@ -1,0 +1,220 @@
+"""LLMEngine: the synchronous core — requests in (token ids), one `step()` at a time, token deltas out.
+
+It owns the scheduler, block manager and model runner; it sees token ids only (no tokenizer, no
+gRPC). A request with n > 1 prefills its prompt once; the other candidates are forked off when the
+prompt is computed, sharing its full blocks. `AsyncEngine` (server/async_engine.py) drives it from
+a background thread for asyncio callers.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .errors import InvalidArgument, ResourceExhausted
+from .kv_cache import KVCacheConfig, bytes_per_token, num_blocks_for
+from .model import LlamaModel
+from .model_runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import SeqStatus, Sequence
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    num_output_tokens: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    total_blocks: int
+    free_blocks: int
+    block_size: int
+    kv_bytes_per_token: int
+    prefix_cache_queries: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    steps: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaModel, cache: KVCacheConfig | None = None,
+                 scheduler: SchedulerConfig | None = None, eos_token_ids: tuple[int, ...] = (),
+                 max_model_len: int | None = None):
+        self.model = model
+        cfg = model.config
+        self.cache_config = cache or KVCacheConfig()
+        param = next(model.parameters())
+        self.dtype = param.dtype
+        num_blocks = num_blocks_for(self.cache_config, cfg, self.dtype)
+        self.blocks = BlockManager(num_blocks, self.cache_config.block_size,
+                                   self.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler or SchedulerConfig(), self.blocks)
+        self.runner = ModelRunner(model, num_blocks, self.cache_config.block_size)
+        self.eos_token_ids = frozenset(eos_token_ids or cfg.eos_token_ids)
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.steps = 0
+        # Optional observer called with (sequences, logits [len(sequences), vocab]) before sampling;
+        # tests use it to compare logits against transformers.
+        self.logits_hook = None
+
+    # -- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise a typed error for a request this engine can never serve."""
+        if not prompt_ids:
+            raise InvalidArgument("prompt is empty: it must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not (0 <= t < vocab) for t in prompt_ids):
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidArgument(
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}")
+        if total > self.max_model_len:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the context length {self.max_model_len}; lower max_tokens or shorten the prompt")
+        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
+            raise ResourceExhausted(
+                f"request needs {total} tokens of KV cache but the cache holds "
+                f"{self.blocks.num_blocks * self.blocks.block_size}; raise --kv-cache-gib")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidArgument(f"request id {request_id!r} is already running")
+        self.validate(prompt_ids, params)
+        seq = self._new_seq(request_id, 0, list(prompt_ids), len(prompt_ids), params)
+        seq.children_pending = params.n - 1
+        self.requests[request_id] = _Request(request_id, [seq])
+        self.scheduler.add(seq)
+
+    def _new_seq(self, request_id: str, index: int, token_ids: list[int], prompt_len: int,
+                 params: SamplingParams) -> Sequence:
+        generator = None
+        if not params.greedy:
+            seed = params.seed + index if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator().manual_seed(seed)
+        return Sequence(next(self._seq_ids), request_id, index, token_ids, prompt_len, params,
+                        next(self._arrivals), generator)
+
+    def abort(self, request_id: str, index: int | None = None) -> list[SeqOutput]:
+        """Stop a request (or one candidate) now; its blocks are freed at once."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        outs = []
+        for seq in req.seqs:
+            if (index is None or seq.index == index) and not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                outs.append(SeqOutput(request_id, seq.index, [], "abort", seq.num_output))
+        if index is None or index == 0:
+            req.seqs[0].children_pending = 0  # candidates not yet forked will never start
+        self._maybe_retire(req)
+        return outs
+
+    def _maybe_retire(self, req: _Request) -> None:
+        if all(s.finished for s in req.seqs) and req.seqs[0].children_pending == 0:
+            self.requests.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping ------------------------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.runner.copy_blocks(self.blocks.take_pending_copies())
+        ordered, logits = self.runner.execute(batch)
+        self.steps += 1
+        rows, row_logits = [], []
+        for i, item in enumerate(ordered):
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
+                                             seq.num_computed)
+            if seq.num_computed == len(seq.token_ids):  # the whole context is cached: sample
+                rows.append(seq)
+                row_logits.append(i)
+                for child in self._fork(seq):
+                    rows.append(child)
+                    row_logits.append(i)
+        if not rows:
+            return []
+        row_logits = logits[row_logits]
+        if self.logits_hook is not None:
+            self.logits_hook(rows, row_logits)
+        tokens = sample(row_logits, rows)
+        return [out for seq, tok in zip(rows, tokens) if (out := self._append(seq, tok))]
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The request's other candidates, sharing the parent's computed prompt blocks."""
+        if parent.children_pending == 0:
+            return []
+        req = self.requests[parent.request_id]
+        children = []
+        for index in range(1, parent.children_pending + 1):
+            child = self._new_seq(parent.request_id, index, list(parent.token_ids), parent.prompt_len,
+                                  parent.params)
+            child.block_table = self.blocks.fork(parent.block_table, parent.num_computed)
+            child.block_hashes = list(parent.block_hashes)
+            child.num_computed = parent.num_computed
+            self.scheduler.add_running(child)
+            req.seqs.append(child)
+            children.append(child)
+        parent.children_pending = 0
+        return children
+
+    def _append(self, seq: Sequence, token: int) -> SeqOutput | None:
+        if seq.finished:
+            return None
+        seq.token_ids.append(token)
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self._maybe_retire(self.requests[seq.request_id])
+        return SeqOutput(seq.request_id, seq.index, [token], reason, seq.num_output)
+
+    def stats(self) -> EngineStats:
+        s = self.blocks.stats
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            total_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free,
+            block_size=self.blocks.block_size,
+            kv_bytes_per_token=bytes_per_token(self.model.config, self.dtype),
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions, steps=self.steps)
+
+    def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, dict[int, list[int]]]:
+        """Offline helper: run requests to completion; returns {request_id: {index: output ids}}."""
+        results: dict[str, dict[int, list[int]]] = {rid: {} for rid in requests}
+        for rid, (ids, params) in requests.items():
+            self.add_request(rid, ids, params)
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].setdefault(out.index, []).extend(out.new_token_ids)
+        return results

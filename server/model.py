@@ -1,0 +1,107 @@
+"""The Llama-family decoder in PyTorch over flat token batches (no padding).
+
+Inputs per step: token ids [num_tokens], positions [num_tokens], AttentionMetadata (slot mapping,
+block tables) and the per-layer KV cache. Q/K/V and gate/up projections are fused into one matmul
+each; weights are loaded from HF names in `server/model_loader.py`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, paged_attention, write_kv
+from .model_config import ModelConfig
+from .rope import apply_rope, config_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 like HF LlamaRMSNorm, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # [n, H, hd]
+        k = apply_rope(k.view(n, self.n_kv, self.head_dim), cos, sin)  # [n, kvh, hd]
+        v = v.view(n, self.n_kv, self.head_dim)  # [n, kvh, hd]
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # rotated once, at the absolute position
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [n, H, hd]
+        return self.o_proj(out.view(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Decoder + LM head. `forward` returns logits only for `logits_indices` (tokens that sample)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = self.rope_tables(cfg)
+        self.register_buffer("cos_table", cos, persistent=False)  # [max_pos, head_dim] float32
+        self.register_buffer("sin_table", sin, persistent=False)
+
+    @staticmethod
+    def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return config_cos_sin(cfg)
+
+    def hidden_states(self, input_ids, positions, kv_caches, meta: AttentionMetadata):
+        h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        cos = self.cos_table[positions].to(h.dtype)  # [num_tokens, head_dim]
+        sin = self.sin_table[positions].to(h.dtype)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, k_cache, v_cache, meta)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        h = self.hidden_states(input_ids, positions, kv_caches, meta)
+        return self.lm_head(h[logits_indices]).float()  # [num_sampled, vocab]

@@ -1,0 +1,29 @@
+"""Command-line options shared by every command that loads a model (generate, serve, rope, bench)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="HF-format Llama-family folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights/activations dtype")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    g.add_argument("--cache-dir", default=None,
+                   help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
+    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (overrides GiB)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    g.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens per engine step (chunked-prefill budget)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+
+
+def generator_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
+                block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_batched_tokens,
+                enable_prefix_caching=not args.no_prefix_caching)

@@ -1,0 +1,51 @@
+"""Sequence: one candidate completion being generated — its tokens, cache blocks and progress."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n candidates
+    token_ids: list[int]  # prompt followed by generated tokens
+    prompt_len: int
+    params: SamplingParams
+    arrival: int  # engine-wide order of admission, used to pick the newest for preemption
+    generator: torch.Generator | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of its full cached blocks
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    children_pending: int = 0  # candidates still to fork off this one once its prompt is computed
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the last one are still uncomputed."""
+        return self.num_computed < len(self.token_ids) - 1 or self.num_computed == 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
