@@ -77,7 +77,6 @@ class BlockManager:
             return [], []
         bs = self.block_size
         blocks, hashes, parent = [], [], None
-        self.stats.prefix_cache_queries += len(token_ids)
         for i in range((len(token_ids) - 1) // bs):
             h = block_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             block = self.block_of_hash.get(h)
@@ -86,8 +85,11 @@ class BlockManager:
             blocks.append(block)
             hashes.append(h)
             parent = h
-        self.stats.prefix_cache_hit_tokens += len(blocks) * bs
         return blocks, hashes
+
+    def record_prefix_lookup(self, num_tokens: int, hit_tokens: int) -> None:
+        self.stats.prefix_cache_queries += num_tokens
+        self.stats.prefix_cache_hit_tokens += hit_tokens
 
     def acquire_prefix(self, blocks: list[int]) -> None:
         for block in blocks:

@@ -101,7 +101,6 @@ class _Call:
     model_version: str = ""
     backend: str = ""
     completions: list[_CompletionState] = field(default_factory=list)
-    generation_started: bool = False
 
     def ms_since_start(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.started) * 1000.0, 2)
@@ -218,7 +217,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         """Run the request in the engine, yielding one chunk per delta with new text or an end."""
         call.completions = [_CompletionState(new_response_id(), i) for i in range(params.n)]
         async with self.admission.slot():
-            call.generation_started = True
             stream = self.generator.stream(call.request_id, prompt_ids, params)
             done = False
             try:
@@ -247,7 +245,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     await self._abort(call, stream, params, request, prompt, messages)
 
     async def _abort(self, call: _Call, stream, params, request, prompt, messages) -> None:
-        """Stop an unfinished request in the engine and record its partial completions."""
+        """Stop an unfinished request in the engine and record its partial completions
+        (finish_reason "abort")."""
         try:
             await stream.aclose()  # the generator aborts the request in the engine
             await self.generator.abort(call.request_id)  # and make sure of it
@@ -256,7 +255,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         for state in call.completions:
             if state.finish_reason is None:
                 state.finish_reason, state.finished_at = "abort", time.perf_counter()
-                self._record(call, state, params, request, prompt, messages)
+                if state.completion_tokens:  # nothing generated: nothing to record
+                    self._record(call, state, params, request, prompt, messages)
 
     def _record(self, call: _Call, state: _CompletionState, params: SamplingParams, request,
                 prompt: str | None, messages: list[dict] | None) -> None:

@@ -297,8 +297,8 @@ def encode_record(table: str, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8",
-                                                                                "surrogatepass")
+    # lone surrogates (possible only from Python callers, never from gRPC) become "?"
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
 def decode_record(payload: bytes) -> tuple[str, dict[str, Any]]:

@@ -109,14 +109,17 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                cached, hashes = self.blocks.match_prefix(seq.token_ids)
-                self.blocks.acquire_prefix(cached)
-                seq.block_table, seq.block_hashes = list(cached), list(hashes)
-                seq.num_computed = len(cached) * self.blocks.block_size
+            cached, hashes = self.blocks.match_prefix(seq.token_ids)
+            self.blocks.acquire_prefix(cached)
+            seq.block_table, seq.block_hashes = list(cached), list(hashes)
+            seq.num_computed = len(cached) * self.blocks.block_size
             n = self._prefill_chunk(seq, budget)
-            if n == 0:
-                break  # no blocks for it now; it keeps its place at the head of the queue
+            if n == 0:  # no blocks for it now: give the prefix back, keep its place in the queue
+                self.blocks.free(seq.block_table)
+                seq.block_hashes.clear()
+                seq.num_computed = 0
+                break
+            self.blocks.record_prefix_lookup(len(seq.token_ids), seq.num_computed)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

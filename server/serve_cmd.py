@@ -77,7 +77,10 @@ def build_extensions(args: argparse.Namespace, data_dir: Path) -> Extensions:
     """The place optional subsystems hook into `serve` (the feedback log, issue 4, plugs in
     here: return its recorder and its Feedback ServiceRegistration, with an on_shutdown that
     flushes it)."""
-    return Extensions()
+    from .feedback_service import feedback_extension
+
+    store, registration = feedback_extension(data_dir)
+    return Extensions(recorder=store, services=[registration])
 
 
 def _configure_logging(level: str) -> None:

@@ -47,8 +47,8 @@ SEGMENT_SUFFIX = ".wal"
 
 @dataclass(slots=True)
 class WalConfig:
-    max_segment_bytes: int = 16 * 1024 * 1024  # rotate after this many bytes
-    max_segment_age_s: float = 30.0  # ... or when the active segment holds records this old
+    max_segment_bytes: int = 64 * 1024 * 1024  # rotate after this many bytes
+    max_segment_age_s: float = 300.0  # ... or when the active segment holds records this old
     linger_s: float = 0.05  # longest a background record waits for its fsync
     max_background_pending: int = 10_000  # background records held while the disk fails
     retry_interval_s: float = 1.0  # pause between retries of background records after a failure
@@ -129,9 +129,6 @@ def read_segment(path: Path) -> SegmentContents:
             break
         records.append(payload)
         pos = start + length
-    if pos != end:
-        log.warning("WAL segment %s: ignoring %d bytes after the last intact record (torn write)",
-                    path, end - pos)
     return SegmentContents(records, pos, end - pos)
 
 
@@ -213,6 +210,15 @@ class WriteAheadLog:
     def broken(self) -> str | None:
         return self._broken
 
+    def refusal_reason(self) -> str:
+        """Why `append_background` returned False."""
+        if self._broken is not None:
+            return self._broken
+        if self._stopping:
+            return "the feedback log is closed"
+        return (f"{self.config.max_background_pending} rows are already waiting for the disk "
+                "(writes are failing)")
+
     # -- appending ------------------------------------------------------------------------------
 
     def append_durable(self, record: Any) -> Future:
@@ -243,7 +249,8 @@ class WriteAheadLog:
         return True
 
     def rotate(self) -> Future:
-        """Commit what is pending and close the active segment; resolves when that is done."""
+        """Commit what is pending and close the active segment. Resolves, once that is done, to
+        the id the next segment will get: every segment with a smaller id is closed."""
         future: Future = Future()
         with self._cond:
             self._check_open()
@@ -291,7 +298,7 @@ class WriteAheadLog:
                         and time.monotonic() >= self._first_record_at + cfg.max_segment_age_s)):
                 self._close_segment()
             for w in waiters:
-                w.set_result(None)
+                w.set_result(self._next_id)
             if stopping:
                 with self._cond:
                     leftover, self._pending = self._pending, []
@@ -299,6 +306,9 @@ class WriteAheadLog:
                 return
 
     def _commit(self, batch: list[_Item], *, final: bool) -> None:
+        if self._broken is not None:  # queued before the log broke: nothing more is written
+            self._fail(batch, Unavailable(self._broken), final=True)
+            return
         frames, items = [], []
         for item in batch:
             try:
@@ -342,16 +352,17 @@ class WriteAheadLog:
 
     def _fail(self, items: list[_Item], error: Exception, *, final: bool) -> None:
         """Fail the durable items; queue the background ones again (unless stopping or broken)."""
-        requeue = []
+        keep = not final and self._broken is None
+        requeue, dropped = [], 0
         for item in items:
             if item.future is not None:
                 item.future.set_exception(error)
-            elif not final and self._broken is None:
+            elif keep:
                 requeue.append(item)
-        if final and len(requeue) < len(items):
-            dropped = sum(1 for i in items if i.future is None)
-            if dropped:
-                log.error("WAL: dropping %d background records that could not be written", dropped)
+            else:
+                dropped += 1
+        if dropped:
+            log.error("WAL: dropping %d background records that could not be written", dropped)
         if requeue:
             with self._cond:
                 if not self._pending:

@@ -1,0 +1,179 @@
+"""`prefloop chat` and `prefloop bench`: the session logic on the fake server (fast), and both
+commands as subprocesses against the real server (slow)."""
+from __future__ import annotations
+
+import io
+import time
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import USER_TOKEN
+from prefloop.clients import Client
+from prefloop.clients.bench_cmd import percentile
+from prefloop.clients.chat_cmd import COMMANDS, ChatSession, command, handle_line
+
+
+def test_chat_session_keeps_the_conversation(fake_server):
+    out = io.StringIO()
+    with Client(fake_server.target, timeout=30) as client:
+        session = ChatSession(client, out=out, system="be brief", sampling={"max_tokens": 2})
+        assert handle_line(session, "hello")
+        first_id = session.last_response_id
+        assert handle_line(session, "again")
+        assert [m["role"] for m in session.messages] == [
+            "system", "user", "assistant", "user", "assistant"]
+        assert session.messages[2]["content"] == " w1 w2"
+        assert session.last_response_id.startswith("resp-") and session.last_response_id != first_id
+        assert handle_line(session, "/version")
+        assert "fake-v0" in out.getvalue()
+        assert handle_line(session, "/reset")
+        assert session.messages == [{"role": "system", "content": "be brief"}]
+        assert session.last_response_id is None
+        assert handle_line(session, "/nope") and "unknown command" in out.getvalue()
+        assert handle_line(session, "/help") and "/reset" in out.getvalue()
+        assert handle_line(session, "/quit") is False
+    # the prompt-side record: the server saw the full conversation on the second turn
+    assert fake_server.recorder.rows[1]["messages"][-1] == {"role": "user", "content": "again"}
+
+
+def test_chat_errors_do_not_end_the_session(fake_server):
+    out = io.StringIO()
+    with Client(fake_server.target, timeout=30) as client:
+        session = ChatSession(client, out=out, sampling={"max_tokens": 0})
+        assert handle_line(session, "hello") is True
+        assert "error: INVALID_ARGUMENT" in out.getvalue()
+        assert session.messages == []  # the failed turn is not kept
+
+
+def test_chat_commands_are_extensible(fake_server):
+    seen = []
+
+    @command("/good", "rate the last answer up")
+    def good(session, arg):
+        seen.append(session.last_response_id)
+        return True
+
+    try:
+        with Client(fake_server.target, timeout=30) as client:
+            session = ChatSession(client, out=io.StringIO(), sampling={"max_tokens": 1})
+            handle_line(session, "hi")
+            handle_line(session, "/good")
+        assert seen == [session.last_response_id] and seen[0]
+    finally:
+        COMMANDS.pop("/good")
+
+
+def test_percentile():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(range(101)), 99) == 99
+
+
+def _cli(*args: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PREFLOOP_TOKEN=USER_TOKEN)
+    return subprocess.run([sys.executable, "-m", "prefloop.server.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chat_command_end_to_end(real_server):
+    result = _cli("chat", "--target", real_server.target, "--max-tokens", "16",
+                  "--temperature", "0",
+                  stdin="What is the capital of France?\n/version\n/reset\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "model version SmolLM2-135M-Instruct" in result.stdout
+    assert "[conversation reset]" in result.stdout
+    eof = _cli("chat", "--target", real_server.target, stdin="")  # Ctrl-D at once
+    assert eof.returncode == 0, eof.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chat_command_reports_unreachable_server():
+    result = _cli("chat", "--target", "127.0.0.1:1", stdin="hi\n", timeout=60)
+    assert result.returncode == 1 and "cannot reach" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_command_json(real_server):
+    result = _cli("bench", "--target", real_server.target, "--concurrency", "1,2",
+                  "--max-tokens", "8", "--rounds", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    for level in report["results"]:
+        assert level["errors"] == 0 and level["requests"] == level["concurrency"]
+        assert 0 < level["completion_tokens"] <= 8 * level["requests"]
+        assert level["tokens_per_s"] > 0
+        assert 0 < level["ttft_ms_p50"] <= level["ttft_ms_p99"]
+        assert 0 < level["itl_ms_p50"] <= level["itl_ms_p99"]
+    table = _cli("bench", "--target", real_server.target, "--concurrency", "1",
+                 "--max-tokens", "4", "--rounds", "1", "--warmup", "0")
+    assert table.returncode == 0 and "tok/s" in table.stdout
+
+
+class _Reader:
+    """Collects a subprocess's stdout in a thread so the test can wait for text with a timeout."""
+
+    def __init__(self, stream) -> None:
+        import threading
+
+        self.text = ""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        while True:
+            data = stream.read1(4096) if hasattr(stream, "read1") else stream.read(1)
+            if not data:
+                return
+            with self._lock:
+                self.text += data.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 60.0) -> bool:
+        from conftest import wait_until
+
+        return wait_until(lambda: needle in self.text, timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
+    import signal
+
+    from conftest import wait_until
+
+    fake_server.generator.step_s = 0.05
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefloop.server.cli", "chat", "--target", fake_server.target,
+         "--max-tokens", "200"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out = _Reader(proc.stdout)
+        assert out.wait_for("connected to"), out.text
+        proc.stdin.write(b"tell me everything\n")
+        proc.stdin.flush()
+        assert out.wait_for(" w3"), out.text
+        proc.send_signal(signal.SIGINT)  # Ctrl-C during the answer: stop it, stay in the chat
+        assert out.wait_for("[answer interrupted"), out.text
+        assert wait_until(lambda: not fake_server.generator.running, timeout=10)
+        assert fake_server.generator.aborted  # the server aborted the request
+        proc.stdin.write(b"/version\n")
+        proc.stdin.flush()
+        assert out.wait_for("model version fake-v0"), out.text
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: quit cleanly
+        assert proc.wait(30) == 0
+        assert "Traceback" not in out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
