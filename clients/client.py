@@ -16,14 +16,15 @@ the server. Imports go to the generated proto modules only, never to the server.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
-from prefloop.proto.prefloop.v1 import (generation_pb2, generation_pb2_grpc, models_pb2,
-                                        models_pb2_grpc)
+from prefloop.proto.prefloop.v1 import (feedback_pb2, feedback_pb2_grpc, generation_pb2,
+                                        generation_pb2_grpc, models_pb2, models_pb2_grpc)
 
 from .errors import error_from_rpc
 
@@ -156,6 +157,44 @@ def _chat_request(messages: Iterable[Message], session_id: str, user_id: str,
                                       session_id=session_id, user_id=user_id)
 
 
+@dataclass(frozen=True, slots=True)
+class FeedbackAck:
+    feedback_id: str
+    duplicate: bool  # the idempotency key was seen before: nothing new was recorded
+
+
+_RATING_SCALES = {None: feedback_pb2.RATING_SCALE_UNSPECIFIED,
+                  "thumbs": feedback_pb2.RATING_SCALE_THUMBS,
+                  "stars": feedback_pb2.RATING_SCALE_STARS}
+
+
+def _preference_request(chosen_response_id: str, rejected_response_id: str,
+                        prompt_messages: Iterable[Message] | None, chosen_text: str,
+                        rejected_text: str, comment: str, idempotency_key: str | None,
+                        user_id: str, session_id: str) -> feedback_pb2.SubmitPreferenceRequest:
+    return feedback_pb2.SubmitPreferenceRequest(
+        chosen_response_id=chosen_response_id, rejected_response_id=rejected_response_id,
+        prompt_messages=chat_messages(prompt_messages or ()), chosen_text=chosen_text,
+        rejected_text=rejected_text, comment=comment,
+        idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
+        session_id=session_id)
+
+
+def _rating_request(response_id: str, score: int, scale: str | None, comment: str,
+                    idempotency_key: str | None, user_id: str, session_id: str
+                    ) -> feedback_pb2.SubmitRatingRequest:
+    if scale not in _RATING_SCALES:
+        raise ValueError(f"scale must be 'thumbs', 'stars' or None, got {scale!r}")
+    return feedback_pb2.SubmitRatingRequest(
+        response_id=response_id, score=score, scale=_RATING_SCALES[scale], comment=comment,
+        idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
+        session_id=session_id)
+
+
+def _feedback_ack(msg: feedback_pb2.FeedbackAck) -> FeedbackAck:
+    return FeedbackAck(msg.feedback_id, msg.duplicate)
+
+
 class _ClientBase:
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  root_certificates: bytes | str | os.PathLike | None = None, tls: bool = False,
@@ -196,6 +235,7 @@ class Client(_ClientBase):
             self._channel = grpc.insecure_channel(target, self._options)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._models = models_pb2_grpc.ModelsStub(self._channel)
+        self._feedback = feedback_pb2_grpc.FeedbackStub(self._channel)
 
     def __enter__(self) -> "Client":
         return self
@@ -255,6 +295,30 @@ class Client(_ClientBase):
         return _engine_stats(self._unary(self._models.GetEngineStats,
                                          models_pb2.GetEngineStatsRequest(), timeout))
 
+    def submit_preference(self, *, chosen_response_id: str = "", rejected_response_id: str = "",
+                          prompt_messages: Iterable[Message] | None = None,
+                          chosen_text: str = "", rejected_text: str = "", comment: str = "",
+                          idempotency_key: str | None = None, user_id: str = "",
+                          session_id: str = "", timeout: float | None = None) -> FeedbackAck:
+        """Record which of two answers to one prompt is better: either two response ids of this
+        server (e.g. the completions of an n=2 request), or prompt_messages + two texts.
+
+        OK means the server has it on disk. `idempotency_key` defaults to a random one; pass
+        your own and reuse it when retrying (a repeat answers `duplicate=True`, adds nothing).
+        """
+        request = _preference_request(chosen_response_id, rejected_response_id, prompt_messages,
+                                      chosen_text, rejected_text, comment, idempotency_key,
+                                      user_id, session_id)
+        return _feedback_ack(self._unary(self._feedback.SubmitPreference, request, timeout))
+
+    def submit_rating(self, response_id: str, score: int, *, scale: str | None = None,
+                      comment: str = "", idempotency_key: str | None = None, user_id: str = "",
+                      session_id: str = "", timeout: float | None = None) -> FeedbackAck:
+        """Rate one completion: thumbs (-1/+1) or stars (1..5; `scale="stars"` for 1 star)."""
+        request = _rating_request(response_id, score, scale, comment, idempotency_key, user_id,
+                                  session_id)
+        return _feedback_ack(self._unary(self._feedback.SubmitRating, request, timeout))
+
 
 class AsyncClient(_ClientBase):
     """asyncio client (grpc.aio). Create it inside the running loop; `async with` or aclose()."""
@@ -267,6 +331,7 @@ class AsyncClient(_ClientBase):
             self._channel = grpc.aio.insecure_channel(target, self._options)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._models = models_pb2_grpc.ModelsStub(self._channel)
+        self._feedback = feedback_pb2_grpc.FeedbackStub(self._channel)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -324,3 +389,26 @@ class AsyncClient(_ClientBase):
     async def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
         return _engine_stats(await self._unary(self._models.GetEngineStats,
                                                models_pb2.GetEngineStatsRequest(), timeout))
+
+    async def submit_preference(self, *, chosen_response_id: str = "",
+                                rejected_response_id: str = "",
+                                prompt_messages: Iterable[Message] | None = None,
+                                chosen_text: str = "", rejected_text: str = "",
+                                comment: str = "", idempotency_key: str | None = None,
+                                user_id: str = "", session_id: str = "",
+                                timeout: float | None = None) -> FeedbackAck:
+        """See `Client.submit_preference`."""
+        request = _preference_request(chosen_response_id, rejected_response_id, prompt_messages,
+                                      chosen_text, rejected_text, comment, idempotency_key,
+                                      user_id, session_id)
+        return _feedback_ack(await self._unary(self._feedback.SubmitPreference, request,
+                                               timeout))
+
+    async def submit_rating(self, response_id: str, score: int, *, scale: str | None = None,
+                            comment: str = "", idempotency_key: str | None = None,
+                            user_id: str = "", session_id: str = "",
+                            timeout: float | None = None) -> FeedbackAck:
+        """See `Client.submit_rating`."""
+        request = _rating_request(response_id, score, scale, comment, idempotency_key, user_id,
+                                  session_id)
+        return _feedback_ack(await self._unary(self._feedback.SubmitRating, request, timeout))

@@ -24,7 +24,6 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from . import logschema
 from .wal import list_segments, read_segment

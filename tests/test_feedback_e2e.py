@@ -9,7 +9,6 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

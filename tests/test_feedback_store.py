@@ -17,7 +17,7 @@ from prefloop.server import log_compactor, logschema
 from prefloop.server.errors import InvalidArgument, NotFound, Unavailable
 from prefloop.server.feedback_store import FeedbackStore, StoreConfig
 from prefloop.server.log_export import load_table
-from prefloop.server.wal import WalConfig, list_segments, segment_path
+from prefloop.server.wal import WalConfig, list_segments
 
 FAST_WAL = WalConfig(linger_s=0.005, retry_interval_s=0.01)
 
