@@ -66,8 +66,8 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    model = model.to_empty(device="cpu")
-    model.cos_table, model.sin_table = LlamaModel.rope_tables(cfg)
+    model = model.to_empty(device="cpu").to(DTYPES[dtype])  # weights are cast as they are copied in
+    model.cos_table, model.sin_table = (t.to(DTYPES[dtype]) for t in LlamaModel.rope_tables(cfg))
     if cfg.tie_word_embeddings:  # to_empty() materializes each module separately: tie again
         model.lm_head.weight = model.embed_tokens.weight
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -1,0 +1,144 @@
+"""Offline engine throughput: prefloop's native engine vs transformers' generate (and llama.cpp).
+
+Aggregate decode tokens/s with 1 / 8 / 32 concurrent requests of N greedy tokens, time to first
+token, and peak RSS, for float32 and bfloat16, all in one run on the same weights so the ratios are
+comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
+
+    python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PROMPTS = ["Write a story about a dragon who learns to cook.", "Explain how rainbows form.",
+           "List ten fruits and describe each.", "Describe the history of the bicycle.",
+           "How do airplanes fly?", "Give advice to a new programmer.", "What is photosynthesis?",
+           "Write a poem about the sea."]
+
+
+def prompt_ids(tok, bs):
+    msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (#{i})"}] for i in range(bs)]
+    return [tok.encode_chat(m) for m in msgs]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_prefloop(dtype: str, bs: int, max_tokens: int) -> dict:
+    from prefloop.server.engine import LLMEngine
+    from prefloop.server.kv_cache import KVCacheConfig
+    from prefloop.server.model_loader import load_model, resolve_model_dir
+    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.tokenizer import Tokenizer
+    d = resolve_model_dir(None)
+    tok = Tokenizer(d)
+    engine = LLMEngine(load_model(d, dtype=dtype),
+                       KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
+    ids = prompt_ids(tok, bs)
+    t0 = time.perf_counter()
+    for i, p in enumerate(ids):
+        engine.add_request(str(i), p, params)
+    first, produced = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            produced += len(out.new_token_ids)
+            first.setdefault(out.request_id, time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": produced / dt, "ttft_s": sum(first.values()) / len(first),
+            "peak_rss_mib": peak_rss_mib(), "kv_bytes_per_token": engine.stats().kv_bytes_per_token}
+
+
+def run_transformers(dtype: str, bs: int, max_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from prefloop.server.model_loader import resolve_model_dir
+    from prefloop.server.tokenizer import Tokenizer
+    d = resolve_model_dir(None)
+    hf_tok = AutoTokenizer.from_pretrained(d)
+    hf_tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
+    ids = prompt_ids(Tokenizer(d), bs)
+    batch = hf_tok.pad({"input_ids": ids}, return_tensors="pt")
+    kw = dict(do_sample=False, pad_token_id=hf_tok.pad_token_id)
+    model.generate(**hf_tok.pad({"input_ids": ids[:1]}, return_tensors="pt"), max_new_tokens=4, **kw)
+    t0 = time.perf_counter()
+    model.generate(**batch, max_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
+    dt = time.perf_counter() - t0
+    produced = (out.shape[1] - batch["input_ids"].shape[1]) * bs
+    return {"tokens_per_s": produced / dt, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
+    from llama_cpp import Llama  # optional peer: only when llama-cpp-python is installed
+    from prefloop.server.default_model import default_gguf_path
+    llm = Llama(str(default_gguf_path()), n_ctx=2048, n_threads=2, verbose=False)
+    t0 = time.perf_counter()
+    out = llm(PROMPTS[0], max_tokens=max_tokens, temperature=0.0)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": out["usage"]["completion_tokens"] / dt, "ttft_s": None,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        system, dtype, bs = args.one
+        print(json.dumps(RUNNERS[system](dtype, int(bs), args.max_tokens)))
+        return 0
+    try:
+        import llama_cpp  # noqa: F401
+        systems = ["prefloop", "transformers", "llama.cpp"]
+    except ImportError:
+        systems = ["prefloop", "transformers"]
+        print("(llama-cpp-python not installed: llama.cpp column skipped)")
+    rows = []
+    print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{s + ' tok/s':>18}" for s in systems)
+          + f" {'ratio':>6} {'ttft ours/hf (s)':>17} {'peak MiB ours/hf':>17}")
+    for dtype in args.dtypes.split(","):
+        for bs in map(int, args.batch_sizes.split(",")):
+            res = {}
+            for system in systems:
+                if system == "llama.cpp" and (bs != 1 or dtype != "float32"):
+                    continue  # the GGUF is Q4_1; one stream is its reference point
+                cmd = [sys.executable, __file__, "--one", system, dtype, str(bs), "--max-tokens",
+                       str(args.max_tokens)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    continue
+                res[system] = json.loads(out.stdout.strip().splitlines()[-1])
+            ours, hf = res.get("prefloop", {}), res.get("transformers", {})
+            ratio = ours.get("tokens_per_s", 0) / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
+            rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratio, **{s: r for s, r in res.items()}})
+            cols = " ".join(f"{res[s]['tokens_per_s']:18.1f}" if s in res else f"{'-':>18}" for s in systems)
+            print(f"{dtype:9} {bs:3d} {cols} {ratio:6.2f} "
+                  f"{ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
+                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
