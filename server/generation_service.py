@@ -145,9 +145,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         async with self._call("GenerateStream", context) as call:
             prompt_ids = self._prompt_ids(request.prompt)
             params = self._params(call, request.sampling, prompt_ids)
-            async for chunk in self._generate(call, prompt_ids, params, request,
-                                              prompt=request.prompt):
-                yield chunk
+            async for state, delta in self._generate(call, prompt_ids, params, request,
+                                                     prompt=request.prompt):
+                yield self._chunk(call, state, delta)
 
     @map_errors
     async def Chat(self, request, context):
@@ -165,9 +165,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             messages = messages_from_proto(request.messages)
             prompt_ids = self.generator.chat_ids(messages)
             params = self._params(call, request.sampling, prompt_ids)
-            async for chunk in self._generate(call, prompt_ids, params, request,
-                                              messages=messages):
-                yield chunk
+            async for state, delta in self._generate(call, prompt_ids, params, request,
+                                                     messages=messages):
+                yield self._chunk(call, state, delta)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -213,8 +213,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _generate(self, call: _Call, prompt_ids: list[int], params: SamplingParams,
                         request, *, prompt: str | None = None,
                         messages: list[dict] | None = None,
-                        ) -> AsyncIterator[generation_pb2.GenerateChunk]:
-        """Run the request in the engine, yielding one chunk per delta with new text or an end."""
+                        ) -> AsyncIterator[tuple[_CompletionState, Any]]:
+        """Run the request in the engine; yields (completion state, delta) for each delta with
+        new text or an end. Completion states accumulate the text for unary responses."""
         call.completions = [_CompletionState(new_response_id(), i) for i in range(params.n)]
         async with self.admission.slot():
             stream = self.generator.stream(call.request_id, prompt_ids, params)
@@ -233,12 +234,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         self._record(call, state, params, request, prompt, messages)
                     elif not delta.text_delta:
                         continue  # nothing to tell the client yet (e.g. a partial UTF-8 char)
-                    yield generation_pb2.GenerateChunk(
-                        index=delta.index, response_id=state.response_id,
-                        text_delta=delta.text_delta, finish_reason=delta.finish_reason or "",
-                        model_version=call.model_version,
-                        completion_tokens=delta.completion_tokens,
-                        prompt_tokens=call.prompt_tokens, request_id=call.request_id)
+                    yield state, delta
                 done = True
             finally:
                 if not done:
@@ -278,7 +274,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except Exception:  # noqa: BLE001 - a logging failure must not fail the user's request
             log.exception("recorder failed for response %s", state.response_id)
 
-    def _response(self, call: _Call) -> generation_pb2.GenerateResponse:
+    @staticmethod
+    def _chunk(call: _Call, state: _CompletionState, delta) -> generation_pb2.GenerateChunk:
+        return generation_pb2.GenerateChunk(
+            index=delta.index, response_id=state.response_id, text_delta=delta.text_delta,
+            finish_reason=delta.finish_reason or "", model_version=call.model_version,
+            completion_tokens=delta.completion_tokens, prompt_tokens=call.prompt_tokens,
+            request_id=call.request_id)
+
+    @staticmethod
+    def _response(call: _Call) -> generation_pb2.GenerateResponse:
         return generation_pb2.GenerateResponse(
             completions=[generation_pb2.Completion(
                 response_id=c.response_id, text="".join(c.parts),

@@ -17,7 +17,7 @@ from .errors import InvalidArgument, ResourceExhausted
 
 @dataclass(slots=True)
 class Limits:
-    max_prompt_tokens: int = 8192  # also bounded by the model's context length
+    max_prompt_tokens: int = 8192  # the engine also checks the model's context length
     max_max_tokens: int = 4096  # largest max_tokens a request may ask for
     default_max_tokens: int = 256  # max_tokens when a request leaves it unset
     max_n: int = 8  # completions per request
@@ -38,29 +38,27 @@ class Limits:
 
     def check_request(self, *, prompt_tokens: int, max_tokens: int | None, n: int | None,
                       context_length: int) -> int:
-        """Validate one request against the limits; returns the max_tokens to use.
+        """Validate one request against the server limits; returns the max_tokens to use.
 
-        An unset max_tokens takes `default_max_tokens`, shortened to what fits in the context.
+        An unset max_tokens takes `default_max_tokens`, shortened to what fits in the context when
+        the prompt leaves room. Whether prompt + max_tokens may outgrow the context is the
+        engine's call (its context-overflow mode: error, truncate or shift), not checked here.
         """
         if n is not None and n > self.max_n:
             raise InvalidArgument(f"n={n} exceeds the server limit max_n={self.max_n}")
-        prompt_limit = min(self.max_prompt_tokens, context_length - 1)
-        if prompt_tokens > prompt_limit:
+        if prompt_tokens > self.max_prompt_tokens:
             raise InvalidArgument(
-                f"the prompt has {prompt_tokens} tokens; the limit is {prompt_limit} "
-                f"(max prompt tokens {self.max_prompt_tokens}, context length {context_length})")
+                f"the prompt has {prompt_tokens} tokens; the server limit is max_prompt_tokens="
+                f"{self.max_prompt_tokens}")
         if max_tokens is None:
-            return min(self.default_max_tokens, context_length - prompt_tokens)
+            room = context_length - prompt_tokens
+            return min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens
         if max_tokens <= 0:
             raise InvalidArgument(f"max_tokens must be > 0, got {max_tokens}")
         if max_tokens > self.max_max_tokens:
             raise InvalidArgument(
                 f"max_tokens={max_tokens} exceeds the server limit max_max_tokens="
                 f"{self.max_max_tokens}")
-        if prompt_tokens + max_tokens > context_length:
-            raise InvalidArgument(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context length {context_length}; lower max_tokens or shorten the prompt")
         return max_tokens
 
 

@@ -38,9 +38,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # [n, H, hd]
-        k = apply_rope(k.view(n, self.n_kv, self.head_dim), cos, sin)  # [n, kvh, hd]
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # one rotation pass for queries and keys together: [n, H + kvh, hd]
+        qk = apply_rope(qk.view(n, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]  # [n, H, hd], [n, kvh, hd]
         v = v.view(n, self.n_kv, self.head_dim)  # [n, kvh, hd]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # rotated once, at the absolute position
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [n, H, hd]

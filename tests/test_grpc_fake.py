@@ -82,13 +82,15 @@ def test_unset_max_tokens_uses_server_default(fake_server_factory):
     (dict(n=0), cerr.InvalidArgument),
     (dict(top_k=-1), cerr.InvalidArgument),
     (dict(max_tokens=5000), cerr.InvalidArgument),
-    (dict(prompt="x" * 300), cerr.InvalidArgument),  # longer than the fake's context (256)
+    (dict(prompt="x" * 300), cerr.InvalidArgument),  # over max_prompt_tokens (200)
+    (dict(prompt="x" * 190, max_tokens=100), cerr.InvalidArgument),  # the engine: > context
     (dict(prompt="x" * 100, max_tokens=200), cerr.InvalidArgument),  # prompt + max > context
     (dict(stop=[""]), cerr.InvalidArgument),
     (dict(prompt="x" * 70_000), cerr.ResourceExhausted),  # over max_message_bytes
 ])
 def test_bad_generate_inputs(fake_server_factory, kwargs, code):
-    srv = fake_server_factory(limits=Limits(max_message_bytes=65536, max_n=8))
+    srv = fake_server_factory(limits=Limits(max_message_bytes=65536, max_n=8,
+                                            max_prompt_tokens=200))
     prompt = kwargs.pop("prompt", "abc")
     with Client(srv.target) as client:
         with pytest.raises(code) as info:
@@ -98,8 +100,11 @@ def test_bad_generate_inputs(fake_server_factory, kwargs, code):
 
 
 def test_limit_messages_name_the_limit(fake_server_factory):
-    srv = fake_server_factory(limits=Limits(max_n=2, max_max_tokens=16, default_max_tokens=8))
+    srv = fake_server_factory(limits=Limits(max_n=2, max_max_tokens=16, default_max_tokens=8,
+                                            max_prompt_tokens=10))
     with Client(srv.target) as client:
+        with pytest.raises(cerr.InvalidArgument, match="max_prompt_tokens=10"):
+            client.generate("x" * 11)
         with pytest.raises(cerr.InvalidArgument, match="max_n=2"):
             client.generate("a", n=3)
         with pytest.raises(cerr.InvalidArgument, match="max_max_tokens=16"):
@@ -238,6 +243,10 @@ def test_limits_validation():
     limits = Limits(default_max_tokens=100)
     assert limits.check_request(prompt_tokens=50, max_tokens=None, n=None,
                                 context_length=120) == 70
+    # no room left: the engine's context-overflow mode decides (error, truncate or shift)
+    assert limits.check_request(prompt_tokens=130, max_tokens=None, n=None,
+                                context_length=120) == 100
+    assert limits.check_request(prompt_tokens=100, max_tokens=50, n=1, context_length=120) == 50
 
 
 def test_graceful_shutdown_lets_streams_finish(fake_server):
