@@ -152,8 +152,11 @@ class PrefloopServer:
         assert self._server is not None, "start() first"
         await self._server.wait_for_termination()
 
-    async def serve_until_signal(self) -> None:
-        """Serve until SIGTERM/SIGINT, then shut down gracefully (a second signal: at once)."""
+    async def serve_until_signal(self, on_ready=None) -> None:
+        """Serve until SIGTERM/SIGINT, then shut down gracefully (a second signal: at once).
+
+        `on_ready()` runs once the signal handlers are in place, so a supervisor that signals
+        right after the ready line never hits the default (fatal) SIGTERM action."""
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         signals = (signal.SIGTERM, signal.SIGINT)
@@ -170,6 +173,8 @@ class PrefloopServer:
         for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
         try:
+            if on_ready is not None:
+                on_ready()
             await signalled.wait()
             await self.shutdown()
         finally:
