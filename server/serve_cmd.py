@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting beyond --max-concurrent before new ones get "
                              "RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
-                        help="longest prompt in tokens (default %(default)s, and at most the "
-                             "model's context)")
+                        help="longest prompt in tokens (default %(default)s; prompt + "
+                             "max_tokens beyond the context follows --context-overflow)")
     parser.add_argument("--max-tokens-limit", type=int, default=limits.max_max_tokens,
                         help="largest max_tokens a request may ask for (default %(default)s)")
     parser.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens,
@@ -128,11 +128,11 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace) -> i
             print(f"prefloop serve: cannot listen on {config.address}: {exc}", file=sys.stderr)
             return 2
         info = generator.info
-        print(f"prefloop serve: listening on {config.host}:{port} "
-              f"(model {info.model_version}, {info.backend} {info.dtype}, "
-              f"tls {'on' if config.tls_cert else 'off'}, "
-              f"auth {'on' if config.auth.enabled else 'off'})", flush=True)
-        await server.serve_until_signal()
+        ready = (f"prefloop serve: listening on {config.host}:{port} "
+                 f"(model {info.model_version}, {info.backend} {info.dtype}, "
+                 f"tls {'on' if config.tls_cert else 'off'}, "
+                 f"auth {'on' if config.auth.enabled else 'off'})")
+        await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
     finally:
         await server.shutdown(grace=0)  # no-op after a graceful shutdown
         await generator.close()
