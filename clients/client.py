@@ -15,6 +15,8 @@ the server. Imports go to the generated proto modules only, never to the server.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import uuid
 from dataclasses import dataclass
@@ -113,6 +115,36 @@ class EngineStats:
 def _model_info(msg: models_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(msg.model_version, msg.architecture, msg.context_length, msg.dtype,
                      msg.backend)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    version: str
+    parent: str
+    created_at: str
+    kind: str
+    method: str
+    current: bool
+    metrics: dict
+    gate: dict | None
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    versions: list[VersionInfo]
+    current_version: str  # the registry pointer
+    serving_version: str  # what this server serves right now
+
+
+def _versions(msg: models_pb2.ListVersionsResponse) -> Versions:
+    return Versions([VersionInfo(v.version, v.parent, v.created_at, v.kind, v.method, v.current,
+                                 json.loads(v.metrics_json or "{}"),
+                                 json.loads(v.gate_json) if v.gate_json else None)
+                     for v in msg.versions], msg.current_version, msg.serving_version)
+
+
+def _switch(msg: models_pb2.SwitchResponse) -> tuple[str, str]:
+    return msg.previous_version, msg.current_version
 
 
 def _engine_stats(msg: models_pb2.EngineStats) -> EngineStats:
@@ -295,6 +327,22 @@ class Client(_ClientBase):
         return _engine_stats(self._unary(self._models.GetEngineStats,
                                          models_pb2.GetEngineStatsRequest(), timeout))
 
+    def list_versions(self, *, timeout: float | None = None) -> Versions:
+        """The server's registry versions (admin token when the server requires tokens)."""
+        return _versions(self._unary(self._models.ListVersions, models_pb2.ListVersionsRequest(),
+                                     timeout))
+
+    def promote(self, version: str, *, reason: str = "", force: bool = False,
+                timeout: float | None = None) -> tuple[str, str]:
+        """Hot-swap the server to `version`; returns (previous, current). Admin."""
+        return _switch(self._unary(self._models.Promote, models_pb2.PromoteRequest(
+            version=version, reason=reason, force=force), timeout))
+
+    def rollback(self, *, reason: str = "", timeout: float | None = None) -> tuple[str, str]:
+        """Hot-swap back to the previously served version; returns (previous, current). Admin."""
+        return _switch(self._unary(self._models.Rollback, models_pb2.RollbackRequest(reason=reason),
+                                   timeout))
+
     def submit_preference(self, *, chosen_response_id: str = "", rejected_response_id: str = "",
                           prompt_messages: Iterable[Message] | None = None,
                           chosen_text: str = "", rejected_text: str = "", comment: str = "",
@@ -389,6 +437,19 @@ class AsyncClient(_ClientBase):
     async def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
         return _engine_stats(await self._unary(self._models.GetEngineStats,
                                                models_pb2.GetEngineStatsRequest(), timeout))
+
+    async def list_versions(self, *, timeout: float | None = None) -> Versions:
+        return _versions(await self._unary(self._models.ListVersions,
+                                           models_pb2.ListVersionsRequest(), timeout))
+
+    async def promote(self, version: str, *, reason: str = "", force: bool = False,
+                      timeout: float | None = None) -> tuple[str, str]:
+        return _switch(await self._unary(self._models.Promote, models_pb2.PromoteRequest(
+            version=version, reason=reason, force=force), timeout))
+
+    async def rollback(self, *, reason: str = "", timeout: float | None = None) -> tuple[str, str]:
+        return _switch(await self._unary(self._models.Rollback,
+                                         models_pb2.RollbackRequest(reason=reason), timeout))
 
     async def submit_preference(self, *, chosen_response_id: str = "",
                                 rejected_response_id: str = "",

@@ -19,6 +19,21 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 @dataclass(slots=True)
+class ShiftPlan:
+    """Slot-level work for one shift, made by `BlockManager.shift` (plain Python, no tensors).
+
+    `copy_*`: slots copied unchanged (K and V): the kept head of a shared boundary block.
+    `move_*`: slots whose key is re-rotated by -delta while it moves from src to dst (often the same
+    slot: in place); the value is copied where src != dst.
+    """
+    delta: int
+    copy_src: list[int]
+    copy_dst: list[int]
+    move_src: list[int]
+    move_dst: list[int]
+
+
+@dataclass(slots=True)
 class BlockStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hit_tokens: int = 0  # prompt tokens whose prefill was skipped
@@ -108,14 +123,17 @@ class BlockManager:
     def free(self, block_table: list[int]) -> None:
         """Release a sequence's blocks (last first, so a prefix's tail is evicted before its head)."""
         for block in reversed(block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0, "block freed twice"
-            if self.ref_counts[block] == 0:
-                if block in self.hash_of_block:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+            self._release(block)
         block_table.clear()
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, "block freed twice"
+        if self.ref_counts[block] == 0:
+            if block in self.hash_of_block:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
 
     def fork(self, block_table: list[int], num_tokens: int) -> list[int]:
         """A child's table sharing the parent's full blocks; a partial last block is copied."""
@@ -150,3 +168,70 @@ class BlockManager:
             if h not in self.block_of_hash and block not in self.hash_of_block:
                 self.block_of_hash[h] = block
                 self.hash_of_block[block] = h
+
+    # -- context shift (server/context_shift.py) -----------------------------------------------
+    def _unregister(self, block: int) -> None:
+        """Drop a block from the prefix-cache index: its content is about to change."""
+        h = self.hash_of_block.pop(block, None)
+        if h is not None and self.block_of_hash.get(h) == block:
+            del self.block_of_hash[h]
+
+    def shift(self, block_table: list[int], num_tokens: int, keep: int, discard: int) -> ShiftPlan | None:
+        """Drop cached tokens [keep, keep + discard) of a sequence and close the gap.
+
+        `discard` is a whole number of blocks, so every token after the span keeps its offset in a
+        block and only whole blocks leave the table; when `keep` is not block-aligned, its last
+        block is merged with the block the span ends in (one partial copy). Blocks whose content
+        changes are made exclusive first (copy-on-write: blocks shared with other sequences are never
+        written) and leave the prefix-cache index. Dropped blocks are released (hashed ones stay
+        reusable: their content is untouched). Returns the slot work for the runner, or None (and
+        no change) when copy-on-write needs more free blocks than there are.
+        """
+        bs = self.block_size
+        assert discard > 0 and discard % bs == 0, "discard must be whole blocks"
+        assert 0 <= keep and keep + discard < num_tokens <= len(block_table) * bs
+        kb, r = divmod(keep, bs)
+        k = discard // bs
+        used = self.blocks_needed(num_tokens)
+        boundary = block_table[kb] if r else None
+        source = block_table[kb + k] if r else None  # its offsets >= r move into the boundary block
+        first_moved = kb + k + 1 if r else kb + k
+        dropped = block_table[kb + 1 if r else kb:kb + k]
+        moved = list(range(first_moved, used))  # table indices whose tokens are re-rotated
+        need = sum(self.ref_counts[block_table[i]] > 1 for i in moved)
+        need += bool(r) and self.ref_counts[boundary] > 1
+        if need > self.num_free + sum(self.ref_counts[b] == 1 for b in dropped):
+            return None
+        plan = ShiftPlan(discard, [], [], [], [])
+        for block in dropped:  # nothing is read from these: release them first
+            self._release(block)
+
+        def exclusive(block: int) -> int:
+            if self.ref_counts[block] > 1:  # shared: write a private copy instead
+                self.ref_counts[block] -= 1
+                return self._take()
+            self._unregister(block)
+            return block
+
+        def move(src_block: int, dst_block: int, offsets: range) -> None:
+            plan.move_src.extend(src_block * bs + j for j in offsets)
+            plan.move_dst.extend(dst_block * bs + j for j in offsets)
+
+        new_table = list(block_table[:kb])
+        if r:
+            dst = exclusive(boundary)
+            if dst != boundary:
+                plan.copy_src.extend(boundary * bs + j for j in range(r))
+                plan.copy_dst.extend(dst * bs + j for j in range(r))
+            move(source, dst, range(r, min(bs, num_tokens - (kb + k) * bs)))
+            new_table.append(dst)
+        for i in moved:
+            src = block_table[i]
+            dst = exclusive(src)
+            move(src, dst, range(min(bs, num_tokens - i * bs)))
+            new_table.append(dst)
+        if r:
+            self._release(source)  # read above; released last so no copy lands on it first
+        new_table.extend(block_table[used:])  # blocks grown ahead of the cached tokens, if any
+        block_table[:] = new_table
+        return plan

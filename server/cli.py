@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("prefloop.clients.chat_cmd", "terminal chat against a running server"),
     "bench": ("prefloop.clients.bench_cmd", "load-test a running server (tokens/s, TTFT, ITL)"),
     "logs": ("prefloop.server.logs_cmd", "inspect and export the feedback / generation logs"),
+    "rope": ("prefloop.server.rope_cmd", "measure why RoPE suits a KV cache on the loaded model (table, JSON, plot)"),
+    "align": ("prefloop.align.align_cmd", "retrain on the feedback log (DPO/KTO), gate, publish"),
+    "models": ("prefloop.align.models_cmd", "the model registry: list, show, promote, rollback"),
 }
 
 

@@ -2,8 +2,9 @@
 
 It owns the scheduler, block manager and model runner; it sees token ids only (no tokenizer, no
 gRPC). A request with n > 1 prefills its prompt once; the other candidates are forked off when the
-prompt is computed, sharing its full blocks. `AsyncEngine` (server/async_engine.py) drives it from
-a background thread for asyncio callers.
+prompt is computed, sharing its full blocks. What happens when a context outgrows the window
+(error / truncate / shift) is set by `ContextConfig` (server/context_shift.py). `AsyncEngine`
+(server/async_engine.py) drives it from a background thread for asyncio callers.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .block_manager import BlockManager
+from .context_shift import ContextConfig, admission_drop
 from .errors import InvalidArgument, ResourceExhausted
 from .kv_cache import KVCacheConfig, bytes_per_token, num_blocks_for
 from .model import LlamaModel
@@ -45,6 +47,8 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     num_preemptions: int
     steps: int
+    context_shifts: int = 0  # shifts past the context window (--context-overflow shift)
+    truncated_prompts: int = 0  # prompts whose oldest tokens were dropped at admission
 
 
 @dataclass
@@ -56,7 +60,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: LlamaModel, cache: KVCacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, eos_token_ids: tuple[int, ...] = (),
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, context: ContextConfig | None = None):
         self.model = model
         cfg = model.config
         self.cache_config = cache or KVCacheConfig()
@@ -69,6 +73,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, self.cache_config.block_size)
         self.eos_token_ids = frozenset(eos_token_ids or cfg.eos_token_ids)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.context = context or ContextConfig()
+        self.shift_discard = self.context.discard_tokens(self.max_model_len, self.cache_config.block_size)
+        self.num_context_shifts = 0
+        self.num_truncated_prompts = 0
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -85,14 +93,9 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not (0 <= t < vocab) for t in prompt_ids):
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidArgument(
-                f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}")
-        if total > self.max_model_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the context length {self.max_model_len}; lower max_tokens or shorten the prompt")
+        dropped = admission_drop(len(prompt_ids), params.max_tokens, self.max_model_len, self.context,
+                                 self.shift_discard)  # raises for --context-overflow error
+        total = min(len(prompt_ids) - dropped + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise ResourceExhausted(
                 f"request needs {total} tokens of KV cache but the cache holds "
@@ -103,6 +106,11 @@ class LLMEngine:
             raise InvalidArgument(f"request id {request_id!r} is already running")
         self.validate(prompt_ids, params)
         seq = self._new_seq(request_id, 0, list(prompt_ids), len(prompt_ids), params)
+        if self.context.overflow != "error":
+            seq.n_keep = self.context.keep
+            seq.num_dropped = admission_drop(len(prompt_ids), params.max_tokens, self.max_model_len,
+                                             self.context, self.shift_discard)
+            self.num_truncated_prompts += seq.num_dropped > 0
         seq.children_pending = params.n - 1
         self.requests[request_id] = _Request(request_id, [seq])
         self.scheduler.add(seq)
@@ -150,9 +158,10 @@ class LLMEngine:
         for i, item in enumerate(ordered):
             seq = item.seq
             seq.num_computed += item.num_tokens
-            self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
-                                             seq.num_computed)
-            if seq.num_computed == len(seq.token_ids):  # the whole context is cached: sample
+            if not seq.cache_shifted:  # shifted K/V differ from a fresh prefill of the same tokens
+                self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.context_ids,
+                                                 seq.num_computed)
+            if seq.num_computed == seq.context_len:  # the whole context is cached: sample
                 rows.append(seq)
                 row_logits.append(i)
                 for child in self._fork(seq):
@@ -164,7 +173,31 @@ class LLMEngine:
         if self.logits_hook is not None:
             self.logits_hook(rows, row_logits)
         tokens = sample(row_logits, rows)
-        return [out for seq, tok in zip(rows, tokens) if (out := self._append(seq, tok))]
+        outs = [out for seq, tok in zip(rows, tokens) if (out := self._append(seq, tok))]
+        if self.context.overflow == "shift":
+            for seq in rows:
+                if not seq.finished and seq.context_len > self.max_model_len:
+                    self._shift(seq)
+        return outs
+
+    def _shift(self, seq: Sequence) -> None:
+        """The context outgrew the window: keep the first n_keep tokens, drop the `shift_discard`
+        oldest after them, and re-rotate the remaining cached keys by -shift_discard (or, with
+        shift_method "recompute" or too few free blocks for copy-on-write, recompute them)."""
+        self.num_context_shifts += 1
+        seq.num_shifts += 1
+        if self.context.shift_method == "rotate":
+            self.runner.copy_blocks(self.blocks.take_pending_copies())  # forks read pre-shift blocks
+            plan = self.blocks.shift(seq.block_table, seq.num_computed, seq.n_keep, self.shift_discard)
+            if plan is not None:
+                self.runner.apply_shift(plan)
+                seq.num_dropped += self.shift_discard
+                seq.num_computed -= self.shift_discard
+                del seq.block_hashes[seq.n_keep // self.blocks.block_size:]
+                seq.cache_shifted = True
+                return
+        seq.num_dropped += self.shift_discard
+        self.scheduler.requeue_for_recompute(seq)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The request's other candidates, sharing the parent's computed prompt blocks."""
@@ -178,6 +211,8 @@ class LLMEngine:
             child.block_table = self.blocks.fork(parent.block_table, parent.num_computed)
             child.block_hashes = list(parent.block_hashes)
             child.num_computed = parent.num_computed
+            child.n_keep, child.num_dropped = parent.n_keep, parent.num_dropped
+            child.cache_shifted = parent.cache_shifted
             self.scheduler.add_running(child)
             req.seqs.append(child)
             children.append(child)
@@ -192,7 +227,8 @@ class LLMEngine:
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif seq.num_output >= p.max_tokens or (
+                seq.context_len >= self.max_model_len and self.context.overflow != "shift"):
             reason = "length"
         if reason:
             self.scheduler.finish(seq, reason)
@@ -207,7 +243,8 @@ class LLMEngine:
             block_size=self.blocks.block_size,
             kv_bytes_per_token=bytes_per_token(self.model.config, self.dtype),
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions, steps=self.steps)
+            num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
+            context_shifts=self.num_context_shifts, truncated_prompts=self.num_truncated_prompts)
 
     def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, dict[int, list[int]]]:
         """Offline helper: run requests to completion; returns {request_id: {index: output ids}}."""

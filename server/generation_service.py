@@ -222,6 +222,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             done = False
             try:
                 async for delta in stream:
+                    if delta.model_version:  # the weights that really serve it (hot-swap safe)
+                        call.model_version = delta.model_version
                     state = call.completions[delta.index]
                     now = time.perf_counter()
                     if delta.text_delta:

@@ -75,12 +75,12 @@ class ServiceRegistration:
 
 class PrefloopServer:
     def __init__(self, generator, config: ServerConfig, *, recorder: Recorder | None = None,
-                 services: Sequence[ServiceRegistration] = ()) -> None:
+                 services: Sequence[ServiceRegistration] = (), switcher=None) -> None:
         self.generator = generator
         self.config = config
         self.admission = Admission(config.limits.max_concurrent, config.limits.max_queued)
         self.generation = GenerationService(generator, config.limits, self.admission, recorder)
-        self.models = ModelsService(generator, self.admission)
+        self.models = ModelsService(generator, self.admission, switcher)
         self.extra_services = list(services)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .context_shift import DEFAULT_KEEP, OVERFLOW_MODES
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -19,6 +21,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batched-tokens", type=int, default=512,
                    help="tokens per engine step (chunked-prefill budget)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    c = p.add_argument_group("context overflow (prompt + max_tokens longer than the context)")
+    c.add_argument("--context-overflow", default="error", choices=list(OVERFLOW_MODES),
+                   help="error: reject the request naming the limit (default); truncate: drop the oldest "
+                        "prompt tokens after --context-keep so it fits; shift: keep generating past the "
+                        "window, dropping the oldest tokens after --context-keep and re-rotating the "
+                        "cached keys (RoPE) instead of recomputing them")
+    c.add_argument("--context-keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                   help="first N tokens never dropped by truncate/shift, e.g. the system prompt "
+                        "(default %(default)s: BOS and the attention-sink tokens)")
+    c.add_argument("--context-discard", type=int, default=None, metavar="N",
+                   help="tokens dropped per shift, rounded up to whole KV blocks "
+                        "(default: half of the context after --context-keep)")
 
 
 def generator_kwargs(args: argparse.Namespace) -> dict:
@@ -26,4 +40,6 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
                 block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching)
+                enable_prefix_caching=not args.no_prefix_caching,
+                context_overflow=args.context_overflow, context_keep=args.context_keep,
+                context_discard=args.context_discard)

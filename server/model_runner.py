@@ -2,13 +2,16 @@
 
 The only engine piece that touches tensors: it owns the model and the KV cache, builds the flat
 batch (decode tokens first, then prefill chunks), the slot mapping and block tables, and executes
-block copies requested by the block manager (forked candidates' partial blocks).
+block copies requested by the block manager (forked candidates' partial blocks) and the key
+re-rotation of context shifts.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import AttentionMetadata, PrefillChunk
+from .block_manager import ShiftPlan
+from .context_shift import apply_shift_plan
 from .kv_cache import allocate_kv_cache
 from .model import LlamaModel
 from .scheduler import ScheduledSeq
@@ -31,6 +34,10 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
+    def apply_shift(self, plan: ShiftPlan) -> None:
+        """Re-rotate (and move) cached keys for a context shift; see server/context_shift.py."""
+        apply_shift_plan(self.kv_caches, plan, self.model.config)
+
     def _slots(self, block_table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -46,7 +53,7 @@ class ModelRunner:
         prefills = [s for s in batch if s.num_tokens > 1]
         for s in decodes:
             seq, pos = s.seq, s.seq.num_computed
-            ids.append(seq.token_ids[pos])
+            ids.append(seq.context_token(pos))
             positions.append(pos)
             slots.extend(self._slots(seq.block_table, pos, 1))
             logits_indices.append(len(ids) - 1)
@@ -55,7 +62,7 @@ class ModelRunner:
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
             ctx = start + n
             q_start = len(ids)
-            ids.extend(seq.token_ids[start:ctx])
+            ids.extend(seq.context_ids[start:ctx])
             positions.extend(range(start, ctx))
             slots.extend(self._slots(seq.block_table, start, n))
             logits_indices.append(len(ids) - 1)

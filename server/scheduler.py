@@ -63,13 +63,19 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
+        self.requeue_for_recompute(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def requeue_for_recompute(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it goes first in the queue to recompute its context
+        (preemption, and a context shift by recompute)."""
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
         seq.block_hashes.clear()
         seq.num_computed = 0
+        seq.cache_shifted = False
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _newest_running(self) -> Sequence:
@@ -109,7 +115,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached, hashes = self.blocks.match_prefix(seq.token_ids)
+            cached, hashes = self.blocks.match_prefix(seq.context_ids)
             self.blocks.acquire_prefix(cached)
             seq.block_table, seq.block_hashes = list(cached), list(hashes)
             seq.num_computed = len(cached) * self.blocks.block_size
@@ -119,7 +125,7 @@ class Scheduler:
                 seq.block_hashes.clear()
                 seq.num_computed = 0
                 break
-            self.blocks.record_prefix_lookup(len(seq.token_ids), seq.num_computed)
+            self.blocks.record_prefix_lookup(seq.context_len, seq.num_computed)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -134,7 +140,7 @@ class Scheduler:
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq's remaining prefill that fit the budget and the free blocks (0 if none)."""
-        remaining = len(seq.token_ids) - seq.num_computed
+        remaining = seq.context_len - seq.num_computed
         n = min(remaining, budget)
         while n > 0 and not self.blocks.grow(seq.block_table, seq.num_computed + n):
             n = min(n - 1, (self.blocks.num_free + len(seq.block_table)) * self.blocks.block_size

@@ -19,8 +19,10 @@ from pathlib import Path
 from . import errors
 from .auth import AuthConfig
 from .grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
+from .hot_swap import ModelSwitcher
 from .limits import Limits
 from .model_args import add_model_arguments, generator_kwargs
+from .registry import Registry
 
 log = logging.getLogger("prefloop.server.serve")
 
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "%(default)s)")
     parser.add_argument("--no-reflection", action="store_true",
                         help="do not serve gRPC server reflection")
+    parser.add_argument("--registry-poll", type=float, default=2.0, metavar="SECONDS",
+                        help="how often to check <data-dir>/registry/CURRENT and hot-swap to a newly "
+                             "promoted version (0 = only through Models.Promote; default %(default)s)")
     add_model_arguments(parser)
 
 
@@ -108,19 +113,30 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .generator import build_generator  # heavy (torch): imported only when serving
 
+    registry = Registry(config.data_dir)
+    kwargs = generator_kwargs(args)
     try:
-        generator = build_generator(**generator_kwargs(args))
+        current = registry.current()
+        if current is not None:  # a registry exists: it decides what is served
+            if args.model:
+                log.warning("--model %s ignored: the registry in %s serves %s", args.model,
+                            config.data_dir, current)
+            registry.check(current)
+            kwargs.update(model=str(registry.version_dir(current)), model_version=current)
+        generator = build_generator(**kwargs)
     except (errors.PrefloopError, FileNotFoundError) as exc:
         print(f"prefloop serve: cannot load the model: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(generator, config, args))
+    switcher = ModelSwitcher(generator, registry, poll_interval_s=args.registry_poll)
+    return asyncio.run(_serve(generator, config, args, switcher))
 
 
-async def _serve(generator, config: ServerConfig, args: argparse.Namespace) -> int:
+async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
+                 switcher: ModelSwitcher) -> int:
     await generator.start()
     extensions = build_extensions(args, config.data_dir)
     server = PrefloopServer(generator, config, recorder=extensions.recorder,
-                            services=extensions.services)
+                            services=extensions.services, switcher=switcher)
     try:
         try:
             port = await server.start()
@@ -132,8 +148,10 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace) -> i
                  f"(model {info.model_version}, {info.backend} {info.dtype}, "
                  f"tls {'on' if config.tls_cert else 'off'}, "
                  f"auth {'on' if config.auth.enabled else 'off'})")
+        await switcher.start()
         await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
     finally:
+        await switcher.close()
         await server.shutdown(grace=0)  # no-op after a graceful shutdown
         await generator.close()
     return 0

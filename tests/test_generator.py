@@ -53,7 +53,7 @@ def test_n_candidates_and_blocks_return(gen):
         for _ in range(100):
             await asyncio.sleep(0.05)
             s = gen.stats()
-            if s["running"] == 0 and s["waiting"] == 0:
+            if s["running"] == 0 and s["waiting"] == 0 and s["free_blocks"] == free:
                 return s
         return gen.stats()
     s = asyncio.run(cancel_midway())

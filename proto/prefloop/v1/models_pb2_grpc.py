@@ -45,6 +45,21 @@ class ModelsStub:
                 request_serializer=prefloop_dot_v1_dot_models__pb2.GetEngineStatsRequest.SerializeToString,
                 response_deserializer=prefloop_dot_v1_dot_models__pb2.EngineStats.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/prefloop.v1.Models/ListVersions',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/prefloop.v1.Models/Promote',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/prefloop.v1.Models/Rollback',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -66,6 +81,31 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVersions(self, request, context):
+        """The registry's versions (newest last) and which one is current. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Verify a registry version (checksums, shapes), load it beside the serving one, switch new
+        requests to it, then move the registry's pointer. Requests already running finish on the
+        weights they started with. A version that fails to load or verify is refused
+        (FAILED_PRECONDITION / NOT_FOUND) and the old one keeps serving. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Switch back to the version served before the current one (same guarantees as Promote).
+        Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +118,21 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.GetEngineStats,
                     request_deserializer=prefloop_dot_v1_dot_models__pb2.GetEngineStatsRequest.FromString,
                     response_serializer=prefloop_dot_v1_dot_models__pb2.EngineStats.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.ListVersionsRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.PromoteRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.RollbackRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +190,87 @@ class Models:
             '/prefloop.v1.Models/GetEngineStats',
             prefloop_dot_v1_dot_models__pb2.GetEngineStatsRequest.SerializeToString,
             prefloop_dot_v1_dot_models__pb2.EngineStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/ListVersions',
+            prefloop_dot_v1_dot_models__pb2.ListVersionsRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/Promote',
+            prefloop_dot_v1_dot_models__pb2.PromoteRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/Rollback',
+            prefloop_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,160 @@
+"""Training sets from the preference log: loading, the time-based held-out split, the watermark.
+
+Rows come from `prefloop.server.log_export` (TRL's conversational format: `prompt` is a message
+list, `chosen` / `rejected` / `completion` are one assistant message each) and keep their
+`created_at`. Everything here is plain Python on lists of dicts, so it is tested without a model:
+
+- `load_pairs` / `load_examples`: DPO pairs / KTO examples newer than a watermark, oldest first;
+- `time_split`: the newest fraction is held out, with every held-out row strictly newer than
+  every training row (rows sharing the boundary timestamp stay on one side);
+- `pairs_from_examples`: held-out KTO examples turned into (desirable, undesirable) pairs of the
+  same prompt, so DPO and KTO candidates are gated on the same kind of metric.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefloop.server import log_export, logschema
+from prefloop.server.errors import InvalidArgument
+
+MAX_PAIRS_PER_PROMPT = 16
+
+
+def parse_time(value: str | dt.date | dt.datetime | None) -> dt.datetime | None:
+    """A UTC datetime from "YYYY-MM-DD", an ISO timestamp ("...Z" allowed), a date or datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+    text = str(value).strip()
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not a date (YYYY-MM-DD) or ISO timestamp") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
+def _window(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
+            max_rows: int | None) -> list[dict[str, Any]]:
+    """Rows with since <= created_at and after < created_at, oldest first, the newest max_rows."""
+    kept = [r for r in rows
+            if (since is None or r["created_at"] >= since)
+            and (after is None or r["created_at"] > after)]
+    kept.sort(key=lambda r: (r["created_at"], r["feedback_id"] or ""))
+    if max_rows is not None and max_rows > 0 and len(kept) > max_rows:
+        kept = kept[-max_rows:]
+    return kept
+
+
+def _export_since(since: dt.datetime | None, after: dt.datetime | None) -> str | None:
+    """The date filter for the export (day granularity; the exact cut happens in `_window`)."""
+    bounds = [t for t in (since, after) if t is not None]
+    return max(bounds).astimezone(dt.timezone.utc).strftime("%Y-%m-%d") if bounds else None
+
+
+def load_pairs(data_dir: str | Path, *, since: str | dt.datetime | None = None,
+               after: str | dt.datetime | None = None, max_pairs: int | None = None,
+               pairs_from_ratings: bool = False) -> list[dict[str, Any]]:
+    """DPO pairs (prompt / chosen / rejected + created_at, feedback_id, ...), oldest first.
+
+    `since`: created on or after this time; `after`: strictly after it (the job watermark);
+    `max_pairs`: keep the newest N.
+    """
+    since_t, after_t = parse_time(since), parse_time(after)
+    table = log_export.export_dpo(data_dir, since=_export_since(since_t, after_t),
+                                  pairs_from_ratings=pairs_from_ratings)
+    return _window(table.to_pylist(), since_t, after_t, max_pairs)
+
+
+def load_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
+                  after: str | dt.datetime | None = None, max_examples: int | None = None
+                  ) -> list[dict[str, Any]]:
+    """KTO examples (prompt / completion / label + created_at, ...), oldest first."""
+    since_t, after_t = parse_time(since), parse_time(after)
+    table = log_export.export_kto(data_dir, since=_export_since(since_t, after_t))
+    return _window(table.to_pylist(), since_t, after_t, max_examples)
+
+
+@dataclass(slots=True)
+class Split:
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    cutoff: dt.datetime | None  # every held-out row has created_at >= cutoff > every train row
+
+    def describe(self) -> dict[str, Any]:
+        times = [r["created_at"] for r in self.train + self.heldout]
+        return {"since": iso(min(times)) if times else None,
+                "until": iso(max(times)) if times else None,
+                "heldout_since": iso(self.cutoff),
+                "rows": {"train": len(self.train), "heldout": len(self.heldout)}}
+
+
+def time_split(rows: list[dict[str, Any]], heldout_fraction: float = 0.2,
+               min_heldout: int = 1) -> Split:
+    """Hold out the newest rows: about `heldout_fraction` of them (at least `min_heldout`, and at
+    least one row left for training). Rows sharing the boundary timestamp go together to the
+    held-out side (or to the train side when that would leave nothing to train on)."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise InvalidArgument(f"heldout fraction {heldout_fraction} must be in [0, 1)")
+    rows = sorted(rows, key=lambda r: (r["created_at"], r.get("feedback_id") or ""))
+    n = len(rows)
+    if n < 2 or heldout_fraction == 0.0:
+        return Split(rows, [], None)
+    n_held = min(n - 1, max(min_heldout, round(heldout_fraction * n)))
+    cutoff = rows[n - n_held]["created_at"]
+    train = [r for r in rows if r["created_at"] < cutoff]
+    if not train:  # the boundary timestamp reaches back to the oldest row: ties go to train
+        train = [r for r in rows if r["created_at"] <= cutoff]
+        heldout = [r for r in rows if r["created_at"] > cutoff]
+        cutoff = heldout[0]["created_at"] if heldout else None
+        return Split(train, heldout, cutoff)
+    return Split(train, [r for r in rows if r["created_at"] >= cutoff], cutoff)
+
+
+def pairs_from_examples(examples: list[dict[str, Any]],
+                        max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> list[dict[str, Any]]:
+    """(desirable, undesirable) pairs of KTO examples that answer the same prompt."""
+    by_prompt: dict[str, dict[bool, list[dict[str, Any]]]] = defaultdict(
+        lambda: {True: [], False: []})
+    order: list[str] = []
+    for e in examples:
+        key = logschema.prompt_fingerprint(None, e["prompt"])
+        if key not in by_prompt:
+            order.append(key)
+        by_prompt[key][bool(e["label"])].append(e)
+    pairs = []
+    for key in order:
+        good, bad = by_prompt[key][True], by_prompt[key][False]
+        for g, b in itertools.islice(itertools.product(good, bad), max_per_prompt):
+            if g["completion"][0]["content"] == b["completion"][0]["content"]:
+                continue
+            pairs.append({"prompt": g["prompt"], "chosen": g["completion"],
+                          "rejected": b["completion"],
+                          "created_at": max(g["created_at"], b["created_at"]),
+                          "feedback_id": f"{g['feedback_id']},{b['feedback_id']}"})
+    return pairs
+
+
+def trl_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the columns TRL's DPOTrainer reads."""
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def trl_examples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the columns TRL's KTOTrainer reads."""
+    return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])}
+            for r in rows]

@@ -1,0 +1,217 @@
+"""Scoring models on preference pairs: sequence log-probs, reward metrics, KL to the reference.
+
+Tokenization is TRL's for conversational rows: the prompt rendered with the chat template and
+`add_generation_prompt=True`, the completion = the rest of the rendered prompt + answer (from
+where the two token lists diverge), truncated to `max_length` keeping the start. Chosen and
+rejected answers of a batch go through one concatenated forward pass per model.
+
+- `score_pairs(policy, tokenizer, pairs, reference=...)`: per-pair summed log-probs of the policy
+  (and of the reference, plus the exact per-token KL(policy ‖ reference) over the completion
+  tokens, both models reading the same batch);
+- `pair_metrics(...)`: loss, reward accuracy / margin (implicit rewards β·log π/π_ref, as TRL logs
+  them), reference-free preference accuracy (what the gate compares), KL per token;
+- `score_examples` / `example_metrics`: the same for unpaired KTO examples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from .losses import preference_accuracy, preference_loss, reward_metrics, token_kl
+
+
+_KL_CHUNK = 512  # predicted tokens per KL chunk: bounds the [chunk, vocab] temporaries
+
+
+@dataclass(slots=True)
+class Encoded:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def _template_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int) -> Encoded:
+    """Token ids of a conversational (prompt, completion) the way TRL's trainers build them."""
+    prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
+    full_ids = _template_ids(tokenizer, list(prompt) + list(completion))
+    k = 0
+    while k < min(len(prompt_ids), len(full_ids)) and prompt_ids[k] == full_ids[k]:
+        k += 1
+    full_ids = full_ids[:max_length]  # keep_start truncation
+    return Encoded(full_ids[:k], full_ids[k:])
+
+
+def _batch(items: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded `input_ids`, `attention_mask`, `completion_mask`, each [batch, seq]."""
+    seq = max(len(e.prompt_ids) + len(e.completion_ids) for e in items)
+    input_ids = torch.full((len(items), seq), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), seq), dtype=torch.long)
+    completion_mask = torch.zeros((len(items), seq), dtype=torch.long)
+    for i, e in enumerate(items):
+        ids = e.prompt_ids + e.completion_ids
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        completion_mask[i, len(e.prompt_ids):len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+def _completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       predict: torch.Tensor) -> torch.Tensor:
+    """Logits only where a completion token is predicted (the LM head and the softmax over the
+    vocabulary dominate the cost; prompt positions are skipped).
+
+    input_ids, attention_mask: [batch, seq]; predict: [batch, seq-1] bool, True where position t
+    predicts completion token t+1. Returns [n_predicted, vocab].
+    """
+    hidden = model.get_decoder()(input_ids=input_ids,
+                                 attention_mask=attention_mask).last_hidden_state  # [b, s, h]
+    return model.get_output_embeddings()(hidden[:, :-1][predict])  # [n, vocab]
+
+
+@dataclass(slots=True)
+class Scores:
+    """Per item (a pair's chosen, or an example): summed completion log-probs and token counts."""
+
+    logps: torch.Tensor  # [n]
+    tokens: torch.Tensor  # [n]
+    ref_logps: torch.Tensor | None = None  # [n]
+    kl_sum: torch.Tensor | None = None  # [n] sum over completion tokens of KL(policy ‖ ref)
+
+
+@torch.no_grad()
+def _score_items(policy, tokenizer, items: list[Encoded], groups: Iterable[list[int]], *,
+                 reference=None, progress: str | None = None) -> Scores:
+    """Score `items`; each group of item indices goes through one forward pass per model."""
+    from tqdm.auto import tqdm
+    device = next(policy.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(items)
+    logps, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    ref_logps = torch.zeros(n, dtype=torch.float64) if reference is not None else None
+    kl_sum = torch.zeros(n, dtype=torch.float64) if reference is not None else None
+    groups = list(groups)
+    for group in tqdm(groups, desc=progress, disable=progress is None, leave=False):
+        input_ids, attention_mask, completion_mask = _batch([items[i] for i in group], pad_id,
+                                                            device)
+        predict = completion_mask[:, 1:].bool()  # [batch, seq-1]
+        labels = input_ids[:, 1:][predict]  # [n]
+        rows = predict.nonzero()[:, 0].cpu()  # [n] batch row of each predicted token
+        index = torch.tensor(group)
+        logits = _completion_logits(policy, input_ids, attention_mask, predict).float()
+        token_logps = (logits.gather(-1, labels[:, None]).squeeze(-1)
+                       - logits.logsumexp(-1)).double().cpu()  # [n]
+        logps[index] = torch.zeros(len(group), dtype=torch.float64).index_add_(0, rows, token_logps)
+        tokens[index] = predict.sum(1).double().cpu()
+        if reference is not None:
+            ref_logits = _completion_logits(reference, input_ids, attention_mask, predict).float()
+            ref_token_logps = (ref_logits.gather(-1, labels[:, None]).squeeze(-1)
+                               - ref_logits.logsumexp(-1)).double().cpu()  # [n]
+            ref_logps[index] = torch.zeros(len(group), dtype=torch.float64).index_add_(
+                0, rows, ref_token_logps)
+            kl = torch.cat([token_kl(logits[s:s + _KL_CHUNK], ref_logits[s:s + _KL_CHUNK])
+                            for s in range(0, logits.shape[0], _KL_CHUNK)]).double().cpu()  # [n]
+            kl_sum[index] = torch.zeros(len(group), dtype=torch.float64).index_add_(0, rows, kl)
+    return Scores(logps, tokens, ref_logps, kl_sum)
+
+
+def encode_pairs(tokenizer, pairs: list[dict[str, Any]], max_length: int) -> list[Encoded]:
+    """[chosen_0, ..., chosen_{n-1}, rejected_0, ..., rejected_{n-1}]."""
+    chosen = [encode(tokenizer, p["prompt"], p["chosen"], max_length) for p in pairs]
+    rejected = [encode(tokenizer, p["prompt"], p["rejected"], max_length) for p in pairs]
+    return chosen + rejected
+
+
+def score_pairs(policy, tokenizer, pairs: list[dict[str, Any]], *, reference=None,
+                batch_size: int = 4, max_length: int = 1024,
+                progress: str | None = None) -> Scores:
+    """Scores of 2n items: chosen answers first, then rejected. A batch of `batch_size` pairs is
+    one forward pass over its chosen and rejected answers together."""
+    items = encode_pairs(tokenizer, pairs, max_length)
+    n = len(pairs)
+    groups = [list(range(s, min(s + batch_size, n))) + list(range(n + s, n + min(s + batch_size, n)))
+              for s in range(0, n, batch_size)]
+    return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)
+
+
+def score_examples(policy, tokenizer, examples: list[dict[str, Any]], *, reference=None,
+                   batch_size: int = 8, max_length: int = 1024,
+                   progress: str | None = None) -> Scores:
+    items = [encode(tokenizer, e["prompt"], e["completion"], max_length) for e in examples]
+    groups = [list(range(s, min(s + batch_size, len(items))))
+              for s in range(0, len(items), batch_size)]
+    return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)
+
+
+def split_pair_scores(scores: Scores) -> tuple[Scores, Scores]:
+    n = scores.logps.numel() // 2
+
+    def part(sl: slice) -> Scores:
+        return Scores(scores.logps[sl], scores.tokens[sl],
+                      None if scores.ref_logps is None else scores.ref_logps[sl],
+                      None if scores.kl_sum is None else scores.kl_sum[sl])
+    return part(slice(0, n)), part(slice(n, 2 * n))
+
+
+def kl_metrics(scores: Scores) -> dict[str, float]:
+    """Mean KL(policy ‖ reference) per completion token and per sequence."""
+    if scores.kl_sum is None or scores.tokens.sum() == 0:
+        return {}
+    return {"kl_per_token": float(scores.kl_sum.sum() / scores.tokens.sum()),
+            "kl_per_sequence": float(scores.kl_sum.mean())}
+
+
+def pair_metrics(scores: Scores, *, beta: float, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0) -> dict[str, float]:
+    """Metrics of a policy scored (with its reference) on pairs; see the module docstring."""
+    chosen, rejected = split_pair_scores(scores)
+    out: dict[str, float] = {"pairs": chosen.logps.numel()}
+    if chosen.logps.numel() == 0:
+        return out
+    out["pref_accuracy"] = preference_accuracy(chosen.logps, rejected.logps)
+    if scores.ref_logps is not None:
+        losses, cr, rr = preference_loss(
+            chosen.logps, rejected.logps, chosen.ref_logps, rejected.ref_logps, beta=beta,
+            loss_type=loss_type, label_smoothing=label_smoothing,
+            chosen_tokens=chosen.tokens, rejected_tokens=rejected.tokens)
+        out.update(reward_metrics(losses, cr, rr))
+        out["ref_pref_accuracy"] = preference_accuracy(chosen.ref_logps, rejected.ref_logps)
+        out.update(kl_metrics(scores))
+    return out
+
+
+def example_metrics(scores: Scores, labels: list[bool], *, beta: float) -> dict[str, float]:
+    """KTO examples: mean implicit reward of desirable / undesirable answers, label accuracy
+    (reward sign agrees with the label, zero counts one half), KL per token."""
+    out: dict[str, float] = {"examples": len(labels)}
+    if not labels or scores.ref_logps is None:
+        return out
+    rewards = beta * (scores.logps - scores.ref_logps)  # [n]
+    lab = torch.tensor(labels, dtype=torch.bool)
+    agree = torch.where(lab, rewards > 0, rewards < 0).double() + 0.5 * (rewards == 0).double()
+    out["label_accuracy"] = float(agree.mean())
+    if lab.any():
+        out["desirable_reward"] = float(rewards[lab].mean())
+    if (~lab).any():
+        out["undesirable_reward"] = float(rewards[~lab].mean())
+    if lab.any() and (~lab).any():
+        out["reward_margin"] = out["desirable_reward"] - out["undesirable_reward"]
+    out.update(kl_metrics(scores))
+    return out
+
+
+def cross_prompt_accuracy(scores: Scores, labels: list[bool]) -> float:
+    """Fallback when no prompt has both kinds of answers: over all (desirable, undesirable)
+    examples, how often the desirable one has the higher mean per-token log-prob (AUC)."""
+    per_token = scores.logps / scores.tokens.clamp(min=1)
+    lab = torch.tensor(labels, dtype=torch.bool)
+    good, bad = per_token[lab], per_token[~lab]
+    if good.numel() == 0 or bad.numel() == 0:
+        return float("nan")
+    diff = good[:, None] - bad[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())

@@ -1,0 +1,618 @@
+"""The model registry: immutable model versions under `<data-dir>/registry/`, and which one is served.
+
+    <data-dir>/registry/
+      CURRENT                       the served version's name ("v0003\\n"), replaced atomically
+      history.jsonl                 one line per init / promote / rollback (append-only, fsync'd)
+      jobs.jsonl                    one line per align job start and end (append-only, fsync'd)
+      job.lock                      flock'd by the one align job running (its pid inside)
+      .pointer.lock                 flock'd while CURRENT and history.jsonl change
+      versions/v0000/               the base model (copied from --model or the default model)
+      versions/v0001/               config.json, *.safetensors, tokenizer files, manifest.json
+      versions/.stage-<pid>-<hex>/  a version being written (never read; removed on failure)
+
+A version folder is a Hugging Face model folder plus `manifest.json` (`Manifest`: version, parent,
+created_at, kind, method, hyperparameters, data window and row counts, metrics, gate decision and
+reasons, and the sha256 of every file). It is written into a stage directory, fsync'd, made
+read-only and renamed to `vNNNN` in one step, so a version either exists complete or not at all.
+Version folders are never modified afterwards; `verify()` recomputes the checksums.
+
+The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
+`rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`, the job lock and
+job history). Pure standard library. User-facing failures raise the typed errors of
+`server/errors.py` (NotFound, InvalidArgument, FailedPrecondition, Unavailable).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+REGISTRY_DIR = "registry"
+VERSIONS_DIR = "versions"
+CURRENT_FILE = "CURRENT"
+HISTORY_FILE = "history.jsonl"
+JOBS_FILE = "jobs.jsonl"
+JOB_LOCK_FILE = "job.lock"
+POINTER_LOCK_FILE = ".pointer.lock"
+MANIFEST_FILE = "manifest.json"
+STAGE_PREFIX = ".stage-"
+MANIFEST_SCHEMA = 1
+
+KIND_POLICY = "policy"
+KIND_REWARD = "reward"
+KINDS = (KIND_POLICY, KIND_REWARD)
+
+BASE_VERSION = "v0000"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+# What a version folder may hold besides manifest.json (copied from a source folder by name).
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
+_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, time, durable file helpers
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def version_number(name: str) -> int:
+    """The number of a version name ("v0003" -> 3); InvalidArgument for anything else."""
+    m = _VERSION_RE.match(str(name))
+    if not m:
+        raise InvalidArgument(f"{name!r} is not a version name (expected v0000, v0001, ...)")
+    return int(m.group(1))
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(directory: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory it creates."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return
+    makedirs_durable(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(directory.parent)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write temp, fsync, rename over `path`, fsync the directory: old content or new, never half."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def append_line_durable(path: Path, obj: dict[str, Any]) -> None:
+    """Append one JSON line with O_APPEND and fsync it (a torn last line is skipped by readers)."""
+    existed = path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if not existed:
+        fsync_dir(path.parent)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of `path` ([] when absent); a torn final line is ignored."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a (possibly read-only) tree."""
+    def onerror(func, p, exc_info):  # read-only dirs/files: make writable and retry once
+        os.chmod(os.path.dirname(p), stat.S_IRWXU)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, stat.S_IRWXU)
+        func(p)
+
+    if path.is_dir():  # make the tree writable first (onerror does not cover unlisting dirs)
+        os.chmod(path, stat.S_IRWXU)
+    shutil.rmtree(path, onerror=onerror)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(slots=True)
+class Manifest:
+    """Everything known about one version; stored as `manifest.json` inside its folder."""
+
+    version: str
+    kind: str  # "policy" (servable) | "reward"
+    method: str  # "base", "dpo", "kto", ...
+    created_at: str  # ISO 8601 UTC
+    files: dict[str, dict[str, Any]]  # file name -> {"sha256": hex, "bytes": n}
+    parent: str | None = None  # the version it was trained from (None for the base)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # window (since/until) and row counts
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None  # {"passed": bool, "reasons": [...], ...}; None = not gated
+    source: str | None = None  # where a base version was copied from
+    job_id: str | None = None
+    schema: int = MANIFEST_SCHEMA
+
+    def __post_init__(self) -> None:
+        version_number(self.version)
+        if self.parent is not None:
+            version_number(self.parent)
+        if self.kind not in KINDS:
+            raise InvalidArgument(f"manifest kind {self.kind!r} is not one of {KINDS}")
+        if not self.method:
+            raise InvalidArgument("manifest method is empty")
+        if not any(name.endswith(".safetensors") for name in self.files):
+            raise InvalidArgument(f"version {self.version} has no *.safetensors weight file")
+        for name, entry in self.files.items():
+            if "/" in name or name.startswith(".") or name == MANIFEST_FILE:
+                raise InvalidArgument(f"manifest lists an invalid file name {name!r}")
+            if not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", ""))):
+                raise InvalidArgument(f"manifest entry of {name} has no sha256")
+        if self.gate is not None and not isinstance(self.gate.get("passed"), bool):
+            raise InvalidArgument("manifest gate needs a boolean 'passed'")
+
+    @property
+    def weight_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.endswith(".safetensors"))
+
+    @property
+    def gate_passed(self) -> bool | None:
+        return None if self.gate is None else bool(self.gate["passed"])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        known = {f for f in cls.__dataclass_fields__}  # newer minor fields are ignored
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    version: str
+    ok: bool
+    problems: list[str]
+    checked_bytes: int
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    action: str  # "init" | "promote" | "rollback"
+    version: str  # the version current after this action
+    previous: str | None
+    at: str
+    reason: str = ""
+    actor: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging a new version
+
+
+class Stage:
+    """A version being written: fill `path` with an HF folder, then `publish(...)` (or let the
+    `Registry.stage()` context manager delete it on any exception)."""
+
+    def __init__(self, registry: "Registry", path: Path) -> None:
+        self.registry = registry
+        self.path = path
+        self.version: str | None = None
+
+    def publish(self, *, kind: str, method: str, parent: str | None = None,
+                hyperparameters: dict | None = None, data: dict | None = None,
+                metrics: dict | None = None, gate: dict | None = None, source: str | None = None,
+                job_id: str | None = None, version: str | None = None) -> Manifest:
+        """Checksum, fsync, make read-only and rename the stage to the next free `vNNNN`.
+
+        `version` pins the name (the base uses v0000); FailedPrecondition if it exists.
+        """
+        files = {}
+        for p in sorted(self.path.iterdir()):
+            if p.name == MANIFEST_FILE:
+                continue
+            if not p.is_file() or p.name.startswith("."):
+                raise InvalidArgument(f"unexpected entry {p.name!r} in a version folder")
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            _fsync_file(p)
+        if parent is not None:
+            self.registry.manifest(parent)  # NotFound if the parent does not exist
+        versions_dir = self.registry.versions_dir
+        number = version_number(version) if version else self.registry._next_number()
+        while True:
+            manifest = Manifest(
+                version=version_name(number), kind=kind, method=method, created_at=utc_now(),
+                files=files, parent=parent, hyperparameters=dict(hyperparameters or {}),
+                data=dict(data or {}), metrics=dict(metrics or {}), gate=gate, source=source,
+                job_id=job_id)
+            manifest_path = self.path / MANIFEST_FILE
+            if manifest_path.exists():
+                os.chmod(manifest_path, 0o644)
+            write_file_atomic(manifest_path, manifest.to_json().encode())
+            for p in self.path.iterdir():
+                os.chmod(p, 0o444)
+            os.chmod(self.path, 0o555)
+            fsync_dir(self.path)
+            target = versions_dir / manifest.version
+            try:
+                os.rename(self.path, target)  # fails if target exists and is not empty
+            except OSError as exc:
+                os.chmod(self.path, 0o755)
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                if version:
+                    raise FailedPrecondition(f"version {version} already exists") from None
+                number = max(number + 1, self.registry._next_number())  # lost a race: next
+                continue
+            fsync_dir(versions_dir)
+            self.path = target
+            self.version = manifest.version
+            return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+class Registry:
+    """One registry folder (`<data-dir>/registry`). Cheap to construct; every call reads disk."""
+
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / REGISTRY_DIR
+        self.versions_dir = self.root / VERSIONS_DIR
+        self.current_path = self.root / CURRENT_FILE
+        self.history_path = self.root / HISTORY_FILE
+        self.jobs_path = self.root / JOBS_FILE
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.versions_dir.is_dir()
+
+    def list_versions(self) -> list[str]:
+        """Published version names, oldest first (stage folders are not versions)."""
+        if not self.versions_dir.is_dir():
+            return []
+        names = [p.name for p in self.versions_dir.iterdir()
+                 if _VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        return sorted(names, key=version_number)
+
+    def version_dir(self, version: str) -> Path:
+        """The folder of `version` (an HF model folder); NotFound if it is not published."""
+        version_number(version)
+        path = self.versions_dir / version
+        if not (path / MANIFEST_FILE).is_file():
+            known = ", ".join(self.list_versions()) or "none"
+            raise NotFound(f"model version {version} does not exist in {self.root} (known: {known})")
+        return path
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.version_dir(version) / MANIFEST_FILE
+        try:
+            return Manifest.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise FailedPrecondition(f"{path} is not a valid manifest: {exc}") from None
+
+    def current(self) -> str | None:
+        """The served version's name, or None when nothing was ever set."""
+        try:
+            text = self.current_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        version_number(text)
+        return text
+
+    def current_dir(self) -> Path | None:
+        cur = self.current()
+        return None if cur is None else self.version_dir(cur)
+
+    def history(self) -> list[HistoryEntry]:
+        known = set(HistoryEntry.__dataclass_fields__)
+        return [HistoryEntry(**{k: v for k, v in e.items() if k in known})
+                for e in read_jsonl(self.history_path)]
+
+    def verify(self, version: str) -> VerifyResult:
+        """Recompute every file's sha256 and compare with the manifest (also: missing or extra
+        weight files, a manifest naming another version)."""
+        path = self.version_dir(version)
+        problems: list[str] = []
+        checked = 0
+        try:
+            manifest = self.manifest(version)
+        except (FailedPrecondition, InvalidArgument) as exc:
+            return VerifyResult(version, False, [str(exc)], 0)
+        if manifest.version != version:
+            problems.append(f"manifest names version {manifest.version}, folder is {version}")
+        for name, entry in sorted(manifest.files.items()):
+            file = path / name
+            if not file.is_file():
+                problems.append(f"{name} is missing")
+                continue
+            size = file.stat().st_size
+            if size != entry.get("bytes", size):
+                problems.append(f"{name} has {size} bytes, manifest says {entry['bytes']}")
+                continue
+            checked += size
+            if sha256_file(file) != entry["sha256"]:
+                problems.append(f"{name} sha256 mismatch")
+        for extra in sorted(path.glob("*.safetensors")):
+            if extra.name not in manifest.files:
+                problems.append(f"{extra.name} is not listed in the manifest")
+        return VerifyResult(version, not problems, problems, checked)
+
+    def check(self, version: str) -> Manifest:
+        """`verify()` that raises FailedPrecondition naming the problems; returns the manifest."""
+        result = self.verify(version)
+        if not result.ok:
+            raise FailedPrecondition(f"model version {version} failed verification: "
+                                     + "; ".join(result.problems))
+        return self.manifest(version)
+
+    # ---- writing versions ---------------------------------------------------------------------
+
+    def _next_number(self) -> int:
+        names = self.list_versions()
+        return version_number(names[-1]) + 1 if names else 0
+
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[Stage]:
+        """A fresh stage folder; removed unless `publish()` renamed it into place."""
+        makedirs_durable(self.versions_dir)
+        path = self.versions_dir / f"{STAGE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        path.mkdir()
+        stage = Stage(self, path)
+        try:
+            yield stage
+        finally:
+            if stage.version is None and path.exists():
+                _rmtree(path)
+
+    def cleanup_stages(self) -> list[str]:
+        """Remove stage folders left by processes that died (their pid is not running)."""
+        removed = []
+        if not self.versions_dir.is_dir():
+            return removed
+        for p in self.versions_dir.iterdir():
+            if not p.name.startswith(STAGE_PREFIX):
+                continue
+            try:
+                pid = int(p.name[len(STAGE_PREFIX):].split("-", 1)[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                _rmtree(p)
+                removed.append(p.name)
+        return removed
+
+    def ensure_base(self, model_dir: str | os.PathLike | None = None, *,
+                    source: str | None = None) -> str:
+        """Create v0000 from an HF folder on first use (and point CURRENT at it); idempotent.
+
+        `model_dir` must be an HF folder (resolve `--model` with `model_loader.resolve_model_dir`
+        first); None uses the default model. Returns "v0000".
+        """
+        if (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file() and self.current():
+            return BASE_VERSION
+        makedirs_durable(self.root)
+        with self._pointer_lock():
+            if not (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file():
+                if model_dir is None:
+                    from .model_loader import resolve_model_dir  # torch: only when copying
+                    model_dir = resolve_model_dir(None)
+                src = Path(model_dir)
+                if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
+                    raise InvalidArgument(f"{src} is not a Hugging Face model folder "
+                                          "(config.json + *.safetensors)")
+                with self.stage() as stage:
+                    for p in sorted(src.iterdir()):
+                        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES \
+                                and not p.name.startswith(".") and p.name != MANIFEST_FILE:
+                            shutil.copyfile(p, stage.path / p.name)
+                    stage.publish(kind=KIND_POLICY, method="base", version=BASE_VERSION,
+                                  source=source or str(src.resolve()))
+            if self.current() is None:
+                self._set_current(BASE_VERSION, "init", None, "base model", "")
+        return BASE_VERSION
+
+    # ---- the pointer --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _pointer_lock(self) -> Iterator[None]:
+        makedirs_durable(self.root)
+        fd = os.open(self.root / POINTER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _set_current(self, version: str, action: str, previous: str | None, reason: str,
+                     actor: str) -> HistoryEntry:
+        """Pointer first (it is the truth the server follows), then the history line."""
+        write_file_atomic(self.current_path, f"{version}\n".encode())
+        entry = HistoryEntry(action=action, version=version, previous=previous, at=utc_now(),
+                             reason=reason, actor=actor)
+        append_line_durable(self.history_path, asdict(entry))
+        return entry
+
+    def promote(self, version: str, *, reason: str = "", actor: str = "", force: bool = False,
+                verify: bool = True) -> HistoryEntry:
+        """Make `version` current. Refused (FailedPrecondition) for a reward model, a version
+        that fails verification, or one its gate rejected (unless `force`)."""
+        manifest = self.manifest(version)
+        if manifest.kind != KIND_POLICY:
+            raise FailedPrecondition(f"{version} is a {manifest.kind} model; only policy "
+                                     "versions can be served")
+        if manifest.gate_passed is False and not force:
+            reasons = "; ".join(manifest.gate.get("reasons", [])) if manifest.gate else ""
+            raise FailedPrecondition(f"{version} was rejected by the eval gate ({reasons}); "
+                                     "pass force to promote it anyway")
+        if verify:
+            self.check(version)
+        with self._pointer_lock():
+            previous = self.current()
+            if previous == version:
+                raise FailedPrecondition(f"{version} is already the current version")
+            return self._set_current(version, "promote", previous, reason, actor)
+
+    def served_stack(self) -> list[str]:
+        """Versions that rollbacks would return to, oldest first; the last one is current.
+
+        init/promote push, rollback pops. If CURRENT disagrees with the history (edited by
+        hand, or a crash between pointer and history), the current version is pushed on top.
+        """
+        stack: list[str] = []
+        for e in self.history():
+            if e.action == "rollback":
+                if stack:
+                    stack.pop()
+                if not stack or stack[-1] != e.version:
+                    stack.append(e.version)
+            elif not stack or stack[-1] != e.version:
+                stack.append(e.version)
+        cur = self.current()
+        if cur is not None and (not stack or stack[-1] != cur):
+            stack.append(cur)
+        return stack
+
+    def rollback(self, *, reason: str = "", actor: str = "", verify: bool = True) -> HistoryEntry:
+        """Return to the version that was current before the latest promotion still in effect."""
+        with self._pointer_lock():
+            stack = self.served_stack()
+            if len(stack) < 2:
+                raise FailedPrecondition("nothing to roll back to: no earlier promotion in "
+                                         f"{self.history_path}")
+            target = stack[-2]
+            if verify:
+                self.check(target)
+            return self._set_current(target, "rollback", stack[-1], reason, actor)
+
+    # ---- jobs -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Exclusive lock for one align job; Unavailable at once if another job holds it."""
+        makedirs_durable(self.root)
+        path = self.root / JOB_LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise Unavailable(f"another align job is running (pid {holder}; lock {path})") \
+                    from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def record_job(self, entry: dict[str, Any]) -> None:
+        """Append one job event (`job_id` and `status` required) to jobs.jsonl."""
+        if not entry.get("job_id") or not entry.get("status"):
+            raise InvalidArgument("a job record needs job_id and status")
+        makedirs_durable(self.root)
+        append_line_durable(self.jobs_path, dict(entry, at=entry.get("at") or utc_now()))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """One dict per job (its events merged in order), oldest first. A job whose last status
+        is "running" and whose process no longer exists died without finishing: "crashed"."""
+        merged: dict[str, dict[str, Any]] = {}
+        for e in read_jsonl(self.jobs_path):
+            merged.setdefault(e["job_id"], {}).update(e)
+        out = list(merged.values())
+        for j in out:  # no outcome line and its process is gone: killed (SIGKILL, power loss)
+            if j.get("status") == "running" and not _pid_alive(int(j.get("pid") or 0)):
+                j["status"] = "crashed"
+        return out
+
+
+def version_info(registry: Registry, version: str) -> dict[str, Any]:
+    """A flat summary of one version for listings and the Models RPCs."""
+    m = registry.manifest(version)
+    return {"version": m.version, "parent": m.parent, "kind": m.kind, "method": m.method,
+            "created_at": m.created_at, "current": registry.current() == m.version,
+            "gate_passed": m.gate_passed, "gate_reasons": list((m.gate or {}).get("reasons", [])),
+            "metrics": m.metrics, "data": m.data, "bytes": sum(int(f.get("bytes", 0))
+                                                              for f in m.files.values())}

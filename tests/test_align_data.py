@@ -1,0 +1,145 @@
+"""align without a model: the time split, the log window (since / watermark / newest N), KTO
+pairs, the losses in closed form, the eval gate, and the schedule's argument plumbing."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+
+import pytest
+import torch
+
+from align_helpers import banana_pairs, write_pairs
+from prefloop.align import data, gate, losses, schedule
+from prefloop.server.errors import InvalidArgument
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def rows_at(*seconds: float) -> list[dict]:
+    return [{"created_at": T0 + dt.timedelta(seconds=s), "feedback_id": f"fb-{i}"}
+            for i, s in enumerate(seconds)]
+
+
+def test_time_split_holds_out_the_newest_rows():
+    split = data.time_split(rows_at(5, 1, 4, 2, 3, 6, 7, 8, 9, 10), heldout_fraction=0.2)
+    assert [r["created_at"].second for r in split.train] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["created_at"].second for r in split.heldout] == [9, 10]
+    assert max(r["created_at"] for r in split.train) < split.cutoff
+    assert all(r["created_at"] >= split.cutoff for r in split.heldout)
+    assert split.describe()["rows"] == {"train": 8, "heldout": 2}
+
+
+def test_time_split_keeps_ties_on_one_side():
+    split = data.time_split(rows_at(1, 2, 3, 3, 3), heldout_fraction=0.2)  # boundary tie at 3
+    assert len(split.train) == 2 and len(split.heldout) == 3
+    split = data.time_split(rows_at(1, 1, 1, 1, 2), heldout_fraction=0.5)  # ties reach back
+    assert len(split.train) == 4 and len(split.heldout) == 1
+    split = data.time_split(rows_at(1, 1, 1), heldout_fraction=0.5)  # one timestamp: no held-out
+    assert len(split.train) == 3 and split.heldout == []
+
+
+def test_time_split_edge_cases():
+    assert data.time_split(rows_at(1), 0.2).heldout == []
+    assert len(data.time_split(rows_at(1, 2), 0.2).heldout) == 1  # at least one held out
+    assert len(data.time_split(rows_at(*range(10)), 0.99).train) == 1  # at least one trained on
+    assert data.time_split(rows_at(1, 2, 3), 0.0).heldout == []
+    with pytest.raises(InvalidArgument):
+        data.time_split(rows_at(1, 2), 1.0)
+
+
+def test_load_pairs_window_from_a_real_log(tmp_path):
+    write_pairs(tmp_path, banana_pairs(10))
+    pairs = data.load_pairs(tmp_path)
+    assert len(pairs) == 10
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": banana_pairs(10)[0]["chosen"]}]
+    times = [p["created_at"] for p in pairs]
+    assert times == sorted(times) and len(set(times)) == 10
+    assert [p["created_at"] for p in data.load_pairs(tmp_path, after=times[6])] == times[7:]
+    assert [p["created_at"] for p in data.load_pairs(tmp_path, since=times[3])] == times[3:]
+    assert [p["created_at"] for p in data.load_pairs(tmp_path, max_pairs=3)] == times[7:]
+    assert data.load_pairs(tmp_path, since="2999-01-01") == []
+    examples = data.load_examples(tmp_path)  # each preference: one good, one bad answer
+    assert len(examples) == 20 and sum(e["label"] for e in examples) == 10
+    kto_pairs = data.pairs_from_examples(examples)
+    assert len(kto_pairs) == 10
+    assert all(p["chosen"][0]["content"].startswith("banana") for p in kto_pairs)
+
+
+def test_parse_time():
+    assert data.parse_time("2026-01-01") == T0
+    assert data.parse_time("2026-01-01T00:00:01Z") == T0 + dt.timedelta(seconds=1)
+    assert data.iso(T0) == "2026-01-01T00:00:00.000000Z"
+    with pytest.raises(InvalidArgument):
+        data.parse_time("last tuesday")
+
+
+def test_losses_in_closed_form_at_initialization():
+    logps = torch.tensor([-12.0, -3.5, -40.0])
+    zero = dict(policy_chosen_logps=logps, policy_rejected_logps=logps - 2,
+                ref_chosen_logps=logps, ref_rejected_logps=logps - 2, beta=0.1)
+    tokens = torch.tensor([3.0, 4.0, 5.0])
+    out = {t: losses.preference_loss(**zero, loss_type=t, label_smoothing=0.1,
+                                     chosen_tokens=tokens, rejected_tokens=tokens)[0]
+           for t in losses.LOSSES}
+    assert torch.allclose(out["sigmoid"], torch.full((3,), math.log(2)))
+    assert torch.allclose(out["robust"], torch.full((3,), math.log(2)))
+    assert torch.allclose(out["hinge"], torch.ones(3))
+    assert torch.allclose(out["ipo"], torch.full((3,), (1 / 0.2) ** 2))
+    # a margin of +10 nats: sigmoid loss = log(1 + e^{-1}), rewards are beta * log-ratios
+    l, cr, rr = losses.preference_loss(logps + 4, logps - 6, logps, logps, beta=0.1)
+    assert torch.allclose(l, torch.full((3,), math.log1p(math.exp(-1.0))))
+    m = losses.reward_metrics(l, cr, rr)
+    assert m["reward_accuracy"] == 1.0 and m["reward_margin"] == pytest.approx(1.0)
+    assert m["chosen_reward"] == pytest.approx(0.4)
+
+
+def test_preference_accuracy_and_token_kl():
+    assert losses.preference_accuracy(torch.tensor([-1.0, -5.0, -2.0, -3.0]),
+                                      torch.tensor([-2.0, -4.0, -2.0, -9.0])) == 0.625
+    logits = torch.randn(2, 3, 7)
+    assert torch.allclose(losses.token_kl(logits, logits), torch.zeros(2, 3), atol=1e-6)
+    p, q = torch.tensor([[[math.log(0.9), math.log(0.1)]]]), torch.tensor([[[0.0, 0.0]]])
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert losses.token_kl(p, q).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gate_decisions_always_give_reasons():
+    cfg = gate.GateConfig(max_kl=0.1)
+    ok = gate.decide(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0001",
+                     kl_per_token=0.05, heldout_pairs=10, config=cfg)
+    assert ok.passed and len(ok.reasons) == 2
+    assert "0.800 beats current v0001's 0.600" in ok.reasons[0]
+    same = gate.decide(candidate_accuracy=0.6, current_accuracy=0.6, current_version="v0001",
+                       kl_per_token=0.05, heldout_pairs=10, config=cfg)
+    assert not same.passed and "does not beat" in same.reasons[0]
+    drift = gate.decide(candidate_accuracy=0.9, current_accuracy=0.6, current_version="v0001",
+                        kl_per_token=0.5, heldout_pairs=10, config=cfg)
+    assert not drift.passed and "> bound 0.1" in drift.reasons[1]
+    empty = gate.decide(candidate_accuracy=float("nan"), current_accuracy=0.5,
+                        current_version="v0000", kl_per_token=None, heldout_pairs=0, config=cfg)
+    assert not empty.passed and len(empty.reasons) == 3
+    strict = gate.GateConfig(min_improvement=0.25)
+    assert not gate.decide(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0",
+                           kl_per_token=0.0, heldout_pairs=5, config=strict).passed
+    with pytest.raises(InvalidArgument):
+        gate.GateConfig(max_kl=0)
+
+
+def test_schedule_durations_and_run_flags():
+    assert schedule.parse_duration("6h") == 21600
+    assert schedule.parse_duration("1h30m") == 5400
+    assert schedule.parse_duration("45") == 45
+    for bad in ("soon", "6x", "0s", "h"):
+        with pytest.raises(InvalidArgument):
+            schedule.parse_duration(bad)
+    from prefloop.align import align_cmd
+    parser = argparse.ArgumentParser()
+    align_cmd.add_arguments(parser)
+    args = parser.parse_args(["schedule", "--every", "6h", "--data-dir", "/d", "--method", "kto",
+                              "--auto-promote", "--beta", "0.2", "--no-bf16", "--max-runs", "2"])
+    argv = schedule.run_argv(args)
+    assert argv == ["--data-dir", "/d", "--beta", "0.2", "--no-bf16", "--method", "kto",
+                    "--auto-promote"]
+    again = parser.parse_args(["run", *argv])
+    assert (again.method, again.auto_promote, again.beta, again.bf16) == ("kto", True, 0.2, False)

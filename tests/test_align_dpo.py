@@ -1,0 +1,290 @@
+"""align with real TRL training on a tiny random Llama (hidden 32, the default model's tokenizer):
+closed-form checks at initialization, one DPO job through the CLI that must move held-out
+preference accuracy on a clear synthetic rule ("banana" answers win), the incremental `align run`
+loop (watermark, skip, promote, lock, failure), LoRA merging, KTO, and the schedule."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from align_helpers import banana_pairs, tiny_policy, write_pairs
+from prefloop.align import data as data_mod
+from prefloop.align import evaluate as ev
+from prefloop.align.job import JobConfig, run_job, watermark
+from prefloop.align.train import TrainResult, load_causal_lm, load_tokenizer
+from prefloop.server import cli
+from prefloop.server import registry as reg
+from prefloop.server.errors import Unavailable
+from prefloop.server.model_loader import load_model
+
+FAST = ["--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8"]
+
+
+def as_trl(pairs: list[dict]) -> list[dict]:
+    return [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_policy(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def log_32(tmp_path_factory):
+    d = tmp_path_factory.mktemp("log") / "data"
+    write_pairs(d, banana_pairs(32))
+    return d
+
+
+def fresh_copy(log_dir, tmp_path):
+    target = tmp_path / "data"
+    shutil.copytree(log_dir, target, ignore=shutil.ignore_patterns("registry", "LOCK"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def dpo_job(tiny, log_32, tmp_path_factory):
+    """One real `prefloop align dpo` run (module-wide: the other tests reuse its weights)."""
+    import io
+    from contextlib import redirect_stdout
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = cli.main(["align", "dpo", "--data-dir", str(log_32), "--model", str(tiny),
+                       "--epochs", "3", "--json", *FAST])
+    return rc, json.loads(buf.getvalue()), reg.Registry(log_32)
+
+
+def test_initial_metrics_are_closed_form_and_match_trl(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    tok, policy, ref = load_tokenizer(tiny), load_causal_lm(tiny), load_causal_lm(tiny)
+    pairs = as_trl(banana_pairs(8, seed=1))
+    scores = ev.score_pairs(policy, tok, pairs, reference=ref, batch_size=4)
+    m = ev.pair_metrics(scores, beta=0.1)
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-9)  # policy == reference
+    assert m["reward_accuracy"] == 0.0 and m["reward_margin"] == 0.0
+    assert m["kl_per_token"] == pytest.approx(0.0, abs=1e-9)
+    assert m["pref_accuracy"] == m["ref_pref_accuracy"]
+    # TRL's DPOTrainer sees exactly the same sequences and log-probs (tokenization check)
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=4,
+                     bf16=False, use_cpu=True, gradient_checkpointing=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(pairs))
+    trl_metrics = trainer.evaluate(Dataset.from_list(pairs))
+    chosen, rejected = ev.split_pair_scores(scores)
+    assert trl_metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert trl_metrics["eval_logps/chosen"] == pytest.approx(float(chosen.logps.mean()), rel=1e-4)
+    assert trl_metrics["eval_logps/rejected"] == pytest.approx(float(rejected.logps.mean()),
+                                                               rel=1e-4)
+
+
+def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
+    rc, out, registry = dpo_job
+    assert rc == 0 and out["status"] == "published" and out["version"] == "v0001"
+    held, train = out["metrics"]["heldout"], out["metrics"]["train"]
+    base_accuracy = out["metrics"]["current"]["heldout_pref_accuracy"]
+    print(f"held-out pref accuracy {base_accuracy} -> {held['pref_accuracy']}; "
+          f"reward accuracy {held['reward_accuracy']}, margin {held['reward_margin']:.3f}, "
+          f"KL/token {held['kl_per_token']:.4f}; train loss {train['loss']:.3f}")
+    assert out["metrics"]["current"]["version"] == "v0000"
+    assert held["pairs"] == 6 and train["pairs"] == 26
+    assert held["pref_accuracy"] >= 0.9 and held["pref_accuracy"] >= base_accuracy + 0.25
+    assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
+    assert train["loss"] < math.log(2) - 0.2
+    assert 0 < held["kl_per_token"] < 0.5
+    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 2
+    m = registry.manifest("v0001")
+    assert (m.parent, m.method, m.kind, m.job_id) == ("v0000", "dpo", "policy", out["job_id"])
+    assert m.hyperparameters["beta"] == 0.1 and m.hyperparameters["lr"] == 0.01
+    assert m.hyperparameters["loss"] == "sigmoid" and m.hyperparameters["epochs"] == 3
+    assert m.data["rows"] == {"train": 26, "heldout": 6} and m.data["trained_until"]
+    assert m.metrics["heldout"]["pref_accuracy"] == held["pref_accuracy"]
+    assert m.gate["passed"] is True
+    folder = registry.version_dir("v0001")
+    assert m.files["model.safetensors"]["sha256"] == reg.sha256_file(folder / "model.safetensors")
+    assert registry.verify("v0001").ok
+    assert registry.current() == "v0000"  # published, not promoted (no --promote)
+    # the server's loader takes the folder, and the weights moved
+    served = load_model(folder)
+    base = load_model(registry.version_dir("v0000"))
+    assert not torch.equal(served.lm_head.weight, base.lm_head.weight)
+    assert (folder / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+
+
+def trained_weights(dpo_job):
+    """A train_fn that returns the module's DPO result at once (orchestration tests)."""
+    registry = dpo_job[2]
+    folder = registry.version_dir("v0001")
+
+    def train_fn(base_dir, rows, cfg):
+        train_fn.calls.append((base_dir.name, len(rows)))
+        return TrainResult(load_causal_lm(folder), load_tokenizer(folder), [{"loss": 0.5}], 1, 0.1)
+    train_fn.calls = []
+    return train_fn
+
+
+def test_align_run_trains_on_new_data_only_and_promotes(dpo_job, log_32, tiny, tmp_path):
+    data_dir = fresh_copy(log_32, tmp_path)
+    train_fn = trained_weights(dpo_job)
+    cfg = dict(data_dir=data_dir, model=str(tiny), command="run", incremental=True, min_new=8,
+               promote=True, keep_rejected=False, eval_batch_size=8)
+    first = run_job(JobConfig(**cfg), train_fn=train_fn)
+    registry = reg.Registry(data_dir)
+    assert first.status == "promoted" and registry.current() == first.version == "v0001"
+    assert train_fn.calls == [("v0000", 26)]
+    assert registry.history()[-1].reason.startswith(f"align job {first.job_id}")
+    mark = watermark(registry)
+    assert data_mod.iso(mark) == first.data["trained_until"]
+
+    again = run_job(JobConfig(**cfg), train_fn=train_fn)  # nothing new
+    assert again.status == "skipped" and "0 new pairs" in again.reason
+    assert len(train_fn.calls) == 1
+
+    write_pairs(data_dir, banana_pairs(10, seed=7))
+    third = run_job(JobConfig(**cfg), train_fn=train_fn)
+    # 6 rows held out by job 1 + 10 new ones; only 10 are new since anything was seen
+    assert train_fn.calls[-1] == ("v0001", 13)
+    assert third.data["after_watermark"] == first.data["trained_until"]
+    assert third.data["new_rows"] == 10 and third.data["rows"] == {"train": 13, "heldout": 3}
+    assert third.metrics["current"]["version"] == "v0001"
+    # job 3 starts from v0001, which already prefers banana: no held-out gain, so rejected
+    assert third.status == "rejected" and third.version is None
+    assert "does not beat" in third.reason
+    jobs = registry.jobs()
+    assert [j["status"] for j in jobs] == ["promoted", "skipped", "rejected"]
+    assert registry.list_versions() == ["v0000", "v0001"]
+
+
+def test_a_failing_job_leaves_no_partial_version(dpo_job, log_32, tiny, tmp_path):
+    data_dir = fresh_copy(log_32, tmp_path)
+    inner = trained_weights(dpo_job)
+
+    def failing_train_fn(base_dir, rows, cfg):
+        result = inner(base_dir, rows, cfg)
+
+        def save_pretrained(path, **kw):
+            (Path(path) / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+        result.model.save_pretrained = save_pretrained
+        return result
+
+    with pytest.raises(OSError, match="No space left"):
+        run_job(JobConfig(data_dir=data_dir, model=str(tiny), eval_batch_size=8),
+                train_fn=failing_train_fn)
+    registry = reg.Registry(data_dir)
+    assert registry.list_versions() == ["v0000"]
+    assert [p.name for p in registry.versions_dir.iterdir()] == ["v0000"]
+    job = registry.jobs()[-1]
+    assert job["status"] == "failed" and "No space left" in job["reason"]
+    with registry.job_lock():  # released
+        pass
+
+
+def test_a_second_job_is_refused_while_one_runs(log_32, tiny, tmp_path, capsys):
+    data_dir = fresh_copy(log_32, tmp_path)
+    registry = reg.Registry(data_dir)
+    with registry.job_lock():
+        rc = cli.main(["align", "run", "--data-dir", str(data_dir), "--model", str(tiny)])
+        with pytest.raises(Unavailable):
+            run_job(JobConfig(data_dir=data_dir, model=str(tiny)))
+    assert rc == 3 and "another align job is running" in capsys.readouterr().err
+    assert registry.jobs() == []
+
+
+def test_lora_is_merged_into_full_weights(tiny, log_32, tmp_path, capsys):
+    data_dir = fresh_copy(log_32, tmp_path)
+    rc = cli.main(["align", "dpo", "--data-dir", str(data_dir), "--model", str(tiny), "--lora",
+                   "--lora-r", "4", "--max-steps", "2", "--json", *FAST])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["version"] == "v0001"
+    registry = reg.Registry(data_dir)
+    folder = registry.version_dir("v0001")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        assert sorted(keys) == sorted(f.keys())  # plain Llama weights, no adapter tensors
+        assert not torch.equal(q, f.get_tensor("model.layers.0.self_attn.q_proj.weight"))
+    assert registry.manifest("v0001").hyperparameters["lora_r"] == 4
+    load_model(folder)
+
+
+def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
+    data_dir = fresh_copy(log_32, tmp_path)
+    rc = cli.main(["align", "kto", "--data-dir", str(data_dir), "--model", str(tiny),
+                   "--max-steps", "3", "--json", *FAST])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["version"] == "v0001", out
+    held = out["metrics"]["heldout"]
+    # the two answers of one preference share a timestamp: they stay on one side of the split
+    assert held["examples"] == 14 and 0.0 <= held["label_accuracy"] <= 1.0
+    assert "kl_per_token" in held and held["pairs"] == 7
+    assert out["metrics"]["gate_basis"].startswith("same-prompt")
+    assert reg.Registry(data_dir).manifest("v0001").method == "kto"
+
+
+def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):
+    data_dir = fresh_copy(log_32, tmp_path)
+    reg.Registry(data_dir).ensure_base(tiny)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefloop.server.cli", "align", "schedule", "--every", "1s",
+         "--max-runs", "2", "--data-dir", str(data_dir), "--min-new-pairs", "1000"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done after") == 2
+    jobs = reg.Registry(data_dir).jobs()
+    assert [j["status"] for j in jobs] == ["skipped", "skipped"]
+    assert "need 1000" in jobs[0]["reason"]
+
+
+def test_models_cli_offline_and_through_a_server(dpo_job, tiny, tmp_path, capsys):
+    """`prefloop models` on the folder, and with --target through a real server (tiny model)."""
+    from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+    from prefloop.clients import Client
+    data_dir = tmp_path / "data"
+    registry = reg.Registry(data_dir)
+    registry.ensure_base(tiny)
+    trained = dpo_job[2].version_dir("v0001")
+    with registry.stage() as stage:  # the module's DPO weights as this registry's v0001
+        for p in trained.iterdir():
+            if p.name != reg.MANIFEST_FILE:
+                shutil.copyfile(p, stage.path / p.name)
+        stage.publish(kind="policy", method="dpo", parent="v0000",
+                      gate={"passed": True, "reasons": ["test"]})
+    assert cli.main(["models", "list", "--data-dir", str(data_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert "* v0000" in listing and "  v0001" in listing and "passed" in listing
+    assert cli.main(["models", "verify", "--data-dir", str(data_dir)]) == 0
+    server = start_server_process(tmp_path, "--registry-poll", "0.2", ready_timeout=120)
+    try:
+        target = ["--target", server.target]
+        with Client(server.target, token=USER_TOKEN) as client:
+            assert client.model_info().model_version == "v0000"
+            assert cli.main(["models", "promote", "v0001", *target, "--token", USER_TOKEN]) == 1
+            assert "admin" in capsys.readouterr().err
+            assert cli.main(["models", "promote", "v0001", *target, "--token", ADMIN_TOKEN,
+                             "--reason", "cli test"]) == 0
+            assert "v0000 -> v0001" in capsys.readouterr().out
+            assert client.model_info().model_version == "v0001"
+            assert registry.current() == "v0001"
+            assert cli.main(["models", "list", *target, "--token", ADMIN_TOKEN, "--json"]) == 0
+            remote = json.loads(capsys.readouterr().out)
+            assert remote["serving_version"] == "v0001"
+            assert [v["version"] for v in remote["versions"]] == ["v0000", "v0001"]
+            # offline rollback: the server follows the pointer
+            assert cli.main(["models", "rollback", "--data-dir", str(data_dir)]) == 0
+            assert wait_until(lambda: client.model_info().model_version == "v0000", timeout=60)
+    finally:
+        assert server.terminate() == 0
+    actions = [(e.action, e.version, e.reason) for e in registry.history()]
+    assert actions[-2:] == [("promote", "v0001", "cli test"), ("rollback", "v0000", "")]
