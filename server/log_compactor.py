@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import logschema
-from .wal import fsync_dir, read_segment
+from .durable_io import fsync_dir, makedirs_durable
+from .wal import read_segment
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ class CompactionStats:
     parts: int = 0
     rows: int = 0
     failures: int = 0
-
-
-def makedirs_durable(directory: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory it creates."""
-    directory = Path(directory)
-    if directory.is_dir():
-        return
-    makedirs_durable(directory.parent)
-    try:
-        directory.mkdir()
-    except FileExistsError:
-        return
-    fsync_dir(directory.parent)
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .durable_io import fsync_dir, makedirs_durable, write_file_atomic
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 REGISTRY_DIR = "registry"
@@ -80,42 +81,6 @@ def version_number(name: str) -> int:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def makedirs_durable(directory: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory it creates."""
-    directory = Path(directory)
-    if directory.is_dir():
-        return
-    makedirs_durable(directory.parent)
-    try:
-        directory.mkdir()
-    except FileExistsError:
-        return
-    fsync_dir(directory.parent)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename over `path`, fsync the directory: old content or new, never half."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def append_line_durable(path: Path, obj: dict[str, Any]) -> None:

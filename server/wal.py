@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .durable_io import fsync_dir
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,6 @@ def read_segment(path: Path) -> SegmentContents:
         records.append(payload)
         pos = start + length
     return SegmentContents(records, pos, end - pos)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe(exc: OSError) -> str:

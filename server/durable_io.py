@@ -1,0 +1,46 @@
+"""Durable file-system steps shared by the WAL, the Parquet compactor and the registry.
+
+Every name that becomes visible is complete: files are written under a temp name, fsync'd and
+renamed, and the directory holding a new name is fsync'd so the rename survives a crash.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(directory: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory it creates."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return
+    makedirs_durable(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(directory.parent)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write temp, fsync, rename over `path`, fsync the directory: old content or new, never half."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
