@@ -91,8 +91,9 @@ def _common(p: argparse.ArgumentParser, method: str | None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="align_command", metavar="{dpo,kto,run,schedule,jobs}",
-                                required=True)
+    from . import rlhf_cmd
+    sub = parser.add_subparsers(dest="align_command",
+                                metavar="{dpo,kto,rm,score,ppo,run,schedule,jobs}", required=True)
     dpo = sub.add_parser("dpo", help="train a candidate with DPO on preference pairs",
                          description="Train a candidate with TRL's DPOTrainer on the preference "
                                      "pairs of the log, evaluate it on the newest pairs, gate "
@@ -120,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop after N jobs (default: run until SIGTERM/SIGINT)")
     sched.add_argument("--no-initial-run", action="store_true",
                        help="wait one interval before the first job")
+    rlhf_cmd.register(sub)  # rm, score, ppo (align/rlhf_cmd.py)
     jobs = sub.add_parser("jobs", help="the job history of the registry")
     jobs.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"))
     jobs.add_argument("--json", action="store_true")
@@ -129,7 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `align run` (also accepted by `align schedule`, which passes them on)."""
     _common(p, None)
-    p.add_argument("--method", default="dpo", choices=["dpo", "kto"])
+    from . import rlhf_cmd
+    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "ppo"],
+                   help="dpo | kto | ppo (ppo needs --rm VERSION)")
+    rlhf_cmd.add_ppo_run_arguments(p)
     p.add_argument("--min-new-pairs", type=int, default=8, metavar="N",
                    help="skip the job unless N rows are newer than any job has seen "
                         "(default %(default)s)")
@@ -225,6 +230,9 @@ def _terminate(signum, frame) -> None:
 
 def _run_job(args: argparse.Namespace) -> int:
     from prefloop.server.errors import PrefloopError, Unavailable
+    if getattr(args, "method", None) == "ppo" and args.align_command in ("run", "schedule"):
+        from .rlhf_cmd import run_ppo_job_from_args
+        return run_ppo_job_from_args(args)
 
     from .job import run_job
     if threading.current_thread() is threading.main_thread():
@@ -277,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
     if args.align_command == "schedule":
         from .schedule import run_schedule
         return run_schedule(args)
+    if args.align_command in ("rm", "score", "ppo"):
+        from . import rlhf_cmd
+        return rlhf_cmd.run(args)
     if not Path(args.data_dir).is_dir():
         print(f"prefloop align: no data directory at {args.data_dir}", file=sys.stderr)
         return 2

@@ -173,14 +173,19 @@ def pair_metrics(scores: Scores, *, beta: float, loss_type: str = "sigmoid",
     out: dict[str, float] = {"pairs": chosen.logps.numel()}
     if chosen.logps.numel() == 0:
         return out
-    out["pref_accuracy"] = preference_accuracy(chosen.logps, rejected.logps)
+    # length-normalized (mean log-prob per completion token): summed log-probs would favour the
+    # shorter answer whatever users preferred (e.g. an answer extended by the user always loses)
+    out["pref_accuracy"] = preference_accuracy(chosen.logps / chosen.tokens.clamp(min=1),
+                                               rejected.logps / rejected.tokens.clamp(min=1))
     if scores.ref_logps is not None:
         losses, cr, rr = preference_loss(
             chosen.logps, rejected.logps, chosen.ref_logps, rejected.ref_logps, beta=beta,
             loss_type=loss_type, label_smoothing=label_smoothing,
             chosen_tokens=chosen.tokens, rejected_tokens=rejected.tokens)
         out.update(reward_metrics(losses, cr, rr))
-        out["ref_pref_accuracy"] = preference_accuracy(chosen.ref_logps, rejected.ref_logps)
+        out["ref_pref_accuracy"] = preference_accuracy(
+            chosen.ref_logps / chosen.tokens.clamp(min=1),
+            rejected.ref_logps / rejected.tokens.clamp(min=1))
         out.update(kl_metrics(scores))
     return out
 

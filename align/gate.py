@@ -2,8 +2,8 @@
 
 A pure decision on measured numbers. The candidate passes only if
 1. there are at least `min_heldout` held-out pairs to judge on,
-2. its held-out preference accuracy (reference-free: the chosen answer gets the higher
-   log-probability, `losses.preference_accuracy`) beats the current version's on the same pairs by
+2. its held-out preference accuracy (reference-free: the chosen answer gets the higher mean
+   log-probability per token, `losses.preference_accuracy`) beats the current version's on the same pairs by
    more than `min_improvement`, and
 3. its KL to the reference (mean per completion token on the held-out answers) is at most
    `max_kl`.

@@ -67,7 +67,8 @@ def preference_accuracy(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
     """Reference-free: the fraction of pairs where the model gives the chosen answer the higher
     log-probability (ties count one half). This is what the eval gate compares across versions.
 
-    chosen_logps, rejected_logps: `[batch]` summed completion log-probs of one model.
+    chosen_logps, rejected_logps: `[batch]` completion log-probs of one model (the evaluator passes
+    the mean per token, so answer length does not decide).
     """
     if chosen_logps.numel() == 0:
         return float("nan")

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("prefloop.clients.bench_cmd", "load-test a running server (tokens/s, TTFT, ITL)"),
     "logs": ("prefloop.server.logs_cmd", "inspect and export the feedback / generation logs"),
     "rope": ("prefloop.server.rope_cmd", "measure why RoPE suits a KV cache on the loaded model (table, JSON, plot)"),
-    "align": ("prefloop.align.align_cmd", "retrain on the feedback log (DPO/KTO), gate, publish"),
+    "align": ("prefloop.align.align_cmd", "retrain on the feedback log (DPO/KTO, reward model + PPO), gate, publish"),
     "models": ("prefloop.align.models_cmd", "the model registry: list, show, promote, rollback"),
 }
 

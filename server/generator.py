@@ -67,6 +67,7 @@ class Generator:
         self._loader = loader  # (model_dir, version) -> Backend, for swap()
         self._draining: list[Backend] = []
         self._by_request: dict[str, Backend] = {}
+        self._retiring: list[threading.Thread] = []
 
     @property
     def info(self) -> ModelInfo:
@@ -83,6 +84,9 @@ class Generator:
         for backend in [self._current, *self._draining]:
             await asyncio.to_thread(backend.engine.stop)
         self._draining.clear()
+        for thread in self._retiring:  # no engine thread may outlive the interpreter's torch
+            await asyncio.to_thread(thread.join)
+        self._retiring.clear()
 
     async def swap(self, model_dir, version: str) -> ModelInfo:
         """Load `model_dir` beside the serving model (strict shapes), then switch to it."""
@@ -100,7 +104,9 @@ class Generator:
     def _retire_idle(self) -> None:
         for backend in [b for b in self._draining if b.active == 0]:
             self._draining.remove(backend)
-            threading.Thread(target=backend.engine.stop, name="prefloop-retire", daemon=True).start()
+            thread = threading.Thread(target=backend.engine.stop, name="prefloop-retire")
+            thread.start()
+            self._retiring.append(thread)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if not prompt:
