@@ -46,6 +46,7 @@ class FakeDelta:
     token_ids: list[int]
     finish_reason: str | None
     completion_tokens: int
+    model_version: str = "fake-v0"
 
 
 class FakeGenerator:
