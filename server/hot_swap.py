@@ -95,6 +95,7 @@ class ModelSwitcher:
     async def _follow_pointer(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval_s)
+            target = None
             try:
                 target = self.registry.current()
                 if not target or target == self.serving or target == self._refused:
@@ -107,7 +108,7 @@ class ModelSwitcher:
             except asyncio.CancelledError:
                 raise
             except PrefloopError as exc:
-                self._refused = target
+                self._refused = target  # None (registry unreadable): keep polling
                 log.error("cannot serve registry version %s, keeping %s: %s", target,
                           self.serving, exc)
             except Exception:  # noqa: BLE001 - the watcher must survive anything

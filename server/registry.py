@@ -339,7 +339,7 @@ class Registry:
         """The served version's name, or None when nothing was ever set."""
         try:
             text = self.current_path.read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no registry (or no usable data dir)
             return None
         version_number(text)
         return text
