@@ -53,15 +53,16 @@ class ContextConfig:
             raise ValueError(f"context discard must be >= 1, got {self.discard}")
 
     def discard_tokens(self, max_model_len: int, block_size: int) -> int:
-        """Tokens dropped per shift: a whole number of blocks with keep + discard < max_model_len."""
+        """Tokens dropped per shift: a whole number of blocks with keep + discard < max_model_len
+        (InvalidArgument otherwise)."""
         if self.discard is None:  # half of what follows `keep`, whole blocks rounded down
             discard = max(block_size, (max_model_len - self.keep) // 2 // block_size * block_size)
         else:
             discard = -(-self.discard // block_size) * block_size
         if self.overflow != "error" and self.keep + discard >= max_model_len:
-            raise ValueError(
-                f"context keep ({self.keep}) + discard ({discard} tokens, whole blocks of {block_size}) "
-                f"must be below the context length {max_model_len}")
+            raise InvalidArgument(  # a flag the user can fix, known once the model is loaded
+                f"--context-keep ({self.keep}) + --context-discard ({discard} tokens, whole blocks of "
+                f"{block_size}) must be below the context length {max_model_len}")
         return discard
 
 

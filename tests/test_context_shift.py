@@ -134,7 +134,7 @@ def test_config_validation():
         ContextConfig("wrap")
     with pytest.raises(ValueError):
         ContextConfig("shift", keep=-1)
-    with pytest.raises(ValueError, match="below the context length"):
+    with pytest.raises(InvalidArgument, match="below the context length"):
         ContextConfig("shift", keep=60, discard=8).discard_tokens(64, 4)
     assert ContextConfig("shift", keep=4).discard_tokens(64, 4) == 28  # half of 60, whole blocks
     assert ContextConfig("shift", keep=4, discard=5).discard_tokens(64, 4) == 8  # rounded up
