@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
+    """The native engine as an `EngineBackend` (server/engine_protocol.py)."""
+
+    reloads_in_place = False  # a new version gets its own engine beside this one
+
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -78,6 +82,9 @@ class AsyncEngine:
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._inbox.put(("abort", request_id, index))
         self._wake.set()
+
+    async def reload_weights(self, model_dir) -> None:
+        raise NotImplementedError("the native engine swaps versions by loading a second engine")
 
     # -- engine thread -------------------------------------------------------------------------
     def _deliver(self, out: SeqOutput | BaseException, request_id: str) -> None:

@@ -1,7 +1,14 @@
 """Generator: the text-level front of a backend — tokenize, stream token deltas as text, stop strings.
 
 Both `prefloop generate` and the gRPC servicers use it. It owns the tokenizer and chat template,
-incremental detokenization and stop strings; the engine below it sees token ids only.
+incremental detokenization and stop strings; the engine below it sees token ids only, through the
+`EngineBackend` protocol (server/engine_protocol.py), so the same Generator serves the native
+engine (`load_backend`) and vLLM (`load_vllm_backend`).
+
+Hot-swap keeps one promise on both: no request fails, and every response names the version that
+produced all of its tokens. Native: the new version is loaded beside the old one and new requests
+move to it while running ones finish on the old weights. vLLM (one copy of the weights, reloaded in
+place): new requests wait while running ones finish, the weights are reloaded, then they start.
 """
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import asyncio
 import functools
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -18,14 +25,18 @@ import torch
 from .async_engine import AsyncEngine
 from .context_shift import DEFAULT_KEEP, ContextConfig
 from .engine import LLMEngine
+from .engine_protocol import EngineBackend
 from .errors import InvalidArgument
 from .kv_cache import KVCacheConfig
+from .model_config import ModelConfig
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
 from .sampling_params import SamplingParams
 from .scheduler import SchedulerConfig
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("native", "vllm")
 
 
 @dataclass(slots=True)
@@ -52,7 +63,7 @@ class CompletionDelta:
 class Backend:
     """One loaded model version: its engine, tokenizer and description."""
 
-    engine: AsyncEngine
+    engine: EngineBackend
     tokenizer: Tokenizer
     info: ModelInfo
     active: int = 0  # requests streaming on it
@@ -68,6 +79,8 @@ class Generator:
         self._draining: list[Backend] = []
         self._by_request: dict[str, Backend] = {}
         self._retiring: list[threading.Thread] = []
+        self._admitting = asyncio.Event()  # cleared while an in-place reload drains and reloads
+        self._admitting.set()
 
     @property
     def info(self) -> ModelInfo:
@@ -90,6 +103,8 @@ class Generator:
 
     async def swap(self, model_dir, version: str) -> ModelInfo:
         """Load `model_dir` beside the serving model (strict shapes), then switch to it."""
+        if self._current.engine.reloads_in_place:
+            return await self._reload_in_place(model_dir, version)
         if self._loader is None:
             raise InvalidArgument("this generator cannot load other versions")
         backend = await asyncio.to_thread(self._loader, model_dir, version)
@@ -99,6 +114,26 @@ class Generator:
         self._retire_idle()
         log.info("now serving %s (%s); %d request(s) finishing on %s", version, backend.info.dtype,
                  old.active, old.info.model_version)
+        return backend.info
+
+    async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
+        """Hold new requests, let running ones finish on the old weights, reload, resume."""
+        backend = self._current
+        model_dir = Path(model_dir)
+        tokenizer = await asyncio.to_thread(Tokenizer, model_dir)  # fails before anything waits
+        self._admitting.clear()
+        try:
+            if backend.active:
+                log.info("swap to %s: waiting for %d running request(s) to finish on %s", version,
+                         backend.active, backend.info.model_version)
+            while backend.active:
+                await asyncio.sleep(0.01)
+            await backend.engine.reload_weights(model_dir)
+            backend.tokenizer = tokenizer
+            backend.info = replace(backend.info, model_version=version, model_path=str(model_dir))
+        finally:
+            self._admitting.set()
+        log.info("now serving %s (%s, weights reloaded in place)", version, backend.info.dtype)
         return backend.info
 
     def _retire_idle(self) -> None:
@@ -118,6 +153,8 @@ class Generator:
 
     async def stream(self, request_id: str, prompt_ids: list[int],
                      params: SamplingParams) -> AsyncIterator[CompletionDelta]:
+        if not self._admitting.is_set():  # an in-place reload is running: start after it
+            await self._admitting.wait()
         backend = self._current  # the whole request stays on these weights
         backend.active += 1
         self._by_request[request_id] = backend
@@ -159,30 +196,63 @@ class Generator:
 
 def build_generator(model: str | None = None, dtype: str = "float32", device: str = "cpu",
                     cache_dir: str | None = None, kv_cache_tokens: int | None = None,
-                    kv_cache_gib: float = 1.0, block_size: int = 16, max_num_seqs: int = 64,
+                    kv_cache_gib: float = 1.0, block_size: int | None = None, max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                     model_version: str | None = None, context_overflow: str = "error",
-                    context_keep: int = DEFAULT_KEEP, context_discard: int | None = None) -> Generator:
+                    context_keep: int = DEFAULT_KEEP, context_discard: int | None = None,
+                    backend: str = "native", tensor_parallel_size: int = 1,
+                    gpu_memory_utilization: float | None = None,
+                    enforce_eager: bool = False) -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/context_shift.py).
+    `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
+    `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
+    was built for).
     """
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
     try:  # checked before the model is loaded
         context = ContextConfig(overflow=context_overflow, keep=context_keep, discard=context_discard)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from exc
+    if backend == "vllm":
+        if context.overflow != "error":
+            raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
+                                  "with --backend vllm a request that does not fit is rejected")
+        model_dir = resolve_model_dir(model, cache_dir)
+        kv_bytes = None
+        if gpu_memory_utilization is None:
+            dtype_size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+            kv_bytes = (kv_cache_tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token
+                        * dtype_size // 4 if kv_cache_tokens else int(kv_cache_gib * 2**30))
+        from .vllm_engine import VllmConfig  # imports vllm: only when asked for
+        config = VllmConfig(dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                            kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                            block_size=block_size, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens,
+                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+        return Generator(load_vllm_backend(model_dir, model_version or Path(model_dir).name, config))
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
-        cache=KVCacheConfig(block_size=block_size, capacity_tokens=kv_cache_tokens,
+        cache=KVCacheConfig(block_size=block_size or 16, capacity_tokens=kv_cache_tokens,
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
         context=context)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
+
+
+def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Every id that ends a completion: config.json, generation_config.json and the tokenizer's."""
+    eos = set(config_eos) | set(read_generation_eos(model_dir))
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tuple(sorted(eos))
 
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
@@ -191,13 +261,27 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
     llama = load_model(model_dir, dtype=dtype, device=device)
-    eos = set(llama.config.eos_token_ids) | set(read_generation_eos(model_dir))
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    engine = LLMEngine(llama, cache, scheduler, eos_token_ids=tuple(sorted(eos)), context=context)
+    eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
+    engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len, dtype=dtype, backend="native",
                      model_path=str(model_dir))
     log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens", version, info.architecture,
              dtype, engine.blocks.num_blocks, cache.block_size)
     return Backend(AsyncEngine(engine), tokenizer, info)
+
+
+def load_vllm_backend(model_dir: Path, version: str, config) -> Backend:
+    """One model version on vLLM (`config` is a `vllm_engine.VllmConfig`); swaps reload in place."""
+    from .vllm_engine import VllmEngine
+
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer(model_dir)
+    eos = _eos_ids(model_dir, ModelConfig.from_dir(model_dir).eos_token_ids, tokenizer)
+    engine = VllmEngine(model_dir, config, eos)
+    info = ModelInfo(model_version=version, architecture=engine.model_config.architecture,
+                     context_length=engine.max_model_len, dtype=config.dtype, backend="vllm",
+                     model_path=str(model_dir))
+    log.info("loaded %s (%s, %s) on vLLM, tensor parallel %d", version, info.architecture,
+             config.dtype, config.tensor_parallel_size)
+    return Backend(engine, tokenizer, info)

