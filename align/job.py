@@ -86,17 +86,17 @@ class JobResult:
     data: dict = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, recursively (manifests and job lines are strict JSON)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -140,21 +140,54 @@ def run_job(cfg: JobConfig, *, train_fn: TrainFn | None = None) -> JobResult:
     """Run one job under the registry's job lock; see the module docstring."""
     registry = reg.Registry(cfg.data_dir)
     job_id = new_job_id()
-    if not is_main_process():  # other ranks of `accelerate launch`: train only
-        return _run(cfg, registry, job_id, train_fn, main=False)
+    return run_locked(registry, job_id, cfg.command, cfg.train.method,
+                      lambda main: _run(cfg, registry, job_id, train_fn, main=main))
+
+
+def run_locked(registry: reg.Registry, job_id: str, command: str, method: str,
+               fn: Callable[[bool], JobResult]) -> JobResult:
+    """`fn(main)` under the registry's job lock, recorded as running, then its outcome (or failed)
+    in the job history. Other ranks of `accelerate launch` only train: `fn(False)`, no lock."""
+    if not is_main_process():
+        return fn(False)
     with registry.job_lock():
         registry.cleanup_stages()
         registry.record_job({"job_id": job_id, "status": RUNNING, "pid": os.getpid(),
-                             "command": cfg.command, "method": cfg.train.method,
-                             "started_at": reg.utc_now()})
+                             "command": command, "method": method, "started_at": reg.utc_now()})
         try:
-            result = _run(cfg, registry, job_id, train_fn, main=True)
+            result = fn(True)
         except BaseException as exc:
             registry.record_job({"job_id": job_id, "status": FAILED, "finished_at": reg.utc_now(),
                                  "reason": f"{type(exc).__name__}: {exc}"[:2000]})
             raise
         registry.record_job(dict(result.to_record(), finished_at=reg.utc_now()))
         return result
+
+
+def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: reg.Registry, *,
+                   after, incremental: bool, min_new: int, heldout_fraction: float, noun: str,
+                   empty_reason: str) -> "data_mod.Split | None":
+    """The train / held-out time split of `rows`, recorded in `result.data` with `window`; None
+    (and `result` marked SKIPPED with the reason) when an incremental job has fewer than `min_new`
+    rows newer than the last trained one, or when nothing is left to train on. Every rank decides
+    alike (they all read the same files)."""
+    if incremental:
+        seen = max([t for t in (after, last_seen(registry)) if t is not None], default=None)
+        new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
+        window["new_rows"] = new
+        if new < max(min_new, 1):
+            result.status, result.data = SKIPPED, window
+            result.reason = (f"{new} new {noun} since {data_mod.iso(seen) or 'the beginning'}; "
+                             f"need {max(min_new, 1)}")
+            return None
+    split = data_mod.time_split(rows, heldout_fraction)
+    result.data = dict(split.describe(), **window, total_rows=len(rows),
+                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
+                                                      default=None)))
+    if not split.train:
+        result.status, result.reason = SKIPPED, empty_reason
+        return None
+    return split
 
 
 def _resolve_base(cfg: JobConfig, registry: reg.Registry, main: bool) -> str:
@@ -196,21 +229,11 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     result = JobResult(job_id, RUNNING, base=base, method=method)
     rows, after = _load_rows(cfg, registry)
     window = {"since_arg": cfg.since, "after_watermark": data_mod.iso(after)}
-    if cfg.incremental:  # every rank decides alike (they all read the same files)
-        seen = max([t for t in (after, last_seen(registry)) if t is not None], default=None)
-        new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
-        window["new_rows"] = new
-        if new < max(cfg.min_new, 1):
-            result.status, result.data = SKIPPED, window
-            result.reason = (f"{new} new {'pairs' if method == 'dpo' else 'examples'} since "
-                             f"{data_mod.iso(seen) or 'the beginning'}; need {max(cfg.min_new, 1)}")
-            return result
-    split = data_mod.time_split(rows, cfg.heldout_fraction)
-    result.data = dict(split.describe(), **window, total_rows=len(rows),
-                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
-                                                      default=None)))
-    if not split.train:
-        result.status, result.reason = SKIPPED, "no training rows in the window"
+    split = split_new_rows(result, rows, window, registry, after=after, incremental=cfg.incremental,
+                           min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
+                           noun="pairs" if method == "dpo" else "examples",
+                           empty_reason="no training rows in the window")
+    if split is None:
         return result
     base_dir = registry.version_dir(base)
     trl_rows = (data_mod.trl_pairs(split.train) if method == "dpo"
@@ -354,6 +377,6 @@ def _publish(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path, 
                      max_rows=cfg.max_rows)
         manifest = stage.publish(
             kind=reg.KIND_POLICY, method=cfg.train.method, parent=base,
-            hyperparameters=_json_safe(hyper), data=_json_safe(result.data),
-            metrics=_json_safe(result.metrics), gate=_json_safe(result.gate), job_id=job_id)
+            hyperparameters=json_safe(hyper), data=json_safe(result.data),
+            metrics=json_safe(result.metrics), gate=json_safe(result.gate), job_id=job_id)
     return manifest.version

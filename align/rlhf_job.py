@@ -24,7 +24,6 @@ import datetime as dt
 import gc
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +35,10 @@ from prefloop.server.errors import FailedPrecondition, InvalidArgument
 
 from . import data as data_mod
 from .gate import GateConfig
-from .job import (FAILED, PROMOTED, PUBLISHED, REJECTED, RUNNING, SKIPPED, JobResult,
-                  _json_safe, last_seen, new_job_id, watermark)
+from .job import (PROMOTED, PUBLISHED, REJECTED, RUNNING, JobResult, json_safe,
+                  new_job_id, run_locked, split_new_rows, watermark)
 from .ppo import PPOConfig
 from .reward import RewardTrainConfig
-from .train import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +103,10 @@ def publish_model(registry: reg.Registry, model, base_dir: Path, *, kind: str, m
             if p.is_dir() or p.suffix not in _VERSION_SUFFIXES:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         manifest = stage.publish(kind=kind, method=method, parent=parent,
-                                 hyperparameters=_json_safe(hyperparameters),
-                                 data=_json_safe(data), metrics=_json_safe(metrics),
-                                 gate=_json_safe(gate), job_id=job_id)
+                                 hyperparameters=json_safe(hyperparameters),
+                                 data=json_safe(data), metrics=json_safe(metrics),
+                                 gate=json_safe(gate), job_id=job_id)
     return manifest.version
-
-
-def _locked(registry: reg.Registry, job_id: str, command: str, method: str, fn) -> JobResult:
-    """Run `fn()` under the job lock with running / outcome / failed events (job.py's contract)."""
-    if not is_main_process():  # other ranks of `accelerate launch`: train only
-        return fn()
-    with registry.job_lock():
-        registry.cleanup_stages()
-        registry.record_job({"job_id": job_id, "status": RUNNING, "pid": os.getpid(),
-                             "command": command, "method": method, "started_at": reg.utc_now()})
-        try:
-            result = fn()
-        except BaseException as exc:
-            registry.record_job({"job_id": job_id, "status": FAILED, "finished_at": reg.utc_now(),
-                                 "reason": f"{type(exc).__name__}: {exc}"[:2000]})
-            raise
-        registry.record_job(dict(result.to_record(), finished_at=reg.utc_now()))
-        return result
 
 
 def _window(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
@@ -196,8 +176,8 @@ def reward_gate(heldout: dict[str, Any], min_accuracy: float) -> dict[str, Any]:
 def run_rm_job(cfg: RMJobConfig, *, train_fn=None) -> JobResult:
     registry = reg.Registry(cfg.data_dir)
     job_id = new_job_id()
-    return _locked(registry, job_id, "rm", "rm",
-                   lambda: _run_rm(cfg, registry, job_id, train_fn, is_main_process()))
+    return run_locked(registry, job_id, "rm", "rm",
+                      lambda main: _run_rm(cfg, registry, job_id, train_fn, main))
 
 
 def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, main: bool
@@ -209,12 +189,10 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
     result = JobResult(job_id, RUNNING, base=base, method="rm")
     rows = load_rm_pairs(cfg.data_dir, since=cfg.since, max_pairs=cfg.max_pairs,
                          pairs_from_ratings=cfg.pairs_from_ratings)
-    split = data_mod.time_split(rows, cfg.heldout_fraction)
-    result.data = dict(split.describe(), since_arg=cfg.since, total_rows=len(rows),
-                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
-                                                      default=None)))
-    if not split.train:
-        result.status, result.reason = SKIPPED, "no preference pairs in the window"
+    split = split_new_rows(result, rows, {"since_arg": cfg.since}, registry, after=None,
+                           incremental=False, min_new=0, heldout_fraction=cfg.heldout_fraction,
+                           noun="pairs", empty_reason="no preference pairs in the window")
+    if split is None:
         return result
     base_dir = registry.version_dir(base)
     if train_fn is None:
@@ -419,8 +397,8 @@ def reward_gate_decision(*, candidate_reward: float | None, current_reward: floa
 def run_ppo_job(cfg: PPOJobConfig, *, train_fn=None) -> JobResult:
     registry = reg.Registry(cfg.data_dir)
     job_id = new_job_id()
-    return _locked(registry, job_id, cfg.command, "ppo",
-                   lambda: _run_ppo(cfg, registry, job_id, train_fn, is_main_process()))
+    return run_locked(registry, job_id, cfg.command, "ppo",
+                      lambda main: _run_ppo(cfg, registry, job_id, train_fn, main))
 
 
 def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, main: bool
@@ -432,21 +410,10 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     after = watermark(registry) if cfg.incremental else None
     rows = load_prompts(cfg.data_dir, since=cfg.since, after=after, max_prompts=cfg.max_prompts)
     window = {"since_arg": cfg.since, "after_watermark": data_mod.iso(after), "rm": cfg.rm}
-    if cfg.incremental and main:
-        seen = max([t for t in (after, last_seen(registry)) if t is not None], default=None)
-        new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
-        window["new_rows"] = new
-        if new < max(cfg.min_new, 1):
-            result.status, result.data = SKIPPED, window
-            result.reason = (f"{new} new prompts since {data_mod.iso(seen) or 'the beginning'}; "
-                             f"need {max(cfg.min_new, 1)}")
-            return result
-    split = data_mod.time_split(rows, cfg.heldout_fraction)
-    result.data = dict(split.describe(), **window, total_rows=len(rows),
-                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
-                                                      default=None)))
-    if not split.train:
-        result.status, result.reason = SKIPPED, "no prompts in the window"
+    split = split_new_rows(result, rows, window, registry, after=after, incremental=cfg.incremental,
+                           min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
+                           noun="prompts", empty_reason="no prompts in the window")
+    if split is None:
         return result
     base_dir = registry.version_dir(base)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else cfg.data_dir / RUNS_DIR / job_id
