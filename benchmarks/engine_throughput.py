@@ -4,7 +4,9 @@ Aggregate decode tokens/s with 1 / 8 / 32 concurrent requests of N greedy tokens
 token, and peak RSS, for float32 and bfloat16, all in one run on the same weights so the ratios are
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
-    python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--json out.json]
+    python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--int8] [--json out.json]
+
+`--int8` adds prefloop with `--quantize int8` (weight-only int8 linear layers) as another column.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_prefloop(dtype: str, bs: int, max_tokens: int) -> dict:
+def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none") -> dict:
     from prefloop.server.engine import LLMEngine
     from prefloop.server.kv_cache import KVCacheConfig
     from prefloop.server.model_loader import load_model, resolve_model_dir
@@ -38,7 +40,7 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int) -> dict:
     from prefloop.server.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
-    engine = LLMEngine(load_model(d, dtype=dtype),
+    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize),
                        KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
@@ -90,7 +92,8 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+           "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8")}
 
 
 def main() -> int:
@@ -98,6 +101,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -111,6 +115,8 @@ def main() -> int:
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
+    if args.int8:
+        systems.insert(1, "prefloop-int8")
     rows = []
     print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{s + ' tok/s':>18}" for s in systems)
           + f" {'ratio':>6} {'ttft ours/hf (s)':>17} {'peak MiB ours/hf':>17}")
@@ -129,11 +135,15 @@ def main() -> int:
                 res[system] = json.loads(out.stdout.strip().splitlines()[-1])
             ours, hf = res.get("prefloop", {}), res.get("transformers", {})
             ratio = ours.get("tokens_per_s", 0) / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
-            rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratio, **{s: r for s, r in res.items()}})
+            int8 = res.get("prefloop-int8", {}).get("tokens_per_s")
+            int8_ratio = int8 / hf["tokens_per_s"] if int8 and hf.get("tokens_per_s") else None
+            rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratio,
+                         "int8_ratio_vs_transformers": int8_ratio, **{s: r for s, r in res.items()}})
             cols = " ".join(f"{res[s]['tokens_per_s']:18.1f}" if s in res else f"{'-':>18}" for s in systems)
             print(f"{dtype:9} {bs:3d} {cols} {ratio:6.2f} "
                   f"{ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
-                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}", flush=True)
+                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}"
+                  + (f" int8/hf {int8_ratio:.2f}" if int8_ratio else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -29,6 +29,7 @@ from .engine_protocol import EngineBackend
 from .errors import InvalidArgument
 from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
+from .quantize import QUANT_MODES
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
 from .sampling_params import SamplingParams
 from .scheduler import SchedulerConfig
@@ -202,11 +203,12 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     context_keep: int = DEFAULT_KEEP, context_discard: int | None = None,
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
-                    enforce_eager: bool = False) -> Generator:
+                    enforce_eager: bool = False, quantize: str = "none") -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/context_shift.py).
+    `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/quantize.py).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
     was built for).
@@ -217,7 +219,12 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         context = ContextConfig(overflow=context_overflow, keep=context_keep, discard=context_discard)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from exc
+    if quantize not in QUANT_MODES:
+        raise InvalidArgument(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
     if backend == "vllm":
+        if quantize != "none":
+            raise InvalidArgument("--quantize is a native-engine option; vLLM reads the "
+                                  "quantization of the checkpoint itself")
         if context.overflow != "error":
             raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
                                   "with --backend vllm a request that does not fit is rejected")
@@ -236,6 +243,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         return Generator(load_vllm_backend(model_dir, model_version or Path(model_dir).name, config))
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
+    if device == "cuda" and quantize != "none":
+        raise InvalidArgument("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
@@ -243,7 +252,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
-        context=context)
+        context=context, quantize=quantize)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -256,15 +265,16 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
-                 scheduler: SchedulerConfig, context) -> Backend:
+                 scheduler: SchedulerConfig, context, quantize: str = "none") -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
-    llama = load_model(model_dir, dtype=dtype, device=device)
+    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
-                     context_length=engine.max_model_len, dtype=dtype, backend="native",
+                     context_length=engine.max_model_len,
+                     dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
                      model_path=str(model_dir))
     log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens", version, info.architecture,
              dtype, engine.blocks.num_blocks, cache.block_size)

@@ -12,6 +12,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF-format Llama-family folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights/activations dtype")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    g.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="native engine: int8 weight-only linear layers (faster decode at low "
+                        "concurrency on CPU; another model: outputs can differ; default none)")
     g.add_argument("--cache-dir", default=None,
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
@@ -57,4 +60,5 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 context_overflow=args.context_overflow, context_keep=args.context_keep,
                 context_discard=args.context_discard, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size,
-                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                quantize=args.quantize)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from .default_model import cache_root, convert_gguf, default_model_dir
 from .errors import UnsupportedModel
 from .model import LlamaModel
+from .quantize import quantize_model
 from .model_config import SUPPORTED_TEXT, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,8 +60,10 @@ def _hf_tensors(model_dir: Path):
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LlamaModel:
-    """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once."""
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
+               quantize: str = "none") -> LlamaModel:
+    """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
+    `quantize` "int8": weight-only int8 linear layers (server/quantize.py)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
     cfg = ModelConfig.from_dir(model_dir)
@@ -113,7 +116,8 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
                and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     if pending or missing:
         raise UnsupportedModel(f"{model_dir} is missing weights: {sorted(missing + list(pending))[:5]}")
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    return quantize_model(model, quantize)
 
 
 def read_generation_eos(model_dir: Path) -> tuple[int, ...]:
