@@ -245,6 +245,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
     if device == "cuda" and quantize != "none":
         raise InvalidArgument("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
+    if quantize == "int8" and dtype == "float32":
+        log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
+                    "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
