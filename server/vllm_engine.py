@@ -34,6 +34,7 @@ try:
     import vllm  # noqa: F401
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.exceptions import VLLMClientError
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -98,10 +99,12 @@ class _LatestStats(StatLoggerBase):
 
 def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> VllmSamplingParams:
     """Our validated SamplingParams as vLLM's: token deltas, no detokenizing (stop strings are
-    applied by the Generator), our EOS set unless ignore_eos."""
+    applied by the Generator), our EOS set unless ignore_eos. Greedy requests run as n=1 (vLLM
+    refuses greedy n > 1; every candidate would be the same): `VllmEngine.generate` copies the
+    one candidate to all n indices."""
     stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
     return VllmSamplingParams(
-        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         repetition_penalty=params.repetition_penalty, seed=params.seed,
         max_tokens=params.max_tokens, stop_token_ids=sorted(set(stop_ids)),
         ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
@@ -136,6 +139,7 @@ class VllmEngine:
         self.max_model_len = self.llm.model_config.max_model_len
         self._no_shift = ContextConfig()  # vLLM rejects what does not fit (no truncate/shift)
         self._dropped: dict[str, set[int]] = {}  # request -> candidates stopped by the Generator
+        self._n: dict[str, int] = {}  # request -> its number of candidates
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
 
@@ -173,19 +177,23 @@ class VllmEngine:
         self.validate(prompt_ids, params)
         counts = [0] * params.n
         dropped = self._dropped.setdefault(request_id, set())
+        self._n[request_id] = params.n
         try:
+            vllm_params = to_vllm_params(params, self.eos_token_ids)
             (prompt,) = self.llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=list(prompt_ids))])
-            stream = self.llm.generate(prompt, to_vllm_params(params, self.eos_token_ids), request_id)
+            stream = self.llm.generate(prompt, vllm_params, request_id)
             async for out in stream:
                 for c in out.outputs:
-                    if c.index in dropped:
-                        continue
-                    counts[c.index] += len(c.token_ids)
-                    reason = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
-                    yield SeqOutput(request_id, c.index, list(c.token_ids), reason, counts[c.index])
+                    # greedy n > 1 ran as one candidate: it stands for all n (they are identical)
+                    for index in (range(params.n) if vllm_params.n < params.n else (c.index,)):
+                        if index in dropped:
+                            continue
+                        counts[index] += len(c.token_ids)
+                        reason = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
+                        yield SeqOutput(request_id, index, list(c.token_ids), reason, counts[index])
         except PrefloopError:
             raise
-        except ValueError as exc:  # vLLM's request validation
+        except (ValueError, VLLMClientError) as exc:  # vLLM's request validation
             raise InvalidArgument(str(exc)) from exc
         except Exception as exc:
             if self._stopped:
@@ -193,11 +201,14 @@ class VllmEngine:
             raise
         finally:
             self._dropped.pop(request_id, None)
+            self._n.pop(request_id, None)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         if index is not None and request_id in self._dropped:
             self._dropped[request_id].add(index)  # vLLM aborts whole requests; skip this one's tokens
-            return
+            if len(self._dropped[request_id]) < self._n.get(request_id, 1):
+                return  # other candidates still run
+        self._n.pop(request_id, None)
         try:
             task = asyncio.get_running_loop().create_task(self.llm.abort(request_id))
         except RuntimeError:  # no loop: nothing can be streaming

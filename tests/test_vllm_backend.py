@@ -134,6 +134,8 @@ def test_stop_string_ends_the_completion(user):
     cut = user.chat(PROMPTS[2], max_tokens=40, temperature=0, stop=[stop])
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert full.startswith(cut.text)
+    both = user.chat(PROMPTS[2], max_tokens=40, temperature=0, stop=[stop], n=2)  # per candidate
+    assert [(c.text, c.finish_reason) for c in both.completions] == [(cut.text, "stop")] * 2
 
 
 def test_n2_with_a_seed_is_reproducible(user):
@@ -209,3 +211,14 @@ def test_version_with_other_shapes_is_refused(admin, vllm_server, tmp_path):
     assert admin.model_info().model_version == serving
     answer = admin.chat(QUESTION, max_tokens=MAX_TOKENS, temperature=0)
     assert answer.model_version == serving and answer.text == expected[serving]
+
+
+def test_sampling_params_mapping():
+    from prefloop.server.vllm_engine import to_vllm_params
+    greedy = to_vllm_params(SamplingParams(temperature=0, n=3, max_tokens=5, stop_token_ids=(7,)), (2,))
+    assert greedy.n == 1 and greedy.max_tokens == 5 and sorted(greedy.stop_token_ids) == [2, 7]
+    sampled = to_vllm_params(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=2, seed=4,
+                                            repetition_penalty=1.1, ignore_eos=True), (2,))
+    assert (sampled.n, sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (2, 0.7, 0.9, 20, 4)
+    assert sampled.repetition_penalty == 1.1 and sampled.ignore_eos and sampled.stop_token_ids == []
+    assert sampled.detokenize is False
