@@ -47,6 +47,10 @@ class AsyncEngine:
             self._thread = None
 
     @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 

@@ -21,6 +21,11 @@ class EngineBackend(Protocol):
     # loads the new version beside this one and moves new requests over (native).
     reloads_in_place: bool
 
+    @property
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (its thread or worker processes died); the
+        server then reports NOT_SERVING on grpc.health.v1 so a supervisor restarts it."""
+
     def start(self) -> None:
         """Begin serving (idempotent)."""
 

@@ -88,6 +88,10 @@ class Generator:
         return self._current.info
 
     @property
+    def healthy(self) -> bool:
+        return self._current.engine.healthy
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return self._current.tokenizer
 

@@ -86,6 +86,7 @@ class PrefloopServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -120,9 +121,27 @@ class PrefloopServer:
             raise OSError(f"could not bind {self.config.address}")
         await server.start()
         self._server = server
-        for name in self.service_names + [""]:  # "" = the server as a whole
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_engine(), name="engine-health")
         return self.port
+
+    async def _set_health(self, status) -> None:
+        for name in self.service_names + [""]:  # "" = the server as a whole
+            await self.health.set(name, status)
+
+    async def _watch_engine(self, interval_s: float = 1.0) -> None:
+        """NOT_SERVING while the generator's engine cannot serve (e.g. vLLM's worker died), so a
+        supervisor polling grpc.health.v1 restarts the server; SERVING again if it recovers."""
+        healthy = True
+        while True:
+            await asyncio.sleep(interval_s)
+            now = bool(getattr(self.generator, "healthy", True))
+            if now != healthy and self._stopping is None:
+                healthy = now
+                if not now:
+                    log.error("the engine can no longer serve: health is NOT_SERVING")
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if now
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully (idempotent); in-flight calls get `grace` seconds (config default)."""
@@ -139,6 +158,8 @@ class PrefloopServer:
         log.info("shutting down: new requests get UNAVAILABLE, in-flight requests have %.1f s",
                  grace)
         self.generation.accepting = False
+        if self._watch is not None:
+            self._watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         for extra in self.extra_services:

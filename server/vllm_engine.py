@@ -110,6 +110,8 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
         ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 
+_DEAD = ("the vLLM engine has died (its worker process exited; see the server log); the "
+         "server reports NOT_SERVING until it is restarted")
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -148,6 +150,10 @@ class VllmEngine:
         return self._stats_logger
 
     # -- EngineBackend ---------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return not self._stopped and not self.llm.errored
+
     def start(self) -> None:
         pass  # AsyncLLM starts its engine core at construction
 
@@ -174,6 +180,8 @@ class VllmEngine:
                        params: SamplingParams) -> AsyncIterator[SeqOutput]:
         if self._stopped:
             raise Unavailable("the engine is not running")
+        if self.llm.errored:
+            raise Unavailable(_DEAD)
         self.validate(prompt_ids, params)
         counts = [0] * params.n
         dropped = self._dropped.setdefault(request_id, set())
@@ -198,6 +206,8 @@ class VllmEngine:
         except Exception as exc:
             if self._stopped:
                 raise Unavailable("the engine stopped") from exc
+            if self.llm.errored:
+                raise Unavailable(_DEAD) from exc
             raise
         finally:
             self._dropped.pop(request_id, None)

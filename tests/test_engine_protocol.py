@@ -22,6 +22,7 @@ class ScriptedReloadEngine:
     """Emits token `step` every 10 ms; records the order of generate/reload events."""
 
     reloads_in_place = True
+    healthy = True
 
     def __init__(self, fail_reload: bool = False):
         self.events: list[str] = []
@@ -82,7 +83,7 @@ async def _collect(gen: Generator, rid: str, max_tokens: int) -> tuple[set[str],
     return versions, "".join(text)
 
 
-PROTOCOL_MEMBERS = ("reloads_in_place", "start", "stop", "generate", "abort", "stats",
+PROTOCOL_MEMBERS = ("reloads_in_place", "healthy", "start", "stop", "generate", "abort", "stats",
                     "reload_weights")
 
 

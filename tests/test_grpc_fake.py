@@ -316,3 +316,19 @@ def test_tls(fake_server_factory, tmp_path):
     with Client(f"localhost:{port}", timeout=3) as plaintext:
         with pytest.raises(cerr.Unavailable):
             plaintext.generate("a", max_tokens=1)
+
+
+def test_health_follows_the_engine(fake_server):
+    """An engine that can no longer serve (vLLM's worker died, the engine thread crashed) turns
+    health NOT_SERVING for every service; it turns back when the engine recovers."""
+    def status(channel, service=""):
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+    with grpc.insecure_channel(fake_server.target) as channel:
+        assert status(channel) == health_pb2.HealthCheckResponse.SERVING
+        fake_server.generator.healthy = False
+        assert wait_until(lambda: status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+        assert status(channel, "prefloop.v1.Generation") == health_pb2.HealthCheckResponse.NOT_SERVING
+        fake_server.generator.healthy = True
+        assert wait_until(lambda: status(channel) == health_pb2.HealthCheckResponse.SERVING, 5)

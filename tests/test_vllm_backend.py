@@ -14,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import uuid
+from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 if os.environ.get("CI") == "true":
     import vllm  # noqa: F401 - CI must run these tests, not skip them
@@ -222,3 +226,39 @@ def test_sampling_params_mapping():
     assert (sampled.n, sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (2, 0.7, 0.9, 20, 4)
     assert sampled.repetition_penalty == 1.1 and sampled.ignore_eos and sampled.stop_token_ids == []
     assert sampled.detokenize is False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (vLLM's engine core and its workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_engine_death_is_reported_not_fatal(vllm_server):
+    """Runs last: SIGKILL vLLM's engine processes under the server. The server stays up, answers
+    UNAVAILABLE with a message, health turns NOT_SERVING, and SIGTERM still exits cleanly."""
+    server = vllm_server[0]
+    engine_pids = _descendants(server.proc.pid)
+    assert engine_pids, "vLLM runs its engine core in child processes"
+    for pid in engine_pids:
+        os.kill(pid, signal.SIGKILL)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert wait_until(lambda: stub.Check(health_pb2.HealthCheckRequest()).status
+                          == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
+    with Client(server.target, token=USER_TOKEN, timeout=60) as client:
+        with pytest.raises(ClientError) as err:
+            client.chat(PROMPTS[0], max_tokens=4, temperature=0)
+        assert err.value.code == "UNAVAILABLE" and "vLLM engine has died" in str(err.value)
+    assert server.proc.poll() is None  # the gRPC server itself is still up
