@@ -104,8 +104,8 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
     one candidate to all n indices."""
     stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
     return VllmSamplingParams(
-        n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        repetition_penalty=params.repetition_penalty, seed=params.seed,
+        n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, repetition_penalty=params.repetition_penalty, seed=params.seed,
         max_tokens=params.max_tokens, stop_token_ids=sorted(set(stop_ids)),
         ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
@@ -214,6 +214,8 @@ class VllmEngine:
             self._n.pop(request_id, None)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
+        if self._stopped:
+            return  # stop() ended every request
         if index is not None and request_id in self._dropped:
             self._dropped[request_id].add(index)  # vLLM aborts whole requests; skip this one's tokens
             if len(self._dropped[request_id]) < self._n.get(request_id, 1):
