@@ -128,6 +128,7 @@ class VllmEngine:
         self._stats_logger: _LatestStats | None = None
         args = AsyncEngineArgs(
             model=str(self.model_dir), dtype=config.dtype, skip_tokenizer_init=True, seed=0,
+            worker_extension_cls="prefloop.server.vllm_worker.PrefloopWorkerExtension",
             tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size,
             kv_cache_memory_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
@@ -253,12 +254,15 @@ class VllmEngine:
         check_compatible_weights(self.model_dir, model_dir)  # refuse before touching the engine
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
-            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            await self._reload_from(model_dir)
         except Exception as exc:
             log.error("reload of %s failed (%s); reloading %s", model_dir, exc, self.model_dir)
-            await self.llm.collective_rpc("reload_weights",
-                                          kwargs={"weights_path": str(self.model_dir)})
+            await self._reload_from(self.model_dir)
             raise FailedPrecondition(f"vLLM could not load {model_dir}: {exc}") from exc
         finally:
             await self.llm.resume_generation()
         self.model_dir = model_dir
+
+    async def _reload_from(self, model_dir: Path) -> None:
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        await self.llm.collective_rpc("prefloop_retie_lm_head")  # server/vllm_worker.py

@@ -24,7 +24,8 @@ def two_version_registry(tmp) -> tuple[Registry, str]:
 
 
 def publish_perturbed(registry: Registry, parent: str) -> str:
-    """A new policy version whose greedy answers differ from the parent's (scaled final norm)."""
+    """A new policy version whose greedy answers differ from the parent's (perturbed final norm
+    and embedding)."""
     src = registry.version_dir(parent)
     with registry.stage() as stage:
         for f in src.iterdir():
@@ -32,8 +33,9 @@ def publish_perturbed(registry: Registry, parent: str) -> str:
                 stage.path.joinpath(f.name).write_bytes(f.read_bytes())
         tensors = load_file(src / "model.safetensors")
         torch.manual_seed(0)
-        tensors["model.norm.weight"] = tensors["model.norm.weight"] * (
-            1 + 0.5 * torch.randn_like(tensors["model.norm.weight"]))
+        # the final norm and the (tied) embedding: a swap must carry both into the LM head
+        for name, scale in (("model.norm.weight", 0.5), ("model.embed_tokens.weight", 0.3)):
+            tensors[name] = tensors[name] * (1 + scale * torch.randn_like(tensors[name]))
         save_file(tensors, stage.path / "model.safetensors", metadata={"format": "pt"})
         manifest = stage.publish(kind="policy", method="test-perturbed", parent=parent)
     return manifest.version
