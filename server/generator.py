@@ -29,8 +29,8 @@ from .engine_protocol import EngineBackend
 from .errors import InvalidArgument
 from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
-from .quantize import QUANT_MODES
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
+from .quantize import QUANT_MODES
 from .sampling_params import SamplingParams
 from .scheduler import SchedulerConfig
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -107,7 +107,8 @@ class Generator:
         self._retiring.clear()
 
     async def swap(self, model_dir, version: str) -> ModelInfo:
-        """Load `model_dir` beside the serving model (strict shapes), then switch to it."""
+        """Serve `model_dir` as `version` from now on: native engines load it beside the serving
+        one (strict shapes) and switch; in-place engines (vLLM) drain and reload their weights."""
         if self._current.engine.reloads_in_place:
             return await self._reload_in_place(model_dir, version)
         if self._loader is None:

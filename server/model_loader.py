@@ -18,8 +18,8 @@ from safetensors import safe_open
 from .default_model import cache_root, convert_gguf, default_model_dir
 from .errors import UnsupportedModel
 from .model import LlamaModel
-from .quantize import quantize_model
 from .model_config import SUPPORTED_TEXT, ModelConfig
+from .quantize import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
