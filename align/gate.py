@@ -48,6 +48,15 @@ class GateDecision:
         return asdict(self)
 
 
+def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, str]:
+    """The KL half of every gate: (passed, reason). Not measured (None / NaN) fails."""
+    if kl_per_token is None or math.isnan(kl_per_token):
+        return False, "KL to the reference was not measured"
+    within = kl_per_token <= max_kl
+    return within, (f"KL to the reference {kl_per_token:.4f} nats/token "
+                    f"{'<=' if within else '>'} bound {max_kl:g}")
+
+
 def decide(*, candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig) -> GateDecision:
@@ -68,13 +77,8 @@ def decide(*, candidate_accuracy: float | None, current_accuracy: float | None,
         reasons.append(f"held-out preference accuracy {candidate_accuracy:.3f} {verdict} current "
                        f"{current_version}'s {current_accuracy:.3f} (gain {gain:+.3f}, needs > "
                        f"{config.min_improvement:+.3f})")
-    if kl_per_token is None or math.isnan(kl_per_token):
-        ok = False
-        reasons.append("KL to the reference was not measured")
-    else:
-        within = kl_per_token <= config.max_kl
-        ok = ok and within
-        reasons.append(f"KL to the reference {kl_per_token:.4f} nats/token "
-                       f"{'<=' if within else '>'} bound {config.max_kl:g}")
+    within, reason = kl_within_bound(kl_per_token, config.max_kl)
+    ok = ok and within
+    reasons.append(reason)
     return GateDecision(ok, reasons, candidate_accuracy, current_accuracy, current_version,
                         kl_per_token, config.max_kl)

@@ -250,8 +250,16 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     if decision.passed or cfg.keep_rejected:
         result.version = _publish(cfg, registry, base, base_dir, trained, result, job_id)
     del trained
+    return conclude(result, decision, registry, job_id, method, promote=cfg.promote)
+
+
+def conclude(result: JobResult, decision, registry: reg.Registry, job_id: str, method: str, *,
+             promote: bool) -> JobResult:
+    """After the gate (and publishing): promote if it passed and the job asked to, set the
+    status (promoted / published / rejected) and the gate's reasons. Frees the trained model's
+    memory first (the caller has dropped its reference)."""
     gc.collect()
-    if decision.passed and cfg.promote:
+    if decision.passed and promote:
         registry.promote(result.version, reason=f"align job {job_id} ({method}): gate passed",
                          actor="align")
         result.status = PROMOTED

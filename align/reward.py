@@ -28,6 +28,8 @@ import torch
 
 from prefloop.server.errors import InvalidArgument
 
+from .train import check_trainer_fields
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LR = {False: 1e-5, True: 1e-4}  # full fine-tune, LoRA
@@ -57,15 +59,7 @@ class RewardTrainConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.lora]
-        if self.lr <= 0:
-            raise InvalidArgument(f"learning rate must be > 0, got {self.lr}")
-        for name in ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name.replace('_', '-')} must be >= 1")
+        check_trainer_fields(self, DEFAULT_LR)
         if self.train_layers < 0:
             raise InvalidArgument("train-layers must be >= 0 (0 = all layers)")
         if self.lora and self.train_layers:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import gc
 import logging
 import math
 import shutil
@@ -34,9 +33,9 @@ from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
 
 from . import data as data_mod
-from .gate import GateConfig
-from .job import (PROMOTED, PUBLISHED, REJECTED, RUNNING, JobResult, json_safe,
-                  new_job_id, run_locked, split_new_rows, watermark)
+from .gate import GateConfig, kl_within_bound
+from .job import (PUBLISHED, REJECTED, RUNNING, JobResult, conclude, json_safe, new_job_id,
+                  run_locked, split_new_rows, watermark)
 from .ppo import PPOConfig
 from .reward import RewardTrainConfig
 
@@ -380,14 +379,9 @@ def reward_gate_decision(*, candidate_reward: float | None, current_reward: floa
                        f"{'beats' if beats else 'does not beat'} current {current_version}'s "
                        f"{current_reward:.4f} (gain {gain:+.4f}, needs > "
                        f"{config.min_improvement:+.4f})")
-    if kl_per_token is None or not math.isfinite(kl_per_token):
-        ok = False
-        reasons.append("KL to the reference was not measured")
-    else:
-        within = kl_per_token <= config.max_kl
-        ok = ok and within
-        reasons.append(f"KL to the reference {kl_per_token:.4f} nats/token "
-                       f"{'<=' if within else '>'} bound {config.max_kl:g}")
+    within, reason = kl_within_bound(kl_per_token, config.max_kl)
+    ok = ok and within
+    reasons.append(reason)
     return RewardGateDecision(ok, reasons, candidate_reward=candidate_reward,
                               current_reward=current_reward, current_version=current_version,
                               kl_per_token=kl_per_token, max_kl=config.max_kl,
@@ -447,15 +441,7 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
                                        data=result.data, metrics=result.metrics,
                                        gate=result.gate, job_id=job_id)
     del trained
-    gc.collect()
-    if decision.passed and cfg.promote:
-        registry.promote(result.version, reason=f"align job {job_id} (ppo): gate passed",
-                         actor="align")
-        result.status = PROMOTED
-    else:
-        result.status = PUBLISHED if decision.passed else REJECTED
-    result.reason = "; ".join(decision.reasons)
-    return result
+    return conclude(result, decision, registry, job_id, "ppo", promote=cfg.promote)
 
 
 def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir: Path,

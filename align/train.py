@@ -68,15 +68,7 @@ class TrainConfig:
             raise InvalidArgument(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise InvalidArgument(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.lora]
-        if self.lr <= 0:
-            raise InvalidArgument(f"learning rate must be > 0, got {self.lr}")
-        for name in ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name.replace('_', '-')} must be >= 1")
+        check_trainer_fields(self, DEFAULT_LR)
         if self.method == "kto" and self.batch_size < 2:
             raise InvalidArgument("kto needs batch size >= 2 (its KL term pairs answers in a batch)")
 
@@ -92,6 +84,21 @@ class TrainConfig:
             d.pop("loss")
             d.pop("label_smoothing")
         return d
+
+
+def check_trainer_fields(cfg, default_lr: dict[bool, float]) -> None:
+    """Checks every trainer config shares (DPO/KTO here, the reward model in reward.py): epochs or
+    steps, learning rate (`default_lr[lora]` when unset), batch / accumulation / length / LoRA
+    sizes."""
+    if cfg.epochs <= 0 and cfg.max_steps <= 0:
+        raise InvalidArgument(f"epochs must be > 0, got {cfg.epochs}")
+    if cfg.lr is None:
+        cfg.lr = default_lr[cfg.lora]
+    if cfg.lr <= 0:
+        raise InvalidArgument(f"learning rate must be > 0, got {cfg.lr}")
+    for name in ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
+        if getattr(cfg, name) < 1:
+            raise InvalidArgument(f"{name.replace('_', '-')} must be >= 1")
 
 
 def is_main_process() -> bool:

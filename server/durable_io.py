@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,12 +32,13 @@ def makedirs_durable(directory: Path) -> None:
     fsync_dir(directory.parent)
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename over `path`, fsync the directory: old content or new, never half."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` into a temp file beside `path` (`.NAME.PID.HEX.tmp`), fsync, rename over `path`,
+    fsync the directory: readers see the old content or the new, never half."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,3 +46,8 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """`data` to `path` through `write_atomic`."""
+    write_atomic(path, lambda f: f.write(data))

@@ -1,7 +1,7 @@
 """Compaction: closed WAL segments become Parquet parts, then the segments are deleted.
 
 Segment N becomes `<table>/date=D/part-N.parquet` for every (table, date) it holds rows of. Each
-part is written under a temp name (`.part-N.parquet.<pid>.tmp`, invisible to dataset readers),
+part is written under a temp name (`.part-N.parquet.<pid>.<hex>.tmp`, invisible to dataset readers),
 fsync'd, renamed, and its directory fsync'd; only when every part of the segment is durable is the
 segment deleted (and the WAL directory fsync'd). A crash anywhere in between leaves the segment in
 place; the next start compacts it again and overwrites the same part names with the same rows, so
@@ -12,7 +12,6 @@ rows are never duplicated.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import defaultdict
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import logschema
-from .durable_io import fsync_dir, makedirs_durable
+from .durable_io import fsync_dir, makedirs_durable, write_atomic
 from .wal import read_segment
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,8 @@ class CompactionStats:
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     """Write `table` to `path` so that `path` is either absent, the old file, or complete."""
-    directory = path.parent
-    makedirs_durable(directory)
-    tmp = directory / f".{path.name}.{os.getpid()}{TEMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(directory)
+    makedirs_durable(path.parent)
+    write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 def remove_temp_files(data_dir: Path) -> int:
