@@ -4,9 +4,12 @@ Aggregate decode tokens/s with 1 / 8 / 32 concurrent requests of N greedy tokens
 token, and peak RSS, for float32 and bfloat16, all in one run on the same weights so the ratios are
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
-    python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--int8] [--json out.json]
+    python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
+                                           [--json out.json]
 
-`--int8` adds prefloop with `--quantize int8` (weight-only int8 linear layers) as another column.
+`--compile` adds prefloop with `--compile` (the model step through torch.compile; compilation
+happens at engine start and is not timed), `--int8` prefloop with `--quantize int8`; with both, also
+the two together. Every prefloop column gets its ratio to transformers.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none") -> dict:
+def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False) -> dict:
     from prefloop.server.engine import LLMEngine
     from prefloop.server.kv_cache import KVCacheConfig
     from prefloop.server.model_loader import load_model, resolve_model_dir
@@ -40,7 +43,7 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none") -
     from prefloop.server.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
-    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize),
+    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile),
                        KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
@@ -93,7 +96,10 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
 
 
 RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
-           "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8")}
+           "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8"),
+           "prefloop-compiled": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, compile=True),
+           "prefloop-compiled-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8",
+                                                                                 compile=True)}
 
 
 def main() -> int:
@@ -102,6 +108,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
+    ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -115,11 +122,14 @@ def main() -> int:
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
-    if args.int8:
-        systems.insert(1, "prefloop-int8")
+    variants = [v for v, on in (("prefloop-compiled", args.compile), ("prefloop-int8", args.int8),
+                                ("prefloop-compiled-int8", args.compile and args.int8)) if on]
+    systems[1:1] = variants
+    ours_all = ["prefloop"] + variants
     rows = []
-    print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{s + ' tok/s':>18}" for s in systems)
-          + f" {'ratio':>6} {'ttft ours/hf (s)':>17} {'peak MiB ours/hf':>17}")
+    print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{s + ' tok/s':>22}" for s in systems)
+          + " " + " ".join(f"{s.replace('prefloop', 'x') + '/hf':>12}" for s in ours_all)
+          + f" {'ttft ours/hf (s)':>17} {'peak MiB ours/hf':>17}")
     for dtype in args.dtypes.split(","):
         for bs in map(int, args.batch_sizes.split(",")):
             res = {}
@@ -134,16 +144,15 @@ def main() -> int:
                     continue
                 res[system] = json.loads(out.stdout.strip().splitlines()[-1])
             ours, hf = res.get("prefloop", {}), res.get("transformers", {})
-            ratio = ours.get("tokens_per_s", 0) / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
-            int8 = res.get("prefloop-int8", {}).get("tokens_per_s")
-            int8_ratio = int8 / hf["tokens_per_s"] if int8 and hf.get("tokens_per_s") else None
-            rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratio,
-                         "int8_ratio_vs_transformers": int8_ratio, **{s: r for s, r in res.items()}})
-            cols = " ".join(f"{res[s]['tokens_per_s']:18.1f}" if s in res else f"{'-':>18}" for s in systems)
-            print(f"{dtype:9} {bs:3d} {cols} {ratio:6.2f} "
-                  f"{ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
-                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}"
-                  + (f" int8/hf {int8_ratio:.2f}" if int8_ratio else ""), flush=True)
+            hf_tps = hf.get("tokens_per_s")
+            ratios = {s: res[s]["tokens_per_s"] / hf_tps if hf_tps and s in res else float("nan")
+                      for s in ours_all}
+            rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratios["prefloop"],
+                         "ratios_vs_transformers": ratios, **{s: r for s, r in res.items()}})
+            cols = " ".join(f"{res[s]['tokens_per_s']:22.1f}" if s in res else f"{'-':>22}" for s in systems)
+            print(f"{dtype:9} {bs:3d} {cols} " + " ".join(f"{ratios[s]:12.2f}" for s in ours_all)
+                  + f" {ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
+                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -71,6 +71,8 @@ class LLMEngine:
                                    self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler or SchedulerConfig(), self.blocks)
         self.runner = ModelRunner(model, num_blocks, self.cache_config.block_size)
+        if model.compiled:
+            self.runner.warm_up()  # compile now, not on the first request
         self.eos_token_ids = frozenset(eos_token_ids or cfg.eos_token_ids)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.context = context or ContextConfig()

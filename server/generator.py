@@ -31,6 +31,7 @@ from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
 from .quantize import QUANT_MODES
+from .torch_compile import CompileUnavailable, check_compiler
 from .sampling_params import SamplingParams
 from .scheduler import SchedulerConfig
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -208,12 +209,14 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     context_keep: int = DEFAULT_KEEP, context_discard: int | None = None,
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
-                    enforce_eager: bool = False, quantize: str = "none") -> Generator:
+                    enforce_eager: bool = False, quantize: str = "none",
+                    compile: bool = False) -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/context_shift.py).
     `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/quantize.py).
+    `compile` runs the native engine's model step through torch.compile (server/torch_compile.py).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
     was built for).
@@ -230,6 +233,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         if quantize != "none":
             raise InvalidArgument("--quantize is a native-engine option; vLLM reads the "
                                   "quantization of the checkpoint itself")
+        if compile:
+            raise InvalidArgument("--compile is a native-engine option; vLLM compiles by default "
+                                  "(--enforce-eager turns that off)")
         if context.overflow != "error":
             raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
                                   "with --backend vllm a request that does not fit is rejected")
@@ -253,6 +259,11 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
     if quantize == "int8" and dtype == "float32":
         log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
+    if compile:
+        try:
+            check_compiler()
+        except CompileUnavailable as exc:
+            raise InvalidArgument(str(exc)) from exc
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
@@ -260,7 +271,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
-        context=context, quantize=quantize)
+        context=context, quantize=quantize, compile=compile)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -273,11 +284,12 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
-                 scheduler: SchedulerConfig, context, quantize: str = "none") -> Backend:
+                 scheduler: SchedulerConfig, context, quantize: str = "none",
+                 compile: bool = False) -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
-    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize)
+    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,

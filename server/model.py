@@ -1,8 +1,10 @@
 """The Llama-family decoder in PyTorch over flat token batches (no padding).
 
 Inputs per step: token ids [num_tokens], positions [num_tokens], AttentionMetadata (slot mapping,
-block tables) and the per-layer KV cache. Q/K/V and gate/up projections are fused into one matmul
-each; weights are loaded from HF names in `server/model_loader.py`.
+block tables) and the per-layer KV cache; the layers reach the last two through
+`server/step_context.py`, so the dense math can be compiled as one graph (`compile_step`).
+Q/K/V and gate/up projections are fused into one matmul each; weights are loaded from HF names in
+`server/model_loader.py`.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, paged_attention, write_kv
+from .attention import AttentionMetadata
 from .model_config import ModelConfig
 from .rope import apply_rope, config_cos_sin
+from .step_context import layer_attention, step_context
 
 
 class RMSNorm(nn.Module):
@@ -27,8 +30,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
@@ -36,16 +40,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+    def forward(self, x, cos, sin):
         n = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # one rotation pass for queries and keys together: [n, H + kvh, hd]
         qk = apply_rope(qk.view(n, self.n_heads + self.n_kv, self.head_dim), cos, sin)
         q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]  # [n, H, hd], [n, kvh, hd]
         v = v.view(n, self.n_kv, self.head_dim)  # [n, kvh, hd]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # rotated once, at the absolute position
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [n, H, hd]
-        return self.o_proj(out.view(n, self.q_size))
+        out = layer_attention(q, k, v, self.layer_idx, self.scale)  # writes K/V, attends: [n, H, hd]
+        return self.o_proj(out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
@@ -61,15 +64,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, k_cache, v_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+    def forward(self, h, cos, sin):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -80,7 +83,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -88,21 +91,38 @@ class LlamaModel(nn.Module):
         cos, sin = self.rope_tables(cfg)
         self.register_buffer("cos_table", cos, persistent=False)  # [max_pos, head_dim] float32
         self.register_buffer("sin_table", sin, persistent=False)
+        self._step = None  # the compiled step_logits once compile_step() ran
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return config_cos_sin(cfg)
 
-    def hidden_states(self, input_ids, positions, kv_caches, meta: AttentionMetadata):
+    def step_logits(self, input_ids, positions, logits_indices):
+        """One step's math; caches and attention metadata come from `step_context`. This is the
+        function `compile_step` hands to torch.compile (attention stays an opaque op inside it)."""
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos = self.cos_table[positions].to(h.dtype)  # [num_tokens, head_dim]
         sin = self.sin_table[positions].to(h.dtype)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, k_cache, v_cache, meta)
-        return self.norm(h)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.norm(h[logits_indices])).float()  # [num_sampled, vocab]
+
+    def compile_step(self) -> None:
+        """Run `step_logits` through torch.compile (inductor) from now on; see server/torch_compile.py."""
+        from .torch_compile import compiled_step
+        for module in self.modules():  # e.g. Int8Linear builds its lazy state before tracing
+            prepare = getattr(module, "prepare_for_compile", None)
+            if prepare is not None:
+                prepare()
+        self._step = compiled_step(self.step_logits)
+
+    @property
+    def compiled(self) -> bool:
+        return self._step is not None
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        h = self.hidden_states(input_ids, positions, kv_caches, meta)
-        return self.lm_head(h[logits_indices]).float()  # [num_sampled, vocab]
+        step = self._step or self.step_logits
+        with step_context(kv_caches, meta):
+            return step(input_ids, positions, logits_indices)

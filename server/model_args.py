@@ -15,6 +15,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="native engine: int8 weight-only linear layers (faster decode at low "
                         "concurrency on CPU; another model: outputs can differ; default none)")
+    g.add_argument("--compile", action="store_true",
+                   help="native engine: run the model step through torch.compile (≈ 1.1-1.2x faster "
+                        "decode steps on CPU; 25-100 s of compiling at start on 2 cores, cached on "
+                        "disk afterwards; needs a C++ compiler)")
     g.add_argument("--cache-dir", default=None,
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
@@ -61,4 +65,4 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 context_discard=args.context_discard, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                quantize=args.quantize)
+                quantize=args.quantize, compile=args.compile)

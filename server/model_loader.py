@@ -61,9 +61,10 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
-               quantize: str = "none") -> LlamaModel:
+               quantize: str = "none", compile: bool = False) -> LlamaModel:
     """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
-    `quantize` "int8": weight-only int8 linear layers (server/quantize.py)."""
+    `quantize` "int8": weight-only int8 linear layers (server/quantize.py); `compile`: the step
+    runs through torch.compile (server/torch_compile.py; compiled when an engine warms it up)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
     cfg = ModelConfig.from_dir(model_dir)
@@ -117,7 +118,10 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
     if pending or missing:
         raise UnsupportedModel(f"{model_dir} is missing weights: {sorted(missing + list(pending))[:5]}")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-    return quantize_model(model, quantize)
+    model = quantize_model(model, quantize)
+    if compile:
+        model.compile_step()
+    return model
 
 
 def read_generation_eos(model_dir: Path) -> tuple[int, ...]:

@@ -38,6 +38,24 @@ class ModelRunner:
         """Re-rotate (and move) cached keys for a context shift; see server/context_shift.py."""
         apply_shift_plan(self.kv_caches, plan, self.model.config)
 
+    def warm_up(self) -> None:
+        """Run the step shapes a compiled model specializes on (one token; a prompt chunk sampling
+        once; several tokens sampling several times) so compilation happens here, at engine
+        start, and not on a user's first request. Writes scratch K/V into block 0, which is free
+        (the engine has admitted nothing yet)."""
+        from .sampling_params import SamplingParams
+        from .scheduler import ScheduledSeq
+        from .sequence import Sequence
+
+        def seq(computed: int) -> Sequence:
+            s = Sequence(-1, "warm-up", 0, [0, 0, 0], 3, SamplingParams(max_tokens=1), -1)
+            s.block_table, s.num_computed = [0, 0, 0], computed
+            return s
+
+        for batch in ([ScheduledSeq(seq(1), 1)], [ScheduledSeq(seq(0), 2)],
+                      [ScheduledSeq(seq(1), 1), ScheduledSeq(seq(0), 2)]):
+            self.execute(batch)
+
     def _slots(self, block_table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, start + n)]

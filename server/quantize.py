@@ -48,11 +48,36 @@ class Int8Linear(nn.Module):
             self._dense = (self.qweight.to(self.scales.dtype) * self.scales[:, None]).contiguous()
         return self._dense
 
+    def prepare_for_compile(self) -> None:
+        self.dequantized()  # built now: a traced graph must not create module state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.max_rows:
-            out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.dequantized(), self.bias)
+        if torch.compiler.is_compiling():  # one opaque op: no shape branch, no decomposed int8 mm
+            out = _int8_linear_op(x, self.qweight, self.scales, self._dense, self.max_rows)
+        else:
+            out = _int8_linear(x, self.qweight, self.scales, self.dequantized(), self.max_rows)
+        return out if self.bias is None else out + self.bias
+
+
+def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                 max_rows: int) -> torch.Tensor:
+    if x.shape[0] <= max_rows:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    return F.linear(x, dense)
+
+
+# Under torch.compile (`--compile`) the layer is this custom op: inductor would otherwise decompose
+# the int8 kernel into "dequantize the whole weight, then mm" on every step, and specialize the
+# graph on the row-count branch.
+@torch.library.custom_op("prefloop::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                    max_rows: int) -> torch.Tensor:
+    return _int8_linear(x, qweight, scales, dense, max_rows)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scales, dense, max_rows):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 def quantize_model(model: nn.Module, mode: str, max_rows: int = INT8_MAX_ROWS) -> nn.Module:

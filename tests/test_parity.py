@@ -28,9 +28,10 @@ def hf_greedy_with_logits(hf, prompt_ids, max_tokens):
     return out.sequences[0, len(prompt_ids):].tolist(), torch.cat(out.logits).float()
 
 
-def check_parity(model_dir, prompts_ids, max_tokens=12, block_size=4):
+def check_parity(model_dir, prompts_ids, max_tokens=12, block_size=4, compile=False):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = LLMEngine(load_model(model_dir), KVCacheConfig(block_size=block_size, capacity_tokens=2048))
+    engine = LLMEngine(load_model(model_dir, compile=compile),
+                       KVCacheConfig(block_size=block_size, capacity_tokens=2048))
     for ids in prompts_ids:
         ours, our_logits = run_with_logits(engine, ids, max_tokens)
         ref, ref_logits = hf_greedy_with_logits(hf, ids, max_tokens)
