@@ -31,7 +31,7 @@ from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
 from .quantize import QUANT_MODES
-from .torch_compile import CompileUnavailable, check_compiler
+from .torch_compile import check_compiler
 from .sampling_params import SamplingParams
 from .scheduler import SchedulerConfig
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -260,10 +260,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
     if compile:
-        try:
-            check_compiler()
-        except CompileUnavailable as exc:
-            raise InvalidArgument(str(exc)) from exc
+        check_compiler()  # before the weights are loaded
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,

@@ -14,7 +14,9 @@ from .block_manager import ShiftPlan
 from .context_shift import apply_shift_plan
 from .kv_cache import allocate_kv_cache
 from .model import LlamaModel
+from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq
+from .sequence import Sequence
 
 
 class ModelRunner:
@@ -43,10 +45,6 @@ class ModelRunner:
         once; several tokens sampling several times) so compilation happens here, at engine
         start, and not on a user's first request. Writes scratch K/V into block 0, which is free
         (the engine has admitted nothing yet)."""
-        from .sampling_params import SamplingParams
-        from .scheduler import ScheduledSeq
-        from .sequence import Sequence
-
         def seq(computed: int) -> Sequence:
             s = Sequence(-1, "warm-up", 0, [0, 0, 0], 3, SamplingParams(max_tokens=1), -1)
             s.block_table, s.num_computed = [0, 0, 0], computed

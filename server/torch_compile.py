@@ -19,6 +19,8 @@ import shutil
 
 import torch
 
+from .errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 # Every engine (one per served version, a new one per hot swap) compiles its own model instance;
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 
 
-class CompileUnavailable(RuntimeError):
+class CompileUnavailable(InvalidArgument):
     """torch.compile cannot run here (no C++ compiler for inductor)."""
 
 

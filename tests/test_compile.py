@@ -16,7 +16,7 @@ from prefloop.server.model_loader import load_model, resolve_model_dir
 from prefloop.server.sampling_params import SamplingParams
 from prefloop.server.scheduler import SchedulerConfig
 from test_parity import PROMPTS, check_parity
-from tiny_models import save_tiny
+from tiny_models import greedy, random_prompts, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,8 @@ def tiny_dir(tmp_path_factory):  # GQA, untied embeddings, q/k/v/o bias
     return save_tiny(tmp_path_factory.mktemp("tiny") / "m", "llama", attention_bias=True)
 
 
-def greedy(n):
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-
 def prompts(count):
-    g = torch.Generator().manual_seed(11)
-    return [torch.randint(3, 250, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(count)]
+    return random_prompts(count, seed=11)
 
 
 def engine_for(model, tokens=4096, **sched):

@@ -10,7 +10,7 @@ from prefloop.server.kv_cache import KVCacheConfig, bytes_per_token
 from prefloop.server.model_loader import load_model
 from prefloop.server.sampling_params import SamplingParams
 from prefloop.server.scheduler import SchedulerConfig
-from tiny_models import save_tiny
+from tiny_models import greedy, random_prompts, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,8 @@ def make_engine(model, tokens=4096, block_size=4, **sched):
                      SchedulerConfig(**sched) if sched else None)
 
 
-def greedy(n):
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-
 def prompts(count):
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, 250, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(count)]
+    return random_prompts(count, seed=7)
 
 
 def slots_of(seq, bs):

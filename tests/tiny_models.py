@@ -6,6 +6,19 @@ from pathlib import Path
 import torch
 
 
+def greedy(n: int):
+    """Greedy sampling of exactly n tokens (EOS ignored)."""
+    from prefloop.server.sampling_params import SamplingParams
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def random_prompts(count: int, seed: int) -> list[list[int]]:
+    """`count` prompts of 3-39 random ids in the tiny models' vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
 def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A 2-layer random model with GQA (4 heads / 2 KV heads) saved with transformers."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
