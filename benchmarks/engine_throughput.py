@@ -5,11 +5,13 @@ token, and peak RSS, for float32 and bfloat16, all in one run on the same weight
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
     python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
-                                           [--json out.json]
+                                           [--sdpa] [--json out.json]
 
 `--compile` adds prefloop with `--compile` (the model step through torch.compile; compilation
 happens at engine start and is not timed), `--int8` prefloop with `--quantize int8`; with both, also
-the two together. Every prefloop column gets its ratio to transformers.
+the two together; `--sdpa` prefloop with `--attention sdpa` (gather + SDPA decode attention instead
+of the native kernel, which `prefloop` uses when it builds). Every prefloop column gets its ratio to
+transformers.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False) -> dict:
+def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False,
+                 attention: str = "auto") -> dict:
     from prefloop.server.engine import LLMEngine
     from prefloop.server.kv_cache import KVCacheConfig
     from prefloop.server.model_loader import load_model, resolve_model_dir
@@ -43,7 +46,7 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", c
     from prefloop.server.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
-    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile),
+    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile, attention=attention),
                        KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
@@ -96,6 +99,7 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
 
 
 RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+           "prefloop-sdpa": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, attention="sdpa"),
            "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8"),
            "prefloop-compiled": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, compile=True),
            "prefloop-compiled-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8",
@@ -109,6 +113,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
     ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
+    ap.add_argument("--sdpa", action="store_true", help="also run prefloop --attention sdpa")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,7 +127,8 @@ def main() -> int:
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
-    variants = [v for v, on in (("prefloop-compiled", args.compile), ("prefloop-int8", args.int8),
+    variants = [v for v, on in (("prefloop-sdpa", args.sdpa), ("prefloop-compiled", args.compile),
+                                ("prefloop-int8", args.int8),
                                 ("prefloop-compiled-int8", args.compile and args.int8)) if on]
     systems[1:1] = variants
     ours_all = ["prefloop"] + variants

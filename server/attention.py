@@ -5,11 +5,14 @@ head_dim]. A token's slot is `block * block_size + offset`; new keys (already ro
 their absolute position) and values are written once at their slots and never rewritten.
 
 `AttentionMetadata` is built once per step by the model runner and shared by every layer. The flat
-token batch is ordered: all decode tokens first (one per sequence), then each prefill chunk.
+token batch is ordered: all decode tokens first (one per sequence), then each prefill chunk. Decode
+tokens go through the native kernel when the step carries one (server/native_attention.py: reads
+the cache in place), else through a gather of their blocks and SDPA with a padding mask.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +32,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode: int  # the first num_decode tokens are single-token decode steps
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] (padded with block 0)
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] True = attend
+    decode_ctx_lens: torch.Tensor | None  # [num_decode] cached tokens per decode sequence, this one included
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] True = attend (SDPA path)
     prefills: list[PrefillChunk]
+    decode_kernel: Callable[..., torch.Tensor] | None = None  # native paged decode, None = SDPA
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -56,7 +61,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = n_heads // n_kv
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_kernel is not None:
+        out[:nd] = meta.decode_kernel(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                      scale)
+    elif nd:
         # GQA without repeating K/V: the `group` query heads sharing a KV head become its query rows.
         qd = q[:nd].view(nd, n_kv, group, head_dim)  # [B, kvh, group, hd]
         kd = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, kvh, L, hd]

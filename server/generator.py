@@ -30,6 +30,7 @@ from .errors import InvalidArgument
 from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
 from .model_loader import load_model, read_generation_eos, resolve_model_dir
+from .native_attention import resolve_decode_kernel
 from .quantize import QUANT_MODES
 from .torch_compile import check_compiler
 from .sampling_params import SamplingParams
@@ -210,13 +211,15 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
                     enforce_eager: bool = False, quantize: str = "none",
-                    compile: bool = False) -> Generator:
+                    compile: bool = False, attention: str = "auto") -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/context_shift.py).
     `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/quantize.py).
     `compile` runs the native engine's model step through torch.compile (server/torch_compile.py).
+    `attention` (auto | native | sdpa) picks the native engine's decode attention
+    (server/native_attention.py).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
     was built for).
@@ -236,6 +239,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         if compile:
             raise InvalidArgument("--compile is a native-engine option; vLLM compiles by default "
                                   "(--enforce-eager turns that off)")
+        if attention != "auto":
+            raise InvalidArgument("--attention is a native-engine option; vLLM picks its own "
+                                  "attention backend")
         if context.overflow != "error":
             raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
                                   "with --backend vllm a request that does not fit is rejected")
@@ -261,6 +267,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
     if compile:
         check_compiler()  # before the weights are loaded
+    resolve_decode_kernel(attention, device)  # builds the kernel once, or refuses, before any loading
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
@@ -268,7 +275,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
-        context=context, quantize=quantize, compile=compile)
+        context=context, quantize=quantize, compile=compile, attention=attention)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -282,19 +289,21 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context, quantize: str = "none",
-                 compile: bool = False) -> Backend:
+                 compile: bool = False, attention: str = "auto") -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
-    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile)
+    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
+                       attention=attention)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len,
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
                      model_path=str(model_dir))
-    log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens", version, info.architecture,
-             dtype, engine.blocks.num_blocks, cache.block_size)
+    log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention", version,
+             info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
+             "native" if llama.decode_kernel is not None else "SDPA")
     return Backend(AsyncEngine(engine), tokenizer, info)
 
 

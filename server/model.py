@@ -92,6 +92,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("cos_table", cos, persistent=False)  # [max_pos, head_dim] float32
         self.register_buffer("sin_table", sin, persistent=False)
         self._step = None  # the compiled step_logits once compile_step() ran
+        # native paged decode attention (server/native_attention.py); None = gather + SDPA
+        self.decode_kernel = None
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .context_shift import DEFAULT_KEEP, OVERFLOW_MODES
+from .native_attention import ATTENTION_CHOICES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="native engine: run the model step through torch.compile (≈ 1.1-1.2x faster "
                         "decode steps on CPU; 25-100 s of compiling at start on 2 cores, cached on "
                         "disk afterwards; needs a C++ compiler)")
+    g.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
+                   help="native engine, decode attention on CPU: native = a C++ kernel reading the "
+                        "paged KV cache in place (built once with g++/ninja, ≈ 15 s, cached); sdpa = "
+                        "gather + torch SDPA; auto = native when it builds, else sdpa (default)")
     g.add_argument("--cache-dir", default=None,
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
@@ -65,4 +70,4 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 context_discard=args.context_discard, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                quantize=args.quantize, compile=args.compile)
+                quantize=args.quantize, compile=args.compile, attention=args.attention)

@@ -19,6 +19,7 @@ from .default_model import cache_root, convert_gguf, default_model_dir
 from .errors import UnsupportedModel
 from .model import LlamaModel
 from .model_config import SUPPORTED_TEXT, ModelConfig
+from .native_attention import resolve_decode_kernel
 from .quantize import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,12 +62,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
-               quantize: str = "none", compile: bool = False) -> LlamaModel:
+               quantize: str = "none", compile: bool = False, attention: str = "auto") -> LlamaModel:
     """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
     `quantize` "int8": weight-only int8 linear layers (server/quantize.py); `compile`: the step
-    runs through torch.compile (server/torch_compile.py; compiled when an engine warms it up)."""
+    runs through torch.compile (server/torch_compile.py; compiled when an engine warms it up);
+    `attention`: auto / native / sdpa decode attention (server/native_attention.py)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+    decode_kernel = resolve_decode_kernel(attention, device)  # before the weights: fail fast
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -119,6 +122,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
         raise UnsupportedModel(f"{model_dir} is missing weights: {sorted(missing + list(pending))[:5]}")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     model = quantize_model(model, quantize)
+    model.decode_kernel = decode_kernel
     if compile:
         model.compile_step()
     return model

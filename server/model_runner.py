@@ -86,21 +86,25 @@ class ModelRunner:
             mask = torch.arange(ctx, device=dev).unsqueeze(0) <= q_pos  # [n, ctx] causal
             block_ids = torch.tensor(seq.block_table[:-(-ctx // bs)], device=dev)
             chunks.append(PrefillChunk(q_start, n, block_ids, ctx, mask))
-        decode_tables = decode_mask = None
+        decode_tables = decode_mask = ctx_lens = None
+        kernel = self.model.decode_kernel
         if decodes:
             width = max(-(-(s.seq.num_computed + 1) // bs) for s in decodes)
             tables = [s.seq.block_table[:width] + [0] * (width - len(s.seq.block_table[:width]))
                       for s in decodes]
             decode_tables = torch.tensor(tables, device=dev)  # [num_decode, width]
             ctx_lens = torch.tensor([s.seq.num_computed + 1 for s in decodes], device=dev)
-            decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < ctx_lens.unsqueeze(1))
-            decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width * bs]
+            if kernel is None:  # the SDPA path attends over whole blocks: mask the padding
+                decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < ctx_lens.unsqueeze(1))
+                decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width * bs]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=dev),
             num_decode=len(decodes),
             decode_block_tables=decode_tables,
+            decode_ctx_lens=ctx_lens,
             decode_mask=decode_mask,
             prefills=chunks,
+            decode_kernel=kernel,
         )
         return (torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
                 torch.tensor(logits_indices, device=dev), decodes + prefills)

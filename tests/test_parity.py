@@ -28,9 +28,9 @@ def hf_greedy_with_logits(hf, prompt_ids, max_tokens):
     return out.sequences[0, len(prompt_ids):].tolist(), torch.cat(out.logits).float()
 
 
-def check_parity(model_dir, prompts_ids, max_tokens=12, block_size=4, compile=False):
+def check_parity(model_dir, prompts_ids, max_tokens=12, block_size=4, compile=False, attention="auto"):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = LLMEngine(load_model(model_dir, compile=compile),
+    engine = LLMEngine(load_model(model_dir, compile=compile, attention=attention),
                        KVCacheConfig(block_size=block_size, capacity_tokens=2048))
     for ids in prompts_ids:
         ours, our_logits = run_with_logits(engine, ids, max_tokens)
@@ -48,15 +48,21 @@ def check_parity(model_dir, prompts_ids, max_tokens=12, block_size=4, compile=Fa
                                    "original_max_position_embeddings": 64}}),
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
     ("llama", {"tie_word_embeddings": True}),
+    # head_dim 64 / 128: the native kernel's vector path (head_dim 16 above takes its portable path)
+    ("llama", {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 1}),
+    ("qwen2", {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2}),
 ])
-def test_tiny_parity(tmp_path, arch, overrides):
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
+def test_tiny_parity(tmp_path, arch, overrides, attention):
     model_dir = save_tiny(tmp_path / arch, arch, **overrides)
     prompts = [[1, 5, 9, 33, 7], list(range(3, 40)), [1] + [17] * 9]
-    check_parity(model_dir, prompts, max_tokens=16)
+    check_parity(model_dir, prompts, max_tokens=16, attention=attention)
 
 
 @pytest.mark.slow
-def test_default_model_parity():
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
+def test_default_model_parity(attention):
     model_dir = resolve_model_dir(None)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    check_parity(model_dir, [tok(p)["input_ids"] for p in PROMPTS], max_tokens=10, block_size=16)
+    check_parity(model_dir, [tok(p)["input_ids"] for p in PROMPTS], max_tokens=10, block_size=16,
+                 attention=attention)

@@ -1,0 +1,80 @@
+"""Engine step variants on the same decode batch, interleaved in one process.
+
+Each variant is its own copy of the default model with its own KV cache: `eager` (gather + SDPA
+decode attention), `native` (the C++ paged decode kernel, `--attention native`), `compiled`
+(`--compile`, SDPA attention) and `compiled+native`. They run the same decode batch (B sequences at
+context C) alternately, N steps each; the median step times and each one's speed-up over the first
+variant are printed per batch size. Interleaving makes the ratios robust to this machine's noise,
+which end-to-end runs in separate processes are not.
+
+    python benchmarks/step_variants.py [--variants eager,native] [--dtype bfloat16]
+                                       [--batch-sizes 1,8,32] [--context 100] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+VARIANTS = {"eager": dict(attention="sdpa"), "native": dict(attention="native"),
+            "compiled": dict(attention="sdpa", compile=True),
+            "compiled+native": dict(attention="native", compile=True)}
+
+
+def median_ms(times: list[float]) -> float:
+    kept = sorted(times[5:])  # the first calls warm caches and allocators
+    return kept[len(kept) // 2] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="eager,native", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--context", type=int, default=100, help="cached tokens per sequence (default 100)")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    from prefloop.server.model_loader import load_model, resolve_model_dir
+    from prefloop.server.model_runner import ModelRunner
+    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.scheduler import ScheduledSeq
+    from prefloop.server.sequence import Sequence
+
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ctx, bsz = args.context, 16
+    per_seq = -(-(ctx + 1) // bsz)
+    blocks = per_seq * max(sizes)
+    model_dir = resolve_model_dir(None)
+    runners = {}
+    for name in names:
+        runners[name] = ModelRunner(load_model(model_dir, dtype=args.dtype, **VARIANTS[name]), blocks, bsz)
+        t0 = time.perf_counter()
+        runners[name].warm_up()
+        print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    params = SamplingParams(temperature=0, max_tokens=ctx + 100)
+    print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{n + ' ms':>18}" for n in names)
+          + "".join(f" {n + ' x':>18}" for n in names[1:]))
+    for bs in sizes:
+        batch = []
+        for i in range(bs):
+            # blocks interleaved across sequences, like a cache that has been in use for a while
+            seq = Sequence(i, str(i), 0, [1000 + (i * 7 + j) % 5000 for j in range(ctx + 1)], ctx + 1, params, i)
+            seq.block_table, seq.num_computed = [i + k * bs for k in range(per_seq)], ctx
+            batch.append(ScheduledSeq(seq, 1))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.steps):
+            for name in names:
+                t = time.perf_counter()
+                runners[name].execute(batch)
+                times[name].append(time.perf_counter() - t)
+        med = {n: median_ms(times[n]) for n in names}
+        base = med[names[0]]
+        print(f"{args.dtype:9} {bs:3d} " + " ".join(f"{med[n]:18.2f}" for n in names)
+              + "".join(f" {base / med[n]:18.2f}" for n in names[1:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

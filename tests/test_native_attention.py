@@ -1,0 +1,142 @@
+"""The native paged decode-attention kernel (server/csrc/paged_decode.cpp) and `--attention`.
+
+The oracle is attention computed directly in float64 over each sequence's context gathered by
+hand from its block table; blocks a sequence does not own (and block-table padding) are filled with
+NaN, so a kernel that reads past a sequence's context cannot pass.
+"""
+import logging
+
+import pytest
+import torch
+
+import prefloop.server.native_attention as native_attention
+from prefloop.server.attention import AttentionMetadata, paged_attention
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.generator import build_generator
+from prefloop.server.native_attention import (NativeAttentionUnavailable, load_decode_kernel,
+                                              resolve_decode_kernel)
+
+
+def reference(q, k_cache, v_cache, tables, ctx_lens, scale):
+    """float64 attention of each sequence's one query over its context, straight from the definition."""
+    n_kv, block = k_cache.shape[2], k_cache.shape[1]
+    group = q.shape[1] // n_kv
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b, ctx in enumerate(ctx_lens.tolist()):
+        slots = [tables[b, p // block].item() * block + p % block for p in range(ctx)]
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double()  # [ctx, kvh, hd]
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double()
+        for h in range(q.shape[1]):
+            scores = (k[:, h // group] @ q[b, h].double()) * scale  # [ctx]
+            out[b, h] = torch.softmax(scores, 0) @ v[:, h // group]
+    return out
+
+
+def paged_case(num_seqs, n_heads, n_kv, head_dim, block, max_ctx, dtype, seed=0):
+    """Random caches where each sequence owns scattered blocks; everything else is NaN."""
+    g = torch.Generator().manual_seed(seed)
+    ctx_lens = torch.randint(1, max_ctx + 1, (num_seqs,), generator=g)
+    ctx_lens[0] = max_ctx
+    need = [-(-int(c) // block) for c in ctx_lens]
+    width = max(need) + 1  # one padding column at least
+    num_blocks = sum(need) + 3
+    owned = torch.randperm(num_blocks, generator=g)[:sum(need)].tolist()
+    k_cache = torch.full((num_blocks, block, n_kv, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    tables = torch.zeros(num_seqs, width, dtype=torch.long)
+    nan_block = next(i for i in range(num_blocks) if i not in owned)
+    for b, n in enumerate(need):
+        ids, owned = owned[:n], owned[n:]
+        tables[b, :n] = torch.tensor(ids)
+        tables[b, n:] = nan_block  # padding: never to be read
+        for i in ids:
+            k_cache[i] = torch.randn(block, n_kv, head_dim, generator=g).to(dtype)
+            v_cache[i] = torch.randn(block, n_kv, head_dim, generator=g).to(dtype)
+        last_fill = int(ctx_lens[b]) - (n - 1) * block  # slots after the context in the last block
+        k_cache[ids[-1], last_fill:] = float("nan")
+        v_cache[ids[-1], last_fill:] = float("nan")
+    q = torch.randn(num_seqs, n_heads, head_dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, ctx_lens
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return load_decode_kernel()  # CI has g++ and ninja: a failure to build is a failure here
+
+
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,block", [
+    (9, 3, 64, 16),  # SmolLM2-135M: vector path, GQA group of 3
+    (32, 8, 128, 16),  # Llama-3-8B-like: vector path, head_dim 128, group 4
+    (8, 1, 128, 32),  # multi-query, group 8 (the vector path's largest)
+    (4, 4, 64, 4),  # plain multi-head, small blocks
+    (18, 2, 64, 16),  # group 9: portable path
+    (4, 2, 16, 4),  # head_dim 16 (the tiny test models): portable path
+    (6, 3, 80, 8),  # head_dim 80: portable path
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_float64_reference(kernel, n_heads, n_kv, head_dim, block, dtype):
+    q, k_cache, v_cache, tables, ctx_lens = paged_case(7, n_heads, n_kv, head_dim, block, 70, dtype)
+    scale = head_dim ** -0.5
+    out = kernel(q, k_cache, v_cache, tables, ctx_lens, scale)
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (8 bits)
+    assert (out.double() - ref).abs().max().item() < tol
+
+
+def test_kernel_equals_sdpa_path_inside_paged_attention(kernel):
+    """The same AttentionMetadata through both decode paths of `paged_attention`."""
+    q, k_cache, v_cache, tables, ctx_lens = paged_case(5, 9, 3, 64, 16, 50, torch.float32, seed=3)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # SDPA multiplies masked rows by 0
+    width = tables.shape[1]
+    mask = (torch.arange(width * 16)[None] < ctx_lens[:, None])[:, None, None, :]
+
+    def meta(decode_kernel, decode_mask):
+        return AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=5,
+                                 decode_block_tables=tables, decode_ctx_lens=ctx_lens,
+                                 decode_mask=decode_mask, prefills=[], decode_kernel=decode_kernel)
+
+    native = paged_attention(q, k_cache, v_cache, meta(kernel, None), 0.125)
+    sdpa = paged_attention(q, k_cache, v_cache, meta(None, mask), 0.125)
+    assert (native - sdpa).abs().max().item() < 1e-5
+
+
+def test_kernel_rejects_bad_inputs_with_clear_errors(kernel):
+    q, k_cache, v_cache, tables, ctx_lens = paged_case(2, 9, 3, 64, 16, 20, torch.float32)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        kernel(q, k_cache, v_cache, tables, ctx_lens * 100, 0.125)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernel(q.bfloat16(), k_cache, v_cache, tables, ctx_lens, 0.125)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        kernel(q[:, :8], k_cache, v_cache, tables, ctx_lens, 0.125)  # 8 heads over 3 KV heads
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        kernel(q.half(), k_cache.half(), v_cache.half(), tables, ctx_lens, 0.125)
+
+
+def test_resolve_choices(kernel):
+    assert resolve_decode_kernel("sdpa", "cpu") is None
+    assert resolve_decode_kernel("native", "cpu") is kernel
+    assert resolve_decode_kernel("auto", "cpu") is kernel
+    assert resolve_decode_kernel("auto", "cuda") is None  # a CPU kernel: CUDA keeps SDPA
+    with pytest.raises(InvalidArgument, match="CPU kernel"):
+        resolve_decode_kernel("native", "cuda")
+    with pytest.raises(InvalidArgument, match="auto, native, sdpa"):
+        resolve_decode_kernel("flash", "cpu")
+
+
+def test_without_a_compiler_auto_falls_back_and_native_refuses(monkeypatch, caplog):
+    monkeypatch.setattr(native_attention, "_loaded", None)
+    monkeypatch.setattr(native_attention, "_failure", None)
+    monkeypatch.setattr(native_attention.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with caplog.at_level(logging.WARNING, logger="prefloop.server.native_attention"):
+        assert resolve_decode_kernel("auto", "cpu") is None
+    assert "no C++ compiler" in caplog.text and "SDPA" in caplog.text
+    with pytest.raises(NativeAttentionUnavailable, match="no C.. compiler.*--attention sdpa"):
+        resolve_decode_kernel("native", "cpu")
+
+
+def test_vllm_backend_refuses_the_flag():
+    with pytest.raises(InvalidArgument, match="--attention is a native-engine option"):
+        build_generator(backend="vllm", attention="native")
