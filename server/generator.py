@@ -267,7 +267,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
     if compile:
         check_compiler()  # before the weights are loaded
-    resolve_decode_kernel(attention, device)  # builds the kernel once, or refuses, before any loading
+    # builds the kernel once (or refuses) before anything is loaded
+    resolve_decode_kernel(attention, device, getattr(torch, dtype, torch.float32))
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,

@@ -69,7 +69,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
     `attention`: auto / native / sdpa decode attention (server/native_attention.py)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    decode_kernel = resolve_decode_kernel(attention, device)  # before the weights: fail fast
+    decode_kernel = resolve_decode_kernel(attention, device, DTYPES[dtype])  # before the weights: fail fast
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg)

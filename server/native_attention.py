@@ -33,6 +33,7 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what paged_decode.cpp is instantiated for
 
 DecodeKernel = Callable[..., torch.Tensor]  # (q, k_cache, v_cache, block_tables, ctx_lens, scale) -> out
 
@@ -101,8 +102,10 @@ def load_decode_kernel() -> DecodeKernel:
         raise NativeAttentionUnavailable(_failure)
 
 
-def resolve_decode_kernel(choice: str, device: str | torch.device) -> DecodeKernel | None:
-    """The kernel to use for `--attention choice` on `device`, or None for the SDPA path."""
+def resolve_decode_kernel(choice: str, device: str | torch.device,
+                          dtype: torch.dtype = torch.float32) -> DecodeKernel | None:
+    """The kernel to use for `--attention choice` on `device` with `dtype` weights and cache, or
+    None for the SDPA path."""
     if choice not in ATTENTION_CHOICES:
         raise InvalidArgument(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
     on_cpu = torch.device(device).type == "cpu"
@@ -111,8 +114,11 @@ def resolve_decode_kernel(choice: str, device: str | torch.device) -> DecodeKern
     if choice == "native":
         if not on_cpu:
             raise InvalidArgument("--attention native is a CPU kernel; on CUDA use --attention sdpa or auto")
+        if dtype not in KERNEL_DTYPES:
+            raise InvalidArgument(f"--attention native supports float32 and bfloat16, not {dtype}; "
+                                  "use --attention sdpa or auto")
         return load_decode_kernel()
-    if not on_cpu:
+    if not on_cpu or dtype not in KERNEL_DTYPES:
         return None
     try:
         return load_decode_kernel()

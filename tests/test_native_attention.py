@@ -123,6 +123,9 @@ def test_resolve_choices(kernel):
         resolve_decode_kernel("native", "cuda")
     with pytest.raises(InvalidArgument, match="auto, native, sdpa"):
         resolve_decode_kernel("flash", "cpu")
+    assert resolve_decode_kernel("auto", "cpu", torch.float16) is None  # the kernel's dtypes only
+    with pytest.raises(InvalidArgument, match="float32 and bfloat16"):
+        resolve_decode_kernel("native", "cpu", torch.float16)
 
 
 def test_without_a_compiler_auto_falls_back_and_native_refuses(monkeypatch, caplog):
