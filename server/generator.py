@@ -29,7 +29,7 @@ from .engine_protocol import EngineBackend
 from .errors import InvalidArgument
 from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
-from .model_loader import load_model, read_generation_eos, resolve_model_dir
+from .model_loader import DTYPES, load_model, read_generation_eos, resolve_model_dir
 from .native_attention import resolve_decode_kernel
 from .quantize import QUANT_MODES
 from .torch_compile import check_compiler
@@ -268,7 +268,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
     if compile:
         check_compiler()  # before the weights are loaded
     # builds the kernel once (or refuses) before anything is loaded
-    resolve_decode_kernel(attention, device, getattr(torch, dtype, torch.float32))
+    resolve_decode_kernel(attention, device, DTYPES.get(dtype, torch.float32))
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
-import shutil
 import threading
 from pathlib import Path
 from typing import Callable
@@ -25,6 +23,7 @@ from typing import Callable
 import torch
 
 from .errors import InvalidArgument
+from .torch_compile import has_cxx_compiler
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,7 @@ def _build_name() -> str:
 
 
 def _missing_tools() -> str | None:
-    compilers = [os.environ.get("CXX"), "c++", "g++", "clang++"]
-    if not any(c and shutil.which(c) for c in compilers):
+    if not has_cxx_compiler():
         return "no C++ compiler on PATH (install g++ or set CXX)"
     try:
         from torch.utils.cpp_extension import verify_ninja_availability

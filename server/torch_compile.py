@@ -33,9 +33,13 @@ class CompileUnavailable(InvalidArgument):
     """torch.compile cannot run here (no C++ compiler for inductor)."""
 
 
+def has_cxx_compiler() -> bool:
+    """A C++ compiler on PATH (or $CXX): inductor and torch's extension builder both need one."""
+    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
+
+
 def check_compiler() -> None:
-    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    if not any(c and shutil.which(c) for c in compilers):
+    if not has_cxx_compiler():
         raise CompileUnavailable("--compile needs a C++ compiler for torch inductor (g++ or clang++ on "
                                  "PATH, or CXX set); install one (e.g. apt install g++) or run without "
                                  "--compile")

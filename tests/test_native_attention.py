@@ -131,8 +131,7 @@ def test_resolve_choices(kernel):
 def test_without_a_compiler_auto_falls_back_and_native_refuses(monkeypatch, caplog):
     monkeypatch.setattr(native_attention, "_loaded", None)
     monkeypatch.setattr(native_attention, "_failure", None)
-    monkeypatch.setattr(native_attention.shutil, "which", lambda name: None)
-    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native_attention, "has_cxx_compiler", lambda: False)
     with caplog.at_level(logging.WARNING, logger="prefloop.server.native_attention"):
         assert resolve_decode_kernel("auto", "cpu") is None
     assert "no C++ compiler" in caplog.text and "SDPA" in caplog.text

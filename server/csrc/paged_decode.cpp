@@ -109,16 +109,6 @@ inline void store_row(c10::BFloat16* p, const __m512 r[NV]) {
   for (int i = 0; i < 16 * NV; ++i) p[i] = static_cast<c10::BFloat16>(tmp[i]);  // round to nearest even
 }
 
-// Ask for the next block's rows of this head while the current block is computed: the cache is
-// cold at every step (a step streams all the weights through the caches between two reads of a
-// layer's KV), and without prefetching the loop waits on one DRAM round trip after another.
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t row_bytes) {
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t b = 0; b < row_bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p + t * stride) + b, _MM_HINT_T0);
-}
-
 template <typename T, int NV, int G>
 void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t ctx, T* out,
                         int64_t h, const Layout& L, float scale) {
@@ -137,18 +127,10 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.f;
   }
-  constexpr int64_t row_bytes = D * sizeof(T);
-  prefetch_rows(kc + table[0] * L.blk_stride + h * D, std::min(L.BS, ctx), L.tok_stride, row_bytes);
-  prefetch_rows(vc + table[0] * L.blk_stride + h * D, std::min(L.BS, ctx), L.tok_stride, row_bytes);
   for (int64_t blk = 0, start = 0; start < ctx; ++blk, start += L.BS) {
     const int64_t n = std::min(L.BS, ctx - start);
     const T* kb = kc + table[blk] * L.blk_stride + h * D;
     const T* vb = vc + table[blk] * L.blk_stride + h * D;
-    if (start + L.BS < ctx) {
-      const int64_t next_n = std::min(L.BS, ctx - start - L.BS);
-      prefetch_rows(kc + table[blk + 1] * L.blk_stride + h * D, next_n, L.tok_stride, row_bytes);
-      prefetch_rows(vc + table[blk + 1] * L.blk_stride + h * D, next_n, L.tok_stride, row_bytes);
-    }
     for (int64_t t = 0; t < n; ++t) {
       __m512 k[NV];
       load_row<NV>(kb + t * L.tok_stride, k);
