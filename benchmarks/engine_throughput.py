@@ -5,13 +5,14 @@ token, and peak RSS, for float32 and bfloat16, all in one run on the same weight
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
     python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
-                                           [--sdpa] [--json out.json]
+                                           [--sdpa] [--plain] [--packed] [--json out.json]
 
 `--compile` adds prefloop with `--compile` (the model step through torch.compile; compilation
 happens at engine start and is not timed), `--int8` prefloop with `--quantize int8`; with both, also
 the two together; `--sdpa` prefloop with `--attention sdpa` (gather + SDPA decode attention instead
-of the native kernel, which `prefloop` uses when it builds). Every prefloop column gets its ratio to
-transformers.
+of the native kernel, which `prefloop` uses when it builds); `--plain` / `--packed` prefloop with
+`--weight-layout plain` / `packed` (`prefloop` itself runs the default `auto`: packed oneDNN weights
+for bfloat16, plain for float32). Every prefloop column gets its ratio to transformers.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def peak_rss_mib() -> float:
 
 
 def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False,
-                 attention: str = "auto") -> dict:
+                 attention: str = "auto", weight_layout: str = "auto") -> dict:
     from prefloop.server.engine import LLMEngine
     from prefloop.server.kv_cache import KVCacheConfig
     from prefloop.server.model_loader import load_model, resolve_model_dir
@@ -46,7 +47,8 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", c
     from prefloop.server.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
-    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile, attention=attention),
+    engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile, attention=attention,
+                                  weight_layout=weight_layout),
                        KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
@@ -99,6 +101,10 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
 
 
 RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+           "prefloop-plain": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens,
+                                                                        weight_layout="plain"),
+           "prefloop-packed": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens,
+                                                                         weight_layout="packed"),
            "prefloop-sdpa": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, attention="sdpa"),
            "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8"),
            "prefloop-compiled": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, compile=True),
@@ -114,6 +120,9 @@ def main() -> int:
     ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
     ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
     ap.add_argument("--sdpa", action="store_true", help="also run prefloop --attention sdpa")
+    ap.add_argument("--plain", action="store_true", help="also run prefloop --weight-layout plain")
+    ap.add_argument("--packed", action="store_true",
+                    help="also run prefloop --weight-layout packed (differs from prefloop for float32)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,7 +136,8 @@ def main() -> int:
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
-    variants = [v for v, on in (("prefloop-sdpa", args.sdpa), ("prefloop-compiled", args.compile),
+    variants = [v for v, on in (("prefloop-plain", args.plain), ("prefloop-packed", args.packed),
+                                ("prefloop-sdpa", args.sdpa), ("prefloop-compiled", args.compile),
                                 ("prefloop-int8", args.int8),
                                 ("prefloop-compiled-int8", args.compile and args.int8)) if on]
     systems[1:1] = variants

@@ -2,12 +2,15 @@
 
 Each variant is its own copy of the default model with its own KV cache: `eager` (gather + SDPA
 decode attention), `native` (the C++ paged decode kernel, `--attention native`), `compiled`
-(`--compile`, SDPA attention) and `compiled+native`. They run the same decode batch (B sequences at
+(`--compile`, SDPA attention) and `compiled+native`, all with plain linear weights
+(`--weight-layout plain`); `packed` and `compiled+packed` are `native` and `compiled+native` with
+oneDNN-prepacked weights (`--weight-layout packed`, server/packed_linear.py), `int8` and
+`int8+packed` add `--quantize int8`. They run the same decode batch (B sequences at
 context C) alternately, N steps each; the median step times and each one's speed-up over the first
 variant are printed per batch size. Interleaving makes the ratios robust to this machine's noise,
 which end-to-end runs in separate processes are not.
 
-    python benchmarks/step_variants.py [--variants eager,native] [--dtype bfloat16]
+    python benchmarks/step_variants.py [--variants native,packed] [--dtype bfloat16]
                                        [--batch-sizes 1,8,32] [--context 100] [--steps 30]
 """
 from __future__ import annotations
@@ -15,9 +18,14 @@ from __future__ import annotations
 import argparse
 import time
 
-VARIANTS = {"eager": dict(attention="sdpa"), "native": dict(attention="native"),
-            "compiled": dict(attention="sdpa", compile=True),
-            "compiled+native": dict(attention="native", compile=True)}
+PLAIN = dict(weight_layout="plain")
+PACKED = dict(attention="native", weight_layout="packed")
+VARIANTS = {"eager": dict(attention="sdpa", **PLAIN), "native": dict(attention="native", **PLAIN),
+            "compiled": dict(attention="sdpa", compile=True, **PLAIN),
+            "compiled+native": dict(attention="native", compile=True, **PLAIN),
+            "packed": PACKED, "compiled+packed": dict(compile=True, **PACKED),
+            "int8": dict(attention="native", quantize="int8", **PLAIN),
+            "int8+packed": dict(quantize="int8", **PACKED)}
 
 
 def median_ms(times: list[float]) -> float:
@@ -27,7 +35,7 @@ def median_ms(times: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="eager,native", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="native,packed", help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--context", type=int, default=100, help="cached tokens per sequence (default 100)")

@@ -31,6 +31,7 @@ from .kv_cache import KVCacheConfig
 from .model_config import ModelConfig
 from .model_loader import DTYPES, load_model, read_generation_eos, resolve_model_dir
 from .native_attention import resolve_decode_kernel
+from .packed_linear import resolve_weight_layout
 from .quantize import QUANT_MODES
 from .torch_compile import check_compiler
 from .sampling_params import SamplingParams
@@ -211,7 +212,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
                     enforce_eager: bool = False, quantize: str = "none",
-                    compile: bool = False, attention: str = "auto") -> Generator:
+                    compile: bool = False, attention: str = "auto",
+                    weight_layout: str = "auto") -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
@@ -219,7 +221,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
     `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/quantize.py).
     `compile` runs the native engine's model step through torch.compile (server/torch_compile.py).
     `attention` (auto | native | sdpa) picks the native engine's decode attention
-    (server/native_attention.py).
+    (server/native_attention.py); `weight_layout` (auto | packed | plain) whether its linear
+    weights are prepacked for oneDNN (server/packed_linear.py).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
     was built for).
@@ -242,6 +245,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         if attention != "auto":
             raise InvalidArgument("--attention is a native-engine option; vLLM picks its own "
                                   "attention backend")
+        if weight_layout != "auto":
+            raise InvalidArgument("--weight-layout is a native-engine option; vLLM lays out its "
+                                  "own weights")
         if context.overflow != "error":
             raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
                                   "with --backend vllm a request that does not fit is rejected")
@@ -269,6 +275,7 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         check_compiler()  # before the weights are loaded
     # builds the kernel once (or refuses) before anything is loaded
     resolve_decode_kernel(attention, device, DTYPES.get(dtype, torch.float32))
+    resolve_weight_layout(weight_layout, device, DTYPES.get(dtype, torch.float32))
     model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
@@ -276,7 +283,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
-        context=context, quantize=quantize, compile=compile, attention=attention)
+        context=context, quantize=quantize, compile=compile, attention=attention,
+        weight_layout=weight_layout)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -290,21 +298,22 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context, quantize: str = "none",
-                 compile: bool = False, attention: str = "auto") -> Backend:
+                 compile: bool = False, attention: str = "auto", weight_layout: str = "auto") -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
     llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
-                       attention=attention)
+                       attention=attention, weight_layout=weight_layout)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len,
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
                      model_path=str(model_dir))
-    log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention", version,
-             info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
-             "native" if llama.decode_kernel is not None else "SDPA")
+    log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention, %s linear "
+             "weights", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
+             "native" if llama.decode_kernel is not None else "SDPA",
+             "packed" if llama.packed_weights else "plain")
     return Backend(AsyncEngine(engine), tokenizer, info)
 
 

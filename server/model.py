@@ -94,6 +94,7 @@ class LlamaModel(nn.Module):
         self._step = None  # the compiled step_logits once compile_step() ran
         # native paged decode attention (server/native_attention.py); None = gather + SDPA
         self.decode_kernel = None
+        self.packed_weights = False  # linear weights prepacked for oneDNN (server/packed_linear.py)
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ import argparse
 
 from .context_shift import DEFAULT_KEEP, OVERFLOW_MODES
 from .native_attention import ATTENTION_CHOICES
+from .packed_linear import LAYOUT_CHOICES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="native engine, decode attention on CPU: native = a C++ kernel reading the "
                         "paged KV cache in place (built once with g++/ninja, ≈ 15 s, cached); sdpa = "
                         "gather + torch SDPA; auto = native when it builds, else sdpa (default)")
+    g.add_argument("--weight-layout", default="auto", choices=list(LAYOUT_CHOICES),
+                   help="native engine, linear layers on CPU: packed = weights reordered once into "
+                        "oneDNN's GEMM layout (1.2-1.7x faster steps; bfloat16 results unchanged, "
+                        "float32 ones summed in another order); plain = torch's F.linear; auto = "
+                        "packed for bfloat16, plain for float32 (default)")
     g.add_argument("--cache-dir", default=None,
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
@@ -70,4 +76,5 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 context_discard=args.context_discard, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                quantize=args.quantize, compile=args.compile, attention=args.attention)
+                quantize=args.quantize, compile=args.compile, attention=args.attention,
+                weight_layout=args.weight_layout)

@@ -20,6 +20,7 @@ from .errors import UnsupportedModel
 from .model import LlamaModel
 from .model_config import SUPPORTED_TEXT, ModelConfig
 from .native_attention import resolve_decode_kernel
+from .packed_linear import pack_model, resolve_weight_layout
 from .quantize import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,14 +63,17 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
-               quantize: str = "none", compile: bool = False, attention: str = "auto") -> LlamaModel:
+               quantize: str = "none", compile: bool = False, attention: str = "auto",
+               weight_layout: str = "auto") -> LlamaModel:
     """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
     `quantize` "int8": weight-only int8 linear layers (server/quantize.py); `compile`: the step
     runs through torch.compile (server/torch_compile.py; compiled when an engine warms it up);
-    `attention`: auto / native / sdpa decode attention (server/native_attention.py)."""
+    `attention`: auto / native / sdpa decode attention (server/native_attention.py);
+    `weight_layout`: auto / packed / plain linear weights (server/packed_linear.py)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
     decode_kernel = resolve_decode_kernel(attention, device, DTYPES[dtype])  # before the weights: fail fast
+    pack = resolve_weight_layout(weight_layout, device, DTYPES[dtype])
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -122,6 +126,9 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
         raise UnsupportedModel(f"{model_dir} is missing weights: {sorted(missing + list(pending))[:5]}")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     model = quantize_model(model, quantize)
+    if pack:
+        pack_model(model)
+    model.packed_weights = pack
     model.decode_kernel = decode_kernel
     if compile:
         model.compile_step()

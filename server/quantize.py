@@ -3,8 +3,9 @@
 Each output row of a weight gets one scale (symmetric, absmax / 127); activations stay in the
 model dtype. Small batches (decode of a few streams: memory-bound, the weights dominate the bytes
 read) run torch's int8-weight kernel `aten._weight_int8pack_mm`, which reads half the bytes of
-bf16; larger batches (compute-bound) multiply by the dequantized weight, built once on first use,
-so both paths compute with the same quantized weights. Embeddings and norms stay unquantized;
+bf16; larger batches (compute-bound) multiply by the dequantized weight, built once on first use (or
+at load, prepacked by oneDNN, with `--weight-layout` auto/packed), so both paths compute with the
+same quantized weights. Embeddings and norms stay unquantized;
 the LM head is quantized even when tied (the embedding keeps its own full-precision copy).
 
 What it changes, measured in docs/performance.md: one-stream decode speed, and the outputs (it is
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .packed_linear import pack_weight, packed_linear
 
 QUANT_MODES = ("none", "int8")
 INT8_MAX_ROWS = 4  # batches up to this many tokens take the int8 kernel
@@ -51,6 +54,10 @@ class Int8Linear(nn.Module):
     def prepare_for_compile(self) -> None:
         self.dequantized()  # built now: a traced graph must not create module state
 
+    def pack_dense(self) -> None:
+        """Keep the large-batch weight prepacked by oneDNN (server/packed_linear.py)."""
+        self._dense = pack_weight(self.dequantized())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op: no shape branch, no decomposed int8 mm
             out = _int8_linear_op(x, self.qweight, self.scales, self._dense, self.max_rows)
@@ -63,7 +70,7 @@ def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, d
                  max_rows: int) -> torch.Tensor:
     if x.shape[0] <= max_rows:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)
-    return F.linear(x, dense)
+    return packed_linear(x, dense, None) if dense.is_mkldnn else F.linear(x, dense)
 
 
 # Under torch.compile (`--compile`) the layer is this custom op: inductor would otherwise decompose
