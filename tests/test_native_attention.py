@@ -68,6 +68,8 @@ def kernel():
     (9, 3, 64, 16),  # SmolLM2-135M: vector path, GQA group of 3
     (32, 8, 128, 16),  # Llama-3-8B-like: vector path, head_dim 128, group 4
     (8, 1, 128, 32),  # multi-query, group 8 (the vector path's largest)
+    (8, 2, 64, 48),  # block of 48: two full 16-token score chunks and a third, partial one
+    (9, 3, 64, 64),  # the vector path's largest block
     (4, 4, 64, 4),  # plain multi-head, small blocks
     (18, 2, 64, 16),  # group 9: portable path
     (4, 2, 16, 4),  # head_dim 16 (the tiny test models): portable path
@@ -83,6 +85,17 @@ def test_kernel_matches_float64_reference(kernel, n_heads, n_kv, head_dim, block
     assert torch.isfinite(out).all()
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (8 bits)
     assert (out.double() - ref).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("head_dim", [64, 16])  # vector and portable paths
+def test_peaked_scores_match_float64_reference(kernel, head_dim):
+    """Queries 30x larger: scores spread over hundreds, so most exp() arguments fall below -87
+    (the vector exp's clamp) and the running max changes between blocks."""
+    q, k_cache, v_cache, tables, ctx_lens = paged_case(6, 8, 2, head_dim, 16, 90, torch.float32, seed=4)
+    q = q * 30
+    scale = head_dim ** -0.5
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, scale)
+    assert (kernel(q, k_cache, v_cache, tables, ctx_lens, scale).double() - ref).abs().max().item() < 1e-5
 
 
 def test_kernel_equals_sdpa_path_inside_paged_attention(kernel):

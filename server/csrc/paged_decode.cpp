@@ -109,6 +109,46 @@ inline void store_row(c10::BFloat16* p, const __m512 r[NV]) {
   for (int i = 0; i < 16 * NV; ++i) p[i] = static_cast<c10::BFloat16>(tmp[i]);  // round to nearest even
 }
 
+// exp(x) for x <= 0 (scores minus their running max), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by Cephes' degree-6 polynomial (relative error ≈ 1e-7), times 2^n by scalef. Inputs below
+// -87 give ≈ 1e-38 instead of 0 (they are summed with numbers >= 1: no difference).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out[j] = the sum of v[j]'s 16 lanes, j < 16: four rounds of pairwise shuffles and adds (45
+// instructions) instead of 16 separate horizontal sums.
+inline __m512 sum_lanes16(const __m512 v[16]) {
+  __m512 w[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3]
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per chunk: the chunk's sums of v[4i .. 4i+3]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 q0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 q1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 1, 3, 1)));  // chunk j: v[4j .. 4j+3]
+}
+
+inline __mmask16 lanes(int64_t count) {  // the first min(count, 16) lanes
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
 template <typename T, int NV, int G>
 void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t ctx, T* out,
                         int64_t h, const Layout& L, float scale) {
@@ -131,22 +171,38 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
     const int64_t n = std::min(L.BS, ctx - start);
     const T* kb = kc + table[blk] * L.blk_stride + h * D;
     const T* vb = vc + table[blk] * L.blk_stride + h * D;
-    for (int64_t t = 0; t < n; ++t) {
-      __m512 k[NV];
-      load_row<NV>(kb + t * L.tok_stride, k);
-      for (int g = 0; g < G; ++g) {
-        __m512 d = _mm512_mul_ps(qv[g][0], k[0]);
-        for (int i = 1; i < NV; ++i) d = _mm512_fmadd_ps(qv[g][i], k[i], d);
-        s[g][t] = _mm512_reduce_add_ps(d);
+    for (int64_t c = 0; c < n; c += 16) {  // scores of 16 tokens: per-lane products, then one sum
+      const int64_t cn = std::min<int64_t>(16, n - c);
+      __m512 dots[G][16];
+      for (int64_t t = 0; t < 16; ++t) {
+        if (t >= cn) {
+          for (int g = 0; g < G; ++g) dots[g][t] = _mm512_setzero_ps();
+          continue;
+        }
+        __m512 k[NV];
+        load_row<NV>(kb + (c + t) * L.tok_stride, k);
+        for (int g = 0; g < G; ++g) {
+          __m512 d = _mm512_mul_ps(qv[g][0], k[0]);
+          for (int i = 1; i < NV; ++i) d = _mm512_fmadd_ps(qv[g][i], k[i], d);
+          dots[g][t] = d;
+        }
       }
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(s[g] + c, sum_lanes16(dots[g]));
     }
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g) {  // online softmax over the block, 16 scores at a time
       float mx = m[g];
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[g][t]);
+      for (int64_t c = 0; c < n; c += 16)
+        mx = std::max(mx, _mm512_mask_reduce_max_ps(lanes(n - c), _mm512_loadu_ps(s[g] + c)));
       const float corr = std::exp(m[g] - mx);
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) sum += (s[g][t] = std::exp(s[g][t] - mx));
-      l[g] = l[g] * corr + sum;
+      const __m512 mxv = _mm512_set1_ps(mx);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < n; c += 16) {
+        const __mmask16 k = lanes(n - c);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s[g] + c), mxv));
+        _mm512_mask_storeu_ps(s[g] + c, k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
+      }
+      l[g] = l[g] * corr + _mm512_reduce_add_ps(sum);
       m[g] = mx;
       if (corr != 1.f) {
         const __m512 c = _mm512_set1_ps(corr);
