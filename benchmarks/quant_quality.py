@@ -10,11 +10,12 @@ logits at every position) and generates its own greedy continuation. Reported pe
 - agree: tokens until the mode's greedy continuation first differs from float32's (mean over
   prompts; greedy text forks at the first near-tie, so this is noisy).
 
-    python benchmarks/quant_quality.py [--modes bfloat16,bfloat16+int8,float32+int8] [--max-tokens 64]
+    python benchmarks/quant_quality.py [--modes bfloat16,bfloat16+torch-ops,bfloat16+int8] [--max-tokens 64]
                                        [--prompts 8] [--model PATH]
 
-A mode is DTYPE or DTYPE+QUANTIZE (`--dtype` / `--quantize` of `prefloop serve`). Modes run eager:
-`--compile` computes the same model (tests/test_compile.py checks it).
+A mode is DTYPE, optionally followed by `+int8` (`--quantize int8`) and/or `+torch-ops` (bfloat16
+without the kernel library's fused norm / RoPE / SiLU ops, which the engine uses by default: see
+docs/engine.md). Modes run eager: `--compile` computes the same model (tests/test_compile.py).
 """
 from __future__ import annotations
 
@@ -77,9 +78,14 @@ def main() -> None:
     print(f"{len(prompts)} prompts, {args.max_tokens} greedy tokens each, scored against float32")
     print(f"{'mode':18} {'KL(fp32||mode)':>15} {'top-1':>7} {'agree':>7} {'seconds':>8}")
     for mode in args.modes.split(","):
-        dtype, _, quantize = mode.partition("+")
+        dtype, *options = mode.split("+")
+        unknown = set(options) - {"int8", "torch-ops"}
+        if unknown:
+            ap.error(f"unknown mode options {sorted(unknown)} in {mode!r}; use +int8 and/or +torch-ops")
         t0 = time.perf_counter()
-        model = load_model(model_dir, dtype=dtype, quantize=quantize or "none")
+        model = load_model(model_dir, dtype=dtype, quantize="int8" if "int8" in options else "none")
+        if "torch-ops" in options:
+            model.fused_ops = False
         logits = [all_logits(model, s) for s in sequences]
         kl = statistics.mean(
             float(F.kl_div(lg.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"))

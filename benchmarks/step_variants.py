@@ -5,7 +5,9 @@ decode attention), `native` (the C++ paged decode kernel, `--attention native`),
 (`--compile`, SDPA attention) and `compiled+native`, all with plain linear weights
 (`--weight-layout plain`); `packed` and `compiled+packed` are `native` and `compiled+native` with
 oneDNN-prepacked weights (`--weight-layout packed`, server/packed_linear.py), `int8` and
-`int8+packed` add `--quantize int8`. They run the same decode batch (B sequences at
+`int8+packed` add `--quantize int8`. With bfloat16, every `native`/`packed` variant also runs the
+fused norm / RoPE / SiLU ops of the kernel library in eager steps (server/csrc/fused_ops.cpp);
+`packed-unfused` is `packed` with torch's own ops instead. They run the same decode batch (B sequences at
 context C) alternately, N steps each; the median step times and each one's speed-up over the first
 variant are printed per batch size. Interleaving makes the ratios robust to this machine's noise,
 which end-to-end runs in separate processes are not.
@@ -25,7 +27,8 @@ VARIANTS = {"eager": dict(attention="sdpa", **PLAIN), "native": dict(attention="
             "compiled+native": dict(attention="native", compile=True, **PLAIN),
             "packed": PACKED, "compiled+packed": dict(compile=True, **PACKED),
             "int8": dict(attention="native", quantize="int8", **PLAIN),
-            "int8+packed": dict(quantize="int8", **PACKED)}
+            "int8+packed": dict(quantize="int8", **PACKED),
+            "packed-unfused": dict(fused_ops=False, **PACKED)}
 
 
 def median_ms(times: list[float]) -> float:
@@ -58,7 +61,12 @@ def main() -> None:
     model_dir = resolve_model_dir(None)
     runners = {}
     for name in names:
-        runners[name] = ModelRunner(load_model(model_dir, dtype=args.dtype, **VARIANTS[name]), blocks, bsz)
+        options = dict(VARIANTS[name])
+        fused_ops = options.pop("fused_ops", None)
+        model = load_model(model_dir, dtype=args.dtype, **options)
+        if fused_ops is not None:
+            model.fused_ops = fused_ops
+        runners[name] = ModelRunner(model, blocks, bsz)
         t0 = time.perf_counter()
         runners[name].warm_up()
         print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)

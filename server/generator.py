@@ -311,9 +311,10 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
                      model_path=str(model_dir))
     log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention, %s linear "
-             "weights", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
+             "weights%s", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
              "native" if llama.decode_kernel is not None else "SDPA",
-             "packed" if llama.packed_weights else "plain")
+             "packed" if llama.packed_weights else "plain",
+             ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "")
     return Backend(AsyncEngine(engine), tokenizer, info)
 
 

@@ -4,7 +4,8 @@ Inputs per step: token ids [num_tokens], positions [num_tokens], AttentionMetada
 block tables) and the per-layer KV cache; the layers reach the last two through
 `server/step_context.py`, so the dense math can be compiled as one graph (`compile_step`).
 Q/K/V and gate/up projections are fused into one matmul each; weights are loaded from HF names in
-`server/model_loader.py`.
+`server/model_loader.py`. With `fused_ops` (bfloat16 with the native kernel library) eager steps
+run each layer's norms, residual adds, RoPE and SiLU x up as four fused ops (server/csrc/fused_ops.cpp).
 """
 from __future__ import annotations
 
@@ -40,11 +41,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, fused: bool = False):
         n = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # one rotation pass for queries and keys together: [n, H + kvh, hd]
-        qk = apply_rope(qk.view(n, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        qk = qk.view(n, self.n_heads + self.n_kv, self.head_dim)
+        if fused:
+            torch.ops.prefloop_kernels.rope_(qk, cos, sin)  # in place, in the fresh QKV output
+        else:
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]  # [n, H, hd], [n, kvh, hd]
         v = v.view(n, self.n_kv, self.head_dim)  # [n, kvh, hd]
         out = layer_attention(q, k, v, self.layer_idx, self.scale)  # writes K/V, attends: [n, H, hd]
@@ -58,7 +63,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
+        if fused:
+            return self.down_proj(torch.ops.prefloop_kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -71,7 +78,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin):
+    def forward(self, h, cos, sin, fused: bool = False):
+        if fused:  # the same math in 4 passes over h (server/csrc/fused_ops.cpp); h is updated in place
+            ops, n1, n2 = torch.ops.prefloop_kernels, self.input_layernorm, self.post_attention_layernorm
+            x = ops.add_rms_norm_(h, self.self_attn(ops.rms_norm(h, n1.weight, n1.eps), cos, sin, True),
+                                  n2.weight, n2.eps)  # h += attention; x = norm(h)
+            return h.add_(self.mlp(x, True))
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -95,6 +107,9 @@ class LlamaModel(nn.Module):
         # native paged decode attention (server/native_attention.py); None = gather + SDPA
         self.decode_kernel = None
         self.packed_weights = False  # linear weights prepacked for oneDNN (server/packed_linear.py)
+        # eager steps use the fused norm / residual / RoPE / SiLU ops of server/csrc/fused_ops.cpp
+        # (loaded with the decode kernel: server/native_attention.py)
+        self.fused_ops = False
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +121,9 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos = self.cos_table[positions].to(h.dtype)  # [num_tokens, head_dim]
         sin = self.sin_table[positions].to(h.dtype)
+        fused = self.fused_ops and not torch.compiler.is_compiling()  # inductor fuses by itself
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, fused)
         return self.lm_head(self.norm(h[logits_indices])).float()  # [num_sampled, vocab]
 
     def compile_step(self) -> None:

@@ -22,9 +22,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "decode steps on CPU; 25-100 s of compiling at start on 2 cores, cached on "
                         "disk afterwards; needs a C++ compiler)")
     g.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
-                   help="native engine, decode attention on CPU: native = a C++ kernel reading the "
-                        "paged KV cache in place (built once with g++/ninja, ≈ 15 s, cached); sdpa = "
-                        "gather + torch SDPA; auto = native when it builds, else sdpa (default)")
+                   help="native engine on CPU: native = prefloop's C++ kernels (decode attention "
+                        "reading the paged KV cache in place; with bfloat16 also fused norm / RoPE / "
+                        "SiLU ops), built once with g++/ninja (≈ 20 s) and cached; sdpa = gather + "
+                        "torch SDPA and torch's own ops; auto = native when it builds, else sdpa (default)")
     g.add_argument("--weight-layout", default="auto", choices=list(LAYOUT_CHOICES),
                    help="native engine, linear layers on CPU: packed = weights reordered once into "
                         "oneDNN's GEMM layout (1.2-1.7x faster steps; bfloat16 results unchanged, "

@@ -130,6 +130,9 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
         pack_model(model)
     model.packed_weights = pack
     model.decode_kernel = decode_kernel
+    # the kernel library's fused norm / RoPE / SiLU ops: bfloat16 only (float32 keeps torch's exact
+    # ops, so it matches transformers within 1e-4; docs/engine.md)
+    model.fused_ops = decode_kernel is not None and DTYPES[dtype] == torch.bfloat16
     if compile:
         model.compile_step()
     return model

@@ -10,6 +10,9 @@
 - `sdpa`: gather the context blocks and call torch's scaled_dot_product_attention (the portable
   path; also what CUDA and prefill chunks always use).
 - `auto` (default): `native` on CPU when the kernel builds, else `sdpa` with a warning saying why.
+
+The same library carries the eager fused norm / residual / RoPE / SiLU ops (server/csrc/fused_ops.cpp):
+`load_model` turns them on (`LlamaModel.fused_ops`) for bfloat16 whenever the decode kernel is in use.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("auto", "native", "sdpa")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+# built into the same library: eager-mode fused norm / residual / RoPE / SiLU ops (LlamaModel.fused_ops)
+FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
+SOURCES = (SOURCE, FUSED_SOURCE)
+HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -62,7 +69,7 @@ def _cpu_flags() -> str:
 
 def _build_name() -> str:
     # -march=native: a library built on one CPU must not load on another (shared home folders).
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(CFLAGS).encode() + torch.__version__.encode()
                          + _cpu_flags().encode())
     return f"prefloop_kernels_{key.hexdigest()[:16]}"
 
@@ -91,7 +98,7 @@ def load_decode_kernel() -> DecodeKernel:
             try:
                 from torch.utils.cpp_extension import load
                 log.info("building/loading the native decode-attention kernel (first build ≈ 15 s)")
-                load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                load(name=_build_name(), sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
                      is_python_module=False, verbose=False)
                 _loaded = torch.ops.prefloop_kernels.paged_decode
                 return _loaded

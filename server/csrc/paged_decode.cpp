@@ -22,9 +22,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 namespace {
 
@@ -85,7 +83,10 @@ void decode_item_portable(const T* q, const T* kc, const T* vc, const int64_t* t
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(PREFLOOP_AVX512)
+using prefloop_vec::exp_nonpositive;
+using prefloop_vec::lanes;
+
 // NV = head_dim / 16: a row is NV registers of 16 floats.
 template <int NV>
 inline void load_row(const float* p, __m512 r[NV]) {
@@ -109,25 +110,6 @@ inline void store_row(c10::BFloat16* p, const __m512 r[NV]) {
   for (int i = 0; i < 16 * NV; ++i) p[i] = static_cast<c10::BFloat16>(tmp[i]);  // round to nearest even
 }
 
-// exp(x) for x <= 0 (scores minus their running max), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by Cephes' degree-6 polynomial (relative error ≈ 1e-7), times 2^n by scalef. Inputs below
-// -87 give ≈ 1e-38 instead of 0 (they are summed with numbers >= 1: no difference).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // out[j] = the sum of v[j]'s 16 lanes, j < 16: four rounds of pairwise shuffles and adds (45
 // instructions) instead of 16 separate horizontal sums.
 inline __m512 sum_lanes16(const __m512 v[16]) {
@@ -143,10 +125,6 @@ inline __m512 sum_lanes16(const __m512 v[16]) {
                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 1, 3, 1)));  // chunk j: v[4j .. 4j+3]
-}
-
-inline __mmask16 lanes(int64_t count) {  // the first min(count, 16) lanes
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
 
 template <typename T, int NV, int G>
@@ -250,7 +228,7 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
             int64_t B, const Layout& L, float scale) {
   using Fn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, T*, int64_t, const Layout&, float);
   Fn item_fn = &decode_item_portable<T>;
-#if defined(__AVX512F__)
+#if defined(PREFLOOP_AVX512)
   if (L.BS <= 64 && L.G <= kMaxGroup) {
     if (L.D == 64) item_fn = avx512_for_group<T, 4>(L.G);
     if (L.D == 128) item_fn = avx512_for_group<T, 8>(L.G);
