@@ -171,7 +171,10 @@ class LLMEngine:
                     row_logits.append(i)
         if not rows:
             return []
-        row_logits = logits[row_logits]
+        if row_logits != list(range(len(logits))):  # e.g. a pure decode batch: every row samples once
+            row_logits = logits[row_logits]
+        else:
+            row_logits = logits
         if self.logits_hook is not None:
             self.logits_hook(rows, row_logits)
         tokens = sample(row_logits, rows)

@@ -121,11 +121,21 @@ void rope_rows(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64
       const T* s = sin + t * cs;
       for (int64_t hh = 0; hh < heads; ++hh) {
         T* v = x + t * s0 + hh * s1;
+#if defined(PREFLOOP_AVX512)
+        using namespace prefloop_vec;
+        for (int64_t i = 0; i < half; i += 16) {
+          const __mmask16 k = lanes(half - i);
+          const __m512 a = load16(v + i, k), b = load16(v + i + half, k);
+          store16(v + i, _mm512_fmsub_ps(a, load16(c + i, k), _mm512_mul_ps(b, load16(s + i, k))), k);
+          store16(v + i + half, _mm512_fmadd_ps(b, load16(c + i + half, k), _mm512_mul_ps(a, load16(s + i + half, k))), k);
+        }
+#else
         for (int64_t i = 0; i < half; ++i) {
           const float a = to_f(v[i]), b = to_f(v[i + half]);
           v[i] = static_cast<T>(a * to_f(c[i]) - b * to_f(s[i]));
           v[i + half] = static_cast<T>(b * to_f(c[i + half]) + a * to_f(s[i + half]));
         }
+#endif
       }
     }
   });
