@@ -171,13 +171,11 @@ class LLMEngine:
                     row_logits.append(i)
         if not rows:
             return []
-        if row_logits != list(range(len(logits))):  # e.g. a pure decode batch: every row samples once
-            row_logits = logits[row_logits]
-        else:
-            row_logits = logits
+        # a pure decode batch samples every row once, in order: no copy of the logits then
+        sampled = logits if row_logits == list(range(len(logits))) else logits[row_logits]
         if self.logits_hook is not None:
-            self.logits_hook(rows, row_logits)
-        tokens = sample(row_logits, rows)
+            self.logits_hook(rows, sampled)
+        tokens = sample(sampled, rows)
         outs = [out for seq, tok in zip(rows, tokens) if (out := self._append(seq, tok))]
         if self.context.overflow == "shift":
             for seq in rows:

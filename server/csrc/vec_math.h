@@ -12,9 +12,10 @@
 
 namespace prefloop_vec {
 
-// exp(x) for x <= 0 (scores minus their running max), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by Cephes' degree-6 polynomial (relative error ≈ 1e-7), times 2^n by scalef. Inputs below
-// -87 give ≈ 1e-38 instead of 0 (they are summed with numbers >= 1: no difference).
+// exp(x) for x <= 0 (softmax scores minus their running max; -|g| in SiLU), 16 lanes: x = n ln2 + r,
+// |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial (relative error ≈ 1e-7), times 2^n by
+// scalef. Inputs below -87 give ≈ 1e-38 instead of 0: added to the softmax's running sum (>= 1) or
+// to 1 in the sigmoid, it changes nothing.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
