@@ -4,8 +4,8 @@
 - `native`: the C++ kernel, which reads the cache in place through the block tables on torch's own
   thread pool (no gather copy, no mask); 2-5x faster than gather + SDPA per call, ≈ 10 ms of a
   32-stream bf16 step on 2 cores (docs/performance.md). Built once with torch's extension builder
-  (g++/clang++ and ninja, `-O3 -march=native`, ≈ 15 s) into torch's extension folder
-  ($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), keyed by the source, the torch version and
+  (g++/clang++ and ninja, `-O3 -march=native`, ≈ 20 s) into torch's extension folder
+  ($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), keyed by the sources, the torch version and
   this CPU's flags; later starts load the built library in well under a second.
 - `sdpa`: gather the context blocks and call torch's scaled_dot_product_attention (the portable
   path; also what CUDA and prefill chunks always use).
@@ -69,8 +69,8 @@ def _cpu_flags() -> str:
 
 def _build_name() -> str:
     # -march=native: a library built on one CPU must not load on another (shared home folders).
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                         + _cpu_flags().encode())
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags().encode())
     return f"prefloop_kernels_{key.hexdigest()[:16]}"
 
 
@@ -97,7 +97,7 @@ def load_decode_kernel() -> DecodeKernel:
         if _failure is None:
             try:
                 from torch.utils.cpp_extension import load
-                log.info("building/loading the native decode-attention kernel (first build ≈ 15 s)")
+                log.info("building/loading prefloop's CPU kernels (first build ≈ 20 s)")
                 load(name=_build_name(), sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
                      is_python_module=False, verbose=False)
                 _loaded = torch.ops.prefloop_kernels.paged_decode

@@ -24,8 +24,7 @@ namespace {
 
 constexpr int64_t kGrainElements = 32768;  // below this many elements a call runs on one thread
 
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+using prefloop_vec::to_float;
 
 inline int64_t grain_rows(int64_t row_elements) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
@@ -61,11 +60,11 @@ void norm_row(T* h, const T* delta, int64_t d, const T* w, float eps, T* o) {
 #else
   float ss = 0.f;
   for (int64_t i = 0; i < d; ++i) {
-    if (delta != nullptr) h[i] = static_cast<T>(to_f(h[i]) + to_f(delta[i]));
-    ss += to_f(h[i]) * to_f(h[i]);
+    if (delta != nullptr) h[i] = static_cast<T>(to_float(h[i]) + to_float(delta[i]));
+    ss += to_float(h[i]) * to_float(h[i]);
   }
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(to_f(h[i]) * inv * to_f(w[i]));
+  for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(to_float(h[i]) * inv * to_float(w[i]));
 #endif
 }
 
@@ -131,9 +130,9 @@ void rope_rows(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64
         }
 #else
         for (int64_t i = 0; i < half; ++i) {
-          const float a = to_f(v[i]), b = to_f(v[i + half]);
-          v[i] = static_cast<T>(a * to_f(c[i]) - b * to_f(s[i]));
-          v[i + half] = static_cast<T>(b * to_f(c[i + half]) + a * to_f(s[i + half]));
+          const float a = to_float(v[i]), b = to_float(v[i + half]);
+          v[i] = static_cast<T>(a * to_float(c[i]) - b * to_float(s[i]));
+          v[i + half] = static_cast<T>(b * to_float(c[i + half]) + a * to_float(s[i + half]));
         }
 #endif
       }
@@ -179,8 +178,8 @@ void silu_mul_rows(const T* gu, T* out, int64_t n, int64_t inter, int64_t stride
       }
 #else
       for (int64_t i = 0; i < inter; ++i) {
-        const float gf = to_f(g[i]);
-        o[i] = static_cast<T>(gf / (1.f + std::exp(-gf)) * to_f(u[i]));
+        const float gf = to_float(g[i]);
+        o[i] = static_cast<T>(gf / (1.f + std::exp(-gf)) * to_float(u[i]));
       }
 #endif
     }

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,15 +25,9 @@
 
 namespace {
 
-constexpr int kMaxGroup = 8;  // query heads per KV head on the vector path
+using prefloop_vec::to_float;
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+constexpr int kMaxGroup = 8;  // query heads per KV head on the vector path
 
 struct Layout {
   int64_t H, KVH, G, D, BS, width, tok_stride, blk_stride;
@@ -88,26 +81,13 @@ using prefloop_vec::exp_nonpositive;
 using prefloop_vec::lanes;
 
 // NV = head_dim / 16: a row is NV registers of 16 floats.
-template <int NV>
-inline void load_row(const float* p, __m512 r[NV]) {
-  for (int i = 0; i < NV; ++i) r[i] = _mm512_loadu_ps(p + 16 * i);
+template <typename T, int NV>
+inline void load_row(const T* p, __m512 r[NV]) {
+  for (int i = 0; i < NV; ++i) r[i] = prefloop_vec::load16(p + 16 * i);
 }
-template <int NV>
-inline void load_row(const c10::BFloat16* p, __m512 r[NV]) {
-  for (int i = 0; i < NV; ++i) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * i));
-    r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-template <int NV>
-inline void store_row(float* p, const __m512 r[NV]) {
-  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(p + 16 * i, r[i]);
-}
-template <int NV>
-inline void store_row(c10::BFloat16* p, const __m512 r[NV]) {
-  alignas(64) float tmp[16 * NV];
-  for (int i = 0; i < NV; ++i) _mm512_store_ps(tmp + 16 * i, r[i]);
-  for (int i = 0; i < 16 * NV; ++i) p[i] = static_cast<c10::BFloat16>(tmp[i]);  // round to nearest even
+template <typename T, int NV>
+inline void store_row(T* p, const __m512 r[NV]) {
+  for (int i = 0; i < NV; ++i) prefloop_vec::store16(p + 16 * i, r[i]);
 }
 
 // out[j] = the sum of v[j]'s 16 lanes, j < 16: four rounds of pairwise shuffles and adds (45
@@ -137,7 +117,7 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
   alignas(64) float s[G][kMaxBlock];
   const __m512 sc = _mm512_set1_ps(scale);
   for (int g = 0; g < G; ++g) {
-    load_row<NV>(q + g * D, qv[g]);
+    load_row<T, NV>(q + g * D, qv[g]);
     for (int i = 0; i < NV; ++i) {
       qv[g][i] = _mm512_mul_ps(qv[g][i], sc);
       acc[g][i] = _mm512_setzero_ps();
@@ -158,7 +138,7 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
           continue;
         }
         __m512 k[NV];
-        load_row<NV>(kb + (c + t) * L.tok_stride, k);
+        load_row<T, NV>(kb + (c + t) * L.tok_stride, k);
         for (int g = 0; g < G; ++g) {
           __m512 d = _mm512_mul_ps(qv[g][0], k[0]);
           for (int i = 1; i < NV; ++i) d = _mm512_fmadd_ps(qv[g][i], k[i], d);
@@ -189,7 +169,7 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
     }
     for (int64_t t = 0; t < n; ++t) {
       __m512 v[NV];
-      load_row<NV>(vb + t * L.tok_stride, v);
+      load_row<T, NV>(vb + t * L.tok_stride, v);
       for (int g = 0; g < G; ++g) {
         const __m512 p = _mm512_set1_ps(s[g][t]);
         for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
@@ -200,7 +180,7 @@ void decode_item_avx512(const T* q, const T* kc, const T* vc, const int64_t* tab
     const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
     __m512 o[NV];
     for (int i = 0; i < NV; ++i) o[i] = _mm512_mul_ps(acc[g][i], inv);
-    store_row<NV>(out + g * D, o);
+    store_row<T, NV>(out + g * D, o);
   }
 }
 

@@ -1,10 +1,14 @@
-// Small AVX-512 helpers shared by prefloop's CPU kernels (paged_decode.cpp, fused_ops.cpp).
+// Small (mostly AVX-512) helpers shared by prefloop's CPU kernels (paged_decode.cpp, fused_ops.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
-#include <cstring>
+
+namespace prefloop_vec {
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+}  // namespace prefloop_vec
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PREFLOOP_AVX512 1
@@ -32,11 +36,16 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 16 values as float32 (bfloat16 widened by a shift) and back (bfloat16 rounded to nearest even).
-inline __m512 load16(const float* p, __mmask16 k = 0xFFFF) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 load16(const c10::BFloat16* p, __mmask16 k = 0xFFFF) {
-  const __m256i h = _mm256_maskz_loadu_epi16(k, reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// 16 values as float32 (bfloat16 widened by a shift) and back (bfloat16 rounded to nearest even);
+// the masked forms touch only the lanes in k (row tails).
+inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {
+  return widen(_mm256_maskz_loadu_epi16(k, reinterpret_cast<const __m256i*>(p)));
 }
 inline void store16(float* p, __m512 v, __mmask16 k = 0xFFFF) { _mm512_mask_storeu_ps(p, k, v); }
 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 k = 0xFFFF) {
