@@ -1,6 +1,6 @@
 """Training sets from the preference log: loading, the time-based held-out split, the watermark.
 
-Rows come from `prefloop.server.log_export` (TRL's conversational format: `prompt` is a message
+Rows come from `prefloop.server.feedback.export` (TRL's conversational format: `prompt` is a message
 list, `chosen` / `rejected` / `completion` are one assistant message each) and keep their
 `created_at`. Everything here is plain Python on lists of dicts, so it is tested without a model:
 
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefloop.server import log_export, logschema
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback import export as log_export
+from prefloop.server.feedback import schema as logschema
 
 MAX_PAIRS_PER_PROMPT = 16
 

@@ -19,8 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .losses import preference_accuracy, preference_loss, reward_metrics, token_kl
-
+from prefloop.align.losses import preference_accuracy, preference_loss, reward_metrics, token_kl
 
 _KL_CHUNK = 512  # predicted tokens per KL chunk: bounds the [chunk, vocab] temporaries
 

@@ -30,8 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefloop.server import logschema
 from prefloop.server.durable_io import fsync_dir, makedirs_durable
+from prefloop.server.feedback import schema as logschema
 from prefloop.server.registry import version_number
 
 SCORES_DIR = "scores"
@@ -115,7 +115,7 @@ def generations_to_score(data_dir: str | Path, rm_version: str, *, since: str | 
     """Generations with a non-empty completion that `rm_version` has not scored (all of them
     with `rescore`), oldest first: response_id, prompt (messages), completion, model_version,
     prompt_fingerprint, generated_at."""
-    from prefloop.server import log_export
+    from prefloop.server.feedback import export as log_export
     table = log_export.load_table(data_dir, logschema.GENERATIONS, since=since)
     done = set() if rescore else scored_ids(data_dir, rm_version)
     rows = []

@@ -1,7 +1,7 @@
 """Context shift: continuing past the context window by re-rotating cached keys vs recomputing them.
 
 Three measurements with the default model (SmolLM2-135M) and the real engine (`--context-overflow
-shift`, server/context_shift.py):
+shift`, server/engine/context.py):
 
 0. Shift cost: the cache left after one shift, rotated in place, vs a fresh prefill of the same
    context, repeated (min and median: robust on a shared machine), at several window sizes.
@@ -31,14 +31,14 @@ import time
 
 import torch
 
-import prefloop.server.engine as engine_module
-from prefloop.server.context_shift import ContextConfig
-from prefloop.server.engine import LLMEngine
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_loader import load_model, resolve_model_dir
-from prefloop.server.sampling_params import SamplingParams
-from prefloop.server.scheduler import SchedulerConfig
-from prefloop.server.tokenizer import Tokenizer
+import prefloop.server.engine.llm_engine as engine_module
+from prefloop.server.engine.context import ContextConfig
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.engine.scheduler import SchedulerConfig
+from prefloop.server.model.loader import load_model, resolve_model_dir
+from prefloop.server.serving.tokenizer import Tokenizer
 
 TOPICS = ("execmodel", "import", "compound", "exceptions", "assignment", "naming")
 SYSTEM = "You are a careful assistant who answers questions about the Python language."

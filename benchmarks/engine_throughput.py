@@ -40,11 +40,11 @@ def peak_rss_mib() -> float:
 
 def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False,
                  attention: str = "auto", weight_layout: str = "auto") -> dict:
-    from prefloop.server.engine import LLMEngine
-    from prefloop.server.kv_cache import KVCacheConfig
-    from prefloop.server.model_loader import load_model, resolve_model_dir
-    from prefloop.server.sampling_params import SamplingParams
-    from prefloop.server.tokenizer import Tokenizer
+    from prefloop.server.engine.kv_cache import KVCacheConfig
+    from prefloop.server.engine.llm_engine import LLMEngine
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.model.loader import load_model, resolve_model_dir
+    from prefloop.server.serving.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
     engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile, attention=attention,
@@ -69,8 +69,9 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", c
 def run_transformers(dtype: str, bs: int, max_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from prefloop.server.model_loader import resolve_model_dir
-    from prefloop.server.tokenizer import Tokenizer
+
+    from prefloop.server.model.loader import resolve_model_dir
+    from prefloop.server.serving.tokenizer import Tokenizer
     d = resolve_model_dir(None)
     hf_tok = AutoTokenizer.from_pretrained(d)
     hf_tok.padding_side = "left"
@@ -91,7 +92,8 @@ def run_transformers(dtype: str, bs: int, max_tokens: int) -> dict:
 
 def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
     from llama_cpp import Llama  # optional peer: only when llama-cpp-python is installed
-    from prefloop.server.default_model import default_gguf_path
+
+    from prefloop.server.model.default_model import default_gguf_path
     llm = Llama(str(default_gguf_path()), n_ctx=2048, n_threads=2, verbose=False)
     t0 = time.perf_counter()
     out = llm(PROMPTS[0], max_tokens=max_tokens, temperature=0.0)

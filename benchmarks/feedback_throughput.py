@@ -26,8 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
-from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-from prefloop.server.wal import WalConfig
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+from prefloop.server.feedback.wal import WalConfig
 
 SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "max_tokens": 64, "stop": [],
             "seed": None, "n": 1, "repetition_penalty": 1.0}

@@ -23,8 +23,8 @@ from prefloop.clients.bench_cmd import PROMPT, TOPICS
 
 
 async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
-    from prefloop.server.generator import build_generator
-    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.serving.build import build_generator
     gen = build_generator()
     await gen.start()
     out = {}

@@ -25,14 +25,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from engine_throughput import prompt_ids
 
 
 def continuations(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from prefloop.server.engine import LLMEngine
-    from prefloop.server.kv_cache import KVCacheConfig
-    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.engine.kv_cache import KVCacheConfig
+    from prefloop.server.engine.llm_engine import LLMEngine
+    from prefloop.server.engine.sampling_params import SamplingParams
     engine = LLMEngine(model, KVCacheConfig(capacity_tokens=len(prompts) * (max_tokens + 96) + 256,
                                             enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -42,10 +41,10 @@ def continuations(model, prompts: list[list[int]], max_tokens: int) -> list[list
 
 def all_logits(model, seq_ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits [len, vocab] (float32) of one sequence: one prefill step."""
-    from prefloop.server.model_runner import ModelRunner
-    from prefloop.server.sampling_params import SamplingParams
-    from prefloop.server.scheduler import ScheduledSeq
-    from prefloop.server.sequence import Sequence
+    from prefloop.server.engine.model_runner import ModelRunner
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.engine.scheduler import ScheduledSeq
+    from prefloop.server.engine.sequence import Sequence
     n, block = len(seq_ids), 16
     runner = ModelRunner(model, -(-n // block), block)
     seq = Sequence(0, "score", 0, list(seq_ids), n, SamplingParams(max_tokens=1), 0)
@@ -65,8 +64,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded model)")
     args = ap.parse_args()
-    from prefloop.server.model_loader import load_model, resolve_model_dir
-    from prefloop.server.tokenizer import Tokenizer
+    from prefloop.server.model.loader import load_model, resolve_model_dir
+    from prefloop.server.serving.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model)
     prompts = prompt_ids(Tokenizer(model_dir), args.prompts)

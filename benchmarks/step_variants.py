@@ -4,7 +4,7 @@ Each variant is its own copy of the default model with its own KV cache: `eager`
 decode attention), `native` (the C++ paged decode kernel, `--attention native`), `compiled`
 (`--compile`, SDPA attention) and `compiled+native`, all with plain linear weights
 (`--weight-layout plain`); `packed` and `compiled+packed` are `native` and `compiled+native` with
-oneDNN-prepacked weights (`--weight-layout packed`, server/packed_linear.py), `int8` and
+oneDNN-prepacked weights (`--weight-layout packed`, server/model/packed_linear.py), `int8` and
 `int8+packed` add `--quantize int8`. With bfloat16, every `native`/`packed` variant also runs the
 fused norm / RoPE / SiLU ops of the kernel library in eager steps (server/csrc/fused_ops.cpp);
 `packed-unfused` is `packed` with torch's own ops instead. They run the same decode batch (B sequences at
@@ -44,11 +44,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=100, help="cached tokens per sequence (default 100)")
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    from prefloop.server.model_loader import load_model, resolve_model_dir
-    from prefloop.server.model_runner import ModelRunner
-    from prefloop.server.sampling_params import SamplingParams
-    from prefloop.server.scheduler import ScheduledSeq
-    from prefloop.server.sequence import Sequence
+    from prefloop.server.engine.model_runner import ModelRunner
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.engine.scheduler import ScheduledSeq
+    from prefloop.server.engine.sequence import Sequence
+    from prefloop.server.model.loader import load_model, resolve_model_dir
 
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

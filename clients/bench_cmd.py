@@ -15,8 +15,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from .client import DEFAULT_TARGET, TOKEN_ENV, AsyncClient
-from .errors import ClientError
+from prefloop.clients.client import DEFAULT_TARGET, TOKEN_ENV, AsyncClient
+from prefloop.clients.errors import ClientError
 
 TOPICS = [
     "the history of the Roman Empire", "how airplanes fly", "the water cycle",

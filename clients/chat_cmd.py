@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from .client import DEFAULT_TARGET, TOKEN_ENV, Client
-from .errors import ClientError
+from prefloop.clients.client import DEFAULT_TARGET, TOKEN_ENV, Client
+from prefloop.clients.errors import ClientError
 
 PROMPT = "you> "
 
@@ -195,4 +195,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         client.close()
-from . import chat_feedback  # noqa: E402,F401  (registers /up, /down, /pair, /better)
+from prefloop.clients import chat_feedback  # noqa: E402,F401  (registers /up, /down, /pair, /better)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-from .chat_cmd import ChatSession, command
-from .client import FeedbackAck
-from .errors import ClientError, Unavailable
+from prefloop.clients.chat_cmd import ChatSession, command
+from prefloop.clients.client import FeedbackAck
+from prefloop.clients.errors import ClientError, Unavailable
 
 # how /pair reads the choice (tests replace it)
 read_choice: Callable[[str], str] = input

@@ -16,7 +16,6 @@ the server. Imports go to the generated proto modules only, never to the server.
 from __future__ import annotations
 
 import json
-
 import os
 import uuid
 from dataclasses import dataclass
@@ -25,10 +24,15 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
-from prefloop.proto.prefloop.v1 import (feedback_pb2, feedback_pb2_grpc, generation_pb2,
-                                        generation_pb2_grpc, models_pb2, models_pb2_grpc)
-
-from .errors import error_from_rpc
+from prefloop.clients.errors import error_from_rpc
+from prefloop.proto.prefloop.v1 import (
+    feedback_pb2,
+    feedback_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "PREFLOOP_TOKEN"

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .durable_io import fsync_dir, makedirs_durable, write_file_atomic
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prefloop.server.durable_io import fsync_dir, makedirs_durable, write_file_atomic
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 REGISTRY_DIR = "registry"
 VERSIONS_DIR = "versions"
@@ -430,8 +430,8 @@ class Registry:
                     source: str | None = None) -> str:
         """Create v0000 from an HF folder on first use (and point CURRENT at it); idempotent.
 
-        `model_dir` must be an HF folder (resolve `--model` with `model_loader.resolve_model_dir`
-        first); None uses the default model. Returns "v0000".
+        `model_dir` must be an HF folder (resolve `--model` with `model.loader.resolve_model_dir`
+        first); None only re-points CURRENT at an existing v0000. Returns "v0000".
         """
         if (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file() and self.current():
             return BASE_VERSION
@@ -439,8 +439,9 @@ class Registry:
         with self._pointer_lock():
             if not (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file():
                 if model_dir is None:
-                    from .model_loader import resolve_model_dir  # torch: only when copying
-                    model_dir = resolve_model_dir(None)
+                    raise FailedPrecondition(
+                        f"{self.root} has no {BASE_VERSION}: create it from a model folder first "
+                        "(`prefloop models init [--model PATH]`)")
                 src = Path(model_dir)
                 if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
                     raise InvalidArgument(f"{src} is not a Hugging Face model folder "

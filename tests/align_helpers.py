@@ -17,7 +17,7 @@ WORDS = ("river", "stone", "cloud", "green", "quiet", "music", "paper", "light",
 
 def tiny_policy(path: Path, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 32) with the default model's 49152-token vocab and tokenizer."""
-    from prefloop.server.model_loader import resolve_model_dir
+    from prefloop.server.model.loader import resolve_model_dir
     save_tiny(path, seed=seed, vocab_size=49152, hidden_size=32, intermediate_size=64,
               num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
               pad_token_id=2, tie_word_embeddings=False)
@@ -44,8 +44,8 @@ def banana_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def write_pairs(data_dir: Path, pairs: list[dict]) -> None:
     """Submit the pairs in order (so created_at increases) and compact them into Parquet."""
-    from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-    from prefloop.server.wal import WalConfig
+    from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+    from prefloop.server.feedback.wal import WalConfig
     with FeedbackStore(StoreConfig(data_dir=Path(data_dir), wal=WalConfig(linger_s=0.0005))) as s:
         for p in pairs:
             s.submit_preference(prompt_messages=p["prompt"], chosen_text=p["chosen"],

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.sampling_params import SamplingParams
 
 USER_TOKEN = "user-test-token-1"
 ADMIN_TOKEN = "admin-test-token-1"
@@ -141,7 +141,7 @@ class InProcessServer:
 
 
 def start_in_process_server(generator=None, **config_kwargs) -> InProcessServer:
-    from prefloop.server.grpc_server import PrefloopServer, ServerConfig
+    from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
 
     generator = generator or FakeGenerator()
     recorder = RecordingRecorder()

@@ -4,12 +4,12 @@ from __future__ import annotations
 import threading
 
 import torch
+from conftest import USER_TOKEN, wait_until
 from safetensors.torch import load_file, save_file
 
-from conftest import USER_TOKEN, wait_until
 from prefloop.clients import Client
 from prefloop.clients.errors import ClientError
-from prefloop.server.model_loader import resolve_model_dir
+from prefloop.server.model.loader import resolve_model_dir
 from prefloop.server.registry import Registry
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]

@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
-
 from align_helpers import banana_pairs, write_pairs
-from prefloop.align import data, gate, losses, schedule
+
+from prefloop.align import data, gate, losses
+from prefloop.align.jobs import schedule
 from prefloop.server.errors import InvalidArgument
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -133,12 +134,12 @@ def test_schedule_durations_and_run_flags():
     for bad in ("soon", "6x", "0s", "h"):
         with pytest.raises(InvalidArgument):
             schedule.parse_duration(bad)
-    from prefloop.align import align_cmd
+    from prefloop.align.cli import align as align_cmd
     parser = argparse.ArgumentParser()
     align_cmd.add_arguments(parser)
     args = parser.parse_args(["schedule", "--every", "6h", "--data-dir", "/d", "--method", "kto",
                               "--auto-promote", "--beta", "0.2", "--no-bf16", "--max-runs", "2"])
-    argv = schedule.run_argv(args)
+    argv = schedule.run_argv(args, align_cmd.add_run_arguments)
     assert argv == ["--data-dir", "/d", "--beta", "0.2", "--no-bf16", "--method", "kto",
                     "--auto-promote"]
     again = parser.parse_args(["run", *argv])

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from align_helpers import banana_pairs, tiny_policy, write_pairs
 from safetensors import safe_open
 
-from align_helpers import banana_pairs, tiny_policy, write_pairs
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
-from prefloop.align.job import JobConfig, run_job, watermark
-from prefloop.align.train import TrainResult, load_causal_lm, load_tokenizer
-from prefloop.server import cli
+from prefloop.align.jobs.preference import JobConfig, run_job, watermark
+from prefloop.align.train.preference import TrainResult, load_causal_lm, load_tokenizer
 from prefloop.server import registry as reg
+from prefloop.server import cli
 from prefloop.server.errors import Unavailable
-from prefloop.server.model_loader import load_model
+from prefloop.server.model.loader import load_model
 
 FAST = ["--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8"]
 
@@ -250,6 +250,7 @@ def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):
 def test_models_cli_offline_and_through_a_server(dpo_job, tiny, tmp_path, capsys):
     """`prefloop models` on the folder, and with --target through a real server (tiny model)."""
     from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+
     from prefloop.clients import Client
     data_dir = tmp_path / "data"
     registry = reg.Registry(data_dir)

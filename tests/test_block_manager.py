@@ -1,5 +1,5 @@
 """BlockManager: reference counts, prefix hash chain, eviction, fork copy-on-write."""
-from prefloop.server.block_manager import BlockManager
+from prefloop.server.engine.block_manager import BlockManager
 
 
 def test_grow_free_and_refcounts():

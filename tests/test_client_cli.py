@@ -3,15 +3,15 @@ commands as subprocesses against the real server (slow)."""
 from __future__ import annotations
 
 import io
-import time
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-
 from conftest import USER_TOKEN
+
 from prefloop.clients import Client
 from prefloop.clients.bench_cmd import percentile
 from prefloop.clients.chat_cmd import COMMANDS, ChatSession, command, handle_line

@@ -5,18 +5,18 @@ import threading
 
 import pytest
 import torch
+from test_parity import PROMPTS, check_parity
+from tiny_models import greedy, random_prompts, save_tiny
 from torch._dynamo.utils import counters
 from transformers import AutoTokenizer
 
-from prefloop.server.engine import LLMEngine
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.engine.scheduler import SchedulerConfig
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.generator import build_generator
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_loader import load_model, resolve_model_dir
-from prefloop.server.sampling_params import SamplingParams
-from prefloop.server.scheduler import SchedulerConfig
-from test_parity import PROMPTS, check_parity
-from tiny_models import greedy, random_prompts, save_tiny
+from prefloop.server.model.loader import load_model, resolve_model_dir
+from prefloop.server.serving.build import build_generator
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Context overflow (server/context_shift.py): error / truncate / shift on tiny random models.
+"""Context overflow (server/engine/context.py): error / truncate / shift on tiny random models.
 
 Shift must (a) give layer-0 keys equal to a recompute at the shifted positions (RoPE:
 R(-d) R(p) = R(p - d)), (b) keep generating past the window, (c) keep block accounting exact
@@ -14,18 +14,18 @@ import sys
 
 import pytest
 import torch
-
-from prefloop.server.block_manager import BlockManager
-from prefloop.server.context_shift import (ContextConfig, admission_drop, apply_shift_plan,
-                                           rotate_keys, shift_cos_sin)
-from prefloop.server.engine import LLMEngine
-from prefloop.server.errors import InvalidArgument
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_args import add_model_arguments, generator_kwargs
-from prefloop.server.model_loader import load_model
-from prefloop.server.rope import apply_rope, config_cos_sin, precompute_cos_sin
-from prefloop.server.sampling_params import SamplingParams
 from tiny_models import save_tiny
+
+from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+from prefloop.server.engine.block_manager import BlockManager
+from prefloop.server.engine.context import ContextConfig, admission_drop
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.kv_shift import apply_shift_plan, rotate_keys, shift_cos_sin
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.model.loader import load_model
+from prefloop.server.model.rope import apply_rope, config_cos_sin, precompute_cos_sin
 
 WINDOW = 64
 
@@ -325,7 +325,7 @@ def test_flags_reach_the_generator_kwargs():
 
 @pytest.mark.slow
 def test_cli_generate_with_shift_runs_past_the_window(tmp_path):
-    from prefloop.server.model_loader import resolve_model_dir
+    from prefloop.server.model.loader import resolve_model_dir
     src = resolve_model_dir(None)
     d = save_tiny(tmp_path / "m", "llama", vocab_size=49152, max_position_embeddings=WINDOW)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

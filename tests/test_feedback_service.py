@@ -7,16 +7,15 @@ import io
 import threading
 
 import pytest
-
 from conftest import FakeGenerator
-from prefloop.clients import AsyncClient, Client
+
+from prefloop.clients import AsyncClient, Client, chat_feedback
 from prefloop.clients import errors as cerr
 from prefloop.clients.chat_cmd import ChatSession, handle_line
-from prefloop.clients import chat_feedback
-from prefloop.server import logschema
-from prefloop.server.feedback_service import feedback_extension, store_config_from_env
-from prefloop.server.grpc_server import PrefloopServer, ServerConfig
-from prefloop.server.log_export import load_table
+from prefloop.server.api.feedback import feedback_extension, store_config_from_env
+from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.export import load_table
 
 Q = [{"role": "user", "content": "hello"}]
 

@@ -1,4 +1,4 @@
-"""Unit tests of FeedbackStore (server/feedback_store.py): validation, idempotency, restarts,
+"""Unit tests of FeedbackStore (server/feedback/store.py): validation, idempotency, restarts,
 crash recovery (torn records, a crash between Parquet write and segment delete), degraded mode."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from prefloop.server import log_compactor, logschema
 from prefloop.server.errors import InvalidArgument, NotFound, Unavailable
-from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-from prefloop.server.log_export import load_table
-from prefloop.server.wal import WalConfig, list_segments
+from prefloop.server.feedback import compactor as log_compactor
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.export import load_table
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+from prefloop.server.feedback.wal import WalConfig, list_segments
 
 FAST_WAL = WalConfig(linger_s=0.005, retry_interval_s=0.01)
 
@@ -189,8 +190,8 @@ def test_keys_and_response_ids_survive_a_clean_restart(tmp_path):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
-    from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-    from prefloop.server.wal import WalConfig
+    from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+    from prefloop.server.feedback.wal import WalConfig
     s = FeedbackStore(StoreConfig(data_dir=sys.argv[1], wal=WalConfig(linger_s=0.001)))
     assert s.available, s.unavailable_reason
     for i in range(int(sys.argv[2])):

@@ -1,4 +1,4 @@
-"""Reading the log back (server/log_export.py, server/logs_cmd.py): training exports, stats,
+"""Reading the log back (server/feedback/export.py, server/cli/logs.py): training exports, stats,
 and the plain-pyarrow reading path docs/logging.md promises."""
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from prefloop.server import log_export, logs_cmd, logschema
-from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-from prefloop.server.wal import WalConfig
+from prefloop.server.cli import logs as logs_cmd
+from prefloop.server.feedback import export as log_export
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+from prefloop.server.feedback.wal import WalConfig
 
 Q = [{"role": "user", "content": "Name a colour."}]
 

@@ -6,11 +6,11 @@ whose layers run on the fused ops (tokens equal, logits within 1e-4).
 """
 import pytest
 import torch
-
-from prefloop.server.model_loader import load_model
-from prefloop.server.native_attention import load_decode_kernel
 from test_parity import check_parity
 from tiny_models import random_prompts, save_tiny
+
+from prefloop.server.model.kernels import load_decode_kernel
+from prefloop.server.model.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def fused(model):
 def test_a_model_on_the_fused_ops_matches_transformers(tmp_path, ops, monkeypatch):
     """Every fused op in place of torch's, float32, a GQA model with biases: transformers' tokens
     and logits within 1e-4 (a wrong weight, eps or rotation would not pass)."""
-    import prefloop.server.model_loader as model_loader
+    import prefloop.server.model.loader as model_loader
     model_dir = save_tiny(tmp_path / "m", attention_bias=True)
     real_load = model_loader.load_model
     monkeypatch.setattr("test_parity.load_model", lambda *a, **kw: fused(real_load(*a, **kw)))
@@ -112,10 +112,10 @@ def test_a_model_on_the_fused_ops_matches_transformers(tmp_path, ops, monkeypatc
 
 def prefill_logits(model, ids):
     """Teacher-forced logits [len(ids), vocab] of one sequence, from one prefill step."""
-    from prefloop.server.model_runner import ModelRunner
-    from prefloop.server.sampling_params import SamplingParams
-    from prefloop.server.scheduler import ScheduledSeq
-    from prefloop.server.sequence import Sequence
+    from prefloop.server.engine.model_runner import ModelRunner
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.engine.scheduler import ScheduledSeq
+    from prefloop.server.engine.sequence import Sequence
     blocks = -(-len(ids) // 4)
     runner = ModelRunner(model, blocks, 4)
     seq = Sequence(0, "x", 0, list(ids), len(ids), SamplingParams(max_tokens=1), 0)

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.generator import build_generator
-from prefloop.server.sampling_params import SamplingParams
+from prefloop.server.serving.build import build_generator
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ import time
 
 import grpc
 import pytest
+from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, wait_until
 from prefloop.clients import AsyncClient, Client
 from prefloop.clients import errors as cerr
 from prefloop.server import errors
-from prefloop.server.auth import AuthConfig, bearer_token, required_role, Role
-from prefloop.server.limits import Limits
-from prefloop.server.status_mapping import STATUS_OF, status_of
+from prefloop.server.api.auth import AuthConfig, Role, bearer_token, required_role
+from prefloop.server.api.limits import Limits
+from prefloop.server.api.status_mapping import STATUS_OF, status_of
 
 pytestmark = pytest.mark.timeout(60)
 

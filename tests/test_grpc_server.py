@@ -14,11 +14,10 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase)
-
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from prefloop.clients import AsyncClient, Client
 from prefloop.clients import errors as cerr
 

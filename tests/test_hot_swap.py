@@ -5,10 +5,16 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
-from registry_helpers import (MAX_TOKENS, QUESTION, assert_each_answer_from_its_version,
-                              publish_perturbed, swap_under_load, two_version_registry)
+from registry_helpers import (
+    MAX_TOKENS,
+    QUESTION,
+    assert_each_answer_from_its_version,
+    publish_perturbed,
+    swap_under_load,
+    two_version_registry,
+)
+
 from prefloop.clients import Client
 from prefloop.clients.errors import ClientError
 

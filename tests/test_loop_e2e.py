@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+
 from prefloop.clients import Client
 from prefloop.server.registry import Registry
 

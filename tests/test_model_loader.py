@@ -3,11 +3,11 @@ import json
 import shutil
 
 import pytest
+from tiny_models import save_tiny
 
 from prefloop.server.errors import UnsupportedModel
-from prefloop.server.default_model import default_gguf_path
-from prefloop.server.model_loader import load_model, resolve_model_dir
-from tiny_models import save_tiny
+from prefloop.server.model.default_model import default_gguf_path
+from prefloop.server.model.loader import load_model, resolve_model_dir
 
 
 def test_unknown_path_names_what_is_supported(tmp_path):

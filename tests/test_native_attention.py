@@ -9,12 +9,15 @@ import logging
 import pytest
 import torch
 
-import prefloop.server.native_attention as native_attention
-from prefloop.server.attention import AttentionMetadata, paged_attention
+import prefloop.server.model.kernels as native_attention
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.generator import build_generator
-from prefloop.server.native_attention import (NativeAttentionUnavailable, load_decode_kernel,
-                                              resolve_decode_kernel)
+from prefloop.server.model.attention import AttentionMetadata, paged_attention
+from prefloop.server.model.kernels import (
+    NativeAttentionUnavailable,
+    load_decode_kernel,
+    resolve_decode_kernel,
+)
+from prefloop.server.serving.build import build_generator
 
 
 def reference(q, k_cache, v_cache, tables, ctx_lens, scale):
@@ -145,7 +148,7 @@ def test_without_a_compiler_auto_falls_back_and_native_refuses(monkeypatch, capl
     monkeypatch.setattr(native_attention, "_loaded", None)
     monkeypatch.setattr(native_attention, "_failure", None)
     monkeypatch.setattr(native_attention, "has_cxx_compiler", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="prefloop.server.native_attention"):
+    with caplog.at_level(logging.WARNING, logger="prefloop.server.model.kernels"):
         assert resolve_decode_kernel("auto", "cpu") is None
     assert "no C++ compiler" in caplog.text and "SDPA" in caplog.text
     with pytest.raises(NativeAttentionUnavailable, match="no C.. compiler.*--attention sdpa"):

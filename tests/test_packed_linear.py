@@ -1,4 +1,4 @@
-"""`--weight-layout`: oneDNN-prepacked linear weights (server/packed_linear.py).
+"""`--weight-layout`: oneDNN-prepacked linear weights (server/model/packed_linear.py).
 
 Oracles: torch's `F.linear` on the same weights (bfloat16 must be bit-identical), a float64 matmul
 (float32 must be as close as `F.linear` is, within a small factor), the unpacked engine (bfloat16:
@@ -9,19 +9,23 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import prefloop.server.packed_linear as packed_linear
-from prefloop.server.engine import LLMEngine
-from prefloop.server.errors import InvalidArgument
-from prefloop.server.generator import build_generator
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_loader import load_model, resolve_model_dir
-from prefloop.server.packed_linear import (PackedLinear, WeightPackingUnavailable, pack_model,
-                                           resolve_weight_layout)
-from prefloop.server.quantize import Int8Linear
 from test_parity import PROMPTS, run_with_logits
 from tiny_models import greedy, random_prompts, save_tiny
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import prefloop.server.model.packed_linear as packed_linear
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.model.loader import load_model, resolve_model_dir
+from prefloop.server.model.packed_linear import (
+    PackedLinear,
+    WeightPackingUnavailable,
+    pack_model,
+    resolve_weight_layout,
+)
+from prefloop.server.model.quantize import Int8Linear
+from prefloop.server.serving.build import build_generator
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32, 100])
@@ -162,7 +166,7 @@ def test_a_dtype_onednn_cannot_pack_is_refused_or_falls_back(monkeypatch):
 def test_flag_reaches_the_generator_and_vllm_refuses_it():
     import argparse
 
-    from prefloop.server.model_args import add_model_arguments, generator_kwargs
+    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     assert generator_kwargs(p.parse_args([]))["weight_layout"] == "auto"

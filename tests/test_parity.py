@@ -1,13 +1,13 @@
 """Parity with transformers (the oracle): greedy tokens and per-step logits on the same weights."""
 import pytest
 import torch
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefloop.server.engine import LLMEngine
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_loader import load_model, resolve_model_dir
-from prefloop.server.sampling_params import SamplingParams
-from tiny_models import save_tiny
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.model.loader import load_model, resolve_model_dir
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from align_helpers import tiny_policy, write_pairs
-from prefloop.align import ppo as P
+
 from prefloop.align import ppo_losses as L
-from prefloop.align.reward import load_tokenizer
-from prefloop.align.train import load_causal_lm
+from prefloop.align.train import ppo as P
+from prefloop.align.train.preference import load_causal_lm
+from prefloop.align.train.reward import load_tokenizer
 
 WORDS = (" yes", " no", " red", " blue", " cat", " dog", " sun", " moon", " tree", " rock",
          " fish", " bird", " rain", " snow", " milk", " salt")
@@ -251,7 +251,8 @@ def ppo_log(focused, tmp_path_factory):
     """A data dir whose log holds 20 prompts (explicit preferences), v0000 = the focused tiny
     policy, and v0001 = an (untrained) tiny reward model."""
     from align_helpers import banana_pairs
-    from prefloop.align.reward import load_reward_model
+
+    from prefloop.align.train.reward import load_reward_model
     from prefloop.server import registry as reg
     d = tmp_path_factory.mktemp("ppo-log") / "data"
     write_pairs(d, banana_pairs(20))
@@ -276,6 +277,7 @@ def _cli(argv):
     """`prefloop align ARGV...` in-process; (exit code, stdout)."""
     import io
     from contextlib import redirect_stdout
+
     from prefloop.server import cli
     buf = io.StringIO()
     with redirect_stdout(buf):
@@ -311,9 +313,9 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
 
 
 def test_ppo_job_rejected_by_kl_bound_publishes_nothing(ppo_log):
-    from prefloop.align.ppo import PPOConfig
     from prefloop.align.gate import GateConfig
-    from prefloop.align.rlhf_job import PPOJobConfig, run_ppo_job
+    from prefloop.align.jobs.reward_ppo import PPOJobConfig, run_ppo_job
+    from prefloop.align.train.ppo import PPOConfig
     from prefloop.server import registry as reg
     registry = reg.Registry(ppo_log)
     versions = registry.list_versions()
@@ -338,8 +340,8 @@ def test_ppo_refuses_a_policy_as_reward_model_and_needs_rm(ppo_log):
 
 
 def test_incremental_ppo_run_skips_without_new_prompts(ppo_log):
-    from prefloop.align.ppo import PPOConfig
-    from prefloop.align.rlhf_job import PPOJobConfig, run_ppo_job
+    from prefloop.align.jobs.reward_ppo import PPOJobConfig, run_ppo_job
+    from prefloop.align.train.ppo import PPOConfig
     cfg = PPOJobConfig(data_dir=ppo_log, rm="v0001", command="run", incremental=True,
                        min_new=1, eval_samples=1, progress=False,
                        ppo=PPOConfig(steps=1, batch_size=8, mini_batch_size=8, max_new_tokens=4))
@@ -376,8 +378,8 @@ def fruit_log(data_dir: Path) -> int:
     import random
     from collections import defaultdict
 
-    from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-    from prefloop.server.wal import WalConfig
+    from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+    from prefloop.server.feedback.wal import WalConfig
     doc = json.loads(FRUIT_DATA.read_text())
     system = {"role": "system", "content": doc["system"]}
     rows = [(r["question"], r["answer"]) for r in doc["answers"]] + \
@@ -412,6 +414,7 @@ def fruit_log(data_dir: Path) -> int:
 def test_ppo_on_the_default_model_raises_reward_with_bounded_kl(tmp_path):
     """align rm (TRL, on the model's own answers) -> align ppo -> gate -> publish -> promote."""
     import time
+
     from prefloop.server import registry as reg
     started, cpu = time.monotonic(), time.process_time()
     data = tmp_path / "data"

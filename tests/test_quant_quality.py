@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
-from prefloop.server.model_loader import load_model
-from tiny_models import save_tiny
+from prefloop.server.model.loader import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quant_quality import all_logits, first_difference  # noqa: E402

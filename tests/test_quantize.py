@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-
-from prefloop.server.engine import LLMEngine
-from prefloop.server.kv_cache import KVCacheConfig
-from prefloop.server.model_loader import load_model
-from prefloop.server.quantize import Int8Linear, quantize_model, quantize_rows
 from test_parity import hf_greedy_with_logits, run_with_logits
 from tiny_models import save_tiny
+from transformers import AutoModelForCausalLM
+
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.model.loader import load_model
+from prefloop.server.model.quantize import Int8Linear, quantize_model, quantize_rows
 
 
 def test_rows_round_to_within_half_a_step():
@@ -91,9 +91,9 @@ def test_engine_matches_transformers_on_the_dequantized_weights(tmp_path, overri
 def test_quantize_flag_reaches_the_generator_and_is_refused_where_unsupported():
     import argparse
 
+    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
     from prefloop.server.errors import InvalidArgument
-    from prefloop.server.generator import build_generator
-    from prefloop.server.model_args import add_model_arguments, generator_kwargs
+    from prefloop.server.serving.build import build_generator
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     assert generator_kwargs(p.parse_args(["--quantize", "int8"]))["quantize"] == "int8"
@@ -108,8 +108,8 @@ def test_quantize_flag_reaches_the_generator_and_is_refused_where_unsupported():
 def test_default_model_serves_int8_close_to_full_precision():
     import asyncio
 
-    from prefloop.server.generator import build_generator
-    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.serving.build import build_generator
 
     async def answer(quantize: str) -> tuple[str, str]:
         gen = build_generator(kv_cache_tokens=1024, quantize=quantize)

@@ -10,11 +10,11 @@ import math
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from align_helpers import banana_pairs, tiny_policy, write_pairs
-from prefloop.align import reward as R
+
 from prefloop.align import scores as S
-from prefloop.align.rlhf_job import RMJobConfig, load_rm_pairs, run_rm_job, score_log
+from prefloop.align.jobs.reward_ppo import RMJobConfig, load_rm_pairs, run_rm_job, score_log
+from prefloop.align.train import reward as R
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition
 
@@ -124,8 +124,8 @@ def test_rm_pairs_carry_margins(rm_job):
 
 
 def _log_generations(data_dir, texts: list[str]) -> list[str]:
-    from prefloop.server.feedback_store import FeedbackStore, StoreConfig
-    from prefloop.server.wal import WalConfig
+    from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+    from prefloop.server.feedback.wal import WalConfig
     ids = []
     with FeedbackStore(StoreConfig(data_dir=data_dir, wal=WalConfig(linger_s=0.0005))) as store:
         for i, text in enumerate(texts):
@@ -168,6 +168,7 @@ def test_score_writes_a_queryable_table_once_per_generation(rm_job):
     import io
     import json
     from contextlib import redirect_stdout
+
     from prefloop.server import cli
     buf = io.StringIO()
     with redirect_stdout(buf):

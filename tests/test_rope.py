@@ -4,7 +4,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from prefloop.server.rope import apply_rope, precompute_cos_sin, rope_inv_freq
+from prefloop.server.model.rope import apply_rope, precompute_cos_sin, rope_inv_freq
 
 
 def test_apply_rope_matches_transformers():

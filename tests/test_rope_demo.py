@@ -1,16 +1,22 @@
-"""`prefloop rope` and the study behind it (server/rope_demo.py, server/position_families.py)."""
+"""`prefloop rope` and the study behind it (server/studies/rope_study.py, server/studies/position_families.py)."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-
-from prefloop.server.context_shift import rotate_keys, shift_cos_sin
-from prefloop.server.model_loader import load_model
-from prefloop.server.position_families import FAMILIES, FamilyCache, FamilyConfig, FamilyModel, t5_bucket
-from prefloop.server.rope_demo import cached_keys, format_report, forward_at, layer0_scores
 from tiny_models import save_tiny
+
+from prefloop.server.engine.kv_shift import rotate_keys, shift_cos_sin
+from prefloop.server.model.loader import load_model
+from prefloop.server.studies.position_families import (
+    FAMILIES,
+    FamilyCache,
+    FamilyConfig,
+    FamilyModel,
+    t5_bucket,
+)
+from prefloop.server.studies.rope_study import cached_keys, format_report, forward_at, layer0_scores
 
 
 @pytest.fixture(scope="module")

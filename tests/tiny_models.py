@@ -8,7 +8,7 @@ import torch
 
 def greedy(n: int):
     """Greedy sampling of exactly n tokens (EOS ignored)."""
-    from prefloop.server.sampling_params import SamplingParams
+    from prefloop.server.engine.sampling_params import SamplingParams
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
@@ -21,8 +21,14 @@ def random_prompts(count: int, seed: int) -> list[list[int]]:
 
 def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A 2-layer random model with GQA (4 heads / 2 KV heads) saved with transformers."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
     kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
     config_cls, model_cls = kinds[arch]

@@ -1,0 +1,1 @@
+"""prefloop.align.cli: the `prefloop align` and `prefloop models` commands."""

@@ -1,0 +1,216 @@
+"""`prefloop models`: the model registry — list, show, verify, promote, roll back.
+
+    prefloop models list     [--data-dir DIR | --target HOST:PORT] [--json]
+    prefloop models show     VERSION [--verify] [--data-dir DIR | --target HOST:PORT] [--json]
+    prefloop models promote  VERSION [--force] [--reason TEXT] [--data-dir DIR | --target ...]
+    prefloop models rollback [--reason TEXT] [--data-dir DIR | --target HOST:PORT]
+    prefloop models verify   VERSION [--data-dir DIR]         recompute every sha256
+    prefloop models history  [--data-dir DIR] [--json]         promotions and rollbacks
+    prefloop models init     [--model PATH] [--data-dir DIR]   create v0000 (the base) now
+
+Offline (the default) these work on `<data-dir>/registry` directly (server/registry.py); a
+server following the registry picks a promotion up from the CURRENT pointer. With `--target`
+they go through the server's Models RPCs (ListVersions, Promote, Rollback; an admin token), so
+the server switches at once and answers for the outcome. A CLI subcommand module
+(`add_arguments(parser)`, `run(args) -> int`, registered in server/cli/main.py).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+DATA_DIR_ENV = "PREFLOOP_DATA_DIR"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="models_command", required=True,
+                                metavar="{list,show,promote,rollback,verify,history,init}")
+
+    def where(p: argparse.ArgumentParser, remote: bool = True) -> None:
+        p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
+                       help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
+        if remote:
+            p.add_argument("--target", default=None, metavar="HOST:PORT",
+                           help="act through a running server's Models RPCs instead")
+            p.add_argument("--token", default=None,
+                           help="admin bearer token for --target (default $PREFLOOP_TOKEN)")
+            p.add_argument("--tls-root-cert", default=None, help="PEM root certificate (TLS)")
+            p.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+            p.add_argument("--timeout", type=float, default=600.0)
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    where(sub.add_parser("list", help="all versions, the current one marked"))
+    show = sub.add_parser("show", help="one version's manifest")
+    show.add_argument("version")
+    show.add_argument("--verify", action="store_true", help="also recompute the checksums")
+    where(show)
+    promote = sub.add_parser("promote", help="make VERSION the served version")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even though the eval gate rejected it")
+    promote.add_argument("--reason", default="", help="recorded in the history")
+    where(promote)
+    rollback = sub.add_parser("rollback", help="back to the version served before the last "
+                                               "promotion still in effect")
+    rollback.add_argument("--reason", default="", help="recorded in the history")
+    where(rollback)
+    verify = sub.add_parser("verify", help="recompute the sha256 of every file of VERSION")
+    verify.add_argument("version", nargs="?", default=None, help="default: every version")
+    where(verify, remote=False)
+    where(sub.add_parser("history", help="promotions and rollbacks, oldest first"), remote=False)
+    init = sub.add_parser("init", help="create v0000 from --model (or the default model)")
+    init.add_argument("--model", default=None, metavar="PATH",
+                      help="HF folder or .gguf (default: the embedded default model)")
+    init.add_argument("--cache-dir", default=None)
+    where(init, remote=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _gate_text(info: dict[str, Any]) -> str:
+    return {True: "passed", False: "rejected", None: "-"}[info.get("gate_passed")]
+
+
+def format_list(infos: list[dict[str, Any]]) -> str:
+    if not infos:
+        return "no versions yet (`prefloop models init` or an align job creates v0000)"
+    lines = [f"  {'version':8} {'parent':7} {'kind':7} {'method':7} {'gate':9} "
+             f"{'held-out acc':>12} {'KL/tok':>8}  created"]
+    for i in infos:
+        held = (i.get("metrics") or {}).get("heldout") or {}
+        acc, kl = held.get("pref_accuracy"), held.get("kl_per_token")
+        lines.append(
+            f"{'*' if i.get('current') else ' '} {i['version']:8} {i.get('parent') or '-':7} "
+            f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} "
+            f"{'-' if acc is None else f'{acc:.3f}':>12} {'-' if kl is None else f'{kl:.4f}':>8}"
+            f"  {i['created_at']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline
+
+
+def _offline(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from prefloop.server import registry as reg
+
+    registry = reg.Registry(args.data_dir)
+    cmd = args.models_command
+    actor = f"cli:{getpass.getuser()}"
+    if cmd == "list":
+        infos = [reg.version_info(registry, v) for v in registry.list_versions()]
+        print(json.dumps(infos, indent=2) if args.json else format_list(infos))
+    elif cmd == "show":
+        manifest = asdict(registry.manifest(args.version))
+        manifest["current"] = registry.current() == args.version
+        manifest["path"] = str(registry.version_dir(args.version))
+        if args.verify:
+            manifest["verify"] = asdict(registry.verify(args.version))
+        print(json.dumps(manifest, indent=2))
+        if args.verify and not manifest["verify"]["ok"]:
+            return 1
+    elif cmd == "promote":
+        entry = registry.promote(args.version, reason=args.reason, actor=actor, force=args.force)
+        _print_entry(entry, args.json)
+    elif cmd == "rollback":
+        entry = registry.rollback(reason=args.reason, actor=actor)
+        _print_entry(entry, args.json)
+    elif cmd == "verify":
+        versions = [args.version] if args.version else registry.list_versions()
+        results = [registry.verify(v) for v in versions]
+        if args.json:
+            print(json.dumps([asdict(r) for r in results], indent=2))
+        for r in results if not args.json else []:
+            print(f"{r.version}: {'ok' if r.ok else 'FAILED'} ({r.checked_bytes} bytes checked)"
+                  + "".join(f"\n  - {p}" for p in r.problems))
+        return 0 if all(r.ok for r in results) else 1
+    elif cmd == "history":
+        entries = [asdict(e) for e in registry.history()]
+        if args.json:
+            print(json.dumps(entries, indent=2))
+        else:
+            for e in entries:
+                print(f"{e['at']}  {e['action']:8} {e['previous'] or '-':>6} -> {e['version']}"
+                      f"  {e['actor']}  {e['reason']}")
+    elif cmd == "init":
+        from prefloop.server.model.loader import resolve_model_dir
+        version = registry.ensure_base(resolve_model_dir(args.model, args.cache_dir))
+        print(f"{version}: {registry.version_dir(version)} (current: {registry.current()})")
+    return 0
+
+
+def _print_entry(entry, as_json: bool) -> None:
+    from dataclasses import asdict
+    if as_json:
+        print(json.dumps(asdict(entry), indent=2))
+    else:
+        print(f"{entry.action}: {entry.previous or '-'} -> {entry.version} (at {entry.at})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through a server
+
+
+def _remote(args: argparse.Namespace) -> int:
+    """Through the Models RPCs (the server verifies, hot-swaps, then moves the pointer)."""
+    from dataclasses import asdict
+
+    from prefloop.clients import Client
+    with Client(args.target, token=args.token, root_certificates=args.tls_root_cert,
+                tls=args.tls, timeout=args.timeout) as client:
+        if args.models_command in ("list", "show"):
+            listing = client.list_versions()
+            infos = [dict(asdict(v), parent=v.parent or None,
+                          gate_passed=None if v.gate is None else bool(v.gate.get("passed")))
+                     for v in listing.versions]
+            if args.models_command == "show":
+                infos = [i for i in infos if i["version"] == args.version]
+                if not infos:
+                    print(f"prefloop models: no version {args.version} on {args.target}",
+                          file=sys.stderr)
+                    return 1
+                print(json.dumps(infos[0], indent=2))
+            elif args.json:
+                print(json.dumps({"versions": infos, "current_version": listing.current_version,
+                                  "serving_version": listing.serving_version}, indent=2))
+            else:
+                print(format_list(infos))
+                print(f"registry pointer: {listing.current_version or '-'}; "
+                      f"{args.target} serves {listing.serving_version or '-'}")
+        else:
+            if args.models_command == "promote":
+                previous, current = client.promote(args.version, force=args.force,
+                                                   reason=args.reason)
+            else:
+                previous, current = client.rollback(reason=args.reason)
+            if args.json:
+                print(json.dumps({"action": args.models_command, "previous": previous,
+                                  "version": current}))
+            else:
+                print(f"{args.models_command}: {previous or '-'} -> {current} "
+                      f"(served by {args.target})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefloop.server.errors import PrefloopError
+    try:
+        if getattr(args, "target", None):
+            return _remote(args)
+        return _offline(args)
+    except PrefloopError as exc:
+        print(f"prefloop models: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # client errors (prefloop.clients.errors) and I/O problems
+        if type(exc).__module__.startswith("prefloop.clients"):
+            print(f"prefloop models: {exc}", file=sys.stderr)
+            return 1
+        raise

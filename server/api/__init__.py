@@ -1,0 +1,1 @@
+"""prefloop.server.api: the network front — gRPC server and servicers, error-to-status mapping, limits, auth."""

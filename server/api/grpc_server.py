@@ -1,0 +1,201 @@
+"""Builds and runs the grpc.aio server: prefloop services, health, reflection, shutdown.
+
+`PrefloopServer` wires the Generation and Models servicers (plus any extra services such as
+Feedback, given as `ServiceRegistration`s) onto one grpc.aio server with the auth interceptor,
+the message-size limit, optional TLS, `grpc.health.v1` (aio) and server reflection.
+
+Graceful shutdown (`shutdown`, or SIGTERM/SIGINT under `serve_until_signal`): servicers stop
+accepting (UNAVAILABLE), health turns NOT_SERVING, then `server.stop(grace)` rejects new calls
+while in-flight calls get `grace` seconds to finish; a second signal cancels them at once.
+The server does not own the generator: whoever built it closes it after shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prefloop.proto.prefloop.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc
+from prefloop.server.api.auth import AuthConfig, AuthInterceptor
+from prefloop.server.api.generation import GenerationService, Recorder
+from prefloop.server.api.limits import Admission, Limits
+from prefloop.server.api.models import ModelsService
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+MODELS_SERVICE = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default; 0.0.0.0 / :: to expose
+    port: int = 50051  # 0 picks a free port (see PrefloopServer.port)
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key enables TLS
+    tls_key: str | None = None
+    grace_s: float = 30.0  # how long in-flight calls may run after shutdown starts
+    limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    data_dir: Path | None = None  # for services that keep files (feedback log)
+    reflection: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRegistration:
+    """An extra service to serve, e.g. `ServiceRegistration("prefloop.v1.Feedback",
+    feedback_pb2_grpc.add_FeedbackServicer_to_server, FeedbackService(...))`."""
+
+    name: str  # full service name, for health and reflection
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    on_shutdown: Callable[[], Any] | None = None  # sync or async; called after the server stopped
+
+
+class PrefloopServer:
+    def __init__(self, generator, config: ServerConfig, *, recorder: Recorder | None = None,
+                 services: Sequence[ServiceRegistration] = (), switcher=None) -> None:
+        self.generator = generator
+        self.config = config
+        self.admission = Admission(config.limits.max_concurrent, config.limits.max_queued)
+        self.generation = GenerationService(generator, config.limits, self.admission, recorder)
+        self.models = ModelsService(generator, self.admission, switcher)
+        self.extra_services = list(services)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+
+    @property
+    def service_names(self) -> list[str]:
+        return [GENERATION_SERVICE, MODELS_SERVICE] + [s.name for s in self.extra_services]
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        limits = self.config.limits
+        options = [
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing
+        ]
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.config.auth)], options=options,
+            # A backstop above admission's own queue, so floods of cheap calls stay bounded too.
+            maximum_concurrent_rpcs=limits.max_concurrent + limits.max_queued + 64)
+        generation_pb2_grpc.add_GenerationServicer_to_server(self.generation, server)
+        models_pb2_grpc.add_ModelsServicer_to_server(self.models, server)
+        for extra in self.extra_services:
+            extra.add_to_server(extra.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        if self.config.tls_cert:
+            credentials = grpc.ssl_server_credentials([(
+                Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(self.config.address, credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.address)
+        if not self.port:
+            raise OSError(f"could not bind {self.config.address}")
+        await server.start()
+        self._server = server
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_engine(), name="engine-health")
+        return self.port
+
+    async def _set_health(self, status) -> None:
+        for name in self.service_names + [""]:  # "" = the server as a whole
+            await self.health.set(name, status)
+
+    async def _watch_engine(self, interval_s: float = 1.0) -> None:
+        """NOT_SERVING while the generator's engine cannot serve (e.g. vLLM's worker died), so a
+        supervisor polling grpc.health.v1 restarts the server; SERVING again if it recovers."""
+        healthy = True
+        while True:
+            await asyncio.sleep(interval_s)
+            now = bool(getattr(self.generator, "healthy", True))
+            if now != healthy and self._stopping is None:
+                healthy = now
+                if not now:
+                    log.error("the engine can no longer serve: health is NOT_SERVING")
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if now
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully (idempotent); in-flight calls get `grace` seconds (config default)."""
+        if self._server is None:
+            return
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(
+                self.config.grace_s if grace is None else grace))
+        elif grace is not None and not self._stopping.done():
+            await self._server.stop(grace)  # a second, shorter stop wins
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self, grace: float) -> None:
+        log.info("shutting down: new requests get UNAVAILABLE, in-flight requests have %.1f s",
+                 grace)
+        self.generation.accepting = False
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        for extra in self.extra_services:
+            if extra.on_shutdown is not None:
+                result = extra.on_shutdown()
+                if asyncio.iscoroutine(result):
+                    await result
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None, "start() first"
+        await self._server.wait_for_termination()
+
+    async def serve_until_signal(self, on_ready=None) -> None:
+        """Serve until SIGTERM/SIGINT, then shut down gracefully (a second signal: at once).
+
+        `on_ready()` runs once the signal handlers are in place, so a supervisor that signals
+        right after the ready line never hits the default (fatal) SIGTERM action."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+
+        def on_signal(signum: int) -> None:
+            if signalled.is_set():
+                log.warning("second %s: cancelling in-flight requests",
+                            signal.Signals(signum).name)
+                asyncio.ensure_future(self.shutdown(grace=0))
+            else:
+                log.info("%s received", signal.Signals(signum).name)
+                signalled.set()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            if on_ready is not None:
+                on_ready()
+            await signalled.wait()
+            await self.shutdown()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)

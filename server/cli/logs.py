@@ -1,0 +1,100 @@
+"""`prefloop logs`: look at the generation / feedback log and export training tables.
+
+    prefloop logs stats  [--data-dir DIR] [--since DATE] [--json]
+    prefloop logs export --format dpo|kto|rm [--data-dir DIR] [--since DATE] --out FILE.parquet
+
+A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
+server/cli/main.py). It only reads files (Parquet parts and uncompacted WAL segments), so it is safe
+beside a running server. The work is in `server/feedback/export.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DATA_DIR_ENV = "PREFLOOP_DATA_DIR"  # same default as `prefloop serve --data-dir`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="logs_command", metavar="{stats,export}", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
+                       help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
+        p.add_argument("--since", default=None, metavar="YYYY-MM-DD",
+                       help="only rows on or after this UTC date")
+
+    stats = sub.add_parser("stats", help="counts by day, model version and kind; training rows",
+                           description="Counts by day, model version and kind, and how many "
+                                       "training rows each export format would produce.")
+    common(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    export = sub.add_parser("export", help="write a deduplicated training table (Parquet)",
+                            description="dpo / rm: prompt, chosen, rejected as chat messages; "
+                                        "kto: prompt, completion, label.")
+    common(export)
+    export.add_argument("--format", required=True, choices=["dpo", "kto", "rm"])
+    export.add_argument("--out", required=True, help="output .parquet file")
+    export.add_argument("--pairs-from-ratings", action=argparse.BooleanOptionalAction,
+                        default=None, help="also pair differently rated answers to the same "
+                                           "prompt (default: on for rm, off for dpo)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefloop.server.feedback import export as log_export  # pyarrow: imported when used
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"prefloop logs: no data directory at {data_dir}", file=sys.stderr)
+        return 2
+    try:
+        if args.logs_command == "stats":
+            stats = log_export.log_stats(data_dir, since=args.since)
+            print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+            return 0
+        kwargs = {}
+        if args.pairs_from_ratings is not None:
+            if args.format == "kto":
+                print("prefloop logs: --pairs-from-ratings applies to dpo and rm only",
+                      file=sys.stderr)
+                return 2
+            kwargs["pairs_from_ratings"] = args.pairs_from_ratings
+        table = log_export.export(data_dir, args.format, since=args.since, **kwargs)
+        write_table(Path(args.out), table)
+        print(f"prefloop logs: wrote {table.num_rows} {args.format} rows to {args.out}")
+        return 0
+    except ValueError as exc:  # e.g. a bad --since
+        print(f"prefloop logs: {exc}", file=sys.stderr)
+        return 2
+
+
+def write_table(path: Path, table) -> None:
+    """Write the export atomically (temp name, fsync, rename)."""
+    from prefloop.server.feedback.compactor import write_parquet_atomic
+
+    write_parquet_atomic(path.resolve(), table)
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"data dir: {stats['data_dir']}", ""]
+    columns = (("date", "date"), ("model_version", "model version"), ("kind", "kind"),
+               ("count", "count"))
+    cells = [[header for _, header in columns]]
+    cells += [[str(r[key]) for key, _ in columns] for r in stats["rows"]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    if not stats["rows"]:
+        lines.append("(no rows)")
+    t, tr, wal = stats["totals"], stats["training"], stats["wal"]
+    lines += ["",
+              f"totals: {t['generation']} generations, {t['preference']} preferences, "
+              f"{t['rating']} ratings",
+              f"training rows: dpo {tr['dpo_pairs']} pairs, rm {tr['rm_pairs']} pairs, "
+              f"kto {tr['kto_examples']} examples ({tr['kto_desirable']} desirable, "
+              f"{tr['kto_undesirable']} undesirable)",
+              f"not yet compacted: {wal['segments']} WAL segments, {wal['bytes']} bytes"]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""`prefloop serve`: load a model and serve it over gRPC until SIGTERM/SIGINT.
+
+A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
+server/cli/main.py). It builds the generator, the `Limits`, `AuthConfig` and `ServerConfig` from flags,
+adds the extra services from `build_extensions` (the feedback log plugs in there), prints one
+ready line (`prefloop serve: listening on HOST:PORT ...`) to stdout once it accepts calls, and
+exits 0 after a graceful shutdown.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefloop.server import errors
+from prefloop.server.api.auth import AuthConfig
+from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
+from prefloop.server.api.limits import Limits
+from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+from prefloop.server.registry import Registry
+from prefloop.server.serving.hot_swap import ModelSwitcher
+
+log = logging.getLogger("prefloop.server.serve")
+
+DATA_DIR_ENV = "PREFLOOP_DATA_DIR"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    limits = Limits()
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
+                        help=f"where logs and feedback are written (default ${DATA_DIR_ENV} "
+                             "or ./data)")
+    parser.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
+                        help="requests generating at once (default %(default)s)")
+    parser.add_argument("--max-queued", type=int, default=limits.max_queued,
+                        help="requests waiting beyond --max-concurrent before new ones get "
+                             "RESOURCE_EXHAUSTED (default %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens,
+                        help="longest prompt in tokens (default %(default)s; prompt + "
+                             "max_tokens beyond the context follows --context-overflow)")
+    parser.add_argument("--max-tokens-limit", type=int, default=limits.max_max_tokens,
+                        help="largest max_tokens a request may ask for (default %(default)s)")
+    parser.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens,
+                        help="max_tokens of requests that leave it unset (default %(default)s)")
+    parser.add_argument("--max-n", type=int, default=limits.max_n,
+                        help="most completions per request (default %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
+                        help="largest request message (default %(default)s)")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_argument("--auth-tokens", default=None, metavar="FILE",
+                        help="bearer tokens, one '<user|admin> <token>' per line; also read "
+                             "from $PREFLOOP_USER_TOKENS / $PREFLOOP_ADMIN_TOKENS "
+                             "(comma-separated). No tokens: authentication off")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds in-flight requests may run after SIGTERM (default "
+                             "%(default)s)")
+    parser.add_argument("--no-reflection", action="store_true",
+                        help="do not serve gRPC server reflection")
+    parser.add_argument("--registry-poll", type=float, default=2.0, metavar="SECONDS",
+                        help="how often to check <data-dir>/registry/CURRENT and hot-swap to a newly "
+                             "promoted version (0 = only through Models.Promote; default %(default)s)")
+    add_model_arguments(parser)
+
+
+@dataclass
+class Extensions:
+    """What optional subsystems add to the server: a generation recorder and extra services."""
+
+    recorder: object | None = None  # has record_generation(row: dict) -> None
+    services: list[ServiceRegistration] = field(default_factory=list)
+
+
+def build_extensions(args: argparse.Namespace, data_dir: Path) -> Extensions:
+    """The place optional subsystems hook into `serve` (the feedback log, issue 4, plugs in
+    here: return its recorder and its Feedback ServiceRegistration, with an on_shutdown that
+    flushes it)."""
+    from prefloop.server.api.feedback import feedback_extension
+
+    store, registration = feedback_extension(data_dir)
+    return Extensions(recorder=store, services=[registration])
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens, max_max_tokens=args.max_tokens_limit,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+        max_n=args.max_n, max_message_bytes=args.max_message_bytes,
+        max_concurrent=args.max_concurrent, max_queued=args.max_queued)
+    return ServerConfig(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        grace_s=args.grace, limits=limits, auth=AuthConfig.load(args.auth_tokens),
+        data_dir=Path(args.data_dir), reflection=not args.no_reflection)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"prefloop serve: {exc}", file=sys.stderr)
+        return 2
+    from prefloop.server.serving.build import build_generator  # heavy (torch): imported only when serving
+
+    registry = Registry(config.data_dir)
+    kwargs = generator_kwargs(args)
+    try:
+        current = registry.current()
+        if current is not None:  # a registry exists: it decides what is served
+            if args.model:
+                log.warning("--model %s ignored: the registry in %s serves %s", args.model,
+                            config.data_dir, current)
+            registry.check(current)
+            kwargs.update(model=str(registry.version_dir(current)), model_version=current)
+        generator = build_generator(**kwargs)
+    except (errors.PrefloopError, FileNotFoundError) as exc:
+        print(f"prefloop serve: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    switcher = ModelSwitcher(generator, registry, poll_interval_s=args.registry_poll)
+    return asyncio.run(_serve(generator, config, args, switcher))
+
+
+async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
+                 switcher: ModelSwitcher) -> int:
+    await generator.start()
+    extensions = build_extensions(args, config.data_dir)
+    server = PrefloopServer(generator, config, recorder=extensions.recorder,
+                            services=extensions.services, switcher=switcher)
+    try:
+        try:
+            port = await server.start()
+        except (OSError, RuntimeError) as exc:
+            print(f"prefloop serve: cannot listen on {config.address}: {exc}", file=sys.stderr)
+            return 2
+        info = generator.info
+        ready = (f"prefloop serve: listening on {config.host}:{port} "
+                 f"(model {info.model_version}, {info.backend} {info.dtype}, "
+                 f"tls {'on' if config.tls_cert else 'off'}, "
+                 f"auth {'on' if config.auth.enabled else 'off'})")
+        await switcher.start()
+        await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
+    finally:
+        await switcher.close()
+        await server.shutdown(grace=0)  # no-op after a graceful shutdown
+        await generator.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `serve` on its own: `python -m prefloop.server.cli.serve --port 0`."""
+    parser = argparse.ArgumentParser(prog="prefloop serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

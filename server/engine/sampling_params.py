@@ -1,0 +1,47 @@
+"""SamplingParams: the validated per-request sampling settings the engine understands.
+
+Stop *strings* are carried here but enforced outside the engine (the engine sees token ids only);
+see `server/serving/generator.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefloop.server.errors import InvalidArgument
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 disables top-k
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    repetition_penalty: float = 1.0  # 1 disables; > 1 discourages repeats
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not (self.temperature >= 0.0):
+            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 = disabled), got {self.top_k}")
+        if self.max_tokens <= 0:
+            raise InvalidArgument(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.n < 1:
+            raise InvalidArgument(f"n must be >= 1, got {self.n}")
+        if not (self.repetition_penalty > 0.0):
+            raise InvalidArgument(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(s == "" for s in self.stop):
+            raise InvalidArgument("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,371 @@
+"""Reading the preference log back: whole tables, statistics, and training-ready exports.
+
+This is what align imports (the server never imports align). It reads only files, never the
+server's memory, so it works beside a running server or on a copied data directory:
+
+- `load_table(data_dir, table)`: the Parquet parts plus the WAL segments not compacted yet,
+  deduplicated by primary key (a segment compacted while we read shows up in both places);
+- `export_dpo` / `export_rm`: prompt / chosen / rejected as chat messages (TRL's conversational
+  preference format), one row per distinct (prompt, chosen, rejected);
+- `export_kto`: prompt / completion / label (TRL's unpaired preference format);
+- `log_stats`: counts by day, model version and kind, and how many training rows each export has.
+
+Preferences by reference are resolved against the generations table (prompt and completions); a
+raw-prompt generation becomes one user message. Ratings map to labels: thumbs +1 → True,
+-1 → False; stars 4-5 → True, 1-2 → False, 3 is left out.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.wal import list_segments, read_segment
+
+FORMATS = ("dpo", "kto", "rm")
+MAX_RATING_PAIRS_PER_PROMPT = 16
+
+ASSISTANT = "assistant"
+
+DPO_SCHEMA = pa.schema([
+    ("prompt", logschema.MESSAGES),
+    ("chosen", logschema.MESSAGES),
+    ("rejected", logschema.MESSAGES),
+    ("feedback_id", pa.string()),  # the first submission of this pair ("ratings:<ids>" for rm)
+    ("created_at", logschema.TIMESTAMP),
+    ("chosen_model_version", pa.string()),
+    ("rejected_model_version", pa.string()),
+    ("source", pa.string()),  # "reference" | "explicit" | "ratings"
+])
+RM_SCHEMA = DPO_SCHEMA.append(pa.field("margin", pa.float64()))
+KTO_SCHEMA = pa.schema([
+    ("prompt", logschema.MESSAGES),
+    ("completion", logschema.MESSAGES),
+    ("label", pa.bool_()),
+    ("feedback_id", pa.string()),
+    ("created_at", logschema.TIMESTAMP),
+    ("model_version", pa.string()),
+    ("source", pa.string()),  # "rating" | "preference"
+])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _wal_rows(data_dir: Path, table: str) -> list[dict[str, Any]]:
+    rows = []
+    for _, path in list_segments(Path(data_dir) / logschema.WAL_DIR):
+        try:
+            records = read_segment(path).records
+        except FileNotFoundError:  # compacted meanwhile: its rows are in the parts read later
+            continue
+        for payload in records:
+            t, row = logschema.decode_record(payload)
+            if t == table:
+                row["date"] = logschema.date_of_micros(row["created_at"])
+                rows.append(row)
+    return rows
+
+
+def load_table(data_dir: str | Path, table: str, *, since: str | None = None,
+               columns: list[str] | None = None, include_wal: bool = True) -> pa.Table:
+    """All rows of `table` (with a `date` column), Parquet plus uncompacted WAL, one per key.
+
+    `since` ("YYYY-MM-DD") keeps rows whose UTC date is on or after it.
+    """
+    schema = logschema.SCHEMAS[table].append(pa.field("date", pa.string()))
+    parts = []
+    if include_wal:  # WAL first: a segment deleted after this is already in Parquet below
+        wal = _wal_rows(Path(data_dir), table)
+        if wal:
+            parts.append(pa.Table.from_pylist(wal, schema=schema))
+    dataset = logschema.open_dataset(data_dir, table)
+    parts.insert(0, dataset.to_table())
+    result = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if since:
+        result = result.filter(pc.field("date") >= since)
+    result = _dedupe(result, [logschema.PRIMARY_KEY[table]])
+    return result.select(columns) if columns else result
+
+
+def _dedupe(table: pa.Table, keys: list[str]) -> pa.Table:
+    """First row of every distinct value of `keys`, in the original order."""
+    if table.num_rows == 0:
+        return table
+    indexed = table.select(keys).append_column("__row", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by(keys, use_threads=False).aggregate([("__row", "min")])
+    if first.num_rows == table.num_rows:
+        return table
+    return table.take(first.sort_by("__row_min").column("__row_min"))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # compacted meanwhile
+        return 0
+
+
+def _since_date(since: str | dt.date | None) -> str | None:
+    if since is None or since == "":
+        return None
+    if isinstance(since, dt.date):
+        return since.strftime("%Y-%m-%d")
+    return dt.date.fromisoformat(str(since)).strftime("%Y-%m-%d")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building training rows
+
+
+def _assistant(text: str | None) -> list[dict[str, str]]:
+    return [{"role": ASSISTANT, "content": text or ""}]
+
+
+class _Responses:
+    """Lookup of generation rows by response_id (only the ids feedback refers to are loaded)."""
+
+    def __init__(self, data_dir: Path, response_ids: Iterable[str]) -> None:
+        wanted = sorted(set(r for r in response_ids if r))
+        self.rows: dict[str, dict[str, Any]] = {}
+        if not wanted:
+            return
+        cols = ["response_id", "prompt", "messages", "completion", "model_version",
+                "prompt_fingerprint"]
+        table = load_table(data_dir, logschema.GENERATIONS, columns=cols)
+        table = table.filter(pc.is_in(table.column("response_id"), pa.array(wanted)))
+        for row in table.to_pylist():
+            self.rows[row["response_id"]] = row
+
+    def get(self, response_id: str | None) -> dict[str, Any] | None:
+        return self.rows.get(response_id) if response_id else None
+
+
+def _label(scale: str | None, score: int) -> bool | None:
+    if scale == logschema.SCALE_STARS:
+        return True if score >= 4 else False if score <= 2 else None
+    return score > 0
+
+
+def _normalized_score(scale: str | None, score: int) -> float:
+    """Thumbs ±1 and stars (1..5 → -1..+1) on one scale."""
+    return (score - 3) / 2.0 if scale == logschema.SCALE_STARS else float(score)
+
+
+def _feedback_and_responses(data_dir: Path, since: str | None
+                            ) -> tuple[list[dict[str, Any]], _Responses]:
+    fb = load_table(data_dir, logschema.FEEDBACK, since=since)
+    rows = sorted(fb.to_pylist(), key=lambda r: (r["created_at"], r["feedback_id"]))
+    ids = itertools.chain.from_iterable(
+        (r["chosen_response_id"], r["rejected_response_id"], r["response_id"]) for r in rows)
+    return rows, _Responses(data_dir, ids)
+
+
+def _preference_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
+    pairs: list[dict[str, Any]] = []
+    for r in rows:
+        if r["kind"] != logschema.KIND_PREFERENCE:
+            continue
+        if r["chosen_response_id"]:
+            chosen, rejected = (responses.get(r["chosen_response_id"]),
+                                responses.get(r["rejected_response_id"]))
+            if chosen is None or rejected is None:
+                continue  # its generation rows are missing (log lost): nothing to train on
+            prompt = logschema.prompt_as_messages(chosen["prompt"], chosen["messages"])
+            item = dict(chosen_text=chosen["completion"], rejected_text=rejected["completion"],
+                        chosen_model_version=chosen["model_version"],
+                        rejected_model_version=rejected["model_version"], source="reference")
+        else:
+            prompt = r["prompt_messages"]
+            item = dict(chosen_text=r["chosen_text"], rejected_text=r["rejected_text"],
+                        chosen_model_version=None, rejected_model_version=None, source="explicit")
+        pairs.append({"prompt": prompt, "chosen": _assistant(item["chosen_text"]),
+                      "rejected": _assistant(item["rejected_text"]),
+                      "feedback_id": r["feedback_id"], "created_at": r["created_at"],
+                      "chosen_model_version": item["chosen_model_version"],
+                      "rejected_model_version": item["rejected_model_version"],
+                      "source": item["source"]})
+    return pairs
+
+
+def _unique_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first pair of every distinct (prompt, chosen, rejected)."""
+    seen: set[tuple] = set()
+    out = []
+    for p in pairs:
+        key = (logschema.prompt_fingerprint(None, p["prompt"]), p["chosen"][0]["content"],
+               p["rejected"][0]["content"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _rating_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
+    """Pairs from ratings of different responses to the same prompt (higher mean score wins)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    first: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] == logschema.KIND_RATING and responses.get(r["response_id"]) is not None:
+            scores[r["response_id"]].append(_normalized_score(r["scale"], r["score"]))
+            first.setdefault(r["response_id"], r)
+    by_prompt: dict[str, list[str]] = defaultdict(list)
+    for rid in scores:
+        by_prompt[responses.get(rid)["prompt_fingerprint"]].append(rid)
+    pairs = []
+    for rids in by_prompt.values():
+        mean = {rid: sum(scores[rid]) / len(scores[rid]) for rid in rids}
+        ranked = sorted(rids, key=lambda rid: (-mean[rid], rid))
+        made = 0
+        for hi, lo in itertools.combinations(ranked, 2):
+            if made >= MAX_RATING_PAIRS_PER_PROMPT:
+                break
+            chosen, rejected = responses.get(hi), responses.get(lo)
+            if mean[hi] <= mean[lo] or chosen["completion"] == rejected["completion"]:
+                continue
+            made += 1
+            pairs.append({
+                "prompt": logschema.prompt_as_messages(chosen["prompt"], chosen["messages"]),
+                "chosen": _assistant(chosen["completion"]),
+                "rejected": _assistant(rejected["completion"]),
+                "feedback_id": f"ratings:{first[hi]['feedback_id']},{first[lo]['feedback_id']}",
+                "created_at": max(first[hi]["created_at"], first[lo]["created_at"]),
+                "chosen_model_version": chosen["model_version"],
+                "rejected_model_version": rejected["model_version"],
+                "source": "ratings", "margin": mean[hi] - mean[lo]})
+    return pairs
+
+
+def _dpo_rows(rows: list[dict[str, Any]], responses: _Responses, *,
+              pairs_from_ratings: bool = False) -> list[dict[str, Any]]:
+    pairs = _preference_pairs(rows, responses)
+    if pairs_from_ratings:
+        pairs += [{k: v for k, v in p.items() if k != "margin"}
+                  for p in _rating_pairs(rows, responses)]
+    return _unique_pairs(pairs)
+
+
+def _rm_rows(rows: list[dict[str, Any]], responses: _Responses, *,
+             pairs_from_ratings: bool = True) -> list[dict[str, Any]]:
+    pairs = [dict(p, margin=0.0) for p in _preference_pairs(rows, responses)]
+    if pairs_from_ratings:
+        pairs += _rating_pairs(rows, responses)
+    return _unique_pairs(pairs)
+
+
+def _kto_rows(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+
+    def add(prompt: list, text: str | None, label: bool, r: dict, version: str | None,
+            source: str) -> None:
+        key = (logschema.prompt_fingerprint(None, prompt), text, label)
+        if key not in seen:
+            seen.add(key)
+            out.append({"prompt": prompt, "completion": _assistant(text), "label": label,
+                        "feedback_id": r["feedback_id"], "created_at": r["created_at"],
+                        "model_version": version, "source": source})
+
+    for r in rows:
+        if r["kind"] == logschema.KIND_RATING:
+            g = responses.get(r["response_id"])
+            label = _label(r["scale"], r["score"])
+            if g is not None and label is not None:
+                add(logschema.prompt_as_messages(g["prompt"], g["messages"]), g["completion"],
+                    label, r, g["model_version"], "rating")
+        else:
+            for pair in _preference_pairs([r], responses):
+                add(pair["prompt"], pair["chosen"][0]["content"], True, r,
+                    pair["chosen_model_version"], "preference")
+                add(pair["prompt"], pair["rejected"][0]["content"], False, r,
+                    pair["rejected_model_version"], "preference")
+    return out
+
+
+def export_dpo(data_dir: str | Path, *, since: str | dt.date | None = None,
+               pairs_from_ratings: bool = False) -> pa.Table:
+    """Preference pairs: prompt / chosen / rejected as chat messages, one per distinct triple.
+
+    With `pairs_from_ratings`, also pairs of differently rated answers to the same prompt.
+    """
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+    return pa.Table.from_pylist(_dpo_rows(rows, responses, pairs_from_ratings=pairs_from_ratings),
+                                schema=DPO_SCHEMA)
+
+
+def export_rm(data_dir: str | Path, *, since: str | dt.date | None = None,
+              pairs_from_ratings: bool = True) -> pa.Table:
+    """Reward-model pairs: the preference pairs (margin 0) plus pairs derived from ratings of
+    answers to the same prompt (margin = difference of mean normalized scores, in (0, 2])."""
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+    return pa.Table.from_pylist(_rm_rows(rows, responses, pairs_from_ratings=pairs_from_ratings),
+                                schema=RM_SCHEMA)
+
+
+def export_kto(data_dir: str | Path, *, since: str | dt.date | None = None) -> pa.Table:
+    """Unpaired examples: prompt / completion / label; one row per distinct triple.
+
+    A preference gives two examples (chosen True, rejected False).
+    """
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+    return pa.Table.from_pylist(_kto_rows(rows, responses), schema=KTO_SCHEMA)
+
+
+EXPORTERS = {"dpo": export_dpo, "kto": export_kto, "rm": export_rm}
+
+
+def export(data_dir: str | Path, fmt: str, *, since: str | dt.date | None = None,
+           **kwargs: Any) -> pa.Table:
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return EXPORTERS[fmt](data_dir, since=since, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> dict[str, Any]:
+    """Counts by (date, model_version, kind), training-row counts per export, and WAL backlog.
+
+    A feedback row counts under the model versions it involves ("v1,v2" for a cross-version
+    pair, "-" for explicit preferences).
+    """
+    data_dir = Path(data_dir)
+    since = _since_date(since)
+    counts: Counter[tuple[str, str, str]] = Counter()
+    totals: Counter[str] = Counter()
+    gen = load_table(data_dir, logschema.GENERATIONS, since=since,
+                     columns=["date", "model_version"])
+    for date, version in zip(gen.column("date").to_pylist(),
+                             gen.column("model_version").to_pylist()):
+        counts[(date, version or "-", "generation")] += 1
+    totals["generation"] = gen.num_rows
+    rows, responses = _feedback_and_responses(data_dir, since)
+    for r in rows:
+        versions = ",".join(sorted({v or "-" for v in r["model_versions"] or []})) or "-"
+        counts[(r["date"], versions, r["kind"])] += 1
+        totals[r["kind"]] += 1
+    labels = [r["label"] for r in _kto_rows(rows, responses)]
+    segments = list_segments(data_dir / logschema.WAL_DIR)
+    return {
+        "data_dir": str(data_dir),
+        "rows": [{"date": d, "model_version": v, "kind": k, "count": n}
+                 for (d, v, k), n in sorted(counts.items())],
+        "totals": {k: totals[k] for k in ("generation", logschema.KIND_PREFERENCE,
+                                          logschema.KIND_RATING)},
+        "training": {"dpo_pairs": len(_dpo_rows(rows, responses)),
+                     "rm_pairs": len(_rm_rows(rows, responses)),
+                     "kto_examples": len(labels),
+                     "kto_desirable": sum(1 for x in labels if x),
+                     "kto_undesirable": sum(1 for x in labels if not x)},
+        "wal": {"segments": len(segments),
+                "bytes": sum(_size(p) for _, p in segments)},
+    }

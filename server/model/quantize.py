@@ -1,0 +1,100 @@
+"""Weight-only int8 quantization of the native engine's linear layers (`--quantize int8`).
+
+Each output row of a weight gets one scale (symmetric, absmax / 127); activations stay in the
+model dtype. Small batches (decode of a few streams: memory-bound, the weights dominate the bytes
+read) run torch's int8-weight kernel `aten._weight_int8pack_mm`, which reads half the bytes of
+bf16; larger batches (compute-bound) multiply by the dequantized weight, built once on first use (or
+at load, prepacked by oneDNN, with `--weight-layout` auto/packed), so both paths compute with the
+same quantized weights. Embeddings and norms stay unquantized;
+the LM head is quantized even when tied (the embedding keeps its own full-precision copy).
+
+What it changes, measured in docs/performance.md: one-stream decode speed, and the outputs (it is
+another model: greedy text can differ from the unquantized one).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefloop.server.model.packed_linear import pack_weight, packed_linear
+
+QUANT_MODES = ("none", "int8")
+INT8_MAX_ROWS = 4  # batches up to this many tokens take the int8 kernel
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row symmetric int8: (q [out, in] int8, scales [out] float32), w ≈ q * scales."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS):
+        super().__init__()
+        dtype = linear.weight.dtype
+        q, scales = quantize_rows(linear.weight)
+        self.register_buffer("qweight", q)  # [out, in] int8
+        self.register_buffer("scales", scales.to(dtype))  # [out]
+        self.bias = linear.bias
+        self.max_rows = max_rows
+        self._dense: torch.Tensor | None = None  # q * scales in the model dtype, for large batches
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def dequantized(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = (self.qweight.to(self.scales.dtype) * self.scales[:, None]).contiguous()
+        return self._dense
+
+    def prepare_for_compile(self) -> None:
+        self.dequantized()  # built now: a traced graph must not create module state
+
+    def pack_dense(self) -> None:
+        """Keep the large-batch weight prepacked by oneDNN (server/model/packed_linear.py)."""
+        self._dense = pack_weight(self.dequantized())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op: no shape branch, no decomposed int8 mm
+            out = _int8_linear_op(x, self.qweight, self.scales, self._dense, self.max_rows)
+        else:
+            out = _int8_linear(x, self.qweight, self.scales, self.dequantized(), self.max_rows)
+        return out if self.bias is None else out + self.bias
+
+
+def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                 max_rows: int) -> torch.Tensor:
+    if x.shape[0] <= max_rows:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    return packed_linear(x, dense, None) if dense.is_mkldnn else F.linear(x, dense)
+
+
+# Under torch.compile (`--compile`) the layer is this custom op: inductor would otherwise decompose
+# the int8 kernel into "dequantize the whole weight, then mm" on every step, and specialize the
+# graph on the row-count branch.
+@torch.library.custom_op("prefloop::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                    max_rows: int) -> torch.Tensor:
+    return _int8_linear(x, qweight, scales, dense, max_rows)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scales, dense, max_rows):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def quantize_model(model: nn.Module, mode: str, max_rows: int = INT8_MAX_ROWS) -> nn.Module:
+    """Replace every nn.Linear of `model` (attention, MLP, LM head) in place; returns the model."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize must be one of {QUANT_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child, max_rows))
+    return model

@@ -1,0 +1,163 @@
+"""Building a Generator: checking the backend options, loading one model version per backend.
+
+`build_generator` validates every option that needs no model (backend, context policy, quantize,
+compiler, kernels) before it loads anything, then loads the native engine (`load_backend`) or vLLM
+(`load_vllm_backend`); hot-swap reuses the same loader for the next version.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from prefloop.server.engine.async_engine import AsyncEngine
+from prefloop.server.engine.context import DEFAULT_KEEP, ContextConfig
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.scheduler import SchedulerConfig
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.model.compile import check_compiler
+from prefloop.server.model.config import ModelConfig
+from prefloop.server.model.kernels import resolve_decode_kernel
+from prefloop.server.model.loader import DTYPES, load_model, read_generation_eos, resolve_model_dir
+from prefloop.server.model.packed_linear import resolve_weight_layout
+from prefloop.server.model.quantize import QUANT_MODES
+from prefloop.server.serving.generator import Backend, Generator, ModelInfo
+from prefloop.server.serving.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("native", "vllm")
+
+
+def build_generator(model: str | None = None, dtype: str = "float32", device: str = "cpu",
+                    cache_dir: str | None = None, kv_cache_tokens: int | None = None,
+                    kv_cache_gib: float = 1.0, block_size: int | None = None, max_num_seqs: int = 64,
+                    max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                    model_version: str | None = None, context_overflow: str = "error",
+                    context_keep: int = DEFAULT_KEEP, context_discard: int | None = None,
+                    backend: str = "native", tensor_parallel_size: int = 1,
+                    gpu_memory_utilization: float | None = None,
+                    enforce_eager: bool = False, quantize: str = "none",
+                    compile: bool = False, attention: str = "auto",
+                    weight_layout: str = "auto") -> Generator:
+    """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
+
+    `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
+    engine does when prompt + max_tokens outgrows the context (server/engine/context.py).
+    `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/model/quantize.py).
+    `compile` runs the native engine's model step through torch.compile (server/model/compile.py).
+    `attention` (auto | native | sdpa) picks the native engine's decode attention
+    (server/model/kernels.py); `weight_layout` (auto | packed | plain) whether its linear
+    weights are prepacked for oneDNN (server/model/packed_linear.py).
+    `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
+    `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
+    was built for).
+    """
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
+    try:  # checked before the model is loaded
+        context = ContextConfig(overflow=context_overflow, keep=context_keep, discard=context_discard)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
+    if quantize not in QUANT_MODES:
+        raise InvalidArgument(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
+    if backend == "vllm":
+        if quantize != "none":
+            raise InvalidArgument("--quantize is a native-engine option; vLLM reads the "
+                                  "quantization of the checkpoint itself")
+        if compile:
+            raise InvalidArgument("--compile is a native-engine option; vLLM compiles by default "
+                                  "(--enforce-eager turns that off)")
+        if attention != "auto":
+            raise InvalidArgument("--attention is a native-engine option; vLLM picks its own "
+                                  "attention backend")
+        if weight_layout != "auto":
+            raise InvalidArgument("--weight-layout is a native-engine option; vLLM lays out its "
+                                  "own weights")
+        if context.overflow != "error":
+            raise InvalidArgument(f"--context-overflow {context.overflow} needs the native backend; "
+                                  "with --backend vllm a request that does not fit is rejected")
+        model_dir = resolve_model_dir(model, cache_dir)
+        kv_bytes = None
+        if gpu_memory_utilization is None:
+            dtype_size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+            kv_bytes = (kv_cache_tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token
+                        * dtype_size // 4 if kv_cache_tokens else int(kv_cache_gib * 2**30))
+        from prefloop.server.serving.vllm_engine import VllmConfig  # imports vllm: only when asked for
+        config = VllmConfig(dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                            kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                            block_size=block_size, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens,
+                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+        return Generator(load_vllm_backend(model_dir, model_version or Path(model_dir).name, config))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
+    if device == "cuda" and quantize != "none":
+        raise InvalidArgument("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
+    if quantize == "int8" and dtype == "float32":
+        log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
+                    "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
+    if compile:
+        check_compiler()  # before the weights are loaded
+    # builds the kernel once (or refuses) before anything is loaded
+    resolve_decode_kernel(attention, device, DTYPES.get(dtype, torch.float32))
+    resolve_weight_layout(weight_layout, device, DTYPES.get(dtype, torch.float32))
+    model_dir = resolve_model_dir(model, cache_dir)
+    loader = functools.partial(
+        load_backend, dtype=dtype, device=device,
+        cache=KVCacheConfig(block_size=block_size or 16, capacity_tokens=kv_cache_tokens,
+                            capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens),
+        context=context, quantize=quantize, compile=compile, attention=attention,
+        weight_layout=weight_layout)
+    return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
+
+
+def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Every id that ends a completion: config.json, generation_config.json and the tokenizer's."""
+    eos = set(config_eos) | set(read_generation_eos(model_dir))
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tuple(sorted(eos))
+
+
+def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
+                 scheduler: SchedulerConfig, context, quantize: str = "none",
+                 compile: bool = False, attention: str = "auto", weight_layout: str = "auto") -> Backend:
+    """Load one model version (strict: every weight present with the config's shape)."""
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer(model_dir)
+    llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
+                       attention=attention, weight_layout=weight_layout)
+    eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
+    engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
+    info = ModelInfo(model_version=version, architecture=llama.config.architecture,
+                     context_length=engine.max_model_len,
+                     dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
+                     model_path=str(model_dir))
+    log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention, %s linear "
+             "weights%s", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
+             "native" if llama.decode_kernel is not None else "SDPA",
+             "packed" if llama.packed_weights else "plain",
+             ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "")
+    return Backend(AsyncEngine(engine), tokenizer, info)
+
+
+def load_vllm_backend(model_dir: Path, version: str, config) -> Backend:
+    """One model version on vLLM (`config` is a `vllm_engine.VllmConfig`); swaps reload in place."""
+    from prefloop.server.serving.vllm_engine import VllmEngine
+
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer(model_dir)
+    eos = _eos_ids(model_dir, ModelConfig.from_dir(model_dir).eos_token_ids, tokenizer)
+    engine = VllmEngine(model_dir, config, eos)
+    info = ModelInfo(model_version=version, architecture=engine.model_config.architecture,
+                     context_length=engine.max_model_len, dtype=config.dtype, backend="vllm",
+                     model_path=str(model_dir))
+    log.info("loaded %s (%s, %s) on vLLM, tensor parallel %d", version, info.architecture,
+             config.dtype, config.tensor_parallel_size)
+    return Backend(engine, tokenizer, info)

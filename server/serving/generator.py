@@ -1,0 +1,186 @@
+"""Generator: the text-level front of a backend — tokenize, stream token deltas as text, stop strings.
+
+Both `prefloop generate` and the gRPC servicers use it. It owns the tokenizer and chat template,
+incremental detokenization and stop strings; the engine below it sees token ids only, through the
+`EngineBackend` protocol (server/serving/protocol.py), so the same Generator serves the native
+engine and vLLM (both built by `build.py`).
+
+Hot-swap keeps one promise on both: no request fails, and every response names the version that
+produced all of its tokens. Native: the new version is loaded beside the old one and new requests
+move to it while running ones finish on the old weights. vLLM (one copy of the weights, reloaded in
+place): new requests wait while running ones finish, the weights are reloaded, then they start.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import AsyncIterator
+
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.serving.protocol import EngineBackend
+from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+@dataclass(slots=True)
+class ModelInfo:
+    model_version: str
+    architecture: str
+    context_length: int
+    dtype: str
+    backend: str
+    model_path: str
+
+
+@dataclass(slots=True)
+class CompletionDelta:
+    index: int  # which of the request's n candidates
+    text_delta: str
+    token_ids: list[int]  # token ids produced in this delta
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" on the last one
+    completion_tokens: int  # tokens generated so far for this candidate
+    model_version: str = ""  # the weights that produced it (fixed for the whole request)
+
+
+@dataclass(eq=False)
+class Backend:
+    """One loaded model version: its engine, tokenizer and description."""
+
+    engine: EngineBackend
+    tokenizer: Tokenizer
+    info: ModelInfo
+    active: int = 0  # requests streaming on it
+
+
+class Generator:
+    """Serves requests on the current Backend; `swap` moves new requests to another version while
+    requests already running finish on the weights (and KV cache) they started with."""
+
+    def __init__(self, backend: Backend, loader=None):
+        self._current = backend
+        self._loader = loader  # (model_dir, version) -> Backend, for swap()
+        self._draining: list[Backend] = []
+        self._by_request: dict[str, Backend] = {}
+        self._retiring: list[threading.Thread] = []
+        self._admitting = asyncio.Event()  # cleared while an in-place reload drains and reloads
+        self._admitting.set()
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._current.info
+
+    @property
+    def healthy(self) -> bool:
+        return self._current.engine.healthy
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._current.tokenizer
+
+    async def start(self) -> None:
+        self._current.engine.start()
+
+    async def close(self) -> None:
+        for backend in [self._current, *self._draining]:
+            await asyncio.to_thread(backend.engine.stop)
+        self._draining.clear()
+        for thread in self._retiring:  # no engine thread may outlive the interpreter's torch
+            await asyncio.to_thread(thread.join)
+        self._retiring.clear()
+
+    async def swap(self, model_dir, version: str) -> ModelInfo:
+        """Serve `model_dir` as `version` from now on: native engines load it beside the serving
+        one (strict shapes) and switch; in-place engines (vLLM) drain and reload their weights."""
+        if self._current.engine.reloads_in_place:
+            return await self._reload_in_place(model_dir, version)
+        if self._loader is None:
+            raise InvalidArgument("this generator cannot load other versions")
+        backend = await asyncio.to_thread(self._loader, model_dir, version)
+        backend.engine.start()
+        old, self._current = self._current, backend
+        self._draining.append(old)
+        self._retire_idle()
+        log.info("now serving %s (%s); %d request(s) finishing on %s", version, backend.info.dtype,
+                 old.active, old.info.model_version)
+        return backend.info
+
+    async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
+        """Hold new requests, let running ones finish on the old weights, reload, resume."""
+        backend = self._current
+        model_dir = Path(model_dir)
+        tokenizer = await asyncio.to_thread(Tokenizer, model_dir)  # fails before anything waits
+        self._admitting.clear()
+        try:
+            if backend.active:
+                log.info("swap to %s: waiting for %d running request(s) to finish on %s", version,
+                         backend.active, backend.info.model_version)
+            while backend.active:
+                await asyncio.sleep(0.01)
+            await backend.engine.reload_weights(model_dir)
+            backend.tokenizer = tokenizer
+            backend.info = replace(backend.info, model_version=version, model_path=str(model_dir))
+        finally:
+            self._admitting.set()
+        log.info("now serving %s (%s, weights reloaded in place)", version, backend.info.dtype)
+        return backend.info
+
+    def _retire_idle(self) -> None:
+        for backend in [b for b in self._draining if b.active == 0]:
+            self._draining.remove(backend)
+            thread = threading.Thread(target=backend.engine.stop, name="prefloop-retire")
+            thread.start()
+            self._retiring.append(thread)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise InvalidArgument("prompt is empty")
+        return self.tokenizer.encode(prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
+    async def stream(self, request_id: str, prompt_ids: list[int],
+                     params: SamplingParams) -> AsyncIterator[CompletionDelta]:
+        if not self._admitting.is_set():  # an in-place reload is running: start after it
+            await self._admitting.wait()
+        backend = self._current  # the whole request stays on these weights
+        backend.active += 1
+        self._by_request[request_id] = backend
+        version = backend.info.model_version
+        decoders = [IncrementalDecoder(backend.tokenizer, params.stop) for _ in range(params.n)]
+        done = [False] * params.n
+        try:
+            async for out in backend.engine.generate(request_id, prompt_ids, params):
+                if done[out.index]:
+                    continue
+                dec = decoders[out.index]
+                reason = out.finish_reason
+                text = dec.push(out.new_token_ids, final=reason is not None)
+                if dec.stopped and reason is None:
+                    reason = "stop"
+                    backend.engine.abort(request_id, out.index)
+                if reason is not None:
+                    done[out.index] = True
+                yield CompletionDelta(out.index, text, out.new_token_ids, reason,
+                                      out.num_output_tokens, version)
+                if all(done):
+                    return
+        finally:
+            backend.active -= 1
+            self._by_request.pop(request_id, None)
+            if backend is not self._current:
+                self._retire_idle()
+
+    async def abort(self, request_id: str) -> None:
+        backend = self._by_request.get(request_id)
+        if backend is not None:
+            backend.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        stats = asdict(self._current.engine.stats())
+        stats["draining_versions"] = len(self._draining)
+        return stats

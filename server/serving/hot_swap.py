@@ -1,0 +1,116 @@
+"""ModelSwitcher: keeps the server on the registry's current version without dropping a request.
+
+It follows the registry pointer (polling `<data-dir>/registry/CURRENT`) and serves the Models RPCs
+Promote / Rollback. A switch verifies the version (checksums via the registry, shapes by the
+strict loader), loads it beside the serving one (off the event loop), then `Generator.swap` moves
+new requests to it; requests already running finish on the weights they started with. A version
+that fails is refused with a clear error and the old one keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from prefloop.server.errors import FailedPrecondition, PrefloopError
+from prefloop.server.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class ModelSwitcher:
+    def __init__(self, generator, registry: Registry, poll_interval_s: float = 2.0):
+        self.generator = generator
+        self.registry = registry
+        self.poll_interval_s = poll_interval_s
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self._refused: str | None = None  # a pointer target that failed; not retried every poll
+
+    @property
+    def serving(self) -> str:
+        return self.generator.info.model_version
+
+    async def start(self) -> None:
+        if self.poll_interval_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._follow_pointer(), name="registry-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _switch_to(self, version: str) -> None:
+        """Verify and load `version`, then move new requests to it (raises on failure)."""
+        await asyncio.to_thread(self.registry.check, version)  # sha256 of every file
+        await self.generator.swap(self.registry.version_dir(version), version)
+
+    async def promote(self, version: str, reason: str = "", actor: str = "",
+                      force: bool = False) -> tuple[str, str]:
+        async with self._lock:
+            previous = self.serving
+            manifest = self.registry.manifest(version)  # NotFound for an unknown version
+            if manifest.kind != "policy":
+                raise FailedPrecondition(f"{version} is a {manifest.kind} model; only policy "
+                                         "versions can be served")
+            if manifest.gate_passed is False and not force:
+                raise FailedPrecondition(f"{version} was rejected by the eval gate; pass force "
+                                         "to promote it anyway")
+            if version != previous:
+                await self._switch_to(version)
+            if self.registry.current() != version:
+                self.registry.promote(version, reason=reason, actor=actor, force=force,
+                                      verify=False)  # verified above
+            self._refused = None
+            log.info("promoted %s -> %s (%s)", previous, version, reason or "no reason given")
+            return previous, version
+
+    async def rollback(self, reason: str = "", actor: str = "") -> tuple[str, str]:
+        async with self._lock:
+            previous = self.serving
+            stack = self.registry.served_stack()
+            if len(stack) < 2:
+                raise FailedPrecondition("nothing to roll back to: no earlier promotion")
+            target = stack[-2]
+            await self._switch_to(target)
+            self.registry.rollback(reason=reason, actor=actor, verify=False)
+            log.info("rolled back %s -> %s (%s)", previous, target, reason or "no reason given")
+            return previous, target
+
+    def list_versions(self) -> list[dict]:
+        current = self.registry.current()
+        out = []
+        for version in self.registry.list_versions():
+            m = self.registry.manifest(version)
+            out.append({"version": version, "parent": m.parent or "", "created_at": m.created_at,
+                        "kind": m.kind, "method": m.method, "current": version == current,
+                        "metrics_json": json.dumps(m.metrics or {}),
+                        "gate_json": json.dumps(m.gate) if m.gate else ""})
+        return out
+
+    async def _follow_pointer(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            target = None
+            try:
+                target = self.registry.current()
+                if not target or target == self.serving or target == self._refused:
+                    continue
+                async with self._lock:
+                    if self.registry.current() != target or target == self.serving:
+                        continue
+                    log.info("registry pointer moved to %s: switching", target)
+                    await self._switch_to(target)
+            except asyncio.CancelledError:
+                raise
+            except PrefloopError as exc:
+                self._refused = target  # None (registry unreadable): keep polling
+                log.error("cannot serve registry version %s, keeping %s: %s", target,
+                          self.serving, exc)
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                self._refused = target
+                log.exception("cannot serve registry version %s, keeping %s", target, self.serving)
