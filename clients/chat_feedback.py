@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-from prefloop.clients.chat_cmd import ChatSession, command
+from prefloop.clients.chat_session import ChatSession, command
 from prefloop.clients.client import FeedbackAck
 from prefloop.clients.errors import ClientError, Unavailable
 

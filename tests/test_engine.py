@@ -5,7 +5,7 @@ import torch
 from tiny_models import greedy, random_prompts, save_tiny
 from transformers import AutoModelForCausalLM
 
-from prefloop.server.engine.kv_cache import KVCacheConfig, bytes_per_token
+from prefloop.server.engine.kv_cache import KVCacheConfig
 from prefloop.server.engine.llm_engine import LLMEngine
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.engine.scheduler import SchedulerConfig
@@ -191,8 +191,36 @@ def test_sampling_params_validation(kwargs):
 
 def test_kv_bytes_per_token_is_exact(tiny_model):
     cfg = tiny_model.config
-    assert bytes_per_token(cfg, torch.float32) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    assert cfg.kv_bytes_per_token(4) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     engine = make_engine(tiny_model, tokens=64)
-    k, v = engine.runner.kv_caches[0]
     total = sum(t.numel() * t.element_size() for kv in engine.runner.kv_caches for t in kv)
-    assert total == bytes_per_token(cfg, torch.float32) * engine.blocks.num_blocks * engine.blocks.block_size
+    assert total == cfg.kv_bytes_per_token(4) * engine.blocks.num_blocks * engine.blocks.block_size
+    assert engine.stats().kv_bytes_per_token == cfg.kv_bytes_per_token(4)
+
+
+@pytest.mark.parametrize("overflow", ["error", "truncate"])
+def test_prompt_is_checked_once_per_request_through_the_async_engine(tiny_model, monkeypatch, overflow):
+    import asyncio
+
+    from prefloop.server.engine import context
+    from prefloop.server.engine.async_engine import AsyncEngine
+
+    calls = []
+    real = context.admission_drop
+    monkeypatch.setattr(context, "admission_drop", lambda *a: calls.append(a) or real(*a))
+    engine = LLMEngine(tiny_model, KVCacheConfig(block_size=4, capacity_tokens=256),
+                       max_model_len=32, context=context.ContextConfig(overflow))
+    runner = AsyncEngine(engine)
+    runner.start()
+
+    async def run(prompt):
+        return [o async for o in runner.generate("r", prompt, SamplingParams(temperature=0, max_tokens=4))]
+    try:
+        outs = asyncio.run(run(list(range(1, 11))))
+        assert outs[-1].finish_reason == "length" and len(calls) == 1
+        if overflow == "truncate":  # the one check's answer reaches the sequence: 40 -> 28 tokens
+            calls.clear()
+            assert [o.finish_reason for o in asyncio.run(run(list(range(1, 41))))][-1] == "length"
+            assert len(calls) == 1 and engine.num_truncated_prompts == 1
+    finally:
+        runner.stop()

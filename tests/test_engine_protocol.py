@@ -2,8 +2,12 @@
 vLLM takes) against a scripted engine, and the weight compatibility check that guards it."""
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib.util
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -83,18 +87,72 @@ async def _collect(gen: Generator, rid: str, max_tokens: int) -> tuple[set[str],
     return versions, "".join(text)
 
 
+vllm_engine_spec = importlib.util.find_spec("prefloop.server.serving.vllm_engine")
 PROTOCOL_MEMBERS = ("reloads_in_place", "healthy", "start", "stop", "generate", "abort", "stats",
                     "reload_weights")
 
 
-def test_both_engines_implement_the_protocol():
+def _vllm_engine_members() -> dict[str, ast.AST]:
+    """VllmEngine's class-level members, read from its source (no vllm import needed)."""
+    tree = ast.parse(Path(vllm_engine_spec.origin).read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VllmEngine"]
+    members: dict[str, ast.AST] = {}
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            members[node.name] = node
+        elif isinstance(node, ast.Assign):
+            members.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            members[node.target.id] = node
+    return members
+
+
+def _protocol_params(name: str) -> list[str]:
+    member = vars(EngineBackend)[name]
+    fn = member.fget if isinstance(member, property) else member
+    return list(inspect.signature(fn).parameters)
+
+
+def test_protocol_members_are_the_documented_ones():
     declared = {m for m in vars(EngineBackend) if not m.startswith("_")}
     declared |= set(EngineBackend.__annotations__)
     assert declared == set(PROTOCOL_MEMBERS)
-    assert all(hasattr(AsyncEngine, m) for m in PROTOCOL_MEMBERS)
+
+
+def test_native_engine_implements_every_member_with_the_same_signature():
+    for name in PROTOCOL_MEMBERS:
+        assert hasattr(AsyncEngine, name), name
+        if callable(getattr(EngineBackend, name, None)):
+            assert list(inspect.signature(getattr(AsyncEngine, name)).parameters) == _protocol_params(name), name
+    assert isinstance(AsyncEngine.healthy, property)
+    assert inspect.isasyncgenfunction(AsyncEngine.generate)
+    assert inspect.iscoroutinefunction(AsyncEngine.reload_weights)
     assert AsyncEngine.reloads_in_place is False
+
+
+def test_vllm_engine_implements_every_member_with_the_same_signature():
+    members = _vllm_engine_members()
+    missing = set(PROTOCOL_MEMBERS) - set(members)
+    assert not missing, f"VllmEngine lacks {sorted(missing)}"
+    for name in PROTOCOL_MEMBERS:
+        node = members[name]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and name != "healthy":
+            assert [a.arg for a in node.args.args] == _protocol_params(name), name
+    healthy = members["healthy"]
+    assert any(isinstance(d, ast.Name) and d.id == "property" for d in healthy.decorator_list)
+    generate = members["generate"]  # an async generator: async def with a yield
+    assert isinstance(generate, ast.AsyncFunctionDef)
+    assert any(isinstance(n, ast.Yield) for n in ast.walk(generate))
+    assert isinstance(members["reload_weights"], ast.AsyncFunctionDef)
+    assert members["reloads_in_place"].value.value is True
+
+
+def test_runtime_check_accepts_an_engine_and_refuses_one_missing_a_member():
     assert isinstance(ScriptedReloadEngine(), EngineBackend)
-    assert not isinstance(object(), EngineBackend)
+    for name in PROTOCOL_MEMBERS:
+        partial = type("Partial", (), {m: vars(ScriptedReloadEngine)[m]
+                                       for m in PROTOCOL_MEMBERS if m != name})
+        assert not isinstance(partial(), EngineBackend), name
 
 
 def test_in_place_reload_drains_running_requests_and_holds_new_ones(tmp_path, monkeypatch):

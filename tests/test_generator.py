@@ -15,7 +15,7 @@ from prefloop.server.serving.build import build_generator
 
 @pytest.fixture(scope="module")
 def gen():
-    g = build_generator(kv_cache_tokens=8192)
+    g = build_generator(kv_cache_tokens=8192, dtype="float32")
     asyncio.run(g.start())
     yield g
     asyncio.run(g.close())
@@ -31,11 +31,15 @@ async def collect(gen, rid, ids, params):
 
 def test_stream_matches_decode_and_stop_strings(gen):
     ids = gen.chat_ids([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
-    full = asyncio.run(collect(gen, "a", ids, SamplingParams(temperature=0, max_tokens=30)))[0]
+    full = asyncio.run(collect(gen, "a", ids, SamplingParams(temperature=0, max_tokens=30,
+                                                             ignore_eos=True)))[0]
     assert full[0] == gen.tokenizer.decode(full[1])
+    assert full[2] == "length" and len(full[1]) == 30  # ended by max_tokens
     stop = full[0][len(full[0]) // 2:len(full[0]) // 2 + 2]
-    cut = asyncio.run(collect(gen, "b", ids, SamplingParams(temperature=0, max_tokens=30, stop=(stop,))))[0]
-    assert cut[2] == "stop" and cut[0] == full[0][:full[0].index(stop)]
+    cut = asyncio.run(collect(gen, "b", ids, SamplingParams(temperature=0, max_tokens=30, stop=(stop,),
+                                                            ignore_eos=True)))[0]
+    assert cut[2] == "stop" and cut[0] == full[0][:full[0].index(stop)]  # ended by the stop string
+    assert len(cut[1]) < 30
 
 
 def test_n_candidates_and_blocks_return(gen):
@@ -45,9 +49,11 @@ def test_n_candidates_and_blocks_return(gen):
             break
         time.sleep(0.05)
     free = gen.stats()["free_blocks"]
-    out = asyncio.run(collect(gen, "n", ids, SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=8)))
-    assert sorted(out) == [0, 1, 2] and all(v[2] in ("stop", "length") for v in out.values())
-    again = asyncio.run(collect(gen, "n2", ids, SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=8)))
+    params = SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=8, ignore_eos=True)
+    out = asyncio.run(collect(gen, "n", ids, params))
+    assert sorted(out) == [0, 1, 2]
+    assert all(v[2] == "length" and len(v[1]) == 8 for v in out.values())  # each ran to max_tokens
+    again = asyncio.run(collect(gen, "n2", ids, params))
     assert again == out
 
     async def cancel_midway():
@@ -74,13 +80,14 @@ def test_bad_input_then_keeps_serving(gen):
             pass
     with pytest.raises(InvalidArgument, match="context length"):
         asyncio.run(too_long())
-    ok = asyncio.run(collect(gen, "ok", gen.prompt_ids("Hello"), SamplingParams(temperature=0, max_tokens=3)))
-    assert ok[0][2] in ("stop", "length")
+    ok = asyncio.run(collect(gen, "ok", gen.prompt_ids("Hello"),
+                             SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))
+    assert ok[0][2] == "length" and len(ok[0][1]) == 3
 
 
 def test_cli_generate_json_matches_engine(gen):
     res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "generate", "The capital of France is",
-                          "--max-tokens", "12", "--json"], capture_output=True, text=True, timeout=300)
+                          "--max-tokens", "12", "--json", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     ref = asyncio.run(collect(gen, "cli", gen.prompt_ids("The capital of France is"),

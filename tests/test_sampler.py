@@ -1,9 +1,18 @@
 """Sampling functions against closed-form expectations on small hand-made logits."""
 import math
+from types import SimpleNamespace
 
 import torch
 
-from prefloop.server.engine.sampler import apply_repetition_penalty, apply_top_k, apply_top_p, sample_row
+from prefloop.server.engine.sampler import (
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    request_generator,
+    sample,
+    sample_row,
+)
+from prefloop.server.engine.sampling_params import SamplingParams
 
 
 def test_top_k_keeps_exactly_k():
@@ -37,7 +46,26 @@ def test_temperature_sampling_frequencies_match_softmax():
     assert abs(sum(draws) / 4000 - 0.9) < 0.02
 
 
-def test_seeded_generators_reproduce():
-    logits = torch.randn(100)
-    a = [sample_row(logits, 1.0, 0, 0.9, torch.Generator().manual_seed(5)) for _ in range(3)]
-    assert len(set(a)) == 1
+def _row(seed, index=0):
+    """A sequence as `sample` sees it: its params and its own per-request generator."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+    return SimpleNamespace(params=params, generator=request_generator(seed, index), token_ids=[])
+
+
+def test_same_seed_in_one_batch_gives_the_same_tokens_and_other_seeds_differ():
+    rows = [_row(5), _row(5), _row(6), _row(5, index=1)]  # two requests seeded 5, one 6, a 2nd candidate
+    logits = torch.zeros(len(rows), 1000)  # uniform: every draw depends on the generator only
+    drawn = [sample(logits, rows) for _ in range(20)]  # 20 steps of one batch
+    per_row = list(zip(*drawn))
+    assert per_row[0] == per_row[1]  # same seed, same batch: same tokens
+    assert per_row[0] != per_row[2]  # another seed: other tokens
+    assert per_row[0] != per_row[3]  # the request's second candidate: seed + 1
+    alone = _row(5)
+    assert tuple(sample(logits[:1], [alone])[0] for _ in range(20)) == per_row[0]  # alone: the same
+
+
+def test_unseeded_requests_get_independent_generators():
+    logits = torch.zeros(2, 1000)
+    rows = [_row(None), _row(None)]
+    draws = list(zip(*[sample(logits, rows) for _ in range(20)]))
+    assert draws[0] != draws[1]

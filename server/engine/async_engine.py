@@ -65,10 +65,10 @@ class AsyncEngine:
             raise Unavailable("the engine is not running")
         if request_id in self._streams:
             raise PrefloopError(f"request id {request_id!r} is already streaming")
-        self.engine.validate(prompt_ids, params)  # static checks, raised in the caller
+        num_dropped = self.engine.validate(prompt_ids, params)  # the one check, raised in the caller
         out_queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
-        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._inbox.put(("add", request_id, prompt_ids, params, num_dropped))
         self._wake.set()
         remaining = params.n
         try:
@@ -105,9 +105,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params = cmd
+                _, rid, ids, params, num_dropped = cmd
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(rid, ids, params, num_dropped)
                 except PrefloopError as exc:
                     self._deliver(exc, rid)
             else:

@@ -14,8 +14,8 @@ Three policies (`ContextConfig.overflow`, the server flag `--context-overflow`):
   "recompute"`` drops the same tokens and re-prefills the window instead (the baseline the
   benchmark compares against; vLLM-style).
 
-This module is plain Python (no tensors): the config and the admission arithmetic, shared by both
-backends. The block bookkeeping of a shift (copy-on-write of shared blocks, leaving the prefix-cache
+This module is plain Python (no tensors): the config, the admission arithmetic and `check_prompt`,
+the one prompt check both backends run once per request. The block bookkeeping of a shift (copy-on-write of shared blocks, leaving the prefix-cache
 index) is `BlockManager.shift`; the tensor pass the model runner executes is `kv_shift.py`.
 """
 from __future__ import annotations
@@ -98,3 +98,15 @@ def admission_drop(prompt_len: int, max_tokens: int, max_model_len: int, cfg: Co
     if prompt_len < max_model_len:
         return 0
     return prompt_len - (max_model_len - discard)
+
+
+def check_prompt(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
+                 cfg: ContextConfig, discard: int) -> int:
+    """The one check of a request's prompt ids, shared by every backend: non-empty, every id in
+    the vocabulary, and prompt + max_tokens within the context under `cfg`'s overflow policy.
+    Returns the prompt tokens to drop at admission (`admission_drop`); raises InvalidArgument."""
+    if not prompt_ids:
+        raise InvalidArgument("prompt is empty: it must contain at least one token")
+    if any(not (0 <= t < vocab_size) for t in prompt_ids):
+        raise InvalidArgument(f"prompt token ids must be in [0, {vocab_size})")
+    return admission_drop(len(prompt_ids), max_tokens, max_model_len, cfg, discard)

@@ -24,15 +24,10 @@ class KVCacheConfig:
             raise ValueError("KV cache capacity in GiB must be > 0")
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Exact KV bytes per cached token: 2 (K and V) x layers x kv_heads x head_dim x dtype size."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
-
-
 def num_blocks_for(cache: KVCacheConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
     if cache.capacity_tokens is not None:
         return -(-cache.capacity_tokens // cache.block_size)
-    per_block = bytes_per_token(cfg, dtype) * cache.block_size
+    per_block = cfg.kv_bytes_per_token(dtype.itemsize) * cache.block_size
     return max(1, int(cache.capacity_gib * 2**30) // per_block)
 
 

@@ -9,20 +9,17 @@ prompt is computed, sharing its full blocks. What happens when a context outgrow
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 
-import torch
-
 from prefloop.server.engine.block_manager import BlockManager
-from prefloop.server.engine.context import ContextConfig, admission_drop
-from prefloop.server.engine.kv_cache import KVCacheConfig, bytes_per_token, num_blocks_for
+from prefloop.server.engine.context import ContextConfig, check_prompt
+from prefloop.server.engine.kv_cache import KVCacheConfig, num_blocks_for
 from prefloop.server.engine.model_runner import ModelRunner
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
-from prefloop.server.engine.sampler import sample
+from prefloop.server.engine.sampler import request_generator, sample
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.engine.scheduler import Scheduler, SchedulerConfig
-from prefloop.server.engine.sequence import SeqStatus, Sequence
+from prefloop.server.engine.sequence import Sequence
 from prefloop.server.errors import InvalidArgument, ResourceExhausted
 from prefloop.server.model.llama import LlamaModel
 
@@ -64,30 +61,30 @@ class LLMEngine:
         self.logits_hook = None
 
     # -- requests ------------------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise a typed error for a request this engine can never serve."""
-        if not prompt_ids:
-            raise InvalidArgument("prompt is empty: it must contain at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not (0 <= t < vocab) for t in prompt_ids):
-            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
-        dropped = admission_drop(len(prompt_ids), params.max_tokens, self.max_model_len, self.context,
-                                 self.shift_discard)  # raises for --context-overflow error
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise a typed error for a request this engine can never serve; else return the prompt
+        tokens to drop at admission (pass it on to `add_request` so the check runs once)."""
+        dropped = check_prompt(prompt_ids, params.max_tokens, self.model.config.vocab_size,
+                               self.max_model_len, self.context, self.shift_discard)
         total = min(len(prompt_ids) - dropped + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise ResourceExhausted(
                 f"request needs {total} tokens of KV cache but the cache holds "
                 f"{self.blocks.num_blocks * self.blocks.block_size}; raise --kv-cache-gib")
+        return dropped
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    num_dropped: int | None = None) -> None:
+        """Queue a request. `num_dropped` is `validate`'s answer when the caller already ran it
+        (AsyncEngine does, in the caller's thread); None validates here."""
         if request_id in self.requests:
             raise InvalidArgument(f"request id {request_id!r} is already running")
-        self.validate(prompt_ids, params)
+        if num_dropped is None:
+            num_dropped = self.validate(prompt_ids, params)
         seq = self._new_seq(request_id, 0, list(prompt_ids), len(prompt_ids), params)
         if self.context.overflow != "error":
             seq.n_keep = self.context.keep
-            seq.num_dropped = admission_drop(len(prompt_ids), params.max_tokens, self.max_model_len,
-                                             self.context, self.shift_discard)
+            seq.num_dropped = num_dropped
             self.num_truncated_prompts += seq.num_dropped > 0
         seq.children_pending = params.n - 1
         self.requests[request_id] = _Request(request_id, [seq])
@@ -95,10 +92,7 @@ class LLMEngine:
 
     def _new_seq(self, request_id: str, index: int, token_ids: list[int], prompt_len: int,
                  params: SamplingParams) -> Sequence:
-        generator = None
-        if not params.greedy:
-            seed = params.seed + index if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            generator = torch.Generator().manual_seed(seed)
+        generator = None if params.greedy else request_generator(params.seed, index)
         return Sequence(next(self._seq_ids), request_id, index, token_ids, prompt_len, params,
                         next(self._arrivals), generator)
 
@@ -220,7 +214,7 @@ class LLMEngine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             total_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free,
             block_size=self.blocks.block_size,
-            kv_bytes_per_token=bytes_per_token(self.model.config, self.dtype),
+            kv_bytes_per_token=self.model.config.kv_bytes_per_token(self.dtype.itemsize),
             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions, steps=self.steps,
             context_shifts=self.num_context_shifts, truncated_prompts=self.num_truncated_prompts)

@@ -6,7 +6,20 @@ request gives the same tokens alone or in any batch.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def request_generator(seed: int | None, index: int = 0) -> torch.Generator:
+    """The random generator of one candidate of one request: seeded with `seed + index` (so the
+    n candidates of a seeded request differ from each other, and the same request gives the same
+    tokens alone or in any batch), or from the OS's entropy when `seed` is None."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    else:
+        seed += index
+    return torch.Generator().manual_seed(seed)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ see `server/serving/generator.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefloop.server.errors import InvalidArgument
 

@@ -61,10 +61,10 @@ class ModelConfig:
             raise UnsupportedModel(
                 f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K+V per cached token at float32 (multiply by dtype size / 4 for others)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, dtype_size: int) -> int:
+        """Exact KV bytes per cached token: 2 (K and V) x layers x kv_heads x head_dim x
+        `dtype_size` (bytes per element of the cache dtype: 4 float32, 2 bfloat16/float16)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelConfig":

@@ -83,9 +83,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         model_dir = resolve_model_dir(model, cache_dir)
         kv_bytes = None
         if gpu_memory_utilization is None:
-            dtype_size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-            kv_bytes = (kv_cache_tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token
-                        * dtype_size // 4 if kv_cache_tokens else int(kv_cache_gib * 2**30))
+            dtype_size = DTYPES[dtype].itemsize
+            kv_bytes = (kv_cache_tokens * ModelConfig.from_dir(model_dir).kv_bytes_per_token(dtype_size)
+                        if kv_cache_tokens else int(kv_cache_gib * 2**30))
         from prefloop.server.serving.vllm_engine import VllmConfig  # imports vllm: only when asked for
         config = VllmConfig(dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                             kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization,

@@ -26,6 +26,14 @@ from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
+
+def check_prompt_text(prompt: str) -> None:
+    """The text-level prompt check (before tokenizing; the token-level one is the engine's
+    `check_prompt`). Needs no model, so `prefloop generate` runs it before loading one."""
+    if not prompt:
+        raise InvalidArgument("prompt is empty")
+
+
 @dataclass(slots=True)
 class ModelInfo:
     model_version: str
@@ -136,8 +144,7 @@ class Generator:
             self._retiring.append(thread)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        if not prompt:
-            raise InvalidArgument("prompt is empty")
+        check_prompt_text(prompt)
         return self.tokenizer.encode(prompt)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:

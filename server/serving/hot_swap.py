@@ -14,12 +14,13 @@ import logging
 
 from prefloop.server.errors import FailedPrecondition, PrefloopError
 from prefloop.server.registry import Registry
+from prefloop.server.serving.generator import Generator
 
 log = logging.getLogger(__name__)
 
 
 class ModelSwitcher:
-    def __init__(self, generator, registry: Registry, poll_interval_s: float = 2.0):
+    def __init__(self, generator: Generator, registry: Registry, poll_interval_s: float = 2.0):
         self.generator = generator
         self.registry = registry
         self.poll_interval_s = poll_interval_s

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from prefloop.server.engine.context import ContextConfig, admission_drop
+from prefloop.server.engine.context import ContextConfig, check_prompt
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, PrefloopError, Unavailable
@@ -169,21 +169,14 @@ class VllmEngine:
         self.llm.shutdown()
         del self.llm  # finalize now, while the modules its __del__ needs are still loaded
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidArgument("prompt is empty: it must contain at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not (0 <= t < vocab) for t in prompt_ids):
-            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
-        admission_drop(len(prompt_ids), params.max_tokens, self.max_model_len, self._no_shift, 0)
-
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[SeqOutput]:
         if self._stopped:
             raise Unavailable("the engine is not running")
         if self.llm.errored:
             raise Unavailable(_DEAD)
-        self.validate(prompt_ids, params)
+        check_prompt(prompt_ids, params.max_tokens, self.model_config.vocab_size, self.max_model_len,
+                     self._no_shift, 0)  # the native engine's check; vLLM never truncates or shifts
         counts = [0] * params.n
         dropped = self._dropped.setdefault(request_id, set())
         self._n[request_id] = params.n
@@ -235,13 +228,13 @@ class VllmEngine:
         cache = s.vllm_config.cache_config if s else None
         total = int(getattr(cache, "num_gpu_blocks", 0) or 0)
         usage = sched.kv_cache_usage if sched else 0.0
-        dtype_size = 4 if self.config.dtype == "float32" else 2
+        dtype_size = 4 if self.config.dtype == "float32" else 2  # no torch dtype objects here
         return EngineStats(
             running=sched.num_running_reqs if sched else 0,
             waiting=sched.num_waiting_reqs if sched else 0,
             total_blocks=total, free_blocks=round(total * (1.0 - usage)),
             block_size=int(getattr(cache, "block_size", self.config.block_size) or 0),
-            kv_bytes_per_token=self.model_config.kv_bytes_per_token * dtype_size // 4,
+            kv_bytes_per_token=self.model_config.kv_bytes_per_token(dtype_size),
             prefix_cache_queries=s.prefix_queries if s else 0,
             prefix_cache_hit_tokens=s.prefix_hits if s else 0,
             num_preemptions=s.preemptions if s else 0, steps=s.steps if s else 0)
