@@ -50,7 +50,7 @@ async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, 
 def online(levels: str, max_tokens: int, rounds: int, server_args: tuple[str, ...] = ()) -> dict[int, dict]:
     """`prefloop bench --json` against a fresh `prefloop serve *server_args`: {concurrency: level}."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
+        server = subprocess.Popen([sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0", "--http-port", "0",
                                    "--data-dir", str(Path(tmp) / "data"), *server_args],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:

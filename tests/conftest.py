@@ -8,6 +8,7 @@ the whole session and stopped with SIGTERM at the end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -115,8 +116,8 @@ class RecordingRecorder:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def record_generation(self, row: dict) -> None:
-        self.rows.append(row)
+    def record_generation(self, row) -> None:
+        self.rows.append(dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row)
 
 
 # ---- an in-process server on a background event loop --------------------------------------------
@@ -217,6 +218,8 @@ def start_server_process(tmp_dir: Path, *extra_args: str, auth: bool = True,
     """`prefloop serve --port 0 ...` as a subprocess; returns once its ready line is printed."""
     args = [sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
             "--data-dir", str(tmp_dir / "data"), *extra_args]
+    if "--http-port" not in extra_args:
+        args += ["--http-port", "0"]  # HTTP off unless a test asks for it (8000 may be taken)
     if auth:
         tokens = tmp_dir / "tokens.txt"
         tokens.write_text(f"# test tokens\nuser {USER_TOKEN}\nadmin {ADMIN_TOKEN}\n")

@@ -259,7 +259,7 @@ def test_graceful_shutdown_lets_streams_finish(fake_server):
         texts.append(next(stream).text_delta)
         stopping = asyncio.run_coroutine_threadsafe(fake_server.server.shutdown(grace=20),
                                                     fake_server.loop)
-        assert wait_until(lambda: not fake_server.server.generation.accepting, timeout=5)
+        assert wait_until(lambda: not fake_server.server.runner.accepting, timeout=5)
         texts.extend(c.text_delta for c in stream)  # the in-flight stream runs to its end
         stopping.result(20)
         with pytest.raises(cerr.Unavailable):
@@ -276,7 +276,7 @@ def test_health_not_serving_after_shutdown_starts(fake_server):
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stream = client.generate_stream("a", max_tokens=20)
         next(stream)
-        stopping = asyncio.run_coroutine_threadsafe(fake_server.server.shutdown(grace=1),
+        stopping = asyncio.run_coroutine_threadsafe(fake_server.server.shutdown(grace=10),
                                                     fake_server.loop)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()

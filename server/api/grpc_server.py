@@ -2,10 +2,12 @@
 
 `PrefloopServer` wires the Generation and Models servicers (plus any extra services such as
 Feedback, given as `ServiceRegistration`s) onto one grpc.aio server with the auth interceptor,
-the message-size limit, optional TLS, `grpc.health.v1` (aio) and server reflection.
+the message-size limit, optional TLS, `grpc.health.v1` (aio) and server reflection; and, with
+`http_port` set, the HTTP app (server/api/http_app.py) on uvicorn in the same loop, sharing the
+same `CompletionRunner`, feedback store, switcher, auth and metrics.
 
 Graceful shutdown (`shutdown`, or SIGTERM/SIGINT under `serve_until_signal`): servicers stop
-accepting (UNAVAILABLE), health turns NOT_SERVING, then `server.stop(grace)` rejects new calls
+accepting (UNAVAILABLE), health turns NOT_SERVING (HTTP /health 503), then both fronts stop
 while in-flight calls get `grace` seconds to finish; a second signal cancels them at once.
 The server does not own the generator: whoever built it closes it after shutdown.
 """
@@ -24,8 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from prefloop.proto.prefloop.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc
 from prefloop.server.api.auth import AuthConfig, AuthInterceptor
-from prefloop.server.api.generation import GenerationService, Recorder
+from prefloop.server.api.completions import CompletionRunner, Recorder, SamplingDefaults
+from prefloop.server.api.generation import GenerationService
 from prefloop.server.api.limits import Admission, Limits
+from prefloop.server.api.metrics import Metrics
 from prefloop.server.api.models import ModelsService
 
 log = logging.getLogger(__name__)
@@ -45,12 +49,16 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     data_dir: Path | None = None  # for services that keep files (feedback log)
     reflection: bool = True
+    http_port: int | None = None  # the HTTP API's port (0 = any free port); None = no HTTP
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"HTTP port must be in [0, 65535], got {self.http_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
 
@@ -73,14 +81,22 @@ class ServiceRegistration:
 
 class PrefloopServer:
     def __init__(self, generator, config: ServerConfig, *, recorder: Recorder | None = None,
-                 services: Sequence[ServiceRegistration] = (), switcher=None) -> None:
+                 services: Sequence[ServiceRegistration] = (), switcher=None,
+                 feedback_store=None, metrics: Metrics | None = None) -> None:
         self.generator = generator
         self.config = config
+        self.metrics = metrics or Metrics()
         self.admission = Admission(config.limits.max_concurrent, config.limits.max_queued)
-        self.generation = GenerationService(generator, config.limits, self.admission, recorder)
+        self.runner = CompletionRunner(generator, config.limits, self.admission, recorder,
+                                       config.defaults, self.metrics)
+        self.generation = GenerationService(self.runner)
         self.models = ModelsService(generator, self.admission, switcher)
         self.extra_services = list(services)
         self.health = health.aio.HealthServicer()
+        self.switcher = switcher
+        self.feedback_store = feedback_store
+        self.http = None  # HttpServer once started
+        self.http_state: dict = {"draining": False}
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
@@ -117,11 +133,38 @@ class PrefloopServer:
             self.port = server.add_insecure_port(self.config.address)
         if not self.port:
             raise OSError(f"could not bind {self.config.address}")
+        http_sock = self._bind_http()  # before the gRPC server starts: a taken port fails cleanly
         await server.start()
         self._server = server
+        if http_sock is not None:
+            await self._start_http(http_sock)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_engine(), name="engine-health")
         return self.port
+
+    def _bind_http(self):
+        if self.config.http_port is None:
+            return None
+        from prefloop.server.api.http_server import bind
+        return bind(self.config.host, self.config.http_port)
+
+    async def _start_http(self, sock) -> None:
+        from prefloop.server.api.http_app import build_http_app
+        from prefloop.server.api.http_server import HttpServer
+
+        info = self.generator.info
+        self.metrics.set_model(info.model_version, info.backend, info.dtype)
+        self.metrics.watch_engine(self.generator.stats, self.admission)
+        app = build_http_app(self.runner, auth=self.config.auth, metrics=self.metrics,
+                             max_body_bytes=self.config.limits.max_message_bytes,
+                             store=self.feedback_store, switcher=self.switcher,
+                             data_dir=self.config.data_dir, state=self.http_state)
+        self.http = HttpServer(app, sock, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key)
+        await self.http.start()
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def _set_health(self, status) -> None:
         for name in self.service_names + [""]:  # "" = the server as a whole
@@ -155,11 +198,15 @@ class PrefloopServer:
     async def _shutdown(self, grace: float) -> None:
         log.info("shutting down: new requests get UNAVAILABLE, in-flight requests have %.1f s",
                  grace)
-        self.generation.accepting = False
+        self.runner.accepting = False
+        self.http_state["draining"] = True
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stops = [self._server.stop(grace)]
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
         for extra in self.extra_services:
             if extra.on_shutdown is not None:
                 result = extra.on_shutdown()

@@ -1,4 +1,4 @@
-"""The one mapping from prefloop's typed errors (`server/errors.py`) to gRPC status codes.
+"""The one mapping from prefloop's typed errors (`server/errors.py`) to gRPC and HTTP statuses.
 
 Servicers never choose status codes themselves: they raise `errors.*` (or let the domain raise
 them) and `map_errors` turns them into a status with the error's message. Any other exception
@@ -30,6 +30,18 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, errors.PrefloopError):
         return STATUS_OF.get(exc.code, grpc.StatusCode.INTERNAL)
     return grpc.StatusCode.INTERNAL
+
+
+HTTP_STATUS: dict[str, int] = {  # gRPC status name -> HTTP status (the HTTP API's errors)
+    "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 409, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500,
+}
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status for an exception, through the same typed-error codes as gRPC."""
+    return HTTP_STATUS.get(status_of(exc).name, 500)
 
 
 def details_of(exc: BaseException, request_id: str | None = None) -> str:

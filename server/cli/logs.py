@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-DATA_DIR_ENV = "PREFLOOP_DATA_DIR"  # same default as `prefloop serve --data-dir`
+from prefloop.server.registry import DATA_DIR_ENV  # same default as `prefloop serve --data-dir`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

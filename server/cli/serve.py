@@ -1,4 +1,4 @@
-"""`prefloop serve`: load a model and serve it over gRPC until SIGTERM/SIGINT.
+"""`prefloop serve`: load a model and serve it over gRPC and HTTP until SIGTERM/SIGINT.
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
 server/cli/main.py). It builds the generator, the `Limits`, `AuthConfig` and `ServerConfig` from flags,
@@ -18,22 +18,30 @@ from pathlib import Path
 
 from prefloop.server import errors
 from prefloop.server.api.auth import AuthConfig
+from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
 from prefloop.server.api.limits import Limits
 from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
-from prefloop.server.registry import Registry
+from prefloop.server.registry import DATA_DIR_ENV, Registry
 from prefloop.server.serving.hot_swap import ModelSwitcher
 
 log = logging.getLogger("prefloop.server.serve")
-
-DATA_DIR_ENV = "PREFLOOP_DATA_DIR"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits = Limits()
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="HTTP port: OpenAI-compatible API, feedback routes, /metrics, /health "
+                             "and the web page (0 = off; same --host, TLS and tokens as gRPC)")
+    parser.add_argument("--default-temperature", type=float, default=None,
+                        help="temperature of requests that leave it unset (default: the model's "
+                             "generation_config.json, else 0.3)")
+    parser.add_argument("--default-top-p", type=float, default=None,
+                        help="top_p of requests that leave it unset (default: the model's "
+                             "generation_config.json, else 0.9)")
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
                         help=f"where logs and feedback are written (default ${DATA_DIR_ENV} "
                              "or ./data)")
@@ -99,10 +107,27 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
         max_n=args.max_n, max_message_bytes=args.max_message_bytes,
         max_concurrent=args.max_concurrent, max_queued=args.max_queued)
+    SamplingDefaults.resolve({}, temperature=args.default_temperature,
+                             top_p=args.default_top_p)  # checked before the model loads
     return ServerConfig(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grace_s=args.grace, limits=limits, auth=AuthConfig.load(args.auth_tokens),
-        data_dir=Path(args.data_dir), reflection=not args.no_reflection)
+        data_dir=Path(args.data_dir), reflection=not args.no_reflection,
+        http_port=args.http_port or None)
+
+
+def _ports_free(config: ServerConfig) -> str | None:
+    """A one-line message when a port to listen on is taken (checked before the model loads)."""
+    from prefloop.server.api.http_server import bind
+
+    for port, flag in ((config.port, "--port"), (config.http_port, "--http-port")):
+        if not port:
+            continue
+        try:
+            bind(config.host, port).close()
+        except OSError:
+            return f"{config.host}:{port} is in use: pass {flag}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         config = _config_from_args(args)
     except (ValueError, OSError) as exc:
         print(f"prefloop serve: {exc}", file=sys.stderr)
+        return 2
+    taken = _ports_free(config)
+    if taken:
+        print(f"prefloop serve: {taken}", file=sys.stderr)
         return 2
     from prefloop.server.serving.build import build_generator  # heavy (torch): imported only when serving
 
@@ -127,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     except (errors.PrefloopError, FileNotFoundError) as exc:
         print(f"prefloop serve: cannot load the model: {exc}", file=sys.stderr)
         return 2
+    config.defaults = SamplingDefaults.resolve(
+        getattr(generator.info, "sampling_defaults", None), temperature=args.default_temperature,
+        top_p=args.default_top_p)
     switcher = ModelSwitcher(generator, registry, poll_interval_s=args.registry_poll)
     return asyncio.run(_serve(generator, config, args, switcher))
 
@@ -136,7 +168,8 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
     await generator.start()
     extensions = build_extensions(args, config.data_dir)
     server = PrefloopServer(generator, config, recorder=extensions.recorder,
-                            services=extensions.services, switcher=switcher)
+                            services=extensions.services, switcher=switcher,
+                            feedback_store=extensions.recorder)
     try:
         try:
             port = await server.start()
@@ -147,7 +180,12 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
         ready = (f"prefloop serve: listening on {config.host}:{port} "
                  f"(model {info.model_version}, {info.backend} {info.dtype}, "
                  f"tls {'on' if config.tls_cert else 'off'}, "
-                 f"auth {'on' if config.auth.enabled else 'off'})")
+                 f"auth {'on' if config.auth.enabled else 'off'}, "
+                 f"sampling defaults temperature {config.defaults.temperature} top_p "
+                 f"{config.defaults.top_p})")
+        if server.http_port is not None:
+            scheme = "https" if config.tls_cert else "http"
+            ready += f"; HTTP on {scheme}://{config.host}:{server.http_port} (chat page at /)"
         await switcher.start()
         await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
     finally:

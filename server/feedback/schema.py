@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -76,6 +77,7 @@ GENERATIONS_SCHEMA = _schema(GENERATIONS, [
     pa.field("sampling", SAMPLING),
     pa.field("latency_ms", pa.float64()),
     pa.field("ttft_ms", pa.float64()),
+    pa.field("source", pa.string()),  # the API that served it: "grpc" | "http" (null: older rows)
     pa.field("schema_version", pa.int16(), nullable=False),
 ])
 
@@ -246,11 +248,41 @@ def normalize_sampling(sampling: Any) -> dict[str, Any] | None:
     }
 
 
-def normalize_generation(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A generation row dict → the JSON-safe WAL/Parquet row (created_at in epoch microseconds).
+@dataclass(slots=True)
+class GenerationRecord:
+    """One served completion, as the API layer hands it to the log (`FeedbackStore.record_generation`).
+
+    `prompt` is set for raw-prompt requests, `messages` ([{role, content}]) for chat requests;
+    `sampling` is the dict of the SamplingParams used; latencies are from the request's start.
+    """
+
+    response_id: str
+    request_id: str
+    created_at: dt.datetime  # UTC
+    session_id: str
+    user_id: str
+    model_version: str
+    backend: str
+    prompt: str | None
+    messages: list[dict] | None
+    completion: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    sampling: dict
+    latency_ms: float | None
+    ttft_ms: float | None
+    source: str = "grpc"  # which API served it: "grpc" | "http"
+
+
+def normalize_generation(row: GenerationRecord | Mapping[str, Any]) -> dict[str, Any]:
+    """A generation record (or row dict) → the JSON-safe WAL/Parquet row (created_at in epoch
+    microseconds).
 
     Raises ValueError/TypeError on a malformed row (missing response_id, bad types).
     """
+    if isinstance(row, GenerationRecord):
+        row = {name: getattr(row, name) for name in GenerationRecord.__slots__}
     response_id = row.get("response_id")
     if not response_id:
         raise ValueError("a generation row needs a non-empty response_id")
@@ -274,6 +306,7 @@ def normalize_generation(row: Mapping[str, Any]) -> dict[str, Any]:
         "sampling": normalize_sampling(row.get("sampling")),
         "latency_ms": _opt_float(row.get("latency_ms")),
         "ttft_ms": _opt_float(row.get("ttft_ms")),
+        "source": _opt_str(row.get("source")),
         "schema_version": SCHEMA_VERSION,
     }
 

@@ -276,12 +276,10 @@ class FeedbackStore:
 
     # -- generation rows (request path) ---------------------------------------------------------
 
-    def record_generation(self, row: Mapping[str, Any]) -> bool:
+    def record_generation(self, row: logschema.GenerationRecord | Mapping[str, Any]) -> bool:
         """Log one served completion; never raises, never waits. False when it was not logged.
 
-        Row keys: response_id, request_id, created_at (UTC datetime), session_id, user_id,
-        model_version, backend, prompt or messages, completion, finish_reason, prompt_tokens,
-        completion_tokens, sampling (dict or SamplingParams), latency_ms, ttft_ms.
+        `row` is a `GenerationRecord` (what the API layer sends) or a dict with its field names.
         """
         try:
             wal = self._wal
