@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from prefloop.proto.prefloop.v1 import feedback_pb2, feedback_pb2_grpc
 from prefloop.server.api.grpc_server import ServiceRegistration
+from prefloop.server.api.metrics import Metrics
 from prefloop.server.api.status_mapping import map_errors
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.store import Ack, FeedbackStore, StoreConfig
@@ -30,26 +32,34 @@ def _ack(ack: Ack) -> feedback_pb2.FeedbackAck:
 
 
 class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
-    def __init__(self, store: FeedbackStore) -> None:
+    def __init__(self, store: FeedbackStore, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
+
+    def _acked(self, kind: str, ack: Ack, started: float) -> feedback_pb2.FeedbackAck:
+        if self.metrics is not None:
+            self.metrics.observe_feedback(kind, "grpc", ack.duplicate, started)
+        return _ack(ack)
 
     @map_errors
     async def SubmitPreference(self, request, context):
-        return _ack(await self.store.asubmit_preference(
+        started = time.perf_counter()
+        return self._acked("preference", await self.store.asubmit_preference(
             chosen_response_id=request.chosen_response_id,
             rejected_response_id=request.rejected_response_id,
             prompt_messages=request.prompt_messages, chosen_text=request.chosen_text,
             rejected_text=request.rejected_text, comment=request.comment,
             idempotency_key=request.idempotency_key, user_id=request.user_id,
-            session_id=request.session_id))
+            session_id=request.session_id), started)
 
     @map_errors
     async def SubmitRating(self, request, context):
-        return _ack(await self.store.asubmit_rating(
+        started = time.perf_counter()
+        return self._acked("rating", await self.store.asubmit_rating(
             response_id=request.response_id, score=request.score,
             scale=_SCALES.get(request.scale, "unknown"), comment=request.comment,
             idempotency_key=request.idempotency_key, user_id=request.user_id,
-            session_id=request.session_id))
+            session_id=request.session_id), started)
 
 
 # WAL rotation knobs for `serve` (tests and operators): seconds / bytes per segment
@@ -67,7 +77,7 @@ def store_config_from_env(data_dir, environ=os.environ) -> StoreConfig:
     return StoreConfig(data_dir=data_dir, wal=wal)
 
 
-def feedback_extension(data_dir, config: StoreConfig | None = None
+def feedback_extension(data_dir, config: StoreConfig | None = None, metrics: Metrics | None = None,
                        ) -> tuple[FeedbackStore, ServiceRegistration]:
     """Open the feedback log in `data_dir` (never raises: an unusable directory leaves the store
     answering UNAVAILABLE) and build the Feedback service registration."""
@@ -78,5 +88,5 @@ def feedback_extension(data_dir, config: StoreConfig | None = None
 
     registration = ServiceRegistration(FEEDBACK_SERVICE,
                                        feedback_pb2_grpc.add_FeedbackServicer_to_server,
-                                       FeedbackService(store), on_shutdown)
+                                       FeedbackService(store, metrics), on_shutdown)
     return store, registration

@@ -155,6 +155,12 @@ class PrefloopServer:
         info = self.generator.info
         self.metrics.set_model(info.model_version, info.backend, info.dtype)
         self.metrics.watch_engine(self.generator.stats, self.admission)
+        if self.switcher is not None:
+            def on_swap(version: str, seconds: float) -> None:
+                info = self.generator.info
+                self.metrics.observe_swap(version, seconds)
+                self.metrics.set_model(info.model_version, info.backend, info.dtype)
+            self.switcher.on_swap = on_swap
         app = build_http_app(self.runner, auth=self.config.auth, metrics=self.metrics,
                              max_body_bytes=self.config.limits.max_message_bytes,
                              store=self.feedback_store, switcher=self.switcher,

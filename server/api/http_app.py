@@ -371,7 +371,6 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
         previous, current = await registry_switcher().promote(
             body["version"], reason=str(body.get("reason") or ""), actor="http",
             force=bool(body.get("force")))
-        metrics.set_model(generator.info.model_version, generator.info.backend, generator.info.dtype)
         return {"previous_version": previous, "current_version": current}
 
     @app.post("/v1/admin/rollback")
@@ -380,7 +379,6 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
         body = await json_body(request) or {}
         previous, current = await registry_switcher().rollback(
             reason=str(body.get("reason") or "") if isinstance(body, dict) else "", actor="http")
-        metrics.set_model(generator.info.model_version, generator.info.backend, generator.info.dtype)
         return {"previous_version": previous, "current_version": current}
 
     @app.get("/v1/admin/ab")

@@ -21,6 +21,7 @@ from prefloop.server.api.auth import AuthConfig
 from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
 from prefloop.server.api.limits import Limits
+from prefloop.server.api.metrics import Metrics
 from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.registry import DATA_DIR_ENV, Registry
 from prefloop.server.serving.hot_swap import ModelSwitcher
@@ -86,13 +87,14 @@ class Extensions:
     services: list[ServiceRegistration] = field(default_factory=list)
 
 
-def build_extensions(args: argparse.Namespace, data_dir: Path) -> Extensions:
+def build_extensions(args: argparse.Namespace, data_dir: Path, metrics: Metrics | None = None
+                     ) -> Extensions:
     """The place optional subsystems hook into `serve` (the feedback log, issue 4, plugs in
     here: return its recorder and its Feedback ServiceRegistration, with an on_shutdown that
     flushes it)."""
     from prefloop.server.api.feedback import feedback_extension
 
-    store, registration = feedback_extension(data_dir)
+    store, registration = feedback_extension(data_dir, metrics=metrics)
     return Extensions(recorder=store, services=[registration])
 
 
@@ -166,10 +168,11 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
                  switcher: ModelSwitcher) -> int:
     await generator.start()
-    extensions = build_extensions(args, config.data_dir)
+    metrics = Metrics()
+    extensions = build_extensions(args, config.data_dir, metrics)
     server = PrefloopServer(generator, config, recorder=extensions.recorder,
                             services=extensions.services, switcher=switcher,
-                            feedback_store=extensions.recorder)
+                            feedback_store=extensions.recorder, metrics=metrics)
     try:
         try:
             port = await server.start()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from typing import Callable
 
 from prefloop.server.errors import FailedPrecondition, PrefloopError
 from prefloop.server.registry import Registry
@@ -27,6 +29,7 @@ class ModelSwitcher:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._refused: str | None = None  # a pointer target that failed; not retried every poll
+        self.on_swap: Callable[[str, float], None] | None = None  # (version, seconds), e.g. metrics
 
     @property
     def serving(self) -> str:
@@ -47,8 +50,11 @@ class ModelSwitcher:
 
     async def _switch_to(self, version: str) -> None:
         """Verify and load `version`, then move new requests to it (raises on failure)."""
+        started = time.perf_counter()
         await asyncio.to_thread(self.registry.check, version)  # sha256 of every file
         await self.generator.swap(self.registry.version_dir(version), version)
+        if self.on_swap is not None:
+            self.on_swap(version, time.perf_counter() - started)
 
     async def promote(self, version: str, reason: str = "", actor: str = "",
                       force: bool = False) -> tuple[str, str]:

@@ -1,0 +1,120 @@
+"""The HTTP API on a real `prefloop serve` (default model, registry with two versions, real
+ports): greedy parity with gRPC through the official `openai` client, feedback through HTTP in the
+Parquet log after a clean stop, and both APIs streaming under load through a hot-swap."""
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import openai
+import pytest
+from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
+from registry_helpers import MAX_TOKENS, QUESTION, Streamers, two_version_registry
+
+from prefloop.clients import Client
+from prefloop.server.feedback.export import load_table
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("http-real")
+    registry, v1 = two_version_registry(tmp)
+    port = free_port()
+    server = start_server_process(tmp, "--http-port", str(port), "--max-n", "4",
+                                  "--max-concurrent", "32", "--registry-poll", "0")
+    assert f"HTTP on http://127.0.0.1:{port}" in server.ready_line
+    yield server, f"http://127.0.0.1:{port}", registry, v1, tmp / "data"
+    server.terminate()
+
+
+def test_greedy_http_chat_equals_grpc_chat_and_its_stream(http_server):
+    server, url, *_ = http_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=USER_TOKEN, max_retries=0)
+    reply = client.chat.completions.create(model="v0000", messages=QUESTION, max_tokens=24,
+                                           temperature=0)
+    with Client(server.target, token=USER_TOKEN) as grpc_client:
+        expected = grpc_client.chat(QUESTION, max_tokens=24, temperature=0).completions[0].text
+    assert reply.choices[0].message.content == expected and expected
+    stream = client.chat.completions.create(model="v0000", messages=QUESTION, max_tokens=24,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+class HttpStreamers(Streamers):
+    """Streamers over the HTTP API (raw SSE through httpx): (model_version, text) per answer."""
+
+    def __init__(self, url: str, n: int = 16):
+        super().__init__(target="", n=n)
+        self.url = url
+
+    def _run(self) -> None:
+        body = {"messages": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {USER_TOKEN}"}) as http:
+            while not self.stop.is_set():
+                try:
+                    text, versions = [], set()
+                    with http.stream("POST", self.url + "/v1/chat/completions", json=body) as res:
+                        assert res.status_code == 200, res.read()
+                        for line in res.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            assert "error" not in chunk, chunk
+                            versions.add(chunk["model_version"])
+                            text.append(chunk["choices"][0]["delta"].get("content", ""))
+                    assert len(versions) == 1, versions
+                    self.results.append((versions.pop(), "".join(text)))
+                except Exception as exc:  # noqa: BLE001 - every failure is counted
+                    self.failures.append(repr(exc))
+
+
+def test_both_apis_stream_through_a_hot_swap_without_failures(http_server):
+    server, url, registry, v1, _ = http_server
+    with Streamers(server.target, 16) as grpc_load, HttpStreamers(url, 16) as http_load:
+        assert wait_until(lambda: len(grpc_load.results) >= 16 and len(http_load.results) >= 16,
+                          timeout=300)
+        promoted = httpx.post(url + "/v1/admin/promote", json={"version": v1, "reason": "test"},
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=300)
+        assert promoted.json() == {"previous_version": "v0000", "current_version": v1}
+        at_swap = len(grpc_load.results), len(http_load.results)
+        assert wait_until(lambda: len(grpc_load.results) >= at_swap[0] + 16
+                          and len(http_load.results) >= at_swap[1] + 16, timeout=300)
+    assert grpc_load.failures == [] and http_load.failures == []
+    for load in (grpc_load, http_load):
+        versions = [v for v, _ in load.results]
+        assert set(versions) == {"v0000", v1} and versions[-1] == v1
+        by_version: dict[str, set] = {}
+        for version, text in load.results:
+            by_version.setdefault(version, set()).add(text)
+        assert all(len(texts) == 1 for texts in by_version.values()), "greedy answers differ"
+    metrics = httpx.get(url + "/metrics").text
+    assert "prefloop_hot_swaps_total 1.0" in metrics
+    assert f'prefloop_model_info{{backend="native"' in metrics and f'version="{v1}"' in metrics
+
+
+def test_http_feedback_is_in_the_parquet_log_after_a_clean_stop(http_server):
+    server, url, _, _, data_dir = http_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=USER_TOKEN, max_retries=0)
+    reply = client.chat.completions.create(model="prefloop", messages=QUESTION, max_tokens=8, n=2,
+                                           user="alice")
+    a, b = (c.model_extra["response_id"] for c in reply.choices)
+    headers = {"Authorization": f"Bearer {USER_TOKEN}"}
+    pref = httpx.post(url + "/v1/feedback/preference", headers=headers,
+                      json={"chosen_response_id": a, "rejected_response_id": b,
+                            "idempotency_key": "real-1"})
+    assert pref.status_code == 200
+    assert server.terminate() == 0
+    feedback = load_table(data_dir, "feedback", include_wal=False).to_pylist()
+    assert [(r["chosen_response_id"], r["rejected_response_id"]) for r in feedback] == [(a, b)]
+    rows = {g["response_id"]: g for g in load_table(data_dir, "generations",
+                                                    include_wal=False).to_pylist()}
+    assert rows[a]["source"] == rows[b]["source"] == "http" and rows[a]["user_id"] == "alice"
