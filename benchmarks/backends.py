@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from grpc_overhead import online  # same directory: `python benchmarks/backends.py`
+from api_overhead import online  # same directory: `python benchmarks/backends.py`
 
 
 def main() -> int:
@@ -32,9 +32,9 @@ def main() -> int:
     limits = ("--max-concurrent", str(max(levels)), "--dtype", args.dtype)
     runs = {
         "native": online(args.concurrency, args.max_tokens, args.rounds,
-                         ("--backend", "native", "--device", args.device, *limits)),
+                         ("--backend", "native", "--device", args.device, *limits))[0],
         "vllm": online(args.concurrency, args.max_tokens, args.rounds,
-                       ("--backend", "vllm", *limits, *(("--enforce-eager",) if args.vllm_eager else ()))),
+                       ("--backend", "vllm", *limits, *(("--enforce-eager",) if args.vllm_eager else ())))[0],
     }
     if args.json:
         print(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "results": runs}))

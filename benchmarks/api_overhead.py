@@ -1,0 +1,151 @@
+"""Offline vs gRPC vs HTTP: the same streaming workload run in-process on the Generator (no
+network), through `prefloop bench` (gRPC) and through the OpenAI-compatible HTTP API (SSE, httpx)
+of one real `prefloop serve`, at the same concurrency, in one run.
+
+The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `clients/bench_cmd.py`'s,
+so online / offline is the cost of an API layer (serialization, the asyncio server, one chunk per
+token, generation logging) and HTTP / gRPC compares the two fronts.
+
+    python benchmarks/api_overhead.py [--concurrency 1,8,32] [--max-tokens 128] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from prefloop.clients.bench_cmd import PROMPT, TOPICS, percentile
+
+
+async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.serving.build import build_generator
+    gen = build_generator()
+    await gen.start()
+    out = {}
+    try:
+        async def one(topic: str) -> int:
+            ids = gen.chat_ids([{"role": "user", "content": PROMPT.format(topic=topic)}])
+            n = 0
+            async for d in gen.stream(uuid.uuid4().hex, ids, SamplingParams(temperature=0, max_tokens=max_tokens)):
+                n = d.completion_tokens
+            return n
+        await one(TOPICS[0])  # warm-up
+        for i, c in enumerate(levels):
+            async def worker(w: int) -> int:
+                return sum([await one(TOPICS[(i + w * rounds + r) % len(TOPICS)]) for r in range(rounds)])
+            t = time.perf_counter()
+            tokens = sum(await asyncio.gather(*(worker(w) for w in range(c))))
+            out[c] = tokens / (time.perf_counter() - t)
+    finally:
+        await gen.close()
+    return out
+
+
+async def http_level(url: str, concurrency: int, max_tokens: int, rounds: int, offset: int) -> dict:
+    """One concurrency level over HTTP streaming: tokens/s, TTFT and inter-token latency."""
+    ttfts, gaps, tokens, errors = [], [], 0, 0
+
+    async def one(client: httpx.AsyncClient, topic: str) -> None:
+        nonlocal tokens, errors
+        body = {"messages": [{"role": "user", "content": PROMPT.format(topic=topic)}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        start = last = None
+        start = time.perf_counter()
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as res:
+            if res.status_code != 200:
+                errors += 1
+                return
+            async for line in res.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttfts.append((now - start) * 1000)
+                else:
+                    gaps.append((now - last) * 1000)
+                last = now
+                tokens += 1  # one chunk per text delta (≈ one token)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        await one(client, TOPICS[0])  # warm-up
+        ttfts.clear(); gaps.clear(); tokens = 0  # noqa: E702
+
+        async def worker(w: int) -> None:
+            for r in range(rounds):
+                await one(client, TOPICS[(offset + w * rounds + r) % len(TOPICS)])
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t
+    return {"tokens_per_s": tokens / wall, "ttft_ms_p50": percentile(ttfts, 50),
+            "itl_ms_p50": percentile(gaps, 50), "itl_ms_p99": percentile(gaps, 99), "errors": errors}
+
+
+def online(levels: str, max_tokens: int, rounds: int, server_args: tuple[str, ...] = ()
+           ) -> tuple[dict[int, dict], dict[int, dict]]:
+    """gRPC (`prefloop bench --json`) then HTTP against one fresh `prefloop serve *server_args`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen([sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
+                                   "--http-port", str(_free_port()),
+                                   "--data-dir", str(Path(tmp) / "data"), *server_args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = ""
+            while "listening on" not in line:
+                line = server.stdout.readline()
+                if not line:
+                    raise RuntimeError("server did not start")
+            target = line.split("listening on", 1)[1].split()[0]
+            url = line.split("HTTP on ", 1)[1].split()[0]
+            res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "bench", "--target", target,
+                                  "--concurrency", levels, "--max-tokens", str(max_tokens),
+                                  "--rounds", str(rounds), "--json"], capture_output=True, text=True, check=True)
+            http = {c: asyncio.run(http_level(url, c, max_tokens, rounds, offset=i))
+                    for i, c in enumerate(int(x) for x in levels.split(","))}
+        finally:
+            server.terminate()
+            server.wait(60)
+    data = json.loads(res.stdout)
+    return {lvl["concurrency"]: lvl for lvl in data["results"]}, http
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,8,32", help="stream counts (default %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per stream (default %(default)s)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    print(f"api_overhead: offline, gRPC and HTTP at {args.concurrency} streams, "
+          f"{args.max_tokens} greedy tokens, {args.rounds} rounds", flush=True)
+    off = asyncio.run(offline(levels, args.max_tokens, args.rounds))
+    grpc_levels, http_levels = online(args.concurrency, args.max_tokens, args.rounds)
+    print(f"{'conc':>4} {'offline':>8} {'gRPC':>7} {'HTTP':>7} {'gRPC/off':>8} {'HTTP/off':>8} "
+          f"{'HTTP/gRPC':>9} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
+    for c in levels:
+        g, h = grpc_levels[c], http_levels[c]
+        print(f"{c:4d} {off[c]:8.1f} {g['tokens_per_s']:7.1f} {h['tokens_per_s']:7.1f} "
+              f"{g['tokens_per_s'] / off[c]:8.2f} {h['tokens_per_s'] / off[c]:8.2f} "
+              f"{h['tokens_per_s'] / g['tokens_per_s']:9.2f} "
+              f"{g['ttft_ms_p50']:9.1f}/{h['ttft_ms_p50']:<9.1f} {g['itl_ms_p50']:8.1f}/{h['itl_ms_p50']:<8.1f}")
+    print("api_overhead: done (tokens/s; ratios are the result, absolute numbers vary by machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
