@@ -218,6 +218,8 @@ def start_server_process(tmp_dir: Path, *extra_args: str, auth: bool = True,
     """`prefloop serve --port 0 ...` as a subprocess; returns once its ready line is printed."""
     args = [sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
             "--data-dir", str(tmp_dir / "data"), *extra_args]
+    if "--dtype" not in extra_args:
+        args += ["--dtype", "float32"]  # the float32 the tests compare against (default: auto)
     if "--http-port" not in extra_args:
         args += ["--http-port", "0"]  # HTTP off unless a test asks for it (8000 may be taken)
     if auth:

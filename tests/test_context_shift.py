@@ -332,7 +332,8 @@ def test_cli_generate_with_shift_runs_past_the_window(tmp_path):
         if (src / name).is_file():
             shutil.copy(src / name, d / name)
     base = [sys.executable, "-m", "prefloop.server.cli", "generate", "Once upon a time", "--model", str(d),
-            "--max-tokens", "100", "--json", "--kv-cache-tokens", "512", "--block-size", "8"]
+            "--max-tokens", "100", "--json", "--kv-cache-tokens", "512", "--block-size", "8",
+            "--dtype", "float32"]
     res = subprocess.run(base + ["--context-overflow", "shift"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["completion_tokens"] > WINDOW

@@ -189,6 +189,22 @@ def test_sampling_params_validation(kwargs):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_sampling_values_are_refused(name, value):
+    with pytest.raises(InvalidArgument, match=f"{name} must be a finite number"):
+        SamplingParams(**{name: value})
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    SamplingParams(stop=tuple(f"s{i}" for i in range(16)))  # the limits themselves are fine
+    SamplingParams(stop=("x" * 256,))
+    with pytest.raises(InvalidArgument, match="at most 16 stop strings.*got 10000"):
+        SamplingParams(stop=tuple(f"s{i}" for i in range(10_000)))
+    with pytest.raises(InvalidArgument, match="at most 256 characters.*257"):
+        SamplingParams(stop=("ok", "x" * 257))
+
+
 def test_kv_bytes_per_token_is_exact(tiny_model):
     cfg = tiny_model.config
     assert cfg.kv_bytes_per_token(4) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4

@@ -46,3 +46,41 @@ def test_gguf_file_is_converted_once_into_the_cache(tmp_path):
     assert resolve_model_dir(gguf, cache_dir=tmp_path / "cache") == d  # second use: no conversion
     model = load_model(d)
     assert model.config.num_layers == 30 and model.config.num_kv_heads == 3
+
+
+def _tiny_with_tokenizer(path):
+    d = save_tiny(path)
+    src = resolve_model_dir(None)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, d / name)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    return d
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from prefloop.server.model.config import read_sampling_defaults
+    assert read_sampling_defaults(tmp_path) == {}  # no file
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": True}))
+    assert read_sampling_defaults(tmp_path) == {}  # a file without sampling values
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "max_length": 9}))
+    assert read_sampling_defaults(tmp_path) == {"temperature": 0.2, "top_p": 0.9, "top_k": 50}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "do_sample": False}))
+    assert read_sampling_defaults(tmp_path) == {"temperature": 0.0}  # greedy, as transformers reads it
+
+
+def test_model_info_reports_the_checkpoints_sampling_defaults(tmp_path):
+    import asyncio
+
+    from prefloop.server.serving.build import build_generator
+    d = _tiny_with_tokenizer(tmp_path / "m")
+    kwargs = dict(model=str(d), dtype="float32", kv_cache_tokens=256, attention="sdpa")
+    gen = build_generator(**kwargs)
+    assert gen.info.sampling_defaults == {}
+    asyncio.run(gen.close())
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95}))
+    gen = build_generator(**kwargs)
+    assert gen.info.sampling_defaults == {"temperature": 0.6, "top_p": 0.95}
+    assert gen.info.dtype == "float32"
+    asyncio.run(gen.close())

@@ -158,3 +158,16 @@ def test_without_a_compiler_auto_falls_back_and_native_refuses(monkeypatch, capl
 def test_vllm_backend_refuses_the_flag():
     with pytest.raises(InvalidArgument, match="--attention is a native-engine option"):
         build_generator(backend="vllm", attention="native")
+
+
+def test_build_is_keyed_by_torch_version_and_install_path(tmp_path, monkeypatch):
+    """Two virtualenvs (same torch version, other install paths) get two builds, each kept in
+    prefloop's cache; the same venv gets the same name every time."""
+    name = native_attention.build_name
+    venv_a = name("2.13.0+cpu", "/venvs/a/lib/python3.11/site-packages/torch")
+    assert venv_a == name("2.13.0+cpu", "/venvs/a/lib/python3.11/site-packages/torch")
+    assert venv_a != name("2.13.0+cpu", "/venvs/b/lib/python3.11/site-packages/torch")
+    assert venv_a != name("2.14.0+cpu", "/venvs/a/lib/python3.11/site-packages/torch")
+    assert name() == name(torch.__version__, None)  # the default: this process's torch
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path))
+    assert native_attention.build_dir() == tmp_path / "kernels" / name()

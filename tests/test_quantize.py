@@ -112,7 +112,7 @@ def test_default_model_serves_int8_close_to_full_precision():
     from prefloop.server.serving.build import build_generator
 
     async def answer(quantize: str) -> tuple[str, str]:
-        gen = build_generator(kv_cache_tokens=1024, quantize=quantize)
+        gen = build_generator(kv_cache_tokens=1024, quantize=quantize, dtype="float32")
         await gen.start()
         try:
             ids = gen.chat_ids([{"role": "user", "content": "What is the capital of France?"}])

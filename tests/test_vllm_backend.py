@@ -59,7 +59,7 @@ PARITY_TOKENS = 32
 def native_answers(model_dir, conversations, max_tokens: int) -> list[str]:
     """Greedy answers of the native engine (the oracle) on `model_dir`."""
     async def run() -> list[str]:
-        gen = build_generator(model=str(model_dir), kv_cache_tokens=4096)
+        gen = build_generator(model=str(model_dir), kv_cache_tokens=4096, dtype="float32")
         await gen.start()
         try:
             out = []

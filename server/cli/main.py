@@ -2,14 +2,60 @@
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. This file is only
 the table that composes them (clients' and align's commands are imported by name when invoked, so
-the server package does not depend on them at import time).
+the server package does not depend on them at import time). Every parser shows defaults in --help;
+an unknown flag is reported with the usage of the (sub)command it was given to and the closest flag
+it knows ("did you mean --port?").
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already names its default or
+    there is none to show (None, False of a switch, suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose sub-parsers (and theirs) show defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The deepest (sub)parser the command line selected (`prefloop models promote` -> promote's)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs and subs[0].dest != argparse.SUPPRESS else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """"unrecognized arguments: --prot (did you mean --port?)", the suggestion from the flags that
+    `parser` knows."""
+    known = [o for a in parser._actions for o in a.option_strings]
+    parts = []
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return "unrecognized arguments: " + " ".join(parts)
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,10 +71,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="prefloop",
         description="prefloop: a self-improving chat server (serve, log preferences, retrain, hot-swap).")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logging level: DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_text) in COMMANDS.items():
@@ -42,7 +89,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the (sub)command they were given to, with its usage
+        sub = chosen_parser(parser, args)
+        sub.error(unknown_flags_message(sub, extras))
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return int(args._run(args) or 0)

@@ -1,18 +1,22 @@
-"""Command-line options shared by every command that loads a model (generate, serve, rope, bench)."""
+"""Command-line options shared by every command that loads a model (generate, serve, rope, bench).
+
+Torch-free (the choices come from server/model/options.py), so a command can parse and check its
+arguments before torch is imported."""
 from __future__ import annotations
 
 import argparse
 
 from prefloop.server.engine.context import DEFAULT_KEEP, OVERFLOW_MODES
-from prefloop.server.model.kernels import ATTENTION_CHOICES
-from prefloop.server.model.packed_linear import LAYOUT_CHOICES
+from prefloop.server.model.options import ATTENTION_CHOICES, DTYPE_CHOICES, LAYOUT_CHOICES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="HF-format Llama-family folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights/activations dtype")
+    g.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="weights/activations dtype; auto = bfloat16 on CUDA or on a CPU with native "
+                        "bf16 (AVX512-BF16 / AMX), float32 elsewhere (the choice is logged at start)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     g.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="native engine: int8 weight-only linear layers (faster decode at low "

@@ -22,8 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # the model flags the study uses (it builds its own small engines and caches)
     p.add_argument("--model", default=None,
                    help="HF-format Llama-family folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights/activations dtype of the study (float32: the measurements compare "
+                        "rounding errors, so they default to full precision)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     p.add_argument("--cache-dir", default=None, help="where converted models are cached")
 
 

@@ -5,9 +5,15 @@ see `server/serving/generator.py`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prefloop.server.errors import InvalidArgument
+
+# Stop strings are matched against the decoded text after every step, so they cost every step.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
 
 @dataclass(slots=True)
@@ -26,6 +32,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        for name in _FLOAT_FIELDS:  # inf / nan pass the range checks below in some forms
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidArgument(f"{name} must be a finite number, got {value}")
         if not (self.temperature >= 0.0):
             raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
@@ -39,8 +49,16 @@ class SamplingParams:
         if not (self.repetition_penalty > 0.0):
             raise InvalidArgument(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument(
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         if any(s == "" for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidArgument(
+                f"each stop string may have at most {MAX_STOP_STRING_CHARS} characters, got one "
+                f"of {longest}")
 
     @property
     def greedy(self) -> bool:

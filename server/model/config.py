@@ -120,3 +120,24 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise UnsupportedModel(f"{path} has no config.json; expected {SUPPORTED_TEXT}")
         return cls.from_hf_dict(json.loads(cfg_path.read_text()))
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
+
+
+def read_sampling_defaults(model_dir: Path) -> dict:
+    """The sampling defaults the checkpoint ships in generation_config.json (temperature, top_p,
+    top_k, the keys present; vLLM reads the same), or {} when it has none. A checkpoint with
+    `do_sample: false` asks for greedy decoding: temperature 0."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    defaults = {k: cfg[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(cfg.get(k), (int, float))
+                and not isinstance(cfg.get(k), bool)}
+    if cfg.get("do_sample") is False and defaults:
+        defaults["temperature"] = 0.0
+    return defaults

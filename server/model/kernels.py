@@ -4,9 +4,11 @@
 - `native`: the C++ kernel, which reads the cache in place through the block tables on torch's own
   thread pool (no gather copy, no mask); 2-5x faster than gather + SDPA per call, ≈ 10 ms of a
   32-stream bf16 step on 2 cores (docs/performance.md). Built once with torch's extension builder
-  (g++/clang++ and ninja, `-O3 -march=native`, ≈ 20 s) into torch's extension folder
-  ($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), keyed by the sources, the torch version and
-  this CPU's flags; later starts load the built library in well under a second.
+  (g++/clang++ and ninja, `-O3 -march=native`, ≈ 20 s) into prefloop's cache
+  (`<cache>/kernels/<name>`, cache = $PREFLOOP_CACHE_DIR or ~/.cache/prefloop), the name keyed by
+  the sources, the flags, this CPU's flags, the torch version and torch's install path — so two
+  virtualenvs on one machine each keep their own build instead of rebuilding each other's; later
+  starts load the built library in well under a second.
 - `sdpa`: gather the context blocks and call torch's scaled_dot_product_attention (the portable
   path; also what CUDA and prefill chunks always use).
 - `auto` (default): `native` on CPU when the kernel builds, else `sdpa` with a warning saying why.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -27,10 +30,11 @@ import torch
 
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.model.compile import has_cxx_compiler
+from prefloop.server.model.default_model import cache_root
+from prefloop.server.model.options import ATTENTION_CHOICES
 
 log = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "native", "sdpa")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 # built into the same library: eager-mode fused norm / residual / RoPE / SiLU ops (LlamaModel.fused_ops)
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
@@ -67,11 +71,24 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_name() -> str:
+def build_name(torch_version: str | None = None, install_path: str | None = None) -> str:
+    """The library's name: a hash of everything the built file depends on. torch's version and
+    install path are in it (default: this process's), so each virtualenv has its own build: torch
+    rebuilds a library whose inputs changed (another venv's include paths), so one shared name
+    made two venvs rebuild each other's kernels at every start."""
+    torch_version = torch_version or torch.__version__
+    install_path = install_path or f"{Path(torch.__file__).resolve().parent}:{sys.prefix}"
     # -march=native: a library built on one CPU must not load on another (shared home folders).
     code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags().encode())
+    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch_version.encode()
+                         + install_path.encode() + _cpu_flags().encode())
     return f"prefloop_kernels_{key.hexdigest()[:16]}"
+
+
+def build_dir(name: str | None = None) -> Path:
+    """Where the library is built and cached: `<cache>/kernels/<name>` (cache = $PREFLOOP_CACHE_DIR
+    or ~/.cache/prefloop)."""
+    return cache_root() / "kernels" / (name or build_name())
 
 
 def _missing_tools() -> str | None:
@@ -98,8 +115,11 @@ def load_decode_kernel() -> DecodeKernel:
             try:
                 from torch.utils.cpp_extension import load
                 log.info("building/loading prefloop's CPU kernels (first build ≈ 20 s)")
-                load(name=_build_name(), sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
-                     is_python_module=False, verbose=False)
+                name = build_name()
+                directory = build_dir(name)
+                directory.mkdir(parents=True, exist_ok=True)
+                load(name=name, sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
+                     build_directory=str(directory), is_python_module=False, verbose=False)
                 _loaded = torch.ops.prefloop_kernels.paged_decode
                 return _loaded
             except Exception as e:  # compiler errors, a broken build folder, a locked-down /tmp ...

@@ -20,6 +20,7 @@ from prefloop.server.model.config import SUPPORTED_TEXT, ModelConfig
 from prefloop.server.model.default_model import cache_root, convert_gguf, default_model_dir
 from prefloop.server.model.kernels import resolve_decode_kernel
 from prefloop.server.model.llama import LlamaModel
+from prefloop.server.model.options import check_model_path
 from prefloop.server.model.packed_linear import pack_model, resolve_weight_layout
 from prefloop.server.model.quantize import quantize_model
 
@@ -28,14 +29,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_model_dir(model: str | os.PathLike | None, cache_dir=None) -> Path:
     """The HF folder to load for a --model argument (converting a GGUF on first use)."""
-    if model is None or str(model) == "":
+    path = check_model_path(model)
+    if path is None:
         return default_model_dir(cache_dir)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise UnsupportedModel(f"model path {str(path)!r} does not exist; expected {SUPPORTED_TEXT}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UnsupportedModel(f"{path} is not a .gguf file or a folder; expected {SUPPORTED_TEXT}")
+    if path.is_file():  # a .gguf (checked)
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         target = cache_root(cache_dir) / "models" / f"{path.stem}-{key}"
@@ -45,10 +42,6 @@ def resolve_model_dir(model: str | os.PathLike | None, cache_dir=None) -> Path:
             return convert_gguf(path, target)
         except Exception as exc:  # gguf reader errors are user input problems here
             raise UnsupportedModel(f"cannot convert {path}: {exc}; expected {SUPPORTED_TEXT}") from exc
-    if not (path / "config.json").is_file():
-        raise UnsupportedModel(f"{path} has no config.json; expected {SUPPORTED_TEXT}")
-    if not list(path.glob("*.safetensors")):
-        raise UnsupportedModel(f"{path} has no *.safetensors weights; expected {SUPPORTED_TEXT}")
     return path
 
 
@@ -147,3 +140,4 @@ def read_generation_eos(model_dir: Path) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
+

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.model.options import LAYOUT_CHOICES
 
 log = logging.getLogger(__name__)
 
-LAYOUT_CHOICES = ("auto", "packed", "plain")
 # oneDNN picks its blocking for this many rows; measured on the default model (bf16 and fp32),
 # 32 was as fast as a hint of 1 for one token and as 128 for 256-token prefill chunks.
 PACK_HINT_ROWS = 32

@@ -19,9 +19,15 @@ from prefloop.server.engine.llm_engine import LLMEngine
 from prefloop.server.engine.scheduler import SchedulerConfig
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.model.compile import check_compiler
-from prefloop.server.model.config import ModelConfig
+from prefloop.server.model.config import ModelConfig, read_sampling_defaults
 from prefloop.server.model.kernels import resolve_decode_kernel
-from prefloop.server.model.loader import DTYPES, load_model, read_generation_eos, resolve_model_dir
+from prefloop.server.model.loader import (
+    DTYPES,
+    load_model,
+    read_generation_eos,
+    resolve_model_dir,
+)
+from prefloop.server.model.options import DTYPE_CHOICES, auto_dtype, check_model_path
 from prefloop.server.model.packed_linear import resolve_weight_layout
 from prefloop.server.model.quantize import QUANT_MODES
 from prefloop.server.serving.generator import Backend, Generator, ModelInfo
@@ -32,7 +38,19 @@ log = logging.getLogger(__name__)
 BACKENDS = ("native", "vllm")
 
 
-def build_generator(model: str | None = None, dtype: str = "float32", device: str = "cpu",
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`--dtype` as a torch dtype name; "auto" is bfloat16 on CUDA or a CPU with native bf16,
+    float32 elsewhere, said in one log line."""
+    if dtype not in DTYPE_CHOICES and dtype not in DTYPES:
+        raise InvalidArgument(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    chosen, why = auto_dtype(device, cuda_available=device == "cuda")
+    log.info("--dtype auto: %s (%s)", chosen, why)
+    return chosen
+
+
+def build_generator(model: str | None = None, dtype: str = "auto", device: str = "cpu",
                     cache_dir: str | None = None, kv_cache_tokens: int | None = None,
                     kv_cache_gib: float = 1.0, block_size: int | None = None, max_num_seqs: int = 64,
                     max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
@@ -44,6 +62,9 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
                     compile: bool = False, attention: str = "auto",
                     weight_layout: str = "auto") -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
+
+    `dtype` "auto" (default) is bfloat16 on CUDA or on a CPU with native bf16, else float32
+    (`resolve_dtype`); pass "float32" where results must match float32 references.
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/engine/context.py).
@@ -64,6 +85,8 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
         raise InvalidArgument(str(exc)) from exc
     if quantize not in QUANT_MODES:
         raise InvalidArgument(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
+    check_model_path(model)  # a wrong --model fails now, before any kernel build or load
+    dtype = resolve_dtype(dtype, "cuda" if backend == "vllm" and torch.cuda.is_available() else device)
     if backend == "vllm":
         if quantize != "none":
             raise InvalidArgument("--quantize is a native-engine option; vLLM reads the "
@@ -100,12 +123,12 @@ def build_generator(model: str | None = None, dtype: str = "float32", device: st
     if quantize == "int8" and dtype == "float32":
         log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")
+    model_dir = resolve_model_dir(model, cache_dir)  # (checked above; converts a .gguf once)
     if compile:
         check_compiler()  # before the weights are loaded
     # builds the kernel once (or refuses) before anything is loaded
     resolve_decode_kernel(attention, device, DTYPES.get(dtype, torch.float32))
     resolve_weight_layout(weight_layout, device, DTYPES.get(dtype, torch.float32))
-    model_dir = resolve_model_dir(model, cache_dir)
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
         cache=KVCacheConfig(block_size=block_size or 16, capacity_tokens=kv_cache_tokens,
@@ -138,7 +161,7 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len,
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
-                     model_path=str(model_dir))
+                     model_path=str(model_dir), sampling_defaults=read_sampling_defaults(model_dir))
     log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention, %s linear "
              "weights%s", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
              "native" if llama.decode_kernel is not None else "SDPA",
@@ -157,7 +180,7 @@ def load_vllm_backend(model_dir: Path, version: str, config) -> Backend:
     engine = VllmEngine(model_dir, config, eos)
     info = ModelInfo(model_version=version, architecture=engine.model_config.architecture,
                      context_length=engine.max_model_len, dtype=config.dtype, backend="vllm",
-                     model_path=str(model_dir))
+                     model_path=str(model_dir), sampling_defaults=read_sampling_defaults(model_dir))
     log.info("loaded %s (%s, %s) on vLLM, tensor parallel %d", version, info.architecture,
              config.dtype, config.tensor_parallel_size)
     return Backend(engine, tokenizer, info)

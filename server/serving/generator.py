@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
 from prefloop.server.engine.sampling_params import SamplingParams
-from prefloop.server.errors import InvalidArgument
+from prefloop.server.errors import FailedPrecondition, InvalidArgument
+from prefloop.server.model.config import read_sampling_defaults
 from prefloop.server.serving.protocol import EngineBackend
 from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -42,6 +43,9 @@ class ModelInfo:
     dtype: str
     backend: str
     model_path: str
+    # the checkpoint's generation_config.json sampling values (temperature, top_p, top_k: the keys
+    # it has), for the API layer's defaults; {} when it has none
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -116,6 +120,19 @@ class Generator:
                  old.active, old.info.model_version)
         return backend.info
 
+    async def load_beside(self, model_dir, version: str) -> "Generator":
+        """A second Generator serving `version` next to this one (an A/B test's candidate): its
+        own engine and KV cache, same options. Engines that reload in place (vLLM) hold one copy
+        of the weights and cannot."""
+        if self._current.engine.reloads_in_place or self._loader is None:
+            raise FailedPrecondition(
+                f"the {self.info.backend} backend holds one model version at a time; an A/B test "
+                "needs two engines (serve with --backend native)")
+        generator = Generator(await asyncio.to_thread(self._loader, model_dir, version),
+                              self._loader)
+        await generator.start()
+        return generator
+
     async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
         """Hold new requests, let running ones finish on the old weights, reload, resume."""
         backend = self._current
@@ -130,7 +147,8 @@ class Generator:
                 await asyncio.sleep(0.01)
             await backend.engine.reload_weights(model_dir)
             backend.tokenizer = tokenizer
-            backend.info = replace(backend.info, model_version=version, model_path=str(model_dir))
+            backend.info = replace(backend.info, model_version=version, model_path=str(model_dir),
+                                   sampling_defaults=read_sampling_defaults(model_dir))
         finally:
             self._admitting.set()
         log.info("now serving %s (%s, weights reloaded in place)", version, backend.info.dtype)
