@@ -349,6 +349,36 @@ def test_compare_pick_b_prefers_bs_response(server, open_page, shots):
     assert page.errors == []
 
 
+def test_feedback_is_retried_with_its_key_and_errors_are_shown(server, open_page):
+    page = open_page(USER_TOKEN)
+    say(page, "One more question.")
+    answer = last_answer(page)
+    wait_done(answer)
+    rid = answer.get_attribute("data-response-id")
+    bodies: list[dict] = []
+
+    def flaky(route):  # the first try dies on the network; the retry goes through
+        bodies.append(json.loads(route.request.post_data))
+        route.abort() if len(bodies) == 1 else route.continue_()
+
+    page.route("**/v1/feedback/rating", flaky)
+    answer.get_by_test_id("thumbs-up").click()
+    answer.get_by_test_id("vote-saved").wait_for()
+    page.unroute("**/v1/feedback/rating")
+    assert len(bodies) == 2 and bodies[0]["idempotency_key"] == bodies[1]["idempotency_key"]
+    assert wait_until(lambda: len(rows_where(server.feedback(), response_id=rid)) == 1)
+    SENT["ratings"].append((rid, 1))
+
+    # a refused vote shows the server's message
+    page.evaluate("sessionStorage.setItem('prefloop.token', 'not-a-token')")
+    answer.get_by_test_id("thumbs-down").click()
+    error = answer.get_by_test_id("vote-error")
+    error.wait_for()
+    assert "not saved" in error.inner_text() and "token" in error.inner_text()
+    assert len(rows_where(server.feedback(), response_id=rid)) == 1
+    assert page.errors == []
+
+
 def test_stop_mid_answer_aborts_the_request(server, open_page):
     page = open_page(USER_TOKEN)
     for attempt in range(3):  # a random model may end early with EOS: then try again
