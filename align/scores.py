@@ -4,7 +4,8 @@
 
 One folder per reward-model version (hive partition `rm`), one Parquet part per `prefloop align
 score` run holding the generations that version had not scored yet. Parts are written to a
-`.`-prefixed temp file, fsync'd and renamed (never visible half-written). Columns (`SCHEMA`):
+`.`-prefixed temp file, fsync'd and renamed (`durable_io.write_atomic`: never visible
+half-written). Columns (`SCHEMA`):
 
 | column | type | meaning |
 |---|---|---|
@@ -22,7 +23,6 @@ Readers: `load_scores(data_dir)` (pyarrow), or DuckDB
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefloop.server.durable_io import fsync_dir, makedirs_durable
+from prefloop.server.durable_io import makedirs_durable, write_atomic
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.registry import version_number
 
@@ -91,21 +91,9 @@ def write_part(data_dir: str | Path, rm_version: str, rows: list[dict[str, Any]]
     makedirs_durable(folder)
     now = dt.datetime.now(dt.timezone.utc)
     name = f"part-{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}.parquet"
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
     table = pa.Table.from_pylist([dict(r, rm_version=rm_version, scored_at=now) for r in rows],
                                  schema=SCHEMA)
-    try:
-        pq.write_table(table, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(folder)
+    write_atomic(folder / name, lambda f: pq.write_table(table, f))
     return folder / name
 
 

@@ -1,7 +1,8 @@
-"""Durable file-system steps shared by the WAL, the Parquet compactor and the registry.
+"""Durable file-system steps shared by the WAL, the Parquet compactor, the registry and align.
 
 Every name that becomes visible is complete: files are written under a temp name, fsync'd and
 renamed, and the directory holding a new name is fsync'd so the rename survives a crash.
+Append-only files get whole lines appended with O_APPEND and fsync'd (`append_durable`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,30 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file that is already written and closed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_durable(path: Path, data: bytes) -> None:
+    """Append `data` (one or more whole lines) with O_APPEND and fsync it; fsync the directory
+    when the file is new. A torn last line after a crash is for readers to skip."""
+    path = Path(path)
+    existed = path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if not existed:
+        fsync_dir(path.parent)
 
 
 def makedirs_durable(directory: Path) -> None:
