@@ -1,18 +1,26 @@
-"""The eval gate: may a candidate replace the current version?
+"""The eval gates: may a candidate be published as good (and replace the current version)?
 
-A pure decision on measured numbers. The candidate passes only if
-1. there are at least `min_heldout` held-out pairs to judge on,
-2. its held-out preference accuracy (reference-free: the chosen answer gets the higher mean
-   log-probability per token, `losses.preference_accuracy`) beats the current version's on the same pairs by
-   more than `min_improvement`, and
-3. its KL to the reference (mean per completion token on the held-out answers) is at most
-   `max_kl`.
-Every check adds a reason, passed or not; the reasons go into the manifest and the job history.
+Pure decisions on measured numbers, one result shape for all of them (`GateDecision`: passed,
+reasons, metrics). Every check adds a reason, passed or not; `GateDecision.to_dict()` (passed,
+reasons and the metrics as flat keys) goes into the manifest and the job history.
+
+- `decide` (DPO / KTO candidates) passes only if
+  1. there are at least `min_heldout` held-out pairs to judge on,
+  2. its held-out preference accuracy (reference-free: the chosen answer gets the higher mean
+     log-probability per token, `losses.preference_accuracy`) beats the current version's on the
+     same pairs by more than `min_improvement`, and
+  3. its KL to the reference (mean per completion token on the held-out answers) is at most
+     `max_kl`.
+- `ppo_gate` (PPO candidates): the same three checks on held-out *prompts*, with the mean
+  reward-model score of sampled answers (same prompts, same seeds) in place of the accuracy.
+- `reward_model_gate` (reward models; recorded, never blocks publishing): held-out pairwise
+  accuracy above `min_accuracy`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
 
 from prefloop.server.errors import InvalidArgument
 
@@ -36,20 +44,19 @@ class GateConfig:
 
 @dataclass(slots=True)
 class GateDecision:
+    """One gate's verdict: `passed`, a reason per check, and the numbers it judged on."""
+
     passed: bool
     reasons: list[str] = field(default_factory=list)
-    candidate_accuracy: float | None = None
-    current_accuracy: float | None = None
-    current_version: str | None = None
-    kl_per_token: float | None = None
-    max_kl: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """{"passed", "reasons", **metrics}: the manifest's / job history's `gate` object."""
+        return {"passed": self.passed, "reasons": list(self.reasons), **self.metrics}
 
 
 def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, str]:
-    """The KL half of every gate: (passed, reason). Not measured (None / NaN) fails."""
+    """The KL half of every policy gate: (passed, reason). Not measured (None / NaN) fails."""
     if kl_per_token is None or math.isnan(kl_per_token):
         return False, "KL to the reference was not measured"
     within = kl_per_token <= max_kl
@@ -57,28 +64,72 @@ def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, st
                     f"{'<=' if within else '>'} bound {max_kl:g}")
 
 
+def _policy_gate(*, candidate: float | None, current: float | None, current_version: str | None,
+                 kl_per_token: float | None, heldout: int, config: GateConfig, unit: str,
+                 measure: str, missing: str, digits: int) -> tuple[bool, list[str]]:
+    """Enough held-out `unit`s, the candidate's `measure` beats the current version's by more
+    than `min_improvement`, KL within bound: (passed, reasons)."""
+    reasons: list[str] = []
+    ok = True
+    if heldout < config.min_heldout:
+        ok = False
+        reasons.append(f"only {heldout} held-out {unit}; the gate needs at least "
+                       f"{config.min_heldout}")
+    if candidate is None or current is None or not math.isfinite(candidate) \
+            or not math.isfinite(current):
+        ok = False
+        reasons.append(f"no held-out {missing} to compare")
+    else:
+        gain = candidate - current
+        beats = gain > config.min_improvement
+        ok = ok and beats
+        reasons.append(f"held-out {measure} {candidate:.{digits}f} "
+                       f"{'beats' if beats else 'does not beat'} current {current_version}'s "
+                       f"{current:.{digits}f} (gain {gain:+.{digits}f}, needs > "
+                       f"{config.min_improvement:+.{digits}f})")
+    within, reason = kl_within_bound(kl_per_token, config.max_kl)
+    reasons.append(reason)
+    return ok and within, reasons
+
+
 def decide(*, candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig) -> GateDecision:
-    reasons: list[str] = []
-    ok = True
-    if heldout_pairs < config.min_heldout:
-        ok = False
-        reasons.append(f"only {heldout_pairs} held-out pairs; the gate needs at least "
-                       f"{config.min_heldout}")
-    if candidate_accuracy is None or current_accuracy is None or math.isnan(candidate_accuracy) \
-            or math.isnan(current_accuracy):
-        ok = False
-        reasons.append("no held-out preference accuracy to compare")
-    else:
-        gain = candidate_accuracy - current_accuracy
-        verdict = "beats" if gain > config.min_improvement else "does not beat"
-        ok = ok and gain > config.min_improvement
-        reasons.append(f"held-out preference accuracy {candidate_accuracy:.3f} {verdict} current "
-                       f"{current_version}'s {current_accuracy:.3f} (gain {gain:+.3f}, needs > "
-                       f"{config.min_improvement:+.3f})")
-    within, reason = kl_within_bound(kl_per_token, config.max_kl)
-    ok = ok and within
-    reasons.append(reason)
-    return GateDecision(ok, reasons, candidate_accuracy, current_accuracy, current_version,
-                        kl_per_token, config.max_kl)
+    """The DPO / KTO gate (module docstring)."""
+    ok, reasons = _policy_gate(
+        candidate=candidate_accuracy, current=current_accuracy, current_version=current_version,
+        kl_per_token=kl_per_token, heldout=heldout_pairs, config=config, unit="pairs",
+        measure="preference accuracy", missing="preference accuracy", digits=3)
+    return GateDecision(ok, reasons, {
+        "candidate_accuracy": candidate_accuracy, "current_accuracy": current_accuracy,
+        "current_version": current_version, "kl_per_token": kl_per_token,
+        "max_kl": config.max_kl})
+
+
+def ppo_gate(*, candidate_reward: float | None, current_reward: float | None,
+             current_version: str | None, kl_per_token: float | None, heldout_prompts: int,
+             config: GateConfig) -> GateDecision:
+    """The PPO gate: mean held-out reward must beat the current version's (same prompts, same
+    seeds) by more than `min_improvement` (reward-model units), and the candidate's exact KL to
+    its base, per answer token, must stay <= `max_kl`."""
+    ok, reasons = _policy_gate(
+        candidate=candidate_reward, current=current_reward, current_version=current_version,
+        kl_per_token=kl_per_token, heldout=heldout_prompts, config=config, unit="prompts",
+        measure="mean reward", missing="reward", digits=4)
+    return GateDecision(ok, reasons, {
+        "metric": "heldout_reward", "candidate_reward": candidate_reward,
+        "current_reward": current_reward, "current_version": current_version,
+        "kl_per_token": kl_per_token, "max_kl": config.max_kl,
+        "min_improvement": config.min_improvement})
+
+
+def reward_model_gate(heldout: dict[str, Any], min_accuracy: float) -> GateDecision:
+    """A reward model's gate on its held-out pairwise metrics (`pairs`, `accuracy`)."""
+    pairs, acc = int(heldout.get("pairs", 0)), heldout.get("accuracy")
+    if pairs < 1 or acc is None:
+        return GateDecision(False, ["no held-out pairs to measure accuracy on"],
+                            {"heldout_accuracy": None, "min_accuracy": min_accuracy})
+    ok = acc > min_accuracy
+    return GateDecision(ok, [f"held-out pairwise accuracy {acc:.3f} on {pairs} pairs "
+                             f"{'>' if ok else '<='} {min_accuracy:.3f}"],
+                        {"heldout_accuracy": acc, "min_accuracy": min_accuracy})
