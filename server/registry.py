@@ -3,8 +3,6 @@
     <data-dir>/registry/
       CURRENT                       the served version's name ("v0003\\n"), replaced atomically
       history.jsonl                 one line per init / promote / rollback (append-only, fsync'd)
-      jobs.jsonl                    one line per align job start and end (append-only, fsync'd)
-      job.lock                      flock'd by the one align job running (its pid inside)
       .pointer.lock                 flock'd while CURRENT and history.jsonl change
       versions/v0000/               the base model (copied from --model or the default model)
       versions/v0001/               config.json, *.safetensors, tokenizer files, manifest.json
@@ -17,9 +15,12 @@ read-only and renamed to `vNNNN` in one step, so a version either exists complet
 Version folders are never modified afterwards; `verify()` recomputes the checksums.
 
 The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
-`rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`, the job lock and
-job history). Pure standard library. User-facing failures raise the typed errors of
-`server/errors.py` (NotFound, InvalidArgument, FailedPrecondition, Unavailable).
+`rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`). The align job
+lock and job history (`job.lock`, `jobs.jsonl` in the same folder) belong to align
+(align/jobs/runner.py). This module also names what every command shares about the data
+directory (`DATA_DIR_ENV`) and which files a model folder may hold (`MODEL_FILE_SUFFIXES`).
+Pure standard library. User-facing failures raise the typed errors of `server/errors.py`
+(NotFound, InvalidArgument, FailedPrecondition).
 """
 from __future__ import annotations
 
@@ -38,15 +39,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefloop.server.durable_io import fsync_dir, makedirs_durable, write_file_atomic
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prefloop.server.durable_io import (
+    append_durable,
+    fsync_dir,
+    fsync_file,
+    makedirs_durable,
+    write_file_atomic,
+)
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 
+DATA_DIR_ENV = "PREFLOOP_DATA_DIR"  # every command's --data-dir default (else ./data)
 REGISTRY_DIR = "registry"
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "history.jsonl"
-JOBS_FILE = "jobs.jsonl"
-JOB_LOCK_FILE = "job.lock"
 POINTER_LOCK_FILE = ".pointer.lock"
 MANIFEST_FILE = "manifest.json"
 STAGE_PREFIX = ".stage-"
@@ -59,7 +65,7 @@ KINDS = (KIND_POLICY, KIND_REWARD)
 BASE_VERSION = "v0000"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 # What a version folder may hold besides manifest.json (copied from a source folder by name).
-_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 _CHUNK = 1 << 20
 
 
@@ -85,15 +91,7 @@ def utc_now() -> str:
 
 def append_line_durable(path: Path, obj: dict[str, Any]) -> None:
     """Append one JSON line with O_APPEND and fsync it (a torn last line is skipped by readers)."""
-    existed = path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(obj, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if not existed:
-        fsync_dir(path.parent)
+    append_durable(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -119,15 +117,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -255,7 +245,7 @@ class Stage:
             if not p.is_file() or p.name.startswith("."):
                 raise InvalidArgument(f"unexpected entry {p.name!r} in a version folder")
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            _fsync_file(p)
+            fsync_file(p)
         if parent is not None:
             self.registry.manifest(parent)  # NotFound if the parent does not exist
         versions_dir = self.registry.versions_dir
@@ -304,7 +294,6 @@ class Registry:
         self.versions_dir = self.root / VERSIONS_DIR
         self.current_path = self.root / CURRENT_FILE
         self.history_path = self.root / HISTORY_FILE
-        self.jobs_path = self.root / JOBS_FILE
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -421,7 +410,7 @@ class Registry:
                 pid = int(p.name[len(STAGE_PREFIX):].split("-", 1)[0])
             except ValueError:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 _rmtree(p)
                 removed.append(p.name)
         return removed
@@ -448,7 +437,7 @@ class Registry:
                                           "(config.json + *.safetensors)")
                 with self.stage() as stage:
                     for p in sorted(src.iterdir()):
-                        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES \
+                        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES \
                                 and not p.name.startswith(".") and p.name != MANIFEST_FILE:
                             shutil.copyfile(p, stage.path / p.name)
                     stage.publish(kind=KIND_POLICY, method="base", version=BASE_VERSION,
@@ -529,49 +518,6 @@ class Registry:
             if verify:
                 self.check(target)
             return self._set_current(target, "rollback", stack[-1], reason, actor)
-
-    # ---- jobs -----------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def job_lock(self) -> Iterator[None]:
-        """Exclusive lock for one align job; Unavailable at once if another job holds it."""
-        makedirs_durable(self.root)
-        path = self.root / JOB_LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise Unavailable(f"another align job is running (pid {holder}; lock {path})") \
-                    from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
-
-    def record_job(self, entry: dict[str, Any]) -> None:
-        """Append one job event (`job_id` and `status` required) to jobs.jsonl."""
-        if not entry.get("job_id") or not entry.get("status"):
-            raise InvalidArgument("a job record needs job_id and status")
-        makedirs_durable(self.root)
-        append_line_durable(self.jobs_path, dict(entry, at=entry.get("at") or utc_now()))
-
-    def jobs(self) -> list[dict[str, Any]]:
-        """One dict per job (its events merged in order), oldest first. A job whose last status
-        is "running" and whose process no longer exists died without finishing: "crashed"."""
-        merged: dict[str, dict[str, Any]] = {}
-        for e in read_jsonl(self.jobs_path):
-            merged.setdefault(e["job_id"], {}).update(e)
-        out = list(merged.values())
-        for j in out:  # no outcome line and its process is gone: killed (SIGKILL, power loss)
-            if j.get("status") == "running" and not _pid_alive(int(j.get("pid") or 0)):
-                j["status"] = "crashed"
-        return out
 
 
 def version_info(registry: Registry, version: str) -> dict[str, Any]:

@@ -18,10 +18,12 @@ from safetensors import safe_open
 
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
-from prefloop.align.jobs.preference import JobConfig, run_job, watermark
-from prefloop.align.train.preference import TrainResult, load_causal_lm, load_tokenizer
-from prefloop.server import registry as reg
+from prefloop.align.jobs.preference import JobConfig, run_job
+from prefloop.align.jobs.runner import job_history, job_lock, watermark
+from prefloop.align.train.common import load_causal_lm, load_tokenizer
+from prefloop.align.train.preference import TrainResult
 from prefloop.server import cli
+from prefloop.server import registry as reg
 from prefloop.server.errors import Unavailable
 from prefloop.server.model.loader import load_model
 
@@ -160,7 +162,7 @@ def test_align_run_trains_on_new_data_only_and_promotes(dpo_job, log_32, tiny, t
     # job 3 starts from v0001, which already prefers banana: no held-out gain, so rejected
     assert third.status == "rejected" and third.version is None
     assert "does not beat" in third.reason
-    jobs = registry.jobs()
+    jobs = job_history(registry)
     assert [j["status"] for j in jobs] == ["promoted", "skipped", "rejected"]
     assert registry.list_versions() == ["v0000", "v0001"]
 
@@ -184,21 +186,21 @@ def test_a_failing_job_leaves_no_partial_version(dpo_job, log_32, tiny, tmp_path
     registry = reg.Registry(data_dir)
     assert registry.list_versions() == ["v0000"]
     assert [p.name for p in registry.versions_dir.iterdir()] == ["v0000"]
-    job = registry.jobs()[-1]
+    job = job_history(registry)[-1]
     assert job["status"] == "failed" and "No space left" in job["reason"]
-    with registry.job_lock():  # released
+    with job_lock(registry):  # released
         pass
 
 
 def test_a_second_job_is_refused_while_one_runs(log_32, tiny, tmp_path, capsys):
     data_dir = fresh_copy(log_32, tmp_path)
     registry = reg.Registry(data_dir)
-    with registry.job_lock():
+    with job_lock(registry):
         rc = cli.main(["align", "run", "--data-dir", str(data_dir), "--model", str(tiny)])
         with pytest.raises(Unavailable):
             run_job(JobConfig(data_dir=data_dir, model=str(tiny)))
     assert rc == 3 and "another align job is running" in capsys.readouterr().err
-    assert registry.jobs() == []
+    assert job_history(registry) == []
 
 
 def test_lora_is_merged_into_full_weights(tiny, log_32, tmp_path, capsys):
@@ -242,7 +244,7 @@ def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done after") == 2
-    jobs = reg.Registry(data_dir).jobs()
+    jobs = job_history(reg.Registry(data_dir))
     assert [j["status"] for j in jobs] == ["skipped", "skipped"]
     assert "need 1000" in jobs[0]["reason"]
 

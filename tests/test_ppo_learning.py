@@ -25,9 +25,9 @@ import torch
 from align_helpers import tiny_policy, write_pairs
 
 from prefloop.align import ppo_losses as L
+from prefloop.align.jobs.runner import job_history
 from prefloop.align.train import ppo as P
-from prefloop.align.train.preference import load_causal_lm
-from prefloop.align.train.reward import load_tokenizer
+from prefloop.align.train.common import load_causal_lm, load_tokenizer
 
 WORDS = (" yes", " no", " red", " blue", " cat", " dog", " sun", " moon", " tree", " rock",
          " fish", " bird", " rain", " snow", " milk", " salt")
@@ -309,12 +309,12 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     held = manifest.metrics["heldout"]
     assert held["samples"] == 4 and held["kl_per_token"] > 0
     assert manifest.metrics["current"]["version"] == "v0000"
-    assert registry.jobs()[-1]["status"] == "promoted"
+    assert job_history(registry)[-1]["status"] == "promoted"
 
 
 def test_ppo_job_rejected_by_kl_bound_publishes_nothing(ppo_log):
     from prefloop.align.gate import GateConfig
-    from prefloop.align.jobs.reward_ppo import PPOJobConfig, run_ppo_job
+    from prefloop.align.jobs.ppo import PPOJobConfig, run_ppo_job
     from prefloop.align.train.ppo import PPOConfig
     from prefloop.server import registry as reg
     registry = reg.Registry(ppo_log)
@@ -340,7 +340,7 @@ def test_ppo_refuses_a_policy_as_reward_model_and_needs_rm(ppo_log):
 
 
 def test_incremental_ppo_run_skips_without_new_prompts(ppo_log):
-    from prefloop.align.jobs.reward_ppo import PPOJobConfig, run_ppo_job
+    from prefloop.align.jobs.ppo import PPOJobConfig, run_ppo_job
     from prefloop.align.train.ppo import PPOConfig
     cfg = PPOJobConfig(data_dir=ppo_log, rm="v0001", command="run", incremental=True,
                        min_new=1, eval_samples=1, progress=False,

@@ -1,6 +1,6 @@
 """The model registry (server/registry.py): immutable versions, checksums, the atomic CURRENT
-pointer, promotion/rollback history, the job lock and job history, and that a failed publish
-leaves nothing behind. Real files in tmp dirs; fake weight bytes (the registry never parses them).
+pointer, promotion/rollback history, and that a failed publish leaves nothing behind (the align
+job lock and job history are tested in tests/test_align_runner.py). Real files in tmp dirs; fake weight bytes (the registry never parses them).
 """
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 
 import pytest
 
 from prefloop.server import registry as reg
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def fake_model(path, payload: bytes = b"weights-0") -> str:
@@ -196,44 +195,6 @@ def test_current_survives_a_crash_between_pointer_and_history(registry):
     assert registry.current() == v1
     assert registry.served_stack() == ["v0000", v1]
     assert registry.rollback().version == "v0000"
-
-
-LOCK_HOLDER = textwrap.dedent("""
-    import sys, time
-    from prefloop.server.registry import Registry
-    with Registry(sys.argv[1]).job_lock():
-        print("locked", flush=True)
-        sys.stdin.readline()
-""")
-
-
-def test_job_lock_excludes_a_second_process(registry):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(registry.data_dir)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(Unavailable, match=f"pid {holder.pid}"):
-            with registry.job_lock():
-                pass
-    finally:
-        holder.communicate("\n", timeout=30)
-    with registry.job_lock():  # released when the holder exits
-        with pytest.raises(Unavailable):
-            with registry.job_lock():  # also exclusive within one process
-                pass
-
-
-def test_job_history_merges_events_and_reports_crashes(registry):
-    registry.record_job({"job_id": "j1", "status": "running", "pid": 999999999})
-    registry.record_job({"job_id": "j2", "status": "running", "pid": os.getpid()})
-    registry.record_job({"job_id": "j2", "status": "promoted", "version": "v0001"})
-    with open(registry.jobs_path, "a") as f:
-        f.write('{"job_id": "j3", "sta')  # torn last line: ignored
-    jobs = registry.jobs()
-    assert [(j["job_id"], j["status"]) for j in jobs] == [("j1", "crashed"), ("j2", "promoted")]
-    assert jobs[1]["pid"] == os.getpid() and jobs[1]["version"] == "v0001"
-    with pytest.raises(InvalidArgument):
-        registry.record_job({"status": "running"})
 
 
 def test_manifest_validation_and_version_info(registry):

@@ -13,8 +13,10 @@ import torch
 from align_helpers import banana_pairs, tiny_policy, write_pairs
 
 from prefloop.align import scores as S
-from prefloop.align.jobs.reward_ppo import RMJobConfig, load_rm_pairs, run_rm_job, score_log
+from prefloop.align.jobs.reward import RMJobConfig, load_rm_pairs, run_rm_job, score_log
+from prefloop.align.jobs.runner import job_history
 from prefloop.align.train import reward as R
+from prefloop.align.train.common import load_tokenizer
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition
 
@@ -51,7 +53,7 @@ def tiny(tmp_path_factory):
 
 def test_encode_conversation_is_trls_tokenization(tiny):
     from trl.data_utils import _tokenize
-    tok = R.load_tokenizer(tiny)
+    tok = load_tokenizer(tiny)
     prompt = [{"role": "user", "content": "Say something."}]
     answer = [{"role": "assistant", "content": "banana river."}]
     ids = R.encode_conversation(tok, prompt, answer, max_length=1024)
@@ -61,7 +63,7 @@ def test_encode_conversation_is_trls_tokenization(tiny):
 
 
 def test_score_pairs_uses_one_forward_per_batch_and_matches_single_scoring(tiny):
-    tok = R.load_tokenizer(tiny)
+    tok = load_tokenizer(tiny)
     model = R.load_reward_model(tiny, new_head=True)
     model.config.pad_token_id = tok.pad_token_id
     pairs = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
@@ -102,12 +104,12 @@ def test_rm_job_learns_the_rule_and_is_published_as_reward(rm_job):
     assert registry.verify(result.version).ok
     with pytest.raises(FailedPrecondition):  # reward models are never served
         registry.promote(result.version)
-    jobs = registry.jobs()
+    jobs = job_history(registry)
     assert jobs[-1]["status"] == "published" and jobs[-1]["method"] == "rm"
     # the published folder loads as a one-output sequence classifier with the base's tokenizer
     model = R.load_reward_model(registry.version_dir(result.version))
     assert model.config.num_labels == 1
-    tok = R.load_tokenizer(registry.version_dir(result.version))
+    tok = load_tokenizer(registry.version_dir(result.version))
     s = R.score_texts(model, tok, [[{"role": "user", "content": "Say something about x."}]] * 2,
                       ["banana river stone.", "plum river stone."])
     assert s[0] > s[1]

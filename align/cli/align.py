@@ -1,21 +1,28 @@
-"""`prefloop align`: retrain on the feedback log and publish candidates to the registry.
+"""`prefloop align`: retrain on the feedback log and publish candidates to the registry, every
+method in one command module.
 
-    prefloop align dpo  --data-dir DIR [--since DATE] [--base VERSION] [--beta 0.1]
-                        [--loss sigmoid|ipo|hinge|robust] [--epochs N] [--lr LR] [--lora]
-                        [--max-pairs N] [--promote]
-    prefloop align kto  --data-dir DIR [...]                   thumbs up/down (KTOTrainer)
-    prefloop align run  --data-dir DIR [--method dpo|kto] [--min-new-pairs N] [--auto-promote]
+    prefloop align dpo   --data-dir DIR [--since DATE] [--base VERSION] [--beta 0.1]
+                         [--loss sigmoid|ipo|hinge|robust] [--epochs N] [--lr LR] [--lora]
+                         [--max-pairs N] [--promote]
+    prefloop align kto   --data-dir DIR [...]                  thumbs up/down (KTOTrainer)
+    prefloop align rm    --data-dir DIR [--base VERSION] [--margin] [--train-layers N] ...
+    prefloop align score --data-dir DIR --rm VERSION [--since DATE] [--rescore]
+    prefloop align ppo   --data-dir DIR --rm VERSION [--steps N] [--beta 0.05] [--adaptive-kl]
+                         [--plot] [--promote] ...
+    prefloop align run   --data-dir DIR [--method dpo|kto|ppo] [--min-new-pairs N] [--auto-promote]
     prefloop align schedule --every 6h [run options]           `align run` on a timer
-    prefloop align jobs --data-dir DIR [--json]                the job history
+    prefloop align jobs  --data-dir DIR [--json]               the job history
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
-server/cli/main.py). The work is in align/jobs/preference.py; this file maps flags to `JobConfig` and prints the
-metrics summary. Exit codes: 0 done (including "skipped" and "rejected"), 1 the job failed,
-2 bad arguments or data directory, 3 another job holds the lock.
+server/cli/main.py). The work is in align/jobs/ (preference.py: dpo, kto; reward.py: rm, score;
+ppo.py; schedule.py); this file declares the flags, maps them to the job configs and prints the
+result. Exit codes: 0 done (including "skipped" and "rejected"), 1 the job failed, 2 bad
+arguments or data directory, 3 another job holds the lock.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,25 +30,84 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-DATA_DIR_ENV = "PREFLOOP_DATA_DIR"
+from prefloop.server.registry import DATA_DIR_ENV
+
 log = logging.getLogger("prefloop.align")
 
 
-def _common(p: argparse.ArgumentParser, method: str | None) -> None:
-    """Flags shared by dpo, kto, run and schedule (`method` None: run/schedule choose)."""
+# ---------------------------------------------------------------------------------------------
+# Flag groups (each declared once)
+
+
+def _data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
                    help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
+
+
+def _source(p: argparse.ArgumentParser) -> None:
+    """--data-dir and where a job starts from: the rows' window and the base version."""
+    _data_dir(p)
     p.add_argument("--since", default=None, metavar="DATE",
-                   help="only feedback created on/after this date (YYYY-MM-DD) or ISO time")
+                   help="only log rows created on/after this date (YYYY-MM-DD) or ISO time")
     p.add_argument("--base", default=None, metavar="VERSION",
-                   help="registry version to start from and regularize towards (default: the "
+                   help="policy version to start from (and regularize towards; default: the "
                         "current version)")
     p.add_argument("--model", default=None, metavar="PATH",
                    help="HF folder or .gguf that becomes v0000 if the registry is empty "
                         "(default: the embedded default model)")
     p.add_argument("--cache-dir", default=None, help="model cache (default $PREFLOOP_CACHE_DIR)")
+
+
+def _trainer(g, *, default_lr: str, max_length_help: str) -> None:
+    """The flags of a TRL trainer (DPO / KTO / reward model); `g` is the training group."""
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {default_lr}, or 1e-4 with --lora)")
+    g.add_argument("--batch-size", type=int, default=4, help="pairs per step per device")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--max-length", type=int, default=1024, help=max_length_help)
+    g.add_argument("--lora", action="store_true",
+                   help="train a LoRA adapter (peft), merged into full weights before publishing")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    _seed_bf16(g)
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="trade compute for memory (worth it on GPUs with long sequences)")
+
+
+def _seed_bf16(g) -> None:
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 mixed precision (default: on for CUDA devices with bf16)")
+
+
+def _evaluation(g, *, eval_batch_size: int) -> None:
+    g.add_argument("--heldout-fraction", type=float, default=0.2,
+                   help="newest fraction of the rows held out for evaluation (default 0.2)")
+    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
+    g.add_argument("--device", default=None, help="evaluation device (default cuda if present)")
+
+
+def _gate(p: argparse.ArgumentParser, improvement: str) -> None:
+    gate = p.add_argument_group("eval gate")
+    gate.add_argument("--max-kl", type=float, default=None,
+                      help="largest KL(candidate ‖ reference) per held-out answer token, nats "
+                           "(default 0.5)")
+    gate.add_argument("--min-improvement", type=float, default=0.0,
+                      help=f"{improvement} must beat the current version's by more than this "
+                           "(default 0)")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _common(p: argparse.ArgumentParser, method: str | None) -> None:
+    """Flags shared by dpo, kto, run and schedule (`method` None: run/schedule choose)."""
+    _source(p)
     g = p.add_argument_group("training")
     g.add_argument("--beta", type=float, default=0.1,
                    help="strength of the pull towards the reference (default %(default)s)")
@@ -55,62 +121,162 @@ def _common(p: argparse.ArgumentParser, method: str | None) -> None:
     if method in (None, "kto"):
         g.add_argument("--desirable-weight", type=float, default=1.0)
         g.add_argument("--undesirable-weight", type=float, default=1.0)
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 5e-6, or 1e-4 with --lora)")
-    g.add_argument("--batch-size", type=int, default=4, help="pairs per step per device")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--max-length", type=int, default=1024,
-                   help="longest prompt+answer in tokens (longer ones are cut at the end)")
+    _trainer(g, default_lr="5e-6",
+             max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
     g.add_argument("--warmup", type=float, default=0.0, help="warmup ratio of the steps")
-    g.add_argument("--lora", action="store_true",
-                   help="train a LoRA adapter (peft), merged into full weights before publishing")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 mixed precision (default: on for CUDA devices with bf16)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="trade compute for memory (worth it on GPUs with long sequences)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="use only the newest N pairs (kto: examples)")
-    d.add_argument("--heldout-fraction", type=float, default=0.2,
-                   help="newest fraction of the rows held out for evaluation (default 0.2)")
-    d.add_argument("--eval-batch-size", type=int, default=4)
-    d.add_argument("--device", default=None, help="evaluation device (default cuda if present)")
-    gate = p.add_argument_group("eval gate")
-    gate.add_argument("--max-kl", type=float, default=None,
-                      help="largest KL(candidate ‖ reference) per held-out answer token, nats "
-                           "(default 0.5)")
-    gate.add_argument("--min-improvement", type=float, default=0.0,
-                      help="held-out preference accuracy must beat the current version's by "
-                           "more than this (default 0)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _evaluation(d, eval_batch_size=4)
+    _gate(p, "held-out preference accuracy")
+    _json(p)
+
+
+def add_rm_arguments(p: argparse.ArgumentParser) -> None:
+    _source(p)
+    g = p.add_argument_group("training (TRL RewardTrainer, Bradley-Terry loss)")
+    _trainer(g, default_lr="1e-5",
+             max_length_help="pairs with a longer prompt+answer (tokens) are left out")
+    g.add_argument("--margin", action="store_true",
+                   help="use each pair's margin: -log σ(r_c - r_r - margin) (rating pairs have "
+                        "their rating difference; preferences 0)")
+    g.add_argument("--center-rewards", type=float, default=None, metavar="COEF",
+                   help="push the mean reward towards 0 (TRL center_rewards_coefficient, "
+                        "e.g. 0.01)")
+    g.add_argument("--train-layers", type=int, default=0, metavar="N",
+                   help="train only the top N decoder layers + score head (0 = all; cheap on CPU)")
+    d = p.add_argument_group("data and evaluation")
+    d.add_argument("--max-pairs", type=int, default=None, metavar="N",
+                   help="use only the newest N pairs")
+    d.add_argument("--no-pairs-from-ratings", action="store_true",
+                   help="train on explicit preferences only (default: also pairs of "
+                        "differently rated answers to one prompt)")
+    _evaluation(d, eval_batch_size=8)
+    d.add_argument("--min-accuracy", type=float, default=0.5,
+                   help="gate: held-out pairwise accuracy must be above this (default 0.5)")
+    d.add_argument("--max-train-eval", type=int, default=256, metavar="N",
+                   help="newest N training pairs scored for the train accuracy (0: none)")
+    _json(p)
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    _data_dir(p)
+    p.add_argument("--rm", required=True, metavar="VERSION", help="the reward model version")
+    p.add_argument("--since", default=None, metavar="DATE",
+                   help="only generations of this UTC date (YYYY-MM-DD) or later")
+    p.add_argument("--rescore", action="store_true",
+                   help="score again what this reward model already scored (latest row wins)")
+    p.add_argument("--limit", type=int, default=None, help="score at most N generations")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="longer conversations are scored on their last N tokens")
+    p.add_argument("--device", default=None)
+    _json(p)
+
+
+def add_ppo_run_arguments(p: argparse.ArgumentParser) -> None:
+    """PPO-only flags; `align run` / `align schedule` already define the shared ones (--beta,
+    --lr, --batch-size, --seed, --bf16, --max-steps, --heldout-fraction, --max-kl, ...)."""
+    p.add_argument("--rm", default=None, metavar="VERSION",
+                   help="reward model version (required for --method ppo)")
+    p.add_argument("--force-rm", action="store_true",
+                   help="use a reward model whose accuracy gate failed")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--steps", type=int, default=None,
+                   help="PPO iterations (rollout + update; default 64, or --max-steps)")
+    g.add_argument("--mini-batch-size", type=int, default=None,
+                   help="answers per gradient step (default: half of --batch-size)")
+    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled answer")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    g.add_argument("--max-prompt-length", type=int, default=512)
+    g.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip (default 0.2)")
+    g.add_argument("--value-clip", type=float, default=0.2)
+    g.add_argument("--vf-coef", type=float, default=0.1, help="value loss weight")
+    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"],
+                   help="per-token KL in the reward (default k1 = log π - log π_ref)")
+    g.add_argument("--adaptive-kl", action="store_true",
+                   help="adapt beta towards --kl-target (Ziegler et al. 2019)")
+    g.add_argument("--kl-target", type=float, default=6.0, help="nats per answer (adaptive)")
+    g.add_argument("--kl-horizon", type=float, default=10000.0, help="answers (adaptive)")
+    g.add_argument("--missing-eos-penalty", type=float, default=None,
+                   help="subtract this from the score of answers cut at --max-new-tokens")
+    g.add_argument("--score-clip", type=float, default=None)
+    g.add_argument("--train-layers", type=int, default=0, metavar="N",
+                   help="train only the top N decoder layers + value head (0 = all)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    d = p.add_argument_group("PPO data, evaluation and output")
+    d.add_argument("--max-prompts", type=int, default=None, help="use only the newest N prompts")
+    d.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt")
+    d.add_argument("--max-heldout", type=int, default=64, help="held-out prompts evaluated")
+    d.add_argument("--out-dir", default=None,
+                   help="metrics / plot folder (default <data-dir>/align-runs/<job id>)")
+    d.add_argument("--plot", action="store_true",
+                   help="write ppo_curves.png (reward and KL per step) next to the metrics")
+
+
+def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
+    _source(p)
+    p.add_argument("--beta", type=float, default=0.05,
+                   help="KL penalty coefficient (initial value with --adaptive-kl)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per rollout per device")
+    _seed_bf16(p)
+    _evaluation(p, eval_batch_size=8)
+    _gate(p, "held-out mean reward (reward-model units)")
+    add_ppo_run_arguments(p)
+    p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
+    _json(p)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `align run` (also accepted by `align schedule`, which passes them on)."""
+    _common(p, None)
+    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "ppo"],
+                   help="dpo | kto | ppo (ppo needs --rm VERSION)")
+    add_ppo_run_arguments(p)
+    p.add_argument("--min-new-pairs", type=int, default=8, metavar="N",
+                   help="skip the job unless N rows are newer than any job has seen "
+                        "(default %(default)s)")
+    p.add_argument("--auto-promote", action="store_true",
+                   help="promote the candidate when the gate passes")
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="publish candidates the gate rejected (default: only record why)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefloop.align.cli import reward_ppo as rlhf_cmd
     sub = parser.add_subparsers(dest="align_command",
                                 metavar="{dpo,kto,rm,score,ppo,run,schedule,jobs}", required=True)
     dpo = sub.add_parser("dpo", help="train a candidate with DPO on preference pairs",
                          description="Train a candidate with TRL's DPOTrainer on the preference "
                                      "pairs of the log, evaluate it on the newest pairs, gate "
                                      "it and publish it as a new registry version.")
-    _common(dpo, "dpo")
-    dpo.add_argument("--promote", action="store_true", help="promote it if the gate passes")
     kto = sub.add_parser("kto", help="train a candidate with KTO on thumbs up/down",
                          description="Like `align dpo`, from labelled answers (ratings; each "
                                      "preference gives one good and one bad answer).")
-    _common(kto, "kto")
-    kto.add_argument("--promote", action="store_true", help="promote it if the gate passes")
-    run_p = sub.add_parser(
+    for p, method in ((dpo, "dpo"), (kto, "kto")):
+        _common(p, method)
+        p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
+    add_rm_arguments(sub.add_parser(
+        "rm", help="train a reward model on the preference log (TRL)",
+        description="Train a reward model (TRL RewardTrainer, Bradley-Terry) on the preference "
+                    "pairs of the log, measure its held-out pairwise accuracy and publish it as a "
+                    "registry version of kind 'reward'."))
+    add_score_arguments(sub.add_parser(
+        "score", help="score logged generations with a reward model",
+        description="Append reward-model scores of logged generations to "
+                    "<data-dir>/scores/rm=VERSION/*.parquet (docs/ppo.md)."))
+    add_ppo_arguments(sub.add_parser(
+        "ppo", help="PPO against a reward model, with a per-token KL penalty",
+        description="PPO on the prompts of the log against --rm, with a per-token KL penalty to "
+                    "the base; gate, publish, promote."))
+    add_run_arguments(sub.add_parser(
         "run", help="one incremental job: new data -> train -> gate -> publish -> promote",
         description="Train on the feedback newer than the watermark (the newest row the current "
-                    "version was trained on), under the registry's job lock; gate, publish, and "
-                    "with --auto-promote promote.")
-    add_run_arguments(run_p)
+                    "version was trained on), under the job lock; gate, publish, and with "
+                    "--auto-promote promote."))
     sched = sub.add_parser("schedule", help="run `align run` every --every",
                            description="Run `prefloop align run` as a subprocess on a timer "
                                        "(docs/align.md has cron and systemd timer versions).")
@@ -121,31 +287,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop after N jobs (default: run until SIGTERM/SIGINT)")
     sched.add_argument("--no-initial-run", action="store_true",
                        help="wait one interval before the first job")
-    rlhf_cmd.register(sub)  # rm, score, ppo (align/cli/reward_ppo.py)
     jobs = sub.add_parser("jobs", help="the job history of the registry")
-    jobs.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"))
+    _data_dir(jobs)
     jobs.add_argument("--json", action="store_true")
     jobs.add_argument("--last", type=int, default=20, help="show the last N jobs (default 20)")
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `align run` (also accepted by `align schedule`, which passes them on)."""
-    _common(p, None)
-    from prefloop.align.cli import reward_ppo as rlhf_cmd
-    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "ppo"],
-                   help="dpo | kto | ppo (ppo needs --rm VERSION)")
-    rlhf_cmd.add_ppo_run_arguments(p)
-    p.add_argument("--min-new-pairs", type=int, default=8, metavar="N",
-                   help="skip the job unless N rows are newer than any job has seen "
-                        "(default %(default)s)")
-    p.add_argument("--auto-promote", action="store_true",
-                   help="promote the candidate when the gate passes")
-    p.add_argument("--keep-rejected", action="store_true",
-                   help="publish candidates the gate rejected (default: only record why)")
+# ---------------------------------------------------------------------------------------------
+# args -> job configs
+
+
+def _incremental(args: argparse.Namespace) -> bool:
+    return args.align_command in ("run", "schedule")
+
+
+def _gate_config(args: argparse.Namespace):
+    from prefloop.align.gate import DEFAULT_MAX_KL, GateConfig
+    return GateConfig(max_kl=args.max_kl if args.max_kl is not None else DEFAULT_MAX_KL,
+                      min_improvement=args.min_improvement)
+
+
+def _promote_and_keep(args: argparse.Namespace) -> dict[str, bool]:
+    """`--auto-promote` / `--keep-rejected` for run and schedule; `--promote` (and always keep)
+    for a one-off job."""
+    if _incremental(args):
+        return {"promote": getattr(args, "auto_promote", False),
+                "keep_rejected": getattr(args, "keep_rejected", False)}
+    return {"promote": args.promote, "keep_rejected": True}
 
 
 def job_config(args: argparse.Namespace):
-    from prefloop.align.gate import DEFAULT_MAX_KL, GateConfig
+    """A preference JobConfig from `align dpo|kto` args, or `align run/schedule` (dpo/kto)."""
     from prefloop.align.jobs.preference import JobConfig
     from prefloop.align.train.preference import TrainConfig
 
@@ -159,18 +331,70 @@ def job_config(args: argparse.Namespace):
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=getattr(args, "desirable_weight", 1.0),
         undesirable_weight=getattr(args, "undesirable_weight", 1.0))
-    gate = GateConfig(max_kl=args.max_kl if args.max_kl is not None else DEFAULT_MAX_KL,
-                      min_improvement=args.min_improvement)
-    incremental = args.align_command in ("run", "schedule")
+    incremental = _incremental(args)
     return JobConfig(
-        data_dir=Path(args.data_dir), train=train, gate=gate, command=args.align_command,
-        base=args.base, model=args.model, cache_dir=args.cache_dir, since=args.since,
-        incremental=incremental, min_new=args.min_new_pairs if incremental else 0,
-        max_rows=args.max_pairs, pairs_from_ratings=getattr(args, "pairs_from_ratings", False),
-        heldout_fraction=args.heldout_fraction,
-        promote=args.auto_promote if incremental else args.promote,
-        keep_rejected=args.keep_rejected if incremental else True,
-        eval_batch_size=args.eval_batch_size, device=args.device)
+        data_dir=Path(args.data_dir), train=train, gate=_gate_config(args),
+        command=args.align_command, base=args.base, model=args.model, cache_dir=args.cache_dir,
+        since=args.since, incremental=incremental,
+        min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,
+        pairs_from_ratings=getattr(args, "pairs_from_ratings", False),
+        heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
+        device=args.device, **_promote_and_keep(args))
+
+
+def rm_job_config(args: argparse.Namespace):
+    from prefloop.align.jobs.reward import RMJobConfig
+    from prefloop.align.train.reward import RewardTrainConfig
+    train = RewardTrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, margin=args.margin,
+        center_rewards=args.center_rewards, train_layers=args.train_layers, lora=args.lora,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing)
+    return RMJobConfig(data_dir=Path(args.data_dir), train=train, base=args.base,
+                       model=args.model, cache_dir=args.cache_dir, since=args.since,
+                       max_pairs=args.max_pairs, pairs_from_ratings=not args.no_pairs_from_ratings,
+                       heldout_fraction=args.heldout_fraction, min_accuracy=args.min_accuracy,
+                       eval_batch_size=args.eval_batch_size,
+                       max_train_eval=args.max_train_eval, device=args.device)
+
+
+def ppo_job_config(args: argparse.Namespace):
+    """A PPOJobConfig from `align ppo` args, or from `align run/schedule --method ppo` args."""
+    from prefloop.align.jobs.ppo import PPOJobConfig
+    from prefloop.align.train.ppo import PPOConfig
+    from prefloop.server.errors import InvalidArgument
+    if not getattr(args, "rm", None):
+        raise InvalidArgument("PPO needs --rm VERSION (a reward model from `prefloop align rm`)")
+    steps = args.steps if args.steps is not None else (
+        args.max_steps if getattr(args, "max_steps", -1) and args.max_steps > 0 else 64)
+    batch = args.batch_size
+    ppo = PPOConfig(
+        steps=steps, batch_size=batch,
+        mini_batch_size=args.mini_batch_size or max(1, batch // 2), ppo_epochs=args.ppo_epochs,
+        lr=args.lr if args.lr is not None else 1e-5, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, max_prompt_length=args.max_prompt_length,
+        clip_eps=args.clip_eps, value_clip=args.value_clip, vf_coef=args.vf_coef,
+        gamma=args.gamma, lam=args.lam, beta=args.beta, kl_estimator=args.kl_estimator,
+        adaptive_kl=args.adaptive_kl, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
+        missing_eos_penalty=args.missing_eos_penalty, score_clip=args.score_clip,
+        train_layers=args.train_layers, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        bf16=args.bf16)
+    incremental = _incremental(args)
+    return PPOJobConfig(
+        data_dir=Path(args.data_dir), rm=args.rm, ppo=ppo, gate=_gate_config(args),
+        command=getattr(args, "align_command", "ppo") or "ppo", base=args.base,
+        model=args.model, cache_dir=args.cache_dir, since=args.since, incremental=incremental,
+        min_new=getattr(args, "min_new_pairs", 0) if incremental else 0,
+        max_prompts=args.max_prompts, heldout_fraction=args.heldout_fraction,
+        max_heldout=args.max_heldout, eval_samples=args.eval_samples,
+        eval_batch_size=args.eval_batch_size, force_rm=args.force_rm,
+        out_dir=Path(args.out_dir) if args.out_dir else None, plot=args.plot,
+        device=args.device, **_promote_and_keep(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -181,78 +405,125 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _table(train: dict, held: dict, rows: list[tuple[str, str, int]], width: int, *,
+           every_row: bool = False) -> list[str]:
+    """A train vs held-out table of the `(label, key, digits)` rows either side has (all of
+    them with `every_row`)."""
+    lines = [f"{'':{width}}{'train':>10}{'held-out':>10}"]
+    for label, key, digits in rows:
+        if every_row or key in train or key in held:
+            lines.append(f"{label:{width}}{_fmt(train.get(key), digits):>10}"
+                         f"{_fmt(held.get(key), digits):>10}")
+    return lines
+
+
+_PREFERENCE_ROWS = [("pairs", "pairs", 0), ("examples", "examples", 0), ("loss", "loss", 4),
+                    ("reward accuracy", "reward_accuracy", 3),
+                    ("reward margin", "reward_margin", 4), ("label accuracy", "label_accuracy", 3),
+                    ("pref accuracy", "pref_accuracy", 3),
+                    ("ref pref accuracy", "ref_pref_accuracy", 3),
+                    ("KL/token to ref", "kl_per_token", 4), ("KL/sequence", "kl_per_sequence", 4)]
+_RM_ROWS = [("pairs", "pairs", 0), ("accuracy", "accuracy", 3), ("margin", "margin", 3),
+            ("loss", "loss", 4)]
+
+
+def format_gate(r: dict[str, Any]) -> list[str]:
+    """The gate's verdict and reasons (or why there was no gate)."""
+    gate = r.get("gate")
+    if gate:
+        return ([f"gate: {'PASSED' if gate['passed'] else 'REJECTED'}"]
+                + [f"  - {reason}" for reason in gate.get("reasons", [])])
+    return [f"reason: {r['reason']}"] if r.get("reason") else []
+
+
 def format_result(result) -> str:
-    """The metrics summary: train vs held-out, the current version, the gate's reasons."""
+    """The metrics summary of any align job: data, training, train vs held-out, the current
+    version, the gate's reasons."""
     r = result if isinstance(result, dict) else result.to_record()
+    method = r.get("method")
     lines = [f"job {r['job_id']}: {r['status']}" + (f" -> {r['version']}" if r.get("version")
                                                      else "") + f" (base {r.get('base')})"]
-    metrics = r.get("metrics") or {}
+    metrics, data = r.get("metrics") or {}, r.get("data") or {}
     train, held = metrics.get("train") or {}, metrics.get("heldout") or {}
-    data = r.get("data") or {}
     if data.get("rows") and any(data["rows"].values()):
         lines.append(f"data: {data.get('since')} .. {data.get('until')}  "
                      f"train {data['rows']['train']}  held-out {data['rows']['heldout']}"
                      f" (from {data.get('heldout_since')})")
     tr = metrics.get("training") or {}
     if tr:
-        lines.append(f"training: {tr.get('steps')} steps in {tr.get('runtime_s')} s, loss "
-                     f"{_fmt(tr.get('first_loss'))} -> {_fmt(tr.get('last_loss'))}")
-    if train or held:
-        rows = [("pairs", "pairs", 0), ("examples", "examples", 0), ("loss", "loss", 4),
-                ("reward accuracy", "reward_accuracy", 3), ("reward margin", "reward_margin", 4),
-                ("label accuracy", "label_accuracy", 3), ("pref accuracy", "pref_accuracy", 3),
-                ("ref pref accuracy", "ref_pref_accuracy", 3),
-                ("KL/token to ref", "kl_per_token", 4), ("KL/sequence", "kl_per_sequence", 4)]
-        lines.append(f"{'':22}{'train':>10}{'held-out':>10}")
-        seen = set()
-        for label, key, digits in rows:
-            if key in seen or (key not in train and key not in held):
-                continue
-            seen.add(key)
-            lines.append(f"{label:22}{_fmt(train.get(key), digits):>10}"
-                         f"{_fmt(held.get(key), digits):>10}")
-    cur = metrics.get("current") or {}
-    if cur:
-        lines.append(f"current {cur.get('version')}: held-out pref accuracy "
-                     f"{_fmt(cur.get('heldout_pref_accuracy'))} ({metrics.get('gate_basis')})")
-    gate = r.get("gate")
-    if gate:
-        lines.append(f"gate: {'PASSED' if gate['passed'] else 'REJECTED'}")
-        lines += [f"  - {reason}" for reason in gate.get("reasons", [])]
-    elif r.get("reason"):
-        lines.append(f"reason: {r['reason']}")
-    return "\n".join(lines)
+        lines.append(f"training: {tr.get('steps')} steps in {tr.get('runtime_s')} s" +
+                     (f", loss {_fmt(tr.get('first_loss'))} -> {_fmt(tr.get('last_loss'))}"
+                      if "first_loss" in tr else ""))
+    if method == "rm":
+        lines += _table(train, held, _RM_ROWS, 18, every_row=True)
+    elif method == "ppo":
+        first, last = tr.get("first") or {}, tr.get("last") or {}
+        if first:
+            lines.append(f"rollout reward {_fmt(first.get('reward'))} -> "
+                         f"{_fmt(last.get('reward'))}, KL/answer {_fmt(first.get('kl'))} -> "
+                         f"{_fmt(last.get('kl'))}")
+        cur = metrics.get("current") or {}
+        if held:
+            lines.append(f"held-out ({held.get('samples')} answers): reward "
+                         f"{_fmt(held.get('reward'), 4)} vs {cur.get('version')} "
+                         f"{_fmt(cur.get('reward'), 4)}; KL/token "
+                         f"{_fmt(held.get('kl_per_token'), 4)}")
+        if tr.get("metrics_file"):
+            lines.append(f"metrics: {tr['metrics_file']}" +
+                         (f"  plot: {tr['plot']}" if tr.get("plot") else ""))
+    else:
+        if train or held:
+            lines += _table(train, held, _PREFERENCE_ROWS, 22)
+        cur = metrics.get("current") or {}
+        if cur:
+            lines.append(f"current {cur.get('version')}: held-out pref accuracy "
+                         f"{_fmt(cur.get('heldout_pref_accuracy'))} ({metrics.get('gate_basis')})")
+    return "\n".join(lines + format_gate(r))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
 
 
 def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_job(args: argparse.Namespace) -> int:
+def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`fn(args)` with SIGTERM unwinding it (stage removed, failure recorded) and the exit-code
+    ladder: 3 another job holds the lock, 2 bad arguments or data, 1 the job failed."""
     from prefloop.server.errors import PrefloopError, Unavailable
-    if getattr(args, "method", None) == "ppo" and args.align_command in ("run", "schedule"):
-        from prefloop.align.cli.reward_ppo import run_ppo_job_from_args
-        return run_ppo_job_from_args(args)
-
-    from prefloop.align.jobs.preference import run_job
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # unwind: stage removed, failure recorded
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        cfg = job_config(args)
-        result = run_job(cfg)
+        return fn(args)
     except Unavailable as exc:
         print(f"prefloop align: {exc}", file=sys.stderr)
         return 3
-    except PrefloopError as exc:
-        print(f"prefloop align: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (PrefloopError, FileNotFoundError) as exc:
         print(f"prefloop align: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # recorded as a failed job in registry/jobs.jsonl
         log.exception("align job failed")
         print(f"prefloop align: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _job(args: argparse.Namespace) -> int:
+    """Run the training job the args name (dpo, kto, rm, ppo, or run's --method) and print its
+    result; trainer logs go to stderr (stdout is the result only)."""
+    method = args.method if _incremental(args) else args.align_command
+    if method == "rm":
+        from prefloop.align.jobs.reward import run_rm_job as run_job
+        cfg = rm_job_config(args)
+    elif method == "ppo":
+        from prefloop.align.jobs.ppo import run_ppo_job as run_job
+        cfg = ppo_job_config(args)
+    else:
+        from prefloop.align.jobs.preference import run_job
+        cfg = job_config(args)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_job(cfg)
     if result.status == "worker":
         return 0
     print(json.dumps(result.to_record(), indent=2) if args.json else format_result(result),
@@ -260,9 +531,27 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from prefloop.align.jobs.reward import score_log
+    with contextlib.redirect_stdout(sys.stderr):
+        out = score_log(args.data_dir, args.rm, since=args.since, rescore=args.rescore,
+                        limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                        device=args.device)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(f"scored {out['scored']} new generations with {out['rm_version']}"
+          + (f" -> {out['part']}" if out["part"] else "") + f"; {out['total']} scored in all")
+    for row in out["by_model_version"]:
+        print(f"  {row['model_version'] or '-':12} {row['count']:>8}  mean score "
+              f"{row['mean_score']:.4f}")
+    return 0
+
+
 def _jobs(args: argparse.Namespace) -> int:
+    from prefloop.align.jobs.runner import job_history
     from prefloop.server.registry import Registry
-    jobs = Registry(args.data_dir).jobs()[-args.last:] if args.last else []
+    jobs = job_history(Registry(args.data_dir))[-args.last:] if args.last else []
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -285,10 +574,7 @@ def run(args: argparse.Namespace) -> int:
     if args.align_command == "schedule":
         from prefloop.align.jobs.schedule import run_schedule
         return run_schedule(args, add_run_arguments)
-    if args.align_command in ("rm", "score", "ppo"):
-        from prefloop.align.cli import reward_ppo as rlhf_cmd
-        return rlhf_cmd.run(args)
     if not Path(args.data_dir).is_dir():
         print(f"prefloop align: no data directory at {args.data_dir}", file=sys.stderr)
         return 2
-    return _run_job(args)
+    return _guarded(_score if args.align_command == "score" else _job, args)

@@ -1,10 +1,10 @@
 """`prefloop align schedule --every 6h [run options]`: run `prefloop align run` on a timer.
 
 Each job is a subprocess (`python -m prefloop.server.cli align run ...` with the same run
-options), so a crash or a memory peak of one job never takes the timer down, and the registry's
-job lock still keeps a manual job and a scheduled one apart (a tick that finds the lock held is
-logged and skipped). Ticks are anchored to the start time: a job longer than the interval makes
-the next tick start right after it, never two at once. SIGTERM / SIGINT stop the loop; a job in
+options), so a crash or a memory peak of one job never takes the timer down, and the job
+lock (align/jobs/runner.py) still keeps a manual job and a scheduled one apart (a tick that finds
+the lock held is logged and skipped). Ticks are anchored to the start time: a job longer than the
+interval makes the next tick start right after it, never two at once. SIGTERM / SIGINT stop the loop; a job in
 progress is asked to stop with SIGTERM (it records itself as failed and leaves no partial
 version).
 """

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from prefloop.align import ppo_losses as L
+from prefloop.server.durable_io import write_atomic
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -458,10 +458,10 @@ def plot_metrics(history: list[dict[str, Any]], png_path: Path, title: str = "PP
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.parent / f".{png_path.name}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_atomic(png_path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return png_path
 
 
@@ -480,12 +480,6 @@ class PPOResult:
     trainable_params: int
 
 
-def _use_bf16(cfg: PPOConfig) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
 RewardFn = Callable[[list[list[dict]], list[str]], Any]
 
 
@@ -502,12 +496,12 @@ def train_ppo(base_dir: Path, rm_dir: Path | None, prompts: list[list[dict]], cf
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from prefloop.align.train.preference import load_causal_lm
-    from prefloop.align.train.reward import freeze_lower_layers, load_reward_model, load_tokenizer
+    from prefloop.align.train.common import load_causal_lm, load_tokenizer, use_bf16
+    from prefloop.align.train.reward import freeze_lower_layers, load_reward_model
 
     if not prompts:
         raise InvalidArgument("no prompts to train on")
-    accelerator = Accelerator(mixed_precision="bf16" if _use_bf16(cfg) else "no",
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg.bf16) else "no",
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(cfg.seed)

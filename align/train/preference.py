@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -22,12 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align.losses import LOSSES
+from prefloop.align.train.common import (
+    check_trainer_fields,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    plain_weights,
+    trainer_args,
+)
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "kto")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = {False: 5e-6, True: 1e-4}  # full fine-tune, LoRA
 _SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 
@@ -85,71 +91,8 @@ class TrainConfig:
         return d
 
 
-def check_trainer_fields(cfg, default_lr: dict[bool, float]) -> None:
-    """Checks every trainer config shares (DPO/KTO here, the reward model in reward.py): epochs or
-    steps, learning rate (`default_lr[lora]` when unset), batch / accumulation / length / LoRA
-    sizes."""
-    if cfg.epochs <= 0 and cfg.max_steps <= 0:
-        raise InvalidArgument(f"epochs must be > 0, got {cfg.epochs}")
-    if cfg.lr is None:
-        cfg.lr = default_lr[cfg.lora]
-    if cfg.lr <= 0:
-        raise InvalidArgument(f"learning rate must be > 0, got {cfg.lr}")
-    for name in ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
-        if getattr(cfg, name) < 1:
-            raise InvalidArgument(f"{name.replace('_', '-')} must be >= 1")
-
-
-def is_main_process() -> bool:
-    """Rank 0 of an `accelerate launch` / torchrun job (or a plain single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _use_bf16(cfg: TrainConfig) -> bool:
-    import torch
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(model_dir: Path, device: str | None = None):
-    """An HF causal LM in float32 (the registry stores full-precision weights), in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if device:
-        model.to(device)
-    return model.eval()
-
-
-def _common_args(cfg: TrainConfig, output_dir: str) -> dict[str, Any]:
-    import torch
-    return dict(
-        output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, beta=cfg.beta, max_length=cfg.max_length,
-        bf16=_use_bf16(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available())
-
-
-def _peft_config(cfg: TrainConfig):
-    if not cfg.lora:
-        return None
-    from peft import LoraConfig
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM", bias="none")
+def _dpo_kto_args(cfg: TrainConfig, output_dir: str) -> dict[str, Any]:
+    return trainer_args(cfg, output_dir, beta=cfg.beta, ddp_find_unused_parameters=False)
 
 
 @dataclass(slots=True)
@@ -173,20 +116,20 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir)
     model.train()
-    peft_config = _peft_config(cfg)
+    peft_config = lora_config(cfg, "CAUSAL_LM", cfg.lora_dropout)
     ref_model = None if cfg.lora else load_causal_lm(base_dir)
     dataset = Dataset.from_list(rows)
     # Trainer prints its log dicts to stdout: keep stdout for the result (e.g. --json)
     with tempfile.TemporaryDirectory(prefix="prefloop-align-") as work, \
             contextlib.redirect_stdout(sys.stderr):
         if cfg.method == "dpo":
-            args = DPOConfig(**_common_args(cfg, work), loss_type=[cfg.loss],
+            args = DPOConfig(**_dpo_kto_args(cfg, work), loss_type=[cfg.loss],
                              label_smoothing=cfg.label_smoothing)
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
         else:
-            args = KTOConfig(**_common_args(cfg, work), desirable_weight=cfg.desirable_weight,
+            args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=cfg.desirable_weight,
                              undesirable_weight=cfg.undesirable_weight)
             trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
@@ -210,7 +153,5 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     if sharded:
         policy = load_causal_lm(base_dir)
         policy.load_state_dict(state_dict)
-    elif cfg.lora:
-        policy = policy.merge_and_unload()  # LoRA deltas folded into the full weights
-    policy = policy.to("cpu").float().eval()
+    policy = plain_weights(policy, lora=cfg.lora and not sharded)
     return TrainResult(policy, tokenizer, history, steps, runtime)

@@ -26,13 +26,18 @@ from typing import Any
 
 import torch
 
-from prefloop.align.train.preference import check_trainer_fields
+from prefloop.align.train.common import (
+    check_trainer_fields,
+    load_tokenizer,
+    lora_config,
+    plain_weights,
+    trainer_args,
+)
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LR = {False: 1e-5, True: 1e-4}  # full fine-tune, LoRA
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(slots=True)
@@ -76,14 +81,6 @@ class RewardTrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and freezing
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_reward_model(model_dir: Path, device: str | None = None, *, new_head: bool = False):
@@ -256,12 +253,6 @@ class RewardTrainResult:
     trainable_params: int
 
 
-def _use_bf16(cfg: RewardTrainConfig) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
 def trl_rows(rows: list[dict[str, Any]], margin: bool) -> list[dict[str, Any]]:
     """The columns RewardTrainer reads (conversational prompt / chosen / rejected [+ margin])."""
     out = []
@@ -288,23 +279,10 @@ def train_reward_model(base_dir: Path, rows: list[dict[str, Any]], cfg: RewardTr
     model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     trainable = freeze_lower_layers(model, cfg.train_layers, keep=("score",))
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                 target_modules=list(LORA_TARGETS), task_type="SEQ_CLS",
-                                 bias="none")
+    peft_config = lora_config(cfg, "SEQ_CLS")
     with tempfile.TemporaryDirectory(prefix="prefloop-rm-") as work:
-        args = RewardConfig(
-            output_dir=work, per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay, max_length=cfg.max_length,
-            center_rewards_coefficient=cfg.center_rewards, bf16=_use_bf16(cfg),
-            gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1,
-            save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
-            data_seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available())
+        args = RewardConfig(**trainer_args(cfg, work,
+                                           center_rewards_coefficient=cfg.center_rewards))
         trainer = RewardTrainer(model=model, args=args,
                                 train_dataset=Dataset.from_list(trl_rows(rows, cfg.margin)),
                                 processing_class=tokenizer, peft_config=peft_config,
@@ -321,9 +299,7 @@ def train_reward_model(base_dir: Path, rows: list[dict[str, Any]], cfg: RewardTr
             return RewardTrainResult(None, tokenizer, history, steps, runtime, trainable)
         trained = accelerator.unwrap_model(trainer.model)
         del trainer
-    if cfg.lora:
-        trained = trained.merge_and_unload()
-    trained = trained.to("cpu").float().eval()
+    trained = plain_weights(trained, cfg.lora)
     for p in trained.parameters():
         p.requires_grad_(False)
     return RewardTrainResult(trained, tokenizer, history, steps, runtime, trainable)

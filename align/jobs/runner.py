@@ -1,0 +1,318 @@
+"""The skeleton every align job runs on (DPO/KTO in jobs/preference.py, the reward model in
+jobs/reward.py, PPO in jobs/ppo.py), one copy of each step:
+
+- the job lock and the job history, beside the registry they write to:
+
+      <data-dir>/registry/job.lock     flock'd by the one align job running (its pid inside)
+      <data-dir>/registry/jobs.jsonl   one line per job start and end (append-only, fsync'd)
+
+  `run_locked` holds the lock for a job's whole length (a second job fails at once with
+  Unavailable), removes stale stages of dead jobs, records a "running" event and then the
+  outcome (a failure is recorded, then re-raised);
+- base resolution (`resolve_base`: the policy version to start from; v0000 from `--model` or the
+  default model on first use, `--model` ignored with a warning once the registry has a base);
+- the new-rows time split (`split_new_rows`, with the watermark of incremental jobs);
+- the evaluation device, publishing a trained model through a registry stage (`publish`: its
+  weights + the base's tokenizer files, so a failed or killed job leaves no partial version),
+  and the outcome after the gate (`conclude`).
+
+Incremental jobs (`align run`) train on the rows newer than the *watermark*: the newest training
+row of the current version and its ancestors (`data.trained_until` in their manifests). Rows a job
+only held out are trained on by the next one; after a rollback the data of the rolled-back version
+is available again. `min_new` counts rows newer than everything any finished job has seen.
+
+Outcomes: skipped (not enough data), rejected (gate failed), published (gate passed, not
+promoted), promoted, failed (an exception: recorded, then re-raised); "crashed" when read back
+for a job whose process died without an outcome line.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import gc
+import logging
+import math
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from prefloop.align import data as data_mod
+from prefloop.align.gate import GateDecision
+from prefloop.align.train.common import is_main_process
+from prefloop.server import registry as reg
+from prefloop.server.durable_io import makedirs_durable
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+SKIPPED, REJECTED, PUBLISHED, PROMOTED, FAILED, RUNNING, CRASHED = (
+    "skipped", "rejected", "published", "promoted", "failed", "running", "crashed")
+WORKER = "worker"  # the result of a non-main rank of `accelerate launch` (it only trains)
+JOBS_FILE = "jobs.jsonl"
+JOB_LOCK_FILE = "job.lock"
+# Base files a published version does not take over (it has its own weights and config).
+_NOT_COPIED = ("config.json", "model.safetensors.index.json", reg.MANIFEST_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job lock and job history
+
+
+def jobs_path(registry: reg.Registry) -> Path:
+    return registry.root / JOBS_FILE
+
+
+@contextlib.contextmanager
+def job_lock(registry: reg.Registry) -> Iterator[None]:
+    """Exclusive lock for one align job; Unavailable at once if another job holds it."""
+    makedirs_durable(registry.root)
+    path = registry.root / JOB_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Unavailable(f"another align job is running (pid {holder}; lock {path})") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def record_job(registry: reg.Registry, entry: dict[str, Any]) -> None:
+    """Append one job event (`job_id` and `status` required) to jobs.jsonl."""
+    if not entry.get("job_id") or not entry.get("status"):
+        raise InvalidArgument("a job record needs job_id and status")
+    makedirs_durable(registry.root)
+    reg.append_line_durable(jobs_path(registry), dict(entry, at=entry.get("at") or reg.utc_now()))
+
+
+def job_history(registry: reg.Registry) -> list[dict[str, Any]]:
+    """One dict per job (its events merged in order), oldest first. A job whose last status
+    is "running" and whose process no longer exists died without finishing: "crashed"."""
+    merged: dict[str, dict[str, Any]] = {}
+    for e in reg.read_jsonl(jobs_path(registry)):
+        merged.setdefault(e["job_id"], {}).update(e)
+    out = list(merged.values())
+    for j in out:  # no outcome line and its process is gone: killed (SIGKILL, power loss)
+        if j.get("status") == RUNNING and not reg.pid_alive(int(j.get("pid") or 0)):
+            j["status"] = CRASHED
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(slots=True)
+class JobResult:
+    job_id: str
+    status: str
+    reason: str = ""
+    version: str | None = None
+    base: str | None = None
+    method: str = "dpo"
+    gate: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return json_safe(dataclasses.asdict(self))
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, recursively (manifests and job lines are strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def new_job_id() -> str:
+    return f"job-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def training_summary(trained) -> dict[str, Any]:
+    """Steps, runtime and first / last training loss of a TRL trainer's log history."""
+    losses = [h["loss"] for h in trained.log_history if "loss" in h]
+    return {"steps": trained.steps, "runtime_s": round(trained.runtime_s, 2),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Watermarks and data windows
+
+
+def watermark(registry: reg.Registry) -> dt.datetime | None:
+    """Newest row trained on by the current version or any of its ancestors."""
+    version, best, seen = registry.current(), None, set()
+    while version and version not in seen:
+        seen.add(version)
+        manifest = registry.manifest(version)
+        until = data_mod.parse_time(manifest.data.get("trained_until"))
+        if until is not None and (best is None or until > best):
+            best = until
+        version = manifest.parent
+    return best
+
+
+def last_seen(registry: reg.Registry) -> dt.datetime | None:
+    """Newest row any finished job has trained or evaluated on."""
+    times = [data_mod.parse_time((j.get("data") or {}).get("until"))
+             for j in job_history(registry) if j.get("status") in (REJECTED, PUBLISHED, PROMOTED)]
+    times = [t for t in times if t is not None]
+    return max(times) if times else None
+
+
+def window_rows(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
+                max_rows: int | None, key: str) -> list[dict[str, Any]]:
+    """Rows created on/after `since` and after `after`, oldest first (ties by `key`), the newest
+    `max_rows` of them."""
+    kept = [r for r in rows if (since is None or r["created_at"] >= since)
+            and (after is None or r["created_at"] > after)]
+    kept.sort(key=lambda r: (r["created_at"], r.get(key) or ""))
+    return kept[-max_rows:] if max_rows and len(kept) > max_rows else kept
+
+
+def day_of(*times: dt.datetime | None) -> str | None:
+    """The UTC date (YYYY-MM-DD) of the latest of `times`: the first log partition to read."""
+    bounds = [t for t in times if t is not None]
+    return max(bounds).astimezone(dt.timezone.utc).strftime("%Y-%m-%d") if bounds else None
+
+
+def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: reg.Registry, *,
+                   after, incremental: bool, min_new: int, heldout_fraction: float, noun: str,
+                   empty_reason: str) -> "data_mod.Split | None":
+    """The train / held-out time split of `rows`, recorded in `result.data` with `window`; None
+    (and `result` marked SKIPPED with the reason) when an incremental job has fewer than `min_new`
+    rows newer than the last trained one, or when nothing is left to train on. Every rank decides
+    alike (they all read the same files)."""
+    if incremental:
+        seen = max([t for t in (after, last_seen(registry)) if t is not None], default=None)
+        new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
+        window["new_rows"] = new
+        if new < max(min_new, 1):
+            result.status, result.data = SKIPPED, window
+            result.reason = (f"{new} new {noun} since {data_mod.iso(seen) or 'the beginning'}; "
+                             f"need {max(min_new, 1)}")
+            return None
+    split = data_mod.time_split(rows, heldout_fraction)
+    result.data = dict(split.describe(), **window, total_rows=len(rows),
+                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
+                                                      default=None)))
+    if not split.train:
+        result.status, result.reason = SKIPPED, empty_reason
+        return None
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# The job's steps
+
+
+JobBody = Callable[[reg.Registry, str, bool], JobResult]
+
+
+def run_locked(data_dir: str | Path, command: str, method: str, body: JobBody) -> JobResult:
+    """`body(registry, job_id, main)` under the job lock, recorded as running, then its outcome
+    (or failed) in the job history. Other ranks of `accelerate launch` only train:
+    `body(registry, job_id, False)`, no lock, no record."""
+    registry = reg.Registry(data_dir)
+    job_id = new_job_id()
+    if not is_main_process():
+        return body(registry, job_id, False)
+    with job_lock(registry):
+        registry.cleanup_stages()
+        record_job(registry, {"job_id": job_id, "status": RUNNING, "pid": os.getpid(),
+                              "command": command, "method": method, "started_at": reg.utc_now()})
+        try:
+            result = body(registry, job_id, True)
+        except BaseException as exc:
+            record_job(registry, {"job_id": job_id, "status": FAILED, "finished_at": reg.utc_now(),
+                                  "reason": f"{type(exc).__name__}: {exc}"[:2000]})
+            raise
+        record_job(registry, dict(result.to_record(), finished_at=reg.utc_now()))
+        return result
+
+
+def resolve_base(registry: reg.Registry, base: str | None, model: str | None,
+                 cache_dir: str | None, main: bool) -> str:
+    """The policy version to start from (default: current). On first use the main process
+    creates v0000 from `model` (default: the default model); once the registry has a base,
+    `model` is ignored with a warning. Other ranks never create it."""
+    if main:
+        if not registry.list_versions():  # first use: v0000 from --model or the default model
+            from prefloop.server.model.loader import resolve_model_dir
+            registry.ensure_base(resolve_model_dir(model, cache_dir))
+        else:
+            if model:
+                log.warning("--model %s ignored: the registry in %s already has a base version",
+                            model, registry.root)
+            registry.ensure_base()  # no-op unless CURRENT is missing
+    elif not registry.list_versions():
+        raise FailedPrecondition("the registry has no v0000 yet: run `prefloop models init` "
+                                 "once before a multi-process `accelerate launch` job")
+    version = base or registry.current() or reg.BASE_VERSION
+    manifest = registry.manifest(version)
+    if manifest.kind != reg.KIND_POLICY:
+        raise FailedPrecondition(f"base {version} is a {manifest.kind} model, not a policy")
+    return version
+
+
+def eval_device(choice: str | None) -> str:
+    """The evaluation device: `choice`, else cuda if available, else cpu."""
+    import torch
+    return choice or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method: str,
+            parent: str, hyperparameters: dict, data: dict, metrics: dict, gate: dict | None,
+            job_id: str) -> str:
+    """Save `model` + the base's tokenizer files (tokenizer, chat template, generation config:
+    every base file but weights and config) into a stage and publish it; the new version."""
+    if kind == reg.KIND_POLICY:
+        model.config.use_cache = True  # training turned it off; serving wants it
+    with registry.stage() as stage:
+        model.save_pretrained(str(stage.path), safe_serialization=True)
+        for p in base_dir.iterdir():
+            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in _NOT_COPIED:
+                shutil.copyfile(p, stage.path / p.name)
+        for p in list(stage.path.iterdir()):  # save_pretrained extras we do not version
+            if p.is_dir() or p.suffix not in reg.MODEL_FILE_SUFFIXES:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        manifest = stage.publish(kind=kind, method=method, parent=parent,
+                                 hyperparameters=json_safe(hyperparameters),
+                                 data=json_safe(data), metrics=json_safe(metrics),
+                                 gate=json_safe(gate), job_id=job_id)
+    return manifest.version
+
+
+def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, job_id: str,
+             method: str, *, promote: bool) -> JobResult:
+    """After the gate (and publishing): promote if it passed and the job asked to, set the
+    status (promoted / published / rejected) and the gate's reasons. Frees the trained model's
+    memory first (the caller has dropped its reference)."""
+    gc.collect()
+    if decision.passed and promote:
+        registry.promote(result.version, reason=f"align job {job_id} ({method}): gate passed",
+                         actor="align")
+        result.status = PROMOTED
+    else:
+        result.status = PUBLISHED if decision.passed else REJECTED
+    result.reason = "; ".join(decision.reasons)
+    return result

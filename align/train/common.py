@@ -1,0 +1,94 @@
+"""What every trainer shares (TRL DPO/KTO, TRL reward model, our PPO): loading a version's
+tokenizer and causal LM, the bf16 choice, the LoRA targets and config, the TRL trainer arguments,
+the checks every trainer config makes, and turning a trained (possibly LoRA) model into plain
+full CPU weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefloop.server.errors import InvalidArgument
+
+# Every linear layer of a Llama decoder block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_trainer_fields(cfg, default_lr: dict[bool, float]) -> None:
+    """Checks every TRL trainer config shares (DPO/KTO, the reward model): epochs or steps,
+    learning rate (`default_lr[lora]` when unset), batch / accumulation / length / LoRA sizes."""
+    if cfg.epochs <= 0 and cfg.max_steps <= 0:
+        raise InvalidArgument(f"epochs must be > 0, got {cfg.epochs}")
+    if cfg.lr is None:
+        cfg.lr = default_lr[cfg.lora]
+    if cfg.lr <= 0:
+        raise InvalidArgument(f"learning rate must be > 0, got {cfg.lr}")
+    for name in ("batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
+        if getattr(cfg, name) < 1:
+            raise InvalidArgument(f"{name.replace('_', '-')} must be >= 1")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun job (or a plain single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def use_bf16(bf16: bool | None) -> bool:
+    """A config's `bf16` (None: on when a CUDA device with bf16 is present)."""
+    import torch
+    if bf16 is not None:
+        return bf16
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def load_tokenizer(model_dir: Path):
+    """The version's tokenizer; pad token = EOS when it has none."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(model_dir: Path, device: str | None = None):
+    """An HF causal LM in float32 (the registry stores full-precision weights), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def lora_config(cfg, task_type: str, dropout: float = 0.0):
+    """peft's LoraConfig on `LORA_TARGETS` for `cfg.lora_r` / `cfg.lora_alpha`; None without
+    `cfg.lora`. `task_type`: "CAUSAL_LM" (policies) or "SEQ_CLS" (reward models)."""
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=dropout,
+                      target_modules=list(LORA_TARGETS), task_type=task_type, bias="none")
+
+
+def trainer_args(cfg, output_dir: str, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of a TRL `*Config` (TrainingArguments) from a trainer config: sizes,
+    schedule, precision, seeds, no checkpoints, no evaluation, no reporting, log every step.
+    `extra` adds the trainer's own (beta, center_rewards_coefficient, ...)."""
+    import torch
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_length=cfg.max_length, bf16=use_bf16(cfg.bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        **extra)
+
+
+def plain_weights(model, lora: bool):
+    """The trained model as full float32 weights on the CPU in eval mode (LoRA deltas merged)."""
+    if lora:
+        model = model.merge_and_unload()  # LoRA deltas folded into the full weights
+    return model.to("cpu").float().eval()
