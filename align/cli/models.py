@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any
 
-DATA_DIR_ENV = "PREFLOOP_DATA_DIR"
+from prefloop.server.registry import DATA_DIR_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
