@@ -2,6 +2,7 @@
 function) of every module goes only where its layer may go.
 
     cli → api → serving → engine → model → errors;  feedback, registry → durable_io, errors;
+    ab (A/B state + decision rule) → registry;
     studies → engine, model, serving (its tokenizer);  clients → proto;  align → server.model / registry / feedback.
 
 Never model → engine, engine → serving/api/feedback, server → align.
@@ -21,18 +22,20 @@ ALLOWED: dict[str, set[str]] = {
     "server.errors": set(),
     "server.durable_io": {"server.errors"},
     "server.registry": {"server.errors", "server.durable_io"},
+    "server.ab": {"server.errors", "server.durable_io", "server.registry"},
     "server.feedback": {"server.errors", "server.durable_io"},
     "server.model": {"server.errors"},
     "server.engine": {"server.errors", "server.model"},
-    "server.serving": {"server.errors", "server.model", "server.engine", "server.registry"},
+    "server.serving": {"server.errors", "server.model", "server.engine", "server.registry", "server.ab"},
     "server.api": {"server.errors", "server.durable_io", "server.model", "server.engine", "server.serving",
-                   "server.feedback", "server.registry", "proto"},
+                   "server.feedback", "server.registry", "server.ab", "proto"},
     "server.cli": {"server.errors", "server.durable_io", "server.model", "server.engine", "server.serving",
-                   "server.feedback", "server.registry", "server.api", "server.studies", "proto"},
+                   "server.feedback", "server.registry", "server.ab", "server.api", "server.studies", "proto"},
     "server.studies": {"server.errors", "server.model", "server.engine", "server.serving"},
-    "align": {"server.errors", "server.durable_io", "server.model", "server.registry", "server.feedback"},
+    "align": {"server.errors", "server.durable_io", "server.model", "server.registry", "server.feedback",
+              "server.ab"},
     "align.cli": {"align", "server.errors", "server.durable_io", "server.model", "server.registry",
-                  "server.feedback", "clients"},
+                  "server.feedback", "server.ab", "clients"},
     "clients": {"proto"},
 }
 

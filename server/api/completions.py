@@ -6,6 +6,10 @@ access-log line (logger `prefloop.server.access`), the metrics, and the `Generat
 every finished completion handed to the recorder (the generation log). The gRPC servicer and the
 HTTP routes only convert their wire format to `RequestMeta` + sampling fields and back.
 
+While an A/B test runs, `route` picks the Generator of the version that serves the request
+(`ABRouter`: sticky by user or session), and a compare request runs once on each version, in
+random order, blind to the user; every completion names the version that produced it.
+
 When the consumer stops iterating (client gone, cancelled, deadline), the request is aborted in
 the engine (its KV blocks return) and its partial completions are recorded as "abort".
 """
@@ -107,6 +111,7 @@ class RequestMeta:
 class CompletionState:
     response_id: str
     index: int
+    model_version: str = ""
     parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -131,6 +136,7 @@ class Call:
     model_version: str = ""
     backend: str = ""
     completions: list[CompletionState] = field(default_factory=list)
+    generators: list = field(default_factory=list)  # what serves it: one, or two for compare
 
     def ms_since_start(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.started) * 1000.0, 2)
@@ -159,8 +165,9 @@ class CompletionRunner:
 
     def __init__(self, generator: Generator, limits: Limits, admission: Admission,
                  recorder: Recorder | None = None, defaults: SamplingDefaults | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, router=None) -> None:
         self.generator = generator
+        self.router = router  # ABRouter while the server can run A/B tests
         self.limits = limits
         self.admission = admission
         self.recorder = recorder
@@ -194,13 +201,29 @@ class CompletionRunner:
             if self.metrics is not None:
                 self.metrics.observe_call(call)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def route(self, call: Call, *, compare: bool = False) -> None:
+        """Choose the Generator(s) serving this request (once its user / session are known)."""
+        pair = self.router.pair() if compare and self.router is not None else None
+        if pair is not None:
+            call.generators = pair
+        elif self.router is not None:
+            call.generators = [self.router.pick(call.meta.user_id, call.meta.session_id)]
+        else:
+            call.generators = [self.generator]
+        call.model_version = call.generators[0].info.model_version
+
+    def _front(self, call: Call) -> Generator:
+        if not call.generators:
+            self.route(call)
+        return call.generators[0]
+
+    def prompt_ids(self, call: Call, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgument("prompt must be a non-empty string")
-        return self.generator.prompt_ids(prompt)
+        return self._front(call).prompt_ids(prompt)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self.generator.chat_ids(messages)
+    def chat_ids(self, call: Call, messages: list[dict]) -> list[int]:
+        return self._front(call).chat_ids(messages)
 
     def params(self, call: Call, prompt_ids: list[int], *, max_tokens: int | None,
                stop: tuple[str, ...] = (), **sampling: Any) -> SamplingParams:
@@ -213,7 +236,7 @@ class CompletionRunner:
         assert not unknown, f"not sampling fields: {unknown}"
         max_tokens = self.limits.check_request(
             prompt_tokens=len(prompt_ids), max_tokens=max_tokens, n=sampling.get("n"),
-            context_length=self.generator.info.context_length)
+            context_length=self._front(call).info.context_length)
         kwargs = {k: v for k, v in sampling.items() if v is not None}
         for name, value in self.defaults.as_dict().items():
             kwargs.setdefault(name, value)
@@ -224,15 +247,23 @@ class CompletionRunner:
                   ) -> AsyncIterator[tuple[CompletionState, CompletionDelta]]:
         """Run the request in the engine; yields (completion state, delta) for each delta with
         new text or an end. Completion states accumulate the text for unary responses."""
-        call.completions = [CompletionState(new_response_id(), i) for i in range(params.n)]
+        generators = call.generators or [self._front(call)]
+        compare = len(generators) > 1
+        if compare and params.n != 1:
+            raise InvalidArgument("a compare request gets one answer per version; leave n unset")
+        call.completions = [CompletionState(new_response_id(), i, g.info.model_version)
+                            for i, g in enumerate(generators if compare else generators * params.n)]
         async with self.admission.slot():
-            stream = self.generator.stream(call.request_id, prompt_ids, params)
+            source = (self._merged(call, generators, prompt_ids, params) if compare
+                      else self._single(call, generators[0], prompt_ids, params))
             done = False
             try:
-                async for delta in stream:
+                async for slot, delta in source:
+                    state = call.completions[slot]
                     if delta.model_version:  # the weights that really serve it (hot-swap safe)
-                        call.model_version = delta.model_version
-                    state = call.completions[delta.index]
+                        state.model_version = delta.model_version
+                        if not compare:
+                            call.model_version = delta.model_version
                     now = time.perf_counter()
                     if delta.text_delta:
                         state.parts.append(delta.text_delta)
@@ -251,13 +282,50 @@ class CompletionRunner:
                 done = True
             finally:
                 if not done:
-                    await self._abort(call, stream, params, prompt, messages)
+                    await self._abort(call, source, generators, params, prompt, messages)
 
-    async def _abort(self, call: Call, stream, params, prompt, messages) -> None:
+    async def _single(self, call: Call, generator: Generator, prompt_ids, params):
+        async for delta in generator.stream(call.request_id, prompt_ids, params):
+            yield delta.index, delta
+
+    async def _merged(self, call: Call, generators: list[Generator], prompt_ids, params):
+        """One answer from each generator (a compare request), interleaved as they decode."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(slot: int, generator: Generator) -> None:
+            try:
+                async for delta in generator.stream(f"{call.request_id}-{slot}", prompt_ids, params):
+                    await queue.put((slot, delta))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put((slot, exc))
+            finally:
+                await queue.put((slot, None))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generators)]
+        try:
+            ended = 0
+            while ended < len(tasks):
+                slot, item = await queue.get()
+                if item is None:
+                    ended += 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield slot, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _abort(self, call: Call, source, generators, params, prompt, messages) -> None:
         """Stop an unfinished request in the engine and record its partial completions."""
         try:
-            await stream.aclose()  # the generator aborts the request in the engine
-            await self.generator.abort(call.request_id)  # and make sure of it
+            await source.aclose()  # the generators abort the request in the engine
+            if len(generators) == 1:
+                await generators[0].abort(call.request_id)  # and make sure of it
+            else:
+                for i, generator in enumerate(generators):
+                    await generator.abort(f"{call.request_id}-{i}")
         except Exception:  # noqa: BLE001 - cleanup must not hide the original failure
             log.warning("abort of request %s failed", call.request_id, exc_info=True)
         for state in call.completions:
@@ -275,7 +343,8 @@ class CompletionRunner:
         record = GenerationRecord(
             response_id=state.response_id, request_id=call.request_id, created_at=call.created_at,
             session_id=call.meta.session_id, user_id=call.meta.user_id,
-            model_version=call.model_version, backend=call.backend, prompt=prompt,
+            model_version=state.model_version or call.model_version, backend=call.backend,
+            prompt=prompt,
             messages=messages, completion=state.text, finish_reason=state.finish_reason or "",
             prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
             sampling=sampling_as_dict(params), latency_ms=call.ms_since_start(state.finished_at),

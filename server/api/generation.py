@@ -75,8 +75,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
              messages: list[dict] | None = None):
         call.meta = RequestMeta(api="grpc", method=call.meta.method, session_id=request.session_id,
                                 user_id=request.user_id)
-        prompt_ids = (self.runner.prompt_ids(prompt) if messages is None
-                      else self.runner.chat_ids(messages))
+        self.runner.route(call)
+        prompt_ids = (self.runner.prompt_ids(call, prompt) if messages is None
+                      else self.runner.chat_ids(call, messages))
         params = self.runner.params(call, prompt_ids, **sampling_fields(request.sampling))
         return self.runner.run(call, prompt_ids, params, prompt=prompt, messages=messages)
 

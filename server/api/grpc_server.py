@@ -82,15 +82,17 @@ class ServiceRegistration:
 class PrefloopServer:
     def __init__(self, generator, config: ServerConfig, *, recorder: Recorder | None = None,
                  services: Sequence[ServiceRegistration] = (), switcher=None,
-                 feedback_store=None, metrics: Metrics | None = None) -> None:
+                 feedback_store=None, metrics: Metrics | None = None, router=None,
+                 ab=None) -> None:
         self.generator = generator
         self.config = config
         self.metrics = metrics or Metrics()
         self.admission = Admission(config.limits.max_concurrent, config.limits.max_queued)
         self.runner = CompletionRunner(generator, config.limits, self.admission, recorder,
-                                       config.defaults, self.metrics)
+                                       config.defaults, self.metrics, router)
+        self.ab = ab  # ABController, when the server runs A/B tests
         self.generation = GenerationService(self.runner)
-        self.models = ModelsService(generator, self.admission, switcher)
+        self.models = ModelsService(generator, self.admission, switcher, ab)
         self.extra_services = list(services)
         self.health = health.aio.HealthServicer()
         self.switcher = switcher
@@ -164,7 +166,7 @@ class PrefloopServer:
         app = build_http_app(self.runner, auth=self.config.auth, metrics=self.metrics,
                              max_body_bytes=self.config.limits.max_message_bytes,
                              store=self.feedback_store, switcher=self.switcher,
-                             data_dir=self.config.data_dir, state=self.http_state)
+                             data_dir=self.config.data_dir, state=self.http_state, ab=self.ab)
         self.http = HttpServer(app, sock, tls_cert=self.config.tls_cert, tls_key=self.config.tls_key)
         await self.http.start()
 

@@ -114,7 +114,7 @@ class CountRequests:
 
 def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metrics,
                    max_body_bytes: int, store=None, switcher=None, data_dir: Path | None = None,
-                   state: dict | None = None) -> FastAPI:
+                   state: dict | None = None, ab=None) -> FastAPI:
     """The ASGI app. `state["draining"]` (set at shutdown) turns /health to 503."""
     app = FastAPI(title="prefloop", docs_url="/docs", redoc_url=None)
     state = state if state is not None else {}
@@ -170,8 +170,6 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
         model = check_model(req.model)
         meta = RequestMeta(api="http", method=route, session_id=req.session_id,
                            user_id=req.user_id)
-        if req.compare:
-            req.sampling["n"] = 2
         if req.stream:
             return StreamingResponse(stream_events(request, req, meta, model, chat),
                                      media_type="text/event-stream",
@@ -189,8 +187,11 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
                          call.prompt_tokens)
 
     def prepare(call: Call, req: oa.ParsedRequest):
-        prompt_ids = (runner.chat_ids(req.messages) if req.messages is not None
-                      else runner.prompt_ids(req.prompt))
+        runner.route(call, compare=req.compare)
+        if req.compare and len(call.generators) == 1:  # no A/B test: two samples of one version
+            req.sampling["n"] = 2
+        prompt_ids = (runner.chat_ids(call, req.messages) if req.messages is not None
+                      else runner.prompt_ids(call, req.prompt))
         params = runner.params(call, prompt_ids, max_tokens=req.max_tokens, stop=req.stop,
                                **req.sampling)
         return runner.run(call, prompt_ids, params, prompt=req.prompt, messages=req.messages)
@@ -209,7 +210,7 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
 
     def choices_of(call: Call) -> list[dict]:
         return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                 "response_id": c.response_id, "model_version": call.model_version,
+                 "response_id": c.response_id, "model_version": c.model_version or call.model_version,
                  "completion_tokens": c.completion_tokens} for c in call.completions]
 
     async def stream_events(request: Request, req: oa.ParsedRequest, meta: RequestMeta,
@@ -226,11 +227,11 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
                             if state.index not in started:
                                 body = {"role": "assistant", **body}
                                 started.add(state.index)
-                            chunk = oa.chat_chunk(call.request_id, model, call.model_version,
+                            chunk = oa.chat_chunk(call.request_id, model, state.model_version,
                                                   state.index, state.response_id, body,
                                                   delta.finish_reason, created)
                         else:
-                            chunk = oa.completion_chunk(call.request_id, model, call.model_version,
+                            chunk = oa.completion_chunk(call.request_id, model, state.model_version,
                                                         state.index, state.response_id,
                                                         delta.text_delta, delta.finish_reason,
                                                         created)
@@ -381,10 +382,44 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
             reason=str(body.get("reason") or "") if isinstance(body, dict) else "", actor="http")
         return {"previous_version": previous, "current_version": current}
 
+    def ab_controller():
+        if ab is None:
+            raise FailedPrecondition("this server runs no A/B tests (it has no model registry)")
+        return ab
+
     @app.get("/v1/admin/ab")
     async def ab_status(request: Request):
         require(request, Role.ADMIN)
-        return {"running": False}
+        return await ab_controller().status()
+
+    @app.post("/v1/admin/ab/start")
+    async def ab_start(request: Request):
+        require(request, Role.ADMIN)
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("candidate"), str):
+            raise InvalidArgument('send {"candidate": "vNNNN"} and optionally traffic, sticky, '
+                                  "min_votes, confidence, max_duration, force")
+        allowed = {"candidate", "traffic", "sticky", "min_votes", "confidence", "max_duration", "force"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise InvalidArgument(f"unknown field(s): {', '.join(unknown)}")
+        for name, kind in (("traffic", (int, float)), ("confidence", (int, float)),
+                           ("min_votes", int)):
+            if name in body and (isinstance(body[name], bool) or not isinstance(body[name], kind)):
+                raise InvalidArgument(f"{name} must be a number")
+        return await ab_controller().start_test(
+            body["candidate"], traffic=body.get("traffic"), sticky=str(body.get("sticky") or ""),
+            min_votes=body.get("min_votes"), confidence=body.get("confidence"),
+            max_duration=str(body.get("max_duration") or ""), force=bool(body.get("force")))
+
+    @app.post("/v1/admin/ab/stop")
+    async def ab_stop(request: Request):
+        require(request, Role.ADMIN)
+        body = await json_body(request) or {}
+        if not isinstance(body, dict):
+            raise InvalidArgument('send {"outcome": "promote" | "reject" | ""}')
+        return await ab_controller().stop_test(str(body.get("outcome") or ""),
+                                               str(body.get("reason") or ""))
 
     @app.get("/v1/admin/feedback/daily")
     async def feedback_daily(request: Request):

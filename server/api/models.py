@@ -2,9 +2,11 @@
 
 Thin: reads `generator.info` / `generator.stats()` and the admission counters, and converts them
 to proto; the registry RPCs (ListVersions / Promote / Rollback) delegate to the `ModelSwitcher`
-(server/serving/hot_swap.py). Every Models RPC other than GetModelInfo is admin-only (`server/api/auth.py`).
+(server/serving/hot_swap.py), the A/B RPCs to the `ABController` (server/api/ab_controller.py). Every Models RPC other than GetModelInfo is admin-only (`server/api/auth.py`).
 """
 from __future__ import annotations
+
+import json
 
 from prefloop.proto.prefloop.v1 import models_pb2, models_pb2_grpc
 from prefloop.server.api.limits import Admission
@@ -16,10 +18,11 @@ _TYPED_STATS = ("running", "waiting", "free_blocks", "total_blocks", "prefix_cac
 
 
 class ModelsService(models_pb2_grpc.ModelsServicer):
-    def __init__(self, generator, admission: Admission, switcher=None) -> None:
+    def __init__(self, generator, admission: Admission, switcher=None, ab=None) -> None:
         self.generator = generator
         self.admission = admission
         self.switcher = switcher  # ModelSwitcher, or None when the server has no registry
+        self.ab = ab  # ABController, or None when the server runs no A/B tests
 
     def _registry(self):
         if self.switcher is None:
@@ -61,3 +64,38 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
     async def Rollback(self, request, context):
         previous, current = await self._registry().rollback(reason=request.reason, actor="grpc")
         return models_pb2.SwitchResponse(previous_version=previous, current_version=current)
+
+    def _ab(self):
+        if self.ab is None:
+            raise FailedPrecondition("this server runs no A/B tests (it has no model registry)")
+        return self.ab
+
+    @map_errors
+    async def StartAB(self, request, context):
+        return ab_status_proto(await self._ab().start_test(
+            request.candidate,
+            traffic=request.traffic if request.HasField("traffic") else None,
+            sticky=request.sticky,
+            min_votes=request.min_votes if request.HasField("min_votes") else None,
+            confidence=request.confidence if request.HasField("confidence") else None,
+            max_duration=request.max_duration, force=request.force))
+
+    @map_errors
+    async def GetABStatus(self, request, context):
+        return ab_status_proto(await self._ab().status())
+
+    @map_errors
+    async def StopAB(self, request, context):
+        return ab_status_proto(await self._ab().stop_test(request.outcome, request.reason))
+
+
+def ab_status_proto(status: dict) -> models_pb2.ABStatus:
+    interval = status.get("interval") or [0.0, 0.0]
+    return models_pb2.ABStatus(
+        running=bool(status.get("running")), candidate=status.get("candidate", ""),
+        control=status.get("control", ""), status=status.get("status", ""),
+        wins=int(status.get("wins", 0)), losses=int(status.get("losses", 0)),
+        interval_low=float(interval[0]), interval_high=float(interval[1]),
+        decision=status.get("decision", ""),
+        reason=status.get("decision_reason") or status.get("reason", ""),
+        status_json=json.dumps(status, sort_keys=True, default=str))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefloop.server import errors
+from prefloop.server.api.ab_controller import ABController
 from prefloop.server.api.auth import AuthConfig
 from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
@@ -24,6 +25,7 @@ from prefloop.server.api.limits import Limits
 from prefloop.server.api.metrics import Metrics
 from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.registry import DATA_DIR_ENV, Registry
+from prefloop.server.serving.ab_router import ABRouter
 from prefloop.server.serving.hot_swap import ModelSwitcher
 
 log = logging.getLogger("prefloop.server.serve")
@@ -162,17 +164,21 @@ def run(args: argparse.Namespace) -> int:
         getattr(generator.info, "sampling_defaults", None), temperature=args.default_temperature,
         top_p=args.default_top_p)
     switcher = ModelSwitcher(generator, registry, poll_interval_s=args.registry_poll)
-    return asyncio.run(_serve(generator, config, args, switcher))
+    return asyncio.run(_serve(generator, config, args, switcher, registry))
 
 
 async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
-                 switcher: ModelSwitcher) -> int:
+                 switcher: ModelSwitcher, registry: Registry) -> int:
     await generator.start()
+    router = ABRouter(generator, registry.version_dir)
+    ab = ABController(registry, router, config.data_dir, poll_s=args.registry_poll or 2.0,
+                      switcher=switcher)
     metrics = Metrics()
     extensions = build_extensions(args, config.data_dir, metrics)
     server = PrefloopServer(generator, config, recorder=extensions.recorder,
                             services=extensions.services, switcher=switcher,
-                            feedback_store=extensions.recorder, metrics=metrics)
+                            feedback_store=extensions.recorder, metrics=metrics, router=router,
+                            ab=ab)
     try:
         try:
             port = await server.start()
@@ -190,8 +196,13 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
             scheme = "https" if config.tls_cert else "http"
             ready += f"; HTTP on {scheme}://{config.host}:{server.http_port} (chat page at /)"
         await switcher.start()
+        try:
+            await ab.start()  # resumes a running A/B test (loads its candidate)
+        except Exception as exc:  # noqa: BLE001 - serve the current version anyway
+            log.error("cannot resume the A/B test: %s", exc)
         await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
     finally:
+        await ab.close()
         await switcher.close()
         await server.shutdown(grace=0)  # no-op after a graceful shutdown
         await generator.close()

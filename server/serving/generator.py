@@ -90,6 +90,11 @@ class Generator:
         return self._current.engine.healthy
 
     @property
+    def active_requests(self) -> int:
+        """Requests streaming on this generator (any of its versions)."""
+        return len(self._by_request)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return self._current.tokenizer
 

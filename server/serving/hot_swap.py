@@ -99,19 +99,24 @@ class ModelSwitcher:
                         "gate_json": json.dumps(m.gate) if m.gate else ""})
         return out
 
+    async def follow_now(self) -> None:
+        """Serve the registry's current version if it moved (e.g. an A/B test promoted)."""
+        target = self.registry.current()
+        if not target or target == self.serving or target == self._refused:
+            return
+        async with self._lock:
+            if self.registry.current() != target or target == self.serving:
+                return
+            log.info("registry pointer moved to %s: switching", target)
+            await self._switch_to(target)
+
     async def _follow_pointer(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             target = None
             try:
                 target = self.registry.current()
-                if not target or target == self.serving or target == self._refused:
-                    continue
-                async with self._lock:
-                    if self.registry.current() != target or target == self.serving:
-                        continue
-                    log.info("registry pointer moved to %s: switching", target)
-                    await self._switch_to(target)
+                await self.follow_now()
             except asyncio.CancelledError:
                 raise
             except PrefloopError as exc:

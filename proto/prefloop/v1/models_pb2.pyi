@@ -55,6 +55,62 @@ class EngineStats(_message.Message):
     extra: _containers.ScalarMap[str, float]
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class StartABRequest(_message.Message):
+    __slots__ = ("candidate", "traffic", "sticky", "min_votes", "confidence", "max_duration", "force")
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    MIN_VOTES_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    candidate: str
+    traffic: float
+    sticky: str
+    min_votes: int
+    confidence: float
+    max_duration: str
+    force: bool
+    def __init__(self, candidate: _Optional[str] = ..., traffic: _Optional[float] = ..., sticky: _Optional[str] = ..., min_votes: _Optional[int] = ..., confidence: _Optional[float] = ..., max_duration: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class GetABStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopABRequest(_message.Message):
+    __slots__ = ("outcome", "reason")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    outcome: str
+    reason: str
+    def __init__(self, outcome: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ABStatus(_message.Message):
+    __slots__ = ("running", "candidate", "control", "status", "wins", "losses", "interval_low", "interval_high", "decision", "reason", "status_json")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    WINS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_LOW_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_HIGH_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    candidate: str
+    control: str
+    status: str
+    wins: int
+    losses: int
+    interval_low: float
+    interval_high: float
+    decision: str
+    reason: str
+    status_json: str
+    def __init__(self, running: _Optional[bool] = ..., candidate: _Optional[str] = ..., control: _Optional[str] = ..., status: _Optional[str] = ..., wins: _Optional[int] = ..., losses: _Optional[int] = ..., interval_low: _Optional[float] = ..., interval_high: _Optional[float] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status_json: _Optional[str] = ...) -> None: ...
+
 class ListVersionsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -60,6 +60,21 @@ class ModelsStub:
                 request_serializer=prefloop_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
                 _registered_method=True)
+        self.StartAB = channel.unary_unary(
+                '/prefloop.v1.Models/StartAB',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.StartABRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
+                _registered_method=True)
+        self.GetABStatus = channel.unary_unary(
+                '/prefloop.v1.Models/GetABStatus',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.GetABStatusRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
+                _registered_method=True)
+        self.StopAB = channel.unary_unary(
+                '/prefloop.v1.Models/StopAB',
+                request_serializer=prefloop_dot_v1_dot_models__pb2.StopABRequest.SerializeToString,
+                response_deserializer=prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -106,6 +121,32 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartAB(self, request, context):
+        """Start an online A/B test of a candidate version against the current one: the server loads it
+        beside the current version and serves it to a share of users; live head-to-head votes decide
+        (docs/ab.md). FAILED_PRECONDITION if a test runs, the candidate did not pass the offline gate
+        (unless force), or the backend holds one version only (vLLM). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetABStatus(self, request, context):
+        """The running (or last) A/B test: votes, win rate with its always-valid interval, decision.
+        Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopAB(self, request, context):
+        """End the running A/B test now: promote the candidate, reject it, or stop (keep the current
+        version). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +174,21 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=prefloop_dot_v1_dot_models__pb2.RollbackRequest.FromString,
                     response_serializer=prefloop_dot_v1_dot_models__pb2.SwitchResponse.SerializeToString,
+            ),
+            'StartAB': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAB,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.StartABRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.ABStatus.SerializeToString,
+            ),
+            'GetABStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetABStatus,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.GetABStatusRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.ABStatus.SerializeToString,
+            ),
+            'StopAB': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopAB,
+                    request_deserializer=prefloop_dot_v1_dot_models__pb2.StopABRequest.FromString,
+                    response_serializer=prefloop_dot_v1_dot_models__pb2.ABStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +327,87 @@ class Models:
             '/prefloop.v1.Models/Rollback',
             prefloop_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
             prefloop_dot_v1_dot_models__pb2.SwitchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAB(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/StartAB',
+            prefloop_dot_v1_dot_models__pb2.StartABRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetABStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/GetABStatus',
+            prefloop_dot_v1_dot_models__pb2.GetABStatusRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopAB(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefloop.v1.Models/StopAB',
+            prefloop_dot_v1_dot_models__pb2.StopABRequest.SerializeToString,
+            prefloop_dot_v1_dot_models__pb2.ABStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,200 @@
+"""ABController: runs the registry's A/B test on this server — follows its state, counts the live
+votes, applies the decision rule, and concludes the test.
+
+Every `poll_s` it reads `<registry>/AB.json` (so a test started by the CLI, another server or an
+align job is picked up, and survives restarts), lets the `ABRouter` load or retire the candidate,
+and tallies the evidence from the feedback log since the test started: head-to-head preferences
+between an answer of each version (a win when the candidate's answer was chosen), and thumbs /
+stars per version. `server/ab/decision.py` decides; a promotion moves CURRENT (the switcher then
+serves the candidate on the main engine), a rejection leaves it; both are registry history lines
+naming the evidence. Counting reads the log (Parquet + WAL) again at each look: fine for the
+thousands of votes an A/B test needs, not meant for millions.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from prefloop.server.ab import decision
+from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.state import ABState
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from prefloop.server.registry import Registry
+from prefloop.server.serving.ab_router import ABRouter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Tally:
+    wins: int = 0  # head-to-head: candidate's answer chosen
+    losses: int = 0  # control's answer chosen
+    thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
+    stars: dict = field(default_factory=dict)  # version -> [sum, count]
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["thumbs_up_rate"] = {v: (t["up"] / (t["up"] + t["down"]) if t["up"] + t["down"] else None)
+                                 for v, t in self.thumbs.items()}
+        return out
+
+
+def tally(data_dir: Path, state: ABState) -> Tally:
+    """The evidence for `state`'s test in the feedback log (rows since it started)."""
+    from prefloop.server.feedback import export
+
+    started = datetime.fromisoformat(state.started_at.replace("Z", "+00:00"))
+    table = export.load_table(data_dir, "feedback", since=started.strftime("%Y-%m-%d"),
+                              columns=["created_at", "kind", "model_versions", "score", "scale"])
+    out = Tally()
+    pair = {state.candidate, state.control}
+    for row in table.to_pylist():
+        created = row["created_at"]
+        if created is not None and created < started:
+            continue
+        versions = row["model_versions"] or []
+        if row["kind"] == "preference" and len(versions) == 2 and set(versions) == pair:
+            if versions[0] == state.candidate:
+                out.wins += 1
+            else:
+                out.losses += 1
+        elif row["kind"] == "rating" and len(versions) == 1 and versions[0] in pair:
+            version = versions[0]
+            if row["scale"] == "thumbs":
+                counts = out.thumbs.setdefault(version, {"up": 0, "down": 0})
+                counts["up" if row["score"] > 0 else "down"] += 1
+            else:
+                stars = out.stars.setdefault(version, [0, 0])
+                stars[0] += row["score"]
+                stars[1] += 1
+    return out
+
+
+def status(registry: Registry, data_dir: Path) -> dict:
+    """What `ab status` shows: the state, the evidence, and the decision the rule takes now."""
+    state = ab_state.read_state(registry)
+    if state is None:
+        return {"running": False}
+    out = {"running": state.running, **state.as_dict()}
+    if state.running:
+        counts = tally(data_dir, state)
+        verdict = decision.decide(counts.wins, counts.losses, confidence=state.confidence,
+                                  min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
+                                  max_duration_s=state.max_duration_s)
+        out.update(evidence=counts.as_dict(), win_rate=verdict.win_rate,
+                   interval=[verdict.low, verdict.high], decision=verdict.outcome,
+                   decision_reason=verdict.reason, wins=counts.wins, losses=counts.losses)
+    return out
+
+
+class ABController:
+    def __init__(self, registry: Registry, router: ABRouter, data_dir: Path,
+                 poll_s: float = 2.0, switcher=None) -> None:
+        self.registry = registry
+        self.switcher = switcher  # ModelSwitcher: serves the promoted candidate on the main engine
+        self.router = router
+        self.data_dir = Path(data_dir)
+        self.poll_s = poll_s
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.check()
+        if self.poll_s > 0:
+            self._task = asyncio.create_task(self._loop(), name="ab-controller")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.router.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.check()
+            except Exception:  # noqa: BLE001 - one bad look must not stop the test
+                log.exception("A/B check failed")
+
+    async def check(self) -> ab_state.ABState | None:
+        """One look: follow the state, decide on the votes so far, conclude if decided."""
+        state = await asyncio.to_thread(ab_state.read_state, self.registry)
+        if state is not None and state.running:
+            counts = await asyncio.to_thread(tally, self.data_dir, state)
+            verdict = decision.decide(counts.wins, counts.losses, confidence=state.confidence,
+                                      min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
+                                      max_duration_s=state.max_duration_s)
+            if verdict.outcome == decision.RUNNING:
+                await asyncio.to_thread(ab_state.record_tally, self.registry, counts.wins,
+                                        counts.losses)
+            else:
+                outcome = ab_state.PROMOTED if verdict.outcome == decision.PROMOTE else ab_state.REJECTED
+                try:
+                    state = await asyncio.to_thread(
+                        ab_state.conclude, self.registry, outcome, verdict.reason,
+                        wins=counts.wins, losses=counts.losses)
+                    log.info("A/B test concluded: %s %s (%s)", state.candidate, outcome,
+                             verdict.reason)
+                    if outcome == ab_state.PROMOTED and self.switcher is not None:
+                        await self.switcher.follow_now()  # before the candidate's engine goes
+                except Exception as exc:  # noqa: BLE001 - e.g. another server concluded it first
+                    log.info("A/B conclusion by this server skipped: %s", exc)
+                    state = await asyncio.to_thread(ab_state.read_state, self.registry)
+        await self.router.sync(state)
+        return state
+
+    # ---- admin operations (Models RPCs, HTTP admin routes) -------------------------------------
+
+    async def start_test(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
+                         min_votes: int | None = None, confidence: float | None = None,
+                         max_duration: str = "", force: bool = False) -> dict:
+        if self.router.control.info.backend == "vllm":
+            raise FailedPrecondition("the vllm backend holds one model version at a time; an A/B "
+                                     "test needs two engines (serve with --backend native)")
+        settings: dict = {}
+        if traffic is not None:
+            settings["traffic"] = traffic
+        if sticky:
+            settings["sticky"] = sticky
+        if min_votes is not None:
+            settings["min_votes"] = min_votes
+        if confidence is not None:
+            settings["confidence"] = confidence
+        if max_duration:
+            settings["max_duration_s"] = ab_state.parse_duration(max_duration)
+        await asyncio.to_thread(ab_state.start, self.registry, candidate, force=force, **settings)
+        try:
+            await self.check()  # loads the candidate beside the current version
+        except Exception as exc:
+            await asyncio.to_thread(ab_state.conclude, self.registry, ab_state.STOPPED,
+                                    f"the candidate could not be loaded: {exc}")
+            raise
+        return await self.status()
+
+    async def stop_test(self, outcome: str = "", reason: str = "") -> dict:
+        outcomes = {"": ab_state.STOPPED, "stop": ab_state.STOPPED, "promote": ab_state.PROMOTED,
+                    "reject": ab_state.REJECTED}
+        if outcome not in outcomes:
+            raise InvalidArgument(f"outcome must be promote, reject or empty (stop), got {outcome!r}")
+        state = await asyncio.to_thread(ab_state.running_state, self.registry)
+        if state is None:
+            raise NotFound("no A/B test is running")
+        counts = await asyncio.to_thread(tally, self.data_dir, state)
+        text = (reason or f"{outcomes[outcome]} by an admin") + f" ({counts.wins} wins, " \
+                                                               f"{counts.losses} losses)"
+        await asyncio.to_thread(ab_state.conclude, self.registry, outcomes[outcome], text,
+                                actor="admin", wins=counts.wins, losses=counts.losses)
+        if outcomes[outcome] == ab_state.PROMOTED and self.switcher is not None:
+            await self.switcher.follow_now()
+        await self.check()
+        return await self.status()
+
+    async def status(self) -> dict:
+        return await asyncio.to_thread(status, self.registry, self.data_dir)

@@ -1,0 +1,304 @@
+"""Online A/B tests: the always-valid decision rule (closed form, brute force, simulation of many
+sequential tests), sticky assignment, the durable state in the registry, and a whole test on an
+in-process server (fake engines, real registry, real feedback log): start through HTTP, blind
+compare answers from both versions, votes for the candidate, promotion by the rule."""
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+
+import httpx
+import pytest
+from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, FakeInfo
+from test_registry import fake_model
+
+from prefloop.server.ab import decision, state as ab_state
+from prefloop.server.api.ab_controller import ABController, tally
+from prefloop.server.api.auth import AuthConfig
+from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
+from prefloop.server.errors import FailedPrecondition, InvalidArgument
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+from prefloop.server.registry import Registry
+from prefloop.server.serving.ab_router import ABRouter, assignment_key, goes_to_candidate
+
+# ---- the decision rule ---------------------------------------------------------------------------
+
+
+def test_no_votes_give_the_whole_interval_and_keep_running():
+    assert decision.confidence_sequence(0, 0) == (0.0, 1.0)
+    d = decision.decide(0, 0)
+    assert d.outcome == decision.RUNNING and d.win_rate is None
+
+
+def test_interval_edges_are_where_the_mixture_ratio_crosses_one_over_alpha():
+    """Brute force over a fine grid (an independent check of the bisection)."""
+    alpha = 0.05
+    for wins, losses in ((12, 3), (30, 30), (5, 40), (100, 70)):
+        low, high = decision.confidence_sequence(wins, losses, 1 - alpha)
+        grid = [i / 20000 for i in range(1, 20000)]
+        inside = [p for p in grid
+                  if decision.log_mixture_ratio(wins, losses, p) < math.log(1 / alpha)]
+        assert abs(inside[0] - low) < 1e-4 and abs(inside[-1] - high) < 1e-4
+        assert low < wins / (wins + losses) < high
+
+
+def test_closed_form_all_wins():
+    """W wins, 0 losses, Beta(2,2) prior: M(p) = 6 / ((W+2)(W+3)) / p^W... solved for p."""
+    wins, alpha = 40, 0.05
+    log_b = math.lgamma(2 + wins) + math.lgamma(2) - math.lgamma(4 + wins) - (
+        math.lgamma(2) * 2 - math.lgamma(4))
+    expected_low = math.exp((log_b - math.log(1 / alpha)) / wins)  # p^W = B(..)/B(2,2) * alpha
+    low, high = decision.confidence_sequence(wins, 0, 1 - alpha)
+    assert abs(low - expected_low) < 1e-9 and high == 1.0
+    assert decision.decide(wins, 0, min_votes=20).outcome == decision.PROMOTE
+    assert decision.decide(wins, 0, min_votes=50).outcome == decision.RUNNING  # too few votes
+    assert decision.decide(0, wins).outcome == decision.REJECT
+
+
+def test_coin_flip_record_keeps_running_until_max_duration():
+    d = decision.decide(50, 50, elapsed_s=10, max_duration_s=100)
+    assert d.outcome == decision.RUNNING and d.low < 0.5 < d.high
+    late = decision.decide(50, 50, elapsed_s=101, max_duration_s=100)
+    assert late.outcome == decision.REJECT and "undecided" in late.reason
+
+
+def test_promotion_is_exactly_ratio_at_one_half_over_threshold():
+    """decide() promotes iff log M_n(1/2) >= log(1/alpha) with more wins (checked on a grid), so
+    the simulation below may use the cheap form."""
+    thr = math.log(1 / 0.05)
+    for wins in range(0, 61):
+        for losses in range(0, 61):
+            promote = decision.decide(wins, losses, min_votes=1).outcome == decision.PROMOTE
+            cheap = wins > losses and decision.log_mixture_ratio(wins, losses, 0.5) >= thr
+            assert promote == cheap, (wins, losses)
+
+
+def simulate(p: float, tests: int, max_votes: int, seed: int, min_votes: int = 20,
+             alpha: float = 0.05) -> tuple[int, int]:
+    """(promotions, rejections) over `tests` sequential tests looking after every vote."""
+    rng = random.Random(seed)
+    thr = math.log(1 / alpha)
+    promoted = rejected = 0
+    for _ in range(tests):
+        wins = losses = 0
+        for _ in range(max_votes):
+            if rng.random() < p:
+                wins += 1
+            else:
+                losses += 1
+            if decision.log_mixture_ratio(wins, losses, 0.5) >= thr:
+                if wins > losses and wins + losses >= min_votes:
+                    promoted += 1
+                    break
+                if losses > wins:
+                    rejected += 1
+                    break
+    return promoted, rejected
+
+
+def test_indifferent_voters_promote_at_most_alpha_of_the_time_despite_looking_after_every_vote():
+    promoted, _ = simulate(0.5, tests=2000, max_votes=400, seed=1)
+    assert promoted / 2000 <= 0.05, promoted
+    # a fixed-n 95% interval looked at after every vote would promote far more often
+    naive = 0
+    rng = random.Random(1)
+    for _ in range(2000):
+        wins = 0
+        for n in range(1, 401):
+            wins += rng.random() < 0.5
+            if n >= 20 and (wins / n - 0.5) / math.sqrt(0.25 / n) > 1.96:
+                naive += 1
+                break
+    assert naive / 2000 > 0.10, naive  # why the always-valid sequence is needed
+
+
+def test_clear_winner_promotes_and_clear_loser_is_rejected():
+    promoted, _ = simulate(0.75, tests=300, max_votes=400, seed=2)
+    assert promoted / 300 >= 0.95
+    _, rejected = simulate(0.25, tests=300, max_votes=400, seed=3)
+    assert rejected / 300 >= 0.95
+
+
+# ---- sticky assignment ---------------------------------------------------------------------------
+
+def test_sticky_assignment_is_stable_and_splits_by_traffic():
+    assert assignment_key("user", "alice", "s1") == "alice"
+    assert assignment_key("session", "alice", "s1") == "s1"
+    assert assignment_key("user", "", "s1") == "s1"
+    assert assignment_key("request", "alice", "s1") is None
+    picks = [goes_to_candidate(f"user-{i}", 0.2, "salt") for i in range(10000)]
+    assert abs(sum(picks) / 10000 - 0.2) < 0.02
+    assert picks == [goes_to_candidate(f"user-{i}", 0.2, "salt") for i in range(10000)]
+    assert picks != [goes_to_candidate(f"user-{i}", 0.2, "other") for i in range(10000)]
+
+
+# ---- durable state ---------------------------------------------------------------------------------
+
+def two_versions(tmp_path, gate_passed: bool | None = True) -> tuple[Registry, str]:
+    registry = Registry(tmp_path / "data")
+    registry.ensure_base(fake_model(tmp_path / "base"))
+    src = fake_model(tmp_path / "cand", b"weights-1")
+    with registry.stage() as stage:
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (stage.path / name).write_bytes((tmp_path / "cand" / name).read_bytes())
+        gate = None if gate_passed is None else {"passed": gate_passed, "reasons": ["test"]}
+        manifest = stage.publish(kind="policy", method="test", parent="v0000", gate=gate)
+    assert src
+    return registry, manifest.version
+
+
+def test_start_needs_a_gate_pass_unless_forced(tmp_path):
+    registry, v1 = two_versions(tmp_path, gate_passed=False)
+    with pytest.raises(FailedPrecondition, match="--force"):
+        ab_state.start(registry, v1)
+    state = ab_state.start(registry, v1, force=True, traffic=0.3)
+    assert (state.candidate, state.control, state.traffic) == (v1, "v0000", 0.3)
+    with pytest.raises(FailedPrecondition, match="running"):
+        ab_state.start(registry, v1, force=True)
+    with pytest.raises(InvalidArgument):
+        ab_state.ABState(candidate=v1, control="v0000", traffic=1.5)
+
+
+def test_state_survives_a_restart_and_conclusions_write_history(tmp_path):
+    registry, v1 = two_versions(tmp_path)
+    ab_state.start(registry, v1)
+    again = Registry(tmp_path / "data")  # a restarted server reads it back
+    assert ab_state.running_state(again).candidate == v1
+    ab_state.conclude(again, ab_state.REJECTED, "candidate worse: [0.1, 0.4]")
+    assert registry.current() == "v0000" and ab_state.running_state(registry) is None
+    assert registry.served_stack() == ["v0000"]  # the reject line does not touch rollbacks
+    ab_state.start(registry, v1)
+    ab_state.conclude(registry, ab_state.PROMOTED, "candidate preferred: [0.6, 0.9] over 40 votes",
+                      wins=30, losses=10)
+    assert registry.current() == v1
+    lines = [(e.action, e.version) for e in registry.history()]
+    assert lines[-2:] == [("ab-reject", "v0000"), ("promote", v1)]
+    assert "0.6, 0.9" in registry.history()[-1].reason
+    assert ab_state.read_state(registry).status == ab_state.PROMOTED
+
+
+def test_duration_parsing():
+    assert ab_state.parse_duration("7d") == 7 * 86400
+    assert ab_state.parse_duration("90m") == 5400
+    with pytest.raises(InvalidArgument):
+        ab_state.parse_duration("soon")
+
+
+# ---- a whole test on an in-process server -------------------------------------------------------------
+
+class VersionedFake(FakeGenerator):
+    """A fake generator per version; `load_beside` gives another one (an A/B candidate)."""
+
+    def __init__(self, version: str, word: str) -> None:
+        super().__init__(step_s=0.002)
+        self.info = FakeInfo(model_version=version)
+        self.word = word
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.running)
+
+    async def load_beside(self, model_dir, version: str):
+        return VersionedFake(version, "cand")
+
+    async def stream(self, request_id, prompt_ids, params):
+        async for delta in super().stream(request_id, prompt_ids, params):
+            delta.text_delta = f" {self.word}{delta.completion_tokens}"
+            delta.model_version = self.info.model_version
+            yield delta
+
+
+@pytest.fixture
+def ab_server(tmp_path):
+    registry, v1 = two_versions(tmp_path)
+    control = VersionedFake("v0000", "ctrl")
+    store = FeedbackStore(StoreConfig(data_dir=tmp_path / "data"))
+    router = ABRouter(control, registry.version_dir)
+    controller = ABController(registry, router, tmp_path / "data", poll_s=0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    cfg = ServerConfig(port=0, http_port=0, data_dir=tmp_path / "data",
+                       auth=AuthConfig(user_tokens=(USER_TOKEN,), admin_tokens=(ADMIN_TOKEN,)))
+
+    async def build():
+        server = PrefloopServer(control, cfg, recorder=store, feedback_store=store,
+                                router=router, ab=controller)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
+    url = f"http://127.0.0.1:{server.http_port}"
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    yield url, registry, v1, controller, call
+    call(server.shutdown(0))
+    call(controller.close())
+    store.close()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def post(url, path, body, token=USER_TOKEN):
+    return httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {token}"},
+                      timeout=30)
+
+
+def test_votes_for_the_candidate_promote_it(ab_server):
+    url, registry, v1, controller, call = ab_server
+    assert post(url, "/v1/admin/ab/start", {"candidate": v1}, USER_TOKEN).status_code == 403
+    started = post(url, "/v1/admin/ab/start", {"candidate": v1, "traffic": 0.5, "min_votes": 10},
+                   ADMIN_TOKEN)
+    assert started.status_code == 200, started.text
+    assert started.json()["running"] and started.json()["candidate"] == v1
+    # sticky: one user always sees one version, and both versions get users
+    seen = {}
+    for user in ("ann", "bob", "cid", "dan", "eve", "fay", "gus", "hal"):
+        versions = {post(url, "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                          "user": user}).json()["model_version"] for _ in range(3)}
+        assert len(versions) == 1
+        seen[user] = versions.pop()
+    assert set(seen.values()) == {"v0000", v1}
+    # blind compare: one answer from each version, votes for the candidate's
+    for i in range(30):
+        reply = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}],
+                                                   "max_tokens": 2, "compare": True}).json()
+        choices = reply["choices"]
+        assert {c["model_version"] for c in choices} == {"v0000", v1}
+        assert all(("cand" in c["message"]["content"]) == (c["model_version"] == v1) for c in choices)
+        chosen = next(c for c in choices if c["model_version"] == v1)
+        rejected = next(c for c in choices if c["model_version"] == "v0000")
+        vote = post(url, "/v1/feedback/preference", {"chosen_response_id": chosen["response_id"],
+                                                     "rejected_response_id": rejected["response_id"]})
+        assert vote.status_code == 200
+    status = httpx.get(url + "/v1/admin/ab", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert (status["wins"], status["losses"], status["decision"]) == (30, 0, "promote")
+    call(controller.check())  # one look of the controller
+    assert registry.current() == v1
+    assert ab_state.read_state(registry).status == ab_state.PROMOTED
+    assert "candidate preferred" in registry.history()[-1].reason
+    assert controller.router.candidate is None  # the losing engine is unloaded
+
+
+def test_indifferent_votes_do_not_promote_and_stop_keeps_current(ab_server):
+    url, registry, v1, controller, call = ab_server
+    assert post(url, "/v1/admin/ab/start", {"candidate": v1, "min_votes": 10}, ADMIN_TOKEN).status_code == 200
+    rng = random.Random(0)
+    for i in range(40):
+        choices = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}],
+                                                     "max_tokens": 2, "compare": True}).json()["choices"]
+        a, b = rng.sample(choices, 2)
+        post(url, "/v1/feedback/preference", {"chosen_response_id": a["response_id"],
+                                              "rejected_response_id": b["response_id"]})
+    state = call(controller.check())
+    assert state.running and registry.current() == "v0000"
+    counts = tally(controller.data_dir, state)
+    assert counts.wins + counts.losses == 40
+    stopped = post(url, "/v1/admin/ab/stop", {"outcome": "reject", "reason": "enough"}, ADMIN_TOKEN)
+    assert stopped.json()["status"] == ab_state.REJECTED and registry.current() == "v0000"
+    assert post(url, "/v1/admin/ab/stop", {}, ADMIN_TOKEN).status_code == 404  # none running
