@@ -227,6 +227,22 @@ def _rating_request(response_id: str, score: int, scale: str | None, comment: st
         session_id=session_id)
 
 
+def _ab_start_request(candidate, traffic, sticky, min_votes, confidence, max_duration, force):
+    request = models_pb2.StartABRequest(candidate=candidate, sticky=sticky,
+                                        max_duration=max_duration, force=force)
+    if traffic is not None:
+        request.traffic = traffic
+    if min_votes is not None:
+        request.min_votes = min_votes
+    if confidence is not None:
+        request.confidence = confidence
+    return request
+
+
+def _ab_status(msg: models_pb2.ABStatus) -> dict:
+    return json.loads(msg.status_json) if msg.status_json else {"running": msg.running}
+
+
 def _feedback_ack(msg: feedback_pb2.FeedbackAck) -> FeedbackAck:
     return FeedbackAck(msg.feedback_id, msg.duplicate)
 
@@ -346,6 +362,24 @@ class Client(_ClientBase):
         """Hot-swap back to the previously served version; returns (previous, current). Admin."""
         return _switch(self._unary(self._models.Rollback, models_pb2.RollbackRequest(reason=reason),
                                    timeout))
+
+    def ab_start(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
+                 min_votes: int | None = None, confidence: float | None = None,
+                 max_duration: str = "", force: bool = False,
+                 timeout: float | None = None) -> dict:
+        """Start an A/B test of `candidate` against the served version; its status. Admin."""
+        return _ab_status(self._unary(self._models.StartAB, _ab_start_request(
+            candidate, traffic, sticky, min_votes, confidence, max_duration, force), timeout))
+
+    def ab_status(self, *, timeout: float | None = None) -> dict:
+        """The running (or last) A/B test: votes, win rate, interval, decision. Admin."""
+        return _ab_status(self._unary(self._models.GetABStatus, models_pb2.GetABStatusRequest(),
+                                      timeout))
+
+    def ab_stop(self, outcome: str = "", *, reason: str = "", timeout: float | None = None) -> dict:
+        """End the A/B test: outcome "promote", "reject" or "" (keep the current version). Admin."""
+        return _ab_status(self._unary(self._models.StopAB, models_pb2.StopABRequest(
+            outcome=outcome, reason=reason), timeout))
 
     def submit_preference(self, *, chosen_response_id: str = "", rejected_response_id: str = "",
                           prompt_messages: Iterable[Message] | None = None,

@@ -5,8 +5,11 @@ compare answers from both versions, votes for the candidate, promotion by the ru
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -14,8 +17,10 @@ import pytest
 from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, FakeInfo
 from test_registry import fake_model
 
-from prefloop.server.ab import decision, state as ab_state
-from prefloop.server.api.ab_controller import ABController, tally
+from prefloop.server.ab import decision
+from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.evidence import tally
+from prefloop.server.api.ab_controller import ABController
 from prefloop.server.api.auth import AuthConfig
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
@@ -302,3 +307,44 @@ def test_indifferent_votes_do_not_promote_and_stop_keeps_current(ab_server):
     stopped = post(url, "/v1/admin/ab/stop", {"outcome": "reject", "reason": "enough"}, ADMIN_TOKEN)
     assert stopped.json()["status"] == ab_state.REJECTED and registry.current() == "v0000"
     assert post(url, "/v1/admin/ab/stop", {}, ADMIN_TOKEN).status_code == 404  # none running
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_starts_shows_and_stops_a_test_on_the_data_dir(tmp_path):
+    registry, v1 = two_versions(tmp_path, gate_passed=False)
+    data = str(tmp_path / "data")
+    refused = cli("ab", "start", v1, "--data-dir", data)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    started = cli("ab", "start", v1, "--data-dir", data, "--force", "--traffic", "0.5", "--json")
+    assert started.returncode == 0, started.stderr
+    status = json.loads(started.stdout)
+    assert (status["running"], status["candidate"], status["traffic"]) == (True, v1, 0.5)
+    text = cli("ab", "status", "--data-dir", data).stdout
+    assert "0 wins, 0 losses" in text and "decision now: running" in text
+    stopped = cli("ab", "stop", "--reject", "--data-dir", data, "--reason", "not better")
+    assert stopped.returncode == 0 and "rejected" in stopped.stdout
+    assert registry.current() == "v0000" and registry.history()[-1].action == "ab-reject"
+    promote = cli("promote", v1, "--data-dir", data)
+    assert promote.returncode == 1 and "pass --force" in promote.stderr
+
+
+def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
+    from prefloop.align.gate import GateDecision
+    from prefloop.align.jobs import runner
+
+    registry, v1 = two_versions(tmp_path, gate_passed=True)
+    result = runner.JobResult(job_id="job-1", status="running", version=v1)
+    runner.conclude(result, GateDecision(True, ["accuracy up"]), registry, "job-1", "dpo",
+                    promote=True, promote_via="ab")
+    assert result.status == runner.PUBLISHED and "A/B test started against v0000" in result.reason
+    assert registry.current() == "v0000"
+    state = ab_state.running_state(registry)
+    assert state.candidate == v1 and state.control == "v0000"
+    other = runner.JobResult(job_id="job-2", status="running", version=v1)
+    ab_state.conclude(registry, ab_state.STOPPED, "test over")
+    runner.conclude(other, GateDecision(True, ["ok"]), registry, "job-2", "dpo", promote=True)
+    assert other.status == runner.PROMOTED and registry.current() == v1  # via the gate: at once

@@ -2,7 +2,7 @@
 function) of every module goes only where its layer may go.
 
     cli → api → serving → engine → model → errors;  feedback, registry → durable_io, errors;
-    ab (A/B state + decision rule) → registry;
+    ab (A/B state, decision rule, evidence) → registry, feedback;
     studies → engine, model, serving (its tokenizer);  clients → proto;  align → server.model / registry / feedback.
 
 Never model → engine, engine → serving/api/feedback, server → align.
@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "server.errors": set(),
     "server.durable_io": {"server.errors"},
     "server.registry": {"server.errors", "server.durable_io"},
-    "server.ab": {"server.errors", "server.durable_io", "server.registry"},
+    "server.ab": {"server.errors", "server.durable_io", "server.registry", "server.feedback"},
     "server.feedback": {"server.errors", "server.durable_io"},
     "server.model": {"server.errors"},
     "server.engine": {"server.errors", "server.model"},

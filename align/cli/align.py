@@ -242,6 +242,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     p.add_argument("--auto-promote", action="store_true",
                    help="promote the candidate when the gate passes")
+    p.add_argument("--promote-via", choices=("gate", "ab"), default="gate",
+                   help="with --auto-promote: promote at once when the offline gate passes "
+                        "(gate), or start an online A/B test that live votes decide (ab; "
+                        "docs/ab.md) (default %(default)s)")
     p.add_argument("--keep-rejected", action="store_true",
                    help="publish candidates the gate rejected (default: only record why)")
 
@@ -307,11 +311,12 @@ def _gate_config(args: argparse.Namespace):
                       min_improvement=args.min_improvement)
 
 
-def _promote_and_keep(args: argparse.Namespace) -> dict[str, bool]:
+def _promote_and_keep(args: argparse.Namespace) -> dict:
     """`--auto-promote` / `--keep-rejected` for run and schedule; `--promote` (and always keep)
     for a one-off job."""
     if _incremental(args):
         return {"promote": getattr(args, "auto_promote", False),
+                "promote_via": getattr(args, "promote_via", "gate"),
                 "keep_rejected": getattr(args, "keep_rejected", False)}
     return {"promote": args.promote, "keep_rejected": True}
 

@@ -7,6 +7,9 @@
     prefloop models verify   VERSION [--data-dir DIR]         recompute every sha256
     prefloop models history  [--data-dir DIR] [--json]         promotions and rollbacks
     prefloop models init     [--model PATH] [--data-dir DIR]   create v0000 (the base) now
+    prefloop models ab start CANDIDATE [--traffic 0.2] [--sticky user|session|request]
+                             [--min-votes 20] [--confidence 0.95] [--max-duration 7d] [--force]
+    prefloop models ab status | ab stop [--promote | --reject]   online A/B test (docs/ab.md)
 
 Offline (the default) these work on `<data-dir>/registry` directly (server/registry.py); a
 server following the registry picks a promotion up from the CURRENT pointer. With `--target`
@@ -28,7 +31,7 @@ from prefloop.server.registry import DATA_DIR_ENV
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True,
-                                metavar="{list,show,promote,rollback,verify,history,init}")
+                                metavar="{list,show,promote,rollback,verify,history,init,ab}")
 
     def where(p: argparse.ArgumentParser, remote: bool = True) -> None:
         p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
@@ -65,8 +68,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create v0000 from --model (or the default model)")
     init.add_argument("--model", default=None, metavar="PATH",
                       help="HF folder or .gguf (default: the embedded default model)")
-    init.add_argument("--cache-dir", default=None)
+    init.add_argument("--cache-dir", default=None,
+                      help="where the converted default model is cached (default "
+                           "$PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     where(init, remote=False)
+    ab = sub.add_parser("ab", help="an online A/B test between the current version and a "
+                                   "candidate, decided by live votes (docs/ab.md)")
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True, metavar="{start,status,stop}")
+    start = ab_sub.add_parser("start", help="serve CANDIDATE to a share of users beside the "
+                                            "current version")
+    start.add_argument("candidate", help="registry version to test (passed the offline gate)")
+    start.add_argument("--traffic", type=float, default=0.2,
+                       help="share of requests served by the candidate (default %(default)s)")
+    start.add_argument("--sticky", choices=("user", "session", "request"), default="user",
+                       help="what keeps a user on one version (default %(default)s)")
+    start.add_argument("--min-votes", type=int, default=20,
+                       help="head-to-head votes needed before a promotion (default %(default)s)")
+    start.add_argument("--confidence", type=float, default=0.95,
+                       help="confidence of the always-valid interval (default %(default)s)")
+    start.add_argument("--max-duration", default="7d",
+                       help="reject the candidate if still undecided after this (default "
+                            "%(default)s)")
+    start.add_argument("--force", action="store_true",
+                       help="start even if the candidate did not pass the offline gate")
+    where(start)
+    where(ab_sub.add_parser("status", help="votes, win rate with its interval, decision"))
+    stop = ab_sub.add_parser("stop", help="end the test now (default: keep the current version)")
+    outcome = stop.add_mutually_exclusive_group()
+    outcome.add_argument("--promote", action="store_true", help="promote the candidate")
+    outcome.add_argument("--reject", action="store_true", help="reject the candidate")
+    stop.add_argument("--reason", default="", help="recorded in the history")
+    where(stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,14 +232,81 @@ def _remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_ab(status: dict) -> str:
+    if not status.get("candidate"):
+        return "no A/B test has run"
+    lines = [f"A/B test {status['candidate']} (candidate) vs {status['control']}: {status['status']}"
+             f" (started {status['started_at']}, traffic {status['traffic']:.0%}, sticky "
+             f"{status['sticky']}, min votes {status['min_votes']}, confidence "
+             f"{status['confidence']})"]
+    wins, losses = status.get("wins", 0), status.get("losses", 0)
+    if status.get("running"):
+        low, high = status["interval"]
+        rate = "-" if status.get("win_rate") is None else f"{status['win_rate']:.3f}"
+        lines.append(f"  head-to-head: {wins} wins, {losses} losses; candidate win rate {rate}, "
+                     f"{status['confidence']:.0%} always-valid interval [{low:.3f}, {high:.3f}]")
+        for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
+            lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
+        lines.append(f"  decision now: {status['decision']} ({status['decision_reason']})")
+    else:
+        lines.append(f"  {wins} wins, {losses} losses; concluded {status.get('decided_at')}: "
+                     f"{status.get('reason')}")
+    return "\n".join(lines)
+
+
+def _ab(args: argparse.Namespace) -> int:
+    """`models ab start|status|stop`, through a server (--target) or on the data dir."""
+    stop_outcome = "promote" if getattr(args, "promote", False) else \
+        "reject" if getattr(args, "reject", False) else ""
+    if args.target:
+        from prefloop.clients import Client
+        with Client(args.target, token=args.token, root_certificates=args.tls_root_cert,
+                    tls=args.tls, timeout=args.timeout) as client:
+            if args.ab_command == "start":
+                status = client.ab_start(args.candidate, traffic=args.traffic, sticky=args.sticky,
+                                         min_votes=args.min_votes, confidence=args.confidence,
+                                         max_duration=args.max_duration, force=args.force)
+            elif args.ab_command == "status":
+                status = client.ab_status()
+            else:
+                status = client.ab_stop(stop_outcome, reason=args.reason)
+    else:  # offline: the servers on this data dir follow <registry>/AB.json
+        from pathlib import Path
+
+        from prefloop.server.ab import state as ab_state
+        from prefloop.server.ab.evidence import status as ab_status
+        from prefloop.server.ab.evidence import tally
+        from prefloop.server.registry import Registry
+        registry = Registry(args.data_dir)
+        if args.ab_command == "start":
+            ab_state.start(registry, args.candidate, force=args.force, traffic=args.traffic,
+                           sticky=args.sticky, min_votes=args.min_votes,
+                           confidence=args.confidence,
+                           max_duration_s=ab_state.parse_duration(args.max_duration))
+        elif args.ab_command == "stop":
+            running = ab_state.running_state(registry)
+            counts = tally(Path(args.data_dir), running) if running else None
+            ab_state.conclude(registry, {"promote": ab_state.PROMOTED, "reject": ab_state.REJECTED,
+                                         "": ab_state.STOPPED}[stop_outcome],
+                              args.reason or f"stopped by {getpass.getuser()} (cli)",
+                              actor=f"cli:{getpass.getuser()}",
+                              wins=counts.wins if counts else None,
+                              losses=counts.losses if counts else None)
+        status = ab_status(registry, Path(args.data_dir))
+    print(json.dumps(status, indent=2, default=str) if args.json else format_ab(status))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from prefloop.server.errors import PrefloopError
     try:
+        if args.models_command == "ab":
+            return _ab(args)
         if getattr(args, "target", None):
             return _remote(args)
         return _offline(args)
-    except PrefloopError as exc:
-        print(f"prefloop models: {exc}", file=sys.stderr)
+    except PrefloopError as exc:  # the registry's API wording "pass force" is a flag here
+        print(f"prefloop models: {str(exc).replace('pass force', 'pass --force')}", file=sys.stderr)
         return 1
     except Exception as exc:  # client errors (prefloop.clients.errors) and I/O problems
         if type(exc).__module__.startswith("prefloop.clients"):

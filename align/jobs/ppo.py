@@ -52,6 +52,7 @@ class PPOJobConfig:
     eval_samples: int = 2  # answers per held-out prompt
     eval_batch_size: int = 8
     promote: bool = False
+    promote_via: str = "gate"  # gate: promote at once; ab: start an A/B test instead
     keep_rejected: bool = True
     force_rm: bool = False
     out_dir: Path | None = None  # metrics + plot (default <data-dir>/align-runs/<job id>/)
@@ -154,7 +155,8 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
                                  data=result.data, metrics=result.metrics, gate=result.gate,
                                  job_id=job_id)
     del trained
-    return runner.conclude(result, decision, registry, job_id, "ppo", promote=cfg.promote)
+    return runner.conclude(result, decision, registry, job_id, "ppo", promote=cfg.promote,
+                             promote_via=cfg.promote_via)
 
 
 def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir: Path,

@@ -42,6 +42,7 @@ class JobConfig:
     pairs_from_ratings: bool = False  # dpo: add pairs of differently rated answers
     heldout_fraction: float = 0.2
     promote: bool = False  # promote the candidate when the gate passes
+    promote_via: str = "gate"  # gate: promote at once; ab: start an A/B test instead
     keep_rejected: bool = True  # publish a candidate the gate rejected (marked rejected)
     eval_batch_size: int = 4
     max_train_eval: int = 256  # newest training rows scored for the train metrics
@@ -116,7 +117,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                                  data=result.data, metrics=result.metrics, gate=result.gate,
                                  job_id=job_id)
     del trained
-    return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote)
+    return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote,
+                             promote_via=cfg.promote_via)
 
 
 def _training_summary(trained) -> dict[str, Any]:

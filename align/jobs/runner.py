@@ -303,16 +303,23 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
 
 
 def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, job_id: str,
-             method: str, *, promote: bool) -> JobResult:
-    """After the gate (and publishing): promote if it passed and the job asked to, set the
-    status (promoted / published / rejected) and the gate's reasons. Frees the trained model's
-    memory first (the caller has dropped its reference)."""
+             method: str, *, promote: bool, promote_via: str = "gate") -> JobResult:
+    """After the gate (and publishing): promote if it passed and the job asked to — at once
+    (`promote_via` "gate") or by starting an online A/B test that live votes decide ("ab") —, set
+    the status (promoted / published / rejected) and the gate's reasons. Frees the trained
+    model's memory first (the caller has dropped its reference)."""
     gc.collect()
-    if decision.passed and promote:
+    result.reason = "; ".join(decision.reasons)
+    if decision.passed and promote and promote_via == "ab":
+        from prefloop.server.ab import state as ab_state
+        state = ab_state.start(registry, result.version)
+        result.status = PUBLISHED
+        result.reason += (f"; A/B test started against {state.control} (live votes decide; "
+                          "`prefloop models ab status`)")
+    elif decision.passed and promote:
         registry.promote(result.version, reason=f"align job {job_id} ({method}): gate passed",
                          actor="align")
         result.status = PROMOTED
     else:
         result.status = PUBLISHED if decision.passed else REJECTED
-    result.reason = "; ".join(decision.reasons)
     return result

@@ -1,0 +1,79 @@
+"""The evidence of an A/B test in the feedback log, and the status `ab status` shows.
+
+Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the
+feedback row = [chosen's version, rejected's version]); a win when the candidate's answer was
+chosen. Per version: thumbs up / down and stars on its answers. Only rows since the test started
+count. Read from the log (Parquet + WAL) at each look.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from prefloop.server.ab import decision
+from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.state import ABState
+from prefloop.server.registry import Registry
+
+
+@dataclass(slots=True)
+class Tally:
+    wins: int = 0  # head-to-head: candidate's answer chosen
+    losses: int = 0  # control's answer chosen
+    thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
+    stars: dict = field(default_factory=dict)  # version -> [sum, count]
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["thumbs_up_rate"] = {v: (t["up"] / (t["up"] + t["down"]) if t["up"] + t["down"] else None)
+                                 for v, t in self.thumbs.items()}
+        return out
+
+
+def tally(data_dir: Path, state: ABState) -> Tally:
+    """The evidence for `state`'s test in the feedback log (rows since it started)."""
+    from prefloop.server.feedback import export
+
+    started = datetime.fromisoformat(state.started_at.replace("Z", "+00:00"))
+    table = export.load_table(data_dir, "feedback", since=started.strftime("%Y-%m-%d"),
+                              columns=["created_at", "kind", "model_versions", "score", "scale"])
+    out = Tally()
+    pair = {state.candidate, state.control}
+    for row in table.to_pylist():
+        created = row["created_at"]
+        if created is not None and created < started:
+            continue
+        versions = row["model_versions"] or []
+        if row["kind"] == "preference" and len(versions) == 2 and set(versions) == pair:
+            if versions[0] == state.candidate:
+                out.wins += 1
+            else:
+                out.losses += 1
+        elif row["kind"] == "rating" and len(versions) == 1 and versions[0] in pair:
+            version = versions[0]
+            if row["scale"] == "thumbs":
+                counts = out.thumbs.setdefault(version, {"up": 0, "down": 0})
+                counts["up" if row["score"] > 0 else "down"] += 1
+            else:
+                stars = out.stars.setdefault(version, [0, 0])
+                stars[0] += row["score"]
+                stars[1] += 1
+    return out
+
+
+def status(registry: Registry, data_dir: Path) -> dict:
+    """What `ab status` shows: the state, the evidence, and the decision the rule takes now."""
+    state = ab_state.read_state(registry)
+    if state is None:
+        return {"running": False}
+    out = {"running": state.running, **state.as_dict()}
+    if state.running:
+        counts = tally(data_dir, state)
+        verdict = decision.decide(counts.wins, counts.losses, confidence=state.confidence,
+                                  min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
+                                  max_duration_s=state.max_duration_s)
+        out.update(evidence=counts.as_dict(), win_rate=verdict.win_rate,
+                   interval=[verdict.low, verdict.high], decision=verdict.outcome,
+                   decision_reason=verdict.reason, wins=counts.wins, losses=counts.losses)
+    return out
