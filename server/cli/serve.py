@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
                         help=f"where logs and feedback are written (default ${DATA_DIR_ENV} "
                              "or ./data)")
+    parser.add_argument("--no-feedback-log", action="store_true",
+                        help="serve without the feedback log: no generation rows, and the "
+                             "Feedback service answers UNAVAILABLE (e.g. a second server on a "
+                             "data dir another server logs to)")
     parser.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
                         help="requests generating at once (default %(default)s)")
     parser.add_argument("--max-queued", type=int, default=limits.max_queued,
@@ -94,6 +98,8 @@ def build_extensions(args: argparse.Namespace, data_dir: Path, metrics: Metrics 
     """The place optional subsystems hook into `serve` (the feedback log, issue 4, plugs in
     here: return its recorder and its Feedback ServiceRegistration, with an on_shutdown that
     flushes it)."""
+    if getattr(args, "no_feedback_log", False):
+        return Extensions()
     from prefloop.server.api.feedback import feedback_extension
 
     store, registration = feedback_extension(data_dir, metrics=metrics)
@@ -134,13 +140,28 @@ def _ports_free(config: ServerConfig) -> str | None:
     return None
 
 
+def _log_in_use(args: argparse.Namespace, data_dir: Path) -> str | None:
+    """A one-line refusal when another process holds the feedback log of `data_dir` (checked
+    before the model loads; without it the server would start and log nothing)."""
+    if getattr(args, "no_feedback_log", False):
+        return None
+    from prefloop.server.feedback.store import lock_holder
+
+    pid = lock_holder(data_dir)
+    if pid is None:
+        return None
+    return (f"the feedback log in {data_dir} is in use by another process (pid {pid}, "
+            "probably another prefloop serve): stop it, pass another --data-dir, or pass "
+            "--no-feedback-log to serve without logging")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = _config_from_args(args)
     except (ValueError, OSError) as exc:
         print(f"prefloop serve: {exc}", file=sys.stderr)
         return 2
-    taken = _ports_free(config)
+    taken = _ports_free(config) or _log_in_use(args, config.data_dir)
     if taken:
         print(f"prefloop serve: {taken}", file=sys.stderr)
         return 2

@@ -503,6 +503,24 @@ class FeedbackStore:
                 self._keys[key] = feedback_id
 
 
+def lock_holder(data_dir: str | os.PathLike) -> str | None:
+    """The pid (as written in the lock file) of the process holding the feedback log of
+    `data_dir`, or None when it is free (or there is no log yet). Takes and drops the lock at
+    once: a cheap check before a server loads its model."""
+    path = Path(data_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file (or unreadable): nobody holds it as far as we can tell
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # releases a lock we took
+    return None
+
+
 def open_store(data_dir: str | os.PathLike, **config: Any) -> FeedbackStore:
     """FeedbackStore(StoreConfig(data_dir, **config)); WAL settings go in `wal=WalConfig(...)`."""
     return FeedbackStore(StoreConfig(data_dir=Path(data_dir), **config))
