@@ -1,0 +1,40 @@
+"""The simulated users of benchmarks/loop_quality.py: each preference is a small pure function that
+ranks answers the way its docstring says; prompts split into disjoint voting and held-out sets."""
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import loop_users as U  # noqa: E402
+
+
+def test_concise_prefers_fewer_words():
+    assert U.choose("concise", "Paris.", "The capital of France is Paris.", random.Random(0)) == 0
+    assert U.choose("concise", "one two", "three four", random.Random(0)) is None
+
+
+def test_plain_prose_prefers_no_lists_or_markup():
+    listy = "Rivers:\n1. Nile\n2. Amazon\n- **Danube**"
+    prose = "The Nile, the Amazon and the Danube are long rivers."
+    assert U.choose("plain_prose", listy, prose, random.Random(0)) == 1
+    assert U.property_value("plain_prose", listy) == 5  # two numbered, one bullet, one ** pair
+
+
+def test_friendly_closing_looks_at_the_last_sentence_only():
+    kind = "Bees make honey. I hope this helps!"
+    early = "I hope you enjoy this. Bees make honey."
+    assert U.choose("friendly_closing", early, kind, random.Random(0)) == 1
+    assert U.property_value("friendly_closing", early) == 0.0
+
+
+def test_random_control_is_a_fair_coin_whatever_the_answers():
+    rng = random.Random(1)
+    picks = [U.choose("random", "a", "a b c", rng) for _ in range(4000)]
+    assert abs(sum(picks) / 4000 - 0.5) < 0.03
+
+
+def test_voting_and_held_out_prompts_share_no_topic():
+    vote, held = U.prompts(seed=0)
+    assert len(held) == 24 and len(vote) >= 400
+    held_topics = {t for t in U.TOPICS if any(t in p for p in held)}
+    assert not any(any(f" {t}" in p for t in held_topics if len(t) > 4) for p in vote)
