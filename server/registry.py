@@ -15,7 +15,8 @@ read-only and renamed to `vNNNN` in one step, so a version either exists complet
 Version folders are never modified afterwards; `verify()` recomputes the checksums.
 
 The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
-`rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`). The align job
+`rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`); `prefloop models prune/delete`
+removes versions nothing needs (`delete_version()`, never the current one or its rollback stack). The align job
 lock and job history (`job.lock`, `jobs.jsonl` in the same folder) belong to align
 (align/jobs/runner.py). This module also names what every command shares about the data
 directory (`DATA_DIR_ENV`) and which files a model folder may hold (`MODEL_FILE_SUFFIXES`).
@@ -518,6 +519,75 @@ class Registry:
             if verify:
                 self.check(target)
             return self._set_current(target, "rollback", stack[-1], reason, actor)
+
+
+    # ---- removing versions --------------------------------------------------------------------
+
+    def version_bytes(self, version: str) -> int:
+        """Bytes on disk of one version folder."""
+        return sum(p.stat().st_size for p in self.version_dir(version).rglob("*") if p.is_file())
+
+    def protected_versions(self, also: dict[str, str] | None = None) -> dict[str, str]:
+        """version -> why it may not be removed: the current version, every version on its
+        rollback stack, and `also` (what the caller knows more, e.g. a running A/B test's
+        candidate and control)."""
+        why: dict[str, str] = {}
+        for v in self.served_stack():
+            why.setdefault(v, "on the rollback stack")
+        cur = self.current()
+        if cur is not None:
+            why[cur] = "the current version"
+        for v, reason in (also or {}).items():
+            why.setdefault(v, reason)
+        return why
+
+    def prune_plan(self, keep: int, also: dict[str, str] | None = None) -> list[str]:
+        """The versions `prune(keep)` would remove: all but the newest `keep` of each kind
+        (policy, reward), never a protected one (`protected_versions`)."""
+        if keep < 0:
+            raise InvalidArgument("--keep must be >= 0")
+        protected = self.protected_versions(also)
+        by_kind: dict[str, list[str]] = {}
+        for v in self.list_versions():
+            by_kind.setdefault(self.manifest(v).kind, []).append(v)
+        doomed = [v for names in by_kind.values() for v in names[:max(len(names) - keep, 0)]
+                  if v not in protected]
+        return sorted(doomed, key=version_number)
+
+    def delete_version(self, version: str, *, also: dict[str, str] | None = None) -> int:
+        """Remove one version (FailedPrecondition if protected, see `protected_versions`); the
+        bytes freed. Atomic: the folder is renamed to a stage name first (so it is no longer a
+        version), then removed; a crash in between leaves a stage `cleanup_stages` removes."""
+        with self._pointer_lock():  # no promote / rollback moves the pointer meanwhile
+            path = self.version_dir(version)
+            reason = self.protected_versions(also).get(version)
+            if reason is not None:
+                raise FailedPrecondition(f"{version} cannot be deleted: it is {reason}")
+            size = self.version_bytes(version)
+            doomed = self.versions_dir / f"{STAGE_PREFIX}{os.getpid()}-deleting-{version}"
+            os.rename(path, doomed)
+            fsync_dir(self.versions_dir)
+        _rmtree(doomed)
+        return size
+
+    def discard_unused_base(self) -> bool:
+        """Undo `ensure_base` on a registry that has nothing else: remove v0000, CURRENT and
+        the history when v0000 is the only version and the history holds only its init (an align
+        job that failed after creating the base). True if it removed something."""
+        with self._pointer_lock():
+            history = self.history()
+            if self.list_versions() != [BASE_VERSION] or self.current() not in (None, BASE_VERSION) \
+                    or any(e.action != "init" for e in history):
+                return False
+            doomed = self.versions_dir / f"{STAGE_PREFIX}{os.getpid()}-deleting-{BASE_VERSION}"
+            os.rename(self.versions_dir / BASE_VERSION, doomed)
+            for p in (self.current_path, self.history_path):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            fsync_dir(self.versions_dir)
+            fsync_dir(self.root)
+        _rmtree(doomed)
+        return True
 
 
 def version_info(registry: Registry, version: str) -> dict[str, Any]:

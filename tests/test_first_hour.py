@@ -42,3 +42,137 @@ def test_second_serve_on_a_data_dir_in_use_refuses_before_loading_the_model(tmp_
     finally:
         store.close()
     assert lock_holder(data) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 + 3. a failed or interrupted align job leaves the registry and the served version as they were
+
+
+def _pairs_log(tmp_path):
+    from align_helpers import banana_pairs, write_pairs
+    data = tmp_path / "data"
+    write_pairs(data, banana_pairs(10))
+    return data
+
+
+def _fake_model(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothing(tmp_path):
+    import pytest
+
+    from prefloop.align.jobs.preference import JobConfig, run_job
+    from prefloop.align.jobs.runner import job_history
+    from prefloop.server import registry as reg
+
+    data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
+
+    def trainer_fails(base_dir, rows, cfg):
+        assert (base_dir / "model.safetensors").is_file()  # after v0000 was created
+        raise RuntimeError("No module named 'datasets'")
+
+    registry = reg.Registry(data)
+    with pytest.raises(RuntimeError, match="datasets"):
+        run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
+    assert registry.list_versions() == [] and registry.current() is None  # was: v0000, CURRENT
+    assert registry.history() == []
+    assert not [p for p in registry.versions_dir.iterdir()]  # no stage left either
+    job = job_history(registry)[-1]
+    assert job["status"] == "failed" and "removed the v0000" in job["reason"]
+    # on a registry that had versions, a failure moves nothing either
+    registry.ensure_base(model)
+    with pytest.raises(RuntimeError):
+        run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
+    assert registry.list_versions() == ["v0000"] and registry.current() == "v0000"
+
+
+INTERRUPTED_JOB = """
+import sys
+import prefloop.align.train.preference as P
+def train(*a, **k):
+    raise KeyboardInterrupt
+P.train = train
+from prefloop.server.cli.main import main
+sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2]]))
+"""
+
+
+def test_ctrl_c_during_align_says_nothing_was_published_and_exits_130(tmp_path):
+    from prefloop.align.jobs.runner import job_history
+    from prefloop.server import registry as reg
+
+    data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
+    res = subprocess.run([sys.executable, "-c", INTERRUPTED_JOB, str(data), str(model)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == \
+        "prefloop align: interrupted: nothing was published"
+    assert "Traceback" not in res.stderr
+    job = job_history(reg.Registry(data))[-1]
+    assert job["status"] == "failed" and job["reason"].startswith("interrupted (Ctrl-C)")
+    assert reg.Registry(data).list_versions() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. models prune / delete
+
+
+def _registry_with_versions(tmp_path, n: int = 5):
+    """v0000 (base) .. v{n-1}: v0001 promoted, then rolled forward to v0003; others not served."""
+    from prefloop.server import registry as reg
+    registry = reg.Registry(tmp_path / "data")
+    registry.ensure_base(_fake_model(tmp_path / "model"))
+    for i in range(1, n):
+        with registry.stage() as stage:
+            (stage.path / "config.json").write_text("{}")
+            (stage.path / "model.safetensors").write_bytes(b"w" * (1000 * i))
+            stage.publish(kind="policy", method="dpo", parent=f"v{i - 1:04d}")
+    registry.promote("v0001", verify=False)
+    registry.promote("v0003", verify=False)
+    return registry
+
+
+def test_models_prune_and_delete_keep_current_rollback_stack_and_ab(tmp_path):
+    import json
+
+    from prefloop.server.ab import state as ab_state
+    registry = _registry_with_versions(tmp_path, 6)  # v0000..v0005; served v0000 -> v0001 -> v0003
+    data = str(registry.data_dir)
+    dry = prefloop("models", "prune", "--keep", "1", "--dry-run", "--data-dir", data)
+    assert dry.returncode == 0, dry.stderr
+    expected = registry.version_bytes("v0002") + registry.version_bytes("v0004")
+    assert "would delete v0002 (2." in dry.stdout and "would delete v0004 (4." in dry.stdout
+    assert (f"would delete 2 versions, {expected / 1000:.1f} KB (dry run: nothing deleted)"
+            in dry.stdout)
+    assert "v0003 (the current version)" in dry.stdout
+    assert len(registry.list_versions()) == 6  # dry run
+    for version, why in (("v0003", "the current version"), ("v0001", "on the rollback stack"),
+                         ("v0000", "on the rollback stack")):
+        res = prefloop("models", "delete", version, "--data-dir", data)
+        assert res.returncode == 1 and f"{version} cannot be deleted: it is {why}" in res.stderr
+    ab_state.start(registry, "v0004", force=True)  # a running A/B keeps its candidate
+    res = prefloop("models", "delete", "v0004", "--data-dir", data)
+    assert res.returncode == 1 and "running A/B test (candidate)" in res.stderr
+    res = prefloop("models", "prune", "--keep", "1", "--json", "--data-dir", data)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["deleted"] == ["v0002"] and out["bytes"] > 2000
+    assert registry.list_versions() == ["v0000", "v0001", "v0003", "v0004", "v0005"]
+    assert not [p for p in registry.versions_dir.iterdir() if p.name.startswith(".")]
+    res = prefloop("models", "delete", "v0005", "--data-dir", data)
+    assert res.returncode == 0 and "deleted v0005" in res.stdout
+    assert registry.list_versions() == ["v0000", "v0001", "v0003", "v0004"]
+    assert registry.current() == "v0003" and registry.rollback(verify=False).version == "v0001"
+
+
+def test_watermark_survives_a_deleted_ancestor(tmp_path):
+    from prefloop.align.jobs.runner import watermark
+    registry = _registry_with_versions(tmp_path, 4)  # current v0003, parent v0002 never served
+    registry.delete_version("v0002")
+    assert registry.manifest("v0003").parent == "v0002"
+    assert watermark(registry) is None  # was: NotFound for v0002

@@ -17,7 +17,8 @@ A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered
 server/cli/main.py). The work is in align/jobs/ (preference.py: dpo, kto; reward.py: rm, score;
 ppo.py; schedule.py); this file declares the flags, maps them to the job configs and prints the
 result. Exit codes: 0 done (including "skipped" and "rejected"), 1 the job failed, 2 bad
-arguments or data directory, 3 another job holds the lock.
+arguments or data directory, 3 another job holds the lock, 130 interrupted (Ctrl-C; recorded in
+the job history).
 """
 from __future__ import annotations
 
@@ -228,7 +229,14 @@ def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
     _gate(p, "held-out mean reward (reward-model units)")
     add_ppo_run_arguments(p)
     p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
+    _keep_rejected(p)
     _json(p)
+
+
+def _keep_rejected(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="publish candidates the gate rejected, marked rejected, to inspect them "
+                        "(default: only record why in the job history)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,8 +254,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --auto-promote: promote at once when the offline gate passes "
                         "(gate), or start an online A/B test that live votes decide (ab; "
                         "docs/ab.md) (default %(default)s)")
-    p.add_argument("--keep-rejected", action="store_true",
-                   help="publish candidates the gate rejected (default: only record why)")
+    _keep_rejected(p)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p, method in ((dpo, "dpo"), (kto, "kto")):
         _common(p, method)
         p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
+        _keep_rejected(p)
     add_rm_arguments(sub.add_parser(
         "rm", help="train a reward model on the preference log (TRL)",
         description="Train a reward model (TRL RewardTrainer, Bradley-Terry) on the preference "
@@ -312,13 +320,13 @@ def _gate_config(args: argparse.Namespace):
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:
-    """`--auto-promote` / `--keep-rejected` for run and schedule; `--promote` (and always keep)
+    """`--auto-promote` / `--keep-rejected` for run and schedule; `--promote` / `--keep-rejected`
     for a one-off job."""
     if _incremental(args):
         return {"promote": getattr(args, "auto_promote", False),
                 "promote_via": getattr(args, "promote_via", "gate"),
                 "keep_rejected": getattr(args, "keep_rejected", False)}
-    return {"promote": args.promote, "keep_rejected": True}
+    return {"promote": args.promote, "keep_rejected": getattr(args, "keep_rejected", False)}
 
 
 def job_config(args: argparse.Namespace):
@@ -494,6 +502,20 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left: the job history's word on it (`interrupted (Ctrl-C): ...`)."""
+    from prefloop.align.jobs.runner import job_history
+    from prefloop.server.registry import Registry
+    try:
+        last = (job_history(Registry(args.data_dir)) or [{}])[-1]
+    except Exception:  # noqa: BLE001 - the message must not fail
+        last = {}
+    reason = str(last.get("reason") or "")
+    if reason.startswith("interrupted") and last.get("pid") == os.getpid():
+        return "interrupted: " + reason.split(": ", 1)[-1].split("; ")[0]
+    return "interrupted: nothing was published"
+
+
 def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """`fn(args)` with SIGTERM unwinding it (stage removed, failure recorded) and the exit-code
     ladder: 3 another job holds the lock, 2 bad arguments or data, 1 the job failed."""
@@ -502,6 +524,9 @@ def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn(args)
+    except KeyboardInterrupt:  # Ctrl-C: the job history records it (runner.run_locked)
+        print(f"prefloop align: {_interrupted(args)}", file=sys.stderr)
+        return 130
     except Unavailable as exc:
         print(f"prefloop align: {exc}", file=sys.stderr)
         return 3

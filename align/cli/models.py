@@ -1,4 +1,4 @@
-"""`prefloop models`: the model registry — list, show, verify, promote, roll back.
+"""`prefloop models`: the model registry — list, show, verify, promote, roll back, prune.
 
     prefloop models list     [--data-dir DIR | --target HOST:PORT] [--json]
     prefloop models show     VERSION [--verify] [--data-dir DIR | --target HOST:PORT] [--json]
@@ -7,6 +7,8 @@
     prefloop models verify   VERSION [--data-dir DIR]         recompute every sha256
     prefloop models history  [--data-dir DIR] [--json]         promotions and rollbacks
     prefloop models init     [--model PATH] [--data-dir DIR]   create v0000 (the base) now
+    prefloop models prune    --keep N [--dry-run] [--data-dir DIR]   free disk: older versions
+    prefloop models delete   VERSION [--dry-run] [--data-dir DIR]
     prefloop models ab start CANDIDATE [--traffic 0.2] [--sticky user|session|request]
                              [--min-votes 20] [--confidence 0.95] [--max-duration 7d] [--force]
     prefloop models ab status | ab stop [--promote | --reject]   online A/B test (docs/ab.md)
@@ -31,7 +33,8 @@ from prefloop.server.registry import DATA_DIR_ENV
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True,
-                                metavar="{list,show,promote,rollback,verify,history,init,ab}")
+                                metavar="{list,show,promote,rollback,verify,history,init,prune,"
+                                        "delete,ab}")
 
     def where(p: argparse.ArgumentParser, remote: bool = True) -> None:
         p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
@@ -43,16 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="admin bearer token for --target (default $PREFLOOP_TOKEN)")
             p.add_argument("--tls-root-cert", default=None, help="PEM root certificate (TLS)")
             p.add_argument("--tls", action="store_true", help="TLS with the system's roots")
-            p.add_argument("--timeout", type=float, default=600.0)
+            p.add_argument("--timeout", type=float, default=600.0,
+                           help="seconds to wait for the server's answer")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     where(sub.add_parser("list", help="all versions, the current one marked"))
     show = sub.add_parser("show", help="one version's manifest")
-    show.add_argument("version")
+    show.add_argument("version", help="registry version, e.g. v0001")
     show.add_argument("--verify", action="store_true", help="also recompute the checksums")
     where(show)
     promote = sub.add_parser("promote", help="make VERSION the served version")
-    promote.add_argument("version")
+    promote.add_argument("version", help="registry version to serve, e.g. v0002")
     promote.add_argument("--force", action="store_true",
                          help="promote even though the eval gate rejected it")
     promote.add_argument("--reason", default="", help="recorded in the history")
@@ -72,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="where the converted default model is cached (default "
                            "$PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     where(init, remote=False)
+    keep_note = ("never the current version, a version on its rollback stack, or one in a "
+                 "running A/B test")
+    prune = sub.add_parser("prune", help=f"delete all but the newest N versions of each kind ("
+                                         f"{keep_note})")
+    prune.add_argument("--keep", type=int, required=True, metavar="N",
+                       help="newest versions of each kind (policy, reward) to keep")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="show what would be deleted and how many bytes, delete nothing")
+    where(prune, remote=False)
+    delete = sub.add_parser("delete", help=f"delete one version ({keep_note})")
+    delete.add_argument("version", help="registry version to delete, e.g. v0003")
+    delete.add_argument("--dry-run", action="store_true",
+                        help="show what would be deleted and how many bytes, delete nothing")
+    where(delete, remote=False)
     ab = sub.add_parser("ab", help="an online A/B test between the current version and a "
                                    "candidate, decided by live votes (docs/ab.md)")
     ab_sub = ab.add_subparsers(dest="ab_command", required=True, metavar="{start,status,stop}")
@@ -172,10 +190,64 @@ def _offline(args: argparse.Namespace) -> int:
             for e in entries:
                 print(f"{e['at']}  {e['action']:8} {e['previous'] or '-':>6} -> {e['version']}"
                       f"  {e['actor']}  {e['reason']}")
+    elif cmd in ("prune", "delete"):
+        return _remove(registry, args)
     elif cmd == "init":
         from prefloop.server.model.loader import resolve_model_dir
         version = registry.ensure_base(resolve_model_dir(args.model, args.cache_dir))
         print(f"{version}: {registry.version_dir(version)} (current: {registry.current()})")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _remove(registry, args: argparse.Namespace) -> int:
+    """`models prune` / `models delete` under the align job lock (a job may be training from a
+    version); what a running A/B test uses is kept too."""
+    from prefloop.align.jobs.runner import job_lock
+    from prefloop.server.ab.state import running_state
+    from prefloop.server.errors import FailedPrecondition
+
+    if not registry.exists():
+        print(f"prefloop models: no registry in {args.data_dir}", file=sys.stderr)
+        return 1
+    with job_lock(registry):
+        state = running_state(registry)
+        also = ({state.candidate: "in the running A/B test (candidate)",
+                 state.control: "in the running A/B test (control)"} if state else {})
+        if args.models_command == "delete":
+            why = registry.protected_versions(also).get(args.version)
+            registry.version_dir(args.version)  # NotFound first
+            if why:
+                raise FailedPrecondition(f"{args.version} cannot be deleted: it is {why}")
+            doomed = [args.version]
+        else:
+            doomed = registry.prune_plan(args.keep, also)
+        sizes = {v: registry.version_bytes(v) for v in doomed}
+        kept = {v: why for v, why in registry.protected_versions(also).items()
+                if v in registry.list_versions()}
+        if not args.dry_run:
+            for v in doomed:
+                registry.delete_version(v, also=also)
+    total = sum(sizes.values())
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "deleted": [] if args.dry_run else doomed,
+                          "would_delete": doomed if args.dry_run else [], "bytes": total,
+                          "protected": kept}, indent=2))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for v in doomed:
+        print(f"{verb} {v} ({_size(sizes[v])})")
+    print(f"{verb} {len(doomed)} version{'s' * (len(doomed) != 1)}, {_size(total)}"
+          + (" (dry run: nothing deleted)" if args.dry_run else ""))
+    if args.models_command == "prune" and kept:
+        print("kept: " + ", ".join(f"{v} ({why})" for v, why in sorted(kept.items())))
     return 0
 
 

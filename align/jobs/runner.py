@@ -22,8 +22,10 @@ only held out are trained on by the next one; after a rollback the data of the r
 is available again. `min_new` counts rows newer than everything any finished job has seen.
 
 Outcomes: skipped (not enough data), rejected (gate failed), published (gate passed, not
-promoted), promoted, failed (an exception: recorded, then re-raised); "crashed" when read back
-for a job whose process died without an outcome line.
+promoted), promoted, failed (an exception or Ctrl-C: recorded, then re-raised; a v0000 the
+failed job created on first use is removed again, with CURRENT, so the registry and the served
+version stay as they were); "crashed" when read back for a job whose process died without an
+outcome line.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from prefloop.align.gate import GateDecision
 from prefloop.align.train.common import is_main_process
 from prefloop.server import registry as reg
 from prefloop.server.durable_io import makedirs_durable
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,10 @@ def watermark(registry: reg.Registry) -> dt.datetime | None:
     version, best, seen = registry.current(), None, set()
     while version and version not in seen:
         seen.add(version)
-        manifest = registry.manifest(version)
+        try:
+            manifest = registry.manifest(version)
+        except NotFound:  # an ancestor removed by `prefloop models prune/delete`
+            break
         until = data_mod.parse_time(manifest.data.get("trained_until"))
         if until is not None and (best is None or until > best):
             best = until
@@ -240,11 +245,20 @@ def run_locked(data_dir: str | Path, command: str, method: str, body: JobBody) -
         registry.cleanup_stages()
         record_job(registry, {"job_id": job_id, "status": RUNNING, "pid": os.getpid(),
                               "command": command, "method": method, "started_at": reg.utc_now()})
+        before = set(registry.list_versions())
+        fresh = not before  # a v0000 this job creates is undone if it fails
         try:
             result = body(registry, job_id, True)
         except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                new = sorted(set(registry.list_versions()) - before - {reg.BASE_VERSION})
+                reason = "interrupted (Ctrl-C): " + (f"published {', '.join(new)}" if new
+                                                     else "nothing was published")
+            if fresh and registry.discard_unused_base():
+                reason += f"; removed the {reg.BASE_VERSION} this job had created"
             record_job(registry, {"job_id": job_id, "status": FAILED, "finished_at": reg.utc_now(),
-                                  "reason": f"{type(exc).__name__}: {exc}"[:2000]})
+                                  "reason": reason[:2000]})
             raise
         record_job(registry, dict(result.to_record(), finished_at=reg.utc_now()))
         return result
