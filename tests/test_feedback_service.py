@@ -153,9 +153,53 @@ def test_chat_pair_picks_the_better(served, monkeypatch):
     monkeypatch.setattr(chat_feedback, "read_choice", lambda prompt: "2")
     handle_line(session, "/pair tell me a joke")
     text = out.getvalue()
-    assert "--- [1] ---" in text and "--- [2] ---" in text and "[recorded fb-" in text
+    assert "--- [A] ---" in text and "--- [B] ---" in text and "[recorded fb-" in text
     session.client.close()
     store.flush()
     (row,) = load_table(store.data_dir, logschema.FEEDBACK).to_pylist()
     assert row["chosen_response_id"] == session.last_response_id
     assert session.messages[-1]["role"] == "assistant"
+
+
+def test_chat_up_after_better_rates_the_answer_shown(served):
+    target, store = served
+    session, out = chat_session(target)
+    handle_line(session, "hi there")
+    shown = session.last_response_id
+    handle_line(session, "/better Hello! How can I help you today?")
+    assert handle_line(session, "/up good start")
+    assert "nothing to rate yet" not in out.getvalue()  # was: refused after /better
+    session.client.close()
+    assert out.getvalue().count("[recorded fb-") == 2
+    store.flush()
+    rating = next(r for r in load_table(store.data_dir, logschema.FEEDBACK).to_pylist()
+                  if r["kind"] == "rating")
+    assert (rating["response_id"], rating["score"]) == (shown, 1)
+
+
+def test_chat_pair_alone_reuses_the_last_message_side_by_side(served, monkeypatch):
+    target, store = served
+    session, out = chat_session(target)
+    monkeypatch.setattr(chat_feedback, "read_choice", lambda prompt: "b")
+    monkeypatch.setattr(chat_feedback, "terminal_width", lambda: 120)
+    handle_line(session, "/pair")
+    assert "usage: /pair <message>" in out.getvalue()  # nothing to reuse yet
+    handle_line(session, "tell me a joke")
+    handle_line(session, "/pair")
+    lines = out.getvalue().splitlines()
+    head = next(line for line in lines if "--- [A] ---" in line)
+    assert "| --- [B] ---" in head  # one line: two columns
+    assert head.index("|") == (120 - 3) // 2 + 1
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["tell me a joke"]
+    assert session.messages[-1]["role"] == "assistant"
+    session.client.close()
+    store.flush()
+    (row,) = load_table(store.data_dir, logschema.FEEDBACK).to_pylist()
+    assert row["chosen_response_id"] == session.last_response_id
+
+
+def test_side_by_side_wraps_each_answer_in_its_column():
+    lines = chat_feedback.side_by_side("one two three four five", "x", 23)
+    assert lines[0].startswith("--- [A] ---") and "| --- [B] ---" in lines[0]
+    assert lines[1] == "one two    | x" and lines[2].startswith("three four |")
+    assert all(len(line) <= 23 for line in lines[1:])
