@@ -4,7 +4,8 @@ For each concurrency level C, C workers each send `--rounds` streaming Chat requ
 (prompts that ask for long answers; the API has no ignore_eos, so the actual completion tokens
 are counted). Reported per level: aggregate completion tokens/s over the level's wall time, time
 to first token (TTFT) and inter-token latency (ITL) p50/p99, errors. `--json` prints one JSON
-object instead of the table.
+object instead of the table. Each level's row is printed as soon as the level finishes; a
+progress bar over all measured requests goes to stderr (`--no-progress` turns it off).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def one_request(client: AsyncClient, prompt: str, max_tokens: int, temperature: float,
-                      timeout: float) -> RequestSample:
+                      timeout: float, bar=None) -> RequestSample:
     sample = RequestSample(ok=False)
     start = time.perf_counter()
     last_at, last_tokens = None, 0
@@ -88,17 +89,19 @@ async def one_request(client: AsyncClient, prompt: str, max_tokens: int, tempera
     except ClientError as exc:
         sample.error = str(exc)
     sample.completion_tokens = last_tokens
+    if bar is not None:
+        bar.update(1)
     return sample
 
 
 async def run_level(client: AsyncClient, concurrency: int, rounds: int, max_tokens: int,
-                    temperature: float, timeout: float, offset: int) -> LevelResult:
+                    temperature: float, timeout: float, offset: int, bar=None) -> LevelResult:
     async def worker(w: int) -> list[RequestSample]:
         out = []
         for r in range(rounds):
             topic = TOPICS[(offset + w * rounds + r) % len(TOPICS)]
             out.append(await one_request(client, PROMPT.format(topic=topic), max_tokens,
-                                         temperature, timeout))
+                                         temperature, timeout, bar))
         return out
 
     start = time.perf_counter()
@@ -134,12 +137,20 @@ async def bench(args: argparse.Namespace) -> dict:
             await one_request(client, PROMPT.format(topic=TOPICS[w % len(TOPICS)]),
                               min(8, args.max_tokens), args.temperature, args.timeout)
         results = []
-        for i, c in enumerate(levels):
-            level = await run_level(client, c, args.rounds, args.max_tokens, args.temperature,
-                                    args.timeout, offset=i)
-            results.append(level)
-            if not args.json:
-                print(format_row(level), flush=True)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(levels) * args.rounds, desc="requests", unit="req", file=sys.stderr,
+                   disable=not getattr(args, "progress", True), dynamic_ncols=True)
+        try:
+            for i, c in enumerate(levels):
+                bar.set_postfix_str(f"concurrency {c}")
+                level = await run_level(client, c, args.rounds, args.max_tokens,
+                                        args.temperature, args.timeout, offset=i, bar=bar)
+                results.append(level)
+                if not args.json:  # the row as soon as its level is done, above the bar
+                    bar.write(format_row(level), file=sys.stdout)
+                    sys.stdout.flush()
+        finally:
+            bar.close()
     return {"target": args.target, "model_version": info.model_version,
             "backend": info.backend, "dtype": info.dtype, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "temperature": args.temperature,
@@ -190,6 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-root-cert", default=None, help="PEM root certificate (enables TLS)")
     parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:

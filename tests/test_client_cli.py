@@ -177,3 +177,32 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_stats_command_prints_the_engine_stats(fake_server):
+    result = _cli("stats", "--target", fake_server.target, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for label in ("version", "running", "waiting", "KV cache used", "prefix hits", "requests"):
+        assert label in out
+    assert "fake-v0" in out
+    as_json = json.loads(_cli("stats", "--target", fake_server.target, "--json",
+                              timeout=60).stdout)
+    assert as_json["model_version"] == "fake-v0"
+    assert {"running", "waiting", "free_blocks", "total_blocks", "kv_use",
+            "prefix_cache_hit_tokens"} <= set(as_json)
+    down = _cli("stats", "--target", "127.0.0.1:1", "--timeout", "2", timeout=60)
+    assert down.returncode == 1 and "prefloop stats: 127.0.0.1:1" in down.stderr
+
+
+def test_bench_prints_rows_and_a_total_progress_bar(fake_server):
+    result = _cli("bench", "--target", fake_server.target, "--concurrency", "1,2",
+                  "--max-tokens", "4", "--rounds", "2", "--warmup", "0", timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert "requests" in result.stderr and "6/6" in result.stderr  # (1 + 2) x 2 rounds
+    quiet = _cli("bench", "--target", fake_server.target, "--concurrency", "1",
+                 "--max-tokens", "4", "--rounds", "1", "--warmup", "0", "--no-progress",
+                 timeout=120)
+    assert quiet.returncode == 0 and "1/1" not in quiet.stderr

@@ -63,6 +63,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("prefloop.server.cli.serve", "serve the model over gRPC"),
     "chat": ("prefloop.clients.chat_cmd", "terminal chat against a running server"),
     "bench": ("prefloop.clients.bench_cmd", "load-test a running server (tokens/s, TTFT, ITL)"),
+    "stats": ("prefloop.clients.stats_cmd", "a running server's engine now: running, waiting, "
+                                             "KV-cache use, prefix hits, version"),
     "logs": ("prefloop.server.cli.logs", "inspect and export the feedback / generation logs"),
     "rope": ("prefloop.server.cli.rope", "measure why RoPE suits a KV cache on the loaded model (table, JSON, plot)"),
     "align": ("prefloop.align.cli.align", "retrain on the feedback log (DPO/KTO, reward model + PPO), gate, publish"),
