@@ -176,3 +176,48 @@ def test_watermark_survives_a_deleted_ancestor(tmp_path):
     registry.delete_version("v0002")
     assert registry.manifest("v0003").parent == "v0002"
     assert watermark(registry) is None  # was: NotFound for v0002
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. help text for every align / models flag; PPO flags apart in `align run --help`
+
+
+def _subparsers(parser):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_every_align_and_models_flag_has_help():
+    import argparse
+
+    from prefloop.server.cli.main import build_parser
+    missing = []
+    for command in ("align", "models", "stats", "serve"):
+        top = dict(_subparsers(build_parser([command])))[command]
+        todo = [(command, top)]
+        while todo:
+            name, parser = todo.pop()
+            missing += [f"{name} {a.option_strings or a.dest}" for a in parser._actions
+                        if not a.help and a.dest != "help"
+                        and not isinstance(a, argparse._SubParsersAction)]
+            todo += [(f"{name} {n}", p) for n, p in _subparsers(parser)]
+    assert not missing, missing
+
+
+def test_align_run_help_groups_the_ppo_flags():
+    out = prefloop("align", "run", "--help").stdout
+    ppo = out.index("PPO (--method ppo):")
+    assert out.index("\n  --clip-eps") > ppo and out.index("\n  --rm VERSION") > ppo
+    assert out.index("\n  --loss") < ppo and out.index("\n  --lora-r") < ppo  # DPO's first
+    assert "LoRA rank" in out and "KTO loss weight" in out
+
+
+def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
+    from prefloop.align.cli.align import job_config
+    from prefloop.server.cli.main import build_parser
+    for argv, keep in ((["align", "dpo"], False), (["align", "dpo", "--keep-rejected"], True),
+                       (["align", "run"], False), (["align", "run", "--keep-rejected"], True)):
+        args = build_parser(argv).parse_args(argv)
+        assert job_config(args).keep_rejected is keep, argv

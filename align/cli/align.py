@@ -72,15 +72,17 @@ def _trainer(g, *, default_lr: str, max_length_help: str) -> None:
     g.add_argument("--max-length", type=int, default=1024, help=max_length_help)
     g.add_argument("--lora", action="store_true",
                    help="train a LoRA adapter (peft), merged into full weights before publishing")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
+    g.add_argument("--lora-alpha", type=int, default=32,
+                   help="LoRA scaling alpha (with --lora; the update is scaled by alpha / r)")
     _seed_bf16(g)
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="trade compute for memory (worth it on GPUs with long sequences)")
 
 
 def _seed_bf16(g) -> None:
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed of shuffling, initialization and sampling")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on for CUDA devices with bf16)")
 
@@ -88,7 +90,8 @@ def _seed_bf16(g) -> None:
 def _evaluation(g, *, eval_batch_size: int) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.2,
                    help="newest fraction of the rows held out for evaluation (default 0.2)")
-    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
+    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size,
+                   help="sequences per forward pass when scoring train / held-out rows")
     g.add_argument("--device", default=None, help="evaluation device (default cuda if present)")
 
 
@@ -120,8 +123,10 @@ def _common(p: argparse.ArgumentParser, method: str | None) -> None:
         g.add_argument("--pairs-from-ratings", action="store_true",
                        help="also train on pairs of differently rated answers to one prompt")
     if method in (None, "kto"):
-        g.add_argument("--desirable-weight", type=float, default=1.0)
-        g.add_argument("--undesirable-weight", type=float, default=1.0)
+        g.add_argument("--desirable-weight", type=float, default=1.0,
+                       help="KTO loss weight of thumbs-up answers (raise it when they are fewer)")
+        g.add_argument("--undesirable-weight", type=float, default=1.0,
+                       help="KTO loss weight of thumbs-down answers")
     _trainer(g, default_lr="5e-6",
              max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
     g.add_argument("--warmup", type=float, default=0.0, help="warmup ratio of the steps")
@@ -168,21 +173,23 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rescore", action="store_true",
                    help="score again what this reward model already scored (latest row wins)")
     p.add_argument("--limit", type=int, default=None, help="score at most N generations")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
     p.add_argument("--max-length", type=int, default=1024,
                    help="longer conversations are scored on their last N tokens")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="scoring device (default cuda if present)")
     _json(p)
 
 
-def add_ppo_run_arguments(p: argparse.ArgumentParser) -> None:
-    """PPO-only flags; `align run` / `align schedule` already define the shared ones (--beta,
-    --lr, --batch-size, --seed, --bf16, --max-steps, --heldout-fraction, --max-kl, ...)."""
-    p.add_argument("--rm", default=None, metavar="VERSION",
+def add_ppo_run_arguments(p: argparse.ArgumentParser, title: str = "PPO (--method ppo)"
+                          ) -> None:
+    """PPO-only flags, in groups of their own (`title`) so a DPO user of `align run --help` sees
+    them apart; `align run` / `align schedule` already define the shared ones (--beta, --lr,
+    --batch-size, --seed, --bf16, --max-steps, --heldout-fraction, --max-kl, ...)."""
+    g = p.add_argument_group(title, "only read with --method ppo" if "--method" in title else None)
+    g.add_argument("--rm", default=None, metavar="VERSION",
                    help="reward model version (required for --method ppo)")
-    p.add_argument("--force-rm", action="store_true",
+    g.add_argument("--force-rm", action="store_true",
                    help="use a reward model whose accuracy gate failed")
-    g = p.add_argument_group("PPO")
     g.add_argument("--steps", type=int, default=None,
                    help="PPO iterations (rollout + update; default 64, or --max-steps)")
     g.add_argument("--mini-batch-size", type=int, default=None,
@@ -190,11 +197,13 @@ def add_ppo_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
     g.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled answer")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    g.add_argument("--max-prompt-length", type=int, default=512)
+    g.add_argument("--max-prompt-length", type=int, default=512,
+                   help="longer prompts (tokens) are cut from the left")
     g.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip (default 0.2)")
-    g.add_argument("--value-clip", type=float, default=0.2)
+    g.add_argument("--value-clip", type=float, default=0.2,
+                   help="value prediction clip around the rollout's values")
     g.add_argument("--vf-coef", type=float, default=0.1, help="value loss weight")
-    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount per token")
     g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"],
                    help="per-token KL in the reward (default k1 = log π - log π_ref)")
@@ -204,11 +213,12 @@ def add_ppo_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kl-horizon", type=float, default=10000.0, help="answers (adaptive)")
     g.add_argument("--missing-eos-penalty", type=float, default=None,
                    help="subtract this from the score of answers cut at --max-new-tokens")
-    g.add_argument("--score-clip", type=float, default=None)
+    g.add_argument("--score-clip", type=float, default=None,
+                   help="clip reward-model scores to [-X, X] (default: no clip)")
     g.add_argument("--train-layers", type=int, default=0, metavar="N",
                    help="train only the top N decoder layers + value head (0 = all)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    d = p.add_argument_group("PPO data, evaluation and output")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    d = p.add_argument_group(f"{title}: data, evaluation and output")
     d.add_argument("--max-prompts", type=int, default=None, help="use only the newest N prompts")
     d.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt")
     d.add_argument("--max-heldout", type=int, default=64, help="held-out prompts evaluated")
@@ -222,12 +232,12 @@ def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
     _source(p)
     p.add_argument("--beta", type=float, default=0.05,
                    help="KL penalty coefficient (initial value with --adaptive-kl)")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate of policy and value head")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per rollout per device")
     _seed_bf16(p)
     _evaluation(p, eval_batch_size=8)
     _gate(p, "held-out mean reward (reward-model units)")
-    add_ppo_run_arguments(p)
+    add_ppo_run_arguments(p, title="PPO")
     p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
     _keep_rejected(p)
     _json(p)
@@ -301,7 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="wait one interval before the first job")
     jobs = sub.add_parser("jobs", help="the job history of the registry")
     _data_dir(jobs)
-    jobs.add_argument("--json", action="store_true")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as one JSON list")
     jobs.add_argument("--last", type=int, default=20, help="show the last N jobs (default 20)")
 
 
