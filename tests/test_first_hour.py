@@ -221,3 +221,33 @@ def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
                        (["align", "run"], False), (["align", "run", "--keep-rejected"], True)):
         args = build_parser(argv).parse_args(argv)
         assert job_config(args).keep_rejected is keep, argv
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. align's start line and what to do after a rejection
+
+
+def test_align_job_starts_with_one_line_and_a_rejection_says_what_next(tmp_path, capsys):
+    import pytest
+
+    from prefloop.align.cli.align import format_result
+    from prefloop.align.jobs.preference import JobConfig, run_job
+
+    data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
+
+    def trainer_fails(base_dir, rows, cfg):
+        raise RuntimeError("stop after the start line")
+
+    with pytest.raises(RuntimeError):
+        run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("align dpo: 10 pairs found -> train 8 / held-out 2, base v0000; "
+                           "rough time")
+    rejected = {"job_id": "job-1", "status": "rejected", "method": "dpo", "base": "v0000",
+                "data": {"rows": {"train": 8, "heldout": 2}},
+                "gate": {"passed": False, "reasons": ["no gain"]}}
+    text = format_result(rejected)
+    assert "next: collect more votes (the gate judged 2 held-out rows)" in text
+    assert "--heldout-fraction" in text and "--keep-rejected" in text
+    assert "next:" not in format_result(dict(rejected, status="published",
+                                             gate={"passed": True, "reasons": []}))

@@ -501,7 +501,19 @@ def format_result(result) -> str:
         if cur:
             lines.append(f"current {cur.get('version')}: held-out pref accuracy "
                          f"{_fmt(cur.get('heldout_pref_accuracy'))} ({metrics.get('gate_basis')})")
-    return "\n".join(lines + format_gate(r))
+    return "\n".join(lines + format_gate(r) + next_steps(r))
+
+
+def next_steps(r: dict[str, Any]) -> list[str]:
+    """What to do after the gate rejected a candidate (nothing for other outcomes)."""
+    if r.get("status") != "rejected":
+        return []
+    held = ((r.get("data") or {}).get("rows") or {}).get("heldout")
+    kept = f" ({r['version']} is kept, marked rejected)" if r.get("version") else ""
+    return ["next: collect more votes (the gate judged " + (f"{held} held-out rows" if held else
+            "few held-out rows") + "), or lower --heldout-fraction to train on more of them, "
+            "or raise --epochs / --lr; run again with --keep-rejected to inspect the candidate"
+            + kept + " (`prefloop models show VERSION`)"]
 
 
 # ---------------------------------------------------------------------------------------------
