@@ -8,7 +8,11 @@ list, `chosen` / `rejected` / `completion` are one assistant message each) and k
 - `time_split`: the newest fraction is held out, with every held-out row strictly newer than
   every training row (rows sharing the boundary timestamp stay on one side);
 - `pairs_from_examples`: held-out KTO examples turned into (desirable, undesirable) pairs of the
-  same prompt, so DPO and KTO candidates are gated on the same kind of metric.
+  same prompt, so DPO and KTO candidates are gated on the same kind of metric;
+- `sft_examples` / `load_sft_examples`: supervised (prompt, completion) examples for SFT: the
+  chosen answer of every preference (a text-form preference's chosen text is what the user wrote
+  themselves: source "user_answer"; a pick between two generated answers: "chosen") and every
+  top-rated answer (thumbs up, 4-5 stars: "top_rated"), one per distinct (prompt, answer).
 """
 from __future__ import annotations
 
@@ -148,6 +152,56 @@ def pairs_from_examples(examples: list[dict[str, Any]],
                           "created_at": max(g["created_at"], b["created_at"]),
                           "feedback_id": f"{g['feedback_id']},{b['feedback_id']}"})
     return pairs
+
+
+SFT_SOURCES = {"explicit": "user_answer", "reference": "chosen", "ratings": "chosen"}
+
+
+def sft_examples(pairs: list[dict[str, Any]], examples: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """SFT rows {prompt, completion, created_at, feedback_id, source} from DPO-export `pairs`
+    (their chosen side) and KTO-export `examples` (their top-rated answers: label True from a
+    rating), the first of every distinct (prompt, answer), oldest first. Empty answers are
+    left out."""
+    candidates = [(p["prompt"], p["chosen"], p["created_at"], p["feedback_id"],
+                   SFT_SOURCES.get(p.get("source") or "", "chosen")) for p in pairs]
+    candidates += [(e["prompt"], e["completion"], e["created_at"], e["feedback_id"], "top_rated")
+                   for e in examples if e.get("source") == "rating" and e["label"]]
+    candidates.sort(key=lambda c: (c[2], c[3] or ""))
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for prompt, completion, created_at, feedback_id, source in candidates:
+        text = completion[0]["content"] if completion else ""
+        key = (logschema.prompt_fingerprint(None, prompt), text)
+        if not text.strip() or key in seen:
+            continue
+        seen.add(key)
+        out.append({"prompt": prompt, "completion": completion, "created_at": created_at,
+                    "feedback_id": feedback_id, "source": source})
+    return out
+
+
+def load_sft_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
+                      after: str | dt.datetime | None = None, max_examples: int | None = None
+                      ) -> list[dict[str, Any]]:
+    """SFT examples (`sft_examples`) of the log in the window, oldest first."""
+    since_t, after_t = parse_time(since), parse_time(after)
+    day = _export_since(since_t, after_t)
+    rows = sft_examples(log_export.export_dpo(data_dir, since=day).to_pylist(),
+                        log_export.export_kto(data_dir, since=day).to_pylist())
+    return _window(rows, since_t, after_t, max_examples)
+
+
+def sft_answer_keys(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(prompt fingerprint, answer text) of SFT rows: held-out pairs whose chosen answer was
+    trained on are left out of an SFT job's gate."""
+    return {(logschema.prompt_fingerprint(None, r["prompt"]), r["completion"][0]["content"])
+            for r in rows}
+
+
+def trl_sft(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the columns TRL's SFTTrainer reads (conversational prompt / completion)."""
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
 
 
 def trl_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,10 @@ rejected answers of a batch go through one concatenated forward pass per model.
   tokens, both models reading the same batch);
 - `pair_metrics(...)`: loss, reward accuracy / margin (implicit rewards β·log π/π_ref, as TRL logs
   them), reference-free preference accuracy (what the gate compares), KL per token;
-- `score_examples` / `example_metrics`: the same for unpaired KTO examples.
+- `score_examples` / `example_metrics`: the same for unpaired KTO examples;
+- `paired_pair_outcomes` / `paired_example_outcomes`: candidate vs current version on the same
+  held-out items, as the win / loss / tie counts the gate's paired tests take (align/gate.py);
+- `sft_metrics`: negative log-likelihood per token of supervised examples.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from prefloop.align.gate import Paired
 from prefloop.align.losses import preference_accuracy, preference_loss, reward_metrics, token_kl
 
 _KL_CHUNK = 512  # predicted tokens per KL chunk: bounds the [chunk, vocab] temporaries
@@ -219,3 +223,66 @@ def cross_prompt_accuracy(scores: Scores, labels: list[bool]) -> float:
         return float("nan")
     diff = good[:, None] - bad[None, :]
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate vs current on the same held-out items (what the gate's paired tests count)
+
+TIE_TOL = 1e-6  # nats: two float32 forward passes of identical weights agree far closer
+
+
+def per_token_correct(scores: Scores) -> torch.Tensor:
+    """Per pair [n]: 1 if the chosen answer has the higher mean log-prob per token, 0.5 on a
+    tie, else 0 (reference-free; `losses.preference_accuracy` is its mean)."""
+    chosen, rejected = split_pair_scores(scores)
+    c = chosen.logps / chosen.tokens.clamp(min=1)
+    r = rejected.logps / rejected.tokens.clamp(min=1)
+    return (c > r).double() + 0.5 * (c == r).double()
+
+
+def relative_margins(candidate: Scores, current: Scores) -> torch.Tensor:
+    """Per pair [n]: (log π_cand − log π_current)(chosen) − (…)(rejected), summed over the
+    answer tokens: β times it is DPO's implicit reward margin with the current version as the
+    reference. Positive: the candidate moved towards the voters' choice relative to the current
+    version. `candidate` and `current` are the pair scores (chosen first, then rejected) of the
+    same pairs."""
+    cand_c, cand_r = split_pair_scores(candidate)
+    cur_c, cur_r = split_pair_scores(current)
+    return (cand_c.logps - cur_c.logps) - (cand_r.logps - cur_r.logps)
+
+
+def paired_pair_outcomes(candidate: Scores, current: Scores, *, beta: float
+                         ) -> dict[str, Any]:
+    """The two paired comparisons of candidate vs current on the same pairs, as gate inputs:
+    `implicit` (sign of `relative_margins`), `accuracy` (candidate right and current wrong is a
+    win, the reverse a loss), and the implicit-reward accuracy / mean margin reported beside."""
+    margins = relative_margins(candidate, current)  # [n]
+    diff = per_token_correct(candidate) - per_token_correct(current)  # [n] in {-1, -.5, 0, .5, 1}
+    out: dict[str, Any] = {
+        "implicit": Paired.from_differences(margins.tolist(), TIE_TOL),
+        "accuracy": Paired.from_differences(diff.tolist()),
+    }
+    if margins.numel():
+        out["implicit_reward_accuracy"] = float((margins > TIE_TOL).double().mean())
+        out["implicit_reward_margin"] = float(beta * margins.mean())
+    return out
+
+
+def paired_example_outcomes(candidate: Scores, current: Scores, labels: list[bool]):
+    """KTO without same-prompt pairs: per example, a win when log π_cand − log π_current has
+    the label's sign (up for a desirable answer, down for an undesirable one)."""
+    signs = torch.tensor([1.0 if lab else -1.0 for lab in labels], dtype=torch.float64)
+    return Paired.from_differences((signs * (candidate.logps - current.logps)).tolist(), TIE_TOL)
+
+
+def sft_metrics(scores: Scores) -> dict[str, float]:
+    """Supervised examples: negative log-likelihood per answer token of the policy (and of its
+    reference, when scored with one)."""
+    tokens = float(scores.tokens.sum())
+    out: dict[str, float] = {"examples": int(scores.logps.numel())}
+    if tokens:
+        out["nll_per_token"] = float(-scores.logps.sum() / tokens)
+        if scores.ref_logps is not None:
+            out["ref_nll_per_token"] = float(-scores.ref_logps.sum() / tokens)
+            out.update(kl_metrics(scores))
+    return out

@@ -4,42 +4,212 @@ Pure decisions on measured numbers, one result shape for all of them (`GateDecis
 reasons, metrics). Every check adds a reason, passed or not; `GateDecision.to_dict()` (passed,
 reasons and the metrics as flat keys) goes into the manifest and the job history.
 
-- `decide` (DPO / KTO candidates) passes only if
-  1. there are at least `min_heldout` held-out pairs to judge on,
-  2. its held-out preference accuracy (reference-free: the chosen answer gets the higher mean
-     log-probability per token, `losses.preference_accuracy`) beats the current version's on the
-     same pairs by more than `min_improvement`, and
-  3. its KL to the reference (mean per completion token on the held-out answers) is at most
-     `max_kl`.
-- `ppo_gate` (PPO candidates): the same three checks on held-out *prompts*, with the mean
-  reward-model score of sampled answers (same prompts, same seeds) in place of the accuracy.
-- `reward_model_gate` (reward models; recorded, never blocks publishing): held-out pairwise
-  accuracy above `min_accuracy`.
+Every gate knows its sample size. The candidate is compared with the current version on the
+SAME held-out units (pairs, or prompts for PPO); each unit is a win, a loss or a tie
+(`Paired`). Ties carry no information about which one is better and are left out (McNemar /
+the exact sign test); the wins out of the units that differ get an exact (Clopper-Pearson)
+two-sided interval at `confidence`, and a check passes only if the interval's LOWER end is above
+its threshold (0.5 + `min_improvement` for "candidate better than current"). Under the null
+(candidate no better: every differing unit a coin flip) a check passes with probability at most
+(1 - confidence) / 2: 5 % at the default confidence 0.9. Below `min_heldout` units no gate passes.
+
+- `decide` (DPO / KTO / SFT candidates), on held-out preference pairs:
+  1. at least `min_heldout` held-out pairs;
+  2. the paired comparison of `metric` ("implicit_reward", default: pair i is a win when
+     (log π_cand − log π_current)(chosen) − (…)(rejected) > 0, i.e. DPO's implicit reward
+     β·log π_cand/π_current ranks the voters' choice higher: the candidate moved towards what
+     voters preferred, relative to the version it would replace; "pref_accuracy": a win when the
+     candidate ranks the pair right by mean log-prob per token and the current version does
+     not) has its interval's lower end above 0.5 + `min_improvement`;
+  3. the candidate's KL to its reference (mean per completion token) is at most `max_kl`.
+  The reference-free preference accuracy of both versions is reported either way.
+- `ppo_gate` (PPO candidates), on held-out prompts: per prompt, the reward model's mean score of
+  the candidate's sampled answers vs the current version's (same seeds): a win when the
+  candidate's is higher. The same interval check (the reward model's win rate of candidate
+  generations over current generations), the same minimum and the same KL bound.
+- `reward_model_gate` (reward models; recorded, PPO refuses a failed one unless forced): at
+  least `min_pairs` held-out pairs and the interval of its pairwise accuracy (chosen scored
+  strictly higher; ties left out) above `min_accuracy`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from prefloop.server.errors import InvalidArgument
 
 DEFAULT_MAX_KL = 0.5  # nats per completion token
+DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
+DEFAULT_MIN_HELDOUT = 20
+METRICS = ("implicit_reward", "pref_accuracy")
+MISSING_HINT = "collect more votes, raise --heldout-fraction or lower --min-heldout-pairs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (exact, pure Python)
+
+
+def binomial_tail(k: int, n: int, p: float = 0.5) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    # sum in log space: n up to a few thousand without overflow
+    logs = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+            + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(X >= wins), X ~ Binomial(wins + losses, 1/2)."""
+    return binomial_tail(wins, wins + losses, 0.5)
+
+
+def _solve(f, target: float) -> float:
+    """p in [0, 1] with f(p) = target for f increasing in p (bisection to 1e-12)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """The exact two-sided `confidence` interval of a binomial proportion k / n
+    (each side (1 - confidence) / 2); (0, 1) when n == 0."""
+    if not 0.0 < confidence < 1.0:
+        raise InvalidArgument(f"confidence must be in (0, 1), got {confidence}")
+    if n < 0 or not 0 <= k <= n:
+        raise InvalidArgument(f"need 0 <= k <= n, got k={k}, n={n}")
+    alpha = (1.0 - confidence) / 2
+    # lower: P(X >= k | p) = alpha; upper: P(X >= k+1 | p) = 1 - alpha (both increasing in p)
+    lower = 0.0 if k == 0 else _solve(lambda p: binomial_tail(k, n, p), alpha)
+    upper = 1.0 if k == n else _solve(lambda p: binomial_tail(k + 1, n, p), 1.0 - alpha)
+    return lower, upper
+
+
+@dataclass(slots=True, frozen=True)
+class Paired:
+    """A paired comparison on held-out units: the candidate wins, loses or ties each one."""
+
+    wins: int
+    losses: int
+    ties: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.wins, self.losses, self.ties) < 0:
+            raise InvalidArgument("win / loss / tie counts must be >= 0")
+
+    @property
+    def units(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def differing(self) -> int:
+        return self.wins + self.losses
+
+    @property
+    def win_rate(self) -> float | None:
+        """Wins out of the units that differ (None when none does)."""
+        return self.wins / self.differing if self.differing else None
+
+    @classmethod
+    def from_differences(cls, differences: Iterable[float], tol: float = 0.0) -> "Paired":
+        """Counts from per-unit differences (candidate − current; > tol wins, < -tol loses)."""
+        wins = losses = ties = 0
+        for d in differences:
+            if d > tol:
+                wins += 1
+            elif d < -tol:
+                losses += 1
+            else:
+                ties += 1
+        return cls(wins, losses, ties)
+
+
+@dataclass(slots=True, frozen=True)
+class Comparison:
+    """The interval check of one `Paired`: is the win rate above `threshold` at `confidence`?"""
+
+    paired: Paired
+    confidence: float
+    threshold: float
+    lower: float
+    upper: float
+    p_value: float  # one-sided exact sign test against 1/2
+
+    @classmethod
+    def of(cls, paired: Paired, confidence: float, threshold: float = 0.5) -> "Comparison":
+        lower, upper = clopper_pearson(paired.wins, paired.differing, confidence)
+        return cls(paired, confidence, threshold, lower, upper,
+                   sign_test_p(paired.wins, paired.losses))
+
+    @property
+    def passed(self) -> bool:
+        return self.paired.differing > 0 and self.lower > self.threshold
+
+    def describe(self, what: str, unit: str) -> str:
+        """e.g. "implicit-reward win rate vs v0001 0.724 (21 wins, 8 losses, 0 ties of 29 pairs),
+        90% interval [0.56, 0.85]: lower end > 0.50"."""
+        p = self.paired
+        rate = "-" if p.win_rate is None else f"{p.win_rate:.3f}"
+        head = (f"{what} {rate} ({p.wins} wins, {p.losses} losses, {p.ties} ties of {p.units} "
+                f"{unit}), {self.confidence:.0%} interval [{self.lower:.3f}, {self.upper:.3f}]")
+        if not p.differing:
+            return f"{head}: no {unit} differ, nothing to judge on"
+        return (f"{head}: lower end {'>' if self.passed else '<='} {self.threshold:.3f} "
+                f"(one-sided sign-test p = {self.p_value:.3g})")
+
+    def to_metrics(self, prefix: str = "") -> dict[str, Any]:
+        p = self.paired
+        return {f"{prefix}wins": p.wins, f"{prefix}losses": p.losses, f"{prefix}ties": p.ties,
+                f"{prefix}win_rate": p.win_rate, f"{prefix}interval": [self.lower, self.upper],
+                f"{prefix}p_value": self.p_value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and result
 
 
 @dataclass(slots=True)
 class GateConfig:
     max_kl: float = DEFAULT_MAX_KL
-    min_improvement: float = 0.0
-    min_heldout: int = 1
+    min_improvement: float = 0.0  # the win rate's lower end must be above 0.5 + this
+    min_heldout: int = DEFAULT_MIN_HELDOUT
+    confidence: float = DEFAULT_CONFIDENCE
+    metric: str = "implicit_reward"  # decide(): implicit_reward | pref_accuracy
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
             raise InvalidArgument(f"max KL must be > 0, got {self.max_kl}")
-        if not -1.0 < self.min_improvement < 1.0:
-            raise InvalidArgument(f"min improvement must be in (-1, 1), got {self.min_improvement}")
+        if not -0.5 < self.min_improvement < 0.5:
+            raise InvalidArgument(
+                f"min improvement (of the win rate over 0.5) must be in (-0.5, 0.5), got "
+                f"{self.min_improvement}")
         if self.min_heldout < 1:
-            raise InvalidArgument("min held-out must be >= 1")
+            raise InvalidArgument("min held-out pairs must be >= 1")
+        if not 0.5 <= self.confidence < 1.0:
+            raise InvalidArgument(f"gate confidence must be in [0.5, 1), got {self.confidence}")
+        if self.metric not in METRICS:
+            raise InvalidArgument(f"gate metric {self.metric!r} is not one of {METRICS}")
+
+    @property
+    def threshold(self) -> float:
+        return 0.5 + self.min_improvement
+
+    def stated(self) -> dict[str, Any]:
+        return {"confidence": self.confidence, "min_heldout": self.min_heldout,
+                "max_kl": self.max_kl, "min_improvement": self.min_improvement}
 
 
 @dataclass(slots=True)
@@ -64,72 +234,113 @@ def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, st
                     f"{'<=' if within else '>'} bound {max_kl:g}")
 
 
-def _policy_gate(*, candidate: float | None, current: float | None, current_version: str | None,
-                 kl_per_token: float | None, heldout: int, config: GateConfig, unit: str,
-                 measure: str, missing: str, digits: int) -> tuple[bool, list[str]]:
-    """Enough held-out `unit`s, the candidate's `measure` beats the current version's by more
-    than `min_improvement`, KL within bound: (passed, reasons)."""
-    reasons: list[str] = []
-    ok = True
-    if heldout < config.min_heldout:
-        ok = False
-        reasons.append(f"only {heldout} held-out {unit}; the gate needs at least "
-                       f"{config.min_heldout}")
-    if candidate is None or current is None or not math.isfinite(candidate) \
-            or not math.isfinite(current):
+def enough_heldout(have: int, need: int, unit: str) -> tuple[bool, str]:
+    """The sample-size check: (passed, reason naming what is missing)."""
+    if have < need:
+        return False, f"needs >= {need} held-out {unit}, have {have}: {MISSING_HINT}"
+    return True, f"{have} held-out {unit} (>= {need})"
+
+
+def _policy_gate(comparison: Comparison | None, *, what: str, unit: str, heldout: int,
+                 kl_per_token: float | None, config: GateConfig, missing: str
+                 ) -> tuple[bool, list[str]]:
+    """Enough held-out units, the comparison's lower end above the threshold, KL in bound."""
+    ok, reasons = True, []
+    enough, reason = enough_heldout(heldout, config.min_heldout, unit)
+    ok &= enough
+    reasons.append(reason)
+    if comparison is None:
         ok = False
         reasons.append(f"no held-out {missing} to compare")
     else:
-        gain = candidate - current
-        beats = gain > config.min_improvement
-        ok = ok and beats
-        reasons.append(f"held-out {measure} {candidate:.{digits}f} "
-                       f"{'beats' if beats else 'does not beat'} current {current_version}'s "
-                       f"{current:.{digits}f} (gain {gain:+.{digits}f}, needs > "
-                       f"{config.min_improvement:+.{digits}f})")
+        ok &= comparison.passed
+        reasons.append(comparison.describe(what, unit))
     within, reason = kl_within_bound(kl_per_token, config.max_kl)
     reasons.append(reason)
     return ok and within, reasons
 
 
-def decide(*, candidate_accuracy: float | None, current_accuracy: float | None,
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def decide(*, implicit: Paired | None, accuracy: Paired | None,
+           candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig) -> GateDecision:
-    """The DPO / KTO gate (module docstring)."""
-    ok, reasons = _policy_gate(
-        candidate=candidate_accuracy, current=current_accuracy, current_version=current_version,
-        kl_per_token=kl_per_token, heldout=heldout_pairs, config=config, unit="pairs",
-        measure="preference accuracy", missing="preference accuracy", digits=3)
-    return GateDecision(ok, reasons, {
+    """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
+    candidate's log-ratio margin against the current version; `accuracy`: per pair, candidate
+    right and current wrong (win) or the reverse (loss); the accuracies are reported."""
+    chosen = implicit if config.metric == "implicit_reward" else accuracy
+    what = (f"implicit-reward win rate vs {current_version}" if config.metric == "implicit_reward"
+            else f"preference-accuracy win rate vs {current_version} (discordant pairs)")
+    comparison = Comparison.of(chosen, config.confidence, config.threshold) \
+        if chosen is not None else None
+    ok, reasons = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
+                               kl_per_token=kl_per_token, config=config,
+                               missing=config.metric.replace("_", " "))
+    reasons.append(f"reported: reference-free preference accuracy {_fmt(candidate_accuracy)} "
+                   f"vs current {current_version}'s {_fmt(current_accuracy)}")
+    metrics: dict[str, Any] = {
         "candidate_accuracy": candidate_accuracy, "current_accuracy": current_accuracy,
         "current_version": current_version, "kl_per_token": kl_per_token,
-        "max_kl": config.max_kl})
+        "metric": config.metric, "heldout_pairs": heldout_pairs, **config.stated()}
+    if comparison is not None:
+        metrics.update(comparison.to_metrics())
+    if implicit is not None:
+        metrics["implicit_reward_accuracy"] = implicit.win_rate
+        metrics["implicit"] = Comparison.of(implicit, config.confidence,
+                                            config.threshold).to_metrics()
+    if accuracy is not None:
+        metrics["accuracy_paired"] = Comparison.of(accuracy, config.confidence,
+                                                   config.threshold).to_metrics()
+    return GateDecision(ok, reasons, metrics)
 
 
-def ppo_gate(*, candidate_reward: float | None, current_reward: float | None,
-             current_version: str | None, kl_per_token: float | None, heldout_prompts: int,
+def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
+             current_reward: float | None, current_version: str | None,
+             kl_per_token: float | None, heldout_prompts: int,
              config: GateConfig) -> GateDecision:
-    """The PPO gate: mean held-out reward must beat the current version's (same prompts, same
-    seeds) by more than `min_improvement` (reward-model units), and the candidate's exact KL to
-    its base, per answer token, must stay <= `max_kl`."""
-    ok, reasons = _policy_gate(
-        candidate=candidate_reward, current=current_reward, current_version=current_version,
-        kl_per_token=kl_per_token, heldout=heldout_prompts, config=config, unit="prompts",
-        measure="mean reward", missing="reward", digits=4)
-    return GateDecision(ok, reasons, {
-        "metric": "heldout_reward", "candidate_reward": candidate_reward,
+    """The PPO gate: the reward model's win rate of the candidate's answers over the current
+    version's (per held-out prompt, mean score of the same-seed samples) must have its
+    interval's lower end above 0.5 + `min_improvement`, on at least `min_heldout` prompts, and
+    the candidate's exact KL to its base, per answer token, must stay <= `max_kl`. The mean
+    rewards are reported (reward-model units mean nothing across reward models)."""
+    comparison = Comparison.of(per_prompt, config.confidence, config.threshold) \
+        if per_prompt is not None else None
+    ok, reasons = _policy_gate(comparison, what=f"reward-model win rate vs {current_version}",
+                               unit="prompts", heldout=heldout_prompts,
+                               kl_per_token=kl_per_token, config=config, missing="rewards")
+    if candidate_reward is not None and current_reward is not None:
+        reasons.append(f"reported: mean reward {candidate_reward:.4f} vs current "
+                       f"{current_version}'s {current_reward:.4f}")
+    metrics: dict[str, Any] = {
+        "metric": "rm_win_rate", "candidate_reward": candidate_reward,
         "current_reward": current_reward, "current_version": current_version,
-        "kl_per_token": kl_per_token, "max_kl": config.max_kl,
-        "min_improvement": config.min_improvement})
+        "kl_per_token": kl_per_token, "heldout_prompts": heldout_prompts, **config.stated()}
+    if comparison is not None:
+        metrics.update(comparison.to_metrics())
+    return GateDecision(ok, reasons, metrics)
 
 
-def reward_model_gate(heldout: dict[str, Any], min_accuracy: float) -> GateDecision:
-    """A reward model's gate on its held-out pairwise metrics (`pairs`, `accuracy`)."""
+def reward_model_gate(heldout: dict[str, Any], min_accuracy: float, *,
+                      confidence: float = DEFAULT_CONFIDENCE,
+                      min_pairs: int = DEFAULT_MIN_HELDOUT) -> GateDecision:
+    """A reward model's gate on its held-out pairwise results: `pairs`, `accuracy` and the
+    counts `correct` / `wrong` / `ties` (chosen scored higher / lower / equal)."""
     pairs, acc = int(heldout.get("pairs", 0)), heldout.get("accuracy")
+    metrics: dict[str, Any] = {"heldout_accuracy": acc, "min_accuracy": min_accuracy,
+                               "confidence": confidence, "min_heldout": min_pairs,
+                               "heldout_pairs": pairs}
     if pairs < 1 or acc is None:
-        return GateDecision(False, ["no held-out pairs to measure accuracy on"],
-                            {"heldout_accuracy": None, "min_accuracy": min_accuracy})
-    ok = acc > min_accuracy
-    return GateDecision(ok, [f"held-out pairwise accuracy {acc:.3f} on {pairs} pairs "
-                             f"{'>' if ok else '<='} {min_accuracy:.3f}"],
-                        {"heldout_accuracy": acc, "min_accuracy": min_accuracy})
+        return GateDecision(False, [enough_heldout(pairs, min_pairs, "pairs")[1],
+                                    "no held-out pairs to measure accuracy on"], metrics)
+    paired = Paired(int(heldout.get("correct", round(acc * pairs))),
+                    int(heldout.get("wrong", pairs - round(acc * pairs))),
+                    int(heldout.get("ties", 0)))
+    comparison = Comparison.of(paired, confidence, min_accuracy)
+    enough, reason = enough_heldout(pairs, min_pairs, "pairs")
+    metrics.update(comparison.to_metrics())
+    return GateDecision(enough and comparison.passed,
+                        [reason, comparison.describe("held-out pairwise accuracy", "pairs")],
+                        metrics)

@@ -106,23 +106,24 @@ def test_preference_accuracy_and_token_kl():
 
 
 def test_gate_decisions_always_give_reasons():
-    cfg = gate.GateConfig(max_kl=0.1)
-    ok = gate.decide(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0001",
-                     kl_per_token=0.05, heldout_pairs=10, config=cfg)
-    assert ok.passed and len(ok.reasons) == 2
-    assert "0.800 beats current v0001's 0.600" in ok.reasons[0]
-    same = gate.decide(candidate_accuracy=0.6, current_accuracy=0.6, current_version="v0001",
-                       kl_per_token=0.05, heldout_pairs=10, config=cfg)
-    assert not same.passed and "does not beat" in same.reasons[0]
-    drift = gate.decide(candidate_accuracy=0.9, current_accuracy=0.6, current_version="v0001",
-                        kl_per_token=0.5, heldout_pairs=10, config=cfg)
-    assert not drift.passed and "> bound 0.1" in drift.reasons[1]
-    empty = gate.decide(candidate_accuracy=float("nan"), current_accuracy=0.5,
-                        current_version="v0000", kl_per_token=None, heldout_pairs=0, config=cfg)
-    assert not empty.passed and len(empty.reasons) == 3
-    strict = gate.GateConfig(min_improvement=0.25)
-    assert not gate.decide(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0",
-                           kl_per_token=0.0, heldout_pairs=5, config=strict).passed
+    """One reason per check (count, comparison, KL) plus the reported accuracies; the paired
+    statistics themselves are tested in closed form in test_align_gate.py."""
+    cfg = gate.GateConfig(max_kl=0.1, min_heldout=10)
+    kw = dict(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0001",
+              heldout_pairs=10, config=cfg)
+    ok = gate.decide(implicit=gate.Paired(10, 0), accuracy=gate.Paired(2, 0, 8),
+                     kl_per_token=0.05, **kw)
+    assert ok.passed and len(ok.reasons) == 4
+    assert "10 wins, 0 losses, 0 ties of 10 pairs" in ok.reasons[1]
+    same = gate.decide(implicit=gate.Paired(5, 5), accuracy=None, kl_per_token=0.05, **kw)
+    assert not same.passed and "<= 0.500" in same.reasons[1]
+    drift = gate.decide(implicit=gate.Paired(10, 0), accuracy=None, kl_per_token=0.5, **kw)
+    assert not drift.passed and "> bound 0.1" in drift.reasons[2]
+    empty = gate.decide(implicit=None, accuracy=None, candidate_accuracy=float("nan"),
+                        current_accuracy=0.5, current_version="v0000", kl_per_token=None,
+                        heldout_pairs=0, config=cfg)
+    assert not empty.passed and len(empty.reasons) == 4
+    assert empty.reasons[0].startswith("needs >= 10 held-out pairs, have 0")
     with pytest.raises(InvalidArgument):
         gate.GateConfig(max_kl=0)
 

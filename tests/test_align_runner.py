@@ -156,28 +156,28 @@ def test_publish_copies_the_base_tokenizer_files(registry, kind):
 
 
 def test_every_gate_has_one_shape_with_the_old_keys():
-    cfg = gate.GateConfig(max_kl=0.1)
-    dpo = gate.decide(candidate_accuracy=0.8, current_accuracy=0.6, current_version="v0001",
-                      kl_per_token=0.05, heldout_pairs=10, config=cfg).to_dict()
-    assert set(dpo) == {"passed", "reasons", "candidate_accuracy", "current_accuracy",
-                        "current_version", "kl_per_token", "max_kl"}
-    ppo = gate.ppo_gate(candidate_reward=0.5, current_reward=0.25, current_version="v0001",
-                        kl_per_token=0.2, heldout_prompts=0, config=cfg)
+    cfg = gate.GateConfig(max_kl=0.1, min_heldout=10)
+    dpo = gate.decide(implicit=gate.Paired(9, 1), accuracy=None, candidate_accuracy=0.8,
+                      current_accuracy=0.6, current_version="v0001", kl_per_token=0.05,
+                      heldout_pairs=10, config=cfg).to_dict()
+    assert {"passed", "reasons", "candidate_accuracy", "current_accuracy", "current_version",
+            "kl_per_token", "max_kl", "wins", "losses", "ties", "interval", "confidence",
+            "min_heldout", "heldout_pairs", "metric"} <= set(dpo)
+    ppo = gate.ppo_gate(per_prompt=gate.Paired(0, 0), candidate_reward=0.5, current_reward=0.25,
+                        current_version="v0001", kl_per_token=0.2, heldout_prompts=0, config=cfg)
     assert isinstance(ppo, gate.GateDecision) and not ppo.passed
-    assert ppo.reasons == [
-        "only 0 held-out prompts; the gate needs at least 1",
-        "held-out mean reward 0.5000 beats current v0001's 0.2500 (gain +0.2500, needs > +0.0000)",
-        "KL to the reference 0.2000 nats/token > bound 0.1"]
-    assert set(ppo.to_dict()) == {"passed", "reasons", "metric", "candidate_reward",
-                                  "current_reward", "current_version", "kl_per_token", "max_kl",
-                                  "min_improvement"}
-    assert ppo.to_dict()["metric"] == "heldout_reward"
-    missing = gate.ppo_gate(candidate_reward=None, current_reward=0.1, current_version="v0",
-                            kl_per_token=0.0, heldout_prompts=3, config=cfg)
-    assert not missing.passed and missing.reasons[0] == "no held-out reward to compare"
-    rm = gate.reward_model_gate({"pairs": 4, "accuracy": 0.75}, 0.5)
-    assert rm.passed and rm.to_dict() == {
-        "passed": True, "heldout_accuracy": 0.75, "min_accuracy": 0.5,
-        "reasons": ["held-out pairwise accuracy 0.750 on 4 pairs > 0.500"]}
+    assert ppo.reasons[0] == ("needs >= 10 held-out prompts, have 0: collect more votes, raise "
+                              "--heldout-fraction or lower --min-heldout-pairs")
+    assert ppo.reasons[2] == "KL to the reference 0.2000 nats/token > bound 0.1"
+    assert {"passed", "reasons", "metric", "candidate_reward", "current_reward",
+            "current_version", "kl_per_token", "max_kl", "min_improvement"} <= set(ppo.to_dict())
+    assert ppo.to_dict()["metric"] == "rm_win_rate"
+    missing = gate.ppo_gate(per_prompt=None, candidate_reward=None, current_reward=0.1,
+                            current_version="v0", kl_per_token=0.0, heldout_prompts=3,
+                            config=cfg)
+    assert not missing.passed and missing.reasons[1] == "no held-out rewards to compare"
+    rm = gate.reward_model_gate({"pairs": 4, "accuracy": 0.75}, 0.5, min_pairs=4)
+    assert not rm.passed  # 3 of 4: the 90% interval reaches below 0.5
+    assert rm.to_dict()["heldout_accuracy"] == 0.75 and rm.to_dict()["min_accuracy"] == 0.5
     none = gate.reward_model_gate({"pairs": 0}, 0.5)
-    assert not none.passed and none.metrics == {"heldout_accuracy": None, "min_accuracy": 0.5}
+    assert not none.passed and none.metrics["heldout_accuracy"] is None

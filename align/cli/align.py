@@ -5,11 +5,12 @@ method in one command module.
                          [--loss sigmoid|ipo|hinge|robust] [--epochs N] [--lr LR] [--lora]
                          [--max-pairs N] [--promote]
     prefloop align kto   --data-dir DIR [...]                  thumbs up/down (KTOTrainer)
+    prefloop align sft   --data-dir DIR [...]                  users' own / top-rated answers
     prefloop align rm    --data-dir DIR [--base VERSION] [--margin] [--train-layers N] ...
     prefloop align score --data-dir DIR --rm VERSION [--since DATE] [--rescore]
     prefloop align ppo   --data-dir DIR --rm VERSION [--steps N] [--beta 0.05] [--adaptive-kl]
                          [--plot] [--promote] ...
-    prefloop align run   --data-dir DIR [--method dpo|kto|ppo] [--min-new-pairs N] [--auto-promote]
+    prefloop align run   --data-dir DIR [--method dpo|kto|sft|ppo] [--min-new-pairs N] [--auto-promote]
     prefloop align schedule --every 6h [run options]           `align run` on a timer
     prefloop align jobs  --data-dir DIR [--json]               the job history
 
@@ -95,14 +96,32 @@ def _evaluation(g, *, eval_batch_size: int) -> None:
     g.add_argument("--device", default=None, help="evaluation device (default cuda if present)")
 
 
-def _gate(p: argparse.ArgumentParser, improvement: str) -> None:
-    gate = p.add_argument_group("eval gate")
+def _gate_statistics(g) -> None:
+    g.add_argument("--gate-confidence", type=float, default=0.9, metavar="C",
+                   help="confidence of the gate's exact two-sided interval; it passes only if "
+                        "the interval's lower end clears the bar, so a candidate no better "
+                        "passes at most (1-C)/2 of the time (default %(default)s: 5%%)")
+    g.add_argument("--min-heldout-pairs", type=int, default=20, metavar="N",
+                   help="the gate never passes on fewer held-out pairs (ppo: prompts) "
+                        "(default %(default)s)")
+
+
+def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool = False) -> None:
+    gate = p.add_argument_group("eval gate (docs/align.md)")
     gate.add_argument("--max-kl", type=float, default=None,
                       help="largest KL(candidate ‖ reference) per held-out answer token, nats "
                            "(default 0.5)")
     gate.add_argument("--min-improvement", type=float, default=0.0,
-                      help=f"{improvement} must beat the current version's by more than this "
+                      help=f"{improvement}: the interval's lower end must be above 0.5 + this "
                            "(default 0)")
+    _gate_statistics(gate)
+    if policy_metric:
+        gate.add_argument("--gate-metric", default="implicit_reward",
+                          choices=["implicit_reward", "pref_accuracy"],
+                          help="paired comparison with the current version on held-out pairs: "
+                               "implicit_reward (the candidate's log-ratio to the current "
+                               "version ranks the voters' choice higher; default) or "
+                               "pref_accuracy (discordant pairs of reference-free accuracy)")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -134,7 +153,7 @@ def _common(p: argparse.ArgumentParser, method: str | None) -> None:
     d.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="use only the newest N pairs (kto: examples)")
     _evaluation(d, eval_batch_size=4)
-    _gate(p, "held-out preference accuracy")
+    _gate(p, "win rate over the current version on held-out pairs", policy_metric=True)
     _json(p)
 
 
@@ -159,7 +178,9 @@ def add_rm_arguments(p: argparse.ArgumentParser) -> None:
                         "differently rated answers to one prompt)")
     _evaluation(d, eval_batch_size=8)
     d.add_argument("--min-accuracy", type=float, default=0.5,
-                   help="gate: held-out pairwise accuracy must be above this (default 0.5)")
+                   help="gate: the interval of the held-out pairwise accuracy must lie above "
+                        "this (default 0.5)")
+    _gate_statistics(d)
     d.add_argument("--max-train-eval", type=int, default=256, metavar="N",
                    help="newest N training pairs scored for the train accuracy (0: none)")
     _json(p)
@@ -236,7 +257,7 @@ def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per rollout per device")
     _seed_bf16(p)
     _evaluation(p, eval_batch_size=8)
-    _gate(p, "held-out mean reward (reward-model units)")
+    _gate(p, "reward-model win rate of its answers over the current version's")
     add_ppo_run_arguments(p, title="PPO")
     p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
     _keep_rejected(p)
@@ -252,8 +273,8 @@ def _keep_rejected(p: argparse.ArgumentParser) -> None:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `align run` (also accepted by `align schedule`, which passes them on)."""
     _common(p, None)
-    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "ppo"],
-                   help="dpo | kto | ppo (ppo needs --rm VERSION)")
+    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "sft", "ppo"],
+                   help="dpo | kto | sft | ppo (ppo needs --rm VERSION)")
     add_ppo_run_arguments(p)
     p.add_argument("--min-new-pairs", type=int, default=8, metavar="N",
                    help="skip the job unless N rows are newer than any job has seen "
@@ -269,7 +290,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="align_command",
-                                metavar="{dpo,kto,rm,score,ppo,run,schedule,jobs}", required=True)
+                                metavar="{dpo,kto,sft,rm,score,ppo,run,schedule,jobs}",
+                                required=True)
     dpo = sub.add_parser("dpo", help="train a candidate with DPO on preference pairs",
                          description="Train a candidate with TRL's DPOTrainer on the preference "
                                      "pairs of the log, evaluate it on the newest pairs, gate "
@@ -277,7 +299,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kto = sub.add_parser("kto", help="train a candidate with KTO on thumbs up/down",
                          description="Like `align dpo`, from labelled answers (ratings; each "
                                      "preference gives one good and one bad answer).")
-    for p, method in ((dpo, "dpo"), (kto, "kto")):
+    sft = sub.add_parser("sft", help="supervised fine-tuning on users' own and top-rated answers",
+                         description="Train a candidate with TRL's SFTTrainer on what users "
+                                     "wrote themselves (text-form preferences), the chosen "
+                                     "answers of preferences and top-rated answers (thumbs up, "
+                                     "4-5 stars); gate it on the held-out window's preference "
+                                     "pairs and publish it. It can be the --base of a later dpo "
+                                     "/ rm / ppo job.")
+    for p, method in ((dpo, "dpo"), (kto, "kto"), (sft, "sft")):
         _common(p, method)
         p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
         _keep_rejected(p)
@@ -326,7 +355,9 @@ def _incremental(args: argparse.Namespace) -> bool:
 def _gate_config(args: argparse.Namespace):
     from prefloop.align.gate import DEFAULT_MAX_KL, GateConfig
     return GateConfig(max_kl=args.max_kl if args.max_kl is not None else DEFAULT_MAX_KL,
-                      min_improvement=args.min_improvement)
+                      min_improvement=args.min_improvement,
+                      confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
+                      metric=getattr(args, "gate_metric", None) or "implicit_reward")
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:
@@ -344,7 +375,7 @@ def job_config(args: argparse.Namespace):
     from prefloop.align.jobs.preference import JobConfig
     from prefloop.align.train.preference import TrainConfig
 
-    method = args.align_command if args.align_command in ("dpo", "kto") else args.method
+    method = args.align_command if args.align_command in ("dpo", "kto", "sft") else args.method
     train = TrainConfig(
         method=method, beta=args.beta, loss=getattr(args, "loss", "sigmoid") or "sigmoid",
         label_smoothing=getattr(args, "label_smoothing", 0.0), epochs=args.epochs,
@@ -378,6 +409,7 @@ def rm_job_config(args: argparse.Namespace):
                        model=args.model, cache_dir=args.cache_dir, since=args.since,
                        max_pairs=args.max_pairs, pairs_from_ratings=not args.no_pairs_from_ratings,
                        heldout_fraction=args.heldout_fraction, min_accuracy=args.min_accuracy,
+                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                        eval_batch_size=args.eval_batch_size,
                        max_train_eval=args.max_train_eval, device=args.device)
 
@@ -497,10 +529,17 @@ def format_result(result) -> str:
     else:
         if train or held:
             lines += _table(train, held, _PREFERENCE_ROWS, 22)
+        sft = held.get("sft") or {}
+        if sft:
+            lines.append(f"held-out SFT examples {sft.get('examples')}: NLL/token "
+                         f"{_fmt(sft.get('nll_per_token'), 4)} (base "
+                         f"{_fmt(sft.get('ref_nll_per_token'), 4)})")
         cur = metrics.get("current") or {}
         if cur:
             lines.append(f"current {cur.get('version')}: held-out pref accuracy "
-                         f"{_fmt(cur.get('heldout_pref_accuracy'))} ({metrics.get('gate_basis')})")
+                         f"{_fmt(cur.get('heldout_pref_accuracy'))}; candidate's implicit-reward "
+                         f"accuracy vs it {_fmt(held.get('implicit_reward_accuracy_vs_current'))}"
+                         f" ({metrics.get('gate_basis')})")
     return "\n".join(lines + format_gate(r) + next_steps(r))
 
 

@@ -1,7 +1,9 @@
 """The PPO job (`prefloop align ppo`, `prefloop align run --method ppo`): prompts of the log ->
-time split -> `train.ppo.train_ppo` against a reward model -> mean reward of the candidate and of
-the current version on the held-out prompts (same seeds) and the candidate's KL to its base ->
-`gate.ppo_gate` -> publish (kind "policy", method "ppo") -> promote.
+time split -> `train.ppo.train_ppo` against a reward model -> answers of the candidate and of the
+current version sampled on the held-out prompts (same seeds), scored by the reward model: per
+prompt a win, loss or tie for the candidate; the candidate's KL to its base -> `gate.ppo_gate`
+(the reward model's win rate with an interval, minimum held-out prompts, KL bound) -> publish
+(kind "policy", method "ppo") -> promote.
 
 It runs on the skeleton of align/jobs/runner.py (job lock and history, base resolution, split,
 publish, conclude). The prompts are every distinct prompt of `generations` and of explicit
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateConfig, GateDecision, ppo_gate
+from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate
 from prefloop.align.jobs import runner
 from prefloop.align.jobs.reward import reward_model_version
 from prefloop.align.train.ppo import PPOConfig
@@ -187,9 +189,23 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
                                        progress=f"evaluating {current}", **kw)
         del current_model
     del reference, rm
+    per_prompt = per_prompt_outcomes(candidate.pop("rewards", []),
+                                     current_eval.pop("rewards", []), cfg.eval_samples)
     result.metrics["heldout"] = candidate
     result.metrics["current"] = dict(current_eval, version=current)
     return ppo_gate(
-        candidate_reward=candidate.get("reward"), current_reward=current_eval.get("reward"),
-        current_version=current, kl_per_token=candidate.get("kl_per_token"),
-        heldout_prompts=len(heldout), config=cfg.gate)
+        per_prompt=per_prompt, candidate_reward=candidate.get("reward"),
+        current_reward=current_eval.get("reward"), current_version=current,
+        kl_per_token=candidate.get("kl_per_token"), heldout_prompts=len(heldout),
+        config=cfg.gate)
+
+
+def per_prompt_outcomes(candidate: list[float], current: list[float], samples: int
+                        ) -> Paired | None:
+    """Per held-out prompt, the reward model's mean score of the candidate's answers minus the
+    current version's (same seeds): a win, a loss or a tie. None without rewards."""
+    if not candidate or len(candidate) != len(current):
+        return None
+    diffs = [sum(candidate[i:i + samples]) / samples - sum(current[i:i + samples]) / samples
+             for i in range(0, len(candidate), samples)]
+    return Paired.from_differences(diffs, 1e-9)

@@ -1,11 +1,13 @@
-"""The DPO / KTO job (`prefloop align dpo|kto|run`): log -> time split -> train (TRL) ->
-evaluate -> gate -> publish -> promote.
+"""The DPO / KTO / SFT job (`prefloop align dpo|kto|sft|run`): log -> time split -> train
+(TRL) -> evaluate -> gate -> publish -> promote.
 
 `run_job(JobConfig)` runs on the skeleton of align/jobs/runner.py (job lock and history, base
 resolution, the new-rows split with the watermark of `align run`, publish, conclude). What is
-its own: which rows it trains on (preference pairs for DPO, labelled answers for KTO), the
-evaluation (train / held-out pair or example metrics against the frozen reference, the current
-version's held-out preference accuracy on the same pairs) and the DPO/KTO gate (`gate.decide`).
+its own: which rows it trains on (preference pairs for DPO, labelled answers for KTO, the
+users' own and top-rated answers for SFT: `data.load_sft_examples`), the evaluation (train /
+held-out metrics against the frozen reference; the candidate against the current version on
+the same held-out pairs — for SFT the preference pairs of the held-out window) and the gate
+(`gate.decide`: paired test, minimum held-out pairs, KL bound).
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list[dict], dt.d
         rows = data_mod.load_pairs(cfg.data_dir, since=cfg.since, after=after,
                                    max_pairs=cfg.max_rows,
                                    pairs_from_ratings=cfg.pairs_from_ratings)
+    elif cfg.train.method == "sft":
+        rows = data_mod.load_sft_examples(cfg.data_dir, since=cfg.since, after=after,
+                                          max_examples=cfg.max_rows)
     else:
         rows = data_mod.load_examples(cfg.data_dir, since=cfg.since, after=after,
                                       max_examples=cfg.max_rows)
@@ -97,8 +102,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     if split is None:
         return result
     base_dir = registry.version_dir(base)
-    trl_rows = (data_mod.trl_pairs(split.train) if method == "dpo"
-                else data_mod.trl_examples(split.train))
+    trl_rows = {"dpo": data_mod.trl_pairs, "sft": data_mod.trl_sft,
+                "kto": data_mod.trl_examples}[method](split.train)
     if train_fn is None:
         from prefloop.align.train.preference import train as train_fn
     trained = train_fn(base_dir, trl_rows, cfg.train)
@@ -127,10 +132,25 @@ def _training_summary(trained) -> dict[str, Any]:
                 last_log={k: v for k, v in last.items() if isinstance(v, (int, float))})
 
 
+def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[dict]:
+    """An SFT job's gate pairs: the log's preference pairs (and rating pairs) of the held-out
+    window, less those whose chosen answer the job trained on."""
+    if split.cutoff is None:
+        return []
+    trained = data_mod.sft_answer_keys(split.train)
+    pairs = data_mod.load_pairs(cfg.data_dir, since=split.cutoff, after=after,
+                                pairs_from_ratings=True)
+    return [p for p in pairs if not data_mod.sft_answer_keys(
+        [{"prompt": p["prompt"], "completion": p["chosen"]}]) <= trained]
+
+
 def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path, trained,
               split: data_mod.Split, result: runner.JobResult) -> GateDecision:
-    """Train / held-out metrics of the candidate against its reference, the current version's
-    held-out preference accuracy, and the gate decision."""
+    """Train / held-out metrics of the candidate against its reference; the candidate against
+    the current version on the same held-out pairs (paired counts, align/gate.py); the gate.
+
+    The candidate's scores come from `trained.model` (the weights just trained); the current
+    version's from the reference pass when it is the base, else from its own registry folder."""
     from prefloop.align import evaluate as ev
     from prefloop.align.train.common import load_causal_lm
 
@@ -141,60 +161,86 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     kw = dict(batch_size=cfg.eval_batch_size, max_length=tc.max_length)
     train_rows = split.train[-cfg.max_train_eval:] if cfg.max_train_eval else []
     current = registry.current()
+    pair_kw = dict(beta=tc.beta, loss_type=tc.loss if tc.method == "dpo" else "sigmoid",
+                   label_smoothing=tc.label_smoothing if tc.method == "dpo" else 0.0)
+    labels: list[bool] = []
+    example_scores = None
     if tc.method == "dpo":
-        loss_kw = dict(beta=tc.beta, loss_type=tc.loss, label_smoothing=tc.label_smoothing)
         gate_pairs = split.heldout
         if train_rows:
             result.metrics["train"] = ev.pair_metrics(ev.score_pairs(
                 policy, tok, train_rows, reference=reference, progress="scoring train pairs",
-                **kw), **loss_kw)
-        held = ev.score_pairs(policy, tok, gate_pairs, reference=reference,
-                              progress="scoring held-out pairs", **kw)
-        heldout = ev.pair_metrics(held, **loss_kw)
+                **kw), **pair_kw)
         basis = "held-out preference pairs"
-        ref_accuracy = heldout.get("ref_pref_accuracy")
+        heldout: dict[str, Any] = {}
+    elif tc.method == "sft":
+        if train_rows:
+            result.metrics["train"] = ev.sft_metrics(ev.score_examples(
+                policy, tok, train_rows, reference=reference, progress="scoring train examples",
+                **kw))
+        heldout = {"sft": ev.sft_metrics(ev.score_examples(
+            policy, tok, split.heldout, reference=reference,
+            progress="scoring held-out examples", **kw))} if split.heldout else {}
+        gate_pairs = _sft_gate_pairs(cfg, split, runner.watermark(registry)
+                                     if cfg.incremental else None)
+        basis = "preference pairs of the held-out window (chosen answers not trained on)"
     else:
         labels = [bool(r["label"]) for r in split.heldout]
         if train_rows:
             result.metrics["train"] = ev.example_metrics(ev.score_examples(
                 policy, tok, train_rows, reference=reference, progress="scoring train examples",
                 **kw), [bool(r["label"]) for r in train_rows], beta=tc.beta)
-        held = ev.score_examples(policy, tok, split.heldout, reference=reference,
-                                 progress="scoring held-out examples", **kw)
-        heldout = ev.example_metrics(held, labels, beta=tc.beta)
-        gate_pairs = data_mod.pairs_from_examples(split.heldout) or None
-        if gate_pairs:
-            pm = ev.pair_metrics(ev.score_pairs(policy, tok, gate_pairs, reference=reference,
-                                                **kw), beta=tc.beta)
-            heldout["pref_accuracy"], heldout["pairs"] = pm["pref_accuracy"], pm["pairs"]
-            ref_accuracy = pm.get("ref_pref_accuracy")
-            basis = "same-prompt (desirable, undesirable) held-out pairs"
-        else:
-            heldout["pref_accuracy"] = ev.cross_prompt_accuracy(held, labels)
-            ref_accuracy = ev.cross_prompt_accuracy(ev.Scores(held.ref_logps, held.tokens), labels)
-            heldout["pairs"] = sum(labels) * (len(labels) - sum(labels))
-            basis = "all (desirable, undesirable) held-out examples, mean per-token log-prob"
+        example_scores = ev.score_examples(policy, tok, split.heldout, reference=reference,
+                                           progress="scoring held-out examples", **kw)
+        heldout = ev.example_metrics(example_scores, labels, beta=tc.beta)
+        gate_pairs = data_mod.pairs_from_examples(split.heldout)
+        basis = ("same-prompt (desirable, undesirable) held-out pairs" if gate_pairs else
+                 "all held-out examples (label vs direction of the candidate's log-ratio to the "
+                 "current version); reported accuracy: mean per-token log-prob AUC")
+    outcomes: dict[str, Any] = {}
+    if gate_pairs:
+        held = ev.score_pairs(policy, tok, gate_pairs, reference=reference,
+                              progress="scoring held-out pairs", **kw)
+        heldout.update(ev.pair_metrics(held, **pair_kw))
+        current_scores = (ev.Scores(held.ref_logps, held.tokens) if current in (None, base)
+                          else _current_scores(cfg, registry, current, tok, gate_pairs, None,
+                                               dev))
+        outcomes = ev.paired_pair_outcomes(held, current_scores, beta=tc.beta)
+        current_accuracy = ev.preference_accuracy(
+            *(s.logps / s.tokens.clamp(min=1)
+              for s in ev.split_pair_scores(current_scores)))
+        heldout_units = len(gate_pairs)
+    elif example_scores is not None and labels:  # kto, no prompt has both kinds of answers
+        heldout["pref_accuracy"] = ev.cross_prompt_accuracy(example_scores, labels)
+        current_scores = (ev.Scores(example_scores.ref_logps, example_scores.tokens)
+                          if current in (None, base)
+                          else _current_scores(cfg, registry, current, tok, None, split.heldout,
+                                               dev))
+        current_accuracy = ev.cross_prompt_accuracy(current_scores, labels)
+        outcomes["implicit"] = ev.paired_example_outcomes(example_scores, current_scores, labels)
+        heldout_units = len(labels)
+    else:
+        current_accuracy, heldout_units = None, 0
+    heldout.setdefault("pairs", heldout_units)
+    for key in ("implicit_reward_accuracy", "implicit_reward_margin"):
+        if key in outcomes:
+            heldout[f"{key}_vs_current"] = outcomes[key]
     result.metrics["heldout"] = heldout
     result.metrics["gate_basis"] = basis
     del reference
-    if current == base or current is None:
-        current_accuracy = ref_accuracy
-    else:
-        current_accuracy = _current_accuracy(cfg, registry, current, tok, split, gate_pairs,
-                                             dev)
     result.metrics["current"] = {"version": current, "heldout_pref_accuracy": current_accuracy}
     policy.to("cpu")
-    return decide(candidate_accuracy=heldout.get("pref_accuracy"),
+    return decide(implicit=outcomes.get("implicit"), accuracy=outcomes.get("accuracy"),
+                  candidate_accuracy=heldout.get("pref_accuracy"),
                   current_accuracy=current_accuracy, current_version=current,
-                  kl_per_token=heldout.get("kl_per_token"), heldout_pairs=int(heldout["pairs"]),
+                  kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
                   config=cfg.gate)
 
 
-def _current_accuracy(cfg: JobConfig, registry: reg.Registry, current: str, tok,
-                      split: data_mod.Split, gate_pairs: list | None, device: str
-                      ) -> float | None:
-    """The current version's held-out preference accuracy on the gate's pairs (or, for KTO
-    without same-prompt pairs, on all held-out examples)."""
+def _current_scores(cfg: JobConfig, registry: reg.Registry, current: str, tok,
+                    gate_pairs: list | None, examples: list | None, device: str):
+    """The current version's scores (its own weights, from its registry folder) on the gate's
+    pairs, or on the held-out examples (KTO without same-prompt pairs)."""
     from prefloop.align import evaluate as ev
     from prefloop.align.train.common import load_causal_lm
 
@@ -202,11 +248,8 @@ def _current_accuracy(cfg: JobConfig, registry: reg.Registry, current: str, tok,
     kw = dict(batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length)
     try:
         if gate_pairs is not None:
-            scores = ev.score_pairs(model, tok, gate_pairs,
-                                    progress=f"scoring held-out pairs with {current}", **kw)
-            return ev.pair_metrics(scores, beta=cfg.train.beta)["pref_accuracy"]
-        labels = [bool(r["label"]) for r in split.heldout]
-        scores = ev.score_examples(model, tok, split.heldout, **kw)
-        return ev.cross_prompt_accuracy(scores, labels)
+            return ev.score_pairs(model, tok, gate_pairs,
+                                  progress=f"scoring held-out pairs with {current}", **kw)
+        return ev.score_examples(model, tok, examples, **kw)
     finally:
         del model

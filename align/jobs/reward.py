@@ -6,7 +6,8 @@
   derived from ratings with their rating difference as margin) -> time split (newest pairs held
   out) -> TRL RewardTrainer -> pairwise accuracy on train / held-out pairs -> published as a
   version of kind "reward" (`method: "rm"`). Its gate (`gate.reward_model_gate`; recorded, never
-  blocks publishing; reward models are never served): held-out accuracy > `min_accuracy`. PPO
+  blocks publishing; reward models are never served): at least `min_heldout` held-out pairs and
+  the exact `confidence` interval of the held-out accuracy above `min_accuracy`. PPO
   refuses a reward model whose gate failed unless forced (`reward_model_version`).
 - Scoring (`score_log`): the logged generations a reward model has not scored yet -> the
   `scores` table (align/scores.py).
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import reward_model_gate
+from prefloop.align.gate import DEFAULT_CONFIDENCE, DEFAULT_MIN_HELDOUT, reward_model_gate
 from prefloop.align.jobs import runner
 from prefloop.align.train.reward import RewardTrainConfig
 from prefloop.server import registry as reg
@@ -54,7 +55,9 @@ class RMJobConfig:
     max_pairs: int | None = None
     pairs_from_ratings: bool = True
     heldout_fraction: float = 0.2
-    min_accuracy: float = 0.5  # the gate: held-out pairwise accuracy must be above this
+    min_accuracy: float = 0.5  # the gate: held-out pairwise accuracy's lower end above this
+    confidence: float = DEFAULT_CONFIDENCE  # of the gate's interval (two-sided, exact)
+    min_heldout: int = DEFAULT_MIN_HELDOUT  # held-out pairs the gate needs
     eval_batch_size: int = 8
     max_train_eval: int = 256
     device: str | None = None
@@ -65,6 +68,8 @@ class RMJobConfig:
             reg.version_number(self.base)
         if not 0.0 <= self.min_accuracy < 1.0:
             raise InvalidArgument("min accuracy must be in [0, 1)")
+        if not 0.5 <= self.confidence < 1.0 or self.min_heldout < 1:
+            raise InvalidArgument("gate confidence must be in [0.5, 1), min held-out >= 1")
         if self.max_pairs is not None and self.max_pairs < 2:
             raise InvalidArgument("max pairs must be >= 2 (one to train on, one to hold out)")
 
@@ -118,19 +123,25 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
         chosen, rejected = score_pairs(model, tokenizer, pairs, progress=label, **kw)
         margins = torch.tensor([float(p.get("margin") or 0.0) for p in pairs]) \
             if cfg.train.margin else None
-        return pairwise_metrics(chosen, rejected, margins)
+        out = pairwise_metrics(chosen, rejected, margins)
+        diff = chosen.double() - rejected.double()
+        out.update(correct=int((diff > 0).sum()), wrong=int((diff < 0).sum()),
+                   ties=int((diff == 0).sum()))
+        return out
 
     train_rows = split.train[-cfg.max_train_eval:] if cfg.max_train_eval else []
     if train_rows:
         result.metrics["train"] = metrics(train_rows, "scoring train pairs")
     result.metrics["heldout"] = metrics(split.heldout, "scoring held-out pairs") \
         if split.heldout else {"pairs": 0}
-    decision = reward_model_gate(result.metrics["heldout"], cfg.min_accuracy)
+    decision = reward_model_gate(result.metrics["heldout"], cfg.min_accuracy,
+                                 confidence=cfg.confidence, min_pairs=cfg.min_heldout)
     result.gate = decision.to_dict()
     model.to("cpu")
     hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                  pairs_from_ratings=cfg.pairs_from_ratings, max_pairs=cfg.max_pairs,
-                 min_accuracy=cfg.min_accuracy)
+                 min_accuracy=cfg.min_accuracy, gate_confidence=cfg.confidence,
+                 min_heldout_pairs=cfg.min_heldout)
     result.version = runner.publish(registry, model, base_dir, kind=reg.KIND_REWARD, method="rm",
                              parent=base, hyperparameters=hyper, data=result.data,
                              metrics=result.metrics, gate=result.gate, job_id=job_id)

@@ -369,7 +369,8 @@ def evaluate_policy(lm, ref, rm, tokenizer, rm_tokenizer, prompts: list[list[dic
     """Mean reward of answers sampled from `lm` on `prompts` (`samples` per prompt, seeded so
     two policies draw with the same random numbers), and KL(lm ‖ ref) on those answers: exact
     over the vocabulary per token (`kl_per_token`, what the gate bounds), and the k1 estimate
-    per answer. `return_texts` adds every answer under "texts" (else 4 under "examples")."""
+    per answer. "rewards" lists every answer's score, prompt by prompt (the gate's paired
+    comparison). `return_texts` adds every answer under "texts" (else 4 under "examples")."""
     from tqdm.auto import tqdm
 
     from prefloop.align.losses import token_kl
@@ -410,7 +411,8 @@ def evaluate_policy(lm, ref, rm, tokenizer, rm_tokenizer, prompts: list[list[dic
            "kl_per_token": kl_sum / max(tokens, 1.0),
            "kl_per_sequence": kl_sum / len(items),
            "k1_per_sequence": sum(k1_sum) / len(items),
-           "response_length": tokens / len(items), "examples": texts_all[:4]}
+           "response_length": tokens / len(items), "examples": texts_all[:4],
+           "rewards": rewards}  # per answer, prompt-major (`samples` per prompt)
     if return_texts:
         out["texts"] = texts_all
     return out

@@ -1,7 +1,9 @@
-"""Training a candidate with TRL: `DPOTrainer` on preference pairs, `KTOTrainer` on labelled answers.
+"""Training a candidate with TRL: `DPOTrainer` on preference pairs, `KTOTrainer` on labelled
+answers, `SFTTrainer` on supervised (prompt, completion) examples (loss on the answer tokens only).
 
 The policy starts from a registry version's folder and the frozen reference is that same version
-(a second copy for full fine-tuning; the policy with its adapters disabled for LoRA). `TrainConfig`
+(a second copy for full fine-tuning; the policy with its adapters disabled for LoRA; SFT has
+none). `TrainConfig`
 holds every hyperparameter (it is stored in the manifest). `train()` returns the trained model as
 plain full weights (a LoRA adapter is merged in) on the main process; other ranks of an
 `accelerate launch` run get None after the collective state-dict gather.
@@ -33,8 +35,9 @@ from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dpo", "kto")
+METHODS = ("dpo", "kto", "sft")
 DEFAULT_LR = {False: 5e-6, True: 1e-4}  # full fine-tune, LoRA
+SFT_DEFAULT_LR = {False: 2e-5, True: 2e-4}
 _SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 
 
@@ -47,7 +50,7 @@ class TrainConfig:
     loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust dpo: assumed label-flip probability
     epochs: float = 1.0
-    lr: float | None = None  # None: 5e-6 full fine-tune, 1e-4 LoRA
+    lr: float | None = None  # None: 5e-6 full fine-tune, 1e-4 LoRA (sft: 2e-5, 2e-4)
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
@@ -73,7 +76,7 @@ class TrainConfig:
             raise InvalidArgument(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise InvalidArgument(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check_trainer_fields(self, DEFAULT_LR)
+        check_trainer_fields(self, SFT_DEFAULT_LR if self.method == "sft" else DEFAULT_LR)
         if self.method == "kto" and self.batch_size < 2:
             raise InvalidArgument("kto needs batch size >= 2 (its KL term pairs answers in a batch)")
 
@@ -85,7 +88,7 @@ class TrainConfig:
         if self.method != "kto":
             d.pop("desirable_weight")
             d.pop("undesirable_weight")
-        else:
+        if self.method != "dpo":
             d.pop("loss")
             d.pop("label_smoothing")
         return d
@@ -107,9 +110,10 @@ class TrainResult:
 def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
           callbacks: list | None = None) -> TrainResult:
     """Train `cfg.method` on `rows` (TRL conversational rows: prompt/chosen/rejected for dpo,
-    prompt/completion/label for kto), starting from and regularized towards `base_dir`."""
+    prompt/completion/label for kto, prompt/completion for sft), starting from (and, for dpo and
+    kto, regularized towards) `base_dir`."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
     if not rows:
         raise InvalidArgument("no training rows")
@@ -117,7 +121,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     model = load_causal_lm(base_dir)
     model.train()
     peft_config = lora_config(cfg, "CAUSAL_LM", cfg.lora_dropout)
-    ref_model = None if cfg.lora else load_causal_lm(base_dir)
+    ref_model = None if cfg.lora or cfg.method == "sft" else load_causal_lm(base_dir)
     dataset = Dataset.from_list(rows)
     # Trainer prints its log dicts to stdout: keep stdout for the result (e.g. --json)
     with tempfile.TemporaryDirectory(prefix="prefloop-align-") as work, \
@@ -128,6 +132,11 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
+        elif cfg.method == "sft":  # loss on the answer tokens only (prompt tokens masked)
+            args = SFTConfig(**trainer_args(cfg, work), completion_only_loss=True)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                                 processing_class=tokenizer, peft_config=peft_config,
+                                 callbacks=callbacks)
         else:
             args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=cfg.desirable_weight,
                              undesirable_weight=cfg.undesirable_weight)

@@ -1,0 +1,171 @@
+"""The gates' statistics (align/gate.py) against closed-form cases: exact binomial tails computed
+here independently (math.comb), Clopper-Pearson ends that have a closed form (all wins, no
+wins), coin flips, small n, the minimum sample size and the reasons users read."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from prefloop.align import gate
+from prefloop.align.gate import Comparison, GateConfig, Paired
+from prefloop.server.errors import InvalidArgument
+
+
+def tail(k: int, n: int) -> float:
+    """P(X >= k), X ~ Binomial(n, 1/2), by counting."""
+    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
+
+
+@pytest.mark.parametrize("k,n", [(0, 0), (0, 5), (3, 5), (5, 5), (7, 10), (15, 20), (14, 20),
+                                 (26, 40), (25, 40), (60, 100)])
+def test_sign_test_is_the_exact_binomial_tail(k, n):
+    assert gate.sign_test_p(k, n - k) == pytest.approx(tail(k, n), rel=1e-10, abs=1e-15)
+    assert gate.binomial_tail(k, n, 0.5) == pytest.approx(tail(k, n), rel=1e-10, abs=1e-15)
+
+
+def test_binomial_tail_at_other_p():
+    n, p = 12, 0.3
+    expected = sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(4, n + 1))
+    assert gate.binomial_tail(4, n, p) == pytest.approx(expected, rel=1e-12)
+    assert gate.binomial_tail(13, n, p) == 0.0 and gate.binomial_tail(0, n, p) == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 10, 29])
+@pytest.mark.parametrize("confidence", [0.8, 0.9, 0.95])
+def test_all_wins_and_no_wins_have_closed_form_ends(n, confidence):
+    alpha = (1 - confidence) / 2
+    lower, upper = gate.clopper_pearson(n, n, confidence)
+    assert upper == 1.0 and lower == pytest.approx(alpha ** (1 / n), abs=1e-9)  # p^n = alpha
+    lower, upper = gate.clopper_pearson(0, n, confidence)
+    assert lower == 0.0 and upper == pytest.approx(1 - alpha ** (1 / n), abs=1e-9)
+
+
+@pytest.mark.parametrize("k,n", [(1, 2), (5, 10), (20, 40), (50, 100)])
+def test_coin_flips_straddle_one_half_symmetrically_and_never_pass(k, n):
+    lower, upper = gate.clopper_pearson(k, n, 0.9)
+    assert lower < 0.5 < upper and lower == pytest.approx(1 - upper, abs=1e-9)
+    assert not Comparison.of(Paired(k, n - k), 0.9).passed
+
+
+@pytest.mark.parametrize("k,n", [(4, 9), (15, 20), (21, 29), (18, 29)])
+def test_interval_ends_solve_the_binomial_tails(k, n):
+    """lower: P(X >= k | lower) = alpha; upper: P(X <= k | upper) = alpha."""
+    alpha = 0.05
+    lower, upper = gate.clopper_pearson(k, n, 0.9)
+
+    def tail_p(j, p):
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(j, n + 1))
+    assert tail_p(k, lower) == pytest.approx(alpha, abs=1e-9)
+    assert 1 - tail_p(k + 1, upper) == pytest.approx(alpha, abs=1e-9)
+
+
+@pytest.mark.parametrize("n", range(1, 41))
+def test_passing_is_the_one_sided_sign_test_at_half_the_two_sided_level(n):
+    """Lower end of the 90% interval > 1/2 exactly when P(X >= wins | 1/2) < 5%."""
+    for wins in range(n + 1):
+        assert Comparison.of(Paired(wins, n - wins), 0.9).passed == (tail(wins, n) < 0.05)
+
+
+def test_small_n_cases():
+    # 5 of 5: p = 1/32 < 5% passes; 4 of 4: 1/16 does not; 3 of 3: 1/8 does not
+    assert Comparison.of(Paired(5, 0), 0.9).passed
+    assert not Comparison.of(Paired(4, 0), 0.9).passed
+    assert not Comparison.of(Paired(3, 0, ties=10), 0.9).passed  # ties carry no information
+    # 20 pairs need 15 wins at 0.9 (P(X>=15) = 0.0207; P(X>=14) = 0.0577)
+    assert Comparison.of(Paired(15, 5), 0.9).passed and not Comparison.of(Paired(14, 6), 0.9).passed
+    # the issue's 145-vote run: 21 of 29 pairs passes, its 147-vote run (18 of 29) does not
+    assert Comparison.of(Paired(21, 8), 0.9).passed and not Comparison.of(Paired(18, 11), 0.9).passed
+    nothing = Comparison.of(Paired(0, 0, ties=7), 0.9)
+    assert not nothing.passed and (nothing.lower, nothing.upper) == (0.0, 1.0)
+
+
+def test_paired_counts_from_differences():
+    p = Paired.from_differences([0.3, -0.1, 0.0, 1e-9, 2.0], tol=1e-6)
+    assert (p.wins, p.losses, p.ties, p.units, p.differing) == (2, 1, 2, 5, 3)
+    assert p.win_rate == pytest.approx(2 / 3)
+    assert Paired(0, 0).win_rate is None
+    with pytest.raises(InvalidArgument):
+        Paired(-1, 0)
+
+
+def decide(implicit, accuracy=None, kl=0.05, heldout=None, **cfg):
+    heldout = implicit.units if heldout is None else heldout
+    return gate.decide(implicit=implicit, accuracy=accuracy, candidate_accuracy=0.6,
+                       current_accuracy=0.6, current_version="v0001", kl_per_token=kl,
+                       heldout_pairs=heldout, config=GateConfig(**cfg))
+
+
+def test_decide_passes_on_enough_consistent_wins_and_keeps_the_old_keys():
+    d = decide(Paired(25, 5), Paired(2, 1, 27))
+    assert d.passed, d.reasons
+    out = d.to_dict()
+    for key in ("passed", "reasons", "candidate_accuracy", "current_accuracy", "current_version",
+                "kl_per_token", "max_kl"):
+        assert key in out
+    assert out["wins"] == 25 and out["losses"] == 5 and out["heldout_pairs"] == 30
+    assert out["metric"] == "implicit_reward" and out["confidence"] == 0.9
+    assert out["interval"][0] > 0.5 and out["implicit_reward_accuracy"] == pytest.approx(25 / 30)
+    assert out["accuracy_paired"]["wins"] == 2
+    text = " ".join(d.reasons)
+    assert "25 wins, 5 losses, 0 ties of 30 pairs" in text and "90% interval [" in text
+    assert "reference-free preference accuracy 0.600" in text
+
+
+def test_decide_says_what_is_missing_on_too_few_pairs():
+    d = decide(Paired(5, 0))  # every pair a win, but only 5 of them
+    assert not d.passed
+    assert d.reasons[0] == ("needs >= 20 held-out pairs, have 5: collect more votes, raise "
+                            "--heldout-fraction or lower --min-heldout-pairs")
+    assert decide(Paired(5, 0), min_heldout=5).passed
+
+
+def test_decide_rejects_coin_flips_drift_and_the_other_metric():
+    assert not decide(Paired(12, 10)).passed  # a coin flip's worth of wins
+    drift = decide(Paired(30, 0), kl=0.9)
+    assert not drift.passed and "> bound 0.5" in drift.reasons[2]
+    # the same candidate judged on reference-free accuracy: 1 discordant pair decides nothing
+    acc = decide(Paired(30, 0), Paired(1, 0, 29), metric="pref_accuracy")
+    assert not acc.passed and acc.to_dict()["wins"] == 1
+    none = decide(None, heldout=30)
+    assert not none.passed and "no held-out implicit reward to compare" in none.reasons
+    strict = decide(Paired(25, 5), min_improvement=0.2)  # lower end must clear 0.7
+    assert not strict.passed and "<= 0.700" in strict.reasons[1]
+
+
+def test_gate_config_checks():
+    for bad in (dict(confidence=1.0), dict(confidence=0.4), dict(min_heldout=0),
+                dict(metric="loss"), dict(min_improvement=0.5), dict(max_kl=0)):
+        with pytest.raises(InvalidArgument):
+            GateConfig(**bad)
+
+
+def test_ppo_gate_is_the_reward_models_win_rate_per_prompt():
+    cfg = GateConfig(min_heldout=10)
+    ok = gate.ppo_gate(per_prompt=Paired(14, 1), candidate_reward=0.4, current_reward=0.1,
+                       current_version="v0002", kl_per_token=0.1, heldout_prompts=15,
+                       config=cfg)
+    assert ok.passed and ok.to_dict()["metric"] == "rm_win_rate"
+    assert {"candidate_reward", "current_reward", "min_improvement", "max_kl"} <= set(ok.to_dict())
+    assert "reward-model win rate vs v0002" in ok.reasons[1]
+    # a higher mean reward from a few outliers is not enough
+    few = gate.ppo_gate(per_prompt=Paired(8, 7), candidate_reward=2.0, current_reward=0.1,
+                        current_version="v0002", kl_per_token=0.1, heldout_prompts=15,
+                        config=cfg)
+    assert not few.passed
+    short = gate.ppo_gate(per_prompt=Paired(4, 0), candidate_reward=1.0, current_reward=0.0,
+                          current_version="v0", kl_per_token=0.0, heldout_prompts=4, config=cfg)
+    assert not short.passed and "needs >= 10 held-out prompts, have 4" in short.reasons[0]
+
+
+def test_reward_model_gate_on_counts():
+    ok = gate.reward_model_gate({"pairs": 30, "accuracy": 0.8, "correct": 24, "wrong": 6,
+                                 "ties": 0}, 0.5)
+    assert ok.passed and ok.to_dict()["heldout_accuracy"] == 0.8
+    assert ok.to_dict()["min_accuracy"] == 0.5
+    few = gate.reward_model_gate({"pairs": 5, "accuracy": 0.4, "correct": 2, "wrong": 3}, 0.5)
+    assert not few.passed and few.reasons[0].startswith("needs >= 20 held-out pairs, have 5")
+    assert not gate.reward_model_gate({"pairs": 30, "accuracy": 0.6, "correct": 18,
+                                       "wrong": 12}, 0.5).passed  # interval reaches below 0.5
+    none = gate.reward_model_gate({"pairs": 0}, 0.5)
+    assert not none.passed and none.to_dict()["heldout_accuracy"] is None
