@@ -289,7 +289,8 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     from prefloop.server import registry as reg
     out = tmp_path / "run"
     rc, text = _cli(["ppo", "--data-dir", str(ppo_log), "--rm", "v0001", "--plot", "--out-dir",
-                     str(out), "--max-kl", "100", "--min-improvement", "-0.99", "--promote",
+                     str(out), "--max-kl", "100", "--min-improvement", "-0.49", "--min-heldout-pairs", "1",
+                     "--promote",
                      "--json", *PPO_FAST])
     assert rc == 0, text
     result = json.loads(text)
@@ -299,7 +300,7 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     assert manifest.kind == "policy" and manifest.method == "ppo" and manifest.parent == "v0000"
     assert manifest.hyperparameters["rm"] == "v0001"
     assert manifest.hyperparameters["clip_eps"] == 0.2
-    assert manifest.gate["passed"] and manifest.gate["metric"] == "heldout_reward"
+    assert manifest.gate["passed"] and manifest.gate["metric"] == "rm_win_rate"
     assert manifest.data["rows"] == {"train": 16, "heldout": 4}  # 20 prompts, newest 20%
     assert manifest.data["trained_until"] < manifest.data["heldout_since"]
     assert registry.current() == result["version"]
@@ -320,7 +321,7 @@ def test_ppo_job_rejected_by_kl_bound_publishes_nothing(ppo_log):
     registry = reg.Registry(ppo_log)
     versions = registry.list_versions()
     cfg = PPOJobConfig(data_dir=ppo_log, rm="v0001", base="v0000", keep_rejected=False,
-                       eval_samples=1, gate=GateConfig(max_kl=1e-9, min_improvement=-0.99),
+                       eval_samples=1, gate=GateConfig(max_kl=1e-9, min_improvement=-0.49),
                        ppo=PPOConfig(steps=2, batch_size=8, mini_batch_size=8, lr=3e-3,
                                      max_new_tokens=4), progress=False)
     result = run_ppo_job(cfg)
@@ -420,7 +421,8 @@ def test_ppo_on_the_default_model_raises_reward_with_bounded_kl(tmp_path):
     data = tmp_path / "data"
     n_pairs = fruit_log(data)
     assert n_pairs == 56
-    rc, text = _cli(["rm", "--data-dir", str(data), "--epochs", "2", "--batch-size", "8",
+    rc, text = _cli(["rm", "--data-dir", str(data), "--min-heldout-pairs", "8", "--epochs", "2",
+                     "--batch-size", "8",
                      "--lr", "5e-4", "--train-layers", "4", "--max-length", "128",
                      "--max-train-eval", "0", "--json"])
     assert rc == 0, text
@@ -433,7 +435,8 @@ def test_ppo_on_the_default_model_raises_reward_with_bounded_kl(tmp_path):
                      "--batch-size", "8", "--mini-batch-size", "4", "--lr", "1e-4",
                      "--train-layers", "4", "--max-new-tokens", "12", "--temperature", "0.7",
                      "--beta", "0.05", "--heldout-fraction", "0.25", "--eval-samples", "3",
-                     "--max-kl", "1.0", "--plot", "--out-dir", str(out), "--promote", "--json"])
+                     "--max-kl", "1.0", "--min-heldout-pairs", "8", "--plot", "--out-dir", str(out),
+                     "--promote", "--json"])
     assert rc == 0, text
     result = json.loads(text)
     held, base = result["metrics"]["heldout"], result["metrics"]["current"]

@@ -84,7 +84,7 @@ def rm_job(tiny, tmp_path_factory):
     """One real reward-model job on 40 banana pairs (module-wide)."""
     d = tmp_path_factory.mktemp("rmlog") / "data"
     write_pairs(d, banana_pairs(40))
-    cfg = RMJobConfig(data_dir=d, model=str(tiny),
+    cfg = RMJobConfig(data_dir=d, model=str(tiny), min_heldout=8,
                       train=R.RewardTrainConfig(epochs=4, lr=3e-3, batch_size=8, max_length=128))
     return d, run_rm_job(cfg)
 
