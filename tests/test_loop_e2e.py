@@ -43,6 +43,7 @@ def test_served_voted_retrained_served_better(tmp_path):
         job = subprocess.run(
             [sys.executable, "-m", "prefloop.server.cli", "align", "run", "--data-dir", str(data),
              "--method", "dpo", "--min-new-pairs", "16", "--auto-promote", "--lr", "1e-5",
+             "--min-heldout-pairs", "8",  # 40 votes leave 8 held out: the gate's sign test decides
              "--epochs", "2", "--json"], capture_output=True, text=True, timeout=1800)
         assert job.returncode == 0, job.stderr[-3000:]
         registry = Registry(data)
