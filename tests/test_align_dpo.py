@@ -186,8 +186,10 @@ def test_a_failing_job_leaves_no_partial_version(dpo_job, log_32, tiny, tmp_path
         run_job(JobConfig(data_dir=data_dir, model=str(tiny), eval_batch_size=8),
                 train_fn=failing_train_fn)
     registry = reg.Registry(data_dir)
-    assert registry.list_versions() == ["v0000"]
-    assert [p.name for p in registry.versions_dir.iterdir()] == ["v0000"]
+    # the job created v0000 on first use; failing, it removes it again (nothing half-written,
+    # and the registry and served version are as they were: none)
+    assert registry.list_versions() == [] and registry.current() is None
+    assert list(registry.versions_dir.iterdir()) == []
     job = job_history(registry)[-1]
     assert job["status"] == "failed" and "No space left" in job["reason"]
     with job_lock(registry):  # released
