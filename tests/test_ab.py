@@ -27,6 +27,7 @@ from prefloop.server.errors import FailedPrecondition, InvalidArgument
 from prefloop.server.feedback.store import FeedbackStore, StoreConfig
 from prefloop.server.registry import Registry
 from prefloop.server.serving.ab_router import ABRouter, assignment_key, goes_to_candidate
+from prefloop.server.serving.hot_swap import ModelSwitcher
 
 # ---- the decision rule ---------------------------------------------------------------------------
 
@@ -230,7 +231,8 @@ def ab_server(tmp_path):
 
     async def build():
         server = PrefloopServer(control, cfg, recorder=store, feedback_store=store,
-                                router=router, ab=controller)
+                                router=router, ab=controller,
+                                switcher=ModelSwitcher(control, registry, poll_interval_s=0))
         await server.start()
         return server
 
@@ -348,3 +350,13 @@ def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     runner.conclude(other, GateDecision(True, ["ok"]), registry, "job-2", "dpo", promote=True)
     assert other.status == runner.PROMOTED and registry.current() == v1  # via the gate: at once
+
+
+def test_the_versions_route_shows_the_live_votes_verdict(ab_server):
+    url, registry, v1, controller, call = ab_server
+    ab_state.start(registry, v1, min_votes=10)
+    ab_state.record_tally(registry, 7, 3)
+    res = httpx.get(url + "/v1/admin/versions", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    (cand,) = [v for v in res.json()["versions"] if v["version"] == v1]
+    assert cand["metrics"]["ab"] == {"status": "running", "wins": 7, "losses": 3,
+                                     "win_rate": 0.7, "against": "v0000"}

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from prefloop.server.ab import state as ab_state
 from prefloop.server.api import openai_compat as oa
 from prefloop.server.api.auth import AuthConfig, Role
 from prefloop.server.api.completions import Call, CompletionRunner, RequestMeta
@@ -352,10 +353,19 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
         require(request, Role.ADMIN)
         sw = registry_switcher()
         rows = await asyncio.to_thread(sw.list_versions)
+        test = await asyncio.to_thread(ab_state.read_state, sw.registry)
+        versions = []
+        for r in rows:
+            metrics = json.loads(r["metrics_json"] or "{}")
+            if test is not None and test.candidate == r["version"]:  # the live votes' verdict
+                votes = test.wins + test.losses
+                metrics["ab"] = {"status": test.status, "wins": test.wins, "losses": test.losses,
+                                 "win_rate": test.wins / votes if votes else None,
+                                 "against": test.control}
+            versions.append({**{k: v for k, v in r.items() if not k.endswith("_json")},
+                             "metrics": metrics, "gate": json.loads(r["gate_json"] or "{}")})
         return {"current_version": sw.registry.current() or "", "serving_version": sw.serving,
-                "versions": [{**{k: v for k, v in r.items() if not k.endswith("_json")},
-                              "metrics": json.loads(r["metrics_json"] or "{}"),
-                              "gate": json.loads(r["gate_json"] or "{}")} for r in rows]}
+                "versions": versions}
 
     @app.get("/v1/admin/jobs")
     async def jobs(request: Request):
