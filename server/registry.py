@@ -596,5 +596,6 @@ def version_info(registry: Registry, version: str) -> dict[str, Any]:
     return {"version": m.version, "parent": m.parent, "kind": m.kind, "method": m.method,
             "created_at": m.created_at, "current": registry.current() == m.version,
             "gate_passed": m.gate_passed, "gate_reasons": list((m.gate or {}).get("reasons", [])),
+            "gate": m.gate,
             "metrics": m.metrics, "data": m.data, "bytes": sum(int(f.get("bytes", 0))
                                                               for f in m.files.values())}

@@ -360,3 +360,24 @@ def test_the_versions_route_shows_the_live_votes_verdict(ab_server):
     (cand,) = [v for v in res.json()["versions"] if v["version"] == v1]
     assert cand["metrics"]["ab"] == {"status": "running", "wins": 7, "losses": 3,
                                      "win_rate": 0.7, "against": "v0000"}
+
+
+def test_models_trend_and_list_show_gate_numbers_with_intervals(tmp_path):
+    registry = Registry(tmp_path / "data")
+    registry.ensure_base(fake_model(tmp_path / "base"))
+    with registry.stage() as stage:
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (stage.path / name).write_bytes((tmp_path / "base" / name).read_bytes() + b" ")
+        gate = {"passed": True, "reasons": ["ok"], "win_rate": 0.8, "interval": [0.61, 0.93],
+                "wins": 16, "losses": 4, "candidate_accuracy": 0.7}
+        v1 = stage.publish(kind="policy", method="dpo", parent="v0000", gate=gate).version
+    registry.promote(v1)
+    data = str(tmp_path / "data")
+    listing = cli("list", "--data-dir", data)
+    assert "0.800 [0.61, 0.93] 20" in listing.stdout, listing.stdout
+    trend = cli("trend", "--data-dir", data, "--plot", str(tmp_path / "trend.png"))
+    assert trend.returncode == 0, trend.stderr
+    rows = trend.stdout.splitlines()[1:]
+    assert [r.split()[1] for r in rows] == ["v0000", v1]
+    assert "0.800 [0.61, 0.93] 20" in rows[1] and "0.700" in rows[1]
+    assert (tmp_path / "trend.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@
     prefloop models rollback [--reason TEXT] [--data-dir DIR | --target HOST:PORT]
     prefloop models verify   VERSION [--data-dir DIR]         recompute every sha256
     prefloop models history  [--data-dir DIR] [--json]         promotions and rollbacks
+    prefloop models trend    [--plot PNG] [--data-dir DIR]     promoted versions over time
     prefloop models init     [--model PATH] [--data-dir DIR]   create v0000 (the base) now
     prefloop models prune    --keep N [--dry-run] [--data-dir DIR]   free disk: older versions
     prefloop models delete   VERSION [--dry-run] [--data-dir DIR]
@@ -33,8 +34,8 @@ from prefloop.server.registry import DATA_DIR_ENV
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True,
-                                metavar="{list,show,promote,rollback,verify,history,init,prune,"
-                                        "delete,ab}")
+                                metavar="{list,show,promote,rollback,verify,history,trend,init,"
+                                        "prune,delete,ab}")
 
     def where(p: argparse.ArgumentParser, remote: bool = True) -> None:
         p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
@@ -69,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("version", nargs="?", default=None, help="default: every version")
     where(verify, remote=False)
     where(sub.add_parser("history", help="promotions and rollbacks, oldest first"), remote=False)
+    trend = sub.add_parser("trend", help="the promoted versions over time: gate win rate with "
+                                         "its interval, held-out accuracy, A/B win rate")
+    trend.add_argument("--plot", default=None, metavar="PNG", help="also draw it to this file")
+    where(trend, remote=False)
     init = sub.add_parser("init", help="create v0000 from --model (or the default model)")
     init.add_argument("--model", default=None, metavar="PATH",
                       help="HF folder or .gguf (default: the embedded default model)")
@@ -131,16 +136,86 @@ def format_list(infos: list[dict[str, Any]]) -> str:
     if not infos:
         return "no versions yet (`prefloop models init` or an align job creates v0000)"
     lines = [f"  {'version':8} {'parent':7} {'kind':7} {'method':7} {'gate':9} "
-             f"{'held-out acc':>12} {'KL/tok':>8}  created"]
+             f"{'gate win rate [interval] n':>28} {'held-out acc':>12} {'KL/tok':>8}  created"]
     for i in infos:
         held = (i.get("metrics") or {}).get("heldout") or {}
         acc, kl = held.get("pref_accuracy"), held.get("kl_per_token")
         lines.append(
             f"{'*' if i.get('current') else ' '} {i['version']:8} {i.get('parent') or '-':7} "
-            f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} "
+            f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} {gate_numbers(i.get('gate')):>28} "
             f"{'-' if acc is None else f'{acc:.3f}':>12} {'-' if kl is None else f'{kl:.4f}':>8}"
             f"  {i['created_at']}")
     return "\n".join(lines)
+
+
+def gate_numbers(gate: dict | None) -> str:
+    """'0.800 [0.62, 0.93] 20': the gate's win rate, its interval and how many it judged."""
+    if not gate or gate.get("win_rate") is None:
+        return "-"
+    low, high = (gate.get("interval") or [None, None])[:2]
+    n = (gate.get("wins") or 0) + (gate.get("losses") or 0)
+    span = f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else "[-]"
+    return f"{gate['win_rate']:.3f} {span} {n}"
+
+
+def trend_rows(registry) -> list[dict[str, Any]]:
+    """The chain of promoted versions, oldest first: when, which, and how each was judged."""
+    from prefloop.server.ab import state as ab_state
+    test = ab_state.read_state(registry)
+    rows = []
+    for entry in registry.history():
+        if entry.action not in ("init", "promote"):
+            continue
+        m = registry.manifest(entry.version)
+        gate = m.gate or {}
+        held = (m.metrics or {}).get("heldout") or {}
+        ab = None
+        if test is not None and test.candidate == entry.version and test.wins + test.losses:
+            ab = test.wins / (test.wins + test.losses)
+        rows.append({"at": entry.at, "version": entry.version, "method": m.method,
+                     "gate_win_rate": gate.get("win_rate"), "gate_interval": gate.get("interval"),
+                     "gate_n": (gate.get("wins") or 0) + (gate.get("losses") or 0),
+                     "heldout_accuracy": gate.get("candidate_accuracy", held.get("pref_accuracy")),
+                     "ab_win_rate": ab})
+    return rows
+
+
+def format_trend(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no promoted versions yet"
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"{'promoted at':27} {'version':8} {'method':7} {'gate win rate [interval] n':>28} "
+             f"{'held-out acc':>12} {'A/B win rate':>12}"]
+    for r in rows:
+        gate = {"win_rate": r["gate_win_rate"], "interval": r["gate_interval"],
+                "wins": r["gate_n"], "losses": 0}
+        lines.append(f"{r['at']:27} {r['version']:8} {r['method']:7} {gate_numbers(gate):>28} "
+                     f"{f(r['heldout_accuracy']):>12} {f(r['ab_win_rate']):>12}")
+    return "\n".join(lines)
+
+
+def plot_trend(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = list(range(len(rows)))
+    for key, label in (("gate_win_rate", "gate win rate vs previous"),
+                       ("heldout_accuracy", "held-out preference accuracy"),
+                       ("ab_win_rate", "A/B win rate (live votes)")):
+        pts = [(x, r[key]) for x, r in zip(xs, rows) if r[key] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for x, r in zip(xs, rows):
+        if r["gate_interval"] and r["gate_win_rate"] is not None:
+            ax.vlines(x, *r["gate_interval"][:2], alpha=0.4)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(xs, [r["version"] for r in rows])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +267,12 @@ def _offline(args: argparse.Namespace) -> int:
                       f"  {e['actor']}  {e['reason']}")
     elif cmd in ("prune", "delete"):
         return _remove(registry, args)
+    elif cmd == "trend":
+        rows = trend_rows(registry)
+        print(json.dumps(rows, indent=2) if args.json else format_trend(rows))
+        if args.plot:
+            plot_trend(rows, args.plot)
+            print(f"plot: {args.plot}", file=sys.stderr)
     elif cmd == "init":
         from prefloop.server.model.loader import resolve_model_dir
         version = registry.ensure_base(resolve_model_dir(args.model, args.cache_dir))
