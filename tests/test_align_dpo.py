@@ -295,3 +295,15 @@ def test_models_cli_offline_and_through_a_server(dpo_job, tiny, tmp_path, capsys
         assert server.terminate() == 0
     actions = [(e.action, e.version, e.reason) for e in registry.history()]
     assert actions[-2:] == [("promote", "v0001", "cli test"), ("rollback", "v0000", "")]
+
+
+def test_trainer_log_dicts_only_with_verbose(tiny, log_32, tmp_path, capsys):
+    """Default: a progress bar with the loss; --verbose adds TRL's raw per-step dicts."""
+    quiet_dir, verbose_dir = fresh_copy(log_32, tmp_path / "q"), fresh_copy(log_32, tmp_path / "v")
+    args = ["--model", str(tiny), "--max-steps", "2", "--json", *FAST]
+    assert cli.main(["align", "dpo", "--data-dir", str(quiet_dir), *args]) == 0
+    quiet = capsys.readouterr().err
+    assert cli.main(["align", "dpo", "--data-dir", str(verbose_dir), "--verbose", *args]) == 0
+    verbose = capsys.readouterr().err
+    assert "'loss'" not in quiet and "loss=" in quiet
+    assert "'loss'" in verbose

@@ -86,6 +86,9 @@ def _seed_bf16(g) -> None:
                    help="random seed of shuffling, initialization and sampling")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on for CUDA devices with bf16)")
+    g.add_argument("--verbose", action="store_true",
+                   help="print the trainer's raw per-step log dicts (default: a progress bar "
+                        "with the loss)")
 
 
 def _evaluation(g, *, eval_batch_size: int) -> None:
@@ -668,4 +671,6 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data_dir).is_dir():
         print(f"prefloop align: no data directory at {args.data_dir}", file=sys.stderr)
         return 2
+    from prefloop.align.train.common import set_verbose
+    set_verbose(getattr(args, "verbose", False))
     return _guarded(_score if args.align_command == "score" else _job, args)

@@ -87,6 +87,31 @@ def trainer_args(cfg, output_dir: str, **extra: Any) -> dict[str, Any]:
         **extra)
 
 
+VERBOSE = False  # `align ... --verbose`: TRL's per-step log dicts on stderr as well
+
+
+def set_verbose(verbose: bool) -> None:
+    global VERBOSE
+    VERBOSE = bool(verbose)
+
+
+def quiet_progress(trainer) -> None:
+    """Keep the trainer's progress bar but show the loss on it instead of printing every step's
+    raw log dict (`--verbose` keeps the dicts)."""
+    if VERBOSE:
+        return
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossOnBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bar = getattr(self, "training_bar", None)
+            if bar is not None and logs and "loss" in logs:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossOnBar())
+
+
 def plain_weights(model, lora: bool):
     """The trained model as full float32 weights on the CPU in eval mode (LoRA deltas merged)."""
     if lora:

@@ -29,6 +29,7 @@ from prefloop.align.train.common import (
     load_tokenizer,
     lora_config,
     plain_weights,
+    quiet_progress,
     trainer_args,
 )
 from prefloop.server.errors import InvalidArgument
@@ -143,6 +144,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
             trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
+        quiet_progress(trainer)
         sharded = str(trainer.accelerator.distributed_type) in _SHARDED
         if sharded and cfg.lora:
             raise InvalidArgument("--lora is not supported with FSDP / DeepSpeed sharding; use "

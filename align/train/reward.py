@@ -31,6 +31,7 @@ from prefloop.align.train.common import (
     load_tokenizer,
     lora_config,
     plain_weights,
+    quiet_progress,
     trainer_args,
 )
 from prefloop.server.errors import InvalidArgument
@@ -287,6 +288,7 @@ def train_reward_model(base_dir: Path, rows: list[dict[str, Any]], cfg: RewardTr
                                 train_dataset=Dataset.from_list(trl_rows(rows, cfg.margin)),
                                 processing_class=tokenizer, peft_config=peft_config,
                                 callbacks=callbacks)
+        quiet_progress(trainer)
         if len(trainer.train_dataset) == 0:
             raise InvalidArgument(f"every pair is longer than max-length {cfg.max_length} tokens")
         output = trainer.train()
