@@ -1,0 +1,68 @@
+"""The gate's control: how often does a DPO job with default flags pass the gate when the votes are
+random? Each job gets a fresh log of explicit preferences between two answers of different
+lengths, the chosen one picked by a coin flip, and runs `run_job` (defaults: implicit-reward win
+rate vs the current version, 90% exact interval, >= 20 held-out pairs, KL bound) on a tiny random
+policy with the default model's tokenizer (cheap, as the issue allows). With a gate at its stated
+level the pass rate stays near or under 5%.
+
+    python benchmarks/gate_control.py [--jobs 20] [--pairs 120] [--metric implicit_reward]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from align_helpers import WORDS, tiny_policy, write_pairs  # noqa: E402
+
+
+def random_pairs(n: int, rng: random.Random) -> list[dict]:
+    pairs = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Say something about {rng.choice(WORDS)} number {i}."}]
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) + "."
+        b = a
+        while b == a:  # two different answers
+            b = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) + "."
+        chosen, rejected = (a, b) if rng.random() < 0.5 else (b, a)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=20, help="random-vote jobs (default %(default)s)")
+    ap.add_argument("--first", type=int, default=0, help="seed of the first job (default %(default)s)")
+    ap.add_argument("--pairs", type=int, default=120, help="votes per job (default %(default)s)")
+    ap.add_argument("--metric", default="implicit_reward", help="gate metric (default %(default)s)")
+    ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: the job's)")
+    args = ap.parse_args()
+    from prefloop.align.gate import GateConfig
+    from prefloop.align.jobs.preference import JobConfig, run_job
+    from prefloop.align.train.preference import TrainConfig
+
+    print(f"gate_control: {args.jobs} DPO jobs on {args.pairs} random votes each, gate metric "
+          f"{args.metric}", flush=True)
+    passed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = tiny_policy(Path(tmp) / "tiny")
+        for j in range(args.first, args.first + args.jobs):
+            data = Path(tmp) / f"job{j}" / "data"
+            write_pairs(data, random_pairs(args.pairs, random.Random(j)))
+            result = run_job(JobConfig(data_dir=data, model=str(tiny), keep_rejected=False,
+                                       train=TrainConfig(seed=j, lr=args.lr),
+                                       gate=GateConfig(metric=args.metric)))
+            passed += result.status != "rejected"
+            gate = result.gate or {}
+            print(f"job {j:2d}: {result.status:9} win rate {gate.get('win_rate')} "
+                  f"({gate.get('wins')} / {gate.get('losses')}), interval {gate.get('interval')}",
+                  flush=True)
+    print(f"gate_control: passed {passed} of {args.jobs} ({passed / args.jobs:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
