@@ -1,4 +1,4 @@
-"""The eager fused ops of server/csrc/fused_ops.cpp (norm, residual + norm, RoPE, SiLU x up).
+"""The eager fused ops of server/model/csrc/fused_ops.cpp (norm, residual + norm, RoPE, SiLU x up).
 
 Oracles: the same math in float64 from the definitions (float32 within 1e-5 relative), torch's own
 bfloat16 ops (bfloat16 within two bf16 steps), and transformers' float32 forward for a whole model

@@ -1,4 +1,4 @@
-"""The native paged decode-attention kernel (server/csrc/paged_decode.cpp) and `--attention`.
+"""The native paged decode-attention kernel (server/model/csrc/paged_decode.cpp) and `--attention`.
 
 The oracle is attention computed directly in float64 over each sequence's context gathered by
 hand from its block table; blocks a sequence does not own (and block-table padding) are filled with

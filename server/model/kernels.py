@@ -1,4 +1,4 @@
-"""The native decode-attention kernel (server/csrc/paged_decode.cpp): building, loading, choosing.
+"""The native decode-attention kernel (server/model/csrc/paged_decode.cpp): building, loading, choosing.
 
 `--attention` picks how decode tokens attend over the paged KV cache on CPU:
 - `native`: the C++ kernel, which reads the cache in place through the block tables on torch's own
@@ -13,7 +13,7 @@
   path; also what CUDA and prefill chunks always use).
 - `auto` (default): `native` on CPU when the kernel builds, else `sdpa` with a warning saying why.
 
-The same library carries the eager fused norm / residual / RoPE / SiLU ops (server/csrc/fused_ops.cpp):
+The same library carries the eager fused norm / residual / RoPE / SiLU ops (server/model/csrc/fused_ops.cpp):
 `load_model` turns them on (`LlamaModel.fused_ops`) for bfloat16 whenever the decode kernel is in use.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ block tables) and the per-layer KV cache; the layers reach the last two through
 `server/model/step_context.py`, so the dense math can be compiled as one graph (`compile_step`).
 Q/K/V and gate/up projections are fused into one matmul each; weights are loaded from HF names in
 `server/model/loader.py`. With `fused_ops` (bfloat16 with the native kernel library) eager steps
-run each layer's norms, residual adds, RoPE and SiLU x up as four fused ops (server/csrc/fused_ops.cpp).
+run each layer's norms, residual adds, RoPE and SiLU x up as four fused ops (server/model/csrc/fused_ops.cpp).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h, cos, sin, fused: bool = False):
-        if fused:  # the same math in 4 passes over h (server/csrc/fused_ops.cpp); h is updated in place
+        if fused:  # the same math in 4 passes over h (server/model/csrc/fused_ops.cpp); h is updated in place
             ops, n1, n2 = torch.ops.prefloop_kernels, self.input_layernorm, self.post_attention_layernorm
             x = ops.add_rms_norm_(h, self.self_attn(ops.rms_norm(h, n1.weight, n1.eps), cos, sin, True),
                                   n2.weight, n2.eps)  # h += attention; x = norm(h)
@@ -107,7 +107,7 @@ class LlamaModel(nn.Module):
         # native paged decode attention (server/model/kernels.py); None = gather + SDPA
         self.decode_kernel = None
         self.packed_weights = False  # linear weights prepacked for oneDNN (server/model/packed_linear.py)
-        # eager steps use the fused norm / residual / RoPE / SiLU ops of server/csrc/fused_ops.cpp
+        # eager steps use the fused norm / residual / RoPE / SiLU ops of server/model/csrc/fused_ops.cpp
         # (loaded with the decode kernel: server/model/kernels.py)
         self.fused_ops = False
 
