@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -29,7 +30,6 @@ class HttpFixture:
         self.generator = FakeGenerator(step_s=0.002)
         self.store = FeedbackStore(StoreConfig(data_dir=tmp_path / "data"))
         self.loop = asyncio.new_event_loop()
-        import threading
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         cfg = ServerConfig(host="127.0.0.1", port=0, http_port=0, data_dir=tmp_path / "data",
@@ -300,14 +300,17 @@ def test_health_turns_503_while_draining(http):
     assert httpx.get(http.url + "/health").status_code == 503
 
 
-def test_a_taken_http_port_fails_at_start(tmp_path):
+def test_a_taken_http_port_fails_at_start_before_serving(tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
+    port = taken.getsockname()[1]
+    cfg = ServerConfig(host="127.0.0.1", port=0, http_port=port)
+    server = PrefloopServer(FakeGenerator(), cfg)
     try:
-        from prefloop.server.api.http_server import bind
         with pytest.raises(OSError):
-            bind("127.0.0.1", taken.getsockname()[1])
+            asyncio.run(server.start())
+        assert server._server is None and server.http is None  # gRPC never started either
     finally:
         taken.close()
 

@@ -62,6 +62,13 @@ def tally(data_dir: Path, state: ABState) -> Tally:
     return out
 
 
+def verdict(state: ABState, counts: Tally) -> decision.Decision:
+    """What the rule decides now for `state`'s test on `counts`."""
+    return decision.decide(counts.wins, counts.losses, confidence=state.confidence,
+                           min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
+                           max_duration_s=state.max_duration_s)
+
+
 def status(registry: Registry, data_dir: Path) -> dict:
     """What `ab status` shows: the state, the evidence, and the decision the rule takes now."""
     state = ab_state.read_state(registry)
@@ -70,10 +77,8 @@ def status(registry: Registry, data_dir: Path) -> dict:
     out = {"running": state.running, **state.as_dict()}
     if state.running:
         counts = tally(data_dir, state)
-        verdict = decision.decide(counts.wins, counts.losses, confidence=state.confidence,
-                                  min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
-                                  max_duration_s=state.max_duration_s)
-        out.update(evidence=counts.as_dict(), win_rate=verdict.win_rate,
-                   interval=[verdict.low, verdict.high], decision=verdict.outcome,
-                   decision_reason=verdict.reason, wins=counts.wins, losses=counts.losses)
+        now = verdict(state, counts)
+        out.update(evidence=counts.as_dict(), win_rate=now.win_rate, interval=[now.low, now.high],
+                   decision=now.outcome, decision_reason=now.reason, wins=counts.wins,
+                   losses=counts.losses)
     return out

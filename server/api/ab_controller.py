@@ -19,7 +19,7 @@ from pathlib import Path
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
 from prefloop.server.ab.evidence import status as ab_status
-from prefloop.server.ab.evidence import tally
+from prefloop.server.ab.evidence import tally, verdict
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from prefloop.server.registry import Registry
 from prefloop.server.serving.ab_router import ABRouter
@@ -65,20 +65,18 @@ class ABController:
         state = await asyncio.to_thread(ab_state.read_state, self.registry)
         if state is not None and state.running:
             counts = await asyncio.to_thread(tally, self.data_dir, state)
-            verdict = decision.decide(counts.wins, counts.losses, confidence=state.confidence,
-                                      min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
-                                      max_duration_s=state.max_duration_s)
-            if verdict.outcome == decision.RUNNING:
+            now = verdict(state, counts)
+            if now.outcome == decision.RUNNING:
                 await asyncio.to_thread(ab_state.record_tally, self.registry, counts.wins,
                                         counts.losses)
             else:
-                outcome = ab_state.PROMOTED if verdict.outcome == decision.PROMOTE else ab_state.REJECTED
+                outcome = ab_state.PROMOTED if now.outcome == decision.PROMOTE else ab_state.REJECTED
                 try:
                     state = await asyncio.to_thread(
-                        ab_state.conclude, self.registry, outcome, verdict.reason,
+                        ab_state.conclude, self.registry, outcome, now.reason,
                         wins=counts.wins, losses=counts.losses)
                     log.info("A/B test concluded: %s %s (%s)", state.candidate, outcome,
-                             verdict.reason)
+                             now.reason)
                     if outcome == ab_state.PROMOTED and self.switcher is not None:
                         await self.switcher.follow_now()  # before the candidate's engine goes
                 except Exception as exc:  # noqa: BLE001 - e.g. another server concluded it first

@@ -116,6 +116,7 @@ class CompletionState:
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_text_at: float | None = None
+    last_text_at: float | None = None
     finished_at: float | None = None
 
     @property
@@ -270,8 +271,8 @@ class CompletionRunner:
                         if state.first_text_at is None:
                             state.first_text_at = now
                         elif self.metrics is not None:
-                            self.metrics.observe_token_gap(now - (state.finished_at or now))
-                        state.finished_at = now  # last text so far (the end once finished)
+                            self.metrics.observe_token_gap(now - state.last_text_at)
+                        state.last_text_at = now
                     state.completion_tokens = delta.completion_tokens
                     if delta.finish_reason is not None:
                         state.finish_reason, state.finished_at = delta.finish_reason, now

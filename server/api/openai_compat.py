@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prefloop.server.errors import InvalidArgument
@@ -22,7 +22,7 @@ COMMON = {"model", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "u
           "session_id", "top_k", "repetition_penalty"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "compare"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
-IGNORED = {"store", "metadata", "service_tier", "parallel_tool_calls", "stream_options"}
+IGNORED = {"store", "metadata", "service_tier", "parallel_tool_calls"}
 IGNORED_AT_DEFAULT: dict[str, tuple] = {  # field -> values that change nothing
     "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
     "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
@@ -45,7 +45,6 @@ class ParsedRequest:
     messages: list[dict] | None = None
     prompt: str | None = None
     compare: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -59,8 +58,7 @@ def _check_fields(body: dict, allowed: set[str]) -> None:
     if unknown:
         names = ", ".join(sorted(unknown))
         raise InvalidArgument(f"unsupported field(s): {names}; prefloop implements "
-                              f"{', '.join(sorted(allowed - {'stream_options'}))} (docs/http.md)",
-                              ) from None
+                              f"{', '.join(sorted(allowed - {'stream_options'}))} (docs/http.md)")
 
 
 def _number(body: dict, name: str, *, integer: bool = False, low: float | None = None,
