@@ -206,12 +206,32 @@ def test_every_align_and_models_flag_has_help():
     assert not missing, missing
 
 
-def test_align_run_help_groups_the_ppo_flags():
-    out = prefloop("align", "run", "--help").stdout
-    ppo = out.index("PPO (--method ppo):")
-    assert out.index("\n  --clip-eps") > ppo and out.index("\n  --rm VERSION") > ppo
-    assert out.index("\n  --loss") < ppo and out.index("\n  --lora-r") < ppo  # DPO's first
-    assert "LoRA rank" in out and "KTO loss weight" in out
+def test_align_run_help_shows_the_flags_of_the_chosen_method():
+    dpo = prefloop("align", "run", "--help").stdout  # default --method dpo
+    assert "\n  --beta" in dpo and "\n  --loss" in dpo and "LoRA rank" in dpo
+    for other in ("--clip-eps", "\n  --rm VERSION", "--steps", "--desirable-weight", "PPO ("):
+        assert other not in dpo, other  # was: forty PPO flags and KTO's weights
+    assert "flags of another method: prefloop align run --method kto|sft|ppo --help" in dpo
+    ppo = prefloop("align", "run", "--method", "ppo", "--help").stdout
+    assert "PPO (--method ppo):" in ppo and "\n  --clip-eps" in ppo and "\n  --rm VERSION" in ppo
+    assert "\n  --beta" in ppo and "KL penalty coefficient" in ppo
+    assert "\n  --loss" not in ppo and "--lora" not in ppo and "--gate-metric" not in ppo
+    assert "prefloop align run --method dpo|kto|sft --help" in ppo
+    kto = prefloop("align", "schedule", "--help", "--method=kto").stdout
+    assert "KTO loss weight" in kto and "\n  --loss" not in kto and "--clip-eps" not in kto
+    assert "\n  --every" in kto
+
+
+def test_align_run_still_accepts_every_methods_flags():
+    from prefloop.align.cli.align import ppo_job_config
+    from prefloop.server.cli.main import build_parser
+    argv = ["align", "run", "--method", "ppo", "--rm", "v0001", "--steps", "3", "--clip-eps",
+            "0.1", "--loss", "ipo", "--desirable-weight", "2"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.steps, args.clip_eps, args.loss, args.desirable_weight) == (3, 0.1, "ipo", 2.0)
+    assert ppo_job_config(args).ppo.steps == 3
+    res = prefloop("align", "run", "--clip-epz", "0.1", "--data-dir", "/no/such/dir")
+    assert res.returncode == 2 and "did you mean --clip-eps?" in res.stderr
 
 
 def test_one_off_jobs_keep_rejected_candidates_only_when_asked():

@@ -206,8 +206,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_ppo_run_arguments(p: argparse.ArgumentParser, title: str = "PPO (--method ppo)"
                           ) -> None:
-    """PPO-only flags, in groups of their own (`title`) so a DPO user of `align run --help` sees
-    them apart; `align run` / `align schedule` already define the shared ones (--beta, --lr,
+    """PPO-only flags, in groups of their own (`title`; `align run --help` shows them only with
+    --method ppo); `align run` / `align schedule` already define the shared ones (--beta, --lr,
     --batch-size, --seed, --bf16, --max-steps, --heldout-fraction, --max-kl, ...)."""
     g = p.add_argument_group(title, "only read with --method ppo" if "--method" in title else None)
     g.add_argument("--rm", default=None, metavar="VERSION",
@@ -289,6 +289,66 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(gate), or start an online A/B test that live votes decide (ab; "
                         "docs/ab.md) (default %(default)s)")
     _keep_rejected(p)
+    _help_of_chosen_method(p)
+
+
+# `align run` / `align schedule` accept every method's flags, but --help shows only those the
+# chosen --method reads (default dpo): each flag below is read only by the methods named.
+RUN_METHODS = ("dpo", "kto", "sft", "ppo")
+_TRL = ("dpo", "kto", "sft")
+_READ_BY = {
+    "loss": ("dpo",), "label_smoothing": ("dpo",), "pairs_from_ratings": ("dpo",),
+    "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+    **dict.fromkeys(("epochs", "grad_accum", "max_length", "lora", "lora_r", "lora_alpha",
+                     "gradient_checkpointing", "warmup", "verbose", "max_pairs", "gate_metric"),
+                    _TRL),
+}
+_PPO_HELP = {  # shared flags whose meaning differs for --method ppo
+    "beta": "KL penalty coefficient (initial value with --adaptive-kl)",
+    "lr": "learning rate of policy and value head (default 1e-5)",
+    "batch_size": "prompts per rollout per device",
+    "max_steps": "PPO iterations when --steps is not given",
+}
+
+
+def _peek_method(argv: list[str], default: str = "dpo") -> str:
+    """The --method that `argv` (the words after `align run`) chooses, before parsing."""
+    method = default
+    for i, word in enumerate(argv):
+        if word == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif word.startswith("--method="):
+            method = word.split("=", 1)[1]
+    return method if method in RUN_METHODS else default
+
+
+def show_flags_of(p: argparse.ArgumentParser, method: str) -> None:
+    """Make `p`'s --help show the flags `method` reads (other methods' flags stay accepted, with
+    their help suppressed) and end with how to see another method's flags."""
+    for action in p._actions:
+        methods = RUN_METHODS if action.dest.startswith(("help", "method")) else (
+            ("ppo",) if action.container.title and action.container.title.startswith("PPO")
+            else _READ_BY.get(action.dest, RUN_METHODS))
+        original = action.__dict__.setdefault("_help", action.help)
+        action.help = (argparse.SUPPRESS if method not in methods else
+                       _PPO_HELP.get(action.dest, original) if method == "ppo" else original)
+    for group in p._action_groups:  # a group left without a flag to show shows nothing
+        original = group.__dict__.setdefault("_description", group.description)
+        shown = any(a.help is not argparse.SUPPRESS for a in group._group_actions)
+        group.description = original if shown else None
+    others = "|".join(m for m in RUN_METHODS if m != method)
+    p.epilog = f"flags of another method: {p.prog} --method {others} --help"
+
+
+def _help_of_chosen_method(p: argparse.ArgumentParser) -> None:
+    """Before `p` parses, show in its --help only the flags of the --method its words choose."""
+    parse = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        show_flags_of(p, _peek_method(sys.argv[1:] if args is None else list(args)))
+        return parse(args, namespace)
+    p.parse_known_args = parse_known_args
+    show_flags_of(p, "dpo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
