@@ -14,6 +14,10 @@ reasons, and the sha256 of every file). It is written into a stage directory, fs
 read-only and renamed to `vNNNN` in one step, so a version either exists complete or not at all.
 Version folders are never modified afterwards; `verify()` recomputes the checksums.
 
+CURRENT exists once `prefloop models init` ran or something was promoted. An align job creates
+v0000 on first use without it (so a job that fails changes nothing a server serves): until the
+first promotion a server keeps serving its --model and align treats the missing CURRENT as v0000.
+
 The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
 `rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`); `prefloop models prune/delete`
 removes versions nothing needs (`delete_version()`, never the current one or its rollback stack). The align job
@@ -416,14 +420,20 @@ class Registry:
                 removed.append(p.name)
         return removed
 
+    def has_base(self) -> bool:
+        return (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file()
+
     def ensure_base(self, model_dir: str | os.PathLike | None = None, *,
-                    source: str | None = None) -> str:
-        """Create v0000 from an HF folder on first use (and point CURRENT at it); idempotent.
+                    source: str | None = None, make_current: bool = True) -> str:
+        """Create v0000 from an HF folder on first use (and point CURRENT at it unless
+        `make_current` is False); idempotent.
 
         `model_dir` must be an HF folder (resolve `--model` with `model.loader.resolve_model_dir`
-        first); None only re-points CURRENT at an existing v0000. Returns "v0000".
+        first); None only re-points CURRENT at an existing v0000. Returns "v0000". Align jobs
+        create it with `make_current=False`: CURRENT moves only when a job promotes (`promote`
+        records v0000's init first), so a job that fails never changes what a server serves.
         """
-        if (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file() and self.current():
+        if self.has_base() and (self.current() or not make_current):
             return BASE_VERSION
         makedirs_durable(self.root)
         with self._pointer_lock():
@@ -443,7 +453,7 @@ class Registry:
                             shutil.copyfile(p, stage.path / p.name)
                     stage.publish(kind=KIND_POLICY, method="base", version=BASE_VERSION,
                                   source=source or str(src.resolve()))
-            if self.current() is None:
+            if make_current and self.current() is None:
                 self._set_current(BASE_VERSION, "init", None, "base model", "")
         return BASE_VERSION
 
@@ -471,7 +481,9 @@ class Registry:
     def promote(self, version: str, *, reason: str = "", actor: str = "", force: bool = False,
                 verify: bool = True) -> HistoryEntry:
         """Make `version` current. Refused (FailedPrecondition) for a reward model, a version
-        that fails verification, or one its gate rejected (unless `force`)."""
+        that fails verification, or one its gate rejected (unless `force`). On a registry without
+        CURRENT (v0000 created by an align job, nothing promoted yet) v0000's init is recorded
+        first, so a rollback returns to the base."""
         manifest = self.manifest(version)
         if manifest.kind != KIND_POLICY:
             raise FailedPrecondition(f"{version} is a {manifest.kind} model; only policy "
@@ -486,6 +498,11 @@ class Registry:
             previous = self.current()
             if previous == version:
                 raise FailedPrecondition(f"{version} is already the current version")
+            if previous is None and version != BASE_VERSION and self.has_base():
+                append_line_durable(self.history_path, asdict(HistoryEntry(
+                    action="init", version=BASE_VERSION, previous=None, at=utc_now(),
+                    reason="base model", actor=actor)))
+                previous = BASE_VERSION
             return self._set_current(version, "promote", previous, reason, actor)
 
     def served_stack(self) -> list[str]:

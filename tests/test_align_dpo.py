@@ -114,7 +114,8 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     folder = registry.version_dir("v0001")
     assert m.files["model.safetensors"]["sha256"] == reg.sha256_file(folder / "model.safetensors")
     assert registry.verify("v0001").ok
-    assert registry.current() == "v0000"  # published, not promoted (no --promote)
+    # published, not promoted (no --promote): CURRENT moves only on a promotion
+    assert registry.current() is None and registry.list_versions() == ["v0000", "v0001"]
     # the server's loader takes the folder, and the weights moved
     served = load_model(folder)
     base = load_model(registry.version_dir("v0000"))

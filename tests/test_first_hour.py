@@ -72,14 +72,18 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
 
+    registry = reg.Registry(data)
+    seen_while_training = []
+
     def trainer_fails(base_dir, rows, cfg):
         assert (base_dir / "model.safetensors").is_file()  # after v0000 was created
+        seen_while_training.append(registry.current())  # what a server following CURRENT sees
         raise RuntimeError("No module named 'datasets'")
 
-    registry = reg.Registry(data)
     with pytest.raises(RuntimeError, match="datasets"):
         run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
     assert registry.list_versions() == [] and registry.current() is None  # was: v0000, CURRENT
+    assert seen_while_training == [None]  # was: v0000 (a server swapped to it mid-job)
     assert registry.history() == []
     assert not [p for p in registry.versions_dir.iterdir()]  # no stage left either
     job = job_history(registry)[-1]
@@ -89,6 +93,37 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
     with pytest.raises(RuntimeError):
         run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
     assert registry.list_versions() == ["v0000"] and registry.current() == "v0000"
+
+
+def test_a_base_an_unpromoted_job_created_stays_unserved_until_a_promotion(tmp_path):
+    import pytest
+
+    from prefloop.align.jobs.preference import JobConfig, run_job
+    from prefloop.align.jobs.runner import current_version, resolve_base
+    from prefloop.server import registry as reg
+
+    data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
+    registry = reg.Registry(data)
+    # what a first job that trained but promoted nothing leaves: v0000, no CURRENT
+    assert resolve_base(registry, None, str(model), None, True) == reg.BASE_VERSION
+    assert registry.list_versions() == ["v0000"] and registry.current() is None
+    assert current_version(registry) == "v0000"  # align compares with and starts from the base
+
+    def trainer_fails(base_dir, rows, cfg):
+        assert registry.current() is None  # was: the next job pointed CURRENT at v0000
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_job(JobConfig(data_dir=data), train_fn=trainer_fails)
+    assert registry.list_versions() == ["v0000"] and registry.current() is None  # as it was
+    # the first promotion records the base first, so a rollback returns to it
+    with registry.stage() as stage:
+        (stage.path / "config.json").write_text("{}")
+        (stage.path / "model.safetensors").write_bytes(b"trained")
+        v1 = stage.publish(kind="policy", method="dpo", parent="v0000").version
+    registry.promote(v1, verify=False)
+    assert registry.current() == v1 and registry.served_stack() == ["v0000", v1]
+    assert registry.rollback(verify=False).version == "v0000"
 
 
 INTERRUPTED_JOB = """

@@ -179,7 +179,7 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
     candidate = evaluate_policy(policy, reference, rm, tokenizer, rm_tok, heldout,
                                 progress="evaluating the candidate", **kw)
     policy.to("cpu")
-    current = registry.current()
+    current = runner.current_version(registry)
     if current is None or current == base:
         current_eval = evaluate_policy(reference, reference, rm, tokenizer, rm_tok, heldout,
                                        progress=f"evaluating {base}", **kw)

@@ -160,7 +160,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     reference = load_causal_lm(base_dir, dev)
     kw = dict(batch_size=cfg.eval_batch_size, max_length=tc.max_length)
     train_rows = split.train[-cfg.max_train_eval:] if cfg.max_train_eval else []
-    current = registry.current()
+    current = runner.current_version(registry)
     pair_kw = dict(beta=tc.beta, loss_type=tc.loss if tc.method == "dpo" else "sigmoid",
                    label_smoothing=tc.label_smoothing if tc.method == "dpo" else 0.0)
     labels: list[bool] = []

@@ -11,6 +11,9 @@ jobs/reward.py, PPO in jobs/ppo.py), one copy of each step:
   outcome (a failure is recorded, then re-raised);
 - base resolution (`resolve_base`: the policy version to start from; v0000 from `--model` or the
   default model on first use, `--model` ignored with a warning once the registry has a base);
+  a job never points CURRENT at the v0000 it creates: CURRENT moves only when a job promotes
+  (or starts an A/B test), and until then `current_version` (CURRENT, else v0000) is what
+  align compares with;
 - the new-rows time split (`split_new_rows`, with the watermark of incremental jobs);
 - the evaluation device, publishing a trained model through a registry stage (`publish`: its
   weights + the base's tokenizer files, so a failed or killed job leaves no partial version),
@@ -23,9 +26,11 @@ is available again. `min_new` counts rows newer than everything any finished job
 
 Outcomes: skipped (not enough data), rejected (gate failed), published (gate passed, not
 promoted), promoted, failed (an exception or Ctrl-C: recorded, then re-raised; a v0000 the
-failed job created on first use is removed again, with CURRENT, so the registry and the served
-version stay as they were); "crashed" when read back for a job whose process died without an
-outcome line.
+failed job created on first use is removed again, so the registry and the served version stay as
+they were — a server never saw it, CURRENT was not set); "crashed" when read back for a job whose
+process died without an outcome line. A first job that finishes without promoting (skipped,
+rejected, published) keeps v0000 as the base of later jobs and leaves CURRENT unset: the server
+keeps serving its --model until a version is promoted (`prefloop models promote VERSION`).
 """
 from __future__ import annotations
 
@@ -161,9 +166,15 @@ def training_summary(trained) -> dict[str, Any]:
 # Watermarks and data windows
 
 
+def current_version(registry: reg.Registry) -> str | None:
+    """The version align compares with and continues from: CURRENT, else v0000 when an align job
+    created it without promoting anything yet (None on an empty registry)."""
+    return registry.current() or (reg.BASE_VERSION if registry.has_base() else None)
+
+
 def watermark(registry: reg.Registry) -> dt.datetime | None:
     """Newest row trained on by the current version or any of its ancestors."""
-    version, best, seen = registry.current(), None, set()
+    version, best, seen = current_version(registry), None, set()
     while version and version not in seen:
         seen.add(version)
         try:
@@ -284,16 +295,14 @@ def resolve_base(registry: reg.Registry, base: str | None, model: str | None,
     if main:
         if not registry.list_versions():  # first use: v0000 from --model or the default model
             from prefloop.server.model.loader import resolve_model_dir
-            registry.ensure_base(resolve_model_dir(model, cache_dir))
-        else:
-            if model:
-                log.warning("--model %s ignored: the registry in %s already has a base version",
-                            model, registry.root)
-            registry.ensure_base()  # no-op unless CURRENT is missing
+            registry.ensure_base(resolve_model_dir(model, cache_dir), make_current=False)
+        elif model:
+            log.warning("--model %s ignored: the registry in %s already has a base version",
+                        model, registry.root)
     elif not registry.list_versions():
         raise FailedPrecondition("the registry has no v0000 yet: run `prefloop models init` "
                                  "once before a multi-process `accelerate launch` job")
-    version = base or registry.current() or reg.BASE_VERSION
+    version = base or current_version(registry) or reg.BASE_VERSION
     manifest = registry.manifest(version)
     if manifest.kind != reg.KIND_POLICY:
         raise FailedPrecondition(f"base {version} is a {manifest.kind} model, not a policy")
@@ -338,6 +347,8 @@ def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, 
     result.reason = "; ".join(decision.reasons)
     if decision.passed and promote and promote_via == "ab":
         from prefloop.server.ab import state as ab_state
+        if registry.current() is None:  # first use: the control is the base v0000
+            registry.ensure_base()
         state = ab_state.start(registry, result.version)
         result.status = PUBLISHED
         result.reason += (f"; A/B test started against {state.control} (live votes decide; "
