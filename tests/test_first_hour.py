@@ -126,6 +126,26 @@ def test_a_base_an_unpromoted_job_created_stays_unserved_until_a_promotion(tmp_p
     assert registry.rollback(verify=False).version == "v0000"
 
 
+def test_a_first_job_starting_an_ab_test_makes_the_base_its_control(tmp_path):
+    from prefloop.align.gate import GateDecision
+    from prefloop.align.jobs import runner
+    from prefloop.server import registry as reg
+    from prefloop.server.ab import state as ab_state
+
+    registry = reg.Registry(tmp_path / "data")
+    registry.ensure_base(_fake_model(tmp_path / "model"), make_current=False)
+    with registry.stage() as stage:
+        (stage.path / "config.json").write_text("{}")
+        (stage.path / "model.safetensors").write_bytes(b"trained")
+        v1 = stage.publish(kind="policy", method="dpo", parent="v0000",
+                           gate={"passed": True, "reasons": []}).version
+    result = runner.JobResult(job_id="job-1", status="running", version=v1)
+    runner.conclude(result, GateDecision(True, ["ok"]), registry, "job-1", "dpo", promote=True,
+                    promote_via="ab")
+    assert result.status == runner.PUBLISHED and registry.current() == "v0000"
+    assert ab_state.running_state(registry).control == "v0000"
+
+
 INTERRUPTED_JOB = """
 import sys
 import prefloop.align.train.preference as P
