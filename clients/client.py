@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
@@ -102,6 +102,9 @@ class ModelInfo:
     context_length: int
     dtype: str
     backend: str
+    # what a request leaving a sampling field unset gets: temperature, top_p, top_k ({} from a
+    # server older than the field)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +120,11 @@ class EngineStats:
 
 
 def _model_info(msg: models_pb2.ModelInfo) -> ModelInfo:
+    d = msg.sampling_defaults
+    defaults = ({"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k}
+                if msg.HasField("sampling_defaults") else {})
     return ModelInfo(msg.model_version, msg.architecture, msg.context_length, msg.dtype,
-                     msg.backend)
+                     msg.backend, defaults)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 
 import grpc
 import pytest
@@ -50,6 +49,23 @@ def test_unary_generate_and_chat(fake_server):
     assert rows[0]["sampling"]["temperature"] == 0.0 and rows[0]["sampling"]["max_tokens"] == 3
     assert rows[0]["completion"] == " w1 w2 w3" and rows[0]["completion_tokens"] == 3
     assert rows[0]["created_at"].tzinfo is not None and rows[0]["ttft_ms"] <= rows[0]["latency_ms"]
+
+
+def test_model_info_reports_the_servers_sampling_defaults(fake_server_factory):
+    from prefloop.server.api.completions import SamplingDefaults
+
+    srv = fake_server_factory(defaults=SamplingDefaults(temperature=0.5, top_p=0.8, top_k=7))
+    with Client(srv.target) as client:
+        info = client.model_info()
+    assert info.sampling_defaults == {"temperature": 0.5, "top_p": 0.8, "top_k": 7}
+    assert info.sampling_defaults == srv.server.runner.defaults.as_dict()  # GET /v1/models' too
+
+    async def of_async():
+        async with AsyncClient(srv.target) as client:
+            return await client.model_info()
+    assert asyncio.run(of_async()).sampling_defaults == info.sampling_defaults
+    with Client(fake_server_factory().target) as client:  # no flags: the fallbacks
+        assert client.model_info().sampling_defaults == SamplingDefaults().as_dict()
 
 
 def test_stream_n2_interleaves_with_distinct_ids(fake_server):

@@ -92,7 +92,8 @@ class PrefloopServer:
                                        config.defaults, self.metrics, router)
         self.ab = ab  # ABController, when the server runs A/B tests
         self.generation = GenerationService(self.runner)
-        self.models = ModelsService(generator, self.admission, switcher, ab)
+        self.models = ModelsService(generator, self.admission, switcher, ab,
+                                    defaults=self.runner.defaults)
         self.extra_services = list(services)
         self.health = health.aio.HealthServicer()
         self.switcher = switcher

@@ -1,7 +1,7 @@
 """The Models servicer: what model is served (GetModelInfo) and the engine's state (GetEngineStats).
 
-Thin: reads `generator.info` / `generator.stats()` and the admission counters, and converts them
-to proto; the registry RPCs (ListVersions / Promote / Rollback) delegate to the `ModelSwitcher`
+Thin: reads `generator.info` / `generator.stats()`, the sampling defaults every API applies and
+the admission counters, and converts them to proto; the registry RPCs (ListVersions / Promote / Rollback) delegate to the `ModelSwitcher`
 (server/serving/hot_swap.py), the A/B RPCs to the `ABController` (server/api/ab_controller.py). Every Models RPC other than GetModelInfo is admin-only (`server/api/auth.py`).
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from prefloop.proto.prefloop.v1 import models_pb2, models_pb2_grpc
+from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.limits import Admission
 from prefloop.server.api.status_mapping import map_errors
 from prefloop.server.errors import FailedPrecondition
@@ -18,9 +19,11 @@ _TYPED_STATS = ("running", "waiting", "free_blocks", "total_blocks", "prefix_cac
 
 
 class ModelsService(models_pb2_grpc.ModelsServicer):
-    def __init__(self, generator, admission: Admission, switcher=None, ab=None) -> None:
+    def __init__(self, generator, admission: Admission, switcher=None, ab=None,
+                 defaults: SamplingDefaults | None = None) -> None:
         self.generator = generator
         self.admission = admission
+        self.defaults = defaults or SamplingDefaults()  # the CompletionRunner's (same object)
         self.switcher = switcher  # ModelSwitcher, or None when the server has no registry
         self.ab = ab  # ABController, or None when the server runs no A/B tests
 
@@ -35,7 +38,8 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         info = self.generator.info
         return models_pb2.ModelInfo(
             model_version=info.model_version, architecture=info.architecture,
-            context_length=info.context_length, dtype=info.dtype, backend=info.backend)
+            context_length=info.context_length, dtype=info.dtype, backend=info.backend,
+            sampling_defaults=models_pb2.SamplingDefaults(**self.defaults.as_dict()))
 
     @map_errors
     async def GetEngineStats(self, request, context):

@@ -11,18 +11,30 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "architecture", "context_length", "dtype", "backend")
+    __slots__ = ("model_version", "architecture", "context_length", "dtype", "backend", "sampling_defaults")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     architecture: str
     context_length: int
     dtype: str
     backend: str
-    def __init__(self, model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    sampling_defaults: SamplingDefaults
+    def __init__(self, model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ...) -> None: ...
+
+class SamplingDefaults(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class GetEngineStatsRequest(_message.Message):
     __slots__ = ()
