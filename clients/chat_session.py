@@ -96,6 +96,9 @@ def _version(session: ChatSession, arg: str) -> bool:
         return True
     session.say(f"model version {info.model_version} ({info.architecture}, {info.backend} "
                 f"backend, {info.dtype}, context {info.context_length} tokens)")
+    if info.sampling_defaults:
+        session.say("server sampling defaults: " + ", ".join(
+            f"{k} {v:g}" for k, v in info.sampling_defaults.items()))
     return True
 
 

@@ -3,7 +3,7 @@ GetModelInfo and GetEngineStats RPCs (the latter needs an admin token when auth 
 
     prefloop stats --target HOST:PORT [--token T] [--json]
 
-Prints the served version, running / waiting sequences, KV-cache use (used / total blocks),
+Prints the served version and its sampling defaults, running / waiting sequences, KV-cache use (used / total blocks),
 prompt tokens served from the prefix cache, the admission queue, and any extra numbers the engine
 reports. A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
 server/cli/main.py).
@@ -33,8 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def report(info: ModelInfo, stats: EngineStats) -> dict:
     used = stats.total_blocks - stats.free_blocks
     return {"model_version": info.model_version, "backend": info.backend, "dtype": info.dtype,
-            "context_length": info.context_length, **asdict(stats), "used_blocks": used,
+            "context_length": info.context_length, "sampling_defaults": info.sampling_defaults,
+            **asdict(stats), "used_blocks": used,
             "kv_use": round(used / stats.total_blocks, 4) if stats.total_blocks else None}
+
+
+def format_defaults(defaults: dict) -> str:
+    """"temperature 0.3, top_p 0.9, top_k 0 (a request's unset fields)" or "-"."""
+    if not defaults:
+        return "-"
+    return (", ".join(f"{k} {defaults[k]:g}" for k in ("temperature", "top_p", "top_k"))
+            + " (a request's unset fields)")
 
 
 def format_report(r: dict) -> str:
@@ -42,6 +51,7 @@ def format_report(r: dict) -> str:
           if r["kv_use"] is not None else "-")
     lines = [f"version        {r['model_version']} ({r['backend']} {r['dtype']}, context "
              f"{r['context_length']} tokens)",
+             f"sampling       {format_defaults(r['sampling_defaults'])}",
              f"running        {r['running']}",
              f"waiting        {r['waiting']}",
              f"KV cache used  {kv}",
