@@ -261,6 +261,7 @@ def paired_pair_outcomes(candidate: Scores, current: Scores, *, beta: float
     out: dict[str, Any] = {
         "implicit": Paired.from_differences(margins.tolist(), TIE_TOL),
         "accuracy": Paired.from_differences(diff.tolist()),
+        "margins": margins.tolist(),
     }
     if margins.numel():
         out["implicit_reward_accuracy"] = float((margins > TIE_TOL).double().mean())
@@ -268,11 +269,16 @@ def paired_pair_outcomes(candidate: Scores, current: Scores, *, beta: float
     return out
 
 
-def paired_example_outcomes(candidate: Scores, current: Scores, labels: list[bool]):
-    """KTO without same-prompt pairs: per example, a win when log π_cand − log π_current has
-    the label's sign (up for a desirable answer, down for an undesirable one)."""
+def example_margins(candidate: Scores, current: Scores, labels: list[bool]) -> list[float]:
+    """KTO without same-prompt pairs: per example, log π_cand − log π_current signed by the
+    label (positive: up for a desirable answer, down for an undesirable one)."""
     signs = torch.tensor([1.0 if lab else -1.0 for lab in labels], dtype=torch.float64)
-    return Paired.from_differences((signs * (candidate.logps - current.logps)).tolist(), TIE_TOL)
+    return (signs * (candidate.logps - current.logps).double()).tolist()
+
+
+def paired_example_outcomes(candidate: Scores, current: Scores, labels: list[bool]):
+    """KTO without same-prompt pairs: per example, a win when `example_margins` is positive."""
+    return Paired.from_differences(example_margins(candidate, current, labels), TIE_TOL)
 
 
 def sft_metrics(scores: Scores) -> dict[str, float]:

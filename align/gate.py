@@ -42,7 +42,7 @@ from prefloop.server.errors import InvalidArgument
 DEFAULT_MAX_KL = 0.5  # nats per completion token
 DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
 DEFAULT_MIN_HELDOUT = 20
-METRICS = ("implicit_reward", "pref_accuracy")
+METRICS = ("implicit_margin", "implicit_reward", "pref_accuracy")
 MISSING_HINT = "collect more votes, raise --heldout-fraction or lower --min-heldout-pairs"
 
 
@@ -96,6 +96,76 @@ def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
     lower = 0.0 if k == 0 else _solve(lambda p: binomial_tail(k, n, p), alpha)
     upper = 1.0 if k == n else _solve(lambda p: binomial_tail(k + 1, n, p), 1.0 - alpha)
     return lower, upper
+
+
+def sign_flip_p(values: list[float], draws: int = 20000, seed: int = 0) -> float:
+    """One-sided p-value of "mean(values) > 0" under random signs: the share of sign flips of
+    `values` whose sum is at least the observed sum. Exact (all 2^n flips) for n <= 16, else
+    Monte Carlo with `draws` flips and the (1 + hits) / (1 + draws) correction, which keeps it
+    a valid p-value. Exact in level when each value's sign is a coin flip independent of its
+    size: held-out votes that are random relative to what the candidate learned."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n == 0:
+        return 1.0
+    observed = v.sum() - 1e-12 * max(1.0, float(np.abs(v).sum()))  # ties count as hits
+    if n <= 16:
+        signs = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        return float(((signs @ v) >= observed).mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.integers(0, 2, size=(draws, n), dtype=np.int8) * 2 - 1
+    hits = int(((signs @ v) >= observed).sum())
+    return (1 + hits) / (1 + draws)
+
+
+def bootstrap_mean_interval(values: list[float], confidence: float, draws: int = 4000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (reported beside the sign-flip test)."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(draws, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+@dataclass(slots=True, frozen=True)
+class MarginTest:
+    """The implicit-reward margins of the held-out pairs (candidate vs current, per pair, in
+    nats summed over the answer): is their mean above 0 at `confidence`? One-sided sign-flip
+    test at level (1 - confidence) / 2; the bootstrap interval of the mean is reported."""
+
+    n: int
+    mean: float
+    lower: float
+    upper: float
+    p_value: float
+    confidence: float
+
+    @classmethod
+    def of(cls, margins: list[float], confidence: float) -> "MarginTest":
+        lower, upper = bootstrap_mean_interval(margins, confidence)
+        mean = sum(margins) / len(margins) if margins else math.nan
+        return cls(len(margins), mean, lower, upper, sign_flip_p(margins), confidence)
+
+    @property
+    def passed(self) -> bool:
+        return self.n > 0 and self.p_value < (1.0 - self.confidence) / 2
+
+    def describe(self, what: str, unit: str) -> str:
+        if not self.n:
+            return f"{what}: no {unit} to judge on"
+        return (f"{what} {self.mean:+.3f} nats over {self.n} {unit}, {self.confidence:.0%} "
+                f"bootstrap interval [{self.lower:+.3f}, {self.upper:+.3f}]: one-sided sign-flip "
+                f"p = {self.p_value:.3g} {'<' if self.passed else '>='} "
+                f"{(1.0 - self.confidence) / 2:.3g}")
+
+    def to_metrics(self, prefix: str = "") -> dict[str, Any]:
+        return {f"{prefix}mean_margin": self.mean, f"{prefix}margin_interval": [self.lower, self.upper],
+                f"{prefix}margin_p_value": self.p_value, f"{prefix}margin_pairs": self.n}
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,7 +257,7 @@ class GateConfig:
     min_improvement: float = 0.0  # the win rate's lower end must be above 0.5 + this
     min_heldout: int = DEFAULT_MIN_HELDOUT
     confidence: float = DEFAULT_CONFIDENCE
-    metric: str = "implicit_reward"  # decide(): implicit_reward | pref_accuracy
+    metric: str = "implicit_reward"  # decide(): implicit_margin | implicit_reward | pref_accuracy
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
@@ -267,26 +337,43 @@ def _fmt(x: float | None) -> str:
 def decide(*, implicit: Paired | None, accuracy: Paired | None,
            candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
-           config: GateConfig) -> GateDecision:
+           config: GateConfig, margins: list[float] | None = None) -> GateDecision:
     """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
-    candidate's log-ratio margin against the current version; `accuracy`: per pair, candidate
-    right and current wrong (win) or the reverse (loss); the accuracies are reported."""
-    chosen = implicit if config.metric == "implicit_reward" else accuracy
-    what = (f"implicit-reward win rate vs {current_version}" if config.metric == "implicit_reward"
-            else f"preference-accuracy win rate vs {current_version} (discordant pairs)")
-    comparison = Comparison.of(chosen, config.confidence, config.threshold) \
-        if chosen is not None else None
+    candidate's log-ratio margin against the current version; `margins`: those margins
+    themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
+    reverse (loss); the accuracies, and the tests the metric does not use, are reported."""
+    margin_test = MarginTest.of(margins, config.confidence) if margins else None
+    what = {"implicit_margin": f"implicit-reward mean margin vs {current_version}",
+            "implicit_reward": f"implicit-reward win rate vs {current_version}",
+            "pref_accuracy": f"preference-accuracy win rate vs {current_version} (discordant pairs)"
+            }[config.metric]
+    if config.metric == "implicit_margin":
+        comparison: Comparison | MarginTest | None = margin_test
+    else:
+        chosen = implicit if config.metric == "implicit_reward" else accuracy
+        comparison = Comparison.of(chosen, config.confidence, config.threshold) \
+            if chosen is not None else None
     ok, reasons = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
                                kl_per_token=kl_per_token, config=config,
                                missing=config.metric.replace("_", " "))
+    if margin_test is not None and config.metric != "implicit_margin":
+        reasons.append("reported: " + margin_test.describe(
+            f"implicit-reward mean margin vs {current_version}", "pairs"))
+    if implicit is not None and config.metric != "implicit_reward":
+        reasons.append("reported: " + Comparison.of(implicit, config.confidence, config.threshold)
+                       .describe(f"implicit-reward win rate vs {current_version}", "pairs"))
     reasons.append(f"reported: reference-free preference accuracy {_fmt(candidate_accuracy)} "
                    f"vs current {current_version}'s {_fmt(current_accuracy)}")
     metrics: dict[str, Any] = {
         "candidate_accuracy": candidate_accuracy, "current_accuracy": current_accuracy,
         "current_version": current_version, "kl_per_token": kl_per_token,
         "metric": config.metric, "heldout_pairs": heldout_pairs, **config.stated()}
-    if comparison is not None:
+    if isinstance(comparison, Comparison):
         metrics.update(comparison.to_metrics())
+    elif implicit is not None:  # the margin metric: the win-rate keys still describe its pairs
+        metrics.update(Comparison.of(implicit, config.confidence, config.threshold).to_metrics())
+    if margin_test is not None:
+        metrics.update(margin_test.to_metrics())
     if implicit is not None:
         metrics["implicit_reward_accuracy"] = implicit.win_rate
         metrics["implicit"] = Comparison.of(implicit, config.confidence,

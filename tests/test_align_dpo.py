@@ -27,7 +27,7 @@ from prefloop.server import registry as reg
 from prefloop.server.errors import Unavailable
 from prefloop.server.model.loader import load_model
 
-FAST = ["--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3"]
+FAST = ["--no-lora", "--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3"]
 
 
 def as_trl(pairs: list[dict]) -> list[dict]:
@@ -103,7 +103,7 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
     assert train["loss"] < math.log(2) - 0.2
     assert 0 < held["kl_per_token"] < 0.5
-    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 4
+    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 5  # count, test, KL, 2 reported
     m = registry.manifest("v0001")
     assert (m.parent, m.method, m.kind, m.job_id) == ("v0000", "dpo", "policy", out["job_id"])
     assert m.hyperparameters["beta"] == 0.1 and m.hyperparameters["lr"] == 0.01
@@ -210,8 +210,8 @@ def test_a_second_job_is_refused_while_one_runs(log_32, tiny, tmp_path, capsys):
 
 def test_lora_is_merged_into_full_weights(tiny, log_32, tmp_path, capsys):
     data_dir = fresh_copy(log_32, tmp_path)
-    rc = cli.main(["align", "dpo", "--data-dir", str(data_dir), "--model", str(tiny), "--lora",
-                   "--lora-r", "4", "--max-steps", "2", "--json", *FAST])
+    rc = cli.main(["align", "dpo", "--data-dir", str(data_dir), "--model", str(tiny), *FAST,
+                   "--lora", "--lora-r", "4", "--max-steps", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["version"] == "v0001"
     registry = reg.Registry(data_dir)

@@ -169,3 +169,70 @@ def test_reward_model_gate_on_counts():
                                        "wrong": 12}, 0.5).passed  # interval reaches below 0.5
     none = gate.reward_model_gate({"pairs": 0}, 0.5)
     assert not none.passed and none.to_dict()["heldout_accuracy"] is None
+
+
+# ---- the implicit-reward margin test (sign flips) -------------------------------------------
+
+
+def flips_at_least(values: list[float]) -> float:
+    """P(sum of randomly signed values >= observed sum), by listing all 2^n sign patterns."""
+    import itertools
+    observed = sum(values)
+    hits = sum(sum(s * v for s, v in zip(signs, values)) >= observed - 1e-12
+               for signs in itertools.product((1, -1), repeat=len(values)))
+    return hits / 2 ** len(values)
+
+
+@pytest.mark.parametrize("values", [[1.0], [1.0] * 5, [1.0, -1.0], [2.0, -1.0, 0.5],
+                                    [0.3, 0.1, -0.2, 0.8, -0.05, 0.4], [1.0] * 7 + [-1.0] * 3])
+def test_sign_flip_p_is_the_exact_share_of_sign_patterns(values):
+    assert gate.sign_flip_p(values) == pytest.approx(flips_at_least(values), abs=1e-12)
+
+
+def test_sign_flip_p_closed_forms_and_monte_carlo_agrees_with_the_binomial_for_equal_sizes():
+    assert gate.sign_flip_p([0.5] * 10) == pytest.approx(2 ** -10)
+    assert gate.sign_flip_p([]) == 1.0
+    # equal magnitudes: the sum test is the sign test (k wins of n)
+    values = [1.0] * 26 + [-1.0] * 14  # n = 40 > 16: Monte Carlo
+    assert gate.sign_flip_p(values, draws=40000) == pytest.approx(tail(26, 40), abs=0.006)
+
+
+def test_sign_flip_test_holds_its_level_on_random_signs():
+    import random
+    rng = random.Random(7)
+    trials, passes = 400, 0
+    for t in range(trials):
+        margins = [rng.choice((-1, 1)) * rng.expovariate(1.0) for _ in range(35)]
+        passes += gate.MarginTest.of(margins, 0.9).passed
+    assert passes / trials <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_margin_test_sees_few_large_moves_the_sign_test_misses():
+    # 35 held-out pairs: 13 clear moves towards the voters' choice, 22 noise pairs split 9/13
+    margins = [3.0] * 13 + [0.2] * 9 + [-0.2] * 13
+    sign = Comparison.of(Paired.from_differences(margins), 0.9)
+    assert not sign.passed and sign.p_value == pytest.approx(tail(22, 35))  # 22 of 35: p 0.088
+    test = gate.MarginTest.of(margins, 0.9)
+    assert test.passed and test.p_value < 0.001 and test.lower > 0
+    assert "sign-flip p =" in test.describe("m", "pairs")
+
+
+def test_decide_on_the_margin_metric_reports_the_sign_test_beside():
+    margins = [3.0] * 13 + [0.2] * 9 + [-0.2] * 13
+    d = gate.decide(implicit=Paired.from_differences(margins), accuracy=None,
+                    candidate_accuracy=0.5, current_accuracy=0.5, current_version="v0000",
+                    kl_per_token=0.1, heldout_pairs=35, margins=margins,
+                    config=GateConfig(metric="implicit_margin"))
+    assert d.passed, d.reasons
+    text = "\n".join(d.reasons)
+    assert "implicit-reward mean margin vs v0000 +1.091 nats over 35 pairs" in text
+    assert "reported: implicit-reward win rate vs v0000 0.629 (22 wins, 13 losses" in text
+    out = d.to_dict()
+    assert out["metric"] == "implicit_margin" and out["margin_pairs"] == 35
+    assert out["margin_p_value"] < 0.05 and out["implicit"]["wins"] == 22 and "interval" in out["implicit"]
+    # the same margins on the sign-test metric are rejected, the margin test reported
+    d2 = gate.decide(implicit=Paired.from_differences(margins), accuracy=None,
+                     candidate_accuracy=0.5, current_accuracy=0.5, current_version="v0000",
+                     kl_per_token=0.1, heldout_pairs=35, margins=margins,
+                     config=GateConfig(metric="implicit_reward"))
+    assert not d2.passed and any(r.startswith("reported: implicit-reward mean margin") for r in d2.reasons)

@@ -1,7 +1,9 @@
 """The whole loop on the default model with real processes: serve answers, submit a consistent
 synthetic preference through gRPC, run one `prefloop align run` job, and check that the promoted
-version's held-out preference accuracy rose and that the live server now serves it."""
+version's held-out preference accuracy rose and that the live server now serves it; and that
+users who vote at random get nothing promoted."""
 import json
+import random
 import subprocess
 import sys
 
@@ -20,33 +22,48 @@ TOPICS = ["the sea", "a cat", "winter", "music", "a city", "bread", "the moon", 
 OTHER_FRUITS = ["apples", "cherries", "grapes", "lemons", "oranges", "pears", "plums", "melons"]
 
 
-def test_served_voted_retrained_served_better(tmp_path):
+def vote(server, chooses_bananas) -> None:
+    """40 users ask, then vote through gRPC. `chooses_bananas(i)`: does user i prefer the answer
+    that praises bananas (the other praises another fruit; otherwise the answers are equal)?"""
+    with Client(server.target, token=USER_TOKEN, timeout=120) as client:
+        for i, topic in enumerate(TOPICS):
+            question = [{"role": "user", "content": f"Say one sentence about {topic}."}]
+            answer = client.chat(question, max_tokens=16, temperature=0)
+            assert answer.model_version == "v0000"
+            plain = answer.completions[0].text
+            fruit = OTHER_FRUITS[i % len(OTHER_FRUITS)]
+            banana, other = f"I like bananas. {plain}", f"I like {fruit}. {plain}"
+            chosen, rejected = (banana, other) if chooses_bananas(i) else (other, banana)
+            ack = client.submit_preference(prompt_messages=question, chosen_text=chosen,
+                                           rejected_text=rejected)
+            assert not ack.duplicate
+
+
+def vote_and_retrain(tmp_path, chooses_bananas):
+    """A live server on a data dir with v0000, 40 votes, then one `align run --auto-promote`
+    job with the default learning rate. Returns (job, registry, the running server)."""
     data = tmp_path / "data"
     init = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", "init",
                            "--data-dir", str(data)], capture_output=True, text=True, timeout=600)
     assert init.returncode == 0, init.stderr
     server = start_server_process(tmp_path, "--registry-poll", "0.5")
     try:
-        with Client(server.target, token=USER_TOKEN, timeout=120) as client:
-            for i, topic in enumerate(TOPICS):
-                question = [{"role": "user", "content": f"Say one sentence about {topic}."}]
-                answer = client.chat(question, max_tokens=16, temperature=0)
-                assert answer.model_version == "v0000"
-                plain = answer.completions[0].text
-                # the users' consistent taste: of two otherwise equal answers, the one that
-                # praises bananas is better (the other praises some other fruit)
-                other = OTHER_FRUITS[i % len(OTHER_FRUITS)]
-                ack = client.submit_preference(
-                    prompt_messages=question, chosen_text=f"I like bananas. {plain}",
-                    rejected_text=f"I like {other}. {plain}")
-                assert not ack.duplicate
+        vote(server, chooses_bananas)
         job = subprocess.run(
             [sys.executable, "-m", "prefloop.server.cli", "align", "run", "--data-dir", str(data),
-             "--method", "dpo", "--min-new-pairs", "16", "--auto-promote", "--lr", "1e-5",
-             "--min-heldout-pairs", "8",  # 40 votes leave 8 held out: the gate's sign test decides
+             "--method", "dpo", "--min-new-pairs", "16", "--auto-promote",  # default lr (LoRA)
+             "--min-heldout-pairs", "8",  # 40 votes leave 8 held out
              "--epochs", "2", "--json"], capture_output=True, text=True, timeout=1800)
+    except BaseException:
+        server.terminate()
+        raise
+    return job, Registry(data), server
+
+
+def test_served_voted_retrained_served_better(tmp_path):
+    job, registry, server = vote_and_retrain(tmp_path, lambda i: True)  # everyone likes bananas
+    try:
         assert job.returncode == 0, job.stderr[-3000:]
-        registry = Registry(data)
         assert registry.current() == "v0001", job.stdout
         gate = registry.manifest("v0001").gate
         assert gate["passed"] and gate["candidate_accuracy"] > gate["current_accuracy"], gate
@@ -55,5 +72,23 @@ def test_served_voted_retrained_served_better(tmp_path):
             answer = admin.chat([{"role": "user", "content": "Say one sentence about a cat."}],
                                 max_tokens=8, temperature=0)
             assert answer.model_version == "v0001"
+    finally:
+        assert server.terminate() == 0
+
+
+def test_random_votes_do_not_promote(tmp_path):
+    """Users who vote by coin flip (seeded): the same job trains, the gate rejects, nothing is
+    promoted and the server keeps serving v0000."""
+    coins = random.Random(3)
+    flips = [coins.random() < 0.5 for _ in TOPICS]
+    job, registry, server = vote_and_retrain(tmp_path, lambda i: flips[i])
+    try:
+        assert job.returncode == 0, job.stderr[-3000:]
+        out = json.loads(job.stdout[job.stdout.index("{"):])
+        assert out["status"] == "rejected" and not out["gate"]["passed"], out["gate"]
+        assert out["metrics"]["training"]["steps"] > 0  # it did train
+        assert registry.current() == "v0000" and registry.list_versions() == ["v0000"]
+        with Client(server.target, token=ADMIN_TOKEN) as admin:
+            assert admin.model_info().model_version == "v0000"
     finally:
         assert server.terminate() == 0

@@ -62,17 +62,19 @@ def _source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="model cache (default $PREFLOOP_CACHE_DIR)")
 
 
-def _trainer(g, *, default_lr: str, max_length_help: str) -> None:
-    """The flags of a TRL trainer (DPO / KTO / reward model); `g` is the training group."""
+def _trainer(g, *, default_lr: str, max_length_help: str, lora: bool = False) -> None:
+    """The flags of a TRL trainer (DPO / KTO / reward model); `g` is the training group.
+    `lora`: whether LoRA is the default (the policy trainers; --no-lora for a full fine-tune)."""
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps")
     g.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {default_lr}, or 1e-4 with --lora)")
+                   help=f"learning rate (default {default_lr})")
     g.add_argument("--batch-size", type=int, default=4, help="pairs per step per device")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--max-length", type=int, default=1024, help=max_length_help)
-    g.add_argument("--lora", action="store_true",
-                   help="train a LoRA adapter (peft), merged into full weights before publishing")
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction if lora else "store_true",
+                   default=lora, help="train a LoRA adapter (peft), merged into full weights "
+                                      f"before publishing (default {'on' if lora else 'off'})")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     g.add_argument("--lora-alpha", type=int, default=32,
                    help="LoRA scaling alpha (with --lora; the update is scaled by alpha / r)")
@@ -85,7 +87,8 @@ def _seed_bf16(g) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="random seed of shuffling, initialization and sampling")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 mixed precision (default: on for CUDA devices with bf16)")
+                   help="bf16 mixed precision (default: on for CUDA with bf16; DPO / KTO / SFT "
+                        "also on a CPU with native bf16, AVX512-BF16 / AMX)")
     g.add_argument("--verbose", action="store_true",
                    help="print the trainer's raw per-step log dicts (default: a progress bar "
                         "with the loss)")
@@ -120,15 +123,26 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
     _gate_statistics(gate)
     if policy_metric:
         gate.add_argument("--gate-metric", default="implicit_reward",
-                          choices=["implicit_reward", "pref_accuracy"],
+                          choices=["implicit_margin", "implicit_reward", "pref_accuracy"],
                           help="paired comparison with the current version on held-out pairs: "
-                               "implicit_reward (the candidate's log-ratio to the current "
-                               "version ranks the voters' choice higher; default) or "
-                               "pref_accuracy (discordant pairs of reference-free accuracy)")
+                               "implicit_margin (mean of the candidate's log-ratio margins to "
+                               "the current version, sign-flip test), implicit_reward (the "
+                               "share of pairs where that margin ranks the voters' choice "
+                               "higher, sign test) or pref_accuracy (discordant pairs of "
+                               "reference-free accuracy)")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _policy_lr() -> str:
+    from prefloop.align.train.common import PREFERENCE_LR, SFT_LR
+
+    def e(x: float) -> str:
+        return f"{x:.0e}".replace("e-0", "e-")
+    return (f"{e(PREFERENCE_LR[True])} with LoRA, {e(PREFERENCE_LR[False])} with --no-lora; sft "
+            f"{e(SFT_LR[True])} / {e(SFT_LR[False])}")
 
 
 def _common(p: argparse.ArgumentParser, method: str | None) -> None:
@@ -149,13 +163,16 @@ def _common(p: argparse.ArgumentParser, method: str | None) -> None:
                        help="KTO loss weight of thumbs-up answers (raise it when they are fewer)")
         g.add_argument("--undesirable-weight", type=float, default=1.0,
                        help="KTO loss weight of thumbs-down answers")
-    _trainer(g, default_lr="5e-6",
+    _trainer(g, default_lr=_policy_lr(), lora=True,
              max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
     g.add_argument("--warmup", type=float, default=0.0, help="warmup ratio of the steps")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="use only the newest N pairs (kto: examples)")
     _evaluation(d, eval_batch_size=4)
+    d.add_argument("--max-train-eval", type=int, default=64, metavar="N",
+                   help="newest N training rows scored for the train metrics (0: none; the "
+                        "gate reads held-out rows only)")
     _gate(p, "win rate over the current version on held-out pairs", policy_metric=True)
     _json(p)
 
@@ -300,7 +317,8 @@ _READ_BY = {
     "loss": ("dpo",), "label_smoothing": ("dpo",), "pairs_from_ratings": ("dpo",),
     "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
     **dict.fromkeys(("epochs", "grad_accum", "max_length", "lora", "lora_r", "lora_alpha",
-                     "gradient_checkpointing", "warmup", "verbose", "max_pairs", "gate_metric"),
+                     "gradient_checkpointing", "warmup", "verbose", "max_pairs", "gate_metric",
+                     "max_train_eval"),
                     _TRL),
 }
 _PPO_HELP = {  # shared flags whose meaning differs for --method ppo
@@ -456,6 +474,7 @@ def job_config(args: argparse.Namespace):
         min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,
         pairs_from_ratings=getattr(args, "pairs_from_ratings", False),
         heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
+        max_train_eval=args.max_train_eval,
         device=args.device, **_promote_and_keep(args))
 
 

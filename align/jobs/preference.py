@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +48,7 @@ class JobConfig:
     promote_via: str = "gate"  # gate: promote at once; ab: start an A/B test instead
     keep_rejected: bool = True  # publish a candidate the gate rejected (marked rejected)
     eval_batch_size: int = 4
-    max_train_eval: int = 256  # newest training rows scored for the train metrics
+    max_train_eval: int = 64  # newest training rows scored for the train metrics
     device: str | None = None  # evaluation device (default: cuda if available, else cpu)
 
     def __post_init__(self) -> None:
@@ -106,12 +107,17 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                 "kto": data_mod.trl_examples}[method](split.train)
     if train_fn is None:
         from prefloop.align.train.preference import train as train_fn
+    started = time.perf_counter()
     trained = train_fn(base_dir, trl_rows, cfg.train)
     if not main or trained.model is None:
         result.status = runner.WORKER
         return result
     result.metrics["training"] = _training_summary(trained)
+    seconds = {"load_and_train": time.perf_counter() - started}
+    started = time.perf_counter()
     decision = _evaluate(cfg, registry, base, base_dir, trained, split, result)
+    seconds["score"] = time.perf_counter() - started
+    result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_dict()
     if decision.passed or cfg.keep_rejected:
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
@@ -218,6 +224,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                                                dev))
         current_accuracy = ev.cross_prompt_accuracy(current_scores, labels)
         outcomes["implicit"] = ev.paired_example_outcomes(example_scores, current_scores, labels)
+        outcomes["margins"] = ev.example_margins(example_scores, current_scores, labels)
         heldout_units = len(labels)
     else:
         current_accuracy, heldout_units = None, 0
@@ -234,7 +241,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                   candidate_accuracy=heldout.get("pref_accuracy"),
                   current_accuracy=current_accuracy, current_version=current,
                   kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
-                  config=cfg.gate)
+                  config=cfg.gate, margins=outcomes.get("margins"))
 
 
 def _current_scores(cfg: JobConfig, registry: reg.Registry, current: str, tok,

@@ -11,6 +11,13 @@ from typing import Any
 
 from prefloop.server.errors import InvalidArgument
 
+# Default learning rates {lora: lr} of the TRL policy trainers (here, not in train/preference.py,
+# so the CLI's help can name them without importing torch). DPO / KTO: measured by
+# benchmarks/loop_sweep.py (docs/align.md, "Does the loop keep its promise?"): 200 votes move the
+# served answers at these, with KL well inside the gate's bound.
+PREFERENCE_LR = {False: 2e-5, True: 3e-4}
+SFT_LR = {False: 2e-5, True: 2e-4}
+
 # Every linear layer of a Llama decoder block.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -34,12 +41,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def use_bf16(bf16: bool | None) -> bool:
-    """A config's `bf16` (None: on when a CUDA device with bf16 is present)."""
+def use_bf16(bf16: bool | None, *, cpu_native: bool = False) -> bool:
+    """A config's `bf16` (None: on when a CUDA device with bf16 is present, and with
+    `cpu_native` also on a CPU with native bf16 (AVX512-BF16 / AMX), as `serve --dtype auto`
+    decides; the preference trainers measured it: docs/align.md)."""
     import torch
     if bf16 is not None:
         return bf16
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    if cpu_native:
+        from prefloop.server.model.options import cpu_bf16_flags
+        return bool(cpu_bf16_flags())
+    return False
 
 
 def load_tokenizer(model_dir: Path):
@@ -71,16 +85,18 @@ def lora_config(cfg, task_type: str, dropout: float = 0.0):
                       target_modules=list(LORA_TARGETS), task_type=task_type, bias="none")
 
 
-def trainer_args(cfg, output_dir: str, **extra: Any) -> dict[str, Any]:
+def trainer_args(cfg, output_dir: str, *, cpu_bf16: bool = False, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of a TRL `*Config` (TrainingArguments) from a trainer config: sizes,
     schedule, precision, seeds, no checkpoints, no evaluation, no reporting, log every step.
-    `extra` adds the trainer's own (beta, center_rewards_coefficient, ...)."""
+    `extra` adds the trainer's own (beta, center_rewards_coefficient, ...); `cpu_bf16`: bf16
+    autocast by default on a CPU with native bf16 too (the policy trainers)."""
     import torch
     return dict(
         output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, max_length=cfg.max_length, bf16=use_bf16(cfg.bf16),
+        weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        bf16=use_bf16(cfg.bf16, cpu_native=cpu_bf16),
         gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         disable_tqdm=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),

@@ -24,6 +24,8 @@ from typing import Any
 
 from prefloop.align.losses import LOSSES
 from prefloop.align.train.common import (
+    PREFERENCE_LR,
+    SFT_LR,
     check_trainer_fields,
     load_causal_lm,
     load_tokenizer,
@@ -37,8 +39,8 @@ from prefloop.server.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "kto", "sft")
-DEFAULT_LR = {False: 5e-6, True: 1e-4}  # full fine-tune, LoRA
-SFT_DEFAULT_LR = {False: 2e-5, True: 2e-4}
+DEFAULT_LR = PREFERENCE_LR  # {lora: lr}, align/train/common.py
+SFT_DEFAULT_LR = SFT_LR
 _SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 
 
@@ -51,20 +53,20 @@ class TrainConfig:
     loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust dpo: assumed label-flip probability
     epochs: float = 1.0
-    lr: float | None = None  # None: 5e-6 full fine-tune, 1e-4 LoRA (sft: 2e-5, 2e-4)
+    lr: float | None = None  # None: DEFAULT_LR (sft: SFT_DEFAULT_LR), by lora
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
-    lora: bool = False
+    lora: bool = True  # a LoRA adapter, merged before publishing (--no-lora: full fine-tune)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0  # kto
     seed: int = 0
-    bf16: bool | None = None  # None: on when a CUDA device with bf16 is used
+    bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False
     max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
 
@@ -96,7 +98,8 @@ class TrainConfig:
 
 
 def _dpo_kto_args(cfg: TrainConfig, output_dir: str) -> dict[str, Any]:
-    return trainer_args(cfg, output_dir, beta=cfg.beta, ddp_find_unused_parameters=False)
+    return trainer_args(cfg, output_dir, cpu_bf16=True, beta=cfg.beta,
+                        ddp_find_unused_parameters=False)
 
 
 @dataclass(slots=True)
@@ -134,7 +137,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
         elif cfg.method == "sft":  # loss on the answer tokens only (prompt tokens masked)
-            args = SFTConfig(**trainer_args(cfg, work), completion_only_loss=True)
+            args = SFTConfig(**trainer_args(cfg, work, cpu_bf16=True), completion_only_loss=True)
             trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                                  processing_class=tokenizer, peft_config=peft_config,
                                  callbacks=callbacks)
