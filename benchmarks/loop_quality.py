@@ -9,7 +9,7 @@ outcome and gate reasons, the simulated user's win rate of served vs base on hel
 served, the job's KL per token, and the wall time of each phase. A PNG of win rate vs votes
 goes to --plot.
 
-    python benchmarks/loop_quality.py [--preferences concise,plain_prose,friendly_closing,random]
+    python benchmarks/loop_quality.py [--preferences concise,plain_prose,friendly_opening,random]
         [--rounds 2] [--votes-per-round 100] [--method dpo] [--max-tokens 64] [--plot docs/loop_quality.png]
         [--json out.json] [--align-arg=--lr=5e-6 ...]
 """
@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_users import choose, prompts, property_value  # noqa: E402
+from loop_users import REWRITES, choose, prompts, property_value  # noqa: E402
 
 from prefloop.clients import Client  # noqa: E402
 
@@ -52,38 +53,52 @@ def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]
     return proc, line.split("listening on", 1)[1].split()[0]
 
 
-def held_out_answers(client: Client, held: list[str], max_tokens: int) -> tuple[list[str], str]:
-    """One answer per held-out prompt at the server's default sampling (seeded per prompt)."""
-    answers, version = [], ""
-    for i, prompt in enumerate(held):
-        result = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, seed=1000 + i)
-        answers.append(result.completions[0].text)
-        version = result.model_version
-    return answers, version
+def held_out_answers(client: Client, held: list[str], max_tokens: int, samples: int = 2,
+                     concurrency: int = 8) -> tuple[list[str], str]:
+    """`samples` answers per held-out prompt at the server's default sampling (seeded per prompt
+    and sample, so base and served answers are paired), `concurrency` requests at a time."""
+    jobs = [(i, s, prompt) for i, prompt in enumerate(held) for s in range(samples)]
+
+    def one(job):
+        i, s, prompt = job
+        result = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                             seed=1000 + 100 * s + i)
+        return result.completions[0].text, result.model_version
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, jobs))
+    return [text for text, _ in out], (out[-1][1] if out else "")
+
+
+def vote_one(client: Client, preference: str, prompt: str, max_tokens: int, seed: int) -> str:
+    """One simulated user's turn: two sampled answers, then a preference (or a rewrite, or
+    nothing on a tie), as a UI would send it. Returns "vote", "rewrite" or "tie"."""
+    messages = [{"role": "user", "content": prompt}]
+    a, b = client.chat(messages, n=2, max_tokens=max_tokens).completions
+    pick = choose(preference, a.text, b.text, random.Random(seed))
+    if pick is None:
+        if preference in REWRITES and property_value(preference, a.text) == 0:
+            # neither answer has it: this user rewrites one, as the web page's "edit" does
+            client.submit_preference(prompt_messages=messages, rejected_text=a.text,
+                                     chosen_text=REWRITES[preference](a.text))
+            return "rewrite"
+        return "tie"
+    chosen, rejected = (a, b) if pick == 0 else (b, a)
+    client.submit_preference(chosen_response_id=chosen.response_id,
+                             rejected_response_id=rejected.response_id)
+    return "vote"
 
 
 def vote_round(client: Client, preference: str, vote_prompts: list[str], max_tokens: int,
-               rng: random.Random) -> dict:
-    cast = ties = rewrites = 0
-    for prompt in vote_prompts:
-        messages = [{"role": "user", "content": prompt}]
-        a, b = client.chat(messages, n=2, max_tokens=max_tokens).completions
-        pick = choose(preference, a.text, b.text, rng)
-        if pick is None:
-            if preference == "friendly_closing" and property_value(preference, a.text) == 0:
-                # neither answer closes kindly: this user rewrites one, as the page's "edit" does
-                client.submit_preference(prompt_messages=messages, rejected_text=a.text,
-                                         chosen_text=a.text.rstrip() + "\n\nI hope this helps!")
-                rewrites += 1
-                cast += 1
-            else:
-                ties += 1
-            continue
-        chosen, rejected = (a, b) if pick == 0 else (b, a)
-        client.submit_preference(chosen_response_id=chosen.response_id,
-                                 rejected_response_id=rejected.response_id)
-        cast += 1
-    return {"votes": cast, "ties": ties, "rewrites": rewrites}
+               seed: int, concurrency: int = 8) -> dict:
+    """Users vote on `vote_prompts`, `concurrency` at a time (as a live server sees them)."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        outcomes = list(pool.map(lambda ip: vote_one(client, preference, ip[1], max_tokens,
+                                                     seed * 100003 + ip[0]),
+                                 enumerate(vote_prompts)))
+    rewrites = outcomes.count("rewrite")
+    return {"votes": outcomes.count("vote") + rewrites, "ties": outcomes.count("tie"),
+            "rewrites": rewrites}
 
 
 def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
@@ -126,13 +141,15 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
     try:
         with Client(target, timeout=600) as client:
             t = time.perf_counter()
-            base, _ = held_out_answers(client, held, args.max_tokens)
+            base, _ = held_out_answers(client, held, args.max_tokens, args.heldout_samples,
+                                       args.concurrency)
             measure_base = time.perf_counter() - t
             total_votes = 0
             for r in range(args.rounds):
                 batch = vote_prompts[r * args.votes_per_round:(r + 1) * args.votes_per_round]
                 t = time.perf_counter()
-                votes = vote_round(client, preference, batch, args.max_tokens, rng)
+                votes = vote_round(client, preference, batch, args.max_tokens, args.seed + r,
+                                   args.concurrency)
                 vote_s = time.perf_counter() - t
                 total_votes += votes["votes"]
                 job = run_job(data, args.method, args.align_arg)
@@ -143,7 +160,8 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                     time.sleep(0.5)
                 swap_s = time.perf_counter() - t
                 t = time.perf_counter()
-                served, served_version = held_out_answers(client, held, args.max_tokens)
+                served, served_version = held_out_answers(client, held, args.max_tokens,
+                                                          args.heldout_samples, args.concurrency)
                 measure_s = time.perf_counter() - t
                 row = {"preference": preference, "round": r + 1, "votes_total": total_votes, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
@@ -197,13 +215,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preferences", default="concise,plain_prose,friendly_closing,random",
+    ap.add_argument("--preferences", default="concise,plain_prose,friendly_opening,random",
                     help="comma-separated (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
     ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")
     ap.add_argument("--method", default="dpo", help="align run --method (default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (default %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="prompt split and user randomness (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="prompt split and user randomness (default %(default)s)")
+    ap.add_argument("--heldout-samples", type=int, default=2,
+                    help="answers per held-out prompt, paired by seed (default %(default)s)")
+    ap.add_argument("--concurrency", type=int, default=8,
+                    help="users voting / measured at a time (default %(default)s)")
     ap.add_argument("--align-arg", action="append", default=[], help="extra `align run` flag (repeatable)")
     ap.add_argument("--plot", default=None, help="PNG of win rate vs votes")
     ap.add_argument("--json", default=None, help="write every row here")

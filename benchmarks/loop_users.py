@@ -58,17 +58,38 @@ def plain_prose(answer: str) -> float:
     return -float(len(_LIST_LINE.findall(answer)) + answer.count("**") + answer.count("#"))
 
 
-_FRIENDLY = re.compile(r"\b(hope|enjoy|glad|happy to help|let me know|feel free|have a (?:great|nice|good))\b",
-                       re.I)
+_WORD = re.compile(r"[A-Za-z]+")
 
 
-def friendly_closing(answer: str) -> float:
-    """A friendly closing line is better: the last sentence wishes well or offers more help."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
-    return 1.0 if sentences and _FRIENDLY.search(sentences[-1]) else 0.0
+def plain_words(answer: str) -> float:
+    """Plain language is better: shorter words on average (letters per word, to one decimal;
+    equal to that precision is a tie). A preference every sampled pair can show: answers differ
+    in vocabulary from the first sentence on, whatever their length."""
+    words = _WORD.findall(answer)
+    return -round(sum(map(len, words)) / len(words), 1) if words else 0.0
 
 
-PREFERENCES = {"concise": concise, "plain_prose": plain_prose, "friendly_closing": friendly_closing}
+_FRIENDLY_OPENING = re.compile(
+    r"^\W*(sure|of course|certainly|absolutely|great question|good question|what a (?:great|fun|lovely)|"
+    r"i'?d (?:be )?(?:happy|glad|love) to|happy to|glad you asked|ah,|oh,)", re.I)
+
+
+def friendly_opening(answer: str) -> float:
+    """A warm opening is better: the answer starts by welcoming the question ("Great question!",
+    "Sure!", "Of course", ...). An opening, not a closing: answers are cut at 64 tokens here, so a
+    closing line would never reach the user (benchmarks/loop_quality.py, docs/align.md)."""
+    return 1.0 if _FRIENDLY_OPENING.search(answer.strip()) else 0.0
+
+
+def rewrite_friendly_opening(answer: str) -> str:
+    """What this user writes when neither answer opens warmly (the web page's "edit")."""
+    return "Great question! " + answer.lstrip()
+
+
+PREFERENCES = {"concise": concise, "plain_words": plain_words, "friendly_opening": friendly_opening,
+               "plain_prose": plain_prose}
+# preference -> how its user rewrites an answer when both tie without the property
+REWRITES = {"friendly_opening": rewrite_friendly_opening}
 
 
 def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
@@ -84,11 +105,14 @@ def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
 
 def property_value(preference: str, answer: str) -> float:
     """The preferred property's value on one answer (for the benchmark's mean): word count for
-    concise, list/markup lines for plain prose, 1/0 for a friendly closing."""
+    concise, letters per word for plain words, list/markup lines for plain prose, 1/0 for a
+    friendly opening."""
     if preference == "concise":
         return float(len(answer.split()))
     if preference == "plain_prose":
         return -plain_prose(answer)
-    if preference == "friendly_closing":
-        return friendly_closing(answer)
+    if preference == "plain_words":
+        return -plain_words(answer)
+    if preference == "friendly_opening":
+        return friendly_opening(answer)
     return 0.0

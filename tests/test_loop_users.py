@@ -20,11 +20,13 @@ def test_plain_prose_prefers_no_lists_or_markup():
     assert U.property_value("plain_prose", listy) == 5  # two numbered, one bullet, one ** pair
 
 
-def test_friendly_closing_looks_at_the_last_sentence_only():
-    kind = "Bees make honey. I hope this helps!"
-    early = "I hope you enjoy this. Bees make honey."
-    assert U.choose("friendly_closing", early, kind, random.Random(0)) == 1
-    assert U.property_value("friendly_closing", early) == 0.0
+def test_friendly_opening_looks_at_the_start_only_and_its_rewrite_has_it():
+    warm = "Great question! Bees make honey."
+    late = "Bees make honey. Sure, they also make wax."
+    assert U.choose("friendly_opening", late, warm, random.Random(0)) == 1
+    assert U.property_value("friendly_opening", late) == 0.0
+    assert U.choose("friendly_opening", "Sure! Bees.", "Of course, bees.", random.Random(0)) is None
+    assert U.property_value("friendly_opening", U.REWRITES["friendly_opening"](late)) == 1.0
 
 
 def test_random_control_is_a_fair_coin_whatever_the_answers():

@@ -1,0 +1,199 @@
+"""Which `align run` settings make votes change the served answers? One set of votes per
+preference, then one job per setting on a copy of that log, each candidate's held-out answers
+judged against the base version's: the tuning sweep behind the defaults (docs/align.md).
+
+Votes are cast once per preference exactly as in benchmarks/loop_quality.py (simulated users on
+a real `prefloop serve`, n=2 answers at the server's default sampling, concurrent users) and kept
+under --work, so later runs reuse them. Each setting then runs
+`prefloop align run --auto-promote --keep-rejected --json <flags>` on a hard-linked copy of that
+data dir, and the candidate (promoted or not: the sweep measures training, the gate is reported
+beside it) answers the held-out prompts in-process at the server's default sampling with the
+same seeds as the base. Printed per setting, side by side: the gate's outcome and held-out
+implicit-reward win rate, KL per token, the served win rate vs base (95% Wilson interval), the
+preferred property's mean, training steps, training and whole-job seconds, pairs per second.
+
+    python benchmarks/loop_sweep.py --preference concise --votes 200 \\
+        --setting defaults= --setting lr2e-5=--lr=2e-5 --setting "lr2e-5-e2=--lr=2e-5 --epochs=2"
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_quality import judge, run_job, start_server, vote_round  # noqa: E402
+from loop_users import prompts  # noqa: E402
+
+from prefloop.clients import Client  # noqa: E402
+
+
+def collect_votes(work: Path, preference: str, votes: int, max_tokens: int, seed: int,
+                  concurrency: int) -> Path:
+    """A data dir with v0000 and `votes` prompts voted on (reused when already there)."""
+    data = work / preference / "data"
+    done = work / preference / "votes.json"
+    if done.exists():
+        print(f"  reusing the votes in {data}: {done.read_text().strip()}", flush=True)
+        return data
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", "init", "--data-dir",
+                    str(data)], check=True, capture_output=True)
+    vote_prompts, _ = prompts(seed=seed)
+    proc, target = start_server(data, work / preference / "server.log")
+    try:
+        t = time.perf_counter()
+        with Client(target, timeout=600) as client:
+            cast = vote_round(client, preference, vote_prompts[:votes], max_tokens, seed, concurrency)
+        cast["seconds"] = round(time.perf_counter() - t, 1)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    done.write_text(json.dumps(cast) + "\n")
+    print(f"  votes cast: {cast}", flush=True)
+    return data
+
+
+def held_out_answers(model_dir: Path, held: list[str], max_tokens: int, samples: int) -> list[str]:
+    """The version's answers to the held-out prompts at the server's default sampling, seeded as
+    loop_quality.held_out_answers seeds them (in-process Generator, all at once)."""
+    from prefloop.server.api.completions import SamplingDefaults
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.serving.build import build_generator
+
+    async def run() -> list[str]:
+        gen = build_generator(str(model_dir))
+        defaults = SamplingDefaults.resolve(gen.info.sampling_defaults)
+        await gen.start()
+        try:
+            async def one(i: int, s: int, prompt: str) -> str:
+                ids = gen.chat_ids([{"role": "user", "content": prompt}])
+                params = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
+                                        top_k=defaults.top_k, seed=1000 + 100 * s + i,
+                                        max_tokens=max_tokens)
+                return "".join([d.text_delta async for d in gen.stream(uuid.uuid4().hex, ids, params)])
+            return list(await asyncio.gather(*(one(i, s, p) for i, p in enumerate(held)
+                                               for s in range(samples))))
+        finally:
+            await gen.close()
+    return asyncio.run(run())
+
+
+def _flag(flags: str, name: str, default: float) -> float:
+    for item in shlex.split(flags):
+        if item.startswith(name + "="):
+            return float(item.split("=", 1)[1])
+    return default
+
+
+def link_copy(src: Path, dst: Path) -> None:
+    """A copy of a data dir whose files are hard links (versions are immutable; the log is only
+    read by a job), so every setting starts from the same votes at no disk cost."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, copy_function=os.link)
+
+
+def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], held: list[str],
+                args) -> dict:
+    copy = work / args.preference / f"run-{name}"
+    link_copy(data, copy)
+    job = run_job(copy, args.method, ["--keep-rejected", *shlex.split(flags)])
+    row = {"setting": name, "flags": flags, "status": job.get("status"),
+           "reasons": (job.get("gate") or {}).get("reasons"), "job_s": round(job["seconds"], 1)}
+    metrics = job.get("metrics") or {}
+    training = metrics.get("training") or {}
+    heldout = metrics.get("heldout") or {}
+    row.update(steps=training.get("steps"), train_s=training.get("runtime_s"),
+               score_s=(metrics.get("seconds") or {}).get("score"),
+               kl=heldout.get("kl_per_token"),
+               train_pairs=((job.get("data") or {}).get("rows") or {}).get("train"),
+               epochs=_flag(flags, "--epochs", 1.0))
+    version = job.get("version")
+    if version is None:
+        row["error"] = job.get("stderr") or job.get("reason")
+        shutil.rmtree(copy, ignore_errors=True)
+        return row
+    t = time.perf_counter()
+    served = held_out_answers(copy / "registry" / "versions" / version, held, args.max_tokens,
+                              args.heldout_samples)
+    row["measure_s"] = round(time.perf_counter() - t, 1)
+    row.update(judge(args.preference, base, served, random.Random(args.seed)))
+    row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
+                       for i in range(0, len(served), max(1, len(served) // 3))][:3]
+    if not args.keep:
+        shutil.rmtree(copy, ignore_errors=True)
+    return row
+
+
+def format_row(row: dict) -> str:
+    if "win_rate" not in row:
+        return f"{row['setting']:>14} FAILED {row.get('error')!s:.300}"
+    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
+    kl = "-" if row["kl"] is None else f"{row['kl']:.4f}"
+    pairs_s = (f"{row['train_pairs'] * row['epochs'] / row['train_s']:.2f}"
+               if row.get("train_s") and row.get("train_pairs") else "-")
+    return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
+            f"| served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
+            f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
+            f"{row['served_property']:.1f} | steps {row['steps']} train {row['train_s']}s "
+            f"score {row.get('score_s')}s "
+            f"job {row['job_s']}s, {pairs_s} pairs/s\n{'':>16}gate: {'; '.join(row['reasons'] or [])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preference", default="concise", help="loop_users preference (default %(default)s)")
+    ap.add_argument("--votes", type=int, default=200, help="prompts voted on (default %(default)s)")
+    ap.add_argument("--setting", action="append", default=[], metavar="NAME=FLAGS",
+                    help="a named set of `align run` flags (repeatable; default: defaults=)")
+    ap.add_argument("--method", default="dpo", help="align run --method (default %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="answer length (default %(default)s)")
+    ap.add_argument("--heldout-samples", type=int, default=2,
+                    help="answers per held-out prompt (default %(default)s)")
+    ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="prompt split and user randomness (default %(default)s)")
+    ap.add_argument("--work", default="/tmp/prefloop-loop-sweep",
+                    help="votes and base answers are kept here between runs (default %(default)s)")
+    ap.add_argument("--json", default=None, help="append every row to this JSON-lines file")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each setting's data dir (run-NAME under --work) with its candidate")
+    args = ap.parse_args()
+    settings = [s.split("=", 1) for s in (args.setting or ["defaults="])]
+    work = Path(args.work)
+    print(f"loop_sweep: {args.preference}, {args.votes} votes, {len(settings)} setting(s), "
+          f"method {args.method}", flush=True)
+    data = collect_votes(work, args.preference, args.votes, args.max_tokens, args.seed, args.concurrency)
+    _, held = prompts(seed=args.seed)
+    base_file = work / args.preference / f"base-{args.max_tokens}-{args.heldout_samples}.json"
+    if not base_file.exists():
+        base_file.write_text(json.dumps(held_out_answers(
+            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples)))
+    base = json.loads(base_file.read_text())
+    for name, flags in settings:
+        row = run_setting(name, flags, data, work, base, held, args)
+        print(format_row(row), flush=True)
+        for ex in row.get("examples", []):
+            print(f"{'':>16}{ex['prompt']}\n{'':>18}base:   {ex['base'][:160]!r}\n"
+                  f"{'':>18}served: {ex['served'][:160]!r}", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(dict(row, preference=args.preference, votes=args.votes)) + "\n")
+    print("loop_sweep: done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
