@@ -5,7 +5,10 @@ rate vs the current version, 90% exact interval, >= 20 held-out pairs, KL bound)
 policy with the default model's tokenizer (cheap, as the issue allows). With a gate at its stated
 level the pass rate stays near or under 5%.
 
-    python benchmarks/gate_control.py [--jobs 20] [--pairs 120] [--metric implicit_reward]
+    python benchmarks/gate_control.py [--jobs 20] [--pairs 120] [--metric METRIC]
+
+Each job reports both tests the gate knows on the same held-out pairs (the sign test on the share
+of pairs won, the sign-flip test on the mean margin), so one run is the control of both.
 """
 from __future__ import annotations
 
@@ -37,30 +40,38 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=20, help="random-vote jobs (default %(default)s)")
     ap.add_argument("--first", type=int, default=0, help="seed of the first job (default %(default)s)")
     ap.add_argument("--pairs", type=int, default=120, help="votes per job (default %(default)s)")
-    ap.add_argument("--metric", default="implicit_reward", help="gate metric (default %(default)s)")
+    ap.add_argument("--metric", default=None, help="gate metric (default: the gate's default)")
     ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: the job's)")
     args = ap.parse_args()
     from prefloop.align.gate import GateConfig
     from prefloop.align.jobs.preference import JobConfig, run_job
     from prefloop.align.train.preference import TrainConfig
 
+    args.metric = args.metric or GateConfig().metric
     print(f"gate_control: {args.jobs} DPO jobs on {args.pairs} random votes each, gate metric "
           f"{args.metric}", flush=True)
-    passed = 0
+    passed = sign_passes = margin_passes = 0
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_policy(Path(tmp) / "tiny")
         for j in range(args.first, args.first + args.jobs):
             data = Path(tmp) / f"job{j}" / "data"
             write_pairs(data, random_pairs(args.pairs, random.Random(j)))
             result = run_job(JobConfig(data_dir=data, model=str(tiny), keep_rejected=False,
-                                       train=TrainConfig(seed=j, lr=args.lr),
+                                       train=TrainConfig(seed=j, lr=args.lr),  # the job's defaults
                                        gate=GateConfig(metric=args.metric)))
             passed += result.status != "rejected"
             gate = result.gate or {}
-            print(f"job {j:2d}: {result.status:9} win rate {gate.get('win_rate')} "
-                  f"({gate.get('wins')} / {gate.get('losses')}), interval {gate.get('interval')}",
-                  flush=True)
-    print(f"gate_control: passed {passed} of {args.jobs} ({passed / args.jobs:.0%})")
+            sign_passes += (gate.get("implicit") or {}).get("p_value", 1.0) < 0.05
+            margin_passes += gate.get("margin_p_value", 1.0) < 0.05
+            rate = gate.get("implicit_reward_accuracy")
+            print(f"job {j:2d}: {result.status:9} implicit-reward win rate "
+                  f"{'-' if rate is None else f'{rate:.2f}'} (sign-test p "
+                  f"{(gate.get('implicit') or {}).get('p_value', float('nan')):.3f}), mean margin "
+                  f"{gate.get('mean_margin', float('nan')):+.3f} (sign-flip p "
+                  f"{gate.get('margin_p_value', float('nan')):.3f})", flush=True)
+    print(f"gate_control: the gate ({args.metric}) passed {passed} of {args.jobs} "
+          f"({passed / args.jobs:.0%}); at the default level the sign test would pass "
+          f"{sign_passes}, the margin test {margin_passes}")
     return 0
 
 

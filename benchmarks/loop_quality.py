@@ -9,7 +9,7 @@ outcome and gate reasons, the simulated user's win rate of served vs base on hel
 served, the job's KL per token, and the wall time of each phase. A PNG of win rate vs votes
 goes to --plot.
 
-    python benchmarks/loop_quality.py [--preferences concise,plain_prose,friendly_opening,random]
+    python benchmarks/loop_quality.py [--preferences concise,plain_words,friendly_opening,random]
         [--rounds 2] [--votes-per-round 100] [--method dpo] [--max-tokens 64] [--plot docs/loop_quality.png]
         [--json out.json] [--align-arg=--lr=5e-6 ...]
 """
@@ -166,8 +166,7 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                 row = {"preference": preference, "round": r + 1, "votes_total": total_votes, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
                        "served_version": served_version,
-                       "kl_per_token": (job.get("gate") or {}).get(
-                           "kl", (job.get("metrics") or {}).get("kl")),
+                       "kl_per_token": (job.get("gate") or {}).get("kl_per_token"),
                        "seconds": {"vote": vote_s, "job": job["seconds"], "swap": swap_s,
                                    "measure": measure_s, "measure_base": measure_base},
                        **judge(preference, base, served, rng)}
@@ -215,7 +214,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preferences", default="concise,plain_prose,friendly_opening,random",
+    ap.add_argument("--preferences", default="concise,plain_words,friendly_opening,random",
                     help="comma-separated (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
     ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")

@@ -140,7 +140,7 @@ def _policy_lr() -> str:
     from prefloop.align.train.common import PREFERENCE_LR, SFT_LR
 
     def e(x: float) -> str:
-        return f"{x:.0e}".replace("e-0", "e-")
+        return f"{x:.2e}".replace(".00e", "e").replace("0e", "e").replace("e-0", "e-")
     return (f"{e(PREFERENCE_LR[True])} with LoRA, {e(PREFERENCE_LR[False])} with --no-lora; sft "
             f"{e(SFT_LR[True])} / {e(SFT_LR[False])}")
 

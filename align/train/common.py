@@ -15,7 +15,7 @@ from prefloop.server.errors import InvalidArgument
 # so the CLI's help can name them without importing torch). DPO / KTO: measured by
 # benchmarks/loop_sweep.py (docs/align.md, "Does the loop keep its promise?"): 200 votes move the
 # served answers at these, with KL well inside the gate's bound.
-PREFERENCE_LR = {False: 2e-5, True: 3e-4}
+PREFERENCE_LR = {False: 2e-5, True: 1.25e-4}
 SFT_LR = {False: 2e-5, True: 2e-4}
 
 # Every linear layer of a Llama decoder block.
