@@ -65,7 +65,8 @@ def collect_votes(work: Path, preference: str, votes: int, max_tokens: int, seed
     return data
 
 
-def held_out_answers(model_dir: Path, held: list[str], max_tokens: int, samples: int) -> list[str]:
+def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: int,
+                                samples: int) -> list[str]:
     """The version's answers to the held-out prompts at the server's default sampling, seeded as
     loop_quality.held_out_answers seeds them (in-process Generator, all at once)."""
     from prefloop.server.api.completions import SamplingDefaults
@@ -126,8 +127,8 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
         shutil.rmtree(copy, ignore_errors=True)
         return row
     t = time.perf_counter()
-    served = held_out_answers(copy / "registry" / "versions" / version, held, args.max_tokens,
-                              args.heldout_samples)
+    served = held_out_answers_in_process(copy / "registry" / "versions" / version, held,
+                                         args.max_tokens, args.heldout_samples)
     row["measure_s"] = round(time.perf_counter() - t, 1)
     row.update(judge(args.preference, base, served, random.Random(args.seed)))
     row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
@@ -179,7 +180,7 @@ def main() -> int:
     _, held = prompts(seed=args.seed)
     base_file = work / args.preference / f"base-{args.max_tokens}-{args.heldout_samples}.json"
     if not base_file.exists():
-        base_file.write_text(json.dumps(held_out_answers(
+        base_file.write_text(json.dumps(held_out_answers_in_process(
             data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples)))
     base = json.loads(base_file.read_text())
     for name, flags in settings:
