@@ -56,6 +56,15 @@ def use_bf16(bf16: bool | None, *, cpu_native: bool = False) -> bool:
     return False
 
 
+def fresh_accelerator_state() -> None:
+    """Forget the mixed-precision choice of an earlier trainer in this process: accelerate keeps it
+    in a process-wide singleton and refuses a different one, so one process (a notebook, the test
+    suite) could not train a bf16 policy and then a float32 PPO or reward model. The distributed
+    state (accelerate's PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+
+
 def load_tokenizer(model_dir: Path):
     """The version's tokenizer; pad token = EOS when it has none."""
     from transformers import AutoTokenizer

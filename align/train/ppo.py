@@ -498,11 +498,17 @@ def train_ppo(base_dir: Path, rm_dir: Path | None, prompts: list[list[dict]], cf
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from prefloop.align.train.common import load_causal_lm, load_tokenizer, use_bf16
+    from prefloop.align.train.common import (
+        fresh_accelerator_state,
+        load_causal_lm,
+        load_tokenizer,
+        use_bf16,
+    )
     from prefloop.align.train.reward import freeze_lower_layers, load_reward_model
 
     if not prompts:
         raise InvalidArgument("no prompts to train on")
+    fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg.bf16) else "no",
                               cpu=not torch.cuda.is_available())
     device = accelerator.device

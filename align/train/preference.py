@@ -27,6 +27,7 @@ from prefloop.align.train.common import (
     PREFERENCE_LR,
     SFT_LR,
     check_trainer_fields,
+    fresh_accelerator_state,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -121,6 +122,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
 
     if not rows:
         raise InvalidArgument("no training rows")
+    fresh_accelerator_state()
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir)
     model.train()

@@ -28,6 +28,7 @@ import torch
 
 from prefloop.align.train.common import (
     check_trainer_fields,
+    fresh_accelerator_state,
     load_tokenizer,
     lora_config,
     plain_weights,
@@ -274,6 +275,7 @@ def train_reward_model(base_dir: Path, rows: list[dict[str, Any]], cfg: RewardTr
 
     if not rows:
         raise InvalidArgument("no training pairs")
+    fresh_accelerator_state()
     tokenizer = load_tokenizer(base_dir)
     torch.manual_seed(cfg.seed)  # the score head's initialization
     model = load_reward_model(base_dir, new_head=True)
