@@ -152,7 +152,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         quiet_progress(trainer)
         sharded = str(trainer.accelerator.distributed_type) in _SHARDED
         if sharded and cfg.lora:
-            raise InvalidArgument("--lora is not supported with FSDP / DeepSpeed sharding; use "
+            raise InvalidArgument("LoRA (the default) is not supported with FSDP / DeepSpeed "
+                                  "sharding: pass --no-lora for a sharded full fine-tune, or use "
                                   "DDP (the default accelerate config) for LoRA")
         output = trainer.train()
         accelerator = trainer.accelerator
