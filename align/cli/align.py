@@ -2,7 +2,7 @@
 method in one command module.
 
     prefloop align dpo   --data-dir DIR [--since DATE] [--base VERSION] [--beta 0.1]
-                         [--loss sigmoid|ipo|hinge|robust] [--epochs N] [--lr LR] [--lora]
+                         [--loss sigmoid|ipo|hinge|robust] [--epochs N] [--lr LR] [--no-lora]
                          [--max-pairs N] [--promote]
     prefloop align kto   --data-dir DIR [...]                  thumbs up/down (KTOTrainer)
     prefloop align sft   --data-dir DIR [...]                  users' own / top-rated answers
