@@ -343,25 +343,28 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
     reverse (loss); the accuracies, and the tests the metric does not use, are reported."""
     margin_test = MarginTest.of(margins, config.confidence) if margins else None
+    implicit_test = (Comparison.of(implicit, config.confidence, config.threshold)
+                     if implicit is not None else None)
     what = {"implicit_margin": f"implicit-reward mean margin vs {current_version}",
             "implicit_reward": f"implicit-reward win rate vs {current_version}",
             "pref_accuracy": f"preference-accuracy win rate vs {current_version} (discordant pairs)"
             }[config.metric]
     if config.metric == "implicit_margin":
         comparison: Comparison | MarginTest | None = margin_test
+    elif config.metric == "implicit_reward":
+        comparison = implicit_test
     else:
-        chosen = implicit if config.metric == "implicit_reward" else accuracy
-        comparison = Comparison.of(chosen, config.confidence, config.threshold) \
-            if chosen is not None else None
+        comparison = Comparison.of(accuracy, config.confidence, config.threshold) \
+            if accuracy is not None else None
     ok, reasons = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
                                kl_per_token=kl_per_token, config=config,
                                missing=config.metric.replace("_", " "))
     if margin_test is not None and config.metric != "implicit_margin":
         reasons.append("reported: " + margin_test.describe(
             f"implicit-reward mean margin vs {current_version}", "pairs"))
-    if implicit is not None and config.metric != "implicit_reward":
-        reasons.append("reported: " + Comparison.of(implicit, config.confidence, config.threshold)
-                       .describe(f"implicit-reward win rate vs {current_version}", "pairs"))
+    if implicit_test is not None and config.metric != "implicit_reward":
+        reasons.append("reported: " + implicit_test.describe(
+            f"implicit-reward win rate vs {current_version}", "pairs"))
     reasons.append(f"reported: reference-free preference accuracy {_fmt(candidate_accuracy)} "
                    f"vs current {current_version}'s {_fmt(current_accuracy)}")
     metrics: dict[str, Any] = {
@@ -370,14 +373,13 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
         "metric": config.metric, "heldout_pairs": heldout_pairs, **config.stated()}
     if isinstance(comparison, Comparison):
         metrics.update(comparison.to_metrics())
-    elif implicit is not None:  # the margin metric: the win-rate keys still describe its pairs
-        metrics.update(Comparison.of(implicit, config.confidence, config.threshold).to_metrics())
+    elif implicit_test is not None:  # the margin metric: the win-rate keys describe its pairs
+        metrics.update(implicit_test.to_metrics())
     if margin_test is not None:
         metrics.update(margin_test.to_metrics())
-    if implicit is not None:
+    if implicit_test is not None:
         metrics["implicit_reward_accuracy"] = implicit.win_rate
-        metrics["implicit"] = Comparison.of(implicit, config.confidence,
-                                            config.threshold).to_metrics()
+        metrics["implicit"] = implicit_test.to_metrics()
     if accuracy is not None:
         metrics["accuracy_paired"] = Comparison.of(accuracy, config.confidence,
                                                    config.threshold).to_metrics()

@@ -40,8 +40,6 @@ from prefloop.server.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "kto", "sft")
-DEFAULT_LR = PREFERENCE_LR  # {lora: lr}, align/train/common.py
-SFT_DEFAULT_LR = SFT_LR
 _SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 
 
@@ -54,7 +52,7 @@ class TrainConfig:
     loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust dpo: assumed label-flip probability
     epochs: float = 1.0
-    lr: float | None = None  # None: DEFAULT_LR (sft: SFT_DEFAULT_LR), by lora
+    lr: float | None = None  # None: PREFERENCE_LR (sft: SFT_LR) by lora (train/common.py)
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
@@ -80,7 +78,7 @@ class TrainConfig:
             raise InvalidArgument(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise InvalidArgument(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check_trainer_fields(self, SFT_DEFAULT_LR if self.method == "sft" else DEFAULT_LR)
+        check_trainer_fields(self, SFT_LR if self.method == "sft" else PREFERENCE_LR)
         if self.method == "kto" and self.batch_size < 2:
             raise InvalidArgument("kto needs batch size >= 2 (its KL term pairs answers in a batch)")
 
