@@ -106,13 +106,40 @@ def link_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=os.link)
 
 
+def train_reward_model(data_dir: Path, flags: list[str]) -> dict:
+    """`prefloop align rm --json FLAGS` on the copy: the judge PPO optimizes (published even when
+    its own gate rejects it, so the sweep measures what PPO makes of it)."""
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "align", "rm", "--data-dir",
+                          str(data_dir), "--json", *flags],
+                         capture_output=True, text=True)
+    out = {"seconds": time.perf_counter() - start}
+    try:
+        out.update(json.loads(res.stdout[res.stdout.index("{"):]))
+    except ValueError:
+        out["stderr"] = res.stderr[-2000:]
+    return out
+
+
 def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], held: list[str],
                 args) -> dict:
     copy = work / args.preference / f"run-{name}"
     link_copy(data, copy)
-    job = run_job(copy, args.method, ["--keep-rejected", *shlex.split(flags)])
+    extra, rm = [], {}
+    if args.method == "ppo":  # RM + PPO: the reward model is trained on the same votes first
+        rm = train_reward_model(copy, shlex.split(args.rm_flags))
+        if not rm.get("version"):
+            shutil.rmtree(copy, ignore_errors=True)
+            return {"setting": name, "flags": flags, "error": f"reward model: {rm.get('status')} "
+                    f"{(rm.get('gate') or {}).get('reasons') or rm.get('stderr')}"}
+        extra = ["--rm", rm["version"]]
+    job = run_job(copy, args.method, ["--keep-rejected", *extra, *shlex.split(flags)])
     row = {"setting": name, "flags": flags, "status": job.get("status"),
            "reasons": (job.get("gate") or {}).get("reasons"), "job_s": round(job["seconds"], 1)}
+    if rm:
+        held_rm = (rm.get("metrics") or {}).get("heldout") or {}
+        row.update(rm_version=rm["version"], rm_s=round(rm["seconds"], 1),
+                   rm_accuracy=held_rm.get("accuracy"), rm_status=rm.get("status"))
     metrics = job.get("metrics") or {}
     training = metrics.get("training") or {}
     heldout = metrics.get("heldout") or {}
@@ -145,12 +172,14 @@ def format_row(row: dict) -> str:
     kl = "-" if row["kl"] is None else f"{row['kl']:.4f}"
     pairs_s = (f"{row['train_pairs'] * row['epochs'] / row['train_s']:.2f}"
                if row.get("train_s") and row.get("train_pairs") else "-")
+    rm = (f"\n{'':>16}reward model {row['rm_version']} ({row['rm_status']}): held-out accuracy "
+          f"{row['rm_accuracy']}, {row['rm_s']}s" if row.get("rm_version") else "")
     return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
             f"| served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
             f"{row['served_property']:.1f} | steps {row['steps']} train {row['train_s']}s "
             f"score {row.get('score_s')}s "
-            f"job {row['job_s']}s, {pairs_s} pairs/s\n{'':>16}gate: {'; '.join(row['reasons'] or [])}")
+            f"job {row['job_s']}s, {pairs_s} pairs/s\n{'':>16}gate: {'; '.join(row['reasons'] or [])}{rm}")
 
 
 def main() -> int:
@@ -160,6 +189,9 @@ def main() -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=FLAGS",
                     help="a named set of `align run` flags (repeatable; default: defaults=)")
     ap.add_argument("--method", default="dpo", help="align run --method (default %(default)s)")
+    ap.add_argument("--rm-flags", default="",
+                    help="with --method ppo: `align rm` flags of the reward model trained first on the "
+                         "same votes (default: its defaults)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (default %(default)s)")
     ap.add_argument("--heldout-samples", type=int, default=2,
                     help="answers per held-out prompt (default %(default)s)")

@@ -46,8 +46,28 @@ def prompts(seed: int = 0) -> tuple[list[str], list[str]]:
 # ---- preferences: answer -> score ----------------------------------------------------------------
 
 def concise(answer: str) -> float:
-    """Shorter answers are better (fewer words)."""
+    """Shorter answers are better (fewer words). Only meaningful on answers that end: of two
+    answers cut at 64 tokens the one with fewer words is the one with longer words, which is not
+    what this user means (docs/align.md), so the benchmarks judge conciseness by short_sentences."""
     return -float(len(answer.split()))
+
+
+_SENTENCE = re.compile(r"[^.!?]*[.!?]+(?=\s|$)")
+
+
+def words_per_sentence(answer: str) -> float:
+    """Mean words per complete sentence; an answer without one counts as one long sentence."""
+    sentences = [s for s in _SENTENCE.findall(answer.strip()) if s.split()]
+    if not sentences:
+        return float(len(answer.split()))
+    return sum(len(s.split()) for s in sentences) / len(sentences)
+
+
+def short_sentences(answer: str) -> float:
+    """Concise style: shorter sentences are better (mean words per complete sentence, to a whole
+    word; equal to that precision is a tie). What a user sees of conciseness in an answer cut at
+    64 tokens: the cut hides the total length, not the sentences before it."""
+    return -float(round(words_per_sentence(answer)))
 
 
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.M)
@@ -86,8 +106,8 @@ def rewrite_friendly_opening(answer: str) -> str:
     return "Great question! " + answer.lstrip()
 
 
-PREFERENCES = {"concise": concise, "plain_words": plain_words, "friendly_opening": friendly_opening,
-               "plain_prose": plain_prose}
+PREFERENCES = {"concise": concise, "short_sentences": short_sentences, "plain_words": plain_words,
+               "friendly_opening": friendly_opening, "plain_prose": plain_prose}
 # preference -> how its user rewrites an answer when both tie without the property
 REWRITES = {"friendly_opening": rewrite_friendly_opening}
 
@@ -105,10 +125,12 @@ def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
 
 def property_value(preference: str, answer: str) -> float:
     """The preferred property's value on one answer (for the benchmark's mean): word count for
-    concise, letters per word for plain words, list/markup lines for plain prose, 1/0 for a
-    friendly opening."""
+    concise, words per sentence for short sentences, letters per word for plain words,
+    list/markup lines for plain prose, 1/0 for a friendly opening."""
     if preference == "concise":
         return float(len(answer.split()))
+    if preference == "short_sentences":
+        return words_per_sentence(answer)
     if preference == "plain_prose":
         return -plain_prose(answer)
     if preference == "plain_words":

@@ -13,6 +13,18 @@ def test_concise_prefers_fewer_words():
     assert U.choose("concise", "one two", "three four", random.Random(0)) is None
 
 
+def test_short_sentences_prefers_fewer_words_per_complete_sentence_and_ignores_the_cut_tail():
+    short = "Bees make honey. They live in hives. They"
+    long_ = "Bees are insects that make honey and live together in large hives across the"
+    assert U.choose("short_sentences", long_, short, random.Random(0)) == 1
+    assert U.property_value("short_sentences", short) == 3.5  # "They" after the last stop is cut
+    assert U.property_value("short_sentences", long_) == 14.0  # no complete sentence: one long one
+    assert U.property_value("short_sentences", "Yes! It is. Ok.") == 4 / 3
+    # equal to a whole word is a tie (no vote)
+    assert U.choose("short_sentences", "One two three.", "Four five six seven.", random.Random(0)) == 0
+    assert U.choose("short_sentences", "One two three.", "Four five. Six seven eight nine.", random.Random(0)) is None
+
+
 def test_plain_prose_prefers_no_lists_or_markup():
     listy = "Rivers:\n1. Nile\n2. Amazon\n- **Danube**"
     prose = "The Nile, the Amazon and the Danube are long rivers."
