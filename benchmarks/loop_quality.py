@@ -9,7 +9,7 @@ outcome and gate reasons, the simulated user's win rate of served vs base on hel
 served, the job's KL per token, and the wall time of each phase. A PNG of win rate vs votes
 goes to --plot.
 
-    python benchmarks/loop_quality.py [--preferences concise,plain_words,friendly_opening,random]
+    python benchmarks/loop_quality.py [--preferences short_sentences,plain_words,friendly_opening,random]
         [--rounds 2] [--votes-per-round 100] [--method dpo] [--max-tokens 64] [--plot docs/loop_quality.png]
         [--json out.json] [--align-arg=--lr=5e-6 ...]
 """
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_users import REWRITES, choose, prompts, property_value  # noqa: E402
+from loop_users import REWRITES, choose, prompts, property_value, repetitive  # noqa: E402
 
 from prefloop.clients import Client  # noqa: E402
 
@@ -126,7 +126,9 @@ def judge(preference: str, base: list[str], served: list[str], rng: random.Rando
     return {"wins": wins, "losses": losses, "win_rate": wins / (wins + losses) if wins + losses else None,
             "interval": [low, high],
             "base_property": sum(property_value(preference, a) for a in base) / len(base),
-            "served_property": sum(property_value(preference, a) for a in served) / len(served)}
+            "served_property": sum(property_value(preference, a) for a in served) / len(served),
+            "base_repetitive": sum(map(repetitive, base)) / len(base),
+            "served_repetitive": sum(map(repetitive, served)) / len(served)}
 
 
 def run_preference(preference: str, args, work: Path) -> list[dict]:
@@ -185,7 +187,8 @@ def format_row(row: dict) -> str:
     return (f"{row['preference']:>16} r{row['round']} votes {row['votes_total']:4d} "
             f"job {row['job_status'] or 'failed':>9} served {row['served_version']:>5} "
             f"win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
-            f"property {row['base_property']:.2f} -> {row['served_property']:.2f} KL {kl} "
+            f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
+            f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} KL {kl} "
             f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s")
 
 
@@ -214,7 +217,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preferences", default="concise,plain_words,friendly_opening,random",
+    ap.add_argument("--preferences", default="short_sentences,plain_words,friendly_opening,random",
                     help="comma-separated (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
     ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")
@@ -235,12 +238,12 @@ def main() -> int:
           f"align run --method {args.method} {' '.join(args.align_arg)}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for pref in prefs:
+        for pref in prefs:  # JSON and plot after each preference, so a long run keeps its part
             rows += run_preference(pref, args, Path(tmp))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.plot:
-        plot(rows, Path(args.plot))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+            if args.plot:
+                plot(rows, Path(args.plot))
     print(f"loop_quality: done ({len(rows)} rounds)")
     return 0
 

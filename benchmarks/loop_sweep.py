@@ -177,7 +177,8 @@ def format_row(row: dict) -> str:
     return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
             f"| served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
-            f"{row['served_property']:.1f} | steps {row['steps']} train {row['train_s']}s "
+            f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
+            f"{row['served_repetitive']:.0%} | steps {row['steps']} train {row['train_s']}s "
             f"score {row.get('score_s')}s "
             f"job {row['job_s']}s, {pairs_s} pairs/s\n{'':>16}gate: {'; '.join(row['reasons'] or [])}{rm}")
 

@@ -123,6 +123,19 @@ def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
     return 0 if sa > sb else 1
 
 
+def repetitive(answer: str) -> bool:
+    """Does the answer loop? Some three-word sequence occurs three times or more ("They're my
+    friends. They're my friends. They're my friends."): the cheap way to game a judge that counts
+    words or sentences, so the benchmarks report its share beside every win rate."""
+    words = [w.lower() for w in _WORD.findall(answer)]
+    grams: dict[tuple[str, ...], int] = {}
+    for gram in zip(words, words[1:], words[2:]):
+        grams[gram] = grams.get(gram, 0) + 1
+        if grams[gram] >= 3:
+            return True
+    return False
+
+
 def property_value(preference: str, answer: str) -> float:
     """The preferred property's value on one answer (for the benchmark's mean): word count for
     concise, words per sentence for short sentences, letters per word for plain words,

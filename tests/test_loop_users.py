@@ -52,3 +52,10 @@ def test_voting_and_held_out_prompts_share_no_topic():
     assert len(held) == 24 and len(vote) >= 400
     held_topics = {t for t in U.TOPICS if any(t in p for p in held)}
     assert not any(any(f" {t}" in p for t in held_topics if len(t) > 4) for p in vote)
+
+
+def test_repetitive_flags_an_answer_that_loops_and_not_one_that_varies():
+    assert U.repetitive("They're my friends. They're my friends. They're my friends.")
+    assert U.repetitive("Sunshine, Sunshine, Sunshine, Sunshine, Sunshine")
+    assert not U.repetitive("They're my friends. They're my family. They are kind to me, my friends.")
+    assert not U.repetitive("")
