@@ -419,7 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop after N jobs (default: run until SIGTERM/SIGINT)")
     sched.add_argument("--no-initial-run", action="store_true",
                        help="wait one interval before the first job")
-    jobs = sub.add_parser("jobs", help="the job history of the registry")
+    jobs = sub.add_parser("jobs", help="the job history of the registry",
+                          description="The job history of the registry: one line per job (status, "
+                                      "version, train / held-out rows, the gate's win rate with its "
+                                      "interval and count, KL per token, the first reason).")
     _data_dir(jobs)
     jobs.add_argument("--json", action="store_true", help="print the jobs as one JSON list")
     jobs.add_argument("--last", type=int, default=20, help="show the last N jobs (default 20)")
@@ -731,13 +734,17 @@ def _jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no align jobs yet")
         return 0
-    print(f"{'job':32} {'status':10} {'method':6} {'base':6} {'version':8} {'rows':>11}  reason")
+    from prefloop.align.cli.models import gate_numbers
+    print(f"{'job':32} {'status':10} {'method':6} {'base':6} {'version':8} {'train/held':>10} "
+          f"{'gate win rate [interval] n':>28} {'KL/tok':>8}  reason")
     for j in jobs:
         rows = (j.get("data") or {}).get("rows") or {}
         rows_text = f"{rows.get('train', '-')}/{rows.get('heldout', '-')}" if rows else "-"
+        kl = ((j.get("metrics") or {}).get("heldout") or {}).get("kl_per_token")
         reason = (j.get("reason") or "").split("; ")[0][:80]
         print(f"{j['job_id']:32} {j.get('status', '?'):10} {j.get('method') or '-':6} "
-              f"{j.get('base') or '-':6} {j.get('version') or '-':8} {rows_text:>11}  {reason}")
+              f"{j.get('base') or '-':6} {j.get('version') or '-':8} {rows_text:>10} "
+              f"{gate_numbers(j.get('gate')):>28} {'-' if kl is None else f'{kl:.4f}':>8}  {reason}")
     return 0
 
 

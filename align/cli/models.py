@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar="{list,show,promote,rollback,verify,history,trend,init,"
                                         "prune,delete,ab}")
 
+    def described(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help opens with what it does (the one line `-h` of the parent
+        lists)."""
+        return subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
     def where(p: argparse.ArgumentParser, remote: bool = True) -> None:
         p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
                        help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
@@ -48,33 +53,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--tls-root-cert", default=None, help="PEM root certificate (TLS)")
             p.add_argument("--tls", action="store_true", help="TLS with the system's roots")
             p.add_argument("--timeout", type=float, default=600.0,
-                           help="seconds to wait for the server's answer")
+                           help="seconds to wait for the server's answer (default %(default)s)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    where(sub.add_parser("list", help="all versions, the current one marked"))
-    show = sub.add_parser("show", help="one version's manifest")
+    where(described(sub, "list", "all versions, the current one marked"))
+    show = described(sub, "show", "one version's manifest")
     show.add_argument("version", help="registry version, e.g. v0001")
     show.add_argument("--verify", action="store_true", help="also recompute the checksums")
     where(show)
-    promote = sub.add_parser("promote", help="make VERSION the served version")
+    promote = described(sub, "promote", "make VERSION the served version")
     promote.add_argument("version", help="registry version to serve, e.g. v0002")
     promote.add_argument("--force", action="store_true",
                          help="promote even though the eval gate rejected it")
     promote.add_argument("--reason", default="", help="recorded in the history")
     where(promote)
-    rollback = sub.add_parser("rollback", help="back to the version served before the last "
+    rollback = described(sub, "rollback", "back to the version served before the last "
                                                "promotion still in effect")
     rollback.add_argument("--reason", default="", help="recorded in the history")
     where(rollback)
-    verify = sub.add_parser("verify", help="recompute the sha256 of every file of VERSION")
+    verify = described(sub, "verify", "recompute the sha256 of every file of VERSION")
     verify.add_argument("version", nargs="?", default=None, help="default: every version")
     where(verify, remote=False)
-    where(sub.add_parser("history", help="promotions and rollbacks, oldest first"), remote=False)
-    trend = sub.add_parser("trend", help="the promoted versions over time: gate win rate with "
+    where(described(sub, "history", "promotions and rollbacks, oldest first"), remote=False)
+    trend = described(sub, "trend", "the promoted versions over time: gate win rate with "
                                          "its interval, held-out accuracy, A/B win rate")
     trend.add_argument("--plot", default=None, metavar="PNG", help="also draw it to this file")
     where(trend, remote=False)
-    init = sub.add_parser("init", help="create v0000 from --model (or the default model)")
+    init = described(sub, "init", "create v0000 from --model (or the default model)")
     init.add_argument("--model", default=None, metavar="PATH",
                       help="HF folder or .gguf (default: the embedded default model)")
     init.add_argument("--cache-dir", default=None,
@@ -83,22 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where(init, remote=False)
     keep_note = ("never the current version, a version on its rollback stack, or one in a "
                  "running A/B test")
-    prune = sub.add_parser("prune", help=f"delete all but the newest N versions of each kind ("
+    prune = described(sub, "prune", f"delete all but the newest N versions of each kind ("
                                          f"{keep_note})")
     prune.add_argument("--keep", type=int, required=True, metavar="N",
                        help="newest versions of each kind (policy, reward) to keep")
     prune.add_argument("--dry-run", action="store_true",
                        help="show what would be deleted and how many bytes, delete nothing")
     where(prune, remote=False)
-    delete = sub.add_parser("delete", help=f"delete one version ({keep_note})")
+    delete = described(sub, "delete", f"delete one version ({keep_note})")
     delete.add_argument("version", help="registry version to delete, e.g. v0003")
     delete.add_argument("--dry-run", action="store_true",
                         help="show what would be deleted and how many bytes, delete nothing")
     where(delete, remote=False)
-    ab = sub.add_parser("ab", help="an online A/B test between the current version and a "
+    ab = described(sub, "ab", "an online A/B test between the current version and a "
                                    "candidate, decided by live votes (docs/ab.md)")
     ab_sub = ab.add_subparsers(dest="ab_command", required=True, metavar="{start,status,stop}")
-    start = ab_sub.add_parser("start", help="serve CANDIDATE to a share of users beside the "
+    start = described(ab_sub, "start", "serve CANDIDATE to a share of users beside the "
                                             "current version")
     start.add_argument("candidate", help="registry version to test (passed the offline gate)")
     start.add_argument("--traffic", type=float, default=0.2,
@@ -115,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--force", action="store_true",
                        help="start even if the candidate did not pass the offline gate")
     where(start)
-    where(ab_sub.add_parser("status", help="votes, win rate with its interval, decision"))
-    stop = ab_sub.add_parser("stop", help="end the test now (default: keep the current version)")
+    where(described(ab_sub, "status", "votes, win rate with its interval, decision"))
+    stop = described(ab_sub, "stop", "end the test now (default: keep the current version)")
     outcome = stop.add_mutually_exclusive_group()
     outcome.add_argument("--promote", action="store_true", help="promote the candidate")
     outcome.add_argument("--reject", action="store_true", help="reject the candidate")
