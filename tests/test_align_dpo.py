@@ -308,3 +308,20 @@ def test_trainer_log_dicts_only_with_verbose(tiny, log_32, tmp_path, capsys):
     verbose = capsys.readouterr().err
     assert "'loss'" not in quiet and "loss=" in quiet
     assert "'loss'" in verbose
+
+
+def test_a_job_too_small_for_the_gate_skips_before_training_unless_asked_to_keep(dpo_job, log_32, tiny,
+                                                                                 tmp_path):
+    data_dir = fresh_copy(log_32, tmp_path)
+    train_fn = trained_weights(dpo_job)
+    cfg = dict(data_dir=data_dir, model=str(tiny), command="run", incremental=True, min_new=8,
+               promote=True, eval_batch_size=8)  # the gate's default minimum: 20 held-out pairs
+    skipped = run_job(JobConfig(**cfg, keep_rejected=False), train_fn=train_fn)
+    assert skipped.status == "skipped" and train_fn.calls == []
+    assert skipped.reason.startswith("the gate needs >= 20 held-out pairs and this window holds 6 "
+                                     "(of 32): about 66 more votes, or raise --heldout-fraction")
+    registry = reg.Registry(data_dir)
+    assert registry.list_versions() == ["v0000"] and watermark(registry) is None
+    kept = run_job(JobConfig(**cfg, keep_rejected=True), train_fn=train_fn)  # the votes are still new
+    assert train_fn.calls == [("v0000", 26)] and kept.status == "rejected"
+    assert kept.reason.startswith("needs >= 20 held-out pairs, have 6")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +102,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
                            noun="pairs" if method == "dpo" else "examples",
                            empty_reason="no training rows in the window")
-    if split is None:
+    if split is None or _too_few_to_judge(cfg, split, result):
         return result
     base_dir = registry.version_dir(base)
     trl_rows = {"dpo": data_mod.trl_pairs, "sft": data_mod.trl_sft,
@@ -130,6 +132,24 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     del trained
     return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote,
                              promote_via=cfg.promote_via)
+
+
+def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
+    """A DPO job whose held-out pairs are fewer than the gate's minimum is rejected whatever it
+    trains, and without --keep-rejected nothing of it is kept: skip before loading a model
+    (`result` SKIPPED with what is missing). The votes stay for the next job."""
+    have, need = len(split.heldout), cfg.gate.min_heldout
+    if cfg.train.method != "dpo" or cfg.keep_rejected or have >= need:
+        return False
+    total, fraction = len(split.train) + have, cfg.heldout_fraction
+    more = (f"about {max(1, math.ceil((need - 0.5) / fraction) - total)} more votes, or "
+            if fraction > 0 else "")  # round(fraction * n) held out (data.time_split)
+    result.status = runner.SKIPPED
+    result.reason = (f"the gate needs >= {need} held-out pairs and this window holds {have} "
+                     f"(of {total}): {more}raise --heldout-fraction (now {fraction}) or lower "
+                     "--min-heldout-pairs; nothing was trained (--keep-rejected trains anyway)")
+    print(f"align dpo: skipped: {result.reason}", file=sys.stderr, flush=True)
+    return True
 
 
 def _training_summary(trained) -> dict[str, Any]:
