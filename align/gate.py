@@ -15,12 +15,15 @@ its threshold (0.5 + `min_improvement` for "candidate better than current"). Und
 
 - `decide` (DPO / KTO / SFT candidates), on held-out preference pairs:
   1. at least `min_heldout` held-out pairs;
-  2. the paired comparison of `metric` ("implicit_reward", default: pair i is a win when
-     (log π_cand − log π_current)(chosen) − (…)(rejected) > 0, i.e. DPO's implicit reward
-     β·log π_cand/π_current ranks the voters' choice higher: the candidate moved towards what
-     voters preferred, relative to the version it would replace; "pref_accuracy": a win when the
-     candidate ranks the pair right by mean log-prob per token and the current version does
-     not) has its interval's lower end above 0.5 + `min_improvement`;
+  2. the paired comparison of `metric` passes. Pair i's implicit-reward margin is
+     (log π_cand − log π_current)(chosen) − (…)(rejected): > 0 when DPO's implicit reward
+     β·log π_cand/π_current ranks the voters' choice higher, i.e. the candidate moved towards
+     what voters preferred relative to the version it would replace. "implicit_reward": the
+     share of pairs with a positive margin (sign test; interval's lower end above 0.5 +
+     `min_improvement`); "implicit_margin": the mean margin (sign-flip test, `MarginTest`);
+     "implicit_either" (default): either of the two at half the level (`EitherTest`, Bonferroni:
+     the same 5 % under random votes); "pref_accuracy": a win when the candidate ranks the pair
+     right by mean log-prob per token and the current version does not;
   3. the candidate's KL to its reference (mean per completion token) is at most `max_kl`.
   The reference-free preference accuracy of both versions is reported either way.
 - `ppo_gate` (PPO candidates), on held-out prompts: per prompt, the reward model's mean score of
@@ -42,7 +45,7 @@ from prefloop.server.errors import InvalidArgument
 DEFAULT_MAX_KL = 0.5  # nats per completion token
 DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
 DEFAULT_MIN_HELDOUT = 20
-METRICS = ("implicit_margin", "implicit_reward", "pref_accuracy")
+METRICS = ("implicit_either", "implicit_margin", "implicit_reward", "pref_accuracy")
 MISSING_HINT = "collect more votes, raise --heldout-fraction or lower --min-heldout-pairs"
 
 
@@ -247,6 +250,31 @@ class Comparison:
                 f"{prefix}p_value": self.p_value}
 
 
+@dataclass(slots=True, frozen=True)
+class EitherTest:
+    """The sign test and the sign-flip test on the same held-out pairs, each at half the level
+    (both built at confidence 1 - (1 - c) / 2): passes when either does, so under random votes it
+    passes with probability at most (1 - c) / 2 (Bonferroni). The sign test sees many small
+    moves, the margin test a few large ones (docs/align.md). The margin test has no win-rate
+    threshold, so with --min-improvement > 0 only the sign test can pass."""
+
+    sign: Comparison
+    margin: MarginTest | None
+
+    @property
+    def passed(self) -> bool:
+        margin_counts = self.margin is not None and self.sign.threshold == 0.5
+        return self.sign.passed or (margin_counts and self.margin.passed)
+
+    def describe(self, what: str, unit: str) -> str:
+        level = (1.0 - self.sign.confidence) / 2
+        margin = (self.margin.describe("mean margin", unit) if self.margin is not None
+                  else "mean margin: not measured")
+        return (f"{what}, {'passed' if self.passed else 'failed'}: either test at half the level "
+                f"(one-sided {level:.3g} each): win rate {self.sign.describe('', unit).lstrip()}; "
+                f"{margin}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration and result
 
@@ -257,7 +285,7 @@ class GateConfig:
     min_improvement: float = 0.0  # the win rate's lower end must be above 0.5 + this
     min_heldout: int = DEFAULT_MIN_HELDOUT
     confidence: float = DEFAULT_CONFIDENCE
-    metric: str = "implicit_reward"  # decide(): implicit_margin | implicit_reward | pref_accuracy
+    metric: str = "implicit_either"  # decide(): one of METRICS
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
@@ -342,15 +370,21 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     candidate's log-ratio margin against the current version; `margins`: those margins
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
     reverse (loss); the accuracies, and the tests the metric does not use, are reported."""
-    margin_test = MarginTest.of(margins, config.confidence) if margins else None
-    implicit_test = (Comparison.of(implicit, config.confidence, config.threshold)
+    either = config.metric == "implicit_either"
+    confidence = 1.0 - (1.0 - config.confidence) / 2 if either else config.confidence
+    margin_test = MarginTest.of(margins, confidence) if margins else None
+    implicit_test = (Comparison.of(implicit, confidence, config.threshold)
                      if implicit is not None else None)
-    what = {"implicit_margin": f"implicit-reward mean margin vs {current_version}",
+    what = {"implicit_either": f"implicit reward vs {current_version}",
+            "implicit_margin": f"implicit-reward mean margin vs {current_version}",
             "implicit_reward": f"implicit-reward win rate vs {current_version}",
             "pref_accuracy": f"preference-accuracy win rate vs {current_version} (discordant pairs)"
             }[config.metric]
-    if config.metric == "implicit_margin":
-        comparison: Comparison | MarginTest | None = margin_test
+    if either:
+        comparison: Comparison | MarginTest | EitherTest | None = (
+            EitherTest(implicit_test, margin_test) if implicit_test is not None else None)
+    elif config.metric == "implicit_margin":
+        comparison = margin_test
     elif config.metric == "implicit_reward":
         comparison = implicit_test
     else:
@@ -358,11 +392,11 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
             if accuracy is not None else None
     ok, reasons = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
                                kl_per_token=kl_per_token, config=config,
-                               missing=config.metric.replace("_", " "))
-    if margin_test is not None and config.metric != "implicit_margin":
+                               missing="implicit reward" if either else config.metric.replace("_", " "))
+    if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
         reasons.append("reported: " + margin_test.describe(
             f"implicit-reward mean margin vs {current_version}", "pairs"))
-    if implicit_test is not None and config.metric != "implicit_reward":
+    if implicit_test is not None and config.metric not in ("implicit_reward", "implicit_either"):
         reasons.append("reported: " + implicit_test.describe(
             f"implicit-reward win rate vs {current_version}", "pairs"))
     reasons.append(f"reported: reference-free preference accuracy {_fmt(candidate_accuracy)} "

@@ -1,14 +1,16 @@
 """The gate's control: how often does a DPO job with default flags pass the gate when the votes are
 random? Each job gets a fresh log of explicit preferences between two answers of different
-lengths, the chosen one picked by a coin flip, and runs `run_job` (defaults: implicit-reward win
-rate vs the current version, 90% exact interval, >= 20 held-out pairs, KL bound) on a tiny random
+lengths, the chosen one picked by a coin flip, and runs `run_job` (the default gate: the sign test
+or the margin test on the implicit reward vs the current version, each at half of the 5% level,
+>= 20 held-out pairs, KL bound) on a tiny random
 policy with the default model's tokenizer (cheap, as the issue allows). With a gate at its stated
 level the pass rate stays near or under 5%.
 
     python benchmarks/gate_control.py [--jobs 20] [--pairs 120] [--metric METRIC]
 
 Each job reports both tests the gate knows on the same held-out pairs (the sign test on the share
-of pairs won, the sign-flip test on the mean margin), so one run is the control of both.
+of pairs won, the sign-flip test on the mean margin), and the summary counts how many would pass
+each alone at the full 5% level, so one run is the control of every metric.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def main() -> int:
             result = run_job(JobConfig(data_dir=data, model=str(tiny), keep_rejected=False,
                                        train=TrainConfig(seed=j, lr=args.lr),  # the job's defaults
                                        gate=GateConfig(metric=args.metric)))
-            passed += result.status != "rejected"
+            passed += result.status in ("published", "promoted")
             gate = result.gate or {}
             sign_passes += (gate.get("implicit") or {}).get("p_value", 1.0) < 0.05
             margin_passes += gate.get("margin_p_value", 1.0) < 0.05
@@ -70,7 +72,7 @@ def main() -> int:
                   f"{gate.get('mean_margin', float('nan')):+.3f} (sign-flip p "
                   f"{gate.get('margin_p_value', float('nan')):.3f})", flush=True)
     print(f"gate_control: the gate ({args.metric}) passed {passed} of {args.jobs} "
-          f"({passed / args.jobs:.0%}); at the default level the sign test would pass "
+          f"({passed / args.jobs:.0%}); alone at the full 5% level the sign test would pass "
           f"{sign_passes}, the margin test {margin_passes}")
     return 0
 

@@ -104,11 +104,12 @@ def test_decide_passes_on_enough_consistent_wins_and_keeps_the_old_keys():
                 "kl_per_token", "max_kl"):
         assert key in out
     assert out["wins"] == 25 and out["losses"] == 5 and out["heldout_pairs"] == 30
-    assert out["metric"] == "implicit_reward" and out["confidence"] == 0.9
+    assert out["metric"] == "implicit_either" and out["confidence"] == 0.9  # the stated level
     assert out["interval"][0] > 0.5 and out["implicit_reward_accuracy"] == pytest.approx(25 / 30)
     assert out["accuracy_paired"]["wins"] == 2
     text = " ".join(d.reasons)
-    assert "25 wins, 5 losses, 0 ties of 30 pairs" in text and "90% interval [" in text
+    # the default metric spends half the level on the sign test: its interval is 95%
+    assert "25 wins, 5 losses, 0 ties of 30 pairs" in text and "95% interval [" in text
     assert "reference-free preference accuracy 0.600" in text
 
 
@@ -117,7 +118,9 @@ def test_decide_says_what_is_missing_on_too_few_pairs():
     assert not d.passed
     assert d.reasons[0] == ("needs >= 20 held-out pairs, have 5: collect more votes, raise "
                             "--heldout-fraction or lower --min-heldout-pairs")
-    assert decide(Paired(5, 0), min_heldout=5).passed
+    # 5 of 5: one-sided p 1/32, under the sign test's 5% but not under the default's 2.5%
+    assert decide(Paired(5, 0), min_heldout=5, metric="implicit_reward").passed
+    assert not decide(Paired(5, 0), min_heldout=5).passed and decide(Paired(6, 0), min_heldout=5).passed
 
 
 def test_decide_rejects_coin_flips_drift_and_the_other_metric():
@@ -236,3 +239,43 @@ def test_decide_on_the_margin_metric_reports_the_sign_test_beside():
                      kl_per_token=0.1, heldout_pairs=35, margins=margins,
                      config=GateConfig(metric="implicit_reward"))
     assert not d2.passed and any(r.startswith("reported: implicit-reward mean margin") for r in d2.reasons)
+
+
+def either(margins, **cfg):
+    return gate.decide(implicit=Paired.from_differences(margins), accuracy=None,
+                       candidate_accuracy=0.5, current_accuracy=0.5, current_version="v0000",
+                       kl_per_token=0.1, heldout_pairs=len(margins), margins=margins,
+                       config=GateConfig(metric="implicit_either", **cfg))
+
+
+def test_either_metric_passes_on_a_few_large_moves_or_on_many_small_ones():
+    few_large = [3.0] * 13 + [0.2] * 9 + [-0.2] * 13  # sign test 22/35 (p 0.088), margin p < 0.001
+    d = either(few_large)
+    assert d.passed, d.reasons
+    text = "\n".join(d.reasons)
+    assert "implicit reward vs v0000, passed: either test at half the level (one-sided 0.025 each)" in text
+    assert "95% interval [" in text and "p = " in text
+    assert not any(r.startswith("reported: implicit-reward") for r in d.reasons)  # both in the verdict
+    many_small = [0.1] * 26 + [-1.0] * 9  # mean margin negative, sign test 26/35: p 0.0022
+    assert gate.sign_test_p(26, 9) < 0.025 and sum(many_small) < 0
+    assert either(many_small).passed
+    # with a win-rate threshold only the sign test can pass (the margin test has none)
+    assert not either(few_large, min_improvement=0.05).passed
+
+
+def test_either_metric_spends_half_the_level_on_each_test():
+    # 23 of 35 with equal magnitudes: both tests at p ≈ 0.045, under 0.05 but not under 0.025
+    margins = [1.0] * 23 + [-1.0] * 12
+    assert 0.025 < gate.sign_test_p(23, 12) < 0.05
+    assert decide(Paired(23, 12), metric="implicit_reward").passed  # the sign test alone, full level
+    assert not either(margins).passed
+
+
+def test_either_metric_holds_its_level_on_random_signs():
+    import random
+    rng = random.Random(11)
+    trials, passes = 400, 0
+    for t in range(trials):
+        margins = [rng.choice((-1, 1)) * rng.expovariate(1.0) for _ in range(35)]
+        passes += either(margins).passed
+    assert passes / trials <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials)

@@ -122,14 +122,16 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                            "(default 0)")
     _gate_statistics(gate)
     if policy_metric:
-        gate.add_argument("--gate-metric", default="implicit_reward",
-                          choices=["implicit_margin", "implicit_reward", "pref_accuracy"],
+        gate.add_argument("--gate-metric", default="implicit_either",
+                          choices=["implicit_either", "implicit_margin", "implicit_reward",
+                                   "pref_accuracy"],
                           help="paired comparison with the current version on held-out pairs: "
-                               "implicit_margin (mean of the candidate's log-ratio margins to "
-                               "the current version, sign-flip test), implicit_reward (the "
-                               "share of pairs where that margin ranks the voters' choice "
-                               "higher, sign test) or pref_accuracy (discordant pairs of "
-                               "reference-free accuracy)")
+                               "implicit_reward (the share of pairs where the candidate's "
+                               "log-ratio margin to the current version ranks the voters' choice "
+                               "higher, sign test), implicit_margin (the mean of those margins, "
+                               "sign-flip test), implicit_either (either test at half the "
+                               "level: the same false-pass rate) or pref_accuracy (discordant "
+                               "pairs of reference-free accuracy) (default %(default)s)")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
