@@ -153,7 +153,8 @@ def train(*a, **k):
     raise KeyboardInterrupt
 P.train = train
 from prefloop.server.cli.main import main
-sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2]]))
+sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2],
+               "--min-heldout-pairs", "2"]))  # 10 pairs: a job the gate could judge
 """
 
 
