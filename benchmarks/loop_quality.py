@@ -199,16 +199,23 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for pref in sorted({r["preference"] for r in rows}):
         pts = [r for r in rows if r["preference"] == pref]
+        # no decisive comparison (still the base version, or only ties): 0.5 with no interval
+        judged = [r["win_rate"] is not None for r in pts]
         xs = [0] + [r["votes_total"] for r in pts]
-        ys = [0.5] + [r["win_rate"] if r["win_rate"] is not None else 0.5 for r in pts]
-        lo = [0.5] + [r["interval"][0] for r in pts]
-        hi = [0.5] + [r["interval"][1] for r in pts]
-        ax.plot(xs, ys, marker="o", label=pref)
-        ax.fill_between(xs, lo, hi, alpha=0.15)
+        ys = [0.5] + [r["win_rate"] if ok else 0.5 for r, ok in zip(pts, judged)]
+        lo = [0.5] + [r["interval"][0] if ok else 0.5 for r, ok in zip(pts, judged)]
+        hi = [0.5] + [r["interval"][1] if ok else 0.5 for r, ok in zip(pts, judged)]
+        line, = ax.plot(xs, ys, marker="o", label=pref)
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+        for r, x, y in zip(pts, xs[1:], ys[1:]):
+            if r.get("job_status") == "promoted":
+                ax.annotate(r["served_version"], (x, y), textcoords="offset points", xytext=(4, -12),
+                            fontsize=7, color=line.get_color())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.axhline(0.65, color="green", lw=0.8, ls=":", label="target 0.65")
     ax.set_xlabel("votes")
     ax.set_ylabel("held-out win rate, served vs base")
+    ax.set_title("votes -> align run --auto-promote (defaults) -> served answers, 95% Wilson", fontsize=9)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
