@@ -181,3 +181,16 @@ def test_every_gate_has_one_shape_with_the_old_keys():
     assert rm.to_dict()["heldout_accuracy"] == 0.75 and rm.to_dict()["min_accuracy"] == 0.5
     none = gate.reward_model_gate({"pairs": 0}, 0.5)
     assert not none.passed and none.metrics["heldout_accuracy"] is None
+
+
+def test_rows_a_reward_model_job_saw_are_still_new_to_the_next_policy_job(registry):
+    # `align rm` then `align run --method ppo --rm V` on the same votes: the PPO job must not
+    # skip them as already seen
+    runner.record_job(registry, {"job_id": "j1", "status": "published", "method": "dpo",
+                                 "data": {"until": "2026-11-30T08:00:00Z"}})
+    runner.record_job(registry, {"job_id": "j2", "status": "rejected", "method": "rm",
+                                 "data": {"until": "2026-11-30T09:00:00Z"}})
+    assert runner.last_seen(registry).isoformat().startswith("2026-11-30T08:00:00")
+    runner.record_job(registry, {"job_id": "j3", "status": "rejected", "method": "ppo",
+                                 "data": {"until": "2026-11-30T10:00:00Z"}})
+    assert runner.last_seen(registry).isoformat().startswith("2026-11-30T10:00:00")

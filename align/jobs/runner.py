@@ -189,9 +189,12 @@ def watermark(registry: reg.Registry) -> dt.datetime | None:
 
 
 def last_seen(registry: reg.Registry) -> dt.datetime | None:
-    """Newest row any finished job has trained or evaluated on."""
+    """Newest row any finished policy job has trained or evaluated on. Reward-model jobs do not
+    count: training the judge on the votes must not make the next policy job (PPO against that
+    judge) skip them as already seen."""
     times = [data_mod.parse_time((j.get("data") or {}).get("until"))
-             for j in job_history(registry) if j.get("status") in (REJECTED, PUBLISHED, PROMOTED)]
+             for j in job_history(registry)
+             if j.get("status") in (REJECTED, PUBLISHED, PROMOTED) and j.get("method") != "rm"]
     times = [t for t in times if t is not None]
     return max(times) if times else None
 
