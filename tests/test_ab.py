@@ -386,10 +386,12 @@ def test_models_trend_and_list_show_gate_numbers_with_intervals(tmp_path):
 def test_align_jobs_shows_each_jobs_gate_numbers_with_interval_and_kl(tmp_path):
     from prefloop.align.jobs import runner
     registry = Registry(tmp_path / "data")
-    gate = {"passed": False, "reasons": ["needs more"], "win_rate": 0.6, "interval": [0.44, 0.74],
+    reasons = ["35 held-out pairs (>= 20)", "implicit reward vs v0000, failed: either test",
+               "KL to the reference 0.0312 nats/token <= bound 0.5", "reported: failed before"]
+    gate = {"passed": False, "reasons": reasons, "win_rate": 0.6, "interval": [0.44, 0.74],
             "wins": 21, "losses": 14}
     runner.record_job(registry, {"job_id": "job-a", "status": "rejected", "method": "dpo",
-                                 "base": "v0000", "gate": gate, "reason": "22/35 short; more",
+                                 "base": "v0000", "gate": gate, "reason": "; ".join(reasons),
                                  "data": {"rows": {"train": 141, "heldout": 35}},
                                  "metrics": {"heldout": {"kl_per_token": 0.0312}}})
     out = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "align", "jobs", "--data-dir",
@@ -397,4 +399,4 @@ def test_align_jobs_shows_each_jobs_gate_numbers_with_interval_and_kl(tmp_path):
     assert out.returncode == 0, out.stderr
     (row,) = [line for line in out.stdout.splitlines() if line.startswith("job-a")]
     assert "0.600 [0.44, 0.74] 35" in row and "0.0312" in row and "141/35" in row
-    assert row.rstrip().endswith("22/35 short")
+    assert row.rstrip().endswith("implicit reward vs v0000, failed: either test")  # the failed check
