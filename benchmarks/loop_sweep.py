@@ -12,8 +12,10 @@ same seeds as the base. Printed per setting, side by side: the gate's outcome an
 implicit-reward win rate, KL per token, the served win rate vs base (95% Wilson interval), the
 preferred property's mean, training steps, training and whole-job seconds, pairs per second.
 
-    python benchmarks/loop_sweep.py --preference concise --votes 200 \\
-        --setting defaults= --setting lr2e-5=--lr=2e-5 --setting "lr2e-5-e2=--lr=2e-5 --epochs=2"
+    python benchmarks/loop_sweep.py --preference short_sentences --votes 200 \\
+        --setting defaults= --setting lr1.5e-4=--lr=1.5e-4 --setting "full=--no-lora --lr=2e-5"
+    python benchmarks/loop_sweep.py --preference plain_words --method ppo \\
+        --rm-flags "--epochs 3 --lr 5e-5"      # RM + PPO: the reward model first, then PPO
 """
 from __future__ import annotations
 
@@ -170,22 +172,23 @@ def format_row(row: dict) -> str:
         return f"{row['setting']:>14} FAILED {row.get('error')!s:.300}"
     rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl"] is None else f"{row['kl']:.4f}"
-    pairs_s = (f"{row['train_pairs'] * row['epochs'] / row['train_s']:.2f}"
-               if row.get("train_s") and row.get("train_pairs") else "-")
+    pairs_s = (f"{row['train_pairs'] * row['epochs'] / row['train_s']:.2f} pairs/s"
+               if row.get("train_s") and row.get("train_pairs") and not row.get("rm_version")
+               else "-")  # PPO's steps are rollouts of prompts, not passes over pairs
     rm = (f"\n{'':>16}reward model {row['rm_version']} ({row['rm_status']}): held-out accuracy "
-          f"{row['rm_accuracy']}, {row['rm_s']}s" if row.get("rm_version") else "")
+          f"{row['rm_accuracy'] or float('nan'):.3f}, {row['rm_s']}s" if row.get("rm_version") else "")
     return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
             f"| served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
             f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
             f"{row['served_repetitive']:.0%} | steps {row['steps']} train {row['train_s']}s "
-            f"score {row.get('score_s')}s "
-            f"job {row['job_s']}s, {pairs_s} pairs/s\n{'':>16}gate: {'; '.join(row['reasons'] or [])}{rm}")
+            + (f"score {row['score_s']}s " if row.get("score_s") else "") +
+            f"job {row['job_s']}s, {pairs_s}\n{'':>16}gate: {'; '.join(row['reasons'] or [])}{rm}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preference", default="concise", help="loop_users preference (default %(default)s)")
+    ap.add_argument("--preference", default="short_sentences", help="loop_users preference (default %(default)s)")
     ap.add_argument("--votes", type=int, default=200, help="prompts voted on (default %(default)s)")
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=FLAGS",
                     help="a named set of `align run` flags (repeatable; default: defaults=)")
