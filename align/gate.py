@@ -317,10 +317,12 @@ class GateDecision:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # the reasons of the checks that failed
 
     def to_dict(self) -> dict[str, Any]:
-        """{"passed", "reasons", **metrics}: the manifest's / job history's `gate` object."""
-        return {"passed": self.passed, "reasons": list(self.reasons), **self.metrics}
+        """{"passed", "reasons", "failed", **metrics}: the manifest's / job history's `gate`."""
+        return {"passed": self.passed, "reasons": list(self.reasons), "failed": list(self.failed),
+                **self.metrics}
 
 
 def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, str]:
@@ -339,23 +341,21 @@ def enough_heldout(have: int, need: int, unit: str) -> tuple[bool, str]:
     return True, f"{have} held-out {unit} (>= {need})"
 
 
-def _policy_gate(comparison: Comparison | None, *, what: str, unit: str, heldout: int,
-                 kl_per_token: float | None, config: GateConfig, missing: str
-                 ) -> tuple[bool, list[str]]:
-    """Enough held-out units, the comparison's lower end above the threshold, KL in bound."""
-    ok, reasons = True, []
-    enough, reason = enough_heldout(heldout, config.min_heldout, unit)
-    ok &= enough
-    reasons.append(reason)
-    if comparison is None:
-        ok = False
-        reasons.append(f"no held-out {missing} to compare")
-    else:
-        ok &= comparison.passed
-        reasons.append(comparison.describe(what, unit))
-    within, reason = kl_within_bound(kl_per_token, config.max_kl)
-    reasons.append(reason)
-    return ok and within, reasons
+def _policy_gate(comparison: Comparison | MarginTest | EitherTest | None, *, what: str, unit: str,
+                 heldout: int, kl_per_token: float | None, config: GateConfig, missing: str
+                 ) -> list[tuple[bool, str]]:
+    """(passed, reason) of each check: enough held-out units, the comparison, KL in bound."""
+    return [enough_heldout(heldout, config.min_heldout, unit),
+            (False, f"no held-out {missing} to compare") if comparison is None
+            else (comparison.passed, comparison.describe(what, unit)),
+            kl_within_bound(kl_per_token, config.max_kl)]
+
+
+def _verdict(checks: list[tuple[bool, str]], reported: list[str], metrics: dict[str, Any]
+             ) -> GateDecision:
+    """Passed when every check passed; the checks' reasons, then the reported ones."""
+    return GateDecision(all(ok for ok, _ in checks), [r for _, r in checks] + reported, metrics,
+                        [r for ok, r in checks if not ok])
 
 
 def _fmt(x: float | None) -> str:
@@ -390,9 +390,10 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     else:
         comparison = Comparison.of(accuracy, config.confidence, config.threshold) \
             if accuracy is not None else None
-    ok, reasons = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
-                               kl_per_token=kl_per_token, config=config,
-                               missing="implicit reward" if either else config.metric.replace("_", " "))
+    checks = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
+                          kl_per_token=kl_per_token, config=config,
+                          missing="implicit reward" if either else config.metric.replace("_", " "))
+    reasons: list[str] = []  # reported beside the checks
     if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
         reasons.append("reported: " + margin_test.describe(
             f"implicit-reward mean margin vs {current_version}", "pairs"))
@@ -417,7 +418,7 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     if accuracy is not None:
         metrics["accuracy_paired"] = Comparison.of(accuracy, config.confidence,
                                                    config.threshold).to_metrics()
-    return GateDecision(ok, reasons, metrics)
+    return _verdict(checks, reasons, metrics)
 
 
 def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
@@ -431,9 +432,10 @@ def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
     rewards are reported (reward-model units mean nothing across reward models)."""
     comparison = Comparison.of(per_prompt, config.confidence, config.threshold) \
         if per_prompt is not None else None
-    ok, reasons = _policy_gate(comparison, what=f"reward-model win rate vs {current_version}",
-                               unit="prompts", heldout=heldout_prompts,
-                               kl_per_token=kl_per_token, config=config, missing="rewards")
+    checks = _policy_gate(comparison, what=f"reward-model win rate vs {current_version}",
+                          unit="prompts", heldout=heldout_prompts,
+                          kl_per_token=kl_per_token, config=config, missing="rewards")
+    reasons: list[str] = []
     if candidate_reward is not None and current_reward is not None:
         reasons.append(f"reported: mean reward {candidate_reward:.4f} vs current "
                        f"{current_version}'s {current_reward:.4f}")
@@ -443,7 +445,7 @@ def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
         "kl_per_token": kl_per_token, "heldout_prompts": heldout_prompts, **config.stated()}
     if comparison is not None:
         metrics.update(comparison.to_metrics())
-    return GateDecision(ok, reasons, metrics)
+    return _verdict(checks, reasons, metrics)
 
 
 def reward_model_gate(heldout: dict[str, Any], min_accuracy: float, *,
@@ -456,14 +458,13 @@ def reward_model_gate(heldout: dict[str, Any], min_accuracy: float, *,
                                "confidence": confidence, "min_heldout": min_pairs,
                                "heldout_pairs": pairs}
     if pairs < 1 or acc is None:
-        return GateDecision(False, [enough_heldout(pairs, min_pairs, "pairs")[1],
-                                    "no held-out pairs to measure accuracy on"], metrics)
+        return _verdict([enough_heldout(pairs, min_pairs, "pairs"),
+                         (False, "no held-out pairs to measure accuracy on")], [], metrics)
     paired = Paired(int(heldout.get("correct", round(acc * pairs))),
                     int(heldout.get("wrong", pairs - round(acc * pairs))),
                     int(heldout.get("ties", 0)))
     comparison = Comparison.of(paired, confidence, min_accuracy)
-    enough, reason = enough_heldout(pairs, min_pairs, "pairs")
     metrics.update(comparison.to_metrics())
-    return GateDecision(enough and comparison.passed,
-                        [reason, comparison.describe("held-out pairwise accuracy", "pairs")],
-                        metrics)
+    return _verdict([enough_heldout(pairs, min_pairs, "pairs"),
+                     (comparison.passed, comparison.describe("held-out pairwise accuracy", "pairs"))],
+                    [], metrics)

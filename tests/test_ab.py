@@ -387,9 +387,9 @@ def test_align_jobs_shows_each_jobs_gate_numbers_with_interval_and_kl(tmp_path):
     from prefloop.align.jobs import runner
     registry = Registry(tmp_path / "data")
     reasons = ["35 held-out pairs (>= 20)", "implicit reward vs v0000, failed: either test",
-               "KL to the reference 0.0312 nats/token <= bound 0.5", "reported: failed before"]
-    gate = {"passed": False, "reasons": reasons, "win_rate": 0.6, "interval": [0.44, 0.74],
-            "wins": 21, "losses": 14}
+               "KL to the reference 0.0312 nats/token <= bound 0.5", "reported: an aside"]
+    gate = {"passed": False, "reasons": reasons, "failed": [reasons[1]], "win_rate": 0.6,
+            "interval": [0.44, 0.74], "wins": 21, "losses": 14}
     runner.record_job(registry, {"job_id": "job-a", "status": "rejected", "method": "dpo",
                                  "base": "v0000", "gate": gate, "reason": "; ".join(reasons),
                                  "data": {"rows": {"train": 141, "heldout": 35}},

@@ -279,3 +279,19 @@ def test_either_metric_holds_its_level_on_random_signs():
         margins = [rng.choice((-1, 1)) * rng.expovariate(1.0) for _ in range(35)]
         passes += either(margins).passed
     assert passes / trials <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_every_gate_names_the_checks_that_failed():
+    ok = decide(Paired(25, 5))
+    assert ok.passed and ok.to_dict()["failed"] == []
+    few_and_drift = decide(Paired(6, 0), kl=0.9)  # 6 of 6 passes its test, too few pairs and KL fail
+    assert few_and_drift.failed == [few_and_drift.reasons[0], few_and_drift.reasons[2]]
+    assert few_and_drift.failed[0].startswith("needs >= 20") and "> bound" in few_and_drift.failed[1]
+    coin = decide(Paired(12, 10))
+    assert coin.failed == [coin.reasons[1]] and "failed: either test" in coin.failed[0]
+    rm = gate.reward_model_gate({"pairs": 30, "accuracy": 0.5, "correct": 15, "wrong": 15}, 0.5)
+    assert not rm.passed and rm.failed == [rm.reasons[1]]
+    ppo = gate.ppo_gate(per_prompt=Paired(30, 0), candidate_reward=1.0, current_reward=0.0,
+                        current_version="v0000", kl_per_token=0.1, heldout_prompts=30,
+                        config=GateConfig())
+    assert ppo.passed and ppo.failed == [] and ppo.reasons[-1].startswith("reported: mean reward")

@@ -727,16 +727,6 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-_FAILED_CHECK = ("needs >=", "<= 0.", "failed", "> bound", "no held-out", "not measured",
-                 "nothing to judge")
-
-
-def _first_failing(reasons: list[str]) -> str:
-    """The reason to show in one line: the first failed check of a gate, else the first reason."""
-    checks = [r for r in reasons if not r.startswith("reported:")]
-    return next((r for r in checks if any(m in r for m in _FAILED_CHECK)), reasons[0] if reasons else "")
-
-
 def _jobs(args: argparse.Namespace) -> int:
     from prefloop.align.jobs.runner import job_history
     from prefloop.server.registry import Registry
@@ -754,8 +744,8 @@ def _jobs(args: argparse.Namespace) -> int:
         rows = (j.get("data") or {}).get("rows") or {}
         rows_text = f"{rows.get('train', '-')}/{rows.get('heldout', '-')}" if rows else "-"
         kl = ((j.get("metrics") or {}).get("heldout") or {}).get("kl_per_token")
-        reason = _first_failing((j.get("gate") or {}).get("reasons") or
-                                (j.get("reason") or "").split("; "))[:80]
+        failed = (j.get("gate") or {}).get("failed")  # the gate's failed checks, first one shown
+        reason = (failed[0] if failed else (j.get("reason") or "").split("; ")[0])[:80]
         print(f"{j['job_id']:32} {j.get('status', '?'):10} {j.get('method') or '-':6} "
               f"{j.get('base') or '-':6} {j.get('version') or '-':8} {rows_text:>10} "
               f"{gate_numbers(j.get('gate')):>28} {'-' if kl is None else f'{kl:.4f}':>8}  {reason}")
