@@ -2,7 +2,7 @@
 network), through `prefloop bench` (gRPC) and through the OpenAI-compatible HTTP API (SSE, httpx)
 of one real `prefloop serve`, at the same concurrency, in one run.
 
-The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `clients/bench_cmd.py`'s,
+The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `cli/bench.py`'s,
 so online / offline is the cost of an API layer (serialization, the asyncio server, one chunk per
 token, generation logging) and HTTP / gRPC compares the two fronts.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from prefloop.clients.bench_cmd import PROMPT, TOPICS, percentile
+from prefloop.cli.bench import PROMPT, TOPICS, percentile
 
 
 async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
@@ -93,7 +93,7 @@ def online(levels: str, max_tokens: int, rounds: int, server_args: tuple[str, ..
            ) -> tuple[dict[int, dict], dict[int, dict]]:
     """gRPC (`prefloop bench --json`) then HTTP against one fresh `prefloop serve *server_args`."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
+        server = subprocess.Popen([sys.executable, "-m", "prefloop.cli", "serve", "--port", "0",
                                    "--http-port", str(_free_port()),
                                    "--data-dir", str(Path(tmp) / "data"), *server_args],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -105,7 +105,7 @@ def online(levels: str, max_tokens: int, rounds: int, server_args: tuple[str, ..
                     raise RuntimeError("server did not start")
             target = line.split("listening on", 1)[1].split()[0]
             url = line.split("HTTP on ", 1)[1].split()[0]
-            res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "bench", "--target", target,
+            res = subprocess.run([sys.executable, "-m", "prefloop.cli", "bench", "--target", target,
                                   "--concurrency", levels, "--max-tokens", str(max_tokens),
                                   "--rounds", str(rounds), "--json"], capture_output=True, text=True, check=True)
             http = {c: asyncio.run(http_level(url, c, max_tokens, rounds, offset=i))

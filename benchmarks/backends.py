@@ -1,6 +1,6 @@
 """Native engine vs vLLM behind the same gRPC server: `prefloop bench` against `prefloop serve
 --backend native` and `--backend vllm`, one after the other in one run, at the same concurrency
-levels, dtype and workload (clients/bench_cmd.py's long-answer prompts, greedy, --max-tokens).
+levels, dtype and workload (cli/bench.py's long-answer prompts, greedy, --max-tokens).
 
 Prints aggregate completion tokens/s, TTFT p50 and ITL p50 per backend and the ratio vllm / native.
 The servers run one at a time (each gets every core). vLLM runs with its defaults (torch.compile /

@@ -42,7 +42,7 @@ def wilson(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "prefloop.cli", "serve", "--port", "0",
                              "--http-port", "0", "--data-dir", str(data_dir), "--registry-poll", "0.5"],
                             stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
     line = ""
@@ -103,7 +103,7 @@ def vote_round(client: Client, preference: str, vote_prompts: list[str], max_tok
 
 def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "align", "run", "--data-dir",
+    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run", "--data-dir",
                           str(data_dir), "--method", method, "--auto-promote", "--json", *extra],
                          capture_output=True, text=True)
     out = {"seconds": time.perf_counter() - start, "returncode": res.returncode}
@@ -134,7 +134,7 @@ def judge(preference: str, base: list[str], served: list[str], rng: random.Rando
 def run_preference(preference: str, args, work: Path) -> list[dict]:
     data = work / preference / "data"
     data.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", "init", "--data-dir", str(data)],
+    subprocess.run([sys.executable, "-m", "prefloop.cli", "models", "init", "--data-dir", str(data)],
                    check=True, capture_output=True)
     vote_prompts, held = prompts(seed=args.seed)
     rng = random.Random(args.seed)

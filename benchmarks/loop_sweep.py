@@ -50,7 +50,7 @@ def collect_votes(work: Path, preference: str, votes: int, max_tokens: int, seed
     if data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", "init", "--data-dir",
+    subprocess.run([sys.executable, "-m", "prefloop.cli", "models", "init", "--data-dir",
                     str(data)], check=True, capture_output=True)
     vote_prompts, _ = prompts(seed=seed)
     proc, target = start_server(data, work / preference / "server.log")
@@ -112,7 +112,7 @@ def train_reward_model(data_dir: Path, flags: list[str]) -> dict:
     """`prefloop align rm --json FLAGS` on the copy: the judge PPO optimizes (published even when
     its own gate rejects it, so the sweep measures what PPO makes of it)."""
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "align", "rm", "--data-dir",
+    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "rm", "--data-dir",
                           str(data_dir), "--json", *flags],
                          capture_output=True, text=True)
     out = {"seconds": time.perf_counter() - start}

@@ -2,7 +2,7 @@
 
 `ChatSession` holds the conversation and the client; `COMMANDS` maps `/name` to a handler, added with
 the `command` decorator. The basic commands (/help, /version, /reset, /quit) live here; the feedback
-keys (chat_feedback.py) register theirs on import, and chat_cmd.py (the terminal loop and its flags)
+keys (chat_feedback.py) register theirs on import, and cli/chat.py (the terminal loop and its flags)
 imports both — so neither of those two imports the other.
 """
 from __future__ import annotations

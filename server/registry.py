@@ -14,9 +14,13 @@ reasons, and the sha256 of every file). It is written into a stage directory, fs
 read-only and renamed to `vNNNN` in one step, so a version either exists complete or not at all.
 Version folders are never modified afterwards; `verify()` recomputes the checksums.
 
-CURRENT exists once `prefloop models init` ran or something was promoted. An align job creates
-v0000 on first use without it (so a job that fails changes nothing a server serves): until the
-first promotion a server keeps serving its --model and align treats the missing CURRENT as v0000.
+One rule for what is served: v0000 *is* the served base from the moment it exists. Whoever creates
+v0000 (`prefloop models init`, the first align job) writes CURRENT and its "init" history line in
+the same locked step, so `current()`, `models list`, A/B tests and align agree from the first job
+on; a server on that data directory follows the pointer and names what it serves v0000 (no reload
+when v0000 is a copy of the folder it already serves). A registry written before this rule (v0000
+without CURRENT) reads the same way: `current()` resolves a missing CURRENT to v0000. A first job
+that fails removes the v0000 it created again (`discard_unused_base`).
 
 The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
 `rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`); `prefloop models prune/delete`
@@ -330,11 +334,12 @@ class Registry:
             raise FailedPrecondition(f"{path} is not a valid manifest: {exc}") from None
 
     def current(self) -> str | None:
-        """The served version's name, or None when nothing was ever set."""
+        """The served version's name: CURRENT, else v0000 when it exists (the served base), else
+        None (no registry yet)."""
         try:
             text = self.current_path.read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):  # no registry (or no usable data dir)
-            return None
+        except (FileNotFoundError, NotADirectoryError):  # no pointer (or no usable data dir)
+            return BASE_VERSION if self.has_base() else None
         version_number(text)
         return text
 
@@ -424,16 +429,15 @@ class Registry:
         return (self.versions_dir / BASE_VERSION / MANIFEST_FILE).is_file()
 
     def ensure_base(self, model_dir: str | os.PathLike | None = None, *,
-                    source: str | None = None, make_current: bool = True) -> str:
-        """Create v0000 from an HF folder on first use (and point CURRENT at it unless
-        `make_current` is False); idempotent.
+                    source: str | None = None) -> str:
+        """Create v0000 from an HF folder on first use and point CURRENT at it (with its "init"
+        history line) in one locked step; idempotent. Returns "v0000".
 
         `model_dir` must be an HF folder (resolve `--model` with `model.loader.resolve_model_dir`
-        first); None only re-points CURRENT at an existing v0000. Returns "v0000". Align jobs
-        create it with `make_current=False`: CURRENT moves only when a job promotes (`promote`
-        records v0000's init first), so a job that fails never changes what a server serves.
+        first); None only writes the pointer of an existing v0000 (a registry from before the
+        rule that v0000 is current from its creation).
         """
-        if self.has_base() and (self.current() or not make_current):
+        if self.has_base() and self.current_path.is_file():
             return BASE_VERSION
         makedirs_durable(self.root)
         with self._pointer_lock():
@@ -453,7 +457,7 @@ class Registry:
                             shutil.copyfile(p, stage.path / p.name)
                     stage.publish(kind=KIND_POLICY, method="base", version=BASE_VERSION,
                                   source=source or str(src.resolve()))
-            if make_current and self.current() is None:
+            if not self.current_path.is_file():
                 self._set_current(BASE_VERSION, "init", None, "base model", "")
         return BASE_VERSION
 
@@ -482,8 +486,8 @@ class Registry:
                 verify: bool = True) -> HistoryEntry:
         """Make `version` current. Refused (FailedPrecondition) for a reward model, a version
         that fails verification, or one its gate rejected (unless `force`). On a registry without
-        CURRENT (v0000 created by an align job, nothing promoted yet) v0000's init is recorded
-        first, so a rollback returns to the base."""
+        the CURRENT file (v0000 made before v0000 was current from its creation) v0000's init is
+        recorded first, so a rollback returns to the base."""
         manifest = self.manifest(version)
         if manifest.kind != KIND_POLICY:
             raise FailedPrecondition(f"{version} is a {manifest.kind} model; only policy "
@@ -498,7 +502,7 @@ class Registry:
             previous = self.current()
             if previous == version:
                 raise FailedPrecondition(f"{version} is already the current version")
-            if previous is None and version != BASE_VERSION and self.has_base():
+            if not self.current_path.is_file() and previous == BASE_VERSION:
                 append_line_durable(self.history_path, asdict(HistoryEntry(
                     action="init", version=BASE_VERSION, previous=None, at=utc_now(),
                     reason="base model", actor=actor)))

@@ -28,6 +28,19 @@ USER_TOKEN = "user-test-token-1"
 ADMIN_TOKEN = "admin-test-token-1"
 
 
+# ---- a fake model folder (registry tests: files only, never loaded) ---------------------------
+
+def fake_model(path: Path, payload: bytes = b"weights-0") -> str:
+    """An HF-like folder for registry tests: config, fake weights, tokenizer, and one file that is
+    not a model file (a version must not take it over)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    (path / "model.safetensors").write_bytes(payload)
+    (path / "tokenizer.json").write_text("{}")
+    (path / "optimizer.pt").write_bytes(b"not copied")  # not a model file
+    return str(path)
+
+
 # ---- a fake generator with the real Generator's interface --------------------------------------
 
 @dataclass(slots=True)
@@ -216,7 +229,7 @@ class ServerProcess:
 def start_server_process(tmp_dir: Path, *extra_args: str, auth: bool = True,
                          ready_timeout: float = 300.0) -> ServerProcess:
     """`prefloop serve --port 0 ...` as a subprocess; returns once its ready line is printed."""
-    args = [sys.executable, "-m", "prefloop.server.cli", "serve", "--port", "0",
+    args = [sys.executable, "-m", "prefloop.cli", "serve", "--port", "0",
             "--data-dir", str(tmp_dir / "data"), *extra_args]
     if "--dtype" not in extra_args:
         args += ["--dtype", "float32"]  # the float32 the tests compare against (default: auto)

@@ -14,8 +14,7 @@ import threading
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, FakeInfo
-from test_registry import fake_model
+from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, FakeInfo, fake_model
 
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
@@ -312,7 +311,7 @@ def test_indifferent_votes_do_not_promote_and_stop_keeps_current(ab_server):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", *args],
+    return subprocess.run([sys.executable, "-m", "prefloop.cli", "models", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -394,7 +393,7 @@ def test_align_jobs_shows_each_jobs_gate_numbers_with_interval_and_kl(tmp_path):
                                  "base": "v0000", "gate": gate, "reason": "; ".join(reasons),
                                  "data": {"rows": {"train": 141, "heldout": 35}},
                                  "metrics": {"heldout": {"kl_per_token": 0.0312}}})
-    out = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "align", "jobs", "--data-dir",
+    out = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "jobs", "--data-dir",
                           str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     (row,) = [line for line in out.stdout.splitlines() if line.startswith("job-a")]

@@ -135,7 +135,7 @@ def test_schedule_durations_and_run_flags():
     for bad in ("soon", "6x", "0s", "h"):
         with pytest.raises(InvalidArgument):
             schedule.parse_duration(bad)
-    from prefloop.align.cli import align as align_cmd
+    from prefloop.cli import align as align_cmd
     parser = argparse.ArgumentParser()
     align_cmd.add_arguments(parser)
     args = parser.parse_args(["schedule", "--every", "6h", "--data-dir", "/d", "--method", "kto",

@@ -244,7 +244,7 @@ def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):
     data_dir = fresh_copy(log_32, tmp_path)
     reg.Registry(data_dir).ensure_base(tiny)
     proc = subprocess.run(
-        [sys.executable, "-m", "prefloop.server.cli", "align", "schedule", "--every", "1s",
+        [sys.executable, "-m", "prefloop.cli", "align", "schedule", "--every", "1s",
          "--max-runs", "2", "--data-dir", str(data_dir), "--min-new-pairs", "1000"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

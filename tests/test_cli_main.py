@@ -1,4 +1,4 @@
-"""The `prefloop` command line as a user meets it (subprocess `python -m prefloop.server.cli`):
+"""The `prefloop` command line as a user meets it (subprocess `python -m prefloop.cli`):
 defaults in --help, a typo'd flag answered with the subcommand's usage and the closest flag,
 mistakes that need no model reported before torch is even imported, and `--dtype auto`."""
 import logging
@@ -10,7 +10,7 @@ import pytest
 
 from prefloop.server.model.options import auto_dtype, cpu_bf16_flags
 
-CLI = [sys.executable, "-m", "prefloop.server.cli"]
+CLI = [sys.executable, "-m", "prefloop.cli"]
 
 
 def prefloop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def test_help_shows_defaults_and_every_flag_has_help():
     top_p = chat[chat.index("--top-p TOP_P "):]
     assert "nucleus sampling" in top_p.split("--seed SEED")[0]
     assert "seed of each answer" in chat[chat.index("--seed SEED "):]
-    from prefloop.server.cli.main import build_parser
+    from prefloop.cli.main import build_parser
     for command in ("generate", "chat", "rope", "bench"):
         parser = build_parser([command])
         sub = next(a for a in parser._actions if a.dest == "command").choices[command]
@@ -84,7 +84,7 @@ def test_dtype_auto_is_the_default_of_every_model_command():
     import argparse
     import inspect
 
-    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+    from prefloop.cli.model_args import add_model_arguments, generator_kwargs
     from prefloop.server.serving.build import build_generator
     p = argparse.ArgumentParser()
     add_model_arguments(p)

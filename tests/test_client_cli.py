@@ -13,8 +13,8 @@ import pytest
 from conftest import USER_TOKEN
 
 from prefloop.clients import Client
-from prefloop.clients.bench_cmd import percentile
-from prefloop.clients.chat_cmd import COMMANDS, ChatSession, command, handle_line
+from prefloop.cli.bench import percentile
+from prefloop.cli.chat import COMMANDS, ChatSession, command, handle_line
 
 
 def test_chat_session_keeps_the_conversation(fake_server):
@@ -77,7 +77,7 @@ def test_percentile():
 
 def _cli(*args: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PREFLOOP_TOKEN=USER_TOKEN)
-    return subprocess.run([sys.executable, "-m", "prefloop.server.cli", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "prefloop.cli", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -154,7 +154,7 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
 
     fake_server.generator.step_s = 0.05
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefloop.server.cli", "chat", "--target", fake_server.target,
+        [sys.executable, "-m", "prefloop.cli", "chat", "--target", fake_server.target,
          "--max-tokens", "200"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

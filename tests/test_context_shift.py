@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+from prefloop.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.engine.block_manager import BlockManager
 from prefloop.server.engine.context import ContextConfig, admission_drop
 from prefloop.server.engine.kv_cache import KVCacheConfig
@@ -331,7 +331,7 @@ def test_cli_generate_with_shift_runs_past_the_window(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / name).is_file():
             shutil.copy(src / name, d / name)
-    base = [sys.executable, "-m", "prefloop.server.cli", "generate", "Once upon a time", "--model", str(d),
+    base = [sys.executable, "-m", "prefloop.cli", "generate", "Once upon a time", "--model", str(d),
             "--max-tokens", "100", "--json", "--kv-cache-tokens", "512", "--block-size", "8",
             "--dtype", "float32"]
     res = subprocess.run(base + ["--context-overflow", "shift"], capture_output=True, text=True, timeout=300)

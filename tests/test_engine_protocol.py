@@ -237,7 +237,7 @@ def test_tied_lm_head_may_be_omitted(tmp_path):
 def test_backend_flags_reach_the_generator_kwargs():
     import argparse
 
-    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+    from prefloop.cli.model_args import add_model_arguments, generator_kwargs
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     kw = generator_kwargs(p.parse_args(["--backend", "vllm", "--tensor-parallel-size", "2",

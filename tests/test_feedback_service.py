@@ -11,7 +11,7 @@ from conftest import FakeGenerator
 
 from prefloop.clients import AsyncClient, Client, chat_feedback
 from prefloop.clients import errors as cerr
-from prefloop.clients.chat_cmd import ChatSession, handle_line
+from prefloop.cli.chat import ChatSession, handle_line
 from prefloop.server.api.feedback import feedback_extension, store_config_from_env
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
 from prefloop.server.feedback import schema as logschema

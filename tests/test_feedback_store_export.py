@@ -1,4 +1,4 @@
-"""Reading the log back (server/feedback/export.py, server/cli/logs.py): training exports, stats,
+"""Reading the log back (server/feedback/export.py, cli/logs.py): training exports, stats,
 and the plain-pyarrow reading path docs/logging.md promises."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from prefloop.server.cli import logs as logs_cmd
+from prefloop.cli import logs as logs_cmd
 from prefloop.server.feedback import export as log_export
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.store import FeedbackStore, StoreConfig

@@ -1,5 +1,5 @@
 """Issue 21, what a new user meets in the first hour (CLI through subprocess
-`python -m prefloop.server.cli` where the user meets it): a second server on a data dir in use,
+`python -m prefloop.cli` where the user meets it): a second server on a data dir in use,
 a failed align job leaving the registry as it was, Ctrl-C during align, align's start line and
 next steps, help text, `models prune/delete`, the chat client's `/up` and `/pair`, `bench`
 progress and `stats`."""
@@ -11,7 +11,7 @@ import sys
 
 from prefloop.server.feedback.store import lock_holder, open_store
 
-CLI = [sys.executable, "-m", "prefloop.server.cli"]
+CLI = [sys.executable, "-m", "prefloop.cli"]
 
 
 def prefloop(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -82,8 +82,8 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
 
     with pytest.raises(RuntimeError, match="datasets"):
         run_job(JobConfig(data_dir=data, model=str(model)), train_fn=trainer_fails)
-    assert registry.list_versions() == [] and registry.current() is None  # was: v0000, CURRENT
-    assert seen_while_training == [None]  # was: v0000 (a server swapped to it mid-job)
+    assert registry.list_versions() == [] and registry.current() is None  # the base is undone
+    assert seen_while_training == ["v0000"]  # v0000 is the served base from its creation
     assert registry.history() == []
     assert not [p for p in registry.versions_dir.iterdir()]  # no stage left either
     job = job_history(registry)[-1]
@@ -95,7 +95,7 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
     assert registry.list_versions() == ["v0000"] and registry.current() == "v0000"
 
 
-def test_a_base_an_unpromoted_job_created_stays_unserved_until_a_promotion(tmp_path):
+def test_a_base_a_job_created_is_current_and_a_later_failing_job_leaves_it(tmp_path):
     import pytest
 
     from prefloop.align.jobs.preference import JobConfig, run_job
@@ -104,18 +104,17 @@ def test_a_base_an_unpromoted_job_created_stays_unserved_until_a_promotion(tmp_p
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
     registry = reg.Registry(data)
-    # what a first job that trained but promoted nothing leaves: v0000, no CURRENT
+    # what a first job that trained but promoted nothing leaves: v0000, current
     assert resolve_base(registry, None, str(model), None, True) == reg.BASE_VERSION
-    assert registry.list_versions() == ["v0000"] and registry.current() is None
+    assert registry.list_versions() == ["v0000"] and registry.current_path.read_text() == "v0000\n"
     assert current_version(registry) == "v0000"  # align compares with and starts from the base
 
     def trainer_fails(base_dir, rows, cfg):
-        assert registry.current() is None  # was: the next job pointed CURRENT at v0000
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         run_job(JobConfig(data_dir=data), train_fn=trainer_fails)
-    assert registry.list_versions() == ["v0000"] and registry.current() is None  # as it was
+    assert registry.list_versions() == ["v0000"] and registry.current() == "v0000"  # as it was
     # the first promotion records the base first, so a rollback returns to it
     with registry.stage() as stage:
         (stage.path / "config.json").write_text("{}")
@@ -133,7 +132,7 @@ def test_a_first_job_starting_an_ab_test_makes_the_base_its_control(tmp_path):
     from prefloop.server.ab import state as ab_state
 
     registry = reg.Registry(tmp_path / "data")
-    registry.ensure_base(_fake_model(tmp_path / "model"), make_current=False)
+    registry.ensure_base(_fake_model(tmp_path / "model"))
     with registry.stage() as stage:
         (stage.path / "config.json").write_text("{}")
         (stage.path / "model.safetensors").write_bytes(b"trained")
@@ -152,7 +151,7 @@ import prefloop.align.train.preference as P
 def train(*a, **k):
     raise KeyboardInterrupt
 P.train = train
-from prefloop.server.cli.main import main
+from prefloop.cli.main import main
 sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2],
                "--min-heldout-pairs", "2"]))  # 10 pairs: a job the gate could judge
 """
@@ -248,7 +247,7 @@ def _subparsers(parser):
 def test_every_align_and_models_flag_has_help():
     import argparse
 
-    from prefloop.server.cli.main import build_parser
+    from prefloop.cli.main import build_parser
     missing = []
     for command in ("align", "models", "stats", "serve"):
         top = dict(_subparsers(build_parser([command])))[command]
@@ -279,8 +278,8 @@ def test_align_run_help_shows_the_flags_of_the_chosen_method():
 
 
 def test_align_run_still_accepts_every_methods_flags():
-    from prefloop.align.cli.align import ppo_job_config
-    from prefloop.server.cli.main import build_parser
+    from prefloop.cli.align import ppo_job_config
+    from prefloop.cli.main import build_parser
     argv = ["align", "run", "--method", "ppo", "--rm", "v0001", "--steps", "3", "--clip-eps",
             "0.1", "--loss", "ipo", "--desirable-weight", "2"]
     args = build_parser(argv).parse_args(argv)
@@ -291,8 +290,8 @@ def test_align_run_still_accepts_every_methods_flags():
 
 
 def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
-    from prefloop.align.cli.align import job_config
-    from prefloop.server.cli.main import build_parser
+    from prefloop.cli.align import job_config
+    from prefloop.cli.main import build_parser
     for argv, keep in ((["align", "dpo"], False), (["align", "dpo", "--keep-rejected"], True),
                        (["align", "run"], False), (["align", "run", "--keep-rejected"], True)):
         args = build_parser(argv).parse_args(argv)
@@ -306,7 +305,7 @@ def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
 def test_align_job_starts_with_one_line_and_a_rejection_says_what_next(tmp_path, capsys):
     import pytest
 
-    from prefloop.align.cli.align import format_result
+    from prefloop.cli.align import format_result
     from prefloop.align.jobs.preference import JobConfig, run_job
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")

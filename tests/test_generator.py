@@ -86,7 +86,7 @@ def test_bad_input_then_keeps_serving(gen):
 
 
 def test_cli_generate_json_matches_engine(gen):
-    res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "generate", "The capital of France is",
+    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "generate", "The capital of France is",
                           "--max-tokens", "12", "--json", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -94,6 +94,6 @@ def test_cli_generate_json_matches_engine(gen):
                               SamplingParams(temperature=0, max_tokens=12)))[0]
     assert data["text"] == ref[0] and data["token_ids"] == ref[1]
     assert data["prompt_tokens"] == 5 and data["completion_tokens"] == len(ref[1])
-    bad = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "generate", "x", "--top-p", "2"],
+    bad = subprocess.run([sys.executable, "-m", "prefloop.cli", "generate", "x", "--top-p", "2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "top_p" in bad.stderr

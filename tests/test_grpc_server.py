@@ -56,7 +56,7 @@ def test_chat_matches_generate_command(user, admin):
     idle_stats(admin)
     max_tokens = 24
     out = subprocess.run(
-        [sys.executable, "-m", "prefloop.server.cli", "generate", "--chat", "--json", "--dtype", "float32",
+        [sys.executable, "-m", "prefloop.cli", "generate", "--chat", "--json", "--dtype", "float32",
          "--temperature", "0", "--max-tokens", str(max_tokens), QUESTION],
         capture_output=True, text=True, timeout=240, check=True)
     expected = json.loads(out.stdout.strip().splitlines()[-1])

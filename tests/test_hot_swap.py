@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def cli_generate(model_dir) -> str:
-    out = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "generate", QUESTION[0]["content"],
+    out = subprocess.run([sys.executable, "-m", "prefloop.cli", "generate", QUESTION[0]["content"],
                           "--chat", "--max-tokens", str(MAX_TOKENS), "--model", str(model_dir), "--json",
                           "--dtype", "float32"],
                          capture_output=True, text=True, timeout=300)

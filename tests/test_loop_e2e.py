@@ -43,14 +43,14 @@ def vote_and_retrain(tmp_path, chooses_bananas):
     """A live server on a data dir with v0000, 40 votes, then one `align run --auto-promote`
     job with the default learning rate. Returns (job, registry, the running server)."""
     data = tmp_path / "data"
-    init = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "models", "init",
+    init = subprocess.run([sys.executable, "-m", "prefloop.cli", "models", "init",
                            "--data-dir", str(data)], capture_output=True, text=True, timeout=600)
     assert init.returncode == 0, init.stderr
     server = start_server_process(tmp_path, "--registry-poll", "0.5")
     try:
         vote(server, chooses_bananas)
         job = subprocess.run(
-            [sys.executable, "-m", "prefloop.server.cli", "align", "run", "--data-dir", str(data),
+            [sys.executable, "-m", "prefloop.cli", "align", "run", "--data-dir", str(data),
              "--method", "dpo", "--min-new-pairs", "16", "--auto-promote",  # default lr (LoRA)
              "--min-heldout-pairs", "8",  # 40 votes leave 8 held out
              "--epochs", "2", "--json"], capture_output=True, text=True, timeout=1800)

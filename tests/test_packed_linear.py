@@ -166,7 +166,7 @@ def test_a_dtype_onednn_cannot_pack_is_refused_or_falls_back(monkeypatch):
 def test_flag_reaches_the_generator_and_vllm_refuses_it():
     import argparse
 
-    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+    from prefloop.cli.model_args import add_model_arguments, generator_kwargs
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     assert generator_kwargs(p.parse_args([]))["weight_layout"] == "auto"

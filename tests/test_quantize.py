@@ -91,7 +91,7 @@ def test_engine_matches_transformers_on_the_dequantized_weights(tmp_path, overri
 def test_quantize_flag_reaches_the_generator_and_is_refused_where_unsupported():
     import argparse
 
-    from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+    from prefloop.cli.model_args import add_model_arguments, generator_kwargs
     from prefloop.server.errors import InvalidArgument
     from prefloop.server.serving.build import build_generator
     p = argparse.ArgumentParser()

@@ -11,18 +11,10 @@ import sys
 import threading
 
 import pytest
+from conftest import fake_model
 
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
-
-
-def fake_model(path, payload: bytes = b"weights-0") -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text('{"model_type": "llama"}')
-    (path / "model.safetensors").write_bytes(payload)
-    (path / "tokenizer.json").write_text("{}")
-    (path / "optimizer.pt").write_bytes(b"not copied")  # not a model file
-    return str(path)
 
 
 @pytest.fixture

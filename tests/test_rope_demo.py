@@ -75,7 +75,7 @@ def test_families_relative_absolute_and_buckets():
 
 def test_cli_rope_json_on_a_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "prefloop.server.cli", "rope", "--model", str(tiny_dir),
+    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "rope", "--model", str(tiny_dir),
                           "--out", str(out), "--json", "--tokens", "64"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

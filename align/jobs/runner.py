@@ -167,9 +167,9 @@ def training_summary(trained) -> dict[str, Any]:
 
 
 def current_version(registry: reg.Registry) -> str | None:
-    """The version align compares with and continues from: CURRENT, else v0000 when an align job
-    created it without promoting anything yet (None on an empty registry)."""
-    return registry.current() or (reg.BASE_VERSION if registry.has_base() else None)
+    """The version align compares with and continues from: the served one (None on an empty
+    registry)."""
+    return registry.current()
 
 
 def watermark(registry: reg.Registry) -> dt.datetime | None:
@@ -298,7 +298,7 @@ def resolve_base(registry: reg.Registry, base: str | None, model: str | None,
     if main:
         if not registry.list_versions():  # first use: v0000 from --model or the default model
             from prefloop.server.model.loader import resolve_model_dir
-            registry.ensure_base(resolve_model_dir(model, cache_dir), make_current=False)
+            registry.ensure_base(resolve_model_dir(model, cache_dir))
         elif model:
             log.warning("--model %s ignored: the registry in %s already has a base version",
                         model, registry.root)
@@ -350,8 +350,6 @@ def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, 
     result.reason = "; ".join(decision.reasons)
     if decision.passed and promote and promote_via == "ab":
         from prefloop.server.ab import state as ab_state
-        if registry.current() is None:  # first use: the control is the base v0000
-            registry.ensure_base()
         state = ab_state.start(registry, result.version)
         result.status = PUBLISHED
         result.reason += (f"; A/B test started against {state.control} (live votes decide; "

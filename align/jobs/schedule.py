@@ -1,6 +1,6 @@
 """`prefloop align schedule --every 6h [run options]`: run `prefloop align run` on a timer.
 
-Each job is a subprocess (`python -m prefloop.server.cli align run ...` with the same run
+Each job is a subprocess (`python -m prefloop.cli align run ...` with the same run
 options), so a crash or a memory peak of one job never takes the timer down, and the job
 lock (align/jobs/runner.py) still keeps a manual job and a scheduled one apart (a tick that finds
 the lock held is logged and skipped). Ticks are anchored to the start time: a job longer than the
@@ -84,7 +84,7 @@ def run_schedule(args: argparse.Namespace, add_run_arguments) -> int:
     except InvalidArgument as exc:
         print(f"prefloop align schedule: {exc}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "prefloop.server.cli", "--log-level",
+    cmd = [sys.executable, "-m", "prefloop.cli", "--log-level",
            str(getattr(args, "log_level", "INFO")), "align", "run", *run_argv(args, add_run_arguments)]
     stop = _Stop()
     if threading.current_thread() is threading.main_thread():

@@ -9,7 +9,7 @@ plain full weights (a LoRA adapter is merged in) on the main process; other rank
 `accelerate launch` run get None after the collective state-dict gather.
 
 CPU by default here; the same code runs on one GPU, or on several through
-`accelerate launch -m prefloop.server.cli align dpo ...` (docs/align.md).
+`accelerate launch -m prefloop.cli align dpo ...` (docs/align.md).
 """
 from __future__ import annotations
 

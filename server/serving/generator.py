@@ -125,6 +125,14 @@ class Generator:
                  old.active, old.info.model_version)
         return backend.info
 
+    def relabel(self, version: str) -> ModelInfo:
+        """Name the weights being served `version` without loading anything (the registry made
+        a version that is a copy of them, e.g. v0000 of the served model folder). Requests
+        already running keep the name they started with."""
+        self._current.info = replace(self._current.info, model_version=version)
+        log.info("now serving %s (the same weights, registered as that version)", version)
+        return self._current.info
+
     async def load_beside(self, model_dir, version: str) -> "Generator":
         """A second Generator serving `version` next to this one (an A/B test's candidate): its
         own engine and KV cache, same options. Engines that reload in place (vLLM) hold one copy

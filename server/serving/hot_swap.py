@@ -12,10 +12,11 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from prefloop.server.errors import FailedPrecondition, PrefloopError
-from prefloop.server.registry import Registry
+from prefloop.server.registry import BASE_VERSION, Registry
 from prefloop.server.serving.generator import Generator
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,22 @@ class ModelSwitcher:
                 pass
             self._task = None
 
+    def _is_copy_of_served(self, version: str) -> bool:
+        """Whether `version` is the base version copied from the folder being served (then a
+        switch to it only renames what is served)."""
+        manifest = self.registry.manifest(version)
+        served = getattr(self.generator.info, "model_path", "") or ""
+        return bool(manifest.source and served) and version == BASE_VERSION \
+            and Path(manifest.source).resolve() == Path(served).resolve()
+
     async def _switch_to(self, version: str) -> None:
         """Verify and load `version`, then move new requests to it (raises on failure)."""
         started = time.perf_counter()
         await asyncio.to_thread(self.registry.check, version)  # sha256 of every file
-        await self.generator.swap(self.registry.version_dir(version), version)
+        if self._is_copy_of_served(version):
+            self.generator.relabel(version)
+        else:
+            await self.generator.swap(self.registry.version_dir(version), version)
         if self.on_swap is not None:
             self.on_swap(version, time.perf_counter() - started)
 

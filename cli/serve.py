@@ -1,7 +1,7 @@
 """`prefloop serve`: load a model and serve it over gRPC and HTTP until SIGTERM/SIGINT.
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
-server/cli/main.py). It builds the generator, the `Limits`, `AuthConfig` and `ServerConfig` from flags,
+cli/main.py). It builds the generator, the `Limits`, `AuthConfig` and `ServerConfig` from flags,
 adds the extra services from `build_extensions` (the feedback log plugs in there), prints one
 ready line (`prefloop serve: listening on HOST:PORT ...`) to stdout once it accepts calls, and
 exits 0 after a graceful shutdown.
@@ -23,7 +23,7 @@ from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
 from prefloop.server.api.limits import Limits
 from prefloop.server.api.metrics import Metrics
-from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+from prefloop.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.registry import DATA_DIR_ENV, Registry
 from prefloop.server.serving.ab_router import ABRouter
 from prefloop.server.serving.hot_swap import ModelSwitcher
@@ -231,7 +231,7 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `serve` on its own: `python -m prefloop.server.cli.serve --port 0`."""
+    """Run `serve` on its own: `python -m prefloop.cli.serve --port 0`."""
     parser = argparse.ArgumentParser(prog="prefloop serve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])

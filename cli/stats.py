@@ -6,7 +6,7 @@ GetModelInfo and GetEngineStats RPCs (the latter needs an admin token when auth 
 Prints the served version and its sampling defaults, running / waiting sequences, KV-cache use (used / total blocks),
 prompt tokens served from the prefix cache, the admission queue, and any extra numbers the engine
 reports. A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
-server/cli/main.py).
+cli/main.py).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import json
 import sys
 import uuid
 
-from prefloop.server.cli.model_args import add_model_arguments, generator_kwargs
+from prefloop.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import PrefloopError
 from prefloop.server.model.options import check_model_path

@@ -18,7 +18,7 @@ Offline (the default) these work on `<data-dir>/registry` directly (server/regis
 server following the registry picks a promotion up from the CURRENT pointer. With `--target`
 they go through the server's Models RPCs (ListVersions, Promote, Rollback; an admin token), so
 the server switches at once and answers for the outcome. A CLI subcommand module
-(`add_arguments(parser)`, `run(args) -> int`, registered in server/cli/main.py).
+(`add_arguments(parser)`, `run(args) -> int`, registered in cli/main.py).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     prefloop logs export --format dpo|kto|rm [--data-dir DIR] [--since DATE] --out FILE.parquet
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
-server/cli/main.py). It only reads files (Parquet parts and uncompacted WAL segments), so it is safe
+cli/main.py). It only reads files (Parquet parts and uncompacted WAL segments), so it is safe
 beside a running server. The work is in `server/feedback/export.py`.
 """
 from __future__ import annotations

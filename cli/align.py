@@ -15,7 +15,7 @@ method in one command module.
     prefloop align jobs  --data-dir DIR [--json]               the job history
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
-server/cli/main.py). The work is in align/jobs/ (preference.py: dpo, kto; reward.py: rm, score;
+cli/main.py). The work is in align/jobs/ (preference.py: dpo, kto; reward.py: rm, score;
 ppo.py; schedule.py); this file declares the flags, maps them to the job configs and prints the
 result. Exit codes: 0 done (including "skipped" and "rejected"), 1 the job failed, 2 bad
 arguments or data directory, 3 another job holds the lock, 130 interrupted (Ctrl-C; recorded in
@@ -737,7 +737,7 @@ def _jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no align jobs yet")
         return 0
-    from prefloop.align.cli.models import gate_numbers
+    from prefloop.cli.models import gate_numbers
     print(f"{'job':32} {'status':10} {'method':6} {'base':6} {'version':8} {'train/held':>10} "
           f"{'gate win rate [interval] n':>28} {'KL/tok':>8}  reason")
     for j in jobs:

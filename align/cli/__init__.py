@@ -1,1 +1,0 @@
-"""prefloop.align.cli: the `prefloop align` and `prefloop models` commands."""
