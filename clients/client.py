@@ -12,6 +12,11 @@ roots) and a bearer `token`; every call takes a `timeout` (seconds, the call's d
 client default applies when omitted). Failures raise the typed exceptions of
 `prefloop.clients.errors`. Breaking out of a stream cancels the call, which aborts the request on
 the server. Imports go to the generated proto modules only, never to the server.
+
+`AsyncClient` has the same methods as `Client`, with the same arguments, awaited (its streams are
+async iterators). Each RPC is declared once, in `_Rpcs` (the stub method, the request built from
+the Python arguments, the response converter); the public methods of both clients only send what
+it returns, through their own `_unary` / `_stream`.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import (Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Mapping, Sequence,
+                    TypeVar)
 
 import grpc
 
@@ -210,41 +216,6 @@ _RATING_SCALES = {None: feedback_pb2.RATING_SCALE_UNSPECIFIED,
                   "stars": feedback_pb2.RATING_SCALE_STARS}
 
 
-def _preference_request(chosen_response_id: str, rejected_response_id: str,
-                        prompt_messages: Iterable[Message] | None, chosen_text: str,
-                        rejected_text: str, comment: str, idempotency_key: str | None,
-                        user_id: str, session_id: str) -> feedback_pb2.SubmitPreferenceRequest:
-    return feedback_pb2.SubmitPreferenceRequest(
-        chosen_response_id=chosen_response_id, rejected_response_id=rejected_response_id,
-        prompt_messages=chat_messages(prompt_messages or ()), chosen_text=chosen_text,
-        rejected_text=rejected_text, comment=comment,
-        idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
-        session_id=session_id)
-
-
-def _rating_request(response_id: str, score: int, scale: str | None, comment: str,
-                    idempotency_key: str | None, user_id: str, session_id: str
-                    ) -> feedback_pb2.SubmitRatingRequest:
-    if scale not in _RATING_SCALES:
-        raise ValueError(f"scale must be 'thumbs', 'stars' or None, got {scale!r}")
-    return feedback_pb2.SubmitRatingRequest(
-        response_id=response_id, score=score, scale=_RATING_SCALES[scale], comment=comment,
-        idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
-        session_id=session_id)
-
-
-def _ab_start_request(candidate, traffic, sticky, min_votes, confidence, max_duration, force):
-    request = models_pb2.StartABRequest(candidate=candidate, sticky=sticky,
-                                        max_duration=max_duration, force=force)
-    if traffic is not None:
-        request.traffic = traffic
-    if min_votes is not None:
-        request.min_votes = min_votes
-    if confidence is not None:
-        request.confidence = confidence
-    return request
-
-
 def _ab_status(msg: models_pb2.ABStatus) -> dict:
     return json.loads(msg.status_json) if msg.status_json else {"running": msg.running}
 
@@ -253,7 +224,123 @@ def _feedback_ack(msg: feedback_pb2.FeedbackAck) -> FeedbackAck:
     return FeedbackAck(msg.feedback_id, msg.duplicate)
 
 
-class _ClientBase:
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[R]):
+    """One RPC ready to send: the stub's method, the request, and the converter of the response
+    (of each streamed message, for a server-streaming RPC)."""
+
+    rpc: Callable[..., Any]
+    request: Any
+    convert: Callable[[Any], R]
+
+
+class _Rpcs:
+    """Every RPC of the API, declared once for both clients: which stub method, the request built
+    from the public method's arguments, and the response converter. The stubs work on a blocking
+    or a grpc.aio channel alike; `Client` sends the returned `_Call` with `_unary` / `_stream`,
+    `AsyncClient` awaits the same, so a public method is a one-line delegation in each."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+        self._generation = generation_pb2_grpc.GenerationStub(channel)
+        self._models = models_pb2_grpc.ModelsStub(channel)
+        self._feedback = feedback_pb2_grpc.FeedbackStub(channel)
+
+    # ---- Generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: str, session_id: str, user_id: str,
+                 sampling: dict[str, Any]) -> _Call[GenerateResult]:
+        return _Call(self._generation.Generate,
+                     _generate_request(prompt, session_id, user_id, sampling),
+                     GenerateResult.from_proto)
+
+    def chat(self, messages: Iterable[Message], session_id: str, user_id: str,
+             sampling: dict[str, Any]) -> _Call[GenerateResult]:
+        return _Call(self._generation.Chat, _chat_request(messages, session_id, user_id, sampling),
+                     GenerateResult.from_proto)
+
+    def generate_stream(self, prompt: str, session_id: str, user_id: str,
+                        sampling: dict[str, Any]) -> _Call[Chunk]:
+        return _Call(self._generation.GenerateStream,
+                     _generate_request(prompt, session_id, user_id, sampling), Chunk.from_proto)
+
+    def chat_stream(self, messages: Iterable[Message], session_id: str, user_id: str,
+                    sampling: dict[str, Any]) -> _Call[Chunk]:
+        return _Call(self._generation.ChatStream,
+                     _chat_request(messages, session_id, user_id, sampling), Chunk.from_proto)
+
+    # ---- Models ------------------------------------------------------------------------------
+
+    def model_info(self) -> _Call[ModelInfo]:
+        return _Call(self._models.GetModelInfo, models_pb2.GetModelInfoRequest(), _model_info)
+
+    def engine_stats(self) -> _Call[EngineStats]:
+        return _Call(self._models.GetEngineStats, models_pb2.GetEngineStatsRequest(),
+                     _engine_stats)
+
+    def list_versions(self) -> _Call[Versions]:
+        return _Call(self._models.ListVersions, models_pb2.ListVersionsRequest(), _versions)
+
+    def promote(self, version: str, reason: str, force: bool) -> _Call[tuple[str, str]]:
+        return _Call(self._models.Promote,
+                     models_pb2.PromoteRequest(version=version, reason=reason, force=force),
+                     _switch)
+
+    def rollback(self, reason: str) -> _Call[tuple[str, str]]:
+        return _Call(self._models.Rollback, models_pb2.RollbackRequest(reason=reason), _switch)
+
+    def ab_start(self, candidate: str, traffic: float | None, sticky: str, min_votes: int | None,
+                 confidence: float | None, max_duration: str, force: bool) -> _Call[dict]:
+        optional = dict(traffic=traffic, min_votes=min_votes, confidence=confidence)
+        request = models_pb2.StartABRequest(  # an unset optional field: the server's default
+            candidate=candidate, sticky=sticky, max_duration=max_duration, force=force,
+            **{k: v for k, v in optional.items() if v is not None})
+        return _Call(self._models.StartAB, request, _ab_status)
+
+    def ab_status(self) -> _Call[dict]:
+        return _Call(self._models.GetABStatus, models_pb2.GetABStatusRequest(), _ab_status)
+
+    def ab_stop(self, outcome: str, reason: str) -> _Call[dict]:
+        return _Call(self._models.StopAB, models_pb2.StopABRequest(outcome=outcome, reason=reason),
+                     _ab_status)
+
+    # ---- Feedback ----------------------------------------------------------------------------
+
+    def submit_preference(self, chosen_response_id: str, rejected_response_id: str,
+                          prompt_messages: Iterable[Message] | None, chosen_text: str,
+                          rejected_text: str, comment: str, idempotency_key: str | None,
+                          user_id: str, session_id: str) -> _Call[FeedbackAck]:
+        request = feedback_pb2.SubmitPreferenceRequest(
+            chosen_response_id=chosen_response_id, rejected_response_id=rejected_response_id,
+            prompt_messages=chat_messages(prompt_messages or ()), chosen_text=chosen_text,
+            rejected_text=rejected_text, comment=comment,
+            idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
+            session_id=session_id)
+        return _Call(self._feedback.SubmitPreference, request, _feedback_ack)
+
+    def submit_rating(self, response_id: str, score: int, scale: str | None, comment: str,
+                      idempotency_key: str | None, user_id: str,
+                      session_id: str) -> _Call[FeedbackAck]:
+        if scale not in _RATING_SCALES:
+            raise ValueError(f"scale must be 'thumbs', 'stars' or None, got {scale!r}")
+        request = feedback_pb2.SubmitRatingRequest(
+            response_id=response_id, score=score, scale=_RATING_SCALES[scale], comment=comment,
+            idempotency_key=idempotency_key or uuid.uuid4().hex, user_id=user_id,
+            session_id=session_id)
+        return _Call(self._feedback.SubmitRating, request, _feedback_ack)
+
+
+_ChunkStream = TypeVar("_ChunkStream", Iterator[Chunk], AsyncIterator[Chunk])
+
+
+class _ClientBase(Generic[_ChunkStream]):
+    """What both clients share: the connection settings, and the streaming methods (plain methods
+    in both; `_stream` gives an iterator in `Client`, an async iterator in `AsyncClient`)."""
+
+    _rpcs: _Rpcs
+
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  root_certificates: bytes | str | os.PathLike | None = None, tls: bool = False,
                  tls_server_name: str | None = None, timeout: float | None = None,
@@ -281,8 +368,26 @@ class _ClientBase:
         return {"timeout": self.timeout if timeout is None else timeout,
                 "metadata": self._metadata}
 
+    def _stream(self, call: _Call[Chunk], timeout: float | None) -> _ChunkStream:
+        raise NotImplementedError
 
-class Client(_ClientBase):
+    def generate_stream(self, prompt: str, *, session_id: str = "", user_id: str = "",
+                        timeout: float | None = None, **sampling: Any) -> _ChunkStream:
+        """Complete a raw prompt, chunk by chunk (an async iterator from `AsyncClient`); the
+        arguments are `generate`'s. Leaving the loop early cancels the request."""
+        return self._stream(self._rpcs.generate_stream(prompt, session_id, user_id, sampling),
+                            timeout)
+
+    def chat_stream(self, messages: Iterable[Message], *, session_id: str = "",
+                    user_id: str = "", timeout: float | None = None,
+                    **sampling: Any) -> _ChunkStream:
+        """Answer a conversation, chunk by chunk (an async iterator from `AsyncClient`); the
+        arguments are `chat`'s. Leaving the loop early cancels the request."""
+        return self._stream(self._rpcs.chat_stream(messages, session_id, user_id, sampling),
+                            timeout)
+
+
+class Client(_ClientBase[Iterator[Chunk]]):
     """Blocking client. Use as a context manager, or call close()."""
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -291,9 +396,7 @@ class Client(_ClientBase):
             self._channel = grpc.secure_channel(target, self._credentials, self._options)
         else:
             self._channel = grpc.insecure_channel(target, self._options)
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._models = models_pb2_grpc.ModelsStub(self._channel)
-        self._feedback = feedback_pb2_grpc.FeedbackStub(self._channel)
+        self._rpcs = _Rpcs(self._channel)
 
     def __enter__(self) -> "Client":
         return self
@@ -304,88 +407,69 @@ class Client(_ClientBase):
     def close(self) -> None:
         self._channel.close()
 
-    def _unary(self, rpc, request, timeout):
+    def _unary(self, call: _Call[R], timeout: float | None) -> R:
         try:
-            return rpc(request, **self._kwargs(timeout))
+            response = call.rpc(call.request, **self._kwargs(timeout))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        return call.convert(response)
 
-    def _stream(self, rpc, request, timeout) -> Iterator[Chunk]:
-        call = rpc(request, **self._kwargs(timeout))
+    def _stream(self, call: _Call[Chunk], timeout: float | None) -> Iterator[Chunk]:
+        stream = call.rpc(call.request, **self._kwargs(timeout))
         try:
-            for msg in call:
-                yield Chunk.from_proto(msg)
+            for msg in stream:
+                yield call.convert(msg)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         finally:
-            call.cancel()  # no-op when finished; aborts the request if the consumer stopped
+            stream.cancel()  # no-op when finished; aborts the request if the consumer stopped
 
     def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
                  timeout: float | None = None, **sampling: Any) -> GenerateResult:
         """Complete a raw prompt. `sampling`: max_tokens, temperature, top_p, top_k, stop,
         seed, n, repetition_penalty (None/omitted = server default)."""
-        request = _generate_request(prompt, session_id, user_id, sampling)
-        return GenerateResult.from_proto(self._unary(self._generation.Generate, request, timeout))
+        return self._unary(self._rpcs.generate(prompt, session_id, user_id, sampling), timeout)
 
     def chat(self, messages: Iterable[Message], *, session_id: str = "", user_id: str = "",
              timeout: float | None = None, **sampling: Any) -> GenerateResult:
         """Answer a conversation (the server applies the chat template)."""
-        request = _chat_request(messages, session_id, user_id, sampling)
-        return GenerateResult.from_proto(self._unary(self._generation.Chat, request, timeout))
-
-    def generate_stream(self, prompt: str, *, session_id: str = "", user_id: str = "",
-                        timeout: float | None = None, **sampling: Any) -> Iterator[Chunk]:
-        request = _generate_request(prompt, session_id, user_id, sampling)
-        return self._stream(self._generation.GenerateStream, request, timeout)
-
-    def chat_stream(self, messages: Iterable[Message], *, session_id: str = "",
-                    user_id: str = "", timeout: float | None = None,
-                    **sampling: Any) -> Iterator[Chunk]:
-        request = _chat_request(messages, session_id, user_id, sampling)
-        return self._stream(self._generation.ChatStream, request, timeout)
+        return self._unary(self._rpcs.chat(messages, session_id, user_id, sampling), timeout)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _model_info(self._unary(self._models.GetModelInfo,
-                                       models_pb2.GetModelInfoRequest(), timeout))
+        return self._unary(self._rpcs.model_info(), timeout)
 
     def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
         """Engine internals (admin token when the server requires tokens)."""
-        return _engine_stats(self._unary(self._models.GetEngineStats,
-                                         models_pb2.GetEngineStatsRequest(), timeout))
+        return self._unary(self._rpcs.engine_stats(), timeout)
 
     def list_versions(self, *, timeout: float | None = None) -> Versions:
         """The server's registry versions (admin token when the server requires tokens)."""
-        return _versions(self._unary(self._models.ListVersions, models_pb2.ListVersionsRequest(),
-                                     timeout))
+        return self._unary(self._rpcs.list_versions(), timeout)
 
     def promote(self, version: str, *, reason: str = "", force: bool = False,
                 timeout: float | None = None) -> tuple[str, str]:
         """Hot-swap the server to `version`; returns (previous, current). Admin."""
-        return _switch(self._unary(self._models.Promote, models_pb2.PromoteRequest(
-            version=version, reason=reason, force=force), timeout))
+        return self._unary(self._rpcs.promote(version, reason, force), timeout)
 
     def rollback(self, *, reason: str = "", timeout: float | None = None) -> tuple[str, str]:
         """Hot-swap back to the previously served version; returns (previous, current). Admin."""
-        return _switch(self._unary(self._models.Rollback, models_pb2.RollbackRequest(reason=reason),
-                                   timeout))
+        return self._unary(self._rpcs.rollback(reason), timeout)
 
     def ab_start(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
                  min_votes: int | None = None, confidence: float | None = None,
                  max_duration: str = "", force: bool = False,
                  timeout: float | None = None) -> dict:
         """Start an A/B test of `candidate` against the served version; its status. Admin."""
-        return _ab_status(self._unary(self._models.StartAB, _ab_start_request(
-            candidate, traffic, sticky, min_votes, confidence, max_duration, force), timeout))
+        return self._unary(self._rpcs.ab_start(candidate, traffic, sticky, min_votes, confidence,
+                                               max_duration, force), timeout)
 
     def ab_status(self, *, timeout: float | None = None) -> dict:
         """The running (or last) A/B test: votes, win rate, interval, decision. Admin."""
-        return _ab_status(self._unary(self._models.GetABStatus, models_pb2.GetABStatusRequest(),
-                                      timeout))
+        return self._unary(self._rpcs.ab_status(), timeout)
 
     def ab_stop(self, outcome: str = "", *, reason: str = "", timeout: float | None = None) -> dict:
         """End the A/B test: outcome "promote", "reject" or "" (keep the current version). Admin."""
-        return _ab_status(self._unary(self._models.StopAB, models_pb2.StopABRequest(
-            outcome=outcome, reason=reason), timeout))
+        return self._unary(self._rpcs.ab_stop(outcome, reason), timeout)
 
     def submit_preference(self, *, chosen_response_id: str = "", rejected_response_id: str = "",
                           prompt_messages: Iterable[Message] | None = None,
@@ -398,22 +482,22 @@ class Client(_ClientBase):
         OK means the server has it on disk. `idempotency_key` defaults to a random one; pass
         your own and reuse it when retrying (a repeat answers `duplicate=True`, adds nothing).
         """
-        request = _preference_request(chosen_response_id, rejected_response_id, prompt_messages,
-                                      chosen_text, rejected_text, comment, idempotency_key,
-                                      user_id, session_id)
-        return _feedback_ack(self._unary(self._feedback.SubmitPreference, request, timeout))
+        return self._unary(self._rpcs.submit_preference(
+            chosen_response_id, rejected_response_id, prompt_messages, chosen_text, rejected_text,
+            comment, idempotency_key, user_id, session_id), timeout)
 
     def submit_rating(self, response_id: str, score: int, *, scale: str | None = None,
                       comment: str = "", idempotency_key: str | None = None, user_id: str = "",
                       session_id: str = "", timeout: float | None = None) -> FeedbackAck:
         """Rate one completion: thumbs (-1/+1) or stars (1..5; `scale="stars"` for 1 star)."""
-        request = _rating_request(response_id, score, scale, comment, idempotency_key, user_id,
-                                  session_id)
-        return _feedback_ack(self._unary(self._feedback.SubmitRating, request, timeout))
+        return self._unary(self._rpcs.submit_rating(response_id, score, scale, comment,
+                                                    idempotency_key, user_id, session_id), timeout)
 
 
-class AsyncClient(_ClientBase):
-    """asyncio client (grpc.aio). Create it inside the running loop; `async with` or aclose()."""
+class AsyncClient(_ClientBase[AsyncIterator[Chunk]]):
+    """asyncio client (grpc.aio). Create it inside the running loop; `async with` or aclose().
+
+    The same RPC methods as `Client`, awaited (the streams are async iterators)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
@@ -421,9 +505,7 @@ class AsyncClient(_ClientBase):
             self._channel = grpc.aio.secure_channel(target, self._credentials, self._options)
         else:
             self._channel = grpc.aio.insecure_channel(target, self._options)
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._models = models_pb2_grpc.ModelsStub(self._channel)
-        self._feedback = feedback_pb2_grpc.FeedbackStub(self._channel)
+        self._rpcs = _Rpcs(self._channel)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -434,66 +516,73 @@ class AsyncClient(_ClientBase):
     async def aclose(self) -> None:
         await self._channel.close()
 
-    async def _unary(self, rpc, request, timeout):
+    async def _unary(self, call: _Call[R], timeout: float | None) -> R:
         try:
-            return await rpc(request, **self._kwargs(timeout))
+            response = await call.rpc(call.request, **self._kwargs(timeout))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        return call.convert(response)
 
-    async def _stream(self, rpc, request, timeout) -> AsyncIterator[Chunk]:
-        call = rpc(request, **self._kwargs(timeout))
+    async def _stream(self, call: _Call[Chunk],
+                      timeout: float | None) -> AsyncIterator[Chunk]:
+        stream = call.rpc(call.request, **self._kwargs(timeout))
         try:
-            async for msg in call:
-                yield Chunk.from_proto(msg)
+            async for msg in stream:
+                yield call.convert(msg)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         finally:
-            call.cancel()
+            stream.cancel()
 
     async def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
                        timeout: float | None = None, **sampling: Any) -> GenerateResult:
-        request = _generate_request(prompt, session_id, user_id, sampling)
-        return GenerateResult.from_proto(
-            await self._unary(self._generation.Generate, request, timeout))
+        """See `Client.generate`."""
+        return await self._unary(self._rpcs.generate(prompt, session_id, user_id, sampling),
+                                 timeout)
 
     async def chat(self, messages: Iterable[Message], *, session_id: str = "",
                    user_id: str = "", timeout: float | None = None,
                    **sampling: Any) -> GenerateResult:
-        request = _chat_request(messages, session_id, user_id, sampling)
-        return GenerateResult.from_proto(
-            await self._unary(self._generation.Chat, request, timeout))
-
-    def generate_stream(self, prompt: str, *, session_id: str = "", user_id: str = "",
-                        timeout: float | None = None, **sampling: Any) -> AsyncIterator[Chunk]:
-        request = _generate_request(prompt, session_id, user_id, sampling)
-        return self._stream(self._generation.GenerateStream, request, timeout)
-
-    def chat_stream(self, messages: Iterable[Message], *, session_id: str = "",
-                    user_id: str = "", timeout: float | None = None,
-                    **sampling: Any) -> AsyncIterator[Chunk]:
-        request = _chat_request(messages, session_id, user_id, sampling)
-        return self._stream(self._generation.ChatStream, request, timeout)
+        """See `Client.chat`."""
+        return await self._unary(self._rpcs.chat(messages, session_id, user_id, sampling),
+                                 timeout)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _model_info(await self._unary(self._models.GetModelInfo,
-                                             models_pb2.GetModelInfoRequest(), timeout))
+        return await self._unary(self._rpcs.model_info(), timeout)
 
     async def engine_stats(self, *, timeout: float | None = None) -> EngineStats:
-        return _engine_stats(await self._unary(self._models.GetEngineStats,
-                                               models_pb2.GetEngineStatsRequest(), timeout))
+        """See `Client.engine_stats`."""
+        return await self._unary(self._rpcs.engine_stats(), timeout)
 
     async def list_versions(self, *, timeout: float | None = None) -> Versions:
-        return _versions(await self._unary(self._models.ListVersions,
-                                           models_pb2.ListVersionsRequest(), timeout))
+        """See `Client.list_versions`."""
+        return await self._unary(self._rpcs.list_versions(), timeout)
 
     async def promote(self, version: str, *, reason: str = "", force: bool = False,
                       timeout: float | None = None) -> tuple[str, str]:
-        return _switch(await self._unary(self._models.Promote, models_pb2.PromoteRequest(
-            version=version, reason=reason, force=force), timeout))
+        """See `Client.promote`."""
+        return await self._unary(self._rpcs.promote(version, reason, force), timeout)
 
     async def rollback(self, *, reason: str = "", timeout: float | None = None) -> tuple[str, str]:
-        return _switch(await self._unary(self._models.Rollback,
-                                         models_pb2.RollbackRequest(reason=reason), timeout))
+        """See `Client.rollback`."""
+        return await self._unary(self._rpcs.rollback(reason), timeout)
+
+    async def ab_start(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
+                       min_votes: int | None = None, confidence: float | None = None,
+                       max_duration: str = "", force: bool = False,
+                       timeout: float | None = None) -> dict:
+        """See `Client.ab_start`."""
+        return await self._unary(self._rpcs.ab_start(candidate, traffic, sticky, min_votes,
+                                                     confidence, max_duration, force), timeout)
+
+    async def ab_status(self, *, timeout: float | None = None) -> dict:
+        """See `Client.ab_status`."""
+        return await self._unary(self._rpcs.ab_status(), timeout)
+
+    async def ab_stop(self, outcome: str = "", *, reason: str = "",
+                      timeout: float | None = None) -> dict:
+        """See `Client.ab_stop`."""
+        return await self._unary(self._rpcs.ab_stop(outcome, reason), timeout)
 
     async def submit_preference(self, *, chosen_response_id: str = "",
                                 rejected_response_id: str = "",
@@ -503,17 +592,14 @@ class AsyncClient(_ClientBase):
                                 user_id: str = "", session_id: str = "",
                                 timeout: float | None = None) -> FeedbackAck:
         """See `Client.submit_preference`."""
-        request = _preference_request(chosen_response_id, rejected_response_id, prompt_messages,
-                                      chosen_text, rejected_text, comment, idempotency_key,
-                                      user_id, session_id)
-        return _feedback_ack(await self._unary(self._feedback.SubmitPreference, request,
-                                               timeout))
+        return await self._unary(self._rpcs.submit_preference(
+            chosen_response_id, rejected_response_id, prompt_messages, chosen_text, rejected_text,
+            comment, idempotency_key, user_id, session_id), timeout)
 
     async def submit_rating(self, response_id: str, score: int, *, scale: str | None = None,
                             comment: str = "", idempotency_key: str | None = None,
                             user_id: str = "", session_id: str = "",
                             timeout: float | None = None) -> FeedbackAck:
         """See `Client.submit_rating`."""
-        request = _rating_request(response_id, score, scale, comment, idempotency_key, user_id,
-                                  session_id)
-        return _feedback_ack(await self._unary(self._feedback.SubmitRating, request, timeout))
+        return await self._unary(self._rpcs.submit_rating(
+            response_id, score, scale, comment, idempotency_key, user_id, session_id), timeout)
