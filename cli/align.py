@@ -653,14 +653,14 @@ def _terminate(signum, frame) -> None:
 
 def _interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C left: the job history's word on it (`interrupted (Ctrl-C): ...`)."""
-    from prefloop.align.jobs.runner import job_history
+    from prefloop.server.jobs import job_history
     from prefloop.server.registry import Registry
     try:
-        last = (job_history(Registry(args.data_dir)) or [{}])[-1]
+        last = job_history(Registry(args.data_dir))[-1]
     except Exception:  # noqa: BLE001 - the message must not fail
-        last = {}
-    reason = str(last.get("reason") or "")
-    if reason.startswith("interrupted") and last.get("pid") == os.getpid():
+        return "interrupted: nothing was published"
+    reason = last.reason or ""
+    if reason.startswith("interrupted") and last.pid == os.getpid():
         return "interrupted: " + reason.split(": ", 1)[-1].split("; ")[0]
     return "interrupted: nothing was published"
 
@@ -728,11 +728,11 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from prefloop.align.jobs.runner import job_history
+    from prefloop.server.jobs import job_history
     from prefloop.server.registry import Registry
     jobs = job_history(Registry(args.data_dir))[-args.last:] if args.last else []
     if args.json:
-        print(json.dumps(jobs, indent=2))
+        print(json.dumps([j.to_dict() for j in jobs], indent=2))
         return 0
     if not jobs:
         print("no align jobs yet")
@@ -741,14 +741,14 @@ def _jobs(args: argparse.Namespace) -> int:
     print(f"{'job':32} {'status':10} {'method':6} {'base':6} {'version':8} {'train/held':>10} "
           f"{'gate win rate [interval] n':>28} {'KL/tok':>8}  reason")
     for j in jobs:
-        rows = (j.get("data") or {}).get("rows") or {}
+        rows = j.data.get("rows") or {}
         rows_text = f"{rows.get('train', '-')}/{rows.get('heldout', '-')}" if rows else "-"
-        kl = ((j.get("metrics") or {}).get("heldout") or {}).get("kl_per_token")
-        failed = (j.get("gate") or {}).get("failed")  # the gate's failed checks, first one shown
-        reason = (failed[0] if failed else (j.get("reason") or "").split("; ")[0])[:80]
-        print(f"{j['job_id']:32} {j.get('status', '?'):10} {j.get('method') or '-':6} "
-              f"{j.get('base') or '-':6} {j.get('version') or '-':8} {rows_text:>10} "
-              f"{gate_numbers(j.get('gate')):>28} {'-' if kl is None else f'{kl:.4f}':>8}  {reason}")
+        kl = (j.metrics.get("heldout") or {}).get("kl_per_token")
+        failed = (j.gate or {}).get("failed")  # the gate's failed checks, first one shown
+        reason = (failed[0] if failed else j.reason.split("; ")[0])[:80]
+        print(f"{j.job_id:32} {j.status:10} {j.method or '-':6} {j.base or '-':6} "
+              f"{j.version or '-':8} {rows_text:>10} {gate_numbers(j.gate):>28} "
+              f"{'-' if kl is None else f'{kl:.4f}':>8}  {reason}")
     return 0
 
 

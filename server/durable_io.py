@@ -2,14 +2,19 @@
 
 Every name that becomes visible is complete: files are written under a temp name, fsync'd and
 renamed, and the directory holding a new name is fsync'd so the rename survives a crash.
-Append-only files get whole lines appended with O_APPEND and fsync'd (`append_durable`).
+Append-only files get whole lines appended with O_APPEND and fsync'd (`append_durable`); JSON-lines
+files (the registry's history, the job history, the A/B log) are written with `append_line_durable`
+and read back with `read_jsonl`, which skips a torn last line. `utc_now` is the one timestamp format
+of those lines.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def fsync_dir(directory: Path) -> None:
@@ -76,3 +81,28 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def write_file_atomic(path: Path, data: bytes) -> None:
     """`data` to `path` through `write_atomic`."""
     write_atomic(path, lambda f: f.write(data))
+
+
+def utc_now() -> str:
+    """Now as an ISO-8601 UTC time with microseconds and a Z ("2026-12-03T09:00:00.000000Z")."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def append_line_durable(path: Path, obj: dict[str, Any]) -> None:
+    """Append one JSON line with O_APPEND and fsync it (a torn last line is skipped by readers)."""
+    append_durable(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of `path` ([] when absent); a torn final line is ignored."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -25,8 +25,8 @@ that fails removes the v0000 it created again (`discard_unused_base`).
 The server reads this module (`current()`, `version_dir()`, `verify()`, `promote()`,
 `rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`); `prefloop models prune/delete`
 removes versions nothing needs (`delete_version()`, never the current one or its rollback stack). The align job
-lock and job history (`job.lock`, `jobs.jsonl` in the same folder) belong to align
-(align/jobs/runner.py). This module also names what every command shares about the data
+lock and job history (`job.lock`, `jobs.jsonl` in the same folder) are server/jobs.py's: align
+writes them, `align jobs`, `/v1/admin/jobs` and the web page read them through the same code. This module also names what every command shares about the data
 directory (`DATA_DIR_ENV`) and which files a model folder may hold (`MODEL_FILE_SUFFIXES`).
 Pure standard library. User-facing failures raise the typed errors of `server/errors.py`
 (NotFound, InvalidArgument, FailedPrecondition).
@@ -34,7 +34,6 @@ Pure standard library. User-facing failures raise the typed errors of `server/er
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import hashlib
@@ -48,11 +47,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefloop.server.durable_io import (
-    append_durable,
+from prefloop.server.durable_io import (  # noqa: F401 (utc_now, read_jsonl: re-exported)
+    append_line_durable,
     fsync_dir,
     fsync_file,
     makedirs_durable,
+    read_jsonl,
+    utc_now,
     write_file_atomic,
 )
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -92,30 +93,6 @@ def version_number(name: str) -> int:
     if not m:
         raise InvalidArgument(f"{name!r} is not a version name (expected v0000, v0001, ...)")
     return int(m.group(1))
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def append_line_durable(path: Path, obj: dict[str, Any]) -> None:
-    """Append one JSON line with O_APPEND and fsync it (a torn last line is skipped by readers)."""
-    append_durable(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of `path` ([] when absent); a torn final line is ignored."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def sha256_file(path: Path) -> str:

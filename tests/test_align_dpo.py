@@ -16,15 +16,16 @@ import torch
 from align_helpers import banana_pairs, tiny_policy, write_pairs
 from safetensors import safe_open
 
+from prefloop import cli
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
 from prefloop.align.jobs.preference import JobConfig, run_job
-from prefloop.align.jobs.runner import job_history, job_lock, watermark
+from prefloop.align.jobs.runner import watermark
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.align.train.preference import TrainResult
-from prefloop.server import cli
 from prefloop.server import registry as reg
 from prefloop.server.errors import Unavailable
+from prefloop.server.jobs import job_history, job_lock
 from prefloop.server.model.loader import load_model
 
 FAST = ["--no-lora", "--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3"]
@@ -114,8 +115,8 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     folder = registry.version_dir("v0001")
     assert m.files["model.safetensors"]["sha256"] == reg.sha256_file(folder / "model.safetensors")
     assert registry.verify("v0001").ok
-    # published, not promoted (no --promote): CURRENT moves only on a promotion
-    assert registry.current() is None and registry.list_versions() == ["v0000", "v0001"]
+    # published, not promoted (no --promote): the base the job created stays current
+    assert registry.current() == "v0000" and registry.list_versions() == ["v0000", "v0001"]
     # the server's loader takes the folder, and the weights moved
     served = load_model(folder)
     base = load_model(registry.version_dir("v0000"))
@@ -166,7 +167,7 @@ def test_align_run_trains_on_new_data_only_and_promotes(dpo_job, log_32, tiny, t
     assert third.status == "rejected" and third.version is None
     assert "no pairs differ, nothing to judge on" in third.reason  # the same weights: all ties
     jobs = job_history(registry)
-    assert [j["status"] for j in jobs] == ["promoted", "skipped", "rejected"]
+    assert [j.status for j in jobs] == ["promoted", "skipped", "rejected"]
     assert registry.list_versions() == ["v0000", "v0001"]
 
 
@@ -192,7 +193,7 @@ def test_a_failing_job_leaves_no_partial_version(dpo_job, log_32, tiny, tmp_path
     assert registry.list_versions() == [] and registry.current() is None
     assert list(registry.versions_dir.iterdir()) == []
     job = job_history(registry)[-1]
-    assert job["status"] == "failed" and "No space left" in job["reason"]
+    assert job.status == "failed" and "No space left" in job.reason
     with job_lock(registry):  # released
         pass
 
@@ -250,8 +251,8 @@ def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done after") == 2
     jobs = job_history(reg.Registry(data_dir))
-    assert [j["status"] for j in jobs] == ["skipped", "skipped"]
-    assert "need 1000" in jobs[0]["reason"]
+    assert [j.status for j in jobs] == ["skipped", "skipped"]
+    assert "need 1000" in jobs[0].reason
 
 
 def test_models_cli_offline_and_through_a_server(dpo_job, tiny, tmp_path, capsys):

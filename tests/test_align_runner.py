@@ -17,6 +17,7 @@ from prefloop.align import gate
 from prefloop.align.jobs import runner
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from prefloop.server.jobs import JobRecord
 
 BASE_FILES = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b'{"base": true}',
               "chat_template.jinja": b"{{ messages }}",
@@ -78,10 +79,24 @@ def test_job_history_merges_events_and_reports_crashes(registry):
     with open(path, "a") as f:
         f.write('{"job_id": "j3", "sta')  # torn last line: ignored
     jobs = runner.job_history(registry)
-    assert [(j["job_id"], j["status"]) for j in jobs] == [("j1", "crashed"), ("j2", "promoted")]
-    assert jobs[1]["pid"] == os.getpid() and jobs[1]["version"] == "v0001"
+    assert [(j.job_id, j.status) for j in jobs] == [("j1", "crashed"), ("j2", "promoted")]
+    assert jobs[1].pid == os.getpid() and jobs[1].version == "v0001"
     with pytest.raises(InvalidArgument):
         runner.record_job(registry, {"status": "running"})
+
+
+def test_a_job_record_has_one_schema_written_and_read_by_the_same_code(registry):
+    with pytest.raises(InvalidArgument, match="outcome"):  # a field the records do not have
+        runner.record_job(registry, {"job_id": "j1", "status": "published", "outcome": "ok"})
+    with pytest.raises(InvalidArgument, match="status"):
+        runner.record_job(registry, {"job_id": "j1", "status": "crashed"})  # only ever read
+    runner.record_job(registry, {"job_id": "j1", "status": "running", "pid": os.getpid(),
+                                 "command": "run", "method": "dpo"})
+    runner.record_job(registry, {"job_id": "j1", "status": "rejected", "version": None,
+                                 "gate": {"passed": False, "reasons": ["18/30"]}})
+    (job,) = runner.job_history(registry)
+    assert (job.status, job.command, job.method, job.gate["passed"]) == ("rejected", "run", "dpo", False)
+    assert job.finished and set(job.to_dict()) == set(JobRecord.__dataclass_fields__)
 
 
 def test_run_locked_records_running_then_the_outcome_or_the_failure(registry):
@@ -94,10 +109,10 @@ def test_run_locked_records_running_then_the_outcome_or_the_failure(registry):
         runner.run_locked(registry.data_dir, "rm", "rm",
                           lambda r, job_id, main: (_ for _ in ()).throw(RuntimeError("boom")))
     jobs = runner.job_history(registry)
-    assert [(j["job_id"], j["status"], j["command"]) for j in jobs] == [
-        (done.job_id, "skipped", "run"), (jobs[1]["job_id"], "failed", "rm")]
-    assert jobs[0]["reason"] == "nothing new" and "finished_at" in jobs[0]
-    assert jobs[1]["reason"] == "RuntimeError: boom"
+    assert [(j.job_id, j.status, j.command) for j in jobs] == [
+        (done.job_id, "skipped", "run"), (jobs[1].job_id, "failed", "rm")]
+    assert jobs[0].reason == "nothing new" and jobs[0].finished_at is not None
+    assert jobs[1].reason == "RuntimeError: boom"
     with runner.job_lock(registry):  # released after both
         pass
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from align_helpers import banana_pairs, tiny_policy, write_pairs
 
+from prefloop import cli
 from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig
 from prefloop.align.jobs.preference import JobConfig, run_job
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.align.train.preference import TrainConfig, TrainResult
-from prefloop.server import cli
 from prefloop.server import registry as reg
 
 

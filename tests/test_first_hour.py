@@ -67,7 +67,7 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
     import pytest
 
     from prefloop.align.jobs.preference import JobConfig, run_job
-    from prefloop.align.jobs.runner import job_history
+    from prefloop.server.jobs import job_history
     from prefloop.server import registry as reg
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
@@ -87,7 +87,7 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
     assert registry.history() == []
     assert not [p for p in registry.versions_dir.iterdir()]  # no stage left either
     job = job_history(registry)[-1]
-    assert job["status"] == "failed" and "removed the v0000" in job["reason"]
+    assert job.status == "failed" and "removed the v0000" in job.reason
     # on a registry that had versions, a failure moves nothing either
     registry.ensure_base(model)
     with pytest.raises(RuntimeError):
@@ -158,7 +158,7 @@ sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2]
 
 
 def test_ctrl_c_during_align_says_nothing_was_published_and_exits_130(tmp_path):
-    from prefloop.align.jobs.runner import job_history
+    from prefloop.server.jobs import job_history
     from prefloop.server import registry as reg
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
@@ -169,7 +169,7 @@ def test_ctrl_c_during_align_says_nothing_was_published_and_exits_130(tmp_path):
         "prefloop align: interrupted: nothing was published"
     assert "Traceback" not in res.stderr
     job = job_history(reg.Registry(data))[-1]
-    assert job["status"] == "failed" and job["reason"].startswith("interrupted (Ctrl-C)")
+    assert job.status == "failed" and job.reason.startswith("interrupted (Ctrl-C)")
     assert reg.Registry(data).list_versions() == []
 
 

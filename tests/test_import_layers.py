@@ -2,7 +2,7 @@
 function) of every module goes only where its layer may go.
 
     cli (every command) → everything below;
-    api → serving → engine → model → errors;  feedback, registry → durable_io, errors;
+    api → serving → engine → model → errors;  feedback, registry → durable_io, errors;  jobs (lock, history) → registry;
     ab (A/B state, decision rule, evidence) → registry, feedback;
     studies → engine, model, serving (its tokenizer);  clients → proto;
     align.jobs → align.train → align (data, losses, gate, evaluation) → server.model / registry / feedback.
@@ -26,27 +26,28 @@ ALLOWED: dict[str, set[str]] = {
     "server.errors": set(),
     "server.durable_io": {"server.errors"},
     "server.registry": {"server.errors", "server.durable_io"},
+    "server.jobs": {"server.errors", "server.durable_io", "server.registry"},
     "server.ab": {"server.errors", "server.durable_io", "server.registry", "server.feedback"},
     "server.feedback": {"server.errors", "server.durable_io"},
     "server.model": {"server.errors"},
     "server.engine": {"server.errors", "server.model"},
     "server.serving": {"server.errors", "server.model", "server.engine", "server.registry", "server.ab"},
     "server.api": {"server.errors", "server.durable_io", "server.model", "server.engine", "server.serving",
-                   "server.feedback", "server.registry", "server.ab", "proto"},
+                   "server.feedback", "server.registry", "server.jobs", "server.ab", "proto"},
     "server.studies": {"server.errors", "server.model", "server.engine", "server.serving"},
-    "align": {"server.errors", "server.durable_io", "server.model", "server.registry", "server.feedback",
-              "server.ab"},
+    "align": {"server.errors", "server.durable_io", "server.model", "server.registry", "server.jobs",
+              "server.feedback", "server.ab"},
     "align.train": {"align", "server.errors", "server.durable_io", "server.model", "server.registry",
-                    "server.feedback", "server.ab"},
+                    "server.jobs", "server.feedback", "server.ab"},
     "align.jobs": {"align", "align.train", "server.errors", "server.durable_io", "server.model",
-                   "server.registry", "server.feedback", "server.ab"},
+                   "server.registry", "server.jobs", "server.feedback", "server.ab"},
     "clients": {"proto"},
 }
 ALLOWED["cli"] = set(ALLOWED) | {"proto"}  # the entry points name every layer; nothing names them
 
 
 def layer_of(module: str) -> str | None:
-    """prefloop.server.engine.scheduler -> 'server.engine'; prefloop.align.cli.x -> 'align.cli'."""
+    """prefloop.server.engine.scheduler -> 'server.engine'; prefloop.align.jobs.x -> 'align.jobs'."""
     parts = module.split(".")
     if parts[0] != "prefloop" or len(parts) < 2:
         return None

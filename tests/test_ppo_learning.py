@@ -25,7 +25,7 @@ import torch
 from align_helpers import tiny_policy, write_pairs
 
 from prefloop.align import ppo_losses as L
-from prefloop.align.jobs.runner import job_history
+from prefloop.server.jobs import job_history
 from prefloop.align.train import ppo as P
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
 
@@ -278,7 +278,7 @@ def _cli(argv):
     import io
     from contextlib import redirect_stdout
 
-    from prefloop.server import cli
+    from prefloop import cli
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = cli.main(["align", *argv])
@@ -310,7 +310,7 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     held = manifest.metrics["heldout"]
     assert held["samples"] == 4 and held["kl_per_token"] > 0
     assert manifest.metrics["current"]["version"] == "v0000"
-    assert job_history(registry)[-1]["status"] == "promoted"
+    assert job_history(registry)[-1].status == "promoted"
 
 
 def test_ppo_job_rejected_by_kl_bound_publishes_nothing(ppo_log):

@@ -14,7 +14,7 @@ from align_helpers import banana_pairs, tiny_policy, write_pairs
 
 from prefloop.align import scores as S
 from prefloop.align.jobs.reward import RMJobConfig, load_rm_pairs, run_rm_job, score_log
-from prefloop.align.jobs.runner import job_history
+from prefloop.server.jobs import job_history
 from prefloop.align.train import reward as R
 from prefloop.align.train.common import load_tokenizer
 from prefloop.server import registry as reg
@@ -105,7 +105,7 @@ def test_rm_job_learns_the_rule_and_is_published_as_reward(rm_job):
     with pytest.raises(FailedPrecondition):  # reward models are never served
         registry.promote(result.version)
     jobs = job_history(registry)
-    assert jobs[-1]["status"] == "published" and jobs[-1]["method"] == "rm"
+    assert jobs[-1].status == "published" and jobs[-1].method == "rm"
     # the published folder loads as a one-output sequence classifier with the base's tokenizer
     model = R.load_reward_model(registry.version_dir(result.version))
     assert model.config.num_labels == 1
@@ -171,7 +171,7 @@ def test_score_writes_a_queryable_table_once_per_generation(rm_job):
     import json
     from contextlib import redirect_stdout
 
-    from prefloop.server import cli
+    from prefloop import cli
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert cli.main(["align", "score", "--data-dir", str(d), "--rm", result.version,

@@ -1,19 +1,12 @@
 """The skeleton every align job runs on (DPO/KTO in jobs/preference.py, the reward model in
 jobs/reward.py, PPO in jobs/ppo.py), one copy of each step:
 
-- the job lock and the job history, beside the registry they write to:
-
-      <data-dir>/registry/job.lock     flock'd by the one align job running (its pid inside)
-      <data-dir>/registry/jobs.jsonl   one line per job start and end (append-only, fsync'd)
-
-  `run_locked` holds the lock for a job's whole length (a second job fails at once with
-  Unavailable), removes stale stages of dead jobs, records a "running" event and then the
+- the job lock and the job history (server/jobs.py, beside the registry): `run_locked` holds
+  the lock for a job's whole length (a second job fails at once with Unavailable), removes stale stages of dead jobs, records a "running" event and then the
   outcome (a failure is recorded, then re-raised);
 - base resolution (`resolve_base`: the policy version to start from; v0000 from `--model` or the
-  default model on first use, `--model` ignored with a warning once the registry has a base);
-  a job never points CURRENT at the v0000 it creates: CURRENT moves only when a job promotes
-  (or starts an A/B test), and until then `current_version` (CURRENT, else v0000) is what
-  align compares with;
+  default model on first use — v0000 is current from its creation —, `--model` ignored with a
+  warning once the registry has a base);
 - the new-rows time split (`split_new_rows`, with the watermark of incremental jobs);
 - the evaluation device, publishing a trained model through a registry stage (`publish`: its
   weights + the base's tokenizer files, so a failed or killed job leaves no partial version),
@@ -26,18 +19,14 @@ is available again. `min_new` counts rows newer than everything any finished job
 
 Outcomes: skipped (not enough data), rejected (gate failed), published (gate passed, not
 promoted), promoted, failed (an exception or Ctrl-C: recorded, then re-raised; a v0000 the
-failed job created on first use is removed again, so the registry and the served version stay as
-they were — a server never saw it, CURRENT was not set); "crashed" when read back for a job whose
-process died without an outcome line. A first job that finishes without promoting (skipped,
-rejected, published) keeps v0000 as the base of later jobs and leaves CURRENT unset: the server
-keeps serving its --model until a version is promoted (`prefloop models promote VERSION`).
+failed job created on first use is removed again, so the registry is as it was); "crashed" when
+read back for a job whose process died without an outcome line. A first job that finishes without
+promoting (skipped, rejected, published) keeps v0000, the served base, as the base of later jobs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import gc
 import logging
 import math
@@ -47,76 +36,36 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from prefloop.align import data as data_mod
 from prefloop.align.gate import GateDecision
 from prefloop.align.train.common import is_main_process
 from prefloop.server import registry as reg
-from prefloop.server.durable_io import makedirs_durable
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from prefloop.server.errors import FailedPrecondition, NotFound
+from prefloop.server.jobs import (  # noqa: F401 (the job statuses and history: re-exported)
+    CRASHED,
+    FAILED,
+    PROMOTED,
+    PUBLISHED,
+    REJECTED,
+    RUNNING,
+    SKIPPED,
+    job_history,
+    job_lock,
+    jobs_path,
+    record_job,
+)
 
 log = logging.getLogger(__name__)
 
-SKIPPED, REJECTED, PUBLISHED, PROMOTED, FAILED, RUNNING, CRASHED = (
-    "skipped", "rejected", "published", "promoted", "failed", "running", "crashed")
 WORKER = "worker"  # the result of a non-main rank of `accelerate launch` (it only trains)
-JOBS_FILE = "jobs.jsonl"
-JOB_LOCK_FILE = "job.lock"
 # Base files a published version does not take over (it has its own weights and config).
 _NOT_COPIED = ("config.json", "model.safetensors.index.json", reg.MANIFEST_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
 # Job lock and job history
-
-
-def jobs_path(registry: reg.Registry) -> Path:
-    return registry.root / JOBS_FILE
-
-
-@contextlib.contextmanager
-def job_lock(registry: reg.Registry) -> Iterator[None]:
-    """Exclusive lock for one align job; Unavailable at once if another job holds it."""
-    makedirs_durable(registry.root)
-    path = registry.root / JOB_LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise Unavailable(f"another align job is running (pid {holder}; lock {path})") \
-                from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def record_job(registry: reg.Registry, entry: dict[str, Any]) -> None:
-    """Append one job event (`job_id` and `status` required) to jobs.jsonl."""
-    if not entry.get("job_id") or not entry.get("status"):
-        raise InvalidArgument("a job record needs job_id and status")
-    makedirs_durable(registry.root)
-    reg.append_line_durable(jobs_path(registry), dict(entry, at=entry.get("at") or reg.utc_now()))
-
-
-def job_history(registry: reg.Registry) -> list[dict[str, Any]]:
-    """One dict per job (its events merged in order), oldest first. A job whose last status
-    is "running" and whose process no longer exists died without finishing: "crashed"."""
-    merged: dict[str, dict[str, Any]] = {}
-    for e in reg.read_jsonl(jobs_path(registry)):
-        merged.setdefault(e["job_id"], {}).update(e)
-    out = list(merged.values())
-    for j in out:  # no outcome line and its process is gone: killed (SIGKILL, power loss)
-        if j.get("status") == RUNNING and not reg.pid_alive(int(j.get("pid") or 0)):
-            j["status"] = CRASHED
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +141,8 @@ def last_seen(registry: reg.Registry) -> dt.datetime | None:
     """Newest row any finished policy job has trained or evaluated on. Reward-model jobs do not
     count: training the judge on the votes must not make the next policy job (PPO against that
     judge) skip them as already seen."""
-    times = [data_mod.parse_time((j.get("data") or {}).get("until"))
-             for j in job_history(registry)
-             if j.get("status") in (REJECTED, PUBLISHED, PROMOTED) and j.get("method") != "rm"]
+    times = [data_mod.parse_time(j.data.get("until")) for j in job_history(registry)
+             if j.status in (REJECTED, PUBLISHED, PROMOTED) and j.method != "rm"]
     times = [t for t in times if t is not None]
     return max(times) if times else None
 

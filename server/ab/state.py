@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 
 from prefloop.server.durable_io import write_file_atomic
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from prefloop.server.registry import KIND_POLICY, Registry, append_line_durable, utc_now
+from prefloop.server.durable_io import append_line_durable, utc_now
+from prefloop.server.registry import KIND_POLICY, Registry
 
 AB_FILE = "AB.json"
 STICKY = ("user", "session", "request")
