@@ -13,12 +13,28 @@ from prefloop.server.errors import InvalidArgument
 from prefloop.server.serving.build import build_generator
 
 
+pytestmark = pytest.mark.slow  # loads the default model
+
+
 @pytest.fixture(scope="module")
-def gen():
+def loaded_gen():
     g = build_generator(kv_cache_tokens=8192, dtype="float32")
     asyncio.run(g.start())
     yield g
     asyncio.run(g.close())
+
+
+@pytest.fixture
+def gen(loaded_gen):
+    """The module's generator with no request running: an abort (a stop string, a cancelled
+    stream) reaches the engine thread asynchronously, so each test starts from an idle engine
+    whatever ran before it."""
+    for _ in range(200):
+        if loaded_gen.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert loaded_gen.stats()["running"] == 0, "the engine did not go idle"
+    return loaded_gen
 
 
 async def collect(gen, rid, ids, params):
@@ -44,10 +60,6 @@ def test_stream_matches_decode_and_stop_strings(gen):
 
 def test_n_candidates_and_blocks_return(gen):
     ids = gen.prompt_ids("Write a word:")
-    for _ in range(100):  # the previous test's stop-string abort reaches the engine thread async
-        if gen.stats()["running"] == 0:
-            break
-        time.sleep(0.05)
     free = gen.stats()["free_blocks"]
     params = SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=8, ignore_eos=True)
     out = asyncio.run(collect(gen, "n", ids, params))

@@ -6,6 +6,8 @@ from prefloop.server.errors import InvalidArgument
 from prefloop.server.model.loader import resolve_model_dir
 from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
+pytestmark = pytest.mark.slow  # the default model's folder (converted from its GGUF on first use)
+
 
 @pytest.fixture(scope="module")
 def toks():
