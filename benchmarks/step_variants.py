@@ -6,10 +6,10 @@ decode attention), `native` (the C++ paged decode kernel, `--attention native`),
 (`--weight-layout plain`); `packed` and `compiled+packed` are `native` and `compiled+native` with
 oneDNN-prepacked weights (`--weight-layout packed`, server/model/packed_linear.py), `int8` and
 `int8+packed` add `--quantize int8`. With bfloat16, every `native`/`packed` variant also runs the
-fused norm / RoPE / SiLU ops of the kernel library in eager steps (server/csrc/fused_ops.cpp);
-`packed-unfused` is `packed` with torch's own ops instead. They run the same decode batch (B sequences at
-context C) alternately, N steps each; the median step times and each one's speed-up over the first
-variant are printed per batch size. Interleaving makes the ratios robust to this machine's noise,
+fused norm / RoPE / SiLU ops of the kernel library in eager steps (server/model/csrc/fused_ops.cpp);
+`packed-unfused` is `packed` with torch's own ops instead. They run the same decode batch (B
+sequences at context C) alternately, N steps each; the median step times and each one's speed-up
+over the first variant are printed per batch size. Interleaving makes the ratios robust to this machine's noise,
 which end-to-end runs in separate processes are not.
 
     python benchmarks/step_variants.py [--variants native,packed] [--dtype bfloat16]

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefloop.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server import errors
 from prefloop.server.api.ab_controller import ABController
 from prefloop.server.api.auth import AuthConfig
@@ -23,10 +24,10 @@ from prefloop.server.api.completions import SamplingDefaults
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig, ServiceRegistration
 from prefloop.server.api.limits import Limits
 from prefloop.server.api.metrics import Metrics
-from prefloop.cli.model_args import add_model_arguments, generator_kwargs
 from prefloop.server.registry import DATA_DIR_ENV, Registry
 from prefloop.server.serving.ab_router import ABRouter
 from prefloop.server.serving.hot_swap import ModelSwitcher
+from prefloop.server.serving.registry_watcher import RegistryWatcher
 
 log = logging.getLogger("prefloop.server.serve")
 
@@ -81,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not serve gRPC server reflection")
     parser.add_argument("--registry-poll", type=float, default=2.0, metavar="SECONDS",
                         help="how often to check <data-dir>/registry/CURRENT and hot-swap to a newly "
-                             "promoted version (0 = only through Models.Promote; default %(default)s)")
+                             "promoted version (0 = only through Models.Promote; the A/B test "
+                             "state is then still checked every 2 s; default %(default)s)")
     add_model_arguments(parser)
 
 
@@ -95,9 +97,9 @@ class Extensions:
 
 def build_extensions(args: argparse.Namespace, data_dir: Path, metrics: Metrics | None = None
                      ) -> Extensions:
-    """The place optional subsystems hook into `serve` (the feedback log, issue 4, plugs in
-    here: return its recorder and its Feedback ServiceRegistration, with an on_shutdown that
-    flushes it)."""
+    """The place optional subsystems hook into `serve` (the feedback log plugs in here: it
+    returns its recorder and its Feedback ServiceRegistration, with an on_shutdown that flushes
+    it)."""
     if getattr(args, "no_feedback_log", False):
         return Extensions()
     from prefloop.server.api.feedback import feedback_extension
@@ -194,6 +196,9 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
     router = ABRouter(generator, registry.version_dir)
     ab = ABController(registry, router, config.data_dir, poll_s=args.registry_poll or 2.0,
                       switcher=switcher)
+    watcher = RegistryWatcher(poll_s=args.registry_poll or 2.0)  # one task polls both
+    switcher.watch(watcher)  # CURRENT (not when --registry-poll is 0)
+    ab.watch(watcher)  # AB.json
     metrics = Metrics()
     extensions = build_extensions(args, config.data_dir, metrics)
     server = PrefloopServer(generator, config, recorder=extensions.recorder,
@@ -216,15 +221,15 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
         if server.http_port is not None:
             scheme = "https" if config.tls_cert else "http"
             ready += f"; HTTP on {scheme}://{config.host}:{server.http_port} (chat page at /)"
-        await switcher.start()
         try:
             await ab.start()  # resumes a running A/B test (loads its candidate)
         except Exception as exc:  # noqa: BLE001 - serve the current version anyway
             log.error("cannot resume the A/B test: %s", exc)
+        await watcher.start()
         await server.serve_until_signal(on_ready=lambda: print(ready, flush=True))
     finally:
+        await watcher.close()
         await ab.close()
-        await switcher.close()
         await server.shutdown(grace=0)  # no-op after a graceful shutdown
         await generator.close()
     return 0

@@ -1,7 +1,7 @@
 """SFT (`prefloop align sft`): the training rows from each feedback kind, one real job on a tiny
-random Llama, an SFT version as the base of a later DPO job; and the held-out scoring check of
-issue 17: a deliberately changed model must score differently on held-out pairs, through the
-job's own evaluation, whether the current version is the base or a registry version."""
+random Llama, an SFT version as the base of a later DPO job; and the held-out scoring check: a
+deliberately changed model must score differently on held-out pairs, through the job's own
+evaluation, whether the current version is the base or a registry version."""
 from __future__ import annotations
 
 import datetime as dt

@@ -1,4 +1,4 @@
-"""Issue 21, what a new user meets in the first hour (CLI through subprocess
+"""What a new user meets in the first hour (CLI through subprocess
 `python -m prefloop.cli` where the user meets it): a second server on a data dir in use,
 a failed align job leaving the registry as it was, Ctrl-C during align, align's start line and
 next steps, help text, `models prune/delete`, the chat client's `/up` and `/pair`, `bench`

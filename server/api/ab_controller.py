@@ -1,14 +1,14 @@
 """ABController: runs the registry's A/B test on this server — follows its state, counts the live
 votes, applies the decision rule, and concludes the test.
 
-Every `poll_s` it reads `<registry>/AB.json` (so a test started by the CLI, another server or an
-align job is picked up, and survives restarts), lets the `ABRouter` load or retire the candidate,
-and tallies the evidence from the feedback log since the test started: head-to-head preferences
-between an answer of each version (a win when the candidate's answer was chosen), and thumbs /
-stars per version. `server/ab/decision.py` decides; a promotion moves CURRENT (the switcher then
-serves the candidate on the main engine), a rejection leaves it; both are registry history lines
-naming the evidence. Counting reads the log (Parquet + WAL) again at each look: fine for the
-thousands of votes an A/B test needs, not meant for millions.
+On each poll of the `RegistryWatcher` it subscribes to (`watch`) it reads `<registry>/AB.json` (so
+a test started by the CLI, another server or an align job is picked up, and survives restarts),
+lets the `ABRouter` load or retire the candidate, and tallies the evidence from the feedback log
+since the test started: head-to-head preferences between an answer of each version (a win when the
+candidate's answer was chosen), and thumbs / stars per version. `server/ab/decision.py` decides; a
+promotion moves CURRENT (the switcher then serves the candidate on the main engine), a rejection
+leaves it; both are registry history lines naming the evidence. Counting reads the log (Parquet +
+WAL) again at each look: fine for the thousands of votes an A/B test needs, not meant for millions.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from prefloop.server.ab.evidence import tally, verdict
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from prefloop.server.registry import Registry
 from prefloop.server.serving.ab_router import ABRouter
+from prefloop.server.serving.registry_watcher import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +31,26 @@ log = logging.getLogger(__name__)
 class ABController:
     def __init__(self, registry: Registry, router: ABRouter, data_dir: Path,
                  poll_s: float = 2.0, switcher=None) -> None:
+        """`poll_s` > 0: `watch` runs `check` on every poll of the watcher (whose own interval
+        sets how often); 0: only `start` and the admin operations look."""
         self.registry = registry
         self.switcher = switcher  # ModelSwitcher: serves the promoted candidate on the main engine
         self.router = router
         self.data_dir = Path(data_dir)
         self.poll_s = poll_s
-        self._task: asyncio.Task | None = None
+
+    def watch(self, watcher: RegistryWatcher) -> None:
+        """Run `check` on each poll of `watcher` (unless poll_s is 0); the watcher logs a failed
+        look and keeps polling."""
+        if self.poll_s > 0:
+            watcher.subscribe(self.check)
 
     async def start(self) -> None:
+        """The first look: resumes a running A/B test (loads its candidate)."""
         await self.check()
-        if self.poll_s > 0:
-            self._task = asyncio.create_task(self._loop(), name="ab-controller")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
         await self.router.close()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.check()
-            except Exception:  # noqa: BLE001 - one bad look must not stop the test
-                log.exception("A/B check failed")
 
     async def check(self) -> ab_state.ABState | None:
         """One look: follow the state, decide on the votes so far, conclude if decided."""

@@ -6,10 +6,11 @@ single-token steps, one for the rest). Attention is the opaque op of `server/mod
 Inductor fuses the elementwise work (RMSNorm + residual, RoPE, SiLU x up) into a few C++ loops and
 removes most of the per-op Python dispatch: measured in docs/performance.md.
 
-Costs: a C++ compiler at run time (inductor writes C++), and 25-100 s of compilation on two cores
-when the first engine of a process starts (inductor's on-disk cache makes later starts quicker;
-another engine on a model of the same shapes, e.g. a hot-swapped version, reuses the graphs). The engine compiles
-at start-up (`ModelRunner.warm_up`), never on a user's request.
+Costs: a C++ compiler at run time (inductor writes C++), and tens of seconds of compilation
+(docs/performance.md, "Start-up costs") when the first engine of a process starts (inductor's
+on-disk cache makes later starts quicker; another engine on a model of the same shapes, e.g. a
+hot-swapped version, reuses the graphs). The engine compiles at start-up (`ModelRunner.warm_up`),
+never on a user's request.
 """
 from __future__ import annotations
 

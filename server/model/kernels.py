@@ -2,9 +2,10 @@
 
 `--attention` picks how decode tokens attend over the paged KV cache on CPU:
 - `native`: the C++ kernel, which reads the cache in place through the block tables on torch's own
-  thread pool (no gather copy, no mask); 2-5x faster than gather + SDPA per call, ≈ 10 ms of a
-  32-stream bf16 step on 2 cores (docs/performance.md). Built once with torch's extension builder
-  (g++/clang++ and ninja, `-O3 -march=native`, ≈ 20 s) into prefloop's cache
+  thread pool (no gather copy, no mask); faster than gather + SDPA per call and per step
+  (docs/performance.md, "The vectorized native paged decode-attention kernel"). Built once with
+  torch's extension builder (g++/clang++ and ninja, `-O3 -march=native`; the build time is in
+  docs/performance.md) into prefloop's cache
   (`<cache>/kernels/<name>`, cache = $PREFLOOP_CACHE_DIR or ~/.cache/prefloop), the name keyed by
   the sources, the flags, this CPU's flags, the torch version and torch's install path — so two
   virtualenvs on one machine each keep their own build instead of rebuilding each other's; later

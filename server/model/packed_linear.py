@@ -1,14 +1,14 @@
 """oneDNN-prepacked weights for the native engine's linear layers on CPU (`--weight-layout`).
 
 On CPU, `F.linear` hands oneDNN each weight in the plain [out, in] layout, and oneDNN copies it into
-its blocked GEMM layout inside every call. For decode that copy is a large share of the step: the
-default model's 121 matmuls of a 32-token bf16 step take ≈ 38 ms with plain weights and ≈ 28 ms
-prepacked, one token ≈ 19.5 vs ≈ 14 ms (docs/performance.md, session 6). Here every linear
+its blocked GEMM layout inside every call. For decode that copy is a large share of the step's
+matmul time (measured in docs/performance.md, "Prepacked linear weights"). Here every linear
 layer's weight is reordered once, at load (`torch.ops.mkldnn._reorder_linear_weight`), and
 multiplied by `torch.ops.mkldnn._linear_pointwise`: the same oneDNN GEMM without the per-call copy.
 bfloat16 results are bit-identical to `F.linear`. float32 ones are summed in another order: the
-default model's logits stay within ≈ 1e-4 of a float64 forward (plain: ≈ 7e-5), but no longer
-within the 1e-4 of transformers' float32 forward that the parity tests hold the default to.
+default model's logits stay close to a float64 forward, but not within the 1e-4 of transformers'
+float32 forward that the parity tests hold the default to (the differences are in
+docs/performance.md).
 
 `--weight-layout` choices:
 - `packed`: prepack every linear layer (attention, MLP, LM head; with `--quantize int8` the
@@ -16,7 +16,7 @@ within the 1e-4 of transformers' float32 forward that the parity tests hold the 
   without AVX512-FP16, a torch build without oneDNN).
 - `plain`: torch's `F.linear` on the weights as loaded.
 - `auto` (default): `packed` for bfloat16 on CPU when oneDNN packs (same numbers, faster), else
-  `plain`; float32 packs only when asked for (≈ 1.5-2x faster matmuls, see above).
+  `plain`; float32 packs only when asked for (faster matmuls, but outside the parity margin above).
 
 A packed weight is an opaque oneDNN tensor: the model keeps no plain copy (a tied LM head packs
 its own copy of the embedding, which the embedding lookup keeps). Hot swaps load and pack a new

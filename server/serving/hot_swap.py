@@ -1,10 +1,11 @@
 """ModelSwitcher: keeps the server on the registry's current version without dropping a request.
 
-It follows the registry pointer (polling `<data-dir>/registry/CURRENT`) and serves the Models RPCs
-Promote / Rollback. A switch verifies the version (checksums via the registry, shapes by the
-strict loader), loads it beside the serving one (off the event loop), then `Generator.swap` moves
-new requests to it; requests already running finish on the weights they started with. A version
-that fails is refused with a clear error and the old one keeps serving.
+It follows the registry pointer (`<data-dir>/registry/CURRENT`, looked at on each poll of the
+`RegistryWatcher` it subscribes to with `watch`) and serves the Models RPCs Promote / Rollback. A
+switch verifies the version (checksums via the registry, shapes by the strict loader), loads it
+beside the serving one (off the event loop), then `Generator.swap` moves new requests to it;
+requests already running finish on the weights they started with. A version that fails is refused
+with a clear error and the old one keeps serving.
 """
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prefloop.server.errors import FailedPrecondition, PrefloopError
 from prefloop.server.registry import BASE_VERSION, Registry
 from prefloop.server.serving.generator import Generator
+from prefloop.server.serving.registry_watcher import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
 
 class ModelSwitcher:
     def __init__(self, generator: Generator, registry: Registry, poll_interval_s: float = 2.0):
+        """`poll_interval_s` > 0: `watch` follows the pointer on every poll of the watcher (whose
+        own interval sets how often); 0: only Promote / Rollback / `follow_now` switch."""
         self.generator = generator
         self.registry = registry
         self.poll_interval_s = poll_interval_s
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
         self._refused: str | None = None  # a pointer target that failed; not retried every poll
         self.on_swap: Callable[[str, float], None] | None = None  # (version, seconds), e.g. metrics
 
@@ -36,18 +39,10 @@ class ModelSwitcher:
     def serving(self) -> str:
         return self.generator.info.model_version
 
-    async def start(self) -> None:
-        if self.poll_interval_s > 0 and self._task is None:
-            self._task = asyncio.create_task(self._follow_pointer(), name="registry-watch")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+    def watch(self, watcher: RegistryWatcher) -> None:
+        """Follow the registry pointer on each poll of `watcher` (unless poll_interval_s is 0)."""
+        if self.poll_interval_s > 0:
+            watcher.subscribe(self.poll)
 
     def _is_copy_of_served(self, version: str) -> bool:
         """Whether `version` is the base version copied from the folder being served (then a
@@ -122,19 +117,17 @@ class ModelSwitcher:
             log.info("registry pointer moved to %s: switching", target)
             await self._switch_to(target)
 
-    async def _follow_pointer(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            target = None
-            try:
-                target = self.registry.current()
-                await self.follow_now()
-            except asyncio.CancelledError:
-                raise
-            except PrefloopError as exc:
-                self._refused = target  # None (registry unreadable): keep polling
-                log.error("cannot serve registry version %s, keeping %s: %s", target,
-                          self.serving, exc)
-            except Exception:  # noqa: BLE001 - the watcher must survive anything
-                self._refused = target
-                log.exception("cannot serve registry version %s, keeping %s", target, self.serving)
+    async def poll(self) -> None:
+        """One watcher look: `follow_now`, remembering a version that fails so that it is not
+        retried every poll (an unreadable registry is retried)."""
+        target = None
+        try:
+            target = self.registry.current()
+            await self.follow_now()
+        except PrefloopError as exc:
+            self._refused = target
+            log.error("cannot serve registry version %s, keeping %s: %s", target,
+                      self.serving, exc)
+        except Exception:  # a bad version must not be retried every poll
+            self._refused = target
+            log.exception("cannot serve registry version %s, keeping %s", target, self.serving)
