@@ -14,7 +14,8 @@ import threading
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, USER_TOKEN, FakeGenerator, FakeInfo, fake_model
+from ab_helpers import VersionedFake, two_versions
+from conftest import ADMIN_TOKEN, USER_TOKEN, fake_model
 
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
@@ -141,19 +142,6 @@ def test_sticky_assignment_is_stable_and_splits_by_traffic():
 
 # ---- durable state ---------------------------------------------------------------------------------
 
-def two_versions(tmp_path, gate_passed: bool | None = True) -> tuple[Registry, str]:
-    registry = Registry(tmp_path / "data")
-    registry.ensure_base(fake_model(tmp_path / "base"))
-    src = fake_model(tmp_path / "cand", b"weights-1")
-    with registry.stage() as stage:
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            (stage.path / name).write_bytes((tmp_path / "cand" / name).read_bytes())
-        gate = None if gate_passed is None else {"passed": gate_passed, "reasons": ["test"]}
-        manifest = stage.publish(kind="policy", method="test", parent="v0000", gate=gate)
-    assert src
-    return registry, manifest.version
-
-
 def test_start_needs_a_gate_pass_unless_forced(tmp_path):
     registry, v1 = two_versions(tmp_path, gate_passed=False)
     with pytest.raises(FailedPrecondition, match="--force"):
@@ -192,28 +180,6 @@ def test_duration_parsing():
 
 
 # ---- a whole test on an in-process server -------------------------------------------------------------
-
-class VersionedFake(FakeGenerator):
-    """A fake generator per version; `load_beside` gives another one (an A/B candidate)."""
-
-    def __init__(self, version: str, word: str) -> None:
-        super().__init__(step_s=0.002)
-        self.info = FakeInfo(model_version=version)
-        self.word = word
-
-    @property
-    def active_requests(self) -> int:
-        return len(self.running)
-
-    async def load_beside(self, model_dir, version: str):
-        return VersionedFake(version, "cand")
-
-    async def stream(self, request_id, prompt_ids, params):
-        async for delta in super().stream(request_id, prompt_ids, params):
-            delta.text_delta = f" {self.word}{delta.completion_tokens}"
-            delta.model_version = self.info.model_version
-            yield delta
-
 
 @pytest.fixture
 def ab_server(tmp_path):

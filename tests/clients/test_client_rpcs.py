@@ -9,11 +9,10 @@ import inspect
 import threading
 
 import pytest
+from ab_helpers import VersionedFake, two_versions
 from conftest import ADMIN_TOKEN, USER_TOKEN, InProcessServer, RecordingRecorder
-from test_ab import VersionedFake, two_versions
 
-from prefloop.clients import AsyncClient, Client
-from prefloop.clients import errors
+from prefloop.clients import AsyncClient, Client, errors
 from prefloop.clients.client import _Rpcs
 from prefloop.server.ab import state as ab_state
 from prefloop.server.api.ab_controller import ABController
