@@ -21,13 +21,18 @@ from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
 from prefloop.server.api.limits import Limits
 from prefloop.server.feedback.export import load_table
 from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+from prefloop.server.jobs import record_job
+from prefloop.server.registry import Registry
+from prefloop.server.serving.hot_swap import ModelSwitcher
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
 class HttpFixture:
-    def __init__(self, tmp_path, **config):
+    def __init__(self, tmp_path, registry: Registry | None = None, **config):
         self.generator = FakeGenerator(step_s=0.002)
+        switcher = None if registry is None else ModelSwitcher(self.generator, registry,
+                                                               poll_interval_s=0)
         self.store = FeedbackStore(StoreConfig(data_dir=tmp_path / "data"))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -38,7 +43,7 @@ class HttpFixture:
 
         async def build():
             server = PrefloopServer(self.generator, cfg, recorder=self.store,
-                                    feedback_store=self.store)
+                                    feedback_store=self.store, switcher=switcher)
             await server.start()
             return server
 
@@ -167,6 +172,15 @@ def test_wrong_token_and_user_token_on_admin_routes(http):
     assert httpx.get(http.url + "/v1/whoami", headers=auth_headers(ADMIN_TOKEN)).json() == {
         "role": "admin", "auth": True}
     assert httpx.get(http.url + "/health").status_code == 200  # open
+
+
+def test_whoami_without_a_token_is_not_an_error(http):
+    # the page asks before it has a token: a 401 there would log a console error on every load
+    reply = httpx.get(http.url + "/v1/whoami")
+    assert reply.status_code == 200 and reply.json() == {"role": "none", "auth": True}
+    assert httpx.get(http.url + "/v1/whoami", headers=auth_headers("not-a-token")).status_code == 401
+    assert httpx.get(http.url + "/v1/whoami", headers=auth_headers(USER_TOKEN)).json() == {
+        "role": "user", "auth": True}
 
 
 def test_body_over_the_limit_is_413_before_parsing(http):
@@ -298,6 +312,46 @@ def test_health_turns_503_while_draining(http):
     assert httpx.get(http.url + "/health").json()["status"] == "ok"
     http.server.http_state["draining"] = True
     assert httpx.get(http.url + "/health").status_code == 503
+
+
+def test_the_page_has_an_icon_so_no_load_logs_a_404(http):
+    page = httpx.get(http.url + "/")
+    assert page.status_code == 200
+    assert '<link rel="icon" href="/static/icon.svg"' in page.text
+    for path in ("/static/icon.svg", "/favicon.ico"):
+        icon = httpx.get(http.url + path)
+        assert icon.status_code == 200, path
+        assert icon.headers["content-type"].startswith("image/svg+xml"), path
+        assert icon.text.lstrip().startswith("<svg") and "</svg>" in icon.text, path
+
+
+def test_admin_jobs_returns_one_merged_record_per_job(tmp_path):
+    registry = Registry(tmp_path / "data")
+    record_job(registry, {"job_id": "job-a", "status": "running", "pid": 999999999,
+                          "command": "dpo", "method": "dpo", "base": "v0000",
+                          "started_at": "2025-01-01T00:00:00Z"})
+    record_job(registry, {"job_id": "job-a", "status": "rejected", "reason": "gate failed",
+                          "finished_at": "2025-01-01T00:05:00Z",
+                          "gate": {"passed": False, "reasons": ["accuracy 0.50 vs 0.55"]},
+                          "data": {"rows": {"train": 40, "heldout": 10}}})
+    record_job(registry, {"job_id": "job-b", "status": "running", "pid": 999999999,
+                          "command": "run", "method": "dpo", "started_at": "2025-01-02T00:00:00Z"})
+    fixture = HttpFixture(tmp_path, registry=registry)
+    try:
+        url = fixture.url + "/v1/admin/jobs"
+        assert httpx.get(url, headers=auth_headers(USER_TOKEN)).status_code == 403
+        reply = httpx.get(url, headers=auth_headers(ADMIN_TOKEN))
+        assert reply.status_code == 200
+        jobs = reply.json()["jobs"]
+        assert [(j["job_id"], j["status"]) for j in jobs] == [("job-a", "rejected"),
+                                                            ("job-b", "crashed")]
+        a, b = jobs
+        assert (a["command"], a["base"], a["started_at"], a["finished_at"]) == (
+            "dpo", "v0000", "2025-01-01T00:00:00Z", "2025-01-01T00:05:00Z")
+        assert a["gate"]["passed"] is False and a["data"]["rows"] == {"train": 40, "heldout": 10}
+        assert b["finished_at"] is None and b["command"] == "run"
+    finally:
+        fixture.stop()
 
 
 def test_a_taken_http_port_fails_at_start_before_serving(tmp_path):

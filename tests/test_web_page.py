@@ -29,6 +29,7 @@ from tiny_models import save_tiny
 
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.export import load_table
+from prefloop.server.jobs import record_job
 from prefloop.server.registry import Registry
 
 CHROMIUM = "/usr/bin/chromium"
@@ -162,7 +163,10 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def open_page(browser, server):
-    contexts = []
+    """Opens the page (token entered if given). `page.errors`: uncaught exceptions; every console
+    error (a failed load: a 404, a 401, ...) fails the test at teardown unless the test declared it
+    with `page.expected_errors.append("401")` (matched as a substring of "text (url)")."""
+    contexts, pages = [], []
 
     def opener(token: str | None, viewport: dict = DESKTOP):
         context = browser.new_context(viewport=viewport)
@@ -170,8 +174,12 @@ def open_page(browser, server):
         page = context.new_page()
         page.set_default_timeout(30_000)
         errors: list[str] = []
+        console_errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.errors = errors
+        page.on("console", lambda msg: console_errors.append(
+            f"{msg.text} ({msg.location.get('url', '')})") if msg.type == "error" else None)
+        page.errors, page.console_errors, page.expected_errors = errors, console_errors, []
+        pages.append(page)
         page.goto(server.url + "/")
         page.wait_for_selector("body[data-ready=true]")
         if token:  # entered once in the page, kept in sessionStorage
@@ -182,8 +190,13 @@ def open_page(browser, server):
         return page
 
     yield opener
-    for c in contexts:
-        c.close()
+    try:
+        unexpected = [m for p in pages for m in p.console_errors
+                      if not any(e in m for e in p.expected_errors)]
+        assert unexpected == [], "the page logged console errors"
+    finally:
+        for c in contexts:
+            c.close()
 
 
 def settings(page, **values: str) -> None:
@@ -361,6 +374,7 @@ def test_feedback_is_retried_with_its_key_and_errors_are_shown(server, open_page
         bodies.append(json.loads(route.request.post_data))
         route.abort() if len(bodies) == 1 else route.continue_()
 
+    page.expected_errors += ["net::ERR_FAILED", "401"]  # the aborted try, the refused token
     page.route("**/v1/feedback/rating", flaky)
     answer.get_by_test_id("thumbs-up").click()
     answer.get_by_test_id("vote-saved").wait_for()
@@ -415,6 +429,7 @@ def test_user_token_cannot_see_the_models_view(server, open_page):
     assert page.get_by_test_id("nav-models").is_hidden()
     assert page.get_by_test_id("models-view").is_hidden()
     assert page.get_by_test_id("versions-table").is_hidden()
+    page.expected_errors.append("403")
     status = page.evaluate("""async (token) => (await fetch('/v1/admin/versions',
         {headers: {Authorization: 'Bearer ' + token}})).status""", USER_TOKEN)
     assert status == 403
@@ -426,8 +441,29 @@ def test_user_token_cannot_see_the_models_view(server, open_page):
 
 
 def test_models_view_promotes_a_version_and_the_next_answer_names_it(server, open_page, shots):
+    # the job history as align leaves it: a finished job (two events) and one that died running
+    record_job(server.registry, {"job_id": "job-pub", "status": "running", "pid": 999999999,
+                                 "command": "dpo", "method": "dpo",
+                                 "started_at": "2025-01-01T00:00:00Z"})
+    record_job(server.registry, {"job_id": "job-pub", "status": "published", "base": "v0000",
+                                 "version": server.v1, "finished_at": "2025-01-01T00:04:00Z",
+                                 "gate": {"passed": True, "reasons": ["accuracy 0.62 vs 0.55"]},
+                                 "data": {"rows": {"train": 120, "heldout": 40}}})
+    record_job(server.registry, {"job_id": "job-dead", "status": "running", "pid": 999999999,
+                                 "command": "run", "method": "dpo",
+                                 "started_at": "2025-01-02T00:00:00Z"})
     page = open_page(ADMIN_TOKEN)
     page.get_by_test_id("nav-models").click()
+    jobs = page.get_by_test_id("jobs-table")
+    jobs.locator("tr[data-job-id=job-pub]").wait_for()
+    assert jobs.locator("tbody tr").count() == 2  # one row per job, not one per event
+    published = jobs.locator("tr[data-job-id=job-pub]")
+    assert published.get_by_test_id("job-status").inner_text() == "published"
+    assert f"v0000 → {server.v1}" in published.inner_text()
+    assert "passed" in published.inner_text() and "120 / 40" in published.inner_text()
+    dead = jobs.locator("tr[data-job-id=job-dead]")
+    assert dead.get_by_test_id("job-status").inner_text() == "crashed"
+    assert jobs.locator("tbody tr").first.get_attribute("data-job-id") == "job-dead"  # newest first
     table = page.get_by_test_id("versions-table")
     promote = table.locator(f"[data-testid=promote][data-version={server.v1}]")
     promote.wait_for()

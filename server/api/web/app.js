@@ -133,10 +133,10 @@ async function loadWhoami() {
   const forget = byTestId("token-forget");
   const hasToken = !!sessionStorage.getItem(TOKEN_KEY);
   try {
-    const who = await api("GET", "/v1/whoami");
+    const who = await api("GET", "/v1/whoami"); // no token yet: {"role": "none", "auth": true}
     state.role = who.role;
     state.auth = !!who.auth;
-    banner("");
+    banner(state.auth && state.role === "none" ? "This server needs an access token." : "");
   } catch (err) {
     state.role = "none";
     state.auth = true;
@@ -601,29 +601,47 @@ function renderVersions(data) {
   drawQualityChart(byTestId("chart-quality"), versions);
 }
 
-const JOB_COLUMNS = ["job_id", "started_at", "finished_at", "method", "kind", "status", "outcome",
-  "result", "candidate", "version", "promoted", "gate_passed", "reason", "error"];
+// the columns of the job history: one JobRecord per job (server/jobs.py), newest first
+const JOB_COLUMNS = ["job", "status", "method", "base → version", "started", "finished", "gate",
+  "rows (train / held-out)", "reason"];
+
+function jobGate(gate) {
+  if (!gate || typeof gate.passed !== "boolean") return { text: "–", cls: "", title: "" };
+  const failed = Array.isArray(gate.failed) && gate.failed.length ? ` (${gate.failed.join(", ")})` : "";
+  return { text: (gate.passed ? "passed" : "failed") + failed, cls: gate.passed ? "pass" : "fail",
+           title: (gate.reasons || []).join("\n") };
+}
+
+function jobRows(data) {
+  const rows = (data && data.rows) || {};
+  if (rows.train === undefined && rows.heldout === undefined) return "–";
+  return `${rows.train ?? "–"} / ${rows.heldout ?? "–"}`;
+}
 
 function renderJobs(data) {
   const table = byTestId("jobs-table");
   const jobs = (data.jobs || []).slice().reverse(); // newest first
-  const keys = new Set(jobs.flatMap((j) => Object.keys(j)));
-  let cols = JOB_COLUMNS.filter((k) => keys.has(k));
-  if (!cols.length) cols = [...keys].slice(0, 8);
-  $("thead", table).replaceChildren(el("tr", {}, ...cols.map((c) => el("th", { text: c.replace(/_/g, " ") }))));
+  $("thead", table).replaceChildren(el("tr", {}, ...JOB_COLUMNS.map((c) => el("th", { text: c }))));
   const tbody = $("tbody", table);
   tbody.replaceChildren();
   if (!jobs.length) {
-    tbody.append(el("tr", {}, el("td", { class: "muted", text: "no jobs yet" })));
+    tbody.append(el("tr", {}, el("td", { class: "muted", colspan: JOB_COLUMNS.length, text: "no jobs yet" })));
     return;
   }
   for (const j of jobs.slice(0, 50)) {
-    tbody.append(el("tr", {}, ...cols.map((c) => {
-      let v = j[c];
-      if (v && typeof v === "object") v = JSON.stringify(v);
-      if (typeof v === "string" && /^\d{4}-\d\d-\d\dT/.test(v)) v = fmtDate(v);
-      return el("td", { text: v === undefined || v === null ? "" : String(v) });
-    })));
+    const gate = jobGate(j.gate);
+    const what = [j.command, j.method].filter((x, i, all) => x && all.indexOf(x) === i).join(" · ");
+    const versions = j.base || j.version ? `${j.base || "–"} → ${j.version || "–"}` : "–";
+    tbody.append(el("tr", { "data-job-id": j.job_id, "data-status": j.status },
+      el("td", { text: j.job_id }),
+      el("td", { class: `job-status ${j.status}`, "data-testid": "job-status", text: j.status }),
+      el("td", { text: what || "–" }),
+      el("td", { text: versions }),
+      el("td", { text: fmtDate(j.started_at) }),
+      el("td", { text: fmtDate(j.finished_at) }),
+      el("td", { class: gate.cls, title: gate.title || undefined, text: gate.text }),
+      el("td", { text: jobRows(j.data) }),
+      el("td", { class: "reason", title: j.reason || undefined, text: j.reason || "" })));
   }
 }
 
