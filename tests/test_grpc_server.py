@@ -1,7 +1,7 @@
 """End-to-end gRPC tests: a real `prefloop serve` with the default model on a loopback port.
 
 One server per session (`real_server` in conftest.py, with user/admin tokens); the SIGTERM test
-starts its own. max_tokens stays small: the model decodes ~30 tokens/s per sequence on 2 cores.
+starts its own. max_tokens stays small: every token is a real decode step on the CPU.
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def prompts_for(n, offset=0):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine two OpenMP threads make small matmuls
-    several times slower (measured 6x), and the results do not depend on it."""
+    several times slower, and the results do not depend on it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
