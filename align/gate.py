@@ -1,8 +1,11 @@
 """The eval gates: may a candidate be published as good (and replace the current version)?
 
 Pure decisions on measured numbers, one result shape for all of them (`GateDecision`: passed,
-reasons, metrics). Every check adds a reason, passed or not; `GateDecision.to_dict()` (passed,
-reasons and the metrics as flat keys) goes into the manifest and the job history.
+its `Check`s — name, passed (None: reported only, not deciding), text — and the numbers it judged
+on as typed fields). `GateDecision.to_record()` is the dict stored in the manifest and the job
+history (`passed`, `reasons`: every check's text in order, `failed`: the texts of the failed
+checks, `checks`, and the numbers as flat keys); `GateDecision.from_record()` reads it back, also
+records written before `checks` existed, so writer and readers share one schema.
 
 Every gate knows its sample size. The candidate is compared with the current version on the
 SAME held-out units (pairs, or prompts for PPO); each unit is a win, a loss or a tie
@@ -37,6 +40,7 @@ its threshold (0.5 + `min_improvement` for "candidate better than current"). Und
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -135,6 +139,84 @@ def bootstrap_mean_interval(values: list[float], confidence: float, draws: int =
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _interval(lower: float | None, upper: float | None) -> list[float | None] | None:
+    return None if lower is None and upper is None else [lower, upper]
+
+
+def _ends(record: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+    ends = record.get(key) or [None, None]
+    return _opt_float(ends[0]), _opt_float(ends[1]) if len(ends) > 1 else None
+
+
+@dataclass(slots=True, frozen=True)
+class PairedResult:
+    """The recorded numbers of one paired test: counts, the interval of the win rate and the
+    one-sided sign-test p-value (None where a record does not have them)."""
+
+    wins: int
+    losses: int
+    ties: int = 0
+    lower: float | None = None
+    upper: float | None = None
+    p_value: float | None = None
+
+    @property
+    def n(self) -> int:
+        """The units that differ: what the test judged on (ties left out)."""
+        return self.wins + self.losses
+
+    @property
+    def win_rate(self) -> float | None:
+        return self.wins / self.n if self.n else None
+
+    def to_record(self, prefix: str = "") -> dict[str, Any]:
+        return {f"{prefix}wins": self.wins, f"{prefix}losses": self.losses,
+                f"{prefix}ties": self.ties, f"{prefix}win_rate": self.win_rate,
+                f"{prefix}interval": _interval(self.lower, self.upper),
+                f"{prefix}p_value": self.p_value}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None, prefix: str = ""
+                    ) -> "PairedResult | None":
+        """None when the record holds no counts under `prefix`."""
+        if not record or record.get(f"{prefix}wins") is None \
+                or record.get(f"{prefix}losses") is None:
+            return None
+        lower, upper = _ends(record, f"{prefix}interval")
+        return cls(int(record[f"{prefix}wins"]), int(record[f"{prefix}losses"]),
+                   int(record.get(f"{prefix}ties") or 0), lower, upper,
+                   _opt_float(record.get(f"{prefix}p_value")))
+
+
+@dataclass(slots=True, frozen=True)
+class MarginResult:
+    """The recorded numbers of the margin test: pairs, mean margin (nats), its bootstrap
+    interval and the one-sided sign-flip p-value."""
+
+    pairs: int
+    mean: float
+    lower: float | None
+    upper: float | None
+    p_value: float
+
+    def to_record(self) -> dict[str, Any]:
+        return {"mean_margin": self.mean, "margin_interval": _interval(self.lower, self.upper),
+                "margin_p_value": self.p_value, "margin_pairs": self.pairs}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "MarginResult | None":
+        if record.get("margin_pairs") is None or record.get("margin_p_value") is None:
+            return None
+        lower, upper = _ends(record, "margin_interval")
+        mean = record.get("mean_margin")
+        return cls(int(record["margin_pairs"]), math.nan if mean is None else float(mean),
+                   lower, upper, float(record["margin_p_value"]))
+
+
 @dataclass(slots=True, frozen=True)
 class MarginTest:
     """The implicit-reward margins of the held-out pairs (candidate vs current, per pair, in
@@ -166,9 +248,8 @@ class MarginTest:
                 f"p = {self.p_value:.3g} {'<' if self.passed else '>='} "
                 f"{(1.0 - self.confidence) / 2:.3g}")
 
-    def to_metrics(self, prefix: str = "") -> dict[str, Any]:
-        return {f"{prefix}mean_margin": self.mean, f"{prefix}margin_interval": [self.lower, self.upper],
-                f"{prefix}margin_p_value": self.p_value, f"{prefix}margin_pairs": self.n}
+    def result(self) -> MarginResult:
+        return MarginResult(self.n, self.mean, self.lower, self.upper, self.p_value)
 
 
 @dataclass(slots=True, frozen=True)
@@ -243,11 +324,9 @@ class Comparison:
         return (f"{head}: lower end {'>' if self.passed else '<='} {self.threshold:.3f} "
                 f"(one-sided sign-test p = {self.p_value:.3g})")
 
-    def to_metrics(self, prefix: str = "") -> dict[str, Any]:
+    def result(self) -> PairedResult:
         p = self.paired
-        return {f"{prefix}wins": p.wins, f"{prefix}losses": p.losses, f"{prefix}ties": p.ties,
-                f"{prefix}win_rate": p.win_rate, f"{prefix}interval": [self.lower, self.upper],
-                f"{prefix}p_value": self.p_value}
+        return PairedResult(p.wins, p.losses, p.ties, self.lower, self.upper, self.p_value)
 
 
 @dataclass(slots=True, frozen=True)
@@ -310,52 +389,246 @@ class GateConfig:
                 "max_kl": self.max_kl, "min_improvement": self.min_improvement}
 
 
+# Check names: the sample size, the KL bound, and (reported only) what sits beside the verdict; the
+# comparison check is named after its metric (METRICS, "rm_win_rate", "rm_accuracy").
+CHECK_HELDOUT = "min_heldout"
+CHECK_KL = "max_kl"
+REPORTED = "reported: "  # the text of every reported-only check starts with this
+KINDS = ("policy", "ppo", "reward_model", "")  # "": a verdict made by hand (tests, tools)
+
+
+@dataclass(slots=True, frozen=True)
+class Check:
+    """One line of a verdict: `passed` True / False for a deciding check, None for a number
+    reported beside the verdict (it decides nothing)."""
+
+    name: str
+    passed: bool | None
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.passed not in (True, False, None) or not isinstance(self.text, str):
+            raise InvalidArgument(f"a gate check needs passed True/False/None and a text, got "
+                                  f"{self.passed!r}, {self.text!r}")
+
+    def to_record(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "text": self.text}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Check":
+        return cls(str(record.get("name") or "check"), record.get("passed"),
+                   str(record.get("text", "")))
+
+
+# The wording of failed checks, for records written before `failed` and `checks` were stored.
+# The either test's text says which way it went first (its sub-tests' words may say otherwise).
+_FAILED_WORDING = re.compile(r"needs >= |lower end <= |, failed: |> bound |no held-out |"
+                             r"not measured|nothing to judge|no \w+ to judge on|"
+                             r"sign-flip p = \S+ >= ")
+
+
+def _failed_by_wording(text: str) -> bool:
+    return ", passed: either test" not in text and bool(_FAILED_WORDING.search(text))
+
+# Scalar numbers, on disk under the field's own name; which of them a gate kind always writes
+# (None included), as the gates wrote them before the record had a schema.
+_SCALARS = ("metric", "current_version", "candidate_accuracy", "current_accuracy",
+            "candidate_reward", "current_reward", "heldout_accuracy", "min_accuracy",
+            "kl_per_token", "confidence", "min_heldout", "max_kl", "min_improvement")
+_ALWAYS = {
+    "policy": {"candidate_accuracy", "current_accuracy", "current_version", "kl_per_token",
+               "metric", "heldout", "confidence", "min_heldout", "max_kl", "min_improvement"},
+    "ppo": {"metric", "candidate_reward", "current_reward", "current_version", "kl_per_token",
+            "heldout", "confidence", "min_heldout", "max_kl", "min_improvement"},
+    "reward_model": {"heldout_accuracy", "min_accuracy", "confidence", "min_heldout", "heldout"},
+    "": set(),
+}
+_STRUCTURED = {"passed", "reasons", "failed", "checks", "heldout_pairs", "heldout_prompts",
+               "wins", "losses", "ties", "win_rate", "interval", "p_value", "mean_margin",
+               "margin_interval", "margin_p_value", "margin_pairs", "implicit",
+               "implicit_reward_accuracy", "accuracy_paired", *_SCALARS}
+
+
 @dataclass(slots=True)
 class GateDecision:
-    """One gate's verdict: `passed`, a reason per check, and the numbers it judged on."""
+    """One gate's verdict: `passed`, its checks in order (the deciding ones, then the reported
+    ones) and the numbers it judged on. `paired`: the paired test the flat win-rate keys
+    describe (the deciding one, or for the margin metrics the implicit-reward sign test);
+    `implicit` / `accuracy_paired`: the implicit-reward and preference-accuracy paired tests;
+    `heldout`: the held-out units (`unit`: prompts for PPO, else pairs). A bare string among
+    `checks` (a verdict made by hand) is a check named "reason" with the verdict's outcome."""
 
     passed: bool
-    reasons: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)  # the reasons of the checks that failed
+    checks: list[Check] = field(default_factory=list)
+    kind: str = ""
+    metric: str | None = None
+    current_version: str | None = None
+    heldout: int | None = None
+    paired: PairedResult | None = None
+    margin: MarginResult | None = None
+    implicit: PairedResult | None = None
+    accuracy_paired: PairedResult | None = None
+    kl_per_token: float | None = None
+    candidate_accuracy: float | None = None
+    current_accuracy: float | None = None
+    candidate_reward: float | None = None
+    current_reward: float | None = None
+    heldout_accuracy: float | None = None
+    min_accuracy: float | None = None
+    confidence: float | None = None
+    min_heldout: int | None = None
+    max_kl: float | None = None
+    min_improvement: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a record this schema lacks
 
-    def to_dict(self) -> dict[str, Any]:
-        """{"passed", "reasons", "failed", **metrics}: the manifest's / job history's `gate`."""
-        return {"passed": self.passed, "reasons": list(self.reasons), "failed": list(self.failed),
-                **self.metrics}
+    def __post_init__(self) -> None:
+        if not isinstance(self.passed, bool):
+            raise InvalidArgument(f"a gate verdict needs a boolean 'passed', got {self.passed!r}")
+        if self.kind not in KINDS:
+            raise InvalidArgument(f"gate kind {self.kind!r} is not one of {KINDS}")
+        self.checks = [Check("reason", self.passed, c) if isinstance(c, str) else c
+                       for c in self.checks]
+        if self.passed and any(c.passed is False for c in self.checks):
+            raise InvalidArgument("a gate verdict cannot pass with a failed check")
+
+    @property
+    def unit(self) -> str:
+        return "prompts" if self.kind == "ppo" else "pairs"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Every check's text, in order (what users read)."""
+        return [c.text for c in self.checks]
+
+    @property
+    def failed_checks(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+    @property
+    def failed(self) -> list[str]:
+        """The texts of the checks that failed."""
+        return [c.text for c in self.failed_checks]
+
+    def to_record(self) -> dict[str, Any]:
+        """The manifest's / job history's `gate`: {"passed", "reasons", "failed", "checks", and
+        the numbers as flat keys (the comparison's wins, losses, ties, win_rate, interval,
+        p_value; the margin test's mean_margin, margin_interval, margin_p_value, margin_pairs;
+        `implicit` and `accuracy_paired` as nested dicts)}."""
+        always = _ALWAYS[self.kind]
+        out: dict[str, Any] = {"passed": self.passed, "reasons": self.reasons,
+                               "failed": self.failed,
+                               "checks": [c.to_record() for c in self.checks]}
+        for name in _SCALARS:
+            value = getattr(self, name)
+            if value is not None or name in always:
+                out[name] = value
+        if self.heldout is not None or "heldout" in always:
+            out[f"heldout_{self.unit}"] = self.heldout
+        if self.paired is not None:
+            out.update(self.paired.to_record())
+        if self.margin is not None:
+            out.update(self.margin.to_record())
+        if self.implicit is not None:
+            out["implicit_reward_accuracy"] = self.implicit.win_rate
+            out["implicit"] = self.implicit.to_record()
+        if self.accuracy_paired is not None:
+            out["accuracy_paired"] = self.accuracy_paired.to_record()
+        out.update(self.extra)
+        return out
+
+    to_dict = to_record
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The record's numbers alone (no verdict, reasons or checks)."""
+        return {k: v for k, v in self.to_record().items()
+                if k not in ("passed", "reasons", "failed", "checks")}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "GateDecision":
+        """A verdict from its stored dict. A record without `checks` (written before they were
+        stored) gets one check per reason: "reported: …" reported only; with `failed`, the
+        reasons listed there failed and the others passed; without it, a passed verdict's
+        checks passed and a failed one's failed where their wording says so (all of them when
+        none does: the record does not say which)."""
+        if not isinstance(record, dict):
+            raise InvalidArgument(f"a gate record is a dict, got {type(record).__name__}")
+        passed = record.get("passed")
+        kind = ("ppo" if record.get("metric") == "rm_win_rate" or "heldout_prompts" in record
+                else "reward_model" if "min_accuracy" in record
+                else "policy" if record.get("metric") in METRICS else "")
+        if record.get("checks") is not None:
+            checks = [Check.from_record(c) for c in record["checks"]]
+        else:
+            checks = _checks_of_old_record(bool(passed), list(record.get("reasons") or []),
+                                           record.get("failed"), record.get("metric"))
+        scalars = {name: record.get(name) for name in _SCALARS}
+        heldout = record.get("heldout_prompts", record.get("heldout_pairs"))
+        return cls(passed, checks, kind, heldout=None if heldout is None else int(heldout),
+                   paired=PairedResult.from_record(record),
+                   margin=MarginResult.from_record(record),
+                   implicit=PairedResult.from_record(record.get("implicit")),
+                   accuracy_paired=PairedResult.from_record(record.get("accuracy_paired")),
+                   extra={k: v for k, v in record.items() if k not in _STRUCTURED}, **scalars)
 
 
-def kl_within_bound(kl_per_token: float | None, max_kl: float) -> tuple[bool, str]:
-    """The KL half of every policy gate: (passed, reason). Not measured (None / NaN) fails."""
+def _checks_of_old_record(passed: bool, reasons: list[str], failed: list[str] | None,
+                          metric: str | None) -> list[Check]:
+    """The checks of a record that stored only its reasons (and perhaps `failed`)."""
+    def name_of(text: str) -> str:
+        if text.startswith(REPORTED):
+            return "reported"
+        if text.startswith("needs >= ") or re.search(r"held-out \w+ \(>= \d+\)$", text):
+            return CHECK_HELDOUT
+        if text.startswith("KL to the reference"):
+            return CHECK_KL
+        return metric or "comparison"
+
+    deciding = [r for r in reasons if not r.startswith(REPORTED)]
+    if failed is not None:
+        failing = set(failed)
+    elif passed:
+        failing = set()
+    else:
+        failing = {r for r in deciding if _failed_by_wording(r)} or set(deciding)
+    return [Check(name_of(r), None if r.startswith(REPORTED) else r not in failing, r)
+            for r in reasons]
+
+
+def kl_within_bound(kl_per_token: float | None, max_kl: float) -> Check:
+    """The KL half of every policy gate. Not measured (None / NaN) fails."""
     if kl_per_token is None or math.isnan(kl_per_token):
-        return False, "KL to the reference was not measured"
+        return Check(CHECK_KL, False, "KL to the reference was not measured")
     within = kl_per_token <= max_kl
-    return within, (f"KL to the reference {kl_per_token:.4f} nats/token "
-                    f"{'<=' if within else '>'} bound {max_kl:g}")
+    return Check(CHECK_KL, within, f"KL to the reference {kl_per_token:.4f} nats/token "
+                                   f"{'<=' if within else '>'} bound {max_kl:g}")
 
 
-def enough_heldout(have: int, need: int, unit: str) -> tuple[bool, str]:
-    """The sample-size check: (passed, reason naming what is missing)."""
+def enough_heldout(have: int, need: int, unit: str) -> Check:
+    """The sample-size check (its text names what is missing)."""
     if have < need:
-        return False, f"needs >= {need} held-out {unit}, have {have}: {MISSING_HINT}"
-    return True, f"{have} held-out {unit} (>= {need})"
+        return Check(CHECK_HELDOUT, False,
+                     f"needs >= {need} held-out {unit}, have {have}: {MISSING_HINT}")
+    return Check(CHECK_HELDOUT, True, f"{have} held-out {unit} (>= {need})")
 
 
-def _policy_gate(comparison: Comparison | MarginTest | EitherTest | None, *, what: str, unit: str,
-                 heldout: int, kl_per_token: float | None, config: GateConfig, missing: str
-                 ) -> list[tuple[bool, str]]:
-    """(passed, reason) of each check: enough held-out units, the comparison, KL in bound."""
+def _policy_checks(comparison: Comparison | MarginTest | EitherTest | None, *, name: str,
+                   what: str, unit: str, heldout: int, kl_per_token: float | None,
+                   config: GateConfig, missing: str) -> list[Check]:
+    """The deciding checks of a policy gate: enough held-out units, the comparison, KL in bound."""
     return [enough_heldout(heldout, config.min_heldout, unit),
-            (False, f"no held-out {missing} to compare") if comparison is None
-            else (comparison.passed, comparison.describe(what, unit)),
+            Check(name, False, f"no held-out {missing} to compare") if comparison is None
+            else Check(name, comparison.passed, comparison.describe(what, unit)),
             kl_within_bound(kl_per_token, config.max_kl)]
 
 
-def _verdict(checks: list[tuple[bool, str]], reported: list[str], metrics: dict[str, Any]
-             ) -> GateDecision:
-    """Passed when every check passed; the checks' reasons, then the reported ones."""
-    return GateDecision(all(ok for ok, _ in checks), [r for _, r in checks] + reported, metrics,
-                        [r for ok, r in checks if not ok])
+def _reported(name: str, text: str) -> Check:
+    return Check(name, None, REPORTED + text)
+
+
+def _passes(checks: list[Check]) -> bool:
+    """A verdict passes when no check failed (reported ones decide nothing)."""
+    return all(c.passed is not False for c in checks)
 
 
 def _fmt(x: float | None) -> str:
@@ -390,35 +663,31 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     else:
         comparison = Comparison.of(accuracy, config.confidence, config.threshold) \
             if accuracy is not None else None
-    checks = _policy_gate(comparison, what=what, unit="pairs", heldout=heldout_pairs,
-                          kl_per_token=kl_per_token, config=config,
-                          missing="implicit reward" if either else config.metric.replace("_", " "))
-    reasons: list[str] = []  # reported beside the checks
+    checks = _policy_checks(comparison, name=config.metric, what=what, unit="pairs",
+                            heldout=heldout_pairs, kl_per_token=kl_per_token, config=config,
+                            missing="implicit reward" if either
+                            else config.metric.replace("_", " "))
     if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
-        reasons.append("reported: " + margin_test.describe(
-            f"implicit-reward mean margin vs {current_version}", "pairs"))
+        checks.append(_reported("mean_margin", margin_test.describe(
+            f"implicit-reward mean margin vs {current_version}", "pairs")))
     if implicit_test is not None and config.metric not in ("implicit_reward", "implicit_either"):
-        reasons.append("reported: " + implicit_test.describe(
-            f"implicit-reward win rate vs {current_version}", "pairs"))
-    reasons.append(f"reported: reference-free preference accuracy {_fmt(candidate_accuracy)} "
-                   f"vs current {current_version}'s {_fmt(current_accuracy)}")
-    metrics: dict[str, Any] = {
-        "candidate_accuracy": candidate_accuracy, "current_accuracy": current_accuracy,
-        "current_version": current_version, "kl_per_token": kl_per_token,
-        "metric": config.metric, "heldout_pairs": heldout_pairs, **config.stated()}
-    if isinstance(comparison, Comparison):
-        metrics.update(comparison.to_metrics())
-    elif implicit_test is not None:  # the margin metric: the win-rate keys describe its pairs
-        metrics.update(implicit_test.to_metrics())
-    if margin_test is not None:
-        metrics.update(margin_test.to_metrics())
-    if implicit_test is not None:
-        metrics["implicit_reward_accuracy"] = implicit.win_rate
-        metrics["implicit"] = implicit_test.to_metrics()
-    if accuracy is not None:
-        metrics["accuracy_paired"] = Comparison.of(accuracy, config.confidence,
-                                                   config.threshold).to_metrics()
-    return _verdict(checks, reasons, metrics)
+        checks.append(_reported("implicit_reward", implicit_test.describe(
+            f"implicit-reward win rate vs {current_version}", "pairs")))
+    checks.append(_reported("pref_accuracy", f"reference-free preference accuracy "
+                            f"{_fmt(candidate_accuracy)} vs current {current_version}'s "
+                            f"{_fmt(current_accuracy)}"))
+    # the flat win-rate numbers: the deciding comparison's, or for the margin metrics (whose
+    # deciding test has no counts) the implicit-reward sign test's on the same pairs
+    paired = comparison.result() if isinstance(comparison, Comparison) else \
+        implicit_test.result() if implicit_test is not None else None
+    return GateDecision(
+        _passes(checks), checks, "policy", config.metric, current_version, heldout_pairs,
+        paired=paired, margin=None if margin_test is None else margin_test.result(),
+        implicit=None if implicit_test is None else implicit_test.result(),
+        accuracy_paired=None if accuracy is None else
+        Comparison.of(accuracy, config.confidence, config.threshold).result(),
+        kl_per_token=kl_per_token, candidate_accuracy=candidate_accuracy,
+        current_accuracy=current_accuracy, **config.stated())
 
 
 def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
@@ -432,20 +701,17 @@ def ppo_gate(*, per_prompt: Paired | None, candidate_reward: float | None,
     rewards are reported (reward-model units mean nothing across reward models)."""
     comparison = Comparison.of(per_prompt, config.confidence, config.threshold) \
         if per_prompt is not None else None
-    checks = _policy_gate(comparison, what=f"reward-model win rate vs {current_version}",
-                          unit="prompts", heldout=heldout_prompts,
-                          kl_per_token=kl_per_token, config=config, missing="rewards")
-    reasons: list[str] = []
+    checks = _policy_checks(comparison, name="rm_win_rate",
+                            what=f"reward-model win rate vs {current_version}", unit="prompts",
+                            heldout=heldout_prompts, kl_per_token=kl_per_token, config=config,
+                            missing="rewards")
     if candidate_reward is not None and current_reward is not None:
-        reasons.append(f"reported: mean reward {candidate_reward:.4f} vs current "
-                       f"{current_version}'s {current_reward:.4f}")
-    metrics: dict[str, Any] = {
-        "metric": "rm_win_rate", "candidate_reward": candidate_reward,
-        "current_reward": current_reward, "current_version": current_version,
-        "kl_per_token": kl_per_token, "heldout_prompts": heldout_prompts, **config.stated()}
-    if comparison is not None:
-        metrics.update(comparison.to_metrics())
-    return _verdict(checks, reasons, metrics)
+        checks.append(_reported("mean_reward", f"mean reward {candidate_reward:.4f} vs current "
+                                f"{current_version}'s {current_reward:.4f}"))
+    return GateDecision(
+        _passes(checks), checks, "ppo", "rm_win_rate", current_version, heldout_prompts,
+        paired=None if comparison is None else comparison.result(), kl_per_token=kl_per_token,
+        candidate_reward=candidate_reward, current_reward=current_reward, **config.stated())
 
 
 def reward_model_gate(heldout: dict[str, Any], min_accuracy: float, *,
@@ -454,17 +720,18 @@ def reward_model_gate(heldout: dict[str, Any], min_accuracy: float, *,
     """A reward model's gate on its held-out pairwise results: `pairs`, `accuracy` and the
     counts `correct` / `wrong` / `ties` (chosen scored higher / lower / equal)."""
     pairs, acc = int(heldout.get("pairs", 0)), heldout.get("accuracy")
-    metrics: dict[str, Any] = {"heldout_accuracy": acc, "min_accuracy": min_accuracy,
-                               "confidence": confidence, "min_heldout": min_pairs,
-                               "heldout_pairs": pairs}
+    numbers = dict(heldout=pairs, heldout_accuracy=acc, min_accuracy=min_accuracy,
+                   confidence=confidence, min_heldout=min_pairs)
     if pairs < 1 or acc is None:
-        return _verdict([enough_heldout(pairs, min_pairs, "pairs"),
-                         (False, "no held-out pairs to measure accuracy on")], [], metrics)
+        checks = [enough_heldout(pairs, min_pairs, "pairs"),
+                  Check("rm_accuracy", False, "no held-out pairs to measure accuracy on")]
+        return GateDecision(False, checks, "reward_model", **numbers)
     paired = Paired(int(heldout.get("correct", round(acc * pairs))),
                     int(heldout.get("wrong", pairs - round(acc * pairs))),
                     int(heldout.get("ties", 0)))
     comparison = Comparison.of(paired, confidence, min_accuracy)
-    metrics.update(comparison.to_metrics())
-    return _verdict([enough_heldout(pairs, min_pairs, "pairs"),
-                     (comparison.passed, comparison.describe("held-out pairwise accuracy", "pairs"))],
-                    [], metrics)
+    checks = [enough_heldout(pairs, min_pairs, "pairs"),
+              Check("rm_accuracy", comparison.passed,
+                    comparison.describe("held-out pairwise accuracy", "pairs"))]
+    return GateDecision(_passes(checks), checks, "reward_model", paired=comparison.result(),
+                        **numbers)

@@ -3,7 +3,7 @@ random? Each job gets a fresh log of explicit preferences between two answers of
 lengths, the chosen one picked by a coin flip, and runs `run_job` (the default gate: the sign test
 or the margin test on the implicit reward vs the current version, each at half of the 5% level,
 >= 20 held-out pairs, KL bound) on a tiny random
-policy with the default model's tokenizer (cheap, as the issue allows). With a gate at its stated
+policy with the default model's tokenizer (seconds per job on CPU). With a gate at its stated
 level the pass rate stays near or under 5%.
 
     python benchmarks/gate_control.py [--jobs 20] [--pairs 120] [--metric METRIC]
@@ -18,6 +18,7 @@ import argparse
 import random
 import sys
 import tempfile
+from math import nan
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -45,7 +46,7 @@ def main() -> int:
     ap.add_argument("--metric", default=None, help="gate metric (default: the gate's default)")
     ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: the job's)")
     args = ap.parse_args()
-    from prefloop.align.gate import GateConfig
+    from prefloop.align.gate import GateConfig, GateDecision
     from prefloop.align.jobs.preference import JobConfig, run_job
     from prefloop.align.train.preference import TrainConfig
 
@@ -62,15 +63,18 @@ def main() -> int:
                                        train=TrainConfig(seed=j, lr=args.lr),  # the job's defaults
                                        gate=GateConfig(metric=args.metric)))
             passed += result.status in ("published", "promoted")
-            gate = result.gate or {}
-            sign_passes += (gate.get("implicit") or {}).get("p_value", 1.0) < 0.05
-            margin_passes += gate.get("margin_p_value", 1.0) < 0.05
-            rate = gate.get("implicit_reward_accuracy")
+            verdict = GateDecision.from_record(result.gate) if result.gate else None
+            sign = None if verdict is None else verdict.implicit
+            margin = None if verdict is None else verdict.margin
+            sign_p = nan if sign is None or sign.p_value is None else sign.p_value
+            margin_p = nan if margin is None else margin.p_value
+            sign_passes += sign_p < 0.05  # NaN (not measured) compares False
+            margin_passes += margin_p < 0.05
+            rate = None if sign is None else sign.win_rate
             print(f"job {j:2d}: {result.status:9} implicit-reward win rate "
-                  f"{'-' if rate is None else f'{rate:.2f}'} (sign-test p "
-                  f"{(gate.get('implicit') or {}).get('p_value', float('nan')):.3f}), mean margin "
-                  f"{gate.get('mean_margin', float('nan')):+.3f} (sign-flip p "
-                  f"{gate.get('margin_p_value', float('nan')):.3f})", flush=True)
+                  f"{'-' if rate is None else f'{rate:.2f}'} (sign-test p {sign_p:.3f}), mean "
+                  f"margin {nan if margin is None else margin.mean:+.3f} (sign-flip p "
+                  f"{margin_p:.3f})", flush=True)
     print(f"gate_control: the gate ({args.metric}) passed {passed} of {args.jobs} "
           f"({passed / args.jobs:.0%}); alone at the full 5% level the sign test would pass "
           f"{sign_passes}, the margin test {margin_passes}")

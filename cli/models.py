@@ -27,9 +27,12 @@ import getpass
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefloop.server.registry import DATA_DIR_ENV
+
+if TYPE_CHECKING:
+    from prefloop.align.gate import GateDecision
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +136,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Formatting
 
 
+def verdict_of(gate: dict[str, Any] | None) -> GateDecision | None:
+    """The gate verdict (align/gate.py GateDecision) of a manifest's or job's `gate` record;
+    None when the version or job was not gated."""
+    if not gate:
+        return None
+    from prefloop.align.gate import GateDecision
+    return GateDecision.from_record(gate)
+
+
+def _gate_passed(gate: dict[str, Any] | None) -> bool | None:
+    verdict = verdict_of(gate)
+    return None if verdict is None else verdict.passed
+
+
 def _gate_text(info: dict[str, Any]) -> str:
-    return {True: "passed", False: "rejected", None: "-"}[info.get("gate_passed")]
+    passed = _gate_passed(info["gate"]) if "gate" in info else info.get("gate_passed")
+    return {True: "passed", False: "rejected", None: "-"}[passed]
 
 
 def format_list(infos: list[dict[str, Any]]) -> str:
@@ -154,13 +172,21 @@ def format_list(infos: list[dict[str, Any]]) -> str:
 
 
 def gate_numbers(gate: dict | None) -> str:
-    """'0.800 [0.62, 0.93] 20': the gate's win rate, its interval and how many it judged."""
-    if not gate or gate.get("win_rate") is None:
+    """'0.800 [0.62, 0.93] 20': the gate's win rate, its interval and how many it judged (the
+    units that differ), from a `gate` record."""
+    verdict = verdict_of(gate)
+    paired = None if verdict is None else verdict.paired
+    if paired is None:
         return "-"
-    low, high = (gate.get("interval") or [None, None])[:2]
-    n = (gate.get("wins") or 0) + (gate.get("losses") or 0)
+    return _numbers_text(paired.win_rate, [paired.lower, paired.upper], paired.n)
+
+
+def _numbers_text(win_rate: float | None, interval: list | None, n: int | None) -> str:
+    if win_rate is None:
+        return "-"
+    low, high = (interval or [None, None])[:2]
     span = f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else "[-]"
-    return f"{gate['win_rate']:.3f} {span} {n}"
+    return f"{win_rate:.3f} {span} {n}"
 
 
 def trend_rows(registry) -> list[dict[str, Any]]:
@@ -172,15 +198,20 @@ def trend_rows(registry) -> list[dict[str, Any]]:
         if entry.action not in ("init", "promote"):
             continue
         m = registry.manifest(entry.version)
-        gate = m.gate or {}
+        verdict = verdict_of(m.gate)
+        paired = None if verdict is None else verdict.paired
         held = (m.metrics or {}).get("heldout") or {}
+        accuracy = None if verdict is None else verdict.candidate_accuracy
         ab = None
         if test is not None and test.candidate == entry.version and test.wins + test.losses:
             ab = test.wins / (test.wins + test.losses)
         rows.append({"at": entry.at, "version": entry.version, "method": m.method,
-                     "gate_win_rate": gate.get("win_rate"), "gate_interval": gate.get("interval"),
-                     "gate_n": (gate.get("wins") or 0) + (gate.get("losses") or 0),
-                     "heldout_accuracy": gate.get("candidate_accuracy", held.get("pref_accuracy")),
+                     "gate_win_rate": None if paired is None else paired.win_rate,
+                     "gate_interval": None if paired is None or paired.lower is None
+                     else [paired.lower, paired.upper],
+                     "gate_n": 0 if paired is None else paired.n,
+                     "heldout_accuracy": held.get("pref_accuracy") if accuracy is None
+                     else accuracy,
                      "ab_win_rate": ab})
     return rows
 
@@ -192,9 +223,8 @@ def format_trend(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'promoted at':27} {'version':8} {'method':7} {'gate win rate [interval] n':>28} "
              f"{'held-out acc':>12} {'A/B win rate':>12}"]
     for r in rows:
-        gate = {"win_rate": r["gate_win_rate"], "interval": r["gate_interval"],
-                "wins": r["gate_n"], "losses": 0}
-        lines.append(f"{r['at']:27} {r['version']:8} {r['method']:7} {gate_numbers(gate):>28} "
+        numbers = _numbers_text(r["gate_win_rate"], r["gate_interval"], r["gate_n"])
+        lines.append(f"{r['at']:27} {r['version']:8} {r['method']:7} {numbers:>28} "
                      f"{f(r['heldout_accuracy']):>12} {f(r['ab_win_rate']):>12}")
     return "\n".join(lines)
 
@@ -359,7 +389,7 @@ def _remote(args: argparse.Namespace) -> int:
         if args.models_command in ("list", "show"):
             listing = client.list_versions()
             infos = [dict(asdict(v), parent=v.parent or None,
-                          gate_passed=None if v.gate is None else bool(v.gate.get("passed")))
+                          gate_passed=_gate_passed(v.gate))
                      for v in listing.versions]
             if args.models_command == "show":
                 infos = [i for i in infos if i["version"] == args.version]

@@ -1,6 +1,7 @@
 """The gates' statistics (align/gate.py) against closed-form cases: exact binomial tails computed
 here independently (math.comb), Clopper-Pearson ends that have a closed form (all wins, no
-wins), coin flips, small n, the minimum sample size and the reasons users read."""
+wins), coin flips, small n, the minimum sample size and the reasons users read; the verdict's
+record (to_record / from_record), including records written before checks were stored."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from prefloop.align import gate
-from prefloop.align.gate import Comparison, GateConfig, Paired
+from prefloop.align.gate import Check, Comparison, GateConfig, GateDecision, Paired
 from prefloop.server.errors import InvalidArgument
 
 
@@ -74,7 +75,7 @@ def test_small_n_cases():
     assert not Comparison.of(Paired(3, 0, ties=10), 0.9).passed  # ties carry no information
     # 20 pairs need 15 wins at 0.9 (P(X>=15) = 0.0207; P(X>=14) = 0.0577)
     assert Comparison.of(Paired(15, 5), 0.9).passed and not Comparison.of(Paired(14, 6), 0.9).passed
-    # the issue's 145-vote run: 21 of 29 pairs passes, its 147-vote run (18 of 29) does not
+    # 29 differing pairs: 21 wins pass (p 0.012), 18 wins do not (p 0.13)
     assert Comparison.of(Paired(21, 8), 0.9).passed and not Comparison.of(Paired(18, 11), 0.9).passed
     nothing = Comparison.of(Paired(0, 0, ties=7), 0.9)
     assert not nothing.passed and (nothing.lower, nothing.upper) == (0.0, 1.0)
@@ -99,7 +100,7 @@ def decide(implicit, accuracy=None, kl=0.05, heldout=None, **cfg):
 def test_decide_passes_on_enough_consistent_wins_and_keeps_the_old_keys():
     d = decide(Paired(25, 5), Paired(2, 1, 27))
     assert d.passed, d.reasons
-    out = d.to_dict()
+    out = d.to_record()
     for key in ("passed", "reasons", "candidate_accuracy", "current_accuracy", "current_version",
                 "kl_per_token", "max_kl"):
         assert key in out
@@ -129,7 +130,7 @@ def test_decide_rejects_coin_flips_drift_and_the_other_metric():
     assert not drift.passed and "> bound 0.5" in drift.reasons[2]
     # the same candidate judged on reference-free accuracy: 1 discordant pair decides nothing
     acc = decide(Paired(30, 0), Paired(1, 0, 29), metric="pref_accuracy")
-    assert not acc.passed and acc.to_dict()["wins"] == 1
+    assert not acc.passed and acc.to_record()["wins"] == 1
     none = decide(None, heldout=30)
     assert not none.passed and "no held-out implicit reward to compare" in none.reasons
     strict = decide(Paired(25, 5), min_improvement=0.2)  # lower end must clear 0.7
@@ -148,8 +149,8 @@ def test_ppo_gate_is_the_reward_models_win_rate_per_prompt():
     ok = gate.ppo_gate(per_prompt=Paired(14, 1), candidate_reward=0.4, current_reward=0.1,
                        current_version="v0002", kl_per_token=0.1, heldout_prompts=15,
                        config=cfg)
-    assert ok.passed and ok.to_dict()["metric"] == "rm_win_rate"
-    assert {"candidate_reward", "current_reward", "min_improvement", "max_kl"} <= set(ok.to_dict())
+    assert ok.passed and ok.to_record()["metric"] == "rm_win_rate"
+    assert {"candidate_reward", "current_reward", "min_improvement", "max_kl"} <= set(ok.to_record())
     assert "reward-model win rate vs v0002" in ok.reasons[1]
     # a higher mean reward from a few outliers is not enough
     few = gate.ppo_gate(per_prompt=Paired(8, 7), candidate_reward=2.0, current_reward=0.1,
@@ -164,14 +165,14 @@ def test_ppo_gate_is_the_reward_models_win_rate_per_prompt():
 def test_reward_model_gate_on_counts():
     ok = gate.reward_model_gate({"pairs": 30, "accuracy": 0.8, "correct": 24, "wrong": 6,
                                  "ties": 0}, 0.5)
-    assert ok.passed and ok.to_dict()["heldout_accuracy"] == 0.8
-    assert ok.to_dict()["min_accuracy"] == 0.5
+    assert ok.passed and ok.to_record()["heldout_accuracy"] == 0.8
+    assert ok.to_record()["min_accuracy"] == 0.5
     few = gate.reward_model_gate({"pairs": 5, "accuracy": 0.4, "correct": 2, "wrong": 3}, 0.5)
     assert not few.passed and few.reasons[0].startswith("needs >= 20 held-out pairs, have 5")
     assert not gate.reward_model_gate({"pairs": 30, "accuracy": 0.6, "correct": 18,
                                        "wrong": 12}, 0.5).passed  # interval reaches below 0.5
     none = gate.reward_model_gate({"pairs": 0}, 0.5)
-    assert not none.passed and none.to_dict()["heldout_accuracy"] is None
+    assert not none.passed and none.to_record()["heldout_accuracy"] is None
 
 
 # ---- the implicit-reward margin test (sign flips) -------------------------------------------
@@ -230,7 +231,7 @@ def test_decide_on_the_margin_metric_reports_the_sign_test_beside():
     text = "\n".join(d.reasons)
     assert "implicit-reward mean margin vs v0000 +1.091 nats over 35 pairs" in text
     assert "reported: implicit-reward win rate vs v0000 0.629 (22 wins, 13 losses" in text
-    out = d.to_dict()
+    out = d.to_record()
     assert out["metric"] == "implicit_margin" and out["margin_pairs"] == 35
     assert out["margin_p_value"] < 0.05 and out["implicit"]["wins"] == 22 and "interval" in out["implicit"]
     # the same margins on the sign-test metric are rejected, the margin test reported
@@ -283,7 +284,7 @@ def test_either_metric_holds_its_level_on_random_signs():
 
 def test_every_gate_names_the_checks_that_failed():
     ok = decide(Paired(25, 5))
-    assert ok.passed and ok.to_dict()["failed"] == []
+    assert ok.passed and ok.to_record()["failed"] == []
     few_and_drift = decide(Paired(6, 0), kl=0.9)  # 6 of 6 passes its test, too few pairs and KL fail
     assert few_and_drift.failed == [few_and_drift.reasons[0], few_and_drift.reasons[2]]
     assert few_and_drift.failed[0].startswith("needs >= 20") and "> bound" in few_and_drift.failed[1]
@@ -295,3 +296,132 @@ def test_every_gate_names_the_checks_that_failed():
                         current_version="v0000", kl_per_token=0.1, heldout_prompts=30,
                         config=GateConfig())
     assert ppo.passed and ppo.failed == [] and ppo.reasons[-1].startswith("reported: mean reward")
+
+
+# ---- the verdict's record: one schema for the writer and the readers -------------------------
+
+
+def verdicts() -> list[GateDecision]:
+    """One verdict of every gate kind and metric, passed and failed."""
+    margins = [3.0] * 13 + [0.2] * 9 + [-0.2] * 13
+    out = [decide(Paired(25, 5), Paired(2, 1, 27)), decide(Paired(6, 0), kl=0.9),
+           decide(None, heldout=30), decide(Paired(12, 10), metric="pref_accuracy",
+                                            accuracy=Paired(3, 4, 23))]
+    for metric in ("implicit_margin", "implicit_reward", "implicit_either"):
+        out.append(gate.decide(implicit=Paired.from_differences(margins), accuracy=Paired(5, 1, 29),
+                               candidate_accuracy=0.5, current_accuracy=0.25,
+                               current_version="v0003", kl_per_token=0.125, heldout_pairs=35,
+                               margins=margins, config=GateConfig(metric=metric)))
+    cfg = GateConfig(min_heldout=10, max_kl=0.25)
+    out.append(gate.ppo_gate(per_prompt=Paired(14, 1, 2), candidate_reward=0.5, current_reward=0.25,
+                             current_version="v0002", kl_per_token=0.125, heldout_prompts=17,
+                             config=cfg))
+    out.append(gate.ppo_gate(per_prompt=None, candidate_reward=None, current_reward=None,
+                             current_version="v0002", kl_per_token=None, heldout_prompts=3,
+                             config=cfg))
+    out.append(gate.reward_model_gate({"pairs": 30, "accuracy": 0.8, "correct": 24, "wrong": 5,
+                                       "ties": 1}, 0.5))
+    out.append(gate.reward_model_gate({"pairs": 0}, 0.5))
+    return out
+
+
+@pytest.mark.parametrize("i", range(11))
+def test_a_verdicts_record_round_trips_through_json(i):
+    import json
+    d = verdicts()[i]
+    record = json.loads(json.dumps(d.to_record()))  # what the manifest / job history hold
+    back = GateDecision.from_record(record)
+    assert back == d  # every check and every number, typed
+    assert back.checks == d.checks and back.paired == d.paired and back.kind == d.kind
+    assert back.to_record() == record
+
+
+def test_the_record_keeps_the_old_keys_and_adds_the_checks():
+    d = decide(Paired(6, 0), kl=0.9)  # too few pairs and too much KL fail; the comparison passes
+    record = d.to_record()
+    assert record["passed"] is False
+    assert record["reasons"] == [c.text for c in d.checks] == d.reasons
+    assert record["reasons"][0].startswith("needs >= 20 held-out pairs, have 6")
+    assert record["reasons"][2] == "KL to the reference 0.9000 nats/token > bound 0.5"
+    assert record["reasons"][3] == "reported: reference-free preference accuracy 0.600 vs current v0001's 0.600"
+    assert record["failed"] == [record["reasons"][0], record["reasons"][2]]
+    assert record["checks"] == [
+        {"name": "min_heldout", "passed": False, "text": record["reasons"][0]},
+        {"name": "implicit_either", "passed": True, "text": record["reasons"][1]},
+        {"name": "max_kl", "passed": False, "text": record["reasons"][2]},
+        {"name": "pref_accuracy", "passed": None, "text": record["reasons"][3]}]
+    assert (record["wins"], record["losses"], record["heldout_pairs"], record["kl_per_token"]) == (6, 0, 6, 0.9)
+    assert d.paired.n == 6 and d.paired.win_rate == 1.0 and d.implicit == d.paired
+    assert d.paired.lower == pytest.approx(0.025 ** (1 / 6))  # 95% interval: 6 of 6
+
+
+@pytest.mark.parametrize("i", range(11))
+def test_the_failed_checks_are_exactly_those_that_failed(i):
+    d = verdicts()[i]
+    assert d.failed == [c.text for c in d.checks if c.passed is False]
+    assert d.to_record()["failed"] == d.failed
+    assert d.passed == (not d.failed)  # the gates decide on their checks alone
+    assert all(c.passed is None for c in d.checks if c.text.startswith("reported: "))
+    assert all(c.passed is not None for c in d.checks if not c.text.startswith("reported: "))
+
+
+def test_every_gate_kind_has_one_failing_example():
+    failed = [d for d in verdicts() if not d.passed]
+    assert {d.kind for d in failed} == {"policy", "ppo", "reward_model"}
+    assert {d.kind for d in verdicts() if d.passed} == {"policy", "ppo", "reward_model"}
+
+
+def old_record(d: GateDecision, *, with_failed: bool) -> dict:
+    """The record as written before checks were stored (and, without `failed`, before that)."""
+    record = d.to_record()
+    del record["checks"]
+    if not with_failed:
+        del record["failed"]
+    return record
+
+
+@pytest.mark.parametrize("with_failed", [True, False])
+@pytest.mark.parametrize("i", range(11))
+def test_an_old_record_reads_back_with_the_right_checks(i, with_failed):
+    d = verdicts()[i]
+    back = GateDecision.from_record(old_record(d, with_failed=with_failed))
+    assert back.passed == d.passed and back.reasons == d.reasons
+    assert [c.passed for c in back.checks] == [c.passed for c in d.checks]
+    assert back.failed == d.failed
+    # named by their wording: the comparison after the record's metric, reported lines "reported"
+    assert [c.name for c in back.checks] == [
+        "reported" if c.passed is None else c.name if c.name in ("min_heldout", "max_kl", d.metric)
+        else "comparison" for c in d.checks]
+    assert (back.paired, back.margin, back.implicit, back.kl_per_token, back.heldout) == \
+        (d.paired, d.margin, d.implicit, d.kl_per_token, d.heldout)
+
+
+def test_hand_written_old_records_read_back():
+    # passed, reasons only: every check passed
+    ok = GateDecision.from_record({"passed": True, "reasons": ["ok", "reported: an aside"],
+                                   "win_rate": 0.8, "interval": [0.61, 0.93], "wins": 16,
+                                   "losses": 4, "candidate_accuracy": 0.7})
+    assert [c.passed for c in ok.checks] == [True, None] and ok.failed == []
+    assert (ok.paired.win_rate, ok.paired.n, ok.paired.lower, ok.paired.p_value) == (0.8, 20, 0.61, None)
+    assert ok.candidate_accuracy == 0.7 and ok.kind == ""
+    # failed, and the record does not say which check: the wording does
+    reasons = ["35 held-out pairs (>= 20)", "implicit reward vs v0000, failed: either test",
+               "KL to the reference 0.0312 nats/token <= bound 0.5"]
+    old = GateDecision.from_record({"passed": False, "reasons": reasons, "metric": "implicit_either"})
+    assert old.failed == [reasons[1]] and old.kind == "policy"
+    assert [c.name for c in old.checks] == ["min_heldout", "implicit_either", "max_kl"]
+    # failed and nothing in the wording: every deciding check counts as failed
+    vague = GateDecision.from_record({"passed": False, "reasons": ["accuracy fell", "reported: x"]})
+    assert vague.failed == ["accuracy fell"] and not vague.passed
+    assert GateDecision.from_record({"passed": True}).checks == []
+    # keys this schema does not know are kept
+    assert GateDecision.from_record({"passed": True, "note": 1}).to_record()["note"] == 1
+
+
+def test_a_verdict_cannot_pass_with_a_failed_check():
+    with pytest.raises(InvalidArgument):
+        GateDecision(True, [Check("max_kl", False, "KL too high")])
+    with pytest.raises(InvalidArgument):
+        GateDecision.from_record({"passed": "yes", "reasons": []})
+    hand = GateDecision(False, ["accuracy fell"])  # a bare reason takes the verdict's outcome
+    assert hand.checks == [Check("reason", False, "accuracy fell")] and hand.failed == ["accuracy fell"]

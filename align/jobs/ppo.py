@@ -147,7 +147,7 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
         result.metrics["training"]["plot"] = str(plot_metrics(
             history, out_dir / "ppo_curves.png", title=f"PPO {job_id} (rm {cfg.rm})"))
     decision = _evaluate_ppo(cfg, registry, base, base_dir, rm_dir, trained, split, result)
-    result.gate = decision.to_dict()
+    result.gate = decision.to_record()
     if decision.passed or cfg.keep_rejected:
         hyper = dict(cfg.ppo.to_dict(), rm=cfg.rm, heldout_fraction=cfg.heldout_fraction,
                      eval_samples=cfg.eval_samples, gate=dataclasses.asdict(cfg.gate),

@@ -120,7 +120,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     decision = _evaluate(cfg, registry, base, base_dir, trained, split, result)
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    result.gate = decision.to_dict()
+    result.gate = decision.to_record()
     if decision.passed or cfg.keep_rejected:
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import DEFAULT_CONFIDENCE, DEFAULT_MIN_HELDOUT, reward_model_gate
+from prefloop.align.gate import DEFAULT_CONFIDENCE, DEFAULT_MIN_HELDOUT, GateDecision, reward_model_gate
 from prefloop.align.jobs import runner
 from prefloop.align.train.reward import RewardTrainConfig
 from prefloop.server import registry as reg
@@ -38,7 +38,8 @@ def reward_model_version(registry: reg.Registry, version: str, force: bool = Fal
         raise FailedPrecondition(f"{version} is a {manifest.kind} model, not a reward model "
                                  "(train one with `prefloop align rm`)")
     if manifest.gate_passed is False and not force:
-        reasons = "; ".join((manifest.gate or {}).get("reasons", []))
+        verdict = GateDecision.from_record(manifest.gate)  # gate_passed False: a gate record
+        reasons = "; ".join(verdict.failed or verdict.reasons)
         raise FailedPrecondition(f"reward model {version} failed its gate ({reasons}); pass "
                                  "--force-rm to use it anyway")
     return registry.version_dir(version)
@@ -136,7 +137,7 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
         if split.heldout else {"pairs": 0}
     decision = reward_model_gate(result.metrics["heldout"], cfg.min_accuracy,
                                  confidence=cfg.confidence, min_pairs=cfg.min_heldout)
-    result.gate = decision.to_dict()
+    result.gate = decision.to_record()
     model.to("cpu")
     hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                  pairs_from_ratings=cfg.pairs_from_ratings, max_pairs=cfg.max_pairs,
