@@ -737,14 +737,15 @@ def _jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no align jobs yet")
         return 0
-    from prefloop.cli.models import gate_numbers
+    from prefloop.cli.models import gate_numbers, verdict_of
     print(f"{'job':32} {'status':10} {'method':6} {'base':6} {'version':8} {'train/held':>10} "
           f"{'gate win rate [interval] n':>28} {'KL/tok':>8}  reason")
     for j in jobs:
         rows = j.data.get("rows") or {}
         rows_text = f"{rows.get('train', '-')}/{rows.get('heldout', '-')}" if rows else "-"
         kl = (j.metrics.get("heldout") or {}).get("kl_per_token")
-        failed = (j.gate or {}).get("failed")  # the gate's failed checks, first one shown
+        verdict = verdict_of(j.gate)  # the gate's failed checks, first one shown
+        failed = verdict.failed if verdict else []
         reason = (failed[0] if failed else j.reason.split("; ")[0])[:80]
         print(f"{j.job_id:32} {j.status:10} {j.method or '-':6} {j.base or '-':6} "
               f"{j.version or '-':8} {rows_text:>10} {gate_numbers(j.gate):>28} "
