@@ -358,7 +358,7 @@ def test_incremental_ppo_run_skips_without_new_prompts(ppo_log):
 
 # ---- the default model (slow) --------------------------------------------------------------------
 
-FRUIT_DATA = Path(__file__).parent / "data" / "smollm2_fruit_answers.json"
+FRUIT_DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2_fruit_answers.json"
 HELDOUT_QUESTIONS = ["Name a fruit that is orange.", "Which fruit do you eat in summer?",
                      "What fruit is good for a cake?", "Name a fruit with a hard shell.",
                      "What fruit is juicy?", "Which fruit is purple?", "Name a fruit for a salad.",

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from prefloop.server.model.loader import load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from quant_quality import all_logits, first_difference  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from prefloop.proto.prefloop.v1 import generation_pb2, models_pb2
 
-PROTO_DIR = Path(__file__).resolve().parents[1] / "proto"
+PROTO_DIR = Path(__file__).resolve().parents[2] / "proto"
 
 
 @pytest.mark.timeout(120)
