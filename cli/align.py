@@ -10,13 +10,15 @@ method in one command module.
     prefloop align score --data-dir DIR --rm VERSION [--since DATE] [--rescore]
     prefloop align ppo   --data-dir DIR --rm VERSION [--steps N] [--beta 0.05] [--adaptive-kl]
                          [--plot] [--promote] ...
-    prefloop align run   --data-dir DIR [--method dpo|kto|sft|ppo] [--min-new-pairs N] [--auto-promote]
-    prefloop align schedule --every 6h [run options]           `align run` on a timer
+    prefloop align run   dpo|kto|sft|ppo --data-dir DIR [--min-new-pairs N] [--auto-promote]
+                         (the older `align run --method M` spelling is rewritten to this)
+    prefloop align schedule dpo|kto|sft|ppo --every 6h [run options]   `align run` on a timer
     prefloop align jobs  --data-dir DIR [--json]               the job history
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
 cli/main.py). The work is in align/jobs/ (preference.py: dpo, kto; reward.py: rm, score;
-ppo.py; schedule.py); this file declares the flags, maps them to the job configs and prints the
+ppo.py; schedule.py); this file declares the flags (one parser per method, with only the flags
+that method reads), maps them to the job configs and runs the job; align_output.py prints the
 result. Exit codes: 0 done (including "skipped" and "rejected"), 1 the job failed, 2 bad
 arguments or data directory, 3 another job holds the lock, 130 interrupted (Ctrl-C; recorded in
 the job history).
@@ -32,7 +34,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from prefloop.server.registry import DATA_DIR_ENV
 
@@ -147,36 +149,68 @@ def _policy_lr() -> str:
             f"{e(SFT_LR[True])} / {e(SFT_LR[False])}")
 
 
-def _common(p: argparse.ArgumentParser, method: str | None) -> None:
-    """Flags shared by dpo, kto, run and schedule (`method` None: run/schedule choose)."""
+# Flags a method does not read, with the values its job config needs (each method's parser has
+# only its own flags; these fill the rest so the config builders read plain attributes).
+_UNREAD_DEFAULTS = {"loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
+                    "desirable_weight": 1.0, "undesirable_weight": 1.0, "gate_metric": None,
+                    "max_steps": -1, "verbose": False}
+
+
+def _fill_unread(p: argparse.ArgumentParser) -> None:
+    """Give `p`'s namespace the `_UNREAD_DEFAULTS` of the flags it does not declare (parser-level
+    defaults would override a declared flag's own default, so only the undeclared ones)."""
+    declared = {a.dest for a in p._actions}
+    p.set_defaults(**{k: v for k, v in _UNREAD_DEFAULTS.items() if k not in declared})
+
+
+def _common(p: argparse.ArgumentParser, method: str) -> None:
+    """The flags of one policy method (dpo, kto, sft: TRL trainers; ppo inside `align run` /
+    `align schedule`: the shared ones PPO reads, its own come from `add_ppo_run_arguments`)."""
+    trl = method != "ppo"
     _source(p)
     g = p.add_argument_group("training")
     g.add_argument("--beta", type=float, default=0.1,
-                   help="strength of the pull towards the reference (default %(default)s)")
-    if method in (None, "dpo"):
+                   help="KL penalty coefficient (initial value with --adaptive-kl)" if not trl
+                   else "strength of the pull towards the reference (default %(default)s)")
+    if method == "dpo":
         g.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "robust"],
                        help="DPO loss (default %(default)s)")
         g.add_argument("--label-smoothing", type=float, default=0.0,
                        help="robust loss: assumed probability that a label is flipped")
         g.add_argument("--pairs-from-ratings", action="store_true",
                        help="also train on pairs of differently rated answers to one prompt")
-    if method in (None, "kto"):
+    if method == "kto":
         g.add_argument("--desirable-weight", type=float, default=1.0,
                        help="KTO loss weight of thumbs-up answers (raise it when they are fewer)")
         g.add_argument("--undesirable-weight", type=float, default=1.0,
                        help="KTO loss weight of thumbs-down answers")
-    _trainer(g, default_lr=_policy_lr(), lora=True,
-             max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
-    g.add_argument("--warmup", type=float, default=0.0, help="warmup ratio of the steps")
+    if trl:
+        _trainer(g, default_lr=_policy_lr(), lora=True,
+                 max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
+        g.add_argument("--warmup", type=float, default=0.0, help="warmup ratio of the steps")
+    else:
+        g.add_argument("--max-steps", type=int, default=-1,
+                       help="PPO iterations when --steps is not given")
+        g.add_argument("--lr", type=float, default=None,
+                       help="learning rate of policy and value head (default 1e-5)")
+        g.add_argument("--batch-size", type=int, default=4, help="prompts per rollout per device")
+        g.add_argument("--seed", type=int, default=0,
+                       help="random seed of shuffling, initialization and sampling")
+        g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 mixed precision (default: on for CUDA with bf16)")
     d = p.add_argument_group("data and evaluation")
-    d.add_argument("--max-pairs", type=int, default=None, metavar="N",
-                   help="use only the newest N pairs (kto: examples)")
+    if trl:
+        d.add_argument("--max-pairs", type=int, default=None, metavar="N",
+                       help="use only the newest N pairs (kto: examples)")
     _evaluation(d, eval_batch_size=4)
-    d.add_argument("--max-train-eval", type=int, default=64, metavar="N",
-                   help="newest N training rows scored for the train metrics (0: none; the "
-                        "gate reads held-out rows only)")
-    _gate(p, "win rate over the current version on held-out pairs", policy_metric=True)
+    if trl:
+        d.add_argument("--max-train-eval", type=int, default=64, metavar="N",
+                       help="newest N training rows scored for the train metrics (0: none; the "
+                            "gate reads held-out rows only)")
+    _gate(p, "win rate over the current version on held-out pairs" if trl else
+          "reward-model win rate of its answers over the current version's", policy_metric=trl)
     _json(p)
+    _fill_unread(p)
 
 
 def add_rm_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,14 +255,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="longer conversations are scored on their last N tokens")
     p.add_argument("--device", default=None, help="scoring device (default cuda if present)")
     _json(p)
+    _fill_unread(p)
 
 
-def add_ppo_run_arguments(p: argparse.ArgumentParser, title: str = "PPO (--method ppo)"
-                          ) -> None:
-    """PPO-only flags, in groups of their own (`title`; `align run --help` shows them only with
-    --method ppo); `align run` / `align schedule` already define the shared ones (--beta, --lr,
-    --batch-size, --seed, --bf16, --max-steps, --heldout-fraction, --max-kl, ...)."""
-    g = p.add_argument_group(title, "only read with --method ppo" if "--method" in title else None)
+def add_ppo_run_arguments(p: argparse.ArgumentParser, title: str = "PPO") -> None:
+    """PPO-only flags, in groups of their own (`title`); `align ppo` and `align run ppo` define
+    the shared ones (--beta, --lr, --batch-size, --seed, --bf16, --heldout-fraction, --max-kl,
+    ...) themselves."""
+    g = p.add_argument_group(title)
     g.add_argument("--rm", default=None, metavar="VERSION",
                    help="reward model version (required for --method ppo)")
     g.add_argument("--force-rm", action="store_true",
@@ -284,6 +318,7 @@ def add_ppo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--promote", action="store_true", help="promote it if the gate passes")
     _keep_rejected(p)
     _json(p)
+    _fill_unread(p)
 
 
 def _keep_rejected(p: argparse.ArgumentParser) -> None:
@@ -292,12 +327,19 @@ def _keep_rejected(p: argparse.ArgumentParser) -> None:
                         "(default: only record why in the job history)")
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `align run` (also accepted by `align schedule`, which passes them on)."""
-    _common(p, None)
-    p.add_argument("--method", default="dpo", choices=["dpo", "kto", "sft", "ppo"],
-                   help="dpo | kto | sft | ppo (ppo needs --rm VERSION)")
-    add_ppo_run_arguments(p)
+RUN_METHODS = ("dpo", "kto", "sft", "ppo")
+_METHOD_HELP = {"dpo": "DPO on the new preference pairs", "kto": "KTO on the new thumbs up/down",
+                "sft": "supervised fine-tuning on users' own and top-rated answers",
+                "ppo": "PPO against a reward model (--rm VERSION)"}
+
+
+def add_run_arguments(p: argparse.ArgumentParser, method: str) -> None:
+    """The flags of `align run METHOD` (also accepted by `align schedule METHOD`, which passes
+    them on)."""
+    p.set_defaults(method=method)
+    _common(p, method)
+    if method == "ppo":
+        add_ppo_run_arguments(p)
     p.add_argument("--min-new-pairs", type=int, default=8, metavar="N",
                    help="skip the job unless N rows are newer than any job has seen "
                         "(default %(default)s)")
@@ -308,67 +350,57 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(gate), or start an online A/B test that live votes decide (ab; "
                         "docs/ab.md) (default %(default)s)")
     _keep_rejected(p)
-    _help_of_chosen_method(p)
+    _fill_unread(p)
 
 
-# `align run` / `align schedule` accept every method's flags, but --help shows only those the
-# chosen --method reads (default dpo): each flag below is read only by the methods named.
-RUN_METHODS = ("dpo", "kto", "sft", "ppo")
-_TRL = ("dpo", "kto", "sft")
-_READ_BY = {
-    "loss": ("dpo",), "label_smoothing": ("dpo",), "pairs_from_ratings": ("dpo",),
-    "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
-    **dict.fromkeys(("epochs", "grad_accum", "max_length", "lora", "lora_r", "lora_alpha",
-                     "gradient_checkpointing", "warmup", "verbose", "max_pairs", "gate_metric",
-                     "max_train_eval"),
-                    _TRL),
-}
-_PPO_HELP = {  # shared flags whose meaning differs for --method ppo
-    "beta": "KL penalty coefficient (initial value with --adaptive-kl)",
-    "lr": "learning rate of policy and value head (default 1e-5)",
-    "batch_size": "prompts per rollout per device",
-    "max_steps": "PPO iterations when --steps is not given",
-}
+def _method_parsers(p: argparse.ArgumentParser, command: str, extra=None) -> None:
+    """`align run|schedule dpo|kto|sft|ppo`: one parser per method, with only its flags;
+    `extra(parser)` adds the command's own (schedule: --every, ...)."""
+    sub = p.add_subparsers(dest="run_method", metavar="{" + ",".join(RUN_METHODS) + "}",
+                           required=True)
+    for method in RUN_METHODS:
+        mp = sub.add_parser(method, help=_METHOD_HELP[method],
+                            description=f"`align {command} {method}`: {_METHOD_HELP[method]}.")
+        add_run_arguments(mp, method)
+        if extra is not None:
+            extra(mp)
 
 
-def _peek_method(argv: list[str], default: str = "dpo") -> str:
-    """The --method that `argv` (the words after `align run`) chooses, before parsing."""
-    method = default
-    for i, word in enumerate(argv):
-        if word == "--method" and i + 1 < len(argv):
-            method = argv[i + 1]
-        elif word.startswith("--method="):
-            method = word.split("=", 1)[1]
-    return method if method in RUN_METHODS else default
+def _schedule_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--every", required=True, metavar="DURATION",
+                   help="interval, e.g. 30m, 6h, 1d")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="stop after N jobs (default: run until SIGTERM/SIGINT)")
+    p.add_argument("--no-initial-run", action="store_true",
+                   help="wait one interval before the first job")
 
 
-def show_flags_of(p: argparse.ArgumentParser, method: str) -> None:
-    """Make `p`'s --help show the flags `method` reads (other methods' flags stay accepted, with
-    their help suppressed) and end with how to see another method's flags."""
-    for action in p._actions:
-        methods = RUN_METHODS if action.dest.startswith(("help", "method")) else (
-            ("ppo",) if action.container.title and action.container.title.startswith("PPO")
-            else _READ_BY.get(action.dest, RUN_METHODS))
-        original = action.__dict__.setdefault("_help", action.help)
-        action.help = (argparse.SUPPRESS if method not in methods else
-                       _PPO_HELP.get(action.dest, original) if method == "ppo" else original)
-    for group in p._action_groups:  # a group left without a flag to show shows nothing
-        original = group.__dict__.setdefault("_description", group.description)
-        shown = any(a.help is not argparse.SUPPRESS for a in group._group_actions)
-        group.description = original if shown else None
-    others = "|".join(m for m in RUN_METHODS if m != method)
-    p.epilog = f"flags of another method: {p.prog} --method {others} --help"
-
-
-def _help_of_chosen_method(p: argparse.ArgumentParser) -> None:
-    """Before `p` parses, show in its --help only the flags of the --method its words choose."""
-    parse = p.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        show_flags_of(p, _peek_method(sys.argv[1:] if args is None else list(args)))
-        return parse(args, namespace)
-    p.parse_known_args = parse_known_args
-    show_flags_of(p, "dpo")
+def canonical_argv(argv: list[str]) -> list[str]:
+    """The old spelling `align run|schedule [flags] --method M [flags]` as the sub-command form
+    `align run|schedule M [flags]` (no --method: dpo, as before). `align run --help` without a
+    method keeps listing the methods. Other command lines are returned as they are."""
+    try:
+        at = argv.index("align")
+    except ValueError:
+        return argv
+    if at + 1 >= len(argv) or argv[at + 1] not in ("run", "schedule"):
+        return argv
+    head, rest = argv[:at + 2], argv[at + 2:]
+    if rest and rest[0] in RUN_METHODS:
+        return argv
+    method, words, i = None, [], 0
+    while i < len(rest):
+        if rest[i] == "--method" and i + 1 < len(rest):
+            method, i = rest[i + 1], i + 2
+            continue
+        if rest[i].startswith("--method="):
+            method = rest[i].split("=", 1)[1]
+        else:
+            words.append(rest[i])
+        i += 1
+    if method is None and any(w in ("-h", "--help") for w in words):
+        return argv
+    return head + [method or "dpo"] + words
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,21 +438,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ppo", help="PPO against a reward model, with a per-token KL penalty",
         description="PPO on the prompts of the log against --rm, with a per-token KL penalty to "
                     "the base; gate, publish, promote."))
-    add_run_arguments(sub.add_parser(
+    run = sub.add_parser(
         "run", help="one incremental job: new data -> train -> gate -> publish -> promote",
         description="Train on the feedback newer than the watermark (the newest row the current "
                     "version was trained on), under the job lock; gate, publish, and with "
-                    "--auto-promote promote."))
+                    "--auto-promote promote. `align run METHOD --help` shows a method's flags "
+                    "(the older `align run --method METHOD` spelling works too).")
+    _method_parsers(run, "run")
     sched = sub.add_parser("schedule", help="run `align run` every --every",
-                           description="Run `prefloop align run` as a subprocess on a timer "
-                                       "(docs/align.md has cron and systemd timer versions).")
-    add_run_arguments(sched)
-    sched.add_argument("--every", required=True, metavar="DURATION",
-                       help="interval, e.g. 30m, 6h, 1d")
-    sched.add_argument("--max-runs", type=int, default=None,
-                       help="stop after N jobs (default: run until SIGTERM/SIGINT)")
-    sched.add_argument("--no-initial-run", action="store_true",
-                       help="wait one interval before the first job")
+                           description="Run `prefloop align run METHOD` as a subprocess on a "
+                                       "timer (docs/align.md has cron and systemd timer versions).")
+    _method_parsers(sched, "schedule", _schedule_arguments)
     jobs = sub.add_parser("jobs", help="the job history of the registry",
                           description="The job history of the registry: one line per job (status, "
                                       "version, train / held-out rows, the gate's win rate with its "
@@ -444,17 +472,16 @@ def _gate_config(args: argparse.Namespace):
     return GateConfig(max_kl=args.max_kl if args.max_kl is not None else DEFAULT_MAX_KL,
                       min_improvement=args.min_improvement,
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
-                      metric=getattr(args, "gate_metric", None) or "implicit_reward")
+                      metric=args.gate_metric or "implicit_reward")
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:
     """`--auto-promote` / `--keep-rejected` for run and schedule; `--promote` / `--keep-rejected`
     for a one-off job."""
     if _incremental(args):
-        return {"promote": getattr(args, "auto_promote", False),
-                "promote_via": getattr(args, "promote_via", "gate"),
-                "keep_rejected": getattr(args, "keep_rejected", False)}
-    return {"promote": args.promote, "keep_rejected": getattr(args, "keep_rejected", False)}
+        return {"promote": args.auto_promote, "promote_via": args.promote_via,
+                "keep_rejected": args.keep_rejected}
+    return {"promote": args.promote, "keep_rejected": args.keep_rejected}
 
 
 def job_config(args: argparse.Namespace):
@@ -464,21 +491,20 @@ def job_config(args: argparse.Namespace):
 
     method = args.align_command if args.align_command in ("dpo", "kto", "sft") else args.method
     train = TrainConfig(
-        method=method, beta=args.beta, loss=getattr(args, "loss", "sigmoid") or "sigmoid",
-        label_smoothing=getattr(args, "label_smoothing", 0.0), epochs=args.epochs,
+        method=method, beta=args.beta, loss=args.loss, label_smoothing=args.label_smoothing,
+        epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, warmup_ratio=args.warmup,
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        desirable_weight=getattr(args, "desirable_weight", 1.0),
-        undesirable_weight=getattr(args, "undesirable_weight", 1.0))
+        desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
     incremental = _incremental(args)
     return JobConfig(
         data_dir=Path(args.data_dir), train=train, gate=_gate_config(args),
         command=args.align_command, base=args.base, model=args.model, cache_dir=args.cache_dir,
         since=args.since, incremental=incremental,
         min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,
-        pairs_from_ratings=getattr(args, "pairs_from_ratings", False),
+        pairs_from_ratings=args.pairs_from_ratings,
         heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
         max_train_eval=args.max_train_eval,
         device=args.device, **_promote_and_keep(args))
@@ -507,10 +533,10 @@ def ppo_job_config(args: argparse.Namespace):
     from prefloop.align.jobs.ppo import PPOJobConfig
     from prefloop.align.train.ppo import PPOConfig
     from prefloop.server.errors import InvalidArgument
-    if not getattr(args, "rm", None):
+    if not args.rm:
         raise InvalidArgument("PPO needs --rm VERSION (a reward model from `prefloop align rm`)")
     steps = args.steps if args.steps is not None else (
-        args.max_steps if getattr(args, "max_steps", -1) and args.max_steps > 0 else 64)
+        args.max_steps if args.max_steps > 0 else 64)
     batch = args.batch_size
     ppo = PPOConfig(
         steps=steps, batch_size=batch,
@@ -526,121 +552,14 @@ def ppo_job_config(args: argparse.Namespace):
     incremental = _incremental(args)
     return PPOJobConfig(
         data_dir=Path(args.data_dir), rm=args.rm, ppo=ppo, gate=_gate_config(args),
-        command=getattr(args, "align_command", "ppo") or "ppo", base=args.base,
+        command=args.align_command, base=args.base,
         model=args.model, cache_dir=args.cache_dir, since=args.since, incremental=incremental,
-        min_new=getattr(args, "min_new_pairs", 0) if incremental else 0,
+        min_new=args.min_new_pairs if incremental else 0,
         max_prompts=args.max_prompts, heldout_fraction=args.heldout_fraction,
         max_heldout=args.max_heldout, eval_samples=args.eval_samples,
         eval_batch_size=args.eval_batch_size, force_rm=args.force_rm,
         out_dir=Path(args.out_dir) if args.out_dir else None, plot=args.plot,
         device=args.device, **_promote_and_keep(args))
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _table(train: dict, held: dict, rows: list[tuple[str, str, int]], width: int, *,
-           every_row: bool = False) -> list[str]:
-    """A train vs held-out table of the `(label, key, digits)` rows either side has (all of
-    them with `every_row`)."""
-    lines = [f"{'':{width}}{'train':>10}{'held-out':>10}"]
-    for label, key, digits in rows:
-        if every_row or key in train or key in held:
-            lines.append(f"{label:{width}}{_fmt(train.get(key), digits):>10}"
-                         f"{_fmt(held.get(key), digits):>10}")
-    return lines
-
-
-_PREFERENCE_ROWS = [("pairs", "pairs", 0), ("examples", "examples", 0), ("loss", "loss", 4),
-                    ("reward accuracy", "reward_accuracy", 3),
-                    ("reward margin", "reward_margin", 4), ("label accuracy", "label_accuracy", 3),
-                    ("pref accuracy", "pref_accuracy", 3),
-                    ("ref pref accuracy", "ref_pref_accuracy", 3),
-                    ("KL/token to ref", "kl_per_token", 4), ("KL/sequence", "kl_per_sequence", 4)]
-_RM_ROWS = [("pairs", "pairs", 0), ("accuracy", "accuracy", 3), ("margin", "margin", 3),
-            ("loss", "loss", 4)]
-
-
-def format_gate(r: dict[str, Any]) -> list[str]:
-    """The gate's verdict and reasons (or why there was no gate)."""
-    gate = r.get("gate")
-    if gate:
-        return ([f"gate: {'PASSED' if gate['passed'] else 'REJECTED'}"]
-                + [f"  - {reason}" for reason in gate.get("reasons", [])])
-    return [f"reason: {r['reason']}"] if r.get("reason") else []
-
-
-def format_result(result) -> str:
-    """The metrics summary of any align job: data, training, train vs held-out, the current
-    version, the gate's reasons."""
-    r = result if isinstance(result, dict) else result.to_record()
-    method = r.get("method")
-    lines = [f"job {r['job_id']}: {r['status']}" + (f" -> {r['version']}" if r.get("version")
-                                                     else "") + f" (base {r.get('base')})"]
-    metrics, data = r.get("metrics") or {}, r.get("data") or {}
-    train, held = metrics.get("train") or {}, metrics.get("heldout") or {}
-    if data.get("rows") and any(data["rows"].values()):
-        lines.append(f"data: {data.get('since')} .. {data.get('until')}  "
-                     f"train {data['rows']['train']}  held-out {data['rows']['heldout']}"
-                     f" (from {data.get('heldout_since')})")
-    tr = metrics.get("training") or {}
-    if tr:
-        lines.append(f"training: {tr.get('steps')} steps in {tr.get('runtime_s')} s" +
-                     (f", loss {_fmt(tr.get('first_loss'))} -> {_fmt(tr.get('last_loss'))}"
-                      if "first_loss" in tr else ""))
-    if method == "rm":
-        lines += _table(train, held, _RM_ROWS, 18, every_row=True)
-    elif method == "ppo":
-        first, last = tr.get("first") or {}, tr.get("last") or {}
-        if first:
-            lines.append(f"rollout reward {_fmt(first.get('reward'))} -> "
-                         f"{_fmt(last.get('reward'))}, KL/answer {_fmt(first.get('kl'))} -> "
-                         f"{_fmt(last.get('kl'))}")
-        cur = metrics.get("current") or {}
-        if held:
-            lines.append(f"held-out ({held.get('samples')} answers): reward "
-                         f"{_fmt(held.get('reward'), 4)} vs {cur.get('version')} "
-                         f"{_fmt(cur.get('reward'), 4)}; KL/token "
-                         f"{_fmt(held.get('kl_per_token'), 4)}")
-        if tr.get("metrics_file"):
-            lines.append(f"metrics: {tr['metrics_file']}" +
-                         (f"  plot: {tr['plot']}" if tr.get("plot") else ""))
-    else:
-        if train or held:
-            lines += _table(train, held, _PREFERENCE_ROWS, 22)
-        sft = held.get("sft") or {}
-        if sft:
-            lines.append(f"held-out SFT examples {sft.get('examples')}: NLL/token "
-                         f"{_fmt(sft.get('nll_per_token'), 4)} (base "
-                         f"{_fmt(sft.get('ref_nll_per_token'), 4)})")
-        cur = metrics.get("current") or {}
-        if cur:
-            lines.append(f"current {cur.get('version')}: held-out pref accuracy "
-                         f"{_fmt(cur.get('heldout_pref_accuracy'))}; candidate's implicit-reward "
-                         f"accuracy vs it {_fmt(held.get('implicit_reward_accuracy_vs_current'))}"
-                         f" ({metrics.get('gate_basis')})")
-    return "\n".join(lines + format_gate(r) + next_steps(r))
-
-
-def next_steps(r: dict[str, Any]) -> list[str]:
-    """What to do after the gate rejected a candidate (nothing for other outcomes)."""
-    if r.get("status") != "rejected":
-        return []
-    held = ((r.get("data") or {}).get("rows") or {}).get("heldout")
-    kept = f" ({r['version']} is kept, marked rejected)" if r.get("version") else ""
-    return ["next: collect more votes (the gate judged " + (f"{held} held-out rows" if held else
-            "few held-out rows") + "), or lower --heldout-fraction to train on more of them, "
-            "or raise --epochs / --lr; run again with --keep-rejected to inspect the candidate"
-            + kept + " (`prefloop models show VERSION`)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,6 +624,7 @@ def _job(args: argparse.Namespace) -> int:
         result = run_job(cfg)
     if result.status == "worker":
         return 0
+    from prefloop.cli.align_output import format_result
     print(json.dumps(result.to_record(), indent=2) if args.json else format_result(result),
           flush=True)
     return 0
@@ -758,10 +678,10 @@ def run(args: argparse.Namespace) -> int:
         return _jobs(args)
     if args.align_command == "schedule":
         from prefloop.align.jobs.schedule import run_schedule
-        return run_schedule(args, add_run_arguments)
+        return run_schedule(args, lambda p: add_run_arguments(p, args.method))
     if not Path(args.data_dir).is_dir():
         print(f"prefloop align: no data directory at {args.data_dir}", file=sys.stderr)
         return 2
     from prefloop.align.train.common import set_verbose
-    set_verbose(getattr(args, "verbose", False))
+    set_verbose(args.verbose)
     return _guarded(_score if args.align_command == "score" else _job, args)

@@ -116,6 +116,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "align" in argv:  # `align run --method M` (the older spelling) -> `align run M`
+        from prefloop.cli.align import canonical_argv
+        argv = canonical_argv(argv)
     parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the (sub)command they were given to, with its usage

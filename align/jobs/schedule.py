@@ -1,9 +1,10 @@
-"""`prefloop align schedule --every 6h [run options]`: run `prefloop align run` on a timer.
+"""`prefloop align schedule METHOD --every 6h [run options]`: run `prefloop align run METHOD` on a
+timer.
 
-Each job is a subprocess (`python -m prefloop.cli align run ...` with the same run
+Each job is a subprocess (`python -m prefloop.cli align run METHOD ...` with the same run
 options), so a crash or a memory peak of one job never takes the timer down, and the job
-lock (align/jobs/runner.py) still keeps a manual job and a scheduled one apart (a tick that finds
-the lock held is logged and skipped). Ticks are anchored to the start time: a job longer than the
+lock still keeps a manual job and a scheduled one apart (a tick that finds
+the lock held is logged and skipped; the lock is server/jobs.py's). Ticks are anchored to the start time: a job longer than the
 interval makes the next tick start right after it, never two at once. SIGTERM / SIGINT stop the loop; a job in
 progress is asked to stop with SIGTERM (it records itself as failed and leaves no partial
 version).
@@ -85,7 +86,7 @@ def run_schedule(args: argparse.Namespace, add_run_arguments) -> int:
         print(f"prefloop align schedule: {exc}", file=sys.stderr)
         return 2
     cmd = [sys.executable, "-m", "prefloop.cli", "--log-level",
-           str(getattr(args, "log_level", "INFO")), "align", "run", *run_argv(args, add_run_arguments)]
+           str(getattr(args, "log_level", "INFO")), "align", "run", args.method, *run_argv(args, add_run_arguments)]
     stop = _Stop()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)

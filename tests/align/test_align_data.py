@@ -138,10 +138,9 @@ def test_schedule_durations_and_run_flags():
     from prefloop.cli import align as align_cmd
     parser = argparse.ArgumentParser()
     align_cmd.add_arguments(parser)
-    args = parser.parse_args(["schedule", "--every", "6h", "--data-dir", "/d", "--method", "kto",
+    args = parser.parse_args(["schedule", "kto", "--every", "6h", "--data-dir", "/d",
                               "--auto-promote", "--beta", "0.2", "--no-bf16", "--max-runs", "2"])
-    argv = schedule.run_argv(args, align_cmd.add_run_arguments)
-    assert argv == ["--data-dir", "/d", "--beta", "0.2", "--no-bf16", "--method", "kto",
-                    "--auto-promote"]
-    again = parser.parse_args(["run", *argv])
+    argv = schedule.run_argv(args, lambda p: align_cmd.add_run_arguments(p, "kto"))
+    assert argv == ["--data-dir", "/d", "--beta", "0.2", "--no-bf16", "--auto-promote"]
+    again = parser.parse_args(["run", "kto", *argv])
     assert (again.method, again.auto_promote, again.beta, again.bf16) == ("kto", True, 0.2, False)

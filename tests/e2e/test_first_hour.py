@@ -261,39 +261,45 @@ def test_every_align_and_models_flag_has_help():
     assert not missing, missing
 
 
-def test_align_run_help_shows_the_flags_of_the_chosen_method():
-    dpo = prefloop("align", "run", "--help").stdout  # default --method dpo
+def test_align_run_lists_its_methods_and_each_method_shows_only_its_flags():
+    listing = prefloop("align", "run", "--help").stdout
+    assert "{dpo,kto,sft,ppo}" in listing and "PPO against a reward model" in listing
+    dpo = prefloop("align", "run", "dpo", "--help").stdout
     assert "\n  --beta" in dpo and "\n  --loss" in dpo and "LoRA rank" in dpo
-    for other in ("--clip-eps", "\n  --rm VERSION", "--steps", "--desirable-weight", "PPO ("):
-        assert other not in dpo, other  # was: forty PPO flags and KTO's weights
-    assert "flags of another method: prefloop align run --method kto|sft|ppo --help" in dpo
-    ppo = prefloop("align", "run", "--method", "ppo", "--help").stdout
-    assert "PPO (--method ppo):" in ppo and "\n  --clip-eps" in ppo and "\n  --rm VERSION" in ppo
+    for other in ("--clip-eps", "\n  --rm VERSION", "--steps", "--desirable-weight", "PPO:"):
+        assert other not in dpo, other
+    ppo = prefloop("align", "run", "--method", "ppo", "--help").stdout  # the older spelling
+    assert "PPO:" in ppo and "\n  --clip-eps" in ppo and "\n  --rm VERSION" in ppo
     assert "\n  --beta" in ppo and "KL penalty coefficient" in ppo
     assert "\n  --loss" not in ppo and "--lora" not in ppo and "--gate-metric" not in ppo
-    assert "prefloop align run --method dpo|kto|sft --help" in ppo
     kto = prefloop("align", "schedule", "--help", "--method=kto").stdout
     assert "KTO loss weight" in kto and "\n  --loss" not in kto and "--clip-eps" not in kto
     assert "\n  --every" in kto
 
 
-def test_align_run_still_accepts_every_methods_flags():
-    from prefloop.cli.align import ppo_job_config
+def test_align_run_takes_the_method_as_a_word_or_as_the_older_flag():
+    from prefloop.cli.align import canonical_argv, ppo_job_config
     from prefloop.cli.main import build_parser
-    argv = ["align", "run", "--method", "ppo", "--rm", "v0001", "--steps", "3", "--clip-eps",
-            "0.1", "--loss", "ipo", "--desirable-weight", "2"]
-    args = build_parser(argv).parse_args(argv)
-    assert (args.steps, args.clip_eps, args.loss, args.desirable_weight) == (3, 0.1, "ipo", 2.0)
-    assert ppo_job_config(args).ppo.steps == 3
-    res = prefloop("align", "run", "--clip-epz", "0.1", "--data-dir", "/no/such/dir")
+    for argv in (["align", "run", "ppo", "--rm", "v0001", "--steps", "3", "--clip-eps", "0.1"],
+                 ["align", "run", "--rm", "v0001", "--method", "ppo", "--steps", "3",
+                  "--clip-eps", "0.1"]):
+        argv = canonical_argv(argv)
+        args = build_parser(argv).parse_args(argv)
+        assert (args.method, args.steps, args.clip_eps, args.beta) == ("ppo", 3, 0.1, 0.1)
+        assert ppo_job_config(args).ppo.steps == 3
+    res = prefloop("align", "run", "ppo", "--clip-epz", "0.1", "--data-dir", "/no/such/dir")
     assert res.returncode == 2 and "did you mean --clip-eps?" in res.stderr
+    res = prefloop("align", "run", "--method", "ppo", "--loss", "ipo", "--data-dir", "/no/such/dir")
+    assert res.returncode == 2 and "unrecognized arguments: --loss" in res.stderr  # DPO's flag
+    assert "prefloop align run ppo" in res.stderr  # reported with the usage of the method's parser
 
 
 def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
-    from prefloop.cli.align import job_config
+    from prefloop.cli.align import canonical_argv, job_config
     from prefloop.cli.main import build_parser
     for argv, keep in ((["align", "dpo"], False), (["align", "dpo", "--keep-rejected"], True),
                        (["align", "run"], False), (["align", "run", "--keep-rejected"], True)):
+        argv = canonical_argv(argv)
         args = build_parser(argv).parse_args(argv)
         assert job_config(args).keep_rejected is keep, argv
 
@@ -305,7 +311,7 @@ def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
 def test_align_job_starts_with_one_line_and_a_rejection_says_what_next(tmp_path, capsys):
     import pytest
 
-    from prefloop.cli.align import format_result
+    from prefloop.cli.align_output import format_result
     from prefloop.align.jobs.preference import JobConfig, run_job
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
