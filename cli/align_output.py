@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"

@@ -67,8 +67,8 @@ def test_a_job_failing_after_base_resolution_creates_no_version_and_moves_nothin
     import pytest
 
     from prefloop.align.jobs.preference import JobConfig, run_job
-    from prefloop.server.jobs import job_history
     from prefloop.server import registry as reg
+    from prefloop.server.jobs import job_history
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
 
@@ -158,8 +158,8 @@ sys.exit(main(["align", "dpo", "--data-dir", sys.argv[1], "--model", sys.argv[2]
 
 
 def test_ctrl_c_during_align_says_nothing_was_published_and_exits_130(tmp_path):
-    from prefloop.server.jobs import job_history
     from prefloop.server import registry as reg
+    from prefloop.server.jobs import job_history
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
     res = subprocess.run([sys.executable, "-c", INTERRUPTED_JOB, str(data), str(model)],
@@ -311,8 +311,8 @@ def test_one_off_jobs_keep_rejected_candidates_only_when_asked():
 def test_align_job_starts_with_one_line_and_a_rejection_says_what_next(tmp_path, capsys):
     import pytest
 
-    from prefloop.cli.align_output import format_result
     from prefloop.align.jobs.preference import JobConfig, run_job
+    from prefloop.cli.align_output import format_result
 
     data, model = _pairs_log(tmp_path), _fake_model(tmp_path / "model")
 
