@@ -20,17 +20,18 @@ from prefloop.server.model.kernels import (
 from prefloop.server.serving.build import build_generator
 
 
-def reference(q, k_cache, v_cache, tables, ctx_lens, scale):
-    """float64 attention of each sequence's one query over its context, straight from the definition."""
+def reference(q, k_cache, v_cache, tables, ctx_lens, scale, dtype=torch.float64):
+    """Attention of each sequence's one query over its context, straight from the definition,
+    computed in `dtype` (float64: the oracle; float32: what torch itself gets in float32)."""
     n_kv, block = k_cache.shape[2], k_cache.shape[1]
     group = q.shape[1] // n_kv
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(q.shape, dtype=dtype)
     for b, ctx in enumerate(ctx_lens.tolist()):
         slots = [tables[b, p // block].item() * block + p % block for p in range(ctx)]
-        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double()  # [ctx, kvh, hd]
-        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double()
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].to(dtype)  # [ctx, kvh, hd]
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].to(dtype)
         for h in range(q.shape[1]):
-            scores = (k[:, h // group] @ q[b, h].double()) * scale  # [ctx]
+            scores = (k[:, h // group] @ q[b, h].to(dtype)) * scale  # [ctx]
             out[b, h] = torch.softmax(scores, 0) @ v[:, h // group]
     return out
 
@@ -98,7 +99,13 @@ def test_peaked_scores_match_float64_reference(kernel, head_dim):
     q = q * 30
     scale = head_dim ** -0.5
     ref = reference(q, k_cache, v_cache, tables, ctx_lens, scale)
-    assert (kernel(q, k_cache, v_cache, tables, ctx_lens, scale).double() - ref).abs().max().item() < 1e-5
+    # Scores in the hundreds carry float32 rounding of ~1e-5 into every weight. The kernel's online
+    # softmax rescales its running sums once per block (up to 6 here), so it may be off by a few
+    # times what torch's own float32 attention is off by (a wrong clamp or max would be off by 0.1+).
+    torch_f32 = (reference(q, k_cache, v_cache, tables, ctx_lens, scale, torch.float32).double()
+                 - ref).abs().max().item()
+    err = (kernel(q, k_cache, v_cache, tables, ctx_lens, scale).double() - ref).abs().max().item()
+    assert err < max(1e-5, 8 * torch_f32), (err, torch_f32)
 
 
 def test_kernel_equals_sdpa_path_inside_paged_attention(kernel):
