@@ -3,7 +3,7 @@ reward, GAE, masked whitening, the clipped surrogate, the clipped value loss, en
 adaptive KL coefficient of Ziegler et al. (2019).
 
 No model, no optimizer, no state: the loop in `align/train/ppo.py` feeds these functions tensors and
-every one of them is checked in closed form by tests/test_ppo_losses.py.
+every one of them is checked in closed form by tests/align/test_ppo_losses.py.
 
 Shapes. A rollout batch has B sequences; each has up to T generated tokens (the *response*),
 right-padded. Every per-token tensor is `[B, T]` and `mask` (`[B, T]`, 1 for a generated token,

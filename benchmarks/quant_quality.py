@@ -15,7 +15,7 @@ logits at every position) and generates its own greedy continuation. Reported pe
 
 A mode is DTYPE, optionally followed by `+int8` (`--quantize int8`) and/or `+torch-ops` (bfloat16
 without the kernel library's fused norm / RoPE / SiLU ops, which the engine uses by default: see
-docs/engine.md). Modes run eager: `--compile` computes the same model (tests/test_compile.py).
+docs/engine.md). Modes run eager: `--compile` computes the same model (tests/model/test_compile.py).
 """
 from __future__ import annotations
 

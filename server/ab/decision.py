@@ -14,7 +14,7 @@ sequence: it contains the true p at every look simultaneously with probability >
 The rule (`decide`): promote when the sequence's lower bound is above 0.5 and at least `min_votes`
 head-to-head votes are in; reject when its upper bound is below 0.5; reject as undecided when
 `max_duration_s` has passed; otherwise keep running. With indifferent voters (p = 0.5) the test
-promotes with probability <= alpha = 1 - confidence however often it looks (tests/test_ab.py
+promotes with probability <= alpha = 1 - confidence however often it looks (tests/ab/test_ab.py
 checks it by simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The model registry (server/registry.py): immutable versions, checksums, the atomic CURRENT
 pointer, promotion/rollback history, and that a failed publish leaves nothing behind (the align
-job lock and job history are tested in tests/test_align_runner.py). Real files in tmp dirs; fake weight bytes (the registry never parses them).
+job lock and job history are tested in tests/align/test_align_runner.py). Real files in tmp dirs; fake weight bytes (the registry never parses them).
 """
 from __future__ import annotations
 
