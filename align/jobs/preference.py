@@ -91,6 +91,19 @@ def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list[dict], dt.d
     return rows, after
 
 
+def _ratings_waiting(cfg: JobConfig, registry: reg.Registry, after: dt.datetime | None) -> str:
+    """For a DPO job skipped for want of pairs: how many ratings (thumbs, stars) newer than any
+    job has seen are waiting, and what trains on them ("" when none)."""
+    seen = max([t for t in (after, runner.last_seen(registry)) if t is not None], default=None)
+    ratings = sum(1 for e in data_mod.load_examples(cfg.data_dir, since=cfg.since, after=seen)
+                  if e.get("source") == "rating")
+    if not ratings:
+        return ""
+    return (f"; {ratings} new rating{'s' if ratings != 1 else ''} (thumbs / stars) are waiting: "
+            "`align run kto` trains on them, or `align run dpo --pairs-from-ratings` pairs "
+            "differently rated answers to one prompt")
+
+
 def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn | None,
          main: bool) -> runner.JobResult:
     method = cfg.train.method
@@ -102,6 +115,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
                            noun="pairs" if method == "dpo" else "examples",
                            empty_reason="no training rows in the window")
+    if split is None and result.status == runner.SKIPPED and method == "dpo" \
+            and not cfg.pairs_from_ratings:
+        result.reason += _ratings_waiting(cfg, registry, after)
     if split is None or _too_few_to_judge(cfg, split, result):
         return result
     base_dir = registry.version_dir(base)

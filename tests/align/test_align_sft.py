@@ -42,6 +42,25 @@ def _generation(store, rid: str, prompt: str, text: str) -> None:
         "sampling": {"temperature": 1.0, "n": 2}, "latency_ms": 1.0})
 
 
+def test_a_pairs_job_without_pairs_says_how_many_ratings_wait_and_what_trains_on_them(tmp_path):
+    """Thumbs alone: `align run` (dpo) skips, and its reason counts the waiting ratings and names
+    the jobs that use them, instead of only "0 new pairs"."""
+    from conftest import fake_model
+    d = tmp_path / "data"
+    with _store(d) as s:
+        for i in range(3):
+            _generation(s, f"t{i}", f"Question {i}?", f"answer {i}")
+        s.flush()
+        for i, score in enumerate((1, -1, -1)):
+            s.submit_rating(response_id=f"t{i}", score=score, scale="thumbs")
+    cfg = JobConfig(data_dir=d, command="run", incremental=True, min_new=8,
+                    model=fake_model(tmp_path / "model"))
+    result = run_job(cfg, train_fn=lambda *a: pytest.fail("nothing to train on"))
+    assert result.status == "skipped" and result.reason.startswith("0 new pairs since")
+    assert "3 new ratings (thumbs / stars) are waiting" in result.reason
+    assert "`align run kto`" in result.reason and "--pairs-from-ratings" in result.reason
+
+
 def test_sft_rows_from_each_feedback_kind(tmp_path):
     d = tmp_path / "data"
     with _store(d) as s:
