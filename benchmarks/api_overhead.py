@@ -1,10 +1,13 @@
-"""Offline vs gRPC vs HTTP: the same streaming workload run in-process on the Generator (no
-network), through `prefloop bench` (gRPC) and through the OpenAI-compatible HTTP API (SSE, httpx)
-of one real `prefloop serve`, at the same concurrency, in one run.
+"""The raw engine vs the Generator vs gRPC vs HTTP: the same greedy workload run on the bare
+`LLMEngine` stepped from the main thread (the baseline, as `engine_throughput.py` runs it), on the
+Generator in-process (its engine stepped by `AsyncEngine`'s background thread, no network), through
+`prefloop bench` (gRPC) and through the OpenAI-compatible HTTP API (SSE, httpx) of one real
+`prefloop serve`, at the same concurrency, in one run.
 
-The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `cli/bench.py`'s,
-so online / offline is the cost of an API layer (serialization, the asyncio server, one chunk per
-token, generation logging) and HTTP / gRPC compares the two fronts.
+The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `cli/bench.py`'s. Every
+ratio is to the raw engine: generator / engine is the cost of the engine thread and the asyncio
+layer, gRPC and HTTP / engine what a user gets of the engine's speed (the raw engine runs each
+round's streams as one batch that starts together; the others start streams as they come).
 
     python benchmarks/api_overhead.py [--concurrency 1,8,32] [--max-tokens 128] [--rounds 2]
 """
@@ -25,10 +28,39 @@ import httpx
 from prefloop.cli.bench import PROMPT, TOPICS, percentile
 
 
-async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
+def raw_engine(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
+    """Tokens/s of the generator's own `LLMEngine`, stepped on this (the main) thread before the
+    generator starts its engine thread."""
+    from prefloop.server.engine.sampling_params import SamplingParams
+    engine = gen._current.engine.engine  # the LLMEngine inside the AsyncEngine (not started yet)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+
+    def run(prompts: list[str]) -> int:
+        for p in prompts:
+            engine.add_request(uuid.uuid4().hex, gen.chat_ids([{"role": "user", "content": p}]), params)
+        produced = 0
+        while engine.has_unfinished():
+            produced += sum(len(out.new_token_ids) for out in engine.step())
+        return produced
+
+    run([PROMPT.format(topic=TOPICS[0])])  # warm-up
+    out = {}
+    for i, c in enumerate(levels):
+        t, tokens = time.perf_counter(), 0
+        for r in range(rounds):
+            tokens += run([PROMPT.format(topic=TOPICS[(i + w * rounds + r) % len(TOPICS)])
+                           for w in range(c)])
+        out[c] = tokens / (time.perf_counter() - t)
+    return out
+
+
+async def offline(levels: list[int], max_tokens: int, rounds: int
+                  ) -> tuple[dict[int, float], dict[int, float]]:
+    """(raw engine, Generator) tokens/s at each level, on one loaded model."""
     from prefloop.server.engine.sampling_params import SamplingParams
     from prefloop.server.serving.build import build_generator
     gen = build_generator()
+    raw = raw_engine(gen, levels, max_tokens, rounds)
     await gen.start()
     out = {}
     try:
@@ -47,7 +79,7 @@ async def offline(levels: list[int], max_tokens: int, rounds: int) -> dict[int, 
             out[c] = tokens / (time.perf_counter() - t)
     finally:
         await gen.close()
-    return out
+    return raw, out
 
 
 async def http_level(url: str, concurrency: int, max_tokens: int, rounds: int, offset: int) -> dict:
@@ -131,17 +163,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream (default %(default)s)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    print(f"api_overhead: offline, gRPC and HTTP at {args.concurrency} streams, "
+    print(f"api_overhead: raw engine, Generator, gRPC and HTTP at {args.concurrency} streams, "
           f"{args.max_tokens} greedy tokens, {args.rounds} rounds", flush=True)
-    off = asyncio.run(offline(levels, args.max_tokens, args.rounds))
+    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds))
     grpc_levels, http_levels = online(args.concurrency, args.max_tokens, args.rounds)
-    print(f"{'conc':>4} {'offline':>8} {'gRPC':>7} {'HTTP':>7} {'gRPC/off':>8} {'HTTP/off':>8} "
-          f"{'HTTP/gRPC':>9} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
+    print(f"{'conc':>4} {'engine':>7} {'gen':>7} {'gRPC':>7} {'HTTP':>7} {'gen/eng':>7} "
+          f"{'gRPC/eng':>8} {'HTTP/eng':>8} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
     for c in levels:
         g, h = grpc_levels[c], http_levels[c]
-        print(f"{c:4d} {off[c]:8.1f} {g['tokens_per_s']:7.1f} {h['tokens_per_s']:7.1f} "
-              f"{g['tokens_per_s'] / off[c]:8.2f} {h['tokens_per_s'] / off[c]:8.2f} "
-              f"{h['tokens_per_s'] / g['tokens_per_s']:9.2f} "
+        print(f"{c:4d} {raw[c]:7.1f} {off[c]:7.1f} {g['tokens_per_s']:7.1f} {h['tokens_per_s']:7.1f} "
+              f"{off[c] / raw[c]:7.2f} {g['tokens_per_s'] / raw[c]:8.2f} "
+              f"{h['tokens_per_s'] / raw[c]:8.2f} "
               f"{g['ttft_ms_p50']:9.1f}/{h['ttft_ms_p50']:<9.1f} {g['itl_ms_p50']:8.1f}/{h['itl_ms_p50']:<8.1f}")
     print("api_overhead: done (tokens/s; ratios are the result, absolute numbers vary by machine)")
     return 0
