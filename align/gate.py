@@ -455,8 +455,7 @@ class GateDecision:
     ones) and the numbers it judged on. `paired`: the paired test the flat win-rate keys
     describe (the deciding one, or for the margin metrics the implicit-reward sign test);
     `implicit` / `accuracy_paired`: the implicit-reward and preference-accuracy paired tests;
-    `heldout`: the held-out units (`unit`: prompts for PPO, else pairs). A bare string among
-    `checks` (a verdict made by hand) is a check named "reason" with the verdict's outcome."""
+    `heldout`: the held-out units (`unit`: prompts for PPO, else pairs)."""
 
     passed: bool
     checks: list[Check] = field(default_factory=list)
@@ -486,8 +485,6 @@ class GateDecision:
             raise InvalidArgument(f"a gate verdict needs a boolean 'passed', got {self.passed!r}")
         if self.kind not in KINDS:
             raise InvalidArgument(f"gate kind {self.kind!r} is not one of {KINDS}")
-        self.checks = [Check("reason", self.passed, c) if isinstance(c, str) else c
-                       for c in self.checks]
         if self.passed and any(c.passed is False for c in self.checks):
             raise InvalidArgument("a gate verdict cannot pass with a failed check")
 

@@ -350,7 +350,6 @@ def add_run_arguments(p: argparse.ArgumentParser, method: str) -> None:
                         "(gate), or start an online A/B test that live votes decide (ab; "
                         "docs/ab.md) (default %(default)s)")
     _keep_rejected(p)
-    _fill_unread(p)
 
 
 def _method_parsers(p: argparse.ArgumentParser, command: str, extra=None) -> None:

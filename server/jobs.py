@@ -53,10 +53,6 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def finished(self) -> bool:
-        return self.status not in (RUNNING, CRASHED)
-
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(JobRecord))
 

@@ -26,8 +26,8 @@ The server reads this module (`current()`, `version_dir()`, `verify()`, `promote
 `rollback()`); align writes it (`ensure_base()`, `stage()` + `Stage.publish()`); `prefloop models prune/delete`
 removes versions nothing needs (`delete_version()`, never the current one or its rollback stack). The align job
 lock and job history (`job.lock`, `jobs.jsonl` in the same folder) are server/jobs.py's: align
-writes them, `align jobs`, `/v1/admin/jobs` and the web page read them through the same code. This module also names what every command shares about the data
-directory (`DATA_DIR_ENV`) and which files a model folder may hold (`MODEL_FILE_SUFFIXES`).
+writes them, `align jobs`, `/v1/admin/jobs` and the web page read them through the same code.
+This module also names what every command shares about the data directory (`DATA_DIR_ENV`) and which files a model folder may hold (`MODEL_FILE_SUFFIXES`).
 Pure standard library. User-facing failures raise the typed errors of `server/errors.py`
 (NotFound, InvalidArgument, FailedPrecondition).
 """
@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefloop.server.durable_io import (  # noqa: F401 (utc_now, read_jsonl: re-exported)
+from prefloop.server.durable_io import (
     append_line_durable,
     fsync_dir,
     fsync_file,

@@ -94,7 +94,7 @@ def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list[dict], dt.d
 def _ratings_waiting(cfg: JobConfig, registry: reg.Registry, after: dt.datetime | None) -> str:
     """For a DPO job skipped for want of pairs: how many ratings (thumbs, stars) newer than any
     job has seen are waiting, and what trains on them ("" when none)."""
-    seen = max([t for t in (after, runner.last_seen(registry)) if t is not None], default=None)
+    seen = runner.newest_seen(registry, after)
     ratings = sum(1 for e in data_mod.load_examples(cfg.data_dir, since=cfg.since, after=seen)
                   if e.get("source") == "rating")
     if not ratings:

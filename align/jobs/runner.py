@@ -2,8 +2,9 @@
 jobs/reward.py, PPO in jobs/ppo.py), one copy of each step:
 
 - the job lock and the job history (server/jobs.py, beside the registry): `run_locked` holds
-  the lock for a job's whole length (a second job fails at once with Unavailable), removes stale stages of dead jobs, records a "running" event and then the
-  outcome (a failure is recorded, then re-raised);
+  the lock for a job's whole length (a second job fails at once with Unavailable), removes
+  stale stages of dead jobs, records a "running" event and then the outcome (a failure is
+  recorded, then re-raised);
 - base resolution (`resolve_base`: the policy version to start from; v0000 from `--model` or the
   default model on first use — v0000 is current from its creation —, `--model` ignored with a
   warning once the registry has a base);
@@ -147,6 +148,12 @@ def last_seen(registry: reg.Registry) -> dt.datetime | None:
     return max(times) if times else None
 
 
+def newest_seen(registry: reg.Registry, after: dt.datetime | None) -> dt.datetime | None:
+    """The newest row an incremental job counts as seen: the watermark `after` or the newest row
+    any finished policy job saw, whichever is later (None: everything is new)."""
+    return max([t for t in (after, last_seen(registry)) if t is not None], default=None)
+
+
 def window_rows(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
                 max_rows: int | None, key: str) -> list[dict[str, Any]]:
     """Rows created on/after `since` and after `after`, oldest first (ties by `key`), the newest
@@ -171,7 +178,7 @@ def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: 
     rows newer than the last trained one, or when nothing is left to train on. Every rank decides
     alike (they all read the same files)."""
     if incremental:
-        seen = max([t for t in (after, last_seen(registry)) if t is not None], default=None)
+        seen = newest_seen(registry, after)
         new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
         window["new_rows"] = new
         if new < max(min_new, 1):

@@ -30,8 +30,6 @@ from prefloop.server.errors import PrefloopError
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health", "/metrics", "/static/")
-
 
 class LimitBody:
     """ASGI middleware: 413 for a body over `max_bytes`, before the app reads it (Content-Length

@@ -1,7 +1,7 @@
 """What the HTTP routers share: `HttpContext` (the runner, auth, metrics, feedback store, switcher,
 A/B controller, data dir and the shutdown state of one server), reached by every route through the
-`context` dependency (`ctx: Ctx` in a route's parameters), and the helpers every router needs — the caller's role from its bearer token,
-the JSON body, the OpenAI error body. One context per app (`app.state.prefloop`), so two apps in
+`context` dependency (`ctx: Ctx` in a route's parameters), and the helpers every router needs:
+the caller's role from its bearer token, the JSON body, the OpenAI error body. One context per app (`app.state.prefloop`), so two apps in
 one process never share state.
 """
 from __future__ import annotations

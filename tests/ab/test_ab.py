@@ -300,12 +300,13 @@ def test_cli_starts_shows_and_stops_a_test_on_the_data_dir(tmp_path):
 
 
 def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
-    from prefloop.align.gate import GateDecision
+    from prefloop.align.gate import Check, GateDecision
     from prefloop.align.jobs import runner
 
     registry, v1 = two_versions(tmp_path, gate_passed=True)
     result = runner.JobResult(job_id="job-1", status="running", version=v1)
-    runner.conclude(result, GateDecision(True, ["accuracy up"]), registry, "job-1", "dpo",
+    runner.conclude(result, GateDecision(True, [Check("test", True, "accuracy up")]), registry,
+                    "job-1", "dpo",
                     promote=True, promote_via="ab")
     assert result.status == runner.PUBLISHED and "A/B test started against v0000" in result.reason
     assert registry.current() == "v0000"
@@ -313,7 +314,8 @@ def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
     assert state.candidate == v1 and state.control == "v0000"
     other = runner.JobResult(job_id="job-2", status="running", version=v1)
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
-    runner.conclude(other, GateDecision(True, ["ok"]), registry, "job-2", "dpo", promote=True)
+    runner.conclude(other, GateDecision(True, [Check("test", True, "ok")]), registry, "job-2",
+                    "dpo", promote=True)
     assert other.status == runner.PROMOTED and registry.current() == v1  # via the gate: at once
 
 

@@ -423,5 +423,3 @@ def test_a_verdict_cannot_pass_with_a_failed_check():
         GateDecision(True, [Check("max_kl", False, "KL too high")])
     with pytest.raises(InvalidArgument):
         GateDecision.from_record({"passed": "yes", "reasons": []})
-    hand = GateDecision(False, ["accuracy fell"])  # a bare reason takes the verdict's outcome
-    assert hand.checks == [Check("reason", False, "accuracy fell")] and hand.failed == ["accuracy fell"]

@@ -96,7 +96,7 @@ def test_a_job_record_has_one_schema_written_and_read_by_the_same_code(registry)
                                  "gate": {"passed": False, "reasons": ["18/30"]}})
     (job,) = runner.job_history(registry)
     assert (job.status, job.command, job.method, job.gate["passed"]) == ("rejected", "run", "dpo", False)
-    assert job.finished and set(job.to_dict()) == set(JobRecord.__dataclass_fields__)
+    assert job.finished_at is None and set(job.to_dict()) == set(JobRecord.__dataclass_fields__)
 
 
 def test_run_locked_records_running_then_the_outcome_or_the_failure(registry):

@@ -126,7 +126,7 @@ def test_a_base_a_job_created_is_current_and_a_later_failing_job_leaves_it(tmp_p
 
 
 def test_a_first_job_starting_an_ab_test_makes_the_base_its_control(tmp_path):
-    from prefloop.align.gate import GateDecision
+    from prefloop.align.gate import Check, GateDecision
     from prefloop.align.jobs import runner
     from prefloop.server import registry as reg
     from prefloop.server.ab import state as ab_state
@@ -139,8 +139,8 @@ def test_a_first_job_starting_an_ab_test_makes_the_base_its_control(tmp_path):
         v1 = stage.publish(kind="policy", method="dpo", parent="v0000",
                            gate={"passed": True, "reasons": []}).version
     result = runner.JobResult(job_id="job-1", status="running", version=v1)
-    runner.conclude(result, GateDecision(True, ["ok"]), registry, "job-1", "dpo", promote=True,
-                    promote_via="ab")
+    runner.conclude(result, GateDecision(True, [Check("test", True, "ok")]), registry, "job-1",
+                    "dpo", promote=True, promote_via="ab")
     assert result.status == runner.PUBLISHED and registry.current() == "v0000"
     assert ab_state.running_state(registry).control == "v0000"
 
