@@ -1,12 +1,13 @@
 """Training sets from the preference log: loading, the time-based held-out split, the watermark.
 
-Rows come from `prefloop.server.feedback.export` (TRL's conversational format: `prompt` is a message
-list, `chosen` / `rejected` / `completion` are one assistant message each) and keep their
-`created_at`. Everything here is plain Python on lists of dicts, so it is tested without a model:
+Rows are the log's typed training rows (`prefloop.server.feedback.rows`: `PreferencePair`,
+`RatedAnswer`, `SftExample`; `to_trl()` gives TRL's conversational columns) and keep their
+`created_at`. Everything here is plain Python on lists of rows, so it is tested without a model:
 
 - `load_pairs` / `load_examples`: DPO pairs / KTO examples newer than a watermark, oldest first;
 - `time_split`: the newest fraction is held out, with every held-out row strictly newer than
   every training row (rows sharing the boundary timestamp stay on one side);
+- `window_rows`: rows of a time window (since / after the watermark / the newest N);
 - `pairs_from_examples`: held-out KTO examples turned into (desirable, undesirable) pairs of the
   same prompt, so DPO and KTO candidates are gated on the same kind of metric;
 - `sft_examples` / `load_sft_examples`: supervised (prompt, completion) examples for SFT: the
@@ -21,11 +22,14 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback import export as log_export
 from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.rows import Dated, PreferencePair, RatedAnswer, SftExample
+
+D = TypeVar("D", bound=Dated)
 
 MAX_PAIRS_PER_PROMPT = 16
 
@@ -53,16 +57,21 @@ def iso(value: dt.datetime | None) -> str | None:
         "+00:00", "Z")
 
 
-def _window(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
-            max_rows: int | None) -> list[dict[str, Any]]:
-    """Rows with since <= created_at and after < created_at, oldest first, the newest max_rows."""
+def window_rows(rows: list[D], since: dt.datetime | None, after: dt.datetime | None,
+                max_rows: int | None) -> list[D]:
+    """Rows with since <= created_at and after < created_at, oldest first (ties by feedback_id),
+    the newest `max_rows` of them."""
     kept = [r for r in rows
-            if (since is None or r["created_at"] >= since)
-            and (after is None or r["created_at"] > after)]
-    kept.sort(key=lambda r: (r["created_at"], r["feedback_id"] or ""))
+            if (since is None or r.created_at >= since)
+            and (after is None or r.created_at > after)]
+    kept.sort(key=_order)
     if max_rows is not None and max_rows > 0 and len(kept) > max_rows:
         kept = kept[-max_rows:]
     return kept
+
+
+def _order(row: Dated) -> tuple[dt.datetime, str]:
+    return row.created_at, row.feedback_id or ""
 
 
 def _export_since(since: dt.datetime | None, after: dt.datetime | None) -> str | None:
@@ -73,143 +82,126 @@ def _export_since(since: dt.datetime | None, after: dt.datetime | None) -> str |
 
 def load_pairs(data_dir: str | Path, *, since: str | dt.datetime | None = None,
                after: str | dt.datetime | None = None, max_pairs: int | None = None,
-               pairs_from_ratings: bool = False) -> list[dict[str, Any]]:
-    """DPO pairs (prompt / chosen / rejected + created_at, feedback_id, ...), oldest first.
+               pairs_from_ratings: bool = False) -> list[PreferencePair]:
+    """DPO pairs of the log, oldest first.
 
     `since`: created on or after this time; `after`: strictly after it (the job watermark);
     `max_pairs`: keep the newest N.
     """
     since_t, after_t = parse_time(since), parse_time(after)
-    table = log_export.export_dpo(data_dir, since=_export_since(since_t, after_t),
+    pairs = log_export.load_pairs(data_dir, since=_export_since(since_t, after_t),
                                   pairs_from_ratings=pairs_from_ratings)
-    return _window(table.to_pylist(), since_t, after_t, max_pairs)
+    return window_rows(pairs, since_t, after_t, max_pairs)
 
 
 def load_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
                   after: str | dt.datetime | None = None, max_examples: int | None = None
-                  ) -> list[dict[str, Any]]:
-    """KTO examples (prompt / completion / label + created_at, ...), oldest first."""
+                  ) -> list[RatedAnswer]:
+    """KTO examples (rated answers) of the log, oldest first."""
     since_t, after_t = parse_time(since), parse_time(after)
-    table = log_export.export_kto(data_dir, since=_export_since(since_t, after_t))
-    return _window(table.to_pylist(), since_t, after_t, max_examples)
+    examples = log_export.load_rated_answers(data_dir, since=_export_since(since_t, after_t))
+    return window_rows(examples, since_t, after_t, max_examples)
 
 
 @dataclass(slots=True)
-class Split:
-    train: list[dict[str, Any]]
-    heldout: list[dict[str, Any]]
+class Split(Generic[D]):
+    train: list[D]
+    heldout: list[D]
     cutoff: dt.datetime | None  # every held-out row has created_at >= cutoff > every train row
 
     def describe(self) -> dict[str, Any]:
-        times = [r["created_at"] for r in self.train + self.heldout]
+        times = [r.created_at for r in self.train + self.heldout]
         return {"since": iso(min(times)) if times else None,
                 "until": iso(max(times)) if times else None,
                 "heldout_since": iso(self.cutoff),
                 "rows": {"train": len(self.train), "heldout": len(self.heldout)}}
 
 
-def time_split(rows: list[dict[str, Any]], heldout_fraction: float = 0.2,
-               min_heldout: int = 1) -> Split:
+def time_split(rows: list[D], heldout_fraction: float = 0.2, min_heldout: int = 1) -> Split[D]:
     """Hold out the newest rows: about `heldout_fraction` of them (at least `min_heldout`, and at
     least one row left for training). Rows sharing the boundary timestamp go together to the
     held-out side (or to the train side when that would leave nothing to train on)."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise InvalidArgument(f"heldout fraction {heldout_fraction} must be in [0, 1)")
-    rows = sorted(rows, key=lambda r: (r["created_at"], r.get("feedback_id") or ""))
+    rows = sorted(rows, key=_order)
     n = len(rows)
     if n < 2 or heldout_fraction == 0.0:
         return Split(rows, [], None)
     n_held = min(n - 1, max(min_heldout, round(heldout_fraction * n)))
-    cutoff = rows[n - n_held]["created_at"]
-    train = [r for r in rows if r["created_at"] < cutoff]
+    cutoff = rows[n - n_held].created_at
+    train = [r for r in rows if r.created_at < cutoff]
     if not train:  # the boundary timestamp reaches back to the oldest row: ties go to train
-        train = [r for r in rows if r["created_at"] <= cutoff]
-        heldout = [r for r in rows if r["created_at"] > cutoff]
-        cutoff = heldout[0]["created_at"] if heldout else None
+        train = [r for r in rows if r.created_at <= cutoff]
+        heldout = [r for r in rows if r.created_at > cutoff]
+        cutoff = heldout[0].created_at if heldout else None
         return Split(train, heldout, cutoff)
-    return Split(train, [r for r in rows if r["created_at"] >= cutoff], cutoff)
+    return Split(train, [r for r in rows if r.created_at >= cutoff], cutoff)
 
 
-def pairs_from_examples(examples: list[dict[str, Any]],
-                        max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> list[dict[str, Any]]:
+def pairs_from_examples(examples: list[RatedAnswer],
+                        max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> list[PreferencePair]:
     """(desirable, undesirable) pairs of KTO examples that answer the same prompt."""
-    by_prompt: dict[str, dict[bool, list[dict[str, Any]]]] = defaultdict(
+    by_prompt: dict[str, dict[bool, list[RatedAnswer]]] = defaultdict(
         lambda: {True: [], False: []})
     order: list[str] = []
     for e in examples:
-        key = logschema.prompt_fingerprint(None, e["prompt"])
+        key = logschema.prompt_fingerprint(None, e.prompt)
         if key not in by_prompt:
             order.append(key)
-        by_prompt[key][bool(e["label"])].append(e)
+        by_prompt[key][bool(e.label)].append(e)
     pairs = []
     for key in order:
         good, bad = by_prompt[key][True], by_prompt[key][False]
         for g, b in itertools.islice(itertools.product(good, bad), max_per_prompt):
-            if g["completion"][0]["content"] == b["completion"][0]["content"]:
+            if g.text == b.text:
                 continue
-            pairs.append({"prompt": g["prompt"], "chosen": g["completion"],
-                          "rejected": b["completion"],
-                          "created_at": max(g["created_at"], b["created_at"]),
-                          "feedback_id": f"{g['feedback_id']},{b['feedback_id']}"})
+            pairs.append(PreferencePair(
+                prompt=g.prompt, chosen=g.completion, rejected=b.completion,
+                feedback_id=f"{g.feedback_id},{b.feedback_id}",
+                created_at=max(g.created_at, b.created_at),
+                chosen_model_version=g.model_version, rejected_model_version=b.model_version,
+                source="examples", chosen_finish_reason=g.finish_reason,
+                rejected_finish_reason=b.finish_reason))
     return pairs
 
 
 SFT_SOURCES = {"explicit": "user_answer", "reference": "chosen", "ratings": "chosen"}
 
 
-def sft_examples(pairs: list[dict[str, Any]], examples: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
-    """SFT rows {prompt, completion, created_at, feedback_id, source} from DPO-export `pairs`
-    (their chosen side) and KTO-export `examples` (their top-rated answers: label True from a
-    rating), the first of every distinct (prompt, answer), oldest first. Empty answers are
-    left out."""
-    candidates = [(p["prompt"], p["chosen"], p["created_at"], p["feedback_id"],
-                   SFT_SOURCES.get(p.get("source") or "", "chosen")) for p in pairs]
-    candidates += [(e["prompt"], e["completion"], e["created_at"], e["feedback_id"], "top_rated")
-                   for e in examples if e.get("source") == "rating" and e["label"]]
-    candidates.sort(key=lambda c: (c[2], c[3] or ""))
+def sft_examples(pairs: list[PreferencePair], examples: list[RatedAnswer]) -> list[SftExample]:
+    """SFT examples from preference `pairs` (their chosen side) and rated `examples` (their
+    top-rated answers: label True from a rating), the first of every distinct (prompt, answer),
+    oldest first. Empty answers are left out."""
+    candidates = [SftExample(p.prompt, p.chosen, p.created_at, p.feedback_id,
+                             SFT_SOURCES.get(p.source or "", "chosen"), p.chosen_finish_reason)
+                  for p in pairs]
+    candidates += [SftExample(e.prompt, e.completion, e.created_at, e.feedback_id, "top_rated",
+                              e.finish_reason)
+                   for e in examples if e.source == "rating" and e.label]
+    candidates.sort(key=_order)
     seen: set[tuple[str, str]] = set()
     out = []
-    for prompt, completion, created_at, feedback_id, source in candidates:
-        text = completion[0]["content"] if completion else ""
-        key = (logschema.prompt_fingerprint(None, prompt), text)
-        if not text.strip() or key in seen:
+    for c in candidates:
+        key = answer_key(c.prompt, c.text)
+        if not c.text.strip() or key in seen:
             continue
         seen.add(key)
-        out.append({"prompt": prompt, "completion": completion, "created_at": created_at,
-                    "feedback_id": feedback_id, "source": source})
+        out.append(c)
     return out
 
 
 def load_sft_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
                       after: str | dt.datetime | None = None, max_examples: int | None = None
-                      ) -> list[dict[str, Any]]:
+                      ) -> list[SftExample]:
     """SFT examples (`sft_examples`) of the log in the window, oldest first."""
     since_t, after_t = parse_time(since), parse_time(after)
     day = _export_since(since_t, after_t)
-    rows = sft_examples(log_export.export_dpo(data_dir, since=day).to_pylist(),
-                        log_export.export_kto(data_dir, since=day).to_pylist())
-    return _window(rows, since_t, after_t, max_examples)
+    rows = sft_examples(log_export.load_pairs(data_dir, since=day),
+                        log_export.load_rated_answers(data_dir, since=day))
+    return window_rows(rows, since_t, after_t, max_examples)
 
 
-def sft_answer_keys(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """(prompt fingerprint, answer text) of SFT rows: held-out pairs whose chosen answer was
-    trained on are left out of an SFT job's gate."""
-    return {(logschema.prompt_fingerprint(None, r["prompt"]), r["completion"][0]["content"])
-            for r in rows}
-
-
-def trl_sft(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the columns TRL's SFTTrainer reads (conversational prompt / completion)."""
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-
-
-def trl_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the columns TRL's DPOTrainer reads."""
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
-
-
-def trl_examples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the columns TRL's KTOTrainer reads."""
-    return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])}
-            for r in rows]
+def answer_key(prompt: list[dict], text: str) -> tuple[str, str]:
+    """(prompt fingerprint, answer text): held-out pairs whose chosen answer an SFT job trained
+    on are left out of its gate."""
+    return logschema.prompt_fingerprint(None, prompt), text

@@ -2,7 +2,9 @@
 
 Tokenization is TRL's for conversational rows: the prompt rendered with the chat template and
 `add_generation_prompt=True`, the completion = the rest of the rendered prompt + answer (from
-where the two token lists diverge), truncated to `max_length` keeping the start. Chosen and
+where the two token lists diverge), truncated to `max_length` keeping the start. An answer the
+user saw cut (max_tokens, Stop, a stop string) is scored without the end-of-turn tokens, as it is
+trained (align/train/cut_answers.py). Chosen and
 rejected answers of a batch go through one concatenated forward pass per model.
 
 - `score_pairs(policy, tokenizer, pairs, reference=...)`: per-pair summed log-probs of the policy
@@ -24,6 +26,7 @@ import torch
 
 from prefloop.align.gate import Paired
 from prefloop.align.losses import preference_accuracy, preference_loss, reward_metrics, token_kl
+from prefloop.server.feedback.rows import PreferencePair, RatedAnswer, SftExample, is_cut
 
 _KL_CHUNK = 512  # predicted tokens per KL chunk: bounds the [chunk, vocab] temporaries
 
@@ -39,10 +42,13 @@ def _template_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(out["input_ids"])
 
 
-def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int) -> Encoded:
-    """Token ids of a conversational (prompt, completion) the way TRL's trainers build them."""
+def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int,
+           cut: bool = False) -> Encoded:
+    """Token ids of a conversational (prompt, completion) the way TRL's trainers build them; a
+    `cut` answer (rows.is_cut) ends where its text ends, without the end-of-turn tokens."""
     prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
-    full_ids = _template_ids(tokenizer, list(prompt) + list(completion))
+    full_ids = _template_ids(tokenizer, list(prompt) + list(completion),
+                             **({"continue_final_message": True} if cut else {}))
     k = 0
     while k < min(len(prompt_ids), len(full_ids)) and prompt_ids[k] == full_ids[k]:
         k += 1
@@ -123,14 +129,16 @@ def _score_items(policy, tokenizer, items: list[Encoded], groups: Iterable[list[
     return Scores(logps, tokens, ref_logps, kl_sum)
 
 
-def encode_pairs(tokenizer, pairs: list[dict[str, Any]], max_length: int) -> list[Encoded]:
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[Encoded]:
     """[chosen_0, ..., chosen_{n-1}, rejected_0, ..., rejected_{n-1}]."""
-    chosen = [encode(tokenizer, p["prompt"], p["chosen"], max_length) for p in pairs]
-    rejected = [encode(tokenizer, p["prompt"], p["rejected"], max_length) for p in pairs]
+    chosen = [encode(tokenizer, p.prompt, p.chosen, max_length, is_cut(p.chosen_finish_reason))
+              for p in pairs]
+    rejected = [encode(tokenizer, p.prompt, p.rejected, max_length,
+                       is_cut(p.rejected_finish_reason)) for p in pairs]
     return chosen + rejected
 
 
-def score_pairs(policy, tokenizer, pairs: list[dict[str, Any]], *, reference=None,
+def score_pairs(policy, tokenizer, pairs: list[PreferencePair], *, reference=None,
                 batch_size: int = 4, max_length: int = 1024,
                 progress: str | None = None) -> Scores:
     """Scores of 2n items: chosen answers first, then rejected. A batch of `batch_size` pairs is
@@ -142,10 +150,11 @@ def score_pairs(policy, tokenizer, pairs: list[dict[str, Any]], *, reference=Non
     return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)
 
 
-def score_examples(policy, tokenizer, examples: list[dict[str, Any]], *, reference=None,
-                   batch_size: int = 8, max_length: int = 1024,
+def score_examples(policy, tokenizer, examples: list[RatedAnswer | SftExample], *,
+                   reference=None, batch_size: int = 8, max_length: int = 1024,
                    progress: str | None = None) -> Scores:
-    items = [encode(tokenizer, e["prompt"], e["completion"], max_length) for e in examples]
+    items = [encode(tokenizer, e.prompt, e.completion, max_length, is_cut(e.finish_reason))
+             for e in examples]
     groups = [list(range(s, min(s + batch_size, len(items))))
               for s in range(0, len(items), batch_size)]
     return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)

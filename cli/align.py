@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefloop.server.registry import DATA_DIR_ENV
+from prefloop.server.version_summary import VersionSummary
 
 log = logging.getLogger("prefloop.align")
 
@@ -662,7 +663,7 @@ def _jobs(args: argparse.Namespace) -> int:
     for j in jobs:
         rows = j.data.get("rows") or {}
         rows_text = f"{rows.get('train', '-')}/{rows.get('heldout', '-')}" if rows else "-"
-        kl = (j.metrics.get("heldout") or {}).get("kl_per_token")
+        kl = VersionSummary.of(j.metrics, j.gate).kl_per_token
         verdict = verdict_of(j.gate)  # the gate's failed checks, first one shown
         failed = verdict.failed if verdict else []
         reason = (failed[0] if failed else j.reason.split("; ")[0])[:80]

@@ -30,6 +30,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from prefloop.server.registry import DATA_DIR_ENV
+from prefloop.server.version_summary import VersionSummary
 
 if TYPE_CHECKING:
     from prefloop.align.gate import GateDecision
@@ -161,8 +162,8 @@ def format_list(infos: list[dict[str, Any]]) -> str:
     lines = [f"  {'version':8} {'parent':7} {'kind':7} {'method':7} {'gate':9} "
              f"{'gate win rate [interval] n':>28} {'held-out acc':>12} {'KL/tok':>8}  created"]
     for i in infos:
-        held = (i.get("metrics") or {}).get("heldout") or {}
-        acc, kl = held.get("pref_accuracy"), held.get("kl_per_token")
+        summary = VersionSummary.of(i.get("metrics"), i.get("gate"))
+        acc, kl = summary.heldout_accuracy, summary.kl_per_token
         lines.append(
             f"{'*' if i.get('current') else ' '} {i['version']:8} {i.get('parent') or '-':7} "
             f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} {gate_numbers(i.get('gate')):>28} "
@@ -200,8 +201,6 @@ def trend_rows(registry) -> list[dict[str, Any]]:
         m = registry.manifest(entry.version)
         verdict = verdict_of(m.gate)
         paired = None if verdict is None else verdict.paired
-        held = (m.metrics or {}).get("heldout") or {}
-        accuracy = None if verdict is None else verdict.candidate_accuracy
         ab = None
         if test is not None and test.candidate == entry.version and test.wins + test.losses:
             ab = test.wins / (test.wins + test.losses)
@@ -210,8 +209,7 @@ def trend_rows(registry) -> list[dict[str, Any]]:
                      "gate_interval": None if paired is None or paired.lower is None
                      else [paired.lower, paired.upper],
                      "gate_n": 0 if paired is None else paired.n,
-                     "heldout_accuracy": held.get("pref_accuracy") if accuracy is None
-                     else accuracy,
+                     "heldout_accuracy": VersionSummary.of(m.metrics, m.gate).heldout_accuracy,
                      "ab_win_rate": ab})
     return rows
 

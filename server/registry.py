@@ -57,6 +57,7 @@ from prefloop.server.durable_io import (
     write_file_atomic,
 )
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from prefloop.server.version_summary import VersionSummary
 
 DATA_DIR_ENV = "PREFLOOP_DATA_DIR"  # every command's --data-dir default (else ./data)
 REGISTRY_DIR = "registry"
@@ -594,6 +595,6 @@ def version_info(registry: Registry, version: str) -> dict[str, Any]:
     return {"version": m.version, "parent": m.parent, "kind": m.kind, "method": m.method,
             "created_at": m.created_at, "current": registry.current() == m.version,
             "gate_passed": m.gate_passed, "gate_reasons": list((m.gate or {}).get("reasons", [])),
-            "gate": m.gate,
+            "gate": m.gate, "summary": VersionSummary.of(m.metrics, m.gate).to_dict(),
             "metrics": m.metrics, "data": m.data, "bytes": sum(int(f.get("bytes", 0))
                                                               for f in m.files.values())}

@@ -61,6 +61,7 @@ class FakeDelta:
     finish_reason: str | None
     completion_tokens: int
     model_version: str = "fake-v0"
+    stop_reason: str | None = None
 
 
 class FakeGenerator:

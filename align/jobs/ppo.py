@@ -18,7 +18,6 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate
@@ -73,23 +72,35 @@ class PPOJobConfig:
             raise InvalidArgument("eval samples and max held-out must be >= 1, min-new >= 0")
 
 
+@dataclass(slots=True, frozen=True)
+class PromptRow:
+    """A distinct prompt of the log, dated by its first appearance (PPO's training row)."""
+
+    prompt: list[dict[str, str]]
+    created_at: dt.datetime
+    fingerprint: str
+
+    @property
+    def feedback_id(self) -> str:  # the tie-break key of the time split and window (rows.Dated)
+        return self.fingerprint
+
+
 def load_prompts(data_dir: str | Path, *, since: str | None = None,
                  after: dt.datetime | None = None, max_prompts: int | None = None
-                 ) -> list[dict[str, Any]]:
+                 ) -> list[PromptRow]:
     """Distinct prompts of the log (generations, and explicit preferences' prompt messages),
-    each dated by its first appearance, oldest first: {prompt, created_at, fingerprint}."""
+    each dated by its first appearance, oldest first."""
     since_t = data_mod.parse_time(since)
     day = runner.day_of(since_t)  # not `after`: a prompt first seen before it must keep its first date
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[str, PromptRow] = {}
 
     def add(fingerprint: str | None, messages: list[dict], created_at: dt.datetime) -> None:
         if not messages or not any(m.get("content") for m in messages):
             return
         fingerprint = fingerprint or logschema.prompt_fingerprint(None, messages)
         seen = first.get(fingerprint)
-        if seen is None or created_at < seen["created_at"]:
-            first[fingerprint] = {"prompt": messages, "created_at": created_at,
-                                  "fingerprint": fingerprint, "feedback_id": fingerprint}
+        if seen is None or created_at < seen.created_at:
+            first[fingerprint] = PromptRow(messages, created_at, fingerprint)
 
     gens = log_export.load_table(data_dir, logschema.GENERATIONS, since=day,
                                  columns=["prompt", "messages", "prompt_fingerprint", "created_at"])
@@ -101,7 +112,7 @@ def load_prompts(data_dir: str | Path, *, since: str | None = None,
     for f in fb.to_pylist():
         if f["prompt_messages"]:
             add(f["prompt_fingerprint"], f["prompt_messages"], f["created_at"])
-    return runner.window_rows(list(first.values()), since_t, after, max_prompts, "fingerprint")
+    return data_mod.window_rows(list(first.values()), since_t, after, max_prompts)
 
 
 def run_ppo_job(cfg: PPOJobConfig, *, train_fn=None) -> runner.JobResult:
@@ -130,7 +141,7 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     metrics_path = out_dir / "ppo_metrics.jsonl"
     if train_fn is None:
         from prefloop.align.train.ppo import train_ppo as train_fn
-    trained = train_fn(base_dir, rm_dir, [r["prompt"] for r in split.train], cfg.ppo,
+    trained = train_fn(base_dir, rm_dir, [r.prompt for r in split.train], cfg.ppo,
                        metrics_path=metrics_path, progress=cfg.progress)
     if not main or trained.model is None:
         result.status = runner.WORKER
@@ -168,7 +179,7 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
     from prefloop.align.train.ppo import evaluate_policy
     from prefloop.align.train.reward import load_reward_model
     device = runner.eval_device(cfg.device)
-    heldout = [r["prompt"] for r in split.heldout[-cfg.max_heldout:]]
+    heldout = [r.prompt for r in split.heldout[-cfg.max_heldout:]]
     tokenizer = trained.tokenizer
     rm, rm_tok = load_reward_model(rm_dir, device), load_tokenizer(rm_dir)
     reference = load_causal_lm(base_dir, device)

@@ -27,6 +27,7 @@ from prefloop.align.jobs import runner
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback.rows import PreferencePair
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run_job(cfg: JobConfig, *, train_fn: TrainFn | None = None) -> runner.JobRes
                       lambda registry, job_id, main: _run(cfg, registry, job_id, train_fn, main))
 
 
-def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list[dict], dt.datetime | None]:
+def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list, dt.datetime | None]:
     after = runner.watermark(registry) if cfg.incremental else None
     if cfg.train.method == "dpo":
         rows = data_mod.load_pairs(cfg.data_dir, since=cfg.since, after=after,
@@ -96,7 +97,7 @@ def _ratings_waiting(cfg: JobConfig, registry: reg.Registry, after: dt.datetime 
     job has seen are waiting, and what trains on them ("" when none)."""
     seen = runner.newest_seen(registry, after)
     ratings = sum(1 for e in data_mod.load_examples(cfg.data_dir, since=cfg.since, after=seen)
-                  if e.get("source") == "rating")
+                  if e.source == "rating")
     if not ratings:
         return ""
     return (f"; {ratings} new rating{'s' if ratings != 1 else ''} (thumbs / stars) are waiting: "
@@ -121,8 +122,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     if split is None or _too_few_to_judge(cfg, split, result):
         return result
     base_dir = registry.version_dir(base)
-    trl_rows = {"dpo": data_mod.trl_pairs, "sft": data_mod.trl_sft,
-                "kto": data_mod.trl_examples}[method](split.train)
+    trl_rows = [r.to_trl() for r in split.train]
     if train_fn is None:
         from prefloop.align.train.preference import train as train_fn
     started = time.perf_counter()
@@ -174,16 +174,15 @@ def _training_summary(trained) -> dict[str, Any]:
                 last_log={k: v for k, v in last.items() if isinstance(v, (int, float))})
 
 
-def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[dict]:
+def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[PreferencePair]:
     """An SFT job's gate pairs: the log's preference pairs (and rating pairs) of the held-out
     window, less those whose chosen answer the job trained on."""
     if split.cutoff is None:
         return []
-    trained = data_mod.sft_answer_keys(split.train)
+    trained = {data_mod.answer_key(r.prompt, r.text) for r in split.train}
     pairs = data_mod.load_pairs(cfg.data_dir, since=split.cutoff, after=after,
                                 pairs_from_ratings=True)
-    return [p for p in pairs if not data_mod.sft_answer_keys(
-        [{"prompt": p["prompt"], "completion": p["chosen"]}]) <= trained]
+    return [p for p in pairs if data_mod.answer_key(p.prompt, p.chosen_text) not in trained]
 
 
 def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path, trained,
@@ -227,11 +226,11 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                                      if cfg.incremental else None)
         basis = "preference pairs of the held-out window (chosen answers not trained on)"
     else:
-        labels = [bool(r["label"]) for r in split.heldout]
+        labels = [bool(r.label) for r in split.heldout]
         if train_rows:
             result.metrics["train"] = ev.example_metrics(ev.score_examples(
                 policy, tok, train_rows, reference=reference, progress="scoring train examples",
-                **kw), [bool(r["label"]) for r in train_rows], beta=tc.beta)
+                **kw), [bool(r.label) for r in train_rows], beta=tc.beta)
         example_scores = ev.score_examples(policy, tok, split.heldout, reference=reference,
                                            progress="scoring held-out examples", **kw)
         heldout = ev.example_metrics(example_scores, labels, beta=tc.beta)

@@ -26,6 +26,7 @@ from prefloop.align.train.reward import RewardTrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
 from prefloop.server.feedback import export as log_export
+from prefloop.server.feedback.rows import PreferencePair
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,12 @@ class RMJobConfig:
 
 def load_rm_pairs(data_dir: str | Path, *, since: str | None = None,
                   max_pairs: int | None = None, pairs_from_ratings: bool = True
-                  ) -> list[dict[str, Any]]:
-    """The `rm` export (prompt / chosen / rejected / margin + created_at ...), oldest first."""
+                  ) -> list[PreferencePair]:
+    """The `rm` export's pairs (with margins), oldest first."""
     since_t = data_mod.parse_time(since)
-    table = log_export.export_rm(data_dir, since=runner.day_of(since_t),
-                                 pairs_from_ratings=pairs_from_ratings)
-    return runner.window_rows(table.to_pylist(), since_t, None, max_pairs, "feedback_id")
+    pairs = log_export.load_pairs(data_dir, since=runner.day_of(since_t),
+                                  pairs_from_ratings=pairs_from_ratings, margins=True)
+    return data_mod.window_rows(pairs, since_t, None, max_pairs)
 
 
 def run_rm_job(cfg: RMJobConfig, *, train_fn=None) -> runner.JobResult:
@@ -120,9 +121,9 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
     tokenizer = load_tokenizer(base_dir)
     kw = dict(batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length)
 
-    def metrics(pairs: list[dict], label: str) -> dict[str, Any]:
+    def metrics(pairs: list[PreferencePair], label: str) -> dict[str, Any]:
         chosen, rejected = score_pairs(model, tokenizer, pairs, progress=label, **kw)
-        margins = torch.tensor([float(p.get("margin") or 0.0) for p in pairs]) \
+        margins = torch.tensor([float(p.margin or 0.0) for p in pairs]) \
             if cfg.train.margin else None
         out = pairwise_metrics(chosen, rejected, margins)
         diff = chosen.double() - rejected.double()

@@ -44,6 +44,7 @@ from prefloop.align.gate import GateDecision
 from prefloop.align.train.common import is_main_process
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, NotFound
+from prefloop.server.feedback.rows import Dated
 from prefloop.server.jobs import (  # noqa: F401 (the job statuses and history: re-exported)
     CRASHED,
     FAILED,
@@ -154,23 +155,13 @@ def newest_seen(registry: reg.Registry, after: dt.datetime | None) -> dt.datetim
     return max([t for t in (after, last_seen(registry)) if t is not None], default=None)
 
 
-def window_rows(rows: list[dict[str, Any]], since: dt.datetime | None, after: dt.datetime | None,
-                max_rows: int | None, key: str) -> list[dict[str, Any]]:
-    """Rows created on/after `since` and after `after`, oldest first (ties by `key`), the newest
-    `max_rows` of them."""
-    kept = [r for r in rows if (since is None or r["created_at"] >= since)
-            and (after is None or r["created_at"] > after)]
-    kept.sort(key=lambda r: (r["created_at"], r.get(key) or ""))
-    return kept[-max_rows:] if max_rows and len(kept) > max_rows else kept
-
-
 def day_of(*times: dt.datetime | None) -> str | None:
     """The UTC date (YYYY-MM-DD) of the latest of `times`: the first log partition to read."""
     bounds = [t for t in times if t is not None]
     return max(bounds).astimezone(dt.timezone.utc).strftime("%Y-%m-%d") if bounds else None
 
 
-def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: reg.Registry, *,
+def split_new_rows(result: JobResult, rows: list[Dated], window: dict, registry: reg.Registry, *,
                    after, incremental: bool, min_new: int, heldout_fraction: float, noun: str,
                    empty_reason: str) -> "data_mod.Split | None":
     """The train / held-out time split of `rows`, recorded in `result.data` with `window`; None
@@ -179,7 +170,7 @@ def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: 
     alike (they all read the same files)."""
     if incremental:
         seen = newest_seen(registry, after)
-        new = sum(1 for r in rows if seen is None or r["created_at"] > seen)
+        new = sum(1 for r in rows if seen is None or r.created_at > seen)
         window["new_rows"] = new
         if new < max(min_new, 1):
             result.status, result.data = SKIPPED, window
@@ -188,7 +179,7 @@ def split_new_rows(result: JobResult, rows: list[dict], window: dict, registry: 
             return None
     split = data_mod.time_split(rows, heldout_fraction)
     result.data = dict(split.describe(), **window, total_rows=len(rows),
-                       trained_until=data_mod.iso(max((r["created_at"] for r in split.train),
+                       trained_until=data_mod.iso(max((r.created_at for r in split.train),
                                                       default=None)))
     if not split.train:
         result.status, result.reason = SKIPPED, empty_reason

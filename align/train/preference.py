@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align.losses import LOSSES
+from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.align.train.common import (
     PREFERENCE_LR,
     SFT_LR,
@@ -113,8 +114,9 @@ class TrainResult:
 def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
           callbacks: list | None = None) -> TrainResult:
     """Train `cfg.method` on `rows` (TRL conversational rows: prompt/chosen/rejected for dpo,
-    prompt/completion/label for kto, prompt/completion for sft), starting from (and, for dpo and
-    kto, regularized towards) `base_dir`."""
+    prompt/completion/label for kto, prompt/completion for sft; `rows.*.to_trl()` adds the cut
+    flags of align/train/cut_answers.py), starting from (and, for dpo and kto, regularized
+    towards) `base_dir`."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
@@ -147,6 +149,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
             trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
+        # answers the user saw cut keep no end-of-turn tokens (TRL's template adds them)
+        trainer.train_dataset = drop_end_of_turn(trainer.train_dataset, tokenizer, cfg.method)
         quiet_progress(trainer)
         sharded = str(trainer.accelerator.distributed_type) in _SHARDED
         if sharded and cfg.lora:

@@ -36,6 +36,7 @@ from prefloop.align.train.common import (
     trainer_args,
 )
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback.rows import PreferencePair
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def score_texts(model, tokenizer, prompts: list[list[dict]], answers: list[Any],
     return out
 
 
-def score_pairs(model, tokenizer, pairs: list[dict[str, Any]], *, batch_size: int = 4,
+def score_pairs(model, tokenizer, pairs: list[PreferencePair], *, batch_size: int = 4,
                 max_length: int = 1024, progress: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(chosen_scores, rejected_scores)`, each `[n]`: the chosen and rejected answers of
@@ -212,9 +213,8 @@ def score_pairs(model, tokenizer, pairs: list[dict[str, Any]], *, batch_size: in
     chosen, rejected = torch.zeros(n), torch.zeros(n)
     for s in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
         group = pairs[s:s + batch_size]
-        seqs = ([encode_conversation(tokenizer, p["prompt"], p["chosen"], max_length)
-                 for p in group]
-                + [encode_conversation(tokenizer, p["prompt"], p["rejected"], max_length)
+        seqs = ([encode_conversation(tokenizer, p.prompt, p.chosen, max_length) for p in group]
+                + [encode_conversation(tokenizer, p.prompt, p.rejected, max_length)
                    for p in group])
         scores = score_ids(model, seqs, pad_id)  # [2 * len(group)]
         chosen[s:s + len(group)] = scores[:len(group)]
@@ -255,18 +255,13 @@ class RewardTrainResult:
     trainable_params: int
 
 
-def trl_rows(rows: list[dict[str, Any]], margin: bool) -> list[dict[str, Any]]:
+def trl_rows(rows: list[PreferencePair], margin: bool) -> list[dict[str, Any]]:
     """The columns RewardTrainer reads (conversational prompt / chosen / rejected [+ margin])."""
-    out = []
-    for r in rows:
-        row = {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-        if margin:
-            row["margin"] = float(r.get("margin") or 0.0)
-        out.append(row)
-    return out
+    keep = ("prompt", "chosen", "rejected", "margin") if margin else ("prompt", "chosen", "rejected")
+    return [{k: v for k, v in r.to_trl(margin=margin).items() if k in keep} for r in rows]
 
 
-def train_reward_model(base_dir: Path, rows: list[dict[str, Any]], cfg: RewardTrainConfig,
+def train_reward_model(base_dir: Path, rows: list[PreferencePair], cfg: RewardTrainConfig,
                        callbacks: list | None = None) -> RewardTrainResult:
     """Train a reward model from the policy folder `base_dir` on preference rows (the `rm`
     export: prompt / chosen / rejected as chat messages, optional margin)."""

@@ -115,6 +115,7 @@ class CompletionState:
     parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended it
     first_text_at: float | None = None
     last_text_at: float | None = None
     finished_at: float | None = None
@@ -276,6 +277,7 @@ class CompletionRunner:
                     state.completion_tokens = delta.completion_tokens
                     if delta.finish_reason is not None:
                         state.finish_reason, state.finished_at = delta.finish_reason, now
+                        state.stop_reason = delta.stop_reason
                         self._record(call, state, params, prompt, messages)
                     elif not delta.text_delta:
                         continue  # nothing to tell the client yet (e.g. a partial UTF-8 char)
@@ -347,7 +349,7 @@ class CompletionRunner:
             model_version=state.model_version or call.model_version, backend=call.backend,
             prompt=prompt,
             messages=messages, completion=state.text, finish_reason=state.finish_reason or "",
-            prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
+            stop_reason=state.stop_reason, prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
             sampling=sampling_as_dict(params), latency_ms=call.ms_since_start(state.finished_at),
             ttft_ms=call.ms_since_start(state.first_text_at), source=call.meta.api)
         try:

@@ -16,6 +16,7 @@ from prefloop.server.api.auth import Role
 from prefloop.server.api.http_deps import Ctx, json_body
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.jobs import job_history
+from prefloop.server.version_summary import VersionSummary
 
 router = APIRouter()
 
@@ -32,13 +33,16 @@ async def versions(request: Request, ctx: Ctx):
     out = []
     for r in rows:
         metrics = json.loads(r["metrics_json"] or "{}")
+        gate = json.loads(r["gate_json"] or "{}")
+        ab_win_rate = None
         if test is not None and test.candidate == r["version"]:  # the live votes' verdict
             votes = test.wins + test.losses
+            ab_win_rate = test.wins / votes if votes else None
             metrics["ab"] = {"status": test.status, "wins": test.wins, "losses": test.losses,
-                             "win_rate": test.wins / votes if votes else None,
-                             "against": test.control}
+                             "win_rate": ab_win_rate, "against": test.control}
         out.append({**{k: v for k, v in r.items() if not k.endswith("_json")},
-                    "metrics": metrics, "gate": json.loads(r["gate_json"] or "{}")})
+                    "metrics": metrics, "gate": gate,
+                    "summary": VersionSummary.of(metrics, gate, ab_win_rate).to_dict()})
     return {"current_version": sw.registry.current() or "", "serving_version": sw.serving,
             "versions": out}
 
@@ -47,7 +51,9 @@ async def versions(request: Request, ctx: Ctx):
 async def jobs(request: Request, ctx: Ctx):
     ctx.require(request, Role.ADMIN)
     records = await asyncio.to_thread(job_history, ctx.registry_switcher().registry)
-    return {"jobs": [record.to_dict() for record in records]}  # newest last
+    return {"jobs": [dict(record.to_dict(),  # newest last
+                          summary=VersionSummary.of(record.metrics, record.gate).to_dict())
+                     for record in records]}
 
 
 @router.post("/v1/admin/promote")

@@ -8,14 +8,19 @@ server's memory, so it works beside a running server or on a copied data directo
 - `export_dpo` / `export_rm`: prompt / chosen / rejected as chat messages (TRL's conversational
   preference format), one row per distinct (prompt, chosen, rejected);
 - `export_kto`: prompt / completion / label (TRL's unpaired preference format);
+- `load_pairs` / `load_rated_answers`: the same rows typed (`rows.PreferencePair`,
+  `rows.RatedAnswer`), what align reads;
 - `log_stats`: counts by day, model version and kind, and how many training rows each export has.
 
 Preferences by reference are resolved against the generations table (prompt and completions); a
 raw-prompt generation becomes one user message. Ratings map to labels: thumbs +1 → True,
--1 → False; stars 4-5 → True, 1-2 → False, 3 is left out.
+-1 → False; stars 4-5 → True, 1-2 → False, 3 is left out. Every answer of a generation row
+carries its finish reason (rows.py: "stop", "length", "abort", "stop_string"), so a cut answer
+is never trained as a finished one; a text the user wrote has none (whole).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 from collections import Counter, defaultdict
@@ -25,34 +30,21 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefloop.server.feedback import rows as rows_mod
 from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.rows import (
+    DPO_SCHEMA,
+    KTO_SCHEMA,
+    RM_SCHEMA,
+    PreferencePair,
+    RatedAnswer,
+)
 from prefloop.server.feedback.wal import list_segments, read_segment
 
 FORMATS = ("dpo", "kto", "rm")
 MAX_RATING_PAIRS_PER_PROMPT = 16
 
 ASSISTANT = "assistant"
-
-DPO_SCHEMA = pa.schema([
-    ("prompt", logschema.MESSAGES),
-    ("chosen", logschema.MESSAGES),
-    ("rejected", logschema.MESSAGES),
-    ("feedback_id", pa.string()),  # the first submission of this pair ("ratings:<ids>" for rm)
-    ("created_at", logschema.TIMESTAMP),
-    ("chosen_model_version", pa.string()),
-    ("rejected_model_version", pa.string()),
-    ("source", pa.string()),  # "reference" | "explicit" | "ratings"
-])
-RM_SCHEMA = DPO_SCHEMA.append(pa.field("margin", pa.float64()))
-KTO_SCHEMA = pa.schema([
-    ("prompt", logschema.MESSAGES),
-    ("completion", logschema.MESSAGES),
-    ("label", pa.bool_()),
-    ("feedback_id", pa.string()),
-    ("created_at", logschema.TIMESTAMP),
-    ("model_version", pa.string()),
-    ("source", pa.string()),  # "rating" | "preference"
-])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +121,15 @@ def _assistant(text: str | None) -> list[dict[str, str]]:
     return [{"role": ASSISTANT, "content": text or ""}]
 
 
+def _finish_reason(generation: dict[str, Any]) -> str | None:
+    """How a logged answer ended, as the exports carry it (rows.is_cut): the engine's reason,
+    with "stop" by a stop string of the request told apart from the model ending its turn."""
+    reason = generation.get("finish_reason") or None
+    if reason == rows_mod.FINISH_STOP and generation.get("stop_reason"):
+        return rows_mod.FINISH_STOP_STRING
+    return reason
+
+
 class _Responses:
     """Lookup of generation rows by response_id (only the ids feedback refers to are loaded)."""
 
@@ -138,7 +139,7 @@ class _Responses:
         if not wanted:
             return
         cols = ["response_id", "prompt", "messages", "completion", "model_version",
-                "prompt_fingerprint"]
+                "prompt_fingerprint", "finish_reason", "stop_reason"]
         table = load_table(data_dir, logschema.GENERATIONS, columns=cols)
         table = table.filter(pc.is_in(table.column("response_id"), pa.array(wanted)))
         for row in table.to_pylist():
@@ -168,8 +169,8 @@ def _feedback_and_responses(data_dir: Path, since: str | None
     return rows, _Responses(data_dir, ids)
 
 
-def _preference_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
-    pairs: list[dict[str, Any]] = []
+def _preference_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[PreferencePair]:
+    pairs: list[PreferencePair] = []
     for r in rows:
         if r["kind"] != logschema.KIND_PREFERENCE:
             continue
@@ -178,37 +179,36 @@ def _preference_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list
                                 responses.get(r["rejected_response_id"]))
             if chosen is None or rejected is None:
                 continue  # its generation rows are missing (log lost): nothing to train on
-            prompt = logschema.prompt_as_messages(chosen["prompt"], chosen["messages"])
-            item = dict(chosen_text=chosen["completion"], rejected_text=rejected["completion"],
-                        chosen_model_version=chosen["model_version"],
-                        rejected_model_version=rejected["model_version"], source="reference")
-        else:
-            prompt = r["prompt_messages"]
-            item = dict(chosen_text=r["chosen_text"], rejected_text=r["rejected_text"],
-                        chosen_model_version=None, rejected_model_version=None, source="explicit")
-        pairs.append({"prompt": prompt, "chosen": _assistant(item["chosen_text"]),
-                      "rejected": _assistant(item["rejected_text"]),
-                      "feedback_id": r["feedback_id"], "created_at": r["created_at"],
-                      "chosen_model_version": item["chosen_model_version"],
-                      "rejected_model_version": item["rejected_model_version"],
-                      "source": item["source"]})
+            pairs.append(PreferencePair(
+                prompt=logschema.prompt_as_messages(chosen["prompt"], chosen["messages"]),
+                chosen=_assistant(chosen["completion"]),
+                rejected=_assistant(rejected["completion"]),
+                feedback_id=r["feedback_id"], created_at=r["created_at"],
+                chosen_model_version=chosen["model_version"],
+                rejected_model_version=rejected["model_version"], source="reference",
+                chosen_finish_reason=_finish_reason(chosen),
+                rejected_finish_reason=_finish_reason(rejected)))
+        else:  # a text-form preference: both texts are whole (the user's own answer, often)
+            pairs.append(PreferencePair(
+                prompt=r["prompt_messages"], chosen=_assistant(r["chosen_text"]),
+                rejected=_assistant(r["rejected_text"]), feedback_id=r["feedback_id"],
+                created_at=r["created_at"], source="explicit"))
     return pairs
 
 
-def _unique_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _unique_pairs(pairs: list[PreferencePair]) -> list[PreferencePair]:
     """The first pair of every distinct (prompt, chosen, rejected)."""
     seen: set[tuple] = set()
     out = []
     for p in pairs:
-        key = (logschema.prompt_fingerprint(None, p["prompt"]), p["chosen"][0]["content"],
-               p["rejected"][0]["content"])
+        key = (logschema.prompt_fingerprint(None, p.prompt), p.chosen_text, p.rejected_text)
         if key not in seen:
             seen.add(key)
             out.append(p)
     return out
 
 
-def _rating_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
+def _rating_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[PreferencePair]:
     """Pairs from ratings of different responses to the same prompt (higher mean score wins)."""
     scores: dict[str, list[float]] = defaultdict(list)
     first: dict[str, dict[str, Any]] = {}
@@ -231,62 +231,88 @@ def _rating_pairs(rows: list[dict[str, Any]], responses: _Responses) -> list[dic
             if mean[hi] <= mean[lo] or chosen["completion"] == rejected["completion"]:
                 continue
             made += 1
-            pairs.append({
-                "prompt": logschema.prompt_as_messages(chosen["prompt"], chosen["messages"]),
-                "chosen": _assistant(chosen["completion"]),
-                "rejected": _assistant(rejected["completion"]),
-                "feedback_id": f"ratings:{first[hi]['feedback_id']},{first[lo]['feedback_id']}",
-                "created_at": max(first[hi]["created_at"], first[lo]["created_at"]),
-                "chosen_model_version": chosen["model_version"],
-                "rejected_model_version": rejected["model_version"],
-                "source": "ratings", "margin": mean[hi] - mean[lo]})
+            pairs.append(PreferencePair(
+                prompt=logschema.prompt_as_messages(chosen["prompt"], chosen["messages"]),
+                chosen=_assistant(chosen["completion"]),
+                rejected=_assistant(rejected["completion"]),
+                feedback_id=f"ratings:{first[hi]['feedback_id']},{first[lo]['feedback_id']}",
+                created_at=max(first[hi]["created_at"], first[lo]["created_at"]),
+                chosen_model_version=chosen["model_version"],
+                rejected_model_version=rejected["model_version"], source="ratings",
+                chosen_finish_reason=_finish_reason(chosen),
+                rejected_finish_reason=_finish_reason(rejected),
+                margin=mean[hi] - mean[lo]))
     return pairs
 
 
-def _dpo_rows(rows: list[dict[str, Any]], responses: _Responses, *,
-              pairs_from_ratings: bool = False) -> list[dict[str, Any]]:
+def dpo_pairs(rows: list[dict[str, Any]], responses: _Responses, *,
+              pairs_from_ratings: bool = False) -> list[PreferencePair]:
     pairs = _preference_pairs(rows, responses)
     if pairs_from_ratings:
-        pairs += [{k: v for k, v in p.items() if k != "margin"}
-                  for p in _rating_pairs(rows, responses)]
+        pairs += [dataclasses.replace(p, margin=0.0) for p in _rating_pairs(rows, responses)]
     return _unique_pairs(pairs)
 
 
-def _rm_rows(rows: list[dict[str, Any]], responses: _Responses, *,
-             pairs_from_ratings: bool = True) -> list[dict[str, Any]]:
-    pairs = [dict(p, margin=0.0) for p in _preference_pairs(rows, responses)]
+def rm_pairs(rows: list[dict[str, Any]], responses: _Responses, *,
+             pairs_from_ratings: bool = True) -> list[PreferencePair]:
+    pairs = _preference_pairs(rows, responses)
     if pairs_from_ratings:
         pairs += _rating_pairs(rows, responses)
     return _unique_pairs(pairs)
 
 
-def _kto_rows(rows: list[dict[str, Any]], responses: _Responses) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def rated_answers(rows: list[dict[str, Any]], responses: _Responses) -> list[RatedAnswer]:
+    out: list[RatedAnswer] = []
     seen: set[tuple] = set()
 
-    def add(prompt: list, text: str | None, label: bool, r: dict, version: str | None,
-            source: str) -> None:
-        key = (logschema.prompt_fingerprint(None, prompt), text, label)
+    def add(answer: RatedAnswer) -> None:
+        key = (logschema.prompt_fingerprint(None, answer.prompt), answer.text, answer.label)
         if key not in seen:
             seen.add(key)
-            out.append({"prompt": prompt, "completion": _assistant(text), "label": label,
-                        "feedback_id": r["feedback_id"], "created_at": r["created_at"],
-                        "model_version": version, "source": source})
+            out.append(answer)
 
     for r in rows:
         if r["kind"] == logschema.KIND_RATING:
             g = responses.get(r["response_id"])
             label = _label(r["scale"], r["score"])
             if g is not None and label is not None:
-                add(logschema.prompt_as_messages(g["prompt"], g["messages"]), g["completion"],
-                    label, r, g["model_version"], "rating")
+                add(RatedAnswer(
+                    prompt=logschema.prompt_as_messages(g["prompt"], g["messages"]),
+                    completion=_assistant(g["completion"]), label=label,
+                    feedback_id=r["feedback_id"], created_at=r["created_at"],
+                    model_version=g["model_version"], source="rating",
+                    finish_reason=_finish_reason(g)))
         else:
             for pair in _preference_pairs([r], responses):
-                add(pair["prompt"], pair["chosen"][0]["content"], True, r,
-                    pair["chosen_model_version"], "preference")
-                add(pair["prompt"], pair["rejected"][0]["content"], False, r,
-                    pair["rejected_model_version"], "preference")
+                common = dict(prompt=pair.prompt, feedback_id=r["feedback_id"],
+                              created_at=r["created_at"], source="preference")
+                add(RatedAnswer(completion=pair.chosen, label=True,
+                                model_version=pair.chosen_model_version,
+                                finish_reason=pair.chosen_finish_reason, **common))
+                add(RatedAnswer(completion=pair.rejected, label=False,
+                                model_version=pair.rejected_model_version,
+                                finish_reason=pair.rejected_finish_reason, **common))
     return out
+
+
+def _table(items: list, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{f: getattr(x, f) for f in schema.names} for x in items],
+                                schema=schema)
+
+
+def load_pairs(data_dir: str | Path, *, since: str | dt.date | None = None,
+               pairs_from_ratings: bool = False, margins: bool = False) -> list[PreferencePair]:
+    """The typed rows of `export_dpo` (`margins`: of `export_rm`, ratings pairs with margins)."""
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+    build = rm_pairs if margins else dpo_pairs
+    return build(rows, responses, pairs_from_ratings=pairs_from_ratings)
+
+
+def load_rated_answers(data_dir: str | Path, *, since: str | dt.date | None = None
+                       ) -> list[RatedAnswer]:
+    """The typed rows of `export_kto`."""
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+    return rated_answers(rows, responses)
 
 
 def export_dpo(data_dir: str | Path, *, since: str | dt.date | None = None,
@@ -295,18 +321,16 @@ def export_dpo(data_dir: str | Path, *, since: str | dt.date | None = None,
 
     With `pairs_from_ratings`, also pairs of differently rated answers to the same prompt.
     """
-    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
-    return pa.Table.from_pylist(_dpo_rows(rows, responses, pairs_from_ratings=pairs_from_ratings),
-                                schema=DPO_SCHEMA)
+    return _table(load_pairs(data_dir, since=since, pairs_from_ratings=pairs_from_ratings),
+                  DPO_SCHEMA)
 
 
 def export_rm(data_dir: str | Path, *, since: str | dt.date | None = None,
               pairs_from_ratings: bool = True) -> pa.Table:
     """Reward-model pairs: the preference pairs (margin 0) plus pairs derived from ratings of
     answers to the same prompt (margin = difference of mean normalized scores, in (0, 2])."""
-    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
-    return pa.Table.from_pylist(_rm_rows(rows, responses, pairs_from_ratings=pairs_from_ratings),
-                                schema=RM_SCHEMA)
+    return _table(load_pairs(data_dir, since=since, pairs_from_ratings=pairs_from_ratings,
+                             margins=True), RM_SCHEMA)
 
 
 def export_kto(data_dir: str | Path, *, since: str | dt.date | None = None) -> pa.Table:
@@ -314,8 +338,7 @@ def export_kto(data_dir: str | Path, *, since: str | dt.date | None = None) -> p
 
     A preference gives two examples (chosen True, rejected False).
     """
-    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
-    return pa.Table.from_pylist(_kto_rows(rows, responses), schema=KTO_SCHEMA)
+    return _table(load_rated_answers(data_dir, since=since), KTO_SCHEMA)
 
 
 EXPORTERS = {"dpo": export_dpo, "kto": export_kto, "rm": export_rm}
@@ -353,7 +376,7 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> di
         versions = ",".join(sorted({v or "-" for v in r["model_versions"] or []})) or "-"
         counts[(r["date"], versions, r["kind"])] += 1
         totals[r["kind"]] += 1
-    labels = [r["label"] for r in _kto_rows(rows, responses)]
+    labels = [r.label for r in rated_answers(rows, responses)]
     segments = list_segments(data_dir / logschema.WAL_DIR)
     return {
         "data_dir": str(data_dir),
@@ -361,8 +384,8 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> di
                  for (d, v, k), n in sorted(counts.items())],
         "totals": {k: totals[k] for k in ("generation", logschema.KIND_PREFERENCE,
                                           logschema.KIND_RATING)},
-        "training": {"dpo_pairs": len(_dpo_rows(rows, responses)),
-                     "rm_pairs": len(_rm_rows(rows, responses)),
+        "training": {"dpo_pairs": len(dpo_pairs(rows, responses)),
+                     "rm_pairs": len(rm_pairs(rows, responses)),
                      "kto_examples": len(labels),
                      "kto_desirable": sum(1 for x in labels if x),
                      "kto_undesirable": sum(1 for x in labels if not x)},

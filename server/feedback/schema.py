@@ -72,6 +72,7 @@ GENERATIONS_SCHEMA = _schema(GENERATIONS, [
     pa.field("prompt_fingerprint", pa.string(), nullable=False),
     pa.field("completion", pa.string()),
     pa.field("finish_reason", pa.string()),
+    pa.field("stop_reason", pa.string()),  # the request's stop string that ended it (null: none)
     pa.field("prompt_tokens", pa.int32()),
     pa.field("completion_tokens", pa.int32()),
     pa.field("sampling", SAMPLING),
@@ -273,6 +274,7 @@ class GenerationRecord:
     latency_ms: float | None
     ttft_ms: float | None
     source: str = "grpc"  # which API served it: "grpc" | "http"
+    stop_reason: str | None = None  # with finish_reason "stop": the stop string that ended it
 
 
 def normalize_generation(row: GenerationRecord | Mapping[str, Any]) -> dict[str, Any]:
@@ -301,6 +303,7 @@ def normalize_generation(row: GenerationRecord | Mapping[str, Any]) -> dict[str,
         "prompt_fingerprint": prompt_fingerprint(prompt, messages),
         "completion": _opt_str(row.get("completion")),
         "finish_reason": _opt_str(row.get("finish_reason")),
+        "stop_reason": _opt_str(row.get("stop_reason")),
         "prompt_tokens": _opt_int(row.get("prompt_tokens")),
         "completion_tokens": _opt_int(row.get("completion_tokens")),
         "sampling": normalize_sampling(row.get("sampling")),

@@ -56,6 +56,7 @@ class CompletionDelta:
     finish_reason: str | None  # None while running; "stop" | "length" | "abort" on the last one
     completion_tokens: int  # tokens generated so far for this candidate
     model_version: str = ""  # the weights that produced it (fixed for the whole request)
+    stop_reason: str | None = None  # the request's stop string that ended it (with "stop")
 
 
 @dataclass(eq=False)
@@ -204,7 +205,8 @@ class Generator:
                 if reason is not None:
                     done[out.index] = True
                 yield CompletionDelta(out.index, text, out.new_token_ids, reason,
-                                      out.num_output_tokens, version)
+                                      out.num_output_tokens, version,
+                                      dec.stop_string if reason is not None else None)
                 if all(done):
                     return
         finally:

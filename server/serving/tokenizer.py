@@ -97,6 +97,7 @@ class IncrementalDecoder:
         self.emitted = 0  # characters of text already returned
         self.text = ""
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text
 
     def push(self, new_ids: list[int], final: bool) -> str:
         """Add tokens; return the new text that is safe to show. Sets .stopped on a stop string."""
@@ -107,9 +108,10 @@ class IncrementalDecoder:
         self.text = text
         if self.stop:
             start = max(0, self.emitted - self.hold)
-            hits = [i for s in self.stop if (i := text.find(s, start)) != -1]
+            hits = [(i, s) for s in self.stop if (i := text.find(s, start)) != -1]
             if hits:
-                self.text = text[:min(hits)]
+                at, self.stop_string = min(hits, key=lambda h: h[0])
+                self.text = text[:at]
                 self.stopped = True
                 final = True
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)

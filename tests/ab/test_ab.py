@@ -327,6 +327,7 @@ def test_the_versions_route_shows_the_live_votes_verdict(ab_server):
     (cand,) = [v for v in res.json()["versions"] if v["version"] == v1]
     assert cand["metrics"]["ab"] == {"status": "running", "wins": 7, "losses": 3,
                                      "win_rate": 0.7, "against": "v0000"}
+    assert cand["summary"]["ab_win_rate"] == 0.7  # what the page plots
 
 
 def test_models_trend_and_list_show_gate_numbers_with_intervals(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,17 +18,17 @@ from prefloop.server.errors import InvalidArgument
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def rows_at(*seconds: float) -> list[dict]:
-    return [{"created_at": T0 + dt.timedelta(seconds=s), "feedback_id": f"fb-{i}"}
+def rows_at(*seconds: float) -> list[SimpleNamespace]:
+    return [SimpleNamespace(created_at=T0 + dt.timedelta(seconds=s), feedback_id=f"fb-{i}")
             for i, s in enumerate(seconds)]
 
 
 def test_time_split_holds_out_the_newest_rows():
     split = data.time_split(rows_at(5, 1, 4, 2, 3, 6, 7, 8, 9, 10), heldout_fraction=0.2)
-    assert [r["created_at"].second for r in split.train] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert [r["created_at"].second for r in split.heldout] == [9, 10]
-    assert max(r["created_at"] for r in split.train) < split.cutoff
-    assert all(r["created_at"] >= split.cutoff for r in split.heldout)
+    assert [r.created_at.second for r in split.train] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r.created_at.second for r in split.heldout] == [9, 10]
+    assert max(r.created_at for r in split.train) < split.cutoff
+    assert all(r.created_at >= split.cutoff for r in split.heldout)
     assert split.describe()["rows"] == {"train": 8, "heldout": 2}
 
 
@@ -53,18 +54,18 @@ def test_load_pairs_window_from_a_real_log(tmp_path):
     write_pairs(tmp_path, banana_pairs(10))
     pairs = data.load_pairs(tmp_path)
     assert len(pairs) == 10
-    assert pairs[0]["chosen"] == [{"role": "assistant", "content": banana_pairs(10)[0]["chosen"]}]
-    times = [p["created_at"] for p in pairs]
+    assert pairs[0].chosen == [{"role": "assistant", "content": banana_pairs(10)[0]["chosen"]}]
+    times = [p.created_at for p in pairs]
     assert times == sorted(times) and len(set(times)) == 10
-    assert [p["created_at"] for p in data.load_pairs(tmp_path, after=times[6])] == times[7:]
-    assert [p["created_at"] for p in data.load_pairs(tmp_path, since=times[3])] == times[3:]
-    assert [p["created_at"] for p in data.load_pairs(tmp_path, max_pairs=3)] == times[7:]
+    assert [p.created_at for p in data.load_pairs(tmp_path, after=times[6])] == times[7:]
+    assert [p.created_at for p in data.load_pairs(tmp_path, since=times[3])] == times[3:]
+    assert [p.created_at for p in data.load_pairs(tmp_path, max_pairs=3)] == times[7:]
     assert data.load_pairs(tmp_path, since="2999-01-01") == []
     examples = data.load_examples(tmp_path)  # each preference: one good, one bad answer
-    assert len(examples) == 20 and sum(e["label"] for e in examples) == 10
+    assert len(examples) == 20 and sum(e.label for e in examples) == 10
     kto_pairs = data.pairs_from_examples(examples)
     assert len(kto_pairs) == 10
-    assert all(p["chosen"][0]["content"].startswith("banana") for p in kto_pairs)
+    assert all(p.chosen_text.startswith("banana") for p in kto_pairs)
 
 
 def test_parse_time():

@@ -4,6 +4,7 @@ preference accuracy on a clear synthetic rule ("banana" answers win), the increm
 loop (watermark, skip, promote, lock, failure), LoRA merging, KTO, and the schedule."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import shutil
@@ -25,15 +26,18 @@ from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.align.train.preference import TrainResult
 from prefloop.server import registry as reg
 from prefloop.server.errors import Unavailable
+from prefloop.server.feedback.rows import PreferencePair
 from prefloop.server.jobs import job_history, job_lock
 from prefloop.server.model.loader import load_model
 
 FAST = ["--no-lora", "--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3"]
 
 
-def as_trl(pairs: list[dict]) -> list[dict]:
-    return [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+def as_pairs(pairs: list[dict]) -> list[PreferencePair]:
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    return [PreferencePair(p["prompt"], [{"role": "assistant", "content": p["chosen"]}],
+                           [{"role": "assistant", "content": p["rejected"]}], f"fb-{i}", t)
+            for i, p in enumerate(pairs)]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def test_initial_metrics_are_closed_form_and_match_trl(tiny, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
     tok, policy, ref = load_tokenizer(tiny), load_causal_lm(tiny), load_causal_lm(tiny)
-    pairs = as_trl(banana_pairs(8, seed=1))
+    pairs = as_pairs(banana_pairs(8, seed=1))
     scores = ev.score_pairs(policy, tok, pairs, reference=ref, batch_size=4)
     m = ev.pair_metrics(scores, beta=0.1)
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-9)  # policy == reference
@@ -80,9 +84,11 @@ def test_initial_metrics_are_closed_form_and_match_trl(tiny, tmp_path):
     # TRL's DPOTrainer sees exactly the same sequences and log-probs (tokenization check)
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=4,
                      bf16=False, use_cpu=True, gradient_checkpointing=False)
+    trl_rows = Dataset.from_list([{k: getattr(p, k) for k in ("prompt", "chosen", "rejected")}
+                                  for p in pairs])
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
-                         train_dataset=Dataset.from_list(pairs))
-    trl_metrics = trainer.evaluate(Dataset.from_list(pairs))
+                         train_dataset=trl_rows)
+    trl_metrics = trainer.evaluate(trl_rows)
     chosen, rejected = ev.split_pair_scores(scores)
     assert trl_metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert trl_metrics["eval_logps/chosen"] == pytest.approx(float(chosen.logps.mean()), rel=1e-4)

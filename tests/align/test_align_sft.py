@@ -20,6 +20,7 @@ from prefloop.align.jobs.preference import JobConfig, run_job
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.align.train.preference import TrainConfig, TrainResult
 from prefloop.server import registry as reg
+from prefloop.server.feedback.rows import PreferencePair, RatedAnswer
 
 
 @pytest.fixture(scope="module")
@@ -85,32 +86,30 @@ def test_sft_rows_from_each_feedback_kind(tmp_path):
         # the same answer rated again: one row
         s.submit_rating(response_id="r-up", score=1, scale="thumbs")
     rows = data_mod.load_sft_examples(d)
-    got = {(r["completion"][0]["content"], r["source"]) for r in rows}
+    got = {(r.text, r.source) for r in rows}
     assert got == {("Banana, written by the user.", "user_answer"), ("Hi there!", "chosen"),
                    ("up answer", "top_rated"), ("five stars", "top_rated"),
                    ("four stars", "top_rated")}
-    assert rows == sorted(rows, key=lambda r: r["created_at"])
-    by_text = {r["completion"][0]["content"]: r for r in rows}
-    assert by_text["Hi there!"]["prompt"] == [{"role": "user", "content": "Say hi."}]
-    assert by_text["Hi there!"]["completion"] == [{"role": "assistant", "content": "Hi there!"}]
-    assert data_mod.trl_sft(rows[:1])[0].keys() == {"prompt", "completion"}
-    later = data_mod.load_sft_examples(d, after=by_text["Hi there!"]["created_at"])
-    assert "Banana, written by the user." not in {r["completion"][0]["content"] for r in later}
+    assert rows == sorted(rows, key=lambda r: r.created_at)
+    by_text = {r.text: r for r in rows}
+    assert by_text["Hi there!"].prompt == [{"role": "user", "content": "Say hi."}]
+    assert by_text["Hi there!"].completion == [{"role": "assistant", "content": "Hi there!"}]
+    assert rows[0].to_trl().keys() == {"prompt", "completion", "completion_cut"}
+    later = data_mod.load_sft_examples(d, after=by_text["Hi there!"].created_at)
+    assert "Banana, written by the user." not in {r.text for r in later}
 
 
 def test_sft_examples_pure_function_dedupes_and_skips_empty():
     t = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
     p = [{"role": "user", "content": "x"}]
     a = [{"role": "assistant", "content": "same"}]
-    pairs = [{"prompt": p, "chosen": a, "created_at": t, "feedback_id": "f1", "source": "explicit"},
-             {"prompt": p, "chosen": [{"role": "assistant", "content": " "}],
-              "created_at": t, "feedback_id": "f2", "source": "reference"}]
-    examples = [{"prompt": p, "completion": a, "label": True, "source": "rating",
-                 "created_at": t + dt.timedelta(seconds=1), "feedback_id": "f3"},
-                {"prompt": p, "completion": a, "label": True, "source": "preference",
-                 "created_at": t, "feedback_id": "f4"}]
+    pairs = [PreferencePair(p, a, a, "f1", t, source="explicit"),
+             PreferencePair(p, [{"role": "assistant", "content": " "}], a, "f2", t,
+                            source="reference")]
+    examples = [RatedAnswer(p, a, True, "f3", t + dt.timedelta(seconds=1), source="rating"),
+                RatedAnswer(p, a, True, "f4", t, source="preference")]
     rows = data_mod.sft_examples(pairs, examples)
-    assert [(r["feedback_id"], r["source"]) for r in rows] == [("f1", "user_answer")]
+    assert [(r.feedback_id, r.source) for r in rows] == [("f1", "user_answer")]
 
 
 # ---- held-out scoring runs the candidate's weights --------------------------------------------
@@ -123,7 +122,7 @@ def _nudged(base_dir, rows, toward: str, steps: int = 15):
     tok, model = load_tokenizer(base_dir), load_causal_lm(base_dir)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    items = [ev.encode(tok, r["prompt"], r[toward], 256) for r in rows]
+    items = [ev.encode(tok, r.prompt, getattr(r, toward), 256) for r in rows]
     input_ids, attention_mask, completion_mask = ev._batch(items, tok.pad_token_id, "cpu")
     for _ in range(steps):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]

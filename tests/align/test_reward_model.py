@@ -14,11 +14,12 @@ from align_helpers import banana_pairs, tiny_policy, write_pairs
 
 from prefloop.align import scores as S
 from prefloop.align.jobs.reward import RMJobConfig, load_rm_pairs, run_rm_job, score_log
-from prefloop.server.jobs import job_history
 from prefloop.align.train import reward as R
 from prefloop.align.train.common import load_tokenizer
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition
+from prefloop.server.feedback.rows import PreferencePair
+from prefloop.server.jobs import job_history
 
 
 def test_pairwise_metrics_by_hand():
@@ -66,15 +67,17 @@ def test_score_pairs_uses_one_forward_per_batch_and_matches_single_scoring(tiny)
     tok = load_tokenizer(tiny)
     model = R.load_reward_model(tiny, new_head=True)
     model.config.pad_token_id = tok.pad_token_id
-    pairs = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-             for p in banana_pairs(3)]
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    pairs = [PreferencePair(p["prompt"], [{"role": "assistant", "content": p["chosen"]}],
+                            [{"role": "assistant", "content": p["rejected"]}], f"f{i}", t)
+             for i, p in enumerate(banana_pairs(3))]
     calls = []
     handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
     chosen, rejected = R.score_pairs(model, tok, pairs, batch_size=4)
     handle.remove()
     assert len(calls) == 1  # chosen and rejected of the batch concatenated
-    alone = R.score_texts(model, tok, [p["prompt"] for p in pairs],
-                          [p["chosen"] for p in pairs], batch_size=1)
+    alone = R.score_texts(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                          batch_size=1)
     assert torch.allclose(chosen, alone, atol=1e-5)  # padding does not change a score
     assert not torch.allclose(chosen, rejected)
 
@@ -118,8 +121,8 @@ def test_rm_job_learns_the_rule_and_is_published_as_reward(rm_job):
 def test_rm_pairs_carry_margins(rm_job):
     d, _ = rm_job
     rows = load_rm_pairs(d)
-    assert len(rows) == 40 and all(r["margin"] == 0.0 for r in rows)
-    assert rows == sorted(rows, key=lambda r: r["created_at"])
+    assert len(rows) == 40 and all(r.margin == 0.0 for r in rows)
+    assert rows == sorted(rows, key=lambda r: r.created_at)
     trl = R.trl_rows(rows[:2], margin=True)
     assert set(trl[0]) == {"prompt", "chosen", "rejected", "margin"}
     assert set(R.trl_rows(rows[:2], margin=False)[0]) == {"prompt", "chosen", "rejected"}

@@ -350,6 +350,7 @@ def test_admin_jobs_returns_one_merged_record_per_job(tmp_path):
             "dpo", "v0000", "2025-01-01T00:00:00Z", "2025-01-01T00:05:00Z")
         assert a["gate"]["passed"] is False and a["data"]["rows"] == {"train": 40, "heldout": 10}
         assert b["finished_at"] is None and b["command"] == "run"
+        assert a["summary"]["heldout_rows"] is None and b["summary"]["kl_per_token"] is None
     finally:
         fixture.stop()
 

