@@ -324,9 +324,9 @@ def _size(n: int) -> str:
 def _remove(registry, args: argparse.Namespace) -> int:
     """`models prune` / `models delete` under the align job lock (a job may be training from a
     version); what a running A/B test uses is kept too."""
-    from prefloop.server.jobs import job_lock
     from prefloop.server.ab.state import running_state
     from prefloop.server.errors import FailedPrecondition
+    from prefloop.server.jobs import job_lock
 
     if not registry.exists():
         print(f"prefloop models: no registry in {args.data_dir}", file=sys.stderr)

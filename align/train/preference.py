@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.align.losses import LOSSES
-from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.align.train.common import (
     PREFERENCE_LR,
     SFT_LR,
@@ -36,6 +35,7 @@ from prefloop.align.train.common import (
     quiet_progress,
     trainer_args,
 )
+from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
