@@ -365,6 +365,8 @@ class GateConfig:
     min_heldout: int = DEFAULT_MIN_HELDOUT
     confidence: float = DEFAULT_CONFIDENCE
     metric: str = "implicit_either"  # decide(): one of METRICS
+    spending: str = "harmonic"  # the level of a season's k-th decision (align/season.py)
+    look_growth: float = 1.5  # a scheduled job looks again once its window grew by this factor
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
@@ -379,6 +381,10 @@ class GateConfig:
             raise InvalidArgument(f"gate confidence must be in [0.5, 1), got {self.confidence}")
         if self.metric not in METRICS:
             raise InvalidArgument(f"gate metric {self.metric!r} is not one of {METRICS}")
+        if self.spending not in ("harmonic", "none"):
+            raise InvalidArgument(f"season spending {self.spending!r} is not harmonic or none")
+        if not 1.0 <= self.look_growth <= 10.0:
+            raise InvalidArgument(f"look growth must be in [1, 10], got {self.look_growth}")
 
     @property
     def threshold(self) -> float:
@@ -434,7 +440,8 @@ def _failed_by_wording(text: str) -> bool:
 # (None included), as the gates wrote them before the record had a schema.
 _SCALARS = ("metric", "current_version", "candidate_accuracy", "current_accuracy",
             "candidate_reward", "current_reward", "heldout_accuracy", "min_accuracy",
-            "kl_per_token", "confidence", "min_heldout", "max_kl", "min_improvement")
+            "kl_per_token", "confidence", "min_heldout", "max_kl", "min_improvement",
+            "season_decision", "stated_confidence")
 _ALWAYS = {
     "policy": {"candidate_accuracy", "current_accuracy", "current_version", "kl_per_token",
                "metric", "heldout", "confidence", "min_heldout", "max_kl", "min_improvement"},
@@ -478,6 +485,8 @@ class GateDecision:
     min_heldout: int | None = None
     max_kl: float | None = None
     min_improvement: float | None = None
+    season_decision: int | None = None  # the k-th decision against current_version (season.py)
+    stated_confidence: float | None = None  # the per-job confidence the season's spending split
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a record this schema lacks
 
     def __post_init__(self) -> None:

@@ -124,6 +124,16 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                       help=f"{improvement}: the interval's lower end must be above 0.5 + this "
                            "(default 0)")
     _gate_statistics(gate)
+    gate.add_argument("--season-spending", choices=("harmonic", "none"), default="harmonic",
+                      help="the level of each decision against one current version: harmonic "
+                           "spends the stated level over the season (the k-th decision at "
+                           "level/(k(k+1)), so all of them together false-promote at most the "
+                           "stated 5%%); none: the full level every job (align/season.py) "
+                           "(default %(default)s)")
+    gate.add_argument("--look-growth", type=float, default=1.5, metavar="X",
+                      help="align run / schedule: after a decision against the current version, "
+                           "the next job runs once the window has grown by this factor "
+                           "(default %(default)s)")
     if policy_metric:
         gate.add_argument("--gate-metric", default="implicit_either",
                           choices=["implicit_either", "implicit_margin", "implicit_reward",
@@ -472,7 +482,8 @@ def _gate_config(args: argparse.Namespace):
     return GateConfig(max_kl=args.max_kl if args.max_kl is not None else DEFAULT_MAX_KL,
                       min_improvement=args.min_improvement,
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
-                      metric=args.gate_metric or "implicit_reward")
+                      metric=args.gate_metric or "implicit_reward",
+                      spending=args.season_spending, look_growth=args.look_growth)
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:

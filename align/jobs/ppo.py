@@ -23,6 +23,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate
 from prefloop.align.jobs import runner
 from prefloop.align.jobs.reward import reward_model_version
+from prefloop.align.season import decision_config, season_of, too_early, with_season
 from prefloop.align.train.ppo import PPOConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -131,9 +132,11 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     after = runner.watermark(registry) if cfg.incremental else None
     rows = load_prompts(cfg.data_dir, since=cfg.since, after=after, max_prompts=cfg.max_prompts)
     window = {"since_arg": cfg.since, "after_watermark": data_mod.iso(after), "rm": cfg.rm}
+    season = season_of(registry, runner.current_version(registry))
     split = runner.split_new_rows(result, rows, window, registry, after=after, incremental=cfg.incremental,
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
-                           noun="prompts", empty_reason="no prompts in the window")
+                           noun="prompts", empty_reason="no prompts in the window",
+                           wait=lambda rows: too_early(season, rows, cfg.gate.look_growth))
     if split is None:
         return result
     base_dir = registry.version_dir(base)
@@ -157,7 +160,9 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     if cfg.plot and history:
         result.metrics["training"]["plot"] = str(plot_metrics(
             history, out_dir / "ppo_curves.png", title=f"PPO {job_id} (rm {cfg.rm})"))
-    decision = _evaluate_ppo(cfg, registry, base, base_dir, rm_dir, trained, split, result)
+    decision = with_season(_evaluate_ppo(cfg, registry, base, base_dir, rm_dir, trained, split,
+                                         result, decision_config(cfg.gate, season.next_decision)),
+                           season, cfg.gate)
     result.gate = decision.to_record()
     if decision.passed or cfg.keep_rejected:
         hyper = dict(cfg.ppo.to_dict(), rm=cfg.rm, heldout_fraction=cfg.heldout_fraction,
@@ -173,8 +178,8 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
 
 
 def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir: Path,
-                  rm_dir: Path, trained, split: data_mod.Split, result: runner.JobResult
-                  ) -> GateDecision:
+                  rm_dir: Path, trained, split: data_mod.Split, result: runner.JobResult,
+                  gate_config: GateConfig) -> GateDecision:
     from prefloop.align.train.common import load_causal_lm, load_tokenizer
     from prefloop.align.train.ppo import evaluate_policy
     from prefloop.align.train.reward import load_reward_model
@@ -208,7 +213,7 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
         per_prompt=per_prompt, candidate_reward=candidate.get("reward"),
         current_reward=current_eval.get("reward"), current_version=current,
         kl_per_token=candidate.get("kl_per_token"), heldout_prompts=len(heldout),
-        config=cfg.gate)
+        config=gate_config)
 
 
 def per_prompt_outcomes(candidate: list[float], current: list[float], samples: int

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision, decide
 from prefloop.align.jobs import runner
+from prefloop.align.season import decision_config, season_of, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -112,10 +113,12 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     result = runner.JobResult(job_id, runner.RUNNING, base=base, method=method)
     rows, after = _load_rows(cfg, registry)
     window = {"since_arg": cfg.since, "after_watermark": data_mod.iso(after)}
+    season = season_of(registry, runner.current_version(registry))
     split = runner.split_new_rows(result, rows, window, registry, after=after, incremental=cfg.incremental,
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
                            noun="pairs" if method == "dpo" else "examples",
-                           empty_reason="no training rows in the window")
+                           empty_reason="no training rows in the window",
+                           wait=lambda rows: too_early(season, rows, cfg.gate.look_growth))
     if split is None and result.status == runner.SKIPPED and method == "dpo" \
             and not cfg.pairs_from_ratings:
         result.reason += _ratings_waiting(cfg, registry, after)
@@ -133,7 +136,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     result.metrics["training"] = _training_summary(trained)
     seconds = {"load_and_train": time.perf_counter() - started}
     started = time.perf_counter()
-    decision = _evaluate(cfg, registry, base, base_dir, trained, split, result)
+    decision = with_season(_evaluate(cfg, registry, base, base_dir, trained, split, result,
+                                     decision_config(cfg.gate, season.next_decision)),
+                           season, cfg.gate)
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_record()
@@ -186,7 +191,8 @@ def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[Prefer
 
 
 def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path, trained,
-              split: data_mod.Split, result: runner.JobResult) -> GateDecision:
+              split: data_mod.Split, result: runner.JobResult,
+              gate_config: GateConfig) -> GateDecision:
     """Train / held-out metrics of the candidate against its reference; the candidate against
     the current version on the same held-out pairs (paired counts, align/gate.py); the gate.
 
@@ -276,7 +282,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                   candidate_accuracy=heldout.get("pref_accuracy"),
                   current_accuracy=current_accuracy, current_version=current,
                   kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
-                  config=cfg.gate, margins=outcomes.get("margins"))
+                  config=gate_config, margins=outcomes.get("margins"))
 
 
 def _current_scores(cfg: JobConfig, registry: reg.Registry, current: str, tok,

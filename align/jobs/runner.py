@@ -163,11 +163,13 @@ def day_of(*times: dt.datetime | None) -> str | None:
 
 def split_new_rows(result: JobResult, rows: list[Dated], window: dict, registry: reg.Registry, *,
                    after, incremental: bool, min_new: int, heldout_fraction: float, noun: str,
-                   empty_reason: str) -> "data_mod.Split | None":
+                   empty_reason: str, wait: Callable[[list], str | None] | None = None
+                   ) -> "data_mod.Split | None":
     """The train / held-out time split of `rows`, recorded in `result.data` with `window`; None
     (and `result` marked SKIPPED with the reason) when an incremental job has fewer than `min_new`
-    rows newer than the last trained one, or when nothing is left to train on. Every rank decides
-    alike (they all read the same files)."""
+    rows newer than the last trained one, when `wait(rows)` says why it must wait (the season's
+    next look, align/season.py), or when nothing is left to train on. Every rank decides alike
+    (they all read the same files)."""
     if incremental:
         seen = newest_seen(registry, after)
         new = sum(1 for r in rows if seen is None or r.created_at > seen)
@@ -176,6 +178,10 @@ def split_new_rows(result: JobResult, rows: list[Dated], window: dict, registry:
             result.status, result.data = SKIPPED, window
             result.reason = (f"{new} new {noun} since {data_mod.iso(seen) or 'the beginning'}; "
                              f"need {max(min_new, 1)}")
+            return None
+        reason = wait(rows) if wait is not None else None
+        if reason is not None:
+            result.status, result.data, result.reason = SKIPPED, window, reason
             return None
     split = data_mod.time_split(rows, heldout_fraction)
     result.data = dict(split.describe(), **window, total_rows=len(rows),

@@ -30,7 +30,10 @@ from prefloop.server.feedback.rows import PreferencePair
 from prefloop.server.jobs import job_history, job_lock
 from prefloop.server.model.loader import load_model
 
-FAST = ["--no-lora", "--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3"]
+# 32 votes hold out 6 pairs: even 6 wins of 6 (p = 1/64) pass only at the per-job level, so these
+# tests of learning and orchestration judge at it (the season's spending: test_season.py, below)
+FAST = ["--no-lora", "--lr", "1e-2", "--batch-size", "8", "--eval-batch-size", "8", "--min-heldout-pairs", "3",
+        "--season-spending", "none"]
 
 
 def as_pairs(pairs: list[dict]) -> list[PreferencePair]:
@@ -110,7 +113,7 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
     assert train["loss"] < math.log(2) - 0.2
     assert 0 < held["kl_per_token"] < 0.5
-    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 4  # count, both tests, KL, 1 reported
+    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 5  # count, both tests, KL, 2 reported
     m = registry.manifest("v0001")
     assert (m.parent, m.method, m.kind, m.job_id) == ("v0000", "dpo", "policy", out["job_id"])
     assert m.hyperparameters["beta"] == 0.1 and m.hyperparameters["lr"] == 0.01
@@ -149,7 +152,7 @@ def test_align_run_trains_on_new_data_only_and_promotes(dpo_job, log_32, tiny, t
     from prefloop.align.gate import GateConfig
     cfg = dict(data_dir=data_dir, model=str(tiny), command="run", incremental=True, min_new=8,
                promote=True, keep_rejected=False, eval_batch_size=8,
-               gate=GateConfig(min_heldout=3))
+               gate=GateConfig(min_heldout=3, spending="none"))
     first = run_job(JobConfig(**cfg), train_fn=train_fn)
     registry = reg.Registry(data_dir)
     assert first.status == "promoted" and registry.current() == first.version == "v0001"
@@ -332,3 +335,37 @@ def test_a_job_too_small_for_the_gate_skips_before_training_unless_asked_to_keep
     kept = run_job(JobConfig(**cfg, keep_rejected=True), train_fn=train_fn)  # the votes are still new
     assert train_fn.calls == [("v0000", 26)] and kept.status == "rejected"
     assert kept.reason.startswith("needs >= 20 held-out pairs, have 6")
+
+
+def test_align_run_spends_its_level_over_a_season_and_waits_for_new_evidence(dpo_job, log_32, tiny,
+                                                                              tmp_path):
+    """Decisions against one current version share the stated 5 % (the k-th at 5 %/(k(k+1))),
+    and a scheduled job looks again only once the window grew 1.5x since the last decision."""
+    from prefloop.align.gate import GateConfig
+    data_dir = fresh_copy(log_32, tmp_path)
+    train_fn = trained_weights(dpo_job)
+    cfg = dict(data_dir=data_dir, model=str(tiny), command="run", incremental=True, min_new=2,
+               promote=True, keep_rejected=False, eval_batch_size=8, heldout_fraction=0.25,
+               gate=GateConfig(min_heldout=3))
+    first = run_job(JobConfig(**cfg), train_fn=train_fn)  # decision 1 against v0000: 8 of 8 won
+    assert first.status == "promoted" and first.gate["season_decision"] == 1
+    assert first.gate["confidence"] == pytest.approx(0.95) and first.gate["stated_confidence"] == 0.9
+    write_pairs(data_dir, banana_pairs(10, seed=7))
+    second = run_job(JobConfig(**cfg), train_fn=train_fn)  # v0001's season starts afresh
+    assert second.status == "rejected" and second.gate["season_decision"] == 1
+    assert second.data["total_rows"] == 18  # the 8 job 1 held out + 10 new
+    write_pairs(data_dir, banana_pairs(5, seed=8))
+    early = run_job(JobConfig(**cfg), train_fn=train_fn)
+    assert early.status == "skipped" and len(train_fn.calls) == 2  # before loading a model
+    assert early.reason.startswith("5 rows since the last decision against v0001; its next look "
+                                   "(decision 2) waits for 9 (--look-growth 1.5")
+    write_pairs(data_dir, banana_pairs(5, seed=9))
+    third = run_job(JobConfig(**cfg), train_fn=train_fn)
+    assert third.status == "rejected" and third.gate["season_decision"] == 2
+    assert third.gate["confidence"] == pytest.approx(1 - 2 * 0.05 / 6)
+    assert any(r.startswith("reported: decision 2 against v0001 since it became current: "
+                            "one-sided level 0.05/(2·3) = 0.00833") for r in third.gate["reasons"])
+    per_job = run_job(JobConfig(**dict(cfg, incremental=False, command="dpo",
+                                       gate=GateConfig(min_heldout=3, spending="none"))),
+                      train_fn=train_fn)
+    assert per_job.gate["season_decision"] == 3 and per_job.gate["confidence"] == 0.9

@@ -190,7 +190,7 @@ def test_align_sft_job_then_dpo_from_the_sft_version(tiny, tmp_path):
     assert held["kl_per_token"] > 0 and "implicit_reward_accuracy_vs_current" in held
     gate = out["gate"]
     assert {"passed", "reasons", "wins", "losses", "interval", "kl_per_token"} <= set(gate)
-    assert gate["heldout_pairs"] == 8 and len(gate["reasons"]) == 4  # count, both tests, KL, 1 reported
+    assert gate["heldout_pairs"] == 8 and len(gate["reasons"]) == 5  # count, both tests, KL, 2 reported
     registry = reg.Registry(d)
     m = registry.manifest("v0001")
     assert (m.method, m.kind, m.parent) == ("sft", "policy", "v0000")

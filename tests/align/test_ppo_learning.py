@@ -437,7 +437,8 @@ def test_ppo_on_the_default_model_raises_reward_with_bounded_kl(tmp_path):
                      "--beta", "0.05", "--heldout-fraction", "0.25", "--eval-samples", "3",
                      "--max-kl", "1.0", "--min-heldout-pairs", "8", "--plot", "--out-dir", str(out),
                      # 8 held-out prompts: at 0.7, 6 wins of 8 is enough (interval [0.504, 0.913])
-                     "--gate-confidence", "0.7",
+                     # per job (the season's spending would halve the first look's level)
+                     "--gate-confidence", "0.7", "--season-spending", "none",
                      "--promote", "--json"])
     assert rc == 0, text
     result = json.loads(text)

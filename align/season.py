@@ -1,0 +1,130 @@
+"""Promotion over a season of jobs: the false-promotion level holds for every decision made
+against one current version, not only per job.
+
+A **season** is the gate decisions made against one current version: it starts when that
+version becomes current (its latest `init`, `promote` or `rollback` in the registry's history)
+and ends when another one does. Under feedback that carries no preference, the first promotion
+is already a false one, so bounding P(some decision of the season passes) bounds false
+promotion over the life of a schedule, however many jobs it runs.
+
+**Alpha spending.** The k-th decision of a season is made at one-sided level
+α_k = α / (k (k + 1)), so Σ_k α_k = α for any number of decisions — a union bound: it holds
+whatever the held-out windows share (each job re-reads the growing window) and however the
+candidates differ. α is the level the gate states per job, (1 − `--gate-confidence`) / 2 = 5 %.
+`--season-spending none` is the per-job rule (α every time; the season's rate then grows with
+the number of jobs: benchmarks/season_control.py).
+
+**Looks that can change the decision.** Every look spends level, so a scheduled job (`align
+run`) in a season runs only when the window has grown by `--look-growth` (1.5) since the
+season's last decision: about n, 1.5 n, 2.25 n, ... rows (6 looks from 100 to 1,000 votes, where
+a job every 8 votes would be ~110). Jobs in between are skipped before a model is loaded, with
+the number of rows the next look needs. docs/align.md has the trade-off measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from dataclasses import dataclass
+
+from prefloop.align import data as data_mod
+from prefloop.align.gate import GateConfig
+from prefloop.server import registry as reg
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.jobs import PROMOTED, PUBLISHED, REJECTED, JobRecord, job_history
+
+SPENDING = ("harmonic", "none")
+DEFAULT_SPENDING = "harmonic"
+DEFAULT_LOOK_GROWTH = 1.5
+_DECIDED = (REJECTED, PUBLISHED, PROMOTED)
+
+
+def decision_level(alpha: float, k: int, spending: str = DEFAULT_SPENDING) -> float:
+    """The one-sided level of the k-th decision (k >= 1) of a season."""
+    if spending not in SPENDING:
+        raise InvalidArgument(f"season spending {spending!r} is not one of {SPENDING}")
+    if k < 1:
+        raise InvalidArgument(f"decisions are counted from 1, got {k}")
+    return alpha if spending == "none" else alpha / (k * (k + 1))
+
+
+def decision_config(config: GateConfig, k: int) -> GateConfig:
+    """`config` with the confidence of the k-th decision of a season (its one-sided level
+    (1 - confidence) / 2 is `decision_level` of the stated one)."""
+    alpha = (1.0 - config.confidence) / 2
+    level = decision_level(alpha, k, config.spending)
+    return dataclasses.replace(config, confidence=1.0 - 2 * level)
+
+
+@dataclass(slots=True, frozen=True)
+class Season:
+    """The decisions made against `current` since it became current (oldest first)."""
+
+    current: str | None
+    since: str | None  # ISO time `current` became current (None: no history)
+    decisions: tuple[JobRecord, ...] = ()
+
+    @property
+    def next_decision(self) -> int:
+        return len(self.decisions) + 1
+
+    def next_look(self, growth: float) -> tuple[dt.datetime | None, int]:
+        """(the newest row the last decision saw, how many newer rows the next look needs):
+        (None, 0) when the season has made no decision yet."""
+        if not self.decisions:
+            return None, 0
+        last = self.decisions[-1].data or {}
+        total = int(last.get("total_rows") or 0)
+        return data_mod.parse_time(last.get("until")), max(1, math.ceil((growth - 1.0) * total))
+
+    def describe(self, config: GateConfig) -> str:
+        k = self.next_decision
+        alpha = (1.0 - config.confidence) / 2
+        level = decision_level(alpha, k, config.spending)
+        if config.spending == "none":
+            return (f"decision {k} against {self.current}: one-sided level {level:.3g} per job "
+                    "(--season-spending none: the season's false-promotion rate is not bounded)")
+        return (f"decision {k} against {self.current} since it became current: one-sided level "
+                f"{alpha:g}/({k}·{k + 1}) = {level:.3g} (alpha spending: at most {alpha:g} over "
+                "the season)")
+
+
+def season_of(registry: reg.Registry, current: str | None,
+              history: list[JobRecord] | None = None) -> Season:
+    """The season of `current`: the gated policy decisions (DPO / KTO / SFT / PPO jobs that
+    reached their gate) whose gate compared against `current`, made after it last became
+    current. Reward-model gates are not promotions and do not count."""
+    since = None
+    for entry in registry.history():
+        if entry.version == current and entry.action in ("init", "promote", "rollback"):
+            since = entry.at
+    jobs = job_history(registry) if history is None else history
+    decided = tuple(
+        j for j in jobs
+        if j.status in _DECIDED and j.method != "rm" and j.gate
+        and (j.gate.get("current_version") or None) == current
+        and (since is None or (j.finished_at or j.at or "") >= since))
+    return Season(current, since, decided)
+
+
+def too_early(season: Season, rows: list, growth: float) -> str | None:
+    """Why a scheduled job must wait before the season's next look (None: it may look now):
+    fewer rows newer than the last decision's newest than `growth` asks for."""
+    last_until, need = season.next_look(growth)
+    if last_until is None:
+        return None
+    have = sum(1 for r in rows if r.created_at > last_until)
+    if have >= need:
+        return None
+    return (f"{have} rows since the last decision against {season.current}; its next look "
+            f"(decision {season.next_decision}) waits for {need} (--look-growth {growth:g}: "
+            "every look spends false-promotion level, docs/align.md)")
+
+
+def with_season(decision, season: Season, stated: GateConfig):
+    """`decision` (made at `decision_config(stated, season.next_decision)`) with the season's
+    numbers and a reported line saying at which level it was made."""
+    from prefloop.align.gate import REPORTED, Check
+    return dataclasses.replace(
+        decision, season_decision=season.next_decision, stated_confidence=stated.confidence,
+        checks=[*decision.checks, Check("season", None, REPORTED + season.describe(stated))])

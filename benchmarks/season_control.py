@@ -1,0 +1,109 @@
+"""False promotion over a season of scheduled jobs, and what bounding it costs: simulated seasons
+with the real decision code (align/season.py, data.time_split, gate.decide; tests/season_sim.py).
+
+A season: votes arrive one at a time up to --end, a job is due every --every of them (align run
+on a timer with --min-new-pairs 8), each job that looks judges the newest 20 % of the window
+(>= 20 pairs) against the same current version. Random feedback: each held-out pair's margin
+is N(0, 1), drawn anew per job (candidates differ between jobs, as real ones do) or fixed per
+pair (every candidate ranks the pairs alike). A preference: margins N(mu, 1) with
+P(margin > 0) = the candidate's held-out win probability.
+
+For each design (spending rule x look growth) it prints the share of random-feedback seasons
+with a promotion (95 % Clopper-Pearson interval), the looks per season, and for each win
+probability the median votes until the first promotion and the share promoted by --end.
+
+    python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \
+        [--power-seasons 200] [--wins 0.6 0.65 0.7] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from season_sim import DESIGNS, run_season  # noqa: E402
+
+from prefloop.align.gate import clopper_pearson  # noqa: E402
+
+
+def _batch(args: tuple) -> list[tuple[int | None, int]]:
+    design_index, seeds, kw = args
+    out = []
+    for seed in seeds:
+        r = run_season(random.Random(seed), DESIGNS[design_index], **kw)
+        out.append((r.promoted_at, r.decisions))
+    return out
+
+
+def seasons(pool, design_index: int, count: int, seed: int, workers: int, **kw
+            ) -> list[tuple[int | None, int]]:
+    seeds = [seed * 1_000_003 + i for i in range(count)]
+    chunks = [seeds[i::workers * 4] for i in range(workers * 4)]
+    results = pool.map(_batch, [(design_index, c, kw) for c in chunks if c])
+    return [r for chunk in results for r in chunk]
+
+
+def rate(results) -> str:
+    k, n = sum(1 for p, _ in results if p is not None), len(results)
+    low, high = clopper_pearson(k, n, 0.95)
+    return f"{k / n:6.1%} [{low:.1%}, {high:.1%}] of {n}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seasons", type=int, default=1000,
+                    help="random-feedback seasons for the designs with spaced looks "
+                         "(default %(default)s)")
+    ap.add_argument("--baseline-seasons", type=int, default=300,
+                    help="random-feedback seasons for the designs that look every --every votes "
+                         "(~110 looks a season: slow) (default %(default)s)")
+    ap.add_argument("--power-seasons", type=int, default=200,
+                    help="seasons per win probability (default %(default)s)")
+    ap.add_argument("--wins", type=float, nargs="*", default=[0.6, 0.65, 0.7],
+                    help="held-out win probabilities of a candidate that learned the voters' "
+                         "preference (default %(default)s)")
+    ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
+    ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
+    args = ap.parse_args()
+    kw = dict(end=args.end, every=args.every)
+    print(f"season_control: seasons of {args.end} votes, a job due every {args.every}; "
+          f"{len(DESIGNS)} designs", flush=True)
+    started = time.perf_counter()
+    rows = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for i, design in enumerate(DESIGNS):
+            n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
+            differ = seasons(pool, i, n, args.seed + 1, args.workers, **kw)
+            same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True, **kw)
+            power = {}
+            for j, win in enumerate(args.wins):
+                res = seasons(pool, i, args.power_seasons, args.seed + 10 + j, args.workers,
+                              win=win, **kw)
+                promoted = sorted(p for p, _ in res if p is not None)
+                power[win] = (statistics.median(promoted) if promoted else None,
+                              len(promoted) / len(res))
+            looks = statistics.mean(d for _, d in differ)
+            rows.append((design.name, rate(differ), rate(same), looks, power))
+            print(f"  {design.name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    print()
+    print(f"{'design':42} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
+          f"{'looks':>6}  " + "  ".join(f"{f'win {w:g}: median votes (promoted)':>30}"
+                                       for w in args.wins))
+    for name, differ, same, looks, power in rows:
+        cells = "  ".join(f"{'-' if m is None else f'{m:.0f}':>19} ({share:6.1%})   "
+                          for m, share in power.values())
+        print(f"{name:42} {differ:>31} {same:>28} {looks:6.1f}  {cells}")
+    print(f"\nseason_control: finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
