@@ -25,9 +25,9 @@ import torch
 from align_helpers import tiny_policy, write_pairs
 
 from prefloop.align import ppo_losses as L
-from prefloop.server.jobs import job_history
 from prefloop.align.train import ppo as P
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
+from prefloop.server.jobs import job_history
 
 WORDS = (" yes", " no", " red", " blue", " cat", " dog", " sun", " moon", " tree", " rock",
          " fish", " bird", " rain", " snow", " milk", " salt")
