@@ -47,6 +47,7 @@ from typing import Any, Iterable
 from prefloop.server.errors import InvalidArgument
 
 DEFAULT_MAX_KL = 0.5  # nats per completion token
+DEFAULT_MAX_ROOT_KL = 1.0  # nats per completion token, to the root version (the cumulative drift)
 DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
 DEFAULT_MIN_HELDOUT = 20
 METRICS = ("implicit_either", "implicit_margin", "implicit_reward", "pref_accuracy")
@@ -367,6 +368,7 @@ class GateConfig:
     metric: str = "implicit_either"  # decide(): one of METRICS
     spending: str = "harmonic"  # the level of a season's k-th decision (align/season.py)
     look_growth: float = 1.5  # a scheduled job looks again once its window grew by this factor
+    max_root_kl: float = DEFAULT_MAX_ROOT_KL  # KL to the root version (v0000): drift over a chain
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
@@ -383,6 +385,8 @@ class GateConfig:
             raise InvalidArgument(f"gate metric {self.metric!r} is not one of {METRICS}")
         if self.spending not in ("harmonic", "none"):
             raise InvalidArgument(f"season spending {self.spending!r} is not harmonic or none")
+        if not self.max_root_kl > 0:
+            raise InvalidArgument(f"max root KL must be > 0, got {self.max_root_kl}")
         if not 1.0 <= self.look_growth <= 10.0:
             raise InvalidArgument(f"look growth must be in [1, 10], got {self.look_growth}")
 
@@ -441,7 +445,8 @@ def _failed_by_wording(text: str) -> bool:
 _SCALARS = ("metric", "current_version", "candidate_accuracy", "current_accuracy",
             "candidate_reward", "current_reward", "heldout_accuracy", "min_accuracy",
             "kl_per_token", "confidence", "min_heldout", "max_kl", "min_improvement",
-            "season_decision", "stated_confidence")
+            "season_decision", "stated_confidence", "kl_to_root", "root_version",
+            "max_root_kl")
 _ALWAYS = {
     "policy": {"candidate_accuracy", "current_accuracy", "current_version", "kl_per_token",
                "metric", "heldout", "confidence", "min_heldout", "max_kl", "min_improvement"},
@@ -487,6 +492,9 @@ class GateDecision:
     min_improvement: float | None = None
     season_decision: int | None = None  # the k-th decision against current_version (season.py)
     stated_confidence: float | None = None  # the per-job confidence the season's spending split
+    kl_to_root: float | None = None  # the candidate's KL per token to root_version (drift)
+    root_version: str | None = None
+    max_root_kl: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a record this schema lacks
 
     def __post_init__(self) -> None:
@@ -608,6 +616,29 @@ def kl_within_bound(kl_per_token: float | None, max_kl: float) -> Check:
     within = kl_per_token <= max_kl
     return Check(CHECK_KL, within, f"KL to the reference {kl_per_token:.4f} nats/token "
                                    f"{'<=' if within else '>'} bound {max_kl:g}")
+
+
+CHECK_ROOT_KL = "max_root_kl"
+
+
+def with_drift(decision: "GateDecision", kl_to_root: float | None, root: str | None,
+               config: GateConfig) -> "GateDecision":
+    """`decision` with its drift check: the candidate's KL per token to the root version (v0000,
+    where every chain of versions starts) at most `config.max_root_kl`, so steps that each pass
+    the per-job bound cannot walk the model anywhere. Not measured (None): reported only."""
+    import dataclasses
+    if kl_to_root is None or math.isnan(kl_to_root):
+        check = _reported(CHECK_ROOT_KL, f"KL to the root {root} not measured")
+    else:
+        within = kl_to_root <= config.max_root_kl
+        check = Check(CHECK_ROOT_KL, within,
+                      f"KL to the root {root} {kl_to_root:.4f} nats/token "
+                      f"{'<=' if within else '>'} bound {config.max_root_kl:g} (drift over the "
+                      "chain of versions)")
+    return dataclasses.replace(
+        decision, passed=decision.passed and check.passed is not False,
+        checks=[*decision.checks, check], kl_to_root=kl_to_root, root_version=root,
+        max_root_kl=config.max_root_kl)
 
 
 def enough_heldout(have: int, need: int, unit: str) -> Check:

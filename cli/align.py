@@ -124,6 +124,10 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                       help=f"{improvement}: the interval's lower end must be above 0.5 + this "
                            "(default 0)")
     _gate_statistics(gate)
+    gate.add_argument("--max-root-kl", type=float, default=1.0, metavar="NATS",
+                      help="largest KL per held-out answer token to the root version v0000: "
+                           "the drift of the whole chain of versions, which per-job KL bounds "
+                           "do not limit (default %(default)s)")
     gate.add_argument("--season-spending", choices=("harmonic", "none"), default="harmonic",
                       help="the level of each decision against one current version: harmonic "
                            "spends the stated level over the season (the k-th decision at "
@@ -483,7 +487,8 @@ def _gate_config(args: argparse.Namespace):
                       min_improvement=args.min_improvement,
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                       metric=args.gate_metric or "implicit_reward",
-                      spending=args.season_spending, look_growth=args.look_growth)
+                      spending=args.season_spending, look_growth=args.look_growth,
+                      max_root_kl=args.max_root_kl)
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:

@@ -160,15 +160,16 @@ def format_list(infos: list[dict[str, Any]]) -> str:
     if not infos:
         return "no versions yet (`prefloop models init` or an align job creates v0000)"
     lines = [f"  {'version':8} {'parent':7} {'kind':7} {'method':7} {'gate':9} "
-             f"{'gate win rate [interval] n':>28} {'held-out acc':>12} {'KL/tok':>8}  created"]
+             f"{'gate win rate [interval] n':>28} {'held-out acc':>12} {'KL/tok':>8} "
+             f"{'root KL':>8}  created"]
     for i in infos:
         summary = VersionSummary.of(i.get("metrics"), i.get("gate"))
-        acc, kl = summary.heldout_accuracy, summary.kl_per_token
+        acc, kl, root = summary.heldout_accuracy, summary.kl_per_token, summary.kl_to_root
         lines.append(
             f"{'*' if i.get('current') else ' '} {i['version']:8} {i.get('parent') or '-':7} "
             f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} {gate_numbers(i.get('gate')):>28} "
-            f"{'-' if acc is None else f'{acc:.3f}':>12} {'-' if kl is None else f'{kl:.4f}':>8}"
-            f"  {i['created_at']}")
+            f"{'-' if acc is None else f'{acc:.3f}':>12} {'-' if kl is None else f'{kl:.4f}':>8} "
+            f"{'-' if root is None else f'{root:.4f}':>8}  {i['created_at']}")
     return "\n".join(lines)
 
 
@@ -429,11 +430,19 @@ def format_ab(status: dict) -> str:
     if status.get("running"):
         low, high = status["interval"]
         rate = "-" if status.get("win_rate") is None else f"{status['win_rate']:.3f}"
+        half = 1 - (1 - status["confidence"]) / 2  # each kind of evidence at half the level
         lines.append(f"  head-to-head: {wins} wins, {losses} losses; candidate win rate {rate}, "
-                     f"{status['confidence']:.0%} always-valid interval [{low:.3f}, {high:.3f}]")
+                     f"{half * 100:g}% always-valid interval [{low:.3f}, {high:.3f}]")
         for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
             lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
-        lines.append(f"  decision now: {status['decision']} ({status['decision_reason']})")
+        r = status.get("ratings") or {}
+        if r.get("pairs"):
+            lines.append(f"  ratings: {r['candidate_users']} / {r['control_users']} users rated "
+                         f"candidate / control (first rating each); {r['pairs']} pairs, mean "
+                         f"difference {r['mean_difference']:+.3f}, e-value {r['e_better']:.2f} "
+                         f"(promotes at {2 / (1 - status['confidence']):g})")
+        by = f", by {status['decided_by']}" if status.get("decided_by") else ""
+        lines.append(f"  decision now: {status['decision']}{by} ({status['decision_reason']})")
     else:
         lines.append(f"  {wins} wins, {losses} losses; concluded {status.get('decided_at')}: "
                      f"{status.get('reason')}")

@@ -31,6 +31,7 @@ class VersionSummary:
     heldout_accuracy: float | None = None  # preference accuracy on held-out rows (rm: pairwise)
     heldout_rows: int | None = None  # held-out pairs / examples / PPO prompts judged
     kl_per_token: float | None = None  # to the version it was trained from
+    kl_to_root: float | None = None  # to the root version (v0000): the drift of the whole chain
     gate_win_rate: float | None = None  # candidate vs current on the gate's held-out pairs
     current_version: str | None = None  # what it was compared against
     current_accuracy: float | None = None  # that version's held-out preference accuracy
@@ -50,6 +51,7 @@ class VersionSummary:
                                      held.get("accuracy")),
             heldout_rows=None if rows is None else int(rows),
             kl_per_token=_number(gate.get("kl_per_token"), held.get("kl_per_token")),
+            kl_to_root=_number(gate.get("kl_to_root"), held.get("kl_to_root_per_token")),
             gate_win_rate=_number(gate.get("win_rate")),
             current_version=current.get("version") or gate.get("current_version"),
             current_accuracy=_number(gate.get("current_accuracy"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateConfig, GateDecision, decide
+from prefloop.align.gate import GateConfig, GateDecision, decide, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.season import decision_config, season_of, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
@@ -139,6 +139,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     decision = with_season(_evaluate(cfg, registry, base, base_dir, trained, split, result,
                                      decision_config(cfg.gate, season.next_decision)),
                            season, cfg.gate)
+    held = result.metrics.get("heldout") or {}
+    decision = with_drift(decision, held.get("kl_to_root_per_token"), held.get("root_version"),
+                          cfg.gate)
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_record()
@@ -270,6 +273,13 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     else:
         current_accuracy, heldout_units = None, 0
     heldout.setdefault("pairs", heldout_units)
+    root = runner.root_version(registry, base)
+    if root == base:  # the reference is the root: the KL above is the drift
+        kl_to_root = heldout.get("kl_per_token")
+    else:
+        kl_to_root = _kl_to(cfg, registry.version_dir(root), policy, tok,
+                            gate_pairs or None, None if gate_pairs else split.heldout, dev)
+    heldout["kl_to_root_per_token"], heldout["root_version"] = kl_to_root, root
     for key in ("implicit_reward_accuracy", "implicit_reward_margin"):
         if key in outcomes:
             heldout[f"{key}_vs_current"] = outcomes[key]
@@ -283,6 +293,26 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                   current_accuracy=current_accuracy, current_version=current,
                   kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
                   config=gate_config, margins=outcomes.get("margins"))
+
+
+def _kl_to(cfg: JobConfig, root_dir: Path, policy, tok, pairs: list | None,
+           examples: list | None, device: str) -> float | None:
+    """The candidate's KL per completion token to the model in `root_dir` on the held-out pairs
+    (or examples): one more reference pass over what the gate judged."""
+    from prefloop.align import evaluate as ev
+    from prefloop.align.train.common import load_causal_lm
+
+    if not pairs and not examples:
+        return None
+    root = load_causal_lm(root_dir, device)
+    kw = dict(batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length, reference=root,
+              progress="KL to the root version")
+    try:
+        scores = (ev.score_pairs(policy, tok, pairs, **kw) if pairs
+                  else ev.score_examples(policy, tok, examples, **kw))
+    finally:
+        del root
+    return ev.kl_metrics(scores).get("kl_per_token")
 
 
 def _current_scores(cfg: JobConfig, registry: reg.Registry, current: str, tok,

@@ -123,6 +123,24 @@ def current_version(registry: reg.Registry) -> str | None:
     return registry.current()
 
 
+def root_version(registry: reg.Registry, version: str) -> str:
+    """Where `version`'s chain of parents starts (v0000; the oldest ancestor still there when
+    `models prune` removed some)."""
+    seen = set()
+    while version not in seen:
+        seen.add(version)
+        try:
+            parent = registry.manifest(version).parent
+            if parent:
+                registry.version_dir(parent)  # NotFound once pruned
+        except NotFound:
+            break
+        if not parent:
+            break
+        version = parent
+    return version
+
+
 def watermark(registry: reg.Registry) -> dt.datetime | None:
     """Newest row trained on by the current version or any of its ancestors."""
     version, best, seen = current_version(registry), None, set()

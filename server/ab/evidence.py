@@ -2,8 +2,11 @@
 
 Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the
 feedback row = [chosen's version, rejected's version]); a win when the candidate's answer was
-chosen. Per version: thumbs up / down and stars on its answers. Only rows since the test started
-count. Read from the log (Parquet + WAL) at each look.
+chosen. Per version: thumbs up / down and stars on its answers, and each user's first rating
+(thumbs 1 / 0, stars (s - 1) / 4) in arrival order — what the ratings test reads
+(decision.RatingEvidence: one value per user, so a heavy user counts once; a rating without a
+user id counts as its session's, else as its own). Only rows since the test started count. Read
+from the log (Parquet + WAL) at each look.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ class Tally:
     losses: int = 0  # control's answer chosen
     thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
     stars: dict = field(default_factory=dict)  # version -> [sum, count]
+    first_ratings: dict = field(default_factory=dict)  # version -> [each user's first rating]
 
     def as_dict(self) -> dict:
         out = asdict(self)
+        del out["first_ratings"]  # one value per user: the status shows the test's summary
         out["thumbs_up_rate"] = {v: (t["up"] / (t["up"] + t["down"]) if t["up"] + t["down"] else None)
                                  for v, t in self.thumbs.items()}
         return out
@@ -37,10 +42,13 @@ def tally(data_dir: Path, state: ABState) -> Tally:
 
     started = datetime.fromisoformat(state.started_at.replace("Z", "+00:00"))
     table = export.load_table(data_dir, "feedback", since=started.strftime("%Y-%m-%d"),
-                              columns=["created_at", "kind", "model_versions", "score", "scale"])
+                              columns=["created_at", "kind", "model_versions", "score", "scale",
+                                       "user_id", "session_id", "feedback_id"])
     out = Tally()
     pair = {state.candidate, state.control}
-    for row in table.to_pylist():
+    raters: set[str] = set()
+    rows = sorted(table.to_pylist(), key=lambda r: (r["created_at"], r["feedback_id"]))
+    for row in rows:
         created = row["created_at"]
         if created is not None and created < started:
             continue
@@ -52,6 +60,12 @@ def tally(data_dir: Path, state: ABState) -> Tally:
                 out.losses += 1
         elif row["kind"] == "rating" and len(versions) == 1 and versions[0] in pair:
             version = versions[0]
+            rater = row["user_id"] or row["session_id"] or row["feedback_id"]
+            if rater not in raters:
+                raters.add(rater)
+                value = (1.0 if row["score"] > 0 else 0.0) if row["scale"] == "thumbs" \
+                    else (row["score"] - 1) / 4.0
+                out.first_ratings.setdefault(version, []).append(value)
             if row["scale"] == "thumbs":
                 counts = out.thumbs.setdefault(version, {"up": 0, "down": 0})
                 counts["up" if row["score"] > 0 else "down"] += 1
@@ -62,11 +76,18 @@ def tally(data_dir: Path, state: ABState) -> Tally:
     return out
 
 
+def rating_evidence(state: ABState, counts: Tally) -> decision.RatingEvidence:
+    return decision.RatingEvidence.of(counts.first_ratings.get(state.candidate, []),
+                                      counts.first_ratings.get(state.control, []))
+
+
 def verdict(state: ABState, counts: Tally) -> decision.Decision:
-    """What the rule decides now for `state`'s test on `counts`."""
-    return decision.decide(counts.wins, counts.losses, confidence=state.confidence,
-                           min_votes=state.min_votes, elapsed_s=state.elapsed_s(),
-                           max_duration_s=state.max_duration_s)
+    """What the rule decides now for `state`'s test on `counts`: head-to-head votes and ratings,
+    each at half the test's level (decision.decide_combined)."""
+    return decision.decide_combined(counts.wins, counts.losses, rating_evidence(state, counts),
+                                    confidence=state.confidence, min_votes=state.min_votes,
+                                    elapsed_s=state.elapsed_s(),
+                                    max_duration_s=state.max_duration_s)
 
 
 def status(registry: Registry, data_dir: Path) -> dict:
@@ -78,7 +99,12 @@ def status(registry: Registry, data_dir: Path) -> dict:
     if state.running:
         counts = tally(data_dir, state)
         now = verdict(state, counts)
+        ratings = rating_evidence(state, counts)
         out.update(evidence=counts.as_dict(), win_rate=now.win_rate, interval=[now.low, now.high],
                    decision=now.outcome, decision_reason=now.reason, wins=counts.wins,
-                   losses=counts.losses)
+                   losses=counts.losses, decided_by=now.decided_by,
+                   ratings={"pairs": ratings.pairs, "mean_difference": ratings.mean_difference,
+                            "e_better": ratings.e_better, "e_worse": ratings.e_worse,
+                            "candidate_users": ratings.candidate_users,
+                            "control_users": ratings.control_users})
     return out

@@ -172,6 +172,13 @@ def test_align_run_trains_on_new_data_only_and_promotes(dpo_job, log_32, tiny, t
     assert third.data["after_watermark"] == first.data["trained_until"]
     assert third.data["new_rows"] == 10 and third.data["rows"] == {"train": 13, "heldout": 3}
     assert third.metrics["current"]["version"] == "v0001"
+    # drift: job 1's candidate (base = root) measured its KL to v0000 once; job 3 (base v0001)
+    # measures its candidate (v0001's weights again) against v0000 on its own held-out pairs
+    assert first.metrics["heldout"]["kl_to_root_per_token"] == first.metrics["heldout"]["kl_per_token"]
+    assert third.metrics["heldout"]["root_version"] == "v0000"
+    assert third.metrics["heldout"]["kl_to_root_per_token"] > 0.0
+    assert third.gate["kl_to_root"] == third.metrics["heldout"]["kl_to_root_per_token"]
+    assert any(r.startswith("KL to the root v0000 ") for r in third.gate["reasons"])
     # job 3 starts from v0001 and its "training" returns v0001 itself: no held-out change
     assert third.status == "rejected" and third.version is None
     assert "no pairs differ, nothing to judge on" in third.reason  # the same weights: all ties

@@ -423,3 +423,19 @@ def test_a_verdict_cannot_pass_with_a_failed_check():
         GateDecision(True, [Check("max_kl", False, "KL too high")])
     with pytest.raises(InvalidArgument):
         GateDecision.from_record({"passed": "yes", "reasons": []})
+
+
+def test_the_drift_check_bounds_the_kl_to_the_root_version():
+    from prefloop.align.gate import with_drift
+    cfg = GateConfig(max_root_kl=1.0)
+    passing = GateDecision(True, [Check("min_heldout", True, "20 held-out pairs (>= 20)")], "policy")
+    kept = with_drift(passing, 0.4, "v0000", cfg)
+    assert kept.passed and kept.checks[-1].passed is True
+    assert kept.checks[-1].text == ("KL to the root v0000 0.4000 nats/token <= bound 1 (drift over "
+                                    "the chain of versions)")
+    assert kept.to_record()["kl_to_root"] == 0.4 and kept.to_record()["root_version"] == "v0000"
+    drifted = with_drift(passing, 1.3, "v0000", cfg)
+    assert not drifted.passed and drifted.failed == [drifted.checks[-1].text]
+    assert GateDecision.from_record(drifted.to_record()).kl_to_root == 1.3
+    unmeasured = with_drift(passing, None, "v0000", cfg)
+    assert unmeasured.passed and unmeasured.checks[-1].passed is None

@@ -78,7 +78,8 @@ def publish_measured(registry: Registry, source: str, *, passed: bool, accuracy:
         for f in registry.version_dir(source).iterdir():
             if f.name != "manifest.json":
                 stage.path.joinpath(f.name).write_bytes(f.read_bytes())
-        metrics = {"heldout": {"pairs": 40, "pref_accuracy": accuracy, "kl_per_token": 0.031},
+        metrics = {"heldout": {"pairs": 40, "pref_accuracy": accuracy, "kl_per_token": 0.031,
+                               "kl_to_root_per_token": 0.045, "root_version": "v0000"},
                    "current": {"version": source, "heldout_pref_accuracy": current}}
         gate = {"passed": passed, "candidate_accuracy": accuracy, "current_accuracy": current,
                 "current_version": source, "kl_per_token": 0.031, "max_kl": 0.5,
@@ -473,6 +474,8 @@ def test_models_view_promotes_a_version_and_the_next_answer_names_it(server, ope
     # the chart: a point per measured promoted version (accuracy and win rate of the passed one)
     assert page.get_by_test_id("chart-quality").locator("circle").count() == 2
     assert table.locator("tr td.pass").count() == 1 and table.locator("tr td.fail").count() == 1
+    root_kl = table.get_by_test_id("root-kl").all_inner_texts()
+    assert root_kl.count("0.0450") == 2 and "–" in root_kl  # measured versions; v0000 has none
     shot(page, shots / "models-desktop.png", bottom=False)
 
     page.get_by_test_id("action-reason").fill("web test")

@@ -582,6 +582,7 @@ function renderVersions(data) {
       el("td", { class: gate.cls, title: gate.title, text: gate.text }),
       el("td", { text: fmtNum(heldoutAccuracy(v)) }),
       el("td", { text: kl === null ? "–" : fmtNum(kl, 4) }),
+      el("td", { "data-testid": "root-kl", text: fmtNum(summaryNumber(v, "kl_to_root"), 4) }),
       el("td", {}, action)));
   }
   drawQualityChart(byTestId("chart-quality"), versions);

@@ -1,0 +1,127 @@
+"""A/B tests decided by ratings too (server/ab/decision.py RatingEvidence, decide_combined;
+evidence.tally): each user's first thumbs / stars on an arm's answer, paired across the arms in
+arrival order, a mixture of betting martingales read at every look. Its level under indifferent
+raters by simulation (looking again and again), its power at realistic effects, one heavy user
+counting once, and the combined rule with head-to-head votes at half the level each; then the
+same through an in-process server: users rate the answers they were served, the controller
+promotes on thumbs alone."""
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+from conftest import ADMIN_TOKEN
+from test_ab import ab_server, post  # noqa: F401 (the in-process A/B server fixture)
+
+from prefloop.align.gate import clopper_pearson
+from prefloop.server.ab import decision
+from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.evidence import tally
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
+
+
+def sequential_test(rng: random.Random, up_candidate: float, up_control: float, *,
+                    users: int = 300, every: int = 10, alpha: float = 0.025) -> str:
+    """Users rate one answer each (thumbs), half per arm; a look every `every` users."""
+    cand, ctrl = [], []
+    for i in range(1, users + 1):
+        if rng.random() < 0.5:
+            cand.append(1.0 if rng.random() < up_candidate else 0.0)
+        else:
+            ctrl.append(1.0 if rng.random() < up_control else 0.0)
+        if i % every == 0:
+            outcome = decision.decide_ratings(decision.RatingEvidence.of(cand, ctrl), alpha=alpha)
+            if outcome != decision.RUNNING:
+                return outcome
+    return decision.RUNNING
+
+
+def test_indifferent_raters_promote_at_most_alpha_however_often_the_test_looks():
+    rng = random.Random(3)
+    outcomes = [sequential_test(rng, 0.6, 0.6) for _ in range(200)]
+    promoted = outcomes.count(decision.PROMOTE)
+    assert clopper_pearson(promoted, len(outcomes), 0.95)[0] <= 0.025
+    assert outcomes.count(decision.REJECT) <= 10
+
+
+def test_a_clearly_better_candidate_promotes_and_a_worse_one_is_rejected():
+    rng = random.Random(4)
+    better = [sequential_test(rng, 0.75, 0.5, users=400) for _ in range(30)]
+    worse = [sequential_test(rng, 0.35, 0.6, users=400) for _ in range(30)]
+    assert better.count(decision.PROMOTE) >= 27 and decision.REJECT not in better
+    assert worse.count(decision.REJECT) >= 27 and decision.PROMOTE not in worse
+
+
+def test_e_values_in_closed_form():
+    ev = decision.RatingEvidence.of([1.0, 1.0], [0.0, 0.0, 1.0])
+    assert ev.pairs == 2 and ev.mean_difference == 1.0
+    bets = decision.RATING_LAMBDAS
+    assert ev.e_better == pytest.approx(sum((1 + b) ** 2 for b in bets) / len(bets))
+    assert ev.e_worse == pytest.approx(sum((1 - b) ** 2 for b in bets) / len(bets))
+    assert decision.RatingEvidence.of([], [1.0]).e_better == 1.0
+
+
+def test_the_combined_rule_splits_the_level_and_names_what_decided():
+    strong = decision.RatingEvidence.of([1.0] * 40, [0.0] * 40)
+    none = decision.RatingEvidence.of([], [])
+    by_thumbs = decision.decide_combined(3, 3, strong, confidence=0.95, min_votes=20)
+    assert by_thumbs.outcome == decision.PROMOTE
+    assert by_thumbs.decided_by == "ratings (thumbs / stars)"
+    assert "e-values" in by_thumbs.reason and "threshold 40" in by_thumbs.reason
+    # head-to-head alone at 97.5 %: 20 of 20 is enough, the interval says 97.5 %
+    by_votes = decision.decide_combined(20, 0, none, confidence=0.95, min_votes=20)
+    assert by_votes.outcome == decision.PROMOTE and by_votes.decided_by == "head-to-head votes"
+    assert "97.5% always-valid interval" in by_votes.reason
+    worse = decision.RatingEvidence.of([0.0] * 40, [1.0] * 40)
+    conflict = decision.decide_combined(40, 0, worse, confidence=0.95, min_votes=20)
+    assert conflict.outcome == decision.RUNNING and "disagree" in conflict.reason
+
+
+def test_a_heavy_user_counts_once(tmp_path):
+    from ab_helpers import two_versions
+    registry, v1 = two_versions(tmp_path)
+    state = ab_state.start(registry, v1, force=True)
+    with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
+        for i in range(3):
+            store.record_generation({"response_id": f"c{i}", "prompt": "p", "completion": "x",
+                                     "model_version": v1})
+            store.record_generation({"response_id": f"k{i}", "prompt": "p", "completion": "y",
+                                     "model_version": "v0000"})
+        store.flush()
+        for _ in range(50):  # one user, fifty thumbs up on the candidate's answer
+            store.submit_rating(response_id="c0", score=1, user_id="fan")
+        store.submit_rating(response_id="k0", score=-1, user_id="ann")
+        store.submit_rating(response_id="c1", score=4, scale="stars", user_id="bob")
+        store.submit_rating(response_id="k1", score=1, session_id="s-9")
+    counts = tally(tmp_path / "data", state)
+    assert counts.thumbs[v1]["up"] == 50  # shown as given
+    assert counts.first_ratings == {v1: [1.0, 0.75], "v0000": [0.0, 1.0]}
+
+
+def test_thumbs_alone_decide_a_test_on_a_live_server(ab_server):  # noqa: F811
+    """Users chat (each sticks to one arm) and rate the answer they got; no compare votes.
+    The controller promotes the candidate on its users' thumbs."""
+    url, registry, v1, controller, call = ab_server
+    started = post(url, "/v1/admin/ab/start", {"candidate": v1, "traffic": 0.5, "min_votes": 20},
+                   ADMIN_TOKEN)
+    assert started.status_code == 200, started.text
+    rated = {v1: 0, "v0000": 0}
+    for i in range(400):
+        if min(rated.values()) >= 45:
+            break
+        reply = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 2, "user": f"user-{i}"}).json()
+        answer = reply["choices"][0]
+        version = answer["model_version"]
+        rated[version] += 1
+        score = 1 if version == v1 else (1 if i % 4 == 0 else -1)  # candidate liked by all
+        vote = post(url, "/v1/feedback/rating", {"response_id": answer["response_id"],
+                                                 "score": score, "user_id": f"user-{i}"})
+        assert vote.status_code == 200, vote.text
+    status = httpx.get(url + "/v1/admin/ab", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert (status["wins"], status["losses"]) == (0, 0)  # no head-to-head votes at all
+    assert status["decision"] == "promote" and status["decided_by"] == "ratings (thumbs / stars)"
+    call(controller.check())
+    assert registry.current() == v1
+    assert "ratings (thumbs / stars)" in registry.history()[-1].reason
