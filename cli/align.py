@@ -360,10 +360,13 @@ def add_run_arguments(p: argparse.ArgumentParser, method: str) -> None:
                         "(default %(default)s)")
     p.add_argument("--auto-promote", action="store_true",
                    help="promote the candidate when the gate passes")
-    p.add_argument("--promote-via", choices=("gate", "ab"), default="gate",
+    p.add_argument("--promote-via", choices=("gate", "ab", "auto"), default="gate",
                    help="with --auto-promote: promote at once when the offline gate passes "
                         "(gate), or start an online A/B test that live votes decide (ab; "
-                        "docs/ab.md) (default %(default)s)")
+                        "docs/ab.md), or auto: promote a clear offline win at once and start an "
+                        "A/B test at 10%% traffic for a candidate the offline evidence leaves "
+                        "undecided but safe (enough held-out pairs, KL in bound, not "
+                        "significantly worse) (default %(default)s)")
     _keep_rejected(p)
 
 

@@ -54,7 +54,7 @@ class PPOJobConfig:
     eval_samples: int = 2  # answers per held-out prompt
     eval_batch_size: int = 8
     promote: bool = False
-    promote_via: str = "gate"  # gate: promote at once; ab: start an A/B test instead
+    promote_via: str = "gate"  # gate | ab | auto (runner.conclude)
     keep_rejected: bool = True
     force_rm: bool = False
     out_dir: Path | None = None  # metrics + plot (default <data-dir>/align-runs/<job id>/)
@@ -164,7 +164,8 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
                                          result, decision_config(cfg.gate, season.next_decision)),
                            season, cfg.gate)
     result.gate = decision.to_record()
-    if decision.passed or cfg.keep_rejected:
+    if decision.passed or cfg.keep_rejected or (
+            cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
         hyper = dict(cfg.ppo.to_dict(), rm=cfg.rm, heldout_fraction=cfg.heldout_fraction,
                      eval_samples=cfg.eval_samples, gate=dataclasses.asdict(cfg.gate),
                      max_prompts=cfg.max_prompts)

@@ -49,7 +49,8 @@ class JobConfig:
     pairs_from_ratings: bool = False  # dpo: add pairs of differently rated answers
     heldout_fraction: float = 0.2
     promote: bool = False  # promote the candidate when the gate passes
-    promote_via: str = "gate"  # gate: promote at once; ab: start an A/B test instead
+    promote_via: str = "gate"  # gate: at once; ab: an A/B test instead; auto: gate, or A/B
+    # when the offline evidence is inconclusive but the candidate safe (runner.conclude)
     keep_rejected: bool = True  # publish a candidate the gate rejected (marked rejected)
     eval_batch_size: int = 4
     max_train_eval: int = 64  # newest training rows scored for the train metrics
@@ -145,7 +146,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_record()
-    if decision.passed or cfg.keep_rejected:
+    if decision.passed or cfg.keep_rejected or (
+            cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,
                      max_rows=cfg.max_rows)

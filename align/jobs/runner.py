@@ -310,14 +310,50 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
     return manifest.version
 
 
+AUTO_AB_TRAFFIC = 0.1  # --promote-via auto: the share an inconclusive but safe candidate gets
+
+
+def inconclusive_but_safe(decision: GateDecision) -> bool:
+    """A rejected candidate whose only failed check is the comparison with the current version,
+    and not because it is measurably worse: enough held-out units, KL to its base and to the
+    root within bound, and the paired interval's upper end at or above 0.5 (what an A/B test at a
+    small traffic share may settle: `--promote-via auto`)."""
+    failed = decision.failed_checks
+    if decision.passed or not failed or decision.kind not in ("policy", "ppo"):
+        return False
+    if any(c.name in ("min_heldout", "max_kl", "max_root_kl") for c in failed):
+        return False
+    paired = decision.paired
+    worse = paired is not None and paired.upper is not None and paired.upper < 0.5
+    margin = decision.margin
+    worse = worse or (margin is not None and margin.upper is not None and margin.upper < 0)
+    return not worse
+
+
 def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, job_id: str,
              method: str, *, promote: bool, promote_via: str = "gate") -> JobResult:
     """After the gate (and publishing): promote if it passed and the job asked to — at once
-    (`promote_via` "gate") or by starting an online A/B test that live votes decide ("ab") —, set
-    the status (promoted / published / rejected) and the gate's reasons. Frees the trained
-    model's memory first (the caller has dropped its reference)."""
+    (`promote_via` "gate" and "auto") or by starting an online A/B test that live votes decide
+    ("ab"); with "auto" an inconclusive but safe candidate (`inconclusive_but_safe`, published by
+    the caller) starts an A/B test at `AUTO_AB_TRAFFIC` instead of being discarded —, set the
+    status (promoted / published / rejected) and the gate's reasons. Frees the trained model's
+    memory first (the caller has dropped its reference)."""
     gc.collect()
     result.reason = "; ".join(decision.reasons)
+    if promote and promote_via == "auto" and result.version \
+            and inconclusive_but_safe(decision):
+        from prefloop.server.ab import state as ab_state
+        try:
+            state = ab_state.start(registry, result.version, force=True, traffic=AUTO_AB_TRAFFIC)
+        except FailedPrecondition as e:  # e.g. another test runs: the version stays published
+            result.status = REJECTED
+            result.reason += f"; inconclusive offline, and no A/B test could start: {e}"
+            return result
+        result.status = PUBLISHED
+        result.reason += (f"; inconclusive offline but safe: A/B test started against "
+                          f"{state.control} at {AUTO_AB_TRAFFIC:.0%} traffic (head-to-head "
+                          "votes and thumbs decide; `prefloop models ab status`)")
+        return result
     if decision.passed and promote and promote_via == "ab":
         from prefloop.server.ab import state as ab_state
         state = ab_state.start(registry, result.version)

@@ -319,6 +319,49 @@ def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
     assert other.status == runner.PROMOTED and registry.current() == v1  # via the gate: at once
 
 
+def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traffic(tmp_path):
+    """--promote-via auto: a clear offline win promotes at once; a candidate that failed only the
+    comparison, and not measurably worse, starts an A/B test at 10 % traffic; a worse one, or one
+    over a KL bound or short of held-out pairs, is rejected."""
+    from prefloop.align.gate import Check, GateDecision, PairedResult
+    from prefloop.align.jobs import runner
+
+    def verdict(comparison_passed: bool, upper: float, *failed_extra: str) -> GateDecision:
+        checks = [Check("min_heldout", "min_heldout" not in failed_extra, "held-out"),
+                  Check("implicit_either", comparison_passed, "comparison"),
+                  Check("max_kl", "max_kl" not in failed_extra, "kl"),
+                  Check("max_root_kl", "max_root_kl" not in failed_extra, "root kl")]
+        passed = all(c.passed for c in checks)
+        return GateDecision(passed, checks, "policy", "implicit_either", "v0000", 30,
+                            paired=PairedResult(14, 12, 4, 0.34, upper))
+
+    assert runner.inconclusive_but_safe(verdict(False, 0.72))
+    assert not runner.inconclusive_but_safe(verdict(False, 0.45))  # measurably worse
+    assert not runner.inconclusive_but_safe(verdict(False, 0.72, "max_kl"))
+    assert not runner.inconclusive_but_safe(verdict(False, 0.72, "max_root_kl"))
+    assert not runner.inconclusive_but_safe(verdict(False, 0.72, "min_heldout"))
+    assert not runner.inconclusive_but_safe(verdict(True, 0.9))  # a pass promotes instead
+
+    registry, v1 = two_versions(tmp_path, gate_passed=None)  # the manifest's gate: the verdicts'
+    worse = runner.JobResult(job_id="job-0", status="running", version=v1)
+    runner.conclude(worse, verdict(False, 0.45), registry, "job-0", "dpo", promote=True,
+                    promote_via="auto")
+    assert worse.status == runner.REJECTED and ab_state.running_state(registry) is None
+    result = runner.JobResult(job_id="job-1", status="running", version=v1)
+    runner.conclude(result, verdict(False, 0.72), registry, "job-1", "dpo", promote=True,
+                    promote_via="auto")
+    assert result.status == runner.PUBLISHED and registry.current() == "v0000"
+    assert "inconclusive offline but safe: A/B test started against v0000 at 10% traffic" \
+        in result.reason
+    state = ab_state.running_state(registry)
+    assert (state.candidate, state.traffic) == (v1, 0.1)
+    ab_state.conclude(registry, ab_state.STOPPED, "test over")
+    win = runner.JobResult(job_id="job-2", status="running", version=v1)
+    runner.conclude(win, verdict(True, 0.9), registry, "job-2", "dpo", promote=True,
+                    promote_via="auto")
+    assert win.status == runner.PROMOTED and registry.current() == v1
+
+
 def test_the_versions_route_shows_the_live_votes_verdict(ab_server):
     url, registry, v1, controller, call = ab_server
     ab_state.start(registry, v1, min_votes=10)
