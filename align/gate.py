@@ -369,6 +369,8 @@ class GateConfig:
     spending: str = "harmonic"  # the level of a season's k-th decision (align/season.py)
     look_growth: float = 1.5  # a scheduled job looks again once its window grew by this factor
     max_root_kl: float = DEFAULT_MAX_ROOT_KL  # KL to the root version (v0000): drift over a chain
+    degeneration_prompts: int = 16  # held-out prompts both versions answer (0: no check)
+    degeneration_tokens: int = 96  # the longest answer sampled for it
 
     def __post_init__(self) -> None:
         if not self.max_kl > 0:
@@ -385,6 +387,8 @@ class GateConfig:
             raise InvalidArgument(f"gate metric {self.metric!r} is not one of {METRICS}")
         if self.spending not in ("harmonic", "none"):
             raise InvalidArgument(f"season spending {self.spending!r} is not harmonic or none")
+        if self.degeneration_prompts < 0 or self.degeneration_tokens < 1:
+            raise InvalidArgument("degeneration prompts must be >= 0 and tokens >= 1")
         if not self.max_root_kl > 0:
             raise InvalidArgument(f"max root KL must be > 0, got {self.max_root_kl}")
         if not 1.0 <= self.look_growth <= 10.0:
@@ -621,12 +625,18 @@ def kl_within_bound(kl_per_token: float | None, max_kl: float) -> Check:
 CHECK_ROOT_KL = "max_root_kl"
 
 
+def with_check(decision: "GateDecision", check: Check, **numbers: Any) -> "GateDecision":
+    """`decision` with one more check (a failed deciding one fails it) and typed `numbers`."""
+    import dataclasses
+    return dataclasses.replace(decision, passed=decision.passed and check.passed is not False,
+                               checks=[*decision.checks, check], **numbers)
+
+
 def with_drift(decision: "GateDecision", kl_to_root: float | None, root: str | None,
                config: GateConfig) -> "GateDecision":
     """`decision` with its drift check: the candidate's KL per token to the root version (v0000,
     where every chain of versions starts) at most `config.max_root_kl`, so steps that each pass
     the per-job bound cannot walk the model anywhere. Not measured (None): reported only."""
-    import dataclasses
     if kl_to_root is None or math.isnan(kl_to_root):
         check = _reported(CHECK_ROOT_KL, f"KL to the root {root} not measured")
     else:
@@ -635,10 +645,8 @@ def with_drift(decision: "GateDecision", kl_to_root: float | None, root: str | N
                       f"KL to the root {root} {kl_to_root:.4f} nats/token "
                       f"{'<=' if within else '>'} bound {config.max_root_kl:g} (drift over the "
                       "chain of versions)")
-    return dataclasses.replace(
-        decision, passed=decision.passed and check.passed is not False,
-        checks=[*decision.checks, check], kl_to_root=kl_to_root, root_version=root,
-        max_root_kl=config.max_root_kl)
+    return with_check(decision, check, kl_to_root=kl_to_root, root_version=root,
+                      max_root_kl=config.max_root_kl)
 
 
 def enough_heldout(have: int, need: int, unit: str) -> Check:

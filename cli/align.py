@@ -139,6 +139,11 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                            "the next job runs once the window has grown by this factor "
                            "(default %(default)s)")
     if policy_metric:
+        gate.add_argument("--degeneration-prompts", type=int, default=16, metavar="N",
+                          help="held-out prompts the candidate and the current version both "
+                               "answer; the gate rejects a candidate that loops, repeats words "
+                               "or changes its answer length measurably more (0: no check) "
+                               "(default %(default)s)")
         gate.add_argument("--gate-metric", default="implicit_either",
                           choices=["implicit_either", "implicit_margin", "implicit_reward",
                                    "pref_accuracy"],
@@ -491,7 +496,8 @@ def _gate_config(args: argparse.Namespace):
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                       metric=args.gate_metric or "implicit_reward",
                       spending=args.season_spending, look_growth=args.look_growth,
-                      max_root_kl=args.max_root_kl)
+                      max_root_kl=args.max_root_kl,
+                      degeneration_prompts=getattr(args, "degeneration_prompts", 0))
 
 
 def _promote_and_keep(args: argparse.Namespace) -> dict:

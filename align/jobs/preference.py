@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateConfig, GateDecision, decide, with_drift
+from prefloop.align.degeneration import Degeneration, degeneration_check
+from prefloop.align.gate import GateConfig, GateDecision, decide, with_check, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.season import decision_config, season_of, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
@@ -143,6 +144,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     held = result.metrics.get("heldout") or {}
     decision = with_drift(decision, held.get("kl_to_root_per_token"), held.get("root_version"),
                           cfg.gate)
+    if result.metrics.get("degeneration"):
+        decision = with_check(decision, degeneration_check(
+            Degeneration(**result.metrics["degeneration"])))
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_record()
@@ -282,6 +286,14 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
         kl_to_root = _kl_to(cfg, registry.version_dir(root), policy, tok,
                             gate_pairs or None, None if gate_pairs else split.heldout, dev)
     heldout["kl_to_root_per_token"], heldout["root_version"] = kl_to_root, root
+    prompts = _distinct_prompts([p.prompt for p in gate_pairs] or [r.prompt for r in split.heldout],
+                                gate_config.degeneration_prompts)
+    if prompts:
+        current_model = (reference if current in (None, base)
+                         else load_causal_lm(registry.version_dir(current), dev))
+        result.metrics["degeneration"] = _degeneration(policy, current_model, tok, prompts,
+                                                       gate_config).to_record()
+        del current_model
     for key in ("implicit_reward_accuracy", "implicit_reward_margin"):
         if key in outcomes:
             heldout[f"{key}_vs_current"] = outcomes[key]
@@ -295,6 +307,31 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                   current_accuracy=current_accuracy, current_version=current,
                   kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
                   config=gate_config, margins=outcomes.get("margins"))
+
+
+def _distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:
+    """The newest `limit` distinct prompts of `prompts` (oldest first)."""
+    from prefloop.server.feedback import schema as logschema
+    seen, out = set(), []
+    for p in reversed(prompts):
+        key = logschema.prompt_fingerprint(None, p)
+        if key not in seen and len(out) < limit:
+            seen.add(key)
+            out.append(p)
+    return out[::-1]
+
+
+def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_config: GateConfig):
+    """Both versions answer `prompts` (same seeds, temperature 0.7: the page's default)."""
+    from prefloop.align.train.ppo import sample_texts
+    kw = dict(max_new_tokens=gate_config.degeneration_tokens, temperature=0.7, seed=0)
+    was_training = policy.training
+    policy.eval()
+    try:
+        return Degeneration.of(sample_texts(policy, tok, prompts, **kw),
+                               sample_texts(current_model, tok, prompts, **kw))
+    finally:
+        policy.train(was_training)
 
 
 def _kl_to(cfg: JobConfig, root_dir: Path, policy, tok, pairs: list | None,

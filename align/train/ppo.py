@@ -418,6 +418,24 @@ def evaluate_policy(lm, ref, rm, tokenizer, rm_tokenizer, prompts: list[list[dic
     return out
 
 
+def sample_texts(lm, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int,
+                 temperature: float, seed: int, batch_size: int = 8,
+                 max_prompt_length: int = 512) -> list[str]:
+    """One sampled answer per prompt (same `seed` => the same random stream for every model)."""
+    device = next(lm.parameters()).device
+    eos = eos_token_ids(lm, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        torch.manual_seed(seed + start)
+        ids, mask = left_pad([encode_prompt(tokenizer, p, max_prompt_length)
+                              for p in prompts[start:start + batch_size]], pad, device)
+        responses = sample_answers(lm, ids, mask, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, pad_id=pad, eos_ids=eos)
+        out += answer_texts(tokenizer, responses, answer_mask(responses, eos), eos)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics file and plot
 

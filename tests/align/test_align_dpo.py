@@ -113,7 +113,7 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
     assert train["loss"] < math.log(2) - 0.2
     assert 0 < held["kl_per_token"] < 0.5
-    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 5  # count, both tests, KL, 2 reported
+    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 7  # count, both tests, KL, root KL, degeneration, 2 reported
     m = registry.manifest("v0001")
     assert (m.parent, m.method, m.kind, m.job_id) == ("v0000", "dpo", "policy", out["job_id"])
     assert m.hyperparameters["beta"] == 0.1 and m.hyperparameters["lr"] == 0.01

@@ -1,0 +1,100 @@
+"""The gate's degeneration check: does the candidate loop or collapse more than the current version?
+
+A preference judged on held-out votes can be gamed by answers no user wants (a judge that counts
+short sentences passes "They're so good." ×3). So both versions answer the same held-out prompts
+— sampled with the same seeds at the server's default temperature, up to `max_new_tokens` — and
+each answer is measured (`answer_stats`):
+
+- **loops**: some three-word sequence occurs three times or more;
+- **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
+  window, so a preference for longer answers does not lower it by itself);
+- **length**: words.
+
+`degeneration_check` rejects a candidate that loops in measurably more prompts than the current
+version (one-sided exact sign test on the prompts where exactly one of the two loops, at 5 %),
+whose mean distinct ratio drops by more than `max_distinct_drop`, or whose mean length leaves
+[current / `max_length_ratio`, current × `max_length_ratio`] (collapsed or runaway answers).
+The numbers go into the gate's reasons either way.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from prefloop.align.gate import Check, sign_test_p
+
+CHECK_DEGENERATION = "degeneration"
+_WORD = re.compile(r"[\w']+")
+DISTINCT_WINDOW = 32  # words
+
+
+@dataclass(slots=True, frozen=True)
+class AnswerStats:
+    words: int
+    distinct_ratio: float
+    loops: bool
+
+
+def answer_stats(text: str) -> AnswerStats:
+    words = [w.lower() for w in _WORD.findall(text)]
+    grams: dict[tuple[str, ...], int] = {}
+    loops = False
+    for gram in zip(words, words[1:], words[2:]):
+        grams[gram] = grams.get(gram, 0) + 1
+        loops = loops or grams[gram] >= 3
+    window = words[:DISTINCT_WINDOW]
+    return AnswerStats(len(words), len(set(window)) / len(window) if window else 1.0, loops)
+
+
+@dataclass(slots=True, frozen=True)
+class Degeneration:
+    """Both versions' answers to the same prompts, summarized."""
+
+    prompts: int
+    candidate_loops: int  # prompts where the candidate's answer loops
+    current_loops: int
+    only_candidate_loops: int  # the discordant prompts
+    only_current_loops: int
+    candidate_distinct: float  # mean distinct-word ratio
+    current_distinct: float
+    candidate_words: float  # mean answer length in words
+    current_words: float
+
+    @classmethod
+    def of(cls, candidate: list[str], current: list[str]) -> "Degeneration":
+        if len(candidate) != len(current):
+            raise ValueError("one answer per prompt from each version")
+        a = [answer_stats(t) for t in candidate]
+        b = [answer_stats(t) for t in current]
+        n = max(len(a), 1)
+        return cls(len(a), sum(s.loops for s in a), sum(s.loops for s in b),
+                   sum(x.loops and not y.loops for x, y in zip(a, b)),
+                   sum(y.loops and not x.loops for x, y in zip(a, b)),
+                   sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
+                   sum(s.words for s in a) / n, sum(s.words for s in b) / n)
+
+    def to_record(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_drop: float = 0.2,
+                       max_length_ratio: float = 4.0) -> Check:
+    """The deciding check (see the module docstring); its text carries every number."""
+    p = sign_test_p(d.only_candidate_loops, d.only_current_loops)
+    more_loops = d.only_candidate_loops > d.only_current_loops and p < level
+    drop = d.current_distinct - d.candidate_distinct
+    ratio = (d.candidate_words / d.current_words) if d.current_words else float("inf")
+    extreme = d.current_words > 0 and not 1 / max_length_ratio <= ratio <= max_length_ratio
+    problems = [what for bad, what in (
+        (more_loops, f"loops in more prompts (p {p:.3f} < {level:g})"),
+        (drop > max_distinct_drop, f"distinct-word ratio dropped by {drop:.2f} > "
+                                   f"{max_distinct_drop:g}"),
+        (extreme, f"mean length {ratio:.2f}x the current version's (outside "
+                  f"[1/{max_length_ratio:g}, {max_length_ratio:g}])")) if bad]
+    text = (f"degeneration on {d.prompts} held-out prompts: loops {d.candidate_loops} vs current "
+            f"{d.current_loops} (only one loops: {d.only_candidate_loops} / "
+            f"{d.only_current_loops}, sign-test p {p:.3f}); distinct-word ratio "
+            f"{d.candidate_distinct:.2f} vs {d.current_distinct:.2f}; mean words "
+            f"{d.candidate_words:.1f} vs {d.current_words:.1f}")
+    return Check(CHECK_DEGENERATION, not problems,
+                 text + (": " + "; ".join(problems) if problems else ""))
