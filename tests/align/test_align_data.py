@@ -145,3 +145,19 @@ def test_schedule_durations_and_run_flags():
     assert argv == ["--data-dir", "/d", "--beta", "0.2", "--no-bf16", "--auto-promote"]
     again = parser.parse_args(["run", "kto", *argv])
     assert (again.method, again.auto_promote, again.beta, again.bf16) == ("kto", True, 0.2, False)
+
+
+def test_schedule_passes_the_season_drift_and_degeneration_flags_on():
+    from prefloop.cli import align as align_cmd
+    parser = argparse.ArgumentParser()
+    align_cmd.add_arguments(parser)
+    args = parser.parse_args(["schedule", "dpo", "--every", "6h", "--data-dir", "/d",
+                              "--season-spending", "none", "--look-growth", "2",
+                              "--degeneration-prompts", "4", "--max-root-kl", "2",
+                              "--auto-promote", "--promote-via", "auto"])
+    argv = schedule.run_argv(args, lambda p: align_cmd.add_run_arguments(p, "dpo"))
+    again = parser.parse_args(["run", "dpo", *argv])
+    gate_cfg = align_cmd._gate_config(again)
+    assert (gate_cfg.spending, gate_cfg.look_growth, gate_cfg.degeneration_prompts,
+            gate_cfg.max_root_kl) == ("none", 2.0, 4, 2.0)
+    assert again.promote_via == "auto"

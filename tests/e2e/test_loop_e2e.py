@@ -56,6 +56,7 @@ def vote_and_retrain(tmp_path, chooses_bananas):
              # judged at the per-job level: the season's spending would halve this first look's
              # (tests/align/test_season.py); the loop's mechanics are what this test is about
              "--season-spending", "none",
+             "--degeneration-prompts", "8",  # the check runs; 8 prompts keep the test shorter
              "--epochs", "2", "--json"], capture_output=True, text=True, timeout=1800)
     except BaseException:
         server.terminate()
