@@ -39,6 +39,7 @@ its threshold (0.5 + `min_improvement` for "candidate better than current"). Und
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from prefloop.server.errors import InvalidArgument
 
 DEFAULT_MAX_KL = 0.5  # nats per completion token
 DEFAULT_MAX_ROOT_KL = 1.0  # nats per completion token, to the root version (the cumulative drift)
+SPENDING = ("harmonic", "none")  # how a season's decisions share the level (align/season.py)
 DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
 DEFAULT_MIN_HELDOUT = 20
 METRICS = ("implicit_either", "implicit_margin", "implicit_reward", "pref_accuracy")
@@ -385,8 +387,8 @@ class GateConfig:
             raise InvalidArgument(f"gate confidence must be in [0.5, 1), got {self.confidence}")
         if self.metric not in METRICS:
             raise InvalidArgument(f"gate metric {self.metric!r} is not one of {METRICS}")
-        if self.spending not in ("harmonic", "none"):
-            raise InvalidArgument(f"season spending {self.spending!r} is not harmonic or none")
+        if self.spending not in SPENDING:
+            raise InvalidArgument(f"season spending {self.spending!r} is not one of {SPENDING}")
         if self.degeneration_prompts < 0 or self.degeneration_tokens < 1:
             raise InvalidArgument("degeneration prompts must be >= 0 and tokens >= 1")
         if not self.max_root_kl > 0:
@@ -627,7 +629,6 @@ CHECK_ROOT_KL = "max_root_kl"
 
 def with_check(decision: "GateDecision", check: Check, **numbers: Any) -> "GateDecision":
     """`decision` with one more check (a failed deciding one fails it) and typed `numbers`."""
-    import dataclasses
     return dataclasses.replace(decision, passed=decision.passed and check.passed is not False,
                                checks=[*decision.checks, check], **numbers)
 

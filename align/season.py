@@ -28,18 +28,15 @@ import math
 from dataclasses import dataclass
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateConfig
+from prefloop.align.gate import REPORTED, SPENDING, Check, GateConfig, GateDecision, with_check
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.jobs import PROMOTED, PUBLISHED, REJECTED, JobRecord, job_history
 
-SPENDING = ("harmonic", "none")
-DEFAULT_SPENDING = "harmonic"
-DEFAULT_LOOK_GROWTH = 1.5
 _DECIDED = (REJECTED, PUBLISHED, PROMOTED)
 
 
-def decision_level(alpha: float, k: int, spending: str = DEFAULT_SPENDING) -> float:
+def decision_level(alpha: float, k: int, spending: str = "harmonic") -> float:
     """The one-sided level of the k-th decision (k >= 1) of a season."""
     if spending not in SPENDING:
         raise InvalidArgument(f"season spending {spending!r} is not one of {SPENDING}")
@@ -121,10 +118,8 @@ def too_early(season: Season, rows: list, growth: float) -> str | None:
             "every look spends false-promotion level, docs/align.md)")
 
 
-def with_season(decision, season: Season, stated: GateConfig):
+def with_season(decision: GateDecision, season: Season, stated: GateConfig) -> GateDecision:
     """`decision` (made at `decision_config(stated, season.next_decision)`) with the season's
     numbers and a reported line saying at which level it was made."""
-    from prefloop.align.gate import REPORTED, Check
-    return dataclasses.replace(
-        decision, season_decision=season.next_decision, stated_confidence=stated.confidence,
-        checks=[*decision.checks, Check("season", None, REPORTED + season.describe(stated))])
+    return with_check(decision, Check("season", None, REPORTED + season.describe(stated)),
+                      season_decision=season.next_decision, stated_confidence=stated.confidence)

@@ -29,6 +29,7 @@ from prefloop.align.season import decision_config, season_of, too_early, with_se
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.rows import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,6 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     decision = with_season(_evaluate(cfg, registry, base, base_dir, trained, split, result,
                                      decision_config(cfg.gate, season.next_decision)),
                            season, cfg.gate)
-    held = result.metrics.get("heldout") or {}
-    decision = with_drift(decision, held.get("kl_to_root_per_token"), held.get("root_version"),
-                          cfg.gate)
-    if result.metrics.get("degeneration"):
-        decision = with_check(decision, degeneration_check(
-            Degeneration(**result.metrics["degeneration"])))
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.gate = decision.to_record()
@@ -203,7 +198,8 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
               split: data_mod.Split, result: runner.JobResult,
               gate_config: GateConfig) -> GateDecision:
     """Train / held-out metrics of the candidate against its reference; the candidate against
-    the current version on the same held-out pairs (paired counts, align/gate.py); the gate.
+    the current version on the same held-out pairs (paired counts, align/gate.py); its KL to the
+    root version and whether it degenerates; the gate.
 
     The candidate's scores come from `trained.model` (the weights just trained); the current
     version's from the reference pass when it is the base, else from its own registry folder."""
@@ -288,11 +284,12 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     heldout["kl_to_root_per_token"], heldout["root_version"] = kl_to_root, root
     prompts = _distinct_prompts([p.prompt for p in gate_pairs] or [r.prompt for r in split.heldout],
                                 gate_config.degeneration_prompts)
+    degeneration = None
     if prompts:
         current_model = (reference if current in (None, base)
                          else load_causal_lm(registry.version_dir(current), dev))
-        result.metrics["degeneration"] = _degeneration(policy, current_model, tok, prompts,
-                                                       gate_config).to_record()
+        degeneration = _degeneration(policy, current_model, tok, prompts, gate_config)
+        result.metrics["degeneration"] = degeneration.to_record()
         del current_model
     for key in ("implicit_reward_accuracy", "implicit_reward_margin"):
         if key in outcomes:
@@ -302,16 +299,19 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     del reference
     result.metrics["current"] = {"version": current, "heldout_pref_accuracy": current_accuracy}
     policy.to("cpu")
-    return decide(implicit=outcomes.get("implicit"), accuracy=outcomes.get("accuracy"),
-                  candidate_accuracy=heldout.get("pref_accuracy"),
-                  current_accuracy=current_accuracy, current_version=current,
-                  kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
-                  config=gate_config, margins=outcomes.get("margins"))
+    decision = decide(implicit=outcomes.get("implicit"), accuracy=outcomes.get("accuracy"),
+                      candidate_accuracy=heldout.get("pref_accuracy"),
+                      current_accuracy=current_accuracy, current_version=current,
+                      kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
+                      config=gate_config, margins=outcomes.get("margins"))
+    decision = with_drift(decision, kl_to_root, root, gate_config)
+    if degeneration is not None:
+        decision = with_check(decision, degeneration_check(degeneration))
+    return decision
 
 
 def _distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:
     """The newest `limit` distinct prompts of `prompts` (oldest first)."""
-    from prefloop.server.feedback import schema as logschema
     seen, out = set(), []
     for p in reversed(prompts):
         key = logschema.prompt_fingerprint(None, p)

@@ -314,14 +314,14 @@ AUTO_AB_TRAFFIC = 0.1  # --promote-via auto: the share an inconclusive but safe 
 
 
 def inconclusive_but_safe(decision: GateDecision) -> bool:
-    """A rejected candidate whose only failed check is the comparison with the current version,
-    and not because it is measurably worse: enough held-out units, KL to its base and to the
-    root within bound, and the paired interval's upper end at or above 0.5 (what an A/B test at a
-    small traffic share may settle: `--promote-via auto`)."""
+    """A rejected candidate whose only failed check is the comparison with the current version
+    (every other one passed: enough held-out units, KL to its base and to the root in bound, no
+    degeneration), and not because it is measurably worse: the paired interval's upper end at or
+    above 0.5 (what an A/B test at a small traffic share may settle: `--promote-via auto`)."""
     failed = decision.failed_checks
     if decision.passed or not failed or decision.kind not in ("policy", "ppo"):
         return False
-    if any(c.name in ("min_heldout", "max_kl", "max_root_kl") for c in failed):
+    if any(c.name != decision.metric for c in failed):
         return False
     paired = decision.paired
     worse = paired is not None and paired.upper is not None and paired.upper < 0.5

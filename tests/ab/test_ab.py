@@ -330,8 +330,10 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
         checks = [Check("min_heldout", "min_heldout" not in failed_extra, "held-out"),
                   Check("implicit_either", comparison_passed, "comparison"),
                   Check("max_kl", "max_kl" not in failed_extra, "kl"),
-                  Check("max_root_kl", "max_root_kl" not in failed_extra, "root kl")]
-        passed = all(c.passed for c in checks)
+                  Check("max_root_kl", "max_root_kl" not in failed_extra, "root kl"),
+                  Check("degeneration", "degeneration" not in failed_extra, "loops"),
+                  Check("season", None, "reported: decision 1")]
+        passed = all(c.passed is not False for c in checks)
         return GateDecision(passed, checks, "policy", "implicit_either", "v0000", 30,
                             paired=PairedResult(14, 12, 4, 0.34, upper))
 
@@ -340,6 +342,7 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     assert not runner.inconclusive_but_safe(verdict(False, 0.72, "max_kl"))
     assert not runner.inconclusive_but_safe(verdict(False, 0.72, "max_root_kl"))
     assert not runner.inconclusive_but_safe(verdict(False, 0.72, "min_heldout"))
+    assert not runner.inconclusive_but_safe(verdict(False, 0.72, "degeneration"))
     assert not runner.inconclusive_but_safe(verdict(True, 0.9))  # a pass promotes instead
 
     registry, v1 = two_versions(tmp_path, gate_passed=None)  # the manifest's gate: the verdicts'
