@@ -10,6 +10,11 @@ layer, gRPC and HTTP / engine what a user gets of the engine's speed (the raw en
 round's streams as one batch that starts together; the others start streams as they come).
 
     python benchmarks/api_overhead.py [--concurrency 1,8,32] [--max-tokens 128] [--rounds 2]
+                                      [--dtype auto] [--engine-thread main,own]
+
+`--engine-thread` runs the server once per value (`prefloop serve --engine-thread`): `main` steps
+the engine on the server's main thread (the default), `own` on a thread of the engine's own (as
+the Generator here does); both are printed against the same raw-engine baseline.
 """
 from __future__ import annotations
 
@@ -54,12 +59,12 @@ def raw_engine(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int
     return out
 
 
-async def offline(levels: list[int], max_tokens: int, rounds: int
+async def offline(levels: list[int], max_tokens: int, rounds: int, dtype: str
                   ) -> tuple[dict[int, float], dict[int, float]]:
     """(raw engine, Generator) tokens/s at each level, on one loaded model."""
     from prefloop.server.engine.sampling_params import SamplingParams
     from prefloop.server.serving.build import build_generator
-    gen = build_generator()
+    gen = build_generator(dtype=dtype)
     raw = raw_engine(gen, levels, max_tokens, rounds)
     await gen.start()
     out = {}
@@ -161,20 +166,27 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32", help="stream counts (default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream (default %(default)s)")
+    ap.add_argument("--dtype", default="auto", help="model dtype, offline and served (default %(default)s)")
+    ap.add_argument("--engine-thread", default="main,own",
+                    help="server runs, one per value of serve's --engine-thread (default %(default)s)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    modes = args.engine_thread.split(",")
     print(f"api_overhead: raw engine, Generator, gRPC and HTTP at {args.concurrency} streams, "
-          f"{args.max_tokens} greedy tokens, {args.rounds} rounds", flush=True)
-    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds))
-    grpc_levels, http_levels = online(args.concurrency, args.max_tokens, args.rounds)
-    print(f"{'conc':>4} {'engine':>7} {'gen':>7} {'gRPC':>7} {'HTTP':>7} {'gen/eng':>7} "
+          f"{args.max_tokens} greedy tokens, {args.rounds} rounds, dtype {args.dtype}, server "
+          f"engine thread {' then '.join(modes)}", flush=True)
+    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds, args.dtype))
+    served = {m: online(args.concurrency, args.max_tokens, args.rounds,
+                        ("--dtype", args.dtype, "--engine-thread", m)) for m in modes}
+    print(f"{'conc':>4} {'thread':>6} {'engine':>7} {'gen':>7} {'gRPC':>7} {'HTTP':>7} {'gen/eng':>7} "
           f"{'gRPC/eng':>8} {'HTTP/eng':>8} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
     for c in levels:
-        g, h = grpc_levels[c], http_levels[c]
-        print(f"{c:4d} {raw[c]:7.1f} {off[c]:7.1f} {g['tokens_per_s']:7.1f} {h['tokens_per_s']:7.1f} "
-              f"{off[c] / raw[c]:7.2f} {g['tokens_per_s'] / raw[c]:8.2f} "
-              f"{h['tokens_per_s'] / raw[c]:8.2f} "
-              f"{g['ttft_ms_p50']:9.1f}/{h['ttft_ms_p50']:<9.1f} {g['itl_ms_p50']:8.1f}/{h['itl_ms_p50']:<8.1f}")
+        for m in modes:
+            g, h = served[m][0][c], served[m][1][c]
+            print(f"{c:4d} {m:>6} {raw[c]:7.1f} {off[c]:7.1f} {g['tokens_per_s']:7.1f} "
+                  f"{h['tokens_per_s']:7.1f} {off[c] / raw[c]:7.2f} {g['tokens_per_s'] / raw[c]:8.2f} "
+                  f"{h['tokens_per_s'] / raw[c]:8.2f} {g['ttft_ms_p50']:9.1f}/{h['ttft_ms_p50']:<9.1f} "
+                  f"{g['itl_ms_p50']:8.1f}/{h['itl_ms_p50']:<8.1f}")
     print("api_overhead: done (tokens/s; ratios are the result, absolute numbers vary by machine)")
     return 0
 

@@ -227,11 +227,12 @@ class PrefloopServer:
         assert self._server is not None, "start() first"
         await self._server.wait_for_termination()
 
-    async def serve_until_signal(self, on_ready=None) -> None:
+    async def serve_until_signal(self, on_ready=None, relay=None) -> None:
         """Serve until SIGTERM/SIGINT, then shut down gracefully (a second signal: at once).
 
         `on_ready()` runs once the signal handlers are in place, so a supervisor that signals
-        right after the ready line never hits the default (fatal) SIGTERM action."""
+        right after the ready line never hits the default (fatal) SIGTERM action. A loop that is
+        not on the main thread gets its signals through `relay` (server/api/signal_relay.py)."""
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         signals = (signal.SIGTERM, signal.SIGINT)
@@ -245,13 +246,19 @@ class PrefloopServer:
                 log.info("%s received", signal.Signals(signum).name)
                 signalled.set()
 
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal, sig)
+        if relay is not None:
+            relay.connect(loop, on_signal)
+        else:
+            for sig in signals:
+                loop.add_signal_handler(sig, on_signal, sig)
         try:
             if on_ready is not None:
                 on_ready()
             await signalled.wait()
             await self.shutdown()
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
+            if relay is not None:
+                relay.disconnect()
+            else:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)

@@ -1,9 +1,11 @@
-"""AsyncEngine: drives `LLMEngine` from one background thread for asyncio callers.
+"""AsyncEngine: drives `LLMEngine` for asyncio callers from another thread.
 
-Callers (on an event loop) submit requests and aborts through a thread-safe inbox; the engine thread
-applies them at step boundaries, runs steps while there is work, and hands each `SeqOutput` back to
-the caller's loop with `call_soon_threadsafe`. torch releases the GIL inside kernels, so the event
-loop keeps serving network traffic while the model runs.
+Callers (on an event loop) submit requests and aborts through a thread-safe inbox; the stepping
+thread applies them at step boundaries (`run_once`), runs steps while there is work, and hands each
+`SeqOutput` back to the caller's loop with `call_soon_threadsafe`. Which thread steps is the
+driver's choice (server/engine/driver.py): its own background thread by default, the main thread
+under `prefloop serve`. torch releases the GIL inside kernels, so the event loop keeps serving
+network traffic while the model runs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import queue
 import threading
 from typing import AsyncIterator
 
+from prefloop.server.engine.driver import MainThreadDriver, ThreadDriver
 from prefloop.server.engine.llm_engine import LLMEngine
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
 from prefloop.server.engine.sampling_params import SamplingParams
@@ -26,30 +29,34 @@ class AsyncEngine:
 
     reloads_in_place = False  # a new version gets its own engine beside this one
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, driver: ThreadDriver | MainThreadDriver | None = None):
         self.engine = engine
+        self._driver = driver or ThreadDriver()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self.wake: threading.Event | None = None  # set by the driver: wakes the stepping thread
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._stopping = False
         self._stats = engine.stats()
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="prefloop-engine", daemon=True)
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            self._driver.attach(self)
 
     def stop(self) -> None:
+        """Fail what is still running and wait until the stepping thread has let the engine go."""
         self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._started:
+            self._driver.detach(self)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._started and not self._stopping and self._driver.alive(self)
 
     @property
     def num_unfinished(self) -> int:
@@ -61,7 +68,7 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[SeqOutput]:
         """Yield the request's outputs as they are produced; leaving early aborts the request."""
-        if self._stopping or self._thread is None:
+        if self._stopping or not self._started:
             raise Unavailable("the engine is not running")
         if request_id in self._streams:
             raise PrefloopError(f"request id {request_id!r} is already streaming")
@@ -69,7 +76,7 @@ class AsyncEngine:
         out_queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
         self._inbox.put(("add", request_id, prompt_ids, params, num_dropped))
-        self._wake.set()
+        self._wakeup()
         remaining = params.n
         try:
             while remaining:
@@ -86,12 +93,16 @@ class AsyncEngine:
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._inbox.put(("abort", request_id, index))
-        self._wake.set()
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
     async def reload_weights(self, model_dir) -> None:
         raise NotImplementedError("the native engine swaps versions by loading a second engine")
 
-    # -- engine thread -------------------------------------------------------------------------
+    # -- the stepping thread -------------------------------------------------------------------
     def _deliver(self, out: SeqOutput | BaseException, request_id: str) -> None:
         target = self._streams.get(request_id)
         if target is not None:
@@ -114,25 +125,30 @@ class AsyncEngine:
                 _, rid, index = cmd
                 self.engine.abort(rid, index)
 
-    def _run(self) -> None:
-        while not self._stopping:
-            self._drain_inbox()
-            if not self.engine.has_unfinished():
-                self._stats = self.engine.stats()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # fail the running requests, keep the engine alive
-                log.exception("engine step failed; aborting the running requests")
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid)
-                    self._deliver(RuntimeError(f"engine step failed: {exc}"), rid)
-                outputs = []
-            for out in outputs:
-                self._deliver(out, out.request_id)
+    def run_once(self) -> bool:
+        """Apply the queued adds and aborts, then run one step if there is work; True if it did."""
+        self._drain_inbox()
+        if not self.engine.has_unfinished():
             self._stats = self.engine.stats()
+            return False
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # fail the running requests, keep the engine alive
+            log.exception("engine step failed; aborting the running requests")
+            for rid in list(self.engine.requests):
+                self.engine.abort(rid)
+                self._deliver(RuntimeError(f"engine step failed: {exc}"), rid)
+            outputs = []
+        for out in outputs:
+            self._deliver(out, out.request_id)
+        self._stats = self.engine.stats()
+        return True
+
+    def finish(self) -> None:
+        """The engine stops: every request still running fails with UNAVAILABLE."""
+        self._stopping = True
+        self._drain_inbox()
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
             self._deliver(Unavailable("the engine stopped"), rid)
+        self._stats = self.engine.stats()

@@ -60,7 +60,7 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                     gpu_memory_utilization: float | None = None,
                     enforce_eager: bool = False, quantize: str = "none",
                     compile: bool = False, attention: str = "auto",
-                    weight_layout: str = "auto") -> Generator:
+                    weight_layout: str = "auto", driver=None) -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `dtype` "auto" (default) is bfloat16 on CUDA or on a CPU with native bf16, else float32
@@ -72,7 +72,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     `compile` runs the native engine's model step through torch.compile (server/model/compile.py).
     `attention` (auto | native | sdpa) picks the native engine's decode attention
     (server/model/kernels.py); `weight_layout` (auto | packed | plain) whether its linear
-    weights are prepacked for oneDNN (server/model/packed_linear.py).
+    weights are prepacked for oneDNN (server/model/packed_linear.py). `driver` decides which
+    thread steps the native engines (server/engine/driver.py; None: a thread per engine).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
     was built for).
@@ -136,7 +137,7 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
         context=context, quantize=quantize, compile=compile, attention=attention,
-        weight_layout=weight_layout)
+        weight_layout=weight_layout, driver=driver)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -150,7 +151,8 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context, quantize: str = "none",
-                 compile: bool = False, attention: str = "auto", weight_layout: str = "auto") -> Backend:
+                 compile: bool = False, attention: str = "auto", weight_layout: str = "auto",
+                 driver=None) -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
@@ -167,7 +169,7 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
              "native" if llama.decode_kernel is not None else "SDPA",
              "packed" if llama.packed_weights else "plain",
              ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "")
-    return Backend(AsyncEngine(engine), tokenizer, info)
+    return Backend(AsyncEngine(engine, driver), tokenizer, info)
 
 
 def load_vllm_backend(model_dir: Path, version: str, config) -> Backend:
