@@ -173,13 +173,23 @@ def sampling_proto(*, max_tokens: int | None = None, temperature: float | None =
                    top_p: float | None = None, top_k: int | None = None,
                    stop: Sequence[str] | str | None = None, seed: int | None = None,
                    n: int | None = None, repetition_penalty: float | None = None,
+                   response_format: Mapping[str, Any] | None = None,
                    ) -> generation_pb2.SamplingParams:
-    """A proto SamplingParams; None leaves a field unset (the server's default applies)."""
+    """A proto SamplingParams; None leaves a field unset (the server's default applies).
+
+    `response_format` is OpenAI's: {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}}."""
     fields = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   seed=seed, n=n, repetition_penalty=repetition_penalty)
     msg = generation_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
     if stop:
         msg.stop.extend([stop] if isinstance(stop, str) else stop)
+    if response_format is not None:
+        spec = response_format.get("json_schema") or {}
+        msg.response_format.type = response_format.get("type", "")
+        if "schema" in spec:
+            msg.response_format.json_schema = json.dumps(spec["schema"])
+        msg.response_format.name = spec.get("name", "")
     return msg
 
 

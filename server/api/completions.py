@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from prefloop.server.api.limits import Admission, Limits
 from prefloop.server.api.metrics import Metrics
 from prefloop.server.api.status_mapping import current_request_id, status_of
+from prefloop.server.engine.response_format import ResponseFormat
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import InvalidArgument, Unavailable
 from prefloop.server.feedback.schema import GenerationRecord
@@ -228,7 +229,8 @@ class CompletionRunner:
         return self._front(call).chat_ids(messages)
 
     def params(self, call: Call, prompt_ids: list[int], *, max_tokens: int | None,
-               stop: tuple[str, ...] = (), **sampling: Any) -> SamplingParams:
+               stop: tuple[str, ...] = (), response_format: ResponseFormat | None = None,
+               **sampling: Any) -> SamplingParams:
         """The validated SamplingParams: server limits, then the defaults for unset fields.
 
         `sampling` holds the fields the request set (None = unset) among SAMPLING_FIELDS.
@@ -242,7 +244,8 @@ class CompletionRunner:
         kwargs = {k: v for k, v in sampling.items() if v is not None}
         for name, value in self.defaults.as_dict().items():
             kwargs.setdefault(name, value)
-        return SamplingParams(max_tokens=max_tokens, stop=tuple(stop), **kwargs)
+        return SamplingParams(max_tokens=max_tokens, stop=tuple(stop),
+                              response_format=response_format, **kwargs)
 
     async def run(self, call: Call, prompt_ids: list[int], params: SamplingParams, *,
                   prompt: str | None = None, messages: list[dict] | None = None,
@@ -349,7 +352,9 @@ class CompletionRunner:
             model_version=state.model_version or call.model_version, backend=call.backend,
             prompt=prompt,
             messages=messages, completion=state.text, finish_reason=state.finish_reason or "",
-            stop_reason=state.stop_reason, prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
+            stop_reason=state.stop_reason,
+            response_format=params.response_format.key if params.response_format else None,
+            prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
             sampling=sampling_as_dict(params), latency_ms=call.ms_since_start(state.finished_at),
             ttft_ms=call.ms_since_start(state.first_text_at), source=call.meta.api)
         try:

@@ -8,9 +8,13 @@ request is aborted in the engine (its KV blocks are freed).
 """
 from __future__ import annotations
 
+import json
+
 from prefloop.proto.prefloop.v1 import generation_pb2, generation_pb2_grpc
 from prefloop.server.api.completions import SAMPLING_FIELDS, Call, CompletionRunner, RequestMeta
 from prefloop.server.api.status_mapping import map_errors
+from prefloop.server.engine.response_format import parse_response_format
+from prefloop.server.errors import InvalidArgument
 
 
 def messages_from_proto(messages) -> list[dict]:
@@ -24,6 +28,16 @@ def sampling_fields(sampling: generation_pb2.SamplingParams) -> dict:
               for name in SAMPLING_FIELDS}
     fields["max_tokens"] = sampling.max_tokens if sampling.HasField("max_tokens") else None
     fields["stop"] = tuple(sampling.stop)
+    fields["response_format"] = None
+    if sampling.HasField("response_format"):
+        rf = sampling.response_format
+        schema = None
+        if rf.json_schema:
+            try:
+                schema = json.loads(rf.json_schema)
+            except ValueError as exc:
+                raise InvalidArgument(f"response_format.json_schema is not valid JSON: {exc}") from exc
+        fields["response_format"] = parse_response_format(rf.type, schema, rf.name)
     return fields
 
 

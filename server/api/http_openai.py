@@ -61,7 +61,7 @@ def prepare(ctx: HttpContext, call: Call, req: oa.ParsedRequest):
     prompt_ids = (runner.chat_ids(call, req.messages) if req.messages is not None
                   else runner.prompt_ids(call, req.prompt))
     params = runner.params(call, prompt_ids, max_tokens=req.max_tokens, stop=req.stop,
-                           **req.sampling)
+                           response_format=req.response_format, **req.sampling)
     return runner.run(call, prompt_ids, params, prompt=req.prompt, messages=req.messages)
 
 

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prefloop.server.engine.response_format import ResponseFormat, parse_response_format
 from prefloop.server.errors import InvalidArgument
 
 COMMON = {"model", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "user", "stream",
           "stream_options",
           # prefloop's extensions
-          "session_id", "top_k", "repetition_penalty"}
+          "session_id", "top_k", "repetition_penalty", "response_format"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "compare"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 IGNORED = {"store", "metadata", "service_tier", "parallel_tool_calls"}
@@ -27,7 +28,7 @@ IGNORED_AT_DEFAULT: dict[str, tuple] = {  # field -> values that change nothing
     "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
     "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
     "tools": ([], None), "tool_choice": ("none", None), "echo": (False, None),
-    "response_format": ({"type": "text"}, None), "suffix": (None, ""), "best_of": (1, None),
+    "suffix": (None, ""), "best_of": (1, None),
 }
 ROLES = ("system", "user", "assistant")
 
@@ -45,6 +46,7 @@ class ParsedRequest:
     messages: list[dict] | None = None
     prompt: str | None = None
     compare: bool = False
+    response_format: ResponseFormat | None = None  # JSON constraint (None: free text)
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -129,6 +131,22 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _response_format(body: dict) -> ResponseFormat | None:
+    """OpenAI's `response_format`: {"type": "text" | "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict", "description"}}."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise InvalidArgument('response_format must be an object with a "type": text, json_object '
+                              "or json_schema")
+    spec = value.get("json_schema")
+    if value["type"] == "json_schema" and not isinstance(spec, dict):
+        raise InvalidArgument('response_format json_schema needs "json_schema": {"name", "schema"}')
+    spec = spec or {}
+    return parse_response_format(value["type"], spec.get("schema"), spec.get("name") or "")
+
+
 def _common(body: Any, allowed: set[str]) -> ParsedRequest:
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
@@ -154,7 +172,8 @@ def _common(body: Any, allowed: set[str]) -> ParsedRequest:
                          include_usage=bool(options.get("include_usage")), sampling=sampling,
                          max_tokens=_number(body, "max_tokens", integer=True, low=1),
                          stop=_stop(body), user_id=_string(body, "user"),
-                         session_id=_string(body, "session_id"))
+                         session_id=_string(body, "session_id"),
+                         response_format=_response_format(body))
 
 
 def parse_chat(body: Any) -> ParsedRequest:

@@ -9,10 +9,12 @@ prompt is computed, sharing its full blocks. What happens when a context outgrow
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 from prefloop.server.engine.block_manager import BlockManager
 from prefloop.server.engine.context import ContextConfig, check_prompt
+from prefloop.server.engine.grammar import GrammarCompiler, apply_masks
 from prefloop.server.engine.kv_cache import KVCacheConfig, num_blocks_for
 from prefloop.server.engine.model_runner import ModelRunner
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
@@ -22,6 +24,8 @@ from prefloop.server.engine.scheduler import Scheduler, SchedulerConfig
 from prefloop.server.engine.sequence import Sequence
 from prefloop.server.errors import InvalidArgument, ResourceExhausted
 from prefloop.server.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +37,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: LlamaModel, cache: KVCacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, eos_token_ids: tuple[int, ...] = (),
-                 max_model_len: int | None = None, context: ContextConfig | None = None):
+                 max_model_len: int | None = None, context: ContextConfig | None = None,
+                 grammar: GrammarCompiler | None = None):
         self.model = model
         cfg = model.config
         self.cache_config = cache or KVCacheConfig()
@@ -56,6 +61,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self.steps = 0
+        self.grammar = grammar  # GrammarCompiler for structured outputs (None: refused)
         # Optional observer called with (sequences, logits [len(sequences), vocab]) before sampling;
         # tests use it to compare logits against transformers.
         self.logits_hook = None
@@ -66,6 +72,11 @@ class LLMEngine:
         tokens to drop at admission (pass it on to `add_request` so the check runs once)."""
         dropped = check_prompt(prompt_ids, params.max_tokens, self.model.config.vocab_size,
                                self.max_model_len, self.context, self.shift_discard)
+        if params.response_format is not None:  # compiles (cached) now, in the caller's thread
+            if self.grammar is None:
+                raise InvalidArgument("this model has no tokenizer.json: structured outputs "
+                                      "(response_format) cannot be served")
+            self.grammar.matcher(params.response_format)
         total = min(len(prompt_ids) - dropped + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise ResourceExhausted(
@@ -93,8 +104,11 @@ class LLMEngine:
     def _new_seq(self, request_id: str, index: int, token_ids: list[int], prompt_len: int,
                  params: SamplingParams) -> Sequence:
         generator = None if params.greedy else request_generator(params.seed, index)
-        return Sequence(next(self._seq_ids), request_id, index, token_ids, prompt_len, params,
-                        next(self._arrivals), generator)
+        seq = Sequence(next(self._seq_ids), request_id, index, token_ids, prompt_len, params,
+                       next(self._arrivals), generator)
+        if params.response_format is not None:
+            seq.matcher = self.grammar.matcher(params.response_format)
+        return seq
 
     def abort(self, request_id: str, index: int | None = None) -> list[SeqOutput]:
         """Stop a request (or one candidate) now; its blocks are freed at once."""
@@ -145,6 +159,7 @@ class LLMEngine:
         sampled = logits if row_logits == list(range(len(logits))) else logits[row_logits]
         if self.logits_hook is not None:
             self.logits_hook(rows, sampled)
+        sampled = apply_masks(sampled, rows)
         tokens = sample(sampled, rows)
         outs = [out for seq, tok in zip(rows, tokens) if (out := self._append(seq, tok))]
         if self.context.overflow == "shift":
@@ -198,7 +213,13 @@ class LLMEngine:
         seq.token_ids.append(token)
         p = seq.params
         reason = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if seq.matcher is not None and (not seq.matcher.consume_token(token)
+                                        or seq.matcher.is_stopped()):
+            if seq.matcher.is_error():  # cannot happen under the mask; never loop on it
+                log.error("request %s left its grammar: %s", seq.request_id,
+                          seq.matcher.get_error())
+            reason = "stop"  # the grammar is complete (or broken): nothing more may follow
+        elif (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         elif seq.num_output >= p.max_tokens or (
                 seq.context_len >= self.max_model_len and self.context.overflow != "shift"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from prefloop.server.engine.response_format import ResponseFormat
 from prefloop.server.errors import InvalidArgument
 
 # Stop strings are matched against the decoded text after every step, so they cost every step.
@@ -28,6 +29,7 @@ class SamplingParams:
     n: int = 1
     repetition_penalty: float = 1.0  # 1 disables; > 1 discourages repeats
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None  # JSON output constraint (None: free text)
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)

@@ -39,6 +39,7 @@ class Sequence:
     num_dropped: int = 0
     cache_shifted: bool = False  # cached K/V were moved by a shift: never register them as a prefix
     num_shifts: int = 0
+    matcher: object | None = None  # llguidance LLMatcher of a structured-output request
 
     @property
     def num_output(self) -> int:

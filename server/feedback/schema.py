@@ -73,6 +73,8 @@ GENERATIONS_SCHEMA = _schema(GENERATIONS, [
     pa.field("completion", pa.string()),
     pa.field("finish_reason", pa.string()),
     pa.field("stop_reason", pa.string()),  # the request's stop string that ended it (null: none)
+    # the output constraint: "json_object" or "json_schema:<sha256 of the schema, 16 hex>" (null: text)
+    pa.field("response_format", pa.string()),
     pa.field("prompt_tokens", pa.int32()),
     pa.field("completion_tokens", pa.int32()),
     pa.field("sampling", SAMPLING),
@@ -275,6 +277,7 @@ class GenerationRecord:
     ttft_ms: float | None
     source: str = "grpc"  # which API served it: "grpc" | "http"
     stop_reason: str | None = None  # with finish_reason "stop": the stop string that ended it
+    response_format: str | None = None  # the constraint's key (ResponseFormat.key); None: text
 
 
 def normalize_generation(row: GenerationRecord | Mapping[str, Any]) -> dict[str, Any]:
@@ -304,6 +307,7 @@ def normalize_generation(row: GenerationRecord | Mapping[str, Any]) -> dict[str,
         "completion": _opt_str(row.get("completion")),
         "finish_reason": _opt_str(row.get("finish_reason")),
         "stop_reason": _opt_str(row.get("stop_reason")),
+        "response_format": _opt_str(row.get("response_format")),
         "prompt_tokens": _opt_int(row.get("prompt_tokens")),
         "completion_tokens": _opt_int(row.get("completion_tokens")),
         "sampling": normalize_sampling(row.get("sampling")),

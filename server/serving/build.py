@@ -14,6 +14,7 @@ import torch
 
 from prefloop.server.engine.async_engine import AsyncEngine
 from prefloop.server.engine.context import DEFAULT_KEEP, ContextConfig
+from prefloop.server.engine.grammar import GrammarCompiler
 from prefloop.server.engine.kv_cache import KVCacheConfig
 from prefloop.server.engine.llm_engine import LLMEngine
 from prefloop.server.engine.scheduler import SchedulerConfig
@@ -159,7 +160,8 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
     llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
                        attention=attention, weight_layout=weight_layout)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
-    engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context)
+    grammar = GrammarCompiler.for_model(model_dir, llama.config.vocab_size, eos)
+    engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context, grammar=grammar)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len,
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",

@@ -13,6 +13,7 @@ vllm is not installed (see README "vLLM backend" for the CPU and GPU install com
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -103,11 +104,19 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
     refuses greedy n > 1; every candidate would be the same): `VllmEngine.generate` copies the
     one candidate to all n indices."""
     stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+    structured = None
+    if params.response_format is not None:  # the same constraint, through vLLM's own backend
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fmt = params.response_format
+        structured = (StructuredOutputsParams(json_object=True) if fmt.schema is None else
+                      StructuredOutputsParams(json=json.loads(fmt.schema), disable_any_whitespace=True))
     return VllmSamplingParams(
         n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k, repetition_penalty=params.repetition_penalty, seed=params.seed,
         max_tokens=params.max_tokens, stop_token_ids=sorted(set(stop_ids)),
-        ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
+        ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured)
 
 
 _DEAD = ("the vLLM engine has died (its worker process exited; see the server log); the "

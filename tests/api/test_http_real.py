@@ -8,6 +8,7 @@ import socket
 
 import httpx
 import openai
+import pydantic
 import pytest
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
 from registry_helpers import MAX_TOKENS, QUESTION, Streamers, two_version_registry
@@ -47,6 +48,47 @@ def test_greedy_http_chat_equals_grpc_chat_and_its_stream(http_server):
     stream = client.chat.completions.create(model="v0000", messages=QUESTION, max_tokens=24,
                                             temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+class Answer(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=24)
+    population_millions: float = pydantic.Field(ge=0, le=50)
+
+
+def test_structured_outputs_through_the_openai_client_and_grpc(http_server):
+    server, url, _, _, data_dir = http_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=USER_TOKEN, max_retries=0)
+    ask = [{"role": "user", "content": "Name a big city and its population."}]
+    parsed = client.chat.completions.parse(model="prefloop", messages=ask, max_tokens=96,
+                                           temperature=0, response_format=Answer)
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Answer)
+    stream = client.chat.completions.create(model="prefloop", messages=ask, max_tokens=160,
+                                            temperature=0.7, seed=3, stream=True,
+                                            response_format={"type": "json_object"})
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream
+                                         if c.choices)), dict)
+    completion = client.completions.create(  # the SDK's completions take it as an extra field
+        model="prefloop", prompt="A city as JSON:", max_tokens=96, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {**Answer.model_json_schema(), "additionalProperties": False}}}})
+    Answer.model_validate_json(completion.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="Unimplemented keys"):
+        client.chat.completions.create(model="prefloop", messages=ask, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}})
+    with Client(server.target, token=USER_TOKEN) as grpc_client:
+        schema = {"type": "json_schema", "json_schema": {
+            "schema": {**Answer.model_json_schema(), "additionalProperties": False}}}
+        text = grpc_client.chat(ask, max_tokens=96, temperature=0,
+                                response_format=schema).completions[0].text
+        Answer.model_validate_json(text)
+        with pytest.raises(Exception, match="INVALID_ARGUMENT.*json_object or json_schema"):
+            grpc_client.chat(ask, response_format={"type": "yaml"})
+    rid = parsed.choices[0].model_extra["response_id"]
+    rows = {}
+    assert wait_until(lambda: rows.update({g["response_id"]: g for g in load_table(
+        data_dir, "generations").to_pylist()}) or rid in rows, timeout=20)
+    assert rows[rid]["response_format"].startswith("json_schema:")
 
 
 class HttpStreamers(Streamers):
@@ -98,7 +140,7 @@ def test_both_apis_stream_through_a_hot_swap_without_failures(http_server):
         assert all(len(texts) == 1 for texts in by_version.values()), "greedy answers differ"
     metrics = httpx.get(url + "/metrics").text
     assert "prefloop_hot_swaps_total 1.0" in metrics
-    assert f'prefloop_model_info{{backend="native"' in metrics and f'version="{v1}"' in metrics
+    assert 'prefloop_model_info{backend="native"' in metrics and f'version="{v1}"' in metrics
 
 
 def test_http_feedback_is_in_the_parquet_log_after_a_clean_stop(http_server):
