@@ -1,9 +1,10 @@
 """VllmEngine: the `EngineBackend` protocol over vLLM's `AsyncLLM` (`prefloop serve --backend vllm`).
 
-vLLM runs in-process (its engine core in its own worker processes) and sees token ids only: its
-tokenizer is never initialised (`skip_tokenizer_init`), prompts go in as `TokensPrompt`, outputs
-come back as token deltas (`RequestOutputKind.DELTA`); the Generator above detokenizes and applies
-stop strings exactly as for the native engine. Hot-swap loads a registry version into the running
+vLLM runs in-process (its engine core in its own worker processes) and is given token ids only:
+prompts go in as `TokensPrompt`, outputs come back as token deltas (`RequestOutputKind.DELTA`,
+`detokenize=False`); the Generator above detokenizes and applies stop strings exactly as for the
+native engine. vLLM still loads the model's tokenizer: its structured-output backend compiles
+`response_format` schemas against it. Hot-swap loads a registry version into the running
 engine: pause (after the Generator has drained in-flight requests), `collective_rpc(
 "reload_weights", weights_path=...)`, resume.
 
@@ -109,8 +110,9 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
         from vllm.sampling_params import StructuredOutputsParams
 
         fmt = params.response_format
-        structured = (StructuredOutputsParams(json_object=True) if fmt.schema is None else
-                      StructuredOutputsParams(json=json.loads(fmt.schema), disable_any_whitespace=True))
+        structured = StructuredOutputsParams(  # no whitespace between tokens, as on the native engine
+            json=json.loads(fmt.schema) if fmt.schema is not None else {"type": "object"},
+            disable_any_whitespace=True)  # (vLLM's json_object grammar ignores that flag)
     return VllmSamplingParams(
         n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k, repetition_penalty=params.repetition_penalty, seed=params.seed,
@@ -136,7 +138,7 @@ class VllmEngine:
         self.eos_token_ids = eos_token_ids
         self._stats_logger: _LatestStats | None = None
         args = AsyncEngineArgs(
-            model=str(self.model_dir), dtype=config.dtype, skip_tokenizer_init=True, seed=0,
+            model=str(self.model_dir), dtype=config.dtype, seed=0,
             worker_extension_cls="prefloop.server.serving.vllm_worker.PrefloopWorkerExtension",
             tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size,
             kv_cache_memory_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
