@@ -140,6 +140,7 @@ class Call:
     backend: str = ""
     completions: list[CompletionState] = field(default_factory=list)
     generators: list = field(default_factory=list)  # what serves it: one, or two for compare
+    constraint: str | None = None  # the log's response_format when the API sets it (tools)
 
     def ms_since_start(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.started) * 1000.0, 2)
@@ -353,7 +354,8 @@ class CompletionRunner:
             prompt=prompt,
             messages=messages, completion=state.text, finish_reason=state.finish_reason or "",
             stop_reason=state.stop_reason,
-            response_format=params.response_format.key if params.response_format else None,
+            response_format=call.constraint or (params.response_format.key
+                                                if params.response_format else None),
             prompt_tokens=call.prompt_tokens, completion_tokens=state.completion_tokens,
             sampling=sampling_as_dict(params), latency_ms=call.ms_since_start(state.finished_at),
             ttft_ms=call.ms_since_start(state.first_text_at), source=call.meta.api)

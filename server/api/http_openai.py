@@ -17,6 +17,7 @@ from prefloop.server.api.auth import Role
 from prefloop.server.api.completions import Call, RequestMeta
 from prefloop.server.api.http_deps import Ctx, HttpContext, json_body
 from prefloop.server.api.status_mapping import details_of, http_status_of
+from prefloop.server.api.tools import ToolSpec
 from prefloop.server.errors import NotFound, PrefloopError
 
 MODEL_ALIASES = ("prefloop", "default")
@@ -49,7 +50,7 @@ async def run_request(ctx: HttpContext, request: Request, req: oa.ParsedRequest,
         finally:
             watcher.cancel()
         build = oa.chat_response if chat else oa.completion_response
-        return build(call.request_id, model, call.model_version, choices_of(call),
+        return build(call.request_id, model, call.model_version, choices_of(call, req.tools),
                      call.prompt_tokens)
 
 
@@ -58,11 +59,16 @@ def prepare(ctx: HttpContext, call: Call, req: oa.ParsedRequest):
     runner.route(call, compare=req.compare)
     if req.compare and len(call.generators) == 1:  # no A/B test: two samples of one version
         req.sampling["n"] = 2
-    prompt_ids = (runner.chat_ids(call, req.messages) if req.messages is not None
+    messages, response_format = req.messages, req.response_format
+    if req.tools is not None:  # the tools in the system message; a required call's grammar
+        messages = req.tools.render(messages)
+        response_format = req.tools.format or response_format
+        call.constraint = req.tools.log_key
+    prompt_ids = (runner.chat_ids(call, messages) if messages is not None
                   else runner.prompt_ids(call, req.prompt))
     params = runner.params(call, prompt_ids, max_tokens=req.max_tokens, stop=req.stop,
-                           response_format=req.response_format, **req.sampling)
-    return runner.run(call, prompt_ids, params, prompt=req.prompt, messages=req.messages)
+                           response_format=response_format, **req.sampling)
+    return runner.run(call, prompt_ids, params, prompt=req.prompt, messages=messages)
 
 
 async def collect(ctx: HttpContext, call: Call, req: oa.ParsedRequest) -> None:
@@ -79,10 +85,45 @@ async def cancel_on_disconnect(request: Request, work: asyncio.Future) -> None:
             return
 
 
-def choices_of(call: Call) -> list[dict]:
-    return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-             "response_id": c.response_id, "model_version": c.model_version or call.model_version,
-             "completion_tokens": c.completion_tokens} for c in call.completions]
+def choices_of(call: Call, tools: ToolSpec | None = None) -> list[dict]:
+    choices = []
+    for c in call.completions:
+        choice = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                  "response_id": c.response_id,
+                  "model_version": c.model_version or call.model_version,
+                  "completion_tokens": c.completion_tokens}
+        calls = tools.parse(c.text) if tools is not None and c.finish_reason == "stop" else None
+        if calls:
+            choice.update(tool_calls=calls, finish_reason="tool_calls")
+        choices.append(choice)
+    return choices
+
+
+class ToolCallStream:
+    """Holds a streamed choice's text back while it may still be a tool call; at its end, the
+    call as OpenAI's tool_calls delta, or the held text after all."""
+
+    def __init__(self, tools: ToolSpec):
+        self.tools = tools
+        self.held: dict[int, str] = {}
+        self.text_only: set[int] = set()
+
+    def push(self, index: int, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """(delta body, finish reason) to send for this piece of choice `index`."""
+        if index in self.text_only:
+            return ({"content": text} if text else {}), finish_reason
+        held = self.held[index] = self.held.get(index, "") + text
+        if finish_reason is None:
+            if self.tools.may_be_call(held):
+                return {}, None
+            self.text_only.add(index)
+            del self.held[index]
+            return {"content": held}, None
+        del self.held[index]
+        calls = self.tools.parse(held) if finish_reason == "stop" else None
+        if calls:
+            return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}, "tool_calls"
+        return ({"content": held} if held else {}), finish_reason
 
 
 async def stream_events(ctx: HttpContext, req: oa.ParsedRequest, meta: RequestMeta, model: str,
@@ -92,16 +133,23 @@ async def stream_events(ctx: HttpContext, req: oa.ParsedRequest, meta: RequestMe
         async with ctx.runner.call(meta) as call:
             generation = prepare(ctx, call, req)
             started: set[int] = set()
+            held = ToolCallStream(req.tools) if chat and req.tools is not None else None
             try:
                 async for state, delta in generation:
                     if chat:
-                        body = {"content": delta.text_delta} if delta.text_delta else {}
+                        finish = delta.finish_reason
+                        if held is not None:
+                            body, finish = held.push(state.index, delta.text_delta, finish)
+                        else:
+                            body = {"content": delta.text_delta} if delta.text_delta else {}
                         if state.index not in started:
                             body = {"role": "assistant", **body}
                             started.add(state.index)
+                        elif not body and finish is None:
+                            continue  # held back: nothing to send yet
                         chunk = oa.chat_chunk(call.request_id, model, state.model_version,
                                               state.index, state.response_id, body,
-                                              delta.finish_reason, created)
+                                              finish, created)
                     else:
                         chunk = oa.completion_chunk(call.request_id, model, state.model_version,
                                                     state.index, state.response_id,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prefloop.server.api.tools import ToolSpec, parse_tools, tool_call_text
 from prefloop.server.engine.response_format import ResponseFormat, parse_response_format
 from prefloop.server.errors import InvalidArgument
 
@@ -21,16 +22,16 @@ COMMON = {"model", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "u
           "stream_options",
           # prefloop's extensions
           "session_id", "top_k", "repetition_penalty", "response_format"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "compare"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "compare", "tools", "tool_choice"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 IGNORED = {"store", "metadata", "service_tier", "parallel_tool_calls"}
 IGNORED_AT_DEFAULT: dict[str, tuple] = {  # field -> values that change nothing
     "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
     "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
-    "tools": ([], None), "tool_choice": ("none", None), "echo": (False, None),
+    "echo": (False, None),
     "suffix": (None, ""), "best_of": (1, None),
 }
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(slots=True)
@@ -47,6 +48,7 @@ class ParsedRequest:
     prompt: str | None = None
     compare: bool = False
     response_format: ResponseFormat | None = None  # JSON constraint (None: free text)
+    tools: ToolSpec | None = None  # functions the model may call (chat only)
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -127,6 +129,10 @@ def _messages(body: dict) -> list[dict]:
             role = "system"
         if role not in ROLES:
             raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
+        if role == "assistant" and m.get("tool_calls"):  # written back in the prompt format
+            content = _content(m, i) if m.get("content") is not None else ""
+            out.append({"role": role, "content": content + tool_call_text(m["tool_calls"])})
+            continue
         out.append({"role": role, "content": _content(m, i)})
     return out
 
@@ -184,6 +190,10 @@ def parse_chat(body: Any) -> ParsedRequest:
             raise InvalidArgument("max_tokens and max_completion_tokens differ; send one")
         req.max_tokens = mct
     req.messages = _messages(body)
+    req.tools = parse_tools(body)
+    if req.tools is not None and req.tools.constrained and req.response_format is not None:
+        raise InvalidArgument("tool_choice required / a named function already fixes the answer's "
+                              "format; leave response_format unset")
     compare = body.get("compare") or False
     if not isinstance(compare, bool):
         raise InvalidArgument("compare must be true or false")
@@ -217,12 +227,18 @@ def chat_response(request_id: str, model: str, model_version: str, choices: list
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()),
         "model": model, "model_version": model_version,
-        "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+        "choices": [{"index": c["index"], "message": _message(c),
                      "finish_reason": c["finish_reason"], "logprobs": None,
                      "response_id": c["response_id"], "model_version": c["model_version"]}
                     for c in choices],
         "usage": usage(prompt_tokens, sum(c["completion_tokens"] for c in choices)),
     }
+
+
+def _message(choice: dict) -> dict:
+    if choice.get("tool_calls"):
+        return {"role": "assistant", "content": None, "tool_calls": choice["tool_calls"]}
+    return {"role": "assistant", "content": choice["text"]}
 
 
 def chat_chunk(request_id: str, model: str, model_version: str, index: int, response_id: str,

@@ -91,6 +91,48 @@ def test_structured_outputs_through_the_openai_client_and_grpc(http_server):
     assert rows[rid]["response_format"].startswith("json_schema:")
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_calls_through_the_openai_client(http_server):
+    server, url, _, _, data_dir = http_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=USER_TOKEN, max_retries=0)
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model="prefloop", messages=ask, tools=[WEATHER_TOOL],
+                                           tool_choice=named, max_tokens=64, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    stream = client.chat.completions.create(model="prefloop", messages=ask, tools=[WEATHER_TOOL],
+                                            tool_choice="required", max_tokens=64, temperature=0,
+                                            stream=True)
+    chunks = [c for c in stream if c.choices]
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [d.function.name for d in deltas] == ["get_weather"]
+    assert json.loads(deltas[0].function.arguments) == arguments  # greedy: the same call
+    # the tool's answer goes back; the model answers in text (tool_choice none: no tools offered)
+    follow = client.chat.completions.create(model="prefloop", max_tokens=24, temperature=0, messages=[
+        *ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12 C and rain"}],
+        tools=[WEATHER_TOOL], tool_choice="none")
+    assert follow.choices[0].message.content and follow.choices[0].finish_reason in ("stop", "length")
+    rid = reply.choices[0].model_extra["response_id"]
+    rows = {}
+    assert wait_until(lambda: rows.update({g["response_id"]: g for g in load_table(
+        data_dir, "generations").to_pylist()}) or rid in rows, timeout=20)
+    assert rows[rid]["response_format"] == "tools:get_weather:get_weather"
+    assert "<tools>" in rows[rid]["messages"][0]["content"]  # the log keeps what the model saw
+
+
 class HttpStreamers(Streamers):
     """Streamers over the HTTP API (raw SSE through httpx): (model_version, text) per answer."""
 
