@@ -252,8 +252,10 @@ def test_async_client_concurrent(real_server):
     assert chunks[-1].finish_reason in ("stop", "length")
 
 
-def test_sigterm_lets_streams_finish_then_exits_0(tmp_path):
-    srv = start_server_process(tmp_path, "--grace", "120", auth=False)
+@pytest.mark.parametrize("engine_thread", ["main", "own"])
+def test_sigterm_lets_streams_finish_then_exits_0(tmp_path, engine_thread):
+    srv = start_server_process(tmp_path, "--grace", "120", "--engine-thread", engine_thread,
+                               auth=False)
     try:
         results: dict[int, list] = {}
         errors: list[BaseException] = []
@@ -289,6 +291,8 @@ def test_sigterm_lets_streams_finish_then_exits_0(tmp_path):
             assert chunks[-1].finish_reason in ("stop", "length")
             assert chunks[-1].completion_tokens == 24 or chunks[-1].finish_reason == "stop"
         assert srv.proc.wait(60) == 0
-        assert "SIGTERM received" in srv.log_text()
+        assert "SIGTERM received" in srv.log_text()  # relayed from the main thread under "main"
+        assert ("the native engines step on the main thread" in srv.log_text()) == (
+            engine_thread == "main")
     finally:
         srv.terminate()

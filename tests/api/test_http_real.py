@@ -133,6 +133,24 @@ def test_tool_calls_through_the_openai_client(http_server):
     assert "<tools>" in rows[rid]["messages"][0]["content"]  # the log keeps what the model saw
 
 
+def test_langchain_structured_output_and_bound_tools(http_server):
+    from langchain_openai import ChatOpenAI
+
+    _, url, *_ = http_server
+    llm = ChatOpenAI(base_url=url + "/v1", api_key=USER_TOKEN, model="prefloop", temperature=0,
+                     max_tokens=96, max_retries=0)
+    answer = llm.with_structured_output(Answer).invoke("Name a big city and its population.")
+    assert isinstance(answer, Answer)
+
+    def get_weather(city: str, unit: str) -> str:
+        """Current weather in a city; unit is celsius or fahrenheit."""
+        return f"12 {unit} in {city}"
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather in Oslo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_weather"]
+    assert set(message.tool_calls[0]["args"]) == {"city", "unit"}
+
+
 class HttpStreamers(Streamers):
     """Streamers over the HTTP API (raw SSE through httpx): (model_version, text) per answer."""
 
