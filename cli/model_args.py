@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from prefloop.server.engine.context import DEFAULT_KEEP, OVERFLOW_MODES
+from prefloop.server.engine.response_format import DEFAULT_MAX_GRAMMAR_SIZE
 from prefloop.server.model.options import ATTENTION_CHOICES, DTYPE_CHOICES, LAYOUT_CHOICES
 
 
@@ -35,6 +36,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "oneDNN's GEMM layout (1.2-1.7x faster steps; bfloat16 results unchanged, "
                         "float32 ones summed in another order); plain = torch's F.linear; auto = "
                         "packed for bfloat16, plain for float32 (default)")
+    g.add_argument("--max-grammar-size", type=int, default=DEFAULT_MAX_GRAMMAR_SIZE,
+                   help="structured outputs and required tool calls: the largest grammar a "
+                        "response_format schema may compile to, in llguidance symbols; a larger one "
+                        "is refused with 400 / INVALID_ARGUMENT before generation (default %(default)s)")
     g.add_argument("--cache-dir", default=None,
                    help="where converted models are cached (default $PREFLOOP_CACHE_DIR or ~/.cache/prefloop)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
@@ -82,4 +87,4 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                 quantize=args.quantize, compile=args.compile, attention=args.attention,
-                weight_layout=args.weight_layout)
+                weight_layout=args.weight_layout, max_grammar_size=args.max_grammar_size)

@@ -126,7 +126,8 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=args.max_prompt_tokens, max_max_tokens=args.max_tokens_limit,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
         max_n=args.max_n, max_message_bytes=args.max_message_bytes,
-        max_concurrent=args.max_concurrent, max_queued=args.max_queued)
+        max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+        max_grammar_size=args.max_grammar_size)
     SamplingDefaults.resolve({}, temperature=args.default_temperature,
                              top_p=args.default_top_p)  # checked before the model loads
     return ServerConfig(

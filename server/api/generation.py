@@ -13,7 +13,10 @@ import json
 from prefloop.proto.prefloop.v1 import generation_pb2, generation_pb2_grpc
 from prefloop.server.api.completions import SAMPLING_FIELDS, Call, CompletionRunner, RequestMeta
 from prefloop.server.api.status_mapping import map_errors
-from prefloop.server.engine.response_format import parse_response_format
+from prefloop.server.engine.response_format import (
+    DEFAULT_MAX_GRAMMAR_SIZE,
+    parse_response_format,
+)
 from prefloop.server.errors import InvalidArgument
 
 
@@ -22,7 +25,8 @@ def messages_from_proto(messages) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def sampling_fields(sampling: generation_pb2.SamplingParams) -> dict:
+def sampling_fields(sampling: generation_pb2.SamplingParams,
+                    max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> dict:
     """The sampling fields a proto request set (unset ones are None: the server's defaults)."""
     fields = {name: getattr(sampling, name) if sampling.HasField(name) else None
               for name in SAMPLING_FIELDS}
@@ -37,7 +41,8 @@ def sampling_fields(sampling: generation_pb2.SamplingParams) -> dict:
                 schema = json.loads(rf.json_schema)
             except ValueError as exc:
                 raise InvalidArgument(f"response_format.json_schema is not valid JSON: {exc}") from exc
-        fields["response_format"] = parse_response_format(rf.type, schema, rf.name)
+        fields["response_format"] = parse_response_format(rf.type, schema, rf.name,
+                                                          max_grammar_size)
     return fields
 
 
@@ -92,7 +97,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.runner.route(call)
         prompt_ids = (self.runner.prompt_ids(call, prompt) if messages is None
                       else self.runner.chat_ids(call, messages))
-        params = self.runner.params(call, prompt_ids, **sampling_fields(request.sampling))
+        params = self.runner.params(call, prompt_ids, **sampling_fields(
+            request.sampling, self.runner.limits.max_grammar_size))
         return self.runner.run(call, prompt_ids, params, prompt=prompt, messages=messages)
 
     @staticmethod

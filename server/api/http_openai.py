@@ -173,14 +173,14 @@ async def stream_events(ctx: HttpContext, req: oa.ParsedRequest, meta: RequestMe
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, ctx: Ctx):
     ctx.require(request, Role.USER)
-    req = oa.parse_chat(await json_body(request))
+    req = oa.parse_chat(await json_body(request), ctx.runner.limits.max_grammar_size)
     return await run_request(ctx, request, req, "POST /v1/chat/completions", chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, ctx: Ctx):
     ctx.require(request, Role.USER)
-    req = oa.parse_completion(await json_body(request))
+    req = oa.parse_completion(await json_body(request), ctx.runner.limits.max_grammar_size)
     return await run_request(ctx, request, req, "POST /v1/completions", chat=False)
 
 

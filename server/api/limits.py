@@ -24,10 +24,11 @@ class Limits:
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC max_receive_message_length
     max_concurrent: int = 64  # requests generating at once
     max_queued: int = 256  # requests waiting for a slot beyond max_concurrent
+    max_grammar_size: int = 200_000  # largest response_format grammar (llguidance symbols)
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_max_tokens", "default_max_tokens", "max_n",
-                     "max_message_bytes", "max_concurrent"):
+                     "max_message_bytes", "max_concurrent", "max_grammar_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued < 0:

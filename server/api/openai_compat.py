@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefloop.server.api.tools import ToolSpec, parse_tools, tool_call_text
-from prefloop.server.engine.response_format import ResponseFormat, parse_response_format
+from prefloop.server.engine.response_format import (
+    DEFAULT_MAX_GRAMMAR_SIZE,
+    ResponseFormat,
+    parse_response_format,
+)
 from prefloop.server.errors import InvalidArgument
 
 COMMON = {"model", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "user", "stream",
@@ -137,7 +141,7 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _response_format(body: dict) -> ResponseFormat | None:
+def _response_format(body: dict, max_grammar_size: int) -> ResponseFormat | None:
     """OpenAI's `response_format`: {"type": "text" | "json_object"} or {"type": "json_schema",
     "json_schema": {"name", "schema", "strict", "description"}}."""
     value = body.get("response_format")
@@ -150,10 +154,11 @@ def _response_format(body: dict) -> ResponseFormat | None:
     if value["type"] == "json_schema" and not isinstance(spec, dict):
         raise InvalidArgument('response_format json_schema needs "json_schema": {"name", "schema"}')
     spec = spec or {}
-    return parse_response_format(value["type"], spec.get("schema"), spec.get("name") or "")
+    return parse_response_format(value["type"], spec.get("schema"), spec.get("name") or "",
+                                 max_grammar_size)
 
 
-def _common(body: Any, allowed: set[str]) -> ParsedRequest:
+def _common(body: Any, allowed: set[str], max_grammar_size: int) -> ParsedRequest:
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     _check_fields(body, allowed)
@@ -179,18 +184,18 @@ def _common(body: Any, allowed: set[str]) -> ParsedRequest:
                          max_tokens=_number(body, "max_tokens", integer=True, low=1),
                          stop=_stop(body), user_id=_string(body, "user"),
                          session_id=_string(body, "session_id"),
-                         response_format=_response_format(body))
+                         response_format=_response_format(body, max_grammar_size))
 
 
-def parse_chat(body: Any) -> ParsedRequest:
-    req = _common(body, CHAT_FIELDS)
+def parse_chat(body: Any, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> ParsedRequest:
+    req = _common(body, CHAT_FIELDS, max_grammar_size)
     mct = _number(body, "max_completion_tokens", integer=True, low=1)
     if mct is not None:
         if req.max_tokens is not None and req.max_tokens != mct:
             raise InvalidArgument("max_tokens and max_completion_tokens differ; send one")
         req.max_tokens = mct
     req.messages = _messages(body)
-    req.tools = parse_tools(body)
+    req.tools = parse_tools(body, max_grammar_size)
     if req.tools is not None and req.tools.constrained and req.response_format is not None:
         raise InvalidArgument("tool_choice required / a named function already fixes the answer's "
                               "format; leave response_format unset")
@@ -203,8 +208,8 @@ def parse_chat(body: Any) -> ParsedRequest:
     return req
 
 
-def parse_completion(body: Any) -> ParsedRequest:
-    req = _common(body, COMPLETION_FIELDS)
+def parse_completion(body: Any, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> ParsedRequest:
+    req = _common(body, COMPLETION_FIELDS, max_grammar_size)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

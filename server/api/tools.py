@@ -19,7 +19,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from prefloop.server.engine.response_format import ResponseFormat, parse_response_format
+from prefloop.server.engine.response_format import (
+    DEFAULT_MAX_GRAMMAR_SIZE,
+    ResponseFormat,
+    parse_response_format,
+)
 from prefloop.server.errors import InvalidArgument
 
 MAX_TOOLS = 64
@@ -54,7 +58,7 @@ class ToolSpec:
         """The generation log's `response_format` value: tools:<choice>:<names>."""
         return f"tools:{self.choice}:{','.join(self.names)}"
 
-    def call_format(self) -> ResponseFormat | None:
+    def call_format(self, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> ResponseFormat | None:
         """The grammar of a required / named call (None for auto), checked."""
         if not self.constrained:
             return None
@@ -64,7 +68,7 @@ class ToolSpec:
                    "required": ["name", "arguments"], "additionalProperties": False}
                   for t in picked]
         schema = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
-        return parse_response_format("json_schema", schema, "tool_call")
+        return parse_response_format("json_schema", schema, "tool_call", max_grammar_size)
 
     def system_text(self) -> str:
         lines = "\n".join(json.dumps({"name": t["name"], "description": t["description"],
@@ -131,7 +135,7 @@ def _tool(i: int, tool) -> dict:
     return {"name": name, "description": description, "parameters": parameters}
 
 
-def parse_tools(body: dict) -> ToolSpec | None:
+def parse_tools(body: dict, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> ToolSpec | None:
     """`tools` + `tool_choice` of a chat request; None when no tool may be called."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools in (None, []):
@@ -159,7 +163,7 @@ def parse_tools(body: dict) -> ToolSpec | None:
                               '"function", "function": {"name": ...}}')
     spec = ToolSpec(specs, choice)
     # compiled now: a parameters schema the grammar cannot serve is refused before generation
-    return ToolSpec(specs, choice, spec.call_format())
+    return ToolSpec(specs, choice, spec.call_format(max_grammar_size))
 
 
 def tool_call_text(calls) -> str:

@@ -81,7 +81,11 @@ def check_grammar(grammar: str, tokenizer, max_grammar_size: int) -> None:
     is_error, messages = LLMatcher.validate_grammar_with_warnings(
         grammar, tokenizer, limits=limits(max_grammar_size))
     if is_error:
-        raise InvalidArgument(f"json_schema.schema is not supported: {short_error(messages[0])}")
+        message = short_error(messages[0])
+        if message.startswith("grammar size"):
+            raise InvalidArgument(f"json_schema.schema is too large: {message}; the server's "
+                                  f"--max-grammar-size is {max_grammar_size}")
+        raise InvalidArgument(f"json_schema.schema is not supported: {message}")
 
 
 def short_error(message: str) -> str:

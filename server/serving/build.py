@@ -17,6 +17,7 @@ from prefloop.server.engine.context import DEFAULT_KEEP, ContextConfig
 from prefloop.server.engine.grammar import GrammarCompiler
 from prefloop.server.engine.kv_cache import KVCacheConfig
 from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.response_format import DEFAULT_MAX_GRAMMAR_SIZE
 from prefloop.server.engine.scheduler import SchedulerConfig
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.model.compile import check_compiler
@@ -61,7 +62,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                     gpu_memory_utilization: float | None = None,
                     enforce_eager: bool = False, quantize: str = "none",
                     compile: bool = False, attention: str = "auto",
-                    weight_layout: str = "auto", driver=None) -> Generator:
+                    weight_layout: str = "auto", driver=None,
+                    max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `dtype` "auto" (default) is bfloat16 on CUDA or on a CPU with native bf16, else float32
@@ -138,7 +140,7 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
         context=context, quantize=quantize, compile=compile, attention=attention,
-        weight_layout=weight_layout, driver=driver)
+        weight_layout=weight_layout, driver=driver, max_grammar_size=max_grammar_size)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -153,14 +155,14 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
                  scheduler: SchedulerConfig, context, quantize: str = "none",
                  compile: bool = False, attention: str = "auto", weight_layout: str = "auto",
-                 driver=None) -> Backend:
+                 driver=None, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
     llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
                        attention=attention, weight_layout=weight_layout)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
-    grammar = GrammarCompiler.for_model(model_dir, llama.config.vocab_size, eos)
+    grammar = GrammarCompiler.for_model(model_dir, llama.config.vocab_size, eos, max_grammar_size)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context, grammar=grammar)
     info = ModelInfo(model_version=version, architecture=llama.config.architecture,
                      context_length=engine.max_model_len,

@@ -143,6 +143,13 @@ def test_bad_response_formats_are_refused_naming_the_problem(kind, schema, messa
         parse_response_format(kind, schema)
 
 
+def test_a_grammar_over_the_size_limit_is_refused_naming_the_flag():
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(20)}}
+    assert parse_response_format("json_schema", schema).kind == "json_schema"
+    with pytest.raises(InvalidArgument, match="too large.*--max-grammar-size is 10"):
+        parse_response_format("json_schema", schema, max_grammar_size=10)
+
+
 def test_text_is_no_constraint_and_keys_name_the_schema():
     assert parse_response_format("text") is None and parse_response_format(None) is None
     a = ResponseFormat.json_schema({"b": 1, "a": 2})
