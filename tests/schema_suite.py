@@ -7,6 +7,10 @@ decimals): a grammar cannot stop a model that keeps adding digits or characters,
 field can run into max_tokens (seen: a sampled `"score": 6.70993011915727532...` of 250 digits)."""
 from __future__ import annotations
 
+from decimal import Decimal
+
+import jsonschema
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 130}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -141,3 +145,17 @@ SCHEMAS: list[tuple[str, str, dict]] = [
                                        "summary": {"type": "string", "maxLength": 120}},
       "required": ["title", "summary"], "additionalProperties": False}),
 ]
+
+
+def _multiple_of(validator, step, instance, schema):
+    """multipleOf in decimal arithmetic (jsonschema's float division calls 9.2 no multiple of 0.1)."""
+    if validator.is_type(instance, "number") and Decimal(str(instance)) % Decimal(str(step)) != 0:
+        yield jsonschema.ValidationError(f"{instance} is not a multiple of {step}")
+
+
+# The oracle of every structured-output test: JSON Schema 2020-12 with formats checked.
+Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"multipleOf": _multiple_of})
+
+
+def validate(schema: dict, instance) -> None:
+    Validator(schema, format_checker=Validator.FORMAT_CHECKER).validate(instance)
