@@ -35,6 +35,7 @@ os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
 try:
     import vllm  # noqa: F401
     from vllm import SamplingParams as VllmSamplingParams
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.exceptions import VLLMClientError
     from vllm.inputs import TokensPrompt
@@ -112,7 +113,7 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
         fmt = params.response_format
         structured = StructuredOutputsParams(  # no whitespace between tokens, as on the native engine
             json=json.loads(fmt.schema) if fmt.schema is not None else {"type": "object"},
-            disable_any_whitespace=True)  # (vLLM's json_object grammar ignores that flag)
+            disable_any_whitespace=True)
     return VllmSamplingParams(
         n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k, repetition_penalty=params.repetition_penalty, seed=params.seed,
@@ -144,6 +145,10 @@ class VllmEngine:
             kv_cache_memory_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager,
+            # llguidance, as the native engine: the same schemas accepted, the same bounds enforced
+            # (xgrammar, vLLM's default, ignores multipleOf on numbers and maxLength beside format)
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance",
+                                                              disable_any_whitespace=True),
             **({"gpu_memory_utilization": config.gpu_memory_utilization}
                if config.gpu_memory_utilization is not None else {}))
         try:
