@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from prefloop.server.engine.response_format import DEFAULT_MAX_GRAMMAR_SIZE
 from prefloop.server.errors import InvalidArgument, ResourceExhausted
 
 
@@ -24,7 +25,7 @@ class Limits:
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC max_receive_message_length
     max_concurrent: int = 64  # requests generating at once
     max_queued: int = 256  # requests waiting for a slot beyond max_concurrent
-    max_grammar_size: int = 200_000  # largest response_format grammar (llguidance symbols)
+    max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE  # largest response_format grammar
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_max_tokens", "default_max_tokens", "max_n",

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from prefloop.server.errors import InvalidArgument
 
-KINDS = ("json_object", "json_schema")
 MAX_SCHEMA_BYTES = 64 * 1024  # a schema larger than this is refused before compiling
 DEFAULT_MAX_GRAMMAR_SIZE = 200_000  # llguidance symbols; its own default is 500_000
 # llguidance's JSON compiler: no whitespace between tokens (short outputs; a small model left
@@ -44,13 +43,6 @@ class ResponseFormat:
                                   f"{MAX_SCHEMA_BYTES}")
         return cls("json_schema", text, name)
 
-    def to_dict(self) -> dict:
-        """OpenAI's `response_format` object for this constraint."""
-        if self.schema is None:
-            return {"type": self.kind}
-        return {"type": "json_schema", "json_schema": {"name": self.name or "schema",
-                                                       "schema": json.loads(self.schema),
-                                                       "strict": True}}
 
     @property
     def key(self) -> str:
