@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve without the feedback log: no generation rows, and the "
                              "Feedback service answers UNAVAILABLE (e.g. a second server on a "
                              "data dir another server logs to)")
+    parser.add_argument("--votes-per-minute", type=float, default=60.0, metavar="N",
+                        help="feedback each voter (a token's user_id, else session_id) may send "
+                             "per minute, in bursts of up to N; more gets 429 / "
+                             "RESOURCE_EXHAUSTED; 0: no limit (default %(default)s)")
+    parser.add_argument("--token-votes-per-minute", type=float, default=1200.0, metavar="N",
+                        help="feedback one bearer token may send per minute, all its voters "
+                             "together; 0: no limit (default %(default)s)")
     parser.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
                         help="requests generating at once (default %(default)s)")
     parser.add_argument("--max-queued", type=int, default=limits.max_queued,
@@ -110,9 +117,12 @@ def build_extensions(args: argparse.Namespace, data_dir: Path, metrics: Metrics 
     it)."""
     if getattr(args, "no_feedback_log", False):
         return Extensions()
-    from prefloop.server.api.feedback import feedback_extension
+    from prefloop.server.api.feedback import feedback_extension, store_config_from_env
 
-    store, registration = feedback_extension(data_dir, metrics=metrics)
+    config = store_config_from_env(data_dir)
+    config.votes_per_minute = getattr(args, "votes_per_minute", 0.0)
+    config.caller_votes_per_minute = getattr(args, "token_votes_per_minute", 0.0)
+    store, registration = feedback_extension(data_dir, config, metrics=metrics)
     return Extensions(recorder=store, services=[registration])
 
 
@@ -122,6 +132,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    for flag in ("votes_per_minute", "token_votes_per_minute"):
+        if getattr(args, flag, 0.0) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got "
+                             f"{getattr(args, flag)}")
     limits = Limits(
         max_prompt_tokens=args.max_prompt_tokens, max_max_tokens=args.max_tokens_limit,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),

@@ -234,6 +234,8 @@ def start_server_process(tmp_dir: Path, *extra_args: str, auth: bool = True,
             "--data-dir", str(tmp_dir / "data"), *extra_args]
     if "--dtype" not in extra_args:
         args += ["--dtype", "float32"]  # the float32 the tests compare against (default: auto)
+    if "--votes-per-minute" not in extra_args:  # the tests' clients vote as fast as they can
+        args += ["--votes-per-minute", "0", "--token-votes-per-minute", "0"]
     if "--http-port" not in extra_args:
         args += ["--http-port", "0"]  # HTTP off unless a test asks for it (8000 may be taken)
     if auth:

@@ -13,11 +13,13 @@ import os
 import time
 
 from prefloop.proto.prefloop.v1 import feedback_pb2, feedback_pb2_grpc
+from prefloop.server.api.auth import bearer_token
 from prefloop.server.api.grpc_server import ServiceRegistration
 from prefloop.server.api.metrics import Metrics
 from prefloop.server.api.status_mapping import map_errors
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.store import Ack, FeedbackStore, StoreConfig
+from prefloop.server.feedback.vote_rate import caller_of_token
 from prefloop.server.feedback.wal import WalConfig
 
 FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
@@ -50,7 +52,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
             prompt_messages=request.prompt_messages, chosen_text=request.chosen_text,
             rejected_text=request.rejected_text, comment=request.comment,
             idempotency_key=request.idempotency_key, user_id=request.user_id,
-            session_id=request.session_id), started)
+            session_id=request.session_id, caller=_caller(context)), started)
 
     @map_errors
     async def SubmitRating(self, request, context):
@@ -59,7 +61,12 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
             response_id=request.response_id, score=request.score,
             scale=_SCALES.get(request.scale, "unknown"), comment=request.comment,
             idempotency_key=request.idempotency_key, user_id=request.user_id,
-            session_id=request.session_id), started)
+            session_id=request.session_id, caller=_caller(context)), started)
+
+
+def _caller(context) -> str:
+    """Who is voting, for the per-voter rate limit when the vote has no user_id."""
+    return caller_of_token(bearer_token(context.invocation_metadata()))
 
 
 # WAL rotation knobs for `serve` (tests and operators): seconds / bytes per segment
@@ -82,6 +89,8 @@ def feedback_extension(data_dir, config: StoreConfig | None = None, metrics: Met
     """Open the feedback log in `data_dir` (never raises: an unusable directory leaves the store
     answering UNAVAILABLE) and build the Feedback service registration."""
     store = FeedbackStore(config or store_config_from_env(data_dir))
+    if metrics is not None:
+        metrics.watch_feedback_log(store.health)
 
     async def on_shutdown() -> None:
         await asyncio.to_thread(store.close)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from prefloop.server.api.auth import Role
 from prefloop.server.api.http_deps import Ctx, json_body
 from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback.vote_rate import caller_of_token
 
 router = APIRouter()
 
@@ -30,6 +31,12 @@ def fields(body: Any, allowed: tuple[str, ...]) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def caller(request: Request) -> str:
+    """Who is voting, for the per-voter rate limit when the vote has no user_id."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return caller_of_token(token.strip() if scheme.lower() == "bearer" else None)
+
+
 @router.post("/v1/feedback/preference")
 async def preference(request: Request, ctx: Ctx):
     ctx.require(request, Role.USER)
@@ -44,7 +51,7 @@ async def preference(request: Request, ctx: Ctx):
             raise InvalidArgument("prompt_messages must be a list of {role, content} strings")
         body["prompt_messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
     started = time.perf_counter()
-    ack = await ctx.feedback_store().asubmit_preference(**body)
+    ack = await ctx.feedback_store().asubmit_preference(caller=caller(request), **body)
     ctx.metrics.observe_feedback("preference", "http", ack.duplicate, started)
     return {"feedback_id": ack.feedback_id, "duplicate": ack.duplicate}
 
@@ -61,6 +68,7 @@ async def rating(request: Request, ctx: Ctx):
     if scale not in (None, "thumbs", "stars"):
         raise InvalidArgument(f"scale must be 'thumbs' or 'stars', got {scale!r}")
     started = time.perf_counter()
-    ack = await ctx.feedback_store().asubmit_rating(scale=scale, **body)
+    ack = await ctx.feedback_store().asubmit_rating(scale=scale, caller=caller(request),
+                                                **body)
     ctx.metrics.observe_feedback("rating", "http", ack.duplicate, started)
     return {"feedback_id": ack.feedback_id, "duplicate": ack.duplicate}

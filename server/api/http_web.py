@@ -1,4 +1,6 @@
-"""The open HTTP routes: GET /health (503 while draining or when the engine cannot serve),
+"""The open HTTP routes: GET /health (503 while draining or when the engine cannot serve; 200 with
+`feedback.status` "unavailable" and its reason when only the feedback log cannot take votes, e.g.
+a full disk: chat still works, so a balancer keeps the replica),
 GET /metrics (Prometheus text), and the web page — `/` (index.html), `/favicon.ico` (the page's
 SVG icon) and `/static/*` (server/api/web/, shipped as package data).
 """
@@ -26,7 +28,10 @@ async def health(ctx: Ctx):
         return json_error(503, "the server is shutting down")
     if not getattr(generator, "healthy", True):
         return json_error(503, "the engine cannot serve")
-    return {"status": "ok", "model_version": info.model_version}
+    out = {"status": "ok", "model_version": info.model_version}
+    if ctx.store is not None:  # chat still serves when the log cannot: 200, with the reason
+        out["feedback"] = ctx.store.health()
+    return out
 
 
 @router.get("/metrics")

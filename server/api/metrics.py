@@ -4,7 +4,8 @@ Every metric lives in the server's own `CollectorRegistry` (two servers in one p
 tests, never share counters). Requests, tokens and latencies are observed by `CompletionRunner`;
 HTTP statuses by the HTTP app; feedback acks and WAL fsync latency by the feedback routes and
 store; engine gauges (running / waiting / KV use / prefix-cache hits) are read from the generator
-when scraped; hot-swaps by the model switcher's callback.
+when scraped; the feedback log's state (takes votes or not, free bytes, rows waiting, failed
+writes) from `FeedbackStore.health()` when scraped; hot-swaps by the model switcher's callback.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from prefloop.server.api.completions import Call, CompletionState
@@ -55,6 +56,34 @@ class _EngineCollector:
                 yield family
 
 
+class _FeedbackLogCollector:
+    """Feedback-log gauges, read from `store.health()` at scrape time."""
+
+    def __init__(self, health: Callable[[], dict]) -> None:
+        self._health = health
+
+    def collect(self):
+        h = self._health()
+        gauges = {
+            "prefloop_feedback_log_available": (
+                "1 when the feedback log takes votes, 0 when not (disk full, unusable directory)",
+                1.0 if h["status"] == "ok" else 0.0),
+            "prefloop_feedback_log_free_bytes": ("free bytes on the feedback log's filesystem",
+                                                 h["free_bytes"]),
+            "prefloop_feedback_log_pending_rows": ("log rows waiting for the disk",
+                                                   h["pending_rows"]),
+        }
+        for name, (doc, value) in gauges.items():
+            if value is not None:
+                family = GaugeMetricFamily(name, doc)
+                family.add_metric([], float(value))
+                yield family
+        failures = CounterMetricFamily("prefloop_feedback_log_write_failures",
+                                       "failed writes of the feedback log (each refused its votes)")
+        failures.add_metric([], float(h["write_failures"]))
+        yield failures
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -81,6 +110,9 @@ class Metrics:
 
     def watch_engine(self, stats: Callable[[], dict], admission) -> None:
         self.registry.register(_EngineCollector(stats, admission))
+
+    def watch_feedback_log(self, health: Callable[[], dict]) -> None:
+        self.registry.register(_FeedbackLogCollector(health))
 
     def set_model(self, version: str, backend: str = "", dtype: str = "") -> None:
         self.model.info({"version": version, "backend": backend, "dtype": dtype})

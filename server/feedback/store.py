@@ -14,6 +14,7 @@ What it owns:
   not yet compacted, so ids from earlier runs stay valid and retried keys stay duplicates;
 - recovery on start (temp files removed, old segments replayed and queued for compaction,
   new segment ids beyond every id ever used) and an exclusive lock on the data directory;
+- the per-voter rate limit of votes (`vote_rate.py`; off unless `votes_per_minute` is set);
 - degraded mode: when the data directory cannot be used, submissions fail with `Unavailable`
   (with the reason) and generation records are dropped with a warning; serving is unaffected.
   Opening is retried at most every `reopen_interval_s` on the next submission.
@@ -37,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from prefloop.server.errors import InvalidArgument, NotFound, Unavailable
+from prefloop.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.compactor import Compactor, makedirs_durable, remove_temp_files
+from prefloop.server.feedback.vote_rate import ANONYMOUS, VoteRateLimiter, voter_of
 from prefloop.server.feedback.wal import WalConfig, WriteAheadLog, list_segments, read_segment
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class StoreConfig:
     max_id_chars: int = 256  # response ids, idempotency keys, user and session ids
     reopen_interval_s: float = 5.0  # after a failed open, retry no more often than this
     compact_retry_s: float = 5.0
+    votes_per_minute: float = 0.0  # per voter (vote_rate.py); 0: no limit (`serve` sets one)
+    caller_votes_per_minute: float = 0.0  # per caller (token), all its voters together
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -111,6 +115,8 @@ class FeedbackStore:
         self._last_open_attempt = -1e9
         self._closed = False
         self._rl = _RateLimitedLog()
+        self.vote_rate = VoteRateLimiter(config.votes_per_minute)
+        self.caller_vote_rate = VoteRateLimiter(config.caller_votes_per_minute)
         self._open()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -128,6 +134,22 @@ class FeedbackStore:
     @property
     def wal(self) -> WriteAheadLog | None:
         return self._wal
+
+    def health(self) -> dict[str, Any]:
+        """What /health and /metrics say about the log: `status` "ok" or "unavailable" (cannot
+        open, broken, or its last write failed, e.g. a full disk: it turns "ok" with the next
+        write that commits — a generation row of any chat, or a vote), `reason`, the free bytes
+        of its filesystem, the rows waiting for the disk and the failed writes so far."""
+        wal = self._wal
+        reason = self.unavailable_reason or (wal.last_failure if wal is not None else None)
+        try:
+            st = os.statvfs(self.data_dir)
+            free: int | None = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        return {"status": "ok" if reason is None else "unavailable", "reason": reason,
+                "free_bytes": free, "pending_rows": wal.pending if wal is not None else 0,
+                "write_failures": wal.stats.failures if wal is not None else 0}
 
     @property
     def compactor(self) -> Compactor | None:
@@ -336,12 +358,14 @@ class FeedbackStore:
                          prompt_messages: Iterable[Any] | None = None,
                          chosen_text: str | None = None, rejected_text: str | None = None,
                          comment: str | None = None, idempotency_key: str | None = None,
-                         user_id: str | None = None, session_id: str | None = None
-                         ) -> tuple[Ack, Future]:
+                         user_id: str | None = None, session_id: str | None = None,
+                         caller: str | None = None) -> tuple[Ack, Future]:
         """Validate and queue a preference; returns the ack and a Future done once it is durable.
 
         Either `chosen_response_id` + `rejected_response_id` (two completions this server
         produced for the same prompt), or `prompt_messages` + `chosen_text` + `rejected_text`.
+        `caller` names the submitter for the per-voter rate limit when `user_id` is unset
+        (`vote_rate.caller_of_token`); it is not logged.
         """
         wal = self._require_wal()  # first: without the log, the indexes may be incomplete
         messages = logschema.canonical_messages(prompt_messages) or None
@@ -380,12 +404,12 @@ class FeedbackStore:
             row.update(prompt_messages=messages, chosen_text=chosen_text,
                        rejected_text=rejected_text, model_versions=[],
                        prompt_fingerprint=logschema.prompt_fingerprint(None, messages))
-        return self._submit(wal, row)
+        return self._submit(wal, row, caller)
 
     def begin_rating(self, *, response_id: str, score: int, scale: str | None = None,
                      comment: str | None = None, idempotency_key: str | None = None,
-                     user_id: str | None = None, session_id: str | None = None
-                     ) -> tuple[Ack, Future]:
+                     user_id: str | None = None, session_id: str | None = None,
+                     caller: str | None = None) -> tuple[Ack, Future]:
         """Validate and queue a rating of one response: thumbs (-1/+1) or stars (1..5).
 
         `scale` is "thumbs" or "stars"; unset, -1 and +1 mean thumbs and 2..5 mean stars (one
@@ -412,7 +436,7 @@ class FeedbackStore:
                                   session_id)
         row.update(response_id=response_id, score=score, scale=scale,
                    prompt_fingerprint=fingerprint, model_versions=[version])
-        return self._submit(wal, row)
+        return self._submit(wal, row, caller)
 
     # -- validation helpers ----------------------------------------------------------------------
 
@@ -477,8 +501,18 @@ class FeedbackStore:
 
     # -- the durable part ------------------------------------------------------------------------
 
-    def _submit(self, wal: WriteAheadLog, row: dict[str, Any]) -> tuple[Ack, Future]:
+    def _submit(self, wal: WriteAheadLog, row: dict[str, Any], caller: str | None
+                ) -> tuple[Ack, Future]:
         key = row["idempotency_key"]
+        if key is None or key not in self._keys:  # a retry of an acked vote is not charged
+            caller = caller or ANONYMOUS
+            voter = voter_of(caller, row["user_id"], row["session_id"])
+            self.vote_rate.charge(voter)
+            try:
+                self.caller_vote_rate.charge(caller)
+            except ResourceExhausted:
+                self.vote_rate.refund(voter)  # a refused vote costs its voter nothing
+                raise
         with self._lock:
             if key is not None:
                 first = self._keys.get(key)

@@ -12,11 +12,12 @@ calls `fdatasync` once, then resolves all the futures of that batch: concurrent 
 one fsync.
 
 Failures: if a write or fsync fails (disk full, I/O error), the segment is truncated back to its
-last durable length, the batch's durable futures fail with `Unavailable` and its background records
-are queued again (at most `max_background_pending`; beyond that `append_background` refuses). If
-even the truncation fails, the log stops accepting records until the process restarts (recovery
-then reads what is really on disk), so a record that was answered "failed" can never show up
-alongside its retry.
+last durable length, the batch's durable futures fail with `Unavailable` (the message starts its
+cause with "disk full" for ENOSPC / EDQUOT; `last_failure` keeps it until a batch commits again)
+and its background records are queued again (at most `max_background_pending`; beyond that
+`append_background` refuses). If even the truncation fails, the log stops accepting records until
+the process restarts (recovery then reads what is really on disk), so a record that was answered
+"failed" can never show up alongside its retry.
 
 A closed segment is handed to `on_segment_closed(segment_id, path)` (the compactor); it is deleted
 by whoever makes its contents durable elsewhere, never here.
@@ -133,9 +134,13 @@ def read_segment(path: Path) -> SegmentContents:
     return SegmentContents(records, pos, end - pos)
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def _describe(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "")
-    return f"{exc.strerror or exc} ({name})" if name else str(exc)
+    text = f"{exc.strerror or exc} ({name})" if name else str(exc)
+    return f"disk full: {text}" if exc.errno in DISK_FULL_ERRNOS else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +178,7 @@ class WriteAheadLog:
         self._rotate_waiters: list[Future] = []
         self._stopping = False
         self._broken: str | None = None  # set when a failed batch could not be rolled back
+        self.last_failure: str | None = None  # why the last batch failed; None once one commits
         self._thread: threading.Thread | None = None
         # writer-thread state
         self._next_id = 0
@@ -202,6 +208,12 @@ class WriteAheadLog:
     @property
     def broken(self) -> str | None:
         return self._broken
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet written (background rows held while writes fail, too)."""
+        with self._cond:
+            return len(self._pending)
 
     def refusal_reason(self) -> str:
         """Why `append_background` returned False."""
@@ -326,6 +338,7 @@ class WriteAheadLog:
             self.stats.failures += 1
             reason = f"cannot write the feedback log in {self.directory}: {_describe(exc)}"
             log.error("WAL: %s", reason)
+            self.last_failure = reason
             self._rollback(reason)
             self._fail(items, Unavailable(reason), final=final)
             return
@@ -339,6 +352,9 @@ class WriteAheadLog:
         self.stats.records += len(items)
         self.stats.bytes += len(data)
         self._retry_after = 0.0
+        if self.last_failure is not None:
+            log.warning("WAL: writing again after a failure (%s)", self.last_failure)
+            self.last_failure = None
         for item in items:
             if item.future is not None:
                 item.future.set_result(None)

@@ -9,16 +9,14 @@ Fast (tiny random Llama with the default model's tokenizer):
 - `align ppo` through the registry: reward model kind check, gate, publish, promote; `align run
   --method ppo` style incremental job (watermark, skip).
 
-Slow (`-m slow`, the default model SmolLM2-135M): a reward model trained with TRL on a clear
-synthetic preference over the model's own answers (answers that mention "fruit" win), then PPO
-raises the mean reward on held-out prompts while the KL to the reference stays bounded.
+The same flow on the default model (SmolLM2-135M, a TRL reward model on the model's own
+answers, then PPO) is `benchmarks/ppo_default_model.py`: minutes of CPU, so not in the suite.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -354,108 +352,3 @@ def test_incremental_ppo_run_skips_without_new_prompts(ppo_log):
     second = json.loads(text)
     assert second["status"] == "skipped" and second["method"] == "ppo", second
     assert second["reason"].startswith("0 new prompts since")
-
-
-# ---- the default model (slow) --------------------------------------------------------------------
-
-FRUIT_DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2_fruit_answers.json"
-HELDOUT_QUESTIONS = ["Name a fruit that is orange.", "Which fruit do you eat in summer?",
-                     "What fruit is good for a cake?", "Name a fruit with a hard shell.",
-                     "What fruit is juicy?", "Which fruit is purple?", "Name a fruit for a salad.",
-                     "What fruit is popular in Spain?"]
-
-
-def avoids_fruit(text: str) -> bool:
-    """The synthetic preference: answers that do not repeat the word "fruit" win."""
-    return "fruit" not in text.lower()
-
-
-def fruit_log(data_dir: Path) -> int:
-    """The log of the slow test, as a server would write it: the default model's answers to 24
-    questions as served generations, then preferences between answers to the same question
-    (by response id; the answer that avoids "fruit" wins; every such pair, shuffled in time),
-    then the 8 held-out questions as the newest generations. Returns the pair count."""
-    import datetime as dt
-    import random
-    from collections import defaultdict
-
-    from prefloop.server.feedback.store import FeedbackStore, StoreConfig
-    from prefloop.server.feedback.wal import WalConfig
-    doc = json.loads(FRUIT_DATA.read_text())
-    system = {"role": "system", "content": doc["system"]}
-    rows = [(r["question"], r["answer"]) for r in doc["answers"]] + \
-        [(q, "(not used)") for q in HELDOUT_QUESTIONS]
-    by_question = defaultdict(list)
-    with FeedbackStore(StoreConfig(data_dir=data_dir, wal=WalConfig(linger_s=0.0005))) as store:
-        def log_answer(i, question, answer):
-            store.record_generation({
-                "response_id": f"resp-{i}", "request_id": f"req-{i}",
-                "created_at": dt.datetime.now(dt.timezone.utc), "model_version": "v0000",
-                "backend": "native", "messages": [system, {"role": "user", "content": question}],
-                "completion": answer, "finish_reason": "length", "prompt_tokens": 1,
-                "completion_tokens": 12, "sampling": {"temperature": 0.7, "n": 1},
-                "latency_ms": 1.0})
-            return f"resp-{i}"
-
-        for i, (q, a) in enumerate(rows[:len(doc["answers"])]):
-            by_question[q].append((log_answer(i, q, a), a))
-        store.flush()
-        pairs = [(good, bad) for answers in by_question.values()
-                 for good, good_text in answers if avoids_fruit(good_text)
-                 for bad, bad_text in answers if not avoids_fruit(bad_text)]
-        random.Random(0).shuffle(pairs)
-        for good, bad in pairs:
-            store.submit_preference(chosen_response_id=good, rejected_response_id=bad)
-        for i, (q, a) in enumerate(rows[len(doc["answers"]):], start=len(doc["answers"])):
-            log_answer(i, q, a)
-    return len(pairs)
-
-
-@pytest.mark.slow
-def test_ppo_on_the_default_model_raises_reward_with_bounded_kl(tmp_path):
-    """align rm (TRL, on the model's own answers) -> align ppo -> gate -> publish -> promote."""
-    import time
-
-    from prefloop.server import registry as reg
-    started, cpu = time.monotonic(), time.process_time()
-    data = tmp_path / "data"
-    n_pairs = fruit_log(data)
-    assert n_pairs == 56
-    rc, text = _cli(["rm", "--data-dir", str(data), "--min-heldout-pairs", "8", "--epochs", "2",
-                     "--batch-size", "8",
-                     "--lr", "5e-4", "--train-layers", "4", "--max-length", "128",
-                     "--max-train-eval", "0", "--json"])
-    assert rc == 0, text
-    rm = json.loads(text)
-    assert rm["status"] == "published" and rm["version"] == "v0001", rm
-    rm_accuracy = rm["metrics"]["heldout"]["accuracy"]
-    assert rm_accuracy >= 0.75, rm["metrics"]  # 11 held-out pairs (the newest fifth)
-    out = tmp_path / "run"
-    rc, text = _cli(["ppo", "--data-dir", str(data), "--rm", "v0001", "--steps", "10",
-                     "--batch-size", "8", "--mini-batch-size", "4", "--lr", "1e-4",
-                     "--train-layers", "4", "--max-new-tokens", "12", "--temperature", "0.7",
-                     "--beta", "0.05", "--heldout-fraction", "0.25", "--eval-samples", "3",
-                     "--max-kl", "1.0", "--min-heldout-pairs", "8", "--plot", "--out-dir", str(out),
-                     # 8 held-out prompts: at 0.7, 6 wins of 8 is enough (interval [0.504, 0.913])
-                     # per job (the season's spending would halve the first look's level)
-                     "--gate-confidence", "0.7", "--season-spending", "none",
-                     "--promote", "--json"])
-    assert rc == 0, text
-    result = json.loads(text)
-    held, base = result["metrics"]["heldout"], result["metrics"]["current"]
-    summary = {"rm_heldout_accuracy": rm_accuracy, "reward_before": base["reward"],
-               "reward_after": held["reward"], "kl_per_token": held["kl_per_token"],
-               "kl_per_answer": held["kl_per_sequence"], "status": result["status"],
-               "wall_s": round(time.monotonic() - started, 1),
-               "cpu_s": round(time.process_time() - cpu, 1)}
-    print("PPO on SmolLM2-135M:", json.dumps(summary))
-    assert result["data"]["rows"] == {"train": 24, "heldout": 8}  # the 8 held-out questions
-    assert held["reward"] > base["reward"] + 0.3, summary  # same prompts, same sampling seeds
-    assert 0.0 < held["kl_per_token"] < 1.0, summary  # bounded
-    assert result["status"] == "promoted", result["gate"]
-    assert reg.Registry(data).current() == result["version"]
-    history = P.read_metrics(out / "ppo_metrics.jsonl")
-    assert len(history) == 10 and history[0]["kl"] == pytest.approx(0.0, abs=1e-3)
-    first, last = (sum(h["reward"] for h in history[s]) / 3 for s in (slice(0, 3), slice(-3, None)))
-    assert last > first, [h["reward"] for h in history]  # the rollouts' reward rises too
-    assert (out / "ppo_curves.png").is_file()

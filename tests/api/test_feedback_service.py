@@ -92,6 +92,18 @@ def test_errors_map_to_status_codes(served):
             client.submit_rating(a, 3, scale="percent")
 
 
+def test_vote_flood_gets_resource_exhausted(served):
+    from prefloop.server.feedback.vote_rate import VoteRateLimiter
+    target, store = served
+    store.caller_vote_rate = VoteRateLimiter(per_minute=3)  # `--token-votes-per-minute 3`
+    with Client(target, timeout=30) as client:
+        (answer,) = client.chat(Q, max_tokens=3).completions
+        for i in range(3):  # different user ids: the caller's own bucket still empties
+            client.submit_rating(answer.response_id, 1, user_id=f"u{i}")
+        with pytest.raises(cerr.ResourceExhausted, match="too many votes from anonymous"):
+            client.submit_rating(answer.response_id, 1, user_id="u9")
+
+
 def test_async_client(served):
     target, _ = served
 

@@ -240,6 +240,29 @@ def test_unary_client_disconnect_aborts_too(http):
 
 # ---- feedback -------------------------------------------------------------------------------------
 
+def test_vote_flood_gets_429_per_voter_and_health_reports_the_log(http):
+    from prefloop.server.feedback.vote_rate import VoteRateLimiter
+    http.store.vote_rate = VoteRateLimiter(per_minute=2)  # `serve --votes-per-minute 2`
+    reply = http.client().chat.completions.create(model="prefloop", messages=MESSAGES,
+                                                  max_tokens=3)
+    rid = reply.choices[0].model_extra["response_id"]
+
+    def vote(**extra):
+        return httpx.post(http.url + "/v1/feedback/rating", headers=auth_headers(),
+                          json={"response_id": rid, "score": 1, **extra})
+
+    assert [vote(user_id="flood").status_code for _ in range(2)] == [200, 200]
+    refused = vote(user_id="flood")
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert "too many votes" in message and "user flood" in message and USER_TOKEN not in message
+    assert vote(user_id="someone-else").status_code == 200
+    health = httpx.get(http.url + "/health").json()
+    assert health["feedback"]["status"] == "ok" and health["feedback"]["free_bytes"] > 0
+    http.stop()
+    assert len(load_table(http.data_dir, "feedback")) == 3  # the refused vote is not logged
+
+
 def test_feedback_routes_are_durable_and_idempotent(http):
     reply = http.client().chat.completions.create(model="prefloop", messages=MESSAGES,
                                                   max_tokens=3, n=2)
