@@ -1,7 +1,8 @@
 """`prefloop logs`: look at the generation / feedback log and export training tables.
 
-    prefloop logs stats  [--data-dir DIR] [--since DATE] [--json]
-    prefloop logs export --format dpo|kto|rm [--data-dir DIR] [--since DATE] --out FILE.parquet
+    prefloop logs stats  [--data-dir DIR] [--since DATE] [--voter-cap F] [--json]
+    prefloop logs export --format dpo|kto|rm [--data-dir DIR] [--since DATE] [--voter-cap F]
+                         --out FILE.parquet
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
 cli/main.py). It only reads files (Parquet parts and uncompacted WAL segments), so it is safe
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
         p.add_argument("--since", default=None, metavar="YYYY-MM-DD",
                        help="only rows on or after this UTC date")
+        p.add_argument("--voter-cap", type=float, default=4.0, metavar="FACTOR",
+                       help="training rows: no voter (user or session id) keeps more than "
+                            "FACTOR x the median voter's rows (at least 20); 0: no cap "
+                            "(default %(default)s, what align uses)")
 
     stats = sub.add_parser("stats", help="counts by day, model version and kind; training rows",
                            description="Counts by day, model version and kind, and how many "
@@ -46,14 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prefloop.server.feedback import export as log_export  # pyarrow: imported when used
+    from prefloop.server.feedback.voter_caps import VoterCap
 
     data_dir = Path(args.data_dir)
+    if args.voter_cap != 0 and args.voter_cap < 1:
+        print("prefloop logs: --voter-cap must be >= 1 (0: no cap)", file=sys.stderr)
+        return 2
+    voter_cap = VoterCap(factor=args.voter_cap) if args.voter_cap else None
     if not data_dir.is_dir():
         print(f"prefloop logs: no data directory at {data_dir}", file=sys.stderr)
         return 2
     try:
         if args.logs_command == "stats":
-            stats = log_export.log_stats(data_dir, since=args.since)
+            stats = log_export.log_stats(data_dir, since=args.since, voter_cap=voter_cap)
             print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
             return 0
         kwargs = {}
@@ -63,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
             kwargs["pairs_from_ratings"] = args.pairs_from_ratings
-        table = log_export.export(data_dir, args.format, since=args.since, **kwargs)
+        table = log_export.export(data_dir, args.format, since=args.since,
+                                  voter_cap=voter_cap, **kwargs)
         write_table(Path(args.out), table)
         print(f"prefloop logs: wrote {table.num_rows} {args.format} rows to {args.out}")
         return 0
@@ -97,4 +108,16 @@ def format_stats(stats: dict) -> str:
               f"kto {tr['kto_examples']} examples ({tr['kto_desirable']} desirable, "
               f"{tr['kto_undesirable']} undesirable)",
               f"not yet compacted: {wal['segments']} WAL segments, {wal['bytes']} bytes"]
+    voters = stats["voters"]
+    if voters["heaviest"]:
+        lines += ["", f"heaviest voters ({voters['with_id']} with a user or session id; "
+                      f"{voters['rows_without_id']} rows without one):"]
+        lines += [f"  {v['voter']}: {v['rows']} rows ({v['share']:.0%})" for v in voters["heaviest"]]
+        if voters["cap"] is None:
+            lines.append("voter cap: off")
+        else:
+            capped = ", ".join(f"{c['voter']} {c['rows']} -> {c['kept']}"
+                               for c in voters["capped"]) or "nobody is over it"
+            lines.append(f"voter cap: {voters['cap']} rows per voter (median voter: "
+                         f"{voters['median_rows']:g}); {capped}")
     return "\n".join(lines)

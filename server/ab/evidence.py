@@ -2,7 +2,11 @@
 
 Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the
 feedback row = [chosen's version, rejected's version]); a win when the candidate's answer was
-chosen. Per version: thumbs up / down and stars on its answers, and each user's first rating
+chosen. Each rater's first `MAX_HEAD_TO_HEAD_PER_RATER` (5) such votes count, later ones are
+shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot decide a test
+(alone, a rater cannot reach the default 20 votes a promotion needs);
+which votes count depends only on their order, never on their outcome, so the sequential rule
+keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first rating
 (thumbs 1 / 0, stars (s - 1) / 4) in arrival order — what the ratings test reads
 (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating without a
 user id counts as its session's, else as its own). Only rows since the test started count. Read
@@ -19,11 +23,14 @@ from prefloop.server.ab import state as ab_state
 from prefloop.server.ab.state import ABState
 from prefloop.server.registry import Registry
 
+MAX_HEAD_TO_HEAD_PER_RATER = 5  # a quarter of the default min_votes (20)
+
 
 @dataclass(slots=True)
 class Tally:
     wins: int = 0  # head-to-head: candidate's answer chosen
     losses: int = 0  # control's answer chosen
+    over_cap: int = 0  # head-to-head votes past their rater's first MAX_HEAD_TO_HEAD_PER_RATER
     thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
     stars: dict = field(default_factory=dict)  # version -> [sum, count]
     first_ratings: dict = field(default_factory=dict)  # version -> [each user's first rating]
@@ -47,20 +54,24 @@ def tally(data_dir: Path, state: ABState) -> Tally:
     out = Tally()
     pair = {state.candidate, state.control}
     raters: set[str] = set()
+    head_to_head: dict[str, int] = {}  # rater -> head-to-head votes seen
     rows = sorted(table.to_pylist(), key=lambda r: (r["created_at"], r["feedback_id"]))
     for row in rows:
         created = row["created_at"]
         if created is not None and created < started:
             continue
         versions = row["model_versions"] or []
+        rater = row["user_id"] or row["session_id"] or row["feedback_id"]
         if row["kind"] == "preference" and len(versions) == 2 and set(versions) == pair:
-            if versions[0] == state.candidate:
+            head_to_head[rater] = head_to_head.get(rater, 0) + 1
+            if head_to_head[rater] > MAX_HEAD_TO_HEAD_PER_RATER:
+                out.over_cap += 1
+            elif versions[0] == state.candidate:
                 out.wins += 1
             else:
                 out.losses += 1
         elif row["kind"] == "rating" and len(versions) == 1 and versions[0] in pair:
             version = versions[0]
-            rater = row["user_id"] or row["session_id"] or row["feedback_id"]
             if rater not in raters:
                 raters.add(rater)
                 value = (1.0 if row["score"] > 0 else 0.0) if row["scale"] == "thumbs" \

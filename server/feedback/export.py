@@ -10,7 +10,12 @@ server's memory, so it works beside a running server or on a copied data directo
 - `export_kto`: prompt / completion / label (TRL's unpaired preference format);
 - `load_pairs` / `load_rated_answers`: the same rows typed (`rows.PreferencePair`,
   `rows.RatedAnswer`), what align reads;
-- `log_stats`: counts by day, model version and kind, and how many training rows each export has.
+- `log_stats`: counts by day, model version and kind, how many training rows each export has,
+  the heaviest voters and whom the voter cap cuts.
+
+Every training read caps each voter (voter_caps.py: at most 4x the median voter's rows, at least
+20) before feedback rows become pairs or examples, so one user's flood of votes cannot outweigh
+everyone else; `voter_cap=None` reads every row.
 
 Preferences by reference are resolved against the generations table (prompt and completions); a
 raw-prompt generation becomes one user message. Ratings map to labels: thumbs +1 → True,
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,7 +45,10 @@ from prefloop.server.feedback.rows import (
     PreferencePair,
     RatedAnswer,
 )
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, VoterCap, cap_voters, heaviest_voters
 from prefloop.server.feedback.wal import list_segments, read_segment
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("dpo", "kto", "rm")
 MAX_RATING_PAIRS_PER_PROMPT = 16
@@ -160,10 +169,16 @@ def _normalized_score(scale: str | None, score: int) -> float:
     return (score - 3) / 2.0 if scale == logschema.SCALE_STARS else float(score)
 
 
-def _feedback_and_responses(data_dir: Path, since: str | None
+def _feedback_and_responses(data_dir: Path, since: str | None,
+                            voter_cap: VoterCap | None = DEFAULT_VOTER_CAP
                             ) -> tuple[list[dict[str, Any]], _Responses]:
     fb = load_table(data_dir, logschema.FEEDBACK, since=since)
     rows = sorted(fb.to_pylist(), key=lambda r: (r["created_at"], r["feedback_id"]))
+    rows, report = cap_voters(rows, voter_cap)
+    if report.capped:
+        log.info("voter cap (%gx the median voter's %g rows, at least %d): kept %d rows of %s",
+                 voter_cap.factor, report.median_rows, voter_cap.floor, report.cap,
+                 ", ".join(f"{c['voter']} ({c['rows']})" for c in report.capped[:5]))
     ids = itertools.chain.from_iterable(
         (r["chosen_response_id"], r["rejected_response_id"], r["response_id"]) for r in rows)
     return rows, _Responses(data_dir, ids)
@@ -301,44 +316,49 @@ def _table(items: list, schema: pa.Schema) -> pa.Table:
 
 
 def load_pairs(data_dir: str | Path, *, since: str | dt.date | None = None,
-               pairs_from_ratings: bool = False, margins: bool = False) -> list[PreferencePair]:
-    """The typed rows of `export_dpo` (`margins`: of `export_rm`, ratings pairs with margins)."""
-    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+               pairs_from_ratings: bool = False, margins: bool = False,
+               voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[PreferencePair]:
+    """The typed rows of `export_dpo` (`margins`: of `export_rm`, ratings pairs with margins).
+    Every voter is capped (voter_caps.py) unless `voter_cap` is None."""
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since), voter_cap)
     build = rm_pairs if margins else dpo_pairs
     return build(rows, responses, pairs_from_ratings=pairs_from_ratings)
 
 
-def load_rated_answers(data_dir: str | Path, *, since: str | dt.date | None = None
-                       ) -> list[RatedAnswer]:
-    """The typed rows of `export_kto`."""
-    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since))
+def load_rated_answers(data_dir: str | Path, *, since: str | dt.date | None = None,
+                       voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[RatedAnswer]:
+    """The typed rows of `export_kto` (every voter capped unless `voter_cap` is None)."""
+    rows, responses = _feedback_and_responses(Path(data_dir), _since_date(since), voter_cap)
     return rated_answers(rows, responses)
 
 
 def export_dpo(data_dir: str | Path, *, since: str | dt.date | None = None,
-               pairs_from_ratings: bool = False) -> pa.Table:
+               pairs_from_ratings: bool = False,
+               voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> pa.Table:
     """Preference pairs: prompt / chosen / rejected as chat messages, one per distinct triple.
 
     With `pairs_from_ratings`, also pairs of differently rated answers to the same prompt.
     """
-    return _table(load_pairs(data_dir, since=since, pairs_from_ratings=pairs_from_ratings),
-                  DPO_SCHEMA)
+    return _table(load_pairs(data_dir, since=since, pairs_from_ratings=pairs_from_ratings,
+                             voter_cap=voter_cap), DPO_SCHEMA)
 
 
 def export_rm(data_dir: str | Path, *, since: str | dt.date | None = None,
-              pairs_from_ratings: bool = True) -> pa.Table:
+              pairs_from_ratings: bool = True,
+              voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> pa.Table:
     """Reward-model pairs: the preference pairs (margin 0) plus pairs derived from ratings of
     answers to the same prompt (margin = difference of mean normalized scores, in (0, 2])."""
     return _table(load_pairs(data_dir, since=since, pairs_from_ratings=pairs_from_ratings,
-                             margins=True), RM_SCHEMA)
+                             margins=True, voter_cap=voter_cap), RM_SCHEMA)
 
 
-def export_kto(data_dir: str | Path, *, since: str | dt.date | None = None) -> pa.Table:
+def export_kto(data_dir: str | Path, *, since: str | dt.date | None = None,
+               voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> pa.Table:
     """Unpaired examples: prompt / completion / label; one row per distinct triple.
 
     A preference gives two examples (chosen True, rejected False).
     """
-    return _table(load_rated_answers(data_dir, since=since), KTO_SCHEMA)
+    return _table(load_rated_answers(data_dir, since=since, voter_cap=voter_cap), KTO_SCHEMA)
 
 
 EXPORTERS = {"dpo": export_dpo, "kto": export_kto, "rm": export_rm}
@@ -355,8 +375,10 @@ def export(data_dir: str | Path, fmt: str, *, since: str | dt.date | None = None
 # Statistics
 
 
-def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> dict[str, Any]:
-    """Counts by (date, model_version, kind), training-row counts per export, and WAL backlog.
+def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None,
+              voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> dict[str, Any]:
+    """Counts by (date, model_version, kind), training-row counts per export (after the voter
+    cap), the heaviest voters and whom the cap cuts, and WAL backlog.
 
     A feedback row counts under the model versions it involves ("v1,v2" for a cross-version
     pair, "-" for explicit preferences).
@@ -371,12 +393,14 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> di
                              gen.column("model_version").to_pylist()):
         counts[(date, version or "-", "generation")] += 1
     totals["generation"] = gen.num_rows
-    rows, responses = _feedback_and_responses(data_dir, since)
+    rows, responses = _feedback_and_responses(data_dir, since, voter_cap=None)
+    heaviest = heaviest_voters(rows)
+    capped_rows, cap = cap_voters(rows, voter_cap)
     for r in rows:
         versions = ",".join(sorted({v or "-" for v in r["model_versions"] or []})) or "-"
         counts[(r["date"], versions, r["kind"])] += 1
         totals[r["kind"]] += 1
-    labels = [r.label for r in rated_answers(rows, responses)]
+    labels = [r.label for r in rated_answers(capped_rows, responses)]
     segments = list_segments(data_dir / logschema.WAL_DIR)
     return {
         "data_dir": str(data_dir),
@@ -384,11 +408,15 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None) -> di
                  for (d, v, k), n in sorted(counts.items())],
         "totals": {k: totals[k] for k in ("generation", logschema.KIND_PREFERENCE,
                                           logschema.KIND_RATING)},
-        "training": {"dpo_pairs": len(dpo_pairs(rows, responses)),
-                     "rm_pairs": len(rm_pairs(rows, responses)),
+        "training": {"dpo_pairs": len(dpo_pairs(capped_rows, responses)),
+                     "rm_pairs": len(rm_pairs(capped_rows, responses)),
                      "kto_examples": len(labels),
                      "kto_desirable": sum(1 for x in labels if x),
                      "kto_undesirable": sum(1 for x in labels if not x)},
+        "voters": {"with_id": cap.voters, "rows_without_id": cap.anonymous_rows,
+                   "median_rows": cap.median_rows, "cap": cap.cap if voter_cap else None,
+                   "capped": cap.capped, "rows_dropped_by_cap": cap.dropped,
+                   "heaviest": heaviest},
         "wal": {"segments": len(segments),
                 "bytes": sum(_size(p) for _, p in segments)},
     }

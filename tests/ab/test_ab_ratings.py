@@ -99,6 +99,34 @@ def test_a_heavy_user_counts_once(tmp_path):
     assert counts.first_ratings == {v1: [1.0, 0.75], "v0000": [0.0, 1.0]}
 
 
+def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
+    from ab_helpers import two_versions
+
+    from prefloop.server.ab.evidence import MAX_HEAD_TO_HEAD_PER_RATER, verdict
+    registry, v1 = two_versions(tmp_path)
+    state = ab_state.start(registry, v1, force=True)
+    with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
+        store.record_generation({"response_id": "c", "prompt": "p", "completion": "x",
+                                 "model_version": v1})
+        store.record_generation({"response_id": "k", "prompt": "p", "completion": "y",
+                                 "model_version": "v0000"})
+        store.flush()
+        for _ in range(200):  # one user picks the candidate's answer 200 times
+            store.submit_preference(chosen_response_id="c", rejected_response_id="k",
+                                    user_id="fan")
+        for i in range(12):  # twelve other users pick the candidate's too, three the control's
+            store.submit_preference(chosen_response_id="c", rejected_response_id="k",
+                                    session_id=f"tab-{i}")
+        for i in range(3):
+            store.submit_preference(chosen_response_id="k", rejected_response_id="c",
+                                    user_id=f"other-{i}")
+    counts = tally(tmp_path / "data", state)
+    assert (counts.wins, counts.losses) == (MAX_HEAD_TO_HEAD_PER_RATER + 12, 3)
+    assert counts.over_cap == 200 - MAX_HEAD_TO_HEAD_PER_RATER
+    assert verdict(state, counts).outcome == decision.RUNNING  # 17 of 20: not yet evidence
+    assert decision.decide(212, 3).outcome == decision.PROMOTE  # what 200 of one user would do
+
+
 def test_thumbs_alone_decide_a_test_on_a_live_server(ab_server):  # noqa: F811
     """Users chat (each sticks to one arm) and rate the answer they got; no compare votes.
     The controller promotes the candidate on its users' thumbs."""
