@@ -3,6 +3,7 @@
     prefloop logs stats  [--data-dir DIR] [--since DATE] [--voter-cap F] [--json]
     prefloop logs export --format dpo|kto|rm [--data-dir DIR] [--since DATE] [--voter-cap F]
                          --out FILE.parquet
+    prefloop logs check  [--data-dir DIR] [--repair] [--all-versions] [--json]
 
 A CLI subcommand module (`add_arguments(parser)`, `run(args) -> int`, registered in
 cli/main.py). It only reads files (Parquet parts and uncompacted WAL segments), so it is safe
@@ -20,7 +21,8 @@ from prefloop.server.registry import DATA_DIR_ENV  # same default as `prefloop s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="logs_command", metavar="{stats,export}", required=True)
+    sub = parser.add_subparsers(dest="logs_command", metavar="{stats,export,check}",
+                                required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
@@ -49,7 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "prompt (default: on for rm, off for dpo)")
 
 
+    check = sub.add_parser("check", help="find damaged log files and registry state",
+                           description="Reads every Parquet part and WAL segment of the log, the "
+                                       "registry pointer, the served version's checksums and the "
+                                       "A/B state. Exit 0 when nothing is damaged, 1 otherwise. "
+                                       "--repair moves damaged log files to <data-dir>/"
+                                       "quarantine/ (the server does the same when it starts).")
+    check.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
+                       help=f"the server's data directory (default ${DATA_DIR_ENV} or ./data)")
+    check.add_argument("--repair", action="store_true",
+                       help="quarantine damaged Parquet parts and WAL segments (refused while a "
+                            "server logs to the directory)")
+    check.add_argument("--all-versions", action="store_true",
+                       help="verify the checksums of every version, not only the served one")
+    check.add_argument("--json", action="store_true", help="print JSON instead of lines")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.logs_command == "check":
+        from prefloop.cli.logs_check import run_check
+        return run_check(args)
     from prefloop.server.feedback import export as log_export  # pyarrow: imported when used
     from prefloop.server.feedback.voter_caps import VoterCap
 

@@ -318,8 +318,28 @@ class Registry:
             text = self.current_path.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):  # no pointer (or no usable data dir)
             return BASE_VERSION if self.has_base() else None
-        version_number(text)
+        except UnicodeDecodeError:
+            text = "(bytes that are not text)"
+        if not _VERSION_RE.match(text):
+            last = self.last_named_version()
+            hint = (f"the last version it named was {last}: `prefloop models promote {last} "
+                    "--force` sets it again" if last else "`prefloop models promote VERSION "
+                    "--force` sets it again")
+            raise FailedPrecondition(f"the registry pointer {self.current_path} is damaged (it "
+                                     f"holds {text[:40]!r}, not a version name); {hint}")
         return text
+
+    def last_named_version(self) -> str | None:
+        """The version of the newest readable history line that names a published version."""
+        try:
+            entries = read_jsonl(self.history_path)
+        except (OSError, ValueError):  # unreadable, or not text
+            return None
+        published = set(self.list_versions())
+        for entry in reversed(entries):
+            if isinstance(entry, dict) and entry.get("version") in published:
+                return entry["version"]
+        return None
 
     def current_dir(self) -> Path | None:
         cur = self.current()

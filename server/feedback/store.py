@@ -13,7 +13,8 @@ What it owns:
   index (key → feedback_id), both rebuilt on start from the Parquet parts plus the WAL segments
   not yet compacted, so ids from earlier runs stay valid and retried keys stay duplicates;
 - recovery on start (temp files removed, old segments replayed and queued for compaction,
-  new segment ids beyond every id ever used) and an exclusive lock on the data directory;
+  new segment ids beyond every id ever used, damaged Parquet parts and segments without magic
+  quarantined — integrity.py) and an exclusive lock on the data directory;
 - the per-voter rate limit of votes (`vote_rate.py`; off unless `votes_per_minute` is set);
 - degraded mode: when the data directory cannot be used, submissions fail with `Unavailable`
   (with the reason) and generation records are dropped with a warning; serving is unaffected.
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from prefloop.server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from prefloop.server.feedback import integrity
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.compactor import Compactor, makedirs_durable, remove_temp_files
 from prefloop.server.feedback.vote_rate import ANONYMOUS, VoteRateLimiter, voter_of
@@ -234,8 +236,15 @@ class FeedbackStore:
         max_id = self._index_parquet()
         segments = list_segments(wal_dir)
         replayed = 0
-        for segment_id, path in segments:
+        for segment_id, path in list(segments):
             contents = read_segment(path)
+            if contents.valid_bytes == 0 and path.stat().st_size > 0:  # no magic: unreadable
+                target = integrity.quarantine(self.data_dir, path, "WAL segment without its magic")
+                log.error("WAL segment %s has no magic (not a segment, or overwritten): "
+                          "quarantined as %s", path, target)
+                segments.remove((segment_id, path))
+                max_id = max(max_id, segment_id)  # its id is never used again
+                continue
             if contents.torn_bytes:
                 log.warning("WAL segment %s: ignoring %d bytes after its last intact record "
                             "(a write cut off by a crash)", path, contents.torn_bytes)
@@ -256,7 +265,32 @@ class FeedbackStore:
                  len(self._keys), replayed, len(segments), time.perf_counter() - t0)
 
     def _index_parquet(self) -> int:
-        """Load both indexes from the committed parts; returns the largest part segment id."""
+        """Load both indexes from the committed parts; returns the largest part segment id.
+
+        When a part cannot be read (cut short by a power cut, garbage), every part is probed and
+        the damaged ones are quarantined (integrity.py) before reading again: the server starts
+        with every good row, and `prefloop logs check` reports what was moved."""
+        try:
+            return self._read_indexes()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+            first_error = exc
+        self._responses.clear()
+        self._keys.clear()
+        moved = 0
+        for table in logschema.TABLES:
+            for path in logschema.part_files(self.data_dir, table):
+                _, error = integrity.probe_part(path, table)
+                if error is not None:
+                    target = integrity.quarantine(self.data_dir, path,
+                                                  f"unreadable Parquet part: {error}")
+                    log.error("feedback log: quarantined %s (%s) as %s; its rows are not in "
+                              "the log", path, error, target)
+                    moved += 1
+        if not moved:
+            raise first_error
+        return self._read_indexes()
+
+    def _read_indexes(self) -> int:
         max_id = -1
         for table in logschema.TABLES:
             for p in logschema.part_files(self.data_dir, table):

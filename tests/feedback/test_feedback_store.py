@@ -363,14 +363,43 @@ def test_generation_rows_round_trip(store):
     assert r["prompt_fingerprint"] != rows["b1"]["prompt_fingerprint"]
 
 
-def test_unreadable_parquet_part_makes_the_log_unavailable_not_the_server(tmp_path):
+def test_unreadable_parquet_part_is_quarantined_and_the_good_rows_stay(tmp_path):
+    from prefloop.server.feedback.integrity import QUARANTINE_DIR
     data = tmp_path / "data"
     with open_store(data) as s:
         s.record_generation(gen_row("r1"))
-    logschema.part_files(data, logschema.GENERATIONS)[0].write_bytes(b"PAR1 garbage")
+    with open_store(data) as s:  # a second part
+        s.record_generation(gen_row("r2"))
+        s.submit_rating(response_id="r2", score=1, idempotency_key="k2")
+    first = logschema.part_files(data, logschema.GENERATIONS)[0]
+    first.write_bytes(first.read_bytes()[:100])  # cut short, as by a power cut
     s = open_store(data)
     try:
-        assert not s.available and "cannot use data directory" in s.unavailable_reason
-        assert s.record_generation(gen_row("r2")) is False
+        assert s.available, s.unavailable_reason
+        assert not s.knows_response("r1") and s.knows_response("r2")  # the good part's rows
+        assert s.submit_rating(response_id="r2", score=1, idempotency_key="k2").duplicate
+        moved = [p for p in (data / QUARANTINE_DIR).rglob("*.parquet")]
+        assert len(moved) == 1 and moved[0].name == first.name and not first.exists()
+        reason = moved[0].with_name(moved[0].name + ".reason").read_text()
+        assert reason.startswith("unreadable Parquet part:")
     finally:
         s.close()
+    assert load_table(data, logschema.GENERATIONS)["response_id"].to_pylist() == ["r2"]
+
+
+def test_wal_segment_without_magic_is_quarantined_and_its_id_never_reused(tmp_path):
+    from prefloop.server.feedback.integrity import QUARANTINE_DIR
+    data = tmp_path / "data"
+    with open_store(data) as s:
+        s.record_generation(gen_row("r1"))
+    (data / logschema.WAL_DIR / "000000000007.wal").write_bytes(b"garbage, not a segment")
+    s = open_store(data)
+    try:
+        assert s.available and s.knows_response("r1")
+        s.submit_rating(response_id="r1", score=1)
+    finally:
+        s.close()
+    assert [p.name for p in (data / QUARANTINE_DIR).rglob("*.wal")] == ["000000000007.wal"]
+    assert len(load_table(data, logschema.FEEDBACK)) == 1
+    (part,) = logschema.part_files(data, logschema.FEEDBACK)
+    assert logschema.segment_id_of_part(part.name) > 7  # written to a segment after it

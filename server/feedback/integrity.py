@@ -1,0 +1,116 @@
+"""Integrity of the log's files: which Parquet parts and WAL segments are damaged, and the
+quarantine that moves a damaged file out of the way so the rest of the log stays usable.
+
+- A Parquet part is damaged when its footer or any page cannot be read against the table's
+  schema (a part cut short by a power cut, garbage, a wrong schema). `probe_part` reads it whole.
+- A WAL segment is damaged when it lacks the magic (nothing in it is readable) or has bytes after
+  its last intact record (`torn_bytes`: a write cut off by a crash; recovery ignores them, and the
+  segment goes away once compacted, so a torn tail needs no repair and is only reported).
+- `quarantine(data_dir, path, reason)` renames a damaged file to
+  `<data-dir>/quarantine/<UTC time>/<its path under data-dir>` and writes a `.reason` file next to
+  it, both fsync'd: nothing is deleted, an operator can look at it or restore it, and no reader of
+  the log (server start-up, exports, align) sees it again.
+
+The server quarantines damaged Parquet parts when it starts (the store's index rebuild) and a
+WAL segment without its magic; `prefloop logs check` reports everything and quarantines with
+`--repair`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from prefloop.server.durable_io import fsync_dir, makedirs_durable
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.wal import list_segments, read_segment
+
+QUARANTINE_DIR = "quarantine"
+
+
+def probe_part(path: Path, table: str) -> tuple[int, str | None]:
+    """(rows, None) for a readable part of `table`; (0, why) for a damaged one."""
+    try:
+        data = pq.read_table(path, schema=logschema.SCHEMAS[table])
+        return data.num_rows, None
+    except Exception as exc:  # noqa: BLE001 - any failure to read is damage to report
+        return 0, f"{type(exc).__name__}: {exc}".strip()
+
+
+def quarantine(data_dir: Path, path: Path, reason: str) -> Path:
+    """Move `path` (inside `data_dir`) under `data_dir/quarantine/<time>/`; returns the new path."""
+    data_dir, path = Path(data_dir), Path(path)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = data_dir / QUARANTINE_DIR / stamp / path.relative_to(data_dir)
+    makedirs_durable(target.parent)
+    note = target.with_name(target.name + ".reason")
+    note.write_text(f"{reason}\nfrom: {path}\nat: {stamp}\n")
+    os.replace(path, target)
+    fsync_dir(target.parent)
+    fsync_dir(path.parent)
+    return target
+
+
+@dataclass(slots=True)
+class LogCheck:
+    parts: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # table -> readable rows in Parquet
+    bad_parts: list[dict[str, Any]] = field(default_factory=list)  # {path, table, error, moved_to}
+    segments: int = 0
+    wal_records: int = 0
+    torn_segments: list[dict[str, Any]] = field(default_factory=list)  # {path, torn_bytes, records}
+    bad_segments: list[dict[str, Any]] = field(default_factory=list)  # no magic: {path, moved_to}
+    quarantined_before: int = 0  # files already in quarantine/
+
+    @property
+    def damaged(self) -> int:
+        """Damaged files still in the log (quarantined ones no longer count)."""
+        return sum(1 for b in self.bad_parts + self.bad_segments if not b.get("moved_to"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "damaged": self.damaged}
+
+
+def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[int] = frozenset()
+              ) -> LogCheck:
+    """Read every part and segment of the log in `data_dir`; with `repair`, quarantine damaged
+    parts and segments without magic. `skip_segments`: ids a live writer may be appending to."""
+    data_dir = Path(data_dir)
+    out = LogCheck()
+    for table in logschema.TABLES:
+        out.rows[table] = 0
+        for path in logschema.part_files(data_dir, table):
+            out.parts += 1
+            rows, error = probe_part(path, table)
+            if error is None:
+                out.rows[table] += rows
+                continue
+            bad = {"path": str(path), "table": table, "error": error, "moved_to": None}
+            if repair:
+                bad["moved_to"] = str(quarantine(data_dir, path, f"unreadable Parquet part: {error}"))
+            out.bad_parts.append(bad)
+    for segment_id, path in list_segments(data_dir / logschema.WAL_DIR):
+        if segment_id in skip_segments:
+            continue
+        out.segments += 1
+        contents = read_segment(path)
+        out.wal_records += len(contents.records)
+        if contents.valid_bytes == 0 and path.stat().st_size > 0:  # no magic: nothing readable
+            bad = {"path": str(path), "bytes": contents.torn_bytes, "moved_to": None}
+            if repair:
+                bad["moved_to"] = str(quarantine(data_dir, path, "WAL segment without its magic"))
+            out.bad_segments.append(bad)
+        elif contents.torn_bytes:
+            out.torn_segments.append({"path": str(path), "torn_bytes": contents.torn_bytes,
+                                      "records": len(contents.records)})
+    qdir = data_dir / QUARANTINE_DIR
+    if qdir.is_dir():
+        out.quarantined_before = sum(1 for p in qdir.rglob("*")
+                                     if p.is_file() and not p.name.endswith(".reason"))
+        out.quarantined_before -= sum(1 for b in out.bad_parts + out.bad_segments
+                                      if b.get("moved_to"))
+    return out
