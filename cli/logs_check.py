@@ -41,8 +41,8 @@ def registry_findings(data_dir: Path, all_versions: bool) -> tuple[dict[str, Any
     try:
         state = ab_state.read_state(registry)
         summary["ab"] = None if state is None else ("running" if state.running else "concluded")
-    except (ValueError, TypeError) as exc:  # torn or hand-edited JSON
-        problems.append(f"the A/B state {registry.root / ab_state.AB_FILE} is unreadable: {exc}")
+    except errors.PrefloopError as exc:  # damaged or hand-edited JSON
+        problems.append(str(exc))
     return summary, problems
 
 

@@ -15,9 +15,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 
-from prefloop.server.durable_io import write_file_atomic
+from prefloop.server.durable_io import append_line_durable, utc_now, write_file_atomic
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from prefloop.server.durable_io import append_line_durable, utc_now
 from prefloop.server.registry import KIND_POLICY, Registry
 
 AB_FILE = "AB.json"
@@ -85,12 +84,17 @@ class ABState:
 
 def read_state(registry: Registry) -> ABState | None:
     """The A/B test recorded in the registry (running or concluded), None if there never was one."""
+    path = registry.root / AB_FILE
     try:
-        data = json.loads((registry.root / AB_FILE).read_text())
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(ABState)}
+        return ABState(**{k: v for k, v in data.items() if k in known})
     except (FileNotFoundError, NotADirectoryError):
         return None
-    known = {f.name for f in fields(ABState)}
-    return ABState(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, not an object, fields missing
+        raise FailedPrecondition(
+            f"the A/B state {path} is damaged ({type(exc).__name__}: {exc}); servers serve "
+            "CURRENT alone until `prefloop models ab start CANDIDATE --force` replaces it") from None
 
 
 def running_state(registry: Registry) -> ABState | None:
@@ -116,7 +120,12 @@ def start(registry: Registry, candidate: str, *, force: bool = False, **settings
                                  "the API) to A/B test it anyway")
     registry.check(candidate)
     with registry._pointer_lock():
-        current = running_state(registry)
+        try:
+            current = running_state(registry)
+        except FailedPrecondition:  # a damaged state: only force replaces it
+            if not force:
+                raise
+            current = None
         if current is not None:
             raise FailedPrecondition(f"an A/B test of {current.candidate} is running; stop it first")
         control = registry.current()

@@ -38,6 +38,7 @@ class ABController:
         self.router = router
         self.data_dir = Path(data_dir)
         self.poll_s = poll_s
+        self._damage_logged = ""
 
     def watch(self, watcher: RegistryWatcher) -> None:
         """Run `check` on each poll of `watcher` (unless poll_s is 0); the watcher logs a failed
@@ -53,8 +54,15 @@ class ABController:
         await self.router.close()
 
     async def check(self) -> ab_state.ABState | None:
-        """One look: follow the state, decide on the votes so far, conclude if decided."""
-        state = await asyncio.to_thread(ab_state.read_state, self.registry)
+        """One look: follow the state, decide on the votes so far, conclude if decided. A damaged
+        state file serves CURRENT alone (logged once per distinct damage)."""
+        try:
+            state = await asyncio.to_thread(ab_state.read_state, self.registry)
+        except FailedPrecondition as exc:
+            if str(exc) != self._damage_logged:
+                log.error("%s", exc)
+                self._damage_logged = str(exc)
+            state = None
         if state is not None and state.running:
             counts = await asyncio.to_thread(tally, self.data_dir, state)
             now = verdict(state, counts)

@@ -257,6 +257,25 @@ def test_votes_for_the_candidate_promote_it(ab_server):
     assert controller.router.candidate is None  # the losing engine is unloaded
 
 
+def test_a_damaged_state_file_serves_current_alone_until_a_forced_start(ab_server):
+    url, registry, v1, controller, call = ab_server
+    started = post(url, "/v1/admin/ab/start", {"candidate": v1, "traffic": 0.5}, ADMIN_TOKEN)
+    assert started.status_code == 200 and controller.router.candidate is not None
+    (registry.root / ab_state.AB_FILE).write_text('{"candidate": "v00')  # torn by hand
+    with pytest.raises(FailedPrecondition, match="A/B state .* is damaged"):
+        ab_state.read_state(registry)
+    call(controller.check())  # no exception: the damaged test is not followed
+    assert controller.router.candidate is None
+    versions = {post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 2, "user": u}).json()["model_version"]
+                for u in ("ann", "bob", "cid", "dan", "eve", "fay")}
+    assert versions == {"v0000"}
+    refused = post(url, "/v1/admin/ab/start", {"candidate": v1}, ADMIN_TOKEN)
+    assert refused.status_code == 409 and "damaged" in refused.json()["error"]["message"]
+    again = post(url, "/v1/admin/ab/start", {"candidate": v1, "force": True}, ADMIN_TOKEN)
+    assert again.status_code == 200 and ab_state.read_state(registry).running
+
+
 def test_indifferent_votes_do_not_promote_and_stop_keeps_current(ab_server):
     url, registry, v1, controller, call = ab_server
     assert post(url, "/v1/admin/ab/start", {"candidate": v1, "min_votes": 10}, ADMIN_TOKEN).status_code == 200

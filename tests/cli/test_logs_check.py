@@ -70,6 +70,9 @@ def test_corrupt_version_file_and_garbage_current_are_named(tmp_path, capsys):
     weights.write_bytes(b"flipped bits")
     rc, out = check(capsys, data)
     assert rc == 1 and "version v0000 failed verification" in out
+    (registry.root / "AB.json").write_text("[1, 2")
+    rc, out = check(capsys, data)
+    assert rc == 1 and "the A/B state" in out and "is damaged" in out
     registry.current_path.write_bytes(b"\x00\x13garbage")
     rc, out = check(capsys, data)
     assert rc == 1 and "registry pointer" in out and "is damaged" in out
