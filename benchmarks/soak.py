@@ -1,6 +1,7 @@
 """Soak: a real server under mixed load, killed again and again, checked after every restart.
 
-    python benchmarks/soak.py [--kills 20] [--seed 0] [--out docs/soak.json]
+    python benchmarks/soak.py [--kills 20] [--seed 0] [--out FILE.json]
+    python benchmarks/soak.py --minutes 60 [--action-every 300]    # no kills: RSS over time
 
 A real `prefloop serve` (default model, bf16) on a data directory with a registry (v0000 = the
 default model) serves HTTP and gRPC chat streams to three client threads that vote on what they
@@ -113,6 +114,8 @@ class Report:
     bad_states: list[str] = field(default_factory=list)
     rss_first_mb: float | None = None
     rss_last_mb: float | None = None
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (minute, MB), steady
+    swaps_and_tests: int = 0  # steady mode: publisher cycles and A/B tests run (no kills)
     wall_s: float = 0.0
 
     def summary(self) -> dict:
@@ -340,6 +343,75 @@ class Soak:
         self.report.kills["server during A/B"] += 1
         self.report.serve_again_s.append(self.start_server())
 
+    def run_steady(self, minutes: float, action_every_s: float = 300.0) -> Report:
+        """Mixed load for `minutes` without kills: every `action_every_s` a publisher cycle
+        (promote and roll back: two swaps under load) or an A/B test started and stopped; the
+        server's RSS sampled every 30 s while no A/B test runs (a running test holds a second
+        engine), all checks at the end."""
+        from prefloop.server.model.loader import resolve_model_dir
+        from prefloop.server.registry import Registry
+        t0 = time.monotonic()
+        Registry(self.data).ensure_base(resolve_model_dir(None))
+        self.start_server()
+        threads = [threading.Thread(target=self.load, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        self.running.set()
+        next_action, next_sample, k = t0 + action_every_s, t0, 0
+        warm_index = None
+        try:
+            while time.monotonic() - t0 < minutes * 60:
+                now = time.monotonic()
+                if now >= next_sample and not self.ab_running:
+                    self.report.rss_samples.append((round((now - t0) / 60, 2),
+                                                    rss_mb(self.server.proc.pid)))
+                    next_sample = now + 30
+                if now >= next_action:
+                    self.steady_action(k)
+                    k += 1
+                    next_action = time.monotonic() + action_every_s
+                    if k == 3:  # publisher cycle, A/B start, A/B stop: warm
+                        warm_index = len(self.report.rss_samples)
+                time.sleep(1.0)
+            if self.ab_running:
+                self.steady_action(1)  # stops it
+            self.pause()
+            self.check("end of the steady run")
+        finally:
+            self.stop.set()
+            self.running.set()
+            for t in threads:
+                t.join(30)
+            self.server.terminate()
+        # the baseline: the first sample after one whole cycle (a publisher cycle: two swaps;
+        # an A/B start and stop), when every kind of allocation has happened once
+        samples = [mb for _, mb in self.report.rss_samples[warm_index or 0:] if mb]
+        self.report.rss_first_mb = samples[0] if samples else None
+        self.report.rss_last_mb = samples[-1] if samples else None
+        self.report.wall_s = round(time.monotonic() - t0, 1)
+        return self.report
+
+    def steady_action(self, k: int) -> None:
+        """Even k: a publisher cycle run to the end; odd k: start an A/B test, or stop it."""
+        self.report.swaps_and_tests += 1
+        if self.ab_running:
+            self.httpx.post(self.url + "/v1/admin/ab/stop", headers=self.headers(ADMIN_TOKEN),
+                            json={}, timeout=120).raise_for_status()
+            self.ab_running = False
+        elif k % 2 == 0:
+            subprocess.run([sys.executable, __file__, "--publisher", str(self.data)],
+                           stdout=subprocess.DEVNULL, check=True, timeout=600)
+        else:
+            from prefloop.server.registry import Registry
+            registry = Registry(self.data)
+            candidates = [v for v in registry.list_versions() if v != registry.current()]
+            if candidates:
+                self.httpx.post(self.url + "/v1/admin/ab/start",
+                                headers=self.headers(ADMIN_TOKEN), timeout=120,
+                                json={"candidate": candidates[-1], "force": True}
+                                ).raise_for_status()
+                self.ab_running = True
+
     def run(self, kills: int) -> Report:
         from prefloop.server.model.loader import resolve_model_dir
         from prefloop.server.registry import Registry
@@ -393,6 +465,12 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20, help="turns, one kill each (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="instead of kills: this many minutes of mixed load with a publisher "
+                         "cycle or an A/B start/stop every --action-every seconds, RSS sampled "
+                         "(default: off)")
+    ap.add_argument("--action-every", type=float, default=300.0,
+                    help="steady mode: seconds between actions (default %(default)s)")
     ap.add_argument("--work", type=Path, default=None,
                     help="working folder (default: a temporary one, removed after)")
     ap.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
@@ -405,9 +483,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"soak: {args.kills} kills in {work}", file=sys.stderr)
-        report = run_soak(work, args.kills, args.seed).summary()
-    report.update(kills_asked=args.kills, seed=args.seed, date=time.strftime("%Y-%m-%d"),
+        if args.minutes:
+            print(f"soak: {args.minutes:g} minutes of steady mixed load in {work}",
+                  file=sys.stderr)
+            report = Soak(work, args.seed).run_steady(args.minutes, args.action_every).summary()
+            first, last = report["rss_first_mb"], report["rss_last_mb"]
+            report["rss_growth"] = (last / first - 1) if first and last else None
+            report["minutes"] = args.minutes
+        else:
+            print(f"soak: {args.kills} kills in {work}", file=sys.stderr)
+            report = run_soak(work, args.kills, args.seed).summary()
+    if not args.minutes:
+        report["kills_asked"] = args.kills
+    report.update(seed=args.seed, date=time.strftime("%Y-%m-%d"),
                   command=" ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]))
     text = json.dumps(report, indent=2)
     print(text)
