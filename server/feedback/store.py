@@ -538,6 +538,7 @@ class FeedbackStore:
     def _submit(self, wal: WriteAheadLog, row: dict[str, Any], caller: str | None
                 ) -> tuple[Ack, Future]:
         key = row["idempotency_key"]
+        charged = None
         if key is None or key not in self._keys:  # a retry of an acked vote is not charged
             caller = caller or ANONYMOUS
             voter = voter_of(caller, row["user_id"], row["session_id"])
@@ -547,22 +548,36 @@ class FeedbackStore:
             except ResourceExhausted:
                 self.vote_rate.refund(voter)  # a refused vote costs its voter nothing
                 raise
-        with self._lock:
-            if key is not None:
-                first = self._keys.get(key)
-                if first is not None:
-                    return Ack(first, True), _done(None)
-                inflight = self._inflight.get(key)
-                if inflight is not None:  # the same key racing itself: share the first's fate
-                    return Ack(inflight[0], True), inflight[1]
-            feedback_id = "fb-" + uuid.uuid4().hex
-            row["feedback_id"] = feedback_id
-            future = wal.append_durable(logschema.encode_record(logschema.FEEDBACK, row))
-            if key is not None:
-                self._inflight[key] = (feedback_id, future)
+            charged = (voter, caller)
+        try:
+            with self._lock:
+                if key is not None:
+                    first = self._keys.get(key)
+                    inflight = self._inflight.get(key)
+                    if first is not None or inflight is not None:  # a duplicate costs nothing
+                        self._refund(charged)
+                        if first is not None:
+                            return Ack(first, True), _done(None)
+                        return Ack(inflight[0], True), inflight[1]  # share the first's fate
+                feedback_id = "fb-" + uuid.uuid4().hex
+                row["feedback_id"] = feedback_id
+                future = wal.append_durable(logschema.encode_record(logschema.FEEDBACK, row))
+                if key is not None:
+                    self._inflight[key] = (feedback_id, future)
+        except Exception:
+            self._refund(charged)
+            raise
+        if charged is not None:  # a vote the disk refused costs its voter nothing either
+            future.add_done_callback(
+                lambda f: self._refund(charged) if f.exception() is not None else None)
         if key is not None:  # outside the lock: a future already done runs it right here
             future.add_done_callback(lambda f: self._settle(key, feedback_id, f))
         return Ack(feedback_id, False), future
+
+    def _refund(self, charged: tuple[str, str] | None) -> None:
+        if charged is not None:
+            self.vote_rate.refund(charged[0])
+            self.caller_vote_rate.refund(charged[1])
 
     def _settle(self, key: str, feedback_id: str, future: Future) -> None:
         with self._lock:

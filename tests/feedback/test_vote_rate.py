@@ -94,3 +94,28 @@ def test_store_limits_each_voter_and_the_caller_and_never_charges_a_retry(tmp_pa
         assert len(rows) == 7  # 2 alice, bob, 2 sessions, 2 carol via token:y; no refused vote
     finally:
         store.close()
+
+
+def test_a_vote_the_disk_refused_costs_its_voter_nothing(tmp_path):
+    import errno
+    import os
+
+    from prefloop.server.errors import Unavailable
+    store = open_store(tmp_path / "data", votes_per_minute=1)
+    try:
+        store.record_generation(gen_row("a1"))
+        real_write = store.wal._write
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        store.wal._write = full
+        for _ in range(3):  # refused by the disk, not by the limit (one vote a minute)
+            with pytest.raises(Unavailable, match="disk full"):
+                store.submit_rating(response_id="a1", score=1, user_id="alice")
+        store.wal._write = real_write
+        store.submit_rating(response_id="a1", score=1, user_id="alice")  # the minute's vote
+        with pytest.raises(ResourceExhausted):
+            store.submit_rating(response_id="a1", score=1, user_id="alice")
+    finally:
+        store.close()
