@@ -15,7 +15,8 @@ What it owns:
 - recovery on start (temp files removed, old segments replayed and queued for compaction,
   new segment ids beyond every id ever used, damaged Parquet parts and segments without magic
   quarantined — integrity.py) and an exclusive lock on the data directory;
-- the per-voter rate limit of votes (`vote_rate.py`; off unless `votes_per_minute` is set);
+- the rate limits of votes per voter and per caller (`vote_rate.py`; off unless
+  `votes_per_minute` / `caller_votes_per_minute` are set; `serve` sets both);
 - degraded mode: when the data directory cannot be used, submissions fail with `Unavailable`
   (with the reason) and generation records are dropped with a warning; serving is unaffected.
   Opening is retried at most every `reopen_interval_s` on the next submission.
@@ -398,8 +399,8 @@ class FeedbackStore:
 
         Either `chosen_response_id` + `rejected_response_id` (two completions this server
         produced for the same prompt), or `prompt_messages` + `chosen_text` + `rejected_text`.
-        `caller` names the submitter for the per-voter rate limit when `user_id` is unset
-        (`vote_rate.caller_of_token`); it is not logged.
+        `caller` names who sent it, for the rate limits (`vote_rate.caller_of_token`: a
+        fingerprint of the bearer token); it is not logged.
         """
         wal = self._require_wal()  # first: without the log, the indexes may be incomplete
         messages = logschema.canonical_messages(prompt_messages) or None
