@@ -24,13 +24,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prefloop.proto.prefloop.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc
+from prefloop.proto.prefloop.v1 import (
+    feedback_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 from prefloop.server.api.auth import AuthConfig, AuthInterceptor
 from prefloop.server.api.completions import CompletionRunner, Recorder, SamplingDefaults
 from prefloop.server.api.generation import GenerationService
 from prefloop.server.api.limits import Admission, Limits
 from prefloop.server.api.metrics import Metrics
 from prefloop.server.api.models import ModelsService
+
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +189,38 @@ class PrefloopServer:
 
     async def _watch_engine(self, interval_s: float = 1.0) -> None:
         """NOT_SERVING while the generator's engine cannot serve (e.g. vLLM's worker died), so a
-        supervisor polling grpc.health.v1 restarts the server; SERVING again if it recovers."""
-        healthy = True
+        supervisor polling grpc.health.v1 restarts the server; SERVING again if it recovers.
+        The Feedback service alone turns NOT_SERVING while the feedback log cannot take votes
+        (a full disk, an unusable directory: `FeedbackStore.health()`), chat staying SERVING."""
+        healthy, feedback_ok = True, True
+        SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
         while True:
             await asyncio.sleep(interval_s)
+            if self._stopping is not None:
+                continue
             now = bool(getattr(self.generator, "healthy", True))
-            if now != healthy and self._stopping is None:
+            if now != healthy:
                 healthy = now
                 if not now:
                     log.error("the engine can no longer serve: health is NOT_SERVING")
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING if now
-                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._set_health(SERVING if now else NOT_SERVING)
+                feedback_ok = True  # _set_health set Feedback too: its own state is set again
+            log_ok = self._feedback_log_ok()
+            if log_ok != feedback_ok and FEEDBACK_SERVICE in self.service_names:
+                feedback_ok = log_ok
+                await self.health.set(FEEDBACK_SERVICE,
+                                      SERVING if healthy and log_ok else NOT_SERVING)
+
+    def _feedback_log_ok(self) -> bool:
+        store = self.feedback_store
+        if store is None or not hasattr(store, "health"):
+            return True
+        try:
+            return store.health()["status"] == "ok"
+        except Exception:  # noqa: BLE001 - a health probe must not stop the watcher
+            log.exception("feedback log health probe failed")
+            return False
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully (idempotent); in-flight calls get `grace` seconds (config default)."""

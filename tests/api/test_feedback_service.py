@@ -7,11 +7,11 @@ import io
 import threading
 
 import pytest
-from conftest import FakeGenerator
+from conftest import FakeGenerator, wait_until
 
+from prefloop.cli.chat import ChatSession, handle_line
 from prefloop.clients import AsyncClient, Client, chat_feedback
 from prefloop.clients import errors as cerr
-from prefloop.cli.chat import ChatSession, handle_line
 from prefloop.server.api.feedback import feedback_extension, store_config_from_env
 from prefloop.server.api.grpc_server import PrefloopServer, ServerConfig
 from prefloop.server.feedback import schema as logschema
@@ -215,3 +215,56 @@ def test_side_by_side_wraps_each_answer_in_its_column():
     assert lines[0].startswith("--- [A] ---") and "| --- [B] ---" in lines[0]
     assert lines[1] == "one two    | x" and lines[2].startswith("three four |")
     assert all(len(line) <= 23 for line in lines[1:])
+
+
+def test_grpc_health_marks_feedback_not_serving_while_the_disk_is_full(tmp_path):
+    import errno
+    import os
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from prefloop.server.api.grpc_server import FEEDBACK_SERVICE
+    from prefloop.server.feedback.wal import WalConfig
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    config = store_config_from_env(tmp_path / "data")
+    config.wal = WalConfig(linger_s=0.005, retry_interval_s=0.05)
+    store, registration = feedback_extension(tmp_path / "data", config)
+
+    async def build():
+        server = PrefloopServer(TwoVoices(), ServerConfig(port=0), recorder=store,
+                                feedback_store=store, services=[registration])
+        return server, await server.start()
+
+    server, port = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
+    try:
+        import grpc
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
+                Client(f"127.0.0.1:{port}", timeout=30) as client:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert status(FEEDBACK_SERVICE) == serving
+            (answer,) = client.chat(Q, max_tokens=2).completions
+            real_write = store.wal._write
+
+            def full(fd, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            store.wal._write = full
+            with pytest.raises(cerr.Unavailable, match="disk full"):
+                client.submit_rating(answer.response_id, 1)
+            assert wait_until(lambda: status(FEEDBACK_SERVICE) != serving, timeout=10)
+            assert status("") == serving and client.chat(Q, max_tokens=2).text  # chat serves
+            store.wal._write = real_write
+            client.chat(Q, max_tokens=2)  # its generation row commits: the log writes again
+            assert wait_until(lambda: status(FEEDBACK_SERVICE) == serving, timeout=10)
+            assert not client.submit_rating(answer.response_id, 1).duplicate
+    finally:
+        asyncio.run_coroutine_threadsafe(server.shutdown(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
