@@ -343,19 +343,31 @@ class Soak:
         self.report.kills["server during A/B"] += 1
         self.report.serve_again_s.append(self.start_server())
 
-    def run_steady(self, minutes: float, action_every_s: float = 300.0) -> Report:
-        """Mixed load for `minutes` without kills: every `action_every_s` a publisher cycle
-        (promote and roll back: two swaps under load) or an A/B test started and stopped; the
-        server's RSS sampled every 30 s while no A/B test runs (a running test holds a second
-        engine), all checks at the end."""
+    def begin(self) -> list[threading.Thread]:
+        """v0000 in the registry, the server up, the three load threads started (paused)."""
         from prefloop.server.model.loader import resolve_model_dir
         from prefloop.server.registry import Registry
-        t0 = time.monotonic()
         Registry(self.data).ensure_base(resolve_model_dir(None))
         self.start_server()
         threads = [threading.Thread(target=self.load, args=(i,), daemon=True) for i in range(3)]
         for t in threads:
             t.start()
+        return threads
+
+    def end(self, threads: list[threading.Thread]) -> None:
+        self.stop.set()
+        self.running.set()
+        for t in threads:
+            t.join(30)
+        self.server.terminate()
+
+    def run_steady(self, minutes: float, action_every_s: float = 300.0) -> Report:
+        """Mixed load for `minutes` without kills: every `action_every_s` a publisher cycle
+        (promote and roll back: two swaps under load) or an A/B test started and stopped; the
+        server's RSS sampled every 30 s while no A/B test runs (a running test holds a second
+        engine), all checks at the end."""
+        t0 = time.monotonic()
+        threads = self.begin()
         self.running.set()
         next_action, next_sample, k = t0 + action_every_s, t0, 0
         warm_index = None
@@ -378,11 +390,7 @@ class Soak:
             self.pause()
             self.check("end of the steady run")
         finally:
-            self.stop.set()
-            self.running.set()
-            for t in threads:
-                t.join(30)
-            self.server.terminate()
+            self.end(threads)
         # the baseline: the first sample after one whole cycle (a publisher cycle: two swaps;
         # an A/B start and stop), when every kind of allocation has happened once
         samples = [mb for _, mb in self.report.rss_samples[warm_index or 0:] if mb]
@@ -413,14 +421,8 @@ class Soak:
                 self.ab_running = True
 
     def run(self, kills: int) -> Report:
-        from prefloop.server.model.loader import resolve_model_dir
-        from prefloop.server.registry import Registry
         t0 = time.monotonic()
-        Registry(self.data).ensure_base(resolve_model_dir(None))
-        self.start_server()
-        threads = [threading.Thread(target=self.load, args=(i,), daemon=True) for i in range(3)]
-        for t in threads:
-            t.start()
+        threads = self.begin()
         turns = ["server", "publisher", "ab"]
         try:
             for k in range(kills):
@@ -435,11 +437,7 @@ class Soak:
                       f"{self.report.failed_outside} failed outside kills, "
                       f"{len(self.report.bad_states)} bad states", file=sys.stderr, flush=True)
         finally:
-            self.stop.set()
-            self.running.set()
-            for t in threads:
-                t.join(30)
-            self.server.terminate()
+            self.end(threads)
         self.report.wall_s = round(time.monotonic() - t0, 1)
         return self.report
 

@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping
 
 import grpc
 
@@ -99,8 +99,9 @@ class AuthConfig:
         return cls(user_tokens=tuple(user), admin_tokens=tuple(admin))
 
 
-def bearer_token(metadata: tuple | None) -> str | None:
-    """The token of an `authorization: Bearer <token>` metadata entry, if any."""
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` entry of gRPC metadata (or of HTTP
+    headers' items), if any."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
             if isinstance(value, bytes):

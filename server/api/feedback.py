@@ -65,7 +65,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
 
 
 def _caller(context) -> str:
-    """Who is voting, for the per-voter rate limit when the vote has no user_id."""
+    """Who sent the vote, for the rate limits: a fingerprint of its bearer token."""
     return caller_of_token(bearer_token(context.invocation_metadata()))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from prefloop.server.api.auth import Role
+from prefloop.server.api.auth import Role, bearer_token
 from prefloop.server.api.http_deps import Ctx, json_body
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback.vote_rate import caller_of_token
@@ -32,9 +32,8 @@ def fields(body: Any, allowed: tuple[str, ...]) -> dict:
 
 
 def caller(request: Request) -> str:
-    """Who is voting, for the per-voter rate limit when the vote has no user_id."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return caller_of_token(token.strip() if scheme.lower() == "bearer" else None)
+    """Who sent the vote, for the rate limits: a fingerprint of its bearer token."""
+    return caller_of_token(bearer_token(request.headers.items()))
 
 
 @router.post("/v1/feedback/preference")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from prefloop.server.durable_io import fsync_dir, makedirs_durable
 from prefloop.server.feedback import schema as logschema
-from prefloop.server.feedback.wal import list_segments, read_segment
+from prefloop.server.feedback.wal import SegmentContents, list_segments, read_segment
 
 QUARANTINE_DIR = "quarantine"
 
@@ -39,6 +39,11 @@ def probe_part(path: Path, table: str) -> tuple[int, str | None]:
         return data.num_rows, None
     except Exception as exc:  # noqa: BLE001 - any failure to read is damage to report
         return 0, f"{type(exc).__name__}: {exc}".strip()
+
+
+def lacks_magic(path: Path, contents: SegmentContents) -> bool:
+    """A non-empty segment with nothing readable: not a segment (or its start overwritten)."""
+    return contents.valid_bytes == 0 and path.stat().st_size > 0
 
 
 def quarantine(data_dir: Path, path: Path, reason: str) -> Path:
@@ -81,6 +86,10 @@ def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[
     parts and segments without magic. `skip_segments`: ids a live writer may be appending to."""
     data_dir = Path(data_dir)
     out = LogCheck()
+    qdir = data_dir / QUARANTINE_DIR
+    if qdir.is_dir():  # counted before this check moves anything there
+        out.quarantined_before = sum(1 for p in qdir.rglob("*")
+                                     if p.is_file() and not p.name.endswith(".reason"))
     for table in logschema.TABLES:
         out.rows[table] = 0
         for path in logschema.part_files(data_dir, table):
@@ -99,7 +108,7 @@ def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[
         out.segments += 1
         contents = read_segment(path)
         out.wal_records += len(contents.records)
-        if contents.valid_bytes == 0 and path.stat().st_size > 0:  # no magic: nothing readable
+        if lacks_magic(path, contents):
             bad = {"path": str(path), "bytes": contents.torn_bytes, "moved_to": None}
             if repair:
                 bad["moved_to"] = str(quarantine(data_dir, path, "WAL segment without its magic"))
@@ -107,10 +116,4 @@ def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[
         elif contents.torn_bytes:
             out.torn_segments.append({"path": str(path), "torn_bytes": contents.torn_bytes,
                                       "records": len(contents.records)})
-    qdir = data_dir / QUARANTINE_DIR
-    if qdir.is_dir():
-        out.quarantined_before = sum(1 for p in qdir.rglob("*")
-                                     if p.is_file() and not p.name.endswith(".reason"))
-        out.quarantined_before -= sum(1 for b in out.bad_parts + out.bad_segments
-                                      if b.get("moved_to"))
     return out

@@ -239,7 +239,7 @@ class FeedbackStore:
         replayed = 0
         for segment_id, path in list(segments):
             contents = read_segment(path)
-            if contents.valid_bytes == 0 and path.stat().st_size > 0:  # no magic: unreadable
+            if integrity.lacks_magic(path, contents):
                 target = integrity.quarantine(self.data_dir, path, "WAL segment without its magic")
                 log.error("WAL segment %s has no magic (not a segment, or overwritten): "
                           "quarantined as %s", path, target)
