@@ -28,6 +28,7 @@ from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback import export as log_export
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.rows import Dated, PreferencePair, RatedAnswer, SftExample
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, VoterCap
 
 D = TypeVar("D", bound=Dated)
 
@@ -82,24 +83,26 @@ def _export_since(since: dt.datetime | None, after: dt.datetime | None) -> str |
 
 def load_pairs(data_dir: str | Path, *, since: str | dt.datetime | None = None,
                after: str | dt.datetime | None = None, max_pairs: int | None = None,
-               pairs_from_ratings: bool = False) -> list[PreferencePair]:
+               pairs_from_ratings: bool = False,
+               voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[PreferencePair]:
     """DPO pairs of the log, oldest first.
 
     `since`: created on or after this time; `after`: strictly after it (the job watermark);
-    `max_pairs`: keep the newest N.
+    `max_pairs`: keep the newest N; `voter_cap`: each voter's share (None: every row).
     """
     since_t, after_t = parse_time(since), parse_time(after)
     pairs = log_export.load_pairs(data_dir, since=_export_since(since_t, after_t),
-                                  pairs_from_ratings=pairs_from_ratings)
+                                  pairs_from_ratings=pairs_from_ratings, voter_cap=voter_cap)
     return window_rows(pairs, since_t, after_t, max_pairs)
 
 
 def load_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
-                  after: str | dt.datetime | None = None, max_examples: int | None = None
-                  ) -> list[RatedAnswer]:
+                  after: str | dt.datetime | None = None, max_examples: int | None = None,
+                  voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[RatedAnswer]:
     """KTO examples (rated answers) of the log, oldest first."""
     since_t, after_t = parse_time(since), parse_time(after)
-    examples = log_export.load_rated_answers(data_dir, since=_export_since(since_t, after_t))
+    examples = log_export.load_rated_answers(data_dir, since=_export_since(since_t, after_t),
+                                             voter_cap=voter_cap)
     return window_rows(examples, since_t, after_t, max_examples)
 
 
@@ -191,13 +194,13 @@ def sft_examples(pairs: list[PreferencePair], examples: list[RatedAnswer]) -> li
 
 
 def load_sft_examples(data_dir: str | Path, *, since: str | dt.datetime | None = None,
-                      after: str | dt.datetime | None = None, max_examples: int | None = None
-                      ) -> list[SftExample]:
+                      after: str | dt.datetime | None = None, max_examples: int | None = None,
+                      voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[SftExample]:
     """SFT examples (`sft_examples`) of the log in the window, oldest first."""
     since_t, after_t = parse_time(since), parse_time(after)
     day = _export_since(since_t, after_t)
-    rows = sft_examples(log_export.load_pairs(data_dir, since=day),
-                        log_export.load_rated_answers(data_dir, since=day))
+    rows = sft_examples(log_export.load_pairs(data_dir, since=day, voter_cap=voter_cap),
+                        log_export.load_rated_answers(data_dir, since=day, voter_cap=voter_cap))
     return window_rows(rows, since_t, after_t, max_examples)
 
 

@@ -105,6 +105,22 @@ def _evaluation(g, *, eval_batch_size: int) -> None:
     g.add_argument("--device", default=None, help="evaluation device (default cuda if present)")
 
 
+def _voter_cap(g) -> None:
+    g.add_argument("--voter-cap", type=float, default=4.0, metavar="FACTOR",
+                   help="no voter (user or session id) gives more than FACTOR x the median "
+                        "voter's rows (at least 20), so one user flooding votes cannot steer "
+                        "the model; 0: every row counts (default %(default)s)")
+
+
+def _voter_cap_of(args: argparse.Namespace):
+    from prefloop.server.errors import InvalidArgument
+    from prefloop.server.feedback.voter_caps import cap_of_factor
+    try:
+        return cap_of_factor(args.voter_cap)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def _gate_statistics(g) -> None:
     g.add_argument("--gate-confidence", type=float, default=0.9, metavar="C",
                    help="confidence of the gate's exact two-sided interval; it passes only if "
@@ -222,6 +238,7 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
     if trl:
         d.add_argument("--max-pairs", type=int, default=None, metavar="N",
                        help="use only the newest N pairs (kto: examples)")
+        _voter_cap(d)
     _evaluation(d, eval_batch_size=4)
     if trl:
         d.add_argument("--max-train-eval", type=int, default=64, metavar="N",
@@ -252,6 +269,7 @@ def add_rm_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-pairs-from-ratings", action="store_true",
                    help="train on explicit preferences only (default: also pairs of "
                         "differently rated answers to one prompt)")
+    _voter_cap(d)
     _evaluation(d, eval_batch_size=8)
     d.add_argument("--min-accuracy", type=float, default=0.5,
                    help="gate: the interval of the held-out pairwise accuracy must lie above "
@@ -529,7 +547,7 @@ def job_config(args: argparse.Namespace):
         command=args.align_command, base=args.base, model=args.model, cache_dir=args.cache_dir,
         since=args.since, incremental=incremental,
         min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,
-        pairs_from_ratings=args.pairs_from_ratings,
+        pairs_from_ratings=args.pairs_from_ratings, voter_cap=_voter_cap_of(args),
         heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
         max_train_eval=args.max_train_eval,
         device=args.device, **_promote_and_keep(args))
@@ -547,7 +565,8 @@ def rm_job_config(args: argparse.Namespace):
     return RMJobConfig(data_dir=Path(args.data_dir), train=train, base=args.base,
                        model=args.model, cache_dir=args.cache_dir, since=args.since,
                        max_pairs=args.max_pairs, pairs_from_ratings=not args.no_pairs_from_ratings,
-                       heldout_fraction=args.heldout_fraction, min_accuracy=args.min_accuracy,
+                       voter_cap=_voter_cap_of(args), heldout_fraction=args.heldout_fraction,
+                       min_accuracy=args.min_accuracy,
                        confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                        eval_batch_size=args.eval_batch_size,
                        max_train_eval=args.max_train_eval, device=args.device)

@@ -72,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
         from prefloop.cli.logs_check import run_check
         return run_check(args)
     from prefloop.server.feedback import export as log_export  # pyarrow: imported when used
-    from prefloop.server.feedback.voter_caps import VoterCap
+    from prefloop.server.feedback.voter_caps import cap_of_factor
 
     data_dir = Path(args.data_dir)
-    if args.voter_cap != 0 and args.voter_cap < 1:
-        print("prefloop logs: --voter-cap must be >= 1 (0: no cap)", file=sys.stderr)
+    try:
+        voter_cap = cap_of_factor(args.voter_cap)
+    except ValueError as exc:
+        print(f"prefloop logs: {exc}", file=sys.stderr)
         return 2
-    voter_cap = VoterCap(factor=args.voter_cap) if args.voter_cap else None
     if not data_dir.is_dir():
         print(f"prefloop logs: no data directory at {data_dir}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.rows import PreferencePair
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, VoterCap
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class JobConfig:
     min_new: int = 0  # skip unless at least this many rows are newer than any job has seen
     max_rows: int | None = None  # keep the newest N pairs / examples
     pairs_from_ratings: bool = False  # dpo: add pairs of differently rated answers
+    voter_cap: VoterCap | None = DEFAULT_VOTER_CAP  # each voter's share of the rows (None: all)
     heldout_fraction: float = 0.2
     promote: bool = False  # promote the candidate when the gate passes
     promote_via: str = "gate"  # gate: at once; ab: an A/B test instead; auto: gate, or A/B
@@ -86,13 +88,14 @@ def _load_rows(cfg: JobConfig, registry: reg.Registry) -> tuple[list, dt.datetim
     if cfg.train.method == "dpo":
         rows = data_mod.load_pairs(cfg.data_dir, since=cfg.since, after=after,
                                    max_pairs=cfg.max_rows,
-                                   pairs_from_ratings=cfg.pairs_from_ratings)
+                                   pairs_from_ratings=cfg.pairs_from_ratings,
+                                   voter_cap=cfg.voter_cap)
     elif cfg.train.method == "sft":
         rows = data_mod.load_sft_examples(cfg.data_dir, since=cfg.since, after=after,
-                                          max_examples=cfg.max_rows)
+                                          max_examples=cfg.max_rows, voter_cap=cfg.voter_cap)
     else:
         rows = data_mod.load_examples(cfg.data_dir, since=cfg.since, after=after,
-                                      max_examples=cfg.max_rows)
+                                      max_examples=cfg.max_rows, voter_cap=cfg.voter_cap)
     return rows, after
 
 
@@ -100,7 +103,8 @@ def _ratings_waiting(cfg: JobConfig, registry: reg.Registry, after: dt.datetime 
     """For a DPO job skipped for want of pairs: how many ratings (thumbs, stars) newer than any
     job has seen are waiting, and what trains on them ("" when none)."""
     seen = runner.newest_seen(registry, after)
-    ratings = sum(1 for e in data_mod.load_examples(cfg.data_dir, since=cfg.since, after=seen)
+    ratings = sum(1 for e in data_mod.load_examples(cfg.data_dir, since=cfg.since, after=seen,
+                                                         voter_cap=cfg.voter_cap)
                   if e.source == "rating")
     if not ratings:
         return ""
@@ -149,7 +153,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
             cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,
-                     max_rows=cfg.max_rows)
+                     max_rows=cfg.max_rows,
+                     voter_cap=dataclasses.asdict(cfg.voter_cap) if cfg.voter_cap else None)
         result.version = runner.publish(registry, trained.model, base_dir, kind=reg.KIND_POLICY,
                                  method=method, parent=base, hyperparameters=hyper,
                                  data=result.data, metrics=result.metrics, gate=result.gate,
@@ -190,7 +195,7 @@ def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[Prefer
         return []
     trained = {data_mod.answer_key(r.prompt, r.text) for r in split.train}
     pairs = data_mod.load_pairs(cfg.data_dir, since=split.cutoff, after=after,
-                                pairs_from_ratings=True)
+                                pairs_from_ratings=True, voter_cap=cfg.voter_cap)
     return [p for p in pairs if data_mod.answer_key(p.prompt, p.chosen_text) not in trained]
 
 

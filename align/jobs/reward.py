@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
 from prefloop.server.feedback import export as log_export
 from prefloop.server.feedback.rows import PreferencePair
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, VoterCap
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class RMJobConfig:
     since: str | None = None
     max_pairs: int | None = None
     pairs_from_ratings: bool = True
+    voter_cap: VoterCap | None = DEFAULT_VOTER_CAP  # each voter's share of the pairs (None: all)
     heldout_fraction: float = 0.2
     min_accuracy: float = 0.5  # the gate: held-out pairwise accuracy's lower end above this
     confidence: float = DEFAULT_CONFIDENCE  # of the gate's interval (two-sided, exact)
@@ -77,12 +80,13 @@ class RMJobConfig:
 
 
 def load_rm_pairs(data_dir: str | Path, *, since: str | None = None,
-                  max_pairs: int | None = None, pairs_from_ratings: bool = True
-                  ) -> list[PreferencePair]:
+                  max_pairs: int | None = None, pairs_from_ratings: bool = True,
+                  voter_cap: VoterCap | None = DEFAULT_VOTER_CAP) -> list[PreferencePair]:
     """The `rm` export's pairs (with margins), oldest first."""
     since_t = data_mod.parse_time(since)
     pairs = log_export.load_pairs(data_dir, since=runner.day_of(since_t),
-                                  pairs_from_ratings=pairs_from_ratings, margins=True)
+                                  pairs_from_ratings=pairs_from_ratings, margins=True,
+                                  voter_cap=voter_cap)
     return data_mod.window_rows(pairs, since_t, None, max_pairs)
 
 
@@ -102,7 +106,7 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
     base = runner.resolve_base(registry, cfg.base, cfg.model, cfg.cache_dir, main)
     result = runner.JobResult(job_id, runner.RUNNING, base=base, method="rm")
     rows = load_rm_pairs(cfg.data_dir, since=cfg.since, max_pairs=cfg.max_pairs,
-                         pairs_from_ratings=cfg.pairs_from_ratings)
+                         pairs_from_ratings=cfg.pairs_from_ratings, voter_cap=cfg.voter_cap)
     split = runner.split_new_rows(result, rows, {"since_arg": cfg.since}, registry, after=None,
                            incremental=False, min_new=0, heldout_fraction=cfg.heldout_fraction,
                            noun="pairs", empty_reason="no preference pairs in the window")
@@ -143,7 +147,8 @@ def _run_rm(cfg: RMJobConfig, registry: reg.Registry, job_id: str, train_fn, mai
     hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                  pairs_from_ratings=cfg.pairs_from_ratings, max_pairs=cfg.max_pairs,
                  min_accuracy=cfg.min_accuracy, gate_confidence=cfg.confidence,
-                 min_heldout_pairs=cfg.min_heldout)
+                 min_heldout_pairs=cfg.min_heldout,
+                 voter_cap=dataclasses.asdict(cfg.voter_cap) if cfg.voter_cap else None)
     result.version = runner.publish(registry, model, base_dir, kind=reg.KIND_REWARD, method="rm",
                              parent=base, hyperparameters=hyper, data=result.data,
                              metrics=result.metrics, gate=result.gate, job_id=job_id)

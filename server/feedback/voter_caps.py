@@ -32,6 +32,17 @@ class VoterCap:
 
 
 DEFAULT_VOTER_CAP = VoterCap()
+NO_CAP_MESSAGE = "--voter-cap must be >= 1 (0: no cap)"
+
+
+def cap_of_factor(factor: float) -> VoterCap | None:
+    """The cap of a `--voter-cap FACTOR` flag: None for 0 (every row counts); ValueError with
+    NO_CAP_MESSAGE for a factor between 0 and 1 or below 0."""
+    if factor == 0:
+        return None
+    if not factor >= 1:
+        raise ValueError(NO_CAP_MESSAGE)
+    return VoterCap(factor=factor)
 
 
 @dataclass(slots=True)

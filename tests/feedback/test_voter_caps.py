@@ -91,3 +91,37 @@ def test_one_user_voting_half_the_log_against_the_crowd_no_longer_decides_the_ex
     assert "dpo 120 pairs" in capsys.readouterr().out
     assert cli.main(["logs", "stats", "--data-dir", str(tmp_path / "data"),
                      "--voter-cap", "0.5"]) == 2
+
+
+def test_align_reads_the_capped_log_and_its_voter_cap_flag_turns_the_cap_off_or_refuses(tmp_path):
+    """The align jobs' loaders (DPO pairs, KTO examples, SFT examples, RM pairs) cap a flooder
+    by default; `--voter-cap 0` on `align run` / `align rm` reads every row; 0.5 is refused."""
+    from prefloop.align import data as data_mod
+    from prefloop.align.jobs.reward import load_rm_pairs
+    from prefloop.cli.align import canonical_argv, job_config, rm_job_config
+    from prefloop.cli.main import build_parser
+    from prefloop.server.errors import InvalidArgument
+    store = open_store(tmp_path / "data")
+    try:
+        for i in range(60):
+            store.submit_preference(prompt_messages=[{"role": "user", "content": f"q{i}"}],
+                                    chosen_text="Yes.", rejected_text="No.", user_id=f"u{i % 12}")
+            store.submit_preference(prompt_messages=[{"role": "user", "content": f"r{i}"}],
+                                    chosen_text="No.", rejected_text="Yes.", user_id="flood")
+        store.flush()
+    finally:
+        store.close()
+    data = tmp_path / "data"
+    assert len(data_mod.load_pairs(data)) == 80 and len(data_mod.load_pairs(data, voter_cap=None)) == 120
+    assert len(data_mod.load_sft_examples(data)) < len(data_mod.load_sft_examples(data, voter_cap=None))
+    assert len(load_rm_pairs(data)) == 80 and len(load_rm_pairs(data, voter_cap=None)) == 120
+
+    def parsed(*argv):
+        argv = canonical_argv(["align", *argv])
+        return build_parser(argv).parse_args(argv)
+    assert job_config(parsed("run")).voter_cap == VoterCap(factor=4.0, floor=20)
+    assert job_config(parsed("run", "kto", "--voter-cap", "0")).voter_cap is None
+    assert job_config(parsed("dpo", "--voter-cap", "2")).voter_cap == VoterCap(factor=2.0)
+    assert rm_job_config(parsed("rm", "--voter-cap", "0")).voter_cap is None
+    with pytest.raises(InvalidArgument, match="--voter-cap must be >= 1"):
+        job_config(parsed("run", "--voter-cap", "0.5"))
