@@ -3,6 +3,12 @@ real `prefloop serve` over gRPC, vote on n=2 answers exactly as a UI would, the 
 as users run it (`prefloop align run --auto-promote`, defaults), the live server swaps, and the
 served answers on held-out prompts nobody voted on are judged against the base version's.
 
+Users have ids (`--users`, default 20, each voting on an equal share of the prompts), so the
+job's per-voter cap sees an ordinary crowd. `--flooder-share S` adds one more user who casts a
+share S of all votes for the opposite of what the crowd prefers (the worse answer of each pair),
+as fast as the server takes them: the case "one user tries to steer the model" (docs/reliability.md).
+`--align-arg=--voter-cap=0` runs the same without the cap, for comparison.
+
 Per round (votes -> retrain -> swap -> measure) it prints and records: votes cast, the job's
 outcome and gate reasons, the simulated user's win rate of served vs base on held-out prompts
 (pairwise, 95% Wilson interval; ties excluded), the preferred property's mean for base and
@@ -11,7 +17,7 @@ goes to --plot.
 
     python benchmarks/loop_quality.py [--preferences short_sentences,plain_words,friendly_opening,random]
         [--rounds 2] [--votes-per-round 100] [--method dpo] [--max-tokens 64] [--plot docs/loop_quality.png]
-        [--json out.json] [--align-arg=--lr=5e-6 ...]
+        [--users 20] [--flooder-share 0.5] [--json out.json] [--align-arg=--lr=5e-6 ...]
 """
 from __future__ import annotations
 
@@ -72,35 +78,58 @@ def held_out_answers(client: Client, held: list[str], max_tokens: int, samples: 
     return [text for text, _ in out], (out[-1][1] if out else "")
 
 
-def vote_one(client: Client, preference: str, prompt: str, max_tokens: int, seed: int) -> str:
+FLOODER = "flooder"
+
+
+def vote_one(client: Client, preference: str, prompt: str, max_tokens: int, seed: int,
+             user_id: str = "") -> str:
     """One simulated user's turn: two sampled answers, then a preference (or a rewrite, or
-    nothing on a tie), as a UI would send it. Returns "vote", "rewrite" or "tie"."""
+    nothing on a tie), as a UI would send it. Returns "vote", "rewrite" or "tie". The flooder
+    picks the answer the crowd would reject and never rewrites."""
     messages = [{"role": "user", "content": prompt}]
-    a, b = client.chat(messages, n=2, max_tokens=max_tokens).completions
+    a, b = client.chat(messages, n=2, max_tokens=max_tokens, user_id=user_id).completions
     pick = choose(preference, a.text, b.text, random.Random(seed))
     if pick is None:
-        if preference in REWRITES and property_value(preference, a.text) == 0:
+        if user_id != FLOODER and preference in REWRITES and property_value(preference, a.text) == 0:
             # neither answer has it: this user rewrites one, as the web page's "edit" does
             client.submit_preference(prompt_messages=messages, rejected_text=a.text,
-                                     chosen_text=REWRITES[preference](a.text))
+                                     chosen_text=REWRITES[preference](a.text), user_id=user_id)
             return "rewrite"
         return "tie"
+    if user_id == FLOODER:
+        pick = 1 - pick
     chosen, rejected = (a, b) if pick == 0 else (b, a)
     client.submit_preference(chosen_response_id=chosen.response_id,
-                             rejected_response_id=rejected.response_id)
+                             rejected_response_id=rejected.response_id, user_id=user_id)
     return "vote"
 
 
+def turns_of(vote_prompts: list[str], users: int, flooder_share: float,
+             rng: random.Random) -> list[tuple[str, str]]:
+    """(user id, prompt) turns of one round: the crowd's users take the prompts in turn; the
+    flooder takes share/(1-share) as many turns on the same prompts; all shuffled together, so
+    the flooder's votes fall through the whole round (training and held-out rows alike)."""
+    turns = [(f"user-{i % users:02d}", prompt) for i, prompt in enumerate(vote_prompts)]
+    flood = round(len(vote_prompts) * flooder_share / (1 - flooder_share)) if flooder_share else 0
+    turns += [(FLOODER, vote_prompts[i % len(vote_prompts)]) for i in range(flood)]
+    rng.shuffle(turns)
+    return turns
+
+
 def vote_round(client: Client, preference: str, vote_prompts: list[str], max_tokens: int,
-               seed: int, concurrency: int = 8) -> dict:
+               seed: int, concurrency: int = 8, users: int = 20, flooder_share: float = 0.0
+               ) -> dict:
     """Users vote on `vote_prompts`, `concurrency` at a time (as a live server sees them)."""
+    turns = turns_of(vote_prompts, users, flooder_share, random.Random(seed))
     with ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(lambda ip: vote_one(client, preference, ip[1], max_tokens,
-                                                     seed * 100003 + ip[0]),
-                                 enumerate(vote_prompts)))
-    rewrites = outcomes.count("rewrite")
-    return {"votes": outcomes.count("vote") + rewrites, "ties": outcomes.count("tie"),
-            "rewrites": rewrites}
+        outcomes = list(pool.map(lambda it: vote_one(client, preference, it[1][1], max_tokens,
+                                                     seed * 100003 + it[0], user_id=it[1][0]),
+                                 enumerate(turns)))
+    crowd = [o for (user, _), o in zip(turns, outcomes) if user != FLOODER]
+    rewrites = crowd.count("rewrite")
+    return {"votes": crowd.count("vote") + rewrites, "ties": crowd.count("tie"),
+            "rewrites": rewrites,
+            "flooder_votes": sum(o == "vote" for (user, _), o in zip(turns, outcomes) if user == FLOODER)}
 
 
 def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
@@ -148,14 +177,15 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
             base, _ = held_out_answers(client, held, args.max_tokens, args.heldout_samples,
                                        args.concurrency)
             measure_base = time.perf_counter() - t
-            total_votes = 0
+            total_votes = total_flood = 0
             for r in range(args.rounds):
                 batch = vote_prompts[r * args.votes_per_round:(r + 1) * args.votes_per_round]
                 t = time.perf_counter()
                 votes = vote_round(client, preference, batch, args.max_tokens, args.seed + r,
-                                   args.concurrency)
+                                   args.concurrency, args.users, args.flooder_share)
                 vote_s = time.perf_counter() - t
                 total_votes += votes["votes"]
+                total_flood += votes["flooder_votes"]
                 job = run_job(data, args.method, args.align_arg)
                 t = time.perf_counter()
                 deadline = time.time() + 300
@@ -167,7 +197,8 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                 served, served_version = held_out_answers(client, held, args.max_tokens,
                                                           args.heldout_samples, args.concurrency)
                 measure_s = time.perf_counter() - t
-                row = {"preference": preference, "round": r + 1, "votes_total": total_votes, **votes,
+                row = {"preference": preference, "round": r + 1, "votes_total": total_votes,
+                       "flooder_votes_total": total_flood, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
                        "served_version": served_version,
                        "kl_per_token": (job.get("gate") or {}).get("kl_per_token"),
@@ -186,7 +217,8 @@ def format_row(row: dict) -> str:
     rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl_per_token"] is None else f"{row['kl_per_token']:.4f}"
     s = row["seconds"]
-    return (f"{row['preference']:>16} r{row['round']} votes {row['votes_total']:4d} "
+    flood = f" +{row['flooder_votes_total']} flooder" if row.get("flooder_votes_total") else ""
+    return (f"{row['preference']:>16} r{row['round']} votes {row['votes_total']:4d}{flood} "
             f"job {row['job_status'] or 'failed':>9} served {row['served_version']:>5} "
             f"win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
@@ -238,13 +270,22 @@ def main() -> int:
                     help="answers per held-out prompt, paired by seed (default %(default)s)")
     ap.add_argument("--concurrency", type=int, default=8,
                     help="users voting / measured at a time (default %(default)s)")
+    ap.add_argument("--users", type=int, default=20,
+                    help="simulated users (ids) sharing the crowd's votes (default %(default)s)")
+    ap.add_argument("--flooder-share", type=float, default=0.0,
+                    help="share of all votes cast by one more user, for the opposite of the "
+                         "crowd's preference (default %(default)s: none)")
     ap.add_argument("--align-arg", action="append", default=[], help="extra `align run` flag (repeatable)")
     ap.add_argument("--plot", default=None, help="PNG of win rate vs votes")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args()
+    if not 0 <= args.flooder_share < 1 or args.users < 1:
+        ap.error("--flooder-share must be in [0, 1) and --users >= 1")
     prefs = args.preferences.split(",")
-    print(f"loop_quality: {prefs}, {args.rounds} round(s) of {args.votes_per_round} votes, "
-          f"align run --method {args.method} {' '.join(args.align_arg)}", flush=True)
+    flood = f", a flooder casting {args.flooder_share:.0%} of the votes" if args.flooder_share else ""
+    print(f"loop_quality: {prefs}, {args.rounds} round(s) of {args.votes_per_round} votes from "
+          f"{args.users} users{flood}, align run --method {args.method} {' '.join(args.align_arg)}",
+          flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pref in prefs:  # JSON and plot after each preference, so a long run keeps its part

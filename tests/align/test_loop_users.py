@@ -59,3 +59,16 @@ def test_repetitive_flags_an_answer_that_loops_and_not_one_that_varies():
     assert U.repetitive("Sunshine, Sunshine, Sunshine, Sunshine, Sunshine")
     assert not U.repetitive("They're my friends. They're my family. They are kind to me, my friends.")
     assert not U.repetitive("")
+
+
+def test_loop_quality_turns_give_the_flooder_its_share_spread_through_the_round():
+    import loop_quality as Q
+    prompts = [f"p{i}" for i in range(100)]
+    turns = Q.turns_of(prompts, users=20, flooder_share=0.5, rng=random.Random(0))
+    flood = [i for i, (user, _) in enumerate(turns) if user == Q.FLOODER]
+    assert len(turns) == 200 and len(flood) == 100  # half of all turns
+    crowd = {user for user, _ in turns if user != Q.FLOODER}
+    assert len(crowd) == 20 and sorted(p for u, p in turns if u != Q.FLOODER) == sorted(prompts)
+    assert flood[0] < 40 and flood[-1] > 160  # shuffled through the round, not all at its end
+    assert len(Q.turns_of(prompts, 20, 0.0, random.Random(0))) == 100
+    assert sum(u == Q.FLOODER for u, _ in Q.turns_of(prompts, 20, 0.25, random.Random(0))) == 33
