@@ -16,6 +16,7 @@ import random
 
 from prefloop.server.ab.state import ABState
 from prefloop.server.serving.generator import Generator
+from prefloop.server.serving.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,10 @@ class ABRouter:
     async def _close_when_idle(generator: Generator) -> None:
         while generator.active_requests:
             await asyncio.sleep(0.05)
+        version = generator.info.model_version
         await generator.close()
+        del generator  # the last reference to the candidate's weights (see memory.py)
+        await asyncio.to_thread(release_freed_memory, f"A/B candidate {version}")
 
     async def close(self) -> None:
         await self._retire()

@@ -22,6 +22,7 @@ from typing import AsyncIterator
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
 from prefloop.server.model.config import read_sampling_defaults
+from prefloop.server.serving.memory import release_freed_memory
 from prefloop.server.serving.protocol import EngineBackend
 from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -171,9 +172,11 @@ class Generator:
     def _retire_idle(self) -> None:
         for backend in [b for b in self._draining if b.active == 0]:
             self._draining.remove(backend)
-            thread = threading.Thread(target=backend.engine.stop, name="prefloop-retire")
+            thread = threading.Thread(target=_stop_and_release, args=([backend],),
+                                      name="prefloop-retire")
             thread.start()
             self._retiring.append(thread)
+        backend = None  # the retire thread holds the last reference
 
     def prompt_ids(self, prompt: str) -> list[int]:
         check_prompt_text(prompt)
@@ -224,3 +227,13 @@ class Generator:
         stats = asdict(self._current.engine.stats())
         stats["draining_versions"] = len(self._draining)
         return stats
+
+
+def _stop_and_release(holder: list[EngineBackend]) -> None:
+    """Stop a retired version's engine, drop the last reference to it and give its memory back
+    (memory.py). `holder` is a one-item list, emptied here, so no frame keeps the weights."""
+    backend = holder.pop()
+    version = backend.info.model_version
+    backend.engine.stop()
+    del backend
+    release_freed_memory(f"version {version}")

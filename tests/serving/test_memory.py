@@ -1,0 +1,30 @@
+"""Giving an unloaded version's memory back (server/serving/memory.py): freed heap pages that
+glibc keeps are returned by `release_freed_memory`."""
+import subprocess
+import sys
+
+import pytest
+
+from prefloop.server.serving import memory
+
+CHILD = """
+from prefloop.server.serving.memory import release_freed_memory, rss_bytes
+blocks = [bytearray(64 * 1024) for _ in range(2000)]  # 128 MB in blocks under the mmap threshold
+top = bytearray(64 * 1024)  # allocated after them: the heap cannot shrink from its top
+del blocks
+freed = rss_bytes()
+given = release_freed_memory("test blocks")
+print(freed, given, rss_bytes())
+"""
+
+
+@pytest.mark.skipif(memory._MALLOC_TRIM is None, reason="no malloc_trim in this C library")
+def test_release_gives_freed_heap_pages_back_that_free_alone_kept():
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
+    freed, given, after = map(int, out.stdout.split())
+    assert freed > 120 * 2**20  # freeing 128 MB of blocks left them resident
+    assert given > 100 * 2**20 and after < freed - 100 * 2**20
+
+
+def test_rss_is_measured_here():
+    assert memory.rss_bytes() > 10 * 2**20
