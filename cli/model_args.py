@@ -19,9 +19,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights/activations dtype; auto = bfloat16 on CUDA or on a CPU with native "
                         "bf16 (AVX512-BF16 / AMX), float32 elsewhere (the choice is logged at start)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
-    g.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="native engine: int8 weight-only linear layers (faster decode at low "
-                        "concurrency on CPU; another model: outputs can differ; default none)")
+    g.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="native engine: weight-only int8 (per row) or int4 (groups of 32, "
+                        "int8 LM head) linear layers: faster decode at low concurrency on CPU; "
+                        "another model: outputs can differ (default none)")
     g.add_argument("--compile", action="store_true",
                    help="native engine: run the model step through torch.compile (≈ 1.1-1.2x faster "
                         "decode steps on CPU; 25-100 s of compiling at start on 2 cores, cached on "

@@ -59,7 +59,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
                quantize: str = "none", compile: bool = False, attention: str = "auto",
                weight_layout: str = "auto") -> LlamaModel:
     """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
-    `quantize` "int8": weight-only int8 linear layers (server/model/quantize.py); `compile`: the step
+    `quantize` "int8" / "int4": weight-only linear layers (server/model/quantize.py); `compile`: the step
     runs through torch.compile (server/model/compile.py; compiled when an engine warms it up);
     `attention`: auto / native / sdpa decode attention (server/model/kernels.py);
     `weight_layout`: auto / packed / plain linear weights (server/model/packed_linear.py)."""

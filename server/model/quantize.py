@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization of the native engine's linear layers (`--quantize int8`).
+"""Weight-only int8 quantization of the native engine's linear layers (`--quantize int8`), and
+`quantize_model`, which applies it or int4 (int4.py) to a model.
 
 Each output row of a weight gets one scale (symmetric, absmax / 127); activations stay in the
 model dtype. Small batches (decode of a few streams: memory-bound, the weights dominate the bytes
@@ -13,13 +14,19 @@ another model: greedy text can differ from the unquantized one).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefloop.server.model.int4 import INT4_GROUP, Int4Linear, int4_fits
 from prefloop.server.model.packed_linear import pack_weight, packed_linear
 
-QUANT_MODES = ("none", "int8")
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "int4")
+HEAD_MODES = ("int8", "int4")  # int4 mode: what the LM head gets
 INT8_MAX_ROWS = 4  # batches up to this many tokens take the int8 kernel
 
 
@@ -87,14 +94,31 @@ def _(x, qweight, scales, dense, max_rows):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-def quantize_model(model: nn.Module, mode: str, max_rows: int = INT8_MAX_ROWS) -> nn.Module:
-    """Replace every nn.Linear of `model` (attention, MLP, LM head) in place; returns the model."""
+def quantize_model(model: nn.Module, mode: str, max_rows: int = INT8_MAX_ROWS, *,
+                   group: int = INT4_GROUP, head: str = "int8") -> nn.Module:
+    """Replace every nn.Linear of `model` (attention, MLP, LM head) in place; returns the model.
+    int4: layers the int4 kernel cannot run, and the LM head unless `head` is "int4", get int8."""
     if mode not in QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES}, got {mode!r}")
+    if head not in HEAD_MODES:
+        raise ValueError(f"the int4 mode's LM head must be one of {HEAD_MODES}, got {head!r}")
     if mode == "none":
         return model
+    as_int8 = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child, max_rows))
+            if not isinstance(child, nn.Linear):
+                continue
+            out_f, in_f = child.weight.shape
+            if mode == "int4" and (name != "lm_head" or head == "int4") \
+                    and int4_fits(out_f, in_f, group):
+                setattr(parent, name, Int4Linear(child, group))
+                continue
+            if mode == "int4" and name != "lm_head":
+                as_int8.append(f"{name} {out_f}x{in_f}")
+            setattr(parent, name, Int8Linear(child, max_rows))
+    if as_int8:
+        log.info("--quantize int4: %d layer(s) the int4 kernel cannot run (output sizes a "
+                 "multiple of 16, inputs of whole groups of %d) are int8: %s", len(as_int8), group,
+                 ", ".join(sorted(set(as_int8))))
     return model

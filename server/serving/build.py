@@ -71,7 +71,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
 
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/engine/context.py).
-    `quantize` "int8" makes the native engine's linear layers weight-only int8 (server/model/quantize.py).
+    `quantize` "int8" / "int4" makes the native engine's linear layers weight-only int8 / int4
+    (server/model/quantize.py, int4.py).
     `compile` runs the native engine's model step through torch.compile (server/model/compile.py).
     `attention` (auto | native | sdpa) picks the native engine's decode attention
     (server/model/kernels.py); `weight_layout` (auto | packed | plain) whether its linear
@@ -123,7 +124,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
     if device == "cuda" and quantize != "none":
-        raise InvalidArgument("--quantize int8 runs on CPU only (torch's int8-weight kernel)")
+        raise InvalidArgument(f"--quantize {quantize} runs on CPU only (torch's CPU "
+                              "weight-only kernels)")
     if quantize == "int8" and dtype == "float32":
         log.warning("--quantize int8 with float32 activations is slower than plain float32 on "
                     "CPU; use --dtype bfloat16 --quantize int8 for speed (docs/performance.md)")

@@ -42,7 +42,7 @@ def test_quantize_model_replaces_every_linear():
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2
     with pytest.raises(ValueError, match="quantize must be one of"):
-        quantize_model(model, "int4")
+        quantize_model(model, "int2")
 
 
 def dequantized_copy(model_dir, out_dir, tied: bool):
@@ -97,11 +97,12 @@ def test_quantize_flag_reaches_the_generator_and_is_refused_where_unsupported():
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     assert generator_kwargs(p.parse_args(["--quantize", "int8"]))["quantize"] == "int8"
+    assert generator_kwargs(p.parse_args(["--quantize", "int4"]))["quantize"] == "int4"
     assert generator_kwargs(p.parse_args([]))["quantize"] == "none"
     with pytest.raises(InvalidArgument, match="native-engine option"):
         build_generator(backend="vllm", quantize="int8")
     with pytest.raises(InvalidArgument, match="quantize must be one of"):
-        build_generator(quantize="int4")
+        build_generator(quantize="int2")
 
 
 @pytest.mark.slow
