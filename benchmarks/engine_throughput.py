@@ -5,14 +5,16 @@ token, and peak RSS, for float32 and bfloat16, all in one run on the same weight
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
     python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
-                                           [--sdpa] [--plain] [--packed] [--json out.json]
+                                           [--int4] [--sdpa] [--plain] [--packed] [--json out.json]
 
 `--compile` adds prefloop with `--compile` (the model step through torch.compile; compilation
-happens at engine start and is not timed), `--int8` prefloop with `--quantize int8`; with both, also
-the two together; `--sdpa` prefloop with `--attention sdpa` (gather + SDPA decode attention instead
+happens at engine start and is not timed), `--int8` / `--int4` prefloop with `--quantize int8` /
+`int4`; with --compile and --int8, also the two together; `--sdpa` prefloop with `--attention sdpa` (gather + SDPA decode attention instead
 of the native kernel, which `prefloop` uses when it builds); `--plain` / `--packed` prefloop with
 `--weight-layout plain` / `packed` (`prefloop` itself runs the default `auto`: packed oneDNN weights
 for bfloat16, plain for float32). Every prefloop column gets its ratio to transformers.
+llama.cpp (llama-cpp-python, the `bench` extra) runs the embedded Q4_1 GGUF at one stream, and
+each prefloop column at one stream also gets its ratio to it.
 """
 from __future__ import annotations
 
@@ -94,12 +96,22 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
     from llama_cpp import Llama  # optional peer: only when llama-cpp-python is installed
 
     from prefloop.server.model.default_model import default_gguf_path
-    llm = Llama(str(default_gguf_path()), n_ctx=2048, n_threads=2, verbose=False)
+    # n_batch=1: llama-cpp-python 0.3.x built on an AMX Xeon segfaulted evaluating a multi-token
+    # prompt in one batch (issue 32); one token per batch leaves the decode speed as it is
+    llm = Llama(str(default_gguf_path()), n_ctx=2048, n_threads=2, n_batch=1, n_ubatch=1,
+                verbose=False)
+    prompt = llm.tokenize(PROMPTS[0].encode())
+    llm.eval(prompt)  # the prompt first: decode timed on its own, as prefloop's is
     t0 = time.perf_counter()
-    out = llm(PROMPTS[0], max_tokens=max_tokens, temperature=0.0)
+    produced = 0
+    for token in llm.generate([], temp=0.0, reset=False):
+        if produced == 0:
+            ttft = time.perf_counter() - t0
+        produced += 1
+        if produced >= max_tokens:
+            break
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": out["usage"]["completion_tokens"] / dt, "ttft_s": None,
-            "peak_rss_mib": peak_rss_mib()}
+    return {"tokens_per_s": produced / dt, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib()}
 
 
 RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
@@ -109,6 +121,7 @@ RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cp
                                                                          weight_layout="packed"),
            "prefloop-sdpa": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, attention="sdpa"),
            "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8"),
+           "prefloop-int4": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int4"),
            "prefloop-compiled": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, compile=True),
            "prefloop-compiled-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8",
                                                                                  compile=True)}
@@ -120,6 +133,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
+    ap.add_argument("--int4", action="store_true", help="also run prefloop --quantize int4")
     ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
     ap.add_argument("--sdpa", action="store_true", help="also run prefloop --attention sdpa")
     ap.add_argument("--plain", action="store_true", help="also run prefloop --weight-layout plain")
@@ -140,7 +154,7 @@ def main() -> int:
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
     variants = [v for v, on in (("prefloop-plain", args.plain), ("prefloop-packed", args.packed),
                                 ("prefloop-sdpa", args.sdpa), ("prefloop-compiled", args.compile),
-                                ("prefloop-int8", args.int8),
+                                ("prefloop-int8", args.int8), ("prefloop-int4", args.int4),
                                 ("prefloop-compiled-int8", args.compile and args.int8)) if on]
     systems[1:1] = variants
     ours_all = ["prefloop"] + variants
@@ -152,8 +166,8 @@ def main() -> int:
         for bs in map(int, args.batch_sizes.split(",")):
             res = {}
             for system in systems:
-                if system == "llama.cpp" and (bs != 1 or dtype != "float32"):
-                    continue  # the GGUF is Q4_1; one stream is its reference point
+                if system == "llama.cpp" and bs != 1:
+                    continue  # one stream is its reference point (its own dtype: Q4_1)
                 cmd = [sys.executable, __file__, "--one", system, dtype, str(bs), "--max-tokens",
                        str(args.max_tokens)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
@@ -165,12 +179,19 @@ def main() -> int:
             hf_tps = hf.get("tokens_per_s")
             ratios = {s: res[s]["tokens_per_s"] / hf_tps if hf_tps and s in res else float("nan")
                       for s in ours_all}
+            llama_tps = res.get("llama.cpp", {}).get("tokens_per_s")
+            vs_llama = {s: res[s]["tokens_per_s"] / llama_tps for s in ours_all
+                        if llama_tps and s in res}
             rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratios["prefloop"],
-                         "ratios_vs_transformers": ratios, **{s: r for s, r in res.items()}})
+                         "ratios_vs_transformers": ratios, "ratios_vs_llama_cpp": vs_llama,
+                         **{s: r for s, r in res.items()}})
             cols = " ".join(f"{res[s]['tokens_per_s']:22.1f}" if s in res else f"{'-':>22}" for s in systems)
             print(f"{dtype:9} {bs:3d} {cols} " + " ".join(f"{ratios[s]:12.2f}" for s in ours_all)
                   + f" {ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
-                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}", flush=True)
+                  f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}"
+                  + ("  vs llama.cpp: " + " ".join(f"{s.replace('prefloop', 'x')} {r:.2f}"
+                                                   for s, r in vs_llama.items()) if vs_llama else ""),
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

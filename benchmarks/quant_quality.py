@@ -9,19 +9,25 @@ logits at every position) and generates its own greedy continuation. Reported pe
 - top-1: how often the mode's most likely next token equals float32's.
 - agree: tokens until the mode's greedy continuation first differs from float32's (mean over
   prompts; greedy text forks at the first near-tie, so this is noisy).
+- ppl: perplexity on a held text nobody tuned on (`--text`, default benchmarks/data/held_text.txt,
+  windows of 256 tokens), and llama.cpp's on the same token ids when llama-cpp-python (the `bench`
+  extra) is installed and the model is the embedded one (its Q4_1 GGUF).
 
     python benchmarks/quant_quality.py [--modes bfloat16,bfloat16+torch-ops,bfloat16+int8] [--max-tokens 64]
                                        [--prompts 8] [--model PATH]
 
-A mode is DTYPE, optionally followed by `+int8` (`--quantize int8`) and/or `+torch-ops` (bfloat16
+A mode is DTYPE, optionally followed by `+int8` (`--quantize int8`), `+int4` (`--quantize int4`:
+groups of 32, int8 LM head), `+int4-head` (int4 with the LM head in int4 too), and/or `+torch-ops` (bfloat16
 without the kernel library's fused norm / RoPE / SiLU ops, which the engine uses by default: see
 docs/engine.md). Modes run eager: `--compile` computes the same model (tests/model/test_compile.py).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,36 +59,95 @@ def all_logits(model, seq_ids: list[int]) -> torch.Tensor:
     return model(ids, positions, runner.kv_caches, meta, torch.arange(n)).float()
 
 
+HELD_TEXT = Path(__file__).resolve().parent / "data" / "held_text.txt"
+WINDOW = 256
+
+
+def text_windows(tokenizer, path: Path) -> list[list[int]]:
+    ids = tokenizer.encode(path.read_text())
+    return [ids[i:i + WINDOW] for i in range(0, len(ids) - 1, WINDOW) if len(ids[i:i + WINDOW]) > 1]
+
+
+def nll(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1], and the token count."""
+    target = torch.tensor(ids[1:])
+    return float(F.cross_entropy(logits[:-1].float(), target, reduction="sum")), len(target)
+
+
+def perplexity(model, windows: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for w in windows:
+        s, n = nll(all_logits(model, w), w)
+        total, count = total + s, count + n
+    return math.exp(total / count)
+
+
+def llama_cpp_perplexity(windows: list[list[int]]) -> float | None:
+    """llama.cpp's perplexity on the same token ids (the embedded Q4_1 GGUF), or None."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from prefloop.server.model.default_model import default_gguf_path
+    llm = Llama(str(default_gguf_path()), n_ctx=WINDOW + 8, n_threads=2, n_batch=1, n_ubatch=1,
+                logits_all=True, verbose=False)
+    total, count = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        s, n = nll(torch.from_numpy(llm.scores[:len(w)].copy()), w)
+        total, count = total + s, count + n
+    return math.exp(total / count)
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="bfloat16,bfloat16+int8,float32+int8")
+    ap.add_argument("--modes", default="bfloat16,bfloat16+int8,bfloat16+int4,float32+int8",
+                    help="comma-separated (default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded model)")
+    ap.add_argument("--text", default=str(HELD_TEXT), help="held text for perplexity (default %(default)s)")
     args = ap.parse_args()
     from prefloop.server.model.loader import load_model, resolve_model_dir
     from prefloop.server.serving.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model)
-    prompts = prompt_ids(Tokenizer(model_dir), args.prompts)
+    tokenizer = Tokenizer(model_dir)
+    prompts = prompt_ids(tokenizer, args.prompts)
+    windows = text_windows(tokenizer, Path(args.text))
     reference = load_model(model_dir, dtype="float32")
     ref_text = continuations(reference, prompts, args.max_tokens)
     sequences = [p + c for p, c in zip(prompts, ref_text)]
     ref_logits = [all_logits(reference, s) for s in sequences]
+    ref_ppl = perplexity(reference, windows)
     del reference
-    print(f"{len(prompts)} prompts, {args.max_tokens} greedy tokens each, scored against float32")
-    print(f"{'mode':18} {'KL(fp32||mode)':>15} {'top-1':>7} {'agree':>7} {'seconds':>8}")
+    print(f"{len(prompts)} prompts, {args.max_tokens} greedy tokens each, scored against float32; "
+          f"perplexity on {sum(map(len, windows))} tokens of {Path(args.text).name}")
+    print(f"{'mode':18} {'KL(fp32||mode)':>15} {'top-1':>7} {'agree':>7} {'ppl':>7} {'seconds':>8}")
+    print(f"{'float32':18} {0.0:15.4f} {1.0:7.3f} {args.max_tokens:7.1f} {ref_ppl:7.3f} {'-':>8}")
+    if args.model is None:
+        llama_ppl = llama_cpp_perplexity(windows)
+        if llama_ppl is not None:
+            print(f"{'llama.cpp Q4_1':18} {'-':>15} {'-':>7} {'-':>7} {llama_ppl:7.3f} {'-':>8}")
     for mode in args.modes.split(","):
         dtype, *options = mode.split("+")
-        unknown = set(options) - {"int8", "torch-ops"}
+        unknown = set(options) - {"int8", "int4", "int4-head", "torch-ops"}
         if unknown:
-            ap.error(f"unknown mode options {sorted(unknown)} in {mode!r}; use +int8 and/or +torch-ops")
+            ap.error(f"unknown mode options {sorted(unknown)} in {mode!r}; use +int8, +int4, "
+                     "+int4-head and/or +torch-ops")
         t0 = time.perf_counter()
-        model = load_model(model_dir, dtype=dtype, quantize="int8" if "int8" in options else "none")
+        quantize = next((q for q in ("int8", "int4") if q in options), "none")
+        if "int4-head" in options:  # not a serve option: quantized here, after a plain load
+            from prefloop.server.model.quantize import quantize_model
+            model = quantize_model(load_model(model_dir, dtype=dtype, weight_layout="plain"),
+                                   "int4", head="int4")
+        else:
+            model = load_model(model_dir, dtype=dtype, quantize=quantize)
         if "torch-ops" in options:
             model.fused_ops = False
         logits = [all_logits(model, s) for s in sequences]
@@ -93,7 +158,9 @@ def main() -> None:
                                for lg, ref in zip(logits, ref_logits))
         agree = statistics.mean(first_difference(a, b)
                                 for a, b in zip(continuations(model, prompts, args.max_tokens), ref_text))
-        print(f"{mode:18} {kl:15.4f} {top1:7.3f} {agree:7.1f} {time.perf_counter() - t0:8.1f}", flush=True)
+        ppl = perplexity(model, windows)
+        print(f"{mode:18} {kl:15.4f} {top1:7.3f} {agree:7.1f} {ppl:7.3f} "
+              f"{time.perf_counter() - t0:8.1f}", flush=True)
 
 
 if __name__ == "__main__":
