@@ -29,6 +29,7 @@ from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback import export as log_export
 from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, cap_voters
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,17 @@ class PromptRow:
         return self.fingerprint
 
 
+def capped(rows: list[dict]) -> list[dict]:
+    """`rows` in time order with each user's (or session's) share cut to the default voter cap."""
+    rows = sorted(rows, key=lambda r: r["created_at"])
+    return cap_voters(rows, DEFAULT_VOTER_CAP)[0]
+
+
 def load_prompts(data_dir: str | Path, *, since: str | None = None,
                  after: dt.datetime | None = None, max_prompts: int | None = None
                  ) -> list[PromptRow]:
     """Distinct prompts of the log (generations, and explicit preferences' prompt messages),
-    each dated by its first appearance, oldest first."""
+    each dated by its first appearance, oldest first; no user gives more than the voter cap."""
     since_t = data_mod.parse_time(since)
     day = runner.day_of(since_t)  # not `after`: a prompt first seen before it must keep its first date
     first: dict[str, PromptRow] = {}
@@ -103,14 +110,15 @@ def load_prompts(data_dir: str | Path, *, since: str | None = None,
         if seen is None or created_at < seen.created_at:
             first[fingerprint] = PromptRow(messages, created_at, fingerprint)
 
+    who = ["user_id", "session_id"]  # each voter capped (voter_caps.py), as every training read
     gens = log_export.load_table(data_dir, logschema.GENERATIONS, since=day,
-                                 columns=["prompt", "messages", "prompt_fingerprint", "created_at"])
-    for g in gens.to_pylist():
+                                 columns=["prompt", "messages", "prompt_fingerprint", "created_at", *who])
+    for g in capped(gens.to_pylist()):
         add(g["prompt_fingerprint"], logschema.prompt_as_messages(g["prompt"], g["messages"]),
             g["created_at"])
     fb = log_export.load_table(data_dir, logschema.FEEDBACK, since=day,
-                               columns=["prompt_messages", "prompt_fingerprint", "created_at"])
-    for f in fb.to_pylist():
+                               columns=["prompt_messages", "prompt_fingerprint", "created_at", *who])
+    for f in capped(fb.to_pylist()):
         if f["prompt_messages"]:
             add(f["prompt_fingerprint"], f["prompt_messages"], f["created_at"])
     return data_mod.window_rows(list(first.values()), since_t, after, max_prompts)

@@ -94,7 +94,7 @@ def test_one_user_voting_half_the_log_against_the_crowd_no_longer_decides_the_ex
 
 
 def test_align_reads_the_capped_log_and_its_voter_cap_flag_turns_the_cap_off_or_refuses(tmp_path):
-    """The align jobs' loaders (DPO pairs, KTO examples, SFT examples, RM pairs) cap a flooder
+    """The align jobs' loaders (DPO pairs, KTO examples, SFT examples, RM pairs, PPO prompts) cap a flooder
     by default; `--voter-cap 0` on `align run` / `align rm` reads every row; 0.5 is refused."""
     from prefloop.align import data as data_mod
     from prefloop.align.jobs.reward import load_rm_pairs
@@ -115,6 +115,9 @@ def test_align_reads_the_capped_log_and_its_voter_cap_flag_turns_the_cap_off_or_
     assert len(data_mod.load_pairs(data)) == 80 and len(data_mod.load_pairs(data, voter_cap=None)) == 120
     assert len(data_mod.load_sft_examples(data)) < len(data_mod.load_sft_examples(data, voter_cap=None))
     assert len(load_rm_pairs(data)) == 80 and len(load_rm_pairs(data, voter_cap=None)) == 120
+    from prefloop.align.jobs.ppo import load_prompts
+    prompts = [r.prompt[0]["content"] for r in load_prompts(data)]  # PPO's prompts: capped too
+    assert len(prompts) == 80 and sum(p.startswith("r") for p in prompts) == 20
 
     def parsed(*argv):
         argv = canonical_argv(["align", *argv])
