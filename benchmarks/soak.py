@@ -115,6 +115,7 @@ class Report:
     rss_first_mb: float | None = None
     rss_last_mb: float | None = None
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (minute, MB), steady
+    rss_before_actions_mb: float | None = None  # steady: under load, before the first swap
     swaps_and_tests: int = 0  # steady mode: publisher cycles and A/B tests run (no kills)
     wall_s: float = 0.0
 
@@ -379,6 +380,9 @@ class Soak:
                                                     rss_mb(self.server.proc.pid)))
                     next_sample = now + 30
                 if now >= next_action:
+                    if k == 0:  # the last sample before any swap or A/B load: the cold baseline
+                        self.report.rss_before_actions_mb = next(
+                            (mb for _, mb in reversed(self.report.rss_samples) if mb), None)
                     self.steady_action(k)
                     k += 1
                     next_action = time.monotonic() + action_every_s
@@ -487,6 +491,10 @@ def main() -> int:
             report = Soak(work, args.seed).run_steady(args.minutes, args.action_every).summary()
             first, last = report["rss_first_mb"], report["rss_last_mb"]
             report["rss_growth"] = (last / first - 1) if first and last else None
+            cold = report.get("rss_before_actions_mb")
+            report["rss_growth_vs_cold"] = (last / cold - 1) if cold and last else None
+            mbs = [mb for _, mb in report.get("rss_samples") or [] if mb]
+            report["rss_max_vs_cold"] = (max(mbs) / cold - 1) if cold and mbs else None
             report["minutes"] = args.minutes
         else:
             print(f"soak: {args.kills} kills in {work}", file=sys.stderr)
