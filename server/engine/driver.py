@@ -157,6 +157,7 @@ class MainThreadDriver:
                 self._drop(engine)
             else:
                 busy = engine.run_once() or busy
+        engines = engine = None  # a dropped engine must not live on in this frame while it waits
         if not busy:
             self.wake.wait(timeout=0.5)
             self.wake.clear()

@@ -16,7 +16,7 @@ import random
 
 from prefloop.server.ab.state import ABState
 from prefloop.server.serving.generator import Generator
-from prefloop.server.serving.memory import release_freed_memory
+from prefloop.server.serving.memory import release_when_collected
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ class ABRouter:
             await asyncio.sleep(0.05)
         version = generator.info.model_version
         await generator.close()
-        del generator  # the last reference to the candidate's weights (see memory.py)
-        await asyncio.to_thread(release_freed_memory, f"A/B candidate {version}")
+        release_when_collected(generator, f"A/B candidate {version}")  # (memory.py)
 
     async def close(self) -> None:
         await self._retire()

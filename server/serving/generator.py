@@ -22,7 +22,7 @@ from typing import AsyncIterator
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import FailedPrecondition, InvalidArgument
 from prefloop.server.model.config import read_sampling_defaults
-from prefloop.server.serving.memory import release_freed_memory
+from prefloop.server.serving.memory import release_when_collected
 from prefloop.server.serving.protocol import EngineBackend
 from prefloop.server.serving.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -230,10 +230,10 @@ class Generator:
 
 
 def _stop_and_release(holder: list[EngineBackend]) -> None:
-    """Stop a retired version's engine, drop the last reference to it and give its memory back
-    (memory.py). `holder` is a one-item list, emptied here, so no frame keeps the weights."""
+    """Stop a retired version's engine and give its memory back once nothing holds it
+    (memory.py). `holder` is a one-item list, emptied here, so this frame keeps nothing."""
     backend = holder.pop()
     version = backend.info.model_version
     backend.engine.stop()
+    release_when_collected(backend.engine, f"version {version}")
     del backend
-    release_freed_memory(f"version {version}")

@@ -7,7 +7,9 @@ from heaps that are only trimmed at their top). Without this the server's RSS st
 whole model after a swap and fell back only later and partly (docs/reliability.md, 60 minutes
 of steady load). `release_freed_memory` runs a garbage collection and `malloc_trim(0)`, which
 returns every free page of every arena, and logs what it gave back. It does nothing on a C
-library without `malloc_trim` (musl, macOS).
+library without `malloc_trim` (musl, macOS). `release_when_collected` waits, on a thread of its
+own, until the unloaded object is really gone (a stepping loop or a finishing stream may hold it a
+moment longer than the code that retired it) and releases then.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import ctypes.util
 import gc
 import logging
 import os
-from typing import Callable
+import threading
+import weakref
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +61,21 @@ def release_freed_memory(what: str) -> int | None:
         return None
     log.info("unloaded %s: resident memory %.0f -> %.0f MB", what, before / 2**20, after / 2**20)
     return before - after
+
+
+def release_when_collected(obj: Any, what: str, timeout: float = 60.0) -> threading.Thread:
+    """Release (as `release_freed_memory`) once `obj` has been garbage collected, or after
+    `timeout` seconds whatever holds it; the caller must drop its own references to `obj`."""
+    gone = threading.Event()
+    weakref.finalize(obj, gone.set)
+
+    def wait() -> None:
+        for _ in range(int(timeout / 0.5)):
+            if gone.wait(0.5):
+                break
+            gc.collect()  # a reference cycle may be all that holds it
+        release_freed_memory(what)
+
+    thread = threading.Thread(target=wait, name="prefloop-release", daemon=True)
+    thread.start()
+    return thread

@@ -28,3 +28,22 @@ def test_release_gives_freed_heap_pages_back_that_free_alone_kept():
 
 def test_rss_is_measured_here():
     assert memory.rss_bytes() > 10 * 2**20
+
+
+def test_release_waits_until_the_object_is_gone():
+    class Weights:
+        pass
+
+    released = []
+    obj = Weights()
+    original = memory.release_freed_memory
+    memory.release_freed_memory = released.append
+    try:
+        thread = memory.release_when_collected(obj, "v0001")
+        thread.join(0.3)
+        assert thread.is_alive() and released == []  # still held: nothing released yet
+        del obj
+        thread.join(5)
+        assert not thread.is_alive() and released == ["v0001"]
+    finally:
+        memory.release_freed_memory = original
