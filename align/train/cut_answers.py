@@ -20,6 +20,7 @@ from typing import Any
 # by the same count: SFT also has a completion mask of the same length)
 FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
     "dpo": {"chosen_cut": ("chosen_ids",), "rejected_cut": ("rejected_ids",)},
+    "rm": {"chosen_cut": ("chosen_ids",), "rejected_cut": ("rejected_ids",)},
     "kto": {"completion_cut": ("completion_ids",)},
     "sft": {"completion_cut": ("input_ids", "labels", "completion_mask", "attention_mask",
                                "assistant_masks")},

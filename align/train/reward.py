@@ -35,8 +35,9 @@ from prefloop.align.train.common import (
     quiet_progress,
     trainer_args,
 )
+from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.feedback.rows import PreferencePair
+from prefloop.server.feedback.rows import PreferencePair, is_cut
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,15 @@ def _content(message_list_or_text: Any) -> str:
     return "".join(m["content"] for m in message_list_or_text)
 
 
-def encode_conversation(tokenizer, prompt: list[dict], answer: Any, max_length: int) -> list[int]:
+def encode_conversation(tokenizer, prompt: list[dict], answer: Any, max_length: int,
+                        cut: bool = False) -> list[int]:
     """Token ids of prompt + [assistant answer] with the chat template (TRL's RewardTrainer
     layout). Longer conversations keep their *last* `max_length` tokens (the score is read at
-    the last token)."""
+    the last token). A `cut` answer (rows.is_cut) ends where its text ends, without the
+    end-of-turn tokens, as it is trained (align/train/cut_answers.py)."""
     messages = list(prompt) + [{"role": "assistant", "content": _content(answer)}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        **({"continue_final_message": True} if cut else {}))["input_ids"]
     ids = list(ids)
     return ids[-max_length:]
 
@@ -213,9 +217,10 @@ def score_pairs(model, tokenizer, pairs: list[PreferencePair], *, batch_size: in
     chosen, rejected = torch.zeros(n), torch.zeros(n)
     for s in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
         group = pairs[s:s + batch_size]
-        seqs = ([encode_conversation(tokenizer, p.prompt, p.chosen, max_length) for p in group]
-                + [encode_conversation(tokenizer, p.prompt, p.rejected, max_length)
-                   for p in group])
+        seqs = ([encode_conversation(tokenizer, p.prompt, p.chosen, max_length,
+                                     is_cut(p.chosen_finish_reason)) for p in group]
+                + [encode_conversation(tokenizer, p.prompt, p.rejected, max_length,
+                                       is_cut(p.rejected_finish_reason)) for p in group])
         scores = score_ids(model, seqs, pad_id)  # [2 * len(group)]
         chosen[s:s + len(group)] = scores[:len(group)]
         rejected[s:s + len(group)] = scores[len(group):]
@@ -256,8 +261,9 @@ class RewardTrainResult:
 
 
 def trl_rows(rows: list[PreferencePair], margin: bool) -> list[dict[str, Any]]:
-    """The columns RewardTrainer reads (conversational prompt / chosen / rejected [+ margin])."""
-    keep = ("prompt", "chosen", "rejected", "margin") if margin else ("prompt", "chosen", "rejected")
+    """The columns RewardTrainer reads (conversational prompt / chosen / rejected [+ margin]),
+    plus the cut flags that `train_reward_model` applies and removes (cut_answers.py)."""
+    keep = ("prompt", "chosen", "rejected", "chosen_cut", "rejected_cut") + (("margin",) if margin else ())
     return [{k: v for k, v in r.to_trl(margin=margin).items() if k in keep} for r in rows]
 
 
@@ -285,6 +291,8 @@ def train_reward_model(base_dir: Path, rows: list[PreferencePair], cfg: RewardTr
                                 train_dataset=Dataset.from_list(trl_rows(rows, cfg.margin)),
                                 processing_class=tokenizer, peft_config=peft_config,
                                 callbacks=callbacks)
+        # answers the user saw cut keep no end-of-turn tokens (TRL's template adds them)
+        trainer.train_dataset = drop_end_of_turn(trainer.train_dataset, tokenizer, "rm")
         quiet_progress(trainer)
         if len(trainer.train_dataset) == 0:
             raise InvalidArgument(f"every pair is longer than max-length {cfg.max_length} tokens")

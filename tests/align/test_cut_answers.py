@@ -1,6 +1,7 @@
 """Train on what users saw: a cut answer (max_tokens, Stop, a stop string) goes through the real
-training path (TRL's DPO / KTO / SFT tokenization, then align/train/cut_answers.py) and the
-scoring path without the chat template's end-of-turn tokens; a finished answer keeps them."""
+training path (TRL's DPO / KTO / SFT / reward-model tokenization, then align/train/cut_answers.py)
+and the scoring paths without the chat template's end-of-turn tokens; a finished answer keeps
+them."""
 from __future__ import annotations
 
 import datetime as dt
@@ -100,3 +101,30 @@ def test_a_truncated_sequence_loses_nothing_more():
     assert cut_answers.strip_tail([5, 6, 2, 198], [2, 198]) == 2
     assert cut_answers.strip_tail([5, 6, 7], [2, 198]) == 0  # already cut by max_length
     assert cut_answers.strip_tail([198], [2, 198]) == 0
+
+
+def test_reward_model_trains_and_scores_a_cut_answer_without_its_end_of_turn(tiny, tok, monkeypatch):
+    """The reward model reads its score at the last token: for a cut answer that must be the
+    answer's last word, in training (RewardTrainer's tokenization) and in scoring alike."""
+    import trl
+
+    from prefloop.align.train import reward as R
+    seen = {}
+
+    def capture(self, *args, **kwargs):
+        seen["rows"] = list(self.train_dataset)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trl.RewardTrainer, "train", capture)
+    pair = PreferencePair(Q, said(CUT), said(WHOLE), "f", T, chosen_finish_reason="length",
+                          rejected_finish_reason="stop")
+    with pytest.raises(KeyboardInterrupt):
+        R.train_reward_model(tiny, [pair, pair], R.RewardTrainConfig(batch_size=2, max_steps=1,
+                                                                     bf16=False))
+    row = seen["rows"][0]
+    assert row["chosen_ids"][-1] == last_text_token(tok, CUT)
+    assert tok.convert_ids_to_tokens(row["rejected_ids"][-2:]) == ["<|im_end|>", "Ċ"]
+    assert "chosen_cut" not in row
+    scored = R.encode_conversation(tok, Q, said(CUT), 1024, cut=True)
+    assert scored == list(row["chosen_ids"])  # scoring reads the sequence training saw
+    assert R.encode_conversation(tok, Q, said(WHOLE), 1024) == list(row["rejected_ids"])

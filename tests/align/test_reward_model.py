@@ -124,8 +124,9 @@ def test_rm_pairs_carry_margins(rm_job):
     assert len(rows) == 40 and all(r.margin == 0.0 for r in rows)
     assert rows == sorted(rows, key=lambda r: r.created_at)
     trl = R.trl_rows(rows[:2], margin=True)
-    assert set(trl[0]) == {"prompt", "chosen", "rejected", "margin"}
-    assert set(R.trl_rows(rows[:2], margin=False)[0]) == {"prompt", "chosen", "rejected"}
+    cut_flags = {"chosen_cut", "rejected_cut"}  # applied and removed by train_reward_model
+    assert set(trl[0]) == {"prompt", "chosen", "rejected", "margin"} | cut_flags
+    assert set(R.trl_rows(rows[:2], margin=False)[0]) == {"prompt", "chosen", "rejected"} | cut_flags
 
 
 def _log_generations(data_dir, texts: list[str]) -> list[str]:
