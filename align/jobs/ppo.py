@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate
+from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.jobs.reward import reward_model_version
 from prefloop.align.season import decision_config, season_of, too_early, with_season
@@ -203,6 +203,15 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
     policy = trained.model.to(device)
     candidate = evaluate_policy(policy, reference, rm, tokenizer, rm_tok, heldout,
                                 progress="evaluating the candidate", **kw)
+    root = runner.root_version(registry, base)
+    if root == base:  # the reference is the root: the KL above is the drift
+        kl_to_root = candidate.get("kl_per_token")
+    else:  # the same seeded answers, KL to the root's next-token distributions
+        root_model = load_causal_lm(registry.version_dir(root), device)
+        kl_to_root = evaluate_policy(policy, root_model, rm, tokenizer, rm_tok, heldout,
+                                     progress=f"KL to the root {root}", **kw).get("kl_per_token")
+        del root_model
+    candidate["kl_to_root_per_token"], candidate["root_version"] = kl_to_root, root
     policy.to("cpu")
     current = runner.current_version(registry)
     if current is None or current == base:
@@ -218,11 +227,11 @@ def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir
                                      current_eval.pop("rewards", []), cfg.eval_samples)
     result.metrics["heldout"] = candidate
     result.metrics["current"] = dict(current_eval, version=current)
-    return ppo_gate(
+    return with_drift(ppo_gate(
         per_prompt=per_prompt, candidate_reward=candidate.get("reward"),
         current_reward=current_eval.get("reward"), current_version=current,
         kl_per_token=candidate.get("kl_per_token"), heldout_prompts=len(heldout),
-        config=gate_config)
+        config=gate_config), kl_to_root, root, gate_config)
 
 
 def per_prompt_outcomes(candidate: list[float], current: list[float], samples: int

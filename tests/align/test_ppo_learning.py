@@ -287,8 +287,8 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     from prefloop.server import registry as reg
     out = tmp_path / "run"
     rc, text = _cli(["ppo", "--data-dir", str(ppo_log), "--rm", "v0001", "--plot", "--out-dir",
-                     str(out), "--max-kl", "100", "--min-improvement", "-0.49", "--min-heldout-pairs", "1",
-                     "--promote",
+                     str(out), "--max-kl", "100", "--max-root-kl", "100", "--min-improvement", "-0.49",
+                     "--min-heldout-pairs", "1", "--promote",
                      "--json", *PPO_FAST])
     assert rc == 0, text
     result = json.loads(text)
@@ -307,6 +307,9 @@ def test_ppo_job_gate_publish_promote(ppo_log, tmp_path):
     assert len(lines) == 4 and (out / "ppo_curves.png").stat().st_size > 1000
     held = manifest.metrics["heldout"]
     assert held["samples"] == 4 and held["kl_per_token"] > 0
+    # trained on the root: its KL to the root is the KL to its reference, and the gate reads it
+    assert held["root_version"] == "v0000" and held["kl_to_root_per_token"] == held["kl_per_token"]
+    assert any("KL to the root v0000" in r for r in manifest.gate["reasons"])
     assert manifest.metrics["current"]["version"] == "v0000"
     assert job_history(registry)[-1].status == "promoted"
 
@@ -326,6 +329,30 @@ def test_ppo_job_rejected_by_kl_bound_publishes_nothing(ppo_log):
     assert result.status == "rejected" and result.version is None
     assert any("KL to the reference" in r and "> bound" in r for r in result.gate["reasons"])
     assert registry.list_versions() == versions
+
+
+def test_ppo_on_a_child_version_measures_its_drift_from_the_root(ppo_log):
+    """A PPO job whose base is not the root (v0000) measures the candidate's KL to the root on
+    the same seeded answers, and the drift bound rejects it."""
+    from prefloop.align.gate import GateConfig
+    from prefloop.align.jobs.ppo import PPOJobConfig, run_ppo_job
+    from prefloop.align.train.ppo import PPOConfig
+    from prefloop.server import registry as reg
+
+    def job(base: str, **gate):
+        return run_ppo_job(PPOJobConfig(
+            data_dir=ppo_log, rm="v0001", base=base, keep_rejected=True, eval_samples=1,
+            gate=GateConfig(max_kl=100, min_improvement=-0.49, min_heldout=1, **gate),
+            ppo=PPOConfig(steps=1, batch_size=8, mini_batch_size=8, lr=3e-3, max_new_tokens=4),
+            progress=False))
+    child = job("v0000", max_root_kl=100).version
+    assert reg.Registry(ppo_log).manifest(child).parent == "v0000"
+    result = job(child, max_root_kl=1e-12)
+    held = reg.Registry(ppo_log).manifest(result.version).metrics["heldout"]
+    assert held["root_version"] == "v0000" and held["kl_to_root_per_token"] > 0
+    assert held["kl_to_root_per_token"] != held["kl_per_token"]  # measured against v0000
+    assert result.status == "rejected"
+    assert any("KL to the root v0000" in r and "> bound" in r for r in result.gate["reasons"])
 
 
 def test_ppo_refuses_a_policy_as_reward_model_and_needs_rm(ppo_log):
