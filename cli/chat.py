@@ -49,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deadline of each call in seconds (default %(default)s)")
 
 
+def _catch_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt even when the parent started us with SIGINT ignored
+    or blocked (a background job of a shell script, some supervisors): Python then keeps the
+    ignore, and Ctrl-C would neither stop an answer nor quit."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _read_line() -> str | None:
     try:
         return input(PROMPT)
@@ -67,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                     tls=args.tls, timeout=args.timeout)
     sampling = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature,
                                       top_p=args.top_p, seed=args.seed).items() if v is not None}
+    _catch_ctrl_c()
     session = ChatSession(client, system=args.system, sampling=sampling,
                           session_id=args.session_id or f"chat-{uuid.uuid4().hex[:12]}",
                           user_id=args.user_id)

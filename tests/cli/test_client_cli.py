@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import USER_TOKEN
 
-from prefloop.clients import Client
 from prefloop.cli.bench import percentile
 from prefloop.cli.chat import COMMANDS, ChatSession, command, handle_line
+from prefloop.clients import Client
 
 
 def test_chat_session_keeps_the_conversation(fake_server):
@@ -146,6 +145,15 @@ class _Reader:
         return wait_until(lambda: needle in self.text, timeout=timeout)
 
 
+def _reading_stdin(pid: int) -> bool:
+    """Whether the process's main thread is blocked in read(0, ...) (x86-64/arm64 Linux)."""
+    try:
+        call = open(f"/proc/{pid}/syscall").read().split()
+    except OSError:
+        return False
+    return len(call) > 1 and call[0] in ("0", "63") and int(call[1], 16) == 0
+
+
 @pytest.mark.timeout(120)
 def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
     import signal
@@ -153,10 +161,13 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
     from conftest import wait_until
 
     fake_server.generator.step_s = 0.05
+    # started the way a shell script's background job is (and the way a test process that some
+    # library told to ignore SIGINT starts it): SIGINT ignored; the chat must still catch Ctrl-C
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefloop.cli", "chat", "--target", fake_server.target,
          "--max-tokens", "200"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         out = _Reader(proc.stdout)
         assert out.wait_for("connected to"), out.text
@@ -170,7 +181,7 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(fake_server):
         proc.stdin.write(b"/version\n")
         proc.stdin.flush()
         assert out.wait_for("model version fake-v0"), out.text
-        time.sleep(0.2)
+        assert wait_until(lambda: _reading_stdin(proc.pid), timeout=30)  # back at the prompt
         proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: quit cleanly
         assert proc.wait(30) == 0
         assert "Traceback" not in out.text
