@@ -45,10 +45,17 @@ class AsyncEngine:
             self._driver.attach(self)
 
     def stop(self) -> None:
-        """Fail what is still running and wait until the stepping thread has let the engine go."""
+        """Fail what is still running, wait until the stepping thread has let the engine go,
+        then free its KV cache: a stopped engine's memory comes back even while something (a
+        finished stream, a stats reference) still holds the engine object."""
         self._stopping = True
-        if self._started:
-            self._driver.detach(self)
+        if not self._started or self._driver.detach(self):
+            self.engine.release_kv_cache()
+
+    def release_weights(self) -> None:
+        """After `stop`: free the model's tensors too (only for a model this engine owns)."""
+        if self._stopping and not self._driver.alive(self):
+            self.engine.release_weights()
 
     @property
     def stopping(self) -> bool:

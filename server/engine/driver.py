@@ -59,12 +59,15 @@ class ThreadDriver:
         thread = self._threads.get(id(engine))
         return thread is not None and thread.is_alive()
 
-    def detach(self, engine: Steppable, timeout: float = 30) -> None:
-        """Wait for the engine's thread to finish (the engine has been told to stop)."""
+    def detach(self, engine: Steppable, timeout: float = 30) -> bool:
+        """Wait for the engine's thread to finish (the engine has been told to stop); whether
+        nothing steps it any more."""
         thread = self._threads.pop(id(engine), None)
         if thread is not None:
             engine.wake.set()
             thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
 
 class MainThreadDriver:
@@ -88,18 +91,20 @@ class MainThreadDriver:
         with self._lock:
             return self._running and engine in self._engines
 
-    def detach(self, engine: Steppable, timeout: float = 30) -> None:
-        """Wait until the stepping thread has finished the (stopping) engine."""
+    def detach(self, engine: Steppable, timeout: float = 30) -> bool:
+        """Wait until the stepping thread has finished the (stopping) engine; whether it has."""
         with self._lock:
             done = self._finished.get(id(engine))
             running = self._running
         if done is None:
-            return
+            return True
         self.wake.set()
         if running and not done.wait(timeout):
             log.warning("an engine did not stop within %.0f s", timeout)
+            return False
         if not running:  # nothing steps it: finish it here
             self._drop(engine)
+        return True
 
     def _drop(self, engine: Steppable) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from prefloop.server.engine.block_manager import BlockManager
 from prefloop.server.engine.context import ContextConfig, check_prompt
 from prefloop.server.engine.grammar import GrammarCompiler, apply_masks
@@ -228,6 +230,23 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             self._maybe_retire(self.requests[seq.request_id])
         return SeqOutput(seq.request_id, seq.index, [token], reason, seq.num_output)
+
+    def release_kv_cache(self) -> None:
+        """Free the KV cache of a stopped engine (AsyncEngine.stop); it cannot step again."""
+        self.runner.release_kv_cache()
+
+    def release_weights(self) -> None:
+        """Drop every tensor of the model (parameters, buffers, tables) of a stopped engine that
+        owns its model (a retired version loaded for it): its memory comes back even while
+        something still holds the engine or the model object. The model is unusable after."""
+        for module in self.model.modules():
+            for name in list(module._parameters):
+                module._parameters[name] = None
+            for name in list(module._buffers):
+                module._buffers[name] = None
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(module, name, None)
 
     def stats(self) -> EngineStats:
         s = self.blocks.stats

@@ -27,6 +27,10 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, self.dtype, self.device)
 
+    def release_kv_cache(self) -> None:
+        """Free the cache tensors (the engine is stopped; nothing may step it again)."""
+        self.kv_caches = []
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return

@@ -175,7 +175,7 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
              "native" if llama.decode_kernel is not None else "SDPA",
              "packed" if llama.packed_weights else "plain",
              ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "")
-    return Backend(AsyncEngine(engine, driver), tokenizer, info)
+    return Backend(AsyncEngine(engine, driver), tokenizer, info, owns_weights=True)
 
 
 def load_vllm_backend(model_dir: Path, version: str, config) -> Backend:

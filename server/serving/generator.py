@@ -68,6 +68,7 @@ class Backend:
     tokenizer: Tokenizer
     info: ModelInfo
     active: int = 0  # requests streaming on it
+    owns_weights: bool = False  # its model was loaded for it alone: freed when it is retired
 
 
 class Generator:
@@ -106,6 +107,7 @@ class Generator:
     async def close(self) -> None:
         for backend in [self._current, *self._draining]:
             await asyncio.to_thread(backend.engine.stop)
+            release_weights(backend)
         self._draining.clear()
         for thread in self._retiring:  # no engine thread may outlive the interpreter's torch
             await asyncio.to_thread(thread.join)
@@ -229,11 +231,21 @@ class Generator:
         return stats
 
 
+def release_weights(backend: Backend) -> None:
+    """Free a stopped backend's model tensors when it owns them (native engines loaded by
+    build.load_backend), so a retired version's memory does not wait for the last reference to
+    its engine (a finished stream, a task) to go."""
+    release = getattr(backend.engine, "release_weights", None)
+    if backend.owns_weights and release is not None:
+        release()
+
+
 def _stop_and_release(holder: list[EngineBackend]) -> None:
     """Stop a retired version's engine and give its memory back once nothing holds it
     (memory.py). `holder` is a one-item list, emptied here, so this frame keeps nothing."""
     backend = holder.pop()
     version = backend.info.model_version
     backend.engine.stop()
+    release_weights(backend)
     release_when_collected(backend.engine, f"version {version}")
     del backend

@@ -185,3 +185,18 @@ def _try(fn, errors):
         fn()
     except RuntimeError as exc:
         errors.append(exc)
+
+
+@pytest.mark.parametrize("driver", [ThreadDriver, MainThreadDriver])
+def test_a_stopped_engine_frees_its_kv_cache_while_something_still_holds_it(tiny_model, driver):
+    import weakref
+
+    engine = LLMEngine(tiny_model, KVCacheConfig(block_size=4, capacity_tokens=512))
+    runner = AsyncEngine(engine, driver())
+    cache = weakref.ref(engine.runner.kv_caches[0][0])
+    runner.start()
+    if driver is ThreadDriver:
+        assert asyncio.run(tokens(runner, "r", [1, 2, 3]))  # it served with that cache
+    runner.stop()
+    assert cache() is None  # freed although `engine` and `runner` are still referenced here
+    assert engine.runner.kv_caches == [] and not runner.healthy

@@ -47,3 +47,33 @@ def test_release_waits_until_the_object_is_gone():
         assert not thread.is_alive() and released == ["v0001"]
     finally:
         memory.release_freed_memory = original
+
+
+def test_a_retired_version_frees_its_weights_and_kv_cache_while_still_referenced():
+    """Hot-swap and the end of an A/B test: the retired engine's tensors go at once, even while
+    something (here the test) still holds its Backend, engine and model."""
+    import asyncio
+    import weakref
+
+    from prefloop.server.model.loader import resolve_model_dir
+    from prefloop.server.serving.build import build_generator
+
+    model_dir = resolve_model_dir(None)  # the default model (a tiny one has no tokenizer)
+
+    async def swap_and_close():
+        generator = build_generator(model=str(model_dir), kv_cache_tokens=256,
+                                    model_version="v0000")
+        await generator.start()
+        old = generator._current
+        llm = old.engine.engine
+        weight = weakref.ref(next(llm.model.parameters()))
+        cache = weakref.ref(llm.runner.kv_caches[0][0])
+        await generator.swap(model_dir, "v0001")
+        new = generator._current
+        await generator.close()  # joins the retire thread
+        return old, new, weight, cache
+
+    old, new, weight, cache = asyncio.run(swap_and_close())
+    assert old.owns_weights and weight() is None and cache() is None
+    assert list(old.engine.engine.model.parameters()) == []
+    assert list(new.engine.engine.model.parameters()) == []  # closed: freed as well
