@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from prefloop.server.registry import DATA_DIR_ENV
+from prefloop.server.registry import DATA_DIR_ENV, MAX_ADAPTER_CHAIN
 from prefloop.server.version_summary import VersionSummary
 
 log = logging.getLogger("prefloop.align")
@@ -76,8 +76,14 @@ def _trainer(g, *, default_lr: str, max_length_help: str, lora: bool = False) ->
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--max-length", type=int, default=1024, help=max_length_help)
     g.add_argument("--lora", action=argparse.BooleanOptionalAction if lora else "store_true",
-                   default=lora, help="train a LoRA adapter (peft), merged into full weights "
-                                      f"before publishing (default {'on' if lora else 'off'})")
+                   default=lora, help="train a LoRA adapter (peft) "
+                                      f"(default {'on' if lora else 'off'})")
+    if lora:
+        g.add_argument("--publish", choices=("adapter", "full"), default="adapter",
+                       help="with LoRA, what a published version holds: the adapter (a few MB; "
+                            "served over its base version) or merged full weights; after "
+                            f"{MAX_ADAPTER_CHAIN} adapters in a row the next version is full "
+                            "(default %(default)s)")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     g.add_argument("--lora-alpha", type=int, default=32,
                    help="LoRA scaling alpha (with --lora; the update is scaled by alpha / r)")
@@ -187,7 +193,7 @@ def _policy_lr() -> str:
 
 # Flags a method does not read, with the values its job config needs (each method's parser has
 # only its own flags; these fill the rest so the config builders read plain attributes).
-_UNREAD_DEFAULTS = {"loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
+_UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": 1.0, "undesirable_weight": 1.0, "gate_metric": None,
                     "max_steps": -1, "verbose": False}
 
@@ -549,7 +555,7 @@ def job_config(args: argparse.Namespace):
         min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,
         pairs_from_ratings=args.pairs_from_ratings, voter_cap=_voter_cap_of(args),
         heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
-        max_train_eval=args.max_train_eval,
+        max_train_eval=args.max_train_eval, publish=args.publish,
         device=args.device, **_promote_and_keep(args))
 
 

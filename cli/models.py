@@ -10,6 +10,7 @@
     prefloop models init     [--model PATH] [--data-dir DIR]   create v0000 (the base) now
     prefloop models prune    --keep N [--dry-run] [--data-dir DIR]   free disk: older versions
     prefloop models delete   VERSION [--dry-run] [--data-dir DIR]
+    prefloop models export   VERSION --merged DIR | --adapter DIR    plain HF folder / PEFT adapter
     prefloop models ab start CANDIDATE [--traffic 0.2] [--sticky user|session|request]
                              [--min-votes 20] [--confidence 0.95] [--max-duration 7d] [--force]
     prefloop models ab status | ab stop [--promote | --reject]   online A/B test (docs/ab.md)
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True,
                                 metavar="{list,show,promote,rollback,verify,history,trend,init,"
-                                        "prune,delete,ab}")
+                                        "prune,delete,export,ab}")
 
     def described(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         """A subcommand whose --help opens with what it does (the one line `-h` of the parent
@@ -104,6 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     delete.add_argument("--dry-run", action="store_true",
                         help="show what would be deleted and how many bytes, delete nothing")
     where(delete, remote=False)
+    export = described(sub, "export", "write VERSION as a plain Hugging Face folder (--merged) "
+                                           "or, for an adapter version, as a PEFT adapter "
+                                           "(--adapter)")
+    export.add_argument("version", help="registry version, e.g. v0003")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merged", metavar="DIR",
+                      help="full weights (adapters merged) + config + tokenizer, loadable by "
+                           "transformers, vLLM or `prefloop serve --model DIR`")
+    what.add_argument("--adapter", metavar="DIR",
+                      help="adapter_model.safetensors + adapter_config.json, for "
+                           "PeftModel.from_pretrained over the base version")
+    where(export, remote=False)
     ab = described(sub, "ab", "an online A/B test between the current version and a "
                                    "candidate, decided by live votes (docs/ab.md)")
     ab_sub = ab.add_subparsers(dest="ab_command", required=True, metavar="{start,status,stop}")
@@ -159,7 +172,7 @@ def _gate_text(info: dict[str, Any]) -> str:
 def format_list(infos: list[dict[str, Any]]) -> str:
     if not infos:
         return "no versions yet (`prefloop models init` or an align job creates v0000)"
-    lines = [f"  {'version':8} {'parent':7} {'kind':7} {'method':7} {'gate':9} "
+    lines = [f"  {'version':8} {'parent':7} {'kind':7} {'weights':8} {'size':>8} {'method':7} {'gate':9} "
              f"{'gate win rate [interval] n':>28} {'held-out acc':>12} {'KL/tok':>8} "
              f"{'root KL':>8}  created"]
     for i in infos:
@@ -167,10 +180,16 @@ def format_list(infos: list[dict[str, Any]]) -> str:
         acc, kl, root = summary.heldout_accuracy, summary.kl_per_token, summary.kl_to_root
         lines.append(
             f"{'*' if i.get('current') else ' '} {i['version']:8} {i.get('parent') or '-':7} "
-            f"{i['kind']:7} {i['method']:7} {_gate_text(i):9} {gate_numbers(i.get('gate')):>28} "
+            f"{i['kind']:7} {_weights_text(i):8} {_size(i['bytes']) if i.get('bytes') else '-':>8} "
+            f"{i['method']:7} {_gate_text(i):9} {gate_numbers(i.get('gate')):>28} "
             f"{'-' if acc is None else f'{acc:.3f}':>12} {'-' if kl is None else f'{kl:.4f}':>8} "
             f"{'-' if root is None else f'{root:.4f}':>8}  {i['created_at']}")
     return "\n".join(lines)
+
+
+def _weights_text(info: dict[str, Any]) -> str:
+    """"full", or "+v0003" for a LoRA adapter applied to v0003."""
+    return f"+{info['base']}" if info.get("format") == "adapter" else (info.get("format") or "-")
 
 
 def gate_numbers(gate: dict | None) -> str:
@@ -282,6 +301,8 @@ def _offline(args: argparse.Namespace) -> int:
     elif cmd == "rollback":
         entry = registry.rollback(reason=args.reason, actor=actor)
         _print_entry(entry, args.json)
+    elif cmd == "export":
+        return _export(registry, args)
     elif cmd == "verify":
         versions = [args.version] if args.version else registry.list_versions()
         results = [registry.verify(v) for v in versions]
@@ -322,6 +343,38 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _export(registry, args: argparse.Namespace) -> int:
+    """`models export VERSION --merged DIR | --adapter DIR`."""
+    import shutil
+    from pathlib import Path
+
+    from prefloop.server.errors import FailedPrecondition
+    from prefloop.server.model import adapters
+
+    source, manifest = registry.version_dir(args.version), registry.manifest(args.version)
+    if args.merged:
+        target = adapters.write_merged(source, Path(args.merged))
+        print(f"{args.version}: merged full weights in {target}")
+        return 0
+    if manifest.adapter is None:
+        raise FailedPrecondition(f"{args.version} holds full weights, not an adapter; export it "
+                                 "with --merged")
+    target = Path(args.adapter)
+    if target.exists() and any(target.iterdir()):
+        raise FailedPrecondition(f"{target} exists and is not empty")
+    target.mkdir(parents=True, exist_ok=True)
+    base = manifest.adapter["base"]
+    config = json.loads((source / adapters.ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(registry.version_dir(base))
+    shutil.copyfile(source / adapters.ADAPTER_WEIGHTS, target / adapters.ADAPTER_WEIGHTS)
+    (target / adapters.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    print(f"{args.version}: LoRA adapter over {base} in {target}")
+    if registry.adapter_base(base) is not None:
+        print(f"note: its base {base} is itself an adapter; load this one over "
+              f"`prefloop models export {base} --merged DIR`")
+    return 0
+
+
 def _remove(registry, args: argparse.Namespace) -> int:
     """`models prune` / `models delete` under the align job lock (a job may be training from a
     version); what a running A/B test uses is kept too."""
@@ -337,8 +390,10 @@ def _remove(registry, args: argparse.Namespace) -> int:
         also = ({state.candidate: "in the running A/B test (candidate)",
                  state.control: "in the running A/B test (control)"} if state else {})
         if args.models_command == "delete":
-            why = registry.protected_versions(also).get(args.version)
             registry.version_dir(args.version)  # NotFound first
+            why = registry.protected_versions(also).get(args.version)
+            if not why and (users := registry.adapters_on(args.version)):
+                why = f"the base of adapter {', '.join(users)} (delete those first)"
             if why:
                 raise FailedPrecondition(f"{args.version} cannot be deleted: it is {why}")
             doomed = [args.version]
@@ -348,7 +403,7 @@ def _remove(registry, args: argparse.Namespace) -> int:
         kept = {v: why for v, why in registry.protected_versions(also).items()
                 if v in registry.list_versions()}
         if not args.dry_run:
-            for v in doomed:
+            for v in reversed(doomed):  # adapters before the bases they were applied to
                 registry.delete_version(v, also=also)
     total = sum(sizes.values())
     if args.json:

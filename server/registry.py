@@ -72,6 +72,9 @@ MANIFEST_SCHEMA = 1
 KIND_POLICY = "policy"
 KIND_REWARD = "reward"
 KINDS = (KIND_POLICY, KIND_REWARD)
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA adapter version (server/model/adapters.py)
+MAX_ADAPTER_CHAIN = 8  # adapters over adapters before an align job publishes full weights again
+MERGED_DIR = "merged"  # <registry>/merged/vNNNN-<hash>: an adapter version merged for vLLM
 
 BASE_VERSION = "v0000"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -149,6 +152,9 @@ class Manifest:
     gate: dict[str, Any] | None = None  # {"passed": bool, "reasons": [...], ...}; None = not gated
     source: str | None = None  # where a base version was copied from
     job_id: str | None = None
+    # a LoRA adapter version: {"base": parent, "base_manifest_sha256": hex} (server/model/adapters.py);
+    # None: full weights
+    adapter: dict[str, str] | None = None
     schema: int = MANIFEST_SCHEMA
 
     def __post_init__(self) -> None:
@@ -168,6 +174,18 @@ class Manifest:
                 raise InvalidArgument(f"manifest entry of {name} has no sha256")
         if self.gate is not None and not isinstance(self.gate.get("passed"), bool):
             raise InvalidArgument("manifest gate needs a boolean 'passed'")
+        if self.adapter is not None:
+            if self.adapter.get("base") != self.parent or self.parent is None:
+                raise InvalidArgument(f"adapter version {self.version}: its base must be its parent")
+            if not re.fullmatch(r"[0-9a-f]{64}", str(self.adapter.get("base_manifest_sha256", ""))):
+                raise InvalidArgument(f"adapter version {self.version} has no base manifest sha256")
+            if ADAPTER_CONFIG_FILE not in self.files:
+                raise InvalidArgument(f"adapter version {self.version} has no {ADAPTER_CONFIG_FILE}")
+
+    @property
+    def format(self) -> str:
+        """"adapter" (LoRA weights over its base) or "full"."""
+        return "adapter" if self.adapter is not None else "full"
 
     @property
     def weight_files(self) -> list[str]:
@@ -220,10 +238,12 @@ class Stage:
     def publish(self, *, kind: str, method: str, parent: str | None = None,
                 hyperparameters: dict | None = None, data: dict | None = None,
                 metrics: dict | None = None, gate: dict | None = None, source: str | None = None,
-                job_id: str | None = None, version: str | None = None) -> Manifest:
+                job_id: str | None = None, version: str | None = None,
+                adapter: bool = False) -> Manifest:
         """Checksum, fsync, make read-only and rename the stage to the next free `vNNNN`.
 
         `version` pins the name (the base uses v0000); FailedPrecondition if it exists.
+        `adapter`: the stage holds a LoRA adapter over `parent` (its manifest's hash is recorded).
         """
         files = {}
         for p in sorted(self.path.iterdir()):
@@ -235,6 +255,12 @@ class Stage:
             fsync_file(p)
         if parent is not None:
             self.registry.manifest(parent)  # NotFound if the parent does not exist
+        link = None
+        if adapter:
+            if parent is None:
+                raise InvalidArgument("an adapter version needs its parent (its base)")
+            link = {"base": parent, "base_manifest_sha256": sha256_file(
+                self.registry.version_dir(parent) / MANIFEST_FILE)}
         versions_dir = self.registry.versions_dir
         number = version_number(version) if version else self.registry._next_number()
         while True:
@@ -242,7 +268,7 @@ class Stage:
                 version=version_name(number), kind=kind, method=method, created_at=utc_now(),
                 files=files, parent=parent, hyperparameters=dict(hyperparameters or {}),
                 data=dict(data or {}), metrics=dict(metrics or {}), gate=gate, source=source,
-                job_id=job_id)
+                job_id=job_id, adapter=link)
             manifest_path = self.path / MANIFEST_FILE
             if manifest_path.exists():
                 os.chmod(manifest_path, 0o644)
@@ -558,7 +584,29 @@ class Registry:
             why[cur] = "the current version"
         for v, reason in (also or {}).items():
             why.setdefault(v, reason)
+        for v in list(why):  # what an adapter is applied to stays while the adapter does
+            for base in self.adapter_bases(v):
+                why.setdefault(base, f"the base of adapter {v}")
         return why
+
+    def adapter_base(self, version: str) -> str | None:
+        """The version an adapter version is applied to (None: full weights)."""
+        link = self.manifest(version).adapter
+        return None if link is None else link["base"]
+
+    def adapter_bases(self, version: str) -> list[str]:
+        """Every version `version`'s weights need besides its own folder, nearest first."""
+        chain, seen = [], {version}
+        base = self.adapter_base(version)
+        while base is not None and base not in seen:
+            chain.append(base)
+            seen.add(base)
+            base = self.adapter_base(base) if (self.versions_dir / base).is_dir() else None
+        return chain
+
+    def adapters_on(self, version: str) -> list[str]:
+        """The adapter versions applied directly to `version`."""
+        return [v for v in self.list_versions() if self.adapter_base(v) == version]
 
     def prune_plan(self, keep: int, also: dict[str, str] | None = None) -> list[str]:
         """The versions `prune(keep)` would remove: all but the newest `keep` of each kind
@@ -569,8 +617,10 @@ class Registry:
         by_kind: dict[str, list[str]] = {}
         for v in self.list_versions():
             by_kind.setdefault(self.manifest(v).kind, []).append(v)
-        doomed = [v for names in by_kind.values() for v in names[:max(len(names) - keep, 0)]
-                  if v not in protected]
+        doomed = {v for names in by_kind.values() for v in names[:max(len(names) - keep, 0)]
+                  if v not in protected}
+        for v in [v for v in self.list_versions() if v not in doomed]:
+            doomed.difference_update(self.adapter_bases(v))  # a kept adapter keeps its bases
         return sorted(doomed, key=version_number)
 
     def delete_version(self, version: str, *, also: dict[str, str] | None = None) -> int:
@@ -580,6 +630,8 @@ class Registry:
         with self._pointer_lock():  # no promote / rollback moves the pointer meanwhile
             path = self.version_dir(version)
             reason = self.protected_versions(also).get(version)
+            if reason is None and (users := self.adapters_on(version)):
+                reason = f"the base of adapter {', '.join(users)} (delete those first)"
             if reason is not None:
                 raise FailedPrecondition(f"{version} cannot be deleted: it is {reason}")
             size = self.version_bytes(version)
@@ -587,6 +639,9 @@ class Registry:
             os.rename(path, doomed)
             fsync_dir(self.versions_dir)
         _rmtree(doomed)
+        for merged in (self.root / MERGED_DIR).glob(f"{version}-*"):  # vLLM's merged copies
+            size += sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
+            _rmtree(merged)
         return size
 
     def discard_unused_base(self) -> bool:
@@ -617,4 +672,5 @@ def version_info(registry: Registry, version: str) -> dict[str, Any]:
             "gate_passed": m.gate_passed, "gate_reasons": list((m.gate or {}).get("reasons", [])),
             "gate": m.gate, "summary": VersionSummary.of(m.metrics, m.gate).to_dict(),
             "metrics": m.metrics, "data": m.data, "bytes": sum(int(f.get("bytes", 0))
-                                                              for f in m.files.values())}
+                                                              for f in m.files.values()),
+            "format": m.format, "base": None if m.adapter is None else m.adapter["base"]}

@@ -59,9 +59,12 @@ class JobConfig:
     eval_batch_size: int = 4
     max_train_eval: int = 64  # newest training rows scored for the train metrics
     device: str | None = None  # evaluation device (default: cuda if available, else cpu)
+    publish: str = "adapter"  # LoRA: publish the adapter, or "full" merged weights
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.publish not in ("adapter", "full"):
+            raise InvalidArgument(f"publish must be adapter or full, got {self.publish!r}")
         if self.base is not None:
             reg.version_number(self.base)
         if self.min_new < 0 or self.eval_batch_size < 1 or self.max_train_eval < 0:
@@ -155,10 +158,11 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,
                      max_rows=cfg.max_rows,
                      voter_cap=dataclasses.asdict(cfg.voter_cap) if cfg.voter_cap else None)
+        adapter = getattr(trained, "adapter", None) if cfg.publish == "adapter" else None
         result.version = runner.publish(registry, trained.model, base_dir, kind=reg.KIND_POLICY,
                                  method=method, parent=base, hyperparameters=hyper,
                                  data=result.data, metrics=result.metrics, gate=result.gate,
-                                 job_id=job_id)
+                                 job_id=job_id, adapter=adapter)
     del trained
     return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote,
                              promote_via=cfg.promote_via)

@@ -290,15 +290,27 @@ def eval_device(choice: str | None) -> str:
 
 def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method: str,
             parent: str, hyperparameters: dict, data: dict, metrics: dict, gate: dict | None,
-            job_id: str) -> str:
+            job_id: str, adapter=None) -> str:
     """Save `model` + the base's tokenizer files (tokenizer, chat template, generation config:
-    every base file but weights and config) into a stage and publish it; the new version."""
+    every base file but weights and config) into a stage and publish it; the new version.
+    `adapter` (a `LoraAdapter`): publish it over `parent` instead of `model`'s full weights
+    (with the parent's config.json) — unless `parent` already ends a chain of
+    `reg.MAX_ADAPTER_CHAIN` adapters, when the merged `model` is published in full."""
     if kind == reg.KIND_POLICY:
         model.config.use_cache = True  # training turned it off; serving wants it
+    chain = len(registry.adapter_bases(parent))  # the adapters `parent` is made of (0: full)
+    if adapter is not None and chain >= reg.MAX_ADAPTER_CHAIN:
+        log.info("%s ends a chain of %d adapters: publishing full weights", parent, chain)
+        adapter = None
     with registry.stage() as stage:
-        model.save_pretrained(str(stage.path), safe_serialization=True)
+        if adapter is not None:
+            adapter.save(stage.path)
+            shutil.copyfile(base_dir / "config.json", stage.path / "config.json")
+        else:
+            model.save_pretrained(str(stage.path), safe_serialization=True)
         for p in base_dir.iterdir():
-            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in _NOT_COPIED:
+            if p.is_file() and not p.name.endswith(".safetensors") and p.name not in _NOT_COPIED \
+                    and p.name != reg.ADAPTER_CONFIG_FILE:
                 shutil.copyfile(p, stage.path / p.name)
         for p in list(stage.path.iterdir()):  # save_pretrained extras we do not version
             if p.is_dir() or p.suffix not in reg.MODEL_FILE_SUFFIXES:
@@ -306,7 +318,8 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
         manifest = stage.publish(kind=kind, method=method, parent=parent,
                                  hyperparameters=json_safe(hyperparameters),
                                  data=json_safe(data), metrics=json_safe(metrics),
-                                 gate=json_safe(gate), job_id=job_id)
+                                 gate=json_safe(gate), job_id=job_id,
+                                 adapter=adapter is not None)
     return manifest.version
 
 

@@ -6,6 +6,7 @@ full CPU weights.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,19 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def load_version(model_cls, model_dir: Path, **kwargs):
+    """`model_cls.from_pretrained` of a version folder; an adapter version (server/model/
+    adapters.py) loads its chain's full root and adds the adapters' deltas."""
+    from prefloop.server.model import adapters
+    model = model_cls.from_pretrained(str(adapters.root_dir(model_dir)), **kwargs)
+    return adapters.merge_into(model, model_dir)
+
+
 def load_causal_lm(model_dir: Path, device: str | None = None):
     """An HF causal LM in float32 (the registry stores full-precision weights), in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = load_version(AutoModelForCausalLM, model_dir, dtype=torch.float32)
     if device:
         model.to(device)
     return model.eval()
@@ -136,6 +145,36 @@ def quiet_progress(trainer) -> None:
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossOnBar())
+
+
+@dataclass
+class LoraAdapter:
+    """A trained LoRA adapter in PEFT's format: its tensors and adapter_config.json's fields."""
+    tensors: dict[str, Any]  # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" -> tensor
+    config: dict[str, Any]
+
+    def save(self, folder: Path) -> None:
+        """adapter_model.safetensors + adapter_config.json (what PEFT's save_pretrained writes)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from prefloop.server.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        save_file({k: v.contiguous() for k, v in self.tensors.items()},
+                  str(Path(folder) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+
+
+def lora_adapter(model) -> LoraAdapter:
+    """The adapter of a PEFT model, in float32 on the CPU (before `plain_weights` merges it)."""
+    import torch
+    from peft import get_peft_model_state_dict
+    tensors = {k: v.detach().to("cpu", dtype=torch.float32).clone()
+               for k, v in get_peft_model_state_dict(model).items()}
+    config = model.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["base_model_name_or_path"] = None  # the registry names the base (manifest.json)
+    return LoraAdapter(tensors, config)
 
 
 def plain_weights(model, lora: bool):

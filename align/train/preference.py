@@ -26,10 +26,12 @@ from prefloop.align.losses import LOSSES
 from prefloop.align.train.common import (
     PREFERENCE_LR,
     SFT_LR,
+    LoraAdapter,
     check_trainer_fields,
     fresh_accelerator_state,
     load_causal_lm,
     load_tokenizer,
+    lora_adapter,
     lora_config,
     plain_weights,
     quiet_progress,
@@ -109,6 +111,7 @@ class TrainResult:
     log_history: list[dict[str, Any]]
     steps: int
     runtime_s: float
+    adapter: LoraAdapter | None = None  # the trained LoRA adapter (what a job publishes)
 
 
 def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
@@ -172,5 +175,6 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     if sharded:
         policy = load_causal_lm(base_dir)
         policy.load_state_dict(state_dict)
+    adapter = lora_adapter(policy) if cfg.lora and not sharded else None
     policy = plain_weights(policy, lora=cfg.lora and not sharded)
-    return TrainResult(policy, tokenizer, history, steps, runtime)
+    return TrainResult(policy, tokenizer, history, steps, runtime, adapter)

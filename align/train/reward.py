@@ -30,6 +30,7 @@ from prefloop.align.train.common import (
     check_trainer_fields,
     fresh_accelerator_state,
     load_tokenizer,
+    load_version,
     lora_config,
     plain_weights,
     quiet_progress,
@@ -99,8 +100,8 @@ def load_reward_model(model_dir: Path, device: str | None = None, *, new_head: b
     if new_head:  # "score.weight newly initialized" / "lm_head unused" are expected here
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=1, dtype=torch.float32)
+        model = load_version(AutoModelForSequenceClassification, model_dir, num_labels=1,
+                             dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model.config, "num_labels", None) != 1:

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from prefloop.server.errors import UnsupportedModel
+from prefloop.server.model import adapters
 from prefloop.server.model.config import SUPPORTED_TEXT, ModelConfig
 from prefloop.server.model.default_model import cache_root, convert_gguf, default_model_dir
 from prefloop.server.model.kernels import resolve_decode_kernel
@@ -46,10 +46,8 @@ def resolve_model_dir(model: str | os.PathLike | None, cache_dir=None) -> Path:
 
 
 def _hf_tensors(model_dir: Path):
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    """The folder's weights; a LoRA adapter version's are its base's with the adapters merged."""
+    return adapters.hf_tensors(model_dir)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -26,6 +26,7 @@ from prefloop.server.engine.context import ContextConfig, check_prompt
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, PrefloopError, Unavailable
+from prefloop.server.model.adapters import full_model_dir
 from prefloop.server.model.config import ModelConfig
 from prefloop.server.model.weights_compat import check_compatible_weights
 
@@ -133,7 +134,7 @@ class VllmEngine:
     reloads_in_place = True
 
     def __init__(self, model_dir: Path, config: VllmConfig, eos_token_ids: tuple[int, ...]):
-        self.model_dir = Path(model_dir)
+        self.model_dir = full_model_dir(model_dir)  # an adapter version: its merged copy
         self.config = config
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.eos_token_ids = eos_token_ids
@@ -259,7 +260,7 @@ class VllmEngine:
         """Load `model_dir`'s weights in place. The caller has drained its requests; vLLM's pause
         ("wait") also lets anything still inside the engine finish, and clears the prefix cache
         (cached K/V belong to the old weights)."""
-        model_dir = Path(model_dir)
+        model_dir = full_model_dir(model_dir)
         check_compatible_weights(self.model_dir, model_dir)  # refuse before touching the engine
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:

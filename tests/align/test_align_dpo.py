@@ -225,22 +225,31 @@ def test_a_second_job_is_refused_while_one_runs(log_32, tiny, tmp_path, capsys):
     assert job_history(registry) == []
 
 
-def test_lora_is_merged_into_full_weights(tiny, log_32, tmp_path, capsys):
-    data_dir = fresh_copy(log_32, tmp_path)
-    rc = cli.main(["align", "dpo", "--data-dir", str(data_dir), "--model", str(tiny), *FAST,
-                   "--lora", "--lora-r", "4", "--max-steps", "2", "--json"])
+def test_lora_publishes_an_adapter_that_loads_as_the_full_weights_of_the_same_training(
+        tiny, log_32, tmp_path, capsys):
+    lora = ["--model", str(tiny), *FAST, "--lora", "--lora-r", "4", "--max-steps", "2", "--json"]
+    full_dir, adapter_dir = fresh_copy(log_32, tmp_path / "full"), fresh_copy(log_32, tmp_path / "a")
+    assert cli.main(["align", "dpo", "--data-dir", str(full_dir), *lora, "--publish", "full"]) == 0
+    capsys.readouterr()
+    assert cli.main(["align", "dpo", "--data-dir", str(adapter_dir), *lora]) == 0  # the default
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["version"] == "v0001"
-    registry = reg.Registry(data_dir)
-    folder = registry.version_dir("v0001")
+    assert out["version"] == "v0001"
+    full, adapter = reg.Registry(full_dir), reg.Registry(adapter_dir)
+    folder = full.version_dir("v0001")
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
         q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
     with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
-        assert sorted(keys) == sorted(f.keys())  # plain Llama weights, no adapter tensors
+        assert sorted(keys) == sorted(f.keys())  # --publish full: plain Llama weights
         assert not torch.equal(q, f.get_tensor("model.layers.0.self_attn.q_proj.weight"))
-    assert registry.manifest("v0001").hyperparameters["lora_r"] == 4
-    load_model(folder)
+    m = adapter.manifest("v0001")
+    assert m.format == "adapter" and m.adapter["base"] == "v0000" and full.manifest("v0001").format == "full"
+    assert "adapter_model.safetensors" in m.files and m.hyperparameters["lora_r"] == 4
+    assert adapter.version_bytes("v0001") < full.version_bytes("v0001") / 2
+    assert adapter.verify("v0001").ok
+    merged, plain = load_model(adapter.version_dir("v0001")), load_model(folder)
+    for (name, a), (_, b) in zip(merged.state_dict().items(), plain.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # same training
 
 
 def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
