@@ -52,6 +52,15 @@ class AsyncEngine:
         if not self._started or self._driver.detach(self):
             self.engine.release_kv_cache()
 
+    supports_adapters = True  # per-request LoRA adapters over its weights (server/model/lora.py)
+
+    def add_adapter(self, factors: dict) -> int:
+        """Load a LoRA adapter beside the weights; its id for `generate(..., adapter=id)`."""
+        return self.engine.add_adapter(factors)
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        self.engine.remove_adapter(adapter_id)
+
     def release_weights(self) -> None:
         """After `stop`: free the model's tensors too (only for a model this engine owns)."""
         if self._stopping and not self._driver.alive(self):
@@ -73,8 +82,9 @@ class AsyncEngine:
         return self._stats
 
     async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[SeqOutput]:
-        """Yield the request's outputs as they are produced; leaving early aborts the request."""
+                       params: SamplingParams, adapter: int = 0) -> AsyncIterator[SeqOutput]:
+        """Yield the request's outputs as they are produced; leaving early aborts the request.
+        `adapter`: a per-request LoRA adapter of this engine (`add_adapter`), 0 for none."""
         if self._stopping or not self._started:
             raise Unavailable("the engine is not running")
         if request_id in self._streams:
@@ -82,7 +92,7 @@ class AsyncEngine:
         num_dropped = self.engine.validate(prompt_ids, params)  # the one check, raised in the caller
         out_queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
-        self._inbox.put(("add", request_id, prompt_ids, params, num_dropped))
+        self._inbox.put(("add", request_id, prompt_ids, params, num_dropped, adapter))
         self._wakeup()
         remaining = params.n
         try:
@@ -123,9 +133,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params, num_dropped = cmd
+                _, rid, ids, params, num_dropped, adapter = cmd
                 try:
-                    self.engine.add_request(rid, ids, params, num_dropped)
+                    self.engine.add_request(rid, ids, params, num_dropped, adapter)
                 except PrefloopError as exc:
                     self._deliver(exc, rid)
             else:

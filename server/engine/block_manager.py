@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from prefloop.server.errors import ResourceExhausted
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+def block_hash(parent: object, token_ids: tuple[int, ...]) -> int:
     return hash((parent, token_ids))
 
 
@@ -83,15 +83,17 @@ class BlockManager:
             self.evictable.pop(block, None)
         self.ref_counts[block] += 1
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], root: object = None) -> tuple[list[int], list[int]]:
         """Cached full blocks for the longest matching prefix and the hash chain of those blocks.
 
         At least one token is left uncached so the model produces logits for the next token.
+        `root` starts the hash chain: None for the base model, the sequence's adapter otherwise
+        (its K/V differ from the base's for the same tokens).
         """
         if not self.enable_prefix_caching:
             return [], []
         bs = self.block_size
-        blocks, hashes, parent = [], [], None
+        blocks, hashes, parent = [], [], root
         for i in range((len(token_ids) - 1) // bs):
             h = block_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             block = self.block_of_hash.get(h)
@@ -153,13 +155,13 @@ class BlockManager:
 
     # -- prefix cache registration -------------------------------------------------------------
     def register_full_blocks(self, block_table: list[int], block_hashes: list[int],
-                             token_ids: list[int], num_computed: int) -> None:
+                             token_ids: list[int], num_computed: int, root: object = None) -> None:
         """Hash every block whose tokens are all computed; extends block_hashes in place."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         full = min(num_computed // bs, len(block_table))
-        parent = block_hashes[-1] if block_hashes else None
+        parent = block_hashes[-1] if block_hashes else root
         for i in range(len(block_hashes), full):
             h = block_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             block_hashes.append(h)

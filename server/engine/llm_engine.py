@@ -67,6 +67,23 @@ class LLMEngine:
         # Optional observer called with (sequences, logits [len(sequences), vocab]) before sampling;
         # tests use it to compare logits against transformers.
         self.logits_hook = None
+        self.adapters: dict[int, int] = {}  # per-request LoRA adapter id -> its bytes
+        self._adapter_ids = itertools.count(1)
+
+    # -- per-request adapters (server/model/lora.py) ---------------------------------------------
+    def add_adapter(self, factors: dict) -> int:
+        """Load LoRA factors ({HF weight name: (A, B * scale)}) beside the base weights; its id
+        (never reused). Raises UnsupportedModel when this model cannot (a compiled step)."""
+        from prefloop.server.model import lora
+        adapter_id = next(self._adapter_ids)
+        self.adapters[adapter_id] = lora.add_adapter(self.model, adapter_id, factors)
+        return adapter_id
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        """Drop an adapter no running request uses any more."""
+        from prefloop.server.model import lora
+        if self.adapters.pop(adapter_id, None) is not None:
+            lora.remove_adapter(self.model, adapter_id)
 
     # -- requests ------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -87,14 +104,18 @@ class LLMEngine:
         return dropped
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    num_dropped: int | None = None) -> None:
+                    num_dropped: int | None = None, adapter: int = 0) -> None:
         """Queue a request. `num_dropped` is `validate`'s answer when the caller already ran it
-        (AsyncEngine does, in the caller's thread); None validates here."""
+        (AsyncEngine does, in the caller's thread); None validates here. `adapter`: the id of a
+        per-request LoRA adapter (`add_adapter`), 0 for the base model."""
         if request_id in self.requests:
             raise InvalidArgument(f"request id {request_id!r} is already running")
+        if adapter and adapter not in self.adapters:
+            raise InvalidArgument(f"adapter {adapter} is not loaded in this engine")
         if num_dropped is None:
             num_dropped = self.validate(prompt_ids, params)
         seq = self._new_seq(request_id, 0, list(prompt_ids), len(prompt_ids), params)
+        seq.adapter = adapter
         if self.context.overflow != "error":
             seq.n_keep = self.context.keep
             seq.num_dropped = num_dropped
@@ -148,7 +169,7 @@ class LLMEngine:
             seq.num_computed += item.num_tokens
             if not seq.cache_shifted:  # shifted K/V differ from a fresh prefill of the same tokens
                 self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.context_ids,
-                                                 seq.num_computed)
+                                                 seq.num_computed, seq.prefix_root)
             if seq.num_computed == seq.context_len:  # the whole context is cached: sample
                 rows.append(seq)
                 row_logits.append(i)
@@ -203,6 +224,7 @@ class LLMEngine:
             child.num_computed = parent.num_computed
             child.n_keep, child.num_dropped = parent.n_keep, parent.num_dropped
             child.cache_shifted = parent.cache_shifted
+            child.adapter = parent.adapter
             self.scheduler.add_running(child)
             req.seqs.append(child)
             children.append(child)

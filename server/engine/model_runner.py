@@ -101,7 +101,14 @@ class ModelRunner:
             if kernel is None:  # the SDPA path attends over whole blocks: mask the padding
                 decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < ctx_lens.unsqueeze(1))
                 decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width * bs]
+        rows: dict[int, list[int]] = {}  # per-request adapters: id -> token rows
+        start = 0
+        for s in decodes + prefills:
+            if s.seq.adapter:
+                rows.setdefault(s.seq.adapter, []).extend(range(start, start + s.num_tokens))
+            start += s.num_tokens
         meta = AttentionMetadata(
+            adapter_rows={a: torch.tensor(r, device=dev) for a, r in rows.items()} or None,
             slot_mapping=torch.tensor(slots, device=dev),
             num_decode=len(decodes),
             decode_block_tables=decode_tables,

@@ -115,7 +115,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached, hashes = self.blocks.match_prefix(seq.context_ids)
+            cached, hashes = self.blocks.match_prefix(seq.context_ids, seq.prefix_root)
             self.blocks.acquire_prefix(cached)
             seq.block_table, seq.block_hashes = list(cached), list(hashes)
             seq.num_computed = len(cached) * self.blocks.block_size

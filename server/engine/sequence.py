@@ -40,6 +40,13 @@ class Sequence:
     cache_shifted: bool = False  # cached K/V were moved by a shift: never register them as a prefix
     num_shifts: int = 0
     matcher: object | None = None  # llguidance LLMatcher of a structured-output request
+    adapter: int = 0  # per-request LoRA adapter id (server/model/lora.py); 0: the base model
+
+    @property
+    def prefix_root(self) -> object:
+        """Where its prefix-cache hash chain starts: blocks computed under an adapter are only
+        shared with sequences using the same adapter."""
+        return None if self.adapter == 0 else ("lora", self.adapter)
 
     @property
     def num_output(self) -> int:

@@ -51,6 +51,12 @@ def is_adapter_dir(model_dir: str | os.PathLike) -> bool:
     return (Path(model_dir) / ADAPTER_CONFIG).is_file()
 
 
+def base_version(model_dir: str | os.PathLike) -> str | None:
+    """The version an adapter version was trained on (None for full weights); not verified:
+    `adapter_chain` checks the link."""
+    return _adapter_link(Path(model_dir))["base"] if is_adapter_dir(model_dir) else None
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -118,8 +124,10 @@ def lora_scale(cfg: dict) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
-def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """HF weight name ("model.layers.0.self_attn.q_proj.weight") -> scale * B @ A in float32."""
+def adapter_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF weight name ("model.layers.0.self_attn.q_proj.weight") -> (A [r, in], scale * B
+    [out, r]) in float32: the adapter's update is B @ A (per-request serving: server/model/lora.py)."""
+    adapter_dir = Path(adapter_dir)
     scale = lora_scale(read_lora_config(adapter_dir))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
@@ -128,15 +136,20 @@ def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
             if rest not in ("A.weight", "B.weight"):
                 raise UnsupportedModel(f"adapter {adapter_dir.name}: unexpected tensor {key!r}")
             pairs.setdefault(module, {})[rest[0]] = f.get_tensor(key).float()
-    deltas = {}
+    factors = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UnsupportedModel(f"adapter {adapter_dir.name}: {module} lacks lora_A or lora_B")
         if ab["B"].shape[1] != ab["A"].shape[0]:
             raise UnsupportedModel(f"adapter {adapter_dir.name}: {module} has lora_A "
                                    f"{tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}")
-        deltas[f"{module}.weight"] = (ab["B"] @ ab["A"]) * scale
-    return deltas
+        factors[f"{module}.weight"] = (ab["A"], ab["B"] * scale)
+    return factors
+
+
+def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """HF weight name -> scale * B @ A in float32."""
+    return {name: b @ a for name, (a, b) in adapter_factors(adapter_dir).items()}
 
 
 def chain_deltas(adapters: list[Path]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] True = attend (SDPA path)
     prefills: list[PrefillChunk]
     decode_kernel: Callable[..., torch.Tensor] | None = None  # native paged decode, None = SDPA
+    # per-request LoRA (server/model/lora.py): adapter id -> the token rows that use it; None: none
+    adapter_rows: dict[int, torch.Tensor] | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -34,6 +34,13 @@ def step_context(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Atten
         _state.step = previous
 
 
+def current_adapter_rows() -> dict[int, torch.Tensor] | None:
+    """The step's per-request adapter rows (server/model/lora.py); None outside a step or when no
+    sequence of the step uses an adapter."""
+    step = getattr(_state, "step", None)
+    return None if step is None else step[1].adapter_rows
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
     step = getattr(_state, "step", None)
     if step is None:

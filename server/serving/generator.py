@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from prefloop.server.engine.sampling_params import SamplingParams
-from prefloop.server.errors import FailedPrecondition, InvalidArgument
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
+from prefloop.server.model import adapters
 from prefloop.server.model.config import read_sampling_defaults
 from prefloop.server.serving.memory import release_when_collected
 from prefloop.server.serving.protocol import EngineBackend
@@ -137,10 +138,15 @@ class Generator:
         log.info("now serving %s (the same weights, registered as that version)", version)
         return self._current.info
 
-    async def load_beside(self, model_dir, version: str) -> "Generator":
-        """A second Generator serving `version` next to this one (an A/B test's candidate): its
-        own engine and KV cache, same options. Engines that reload in place (vLLM) hold one copy
-        of the weights and cannot."""
+    async def load_beside(self, model_dir, version: str) -> "Generator | AdapterGenerator":
+        """A Generator serving `version` next to this one (an A/B test's candidate). A LoRA
+        adapter version over the version served here runs on this engine, each of its requests
+        with the adapter (server/model/lora.py): a few MB instead of a second copy of the weights
+        and KV cache. Anything else gets its own engine and KV cache, same options. Engines that
+        reload in place (vLLM) hold one copy of the weights and cannot."""
+        adapter = await self._load_adapter(model_dir, version)
+        if adapter is not None:
+            return adapter
         if self._current.engine.reloads_in_place or self._loader is None:
             raise FailedPrecondition(
                 f"the {self.info.backend} backend holds one model version at a time; an A/B test "
@@ -149,6 +155,26 @@ class Generator:
                               self._loader)
         await generator.start()
         return generator
+
+    async def _load_adapter(self, model_dir, version: str) -> "AdapterGenerator | None":
+        """`version` as a per-request adapter on the serving engine, or None where it cannot be
+        (full weights, another base, an engine without per-request adapters, a compiled step)."""
+        backend = self._current
+        if not getattr(backend.engine, "supports_adapters", False) \
+                or adapters.base_version(model_dir) != backend.info.model_version:
+            return None
+        try:
+            adapters.adapter_chain(model_dir)  # the link checks out (base hash)
+            factors = await asyncio.to_thread(adapters.adapter_factors, Path(model_dir))
+            adapter_id = await asyncio.to_thread(backend.engine.add_adapter, factors)
+        except UnsupportedModel as exc:
+            log.info("%s: serving it as its own engine (%s)", version, exc)
+            return None
+        info = replace(backend.info, model_version=version, model_path=str(model_dir),
+                       sampling_defaults=read_sampling_defaults(Path(model_dir)))
+        log.info("%s serves as a LoRA adapter on the engine of %s", version,
+                 backend.info.model_version)
+        return AdapterGenerator(self, AdapterSlot(backend, adapter_id, info))
 
     async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
         """Hold new requests, let running ones finish on the old weights, reload, resume."""
@@ -187,18 +213,20 @@ class Generator:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
 
-    async def stream(self, request_id: str, prompt_ids: list[int],
-                     params: SamplingParams) -> AsyncIterator[CompletionDelta]:
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     slot: "AdapterSlot | None" = None) -> AsyncIterator[CompletionDelta]:
+        """Stream the request on the current version, or with `slot` on that adapter."""
         if not self._admitting.is_set():  # an in-place reload is running: start after it
             await self._admitting.wait()
-        backend = self._current  # the whole request stays on these weights
+        backend = self._current if slot is None else slot.backend  # the whole request stays here
         backend.active += 1
         self._by_request[request_id] = backend
-        version = backend.info.model_version
+        version = backend.info.model_version if slot is None else slot.info.model_version
         decoders = [IncrementalDecoder(backend.tokenizer, params.stop) for _ in range(params.n)]
         done = [False] * params.n
+        extra = {} if slot is None else {"adapter": slot.adapter_id}
         try:
-            async for out in backend.engine.generate(request_id, prompt_ids, params):
+            async for out in backend.engine.generate(request_id, prompt_ids, params, **extra):
                 if done[out.index]:
                     continue
                 dec = decoders[out.index]
@@ -229,6 +257,70 @@ class Generator:
         stats = asdict(self._current.engine.stats())
         stats["draining_versions"] = len(self._draining)
         return stats
+
+
+@dataclass(eq=False)
+class AdapterSlot:
+    """A version served as a per-request LoRA adapter on another version's engine."""
+
+    backend: Backend  # the engine holding the adapter
+    adapter_id: int
+    info: ModelInfo  # the adapter version's
+
+
+class AdapterGenerator:
+    """The Generator interface of an adapter version served on its base's engine (an A/B test's
+    candidate): the host's tokenizer and engine, every request with the adapter."""
+
+    def __init__(self, host: Generator, slot: AdapterSlot):
+        self.host, self.slot = host, slot
+        self._active: set[str] = set()
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.slot.info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.slot.backend.tokenizer
+
+    @property
+    def healthy(self) -> bool:
+        return self.slot.backend.engine.healthy
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
+
+    async def start(self) -> None:
+        pass
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        check_prompt_text(prompt)
+        return self.tokenizer.encode(prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
+    async def stream(self, request_id: str, prompt_ids: list[int],
+                     params: SamplingParams) -> AsyncIterator[CompletionDelta]:
+        self._active.add(request_id)
+        try:
+            async for delta in self.host.stream(request_id, prompt_ids, params, self.slot):
+                yield delta
+        finally:
+            self._active.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.host.abort(request_id)
+
+    def stats(self) -> dict:
+        return self.host.stats()
+
+    async def close(self) -> None:
+        """Unload the adapter (its requests have finished: ABRouter waits for them)."""
+        engine = self.slot.backend.engine
+        await asyncio.to_thread(engine.remove_adapter, self.slot.adapter_id)
 
 
 def release_weights(backend: Backend) -> None:

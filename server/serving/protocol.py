@@ -33,10 +33,11 @@ class EngineBackend(Protocol):
         """Stop serving; requests still running end with UNAVAILABLE. Blocking; call off-loop."""
 
     def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[SeqOutput]:
+                 params: SamplingParams, adapter: int = 0) -> AsyncIterator[SeqOutput]:
         """Stream the request's token deltas, one `SeqOutput` per candidate step; each candidate's
         last one has a finish_reason. Leaving the iterator early aborts the request. Raises a
-        typed `PrefloopError` for a request the engine can never serve."""
+        typed `PrefloopError` for a request the engine can never serve. `adapter`: a per-request
+        LoRA adapter loaded with `add_adapter` (engines with `supports_adapters`; 0: none)."""
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (index None) or one of its candidates; unknown ids are ignored."""

@@ -187,7 +187,9 @@ class VllmEngine:
         del self.llm  # finalize now, while the modules its __del__ needs are still loaded
 
     async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[SeqOutput]:
+                       params: SamplingParams, adapter: int = 0) -> AsyncIterator[SeqOutput]:
+        if adapter:  # supports_adapters is False: the Generator never asks
+            raise FailedPrecondition("per-request adapters are not served on the vLLM backend")
         if self._stopped:
             raise Unavailable("the engine is not running")
         if self.llm.errored:

@@ -8,6 +8,7 @@ import socket
 
 import httpx
 import pytest
+from adapter_helpers import publish_random_adapter
 from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
 from registry_helpers import MAX_TOKENS, QUESTION, Streamers, two_version_registry
 
@@ -103,3 +104,66 @@ def test_indifferent_users_do_not_promote_and_a_restart_resumes_the_test(ab_real
         assert versions == {"v0000", v1}  # the candidate is loaded again after the restart
     finally:
         restarted.terminate()
+
+
+def rate(url: str, user: str, better: str | None, seen: dict[str, int]) -> str:
+    """One user chats (sticky by user id, so each user stays on one arm) and rates the answer;
+    `seen` counts the answers of each version so far. With `better` set: 👍 when the candidate
+    `better` answered, and from the other version 👎 three times in four (greedy answers: one text
+    per version, so liking a version is liking its text). With None: 👍 and 👎 in turn within each
+    version, whatever answered (exactly indifferent on both arms). Returns the version."""
+    res = httpx.post(url + "/v1/chat/completions", timeout=120,
+                     headers={"Authorization": f"Bearer {USER_TOKEN}"},
+                     json={"messages": QUESTION, "max_tokens": 4, "temperature": 0, "user": user})
+    assert res.status_code == 200, res.text
+    answer = res.json()["choices"][0]
+    version = answer["model_version"]
+    k = seen[version] = seen.get(version, 0) + 1
+    if better is None:
+        score = 1 if k % 2 else -1
+    else:
+        score = 1 if version == better or k % 4 == 0 else -1
+    voted = httpx.post(url + "/v1/feedback/rating", timeout=30,
+                       headers={"Authorization": f"Bearer {USER_TOKEN}"},
+                       json={"response_id": answer["response_id"], "score": score,
+                             "user_id": user})
+    assert voted.status_code == 200, voted.text
+    return version
+
+
+def test_thumbs_only_traffic_rejects_nothing_it_cannot_tell_and_promotes_a_liked_candidate(
+        ab_real):
+    """Issue 28's scripted run: no compare votes at all. Indifferent thumbs over 80 users never
+    promote; then, in a new test, users who like the candidate's answers promote it through the
+    ratings test, while 8 streams run through the start, the decision and the swap unfailed.
+    The candidate is a LoRA adapter over the served version (what a LoRA job publishes), so it
+    runs on the served engine (issue 30) until its promotion loads it merged."""
+    tmp, registry, _, server, url, _ = ab_real
+    v1, _ = publish_random_adapter(registry, "v0000", seed=5, scale=0.2)
+    with Client(server.target, token=ADMIN_TOKEN) as admin:
+        admin.ab_start(v1, traffic=0.5, min_votes=20, force=True)
+        flat: dict[str, int] = {}
+        served = [rate(url, f"flat-{i}", None, flat) for i in range(80)]
+        assert set(served) == {"v0000", v1}
+        status = admin.ab_status()
+        assert status["running"] and status["decision"] == "running", status
+        assert registry.current() == "v0000"  # indifferent thumbs promoted nothing
+        admin.ab_stop(reason="indifferent: no decision")
+        with Streamers(server.target, 8) as load:
+            assert wait_until(lambda: len(load.results) >= 8, timeout=300)
+            admin.ab_start(v1, traffic=0.5, min_votes=20, force=True)
+            fans: dict[str, int] = {}
+            for i in range(400):
+                rate(url, f"fan-{i}", v1, fans)
+                if registry.current() == v1:
+                    break
+            assert wait_until(lambda: registry.current() == v1, timeout=60), admin.ab_status()
+            assert wait_until(lambda: admin.model_info().model_version == v1, timeout=120)
+            at_swap = len(load.results)
+            assert wait_until(lambda: len(load.results) >= at_swap + 8, timeout=300)
+    assert load.failures == []
+    assert [v for v, _ in load.results][-1] == v1
+    assert "ratings (thumbs / stars)" in registry.history()[-1].reason
+    assert f"{v1} serves as a LoRA adapter on the engine of v0000" in server.log_text()
+    print(f"thumbs-only A/B: promoted after {i + 1} rated answers from {i + 1} users; "
+          f"{len(load.results)} streamed answers, 0 failed")

@@ -4,52 +4,17 @@ trainers' loader and the merged copy make of an adapter chain, checked against P
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
+from adapter_helpers import publish_random_adapter
 from tiny_models import save_tiny
 
-from prefloop.align.train.common import load_causal_lm, lora_adapter
+from prefloop.align.train.common import load_causal_lm
 from prefloop.server.errors import FailedPrecondition, NotFound, UnsupportedModel
 from prefloop.server.model import adapters
 from prefloop.server.model.loader import load_model
 from prefloop.server.registry import Registry
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _trained_adapter(base_dir, seed: int):
-    """A PEFT LoRA model over `base_dir` with random (non-zero) A and B, as training leaves it."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = load_causal_lm(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.5)
-    return peft_model
-
-
-def _publish_adapter(registry: Registry, parent: str, seed: int):
-    """Publish a random adapter over `parent` as the align job does; (version, PEFT's merge)."""
-    base_dir = registry.version_dir(parent)
-    peft_model = _trained_adapter(base_dir, seed)
-    adapter = lora_adapter(peft_model)
-    merged = peft_model.merge_and_unload().eval()  # PEFT's own merge: the oracle
-    with registry.stage() as stage:
-        adapter.save(stage.path)
-        for p in base_dir.iterdir():
-            if p.is_file() and p.suffix == ".json" and p.name not in (
-                    "manifest.json", "adapter_config.json"):
-                shutil.copyfile(p, stage.path / p.name)
-        manifest = stage.publish(kind="policy", method="dpo", parent=parent, adapter=True)
-    return manifest.version, merged
-
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
@@ -57,8 +22,8 @@ def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
     registry = Registry(tmp / "data")
     registry.ensure_base(save_tiny(tmp / "tiny", "llama"))
-    v1, merged1 = _publish_adapter(registry, "v0000", seed=1)
-    v2, merged2 = _publish_adapter(registry, v1, seed=2)
+    v1, merged1 = publish_random_adapter(registry, "v0000", seed=1)
+    v2, merged2 = publish_random_adapter(registry, v1, seed=2)
     return registry, {v1: merged1, v2: merged2}
 
 

@@ -1,0 +1,198 @@
+"""A version as a LoRA adapter vs as full weights: disk, load (swap) time, and the same answers.
+
+One registry in a temporary folder: v0000 the default model (or `--model`); a LoRA adapter with
+the align job's settings (rank `--rank` 16, alpha 32, every linear layer of every block, random
+non-zero weights the size a trained one has) published twice through the align job's own
+`publish`: v0001 as the adapter (today's default), v0002 as merged full weights (`--publish full`,
+what every LoRA job published before). Then, side by side in one run:
+
+- bytes on disk of each version;
+- seconds to load each version into the native engine (`load_backend`, the step of a hot-swap or
+  an A/B start before the first answer), `--runs` times each, alternating; median and the ratio;
+- greedy continuations of the benchmark prompts from both: equal token for token (the adapter is
+  merged into the base at load, so the served weights are the same up to float rounding);
+- an A/B test's memory: the process's RSS serving v0000 alone, then with v0001 loaded beside it
+  as an A/B candidate (a per-request adapter on the same engine), then with v0002 (full weights:
+  a second engine with its own KV cache, as every candidate was before);
+- decode throughput at `--streams` (1, 8, 32) of the plain base engine vs the same engine with
+  every sequence on an adapter (two adapters, alternating: mixed adapters in one batch).
+
+    python benchmarks/adapter_versions.py [--runs 5] [--rank 16] [--prompts 4] [--max-tokens 32]
+                                          [--streams 1,8,32] [--decode-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def publish_both(registry, base_dir: Path, rank: int, seed: int = 0) -> tuple[str, str]:
+    from peft import LoraConfig, get_peft_model
+
+    from prefloop.align.jobs.runner import publish
+    from prefloop.align.train.common import LORA_TARGETS, load_causal_lm, lora_adapter, plain_weights
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(load_causal_lm(base_dir), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM",
+        init_lora_weights=False))
+    with torch.no_grad():  # a trained adapter's size, a small step's effect
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.05)
+    adapter = lora_adapter(peft_model)
+    merged = plain_weights(peft_model, lora=True)
+    common = dict(kind="policy", method="dpo", parent="v0000", hyperparameters={"lora_r": rank},
+                  data={}, metrics={}, gate=None, job_id="bench")
+    v_adapter = publish(registry, merged, base_dir, adapter=adapter, **common)
+    v_full = publish(registry, merged, base_dir, adapter=None, **common)
+    return v_adapter, v_full
+
+
+def load_seconds(model_dir: Path, version: str) -> tuple[float, object]:
+    from prefloop.server.engine.context import ContextConfig
+    from prefloop.server.engine.kv_cache import KVCacheConfig
+    from prefloop.server.engine.scheduler import SchedulerConfig
+    from prefloop.server.serving.build import load_backend
+
+    started = time.perf_counter()
+    backend = load_backend(model_dir, version, dtype="bfloat16", device="cpu",
+                           cache=KVCacheConfig(capacity_tokens=2048), scheduler=SchedulerConfig(),
+                           context=ContextConfig())
+    return time.perf_counter() - started, backend
+
+
+def greedy(backend, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from prefloop.server.engine.sampling_params import SamplingParams
+
+    engine = backend.engine.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    out = engine.generate({str(i): (p, params) for i, p in enumerate(prompts)})
+    return [out[str(i)][0] for i in range(len(prompts))]
+
+
+def ab_memory(registry, v_adapter: str, v_full: str) -> dict[str, float]:
+    """RSS (MB) serving v0000 alone, with the adapter candidate beside it, with the full one."""
+    import asyncio
+    import gc
+
+    from prefloop.server.serving.build import build_generator
+    from prefloop.server.serving.memory import release_freed_memory, rss_bytes
+
+    async def run() -> dict[str, float]:
+        control = build_generator(model=str(registry.version_dir("v0000")),
+                                  model_version="v0000", dtype="bfloat16")
+        await control.start()
+        release_freed_memory("warm-up")
+        out = {"alone": rss_bytes() / 2**20}
+        for label, version in (("adapter candidate", v_adapter), ("full candidate", v_full)):
+            candidate = await control.load_beside(registry.version_dir(version), version)
+            out[label] = rss_bytes() / 2**20
+            out[label + " kind"] = type(candidate).__name__
+            await candidate.close()
+            del candidate
+            gc.collect()
+            release_freed_memory(label)
+        await control.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def decode_tok_s(model_dir: Path, factors: list[dict], streams: int, tokens: int) -> float:
+    """Decode tokens/s of `streams` sequences (after their prefill), each on an adapter of
+    `factors` in turn (none: the plain base)."""
+    from prefloop.server.engine.kv_cache import KVCacheConfig
+    from prefloop.server.engine.llm_engine import LLMEngine
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.model.loader import load_model
+
+    engine = LLMEngine(load_model(model_dir, dtype="bfloat16"),
+                       KVCacheConfig(capacity_tokens=streams * (tokens + 64) + 1024))
+    ids = [engine.add_adapter(f) for f in factors]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    for i in range(streams):
+        engine.add_request(str(i), [1 + (i * 7 + j) % 1000 for j in range(32)], params,
+                           adapter=ids[i % len(ids)] if ids else 0)
+    while any(s.num_computed < s.prompt_len for s in engine.scheduler.running) \
+            or engine.scheduler.waiting:
+        engine.step()  # prefill (and the first tokens) before the clock starts
+    produced, started = 0, time.perf_counter()
+    while engine.has_unfinished():
+        produced += sum(len(o.new_token_ids) for o in engine.step())
+    return produced / (time.perf_counter() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: the embedded model)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (the align default)")
+    ap.add_argument("--runs", type=int, default=5, help="loads of each version")
+    ap.add_argument("--prompts", type=int, default=4, help="benchmark prompts compared")
+    ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt")
+    ap.add_argument("--streams", default="1,8,32", help="decode batch sizes")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per stream")
+    args = ap.parse_args()
+
+    from engine_throughput import prompt_ids
+
+    from prefloop.server.model.loader import resolve_model_dir
+    from prefloop.server.registry import Registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Registry(Path(tmp) / "data")
+        registry.ensure_base(resolve_model_dir(args.model))
+        base_dir = registry.version_dir("v0000")
+        print(f"adapter versions: publishing a rank-{args.rank} adapter both ways", flush=True)
+        v_adapter, v_full = publish_both(registry, base_dir, args.rank)
+        size = {v: registry.version_bytes(v) for v in (v_adapter, v_full)}
+        times: dict[str, list[float]] = {v_adapter: [], v_full: []}
+        answers = {}
+        for run in range(args.runs):
+            for v in (v_adapter, v_full) if run % 2 == 0 else (v_full, v_adapter):
+                seconds, backend = load_seconds(registry.version_dir(v), v)
+                times[v].append(seconds)
+                if v not in answers:
+                    prompts = prompt_ids(backend.tokenizer, args.prompts)
+                    answers[v] = greedy(backend, prompts, args.max_tokens)
+                del backend
+            print(f"  load run {run + 1}/{args.runs}", flush=True)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        same = sum(a == b for a, b in zip(answers[v_adapter], answers[v_full]))
+        print(f"\n{'version':24} {'bytes on disk':>14} {'load s (median)':>16} {'min':>6} {'max':>6}")
+        for v, label in ((v_full, "full weights (before)"), (v_adapter, "LoRA adapter (now)")):
+            print(f"{v} {label:18} {size[v] / 1e6:11.1f} MB {med[v]:16.2f} "
+                  f"{min(times[v]):6.2f} {max(times[v]):6.2f}")
+        print(f"\ndisk: adapter / full = 1/{size[v_full] / size[v_adapter]:.1f}")
+        print(f"load: adapter / full = {med[v_adapter] / med[v_full]:.2f}x "
+              f"({args.runs} loads each, alternating)")
+        print(f"greedy answers equal: {same}/{len(answers[v_full])} prompts x {args.max_tokens} "
+              "tokens")
+
+        memory = ab_memory(registry, v_adapter, v_full)
+        alone = memory["alone"]
+        print(f"\nA/B memory (RSS, MB): alone {alone:.0f}")
+        for label in ("adapter candidate", "full candidate"):
+            print(f"  with {label:18} {memory[label]:6.0f}  {memory[label] / alone:.2f}x "
+                  f"({memory[label + ' kind']})")
+
+        from prefloop.server.model import adapters
+        v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
+        factors = [adapters.adapter_factors(registry.version_dir(v))
+                   for v in (v_adapter, v_second)]
+        print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16):")
+        print(f"{'streams':>8} {'base':>8} {'2 adapters mixed':>17} {'ratio':>6}")
+        for n in (int(x) for x in args.streams.split(",")):
+            plain = decode_tok_s(base_dir, [], n, args.decode_tokens)
+            mixed = decode_tok_s(base_dir, factors, n, args.decode_tokens)
+            print(f"{n:>8} {plain:8.1f} {mixed:17.1f} {mixed / plain:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Per-request LoRA adapters in the native engine (server/model/lora.py): in one batch, a
+sequence on an adapter decodes exactly what the merged model decodes alone, a sequence on the
+base what the base decodes alone; the prefix cache never shares blocks across adapters."""
+from __future__ import annotations
+
+import pytest
+from adapter_helpers import publish_random_adapter
+from tiny_models import save_tiny
+
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.errors import InvalidArgument, UnsupportedModel
+from prefloop.server.model import adapters, lora
+from prefloop.server.model.loader import load_model
+from prefloop.server.registry import Registry
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[1, 5, 9, 3, 7, 2, 11, 4, 6], [8, 3, 3, 1, 12, 40], [2, 2, 7]]
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    registry = Registry(tmp / "data")
+    registry.ensure_base(save_tiny(tmp / "tiny", "llama"))
+    v1, _ = publish_random_adapter(registry, "v0000", seed=1)
+    return registry, v1
+
+
+def _engine(model) -> LLMEngine:
+    return LLMEngine(model, KVCacheConfig(block_size=4, capacity_tokens=512))
+
+
+def _alone(model_dir) -> list[list[int]]:
+    engine = _engine(load_model(model_dir))
+    out = engine.generate({str(i): (p, GREEDY) for i, p in enumerate(PROMPTS)})
+    return [out[str(i)][0] for i in range(len(PROMPTS))]
+
+
+def test_mixed_batch_decodes_each_sequence_as_its_own_model(versions):
+    registry, v1 = versions
+    base_alone = _alone(registry.version_dir("v0000"))
+    merged_alone = _alone(registry.version_dir(v1))  # the loader merges the adapter
+    assert base_alone != merged_alone  # the adapter changes the answers
+    engine = _engine(load_model(registry.version_dir("v0000")))
+    adapter = engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1)))
+    for i, prompt in enumerate(PROMPTS):  # every prompt twice in one batch: base and adapter
+        engine.add_request(f"base-{i}", prompt, GREEDY)
+        engine.add_request(f"lora-{i}", prompt, GREEDY, adapter=adapter)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [done[f"base-{i}"] for i in range(len(PROMPTS))] == base_alone
+    assert [done[f"lora-{i}"] for i in range(len(PROMPTS))] == merged_alone
+
+
+def test_prefix_cache_blocks_are_not_shared_between_base_and_adapter(versions):
+    registry, v1 = versions
+    engine = _engine(load_model(registry.version_dir("v0000")))
+    adapter = engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1)))
+    prompt = PROMPTS[0]  # two full blocks of 4 tokens
+    first = engine.generate({"a": (prompt, GREEDY)})["a"][0]
+    hits = engine.blocks.stats.prefix_cache_hit_tokens
+    engine.add_request("b", prompt, GREEDY, adapter=adapter)
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.extend(out.new_token_ids)
+    assert engine.blocks.stats.prefix_cache_hit_tokens == hits  # no base blocks reused
+    assert tokens == _alone(registry.version_dir(v1))[0] != first
+    engine.add_request("c", prompt, GREEDY, adapter=adapter)  # same adapter: reused
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.stats.prefix_cache_hit_tokens == hits + 8
+
+
+def test_an_unknown_or_removed_adapter_is_refused_and_compiled_models_cannot_take_one(versions):
+    registry, v1 = versions
+    model = load_model(registry.version_dir("v0000"))
+    engine = _engine(model)
+    adapter = engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1)))
+    engine.remove_adapter(adapter)
+    with pytest.raises(InvalidArgument, match="not loaded"):
+        engine.add_request("x", PROMPTS[0], GREEDY, adapter=adapter)
+    assert engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1))) != adapter
+    model._step = object()  # as compile_step() leaves it
+    with pytest.raises(UnsupportedModel, match="without --compile"):
+        lora.enable(model)
