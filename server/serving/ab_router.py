@@ -1,7 +1,8 @@
 """ABRouter: which Generator serves a request while an A/B test runs.
 
 The main Generator serves the current (control) version; while a test runs, a second Generator
-(`Generator.load_beside`, its own engine and KV cache) serves the candidate. A request goes to the
+serves the candidate (`Generator.load_beside`: its own engine and KV cache, or, for a LoRA adapter
+over the control's version, an `AdapterGenerator` on the control's engine). A request goes to the
 candidate with probability `traffic`, decided by a stable hash of its user id (or session id, or
 nothing: per request), so one user keeps seeing one version. Compare requests get both, in random
 order. `sync(state)` follows the registry's A/B state: loads the candidate when a test starts,
