@@ -191,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefloop serve: {taken}", file=sys.stderr)
         return 2
     from prefloop.server.serving.build import build_generator  # heavy (torch): imported only when serving
+    from prefloop.server.serving.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the server's threads (server/serving/memory.py)
 
     registry = Registry(config.data_dir)
     kwargs = generator_kwargs(args)

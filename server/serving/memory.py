@@ -47,6 +47,24 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+DEFAULT_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (call before the server starts its threads). Each thread that
+    allocates while another holds an arena gets an arena of its own (up to 8 per core); the
+    worker threads that load a hot-swapped version or an A/B candidate each left fragments in
+    theirs, and the served RSS stepped up with every load (docs/reliability.md). An explicit
+    MALLOC_ARENA_MAX in the environment wins. Whether the cap was set."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_ARENA_MAX, arenas) == 1
 
 
 def release_freed_memory(what: str) -> int | None:

@@ -1,5 +1,6 @@
 """Giving an unloaded version's memory back (server/serving/memory.py): freed heap pages that
 glibc keeps are returned by `release_freed_memory`."""
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,16 @@ def test_a_retired_version_frees_its_weights_and_kv_cache_while_still_referenced
     assert old.owns_weights and weight() is None and cache() is None
     assert list(old.engine.engine.model.parameters()) == []
     assert list(new.engine.engine.model.parameters()) == []  # closed: freed as well
+
+
+def test_the_arena_cap_is_set_unless_the_environment_sets_one():
+    code = ("from prefloop.server.serving.memory import limit_malloc_arenas; "
+            "print(limit_malloc_arenas())")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env=env)
+    assert capped.stdout.strip() == ("True" if memory._MALLOC_TRIM is not None else "False")
+    env["MALLOC_ARENA_MAX"] = "4"
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env)
+    assert kept.stdout.strip() == "False"  # the operator's choice stands
