@@ -21,7 +21,6 @@ from typing import AsyncIterator
 
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
-from prefloop.server.model import adapters
 from prefloop.server.model.config import read_sampling_defaults
 from prefloop.server.serving.memory import release_when_collected
 from prefloop.server.serving.protocol import EngineBackend
@@ -159,6 +158,8 @@ class Generator:
     async def _load_adapter(self, model_dir, version: str) -> "AdapterGenerator | None":
         """`version` as a per-request adapter on the serving engine, or None where it cannot be
         (full weights, another base, an engine without per-request adapters, a compiled step)."""
+        from prefloop.server.model import adapters  # torch: not for the CLI's quick refusals
+
         backend = self._current
         if not getattr(backend.engine, "supports_adapters", False) \
                 or adapters.base_version(model_dir) != backend.info.model_version:
