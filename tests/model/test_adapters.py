@@ -16,6 +16,7 @@ from prefloop.server.model import adapters
 from prefloop.server.model.loader import load_model
 from prefloop.server.registry import Registry
 
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """v0000 (a tiny full Llama), v0001 an adapter over it, v0002 an adapter over v0001."""
