@@ -298,10 +298,11 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
     `reg.MAX_ADAPTER_CHAIN` adapters, when the merged `model` is published in full."""
     if kind == reg.KIND_POLICY:
         model.config.use_cache = True  # training turned it off; serving wants it
-    chain = len(registry.adapter_bases(parent))  # the adapters `parent` is made of (0: full)
-    if adapter is not None and chain >= reg.MAX_ADAPTER_CHAIN:
-        log.info("%s ends a chain of %d adapters: publishing full weights", parent, chain)
-        adapter = None
+    if adapter is not None:
+        chain = len(registry.adapter_bases(parent))  # the adapters `parent` is made of (0: full)
+        if chain >= reg.MAX_ADAPTER_CHAIN:
+            log.info("%s ends a chain of %d adapters: publishing full weights", parent, chain)
+            adapter = None
     with registry.stage() as stage:
         if adapter is not None:
             adapter.save(stage.path)

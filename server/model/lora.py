@@ -91,7 +91,7 @@ def fused_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch
             if all(f is None for _, f in found):
                 continue
             total_out = sum(out_sizes[p] for p in parts)
-            a_parts, b = [], []
+            a_parts = []
             rank = sum(f[0].shape[0] for _, f in found if f is not None)
             b = torch.zeros(total_out, rank)
             row, col = 0, 0

@@ -297,11 +297,10 @@ class AdapterGenerator:
         pass
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        check_prompt_text(prompt)
-        return self.tokenizer.encode(prompt)
+        return self.host.prompt_ids(prompt)  # an adapter keeps its base's tokenizer
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode_chat(messages)
+        return self.host.chat_ids(messages)
 
     async def stream(self, request_id: str, prompt_ids: list[int],
                      params: SamplingParams) -> AsyncIterator[CompletionDelta]:
