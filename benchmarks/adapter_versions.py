@@ -14,8 +14,12 @@ what every LoRA job published before). Then, side by side in one run:
 - an A/B test's memory: the process's RSS serving v0000 alone, then with v0001 loaded beside it
   as an A/B candidate (a per-request adapter on the same engine), then with v0002 (full weights:
   a second engine with its own KV cache, as every candidate was before);
+- a hot-swap from v0000 to each, `--runs` times alternating, from the `swap` call to the first
+  token of a request on the new version: the adapter needs no load (the serving engine runs it
+  as a per-request adapter), the full version loads a second engine;
 - decode throughput at `--streams` (1, 8, 32) of the plain base engine vs the same engine with
-  every sequence on an adapter (two adapters, alternating: mixed adapters in one batch).
+  every sequence on one adapter (an adapter version is CURRENT) and with two adapters alternating
+  (mixed adapters in one batch: an A/B test).
 
     python benchmarks/adapter_versions.py [--runs 5] [--rank 16] [--prompts 4] [--max-tokens 32]
                                           [--streams 1,8,32] [--decode-tokens 64]
@@ -104,6 +108,39 @@ def ab_memory(registry, v_adapter: str, v_full: str) -> dict[str, float]:
     return asyncio.run(run())
 
 
+def swap_seconds(registry, versions: list[str], runs: int, prompt: list[int]) -> dict:
+    """Seconds from `Generator.swap(v0000 -> version)` to the first token of a request on it."""
+    import asyncio
+
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.serving.build import build_generator
+
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def run() -> dict[str, list[float]]:
+        generator = build_generator(model=str(registry.version_dir("v0000")),
+                                    model_version="v0000", dtype="bfloat16")
+        await generator.start()
+        out: dict[str, list[float]] = {v: [] for v in versions}
+        for i in range(runs):
+            for v in versions if i % 2 == 0 else versions[::-1]:
+                started = time.perf_counter()
+                await generator.swap(registry.version_dir(v), v)
+                stream = generator.stream(f"{v}-{i}", prompt, params)
+                first = await anext(stream)
+                out[v].append(time.perf_counter() - started)
+                assert first.model_version == v
+                async for _ in stream:
+                    pass
+                await generator.swap(registry.version_dir("v0000"), "v0000")
+                for thread in generator._retiring:
+                    await asyncio.to_thread(thread.join)
+        await generator.close()
+        return out
+
+    return asyncio.run(run())
+
+
 def decode_tok_s(model_dir: Path, factors: list[dict], streams: int, tokens: int) -> float:
     """Decode tokens/s of `streams` sequences (after their prefill), each on an adapter of
     `factors` in turn (none: the plain base)."""
@@ -126,6 +163,11 @@ def decode_tok_s(model_dir: Path, factors: list[dict], streams: int, tokens: int
     while engine.has_unfinished():
         produced += sum(len(o.new_token_ids) for o in engine.step())
     return produced / (time.perf_counter() - started)
+
+
+def backend_tokenizer(model_dir: Path):
+    from prefloop.server.serving.tokenizer import Tokenizer
+    return Tokenizer(model_dir)
 
 
 def main() -> None:
@@ -186,12 +228,25 @@ def main() -> None:
         v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
         factors = [adapters.adapter_factors(registry.version_dir(v))
                    for v in (v_adapter, v_second)]
+        prompt = prompt_ids(backend_tokenizer(base_dir), 1)[0]
+        swaps = swap_seconds(registry, [v_adapter, v_full], args.runs, prompt)
+        med_swap = {v: statistics.median(t) for v, t in swaps.items()}
+        print(f"\nhot-swap from v0000, swap call to first token (s, median of {args.runs}):")
+        for v, label in ((v_full, "full weights (a second engine)"),
+                         (v_adapter, "LoRA adapter (same engine)")):
+            print(f"  {v} {label:32} {med_swap[v]:7.3f}  (min {min(swaps[v]):.3f}, "
+                  f"max {max(swaps[v]):.3f})")
+        print(f"swap: adapter / full = 1/{med_swap[v_full] / med_swap[v_adapter]:.0f}")
+
         print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16):")
-        print(f"{'streams':>8} {'base':>8} {'2 adapters mixed':>17} {'ratio':>6}")
+        print(f"{'streams':>8} {'base':>8} {'1 adapter':>10} {'ratio':>6} "
+              f"{'2 adapters mixed':>17} {'ratio':>6}")
         for n in (int(x) for x in args.streams.split(",")):
             plain = decode_tok_s(base_dir, [], n, args.decode_tokens)
+            one = decode_tok_s(base_dir, factors[:1], n, args.decode_tokens)
             mixed = decode_tok_s(base_dir, factors, n, args.decode_tokens)
-            print(f"{n:>8} {plain:8.1f} {mixed:17.1f} {mixed / plain:6.2f}", flush=True)
+            print(f"{n:>8} {plain:8.1f} {one:10.1f} {one / plain:6.2f} {mixed:17.1f} "
+                  f"{mixed / plain:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

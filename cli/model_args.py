@@ -63,6 +63,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the KV cache is sized by --kv-cache-gib / --kv-cache-tokens)")
     b.add_argument("--enforce-eager", action="store_true",
                    help="vllm only: no CUDA graphs / torch.compile (starts faster, decodes slower)")
+    b.add_argument("--enable-lora", action="store_true",
+                   help="vllm only: serve versions that are LoRA adapters over the loaded weights "
+                        "as vLLM LoRA requests: promotes to them load nothing and A/B tests run "
+                        "(the native engine always does; on CPU vLLM then runs without "
+                        "torch.compile)")
+    b.add_argument("--max-loras", type=int, default=4, metavar="N",
+                   help="vllm only, with --enable-lora: adapters in one batch (default %(default)s)")
+    b.add_argument("--max-lora-rank", type=int, default=64, metavar="R",
+                   help="vllm only, with --enable-lora: the largest adapter rank; a chain of "
+                        "adapters adds up its ranks, a longer one is loaded as merged weights "
+                        "(default %(default)s)")
     c = p.add_argument_group("context overflow (prompt + max_tokens longer than the context)")
     c.add_argument("--context-overflow", default="error", choices=list(OVERFLOW_MODES),
                    help="error: reject the request naming the limit (default); truncate: drop the oldest "
@@ -87,5 +98,7 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 context_discard=args.context_discard, backend=args.backend,
                 tensor_parallel_size=args.tensor_parallel_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                enable_lora=args.enable_lora, max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank,
                 quantize=args.quantize, compile=args.compile, attention=args.attention,
                 weight_layout=args.weight_layout, max_grammar_size=args.max_grammar_size)

@@ -155,6 +155,9 @@ class Manifest:
     # a LoRA adapter version: {"base": parent, "base_manifest_sha256": hex} (server/model/adapters.py);
     # None: full weights
     adapter: dict[str, str] | None = None
+    # the floating-point dtype of the stored weights ("float32", "bfloat16", ...; an adapter's: its
+    # factors'); None in manifests written before it was recorded (stored_dtype reads the files)
+    dtype: str | None = None
     schema: int = MANIFEST_SCHEMA
 
     def __post_init__(self) -> None:
@@ -268,7 +271,7 @@ class Stage:
                 version=version_name(number), kind=kind, method=method, created_at=utc_now(),
                 files=files, parent=parent, hyperparameters=dict(hyperparameters or {}),
                 data=dict(data or {}), metrics=dict(metrics or {}), gate=gate, source=source,
-                job_id=job_id, adapter=link)
+                job_id=job_id, adapter=link, dtype=stored_dtype(self.path))
             manifest_path = self.path / MANIFEST_FILE
             if manifest_path.exists():
                 os.chmod(manifest_path, 0o644)
@@ -664,6 +667,32 @@ class Registry:
         return True
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The floating-point dtype of the weights in `folder`'s *.safetensors files (read from the
+    headers only), the widest when they are mixed; None when there is none or a header cannot be
+    read (the loader reports a broken file; the record is only informative)."""
+    found = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 100 * 2**20:
+                    return None
+                header = json.loads(f.read(size))
+            found |= {_SAFETENSORS_DTYPES[t["dtype"]] for k, t in header.items()
+                      if k != "__metadata__" and isinstance(t, dict)
+                      and t.get("dtype") in _SAFETENSORS_DTYPES}
+        except (OSError, ValueError, AttributeError):
+            return None
+    for name in _SAFETENSORS_DTYPES.values():  # widest first
+        if name in found:
+            return name
+    return None
+
+
 def version_info(registry: Registry, version: str) -> dict[str, Any]:
     """A flat summary of one version for listings and the Models RPCs."""
     m = registry.manifest(version)
@@ -673,4 +702,5 @@ def version_info(registry: Registry, version: str) -> dict[str, Any]:
             "gate": m.gate, "summary": VersionSummary.of(m.metrics, m.gate).to_dict(),
             "metrics": m.metrics, "data": m.data, "bytes": sum(int(f.get("bytes", 0))
                                                               for f in m.files.values()),
-            "format": m.format, "base": None if m.adapter is None else m.adapter["base"]}
+            "format": m.format, "base": None if m.adapter is None else m.adapter["base"],
+            "dtype": m.dtype or stored_dtype(registry.version_dir(version))}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
+import json
 import logging
 import math
 import os
@@ -295,7 +296,9 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
     every base file but weights and config) into a stage and publish it; the new version.
     `adapter` (a `LoraAdapter`): publish it over `parent` instead of `model`'s full weights
     (with the parent's config.json) — unless `parent` already ends a chain of
-    `reg.MAX_ADAPTER_CHAIN` adapters, when the merged `model` is published in full."""
+    `reg.MAX_ADAPTER_CHAIN` adapters, when the merged `model` is published in full. Full weights
+    are stored in the dtype of the weights the chain of `parent` is rooted in (the served model's:
+    a bfloat16 model's fine-tune takes half the disk of float32); the manifest records it."""
     if kind == reg.KIND_POLICY:
         model.config.use_cache = True  # training turned it off; serving wants it
     if adapter is not None:
@@ -308,7 +311,7 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
             adapter.save(stage.path)
             shutil.copyfile(base_dir / "config.json", stage.path / "config.json")
         else:
-            model.save_pretrained(str(stage.path), safe_serialization=True)
+            save_full_weights(model, stage.path, stored_weights_dtype(registry, parent))
         for p in base_dir.iterdir():
             if p.is_file() and not p.name.endswith(".safetensors") and p.name not in _NOT_COPIED \
                     and p.name != reg.ADAPTER_CONFIG_FILE:
@@ -322,6 +325,33 @@ def publish(registry: reg.Registry, model, base_dir: Path, *, kind: str, method:
                                  gate=json_safe(gate), job_id=job_id,
                                  adapter=adapter is not None)
     return manifest.version
+
+
+def save_full_weights(model, folder: Path, dtype: str | None) -> None:
+    """`model.save_pretrained` with the tensors (and config.json's dtype) in `dtype`; the model
+    itself is left as it is (the job may still evaluate it)."""
+    import torch
+
+    if dtype is None or all(t.dtype == getattr(torch, dtype) or not t.is_floating_point()
+                            for t in model.state_dict().values()):
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    target = getattr(torch, dtype)
+    state = {k: t.to(target) if t.is_floating_point() else t for k, t in model.state_dict().items()}
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+        config[key] = dtype
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def stored_weights_dtype(registry: reg.Registry, version: str) -> str | None:
+    """The dtype full weights over `version` are stored in: that of the full version its chain
+    starts from (its manifest's record, else read from its files)."""
+    bases = registry.adapter_bases(version)
+    root = bases[-1] if bases else version  # the last base of a chain holds full weights
+    return registry.manifest(root).dtype or reg.stored_dtype(registry.version_dir(root))
 
 
 AUTO_AB_TRAFFIC = 0.1  # --promote-via auto: the share an inconclusive but safe candidate gets

@@ -108,7 +108,8 @@ class ModelRunner:
                 rows.setdefault(s.seq.adapter, []).extend(range(start, start + s.num_tokens))
             start += s.num_tokens
         meta = AttentionMetadata(
-            adapter_rows={a: torch.tensor(r, device=dev) for a, r in rows.items()} or None,
+            adapter_rows={a: None if len(r) == start else torch.tensor(r, device=dev)
+                          for a, r in rows.items()} or None,  # None: every row of the step
             slot_mapping=torch.tensor(slots, device=dev),
             num_decode=len(decodes),
             decode_block_tables=decode_tables,

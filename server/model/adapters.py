@@ -17,6 +17,8 @@ What this module gives each reader of weights:
   root's tensors with every adapter's `scale * B @ A` added in float32 (the native loader);
 - `merge_into(model, dir)`: the same deltas added in place to a loaded transformers model of the
   root (align's trainers and evaluation load versions this way);
+- `chain_factors(dir, over)`: the chain's adapters after version `over`, as one set of LoRA
+  factors (per-request serving on an engine that holds `over`: server/model/lora.py);
 - `write_merged(dir, target)`: a plain HF folder with the merged weights (vLLM, `models export
   --merged`).
 
@@ -145,6 +147,27 @@ def adapter_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Te
                                    f"{tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}")
         factors[f"{module}.weight"] = (ab["A"], ab["B"] * scale)
     return factors
+
+
+def chain_factors(model_dir: str | os.PathLike, over: str
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The factors that turn the weights of version `over` into those of `model_dir`, for
+    serving `model_dir` as one per-request adapter on an engine holding `over`: the adapters of
+    the chain after `over`, concatenated along the rank (B1 A1 + B2 A2 = [B1 B2] [A1; A2], exact).
+    {} when `model_dir` is `over` itself; None when `over` is not in its chain (another base)."""
+    model_dir = Path(model_dir)
+    if model_dir.name == over:
+        return {}
+    root, adapters = adapter_chain(model_dir)
+    names = [root.name] + [a.name for a in adapters]
+    if over not in names:
+        return None
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for adapter_dir in adapters[names.index(over):]:
+        for name, ab in adapter_factors(adapter_dir).items():
+            parts.setdefault(name, []).append(ab)
+    return {name: (torch.cat([a for a, _ in ab]), torch.cat([b for _, b in ab], dim=1))
+            for name, ab in parts.items()}
 
 
 def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_kernel: Callable[..., torch.Tensor] | None = None  # native paged decode, None = SDPA
     # per-request LoRA (server/model/lora.py): adapter id -> the token rows that use it; None: none
-    adapter_rows: dict[int, torch.Tensor] | None = None
+    adapter_rows: dict[int, torch.Tensor | None] | None = None  # None rows: every row
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

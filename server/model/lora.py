@@ -6,8 +6,9 @@ instead of a second engine (weights and KV cache). `enable(model)` wraps the fou
 every block (fused q/k/v, o, fused gate/up, down) in `LoraLinear`; `add_adapter(model, id,
 factors)` stores an adapter's factors in them, fused the way the base weights are (q/k/v: A
 stacked, B block-diagonal; gate/up the same); the model runner marks which token rows of a step
-use which adapter (`AttentionMetadata.adapter_rows`, read here through step_context.py), and each
-wrapped projection adds `(x[rows] @ A.T) @ B.T` (B carries the LoRA scale) to those rows. With no
+use which adapter (`AttentionMetadata.adapter_rows`, read here through step_context.py; None for
+"every row", the common case once a version served as an adapter is CURRENT), and each wrapped
+projection adds `(x[rows] @ A.T) @ B.T` (B carries the LoRA scale) to those rows. With no
 adapter rows in a step a wrapped projection costs one dictionary look-up. Adapter ids are never
 reused, so prefix-cache blocks computed under one adapter can never be matched under another.
 
@@ -43,8 +44,12 @@ class LoraLinear(nn.Module):
         if rows:
             for adapter_id, index in rows.items():
                 factors = self.adapters.get(adapter_id)
-                if factors is not None:
-                    a, b = factors
+                if factors is None:
+                    continue
+                a, b = factors
+                if index is None:  # every row of the step: no gather, one fused add
+                    y.addmm_(x @ a.t(), b.t())
+                else:
                     y.index_add_(0, index, (x.index_select(0, index) @ a.t()) @ b.t())
         return y
 

@@ -34,7 +34,7 @@ def step_context(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Atten
         _state.step = previous
 
 
-def current_adapter_rows() -> dict[int, torch.Tensor] | None:
+def current_adapter_rows() -> dict[int, torch.Tensor | None] | None:
     """The step's per-request adapter rows (server/model/lora.py); None outside a step or when no
     sequence of the step uses an adapter."""
     step = getattr(_state, "step", None)

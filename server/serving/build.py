@@ -60,7 +60,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                     context_keep: int = DEFAULT_KEEP, context_discard: int | None = None,
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
-                    enforce_eager: bool = False, quantize: str = "none",
+                    enforce_eager: bool = False, enable_lora: bool = False, max_loras: int = 4,
+                    max_lora_rank: int = 64, quantize: str = "none",
                     compile: bool = False, attention: str = "auto",
                     weight_layout: str = "auto", driver=None,
                     max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Generator:
@@ -79,7 +80,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     weights are prepacked for oneDNN (server/model/packed_linear.py). `driver` decides which
     thread steps the native engines (server/engine/driver.py; None: a thread per engine).
     `backend` "vllm" runs vLLM's AsyncLLM instead of the native engine (with
-    `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`; the device is the one vLLM
+    `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`, and `enable_lora`,
+    `max_loras`, `max_lora_rank` for adapter versions as LoRA requests; the device is the one vLLM
     was built for).
     """
     if backend not in BACKENDS:
@@ -119,7 +121,9 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                             kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization,
                             block_size=block_size, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens,
-                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                            enable_lora=enable_lora, max_loras=max_loras,
+                            max_lora_rank=max_lora_rank)
         return Generator(load_vllm_backend(model_dir, model_version or Path(model_dir).name, config))
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")

@@ -69,6 +69,11 @@ class Backend:
     info: ModelInfo
     active: int = 0  # requests streaming on it
     owns_weights: bool = False  # its model was loaded for it alone: freed when it is retired
+    adapter: int = 0  # the engine's per-request adapter every request here runs with (0: none)
+    weights_version: str = ""  # the version whose full weights the engine holds ("": info's)
+
+    def __post_init__(self):
+        self.weights_version = self.weights_version or self.info.model_version
 
 
 class Generator:
@@ -83,6 +88,7 @@ class Generator:
         self._retiring: list[threading.Thread] = []
         self._admitting = asyncio.Event()  # cleared while an in-place reload drains and reloads
         self._admitting.set()
+        self._slots: set[AdapterSlot] = set()  # adapter versions served beside (A/B candidates)
 
     @property
     def info(self) -> ModelInfo:
@@ -105,7 +111,11 @@ class Generator:
         self._current.engine.start()
 
     async def close(self) -> None:
+        stopped: list = []
         for backend in [self._current, *self._draining]:
+            if any(backend.engine is e for e in stopped):  # versions sharing one engine
+                continue
+            stopped.append(backend.engine)
             await asyncio.to_thread(backend.engine.stop)
             release_weights(backend)
         self._draining.clear()
@@ -114,26 +124,71 @@ class Generator:
         self._retiring.clear()
 
     async def swap(self, model_dir, version: str) -> ModelInfo:
-        """Serve `model_dir` as `version` from now on: native engines load it beside the serving
-        one (strict shapes) and switch; in-place engines (vLLM) drain and reload their weights."""
-        if self._current.engine.reloads_in_place:
-            return await self._reload_in_place(model_dir, version)
-        if self._loader is None:
-            raise InvalidArgument("this generator cannot load other versions")
-        backend = await asyncio.to_thread(self._loader, model_dir, version)
-        backend.engine.start()
+        """Serve `model_dir` as `version` from now on: native engines switch at once to a version
+        that is the serving engine's weights plus LoRA adapters (a per-request adapter every new
+        request runs with, no load), else load it beside the serving one (strict shapes) and
+        switch; in-place engines (vLLM; with --enable-lora it takes adapters too) drain and reload
+        their weights."""
+        backend = await self._adapter_view(model_dir, version)
+        if backend is None:
+            if self._current.engine.reloads_in_place:
+                return await self._reload_in_place(model_dir, version)
+            if self._loader is None:
+                raise InvalidArgument("this generator cannot load other versions")
+            backend = await asyncio.to_thread(self._loader, model_dir, version)
+            backend.engine.start()
         old, self._current = self._current, backend
         self._draining.append(old)
         self._retire_idle()
-        log.info("now serving %s (%s); %d request(s) finishing on %s", version, backend.info.dtype,
-                 old.active, old.info.model_version)
+        how = (f"the weights of {backend.weights_version}" if backend.engine is old.engine and
+               not backend.adapter else f"an adapter on the engine of {backend.weights_version}"
+               if backend.engine is old.engine else backend.info.dtype)
+        log.info("now serving %s (%s); %d request(s) finishing on %s", version, how, old.active,
+                 old.info.model_version)
         return backend.info
+
+    async def _adapter_view(self, model_dir, version: str) -> Backend | None:
+        """`version` served on the current engine, with the adapter that turns its weights into
+        the version's, or None where that cannot be (full weights of another version, another
+        chain, an engine without per-request adapters, a compiled step)."""
+        found = await self._engine_adapter(model_dir, version)
+        if found is None:
+            return None
+        adapter_id, info = found
+        current = self._current
+        return Backend(current.engine, current.tokenizer, info, owns_weights=current.owns_weights,
+                       adapter=adapter_id, weights_version=current.weights_version)
+
+    async def _engine_adapter(self, model_dir, version: str) -> tuple[int, ModelInfo] | None:
+        """(adapter id on the current engine, 0 for its own weights; `version`'s ModelInfo), or
+        None where `version` cannot run on it as a per-request adapter."""
+        from prefloop.server.model import adapters  # torch: not for the CLI's quick refusals
+
+        backend = self._current
+        if not getattr(backend.engine, "supports_adapters", False):
+            return None
+        try:
+            factors = await asyncio.to_thread(adapters.chain_factors, Path(model_dir),
+                                              backend.weights_version)
+            if factors is None:
+                return None
+            adapter_id = await asyncio.to_thread(backend.engine.add_adapter, factors) \
+                if factors else 0
+        except UnsupportedModel as exc:
+            log.info("%s: serving it as its own engine (%s)", version, exc)
+            return None
+        info = replace(backend.info, model_version=version, model_path=str(model_dir),
+                       sampling_defaults=read_sampling_defaults(Path(model_dir)))
+        return adapter_id, info
 
     def relabel(self, version: str) -> ModelInfo:
         """Name the weights being served `version` without loading anything (the registry made
         a version that is a copy of them, e.g. v0000 of the served model folder). Requests
         already running keep the name they started with."""
-        self._current.info = replace(self._current.info, model_version=version)
+        current = self._current
+        current.info = replace(current.info, model_version=version)
+        if not current.adapter:
+            current.weights_version = version
         log.info("now serving %s (the same weights, registered as that version)", version)
         return self._current.info
 
@@ -148,8 +203,9 @@ class Generator:
             return adapter
         if self._current.engine.reloads_in_place or self._loader is None:
             raise FailedPrecondition(
-                f"the {self.info.backend} backend holds one model version at a time; an A/B test "
-                "needs two engines (serve with --backend native)")
+                f"the {self.info.backend} backend holds one set of weights: an A/B candidate must "
+                f"be a LoRA adapter version over {self._current.weights_version} served with "
+                "--enable-lora (or serve with --backend native, which loads a second engine)")
         generator = Generator(await asyncio.to_thread(self._loader, model_dir, version),
                               self._loader)
         await generator.start()
@@ -157,40 +213,45 @@ class Generator:
 
     async def _load_adapter(self, model_dir, version: str) -> "AdapterGenerator | None":
         """`version` as a per-request adapter on the serving engine, or None where it cannot be
-        (full weights, another base, an engine without per-request adapters, a compiled step)."""
-        from prefloop.server.model import adapters  # torch: not for the CLI's quick refusals
-
+        (see `_engine_adapter`)."""
+        found = await self._engine_adapter(model_dir, version)
+        if found is None:
+            return None
+        adapter_id, info = found
         backend = self._current
-        if not getattr(backend.engine, "supports_adapters", False) \
-                or adapters.base_version(model_dir) != backend.info.model_version:
-            return None
-        try:
-            adapters.adapter_chain(model_dir)  # the link checks out (base hash)
-            factors = await asyncio.to_thread(adapters.adapter_factors, Path(model_dir))
-            adapter_id = await asyncio.to_thread(backend.engine.add_adapter, factors)
-        except UnsupportedModel as exc:
-            log.info("%s: serving it as its own engine (%s)", version, exc)
-            return None
-        info = replace(backend.info, model_version=version, model_path=str(model_dir),
-                       sampling_defaults=read_sampling_defaults(Path(model_dir)))
         log.info("%s serves as a LoRA adapter on the engine of %s", version,
-                 backend.info.model_version)
-        return AdapterGenerator(self, AdapterSlot(backend, adapter_id, info))
+                 backend.weights_version)
+        slot = AdapterSlot(backend, adapter_id, info)
+        self._slots.add(slot)
+        return AdapterGenerator(self, slot)
 
     async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
-        """Hold new requests, let running ones finish on the old weights, reload, resume."""
+        """Hold new requests, let running ones finish on the old weights (every version served on
+        this engine), reload, resume. Refused while an adapter candidate runs on the engine: its
+        adapter was made for the weights being replaced."""
         backend = self._current
         model_dir = Path(model_dir)
+        if any(slot.backend.engine is backend.engine for slot in self._slots):
+            raise FailedPrecondition(
+                f"an A/B test's candidate runs as an adapter over {backend.weights_version} on "
+                f"this engine; stop the test before serving {version}, whose weights replace them")
         tokenizer = await asyncio.to_thread(Tokenizer, model_dir)  # fails before anything waits
         self._admitting.clear()
         try:
-            if backend.active:
+            on_engine = [b for b in [backend, *self._draining] if b.engine is backend.engine]
+            running = sum(b.active for b in on_engine)
+            if running:
                 log.info("swap to %s: waiting for %d running request(s) to finish on %s", version,
-                         backend.active, backend.info.model_version)
-            while backend.active:
+                         running, backend.info.model_version)
+            while any(b.active for b in on_engine):
                 await asyncio.sleep(0.01)
             await backend.engine.reload_weights(model_dir)
+            for old in on_engine:  # every adapter was over the weights just replaced
+                if old.adapter:
+                    backend.engine.remove_adapter(old.adapter)
+            self._draining = [b for b in self._draining if b.engine is not backend.engine]
             backend.tokenizer = tokenizer
+            backend.adapter, backend.weights_version = 0, version
             backend.info = replace(backend.info, model_version=version, model_path=str(model_dir),
                                    sampling_defaults=read_sampling_defaults(model_dir))
         finally:
@@ -201,6 +262,10 @@ class Generator:
     def _retire_idle(self) -> None:
         for backend in [b for b in self._draining if b.active == 0]:
             self._draining.remove(backend)
+            if any(b.engine is backend.engine for b in [self._current, *self._draining]):
+                if backend.adapter:  # the engine serves on: only this version's adapter goes
+                    backend.engine.remove_adapter(backend.adapter)
+                continue
             thread = threading.Thread(target=_stop_and_release, args=([backend],),
                                       name="prefloop-retire")
             thread.start()
@@ -225,7 +290,8 @@ class Generator:
         version = backend.info.model_version if slot is None else slot.info.model_version
         decoders = [IncrementalDecoder(backend.tokenizer, params.stop) for _ in range(params.n)]
         done = [False] * params.n
-        extra = {} if slot is None else {"adapter": slot.adapter_id}
+        adapter = backend.adapter if slot is None else slot.adapter_id
+        extra = {"adapter": adapter} if adapter else {}
         try:
             async for out in backend.engine.generate(request_id, prompt_ids, params, **extra):
                 if done[out.index]:
@@ -319,6 +385,7 @@ class AdapterGenerator:
 
     async def close(self) -> None:
         """Unload the adapter (its requests have finished: ABRouter waits for them)."""
+        self.host._slots.discard(self.slot)
         engine = self.slot.backend.engine
         await asyncio.to_thread(engine.remove_adapter, self.slot.adapter_id)
 

@@ -8,15 +8,25 @@ native engine. vLLM still loads the model's tokenizer: its structured-output bac
 engine: pause (after the Generator has drained in-flight requests), `collective_rpc(
 "reload_weights", weights_path=...)`, resume.
 
+With `enable_lora` (`prefloop serve --backend vllm --enable-lora`) a version that is the loaded
+weights plus LoRA adapters (server/model/adapters.py `chain_factors`) is served as a vLLM
+`LoRARequest` instead: `add_adapter` writes the factors as one PEFT adapter folder (the chain's
+adapters concatenated along the rank, the LoRA scale folded into B) and every request of that
+version carries it. A promote to such a version then loads no weights, and an A/B test's adapter
+candidate runs in the same batch as the control, as vLLM serves many adapters over one base.
+
 vllm is imported here only; `import prefloop.server.serving.vllm_engine` fails with a clear message where
 vllm is not installed (see README "vLLM backend" for the CPU and GPU install commands).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +35,13 @@ from typing import AsyncIterator
 from prefloop.server.engine.context import ContextConfig, check_prompt
 from prefloop.server.engine.outputs import EngineStats, SeqOutput
 from prefloop.server.engine.sampling_params import SamplingParams
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, PrefloopError, Unavailable
+from prefloop.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PrefloopError,
+    Unavailable,
+    UnsupportedModel,
+)
 from prefloop.server.model.adapters import full_model_dir
 from prefloop.server.model.config import ModelConfig
 from prefloop.server.model.weights_compat import check_compatible_weights
@@ -40,6 +56,7 @@ try:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.exceptions import VLLMClientError
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -50,6 +67,34 @@ except ImportError as exc:  # pragma: no cover - exercised where vllm is absent
         f"(import failed: {exc})") from exc
 
 log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank
+
+
+def write_peft_adapter(factors: dict, folder: Path) -> None:
+    """{HF weight name: (A [r, in], B * scale [out, r])} as a PEFT LoRA folder with scale 1
+    (lora_alpha = r): adapter_model.safetensors + adapter_config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tensors, modules, rank = {}, set(), 0
+    for name, (a, b) in factors.items():
+        module = name.removesuffix(".weight")
+        modules.add(module.rsplit(".", 1)[-1])
+        rank = max(rank, a.shape[0])
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    # one rank for every module: pad the smaller ones with zero rows/columns (exact)
+    for key, t in tensors.items():
+        short = rank - (t.shape[0] if ".lora_A." in key else t.shape[1])
+        if short:
+            pad = (0, 0, 0, short) if ".lora_A." in key else (0, short)
+            tensors[key] = torch.nn.functional.pad(t, pad).contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
+        "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}))
 
 
 @dataclass(slots=True)
@@ -66,6 +111,9 @@ class VllmConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs / torch.compile (faster start, slower decode)
     max_model_len: int | None = None
+    enable_lora: bool = False  # versions that are adapters over the loaded weights as LoRARequests
+    max_loras: int = 4  # adapters in one batch (the served version, one draining, an A/B candidate)
+    max_lora_rank: int = 64  # a longer chain (ranks add up) reloads merged weights instead
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -75,6 +123,11 @@ class VllmConfig:
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidArgument(
                 f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_loras < 1:
+            raise InvalidArgument(f"--max-loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise InvalidArgument(f"--max-lora-rank must be one of {VLLM_LORA_RANKS} (vLLM's "
+                                  f"choices), got {self.max_lora_rank}")
 
 
 class _LatestStats(StatLoggerBase):
@@ -150,6 +203,8 @@ class VllmEngine:
             # (xgrammar, vLLM's default, ignores multipleOf on numbers and maxLength beside format)
             structured_outputs_config=StructuredOutputsConfig(backend="guidance",
                                                               disable_any_whitespace=True),
+            **({"enable_lora": True, "max_loras": config.max_loras,
+                "max_lora_rank": config.max_lora_rank} if config.enable_lora else {}),
             **({"gpu_memory_utilization": config.gpu_memory_utilization}
                if config.gpu_memory_utilization is not None else {}))
         try:
@@ -162,6 +217,10 @@ class VllmEngine:
         self._n: dict[str, int] = {}  # request -> its number of candidates
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
+        self._loras: dict[int, LoRARequest] = {}  # adapter id -> its request (enable_lora)
+        self._lora_ids = itertools.count(1)
+        self._lora_root: Path | None = None  # a temporary folder of adapter folders
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop vLLM's client runs on
 
     def _make_stats_logger(self, vllm_config, engine_index: int = 0) -> _LatestStats:
         self._stats_logger = _LatestStats(vllm_config, engine_index)
@@ -185,11 +244,47 @@ class VllmEngine:
             time.sleep(0.05)
         self.llm.shutdown()
         del self.llm  # finalize now, while the modules its __del__ needs are still loaded
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
+
+    # -- LoRA adapters (enable_lora) -------------------------------------------------------------
+    @property
+    def supports_adapters(self) -> bool:
+        return self.config.enable_lora
+
+    def add_adapter(self, factors: dict) -> int:
+        """Write `factors` ({HF weight name: (A [r, in], B * scale [out, r])}, chain_factors) as
+        one PEFT adapter folder and register it; vLLM loads it at its first request. Raises
+        UnsupportedModel when LoRA is off or the rank is over --max-lora-rank (the Generator then
+        reloads merged weights instead)."""
+        if not self.config.enable_lora:
+            raise UnsupportedModel("LoRA adapters are off on this vLLM engine (--enable-lora)")
+        rank = max(a.shape[0] for a, _ in factors.values())
+        if rank > self.config.max_lora_rank:
+            raise UnsupportedModel(f"the adapters have rank {rank} together, over "
+                                   f"--max-lora-rank {self.config.max_lora_rank}")
+        if self._lora_root is None:
+            self._lora_root = Path(tempfile.mkdtemp(prefix="prefloop-vllm-lora-"))
+        adapter_id = next(self._lora_ids)
+        folder = self._lora_root / f"adapter-{adapter_id}"
+        write_peft_adapter(factors, folder)
+        self._loras[adapter_id] = LoRARequest(lora_name=f"prefloop-{adapter_id}",
+                                              lora_int_id=adapter_id, lora_path=str(folder))
+        return adapter_id
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        """Forget an adapter no request uses any more and unload it from vLLM."""
+        if self._loras.pop(adapter_id, None) is None or self._stopped or self._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.llm.remove_lora(adapter_id), self._loop)
+        future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams, adapter: int = 0) -> AsyncIterator[SeqOutput]:
-        if adapter:  # supports_adapters is False: the Generator never asks
-            raise FailedPrecondition("per-request adapters are not served on the vLLM backend")
+        lora = self._loras.get(adapter) if adapter else None
+        if adapter and lora is None:
+            raise InvalidArgument(f"adapter {adapter} is not loaded in this engine")
+        self._loop = asyncio.get_running_loop()
         if self._stopped:
             raise Unavailable("the engine is not running")
         if self.llm.errored:
@@ -202,7 +297,7 @@ class VllmEngine:
         try:
             vllm_params = to_vllm_params(params, self.eos_token_ids)
             (prompt,) = self.llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=list(prompt_ids))])
-            stream = self.llm.generate(prompt, vllm_params, request_id)
+            stream = self.llm.generate(prompt, vllm_params, request_id, lora_request=lora)
             async for out in stream:
                 for c in out.outputs:
                     # greedy n > 1 ran as one candidate: it stands for all n (they are identical)

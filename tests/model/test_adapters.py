@@ -159,3 +159,36 @@ def test_models_export_writes_a_peft_adapter_and_a_merged_folder(chain, tmp_path
     assert main(["models", "list", "--data-dir", data]) == 0
     listing = capsys.readouterr().out
     assert "+v0000" in listing and "+v0001" in listing and "full" in listing
+
+
+def test_full_weights_over_an_adapter_chain_are_stored_in_the_roots_dtype(tmp_path):
+    """A full fine-tune (or the full version after a long chain) is published in the dtype of
+    the weights its chain is rooted in, recorded in its manifest; the job's model is untouched."""
+    from prefloop.align.jobs.runner import publish
+    from prefloop.server.registry import stored_dtype
+
+    root = save_tiny(tmp_path / "tiny", "llama")
+    bf16 = load_causal_lm(root).to(torch.bfloat16)
+    bf16.save_pretrained(str(tmp_path / "bf16"), safe_serialization=True)
+    registry = Registry(tmp_path / "data")
+    registry.ensure_base(tmp_path / "bf16")
+    assert registry.manifest("v0000").dtype == "bfloat16"
+    v1, _ = publish_random_adapter(registry, "v0000", seed=1)
+    assert registry.manifest(v1).dtype == "float32"  # the adapter's own factors
+    trained = load_causal_lm(registry.version_dir("v0000")).float()  # trained in float32
+    before = {k: t.clone() for k, t in trained.state_dict().items()}
+    common = dict(kind="policy", method="dpo", hyperparameters={}, data={}, metrics={},
+                  gate=None, job_id="test")
+    v2 = publish(registry, trained, registry.version_dir(v1), parent=v1, **common)
+    assert registry.manifest(v2).format == "full"
+    assert registry.manifest(v2).dtype == "bfloat16" == stored_dtype(registry.version_dir(v2))
+    assert json.loads((registry.version_dir(v2) / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(torch.equal(t, before[k]) and t.dtype == torch.float32
+               for k, t in trained.state_dict().items())
+    served = load_model(registry.version_dir(v2), dtype="float32")
+    assert served is not None
+    # a float32 root keeps float32
+    registry32 = Registry(tmp_path / "data32")
+    registry32.ensure_base(root)
+    v = publish(registry32, load_causal_lm(root), root, parent="v0000", **common)
+    assert registry32.manifest(v).dtype == "float32"

@@ -1,0 +1,131 @@
+"""A hot-swap to a version that is the serving engine's weights plus LoRA adapters loads nothing
+(server/serving/generator.py `Generator.swap` -> `_adapter_view`): new requests run on the same
+engine with the chain's adapters as one per-request adapter and answer as the merged version on an
+engine of its own; a request already running finishes on the version it started with; a rollback
+to the engine's own weights is instant too; a full version still gets its own engine, and the old
+engine stops only when no version on it is left."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+import torch
+from adapter_helpers import publish_random_adapter
+
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.model import adapters
+from prefloop.server.model.loader import resolve_model_dir
+from prefloop.server.registry import Registry
+from prefloop.server.serving.build import build_generator
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+QUESTIONS = ["Name a colour.", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """v0000 the default model; v0001 an adapter over it; v0002 an adapter over v0001; v0003 the
+    merged weights of v0002 published as a full version."""
+    root = tmp_path_factory.mktemp("adapter-swap")
+    registry = Registry(root / "data")
+    registry.ensure_base(resolve_model_dir(None))
+    publish_random_adapter(registry, "v0000", seed=3, scale=0.2)
+    publish_random_adapter(registry, "v0001", seed=4, scale=0.2)
+    merged = adapters.write_merged(registry.version_dir("v0002"), root / "merged")
+    with registry.stage() as stage:
+        for p in merged.iterdir():
+            shutil.copyfile(p, stage.path / p.name)
+        stage.publish(kind="policy", method="dpo", parent="v0002")
+    return registry
+
+
+def _generator(registry, version):
+    return build_generator(model=str(registry.version_dir(version)), model_version=version,
+                           dtype="float32", kv_cache_tokens=2048)
+
+
+async def _answers(generator, tag: str) -> list[str]:
+    async def one(i, q):
+        ids = generator.chat_ids([{"role": "user", "content": q}])
+        return "".join([d.text_delta async for d in generator.stream(f"{tag}-{i}", ids, GREEDY)])
+    return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(QUESTIONS))))
+
+
+async def _alone(registry, version) -> list[str]:
+    generator = _generator(registry, version)
+    await generator.start()
+    try:
+        return await _answers(generator, f"alone-{version}")
+    finally:
+        await generator.close()
+
+
+def test_chain_factors_are_the_summed_deltas_of_the_adapters_after_the_engine_version(registry):
+    v1, v2 = registry.version_dir("v0001"), registry.version_dir("v0002")
+    over_root = adapters.chain_factors(v2, "v0000")
+    summed = adapters.chain_deltas([v1, v2])
+    assert set(over_root) == set(summed)
+    for name, (a, b) in over_root.items():
+        assert a.shape[0] == 8 and b.shape[1] == 8  # rank 4 + 4
+        torch.testing.assert_close(b @ a, summed[name], rtol=1e-5, atol=1e-6)
+    over_v1 = adapters.chain_factors(v2, "v0001")
+    own = adapters.adapter_factors(v2)
+    assert all(torch.equal(over_v1[n][0], own[n][0]) and torch.equal(over_v1[n][1], own[n][1])
+               for n in own)
+    assert adapters.chain_factors(v1, "v0001") == {}
+    assert adapters.chain_factors(registry.version_dir("v0000"), "v0001") is None  # not its chain
+    assert adapters.chain_factors(v2, "v0003") is None
+
+
+def test_swaps_along_an_adapter_chain_keep_one_engine_and_answer_as_the_merged_versions(registry):
+    async def run():
+        generator = _generator(registry, "v0000")
+        await generator.start()
+        engine = generator._current.engine
+        base = await _answers(generator, "base")
+        # a long request running on v0000 while the swap happens
+        long_params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        ids = generator.chat_ids([{"role": "user", "content": QUESTIONS[0]}])
+        stream = generator.stream("running", ids, long_params)
+        first = await anext(stream)
+        seen = {}
+        await generator.swap(registry.version_dir("v0001"), "v0001")
+        seen["v0001"] = (generator._current.engine is engine, generator._current.adapter,
+                         await _answers(generator, "v1"))
+        rest = [d async for d in stream]
+        running = (first.text_delta + "".join(d.text_delta for d in rest),
+                   {first.model_version, *(d.model_version for d in rest)})
+        await generator.swap(registry.version_dir("v0002"), "v0002")
+        seen["v0002"] = (generator._current.engine is engine, generator._current.adapter,
+                         await _answers(generator, "v2"))
+        loaded_at_v2 = set(engine.engine.adapters)
+        await generator.swap(registry.version_dir("v0000"), "v0000")
+        seen["back"] = (generator._current.engine is engine, generator._current.adapter,
+                        await _answers(generator, "back"))
+        loaded_at_back = set(engine.engine.adapters)
+        await generator.swap(registry.version_dir("v0003"), "v0003")
+        full_engine = generator._current.engine
+        full = await _answers(generator, "full")
+        await asyncio.sleep(0)
+        for thread in generator._retiring:
+            await asyncio.to_thread(thread.join, 30)
+        old_stopped = engine.stopping
+        await generator.close()
+        return base, seen, running, loaded_at_v2, loaded_at_back, full_engine is engine, full, \
+            old_stopped
+
+    base, seen, running, at_v2, at_back, full_shares, full, old_stopped = asyncio.run(run())
+    merged_v1, merged_v2 = asyncio.run(_alone(registry, "v0001")), asyncio.run(_alone(registry, "v0002"))
+    same, adapter_v1, answers_v1 = seen["v0001"]
+    assert same and adapter_v1 > 0 and answers_v1 == merged_v1 and answers_v1 != base
+    same, adapter_v2, answers_v2 = seen["v0002"]
+    assert same and adapter_v2 > adapter_v1 and answers_v2 == merged_v2 and answers_v2 != answers_v1
+    assert at_v2 == {adapter_v2}  # v0001's adapter left once nothing ran on it
+    same, adapter_back, answers_back = seen["back"]
+    assert same and adapter_back == 0 and answers_back == base and at_back == set()
+    # the request that started on v0000 finished there, whole, under its own name
+    assert running[1] == {"v0000"} and running[0].startswith(base[0])
+    # a full version: its own engine, the same answers as the chain it was merged from; the old
+    # engine stopped once no version on it was left
+    assert not full_shares and full == merged_v2 and old_stopped
