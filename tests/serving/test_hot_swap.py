@@ -89,3 +89,28 @@ def test_corrupt_version_refused_and_old_keeps_serving(registry_server):
     with Client(server.target, token=USER_TOKEN) as user, pytest.raises(ClientError) as err:
         user.promote(v1)
     assert err.value.code == "PERMISSION_DENIED"
+
+
+def test_promote_and_rollback_to_an_adapter_version_under_load_load_nothing(registry_server):
+    """A LoRA adapter version over the served one is promoted and rolled back while 8 clients
+    stream: no request fails, every answer is its version's (the merged weights' answer, from a
+    separate process), and the server ran it on the engine it had instead of loading one."""
+    from adapter_helpers import publish_random_adapter
+
+    server, registry, _, expected = registry_server
+    with Client(server.target, token=ADMIN_TOKEN) as admin:
+        if admin.model_info().model_version != "v0000":  # the perturbed v0001 babbles
+            admin.promote("v0000", reason="test")
+        served = "v0000"
+        adapter, _ = publish_random_adapter(registry, served, seed=5, scale=0.5)
+        answers = {served: expected[served], adapter: cli_generate(registry.version_dir(adapter))}
+        assert answers[adapter] != answers[served], "the adapter must change the answer"
+        switched, load = swap_under_load(server.target, lambda: admin.promote(adapter), n=8)
+        assert switched == (served, adapter)
+        assert_each_answer_from_its_version(load, answers, final=adapter)
+        switched, load = swap_under_load(server.target, lambda: admin.rollback(), n=8)
+        assert switched == (adapter, served)
+        assert_each_answer_from_its_version(load, answers, final=served)
+    log = server.log_text()
+    assert f"now serving {adapter} (an adapter on the engine of {served})" in log
+    assert f"now serving {served} (the weights of {served})" in log
