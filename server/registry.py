@@ -38,6 +38,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -672,9 +673,10 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "
 
 def stored_dtype(folder: Path) -> str | None:
     """The floating-point dtype of the weights in `folder`'s *.safetensors files (read from the
-    headers only), the widest when they are mixed; None when there is none or a header cannot be
-    read (the loader reports a broken file; the record is only informative)."""
-    found = set()
+    headers only): the one holding the most elements (a bfloat16 checkpoint with a few float32
+    norms or rotary buffers is bfloat16); None when there is none or a header cannot be read
+    (the loader reports a broken file; the record is only informative)."""
+    elements: dict[str, int] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
             with open(path, "rb") as f:
@@ -682,15 +684,14 @@ def stored_dtype(folder: Path) -> str | None:
                 if not 0 < size < 100 * 2**20:
                     return None
                 header = json.loads(f.read(size))
-            found |= {_SAFETENSORS_DTYPES[t["dtype"]] for k, t in header.items()
-                      if k != "__metadata__" and isinstance(t, dict)
-                      and t.get("dtype") in _SAFETENSORS_DTYPES}
-        except (OSError, ValueError, AttributeError):
+            for name, t in header.items():
+                if name != "__metadata__" and isinstance(t, dict) \
+                        and t.get("dtype") in _SAFETENSORS_DTYPES:
+                    dtype = _SAFETENSORS_DTYPES[t["dtype"]]
+                    elements[dtype] = elements.get(dtype, 0) + math.prod(t.get("shape") or [1])
+        except (OSError, ValueError, AttributeError, TypeError):
             return None
-    for name in _SAFETENSORS_DTYPES.values():  # widest first
-        if name in found:
-            return name
-    return None
+    return max(elements, key=elements.get) if elements else None
 
 
 def version_info(registry: Registry, version: str) -> dict[str, Any]:

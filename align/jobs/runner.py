@@ -337,7 +337,12 @@ def save_full_weights(model, folder: Path, dtype: str | None) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
         return
     target = getattr(torch, dtype)
-    state = {k: t.to(target) if t.is_floating_point() else t for k, t in model.state_dict().items()}
+    converted: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t = converted.setdefault(t.data_ptr(), t.to(target))
+        state[name] = t
     model.save_pretrained(str(folder), safe_serialization=True, state_dict=state)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())

@@ -90,9 +90,13 @@ class ABController:
     async def start_test(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
                          min_votes: int | None = None, confidence: float | None = None,
                          max_duration: str = "", force: bool = False) -> dict:
-        if self.router.control.info.backend == "vllm":
-            raise FailedPrecondition("the vllm backend holds one model version at a time; an A/B "
-                                     "test needs two engines (serve with --backend native)")
+        control = self.router.control
+        if getattr(control, "reloads_in_place", False) \
+                and not getattr(control, "supports_adapters", False):  # refused before any write
+            raise FailedPrecondition(
+                f"the {control.info.backend} backend holds one set of weights: an A/B candidate "
+                "must be a LoRA adapter version over the served one, served with --enable-lora "
+                "(or serve with --backend native, which loads a second engine)")
         settings: dict = {}
         if traffic is not None:
             settings["traffic"] = traffic

@@ -87,7 +87,11 @@ def fused_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch
                  "self_attn.o_proj": cfg.hidden_size,
                  "mlp.gate_proj": cfg.intermediate_size, "mlp.up_proj": cfg.intermediate_size,
                  "mlp.down_proj": cfg.hidden_size}
-    dtype = model.embed_tokens.weight.dtype
+    dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+    in_sizes = {"self_attn.q_proj": cfg.hidden_size, "self_attn.k_proj": cfg.hidden_size,
+                "self_attn.v_proj": cfg.hidden_size, "self_attn.o_proj": cfg.num_heads * cfg.head_dim,
+                "mlp.gate_proj": cfg.hidden_size, "mlp.up_proj": cfg.hidden_size,
+                "mlp.down_proj": cfg.intermediate_size}
     remaining = dict(factors)
     fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in range(cfg.num_layers):
@@ -103,15 +107,16 @@ def fused_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch
             for part, f in found:
                 if f is not None:
                     a, bp = f
-                    if bp.shape[0] != out_sizes[part]:
-                        raise UnsupportedModel(f"adapter factor of layer {layer} {part} has "
-                                               f"{bp.shape[0]} outputs, the model {out_sizes[part]}")
+                    if bp.shape[0] != out_sizes[part] or a.shape[1] != in_sizes[part]:
+                        raise UnsupportedModel(
+                            f"adapter factors of layer {layer} {part} map {a.shape[1]} -> "
+                            f"{bp.shape[0]}, the model {in_sizes[part]} -> {out_sizes[part]}")
                     a_parts.append(a)
                     b[row:row + out_sizes[part], col:col + a.shape[0]] = bp
                     col += a.shape[0]
                 row += out_sizes[part]
-            fused[(layer, target)] = (torch.cat(a_parts).to(dtype).contiguous(),
-                                      b.to(dtype).contiguous())
+            fused[(layer, target)] = (torch.cat(a_parts).to(device, dtype).contiguous(),
+                                      b.to(device, dtype).contiguous())
     if remaining:
         raise UnsupportedModel(f"adapter changes weights per-request serving does not cover: "
                                f"{sorted(remaining)[:3]}")

@@ -125,6 +125,9 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                             enable_lora=enable_lora, max_loras=max_loras,
                             max_lora_rank=max_lora_rank)
         return Generator(load_vllm_backend(model_dir, model_version or Path(model_dir).name, config))
+    if enable_lora:
+        raise InvalidArgument("--enable-lora is a vLLM option; the native engine always serves "
+                              "adapter versions over its weights as per-request adapters")
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was asked for but no CUDA device is available")
     if device == "cuda" and quantize != "none":

@@ -6,9 +6,12 @@ incremental detokenization and stop strings; the engine below it sees token ids 
 engine and vLLM (both built by `build.py`).
 
 Hot-swap keeps one promise on both: no request fails, and every response names the version that
-produced all of its tokens. Native: the new version is loaded beside the old one and new requests
-move to it while running ones finish on the old weights. vLLM (one copy of the weights, reloaded in
-place): new requests wait while running ones finish, the weights are reloaded, then they start.
+produced all of its tokens. A version that is the serving engine's weights plus LoRA adapters
+(what align jobs publish) is served at once on that engine, every new request with the chain's
+adapters as one per-request adapter (a `Backend` "view": same engine, its own adapter id), on both
+backends (vLLM with --enable-lora). Any other version: native loads it beside the old one and new
+requests move to it while running ones finish on the old weights; vLLM (one copy of the weights,
+reloaded in place) holds new requests while running ones finish, reloads, then starts them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from prefloop.server.engine.sampling_params import SamplingParams
-from prefloop.server.errors import FailedPrecondition, InvalidArgument, UnsupportedModel
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, Unavailable, UnsupportedModel
 from prefloop.server.model.config import read_sampling_defaults
 from prefloop.server.serving.memory import release_when_collected
 from prefloop.server.serving.protocol import EngineBackend
@@ -107,6 +110,15 @@ class Generator:
     def tokenizer(self) -> Tokenizer:
         return self._current.tokenizer
 
+    @property
+    def reloads_in_place(self) -> bool:
+        return bool(getattr(self._current.engine, "reloads_in_place", False))
+
+    @property
+    def supports_adapters(self) -> bool:
+        """Whether versions that are adapters over the served weights run on this engine."""
+        return bool(getattr(self._current.engine, "supports_adapters", False))
+
     async def start(self) -> None:
         self._current.engine.start()
 
@@ -140,9 +152,12 @@ class Generator:
         old, self._current = self._current, backend
         self._draining.append(old)
         self._retire_idle()
-        how = (f"the weights of {backend.weights_version}" if backend.engine is old.engine and
-               not backend.adapter else f"an adapter on the engine of {backend.weights_version}"
-               if backend.engine is old.engine else backend.info.dtype)
+        if backend.engine is not old.engine:
+            how = backend.info.dtype
+        elif backend.adapter:
+            how = f"an adapter on the engine of {backend.weights_version}"
+        else:
+            how = f"the weights of {backend.weights_version}"
         log.info("now serving %s (%s); %d request(s) finishing on %s", version, how, old.active,
                  old.info.model_version)
         return backend.info
@@ -154,32 +169,48 @@ class Generator:
         found = await self._engine_adapter(model_dir, version)
         if found is None:
             return None
-        adapter_id, info = found
-        current = self._current
-        return Backend(current.engine, current.tokenizer, info, owns_weights=current.owns_weights,
-                       adapter=adapter_id, weights_version=current.weights_version)
+        host, adapter_id, info = found
+        return Backend(host.engine, host.tokenizer, info, owns_weights=host.owns_weights,
+                       adapter=adapter_id, weights_version=host.weights_version)
 
-    async def _engine_adapter(self, model_dir, version: str) -> tuple[int, ModelInfo] | None:
-        """(adapter id on the current engine, 0 for its own weights; `version`'s ModelInfo), or
-        None where `version` cannot run on it as a per-request adapter."""
+    async def _engine_adapter(self, model_dir, version: str
+                              ) -> tuple[Backend, int, ModelInfo] | None:
+        """(the backend whose engine now holds `version`'s adapter, the adapter id there — 0 for
+        the engine's own weights —, `version`'s ModelInfo), or None where `version` cannot run on
+        the current engine as a per-request adapter (full weights of another version, another
+        chain, no per-request adapters, a compiled step, a rank over vLLM's limit)."""
         from prefloop.server.model import adapters  # torch: not for the CLI's quick refusals
 
-        backend = self._current
-        if not getattr(backend.engine, "supports_adapters", False):
+        host = self._current  # the engine the adapter is made for, whatever swaps meanwhile
+        if not getattr(host.engine, "supports_adapters", False):
             return None
+        adapter_id = 0
         try:
             factors = await asyncio.to_thread(adapters.chain_factors, Path(model_dir),
-                                              backend.weights_version)
+                                              host.weights_version)
             if factors is None:
                 return None
-            adapter_id = await asyncio.to_thread(backend.engine.add_adapter, factors) \
-                if factors else 0
+            if factors:
+                adapter_id = await asyncio.to_thread(host.engine.add_adapter, factors)
+                preload = getattr(host.engine, "preload_adapter", None)
+                if preload is not None:  # vLLM: load it now, so a bad adapter fails the swap
+                    await preload(adapter_id)
+            info = replace(host.info, model_version=version, model_path=str(model_dir),
+                           sampling_defaults=read_sampling_defaults(Path(model_dir)))
         except UnsupportedModel as exc:
-            log.info("%s: serving it as its own engine (%s)", version, exc)
+            self._drop_adapter(host, adapter_id)
+            log.info("%s: not served as an adapter on the engine of %s (%s)", version,
+                     host.weights_version, exc)
             return None
-        info = replace(backend.info, model_version=version, model_path=str(model_dir),
-                       sampling_defaults=read_sampling_defaults(Path(model_dir)))
-        return adapter_id, info
+        except BaseException:
+            self._drop_adapter(host, adapter_id)
+            raise
+        return host, adapter_id, info
+
+    @staticmethod
+    def _drop_adapter(backend: Backend, adapter_id: int) -> None:
+        if adapter_id:
+            backend.engine.remove_adapter(adapter_id)
 
     def relabel(self, version: str) -> ModelInfo:
         """Name the weights being served `version` without loading anything (the registry made
@@ -214,16 +245,25 @@ class Generator:
     async def _load_adapter(self, model_dir, version: str) -> "AdapterGenerator | None":
         """`version` as a per-request adapter on the serving engine, or None where it cannot be
         (see `_engine_adapter`)."""
+        if not self._admitting.is_set():  # an in-place reload replaces the weights: after it
+            await self._admitting.wait()
         found = await self._engine_adapter(model_dir, version)
         if found is None:
             return None
-        adapter_id, info = found
-        backend = self._current
-        log.info("%s serves as a LoRA adapter on the engine of %s", version,
-                 backend.weights_version)
-        slot = AdapterSlot(backend, adapter_id, info)
+        host, adapter_id, info = found
+        log.info("%s serves as a LoRA adapter on the engine of %s", version, host.weights_version)
+        slot = AdapterSlot(host, adapter_id, info)
         self._slots.add(slot)
         return AdapterGenerator(self, slot)
+
+    def release_slot(self, slot: "AdapterSlot") -> None:
+        """An adapter served beside is over (its requests have finished): unload it, and stop
+        its engine if the control moved to another one meanwhile."""
+        self._slots.discard(slot)
+        if self._engine_in_use(slot.backend.engine):
+            self._drop_adapter(slot.backend, slot.adapter_id)
+        else:
+            self._stop_engine(slot.backend)
 
     async def _reload_in_place(self, model_dir, version: str) -> ModelInfo:
         """Hold new requests, let running ones finish on the old weights (every version served on
@@ -231,10 +271,7 @@ class Generator:
         adapter was made for the weights being replaced."""
         backend = self._current
         model_dir = Path(model_dir)
-        if any(slot.backend.engine is backend.engine for slot in self._slots):
-            raise FailedPrecondition(
-                f"an A/B test's candidate runs as an adapter over {backend.weights_version} on "
-                f"this engine; stop the test before serving {version}, whose weights replace them")
+        self._refuse_reload_under_slots(version)
         tokenizer = await asyncio.to_thread(Tokenizer, model_dir)  # fails before anything waits
         self._admitting.clear()
         try:
@@ -245,6 +282,7 @@ class Generator:
                          running, backend.info.model_version)
             while any(b.active for b in on_engine):
                 await asyncio.sleep(0.01)
+            self._refuse_reload_under_slots(version)  # one may have started during the drain
             await backend.engine.reload_weights(model_dir)
             for old in on_engine:  # every adapter was over the weights just replaced
                 if old.adapter:
@@ -259,18 +297,33 @@ class Generator:
         log.info("now serving %s (%s, weights reloaded in place)", version, backend.info.dtype)
         return backend.info
 
+    def _refuse_reload_under_slots(self, version: str) -> None:
+        engine = self._current.engine
+        if any(slot.backend.engine is engine for slot in self._slots):
+            raise Unavailable(
+                f"an A/B test's candidate runs as an adapter over {self._current.weights_version} "
+                f"on this engine; {version} (whose weights replace them) is served once the test "
+                "is over")
+
     def _retire_idle(self) -> None:
         for backend in [b for b in self._draining if b.active == 0]:
             self._draining.remove(backend)
-            if any(b.engine is backend.engine for b in [self._current, *self._draining]):
-                if backend.adapter:  # the engine serves on: only this version's adapter goes
-                    backend.engine.remove_adapter(backend.adapter)
-                continue
-            thread = threading.Thread(target=_stop_and_release, args=([backend],),
-                                      name="prefloop-retire")
-            thread.start()
-            self._retiring.append(thread)
+            if self._engine_in_use(backend.engine):  # only this version's adapter goes
+                self._drop_adapter(backend, backend.adapter)
+            else:
+                self._stop_engine(backend)
         backend = None  # the retire thread holds the last reference
+
+    def _engine_in_use(self, engine) -> bool:
+        """Whether a version served here (current, draining, or beside) still runs on `engine`."""
+        users = [self._current, *self._draining, *(slot.backend for slot in self._slots)]
+        return any(b.engine is engine for b in users)
+
+    def _stop_engine(self, backend: Backend) -> None:
+        thread = threading.Thread(target=_stop_and_release, args=([backend],),
+                                  name="prefloop-retire")
+        thread.start()
+        self._retiring.append(thread)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         check_prompt_text(prompt)
@@ -385,9 +438,7 @@ class AdapterGenerator:
 
     async def close(self) -> None:
         """Unload the adapter (its requests have finished: ABRouter waits for them)."""
-        self.host._slots.discard(self.slot)
-        engine = self.slot.backend.engine
-        await asyncio.to_thread(engine.remove_adapter, self.slot.adapter_id)
+        self.host.release_slot(self.slot)
 
 
 def release_weights(backend: Backend) -> None:

@@ -2,9 +2,10 @@
 
 It follows the registry pointer (`<data-dir>/registry/CURRENT`, looked at on each poll of the
 `RegistryWatcher` it subscribes to with `watch`) and serves the Models RPCs Promote / Rollback. A
-switch verifies the version (checksums via the registry, shapes by the strict loader), loads it
-beside the serving one (off the event loop), then `Generator.swap` moves new requests to it;
-requests already running finish on the weights they started with. A version that fails is refused
+switch verifies the version (checksums via the registry, shapes by the strict loader), then
+`Generator.swap` moves new requests to it — on the serving engine when it is that engine's weights
+plus LoRA adapters, else loaded beside the serving one (off the event loop) —; requests already
+running finish on the weights they started with. A version that fails is refused
 with a clear error and the old one keeps serving.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prefloop.server.errors import FailedPrecondition, PrefloopError
+from prefloop.server.errors import FailedPrecondition, PrefloopError, Unavailable
 from prefloop.server.registry import BASE_VERSION, Registry
 from prefloop.server.serving.generator import Generator
 from prefloop.server.serving.registry_watcher import RegistryWatcher
@@ -124,6 +125,9 @@ class ModelSwitcher:
         try:
             target = self.registry.current()
             await self.follow_now()
+        except Unavailable as exc:  # for now (an A/B test holds the weights): the next poll retries
+            log.info("not serving registry version %s yet, keeping %s: %s", target, self.serving,
+                     exc)
         except PrefloopError as exc:
             self._refused = target
             log.error("cannot serve registry version %s, keeping %s: %s", target,

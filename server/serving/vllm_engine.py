@@ -71,9 +71,9 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank
 
 
-def write_peft_adapter(factors: dict, folder: Path) -> None:
-    """{HF weight name: (A [r, in], B * scale [out, r])} as a PEFT LoRA folder with scale 1
-    (lora_alpha = r): adapter_model.safetensors + adapter_config.json."""
+def write_peft_adapter(factors: dict, folder: Path, dtype: str = "float32") -> None:
+    """{HF weight name: (A [r, in], B * scale [out, r])} as a PEFT LoRA folder in `dtype` with
+    scale 1 (lora_alpha = r): adapter_model.safetensors + adapter_config.json."""
     import torch
     from safetensors.torch import save_file
 
@@ -83,15 +83,16 @@ def write_peft_adapter(factors: dict, folder: Path) -> None:
         module = name.removesuffix(".weight")
         modules.add(module.rsplit(".", 1)[-1])
         rank = max(rank, a.shape[0])
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(getattr(torch, dtype))
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(getattr(torch, dtype))
     # one rank for every module: pad the smaller ones with zero rows/columns (exact)
     for key, t in tensors.items():
         short = rank - (t.shape[0] if ".lora_A." in key else t.shape[1])
         if short:
             pad = (0, 0, 0, short) if ".lora_A." in key else (0, short)
-            tensors[key] = torch.nn.functional.pad(t, pad).contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+            tensors[key] = torch.nn.functional.pad(t, pad)
+    save_file({k: t.contiguous() for k, t in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
         "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}))
@@ -267,17 +268,37 @@ class VllmEngine:
             self._lora_root = Path(tempfile.mkdtemp(prefix="prefloop-vllm-lora-"))
         adapter_id = next(self._lora_ids)
         folder = self._lora_root / f"adapter-{adapter_id}"
-        write_peft_adapter(factors, folder)
+        write_peft_adapter(factors, folder, self.config.dtype)
         self._loras[adapter_id] = LoRARequest(lora_name=f"prefloop-{adapter_id}",
                                               lora_int_id=adapter_id, lora_path=str(folder))
         return adapter_id
 
+    async def preload_adapter(self, adapter_id: int) -> None:
+        """Load a registered adapter into vLLM now (it would at its first request), so that an
+        adapter vLLM refuses fails the swap or A/B start instead of every request after it."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            loaded = await self.llm.add_lora(self._loras[adapter_id])
+        except Exception as exc:  # vLLM raises plain errors for adapters it cannot load
+            raise UnsupportedModel(f"vLLM could not load the adapter: {exc}") from exc
+        if not loaded:
+            raise UnsupportedModel("vLLM did not load the adapter (add_lora returned False)")
+
     def remove_adapter(self, adapter_id: int) -> None:
-        """Forget an adapter no request uses any more and unload it from vLLM."""
-        if self._loras.pop(adapter_id, None) is None or self._stopped or self._loop is None:
+        """Forget an adapter no request uses any more, unload it from vLLM, delete its folder."""
+        request = self._loras.pop(adapter_id, None)
+        if request is None or self._stopped or self._loop is None:
             return
-        future = asyncio.run_coroutine_threadsafe(self.llm.remove_lora(adapter_id), self._loop)
-        future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
+        async def unload() -> None:
+            try:
+                await self.llm.remove_lora(adapter_id)
+            except Exception as exc:  # noqa: BLE001 - the engine goes on; its folder stays
+                log.warning("vLLM could not unload adapter %d: %s", adapter_id, exc)
+                return
+            shutil.rmtree(request.lora_path, ignore_errors=True)
+
+        asyncio.run_coroutine_threadsafe(unload(), self._loop)
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams, adapter: int = 0) -> AsyncIterator[SeqOutput]:

