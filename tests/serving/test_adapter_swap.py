@@ -1,5 +1,12 @@
-"""A hot-swap to a version that is the serving engine's weights plus LoRA adapters loads nothing
-(server/serving/generator.py `Generator.swap` -> `_adapter_view`): new requests run on the same
+"""Adapter versions on the serving engine (server/serving/generator.py), against the oracle of
+each version loaded alone (merged weights, an engine of its own):
+
+An A/B candidate that is a LoRA adapter over the served version runs on the served engine
+(`load_beside` -> AdapterGenerator): no second engine, its answers are those of the merged
+version, the control's stay the control's, and closing it unloads the adapter.
+
+A hot-swap to a version that is the serving engine's weights plus LoRA adapters loads nothing
+(`Generator.swap` -> `_adapter_view`): new requests run on the same
 engine with the chain's adapters as one per-request adapter and answer as the merged version on an
 engine of its own; a request already running finishes on the version it started with; a rollback
 to the engine's own weights is instant too; a full version still gets its own engine, and the old
@@ -18,6 +25,7 @@ from prefloop.server.model import adapters
 from prefloop.server.model.loader import resolve_model_dir
 from prefloop.server.registry import Registry
 from prefloop.server.serving.build import build_generator
+from prefloop.server.serving.generator import AdapterGenerator, Generator
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 QUESTIONS = ["Name a colour.", "What is the capital of France?"]
@@ -61,6 +69,34 @@ async def _alone(registry, version) -> list[str]:
         await generator.close()
 
 
+@pytest.fixture(scope="module")
+def alone(registry) -> dict[str, list[str]]:
+    """Each version's answers on an engine of its own (adapters merged at load)."""
+    return {v: asyncio.run(_alone(registry, v)) for v in ("v0000", "v0001", "v0002")}
+
+
+def test_an_adapter_candidate_shares_the_engine_and_answers_as_the_merged_version(registry, alone):
+    async def run():
+        control = _generator(registry, "v0000")
+        await control.start()
+        candidate = await control.load_beside(registry.version_dir("v0001"), "v0001")
+        engine = control._current.engine
+        both = await asyncio.gather(_answers(control, "c"), _answers(candidate, "a"))
+        loaded = dict(engine.engine.adapters)
+        await candidate.close()
+        after = dict(engine.engine.adapters)
+        await control.close()
+        return candidate, both, loaded, after
+
+    candidate, (control_answers, candidate_answers), loaded, after = asyncio.run(run())
+    assert isinstance(candidate, AdapterGenerator) and not isinstance(candidate, Generator)
+    assert candidate.info.model_version == "v0001"
+    assert len(loaded) == 1 and 0 < next(iter(loaded.values())) < 20 * 2**20  # a few MB
+    assert after == {}  # closed: unloaded
+    assert candidate_answers == alone["v0001"] and control_answers == alone["v0000"]
+    assert candidate_answers != control_answers  # the adapter changed something
+
+
 def test_chain_factors_are_the_summed_deltas_of_the_adapters_after_the_engine_version(registry):
     v1, v2 = registry.version_dir("v0001"), registry.version_dir("v0002")
     over_root = adapters.chain_factors(v2, "v0000")
@@ -78,7 +114,8 @@ def test_chain_factors_are_the_summed_deltas_of_the_adapters_after_the_engine_ve
     assert adapters.chain_factors(v2, "v0003") is None
 
 
-def test_swaps_along_an_adapter_chain_keep_one_engine_and_answer_as_the_merged_versions(registry):
+def test_swaps_along_an_adapter_chain_keep_one_engine_and_answer_as_the_merged_versions(registry,
+                                                                                         alone):
     async def run():
         generator = _generator(registry, "v0000")
         await generator.start()
@@ -116,7 +153,8 @@ def test_swaps_along_an_adapter_chain_keep_one_engine_and_answer_as_the_merged_v
             old_stopped
 
     base, seen, running, at_v2, at_back, full_shares, full, old_stopped = asyncio.run(run())
-    merged_v1, merged_v2 = asyncio.run(_alone(registry, "v0001")), asyncio.run(_alone(registry, "v0002"))
+    assert base == alone["v0000"]
+    merged_v1, merged_v2 = alone["v0001"], alone["v0002"]
     same, adapter_v1, answers_v1 = seen["v0001"]
     assert same and adapter_v1 > 0 and answers_v1 == merged_v1 and answers_v1 != base
     same, adapter_v2, answers_v2 = seen["v0002"]
