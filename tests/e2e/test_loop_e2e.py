@@ -1,9 +1,12 @@
 """The whole loop on the default model with real processes: serve answers, submit a consistent
 synthetic preference through gRPC, run one `prefloop align run` job, and check that the promoted
-version's held-out preference accuracy rose and that the live server now serves it; and that
-users who vote at random get nothing promoted."""
-import json
-import random
+version's held-out preference accuracy rose and that the live server now serves it.
+
+Random votes through the same path (40 coin flips: rejected, nothing promoted) ran here until
+2026-12-04; one seeded draw of a statistical property costs the suite 3.5 minutes, so it is left to
+the measurements of the gate's control (benchmarks/gate_control.py, the season tests with the real
+decision functions in tests/align/test_season.py, the rejection path on tiny models in
+tests/align/test_align_dpo.py)."""
 import subprocess
 import sys
 
@@ -76,23 +79,5 @@ def test_served_voted_retrained_served_better(tmp_path):
             answer = admin.chat([{"role": "user", "content": "Say one sentence about a cat."}],
                                 max_tokens=8, temperature=0)
             assert answer.model_version == "v0001"
-    finally:
-        assert server.terminate() == 0
-
-
-def test_random_votes_do_not_promote(tmp_path):
-    """Users who vote by coin flip (seeded): the same job trains, the gate rejects, nothing is
-    promoted and the server keeps serving v0000."""
-    coins = random.Random(3)
-    flips = [coins.random() < 0.5 for _ in TOPICS]
-    job, registry, server = vote_and_retrain(tmp_path, lambda i: flips[i])
-    try:
-        assert job.returncode == 0, job.stderr[-3000:]
-        out = json.loads(job.stdout[job.stdout.index("{"):])
-        assert out["status"] == "rejected" and not out["gate"]["passed"], out["gate"]
-        assert out["metrics"]["training"]["steps"] > 0  # it did train
-        assert registry.current() == "v0000" and registry.list_versions() == ["v0000"]
-        with Client(server.target, token=ADMIN_TOKEN) as admin:
-            assert admin.model_info().model_version == "v0000"
     finally:
         assert server.terminate() == 0
