@@ -137,7 +137,7 @@ def test_thumbs_only_traffic_rejects_nothing_it_cannot_tell_and_promotes_a_liked
     promote; then, in a new test, users who like the candidate's answers promote it through the
     ratings test, while 8 streams run through the start, the decision and the swap unfailed.
     The candidate is a LoRA adapter over the served version (what a LoRA job publishes), so it
-    runs on the served engine (issue 30) until its promotion loads it merged."""
+    runs on the served engine, during the test and after its promotion (no load at all)."""
     tmp, registry, _, server, url, _ = ab_real
     v1, _ = publish_random_adapter(registry, "v0000", seed=5, scale=0.2)
     with Client(server.target, token=ADMIN_TOKEN) as admin:
@@ -165,5 +165,6 @@ def test_thumbs_only_traffic_rejects_nothing_it_cannot_tell_and_promotes_a_liked
     assert [v for v, _ in load.results][-1] == v1
     assert "ratings (thumbs / stars)" in registry.history()[-1].reason
     assert f"{v1} serves as a LoRA adapter on the engine of v0000" in server.log_text()
+    assert f"now serving {v1} (an adapter on the engine of v0000)" in server.log_text()
     print(f"thumbs-only A/B: promoted after {i + 1} rated answers from {i + 1} users; "
           f"{len(load.results)} streamed answers, 0 failed")
