@@ -1,21 +1,23 @@
 """`--compile`: the model step through torch.compile keeps transformers' tokens and logits (fp32,
 1e-4), keeps a request's output independent of its batch, compiles only while the engine starts
-(never on a request), works with `--quantize int8`, and is refused clearly where it cannot run."""
+(never on a request), works with `--quantize int8`, and is refused clearly where it cannot run.
+On a tiny Llama (GQA, biases); the same parity on the default model ran here until 2026-12-04 and
+left the suite for its 72 s of inductor compile (the default model compiled is run, for speed, by
+`benchmarks/engine_throughput.py --compile`)."""
 import threading
 
 import pytest
 import torch
-from test_parity import PROMPTS, check_parity
+from test_parity import check_parity
 from tiny_models import greedy, random_prompts, save_tiny
 from torch._dynamo.utils import counters
-from transformers import AutoTokenizer
 
 from prefloop.server.engine.kv_cache import KVCacheConfig
 from prefloop.server.engine.llm_engine import LLMEngine
 from prefloop.server.engine.sampling_params import SamplingParams
 from prefloop.server.engine.scheduler import SchedulerConfig
 from prefloop.server.errors import InvalidArgument
-from prefloop.server.model.loader import load_model, resolve_model_dir
+from prefloop.server.model.loader import load_model
 from prefloop.server.serving.build import build_generator
 
 
@@ -103,11 +105,3 @@ def test_compile_refused_with_vllm_and_without_a_compiler(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(InvalidArgument, match="C\\+\\+ compiler"):
         build_generator(compile=True)
-
-
-@pytest.mark.slow
-def test_default_model_compiled_matches_transformers():
-    model_dir = resolve_model_dir(None)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    check_parity(model_dir, [tok(p)["input_ids"] for p in PROMPTS[:2]], max_tokens=10, block_size=16,
-                 compile=True)
