@@ -287,7 +287,10 @@ def _offline(args: argparse.Namespace) -> int:
         infos = [reg.version_info(registry, v) for v in registry.list_versions()]
         print(json.dumps(infos, indent=2) if args.json else format_list(infos))
     elif cmd == "show":
+        info = reg.version_info(registry, args.version)
         manifest = asdict(registry.manifest(args.version))
+        manifest.update(format=info["format"], base=info["base"], dtype=info["dtype"],
+                        bytes=info["bytes"])
         manifest["current"] = registry.current() == args.version
         manifest["path"] = str(registry.version_dir(args.version))
         if args.verify:

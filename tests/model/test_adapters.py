@@ -159,6 +159,10 @@ def test_models_export_writes_a_peft_adapter_and_a_merged_folder(chain, tmp_path
     assert main(["models", "list", "--data-dir", data]) == 0
     listing = capsys.readouterr().out
     assert "+v0000" in listing and "+v0001" in listing and "full" in listing
+    assert main(["models", "show", "v0002", "--data-dir", data]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["format"], shown["base"], shown["dtype"]) == ("adapter", "v0001", "float32")
+    assert 0 < shown["bytes"] < 2**20  # the tiny model's rank-4 adapter
 
 
 def test_full_weights_over_an_adapter_chain_are_stored_in_the_roots_dtype(tmp_path):
