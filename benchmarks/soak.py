@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py [--kills 20] [--seed 0] [--out FILE.json]
     python benchmarks/soak.py --minutes 60 [--action-every 300]    # no kills: RSS over time
+    ... [--weights adapter|full]   # what the publisher publishes (default full: a whole copy)
 
 A real `prefloop serve` (default model, bf16) on a data directory with a registry (v0000 = the
 default model) serves HTTP and gRPC chat streams to three client threads that vote on what they
@@ -11,7 +12,9 @@ takes `--kills` turns, each one of:
 
 - **server**: SIGKILL the server at a random moment under load, restart it;
 - **publisher**: run a publisher process that does what an align job does to the registry — take
-  the job lock, stage a copy of v0000, publish it, promote it (CURRENT moves, the server swaps),
+  the job lock, stage a copy of v0000 (`--weights full`) or a LoRA adapter over it (`--weights
+  adapter`, rank 16 on every projection, what an align job publishes by default), publish it,
+  promote it (CURRENT moves, the server swaps),
   roll back, delete old versions — and SIGKILL it at a chosen phase (lock held, staging, publish
   rename, promoted, rolled back) plus 0-30 ms;
 - **ab**: start an A/B test of the newest published version through the admin API and SIGKILL
@@ -56,7 +59,37 @@ QUESTIONS = ["Name a fruit.", "Say hello.", "What is 2+2?", "Name a colour.", "S
 
 # ---- the publisher (a child process: what an align job does to the registry) ----------------
 
-def publisher(data_dir: Path) -> None:
+def stage_adapter(stage_path: Path, src: Path, rank: int = 16, seed: int = 0) -> None:
+    """A LoRA adapter over `src` in PEFT's format (small random factors on every projection of
+    every block) with `src`'s config and tokenizer files, as an align job stages one."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv),
+              "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (q, hidden),
+              "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+              "mlp.down_proj": (inter, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (n_in, n_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
+    save_file(tensors, str(stage_path / "adapter_model.safetensors"))
+    (stage_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+        "target_modules": sorted({m.split(".")[1] for m in shapes}), "task_type": "CAUSAL_LM"}))
+    for f in src.iterdir():
+        if f.is_file() and f.name != "manifest.json" and not f.name.endswith(".safetensors"):
+            shutil.copyfile(f, stage_path / f.name)
+
+
+def publisher(data_dir: Path, weights: str = "full") -> None:
     from prefloop.server.ab import state as ab_state
     from prefloop.server.errors import PrefloopError
     from prefloop.server.jobs import job_lock
@@ -71,12 +104,16 @@ def publisher(data_dir: Path) -> None:
         registry.cleanup_stages()  # what align does first: a killed job's stage goes
         src = registry.version_dir("v0000")
         with registry.stage() as stage:
-            for f in src.iterdir():
-                if f.name != "manifest.json":
-                    shutil.copyfile(f, stage.path / f.name)
+            if weights == "adapter":
+                stage_adapter(stage.path, src)
+            else:
+                for f in src.iterdir():
+                    if f.name != "manifest.json":
+                        shutil.copyfile(f, stage.path / f.name)
             say("STAGED")
             say("PUBLISHING")
-            manifest = stage.publish(kind="policy", method="soak-copy", parent="v0000")
+            manifest = stage.publish(kind="policy", method="soak-copy", parent="v0000",
+                                     adapter=weights == "adapter")
         say("PUBLISHED")
         registry.promote(manifest.version, reason="soak", actor="soak", force=True)
         say("PROMOTED")
@@ -136,9 +173,11 @@ def free_port() -> int:
 
 
 class Soak:
-    def __init__(self, work: Path, seed: int, phases: tuple[str, ...] = PHASES) -> None:
+    def __init__(self, work: Path, seed: int, phases: tuple[str, ...] = PHASES,
+                 weights: str = "full") -> None:
         import httpx
         self.httpx = httpx
+        self.weights = weights  # what the publisher publishes: "full" copies or "adapter"s
         self.work = work
         self.data = work / "data"
         self.rng = random.Random(seed)
@@ -312,7 +351,8 @@ class Soak:
 
     def turn_publisher(self) -> None:
         phase = self.rng.choice(self.phases)
-        proc = subprocess.Popen([sys.executable, __file__, "--publisher", str(self.data)],
+        proc = subprocess.Popen([sys.executable, __file__, "--publisher", str(self.data),
+                                 "--weights", self.weights],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:
             if line.strip() == phase:
@@ -411,7 +451,8 @@ class Soak:
                             json={}, timeout=120).raise_for_status()
             self.ab_running = False
         elif k % 2 == 0:
-            subprocess.run([sys.executable, __file__, "--publisher", str(self.data)],
+            subprocess.run([sys.executable, __file__, "--publisher", str(self.data),
+                            "--weights", self.weights],
                            stdout=subprocess.DEVNULL, check=True, timeout=600)
         else:
             from prefloop.server.registry import Registry
@@ -456,10 +497,11 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def run_soak(work: Path, kills: int, seed: int = 0, phases: tuple[str, ...] = PHASES) -> Report:
+def run_soak(work: Path, kills: int, seed: int = 0, phases: tuple[str, ...] = PHASES,
+             weights: str = "full") -> Report:
     """`kills` turns (the first three: server, publisher, A/B; then random); the publisher is
     killed at one of `phases`."""
-    return Soak(work, seed, phases).run(kills)
+    return Soak(work, seed, phases, weights).run(kills)
 
 
 def main() -> int:
@@ -476,10 +518,14 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None,
                     help="working folder (default: a temporary one, removed after)")
     ap.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
+    ap.add_argument("--weights", choices=["full", "adapter"], default="full",
+                    help="what the publisher publishes: a whole copy of v0000 (an A/B candidate "
+                         "loads a second engine) or a LoRA adapter over it (what align jobs "
+                         "publish by default: served on the same engine) (default %(default)s)")
     ap.add_argument("--publisher", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.publisher is not None:
-        publisher(args.publisher)
+        publisher(args.publisher, args.weights)
         return 0
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -488,7 +534,9 @@ def main() -> int:
         if args.minutes:
             print(f"soak: {args.minutes:g} minutes of steady mixed load in {work}",
                   file=sys.stderr)
-            report = Soak(work, args.seed).run_steady(args.minutes, args.action_every).summary()
+            report = Soak(work, args.seed, weights=args.weights).run_steady(
+                args.minutes, args.action_every).summary()
+            report["weights"] = args.weights
             first, last = report["rss_first_mb"], report["rss_last_mb"]
             report["rss_growth"] = (last / first - 1) if first and last else None
             cold = report.get("rss_before_actions_mb")
@@ -498,7 +546,7 @@ def main() -> int:
             report["minutes"] = args.minutes
         else:
             print(f"soak: {args.kills} kills in {work}", file=sys.stderr)
-            report = run_soak(work, args.kills, args.seed).summary()
+            report = run_soak(work, args.kills, args.seed, weights=args.weights).summary()
     if not args.minutes:
         report["kills_asked"] = args.kills
     report.update(seed=args.seed, date=time.strftime("%Y-%m-%d"),
