@@ -63,7 +63,8 @@ def stage_adapter(stage_path: Path, src: Path, rank: int = 16, seed: int = 0) ->
     """A LoRA adapter over `src` in PEFT's format (small random factors on every projection of
     every block) with `src`'s config and tokenizer files, as an align job stages one."""
     import torch
-    from safetensors.torch import save_file
+
+    from prefloop.server.model.adapters import write_peft_adapter
 
     cfg = json.loads((src / "config.json").read_text())
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -74,16 +75,10 @@ def stage_adapter(stage_path: Path, src: Path, rank: int = 16, seed: int = 0) ->
               "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
               "mlp.down_proj": (inter, hidden)}
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        for module, (n_in, n_out) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
-    save_file(tensors, str(stage_path / "adapter_model.safetensors"))
-    (stage_path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
-        "target_modules": sorted({m.split(".")[1] for m in shapes}), "task_type": "CAUSAL_LM"}))
+    write_peft_adapter({f"model.layers.{layer}.{module}.weight": (
+        torch.randn(rank, n_in, generator=gen) * 0.01, torch.randn(n_out, rank, generator=gen) * 0.01)
+        for layer in range(cfg["num_hidden_layers"]) for module, (n_in, n_out) in shapes.items()},
+        stage_path)
     for f in src.iterdir():
         if f.is_file() and f.name != "manifest.json" and not f.name.endswith(".safetensors"):
             shutil.copyfile(f, stage_path / f.name)

@@ -18,7 +18,8 @@ What this module gives each reader of weights:
 - `merge_into(model, dir)`: the same deltas added in place to a loaded transformers model of the
   root (align's trainers and evaluation load versions this way);
 - `chain_factors(dir, over)`: the chain's adapters after version `over`, as one set of LoRA
-  factors (per-request serving on an engine that holds `over`: server/model/lora.py);
+  factors (per-request serving on an engine that holds `over`: server/model/lora.py), and
+  `write_peft_adapter` to write such factors as a PEFT folder (vLLM's LoRARequests);
 - `write_merged(dir, target)`: a plain HF folder with the merged weights (vLLM, `models export
   --merged`).
 
@@ -168,6 +169,30 @@ def chain_factors(model_dir: str | os.PathLike, over: str
             parts.setdefault(name, []).append(ab)
     return {name: (torch.cat([a for a, _ in ab]), torch.cat([b for _, b in ab], dim=1))
             for name, ab in parts.items()}
+
+
+def write_peft_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], folder: Path,
+                       dtype: str = "float32") -> None:
+    """{HF weight name: (A [r, in], B * scale [out, r])} (`adapter_factors`, `chain_factors`)
+    as a PEFT LoRA folder (created if missing) in `dtype` with scale 1 (lora_alpha = r), every
+    module padded to one rank with zero rows / columns (exact): what vLLM loads as a LoRARequest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = getattr(torch, dtype)
+    rank = max(a.shape[0] for a, _ in factors.values())
+    tensors, modules = {}, set()
+    for name, (a, b) in factors.items():
+        module = name.removesuffix(".weight")
+        modules.add(module.rsplit(".", 1)[-1])
+        short = rank - a.shape[0]
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = \
+            torch.nn.functional.pad(a, (0, 0, 0, short)).to(target).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = \
+            torch.nn.functional.pad(b, (0, short)).to(target).contiguous()
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
+        "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}))
 
 
 def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ class Generator:
         their weights."""
         backend = await self._adapter_view(model_dir, version)
         if backend is None:
-            if self._current.engine.reloads_in_place:
+            if self.reloads_in_place:
                 return await self._reload_in_place(model_dir, version)
             if self._loader is None:
                 raise InvalidArgument("this generator cannot load other versions")
@@ -232,7 +232,7 @@ class Generator:
         adapter = await self._load_adapter(model_dir, version)
         if adapter is not None:
             return adapter
-        if self._current.engine.reloads_in_place or self._loader is None:
+        if self.reloads_in_place or self._loader is None:
             raise FailedPrecondition(
                 f"the {self.info.backend} backend holds one set of weights: an A/B candidate must "
                 f"be a LoRA adapter version over {self._current.weights_version} served with "

@@ -42,7 +42,7 @@ from prefloop.server.errors import (
     Unavailable,
     UnsupportedModel,
 )
-from prefloop.server.model.adapters import full_model_dir
+from prefloop.server.model.adapters import full_model_dir, write_peft_adapter
 from prefloop.server.model.config import ModelConfig
 from prefloop.server.model.weights_compat import check_compatible_weights
 
@@ -69,33 +69,6 @@ except ImportError as exc:  # pragma: no cover - exercised where vllm is absent
 log = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank
-
-
-def write_peft_adapter(factors: dict, folder: Path, dtype: str = "float32") -> None:
-    """{HF weight name: (A [r, in], B * scale [out, r])} as a PEFT LoRA folder in `dtype` with
-    scale 1 (lora_alpha = r): adapter_model.safetensors + adapter_config.json."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    tensors, modules, rank = {}, set(), 0
-    for name, (a, b) in factors.items():
-        module = name.removesuffix(".weight")
-        modules.add(module.rsplit(".", 1)[-1])
-        rank = max(rank, a.shape[0])
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(getattr(torch, dtype))
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(getattr(torch, dtype))
-    # one rank for every module: pad the smaller ones with zero rows/columns (exact)
-    for key, t in tensors.items():
-        short = rank - (t.shape[0] if ".lora_A." in key else t.shape[1])
-        if short:
-            pad = (0, 0, 0, short) if ".lora_A." in key else (0, short)
-            tensors[key] = torch.nn.functional.pad(t, pad)
-    save_file({k: t.contiguous() for k, t in tensors.items()},
-              str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(modules),
-        "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False}))
 
 
 @dataclass(slots=True)
