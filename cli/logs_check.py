@@ -56,15 +56,19 @@ def run_check(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         print(f"prefloop logs: no data directory at {data_dir}", file=sys.stderr)
         return 2
-    holder = lock_holder(data_dir)
-    if holder is not None and args.repair:
-        print(f"prefloop logs check: a server (pid {holder}) logs to {data_dir}: stop it before "
-              "--repair (it quarantines damaged files itself when it starts)", file=sys.stderr)
-        return 2
-    live = frozenset()
-    if holder is not None:  # the writer's newest segment may be mid-write
-        segments = list_segments(data_dir / logschema.WAL_DIR)
-        live = frozenset({segments[-1][0]}) if segments else frozenset()
+    live = set()
+    for replica, wal_dir in logschema.wal_dirs(data_dir):  # the lone server's log, each replica's
+        holder = lock_holder(data_dir, replica)
+        if holder is None:
+            continue
+        if args.repair:
+            print(f"prefloop logs check: a server (pid {holder}) logs to {data_dir}: stop it "
+                  "before --repair (it quarantines damaged files itself when it starts)",
+                  file=sys.stderr)
+            return 2
+        segments = list_segments(wal_dir)  # the writer's newest segment may be mid-write
+        live |= {segments[-1][1]} if segments else set()
+    live = frozenset(live)
     log_report = check_log(data_dir, repair=args.repair, skip_segments=live)
     registry, registry_problems = registry_findings(data_dir, args.all_versions)
     problems = list(registry_problems)

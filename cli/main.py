@@ -77,6 +77,8 @@ def _module(name: str):
         from prefloop.cli import align as module
     elif name == "models":
         from prefloop.cli import models as module
+    elif name == "cluster":
+        from prefloop.cli import cluster as module
     else:
         raise KeyError(name)
     return module
@@ -94,6 +96,7 @@ COMMANDS: dict[str, str] = {
     "rope": "measure why RoPE suits a KV cache on the loaded model (table, JSON, plot)",
     "align": "retrain on the feedback log (SFT, DPO/KTO, reward model + PPO), gate, publish",
     "models": "the model registry: list, show, promote, rollback, prune, A/B tests",
+    "cluster": "several serve replicas on one data root behind nginx, on this machine",
 }
 
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve without the feedback log: no generation rows, and the "
                              "Feedback service answers UNAVAILABLE (e.g. a second server on a "
                              "data dir another server logs to)")
+    parser.add_argument("--replica", default=None, metavar="ID",
+                        help="serve as one of several replicas sharing --data-dir behind a load "
+                             "balancer: its own WAL, Parquet parts and lock under this id (letters, "
+                             "digits, _ . -; 'auto': <hostname>-<http port>), votes accepted for "
+                             "answers any replica served, every replica following CURRENT and the "
+                             "A/B test (docs/scaling.md; default: alone on the data dir)")
+    parser.add_argument("--peer-wait", type=float, default=2.0, metavar="SECONDS",
+                        help="with --replica: how long a vote naming a response id this replica "
+                             "does not know waits for another replica's log to show it before "
+                             "404 / NOT_FOUND (default %(default)s)")
     parser.add_argument("--votes-per-minute", type=float, default=60.0, metavar="N",
                         help="feedback each voter (a token's user_id, else session_id) may send "
                              "per minute, in bursts of up to N; more gets 429 / "
@@ -120,6 +131,8 @@ def build_extensions(args: argparse.Namespace, data_dir: Path, metrics: Metrics 
     from prefloop.server.api.feedback import feedback_extension, store_config_from_env
 
     config = store_config_from_env(data_dir)
+    config.replica = getattr(args, "replica", None)
+    config.peer_wait_s = getattr(args, "peer_wait", config.peer_wait_s)
     config.votes_per_minute = getattr(args, "votes_per_minute", 0.0)
     config.caller_votes_per_minute = getattr(args, "token_votes_per_minute", 0.0)
     store, registration = feedback_extension(data_dir, config, metrics=metrics)
@@ -131,7 +144,24 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def resolve_replica(args: argparse.Namespace) -> str | None:
+    """--replica as an id ('auto': <hostname>-<http port>, the same at every restart); ValueError
+    for one that cannot name files."""
+    from prefloop.server.feedback.schema import check_replica_id
+
+    replica = getattr(args, "replica", None)
+    if replica is None:
+        return None
+    if replica == "auto":
+        host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
+        replica = f"{host.strip('-.') or 'host'}-{args.http_port or args.port}"
+    if getattr(args, "peer_wait", 0.0) < 0:
+        raise ValueError(f"--peer-wait must be >= 0, got {args.peer_wait}")
+    return check_replica_id(replica)
+
+
 def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    args.replica = resolve_replica(args)
     for flag in ("votes_per_minute", "token_votes_per_minute"):
         if getattr(args, flag, 0.0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got "
@@ -148,7 +178,7 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grace_s=args.grace, limits=limits, auth=AuthConfig.load(args.auth_tokens),
         data_dir=Path(args.data_dir), reflection=not args.no_reflection,
-        http_port=args.http_port or None)
+        http_port=args.http_port or None, replica=args.replica)
 
 
 def _ports_free(config: ServerConfig) -> str | None:
@@ -172,11 +202,16 @@ def _log_in_use(args: argparse.Namespace, data_dir: Path) -> str | None:
         return None
     from prefloop.server.feedback.store import lock_holder
 
-    pid = lock_holder(data_dir)
+    replica = getattr(args, "replica", None)
+    pid = lock_holder(data_dir, replica)
     if pid is None:
         return None
+    if replica is not None:
+        return (f"replica {replica} of {data_dir} is already running (pid {pid}): give this one "
+                "another --replica id")
     return (f"the feedback log in {data_dir} is in use by another process (pid {pid}, "
-            "probably another prefloop serve): stop it, pass another --data-dir, or pass "
+            "probably another prefloop serve): stop it, pass another --data-dir, pass "
+            "--replica ID to run several servers on it (docs/scaling.md), or pass "
             "--no-feedback-log to serve without logging")
 
 

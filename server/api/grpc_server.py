@@ -59,6 +59,7 @@ class ServerConfig:
     reflection: bool = True
     http_port: int | None = None  # the HTTP API's port (0 = any free port); None = no HTTP
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    replica: str | None = None  # this server's replica id on a shared data root (docs/scaling.md)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -107,7 +108,7 @@ class PrefloopServer:
         self.switcher = switcher
         self.feedback_store = feedback_store
         self.http = None  # HttpServer once started
-        self.http_state: dict = {"draining": False}
+        self.http_state: dict = {"draining": False, "replica": config.replica}
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None

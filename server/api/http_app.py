@@ -96,14 +96,37 @@ class CountRequests:
             self.metrics.requests.labels("http", route, str(status)).inc()
 
 
+class NameReplica:
+    """ASGI middleware: on a replica (`state["replica"]`), every response names it in an
+    `X-Prefloop-Replica` header — which server behind the balancer answered."""
+
+    def __init__(self, app, state: dict) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        replica = self.state.get("replica")
+        if scope["type"] != "http" or not replica:
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-prefloop-replica", replica.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metrics,
                    max_body_bytes: int, store=None, switcher=None, data_dir: Path | None = None,
                    state: dict | None = None, ab=None) -> FastAPI:
-    """The ASGI app. `state["draining"]` (set at shutdown) turns /health to 503."""
+    """The ASGI app. `state["draining"]` (set at shutdown) turns /health to 503;
+    `state["replica"]` names the replica in every response."""
     app = FastAPI(title="prefloop", docs_url="/docs", redoc_url=None)
+    state = state if state is not None else {}
     app.state.prefloop = HttpContext(runner, auth, metrics, store=store, switcher=switcher,
-                                     data_dir=data_dir, state=state if state is not None else {},
-                                     ab=ab)
+                                     data_dir=data_dir, state=state, ab=ab)
 
     @app.exception_handler(PrefloopError)
     async def typed_error(request: Request, exc: PrefloopError):
@@ -120,4 +143,5 @@ def build_http_app(runner: CompletionRunner, *, auth: AuthConfig, metrics: Metri
     http_web.add_web(app)
     app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(NameReplica, state=state)
     return app

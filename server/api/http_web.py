@@ -29,6 +29,8 @@ async def health(ctx: Ctx):
     if not getattr(generator, "healthy", True):
         return json_error(503, "the engine cannot serve")
     out = {"status": "ok", "model_version": info.model_version}
+    if ctx.state.get("replica"):
+        out["replica"] = ctx.state["replica"]
     if ctx.store is not None:  # chat still serves when the log cannot: 200, with the reason
         out["feedback"] = ctx.store.health()
     return out

@@ -1,6 +1,7 @@
 """Compaction: closed WAL segments become Parquet parts, then the segments are deleted.
 
-Segment N becomes `<table>/date=D/part-N.parquet` for every (table, date) it holds rows of. Each
+Segment N becomes `<table>/date=D/part-N.parquet` (a replica's: `part-<replica>-N.parquet`, so
+replicas on one data root never write the same file) for every (table, date) it holds rows of. Each
 part is written under a temp name (`.part-N.parquet.<pid>.<hex>.tmp`, invisible to dataset readers),
 fsync'd, renamed, and its directory fsync'd; only when every part of the segment is durable is the
 segment deleted (and the WAL directory fsync'd). A crash anywhere in between leaves the segment in
@@ -44,17 +45,22 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
-def remove_temp_files(data_dir: Path) -> int:
-    """Delete temp parts left by a crash mid-write; returns how many."""
+def remove_temp_files(data_dir: Path, replica: str | None = None) -> int:
+    """Delete temp parts that `replica` (None: the lone server) left by a crash mid-write (never
+    another replica's: it may be writing them now); returns how many."""
     removed = 0
     for table in logschema.TABLES:
         for p in (Path(data_dir) / table).glob("date=*/.part-*" + TEMP_SUFFIX):
-            p.unlink(missing_ok=True)
-            removed += 1
+            part = p.name[1:p.name.find(".parquet") + len(".parquet")]
+            owner = logschema.part_owner(part)
+            if owner is not None and owner[0] == replica:
+                p.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 
-def compact_segment(data_dir: Path, segment_id: int, path: Path) -> tuple[int, int]:
+def compact_segment(data_dir: Path, segment_id: int, path: Path, replica: str | None = None
+                    ) -> tuple[int, int]:
     """Segment → durable Parquet parts → segment deleted. Returns (parts written, rows)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for payload in read_segment(path).records:
@@ -62,7 +68,7 @@ def compact_segment(data_dir: Path, segment_id: int, path: Path) -> tuple[int, i
         groups[(table, logschema.date_of_micros(row["created_at"]))].append(row)
     rows = 0
     for (table, date), table_rows in sorted(groups.items()):
-        part = logschema.partition_dir(data_dir, table, date) / logschema.part_name(segment_id)
+        part = logschema.partition_dir(data_dir, table, date) / logschema.part_name(segment_id, replica)
         write_parquet_atomic(part, logschema.rows_to_table(table, table_rows))
         rows += len(table_rows)
     path.unlink()
@@ -73,8 +79,10 @@ def compact_segment(data_dir: Path, segment_id: int, path: Path) -> tuple[int, i
 class Compactor:
     """A background thread compacting segments in the order they are submitted."""
 
-    def __init__(self, data_dir: str | Path, *, retry_interval_s: float = 5.0) -> None:
+    def __init__(self, data_dir: str | Path, *, retry_interval_s: float = 5.0,
+                 replica: str | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.replica = replica
         self.retry_interval_s = retry_interval_s
         self.stats = CompactionStats()
         self._queue: queue.Queue[tuple[int, Path] | None] = queue.Queue()
@@ -95,7 +103,7 @@ class Compactor:
             if not path.exists():  # already compacted
                 return True
             try:
-                parts, rows = compact_segment(self.data_dir, segment_id, path)
+                parts, rows = compact_segment(self.data_dir, segment_id, path, self.replica)
             except Exception as exc:
                 self.stats.failures += 1
                 log.error("compaction of WAL segment %s failed (kept, will retry): %s", path, exc)

@@ -46,7 +46,7 @@ from prefloop.server.feedback.rows import (
     RatedAnswer,
 )
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP, VoterCap, cap_voters, heaviest_voters
-from prefloop.server.feedback.wal import list_segments, read_segment
+from prefloop.server.feedback.wal import read_segment, segments_of_logs
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ ASSISTANT = "assistant"
 
 def _wal_rows(data_dir: Path, table: str) -> list[dict[str, Any]]:
     rows = []
-    for _, path in list_segments(Path(data_dir) / logschema.WAL_DIR):
+    for _, _, path in segments_of_logs(logschema.wal_dirs(data_dir)):  # every replica's
         try:
             records = read_segment(path).records
         except FileNotFoundError:  # compacted meanwhile: its rows are in the parts read later
@@ -93,7 +93,20 @@ def load_table(data_dir: str | Path, table: str, *, since: str | None = None,
     if since:
         result = result.filter(pc.field("date") >= since)
     result = _dedupe(result, [logschema.PRIMARY_KEY[table]])
+    if table == logschema.FEEDBACK:
+        result = _dedupe_keys(result)
     return result.select(columns) if columns else result
+
+
+def _dedupe_keys(feedback: pa.Table) -> pa.Table:
+    """One row per idempotency key: a vote retried on two replicas at the same moment can be
+    logged by both (each checks the other's log only once it is on disk); the first counts."""
+    keys = feedback.column("idempotency_key")
+    if feedback.num_rows == 0 or keys.null_count == feedback.num_rows:
+        return feedback
+    marked = pc.if_else(pc.is_null(keys), pc.binary_join_element_wise(
+        "\0", feedback.column("feedback_id"), ""), keys)
+    return _dedupe(feedback.append_column("__key", marked), ["__key"]).drop_columns(["__key"])
 
 
 def _dedupe(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -401,7 +414,7 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None,
         counts[(r["date"], versions, r["kind"])] += 1
         totals[r["kind"]] += 1
     labels = [r.label for r in rated_answers(capped_rows, responses)]
-    segments = list_segments(data_dir / logschema.WAL_DIR)
+    segments = [(s, p) for _, s, p in segments_of_logs(logschema.wal_dirs(data_dir))]
     return {
         "data_dir": str(data_dir),
         "rows": [{"date": d, "model_version": v, "kind": k, "count": n}

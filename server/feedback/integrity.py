@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from prefloop.server.durable_io import fsync_dir, makedirs_durable
 from prefloop.server.feedback import schema as logschema
-from prefloop.server.feedback.wal import SegmentContents, list_segments, read_segment
+from prefloop.server.feedback.wal import SegmentContents, read_segment, segments_of_logs
 
 QUARANTINE_DIR = "quarantine"
 
@@ -80,10 +80,11 @@ class LogCheck:
         return {**asdict(self), "damaged": self.damaged}
 
 
-def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[int] = frozenset()
+def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[Path] = frozenset()
               ) -> LogCheck:
-    """Read every part and segment of the log in `data_dir`; with `repair`, quarantine damaged
-    parts and segments without magic. `skip_segments`: ids a live writer may be appending to."""
+    """Read every part and segment of the logs in `data_dir` (every replica's); with `repair`,
+    quarantine damaged parts and segments without magic. `skip_segments`: segments a live
+    writer may be appending to."""
     data_dir = Path(data_dir)
     out = LogCheck()
     qdir = data_dir / QUARANTINE_DIR
@@ -102,8 +103,8 @@ def check_log(data_dir: Path, *, repair: bool = False, skip_segments: frozenset[
             if repair:
                 bad["moved_to"] = str(quarantine(data_dir, path, f"unreadable Parquet part: {error}"))
             out.bad_parts.append(bad)
-    for segment_id, path in list_segments(data_dir / logschema.WAL_DIR):
-        if segment_id in skip_segments:
+    for _, _, path in segments_of_logs(logschema.wal_dirs(data_dir)):
+        if path in skip_segments:
             continue
         out.segments += 1
         contents = read_segment(path)

@@ -6,6 +6,12 @@ Two tables live under a server's `--data-dir`, each a hive-partitioned Parquet d
     <data-dir>/feedback/date=YYYY-MM-DD/part-<segment id>.parquet      one row per accepted submission
     <data-dir>/wal/<segment id>.wal                                    not yet compacted (server/feedback/wal.py)
 
+Replicas (`serve --replica ID`, docs/scaling.md) share the data root: each writes its parts into
+the same table directories under its own names, `part-<replica>-<segment id>.parquet`, and keeps
+its WAL and lock in `<data-dir>/replicas/<replica>/` — so the tables stay one hive-partitioned
+dataset (DuckDB: `read_parquet('<data-dir>/feedback/*/*.parquet', hive_partitioning = true)`)
+and no file is written by two processes.
+
 `docs/logging.md` documents every field. This module is what readers import (align reads the log
 through `server/feedback/export.py`, which builds on it): the schemas, `open_dataset`, the prompt
 fingerprint that decides "same prompt", and `normalize_generation`, the one place a generation row
@@ -20,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -118,17 +125,60 @@ PARTITIONING = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive"
 # Layout
 
 
-def part_name(segment_id: int) -> str:
-    """Parquet part written from WAL segment `segment_id`: re-compacting it overwrites the same name."""
-    return f"part-{segment_id:012d}.parquet"
+REPLICAS_DIR = "replicas"
+REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def segment_id_of_part(name: str) -> int | None:
-    if name.startswith("part-") and name.endswith(".parquet"):
-        stem = name[len("part-"):-len(".parquet")]
-        if stem.isdigit():
-            return int(stem)
+def check_replica_id(replica: str) -> str:
+    """`replica` if it can name a replica's files, else ValueError saying what may."""
+    if not isinstance(replica, str) or not REPLICA_ID.fullmatch(replica):
+        raise ValueError(f"replica id {replica!r} must be 1-64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    return replica
+
+
+def log_dir(data_dir: str | Path, replica: str | None = None) -> Path:
+    """Where one log keeps what is its own (its WAL directory and its lock): the data dir for a
+    server alone, `<data-dir>/replicas/<replica>` for a replica."""
+    return Path(data_dir) if replica is None else Path(data_dir) / REPLICAS_DIR / replica
+
+
+def wal_dirs(data_dir: str | Path) -> list[tuple[str | None, Path]]:
+    """(replica or None, WAL directory) of every log on the data root, the lone server's first."""
+    root = Path(data_dir)
+    found: list[tuple[str | None, Path]] = [(None, root / WAL_DIR)]
+    replicas = root / REPLICAS_DIR
+    if replicas.is_dir():
+        found += [(p.name, p / WAL_DIR) for p in sorted(replicas.iterdir())
+                  if p.is_dir() and REPLICA_ID.fullmatch(p.name)]
+    return found
+
+
+def part_name(segment_id: int, replica: str | None = None) -> str:
+    """Parquet part written from WAL segment `segment_id` (of `replica`): re-compacting it
+    overwrites the same name."""
+    if replica is None:
+        return f"part-{segment_id:012d}.parquet"
+    return f"part-{replica}-{segment_id:012d}.parquet"
+
+
+def part_owner(name: str) -> tuple[str | None, int] | None:
+    """(replica or None, segment id) of a part's file name; None when it is not a part."""
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return None
+    stem = name[len("part-"):-len(".parquet")]
+    if stem.isdigit():
+        return None, int(stem)
+    replica, _, segment = stem.rpartition("-")
+    if segment.isdigit() and REPLICA_ID.fullmatch(replica):
+        return replica, int(segment)
     return None
+
+
+def segment_id_of_part(name: str, replica: str | None = None) -> int | None:
+    """The segment id of a part `replica` wrote (None for anyone else's, or not a part)."""
+    owner = part_owner(name)
+    return owner[1] if owner is not None and owner[0] == replica else None
 
 
 def partition_dir(data_dir: Path, table: str, date: str) -> Path:
@@ -148,14 +198,15 @@ def part_files(data_dir: Path, table: str) -> list[Path]:
     return sorted(p for p in root.glob("date=*/part-*.parquet") if p.is_file())
 
 
-def open_dataset(data_dir: str | Path, table: str) -> ds.Dataset:
-    """The committed Parquet parts of `table` as one dataset (with a string `date` column).
+def open_dataset(data_dir: str | Path, table: str, files: list[Path] | None = None) -> ds.Dataset:
+    """The committed Parquet parts of `table` (of every replica) as one dataset, with a string
+    `date` column; `files`: just these parts.
 
     Works on an empty or missing directory (zero rows). Same as
     `ds.dataset(f"{data_dir}/{table}", partitioning="hive")` with the schema pinned.
     """
     schema = SCHEMAS[table].append(pa.field("date", pa.string()))
-    files = [str(p) for p in part_files(Path(data_dir), table)]
+    files = [str(p) for p in (part_files(Path(data_dir), table) if files is None else files)]
     if not files:
         return ds.dataset(pa.table({f.name: pa.array([], f.type) for f in schema}, schema=schema))
     return ds.dataset(files, schema=schema, format="parquet", partitioning=PARTITIONING,

@@ -17,6 +17,10 @@ What it owns:
   quarantined — integrity.py) and an exclusive lock on the data directory;
 - the rate limits of votes per voter and per caller (`vote_rate.py`; off unless
   `votes_per_minute` / `caller_votes_per_minute` are set; `serve` sets both);
+- replicas (`replica`, docs/scaling.md): several servers on one data root, each with its own
+  WAL, parts and lock (schema.py's layout); each follows the others' logs (peers.py) so a vote
+  on an answer any replica served is accepted (after waiting up to `peer_wait_s` for that
+  answer's row to reach the disk) and a key any replica acknowledged is a duplicate;
 - degraded mode: when the data directory cannot be used, submissions fail with `Unavailable`
   (with the reason) and generation records are dropped with a warning; serving is unaffected.
   Opening is retried at most every `reopen_interval_s` on the next submission.
@@ -44,6 +48,7 @@ from prefloop.server.errors import InvalidArgument, NotFound, ResourceExhausted,
 from prefloop.server.feedback import integrity
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.compactor import Compactor, makedirs_durable, remove_temp_files
+from prefloop.server.feedback.peers import PeerLogs
 from prefloop.server.feedback.vote_rate import ANONYMOUS, VoteRateLimiter, voter_of
 from prefloop.server.feedback.wal import WalConfig, WriteAheadLog, list_segments, read_segment
 
@@ -65,9 +70,16 @@ class StoreConfig:
     compact_retry_s: float = 5.0
     votes_per_minute: float = 0.0  # per voter (vote_rate.py); 0: no limit (`serve` sets one)
     caller_votes_per_minute: float = 0.0  # per caller (token), all its voters together
+    replica: str | None = None  # this server's replica id on a shared data root; None: alone
+    peer_poll_s: float = 0.1  # how often a replica reads what the other replicas' logs gained
+    peer_wait_s: float = 2.0  # how long a replica waits for an unknown response id to appear
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.replica is not None:
+            logschema.check_replica_id(self.replica)
+        if self.peer_poll_s <= 0 or self.peer_wait_s < 0:
+            raise ValueError("peer_poll_s must be > 0 and peer_wait_s >= 0")
         for name in ("max_text_chars", "max_comment_chars", "max_messages", "max_id_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +117,12 @@ class FeedbackStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self.data_dir = config.data_dir
+        self.replica = config.replica
+        self.log_dir = logschema.log_dir(config.data_dir, config.replica)  # WAL and lock
+        self._peers = PeerLogs(config.data_dir, config.replica)
+        self._peer_lock = threading.Lock()
+        self._peer_stop = threading.Event()
+        self._peer_thread: threading.Thread | None = None
         self._lock = threading.Lock()  # idempotency state
         self._open_lock = threading.Lock()
         self._responses: dict[str, tuple[str, str | None]] = {}
@@ -164,6 +182,9 @@ class FeedbackStore:
         if self._closed:
             return
         self._closed = True
+        self._peer_stop.set()
+        if self._peer_thread is not None:
+            self._peer_thread.join(timeout)
         if self._compactor is not None and not compact:
             self._compactor.close(drain=False, timeout=timeout)  # before the WAL hands it more
         if self._wal is not None:
@@ -215,14 +236,14 @@ class FeedbackStore:
             self._lock_fd = None
 
     def _take_lock(self) -> None:
-        path = self.data_dir / LOCK_FILE
+        path = self.log_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise Unavailable(f"the feedback log in {self.data_dir} is in use by another "
+            raise Unavailable(f"the feedback log in {self.log_dir} is in use by another "
                               f"process (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -230,10 +251,10 @@ class FeedbackStore:
 
     def _recover(self) -> None:
         t0 = time.perf_counter()
-        wal_dir = self.data_dir / logschema.WAL_DIR
+        wal_dir = self.log_dir / logschema.WAL_DIR
         makedirs_durable(wal_dir)
         self._take_lock()
-        remove_temp_files(self.data_dir)
+        remove_temp_files(self.data_dir, self.replica)
         max_id = self._index_parquet()
         segments = list_segments(wal_dir)
         replayed = 0
@@ -253,7 +274,9 @@ class FeedbackStore:
                 self._index_row(*logschema.decode_record(payload))
                 replayed += 1
             max_id = max(max_id, segment_id)
-        compactor = Compactor(self.data_dir, retry_interval_s=self.config.compact_retry_s)
+        peer_rows = self.poll_peers()
+        compactor = Compactor(self.data_dir, retry_interval_s=self.config.compact_retry_s,
+                              replica=self.replica)
         wal = WriteAheadLog(wal_dir, self.config.wal, encode=logschema.record_bytes,
                             on_segment_closed=compactor.submit)
         compactor.start()
@@ -261,9 +284,31 @@ class FeedbackStore:
             compactor.submit(segment_id, path)
         wal.start(next_segment_id=max_id + 1)
         self._compactor, self._wal = compactor, wal
-        log.info("feedback log %s: %d responses, %d feedback keys indexed; %d WAL records "
-                 "replayed from %d segments (%.2f s)", self.data_dir, len(self._responses),
-                 len(self._keys), replayed, len(segments), time.perf_counter() - t0)
+        if self.replica is not None and self._peer_thread is None:
+            self._peer_thread = threading.Thread(target=self._follow_peers, daemon=True,
+                                                 name="prefloop-peer-logs")
+            self._peer_thread.start()
+        log.info("feedback log %s%s: %d responses, %d feedback keys indexed; %d WAL records "
+                 "replayed from %d segments, %d rows of other replicas' logs (%.2f s)",
+                 self.data_dir, f" (replica {self.replica})" if self.replica else "",
+                 len(self._responses), len(self._keys), replayed, len(segments), peer_rows,
+                 time.perf_counter() - t0)
+
+    def poll_peers(self) -> int:
+        """Index what the other logs on the data root gained (peers.py); how many rows."""
+        with self._peer_lock:
+            try:
+                rows = self._peers.poll()
+            except Exception as exc:  # noqa: BLE001 - e.g. a network filesystem hiccup
+                self._rl.warning("peers", "reading the other replicas' logs failed: %s", exc)
+                return 0
+            for table, row in rows:
+                self._index_row(table, row)
+            return len(rows)
+
+    def _follow_peers(self) -> None:
+        while not self._peer_stop.wait(self.config.peer_poll_s):
+            self.poll_peers()
 
     def _index_parquet(self) -> int:
         """Load both indexes from the committed parts; returns the largest part segment id.
@@ -277,30 +322,46 @@ class FeedbackStore:
             first_error = exc
         self._responses.clear()
         self._keys.clear()
-        moved = 0
+        moved, skipped = 0, set()
         for table in logschema.TABLES:
             for path in logschema.part_files(self.data_dir, table):
                 _, error = integrity.probe_part(path, table)
-                if error is not None:
-                    target = integrity.quarantine(self.data_dir, path,
-                                                  f"unreadable Parquet part: {error}")
-                    log.error("feedback log: quarantined %s (%s) as %s; its rows are not in "
-                              "the log", path, error, target)
-                    moved += 1
-        if not moved:
+                if error is None:
+                    continue
+                owner = logschema.part_owner(path.name)
+                if owner is not None and owner[0] != self.replica:
+                    log.error("feedback log: %s of replica %s is unreadable (%s); skipped here, "
+                              "its replica quarantines it when it starts", path,
+                              owner[0] or "(alone)", error)
+                    skipped.add(path)
+                    continue
+                target = integrity.quarantine(self.data_dir, path,
+                                              f"unreadable Parquet part: {error}")
+                log.error("feedback log: quarantined %s (%s) as %s; its rows are not in "
+                          "the log", path, error, target)
+                moved += 1
+        if not moved and not skipped:
             raise first_error
-        return self._read_indexes()
+        return self._read_indexes(skipped)
 
-    def _read_indexes(self) -> int:
+    def _read_indexes(self, skip: set[Path] = frozenset()) -> int:
+        """Index every part on the data root (every replica's); the largest segment id of this
+        log's own parts."""
         max_id = -1
+        files = {t: [p for p in logschema.part_files(self.data_dir, t) if p not in skip]
+                 for t in logschema.TABLES}
         for table in logschema.TABLES:
-            for p in logschema.part_files(self.data_dir, table):
-                max_id = max(max_id, logschema.segment_id_of_part(p.name) or 0)
-        gen = logschema.open_dataset(self.data_dir, logschema.GENERATIONS).to_table(
+            for p in files[table]:
+                max_id = max(max_id, logschema.segment_id_of_part(p.name, self.replica) or 0)
+        self._peers.mark_parts_seen([*files[logschema.GENERATIONS], *files[logschema.FEEDBACK],
+                                     *skip])
+        gen = logschema.open_dataset(self.data_dir, logschema.GENERATIONS,
+                                     files[logschema.GENERATIONS]).to_table(
             columns=["response_id", "prompt_fingerprint", "model_version"])
         for rid, fp, mv in zip(*(gen.column(i).to_pylist() for i in range(3))):
             self._responses[rid] = (fp, self._intern(mv))
-        fb = logschema.open_dataset(self.data_dir, logschema.FEEDBACK).to_table(
+        fb = logschema.open_dataset(self.data_dir, logschema.FEEDBACK,
+                                    files[logschema.FEEDBACK]).to_table(
             columns=["idempotency_key", "feedback_id"])
         for key, fid in zip(fb.column(0).to_pylist(), fb.column(1).to_pylist()):
             if key:
@@ -375,14 +436,27 @@ class FeedbackStore:
         return ack
 
     async def asubmit_preference(self, **kwargs: Any) -> Ack:
-        ack, future = self.begin_preference(**kwargs)
-        if not future.done():
-            await asyncio.wrap_future(future)
-        future.result()
-        return ack
+        return await self._asubmit(self.begin_preference, kwargs)
 
     async def asubmit_rating(self, **kwargs: Any) -> Ack:
-        ack, future = self.begin_rating(**kwargs)
+        return await self._asubmit(self.begin_rating, kwargs)
+
+    async def _asubmit(self, begin, kwargs: dict[str, Any]) -> Ack:
+        """`begin(**kwargs)`, awaiting durability. A replica that does not know a response id
+        yet waits up to `peer_wait_s` for another replica's row of it before refusing."""
+        deadline = None
+        while True:
+            try:
+                ack, future = begin(**kwargs)
+                break
+            except NotFound:
+                if self.replica is None:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + self.config.peer_wait_s
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(min(self.config.peer_poll_s, deadline - now))
         if not future.done():
             await asyncio.wrap_future(future)
         future.result()
@@ -513,8 +587,10 @@ class FeedbackStore:
         self._check_id(name, response_id)
         found = self._responses.get(response_id)
         if found is None:
+            served_by = ("this server" if self.replica is None else
+                         f"any replica on {self.data_dir} (waited {self.config.peer_wait_s:g} s)")
             raise NotFound(f"{name} {response_id!r}: no response with this id was served by "
-                           "this server (or its log was lost)")
+                           f"{served_by} (or its log was lost)")
         return found
 
     def _common_fields(self, kind: str, comment: str | None, idempotency_key: str | None,
@@ -587,11 +663,11 @@ class FeedbackStore:
                 self._keys[key] = feedback_id
 
 
-def lock_holder(data_dir: str | os.PathLike) -> str | None:
+def lock_holder(data_dir: str | os.PathLike, replica: str | None = None) -> str | None:
     """The pid (as written in the lock file) of the process holding the feedback log of
-    `data_dir`, or None when it is free (or there is no log yet). Takes and drops the lock at
-    once: a cheap check before a server loads its model."""
-    path = Path(data_dir) / LOCK_FILE
+    `data_dir` (of its `replica`), or None when it is free (or there is no log yet). Takes and
+    drops the lock at once: a cheap check before a server loads its model."""
+    path = logschema.log_dir(data_dir, replica) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # no lock file (or unreadable): nobody holds it as far as we can tell

@@ -103,6 +103,13 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def segments_of_logs(wal_dirs: list[tuple[str | None, Path]]
+                     ) -> list[tuple[str | None, int, Path]]:
+    """(owner, id, path) of every segment in the WAL directories of several logs (replicas)."""
+    return [(owner, segment_id, path) for owner, directory in wal_dirs
+            for segment_id, path in list_segments(directory)]
+
+
 def encode_frame(payload: bytes) -> bytes:
     if len(payload) > MAX_RECORD_BYTES:
         raise ValueError(f"WAL record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
@@ -119,7 +126,29 @@ def read_segment(path: Path) -> SegmentContents:
     data = Path(path).read_bytes()
     if not data.startswith(MAGIC):
         return SegmentContents([], 0, len(data))
-    records, pos, end = [], len(MAGIC), len(data)
+    records, pos = _frames(data, len(MAGIC))
+    return SegmentContents(records, pos, len(data) - pos)
+
+
+def read_segment_from(path: Path, offset: int) -> tuple[list[bytes], int]:
+    """The intact records of a segment from byte `offset` on (0: the start), and the offset
+    after the last of them: where to read on from once its writer appends more. A segment
+    being written ends in a record cut short now and then; it is read again next time.
+    FileNotFoundError when it is gone (compacted)."""
+    with open(path, "rb") as f:
+        if offset == 0:
+            if f.read(len(MAGIC)) != MAGIC:
+                return [], 0  # not (yet) a segment
+            offset = len(MAGIC)
+        f.seek(offset)
+        data = f.read()
+    records, used = _frames(data, 0)
+    return records, offset + used
+
+
+def _frames(data: bytes, pos: int) -> tuple[list[bytes], int]:
+    """The intact frames of `data` from `pos`, and where the first bad or cut one starts."""
+    records, end = [], len(data)
     view = memoryview(data)
     while pos + FRAME.size <= end:
         length, crc = FRAME.unpack_from(data, pos)
@@ -131,7 +160,7 @@ def read_segment(path: Path) -> SegmentContents:
             break
         records.append(payload)
         pos = start + length
-    return SegmentContents(records, pos, end - pos)
+    return records, pos
 
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -1,0 +1,303 @@
+"""`prefloop cluster up`: several `prefloop serve --replica` processes on one data root behind a
+real nginx, on this machine — the one-command way to try replicas (docs/scaling.md).
+
+    prefloop models init --data-dir data            # optional: every replica serves v0000
+    prefloop cluster up --replicas 3 --data-dir data [-- SERVE FLAGS...]
+
+Replica i (r0, r1, ...) listens on HTTP `--replica-http-port + i` and gRPC `--replica-grpc-port +
+i`; nginx listens on `--http-port` (HTTP: the OpenAI API, feedback routes, the web page,
+round-robin) and `--port` (gRPC, `grpc_pass`). The nginx configuration is `render_nginx_conf`,
+written to `<data-dir>/cluster/nginx.conf` (`deploy/nginx.conf` is the same for three replicas):
+nginx passes a request to the next replica when one refuses the connection or answers 502/503 (a
+replica that is down or draining), and leaves a failed replica out for `fail_timeout`. Open-source
+nginx has no active health checks; /health answers 503 while a replica drains, which the passive
+check sees on the next request. A replica that dies is started again (its log recovers on start);
+one that exits with status 2 (a flag it refuses) stops the cluster. `<data-dir>/cluster/
+replicas.json` names each replica's pid and ports; their output goes to `cluster/<id>.log`.
+Ctrl-C (or SIGTERM) stops nginx, then the replicas (gracefully), and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefloop.server.registry import DATA_DIR_ENV
+
+CLUSTER_DIR = "cluster"
+
+
+@dataclass(slots=True)
+class Replica:
+    id: str
+    http_port: int
+    grpc_port: int
+    pid: int = 0
+    starts: int = 0
+
+
+def render_nginx_conf(replicas: list[tuple[str, int, int]], *, http_port: int = 8000,
+                      grpc_port: int = 50051, host: str = "127.0.0.1",
+                      max_body: str = "8m") -> str:
+    """nginx.conf for `replicas` [(host, http port, grpc port)], paths relative to nginx's
+    prefix (`nginx -p DIR`)."""
+    http_servers = "".join(f"        server {h}:{p} max_fails=1 fail_timeout=2s;\n"
+                           for h, p, _ in replicas)
+    grpc_servers = "".join(f"        server {h}:{g} max_fails=1 fail_timeout=2s;\n"
+                           for h, _, g in replicas)
+    return f"""# prefloop replicas behind nginx (written by `prefloop cluster up`; docs/scaling.md).
+# Run: nginx -p DIR -c nginx.conf   (paths below are relative to DIR)
+worker_processes 1;
+error_log error.log warn;
+pid nginx.pid;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    client_max_body_size {max_body};
+
+    upstream prefloop_http {{
+{http_servers}        keepalive 32;
+    }}
+
+    upstream prefloop_grpc {{
+{grpc_servers}    }}
+
+    # HTTP: the OpenAI-compatible API (streams unbuffered), feedback routes, /health, the page.
+    server {{
+        listen {host}:{http_port};
+        location / {{
+            proxy_pass http://prefloop_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            # a replica that is down or draining (503) has not started the request: try the next
+            proxy_next_upstream error http_502 http_503 non_idempotent;
+            proxy_next_upstream_tries 3;
+        }}
+    }}
+
+    # gRPC: Generation, Feedback, Models (HTTP/2 to the replicas).
+    server {{
+        listen {host}:{grpc_port} http2;
+        location / {{
+            grpc_pass grpc://prefloop_grpc;
+            grpc_read_timeout 600s;
+            grpc_send_timeout 600s;
+            grpc_next_upstream error non_idempotent;
+            grpc_next_upstream_tries 3;
+        }}
+    }}
+}}
+"""
+
+
+def find_nginx(path: str | None) -> str | None:
+    if path:
+        return path if Path(path).is_file() else None
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = sub.add_parser("up", help="start replicas and nginx; Ctrl-C stops them",
+                        description=__doc__.split("\n\n")[0])
+    up.add_argument("--replicas", type=int, default=3, help="how many (default %(default)s)")
+    up.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
+                    help=f"the shared data root (default ${DATA_DIR_ENV} or ./data)")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address nginx and the replicas bind (default %(default)s)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="nginx's HTTP port (default %(default)s)")
+    up.add_argument("--port", type=int, default=50051, help="nginx's gRPC port (default %(default)s)")
+    up.add_argument("--replica-http-port", type=int, default=8100,
+                    help="HTTP port of replica r0; r1 takes the next (default %(default)s)")
+    up.add_argument("--replica-grpc-port", type=int, default=50100,
+                    help="gRPC port of replica r0; r1 takes the next (default %(default)s)")
+    up.add_argument("--nginx", default=None, metavar="PATH",
+                    help="the nginx binary (default: nginx on PATH, else /usr/sbin/nginx)")
+    up.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="how long to wait for each replica's /health (default %(default)s)")
+    up.add_argument("serve_args", nargs="*", metavar="-- SERVE FLAGS",
+                    help="flags passed to every `prefloop serve` (after --), e.g. -- --dtype "
+                         "bfloat16 --registry-poll 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _up(args)
+
+
+def _say(text: str) -> None:
+    print(f"prefloop cluster: {text}", flush=True)
+
+
+def _fail(text: str) -> int:
+    print(f"prefloop cluster: {text}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _ports_taken(host: str, ports: list[int]) -> str | None:
+    from prefloop.server.api.http_server import bind
+
+    for port in ports:
+        try:
+            bind(host, port).close()
+        except OSError:
+            return f"{host}:{port} is in use"
+    return None
+
+
+def _healthy(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class Cluster:
+    """The replica processes and nginx, started, watched and stopped."""
+
+    def __init__(self, args: argparse.Namespace, nginx: str, work: Path) -> None:
+        self.args, self.nginx, self.work = args, nginx, work
+        self.replicas = [Replica(f"r{i}", args.replica_http_port + i, args.replica_grpc_port + i)
+                         for i in range(args.replicas)]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.nginx_proc: subprocess.Popen | None = None
+
+    def start_replica(self, r: Replica) -> None:
+        cmd = [sys.executable, "-m", "prefloop.cli", "serve", "--data-dir", self.args.data_dir,
+               "--replica", r.id, "--host", self.args.host, "--http-port", str(r.http_port),
+               "--port", str(r.grpc_port), *self.args.serve_args]
+        with open(self.work / f"{r.id}.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.procs[r.id] = proc
+        r.pid, r.starts = proc.pid, r.starts + 1
+        self.write_state()
+
+    def write_state(self) -> None:
+        state = {"nginx": {"http_port": self.args.http_port, "grpc_port": self.args.port,
+                           "pid": self.nginx_proc.pid if self.nginx_proc else 0},
+                 "replicas": [asdict(r) for r in self.replicas]}
+        tmp = self.work / "replicas.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.work / "replicas.json")
+
+    def wait_ready(self, r: Replica) -> str | None:
+        deadline = time.monotonic() + self.args.ready_timeout
+        while time.monotonic() < deadline:
+            code = self.procs[r.id].poll()
+            if code is not None:
+                return f"replica {r.id} exited with status {code} (see {self.work / (r.id + '.log')})"
+            if _healthy(self.args.host, r.http_port):
+                return None
+            time.sleep(0.25)
+        return f"replica {r.id} was not healthy after {self.args.ready_timeout:g} s"
+
+    def start_nginx(self) -> str | None:
+        base = [self.nginx, "-p", str(self.work), "-c", "nginx.conf"]
+        test = subprocess.run([*base, "-t"], capture_output=True, text=True)
+        if test.returncode != 0:
+            return "nginx rejected its configuration: " + test.stderr.strip().splitlines()[-1]
+        self.nginx_proc = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+        self.write_state()
+        return None
+
+    def stop(self) -> None:
+        if self.nginx_proc is not None and self.nginx_proc.poll() is None:
+            self.nginx_proc.send_signal(signal.SIGQUIT)  # graceful: finish open requests
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.procs.values(), *([self.nginx_proc] if self.nginx_proc else [])]:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _up(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        return _fail(f"--replicas must be >= 1, got {args.replicas}")
+    nginx = find_nginx(args.nginx)
+    if nginx is None:
+        return _fail("nginx not found: install it (Debian/Ubuntu: apt-get install nginx) or pass "
+                     "--nginx PATH")
+    ports = [args.http_port, args.port, *(args.replica_http_port + i for i in range(args.replicas)),
+             *(args.replica_grpc_port + i for i in range(args.replicas))]
+    if len(set(ports)) != len(ports):
+        return _fail("the nginx ports and the replicas' port ranges overlap")
+    taken = _ports_taken(args.host, ports)
+    if taken:
+        return _fail(f"{taken}: pass other ports")
+    work = Path(args.data_dir) / CLUSTER_DIR
+    (work / "tmp").mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(args, nginx, work)
+    (work / "nginx.conf").write_text(render_nginx_conf(
+        [(args.host, r.http_port, r.grpc_port) for r in cluster.replicas],
+        http_port=args.http_port, grpc_port=args.port, host=args.host))
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.monotonic()
+    _say(f"starting {args.replicas} replicas on {args.data_dir} and nginx (logs in {work})")
+    try:
+        for r in cluster.replicas:
+            cluster.start_replica(r)
+        for r in cluster.replicas:
+            problem = cluster.wait_ready(r)
+            if problem:
+                return _fail(problem)
+            _say(f"replica {r.id} ready on HTTP {args.host}:{r.http_port}, gRPC "
+                 f"{args.host}:{r.grpc_port}")
+        problem = cluster.start_nginx()
+        if problem:
+            return _fail(problem)
+        _say(f"ready in {time.monotonic() - t0:.0f} s: HTTP http://{args.host}:{args.http_port} "
+             f"(OpenAI API, web page), gRPC {args.host}:{args.port}; Ctrl-C stops all")
+        while not stopping:
+            time.sleep(0.2)
+            if cluster.nginx_proc.poll() is not None:
+                return _fail(f"nginx exited with status {cluster.nginx_proc.returncode} (see "
+                             f"{work / 'error.log'})")
+            for r in cluster.replicas:
+                code = cluster.procs[r.id].poll()
+                if code is None:
+                    continue
+                if code == 2:
+                    return _fail(f"replica {r.id} refused to start (status 2; see "
+                                 f"{work / (r.id + '.log')})")
+                _say(f"replica {r.id} exited with status {code}; starting it again")
+                cluster.start_replica(r)
+        return 0
+    finally:
+        cluster.stop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        _say("stopped")
