@@ -17,6 +17,7 @@ from prefloop.server.engine.scheduler import ScheduledSeq
 from prefloop.server.engine.sequence import Sequence
 from prefloop.server.model.attention import AttentionMetadata, PrefillChunk
 from prefloop.server.model.llama import LlamaModel
+from prefloop.server.model.lora import StepAdapters
 
 
 class ModelRunner:
@@ -101,15 +102,11 @@ class ModelRunner:
             if kernel is None:  # the SDPA path attends over whole blocks: mask the padding
                 decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < ctx_lens.unsqueeze(1))
                 decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width * bs]
-        rows: dict[int, list[int]] = {}  # per-request adapters: id -> token rows
-        start = 0
+        row_adapters: list[int] = []  # per-request adapters: the adapter id of each token row
         for s in decodes + prefills:
-            if s.seq.adapter:
-                rows.setdefault(s.seq.adapter, []).extend(range(start, start + s.num_tokens))
-            start += s.num_tokens
+            row_adapters += [s.seq.adapter] * s.num_tokens
         meta = AttentionMetadata(
-            adapter_rows={a: None if len(r) == start else torch.tensor(r, device=dev)
-                          for a, r in rows.items()} or None,  # None: every row of the step
+            adapter_rows=StepAdapters.of(row_adapters, dev),
             slot_mapping=torch.tensor(slots, device=dev),
             num_decode=len(decodes),
             decode_block_tables=decode_tables,

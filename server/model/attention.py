@@ -12,7 +12,7 @@ the cache in place), else through a gather of their blocks and SDPA with a paddi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] True = attend (SDPA path)
     prefills: list[PrefillChunk]
     decode_kernel: Callable[..., torch.Tensor] | None = None  # native paged decode, None = SDPA
-    # per-request LoRA (server/model/lora.py): adapter id -> the token rows that use it; None: none
-    adapter_rows: dict[int, torch.Tensor | None] | None = None  # None rows: every row
+    # per-request LoRA (server/model/lora.py): which adapter each token row uses
+    adapter_rows: Any = None  # StepAdapters; None: no row uses an adapter
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

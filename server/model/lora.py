@@ -5,17 +5,29 @@ An A/B test whose candidate is an adapter over the served version then costs the
 instead of a second engine (weights and KV cache). `enable(model)` wraps the four projections of
 every block (fused q/k/v, o, fused gate/up, down) in `LoraLinear`; `add_adapter(model, id,
 factors)` stores an adapter's factors in them, fused the way the base weights are (q/k/v: A
-stacked, B block-diagonal; gate/up the same); the model runner marks which token rows of a step
-use which adapter (`AttentionMetadata.adapter_rows`, read here through step_context.py; None for
-"every row", the common case once a version served as an adapter is CURRENT), and each wrapped
-projection adds `(x[rows] @ A.T) @ B.T` (B carries the LoRA scale) to those rows. With no
-adapter rows in a step a wrapped projection costs one dictionary look-up. Adapter ids are never
+stacked, B block-diagonal; gate/up the same); the model runner says which adapter each token row
+of a step uses (`StepAdapters`, in `AttentionMetadata.adapter_rows`, read here through
+step_context.py), and each wrapped projection adds the LoRA update (B carries the LoRA scale):
+
+- every row on one adapter (the common case once a version served as an adapter is CURRENT):
+  `y += (x @ A.T) @ B.T`, two small matmuls;
+- anything else (an A/B test: two adapters, or one adapter and the plain weights, rows mixed):
+  the step's adapters' factors stacked once per combination (A of each on top of the other, B
+  side by side), then `y += ((x @ A_all.T) * M) @ B_all.T` where the 0/1 mask M [rows, ranks]
+  keeps each row's own adapter's columns (built once per step and rank layout, shared by every
+  layer). Three ops whatever the number of adapters, exact (the other adapters' columns are
+  multiplied by zero), where gathering each adapter's rows took four per adapter; a step's
+  extra work is rows x (sum of ranks), small beside the projection itself.
+
+With no adapter in a step a wrapped projection costs one look-up. Adapter ids are never
 reused, so prefix-cache blocks computed under one adapter can never be matched under another.
 
 Only eager steps: under `torch.compile` the row grouping is data dependent, so `supports(model)`
 is False and callers load a second engine instead.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,27 +42,88 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.down_proj": ("mlp.down_proj",)}
 
 
+MAX_STACKS = 4  # combinations of adapters whose stacked factors a projection keeps
+
+
+@dataclass(slots=True)
+class StepAdapters:
+    """Which adapter each token row of one step uses (built by the model runner)."""
+
+    ids: tuple[int, ...]  # the adapters of the step, in first-row order
+    every_row: int = 0  # the one adapter every row uses; 0: rows differ
+    row_ids: torch.Tensor | None = None  # [rows] adapter id of each row (0: none) unless every_row
+    masks: dict = field(default_factory=dict)  # rank layout -> [rows, ranks] 0/1 mask
+
+    @classmethod
+    def of(cls, row_adapters: list[int], device=None) -> "StepAdapters | None":
+        """From the adapter id of each row (0: the plain weights); None when no row has one."""
+        ids = tuple(dict.fromkeys(a for a in row_adapters if a))
+        if not ids:
+            return None
+        if len(ids) == 1 and all(row_adapters):
+            return cls(ids, every_row=ids[0])
+        return cls(ids, row_ids=torch.tensor(row_adapters, device=device))
+
+    def mask(self, layout: tuple, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """1 where a row's adapter owns a column of the stacked factors (cached for the step)."""
+        mask = self.masks.get((layout, dtype))
+        if mask is None:
+            mask = (self.row_ids[:, None] == columns[None, :]).to(dtype)
+            self.masks[(layout, dtype)] = mask
+        return mask
+
+
 class LoraLinear(nn.Module):
     """A projection plus the LoRA update of the adapters its step's rows use."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A [r, in], B [out, r])
+        # id -> (A.T [in, r], B.T [r, out]), transposed once here rather than at every step
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # adapter ids -> (A.T side by side [in, R], B.T stacked [R, out], owner of each column,
+        # layout)
+        self._stacks: dict[tuple[int, ...], tuple | None] = {}
+
+    def set_adapter(self, adapter_id: int, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Store (A [r, in], B [out, r]) under `adapter_id`; None removes it."""
+        if factors is None:
+            self.adapters.pop(adapter_id, None)
+        else:
+            a, b = factors
+            self.adapters[adapter_id] = (a.t().contiguous(), b.t().contiguous())
+        self._stacks.clear()
+
+    def _stack(self, ids: tuple[int, ...]) -> tuple | None:
+        present = [(i, self.adapters[i]) for i in ids if i in self.adapters]
+        stack = None
+        if present:
+            at = torch.cat([f[0] for _, f in present], dim=1)
+            bt = torch.cat([f[1] for _, f in present])
+            layout = tuple((i, f[1].shape[0]) for i, f in present)
+            columns = torch.tensor([i for i, r in layout for _ in range(r)], device=at.device)
+            stack = (at, bt, columns, layout)
+        if len(self._stacks) >= MAX_STACKS:
+            self._stacks.clear()
+        self._stacks[ids] = stack
+        return stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows = current_adapter_rows()
-        if rows:
-            for adapter_id, index in rows.items():
-                factors = self.adapters.get(adapter_id)
-                if factors is None:
-                    continue
-                a, b = factors
-                if index is None:  # every row of the step: no gather, one fused add
-                    y.addmm_(x @ a.t(), b.t())
-                else:
-                    y.index_add_(0, index, (x.index_select(0, index) @ a.t()) @ b.t())
+        step = current_adapter_rows()
+        if step is None:
+            return y
+        if step.every_row:  # one adapter on every row: no mask, two matmuls
+            factors = self.adapters.get(step.every_row)
+            if factors is not None:
+                y.addmm_(x @ factors[0], factors[1])
+            return y
+        stack = self._stacks[step.ids] if step.ids in self._stacks else self._stack(step.ids)
+        if stack is not None:
+            at, bt, columns, layout = stack
+            xa = x @ at
+            xa.mul_(step.mask(layout, columns, xa.dtype))
+            y.addmm_(xa, bt)
         return y
 
 
@@ -132,7 +205,7 @@ def add_adapter(model: nn.Module, adapter_id: int,
     for layer, target, owner, attr in _block_modules(model):
         f = fused.get((layer, target))
         if f is not None:
-            getattr(owner, attr).adapters[adapter_id] = f
+            getattr(owner, attr).set_adapter(adapter_id, f)
             size += f[0].nbytes + f[1].nbytes
     return size
 
@@ -141,4 +214,4 @@ def remove_adapter(model: nn.Module, adapter_id: int) -> None:
     for _, _, owner, attr in _block_modules(model):
         module = getattr(owner, attr)
         if isinstance(module, LoraLinear):
-            module.adapters.pop(adapter_id, None)
+            module.set_adapter(adapter_id, None)

@@ -34,9 +34,9 @@ def step_context(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Atten
         _state.step = previous
 
 
-def current_adapter_rows() -> dict[int, torch.Tensor | None] | None:
-    """The step's per-request adapter rows (server/model/lora.py); None outside a step or when no
-    sequence of the step uses an adapter."""
+def current_adapter_rows():
+    """The step's `StepAdapters` (server/model/lora.py: which adapter each token row uses); None
+    outside a step or when no sequence of the step uses an adapter."""
     step = getattr(_state, "step", None)
     return None if step is None else step[1].adapter_rows
 

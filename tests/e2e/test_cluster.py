@@ -142,6 +142,12 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
     from prefloop.server.registry import Registry
 
     data = tmp_path / "data"
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 1)
+
     init = cli("models", "init", "--data-dir", str(data), timeout=600)
     assert init.returncode == 0, init.stderr[-2000:]
     base = free_port_block(8)
@@ -162,6 +168,7 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
             lines.append(line)
             if "ready in" in line:
                 break
+        phase("init + cluster up")
         threading.Thread(target=lambda: [lines.append(x) for x in cluster.stdout],
                          daemon=True).start()
         replicas = {f"r{i}": f"http://127.0.0.1:{r_http + i}" for i in range(3)}
@@ -181,6 +188,7 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
         os.kill(victim["pid"], signal.SIGKILL)
         for t in threads:
             t.join(600)
+        phase("load")
 
         # the cluster started the killed replica again
         assert wait_for(lambda: replica_health(replicas["r1"]) is not None, 300), "".join(lines)
@@ -208,11 +216,13 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
         wal_owners = {o for o, d in logschema.wal_dirs(data) if list(d.glob("*.wal"))}
         assert {"r0", "r1", "r2"} & (owners | wal_owners)  # the log is per replica
 
+        phase("checks")
         # an align job over the union, a promote, every replica on the new version
         job = cli("align", "run", "dpo", "--data-dir", str(data), "--max-steps", "1",
                   "--min-new-pairs", "8", "--keep-rejected", "--min-heldout-pairs", "2",
                   "--degeneration-prompts", "2", "--json", timeout=1200)
         assert job.returncode == 0, job.stderr[-3000:]
+        phase("align")
         result = json.loads(job.stdout)
         version = result["version"]
         assert version, result
@@ -227,6 +237,10 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
             "model": "prefloop", "messages": [{"role": "user", "content": "Say hello."}],
             "max_tokens": 4})
         assert served.status_code == 200
+        print(f"cluster test: {len(load.acked)} votes acked ({load.cross} on another replica "
+              f"than the one that answered), {len(load.failed)} chats failed in flight on the "
+              f"killed replica, every replica on {version} {took:.1f} s after the promote; "
+              f"phases (s): {phases}")
     finally:
         cluster.send_signal(signal.SIGINT)
         try:

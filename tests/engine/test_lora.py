@@ -88,3 +88,54 @@ def test_an_unknown_or_removed_adapter_is_refused_and_compiled_models_cannot_tak
     model._step = object()  # as compile_step() leaves it
     with pytest.raises(UnsupportedModel, match="without --compile"):
         lora.enable(model)
+
+
+def test_two_adapters_and_the_base_in_one_batch_each_decode_as_their_own_model(versions):
+    registry, v1 = versions
+    v2, _ = publish_random_adapter(registry, "v0000", seed=2)
+    alone = {v: _alone(registry.version_dir(v)) for v in ("v0000", v1, v2)}
+    assert alone[v1] != alone[v2]
+    engine = _engine(load_model(registry.version_dir("v0000")))
+    ids = {"v0000": 0, v1: engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1))),
+           v2: engine.add_adapter(adapters.adapter_factors(registry.version_dir(v2)))}
+    for i, prompt in enumerate(PROMPTS):
+        for version, adapter in ids.items():
+            engine.add_request(f"{version}-{i}", prompt, GREEDY, adapter=adapter)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for version in ids:
+        assert [done[f"{version}-{i}"] for i in range(len(PROMPTS))] == alone[version], version
+
+
+def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
+    """Rows on three adapters of different ranks and on none: one stacked matmul with the mask
+    gives every row exactly x @ A_i.T @ B_i.T of its own adapter (closed form, per row)."""
+    import torch
+
+    from prefloop.server.model.attention import AttentionMetadata
+    from prefloop.server.model.step_context import step_context
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24, bias=False)
+    layer = lora.LoraLinear(base)
+    factors = {7: (torch.randn(2, 16), torch.randn(24, 2)), 9: (torch.randn(4, 16), torch.randn(24, 4)),
+               11: (torch.randn(1, 16), torch.randn(24, 1))}
+    for i, f in factors.items():
+        layer.set_adapter(i, f)
+    row_adapters = [7, 0, 9, 9, 11, 7, 0, 42]  # 42: not loaded in this layer: the plain weights
+    x = torch.randn(len(row_adapters), 16)
+    meta = AttentionMetadata(slot_mapping=None, num_decode=0, decode_block_tables=None,
+                             decode_ctx_lens=None, decode_mask=None, prefills=[],
+                             adapter_rows=lora.StepAdapters.of(row_adapters))
+    with step_context([], meta):
+        y = layer(x)
+    expected = base(x)
+    for row, adapter in enumerate(row_adapters):
+        if adapter in factors:
+            a, b = factors[adapter]
+            expected[row] += x[row] @ a.T @ b.T
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert lora.StepAdapters.of([0, 0]) is None
+    assert lora.StepAdapters.of([7, 7]).every_row == 7
