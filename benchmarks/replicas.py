@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,23 +34,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port_block(n: int) -> int:
-    rng = random.Random()
-    for _ in range(200):
-        base, socks = rng.randrange(20000, 40000), []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
+from prefloop.cli.cluster import free_port_block
 
 
 def cli(*args: str) -> None:

@@ -111,6 +111,29 @@ http {{
 """
 
 
+def free_port_block(n: int, host: str = "127.0.0.1") -> int:
+    """A base port with `n` free ports from it on (for tests and benchmarks that start a cluster
+    beside other servers)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        base, socks = rng.randrange(20000, 40000), []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                s.bind((host, port))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on {host}")
+
+
 def find_nginx(path: str | None) -> str | None:
     if path:
         return path if Path(path).is_file() else None

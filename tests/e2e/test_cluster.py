@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefloop.cli.cluster import find_nginx, render_nginx_conf
+from prefloop.cli.cluster import find_nginx, free_port_block, render_nginx_conf
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_nginx(None) is None, reason="nginx is not installed")]
@@ -31,26 +30,6 @@ QUESTIONS = ["Name a fruit.", "Say hello.", "What is 2+2?", "Name a colour.", "C
 def test_the_shipped_nginx_example_is_what_cluster_up_writes_for_three_replicas():
     expected = render_nginx_conf([("127.0.0.1", 8100 + i, 50100 + i) for i in range(3)])
     assert (REPO / "deploy" / "nginx.conf").read_text() == expected
-
-
-def free_port_block(n: int) -> int:
-    """A base port with `n` free ports after it."""
-    rng = random.Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(20000, 40000)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 class Load:
