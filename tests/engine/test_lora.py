@@ -139,3 +139,26 @@ def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert lora.StepAdapters.of([0, 0]) is None
     assert lora.StepAdapters.of([7, 7]).every_row == 7
+
+
+def test_a_bfloat16_projection_adds_the_float32_update_and_stays_bfloat16():
+    import torch
+
+    from prefloop.server.model.attention import AttentionMetadata
+    from prefloop.server.model.step_context import step_context
+
+    torch.manual_seed(1)
+    base = torch.nn.Linear(16, 24, bias=False).to(torch.bfloat16)
+    layer = lora.LoraLinear(base)
+    a, b = torch.randn(4, 16), torch.randn(24, 4)
+    layer.set_adapter(3, (a, b))
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    for rows in ([3] * 5, [3, 0, 3, 0, 0]):  # every row on the adapter; rows mixed with none
+        meta = AttentionMetadata(slot_mapping=None, num_decode=0, decode_block_tables=None,
+                                 decode_ctx_lens=None, decode_mask=None, prefills=[],
+                                 adapter_rows=lora.StepAdapters.of(rows))
+        with step_context([], meta):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer.adapters[3][0].dtype == torch.float32
+        update = (x.float() @ a.T @ b.T) * torch.tensor(rows, dtype=torch.float32)[:, None] / 3
+        torch.testing.assert_close(y.float(), (base(x).float() + update), rtol=2e-2, atol=5e-2)
