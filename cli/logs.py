@@ -130,6 +130,10 @@ def format_stats(stats: dict) -> str:
               f"kto {tr['kto_examples']} examples ({tr['kto_desirable']} desirable, "
               f"{tr['kto_undesirable']} undesirable)",
               f"not yet compacted: {wal['segments']} WAL segments, {wal['bytes']} bytes"]
+    if stats.get("replicas"):
+        lines.append("replicas: " + ", ".join(
+            f"{rid} ({r['parts']} parts, {r['wal_segments']} WAL segments)"
+            for rid, r in stats["replicas"].items()))
     voters = stats["voters"]
     if voters["heaviest"]:
         lines += ["", f"heaviest voters ({voters['with_id']} with a user or session id; "

@@ -11,7 +11,7 @@ import pytest
 from prefloop.server.errors import NotFound, Unavailable
 from prefloop.server.feedback import compactor as log_compactor
 from prefloop.server.feedback import schema as logschema
-from prefloop.server.feedback.export import load_table
+from prefloop.server.feedback.export import load_table, log_stats
 from prefloop.server.feedback.peers import PeerLogs
 from prefloop.server.feedback.store import FeedbackStore, StoreConfig, lock_holder
 from prefloop.server.feedback.wal import WalConfig
@@ -105,6 +105,9 @@ def test_each_replica_writes_its_own_named_parts_and_the_root_reads_as_one_table
     assert count == 2
     assert sorted(load_table(data, logschema.GENERATIONS).column("response_id").to_pylist()) \
         == ["ra", "rb"]
+    stats = log_stats(data)
+    assert set(stats["replicas"]) == {"a", "b"} and stats["totals"]["rating"] == 2
+    assert all(r["parts"] == 2 for r in stats["replicas"].values())  # a generations + a feedback part
 
 
 def test_a_replica_id_has_one_process_and_its_lock_is_its_own(pair):
