@@ -18,11 +18,14 @@ what every LoRA job published before). Then, side by side in one run:
   token of a request on the new version: the adapter needs no load (the serving engine runs it
   as a per-request adapter), the full version loads a second engine;
 - decode throughput at `--streams` (1, 8, 32) of the plain base engine vs the same engine with
-  every sequence on one adapter (an adapter version is CURRENT) and with two adapters alternating
-  (mixed adapters in one batch: an A/B test).
+  every sequence on one adapter (an adapter version is CURRENT), with two adapters alternating
+  (mixed adapters in one batch: an A/B test between adapter versions) and with one adapter
+  alternating with the plain weights (an A/B test whose control is a full version);
+  `--decode-repeats` runs of each, interleaved, median shown (`--decode-only`: just this table).
 
     python benchmarks/adapter_versions.py [--runs 5] [--rank 16] [--prompts 4] [--max-tokens 32]
                                           [--streams 1,8,32] [--decode-tokens 64]
+                                          [--decode-repeats 3] [--decode-only]
 """
 from __future__ import annotations
 
@@ -141,9 +144,9 @@ def swap_seconds(registry, versions: list[str], runs: int, prompt: list[int]) ->
     return asyncio.run(run())
 
 
-def decode_tok_s(model_dir: Path, factors: list[dict], streams: int, tokens: int) -> float:
+def decode_tok_s(model_dir: Path, factors: list[dict | None], streams: int, tokens: int) -> float:
     """Decode tokens/s of `streams` sequences (after their prefill), each on an adapter of
-    `factors` in turn (none: the plain base)."""
+    `factors` in turn (an empty list or None entries: the plain base)."""
     from prefloop.server.engine.kv_cache import KVCacheConfig
     from prefloop.server.engine.llm_engine import LLMEngine
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -151,7 +154,7 @@ def decode_tok_s(model_dir: Path, factors: list[dict], streams: int, tokens: int
 
     engine = LLMEngine(load_model(model_dir, dtype="bfloat16"),
                        KVCacheConfig(capacity_tokens=streams * (tokens + 64) + 1024))
-    ids = [engine.add_adapter(f) for f in factors]
+    ids = [engine.add_adapter(f) if f is not None else 0 for f in factors]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for i in range(streams):
         engine.add_request(str(i), [1 + (i * 7 + j) % 1000 for j in range(32)], params,
@@ -180,6 +183,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--streams", default="1,8,32", help="decode batch sizes")
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per stream")
+    ap.add_argument("--decode-repeats", type=int, default=1,
+                    help="decode runs of each configuration, interleaved; the median is shown")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode table (skip disk, load, swap and memory)")
     args = ap.parse_args()
 
     from engine_throughput import prompt_ids
@@ -207,6 +214,8 @@ def main() -> None:
             print(f"  load run {run + 1}/{args.runs}", flush=True)
         med = {v: statistics.median(t) for v, t in times.items()}
         same = sum(a == b for a, b in zip(answers[v_adapter], answers[v_full]))
+        if args.decode_only:
+            return decode_table(registry, base_dir, v_adapter, args)
         print(f"\n{'version':24} {'bytes on disk':>14} {'load s (median)':>16} {'min':>6} {'max':>6}")
         for v, label in ((v_full, "full weights (before)"), (v_adapter, "LoRA adapter (now)")):
             print(f"{v} {label:18} {size[v] / 1e6:11.1f} MB {med[v]:16.2f} "
@@ -224,10 +233,6 @@ def main() -> None:
             print(f"  with {label:18} {memory[label]:6.0f}  {memory[label] / alone:.2f}x "
                   f"({memory[label + ' kind']})")
 
-        from prefloop.server.model import adapters
-        v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
-        factors = [adapters.adapter_factors(registry.version_dir(v))
-                   for v in (v_adapter, v_second)]
         prompt = prompt_ids(backend_tokenizer(base_dir), 1)[0]
         swaps = swap_seconds(registry, [v_adapter, v_full], args.runs, prompt)
         med_swap = {v: statistics.median(t) for v, t in swaps.items()}
@@ -237,16 +242,30 @@ def main() -> None:
             print(f"  {v} {label:32} {med_swap[v]:7.3f}  (min {min(swaps[v]):.3f}, "
                   f"max {max(swaps[v]):.3f})")
         print(f"swap: adapter / full = 1/{med_swap[v_full] / med_swap[v_adapter]:.0f}")
+        decode_table(registry, base_dir, v_adapter, args)
 
-        print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16):")
-        print(f"{'streams':>8} {'base':>8} {'1 adapter':>10} {'ratio':>6} "
-              f"{'2 adapters mixed':>17} {'ratio':>6}")
-        for n in (int(x) for x in args.streams.split(",")):
-            plain = decode_tok_s(base_dir, [], n, args.decode_tokens)
-            one = decode_tok_s(base_dir, factors[:1], n, args.decode_tokens)
-            mixed = decode_tok_s(base_dir, factors, n, args.decode_tokens)
-            print(f"{n:>8} {plain:8.1f} {one:10.1f} {one / plain:6.2f} {mixed:17.1f} "
-                  f"{mixed / plain:6.2f}", flush=True)
+
+def decode_table(registry, base_dir: Path, v_adapter: str, args) -> None:
+    """Decode tok/s of the plain base vs every sequence on one adapter, on two adapters
+    alternating, and on one adapter alternating with the plain weights (an A/B test whose
+    control is a full version); each configuration `--decode-repeats` times, interleaved."""
+    from prefloop.server.model import adapters
+
+    v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
+    a1, a2 = (adapters.adapter_factors(registry.version_dir(v)) for v in (v_adapter, v_second))
+    configs = {"base": [], "1 adapter": [a1], "2 adapters": [a1, a2], "adapter+base": [a1, None]}
+    print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16), median of "
+          f"{args.decode_repeats} interleaved runs; ratio to base:")
+    print(f"{'streams':>8}" + "".join(f" {name:>18}" for name in configs))
+    for n in (int(x) for x in args.streams.split(",")):
+        runs: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(args.decode_repeats):
+            for name, factors in configs.items():
+                runs[name].append(decode_tok_s(base_dir, factors, n, args.decode_tokens))
+        med = {name: statistics.median(r) for name, r in runs.items()}
+        cells = [f"{med['base']:18.1f}"] + [f"{med[k]:9.1f} ({med[k] / med['base']:.2f}x)"
+                                            for k in list(configs)[1:]]
+        print(f"{n:>8} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
