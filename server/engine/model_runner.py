@@ -102,11 +102,14 @@ class ModelRunner:
             if kernel is None:  # the SDPA path attends over whole blocks: mask the padding
                 decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < ctx_lens.unsqueeze(1))
                 decode_mask = decode_mask[:, None, None, :]  # [num_decode, 1, 1, width * bs]
-        row_adapters: list[int] = []  # per-request adapters: the adapter id of each token row
-        for s in decodes + prefills:
-            row_adapters += [s.seq.adapter] * s.num_tokens
+        step_adapters = None  # per-request adapters: which adapter each token row uses
+        if any(s.seq.adapter for s in decodes + prefills):
+            row_adapters: list[int] = []
+            for s in decodes + prefills:
+                row_adapters += [s.seq.adapter] * s.num_tokens
+            step_adapters = StepAdapters.of(row_adapters, dev)
         meta = AttentionMetadata(
-            adapter_rows=StepAdapters.of(row_adapters, dev),
+            adapter_rows=step_adapters,
             slot_mapping=torch.tensor(slots, device=dev),
             num_decode=len(decodes),
             decode_block_tables=decode_tables,
