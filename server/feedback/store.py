@@ -284,7 +284,7 @@ class FeedbackStore:
             compactor.submit(segment_id, path)
         wal.start(next_segment_id=max_id + 1)
         self._compactor, self._wal = compactor, wal
-        if self.replica is not None and self._peer_thread is None:
+        if self.follows_peers and self._peer_thread is None:
             self._peer_thread = threading.Thread(target=self._follow_peers, daemon=True,
                                                  name="prefloop-peer-logs")
             self._peer_thread.start()
@@ -293,6 +293,12 @@ class FeedbackStore:
                  self.data_dir, f" (replica {self.replica})" if self.replica else "",
                  len(self._responses), len(self._keys), replayed, len(segments), peer_rows,
                  time.perf_counter() - t0)
+
+    @property
+    def follows_peers(self) -> bool:
+        """Whether other logs share the data root (this is a replica, or replicas log beside
+        this lone server): then their logs are followed and unknown ids waited for."""
+        return self.replica is not None or len(logschema.wal_dirs(self.data_dir)) > 1
 
     def poll_peers(self) -> int:
         """Index what the other logs on the data root gained (peers.py); how many rows."""
@@ -450,7 +456,7 @@ class FeedbackStore:
                 ack, future = begin(**kwargs)
                 break
             except NotFound:
-                if self.replica is None:
+                if self._peer_thread is None:
                     raise
                 now = time.monotonic()
                 deadline = deadline or now + self.config.peer_wait_s
@@ -587,7 +593,7 @@ class FeedbackStore:
         self._check_id(name, response_id)
         found = self._responses.get(response_id)
         if found is None:
-            served_by = ("this server" if self.replica is None else
+            served_by = ("this server" if self._peer_thread is None else
                          f"any replica on {self.data_dir} (waited {self.config.peer_wait_s:g} s)")
             raise NotFound(f"{name} {response_id!r}: no response with this id was served by "
                            f"{served_by} (or its log was lost)")

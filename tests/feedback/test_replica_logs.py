@@ -146,3 +146,18 @@ def test_rows_of_a_segment_compacted_between_two_polls_are_found_in_its_parts(tm
     a.close()
     rows = follower.poll()
     assert ("generations", "r1") in {(t, r.get("response_id")) for t, r in rows}
+
+
+def test_a_lone_server_beside_replicas_follows_their_logs_too(tmp_path):
+    data = tmp_path / "data"
+    a = replica(data, "a")
+    lone = FeedbackStore(StoreConfig(data_dir=data, wal=FAST_WAL, peer_poll_s=0.02,
+                                     peer_wait_s=1.0))
+    try:
+        assert lone.follows_peers and lone.replica is None
+        assert a.record_generation(gen_row("from-a"))
+        ack = asyncio.run(lone.asubmit_rating(response_id="from-a", score=1))
+        assert not ack.duplicate
+    finally:
+        lone.close()
+        a.close()
