@@ -8,7 +8,7 @@ since the test started: head-to-head preferences between an answer of each versi
 candidate's answer was chosen), and thumbs / stars per version. `server/ab/decision.py` decides; a
 promotion moves CURRENT (the switcher then serves the candidate on the main engine), a rejection
 leaves it; both are registry history lines naming the evidence. Counting reads the log (Parquet +
-WAL) again at each look: fine for the thousands of votes an A/B test needs, not meant for millions.
+WAL) incrementally: each look reads what the log gained since the last (server/ab/evidence.py).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.evidence import EvidenceReader, verdict
 from prefloop.server.ab.evidence import status as ab_status
-from prefloop.server.ab.evidence import tally, verdict
 from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from prefloop.server.registry import Registry
 from prefloop.server.serving.ab_router import ABRouter
@@ -37,6 +37,7 @@ class ABController:
         self.switcher = switcher  # ModelSwitcher: serves the promoted candidate on the main engine
         self.router = router
         self.data_dir = Path(data_dir)
+        self.evidence = EvidenceReader(self.data_dir)  # reads only what the log gained per look
         self.poll_s = poll_s
         self._damage_logged = ""
 
@@ -64,7 +65,7 @@ class ABController:
                 self._damage_logged = str(exc)
             state = None
         if state is not None and state.running:
-            counts = await asyncio.to_thread(tally, self.data_dir, state)
+            counts = await asyncio.to_thread(self.evidence.tally, state)
             now = verdict(state, counts)
             if now.outcome == decision.RUNNING:
                 await asyncio.to_thread(ab_state.record_tally, self.registry, counts.wins,
@@ -125,7 +126,7 @@ class ABController:
         state = await asyncio.to_thread(ab_state.running_state, self.registry)
         if state is None:
             raise NotFound("no A/B test is running")
-        counts = await asyncio.to_thread(tally, self.data_dir, state)
+        counts = await asyncio.to_thread(self.evidence.tally, state)
         text = (reason or f"{outcomes[outcome]} by an admin") + f" ({counts.wins} wins, " \
                                                                f"{counts.losses} losses)"
         await asyncio.to_thread(ab_state.conclude, self.registry, outcomes[outcome], text,

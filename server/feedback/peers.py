@@ -38,11 +38,16 @@ INDEXED = {logschema.GENERATIONS: ["response_id", "prompt_fingerprint", "model_v
 
 
 class PeerLogs:
-    """The other logs of a data root, as seen from the log of `replica` (None: the lone server)."""
+    """The other logs of a data root, as seen from the log of `replica` (None: the lone server);
+    with `follow_own`, every log, that one included (a reader that follows the whole root, such
+    as the A/B test's tally). `tables`: which tables, and which of their columns, to return."""
 
-    def __init__(self, data_dir: str | Path, replica: str | None) -> None:
+    def __init__(self, data_dir: str | Path, replica: str | None, *, follow_own: bool = False,
+                 tables: dict[str, list[str]] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.replica = replica
+        self.follow_own = follow_own
+        self.tables = INDEXED if tables is None else tables
         self._offsets: dict[Path, int] = {}  # a peer's WAL segment -> bytes read
         self._parts_seen: set[Path] = set()
         self._dir_mtimes: dict[str, int] = {}  # a date directory -> its mtime when listed
@@ -57,7 +62,7 @@ class PeerLogs:
         rows: list[tuple[str, dict[str, Any]]] = []
         live: set[Path] = set()
         for owner, wal_dir in logschema.wal_dirs(self.data_dir):
-            if owner == self.replica:
+            if owner == self.replica and not self.follow_own:
                 continue
             for _, path in list_segments(wal_dir):
                 live.add(path)
@@ -66,7 +71,10 @@ class PeerLogs:
                 except FileNotFoundError:  # compacted meanwhile: its parts are read below
                     continue
                 self._offsets[path] = offset
-                rows += [logschema.decode_record(r) for r in records]
+                for record in records:
+                    table, row = logschema.decode_record(record)
+                    if table in self.tables:
+                        rows.append((table, {c: row.get(c) for c in self.tables[table]}))
         for gone in set(self._offsets) - live:
             del self._offsets[gone]
         rows += self._new_parts()  # after the segments: a segment gone above left its parts
@@ -79,7 +87,7 @@ class PeerLogs:
         the filesystem's timestamp tick), are listed: one stat per date directory per poll."""
         rows: list[tuple[str, dict[str, Any]]] = []
         now_ns = time.time_ns()
-        for table, columns in INDEXED.items():
+        for table, columns in self.tables.items():
             try:
                 dates = [e for e in os.scandir(self.data_dir / table)
                          if e.name.startswith("date=") and e.is_dir()]
@@ -101,10 +109,14 @@ class PeerLogs:
 
     def _read_part(self, part: Path, columns: list[str]) -> list[dict[str, Any]]:
         owner = logschema.part_owner(part.name)
-        if owner is None or owner[0] == self.replica:
+        if owner is None or (owner[0] == self.replica and not self.follow_own):
             return []  # this log's own: indexed from its WAL before it was compacted
         try:
-            return pq.read_table(part, columns=columns).to_pylist()
+            table = pq.read_table(part, columns=columns)
+            if "created_at" in columns:  # microseconds, as in the WAL's records
+                table = table.set_column(table.schema.get_field_index("created_at"), "created_at",
+                                         table.column("created_at").cast("int64"))
+            return table.to_pylist()
         except Exception as exc:  # noqa: BLE001 - a damaged part: its owner quarantines it
             log.warning("peer part %s unreadable, skipped: %s", part, exc)
             return []

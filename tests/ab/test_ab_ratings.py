@@ -153,3 +153,34 @@ def test_thumbs_alone_decide_a_test_on_a_live_server(ab_server):  # noqa: F811
     call(controller.check())
     assert registry.current() == v1
     assert "ratings (thumbs / stars)" in registry.history()[-1].reason
+
+
+def test_the_incremental_reader_counts_what_one_full_read_counts_across_looks_and_compaction(
+        tmp_path):
+    """The controller's EvidenceReader reads only what the log gained at each look: votes in the
+    WAL, then compacted into Parquet, then more, count once each, as one full read counts them."""
+    from ab_helpers import two_versions
+
+    from prefloop.server.ab.evidence import EvidenceReader
+    registry, v1 = two_versions(tmp_path)
+    state = ab_state.start(registry, v1, force=True)
+    reader = EvidenceReader(tmp_path / "data")
+    with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
+        store.record_generation({"response_id": "c", "prompt": "p", "completion": "x",
+                                 "model_version": v1})
+        store.record_generation({"response_id": "k", "prompt": "p", "completion": "y",
+                                 "model_version": "v0000"})
+        looks = []
+        for batch in range(3):
+            for i in range(4):
+                store.submit_preference(chosen_response_id="c", rejected_response_id="k",
+                                        user_id=f"u{batch}-{i}")
+                store.submit_rating(response_id="k", score=-1, user_id=f"u{batch}-{i}")
+            looks.append(reader.tally(state))
+            if batch == 1:
+                store.flush()  # compacted: the same rows now in Parquet, the segments gone
+        full = tally(tmp_path / "data", state)
+    assert [look.wins for look in looks] == [4, 8, 12]
+    assert (looks[-1].wins, looks[-1].losses, looks[-1].thumbs) == (full.wins, full.losses,
+                                                                     full.thumbs)
+    assert looks[-1].thumbs["v0000"] == {"up": 0, "down": 12}
