@@ -56,18 +56,20 @@ def run_check(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         print(f"prefloop logs: no data directory at {data_dir}", file=sys.stderr)
         return 2
-    live = set()
+    live, holders = set(), []
     for replica, wal_dir in logschema.wal_dirs(data_dir):  # the lone server's log, each replica's
         holder = lock_holder(data_dir, replica)
         if holder is None:
             continue
-        if args.repair:
-            print(f"prefloop logs check: a server (pid {holder}) logs to {data_dir}: stop it "
-                  "before --repair (it quarantines damaged files itself when it starts)",
-                  file=sys.stderr)
-            return 2
+        holders.append(holder)
         segments = list_segments(wal_dir)  # the writer's newest segment may be mid-write
         live |= {segments[-1][1]} if segments else set()
+    if holders and args.repair:
+        who = f"a server (pid {holders[0]}) logs" if len(holders) == 1 else \
+            f"{len(holders)} servers (pids {', '.join(holders)}) log"
+        print(f"prefloop logs check: {who} to {data_dir}: stop it before --repair (a server "
+              "quarantines damaged files itself when it starts)", file=sys.stderr)
+        return 2
     live = frozenset(live)
     log_report = check_log(data_dir, repair=args.repair, skip_segments=live)
     registry, registry_problems = registry_findings(data_dir, args.all_versions)
@@ -82,9 +84,10 @@ def run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"data_dir": str(data_dir), "log": log_report.as_dict(),
                           "registry": registry, "problems": problems, "damaged": remaining,
-                          "server_pid": holder}, indent=2))
+                          "server_pid": ",".join(holders) or None}, indent=2))
         return 1 if remaining else 0
-    print(f"data dir: {data_dir}" + (f" (server pid {holder} is logging to it)" if holder else ""))
+    print(f"data dir: {data_dir}" + (f" (server pid {', '.join(holders)} is logging to it)"
+                                      if holders else ""))
     print(f"log: {log_report.parts} Parquet parts ({log_report.rows.get('generations', 0)} "
           f"generations, {log_report.rows.get('feedback', 0)} feedback rows), "
           f"{log_report.segments} WAL segments ({log_report.wal_records} records)")

@@ -51,7 +51,7 @@ def remove_temp_files(data_dir: Path, replica: str | None = None) -> int:
     removed = 0
     for table in logschema.TABLES:
         for p in (Path(data_dir) / table).glob("date=*/.part-*" + TEMP_SUFFIX):
-            part = p.name[1:p.name.find(".parquet") + len(".parquet")]
+            part = p.name[1:p.name.rfind(".parquet") + len(".parquet")]
             owner = logschema.part_owner(part)
             if owner is not None and owner[0] == replica:
                 p.unlink(missing_ok=True)

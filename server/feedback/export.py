@@ -99,14 +99,22 @@ def load_table(data_dir: str | Path, table: str, *, since: str | None = None,
 
 
 def _dedupe_keys(feedback: pa.Table) -> pa.Table:
-    """One row per idempotency key: a vote retried on two replicas at the same moment can be
-    logged by both (each checks the other's log only once it is on disk); the first counts."""
+    """One row per idempotency key, the earliest (created_at, then feedback_id), in the
+    original order: a vote retried on another replica is logged by both (each checks keys
+    against its own log: peers.py), and whatever the files' order the same row counts."""
     keys = feedback.column("idempotency_key")
     if feedback.num_rows == 0 or keys.null_count == feedback.num_rows:
         return feedback
     marked = pc.if_else(pc.is_null(keys), pc.binary_join_element_wise(
         "\0", feedback.column("feedback_id"), ""), keys)
-    return _dedupe(feedback.append_column("__key", marked), ["__key"]).drop_columns(["__key"])
+    order = pc.sort_indices(feedback, [("created_at", "ascending"), ("feedback_id", "ascending")])
+    ranked = pa.table({"key": pc.take(marked, order), "row": order})
+    first = ranked.append_column("rank", pa.array(range(len(order)), pa.int64())).group_by(
+        "key", use_threads=False).aggregate([("rank", "min")])
+    if first.num_rows == feedback.num_rows:
+        return feedback
+    chosen = pc.take(ranked.column("row"), first.column("rank_min"))
+    return feedback.take(pc.take(chosen, pc.sort_indices(chosen)))
 
 
 def _dedupe(table: pa.Table, keys: list[str]) -> pa.Table:

@@ -20,7 +20,8 @@ What it owns:
 - replicas (`replica`, docs/scaling.md): several servers on one data root, each with its own
   WAL, parts and lock (schema.py's layout); each follows the others' logs (peers.py) so a vote
   on an answer any replica served is accepted (after waiting up to `peer_wait_s` for that
-  answer's row to reach the disk) and a key any replica acknowledged is a duplicate;
+  answer's row to reach the disk). Idempotency keys are checked against this log only: a vote
+  retried on another replica is logged there too, and readers keep one row per key;
 - degraded mode: when the data directory cannot be used, submissions fail with `Unavailable`
   (with the reason) and generation records are dropped with a warning; serving is unaffected.
   Opening is retried at most every `reopen_interval_s` on the next submission.
@@ -284,7 +285,7 @@ class FeedbackStore:
             compactor.submit(segment_id, path)
         wal.start(next_segment_id=max_id + 1)
         self._compactor, self._wal = compactor, wal
-        if self.follows_peers and self._peer_thread is None:
+        if self._peer_thread is None:  # cheap while no other log shares the root
             self._peer_thread = threading.Thread(target=self._follow_peers, daemon=True,
                                                  name="prefloop-peer-logs")
             self._peer_thread.start()
@@ -296,12 +297,14 @@ class FeedbackStore:
 
     @property
     def follows_peers(self) -> bool:
-        """Whether other logs share the data root (this is a replica, or replicas log beside
-        this lone server): then their logs are followed and unknown ids waited for."""
+        """Whether other logs share the data root now (this is a replica, or replicas log beside
+        this lone server): then a vote naming an unknown response id waits for their logs."""
         return self.replica is not None or len(logschema.wal_dirs(self.data_dir)) > 1
 
     def poll_peers(self) -> int:
         """Index what the other logs on the data root gained (peers.py); how many rows."""
+        if not self.follows_peers:  # alone on the root: one stat
+            return 0
         with self._peer_lock:
             try:
                 rows = self._peers.poll()
@@ -456,7 +459,7 @@ class FeedbackStore:
                 ack, future = begin(**kwargs)
                 break
             except NotFound:
-                if self._peer_thread is None:
+                if deadline is None and not self.follows_peers:
                     raise
                 now = time.monotonic()
                 deadline = deadline or now + self.config.peer_wait_s
@@ -593,8 +596,9 @@ class FeedbackStore:
         self._check_id(name, response_id)
         found = self._responses.get(response_id)
         if found is None:
-            served_by = ("this server" if self._peer_thread is None else
-                         f"any replica on {self.data_dir} (waited {self.config.peer_wait_s:g} s)")
+            served_by = ("this server" if self.replica is None and len(
+                logschema.wal_dirs(self.data_dir)) == 1 else
+                f"any replica on {self.data_dir} (waited {self.config.peer_wait_s:g} s)")
             raise NotFound(f"{name} {response_id!r}: no response with this id was served by "
                            f"{served_by} (or its log was lost)")
         return found

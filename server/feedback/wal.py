@@ -130,11 +130,11 @@ def read_segment(path: Path) -> SegmentContents:
     return SegmentContents(records, pos, len(data) - pos)
 
 
-def read_segment_from(path: Path, offset: int) -> tuple[list[bytes], int]:
-    """The intact records of a segment from byte `offset` on (0: the start), and the offset
-    after the last of them: where to read on from once its writer appends more. A segment
-    being written ends in a record cut short now and then; it is read again next time.
-    FileNotFoundError when it is gone (compacted)."""
+def read_frames_from(path: Path, offset: int) -> tuple[list[tuple[int, bytes]], int]:
+    """(start, payload) of each intact record of a segment from byte `offset` on (0: the start),
+    and the offset after the last of them: where to read on from once its writer appends more.
+    A segment being written ends in a record cut short now and then; it is read again next
+    time. FileNotFoundError when it is gone (compacted)."""
     with open(path, "rb") as f:
         if offset == 0:
             if f.read(len(MAGIC)) != MAGIC:
@@ -142,12 +142,14 @@ def read_segment_from(path: Path, offset: int) -> tuple[list[bytes], int]:
             offset = len(MAGIC)
         f.seek(offset)
         data = f.read()
-    records, used = _frames(data, 0)
-    return records, offset + used
+    starts: list[int] = []
+    records, used = _frames(data, 0, starts)
+    return [(offset + s, r) for s, r in zip(starts, records)], offset + used
 
 
-def _frames(data: bytes, pos: int) -> tuple[list[bytes], int]:
-    """The intact frames of `data` from `pos`, and where the first bad or cut one starts."""
+def _frames(data: bytes, pos: int, starts: list[int] | None = None) -> tuple[list[bytes], int]:
+    """The intact frames of `data` from `pos`, and where the first bad or cut one starts;
+    `starts` gets where each frame starts."""
     records, end = [], len(data)
     view = memoryview(data)
     while pos + FRAME.size <= end:
@@ -159,6 +161,8 @@ def _frames(data: bytes, pos: int) -> tuple[list[bytes], int]:
         if zlib.crc32(payload) != crc:
             break
         records.append(payload)
+        if starts is not None:
+            starts.append(pos)
         pos = start + length
     return records, pos
 
