@@ -9,12 +9,16 @@ i`; nginx listens on `--http-port` (HTTP: the OpenAI API, feedback routes, the w
 round-robin) and `--port` (gRPC, `grpc_pass`). The nginx configuration is `render_nginx_conf`,
 written to `<data-dir>/cluster/nginx.conf` (`deploy/nginx.conf` is the same for three replicas):
 nginx passes a request to the next replica when one refuses the connection or answers 502/503 (a
-replica that is down or draining), and leaves a failed replica out for `fail_timeout`. Open-source
+replica that is down or draining; a vote only when no replica received it), and leaves a failed
+replica out for `fail_timeout`. Open-source
 nginx has no active health checks; /health answers 503 while a replica drains, which the passive
 check sees on the next request. A replica that dies is started again (its log recovers on start);
 one that exits with status 2 (a flag it refuses) stops the cluster. `<data-dir>/cluster/
 replicas.json` names each replica's pid and ports; their output goes to `cluster/<id>.log`.
-Ctrl-C (or SIGTERM) stops nginx, then the replicas (gracefully), and exits 0.
+A replica that exits is started again after 1 s (doubling up to 30 s while it keeps dying within a
+minute); a replica that cannot start at all the first time (status 2: a flag it refuses, a port
+taken) stops the cluster. Ctrl-C (or SIGTERM) stops nginx (it finishes open requests), then the
+replicas (each drains and compacts its log), and exits 0.
 """
 from __future__ import annotations
 
@@ -82,29 +86,41 @@ http {{
     # HTTP: the OpenAI-compatible API (streams unbuffered), feedback routes, /health, the page.
     server {{
         listen {host}:{http_port};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_buffering off;
+        proxy_read_timeout 600s;
+        proxy_next_upstream_tries 3;
         location / {{
             proxy_pass http://prefloop_http;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_buffering off;
-            proxy_read_timeout 600s;
-            # a replica that is down or draining (503) has not started the request: try the next
+            # down (connection refused) or draining (503: nothing started): the next replica,
+            # even for a POST - a chat asked twice is answered twice, nothing is logged twice
             proxy_next_upstream error http_502 http_503 non_idempotent;
-            proxy_next_upstream_tries 3;
+        }}
+        location /v1/feedback/ {{
+            proxy_pass http://prefloop_http;
+            # a vote goes to another replica only when none received it: one that died after
+            # logging it must not see it logged again (the client retries, with its key)
+            proxy_next_upstream error;
         }}
     }}
 
-    # gRPC: Generation, Feedback, Models (HTTP/2 to the replicas).
+    # gRPC: Generation, Feedback, Models (HTTP/2 to the replicas). A draining replica answers
+    # UNAVAILABLE inside HTTP 200, which nginx cannot see: gRPC clients retry it.
     server {{
         listen {host}:{grpc_port} http2;
+        grpc_read_timeout 600s;
+        grpc_send_timeout 600s;
+        grpc_next_upstream_tries 3;
         location / {{
             grpc_pass grpc://prefloop_grpc;
-            grpc_read_timeout 600s;
-            grpc_send_timeout 600s;
             grpc_next_upstream error non_idempotent;
-            grpc_next_upstream_tries 3;
+        }}
+        location /prefloop.v1.Feedback/ {{
+            grpc_pass grpc://prefloop_grpc;
+            grpc_next_upstream error;
         }}
     }}
 }}
@@ -206,7 +222,9 @@ class Cluster:
         self.replicas = [Replica(f"r{i}", args.replica_http_port + i, args.replica_grpc_port + i)
                          for i in range(args.replicas)]
         self.procs: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
         self.nginx_proc: subprocess.Popen | None = None
+        self.stopping = False
 
     def start_replica(self, r: Replica) -> None:
         cmd = [sys.executable, "-m", "prefloop.cli", "serve", "--data-dir", self.args.data_dir,
@@ -214,9 +232,10 @@ class Cluster:
                "--port", str(r.grpc_port), *self.args.serve_args]
         with open(self.work / f"{r.id}.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        self.procs[r.id] = proc
-        r.pid, r.starts = proc.pid, r.starts + 1
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[r.id] = proc  # own session: a terminal's Ctrl-C reaches only `cluster up`,
+        r.pid, r.starts = proc.pid, r.starts + 1  # which stops the children in order
+        self.started_at[r.id] = time.monotonic()
         self.write_state()
 
     def write_state(self) -> None:
@@ -229,13 +248,15 @@ class Cluster:
 
     def wait_ready(self, r: Replica) -> str | None:
         deadline = time.monotonic() + self.args.ready_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stopping:
             code = self.procs[r.id].poll()
             if code is not None:
                 return f"replica {r.id} exited with status {code} (see {self.work / (r.id + '.log')})"
             if _healthy(self.args.host, r.http_port):
                 return None
             time.sleep(0.25)
+        if self.stopping:
+            return None
         return f"replica {r.id} was not healthy after {self.args.ready_timeout:g} s"
 
     def start_nginx(self) -> str | None:
@@ -243,22 +264,30 @@ class Cluster:
         test = subprocess.run([*base, "-t"], capture_output=True, text=True)
         if test.returncode != 0:
             return "nginx rejected its configuration: " + test.stderr.strip().splitlines()[-1]
-        self.nginx_proc = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+        self.nginx_proc = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
         self.write_state()
         return None
 
     def stop(self) -> None:
+        """nginx first (SIGQUIT: it finishes the requests it has open), then the replicas
+        (SIGTERM: each drains, finishes its requests and compacts its log)."""
         if self.nginx_proc is not None and self.nginx_proc.poll() is None:
-            self.nginx_proc.send_signal(signal.SIGQUIT)  # graceful: finish open requests
+            self.nginx_proc.send_signal(signal.SIGQUIT)
+            _wait(self.nginx_proc, 60)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in [*self.procs.values(), *([self.nginx_proc] if self.nginx_proc else [])]:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in self.procs.values():
+            _wait(proc, 90)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -281,11 +310,8 @@ def _up(args: argparse.Namespace) -> int:
     (work / "nginx.conf").write_text(render_nginx_conf(
         [(args.host, r.http_port, r.grpc_port) for r in cluster.replicas],
         http_port=args.http_port, grpc_port=args.port, host=args.host))
-    stopping = False
-
     def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
+        cluster.stopping = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
@@ -297,6 +323,8 @@ def _up(args: argparse.Namespace) -> int:
             problem = cluster.wait_ready(r)
             if problem:
                 return _fail(problem)
+            if cluster.stopping:
+                return 0
             _say(f"replica {r.id} ready on HTTP {args.host}:{r.http_port}, gRPC "
                  f"{args.host}:{r.grpc_port}")
         problem = cluster.start_nginx()
@@ -304,21 +332,29 @@ def _up(args: argparse.Namespace) -> int:
             return _fail(problem)
         _say(f"ready in {time.monotonic() - t0:.0f} s: HTTP http://{args.host}:{args.http_port} "
              f"(OpenAI API, web page), gRPC {args.host}:{args.port}; Ctrl-C stops all")
-        while not stopping:
+        backoff: dict[str, float] = {}  # a replica that keeps dying waits longer each time
+        restart_at: dict[str, float] = {}
+        while True:
             time.sleep(0.2)
+            if cluster.stopping:
+                return 0
             if cluster.nginx_proc.poll() is not None:
                 return _fail(f"nginx exited with status {cluster.nginx_proc.returncode} (see "
                              f"{work / 'error.log'})")
+            now = time.monotonic()
             for r in cluster.replicas:
                 code = cluster.procs[r.id].poll()
                 if code is None:
                     continue
-                if code == 2:
-                    return _fail(f"replica {r.id} refused to start (status 2; see "
-                                 f"{work / (r.id + '.log')})")
-                _say(f"replica {r.id} exited with status {code}; starting it again")
-                cluster.start_replica(r)
-        return 0
+                if r.id not in restart_at:
+                    lived = now - cluster.started_at[r.id]
+                    backoff[r.id] = 1.0 if lived > 60 else min(30.0, 2 * backoff.get(r.id, 0.5))
+                    restart_at[r.id] = now + backoff[r.id]
+                    _say(f"replica {r.id} exited with status {code}; starting it again in "
+                         f"{backoff[r.id]:g} s (see {work / (r.id + '.log')})")
+                elif now >= restart_at[r.id]:
+                    del restart_at[r.id]
+                    cluster.start_replica(r)
     finally:
         cluster.stop()
         for s, handler in old.items():
