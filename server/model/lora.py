@@ -19,11 +19,12 @@ step_context.py), and each wrapped projection adds the LoRA update (B carries th
   multiplied by zero), where gathering each adapter's rows took four per adapter; a step's
   extra work is rows x (sum of ranks), small beside the projection itself.
 
-The factors are kept, and the update computed, in float32 whatever the model's dtype: on a CPU
-without native bfloat16 matmuls, a bfloat16 matmul this small costs 4-6x its float32 twin plus
-the conversions (x to float32, the update added into the bfloat16 output), measured 2026-12-04
-on the 2-core reference machine: 63 vs 10 us at one row, ~100 vs ~24 us at eight; it is also the
-more exact sum. With no adapter in a step a wrapped projection costs one look-up. Adapter ids are never
+The factors are kept in float32 and, for a bfloat16 model, also in bfloat16 (made at first use):
+a step of fewer than SMALL_ROWS rows computes the update in float32 (x converted, the update added
+into the bfloat16 output), a larger one in bfloat16. Measured 2026-12-04 on the 2-core EPYC with
+avx512_bf16: one projection's update costs ~40 us in bfloat16 whatever the rows (oneDNN's fixed
+cost) against 10-13 us in float32 at one row and 20-40 us at eight, but 35-85 us at 32 rows; in
+decode tok/s at 32 streams the bfloat16 update kept 0.79x of the base where float32 kept 0.64x. With no adapter in a step a wrapped projection costs one look-up. Adapter ids are never
 reused, so prefix-cache blocks computed under one adapter can never be matched under another.
 
 Only eager steps: under `torch.compile` the row grouping is data dependent, so `supports(model)`
@@ -46,8 +47,9 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.down_proj": ("mlp.down_proj",)}
 
 
-MAX_STACKS = 4  # combinations of adapters whose stacked factors a projection keeps
-FACTOR_DTYPE = torch.float32  # the dtype of the factors and of the update (module docstring)
+MAX_STACKS = 8  # (adapter combination, dtype) stacks a projection keeps
+FACTOR_DTYPE = torch.float32  # the dtype the factors are given and kept in
+SMALL_ROWS = 16  # steps with fewer rows compute the update in float32 (module docstring)
 
 
 @dataclass(slots=True)
@@ -84,11 +86,12 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        # id -> (A.T [in, r], B.T [r, out]), transposed once here rather than at every step
+        # id -> (A.T [in, r], B.T [r, out]) in float32, transposed once here, not at every step
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # adapter ids -> (A.T side by side [in, R], B.T stacked [R, out], owner of each column,
-        # layout)
-        self._stacks: dict[tuple[int, ...], tuple | None] = {}
+        self._cast: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (adapter ids, dtype) -> (A.T side by side [in, R], B.T stacked [R, out], owner of each
+        # column, layout)
+        self._stacks: dict[tuple, tuple | None] = {}
 
     def set_adapter(self, adapter_id: int, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Store (A [r, in], B [out, r]) under `adapter_id`; None removes it."""
@@ -96,11 +99,22 @@ class LoraLinear(nn.Module):
             self.adapters.pop(adapter_id, None)
         else:
             a, b = factors
-            self.adapters[adapter_id] = (a.t().contiguous(), b.t().contiguous())
+            self.adapters[adapter_id] = (a.t().contiguous().to(FACTOR_DTYPE),
+                                         b.t().contiguous().to(FACTOR_DTYPE))
+        self._cast = {k: v for k, v in self._cast.items() if k[0] != adapter_id}
         self._stacks.clear()
 
-    def _stack(self, ids: tuple[int, ...]) -> tuple | None:
-        present = [(i, self.adapters[i]) for i in ids if i in self.adapters]
+    def _factors(self, adapter_id: int, dtype: torch.dtype) -> tuple | None:
+        factors = self.adapters.get(adapter_id)
+        if factors is None or dtype == FACTOR_DTYPE:
+            return factors
+        cast = self._cast.get((adapter_id, dtype))
+        if cast is None:
+            cast = self._cast[(adapter_id, dtype)] = (factors[0].to(dtype), factors[1].to(dtype))
+        return cast
+
+    def _stack(self, ids: tuple[int, ...], dtype: torch.dtype) -> tuple | None:
+        present = [(i, self._factors(i, dtype)) for i in ids if i in self.adapters]
         stack = None
         if present:
             at = torch.cat([f[0] for _, f in present], dim=1)
@@ -110,7 +124,7 @@ class LoraLinear(nn.Module):
             stack = (at, bt, columns, layout)
         if len(self._stacks) >= MAX_STACKS:
             self._stacks.clear()
-        self._stacks[ids] = stack
+        self._stacks[(ids, dtype)] = stack
         return stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,16 +132,18 @@ class LoraLinear(nn.Module):
         step = current_adapter_rows()
         if step is None:
             return y
+        dtype = FACTOR_DTYPE if x.shape[0] < SMALL_ROWS else x.dtype
         if step.every_row:  # one adapter on every row: no mask, two matmuls
-            factors = self.adapters.get(step.every_row)
+            factors = self._factors(step.every_row, dtype)
             if factors is not None:
-                _add_update(y, x.to(FACTOR_DTYPE) @ factors[0], factors[1])
+                _add_update(y, x.to(dtype) @ factors[0], factors[1])
             return y
-        stack = self._stacks[step.ids] if step.ids in self._stacks else self._stack(step.ids)
+        key = (step.ids, dtype)
+        stack = self._stacks[key] if key in self._stacks else self._stack(step.ids, dtype)
         if stack is not None:
             at, bt, columns, layout = stack
-            xa = x.to(FACTOR_DTYPE) @ at
-            xa.mul_(step.mask(layout, columns, FACTOR_DTYPE))
+            xa = x.to(dtype) @ at
+            xa.mul_(step.mask(layout, columns, dtype))
             _add_update(y, xa, bt)
         return y
 

@@ -141,7 +141,7 @@ def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
     assert lora.StepAdapters.of([7, 7]).every_row == 7
 
 
-def test_a_bfloat16_projection_adds_the_float32_update_and_stays_bfloat16():
+def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16():
     import torch
 
     from prefloop.server.model.attention import AttentionMetadata
@@ -152,8 +152,8 @@ def test_a_bfloat16_projection_adds_the_float32_update_and_stays_bfloat16():
     layer = lora.LoraLinear(base)
     a, b = torch.randn(4, 16), torch.randn(24, 4)
     layer.set_adapter(3, (a, b))
-    x = torch.randn(5, 16).to(torch.bfloat16)
-    for rows in ([3] * 5, [3, 0, 3, 0, 0]):  # every row on the adapter; rows mixed with none
+    for rows in ([3] * 5, [3, 0, 3, 0, 0], [3] * 20, [3, 0] * 10):  # float32 / bfloat16 update
+        x = torch.randn(len(rows), 16).to(torch.bfloat16)
         meta = AttentionMetadata(slot_mapping=None, num_decode=0, decode_block_tables=None,
                                  decode_ctx_lens=None, decode_mask=None, prefills=[],
                                  adapter_rows=lora.StepAdapters.of(rows))
@@ -161,4 +161,6 @@ def test_a_bfloat16_projection_adds_the_float32_update_and_stays_bfloat16():
             y = layer(x)
         assert y.dtype == torch.bfloat16 and layer.adapters[3][0].dtype == torch.float32
         update = (x.float() @ a.T @ b.T) * torch.tensor(rows, dtype=torch.float32)[:, None] / 3
-        torch.testing.assert_close(y.float(), (base(x).float() + update), rtol=2e-2, atol=5e-2)
+        expected = base(x).float() + update  # bfloat16 rounding of sums of this size: ~1 %
+        torch.testing.assert_close(y.float(), expected, rtol=2e-2,
+                                   atol=0.01 * float(expected.abs().max()))
