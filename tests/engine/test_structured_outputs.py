@@ -65,16 +65,20 @@ def test_mask_allows_exactly_the_tokens_llguidance_allows(served):
     assert torch.equal(logits[1][allowed], before[1][allowed])
 
 
-def test_every_suite_schema_parses_and_validates_greedy_and_sampled(served):
+def test_every_suite_schema_parses_and_validates_greedy_and_every_other_sampled(served):
+    """Every schema of the suite greedy (each grammar constrains a whole answer), every other
+    one sampled too (the masking under sampling is the same code for every schema; sampling all
+    of them took ~50 s more of the suite)."""
     engine, tok = served
     assert len(SCHEMAS) >= 30
     requests = {}
-    for name, prompt, schema in SCHEMAS:
+    for i, (name, prompt, schema) in enumerate(SCHEMAS):
         fmt = parse_response_format("json_schema", schema, name)
         requests[f"{name}/greedy"] = (chat(tok, prompt), SamplingParams(
             temperature=0, max_tokens=640, response_format=fmt))
-        requests[f"{name}/sampled"] = (chat(tok, prompt), SamplingParams(
-            temperature=1.0, top_p=0.95, seed=5, max_tokens=640, response_format=fmt))
+        if i % 2 == 0:
+            requests[f"{name}/sampled"] = (chat(tok, prompt), SamplingParams(
+                temperature=1.0, top_p=0.95, seed=5, max_tokens=640, response_format=fmt))
     results = engine.generate(requests)
     schemas = {name: schema for name, _, schema in SCHEMAS}
     failures = []
