@@ -310,6 +310,7 @@ def _up(args: argparse.Namespace) -> int:
     (work / "nginx.conf").write_text(render_nginx_conf(
         [(args.host, r.http_port, r.grpc_port) for r in cluster.replicas],
         http_port=args.http_port, grpc_port=args.port, host=args.host))
+
     def on_signal(signum, frame):
         cluster.stopping = True
 
