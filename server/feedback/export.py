@@ -424,20 +424,19 @@ def log_stats(data_dir: str | Path, *, since: str | dt.date | None = None,
     labels = [r.label for r in rated_answers(capped_rows, responses)]
     logs = segments_of_logs(logschema.wal_dirs(data_dir))
     segments = [(s, p) for _, s, p in logs]
-    replicas: dict[str, dict[str, int]] = {}  # each replica's share of the files (docs/scaling.md)
+    # each replica's share of the files (docs/scaling.md)
+    replicas: dict[str, Counter] = defaultdict(lambda: Counter(parts=0, wal_segments=0,
+                                                                wal_bytes=0))
     for owner, _, path in logs:
         if owner is not None:
-            r = replicas.setdefault(owner, {"parts": 0, "wal_segments": 0, "wal_bytes": 0})
-            r["wal_segments"] += 1
-            r["wal_bytes"] += _size(path)
+            replicas[owner].update(wal_segments=1, wal_bytes=_size(path))
     for table in logschema.TABLES:
         for part in logschema.part_files(data_dir, table):
             owner = logschema.part_owner(part.name)
             if owner is not None and owner[0] is not None:
-                replicas.setdefault(owner[0], {"parts": 0, "wal_segments": 0,
-                                               "wal_bytes": 0})["parts"] += 1
+                replicas[owner[0]]["parts"] += 1
     return {
-        "replicas": dict(sorted(replicas.items())),
+        "replicas": {rid: dict(c) for rid, c in sorted(replicas.items())},
         "data_dir": str(data_dir),
         "rows": [{"date": d, "model_version": v, "kind": k, "count": n}
                  for (d, v, k), n in sorted(counts.items())],
