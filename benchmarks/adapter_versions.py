@@ -21,11 +21,13 @@ what every LoRA job published before). Then, side by side in one run:
   every sequence on one adapter (an adapter version is CURRENT), with two adapters alternating
   (mixed adapters in one batch: an A/B test between adapter versions) and with one adapter
   alternating with the plain weights (an A/B test whose control is a full version);
-  `--decode-repeats` runs of each, interleaved, median shown (`--decode-only`: just this table).
+  `--decode-repeats` runs of each, interleaved, median shown (`--decode-only`: just this table);
+  `--lora-update both` measures the native kernel's update and torch ops' side by side.
 
     python benchmarks/adapter_versions.py [--runs 5] [--rank 16] [--prompts 4] [--max-tokens 32]
                                           [--streams 1,8,32] [--decode-tokens 64]
                                           [--decode-repeats 3] [--decode-only]
+                                          [--lora-update native|torch|both]
 """
 from __future__ import annotations
 
@@ -144,16 +146,21 @@ def swap_seconds(registry, versions: list[str], runs: int, prompt: list[int]) ->
     return asyncio.run(run())
 
 
-def decode_tok_s(model_dir: Path, factors: list[dict | None], streams: int, tokens: int) -> float:
+def decode_tok_s(model_dir: Path, factors: list[dict | None], streams: int, tokens: int,
+                 native: bool = True) -> float:
     """Decode tokens/s of `streams` sequences (after their prefill), each on an adapter of
-    `factors` in turn (an empty list or None entries: the plain base)."""
+    `factors` in turn (an empty list or None entries: the plain base); `native=False` runs the
+    LoRA update in torch ops instead of the native kernel."""
     from prefloop.server.engine.kv_cache import KVCacheConfig
     from prefloop.server.engine.llm_engine import LLMEngine
     from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.model import lora
     from prefloop.server.model.loader import load_model
 
     engine = LLMEngine(load_model(model_dir, dtype="bfloat16"),
                        KVCacheConfig(capacity_tokens=streams * (tokens + 64) + 1024))
+    if not native and any(f is not None for f in factors):
+        lora.enable(engine.model, use_kernel=False)  # wrappers without the kernel, kept after
     ids = [engine.add_adapter(f) if f is not None else 0 for f in factors]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for i in range(streams):
@@ -185,6 +192,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per stream")
     ap.add_argument("--decode-repeats", type=int, default=1,
                     help="decode runs of each configuration, interleaved; the median is shown")
+    ap.add_argument("--lora-update", choices=("native", "torch", "both"), default="native",
+                    help="how the decode table's adapters are applied: the native kernel, torch "
+                         "ops, or both side by side")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the decode table (skip disk, load, swap and memory)")
     args = ap.parse_args()
@@ -253,17 +263,22 @@ def decode_table(registry, base_dir: Path, v_adapter: str, args) -> None:
 
     v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
     a1, a2 = (adapters.adapter_factors(registry.version_dir(v)) for v in (v_adapter, v_second))
-    configs = {"base": [], "1 adapter": [a1], "2 adapters": [a1, a2], "adapter+base": [a1, None]}
+    mixes = {"1 adapter": [a1], "2 adapters": [a1, a2], "adapter+base": [a1, None]}
+    paths = {"native": [True], "torch": [False], "both": [True, False]}[args.lora_update]
+    configs = {"base": ([], True)}
+    for native in paths:
+        suffix = "" if len(paths) == 1 else (" (native)" if native else " (torch)")
+        configs.update({name + suffix: (f, native) for name, f in mixes.items()})
     print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16), median of "
-          f"{args.decode_repeats} interleaved runs; ratio to base:")
-    print(f"{'streams':>8}" + "".join(f" {name:>18}" for name in configs))
+          f"{args.decode_repeats} interleaved runs, LoRA update: {args.lora_update}; ratio to base:")
+    print(f"{'streams':>8}" + "".join(f" {name:>22}" for name in configs))
     for n in (int(x) for x in args.streams.split(",")):
         runs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.decode_repeats):
-            for name, factors in configs.items():
-                runs[name].append(decode_tok_s(base_dir, factors, n, args.decode_tokens))
+            for name, (factors, native) in configs.items():
+                runs[name].append(decode_tok_s(base_dir, factors, n, args.decode_tokens, native))
         med = {name: statistics.median(r) for name, r in runs.items()}
-        cells = [f"{med['base']:18.1f}"] + [f"{med[k]:9.1f} ({med[k] / med['base']:.2f}x)"
+        cells = [f"{med['base']:22.1f}"] + [f"{med[k]:13.1f} ({med[k] / med['base']:.2f}x)"
                                             for k in list(configs)[1:]]
         print(f"{n:>8} " + " ".join(cells), flush=True)
 

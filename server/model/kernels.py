@@ -15,7 +15,8 @@
 - `auto` (default): `native` on CPU when the kernel builds, else `sdpa` with a warning saying why.
 
 The same library carries the eager fused norm / residual / RoPE / SiLU ops (server/model/csrc/fused_ops.cpp):
-`load_model` turns them on (`LlamaModel.fused_ops`) for bfloat16 whenever the decode kernel is in use.
+`load_model` turns them on (`LlamaModel.fused_ops`) for bfloat16 whenever the decode kernel is in use,
+and the batched LoRA update (server/model/csrc/lora_update.cpp) that per-request adapters use on CPU.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 # built into the same library: eager-mode fused norm / residual / RoPE / SiLU ops (LlamaModel.fused_ops)
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
-SOURCES = (SOURCE, FUSED_SOURCE)
+# and the batched LoRA update of one projection (server/model/lora.py)
+LORA_SOURCE = Path(__file__).parent / "csrc" / "lora_update.cpp"
+SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE)
 HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.

@@ -9,29 +9,37 @@ stacked, B block-diagonal; gate/up the same); the model runner says which adapte
 of a step uses (`StepAdapters`, in `AttentionMetadata.adapter_rows`, read here through
 step_context.py), and each wrapped projection adds the LoRA update (B carries the LoRA scale):
 
+On CPU, a step of up to KERNEL_ROWS rows (decode) runs the whole update of a projection as one
+call of the native kernel (server/model/csrc/lora_update.cpp, built with the decode-attention
+kernel): the step's adapters' float32 factors stacked once per combination (A of each side by
+side, B on top of each other), each row given the range of stacked columns its adapter owns
+(`StepAdapters.ranges`, built once per step and rank layout, shared by every layer), rows on the
+plain weights an empty range. In eager PyTorch the same update took 3-4 small ops per projection
+(two matmuls, a mask, an add, casts) of ~40 us each at a few rows (oneDNN's fixed cost), 120
+projections a step; decode with adapters ran at 0.6-0.8x of the plain weights (docs/performance.md).
+
+Elsewhere (CUDA, no C++ compiler, prefill chunks above KERNEL_ROWS rows) it runs in torch:
+
 - every row on one adapter (the common case once a version served as an adapter is CURRENT):
   `y += (x @ A.T) @ B.T`, two small matmuls;
 - anything else (an A/B test: two adapters, or one adapter and the plain weights, rows mixed):
-  the step's adapters' factors stacked once per combination (A of each on top of the other, B
-  side by side), then `y += ((x @ A_all.T) * M) @ B_all.T` where the 0/1 mask M [rows, ranks]
-  keeps each row's own adapter's columns (built once per step and rank layout, shared by every
-  layer). Three ops whatever the number of adapters, exact (the other adapters' columns are
-  multiplied by zero), where gathering each adapter's rows took four per adapter; a step's
-  extra work is rows x (sum of ranks), small beside the projection itself.
+  `y += ((x @ A_all.T) * M) @ B_all.T` over the stacked factors, where the 0/1 mask M [rows,
+  ranks] keeps each row's own adapter's columns (built once per step and rank layout). Exact:
+  the other adapters' columns are multiplied by zero.
 
 The factors are kept in float32 and, for a bfloat16 model, also in bfloat16 (made at first use):
-a step of fewer than SMALL_ROWS rows computes the update in float32 (x converted, the update added
-into the bfloat16 output), a larger one in bfloat16. Measured 2026-12-04 on the 2-core EPYC with
-avx512_bf16: one projection's update costs ~40 us in bfloat16 whatever the rows (oneDNN's fixed
-cost) against 10-13 us in float32 at one row and 20-40 us at eight, but 35-85 us at 32 rows; in
-decode tok/s at 32 streams the bfloat16 update kept 0.79x of the base where float32 kept 0.64x. With no adapter in a step a wrapped projection costs one look-up. Adapter ids are never
-reused, so prefix-cache blocks computed under one adapter can never be matched under another.
+a torch step of fewer than SMALL_ROWS rows computes the update in float32 (x converted, the update
+added into the bfloat16 output), a larger one in bfloat16 (float32 at 32 rows cost 35-85 us per
+projection against ~40 us in bfloat16). With no adapter in a step a wrapped projection costs one
+look-up. Adapter ids are never reused, so prefix-cache blocks computed under one adapter can never
+be matched under another.
 
 Only eager steps: under `torch.compile` the row grouping is data dependent, so `supports(model)`
 is False and callers load a second engine instead.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +47,8 @@ from torch import nn
 
 from prefloop.server.errors import UnsupportedModel
 from prefloop.server.model.step_context import current_adapter_rows
+
+log = logging.getLogger(__name__)
 
 # fused projection of a block -> the HF projections it stacks, in output order
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -49,7 +59,8 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
 
 MAX_STACKS = 8  # (adapter combination, dtype) stacks a projection keeps
 FACTOR_DTYPE = torch.float32  # the dtype the factors are given and kept in
-SMALL_ROWS = 16  # steps with fewer rows compute the update in float32 (module docstring)
+SMALL_ROWS = 16  # torch steps with fewer rows compute the update in float32 (module docstring)
+KERNEL_ROWS = 64  # steps with at most this many rows use the native kernel on CPU
 
 
 @dataclass(slots=True)
@@ -60,6 +71,8 @@ class StepAdapters:
     every_row: int = 0  # the one adapter every row uses; 0: rows differ
     row_ids: torch.Tensor | None = None  # [rows] adapter id of each row (0: none) unless every_row
     masks: dict = field(default_factory=dict)  # rank layout -> [rows, ranks] 0/1 mask
+    rows: tuple[int, ...] = ()  # the adapter id of each row (0: none)
+    spans: dict = field(default_factory=dict)  # rank layout -> [rows, 2] int32 column ranges
 
     @classmethod
     def of(cls, row_adapters: list[int], device=None) -> "StepAdapters | None":
@@ -68,8 +81,22 @@ class StepAdapters:
         if not ids:
             return None
         if len(ids) == 1 and all(row_adapters):
-            return cls(ids, every_row=ids[0])
-        return cls(ids, row_ids=torch.tensor(row_adapters, device=device))
+            return cls(ids, every_row=ids[0], rows=tuple(row_adapters))
+        return cls(ids, row_ids=torch.tensor(row_adapters, device=device), rows=tuple(row_adapters))
+
+    def ranges(self, layout: tuple) -> torch.Tensor:
+        """[rows, 2] int32: the stacked columns [start, end) of each row's adapter in `layout`
+        ((id, rank) in stacking order); (0, 0) for a row on the plain weights (cached for the
+        step)."""
+        spans = self.spans.get(layout)
+        if spans is None:
+            owned, start = {}, 0
+            for adapter_id, rank in layout:
+                owned[adapter_id] = (start, start + rank)
+                start += rank
+            spans = torch.tensor([owned.get(a, (0, 0)) for a in self.rows], dtype=torch.int32)
+            self.spans[layout] = spans
+        return spans
 
     def mask(self, layout: tuple, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """1 where a row's adapter owns a column of the stacked factors (cached for the step)."""
@@ -83,9 +110,10 @@ class StepAdapters:
 class LoraLinear(nn.Module):
     """A projection plus the LoRA update of the adapters its step's rows use."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, kernel=None):
         super().__init__()
         self.base = base
+        self.kernel = kernel  # the native update (lora_update.cpp) on CPU, else None
         # id -> (A.T [in, r], B.T [r, out]) in float32, transposed once here, not at every step
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cast: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -132,6 +160,13 @@ class LoraLinear(nn.Module):
         step = current_adapter_rows()
         if step is None:
             return y
+        if self.kernel is not None and x.shape[0] <= KERNEL_ROWS and x.dtype == y.dtype and x.dim() == 2:
+            key = (step.ids, FACTOR_DTYPE)
+            stack = self._stacks[key] if key in self._stacks else self._stack(step.ids, FACTOR_DTYPE)
+            if stack is not None:
+                self.kernel(y, x if x.stride(-1) == 1 else x.contiguous(), stack[0], stack[1],
+                            step.ranges(stack[3]))
+            return y
         dtype = FACTOR_DTYPE if x.shape[0] < SMALL_ROWS else x.dtype
         if step.every_row:  # one adapter on every row: no mask, two matmuls
             factors = self._factors(step.every_row, dtype)
@@ -168,14 +203,30 @@ def _block_modules(model: nn.Module):
             yield i, fused, getattr(layer, owner_name), attr
 
 
-def enable(model: nn.Module) -> None:
-    """Wrap every block projection in a LoraLinear (once; idempotent)."""
+def native_kernel(device: torch.device | str = "cpu"):
+    """The native LoRA update for a model on `device` (building prefloop's kernel library the
+    first time on this machine), or None (CUDA; no compiler: the torch path, reason logged)."""
+    if torch.device(device).type != "cpu":
+        return None
+    from prefloop.server.model.kernels import NativeAttentionUnavailable, load_decode_kernel
+    try:
+        load_decode_kernel()
+    except NativeAttentionUnavailable as e:
+        log.warning("native LoRA kernel not available (%s); adapters run in torch (slower)", e.reason)
+        return None
+    return torch.ops.prefloop_kernels.lora_add_
+
+
+def enable(model: nn.Module, use_kernel: bool = True) -> None:
+    """Wrap every block projection in a LoraLinear (once; idempotent); `use_kernel=False` keeps
+    the torch path even on CPU (tests compare the two)."""
     if not supports(model):
         raise UnsupportedModel("per-request adapters need eager steps (serve without --compile)")
+    kernel = native_kernel(model.embed_tokens.weight.device) if use_kernel else None
     for _, _, owner, attr in _block_modules(model):
         module = getattr(owner, attr)
         if not isinstance(module, LoraLinear):
-            setattr(owner, attr, LoraLinear(module))
+            setattr(owner, attr, LoraLinear(module, kernel))
 
 
 def fused_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -107,11 +107,27 @@ def test_two_adapters_and_the_base_in_one_batch_each_decode_as_their_own_model(v
             done.setdefault(out.request_id, []).extend(out.new_token_ids)
     for version in ids:
         assert [done[f"{version}-{i}"] for i in range(len(PROMPTS))] == alone[version], version
+    if lora.native_kernel("cpu") is not None:  # these steps ran the native update
+        wrapped = [m for m in engine.model.modules() if isinstance(m, lora.LoraLinear)]
+        assert wrapped and all(m.kernel is not None for m in wrapped)
 
 
-def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
-    """Rows on three adapters of different ranks and on none: one stacked matmul with the mask
-    gives every row exactly x @ A_i.T @ B_i.T of its own adapter (closed form, per row)."""
+def _update_path(name: str):
+    """The kernel argument of a LoraLinear for one update path: torch ops, or the native kernel
+    (skipped where it cannot be built)."""
+    if name == "torch":
+        return None
+    kernel = lora.native_kernel("cpu")
+    if kernel is None:
+        pytest.skip("the native kernel library cannot be built here")
+    return kernel
+
+
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update(path):
+    """Rows on three adapters of different ranks and on none: the update of the stacked factors
+    (torch: one masked matmul; native: one kernel call over column ranges) gives every row
+    exactly x @ A_i.T @ B_i.T of its own adapter (closed form, per row)."""
     import torch
 
     from prefloop.server.model.attention import AttentionMetadata
@@ -119,7 +135,7 @@ def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
 
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24, bias=False)
-    layer = lora.LoraLinear(base)
+    layer = lora.LoraLinear(base, _update_path(path))
     factors = {7: (torch.randn(2, 16), torch.randn(24, 2)), 9: (torch.randn(4, 16), torch.randn(24, 4)),
                11: (torch.randn(1, 16), torch.randn(24, 1))}
     for i, f in factors.items():
@@ -141,7 +157,8 @@ def test_the_masked_update_of_mixed_rows_equals_each_rows_own_low_rank_update():
     assert lora.StepAdapters.of([7, 7]).every_row == 7
 
 
-def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16():
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16(path):
     import torch
 
     from prefloop.server.model.attention import AttentionMetadata
@@ -149,7 +166,7 @@ def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16():
 
     torch.manual_seed(1)
     base = torch.nn.Linear(16, 24, bias=False).to(torch.bfloat16)
-    layer = lora.LoraLinear(base)
+    layer = lora.LoraLinear(base, _update_path(path))
     a, b = torch.randn(4, 16), torch.randn(24, 4)
     layer.set_adapter(3, (a, b))
     for rows in ([3] * 5, [3, 0, 3, 0, 0], [3] * 20, [3, 0] * 10):  # float32 / bfloat16 update
@@ -164,3 +181,54 @@ def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16():
         expected = base(x).float() + update  # bfloat16 rounding of sums of this size: ~1 %
         torch.testing.assert_close(y.float(), expected, rtol=2e-2,
                                    atol=0.01 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,features,ranks", [
+    (1, (16, 24), [3]),  # one row, outputs not a whole vector
+    (40, (300, 200), [70, 33]),  # a rank over 64 columns, two output blocks and a tail; parallel
+    (64, (576, 960), [48, 16]),  # the default model's fused q/k/v at the kernel's row limit
+])
+def test_the_native_update_equals_the_float_reference_at_odd_shapes(dtype, rows, features, ranks):
+    """lora_add_ against float64 arithmetic: every row gets x @ at[:, c0:c1] @ bt[c0:c1] of its
+    own column range (rows on no adapter unchanged), float32 exact to rounding, bfloat16 within
+    its rounding of y."""
+    import itertools
+    import random
+
+    import torch
+
+    kernel = _update_path("native")
+    dt = getattr(torch, dtype)
+    torch.manual_seed(rows)
+    rng = random.Random(rows)
+    (fin, fout), total = features, sum(ranks)
+    at, bt = torch.randn(fin, total), torch.randn(total, fout)
+    x, y = torch.randn(rows, fin).to(dt), torch.randn(rows, fout).to(dt)
+    starts = [0, *itertools.accumulate(ranks)]
+    owner = [rng.randrange(len(ranks) + 1) for _ in range(rows)]  # 0: the plain weights
+    ranges = torch.tensor([(starts[o - 1], starts[o]) if o else (0, 0) for o in owner],
+                          dtype=torch.int32)
+    expected = y.double().clone()
+    for i, (c0, c1) in enumerate(ranges.tolist()):
+        expected[i] += x[i].double() @ at[:, c0:c1].double() @ bt[c0:c1].double()
+    out = y.clone()
+    kernel(out, x, at, bt, ranges)
+    assert out.dtype == dt
+    unchanged = [i for i, o in enumerate(owner) if o == 0]
+    assert torch.equal(out[unchanged], y[unchanged])
+    scale = float(expected.abs().max())
+    tol = 2e-6 * scale * (fin ** 0.5) if dt == torch.float32 else 0.0079 * scale
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
+
+
+def test_the_native_update_refuses_a_column_range_outside_the_stacked_factors():
+    import torch
+
+    kernel = _update_path("native")
+    y, x = torch.zeros(2, 8), torch.zeros(2, 4)
+    at, bt = torch.zeros(4, 3), torch.zeros(3, 8)
+    with pytest.raises(RuntimeError, match="not a range"):
+        kernel(y, x, at, bt, torch.tensor([[0, 3], [2, 4]], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="do not map"):
+        kernel(y, x, torch.zeros(5, 3), bt, torch.tensor([[0, 3], [0, 0]], dtype=torch.int32))
