@@ -226,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefloop serve: {taken}", file=sys.stderr)
         return 2
     from prefloop.server.serving.build import build_generator  # heavy (torch): imported only when serving
-    from prefloop.server.serving.memory import limit_malloc_arenas
+    from prefloop.server.serving.memory import limit_malloc_arenas, limit_shape_caches
 
     limit_malloc_arenas()  # before the server's threads (server/serving/memory.py)
+    limit_shape_caches()  # before the first matmul (same module)
 
     registry = Registry(config.data_dir)
     kwargs = generator_kwargs(args)

@@ -91,3 +91,43 @@ def test_the_arena_cap_is_set_unless_the_environment_sets_one():
     kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env=env)
     assert kept.stdout.strip() == "False"  # the operator's choice stands
+
+
+_SHAPES_CODE = """
+import ctypes, os, sys
+import torch
+from prefloop.server.serving import memory
+if sys.argv[1] == "cap":
+    print(memory.limit_shape_caches(), flush=True)
+w = torch.randn(1536, 576).bfloat16()
+before = memory.rss_bytes()
+for rows in range(1, 401):  # 400 row counts: 400 matmul shapes, as prefill chunks give
+    torch.nn.functional.linear(torch.randn(rows, 576).bfloat16(), w)
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print((memory.rss_bytes() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(memory._MALLOC_TRIM is None, reason="needs glibc")
+def test_capped_shape_caches_keep_far_less_after_many_matmul_shapes():
+    """400 distinct bf16 matmul shapes: with torch's default caches (1024 entries each) the
+    process keeps far more than under the server's cap (64), measured in two fresh processes."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+
+    def grown(mode: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _SHAPES_CODE, mode], capture_output=True,
+                             text=True, check=True, env=env).stdout.split("\n")
+        return out[0], float(out[-2])
+
+    _, default = grown("default")
+    said, capped = grown("cap")
+    assert "'LRU_CACHE_CAPACITY': '64'" in said and "'ONEDNN_PRIMITIVE_CACHE_CAPACITY': '64'" in said
+    assert default > 40 and capped < default / 2, (default, capped)
+
+
+def test_the_shape_cache_cap_leaves_an_operators_setting_alone(monkeypatch):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert memory.limit_shape_caches(32) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32"}
+    assert os.environ["LRU_CACHE_CAPACITY"] == "512"
