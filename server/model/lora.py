@@ -14,9 +14,13 @@ call of the native kernel (server/model/csrc/lora_update.cpp, built with the dec
 kernel): the step's adapters' float32 factors stacked once per combination (A of each side by
 side, B on top of each other), each row given the range of stacked columns its adapter owns
 (`StepAdapters.ranges`, built once per step and rank layout, shared by every layer), rows on the
-plain weights an empty range. In eager PyTorch the same update took 3-4 small ops per projection
-(two matmuls, a mask, an add, casts) of ~40 us each at a few rows (oneDNN's fixed cost), 120
-projections a step; decode with adapters ran at 0.6-0.8x of the plain weights (docs/performance.md).
+plain weights an empty range. For a bfloat16 model on a CPU with AVX512_BF16 the stacked factors
+are kept in bfloat16 with pairs of rows interleaved, so one vdpbf16ps instruction does 32
+multiply-adds; rank rows of B that are zero in a whole block of outputs (the fused q/k/v and
+gate/up B are block-diagonal) are skipped. In eager PyTorch the same update took 3-4 small ops per
+projection (two matmuls, a mask, an add, casts) of ~40 us each at a few rows (oneDNN's fixed
+cost), 120 projections a step; decode with adapters ran at 0.6-0.8x of the plain weights
+(docs/performance.md).
 
 Elsewhere (CUDA, no C++ compiler, prefill chunks above KERNEL_ROWS rows) it runs in torch:
 
@@ -61,6 +65,7 @@ MAX_STACKS = 8  # (adapter combination, dtype) stacks a projection keeps
 FACTOR_DTYPE = torch.float32  # the dtype the factors are given and kept in
 SMALL_ROWS = 16  # torch steps with fewer rows compute the update in float32 (module docstring)
 KERNEL_ROWS = 64  # steps with at most this many rows use the native kernel on CPU
+KERNEL_BLOCK = 128  # output columns per block of the kernel's second phase (lora_update.cpp)
 
 
 @dataclass(slots=True)
@@ -114,6 +119,10 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.kernel = kernel  # the native update (lora_update.cpp) on CPU, else None
+        # bfloat16 steps use the kernel's bfloat16 rank-pair form where the CPU has AVX512_BF16
+        self.pairs = kernel is not None and torch.ops.prefloop_kernels.lora_bf16_pairs()
+        # (adapter ids, pairs) -> (at, bt, live, layout) in the kernel's form, or None
+        self._kernel_stacks: dict[tuple, tuple | None] = {}
         # id -> (A.T [in, r], B.T [r, out]) in float32, transposed once here, not at every step
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cast: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -131,6 +140,7 @@ class LoraLinear(nn.Module):
                                          b.t().contiguous().to(FACTOR_DTYPE))
         self._cast = {k: v for k, v in self._cast.items() if k[0] != adapter_id}
         self._stacks.clear()
+        self._kernel_stacks.clear()
 
     def _factors(self, adapter_id: int, dtype: torch.dtype) -> tuple | None:
         factors = self.adapters.get(adapter_id)
@@ -155,17 +165,54 @@ class LoraLinear(nn.Module):
         self._stacks[(ids, dtype)] = stack
         return stack
 
+    def _kernel_stack(self, ids: tuple[int, ...], pairs: bool) -> tuple | None:
+        """The factors of `ids` stacked in the native kernel's form: float32 A.T side by side
+        [in, R] and B.T on top [R, out], or (`pairs`) the same in bfloat16 with consecutive rows
+        interleaved ([in/2, R, 2], [R/2, out, 2]; ranks padded to even with a zero column); the
+        uint8 [rows of bt, blocks] map of which rank rows have a non-zero in each block of
+        KERNEL_BLOCK outputs; and the (id, rank) layout of the columns."""
+        present = [(i, self.adapters[i]) for i in ids if i in self.adapters]
+        stack = None
+        if present:
+            parts = []
+            for i, (at, bt) in present:
+                if pairs and at.shape[1] % 2:
+                    at = torch.nn.functional.pad(at, (0, 1))
+                    bt = torch.nn.functional.pad(bt, (0, 0, 0, 1))
+                parts.append((i, at, bt))
+            if len(parts) == 1:  # one adapter: its own factors (float32), no copy
+                at, bt = parts[0][1], parts[0][2]
+            else:
+                at = torch.cat([p[1] for p in parts], dim=1)
+                bt = torch.cat([p[2] for p in parts])
+            layout = tuple((i, a.shape[1]) for i, a, _ in parts)
+            (fin, rank), fout = at.shape, bt.shape[1]
+            blocks = -(-fout // KERNEL_BLOCK)
+            padded = torch.nn.functional.pad(bt, (0, blocks * KERNEL_BLOCK - fout))
+            live = padded.view(rank, blocks, KERNEL_BLOCK).ne(0).any(-1)
+            if pairs:
+                at = at.to(torch.bfloat16).view(fin // 2, 2, rank).transpose(1, 2)
+                bt = bt.to(torch.bfloat16).view(rank // 2, 2, fout).transpose(1, 2)
+                live = live.view(rank // 2, 2, blocks).any(1)
+            stack = (at.contiguous(), bt.contiguous(), live.to(torch.uint8).contiguous(), layout)
+        if len(self._kernel_stacks) >= MAX_STACKS:
+            self._kernel_stacks.clear()
+        self._kernel_stacks[(ids, pairs)] = stack
+        return stack
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         step = current_adapter_rows()
         if step is None:
             return y
-        if self.kernel is not None and x.shape[0] <= KERNEL_ROWS and x.dtype == y.dtype and x.dim() == 2:
-            key = (step.ids, FACTOR_DTYPE)
-            stack = self._stacks[key] if key in self._stacks else self._stack(step.ids, FACTOR_DTYPE)
+        if (self.kernel is not None and x.shape[0] <= KERNEL_ROWS and x.dim() == 2
+                and x.dtype == y.dtype and x.dtype in (torch.float32, torch.bfloat16)):
+            key = (step.ids, self.pairs and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0)
+            stack = (self._kernel_stacks[key] if key in self._kernel_stacks
+                     else self._kernel_stack(*key))
             if stack is not None:
                 self.kernel(y, x if x.stride(-1) == 1 else x.contiguous(), stack[0], stack[1],
-                            step.ranges(stack[3]))
+                            step.ranges(stack[3]), stack[2])
             return y
         dtype = FACTOR_DTYPE if x.shape[0] < SMALL_ROWS else x.dtype
         if step.every_row:  # one adapter on every row: no mask, two matmuls

@@ -38,12 +38,14 @@ def _alone(model_dir) -> list[list[int]]:
     return [out[str(i)][0] for i in range(len(PROMPTS))]
 
 
-def test_mixed_batch_decodes_each_sequence_as_its_own_model(versions):
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_mixed_batch_decodes_each_sequence_as_its_own_model(versions, path):
     registry, v1 = versions
     base_alone = _alone(registry.version_dir("v0000"))
     merged_alone = _alone(registry.version_dir(v1))  # the loader merges the adapter
     assert base_alone != merged_alone  # the adapter changes the answers
     engine = _engine(load_model(registry.version_dir("v0000")))
+    lora.enable(engine.model, use_kernel=path == "native")  # the update path of these steps
     adapter = engine.add_adapter(adapters.adapter_factors(registry.version_dir(v1)))
     for i, prompt in enumerate(PROMPTS):  # every prompt twice in one batch: base and adapter
         engine.add_request(f"base-{i}", prompt, GREEDY)
@@ -183,42 +185,62 @@ def test_a_bfloat16_projection_adds_the_update_of_its_rows_and_stays_bfloat16(pa
                                    atol=0.01 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("form", ["float32", "bfloat16", "bfloat16 pairs"])
 @pytest.mark.parametrize("rows,features,ranks", [
-    (1, (16, 24), [3]),  # one row, outputs not a whole vector
-    (40, (300, 200), [70, 33]),  # a rank over 64 columns, two output blocks and a tail; parallel
+    (1, (16, 24), [3]),  # one row, outputs not a whole vector, an odd rank (padded for pairs)
+    (3, (15, 40), [4]),  # odd inputs: no rank pairs (the float32 form instead)
+    (40, (300, 200), [70, 33]),  # a rank over 64 columns, two output blocks and a tail
     (64, (576, 960), [48, 16]),  # the default model's fused q/k/v at the kernel's row limit
+    (64, (1536, 3072), [64, 64]),  # enough work for both phases to run on several threads
 ])
-def test_the_native_update_equals_the_float_reference_at_odd_shapes(dtype, rows, features, ranks):
-    """lora_add_ against float64 arithmetic: every row gets x @ at[:, c0:c1] @ bt[c0:c1] of its
-    own column range (rows on no adapter unchanged), float32 exact to rounding, bfloat16 within
-    its rounding of y."""
-    import itertools
+def test_the_native_update_equals_the_float_reference_at_odd_shapes(form, rows, features, ranks):
+    """A LoraLinear on the native kernel against float64 arithmetic: every row gets
+    x @ A_i.T @ B_i.T of its own adapter, rows on none unchanged; B has whole zero blocks (as the
+    fused q/k/v's block-diagonal B has, which the kernel skips). float32 exact to rounding;
+    bfloat16 (float32 factors, or bfloat16 rank pairs) within bfloat16 rounding."""
     import random
 
     import torch
 
+    from prefloop.server.model.attention import AttentionMetadata
+    from prefloop.server.model.step_context import step_context
+
     kernel = _update_path("native")
-    dt = getattr(torch, dtype)
+    dt = torch.float32 if form == "float32" else torch.bfloat16
     torch.manual_seed(rows)
     rng = random.Random(rows)
-    (fin, fout), total = features, sum(ranks)
-    at, bt = torch.randn(fin, total), torch.randn(total, fout)
-    x, y = torch.randn(rows, fin).to(dt), torch.randn(rows, fout).to(dt)
-    starts = [0, *itertools.accumulate(ranks)]
+    fin, fout = features
+    base = torch.nn.Linear(fin, fout, bias=False).to(dt)
+    layer = lora.LoraLinear(base, kernel)
+    layer.pairs = layer.pairs and form == "bfloat16 pairs"
+    if form == "bfloat16 pairs" and not layer.pairs:
+        pytest.skip("this CPU has no AVX512_BF16")
+    factors = {}
+    for k, rank in enumerate(ranks, start=1):  # updates about as large as the base output
+        a, b = torch.randn(rank, fin), torch.randn(fout, rank) / (fin * rank) ** 0.5
+        b[: min(128, fout // 2), : rank // 2] = 0  # zero blocks of B.T rows
+        factors[k] = (a, b)
+        layer.set_adapter(k, (a, b))
     owner = [rng.randrange(len(ranks) + 1) for _ in range(rows)]  # 0: the plain weights
-    ranges = torch.tensor([(starts[o - 1], starts[o]) if o else (0, 0) for o in owner],
-                          dtype=torch.int32)
-    expected = y.double().clone()
-    for i, (c0, c1) in enumerate(ranges.tolist()):
-        expected[i] += x[i].double() @ at[:, c0:c1].double() @ bt[c0:c1].double()
-    out = y.clone()
-    kernel(out, x, at, bt, ranges)
+    owner[0] = 1  # at least one row on an adapter
+    x = torch.randn(rows, fin).to(dt)
+    meta = AttentionMetadata(slot_mapping=None, num_decode=0, decode_block_tables=None,
+                             decode_ctx_lens=None, decode_mask=None, prefills=[],
+                             adapter_rows=lora.StepAdapters.of(owner))
+    with step_context([], meta):
+        out = layer(x)
+    plain = base(x)
+    expected = plain.double().clone()
+    for i, o in enumerate(owner):
+        if o:
+            a, b = factors[o]
+            expected[i] += x[i].double() @ a.T.double() @ b.T.double()
     assert out.dtype == dt
     unchanged = [i for i, o in enumerate(owner) if o == 0]
-    assert torch.equal(out[unchanged], y[unchanged])
+    assert torch.equal(out[unchanged], plain[unchanged])
     scale = float(expected.abs().max())
-    tol = 2e-6 * scale * (fin ** 0.5) if dt == torch.float32 else 0.0079 * scale
+    tol = {"float32": 1e-6, "bfloat16": 0.008, "bfloat16 pairs": 0.02}[form] * scale
+    assert tol < 0.5 * float(plain.abs().mean())  # losing the base output would show
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
 
 
@@ -232,3 +254,6 @@ def test_the_native_update_refuses_a_column_range_outside_the_stacked_factors():
         kernel(y, x, at, bt, torch.tensor([[0, 3], [2, 4]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="do not map"):
         kernel(y, x, torch.zeros(5, 3), bt, torch.tensor([[0, 3], [0, 0]], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="live must be"):
+        kernel(y, x, at, bt, torch.tensor([[0, 3], [0, 0]], dtype=torch.int32),
+               torch.ones(3, 2, dtype=torch.uint8))  # 8 outputs: one block, not two

@@ -1,7 +1,17 @@
 // Batched LoRA update of one projection in one call (prefloop's native engine, eager decode steps).
 //
-//   lora_add_(y [n, out], x [n, in], at [in, R], bt [R, out], ranges [n, 2] int32) -> ()
+//   lora_add_(y [n, out], x [n, in], at, bt, ranges [n, 2] int32, live) -> ()
 //     y[i] += (x[i] @ at[:, c0:c1]) @ bt[c0:c1, :]   with (c0, c1) = ranges[i]; c0 == c1: no update
+//
+// The factors come in one of two forms:
+// - float32 at [in, R], bt [R, out] (any x/y dtype);
+// - bfloat16 rank pairs for a bfloat16 x/y on a CPU with AVX512_BF16 (`lora_bf16_pairs()`):
+//   at [in/2, R, 2] (two consecutive input rows of A.T interleaved) and bt [R/2, out, 2] (two
+//   consecutive rank rows of B.T interleaved), every range even, so one vdpbf16ps does 32
+//   multiply-adds where an FMA does 16; h is rounded to bfloat16 between the phases.
+// `live` (uint8 [R rows (pairs: R/2), blocks of 128 outputs], optional) marks which rank rows of
+// bt have a non-zero in each output block; the others are skipped (the fused q/k/v and gate/up
+// B are block-diagonal: two thirds and half of them are zeros).
 //
 // `at` / `bt` are the step's adapters' factors stacked (A transposed side by side, B transposed
 // on top of each other, float32, server/model/lora.py); each row's adapter owns one contiguous
@@ -21,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "vec_math.h"
@@ -84,7 +95,7 @@ void rank_activations(const T* x, int64_t xs, const float* at, int64_t R, const 
 // y[i, j] += sum_r h[i, r] * bt[c0 + r, j], in blocks of kBlock columns.
 template <typename T>
 void add_update(T* y, int64_t ys, const float* h, int64_t hs, const float* bt, const int32_t* ranges,
-                int64_t n, int64_t out, int64_t grain) {
+                const uint8_t* live, int64_t n, int64_t out, int64_t grain) {
   const int64_t blocks = (out + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -104,6 +115,7 @@ void add_update(T* y, int64_t ys, const float* h, int64_t hs, const float* bt, c
           acc[v] = load16(yi + 16 * v, k[v]);
         }
         for (int64_t r = 0; r < nr; ++r) {
+          if (live != nullptr && !live[(c0 + r) * blocks + b]) continue;
           const __m512 hv = _mm512_set1_ps(hi[r]);
           const float* row = b0 + r * out;
           for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(hv, load16(row + 16 * v, k[v]), acc[v]);
@@ -114,6 +126,7 @@ void add_update(T* y, int64_t ys, const float* h, int64_t hs, const float* bt, c
         float acc[kBlock];
         for (int64_t j = 0; j < width; ++j) acc[j] = to_float(yi[j]);
         for (int64_t r = 0; r < nr; ++r) {
+          if (live != nullptr && !live[(c0 + r) * blocks + b]) continue;
           const float hv = hi[r];
           const float* row = b0 + r * out;
           for (int64_t j = 0; j < width; ++j) acc[j] += hv * row[j];
@@ -125,20 +138,94 @@ void add_update(T* y, int64_t ys, const float* h, int64_t hs, const float* bt, c
   });
 }
 
+
+#if defined(PREFLOOP_AVX512) && defined(__AVX512BF16__)
+#define PREFLOOP_LORA_PAIRS 1
+inline __mmask32 pair_lanes(int64_t count) {  // 2 bf16 elements per lane, the first `count` lanes
+  return count <= 0 ? static_cast<__mmask32>(0)
+                     : count >= 16 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1ull << (2 * count)) - 1);
+}
+inline __m512i broadcast_pair(const c10::BFloat16* p) {  // p[0], p[1] as one 32-bit lane, everywhere
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm512_set1_epi32(static_cast<int>(bits));
+}
+inline __m512 dot_pairs(__m512 acc, __m512i pair, const c10::BFloat16* p, __mmask32 k) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(pair),
+                          reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(k, p)));
+}
+
+// hb[i, 0:nr] = bf16(x[i] @ A.T[:, c0:c0+nr]) with at2 [in/2, R, 2] (x's pairs of inputs).
+void rank_activations_pairs(const c10::BFloat16* x, int64_t xs, const c10::BFloat16* at2, int64_t R,
+                            const int32_t* ranges, int64_t n, int64_t in, c10::BFloat16* hb, int64_t hs,
+                            int64_t grain) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c0 = ranges[2 * i], nr = ranges[2 * i + 1] - c0;
+      const c10::BFloat16* xi = x + i * xs;
+      for (int64_t cb = 0; cb < nr; cb += 64) {
+        const __mmask32 k0 = pair_lanes(nr - cb), k1 = pair_lanes(nr - cb - 16),
+                        k2 = pair_lanes(nr - cb - 32), k3 = pair_lanes(nr - cb - 48);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const c10::BFloat16* col = at2 + 2 * (c0 + cb);
+        for (int64_t q = 0; q < in / 2; ++q) {
+          const __m512i xv = broadcast_pair(xi + 2 * q);
+          const c10::BFloat16* row = col + 2 * q * R;
+          a0 = dot_pairs(a0, xv, row, k0);
+          if (k1) a1 = dot_pairs(a1, xv, row + 32, k1);
+          if (k2) a2 = dot_pairs(a2, xv, row + 64, k2);
+          if (k3) a3 = dot_pairs(a3, xv, row + 96, k3);
+        }
+        c10::BFloat16* hi = hb + i * hs + cb;
+        prefloop_vec::store16(hi, a0, prefloop_vec::lanes(nr - cb));
+        if (k1) prefloop_vec::store16(hi + 16, a1, lanes_from(nr - cb - 16));
+        if (k2) prefloop_vec::store16(hi + 32, a2, lanes_from(nr - cb - 32));
+        if (k3) prefloop_vec::store16(hi + 48, a3, lanes_from(nr - cb - 48));
+      }
+    }
+  });
+}
+
+// y[i, j] += sum_r hb[i, r] * B.T[c0 + r, j] with bt2 [R/2, out, 2], rank pairs at a time.
+void add_update_pairs(c10::BFloat16* y, int64_t ys, const c10::BFloat16* hb, int64_t hs,
+                      const c10::BFloat16* bt2, const int32_t* ranges, const uint8_t* live, int64_t n,
+                      int64_t out, int64_t grain) {
+  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kBlock;
+      __mmask16 k[8];
+      __mmask32 k2[8];
+      for (int v = 0; v < 8; ++v) {
+        k[v] = lanes_from(out - j0 - 16 * v);
+        k2[v] = pair_lanes(out - j0 - 16 * v);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p0 = ranges[2 * i] / 2, np = (ranges[2 * i + 1] - ranges[2 * i]) / 2;
+        if (np <= 0) continue;
+        c10::BFloat16* yi = y + i * ys + j0;
+        const c10::BFloat16* hi = hb + i * hs;
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = prefloop_vec::load16(yi + 16 * v, k[v]);
+        for (int64_t p = 0; p < np; ++p) {
+          if (live != nullptr && !live[(p0 + p) * blocks + b]) continue;
+          const __m512i hv = broadcast_pair(hi + 2 * p);
+          const c10::BFloat16* row = bt2 + 2 * ((p0 + p) * out + j0);
+          for (int v = 0; v < 8; ++v)
+            if (k[v]) acc[v] = dot_pairs(acc[v], hv, row + 32 * v, k2[v]);
+        }
+        for (int v = 0; v < 8; ++v) prefloop_vec::store16(yi + 16 * v, acc[v], k[v]);
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void lora_add_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& at, const at::Tensor& bt,
-                    const at::Tensor& ranges) {
+                    const at::Tensor& ranges, const uint8_t* live, int64_t widest, int64_t rank_rows) {
   const int64_t n = x.size(0), in = x.size(1), R = at.size(1), out = y.size(1);
   const int32_t* rg = ranges.data_ptr<int32_t>();
-  int64_t widest = 0, rank_rows = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c0 = rg[2 * i], c1 = rg[2 * i + 1];
-    TORCH_CHECK(0 <= c0 && c0 <= c1 && c1 <= R, "ranges[", i, "] = (", c0, ", ", c1,
-                ") is not a range of the ", R, " stacked rank columns");
-    widest = std::max(widest, c1 - c0);
-    rank_rows += c1 - c0;
-  }
-  if (widest == 0) return;
   std::vector<float> h(static_cast<size_t>(n * widest));
   const int64_t macs1 = rank_rows * in, macs2 = rank_rows * out;
   const int64_t grain1 = macs1 < kParallelMacs ? n : std::max<int64_t>(1, n / 2);
@@ -146,11 +233,32 @@ void lora_add_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& at, co
   const int64_t grain2 = macs2 < kParallelMacs ? blocks : std::max<int64_t>(1, blocks / 8);
   rank_activations<T>(x.data_ptr<T>(), x.stride(0), at.data_ptr<float>(), R, rg, n, in, h.data(), widest,
                       grain1);
-  add_update<T>(y.data_ptr<T>(), y.stride(0), h.data(), widest, bt.data_ptr<float>(), rg, n, out, grain2);
+  add_update<T>(y.data_ptr<T>(), y.stride(0), h.data(), widest, bt.data_ptr<float>(), rg, live, n, out,
+                grain2);
+}
+
+// The bfloat16 rank-pair form (see the top of this file); ranges already checked even.
+void lora_add_pairs(at::Tensor& y, const at::Tensor& x, const at::Tensor& at2, const at::Tensor& bt2,
+                    const at::Tensor& ranges, const uint8_t* live, int64_t widest, int64_t rank_rows) {
+#if defined(PREFLOOP_LORA_PAIRS)
+  const int64_t n = x.size(0), in = x.size(1), R = at2.size(1), out = y.size(1);
+  std::vector<c10::BFloat16> hb(static_cast<size_t>(n * widest));
+  const int64_t macs1 = rank_rows * in, macs2 = rank_rows * out;
+  const int64_t grain1 = macs1 < 2 * kParallelMacs ? n : std::max<int64_t>(1, n / 2);
+  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  const int64_t grain2 = macs2 < 2 * kParallelMacs ? blocks : std::max<int64_t>(1, blocks / 8);
+  using B = c10::BFloat16;
+  rank_activations_pairs(x.data_ptr<B>(), x.stride(0), at2.data_ptr<B>(), R, ranges.data_ptr<int32_t>(), n, in,
+                         hb.data(), widest, grain1);
+  add_update_pairs(y.data_ptr<B>(), y.stride(0), hb.data(), widest, bt2.data_ptr<B>(), ranges.data_ptr<int32_t>(),
+                   live, n, out, grain2);
+#else
+  TORCH_CHECK(false, "lora_add_: bfloat16 rank pairs need a CPU with AVX512_BF16 (see lora_bf16_pairs())");
+#endif
 }
 
 void lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& at, const at::Tensor& bt,
-               const at::Tensor& ranges) {
+               const at::Tensor& ranges, const c10::optional<at::Tensor>& live) {
   TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && at.device().is_cpu() && bt.device().is_cpu(),
               "lora_add_ is a CPU kernel");
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0), "y and x must be [rows, features] "
@@ -159,24 +267,63 @@ void lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& at, const at
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x and y must both be float32 or both bfloat16");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "x and y must have a contiguous last dimension");
-  TORCH_CHECK(at.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat && at.is_contiguous() &&
-                  bt.is_contiguous() && at.dim() == 2 && bt.dim() == 2,
-              "the factors must be contiguous float32 matrices");
-  TORCH_CHECK(at.size(0) == x.size(1) && bt.size(0) == at.size(1) && bt.size(1) == y.size(1),
-              "factor shapes ", at.sizes(), " and ", bt.sizes(), " do not map ", x.size(1), " -> ", y.size(1));
+  TORCH_CHECK(at.scalar_type() == bt.scalar_type() && at.is_contiguous() && bt.is_contiguous(),
+              "the factors must be contiguous and of one dtype");
+  const bool pairs = at.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(pairs ? (at.dim() == 3 && bt.dim() == 3 && at.size(2) == 2 && bt.size(2) == 2 &&
+                       x.scalar_type() == at::kBFloat16)
+                    : (at.scalar_type() == at::kFloat && at.dim() == 2 && bt.dim() == 2),
+              "the factors must be float32 [in, R] and [R, out], or bfloat16 rank pairs [in/2, R, 2] "
+              "and [R/2, out, 2] for a bfloat16 x");
+  const int64_t R = at.size(1), in = pairs ? 2 * at.size(0) : at.size(0);
+  const int64_t bt_rows = pairs ? 2 * bt.size(0) : bt.size(0);
+  TORCH_CHECK(in == x.size(1) && bt_rows == R && bt.size(1) == y.size(1), "factor shapes ", at.sizes(), " and ",
+              bt.sizes(), " do not map ", x.size(1), " -> ", y.size(1));
   TORCH_CHECK(ranges.scalar_type() == at::kInt && ranges.is_contiguous() && ranges.dim() == 2 &&
                   ranges.size(0) == x.size(0) && ranges.size(1) == 2,
               "ranges must be a contiguous int32 [rows, 2] tensor");
-  if (x.scalar_type() == at::kFloat) {
-    lora_add_typed<float>(y, x, at, bt, ranges);
-  } else {
-    lora_add_typed<c10::BFloat16>(y, x, at, bt, ranges);
+  const uint8_t* live_rows = nullptr;
+  if (live.has_value() && live->defined()) {
+    const int64_t blocks = (y.size(1) + kBlock - 1) / kBlock;
+    TORCH_CHECK(live->scalar_type() == at::kByte && live->is_contiguous() && live->dim() == 2 &&
+                    live->size(0) == bt.size(0) && live->size(1) == blocks,
+                "live must be a contiguous uint8 [", bt.size(0), ", ", blocks, "] tensor");
+    live_rows = live->data_ptr<uint8_t>();
   }
+  const int32_t* rg = ranges.data_ptr<int32_t>();
+  int64_t widest = 0, rank_rows = 0;
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    const int64_t c0 = rg[2 * i], c1 = rg[2 * i + 1];
+    TORCH_CHECK(0 <= c0 && c0 <= c1 && c1 <= R, "ranges[", i, "] = (", c0, ", ", c1,
+                ") is not a range of the ", R, " stacked rank columns");
+    TORCH_CHECK(!pairs || (c0 % 2 == 0 && c1 % 2 == 0), "ranges[", i, "] = (", c0, ", ", c1,
+                ") must be even for rank pairs");
+    widest = std::max(widest, c1 - c0);
+    rank_rows += c1 - c0;
+  }
+  if (widest == 0) return;
+  if (pairs) {
+    lora_add_pairs(y, x, at, bt, ranges, live_rows, widest, rank_rows);
+  } else if (x.scalar_type() == at::kFloat) {
+    lora_add_typed<float>(y, x, at, bt, ranges, live_rows, widest, rank_rows);
+  } else {
+    lora_add_typed<c10::BFloat16>(y, x, at, bt, ranges, live_rows, widest, rank_rows);
+  }
+}
+
+bool lora_bf16_pairs() {
+#if defined(PREFLOOP_LORA_PAIRS)
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(prefloop_kernels, m) {
-  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor at, Tensor bt, Tensor ranges) -> ()");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor at, Tensor bt, Tensor ranges, Tensor? live=None) -> ()");
+  m.def("lora_bf16_pairs() -> bool");
   m.impl("lora_add_", c10::DispatchKey::CPU, &lora_add_);
+  m.impl("lora_bf16_pairs", c10::DispatchKey::CatchAll, &lora_bf16_pairs);
 }
