@@ -61,6 +61,7 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.down_proj": ("mlp.down_proj",)}
 
 
+_MISSING = object()
 MAX_STACKS = 8  # (adapter combination, dtype) stacks a projection keeps
 FACTOR_DTYPE = torch.float32  # the dtype the factors are given and kept in
 SMALL_ROWS = 16  # torch steps with fewer rows compute the update in float32 (module docstring)
@@ -118,6 +119,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, kernel=None):
         super().__init__()
         self.base = base
+        self._base_forward = base.forward  # not base(x): no module-call machinery per step
         self.kernel = kernel  # the native update (lora_update.cpp) on CPU, else None
         # bfloat16 steps use the kernel's bfloat16 rank-pair form where the CPU has AVX512_BF16
         self.pairs = kernel is not None and torch.ops.prefloop_kernels.lora_bf16_pairs()
@@ -201,18 +203,21 @@ class LoraLinear(nn.Module):
         return stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        # (per decode step this runs 120 times: attribute look-ups kept few, measured)
+        y = self._base_forward(x)
         step = current_adapter_rows()
         if step is None:
             return y
-        if (self.kernel is not None and x.shape[0] <= KERNEL_ROWS and x.dim() == 2
-                and x.dtype == y.dtype and x.dtype in (torch.float32, torch.bfloat16)):
-            key = (step.ids, self.pairs and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0)
-            stack = (self._kernel_stacks[key] if key in self._kernel_stacks
-                     else self._kernel_stack(*key))
+        kernel, dtype = self.kernel, x.dtype
+        if (kernel is not None and x.shape[0] <= KERNEL_ROWS and y.dtype is dtype
+                and (dtype is torch.bfloat16 or dtype is torch.float32) and x.dim() == 2):
+            key = (step.ids, dtype is torch.bfloat16 and self.pairs and x.shape[1] % 2 == 0)
+            stack = self._kernel_stacks.get(key, _MISSING)
+            if stack is _MISSING:
+                stack = self._kernel_stack(*key)
             if stack is not None:
-                self.kernel(y, x if x.stride(-1) == 1 else x.contiguous(), stack[0], stack[1],
-                            step.ranges(stack[3]), stack[2])
+                kernel(y, x if x.stride(-1) == 1 else x.contiguous(), stack[0], stack[1],
+                       step.ranges(stack[3]), stack[2])
             return y
         dtype = FACTOR_DTYPE if x.shape[0] < SMALL_ROWS else x.dtype
         if step.every_row:  # one adapter on every row: no mask, two matmuls
@@ -261,7 +266,7 @@ def native_kernel(device: torch.device | str = "cpu"):
     except NativeAttentionUnavailable as e:
         log.warning("native LoRA kernel not available (%s); adapters run in torch (slower)", e.reason)
         return None
-    return torch.ops.prefloop_kernels.lora_add_
+    return torch.ops.prefloop_kernels.lora_add_.default
 
 
 def enable(model: nn.Module, use_kernel: bool = True) -> None:

@@ -41,7 +41,7 @@ namespace {
 using prefloop_vec::to_float;
 
 constexpr int64_t kBlock = 128;           // output columns per phase-2 task (8 vectors of 16)
-constexpr int64_t kParallelMacs = 1 << 19;  // below this many multiply-adds a phase runs on one thread
+constexpr int64_t kParallelMacs = 1 << 15;  // below this many multiply-adds a phase runs on one thread
 
 #if defined(PREFLOOP_AVX512)
 inline __mmask16 lanes_from(int64_t count) {  // lanes(count), 0 for count <= 0
