@@ -28,6 +28,7 @@ what every LoRA job published before). Then, side by side in one run:
                                           [--streams 1,8,32] [--decode-tokens 64]
                                           [--decode-repeats 3] [--decode-only]
                                           [--lora-update native|torch|both]
+    python benchmarks/adapter_versions.py --profile-streams 8   # where a step's time goes
 """
 from __future__ import annotations
 
@@ -195,6 +196,9 @@ def main() -> None:
     ap.add_argument("--lora-update", choices=("native", "torch", "both"), default="native",
                     help="how the decode table's adapters are applied: the native kernel, torch "
                          "ops, or both side by side")
+    ap.add_argument("--profile-streams", type=int, default=0,
+                    help="instead of the tables: torch.profiler's split of 30 decode steps at this "
+                         "many streams (base, one adapter, two adapters; twice each)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the decode table (skip disk, load, swap and memory)")
     args = ap.parse_args()
@@ -224,6 +228,8 @@ def main() -> None:
             print(f"  load run {run + 1}/{args.runs}", flush=True)
         med = {v: statistics.median(t) for v, t in times.items()}
         same = sum(a == b for a, b in zip(answers[v_adapter], answers[v_full]))
+        if args.profile_streams:
+            return profile_split(registry, base_dir, v_adapter, args.profile_streams)
         if args.decode_only:
             return decode_table(registry, base_dir, v_adapter, args)
         print(f"\n{'version':24} {'bytes on disk':>14} {'load s (median)':>16} {'min':>6} {'max':>6}")
@@ -281,6 +287,47 @@ def decode_table(registry, base_dir: Path, v_adapter: str, args) -> None:
         cells = [f"{med['base']:22.1f}"] + [f"{med[k]:13.1f} ({med[k] / med['base']:.2f}x)"
                                             for k in list(configs)[1:]]
         print(f"{n:>8} " + " ".join(cells), flush=True)
+
+
+def profile_split(registry, base_dir: Path, v_adapter: str, streams: int, steps: int = 30) -> None:
+    """Per decode step: wall time, and torch.profiler's self time of the base matmuls, of the LoRA
+    kernel, of every other op, and what is outside ops (Python), for the plain base, every
+    sequence on one adapter, and two adapters alternating; each twice, interleaved."""
+    from prefloop.server.engine.kv_cache import KVCacheConfig
+    from prefloop.server.engine.llm_engine import LLMEngine
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.model import adapters
+    from prefloop.server.model.loader import load_model
+
+    v_second, _ = publish_both(registry, base_dir, 16, seed=1)
+    engine = LLMEngine(load_model(base_dir, dtype="bfloat16"),
+                       KVCacheConfig(capacity_tokens=streams * 128 + 1024))
+    a1, a2 = (engine.add_adapter(adapters.adapter_factors(registry.version_dir(v)))
+              for v in (v_adapter, v_second))
+    print(f"\nprofile of {steps} decode steps at {streams} streams (bfloat16), ms per step:")
+    print(f"{'':13} {'step':>7} {'matmuls':>8} {'lora_add_':>10} {'other ops':>10} {'outside':>8}")
+    for k, (name, ids) in enumerate([("base", [0]), ("one adapter", [a1]),
+                                     ("two adapters", [a1, a2])] * 2):
+        params = SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True)
+        for i in range(streams):
+            engine.add_request(f"{k}-{i}", [1 + (i * 7 + j) % 1000 for j in range(32)], params,
+                               adapter=ids[i % len(ids)])
+        for _ in range(5):
+            engine.step()
+        with torch.profiler.profile() as prof:
+            started = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            wall = (time.perf_counter() - started) / steps * 1e3
+        self_ms = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+        ops = sum(self_ms.values())
+        matmul = self_ms.get("mkldnn::_linear_pointwise", 0.0) + self_ms.get("aten::addmm", 0.0) \
+            + self_ms.get("aten::mm", 0.0)
+        lora = self_ms.get("prefloop_kernels::lora_add_", 0.0)
+        print(f"{name:13} {wall:7.2f} {matmul:8.2f} {lora:10.2f} {ops - matmul - lora:10.2f} "
+              f"{wall - ops:8.2f}", flush=True)
+        while engine.has_unfinished():
+            engine.step()
 
 
 if __name__ == "__main__":
