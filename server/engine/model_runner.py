@@ -107,7 +107,7 @@ class ModelRunner:
             row_adapters: list[int] = []
             for s in decodes + prefills:
                 row_adapters += [s.seq.adapter] * s.num_tokens
-            step_adapters = StepAdapters.of(row_adapters, dev)
+            step_adapters = StepAdapters.of(row_adapters)
         meta = AttentionMetadata(
             adapter_rows=step_adapters,
             slot_mapping=torch.tensor(slots, device=dev),

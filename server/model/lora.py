@@ -75,20 +75,19 @@ class StepAdapters:
 
     ids: tuple[int, ...]  # the adapters of the step, in first-row order
     every_row: int = 0  # the one adapter every row uses; 0: rows differ
-    row_ids: torch.Tensor | None = None  # [rows] adapter id of each row (0: none) unless every_row
-    masks: dict = field(default_factory=dict)  # rank layout -> [rows, ranks] 0/1 mask
     rows: tuple[int, ...] = ()  # the adapter id of each row (0: none)
+    masks: dict = field(default_factory=dict)  # rank layout -> [rows, ranks] 0/1 mask
     spans: dict = field(default_factory=dict)  # rank layout -> [rows, 2] int32 column ranges
 
     @classmethod
-    def of(cls, row_adapters: list[int], device=None) -> "StepAdapters | None":
+    def of(cls, row_adapters: list[int]) -> "StepAdapters | None":
         """From the adapter id of each row (0: the plain weights); None when no row has one."""
         ids = tuple(dict.fromkeys(a for a in row_adapters if a))
         if not ids:
             return None
         if len(ids) == 1 and all(row_adapters):
             return cls(ids, every_row=ids[0], rows=tuple(row_adapters))
-        return cls(ids, row_ids=torch.tensor(row_adapters, device=device), rows=tuple(row_adapters))
+        return cls(ids, rows=tuple(row_adapters))
 
     def ranges(self, layout: tuple) -> torch.Tensor:
         """[rows, 2] int32: the stacked columns [start, end) of each row's adapter in `layout`
@@ -108,7 +107,8 @@ class StepAdapters:
         """1 where a row's adapter owns a column of the stacked factors (cached for the step)."""
         mask = self.masks.get((layout, dtype))
         if mask is None:
-            mask = (self.row_ids[:, None] == columns[None, :]).to(dtype)
+            row_ids = torch.tensor(self.rows, device=columns.device)
+            mask = (row_ids[:, None] == columns[None, :]).to(dtype)
             self.masks[(layout, dtype)] = mask
         return mask
 
