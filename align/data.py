@@ -8,8 +8,9 @@ Rows are the log's typed training rows (`prefloop.server.feedback.rows`: `Prefer
 - `time_split`: the newest fraction is held out, with every held-out row strictly newer than
   every training row (rows sharing the boundary timestamp stay on one side);
 - `window_rows`: rows of a time window (since / after the watermark / the newest N);
-- `pairs_from_examples`: held-out KTO examples turned into (desirable, undesirable) pairs of the
-  same prompt, so DPO and KTO candidates are gated on the same kind of metric;
+- `example_pairs`: held-out KTO examples as (desirable, undesirable) index pairs of the same
+  prompt, plus the examples left over matched across prompts (thumbs on one answer per prompt),
+  so every kind of feedback is gated on the same paired differences;
 - `sft_examples` / `load_sft_examples`: supervised (prompt, completion) examples for SFT: the
   chosen answer of every preference (a text-form preference's chosen text is what the user wrote
   themselves: source "user_answer"; a pick between two generated answers: "chosen") and every
@@ -141,32 +142,38 @@ def time_split(rows: list[D], heldout_fraction: float = 0.2, min_heldout: int = 
     return Split(train, [r for r in rows if r.created_at >= cutoff], cutoff)
 
 
-def pairs_from_examples(examples: list[RatedAnswer],
-                        max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> list[PreferencePair]:
-    """(desirable, undesirable) pairs of KTO examples that answer the same prompt."""
-    by_prompt: dict[str, dict[bool, list[RatedAnswer]]] = defaultdict(
-        lambda: {True: [], False: []})
-    order: list[str] = []
-    for e in examples:
-        key = logschema.prompt_fingerprint(None, e.prompt)
-        if key not in by_prompt:
-            order.append(key)
-        by_prompt[key][bool(e.label)].append(e)
-    pairs = []
-    for key in order:
-        good, bad = by_prompt[key][True], by_prompt[key][False]
-        for g, b in itertools.islice(itertools.product(good, bad), max_per_prompt):
-            if g.text == b.text:
-                continue
-            pairs.append(PreferencePair(
-                prompt=g.prompt, chosen=g.completion, rejected=b.completion,
-                feedback_id=f"{g.feedback_id},{b.feedback_id}",
-                created_at=max(g.created_at, b.created_at),
-                chosen_model_version=g.model_version, rejected_model_version=b.model_version,
-                source="examples", chosen_finish_reason=g.finish_reason,
-                rejected_finish_reason=b.finish_reason))
-    return pairs
+def example_pairs(examples: list[RatedAnswer], seed: int = 0,
+                  max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> tuple[list[tuple[int, int]], int]:
+    """(desirable, undesirable) index pairs of `examples` for the gate, and how many of them
+    answer the same prompt (they come first, as `pairs_from_examples` builds them).
 
+    An example in no same-prompt pair (a thumb on the only answer a prompt got, the usual case
+    on a chat page) is matched to one of the other label answering another prompt: the
+    desirable and the undesirable leftovers are shuffled with `seed` and zipped, each used once.
+    The gate's difference for a pair is (candidate − current)(desirable) − (…)(undesirable).
+    With labels that carry nothing the candidate learned, the two sides are exchangeable, so
+    the difference is symmetric about 0 and the sign and sign-flip tests keep their level —
+    whatever the share of thumbs up (signing each example's own move by its label would not: a
+    candidate that lowers every answer "wins" each thumb down)."""
+    import random
+
+    by_prompt: dict[str, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
+    for i, e in enumerate(examples):
+        by_prompt[logschema.prompt_fingerprint(None, e.prompt)][bool(e.label)].append(i)
+    same: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for groups in by_prompt.values():  # insertion order: the order prompts first appear
+        pairs = [(g, b) for g, b in itertools.product(groups[True], groups[False])
+                 if examples[g].text != examples[b].text]
+        for g, b in pairs[:max_per_prompt]:
+            same.append((g, b))
+            used.update((g, b))
+    rng = random.Random(seed)
+    left = {lab: [i for i, e in enumerate(examples) if bool(e.label) is lab and i not in used]
+            for lab in (True, False)}
+    for lab in left:
+        rng.shuffle(left[lab])
+    return same + list(zip(left[True], left[False])), len(same)
 
 SFT_SOURCES = {"explicit": "user_answer", "reference": "chosen", "ratings": "chosen"}
 

@@ -13,7 +13,7 @@ rejected answers of a batch go through one concatenated forward pass per model.
 - `pair_metrics(...)`: loss, reward accuracy / margin (implicit rewards β·log π/π_ref, as TRL logs
   them), reference-free preference accuracy (what the gate compares), KL per token;
 - `score_examples` / `example_metrics`: the same for unpaired KTO examples;
-- `paired_pair_outcomes` / `paired_example_outcomes`: candidate vs current version on the same
+- `paired_pair_outcomes` / `indexed_pair_outcomes`: candidate vs current version on the same
   held-out items, as the win / loss / tie counts the gate's paired tests take (align/gate.py);
 - `sft_metrics`: negative log-likelihood per token of supervised examples.
 """
@@ -155,6 +155,13 @@ def score_examples(policy, tokenizer, examples: list[RatedAnswer | SftExample], 
                    progress: str | None = None) -> Scores:
     items = [encode(tokenizer, e.prompt, e.completion, max_length, is_cut(e.finish_reason))
              for e in examples]
+    return score_encoded(policy, tokenizer, items, reference=reference, batch_size=batch_size,
+                         progress=progress)
+
+
+def score_encoded(policy, tokenizer, items: list[Encoded], *, reference=None,
+                  batch_size: int = 8, progress: str | None = None) -> Scores:
+    """Scores of already encoded (prompt, completion) items (`encode`), `batch_size` a pass."""
     groups = [list(range(s, min(s + batch_size, len(items))))
               for s in range(0, len(items), batch_size)]
     return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)
@@ -222,16 +229,13 @@ def example_metrics(scores: Scores, labels: list[bool], *, beta: float) -> dict[
     return out
 
 
-def cross_prompt_accuracy(scores: Scores, labels: list[bool]) -> float:
-    """Fallback when no prompt has both kinds of answers: over all (desirable, undesirable)
-    examples, how often the desirable one has the higher mean per-token log-prob (AUC)."""
-    per_token = scores.logps / scores.tokens.clamp(min=1)
-    lab = torch.tensor(labels, dtype=torch.bool)
-    good, bad = per_token[lab], per_token[~lab]
-    if good.numel() == 0 or bad.numel() == 0:
-        return float("nan")
-    diff = good[:, None] - bad[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+def indexed_pair_accuracy(scores: Scores, pairs: list[tuple[int, int]]) -> float | None:
+    """Over (desirable, undesirable) index pairs into example scores: how often the desirable
+    answer has the higher mean per-token log-prob (ties count one half)."""
+    if not pairs:
+        return None
+    idx = torch.tensor([g for g, _ in pairs] + [b for _, b in pairs])
+    return float(per_token_correct(Scores(scores.logps[idx], scores.tokens[idx])).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,16 +282,19 @@ def paired_pair_outcomes(candidate: Scores, current: Scores, *, beta: float
     return out
 
 
-def example_margins(candidate: Scores, current: Scores, labels: list[bool]) -> list[float]:
-    """KTO without same-prompt pairs: per example, log π_cand − log π_current signed by the
-    label (positive: up for a desirable answer, down for an undesirable one)."""
-    signs = torch.tensor([1.0 if lab else -1.0 for lab in labels], dtype=torch.float64)
-    return (signs * (candidate.logps - current.logps).double()).tolist()
+def indexed_pair_outcomes(candidate: Scores, current: Scores,
+                          pairs: list[tuple[int, int]], *, beta: float) -> dict[str, Any]:
+    """`paired_pair_outcomes` for (desirable, undesirable) index pairs into example scores
+    (`data.example_pairs`: same-prompt pairs and examples matched across prompts)."""
+    if not pairs:
+        return {}
+    good = torch.tensor([g for g, _ in pairs])
+    bad = torch.tensor([b for _, b in pairs])
 
-
-def paired_example_outcomes(candidate: Scores, current: Scores, labels: list[bool]):
-    """KTO without same-prompt pairs: per example, a win when `example_margins` is positive."""
-    return Paired.from_differences(example_margins(candidate, current, labels), TIE_TOL)
+    def as_pairs(s: Scores) -> Scores:
+        idx = torch.cat([good, bad])
+        return Scores(s.logps[idx], s.tokens[idx])
+    return paired_pair_outcomes(as_pairs(candidate), as_pairs(current), beta=beta)
 
 
 def sft_metrics(scores: Scores) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Does the loop keep its promise? Simulated users with a hidden, consistent preference talk to a
-real `prefloop serve` over gRPC, vote on n=2 answers exactly as a UI would, the scheduled job runs
+real `prefloop serve` over gRPC, give feedback exactly as a UI would, the scheduled job runs
 as users run it (`prefloop align run --auto-promote`, defaults), the live server swaps, and the
 served answers on held-out prompts nobody voted on are judged against the base version's.
 
@@ -9,15 +9,24 @@ share S of all votes for the opposite of what the crowd prefers (the worse answe
 as fast as the server takes them: the case "one user tries to steer the model" (docs/reliability.md).
 `--align-arg=--voter-cap=0` runs the same without the cap, for comparison.
 
+`--feedback` says how they give it: `pairs` (each compares two answers, the default), `thumbs`
+(each gets one answer and presses 👍 or 👎; 👍 when the answer is as good as the best `--up-rate`
+share of the base's answers), or `population` (70 % thumbs users, 25 % compare, 5 % edit an
+answer into what they wanted); `--noise` flips that share of every user's votes. `--max-tokens 0`
+and `--temperature 0.7` answer at the server's default length and the web page's temperature.
+
 Per round (votes -> retrain -> swap -> measure) it prints and records: votes cast, the job's
 outcome and gate reasons, the simulated user's win rate of served vs base on held-out prompts
-(pairwise, 95% Wilson interval; ties excluded), the preferred property's mean for base and
+(pairwise, ties excluded; 95% interval: a bootstrap over prompts when each prompt has several
+answers, else Wilson), the preferred property's mean for base and
 served, the job's KL per token, and the wall time of each phase. A PNG of win rate vs votes
 goes to --plot.
 
     python benchmarks/loop_quality.py [--preferences short_sentences,plain_words,friendly_opening,random]
-        [--rounds 2] [--votes-per-round 100] [--method dpo] [--max-tokens 64] [--plot docs/loop_quality.png]
-        [--users 20] [--flooder-share 0.5] [--json out.json] [--align-arg=--lr=5e-6 ...]
+        [--rounds 2] [--votes-per-round 100] [--method dpo|kto] [--max-tokens 64] [--temperature 0.7]
+        [--feedback pairs|thumbs|population] [--noise 0.2] [--up-rate 0.3]
+        [--plot docs/loop_quality.png] [--users 20] [--flooder-share 0.5] [--json out.json]
+        [--align-arg=--lr=5e-6 ...]
 """
 from __future__ import annotations
 
@@ -30,10 +39,22 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_users import REWRITES, choose, prompts, property_value, repetitive  # noqa: E402
+from loop_users import (  # noqa: E402
+    MIXES,
+    REWRITES,
+    choose,
+    noisy,
+    prompts,
+    property_value,
+    rate,
+    repetitive,
+    up_bar,
+    user_kinds,
+)
 
 from prefloop.clients import Client  # noqa: E402
 
@@ -61,16 +82,18 @@ def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]
     return proc, line.split("listening on", 1)[1].split()[0]
 
 
-def held_out_answers(client: Client, held: list[str], max_tokens: int, samples: int = 2,
-                     concurrency: int = 8) -> tuple[list[str], str]:
-    """`samples` answers per held-out prompt at the server's default sampling (seeded per prompt
-    and sample, so base and served answers are paired), `concurrency` requests at a time."""
+def held_out_answers(client: Client, held: list[str], max_tokens: int | None, samples: int = 2,
+                     concurrency: int = 8, temperature: float | None = None
+                     ) -> tuple[list[str], str]:
+    """`samples` answers per held-out prompt (seeded per prompt and sample, so base and served
+    answers are paired), `concurrency` requests at a time; `max_tokens` / `temperature` None:
+    the server's defaults."""
     jobs = [(i, s, prompt) for i, prompt in enumerate(held) for s in range(samples)]
 
     def one(job):
         i, s, prompt = job
-        result = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                             seed=1000 + 100 * s + i)
+        result = client.chat([{"role": "user", "content": prompt}], seed=1000 + 100 * s + i,
+                             **sampling(max_tokens, temperature))
         return result.completions[0].text, result.model_version
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -78,17 +101,56 @@ def held_out_answers(client: Client, held: list[str], max_tokens: int, samples: 
     return [text for text, _ in out], (out[-1][1] if out else "")
 
 
+def sampling(max_tokens: int | None, temperature: float | None) -> dict:
+    """The chat call's sampling fields; None leaves a field to the server's default."""
+    return {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature))
+            if v is not None}
+
+
 FLOODER = "flooder"
 
 
-def vote_one(client: Client, preference: str, prompt: str, max_tokens: int, seed: int,
+@dataclass(frozen=True)
+class Users:
+    """How the simulated users give feedback: each user's kind (loop_users.MIXES: "pick" of two
+    answers, "thumbs" on one, "edit" of one), the share of votes each flips (`noise`), and a thumbs
+    user's bar (`up_bar`, about `up_rate` of the base's answers reach it)."""
+
+    kinds: dict[str, str]
+    noise: float = 0.0
+    bar: float = 0.0
+    up_rate: float = 0.3
+    max_tokens: int | None = 64
+    temperature: float | None = None
+
+    def kind(self, user_id: str) -> str:
+        return self.kinds.get(user_id, "pick")
+
+
+def vote_one(client: Client, preference: str, prompt: str, users: Users, seed: int,
              user_id: str = "") -> str:
-    """One simulated user's turn: two sampled answers, then a preference (or a rewrite, or
-    nothing on a tie), as a UI would send it. Returns "vote", "rewrite" or "tie". The flooder
-    picks the answer the crowd would reject and never rewrites."""
+    """One simulated user's turn, as a UI would send it. A "pick" user gets two answers and
+    prefers one (or, on a tie, rewrites one when neither has the property and the preference has
+    a rewrite, else nothing); a "thumbs" user gets one answer and presses 👍 or 👎; an "edit" user
+    gets one answer and rewrites it when it lacks the property (else 👍; a preference without a
+    rewrite: 👍 / 👎 as a thumbs user). Votes flip with probability `users.noise`. Returns "vote",
+    "thumb", "rewrite" or "tie". The flooder picks the answer the crowd would reject and never
+    rewrites."""
     messages = [{"role": "user", "content": prompt}]
-    a, b = client.chat(messages, n=2, max_tokens=max_tokens, user_id=user_id).completions
-    pick = choose(preference, a.text, b.text, random.Random(seed))
+    rng = random.Random(seed)
+    kind = "pick" if user_id == FLOODER else users.kind(user_id)
+    opts = sampling(users.max_tokens, users.temperature)
+    if kind in ("thumbs", "edit"):
+        a = client.chat(messages, user_id=user_id, **opts).completions[0]
+        if kind == "edit" and preference in REWRITES and property_value(preference, a.text) == 0:
+            client.submit_preference(prompt_messages=messages, rejected_text=a.text,
+                                     chosen_text=REWRITES[preference](a.text), user_id=user_id)
+            return "rewrite"
+        up = noisy(rate(preference, a.text, users.bar, users.up_rate, rng), users.noise, rng)
+        client.submit_rating(a.response_id, 1 if up else -1, scale="thumbs", user_id=user_id)
+        return "thumb"
+    a, b = client.chat(messages, n=2, user_id=user_id, **opts).completions
+    pick = choose(preference, a.text, b.text, rng)
     if pick is None:
         if user_id != FLOODER and preference in REWRITES and property_value(preference, a.text) == 0:
             # neither answer has it: this user rewrites one, as the web page's "edit" does
@@ -96,8 +158,7 @@ def vote_one(client: Client, preference: str, prompt: str, max_tokens: int, seed
                                      chosen_text=REWRITES[preference](a.text), user_id=user_id)
             return "rewrite"
         return "tie"
-    if user_id == FLOODER:
-        pick = 1 - pick
+    pick = 1 - pick if user_id == FLOODER else noisy(pick, users.noise, rng)
     chosen, rejected = (a, b) if pick == 0 else (b, a)
     client.submit_preference(chosen_response_id=chosen.response_id,
                              rejected_response_id=rejected.response_id, user_id=user_id)
@@ -109,34 +170,39 @@ def turns_of(vote_prompts: list[str], users: int, flooder_share: float,
     """(user id, prompt) turns of one round: the crowd's users take the prompts in turn; the
     flooder takes share/(1-share) as many turns on the same prompts; all shuffled together, so
     the flooder's votes fall through the whole round (training and held-out rows alike)."""
-    turns = [(f"user-{i % users:02d}", prompt) for i, prompt in enumerate(vote_prompts)]
+    turns = [(user_name(i % users), prompt) for i, prompt in enumerate(vote_prompts)]
     flood = round(len(vote_prompts) * flooder_share / (1 - flooder_share)) if flooder_share else 0
     turns += [(FLOODER, vote_prompts[i % len(vote_prompts)]) for i in range(flood)]
     rng.shuffle(turns)
     return turns
 
 
-def vote_round(client: Client, preference: str, vote_prompts: list[str], max_tokens: int,
-               seed: int, concurrency: int = 8, users: int = 20, flooder_share: float = 0.0
+def user_name(i: int) -> str:
+    return f"user-{i:02d}"
+
+
+def vote_round(client: Client, preference: str, vote_prompts: list[str], users: Users,
+               seed: int, concurrency: int = 8, crowd: int = 20, flooder_share: float = 0.0
                ) -> dict:
     """Users vote on `vote_prompts`, `concurrency` at a time (as a live server sees them)."""
-    turns = turns_of(vote_prompts, users, flooder_share, random.Random(seed))
+    turns = turns_of(vote_prompts, crowd, flooder_share, random.Random(seed))
     with ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(lambda it: vote_one(client, preference, it[1][1], max_tokens,
+        outcomes = list(pool.map(lambda it: vote_one(client, preference, it[1][1], users,
                                                      seed * 100003 + it[0], user_id=it[1][0]),
                                  enumerate(turns)))
-    crowd = [o for (user, _), o in zip(turns, outcomes) if user != FLOODER]
-    rewrites = crowd.count("rewrite")
-    return {"votes": crowd.count("vote") + rewrites, "ties": crowd.count("tie"),
-            "rewrites": rewrites,
+    mine = [o for (user, _), o in zip(turns, outcomes) if user != FLOODER]
+    rewrites, thumbs = mine.count("rewrite"), mine.count("thumb")
+    return {"votes": mine.count("vote") + rewrites + thumbs, "ties": mine.count("tie"),
+            "rewrites": rewrites, "thumbs": thumbs,
             "flooder_votes": sum(o == "vote" for (user, _), o in zip(turns, outcomes) if user == FLOODER)}
 
 
 def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
+    """`align run [METHOD] --auto-promote`; method "" is the product's default (no method)."""
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run", "--data-dir",
-                          str(data_dir), "--method", method, "--auto-promote", "--json", *extra],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run",
+                          *([method] if method else []), "--data-dir", str(data_dir),
+                          "--auto-promote", "--json", *extra], capture_output=True, text=True)
     out = {"seconds": time.perf_counter() - start, "returncode": res.returncode}
     try:
         out.update(json.loads(res.stdout[res.stdout.index("{"):]))
@@ -145,17 +211,39 @@ def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
     return out
 
 
-def judge(preference: str, base: list[str], served: list[str], rng: random.Random) -> dict:
-    wins = losses = 0
-    for old, new in zip(base, served):
-        pick = choose(preference, new, old, rng)
-        if pick == 0:
-            wins += 1
-        elif pick == 1:
-            losses += 1
-    low, high = wilson(wins, wins + losses)
+def cluster_interval(per_prompt: list[tuple[int, int]], draws: int = 4000, seed: int = 0
+                     ) -> tuple[float, float]:
+    """95 % percentile bootstrap of the win rate wins / (wins + losses) resampling prompts, not
+    answers: the samples of one prompt are not independent observations."""
+    rng = random.Random(seed)
+    rates = []
+    for _ in range(draws):
+        pick = [per_prompt[rng.randrange(len(per_prompt))] for _ in per_prompt]
+        w, n = sum(p[0] for p in pick), sum(p[0] + p[1] for p in pick)
+        if n:
+            rates.append(w / n)
+    if not rates:
+        return 0.0, 1.0
+    rates.sort()
+    return rates[int(0.025 * len(rates))], rates[min(len(rates) - 1, int(0.975 * len(rates)))]
+
+
+def judge(preference: str, base: list[str], served: list[str], rng: random.Random,
+          samples: int = 1) -> dict:
+    """The user's verdict on each (served, base) answer pair. Answers come `samples` per prompt,
+    consecutively: with more than one, the interval is a cluster bootstrap over prompts
+    (`cluster_interval`), else Wilson's."""
+    outcomes = [choose(preference, new, old, rng) for old, new in zip(base, served)]
+    wins, losses = outcomes.count(0), outcomes.count(1)
+    if samples > 1:
+        per_prompt = [(outcomes[i:i + samples].count(0), outcomes[i:i + samples].count(1))
+                      for i in range(0, len(outcomes), samples)]
+        low, high = cluster_interval(per_prompt)
+    else:
+        low, high = wilson(wins, wins + losses)
     return {"wins": wins, "losses": losses, "win_rate": wins / (wins + losses) if wins + losses else None,
-            "interval": [low, high],
+            "interval": [low, high], "interval_kind": "cluster bootstrap by prompt" if samples > 1
+            else "Wilson",
             "base_property": sum(property_value(preference, a) for a in base) / len(base),
             "served_property": sum(property_value(preference, a) for a in served) / len(served),
             "base_repetitive": sum(map(repetitive, base)) / len(base),
@@ -175,13 +263,17 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
         with Client(target, timeout=600) as client:
             t = time.perf_counter()
             base, _ = held_out_answers(client, held, args.max_tokens, args.heldout_samples,
-                                       args.concurrency)
+                                       args.concurrency, args.temperature)
             measure_base = time.perf_counter() - t
+            kinds = user_kinds(args.users, args.feedback)
+            users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
+                          bar=up_bar(preference, base, args.up_rate), up_rate=args.up_rate,
+                          max_tokens=args.max_tokens, temperature=args.temperature)
             total_votes = total_flood = 0
             for r in range(args.rounds):
                 batch = vote_prompts[r * args.votes_per_round:(r + 1) * args.votes_per_round]
                 t = time.perf_counter()
-                votes = vote_round(client, preference, batch, args.max_tokens, args.seed + r,
+                votes = vote_round(client, preference, batch, users, args.seed + r,
                                    args.concurrency, args.users, args.flooder_share)
                 vote_s = time.perf_counter() - t
                 total_votes += votes["votes"]
@@ -195,16 +287,19 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                 swap_s = time.perf_counter() - t
                 t = time.perf_counter()
                 served, served_version = held_out_answers(client, held, args.max_tokens,
-                                                          args.heldout_samples, args.concurrency)
+                                                          args.heldout_samples, args.concurrency,
+                                                          args.temperature)
                 measure_s = time.perf_counter() - t
-                row = {"preference": preference, "round": r + 1, "votes_total": total_votes,
+                row = {"preference": preference, "feedback": args.feedback, "noise": args.noise,
+                       "round": r + 1, "votes_total": total_votes,
                        "flooder_votes_total": total_flood, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
                        "served_version": served_version,
                        "kl_per_token": (job.get("gate") or {}).get("kl_per_token"),
+                       "training": (job.get("metrics") or {}).get("training"),
                        "seconds": {"vote": vote_s, "job": job["seconds"], "swap": swap_s,
                                    "measure": measure_s, "measure_base": measure_base},
-                       **judge(preference, base, served, rng)}
+                       **judge(preference, base, served, rng, args.heldout_samples)}
                 rows.append(row)
                 print(format_row(row), flush=True)
     finally:
@@ -214,13 +309,14 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
 
 
 def format_row(row: dict) -> str:
-    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
+    win = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl_per_token"] is None else f"{row['kl_per_token']:.4f}"
     s = row["seconds"]
     flood = f" +{row['flooder_votes_total']} flooder" if row.get("flooder_votes_total") else ""
-    return (f"{row['preference']:>16} r{row['round']} votes {row['votes_total']:4d}{flood} "
+    kinds = f" ({row['thumbs']} thumbs, {row['rewrites']} edits)" if row.get("thumbs") else ""
+    return (f"{row['preference']:>16} r{row['round']} events {row['votes_total']:4d}{kinds}{flood} "
             f"job {row['job_status'] or 'failed':>9} served {row['served_version']:>5} "
-            f"win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
+            f"win {win} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
             f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} KL {kl} "
             f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s")
@@ -262,8 +358,21 @@ def main() -> int:
                     help="comma-separated (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
     ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")
-    ap.add_argument("--method", default="dpo", help="align run --method (default %(default)s)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="answer length (default %(default)s)")
+    ap.add_argument("--method", default="", choices=("", "dpo", "kto", "sft"),
+                    help="align run METHOD (default: none, the product's default)")
+    ap.add_argument("--feedback", default="pairs", choices=sorted(MIXES),
+                    help="how users give feedback: pairs (everyone compares two answers), thumbs "
+                         "(everyone rates one), population (70%% thumbs, 25%% compare, 5%% edit) "
+                         "(default %(default)s)")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="share of each user's votes flipped (default %(default)s)")
+    ap.add_argument("--up-rate", type=float, default=0.3,
+                    help="share of the base's answers a thumbs user rates up (default %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=64,
+                    help="answer length; 0: the server's default (default %(default)s)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature of every answer (default: the server's; the web "
+                         "page sends 0.7)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")
     ap.add_argument("--heldout-samples", type=int, default=2,
@@ -281,10 +390,14 @@ def main() -> int:
     args = ap.parse_args()
     if not 0 <= args.flooder_share < 1 or args.users < 1:
         ap.error("--flooder-share must be in [0, 1) and --users >= 1")
+    if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1:
+        ap.error("--noise must be in [0, 0.5) and --up-rate in (0, 1)")
+    args.max_tokens = args.max_tokens or None
     prefs = args.preferences.split(",")
     flood = f", a flooder casting {args.flooder_share:.0%} of the votes" if args.flooder_share else ""
     print(f"loop_quality: {prefs}, {args.rounds} round(s) of {args.votes_per_round} votes from "
-          f"{args.users} users{flood}, align run --method {args.method} {' '.join(args.align_arg)}",
+          f"{args.users} users ({args.feedback} feedback, {args.noise:.0%} flipped){flood}, "
+          f"align run {args.method or '(default method)'} {' '.join(args.align_arg)}",
           flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

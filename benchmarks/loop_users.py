@@ -5,6 +5,11 @@
 A preference scores an answer (higher = better for this user); of two answers the user prefers
 the higher score, and calls a tie when the scores are equal. The "random" control prefers either
 answer with probability 1/2 whatever they say.
+
+A population (`MIXES`, `user_kinds`) is how people give feedback on a chat page: most get one
+answer and press 👍 or 👎 (`rate`: 👍 when the answer's score reaches the user's bar, set so that
+about a stated share of the base model's answers pass it), some compare two answers, a few edit
+an answer into what they wanted; each flips a stated share of their votes (`noisy`).
 """
 from __future__ import annotations
 
@@ -121,6 +126,49 @@ def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
     if sa == sb:
         return None
     return 0 if sa > sb else 1
+
+
+# feedback mixes: share of users of each kind (thumbs on one answer, a pick of two, an edit)
+MIXES = {"pairs": {"pick": 1.0}, "thumbs": {"thumbs": 1.0},
+         "population": {"thumbs": 0.7, "pick": 0.25, "edit": 0.05}}
+
+
+def user_kinds(users: int, mix: str) -> list[str]:
+    """The kind of each of `users` users under MIXES[mix] (largest remainder; every kind with a
+    share gets at least one user when there are enough users)."""
+    shares = MIXES[mix]
+    counts = {k: int(share * users) for k, share in shares.items()}
+    for k in sorted(shares, key=lambda k: shares[k] * users - counts[k], reverse=True):
+        if sum(counts.values()) >= users:
+            break
+        counts[k] += 1
+    kinds = [k for k, c in counts.items() for _ in range(c)]
+    return kinds[:users]
+
+
+def up_bar(preference: str, base_answers: list[str], up_rate: float) -> float:
+    """The score a thumbs user's 👍 needs: about `up_rate` of the base's answers reach it (when
+    scores tie at the bar, the bar rises past the ties only if that leaves some answer above)."""
+    if preference == "random" or not base_answers:
+        return 0.0
+    scores = sorted(PREFERENCES[preference](a) for a in base_answers)
+    bar = scores[min(len(scores) - 1, int(round((1.0 - up_rate) * len(scores))))]
+    return bar if bar > scores[0] else min((s for s in scores if s > scores[0]), default=bar)
+
+
+def rate(preference: str, answer: str, bar: float, up_rate: float, rng: random.Random) -> bool:
+    """A thumbs user's verdict on one answer: 👍 when its score reaches `bar`; "random" presses 👍
+    with probability `up_rate`, whatever the answer says."""
+    if preference == "random":
+        return rng.random() < up_rate
+    return PREFERENCES[preference](answer) >= bar
+
+
+def noisy(verdict: int | bool, noise: float, rng: random.Random):
+    """The verdict, flipped with probability `noise` (a pick 0/1 or a thumb True/False)."""
+    if noise and rng.random() < noise:
+        return (not verdict) if isinstance(verdict, bool) else 1 - verdict
+    return verdict
 
 
 def repetitive(answer: str) -> bool:

@@ -10,8 +10,9 @@ method in one command module.
     prefloop align score --data-dir DIR --rm VERSION [--since DATE] [--rescore]
     prefloop align ppo   --data-dir DIR --rm VERSION [--steps N] [--beta 0.05] [--adaptive-kl]
                          [--plot] [--promote] ...
-    prefloop align run   dpo|kto|sft|ppo --data-dir DIR [--min-new-pairs N] [--auto-promote]
-                         (the older `align run --method M` spelling is rewritten to this)
+    prefloop align run   [kto|dpo|sft|ppo] --data-dir DIR [--min-new-pairs N] [--auto-promote]
+                         (no method: kto, on every kind of feedback; the older
+                         `align run --method M` spelling is rewritten to this)
     prefloop align schedule dpo|kto|sft|ppo --every 6h [run options]   `align run` on a timer
     prefloop align jobs  --data-dir DIR [--json]               the job history
 
@@ -194,7 +195,8 @@ def _policy_lr() -> str:
 # Flags a method does not read, with the values its job config needs (each method's parser has
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
-                    "desirable_weight": 1.0, "undesirable_weight": 1.0, "gate_metric": None,
+                    "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
+                    "stop_kl": None,
                     "max_steps": -1, "verbose": False}
 
 
@@ -222,10 +224,18 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
         g.add_argument("--pairs-from-ratings", action="store_true",
                        help="also train on pairs of differently rated answers to one prompt")
     if method == "kto":
-        g.add_argument("--desirable-weight", type=float, default=1.0,
-                       help="KTO loss weight of thumbs-up answers (raise it when they are fewer)")
-        g.add_argument("--undesirable-weight", type=float, default=1.0,
-                       help="KTO loss weight of thumbs-down answers")
+        g.add_argument("--desirable-weight", type=float, default=None,
+                       help="KTO loss weight of thumbs-up answers (default: with "
+                            "--undesirable-weight unset too, balance the label counts: the rarer "
+                            "label weighs n_more / n_rarer, the other 1)")
+        g.add_argument("--undesirable-weight", type=float, default=None,
+                       help="KTO loss weight of thumbs-down answers (default: see "
+                            "--desirable-weight; one given, the other is 1)")
+    if method in ("dpo", "kto"):
+        g.add_argument("--stop-kl", type=float, default=None, metavar="NATS",
+                       help="stop training once the KL per answer token to the reference, "
+                            "measured every 4 steps on 8 training answers, reaches NATS "
+                            "(default: half of --max-kl; 0: train every step)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,
                  max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
@@ -372,7 +382,10 @@ def _keep_rejected(p: argparse.ArgumentParser) -> None:
 
 
 RUN_METHODS = ("dpo", "kto", "sft", "ppo")
-_METHOD_HELP = {"dpo": "DPO on the new preference pairs", "kto": "KTO on the new thumbs up/down",
+DEFAULT_RUN_METHOD = "kto"  # every kind of feedback trains (docs/align.md, "What trains")
+_METHOD_HELP = {"dpo": "DPO on the new preference pairs (picks, edits)",
+                "kto": "KTO on every kind of new feedback: thumbs and stars on single answers, "
+                       "both sides of picks and edits (the default when no method is given)",
                 "sft": "supervised fine-tuning on users' own and top-rated answers",
                 "ppo": "PPO against a reward model (--rm VERSION)"}
 
@@ -423,8 +436,8 @@ def _schedule_arguments(p: argparse.ArgumentParser) -> None:
 
 def canonical_argv(argv: list[str]) -> list[str]:
     """The old spelling `align run|schedule [flags] --method M [flags]` as the sub-command form
-    `align run|schedule M [flags]` (no --method: dpo, as before). `align run --help` without a
-    method keeps listing the methods. Other command lines are returned as they are."""
+    `align run|schedule M [flags]`; no method at all: DEFAULT_RUN_METHOD (kto, which trains on
+    every kind of feedback). `align run --help` without a method keeps listing the methods. Other command lines are returned as they are."""
     try:
         at = argv.index("align")
     except ValueError:
@@ -446,7 +459,7 @@ def canonical_argv(argv: list[str]) -> list[str]:
         i += 1
     if method is None and any(w in ("-h", "--help") for w in words):
         return argv
-    return head + [method or "dpo"] + words
+    return head + [method or DEFAULT_RUN_METHOD] + words
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -488,8 +501,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run", help="one incremental job: new data -> train -> gate -> publish -> promote",
         description="Train on the feedback newer than the watermark (the newest row the current "
                     "version was trained on), under the job lock; gate, publish, and with "
-                    "--auto-promote promote. `align run METHOD --help` shows a method's flags "
-                    "(the older `align run --method METHOD` spelling works too).")
+                    "--auto-promote promote. With no METHOD: kto, which trains on every kind of "
+                    "feedback (thumbs, stars, picks, edits). `align run METHOD --help` shows a "
+                    "method's flags (the older `align run --method METHOD` spelling works too).")
     _method_parsers(run, "run")
     sched = sub.add_parser("schedule", help="run `align run` every --every",
                            description="Run `prefloop align run METHOD` as a subprocess on a "
@@ -533,6 +547,15 @@ def _promote_and_keep(args: argparse.Namespace) -> dict:
     return {"promote": args.promote, "keep_rejected": args.keep_rejected}
 
 
+def _stop_kl(args: argparse.Namespace, method: str) -> float:
+    """--stop-kl, or half of the gate's KL bound (align/train/kl_stop.py); 0 for sft."""
+    if method not in ("dpo", "kto"):
+        return 0.0
+    if args.stop_kl is not None:
+        return args.stop_kl
+    return _gate_config(args).max_kl / 2
+
+
 def job_config(args: argparse.Namespace):
     """A preference JobConfig from `align dpo|kto` args, or `align run/schedule` (dpo/kto)."""
     from prefloop.align.jobs.preference import JobConfig
@@ -546,7 +569,8 @@ def job_config(args: argparse.Namespace):
         grad_accum=args.grad_accum, max_length=args.max_length, warmup_ratio=args.warmup,
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
+        desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+        stop_kl=_stop_kl(args, method))
     incremental = _incremental(args)
     return JobConfig(
         data_dir=Path(args.data_dir), train=train, gate=_gate_config(args),

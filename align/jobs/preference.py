@@ -188,8 +188,13 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
 
 def _training_summary(trained) -> dict[str, Any]:
     last = next((h for h in reversed(trained.log_history) if "loss" in h), {})
-    return dict(runner.training_summary(trained),
-                last_log={k: v for k, v in last.items() if isinstance(v, (int, float))})
+    out = dict(runner.training_summary(trained),
+               last_log={k: v for k, v in last.items() if isinstance(v, (int, float))})
+    if getattr(trained, "kl_stop", None) is not None:
+        out["kl_stop"] = trained.kl_stop.to_record()
+    if getattr(trained, "kto_weights", None) is not None:
+        out["kto_weights"] = list(trained.kto_weights)
+    return out
 
 
 def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[PreferencePair]:
@@ -224,8 +229,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     current = runner.current_version(registry)
     pair_kw = dict(beta=tc.beta, loss_type=tc.loss if tc.method == "dpo" else "sigmoid",
                    label_smoothing=tc.label_smoothing if tc.method == "dpo" else 0.0)
-    labels: list[bool] = []
-    example_scores = None
+    example_scores, index_pairs = None, []
     if tc.method == "dpo":
         gate_pairs = split.heldout
         if train_rows:
@@ -245,7 +249,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
         gate_pairs = _sft_gate_pairs(cfg, split, runner.watermark(registry)
                                      if cfg.incremental else None)
         basis = "preference pairs of the held-out window (chosen answers not trained on)"
-    else:
+    else:  # kto: every held-out example, paired within its prompt or across prompts
         labels = [bool(r.label) for r in split.heldout]
         if train_rows:
             result.metrics["train"] = ev.example_metrics(ev.score_examples(
@@ -254,10 +258,10 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
         example_scores = ev.score_examples(policy, tok, split.heldout, reference=reference,
                                            progress="scoring held-out examples", **kw)
         heldout = ev.example_metrics(example_scores, labels, beta=tc.beta)
-        gate_pairs = data_mod.pairs_from_examples(split.heldout)
-        basis = ("same-prompt (desirable, undesirable) held-out pairs" if gate_pairs else
-                 "all held-out examples (label vs direction of the candidate's log-ratio to the "
-                 "current version); reported accuracy: mean per-token log-prob AUC")
+        index_pairs, same_prompt = data_mod.example_pairs(split.heldout)
+        gate_pairs = []
+        basis = (f"(desirable, undesirable) held-out answers: {same_prompt} pairs of the same "
+                 f"prompt, {len(index_pairs) - same_prompt} matched across prompts")
     outcomes: dict[str, Any] = {}
     if gate_pairs:
         held = ev.score_pairs(policy, tok, gate_pairs, reference=reference,
@@ -271,16 +275,16 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
             *(s.logps / s.tokens.clamp(min=1)
               for s in ev.split_pair_scores(current_scores)))
         heldout_units = len(gate_pairs)
-    elif example_scores is not None and labels:  # kto, no prompt has both kinds of answers
-        heldout["pref_accuracy"] = ev.cross_prompt_accuracy(example_scores, labels)
+    elif example_scores is not None and index_pairs:
         current_scores = (ev.Scores(example_scores.ref_logps, example_scores.tokens)
                           if current in (None, base)
                           else _current_scores(cfg, registry, current, tok, None, split.heldout,
                                                dev))
-        current_accuracy = ev.cross_prompt_accuracy(current_scores, labels)
-        outcomes["implicit"] = ev.paired_example_outcomes(example_scores, current_scores, labels)
-        outcomes["margins"] = ev.example_margins(example_scores, current_scores, labels)
-        heldout_units = len(labels)
+        outcomes = ev.indexed_pair_outcomes(example_scores, current_scores, index_pairs,
+                                            beta=tc.beta)
+        heldout["pref_accuracy"] = ev.indexed_pair_accuracy(example_scores, index_pairs)
+        current_accuracy = ev.indexed_pair_accuracy(current_scores, index_pairs)
+        heldout_units = len(index_pairs)
     else:
         current_accuracy, heldout_units = None, 0
     heldout.setdefault("pairs", heldout_units)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop.align.gate import DEFAULT_MAX_KL
 from prefloop.align.losses import LOSSES
 from prefloop.align.train.common import (
     PREFERENCE_LR,
@@ -38,11 +39,13 @@ from prefloop.align.train.common import (
     trainer_args,
 )
 from prefloop.align.train.cut_answers import drop_end_of_turn
+from prefloop.align.train.kl_stop import KLRecord, KLStop, probe_items
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "kto", "sft")
+KTO_MAX_WEIGHT = 10.0  # the balancing weight of a rare label, at most
 _SHARDED = ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
 
 
@@ -65,8 +68,9 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    desirable_weight: float = 1.0  # kto
-    undesirable_weight: float = 1.0  # kto
+    desirable_weight: float | None = None  # kto; None (both): balance the label counts
+    undesirable_weight: float | None = None  # kto
+    stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False
@@ -82,6 +86,11 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise InvalidArgument(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check_trainer_fields(self, SFT_LR if self.method == "sft" else PREFERENCE_LR)
+        if self.stop_kl < 0:
+            raise InvalidArgument(f"stop KL must be >= 0 (0: off), got {self.stop_kl}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name.replace('_', ' ')} must be > 0")
         if self.method == "kto" and self.batch_size < 2:
             raise InvalidArgument("kto needs batch size >= 2 (its KL term pairs answers in a batch)")
 
@@ -93,6 +102,8 @@ class TrainConfig:
         if self.method != "kto":
             d.pop("desirable_weight")
             d.pop("undesirable_weight")
+        if self.method == "sft":
+            d.pop("stop_kl")
         if self.method != "dpo":
             d.pop("loss")
             d.pop("label_smoothing")
@@ -112,6 +123,25 @@ class TrainResult:
     steps: int
     runtime_s: float
     adapter: LoraAdapter | None = None  # the trained LoRA adapter (what a job publishes)
+    kl_stop: KLRecord | None = None  # the KL checks of align/train/kl_stop.py (dpo, kto)
+    kto_weights: tuple[float, float] | None = None  # kto: (desirable, undesirable) weights used
+
+
+def kto_weights(rows: list[dict[str, Any]], desirable: float | None,
+                undesirable: float | None) -> tuple[float, float]:
+    """KTO's loss weights: the given ones, or (neither given) weights that balance the label
+    counts — the rarer label weighs n_more / n_rarer (at most KTO_MAX_WEIGHT), the other 1 — so
+    that mostly-down thumbs do not train the model only to avoid (TRL's KTO docs: keep
+    λ_D·n_D / λ_U·n_U in [1, 4/3])."""
+    if desirable is not None or undesirable is not None:
+        return (1.0 if desirable is None else desirable, 1.0 if undesirable is None else undesirable)
+    ups = sum(1 for r in rows if r.get("label"))
+    downs = len(rows) - ups
+    if not ups or not downs:
+        return 1.0, 1.0
+    if downs > ups:
+        return min(downs / ups, KTO_MAX_WEIGHT), 1.0
+    return 1.0, min(ups / downs, KTO_MAX_WEIGHT)
 
 
 def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
@@ -132,6 +162,14 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     peft_config = lora_config(cfg, "CAUSAL_LM", cfg.lora_dropout)
     ref_model = None if cfg.lora or cfg.method == "sft" else load_causal_lm(base_dir)
     dataset = Dataset.from_list(rows)
+    callbacks = list(callbacks or [])
+    kl_stop = None
+    if cfg.stop_kl and cfg.method in ("dpo", "kto"):
+        kl_stop = KLStop(tokenizer, probe_items(tokenizer, rows, cfg.max_length), cfg.stop_kl,
+                         reference=ref_model)
+        callbacks.append(kl_stop)
+    weights = kto_weights(rows, cfg.desirable_weight, cfg.undesirable_weight) \
+        if cfg.method == "kto" else None
     # Trainer prints its log dicts to stdout: keep stdout for the result (e.g. --json)
     with tempfile.TemporaryDirectory(prefix="prefloop-align-") as work, \
             contextlib.redirect_stdout(sys.stderr):
@@ -147,8 +185,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
                                  processing_class=tokenizer, peft_config=peft_config,
                                  callbacks=callbacks)
         else:
-            args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=cfg.desirable_weight,
-                             undesirable_weight=cfg.undesirable_weight)
+            args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=weights[0],
+                             undesirable_weight=weights[1])
             trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
                                  train_dataset=dataset, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=callbacks)
@@ -168,8 +206,9 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         history = list(trainer.state.log_history)
         steps = int(trainer.state.global_step)
         runtime = float(output.metrics.get("train_runtime", 0.0))
+        record = None if kl_stop is None else kl_stop.record
         if not accelerator.is_main_process:
-            return TrainResult(None, tokenizer, history, steps, runtime)
+            return TrainResult(None, tokenizer, history, steps, runtime, None, record, weights)
         policy = accelerator.unwrap_model(trainer.model)
         del trainer, ref_model
     if sharded:
@@ -177,4 +216,4 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         policy.load_state_dict(state_dict)
     adapter = lora_adapter(policy) if cfg.lora and not sharded else None
     policy = plain_weights(policy, lora=cfg.lora and not sharded)
-    return TrainResult(policy, tokenizer, history, steps, runtime, adapter)
+    return TrainResult(policy, tokenizer, history, steps, runtime, adapter, record, weights)

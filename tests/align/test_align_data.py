@@ -63,9 +63,10 @@ def test_load_pairs_window_from_a_real_log(tmp_path):
     assert data.load_pairs(tmp_path, since="2999-01-01") == []
     examples = data.load_examples(tmp_path)  # each preference: one good, one bad answer
     assert len(examples) == 20 and sum(e.label for e in examples) == 10
-    kto_pairs = data.pairs_from_examples(examples)
-    assert len(kto_pairs) == 10
-    assert all(p.chosen_text.startswith("banana") for p in kto_pairs)
+    kto_pairs, same_prompt = data.example_pairs(examples)
+    assert len(kto_pairs) == 10 and same_prompt == 10
+    assert all(examples[g].text.startswith("banana") and examples[g].label and not examples[b].label
+               for g, b in kto_pairs)
 
 
 def test_parse_time():

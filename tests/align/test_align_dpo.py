@@ -262,7 +262,7 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     # the two answers of one preference share a timestamp: they stay on one side of the split
     assert held["examples"] == 14 and 0.0 <= held["label_accuracy"] <= 1.0
     assert "kl_per_token" in held and held["pairs"] == 7
-    assert out["metrics"]["gate_basis"].startswith("same-prompt")
+    assert "7 pairs of the same prompt, 0 matched across prompts" in out["metrics"]["gate_basis"]
     assert reg.Registry(data_dir).manifest("v0001").method == "kto"
 
 

@@ -72,3 +72,32 @@ def test_loop_quality_turns_give_the_flooder_its_share_spread_through_the_round(
     assert flood[0] < 40 and flood[-1] > 160  # shuffled through the round, not all at its end
     assert len(Q.turns_of(prompts, 20, 0.0, random.Random(0))) == 100
     assert sum(u == Q.FLOODER for u, _ in Q.turns_of(prompts, 20, 0.25, random.Random(0))) == 33
+
+
+def test_population_kinds_follow_the_mix_and_every_kind_gets_a_user():
+    kinds = U.user_kinds(20, "population")
+    assert len(kinds) == 20 and kinds.count("thumbs") == 14 and kinds.count("pick") == 5
+    assert kinds.count("edit") == 1
+    assert U.user_kinds(7, "thumbs") == ["thumbs"] * 7 and U.user_kinds(3, "pairs") == ["pick"] * 3
+
+
+def test_thumbs_users_pass_about_the_stated_share_of_base_answers():
+    answers = [" ".join(["word"] * n) + "." for n in range(1, 21)]  # 1..20 words per sentence
+    bar = U.up_bar("short_sentences", answers, up_rate=0.3)
+    ups = [U.rate("short_sentences", a, bar, 0.3, random.Random(0)) for a in answers]
+    assert sum(ups) == 6 and all(ups[:6]) and not any(ups[6:])  # the six shortest
+    # a binary property most base answers lack: only answers that have it pass
+    rare = ["Sure! Bees."] + ["Bees."] * 9
+    bar = U.up_bar("friendly_opening", rare, up_rate=0.3)
+    assert [U.rate("friendly_opening", a, bar, 0.3, random.Random(0)) for a in rare] == [True] + [False] * 9
+    rng = random.Random(1)
+    share = sum(U.rate("random", "x", 0.0, 0.3, rng) for _ in range(4000)) / 4000
+    assert 0.27 < share < 0.33
+
+
+def test_noise_flips_the_stated_share_of_votes():
+    rng = random.Random(2)
+    picks = [U.noisy(0, 0.2, rng) for _ in range(5000)]
+    thumbs = [U.noisy(True, 0.2, rng) for _ in range(5000)]
+    assert 0.17 < sum(picks) / 5000 < 0.23 and 0.17 < thumbs.count(False) / 5000 < 0.23
+    assert U.noisy(1, 0.0, rng) == 1 and U.noisy(False, 0.0, rng) is False

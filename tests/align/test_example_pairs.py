@@ -1,0 +1,65 @@
+"""The gate's pairs for rated answers (thumbs, stars, the two sides of picks): same-prompt pairs
+first, the leftovers matched across prompts, and the level of the real decision on them when
+the thumbs carry nothing the candidate learned — with mostly thumbs down, as on a chat page."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import torch
+
+from prefloop.align import data, evaluate, gate
+from prefloop.server.feedback.rows import RatedAnswer
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def rated(prompt: str, text: str, label: bool, i: int) -> RatedAnswer:
+    return RatedAnswer(prompt=[{"role": "user", "content": prompt}],
+                       completion=[{"role": "assistant", "content": text}], label=label,
+                       feedback_id=f"f{i}", created_at=T0 + dt.timedelta(seconds=i))
+
+
+def test_same_prompt_pairs_come_first_and_leftovers_are_matched_once_across_prompts():
+    examples = [rated("p0", "good", True, 0), rated("p0", "bad", False, 1),  # a pick's two sides
+                rated("p0", "good", False, 2),  # same text as a desirable one: no pair with it
+                *(rated(f"q{i}", f"a{i}", i % 3 == 0, 3 + i) for i in range(12))]  # lone thumbs
+    pairs, same = data.example_pairs(examples)
+    assert same == 1 and pairs[0] == (0, 1)
+    cross = pairs[same:]
+    ups = [i for i, e in enumerate(examples) if e.label and i != 0]
+    downs = [i for i, e in enumerate(examples) if not e.label and i != 1]
+    assert len(cross) == min(len(ups), len(downs)) == 4
+    assert all(examples[g].label and not examples[b].label for g, b in cross)
+    used = [i for pair in cross for i in pair]
+    assert len(used) == len(set(used)) and not {0, 1} & set(used)
+    assert data.example_pairs(examples) == (pairs, same)  # seeded: the same every time
+    assert data.example_pairs(examples, seed=1)[0] != pairs
+
+
+def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answer():
+    """A candidate trained on mostly-down random thumbs lowers the log-prob of every answer. Signed
+    by each answer's own label that is a "win" on every thumb down (the rule this replaced); as
+    paired differences of matched up/down answers it is noise, and the real decision passes at
+    most its 5 % level."""
+    config = gate.GateConfig(min_heldout=10)
+    passed = label_signed_wins = 0
+    seasons = 300
+    for seed in range(seasons):
+        rng = random.Random(seed)
+        examples = [rated(f"q{i}", f"a{i}", rng.random() < 0.25, i) for i in range(160)]
+        moves = torch.tensor([-0.5 - abs(rng.gauss(0, 1)) for _ in examples], dtype=torch.float64)
+        current = evaluate.Scores(torch.full((160,), -50.0, dtype=torch.float64),
+                                  torch.full((160,), 40.0, dtype=torch.float64))
+        candidate = evaluate.Scores(current.logps + moves, current.tokens)
+        pairs, _ = data.example_pairs(examples, seed=seed)
+        out = evaluate.indexed_pair_outcomes(candidate, current, pairs, beta=0.1)
+        decision = gate.decide(implicit=out["implicit"], accuracy=out["accuracy"],
+                               candidate_accuracy=None, current_accuracy=None,
+                               current_version="v0000", kl_per_token=0.01,
+                               heldout_pairs=len(pairs), config=config, margins=out["margins"])
+        passed += decision.passed
+        signed = [m if e.label else -m for m, e in zip(moves.tolist(), examples)]
+        label_signed_wins += sum(s > 0 for s in signed) > 0.6 * len(signed)
+    assert passed <= 0.05 * seasons + 2 * (0.05 * 0.95 * seasons) ** 0.5  # 5 % + 2 s.e.
+    assert label_signed_wins > 0.9 * seasons  # what the old rule would have counted as evidence

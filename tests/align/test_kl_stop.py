@@ -1,0 +1,67 @@
+"""The KL stop of DPO / KTO training (align/train/kl_stop.py) and KTO's balancing weights: a
+run stops at the first check whose KL reaches the target, that KL is the one an independent
+scoring of the returned weights against the base measures, and a target of 0 trains every step."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from align_helpers import banana_pairs, tiny_policy
+
+from prefloop.align import evaluate as ev
+from prefloop.align.train.common import load_causal_lm
+from prefloop.align.train.kl_stop import probe_items
+from prefloop.align.train.preference import TrainConfig, kto_weights, train
+from prefloop.server.errors import InvalidArgument
+from prefloop.server.feedback.rows import PreferencePair
+
+T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_policy(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def dpo_rows(n: int) -> list[dict]:
+    return [PreferencePair(p["prompt"], [{"role": "assistant", "content": p["chosen"]}],
+                           [{"role": "assistant", "content": p["rejected"]}], f"f{i}", T).to_trl()
+            for i, p in enumerate(banana_pairs(n, seed=3))]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_training_stops_at_the_first_check_over_the_target_with_the_kl_the_weights_have(tiny, lora):
+    rows = dpo_rows(16)
+    cfg = TrainConfig(method="dpo", lr=5e-2 if lora else 1e-2, batch_size=4, max_steps=12,
+                      lora=lora, lora_r=4, stop_kl=1e-3, bf16=False)
+    trained = train(tiny, rows, cfg)
+    record = trained.kl_stop
+    assert trained.steps == 4 and record.stopped_at == 4, record
+    (step, kl), = record.checks
+    assert step == 4 and kl >= cfg.stop_kl
+    # the callback's reference (the adapter switched off / the frozen copy) is the base: scoring
+    # the returned weights against a fresh load of the base gives the same KL on the same answers
+    items = probe_items(trained.tokenizer, rows, cfg.max_length)
+    scores = ev.score_encoded(trained.model.float().eval(), trained.tokenizer, items,
+                              reference=load_causal_lm(tiny), batch_size=len(items))
+    assert float(scores.kl_sum.sum() / scores.tokens.sum()) == pytest.approx(kl, rel=1e-3)
+
+
+def test_a_target_of_zero_trains_every_step(tiny):
+    cfg = TrainConfig(method="dpo", lr=1e-2, batch_size=4, max_steps=8, lora=False, stop_kl=0.0,
+                      bf16=False)
+    trained = train(tiny, dpo_rows(16), cfg)
+    assert trained.steps == 8 and trained.kl_stop is None
+
+
+def test_kto_weights_balance_the_labels_unless_given():
+    rows = [{"label": True}] * 5 + [{"label": False}] * 20
+    assert kto_weights(rows, None, None) == (4.0, 1.0)
+    assert kto_weights([{"label": True}] * 30 + [{"label": False}] * 10, None, None) == (1.0, 3.0)
+    assert kto_weights([{"label": True}] + [{"label": False}] * 50, None, None) == (10.0, 1.0)
+    assert kto_weights(rows, 2.0, None) == (2.0, 1.0)  # one given: the other stays 1
+    assert kto_weights([{"label": False}] * 4, None, None) == (1.0, 1.0)  # one label only
+    with pytest.raises(InvalidArgument, match="stop KL"):
+        TrainConfig(method="kto", stop_kl=-1.0)
+    with pytest.raises(InvalidArgument, match="desirable weight"):
+        TrainConfig(method="kto", desirable_weight=0.0)
