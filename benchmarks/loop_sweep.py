@@ -9,18 +9,26 @@ under --work, so later runs reuse them. Each setting then runs
 data dir, and the candidate (promoted or not: the sweep measures training, the gate is reported
 beside it) answers the held-out prompts in-process at the server's default sampling with the
 same seeds as the base. Printed per setting, side by side: the gate's outcome and held-out
-implicit-reward win rate, KL per token, the served win rate vs base (95% Wilson interval), the
+implicit-reward win rate, KL per token, the served win rate vs base (95%: a bootstrap over prompts when each has several answers), the
 preferred property's mean, training steps, training and whole-job seconds, pairs per second.
 
     python benchmarks/loop_sweep.py --preference short_sentences --votes 200 \\
         --setting defaults= --setting lr1.5e-4=--lr=1.5e-4 --setting "full=--no-lora --lr=2e-5"
+    python benchmarks/loop_sweep.py --preference friendly_opening --votes 300 --feedback population \\
+        --noise 0.2 --max-tokens 0 --temperature 0.7 --setting default= --setting dpo=dpo
     python benchmarks/loop_sweep.py --preference plain_words --method ppo \\
         --rm-flags "--epochs 3 --lr 5e-5"      # RM + PPO: the reward model first, then PPO
+
+A setting's flags may start with a method word (dpo, kto, sft, ppo): that setting runs `align run
+METHOD`, the others `--method` (default: none, the product's default). `--feedback`, `--noise`,
+`--up-rate` and `--users` shape the simulated users as in benchmarks/loop_quality.py; votes are
+kept per (preference, feedback, noise, temperature, length, seed).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -33,31 +41,29 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_quality import judge, run_job, start_server, vote_round  # noqa: E402
-from loop_users import prompts  # noqa: E402
+from loop_quality import Users, judge, run_job, start_server, user_name, vote_round  # noqa: E402
+from loop_users import MIXES, prompts, up_bar, user_kinds  # noqa: E402
 
 from prefloop.clients import Client  # noqa: E402
 
 
-def collect_votes(work: Path, preference: str, votes: int, max_tokens: int, seed: int,
-                  concurrency: int) -> Path:
-    """A data dir with v0000 and `votes` prompts voted on (reused when already there)."""
-    data = work / preference / "data"
-    done = work / preference / "votes.json"
+def collect_votes(work: Path, preference: str, votes: int, users: Users, seed: int,
+                  concurrency: int, base: list[str], up_rate: float) -> Path:
+    """A data dir with v0000 and `votes` prompts voted on by `users` (reused when already
+    there); a thumbs user's bar comes from the base's held-out answers `base`."""
+    data = work / "data"
+    done = work / "votes.json"
     if done.exists():
         print(f"  reusing the votes in {data}: {done.read_text().strip()}", flush=True)
         return data
-    if data.exists():
-        shutil.rmtree(data)
-    data.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "prefloop.cli", "models", "init", "--data-dir",
-                    str(data)], check=True, capture_output=True)
+    users = dataclasses.replace(users, bar=up_bar(preference, base, up_rate))
     vote_prompts, _ = prompts(seed=seed)
-    proc, target = start_server(data, work / preference / "server.log")
+    proc, target = start_server(data, work / "server.log")
     try:
         t = time.perf_counter()
         with Client(target, timeout=600) as client:
-            cast = vote_round(client, preference, vote_prompts[:votes], max_tokens, seed, concurrency)
+            cast = vote_round(client, preference, vote_prompts[:votes], users, seed, concurrency,
+                              crowd=len(users.kinds))
         cast["seconds"] = round(time.perf_counter() - t, 1)
     finally:
         proc.terminate()
@@ -67,9 +73,23 @@ def collect_votes(work: Path, preference: str, votes: int, max_tokens: int, seed
     return data
 
 
-def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: int,
-                                samples: int) -> list[str]:
-    """The version's answers to the held-out prompts at the server's default sampling, seeded as
+def init_data(work: Path) -> Path:
+    """`work`/data with v0000 (kept when it is already there)."""
+    data = work / "data"
+    if (work / "votes.json").exists():
+        return data
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "prefloop.cli", "models", "init", "--data-dir",
+                    str(data)], check=True, capture_output=True)
+    return data
+
+
+def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: int | None,
+                                samples: int, temperature: float | None = None) -> list[str]:
+    """The version's answers to the held-out prompts at the server's default sampling (or
+    `temperature`, and the default length when `max_tokens` is None), seeded as
     loop_quality.held_out_answers seeds them (in-process Generator, all at once)."""
     from prefloop.server.api.completions import SamplingDefaults
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -77,20 +97,23 @@ def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: in
 
     async def run() -> list[str]:
         gen = build_generator(str(model_dir))
-        defaults = SamplingDefaults.resolve(gen.info.sampling_defaults)
+        defaults = SamplingDefaults.resolve(gen.info.sampling_defaults, temperature=temperature)
         await gen.start()
         try:
             async def one(i: int, s: int, prompt: str) -> str:
                 ids = gen.chat_ids([{"role": "user", "content": prompt}])
+                length = {} if max_tokens is None else {"max_tokens": max_tokens}
                 params = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
-                                        top_k=defaults.top_k, seed=1000 + 100 * s + i,
-                                        max_tokens=max_tokens)
+                                        top_k=defaults.top_k, seed=1000 + 100 * s + i, **length)
                 return "".join([d.text_delta async for d in gen.stream(uuid.uuid4().hex, ids, params)])
             return list(await asyncio.gather(*(one(i, s, p) for i, p in enumerate(held)
                                                for s in range(samples))))
         finally:
             await gen.close()
     return asyncio.run(run())
+
+
+METHODS = ("dpo", "kto", "sft", "ppo")
 
 
 def _flag(flags: str, name: str, default: float) -> float:
@@ -125,17 +148,19 @@ def train_reward_model(data_dir: Path, flags: list[str]) -> dict:
 
 def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], held: list[str],
                 args) -> dict:
-    copy = work / args.preference / f"run-{name}"
+    copy = work / f"run-{name}"
     link_copy(data, copy)
+    words = shlex.split(flags)
+    method = words.pop(0) if words and words[0] in METHODS else args.method
     extra, rm = [], {}
-    if args.method == "ppo":  # RM + PPO: the reward model is trained on the same votes first
+    if method == "ppo":  # RM + PPO: the reward model is trained on the same votes first
         rm = train_reward_model(copy, shlex.split(args.rm_flags))
         if not rm.get("version"):
             shutil.rmtree(copy, ignore_errors=True)
             return {"setting": name, "flags": flags, "error": f"reward model: {rm.get('status')} "
                     f"{(rm.get('gate') or {}).get('reasons') or rm.get('stderr')}"}
         extra = ["--rm", rm["version"]]
-    job = run_job(copy, args.method, ["--keep-rejected", *extra, *shlex.split(flags)])
+    job = run_job(copy, method, ["--keep-rejected", *extra, *words])
     row = {"setting": name, "flags": flags, "status": job.get("status"),
            "reasons": (job.get("gate") or {}).get("reasons"), "job_s": round(job["seconds"], 1)}
     if rm:
@@ -157,9 +182,10 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
         return row
     t = time.perf_counter()
     served = held_out_answers_in_process(copy / "registry" / "versions" / version, held,
-                                         args.max_tokens, args.heldout_samples)
+                                         args.max_tokens, args.heldout_samples, args.temperature)
     row["measure_s"] = round(time.perf_counter() - t, 1)
-    row.update(judge(args.preference, base, served, random.Random(args.seed)))
+    row.update(judge(args.preference, base, served, random.Random(args.seed),
+                     args.heldout_samples))
     row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
                        for i in range(0, len(served), max(1, len(served) // 3))][:3]
     if not args.keep:
@@ -192,11 +218,23 @@ def main() -> int:
     ap.add_argument("--votes", type=int, default=200, help="prompts voted on (default %(default)s)")
     ap.add_argument("--setting", action="append", default=[], metavar="NAME=FLAGS",
                     help="a named set of `align run` flags (repeatable; default: defaults=)")
-    ap.add_argument("--method", default="dpo", help="align run --method (default %(default)s)")
+    ap.add_argument("--method", default="", choices=("",) + METHODS,
+                    help="align run METHOD of every setting whose flags do not start with a method "
+                         "word (default: none, the product's default)")
     ap.add_argument("--rm-flags", default="",
                     help="with --method ppo: `align rm` flags of the reward model trained first on the "
                          "same votes (default: its defaults)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="answer length (default %(default)s)")
+    ap.add_argument("--feedback", default="pairs", choices=sorted(MIXES),
+                    help="how users give feedback (benchmarks/loop_quality.py; default %(default)s)")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="share of each user's votes flipped (default %(default)s)")
+    ap.add_argument("--up-rate", type=float, default=0.3,
+                    help="share of the base's answers a thumbs user rates up (default %(default)s)")
+    ap.add_argument("--users", type=int, default=20, help="simulated users (default %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=64,
+                    help="answer length; 0: the server's default (default %(default)s)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: the server's; the web page sends 0.7)")
     ap.add_argument("--heldout-samples", type=int, default=2,
                     help="answers per held-out prompt (default %(default)s)")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
@@ -209,16 +247,25 @@ def main() -> int:
                     help="keep each setting's data dir (run-NAME under --work) with its candidate")
     args = ap.parse_args()
     settings = [s.split("=", 1) for s in (args.setting or ["defaults="])]
-    work = Path(args.work)
-    print(f"loop_sweep: {args.preference}, {args.votes} votes, {len(settings)} setting(s), "
-          f"method {args.method}", flush=True)
-    data = collect_votes(work, args.preference, args.votes, args.max_tokens, args.seed, args.concurrency)
+    args.max_tokens = args.max_tokens or None
+    work = Path(args.work) / (f"{args.preference}-{args.feedback}-noise{args.noise}-"
+                              f"t{args.temperature}-m{args.max_tokens}-seed{args.seed}")
+    print(f"loop_sweep: {args.preference}, {args.votes} prompts, {args.feedback} feedback "
+          f"({args.noise:.0%} flipped), {len(settings)} setting(s), method "
+          f"{args.method or '(default)'}", flush=True)
+    data = init_data(work)
     _, held = prompts(seed=args.seed)
-    base_file = work / args.preference / f"base-{args.max_tokens}-{args.heldout_samples}.json"
+    base_file = work / f"base-{args.heldout_samples}.json"
     if not base_file.exists():
         base_file.write_text(json.dumps(held_out_answers_in_process(
-            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples)))
+            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples,
+            args.temperature)))
     base = json.loads(base_file.read_text())
+    kinds = user_kinds(args.users, args.feedback)
+    users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
+                  up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
+    data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
+                         base, args.up_rate)
     for name, flags in settings:
         row = run_setting(name, flags, data, work, base, held, args)
         print(format_row(row), flush=True)
@@ -227,7 +274,8 @@ def main() -> int:
                   f"{'':>18}served: {ex['served'][:160]!r}", flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps(dict(row, preference=args.preference, votes=args.votes)) + "\n")
+                f.write(json.dumps(dict(row, preference=args.preference, votes=args.votes,
+                                        feedback=args.feedback, noise=args.noise)) + "\n")
     print("loop_sweep: done")
     return 0
 

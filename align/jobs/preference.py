@@ -169,20 +169,33 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
 
 
 def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
-    """A DPO job whose held-out pairs are fewer than the gate's minimum is rejected whatever it
-    trains, and without --keep-rejected nothing of it is kept: skip before loading a model
-    (`result` SKIPPED with what is missing). The votes stay for the next job."""
-    have, need = len(split.heldout), cfg.gate.min_heldout
-    if cfg.train.method != "dpo" or cfg.keep_rejected or have >= need:
+    """A DPO or KTO job whose held-out pairs (KTO: `data.example_pairs` of its held-out answers)
+    are fewer than the gate's minimum is rejected whatever it trains, and without
+    --keep-rejected nothing of it is kept: skip before loading a model (`result` SKIPPED with
+    what is missing). The feedback stays for the next job."""
+    method, need = cfg.train.method, cfg.gate.min_heldout
+    if method not in ("dpo", "kto") or cfg.keep_rejected:
         return False
-    total, fraction = len(split.train) + have, cfg.heldout_fraction
-    more = (f"about {max(1, math.ceil((need - 0.5) / fraction) - total)} more votes, or "
-            if fraction > 0 else "")  # round(fraction * n) held out (data.time_split)
+    have = (len(split.heldout) if method == "dpo"
+            else len(data_mod.example_pairs(split.heldout)[0]))
+    if have >= need:
+        return False
+    total, fraction = len(split.train) + len(split.heldout), cfg.heldout_fraction
+    if method == "dpo":
+        more = (f"about {max(1, math.ceil((need - 0.5) / fraction) - total)} more votes, or "
+                if fraction > 0 else "")  # round(fraction * n) held out (data.time_split)
+        what = f"this window holds {have} (of {total})"
+    else:
+        ups = sum(1 for r in split.heldout if r.label)
+        more = ("more feedback (a held-out thumb pairs with one of the other kind: "
+                "min(up, down) pairs), or " if fraction > 0 else "")
+        what = (f"the window's {len(split.heldout)} held-out answers ({ups} up, "
+                f"{len(split.heldout) - ups} down) make {have}")
     result.status = runner.SKIPPED
-    result.reason = (f"the gate needs >= {need} held-out pairs and this window holds {have} "
-                     f"(of {total}): {more}raise --heldout-fraction (now {fraction}) or lower "
-                     "--min-heldout-pairs; nothing was trained (--keep-rejected trains anyway)")
-    print(f"align dpo: skipped: {result.reason}", file=sys.stderr, flush=True)
+    result.reason = (f"the gate needs >= {need} held-out pairs and {what}: {more}raise "
+                     f"--heldout-fraction (now {fraction}) or lower --min-heldout-pairs; nothing "
+                     "was trained (--keep-rejected trains anyway)")
+    print(f"align {method}: skipped: {result.reason}", file=sys.stderr, flush=True)
     return True
 
 

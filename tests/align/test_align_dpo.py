@@ -23,7 +23,7 @@ from prefloop.align import evaluate as ev
 from prefloop.align.jobs.preference import JobConfig, run_job
 from prefloop.align.jobs.runner import watermark
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
-from prefloop.align.train.preference import TrainResult
+from prefloop.align.train.preference import TrainConfig, TrainResult
 from prefloop.server import registry as reg
 from prefloop.server.errors import Unavailable
 from prefloop.server.feedback.rows import PreferencePair
@@ -346,6 +346,10 @@ def test_a_job_too_small_for_the_gate_skips_before_training_unless_asked_to_keep
     assert skipped.status == "skipped" and train_fn.calls == []
     assert skipped.reason.startswith("the gate needs >= 20 held-out pairs and this window holds 6 "
                                      "(of 32): about 66 more votes, or raise --heldout-fraction")
+    kto = run_job(JobConfig(**cfg, train=TrainConfig(method="kto"), keep_rejected=False),
+                  train_fn=train_fn)  # the default method: the held-out answers' pairs count
+    assert kto.status == "skipped" and train_fn.calls == []
+    assert "the window's 14 held-out answers (7 up, 7 down) make 7: more feedback" in kto.reason
     registry = reg.Registry(data_dir)
     assert registry.list_versions() == ["v0000"] and watermark(registry) is None
     kept = run_job(JobConfig(**cfg, keep_rejected=True), train_fn=train_fn)  # the votes are still new
