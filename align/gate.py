@@ -684,14 +684,21 @@ def _fmt(x: float | None) -> str:
 def decide(*, implicit: Paired | None, accuracy: Paired | None,
            candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
-           config: GateConfig, margins: list[float] | None = None) -> GateDecision:
+           config: GateConfig, margins: list[float] | None = None,
+           ratings: tuple[list[float], list[bool], list[str]] | None = None) -> GateDecision:
     """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
     candidate's log-ratio margin against the current version; `margins`: those margins
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
-    reverse (loss); the accuracies, and the tests the metric does not use, are reported."""
+    reverse (loss); the accuracies, and the tests the metric does not use, are reported.
+    `ratings` (KTO: every held-out answer's move per token, label and prompt) replaces the margin
+    test by the randomization test of align/rating_test.py."""
     either = config.metric == "implicit_either"
     confidence = 1.0 - (1.0 - config.confidence) / 2 if either else config.confidence
-    margin_test = MarginTest.of(margins, confidence) if margins else None
+    if ratings is not None:
+        from prefloop.align.rating_test import PermutationTest
+        margin_test = PermutationTest.of(*ratings, confidence)
+    else:
+        margin_test = MarginTest.of(margins, confidence) if margins else None
     implicit_test = (Comparison.of(implicit, confidence, config.threshold)
                      if implicit is not None else None)
     what = {"implicit_either": f"implicit reward vs {current_version}",

@@ -118,9 +118,15 @@ REWRITES = {"friendly_opening": rewrite_friendly_opening}
 
 
 def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
-    """0 if the user prefers `a`, 1 for `b`, None for a tie (no vote). "random" flips a coin."""
+    """0 if the user prefers `a`, 1 for `b`, None for a tie (no vote). "random" flips a coin.
+    Of two answers of which one loops (`repetitive`), every user prefers the other, whatever
+    their preference says: no person wants "They're so good." three times, and a judge that did
+    would reward gaming it (the judges before 2026-12-04 did)."""
     if preference == "random":
         return rng.randrange(2)
+    loops_a, loops_b = repetitive(a), repetitive(b)
+    if loops_a != loops_b:
+        return 1 if loops_a else 0
     score = PREFERENCES[preference]
     sa, sb = score(a), score(b)
     if sa == sb:
@@ -157,11 +163,11 @@ def up_bar(preference: str, base_answers: list[str], up_rate: float) -> float:
 
 
 def rate(preference: str, answer: str, bar: float, up_rate: float, rng: random.Random) -> bool:
-    """A thumbs user's verdict on one answer: 👍 when its score reaches `bar`; "random" presses 👍
-    with probability `up_rate`, whatever the answer says."""
+    """A thumbs user's verdict on one answer: 👍 when its score reaches `bar` and it does not
+    loop; "random" presses 👍 with probability `up_rate`, whatever the answer says."""
     if preference == "random":
         return rng.random() < up_rate
-    return PREFERENCES[preference](answer) >= bar
+    return PREFERENCES[preference](answer) >= bar and not repetitive(answer)
 
 
 def noisy(verdict: int | bool, noise: float, rng: random.Random):

@@ -274,7 +274,8 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
         index_pairs, same_prompt = data_mod.example_pairs(split.heldout)
         gate_pairs = []
         basis = (f"(desirable, undesirable) held-out answers: {same_prompt} pairs of the same "
-                 f"prompt, {len(index_pairs) - same_prompt} matched across prompts")
+                 f"prompt, {len(index_pairs) - same_prompt} matched across prompts; the "
+                 f"randomization test: all {len(split.heldout)} answers")
     outcomes: dict[str, Any] = {}
     if gate_pairs:
         held = ev.score_pairs(policy, tok, gate_pairs, reference=reference,
@@ -295,6 +296,11 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                                                dev))
         outcomes = ev.indexed_pair_outcomes(example_scores, current_scores, index_pairs,
                                             beta=tc.beta)
+        moves = ((example_scores.logps - current_scores.logps)
+                 / example_scores.tokens.clamp(min=1)).tolist()
+        outcomes["ratings"] = (moves, [bool(r.label) for r in split.heldout],
+                               [logschema.prompt_fingerprint(None, r.prompt)
+                                for r in split.heldout])
         heldout["pref_accuracy"] = ev.indexed_pair_accuracy(example_scores, index_pairs)
         current_accuracy = ev.indexed_pair_accuracy(current_scores, index_pairs)
         heldout_units = len(index_pairs)
@@ -329,7 +335,8 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                       candidate_accuracy=heldout.get("pref_accuracy"),
                       current_accuracy=current_accuracy, current_version=current,
                       kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
-                      config=gate_config, margins=outcomes.get("margins"))
+                      config=gate_config, margins=outcomes.get("margins"),
+                      ratings=outcomes.get("ratings"))
     decision = with_drift(decision, kl_to_root, root, gate_config)
     if degeneration is not None:
         decision = with_check(decision, degeneration_check(degeneration))

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from prefloop.align import data, evaluate, gate
+from prefloop.align import data, evaluate, gate, rating_test
 from prefloop.server.feedback.rows import RatedAnswer
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -37,11 +37,12 @@ def test_same_prompt_pairs_come_first_and_leftovers_are_matched_once_across_prom
     assert data.example_pairs(examples, seed=1)[0] != pairs
 
 
-def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answer():
+def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answer(monkeypatch):
     """A candidate trained on mostly-down random thumbs lowers the log-prob of every answer. Signed
     by each answer's own label that is a "win" on every thumb down (the rule this replaced); as
-    paired differences of matched up/down answers it is noise, and the real decision passes at
-    most its 5 % level."""
+    paired differences of matched up/down answers, and in the randomization test over every
+    answer, it is noise, and the real decision passes at most its 5 % level."""
+    monkeypatch.setattr(rating_test, "DRAWS", 1000)  # any number of draws keeps the level
     config = gate.GateConfig(min_heldout=10)
     passed = label_signed_wins = 0
     seasons = 300
@@ -57,9 +58,46 @@ def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answ
         decision = gate.decide(implicit=out["implicit"], accuracy=out["accuracy"],
                                candidate_accuracy=None, current_accuracy=None,
                                current_version="v0000", kl_per_token=0.01,
-                               heldout_pairs=len(pairs), config=config, margins=out["margins"])
+                               heldout_pairs=len(pairs), config=config, margins=out["margins"],
+                               ratings=((moves / 40).tolist(), [e.label for e in examples],
+                                        [e.prompt[0]["content"] for e in examples]))
         passed += decision.passed
         signed = [m if e.label else -m for m, e in zip(moves.tolist(), examples)]
         label_signed_wins += sum(s > 0 for s in signed) > 0.6 * len(signed)
     assert passed <= 0.05 * seasons + 2 * (0.05 * 0.95 * seasons) ** 0.5  # 5 % + 2 s.e.
     assert label_signed_wins > 0.9 * seasons  # what the old rule would have counted as evidence
+
+
+def test_randomization_p_values_match_exact_counts():
+    # four answers alone in their prompts, one liked: the chance that the like falls on the
+    # answer that moved most is 1/4
+    p = rating_test.permutation_p([3.0, 1.0, 0.0, -1.0], [True, False, False, False], list("abcd"))
+    assert abs(p - 0.25) < 0.015
+    # a pick's two answers only swap: the liked one moved more in half of the arrangements
+    assert abs(rating_test.permutation_p([1.0, -1.0], [True, False], ["q", "q"]) - 0.5) < 0.015
+    # labels shuffle within a prompt, not across: prompt q's pair (up moved more) cannot borrow
+    # prompt r's, so only q's swap and the lone answers' shuffle count
+    moves = [5.0, 4.0, -3.0, -4.0, 0.5, 0.1]
+    labels = [True, False, True, False, True, False]
+    groups = ["q", "q", "r", "r", "s", "t"]
+    exact = 0.0
+    for q in (0, 1):  # q, r and the lone pair s / t each as labelled (1) or swapped (0)
+        for r in (0, 1):
+            for t in (0, 1):
+                lab = [bool(q), not q, bool(r), not r, bool(t), not t]
+                ups = [m for m, x in zip(moves, lab) if x]
+                downs = [m for m, x in zip(moves, lab) if not x]
+                stat = sum(ups) / 3 - sum(downs) / 3
+                exact += stat >= (5.0 - 3.0 + 0.5) / 3 - (4.0 - 4.0 + 0.1) / 3 - 1e-9
+    exact /= 8
+    assert abs(rating_test.permutation_p(moves, labels, groups) - exact) < 0.015
+    assert rating_test.permutation_p([1.0, 2.0], [True, True], ["a", "b"]) == 1.0  # one label
+
+
+def test_the_randomization_test_finds_a_clear_move_and_reports_it():
+    rng = random.Random(0)
+    labels = [rng.random() < 0.3 for _ in range(60)]
+    moves = [(0.02 if lab else -0.01) + rng.gauss(0, 0.01) for lab in labels]
+    test = rating_test.PermutationTest.of(moves, labels, [f"q{i}" for i in range(60)], 0.95)
+    assert test.passed and test.p_value < 0.001 and test.lower > 0
+    assert "every held-out answer (" in test.describe("", "pairs")

@@ -82,7 +82,9 @@ def test_population_kinds_follow_the_mix_and_every_kind_gets_a_user():
 
 
 def test_thumbs_users_pass_about_the_stated_share_of_base_answers():
-    answers = [" ".join(["word"] * n) + "." for n in range(1, 21)]  # 1..20 words per sentence
+    words = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+             "november oscar papa quebec romeo sierra tango").split()  # no answer loops
+    answers = [" ".join(words[:n]) + "." for n in range(1, 21)]  # 1..20 words per sentence
     bar = U.up_bar("short_sentences", answers, up_rate=0.3)
     ups = [U.rate("short_sentences", a, bar, 0.3, random.Random(0)) for a in answers]
     assert sum(ups) == 6 and all(ups[:6]) and not any(ups[6:])  # the six shortest
@@ -101,3 +103,12 @@ def test_noise_flips_the_stated_share_of_votes():
     thumbs = [U.noisy(True, 0.2, rng) for _ in range(5000)]
     assert 0.17 < sum(picks) / 5000 < 0.23 and 0.17 < thumbs.count(False) / 5000 < 0.23
     assert U.noisy(1, 0.0, rng) == 1 and U.noisy(False, 0.0, rng) is False
+
+
+def test_every_user_prefers_an_answer_that_does_not_loop():
+    loops = "Bees. They're so good. They're so good. They're so good."
+    plain = "Bees are insects that make honey and live together in large hives."
+    assert U.repetitive(loops) and not U.repetitive(plain)
+    assert U.choose("short_sentences", loops, plain, random.Random(0)) == 1  # shorter, but loops
+    assert U.choose("short_sentences", plain, loops, random.Random(0)) == 0
+    assert not U.rate("short_sentences", loops, bar=-20.0, up_rate=0.3, rng=random.Random(0))
