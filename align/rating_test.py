@@ -2,15 +2,18 @@
 did the candidate move the answers people liked up relative to the answers they disliked?
 
 Matched (desirable, undesirable) pairs (`data.example_pairs`) use min(#up, #down) of the lone
-thumbs and drop the rest; this test uses every held-out answer. Its statistic is the mean move
-of the desirable answers minus that of the undesirable ones, a move being the candidate's log-prob
-of the answer minus the current version's, per answer token. Its p-value is a randomization test
-(`permutation_p`): labels are shuffled within each prompt that has several rated answers (a pick's
-two sides swap) and across the answers that are the only one of their prompt. When the labels
-carry nothing the candidate learned, every such arrangement is equally likely, so the test is
-exact in level whatever the share of thumbs up and however the candidate moved all answers.
-`PermutationTest` has the interface of gate.MarginTest, so `gate.decide` runs it in its place,
-each of the two tests at half the level.
+thumbs and drop the rest; this test uses every held-out answer. A move is the candidate's
+log-prob of an answer minus the current version's, per answer token; the statistic is rank-based
+— the AUC, the share of (liked, disliked) answer pairs in which the liked one moved more (ties
+one half), i.e. the Mann-Whitney U scaled to [0, 1] — because moves are heavy-tailed: a mean
+difference of moves was tried first and a few large moves of one prompt hid 19 of 27 matched
+pairs moving the right way (docs/align.md, the population runs of 2026-12-04). Its p-value is a
+randomization test (`permutation_p`): labels are shuffled within each prompt that has several
+rated answers (a pick's two sides swap) and across the answers that are the only one of their
+prompt. When the labels carry nothing the candidate learned, every such arrangement is equally
+likely, so the test is exact in level whatever the share of thumbs up and however the candidate
+moved all answers. `PermutationTest` has the interface of gate.MarginTest, so `gate.decide` runs it
+in its place, each of the two tests at half the level.
 """
 from __future__ import annotations
 
@@ -24,19 +27,34 @@ from prefloop.align.gate import MarginResult
 DRAWS = 20000
 
 
-def _statistic(moves: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean move of label-True answers minus label-False ones; `labels` [draws, n] or [n]."""
-    labels = labels.astype(np.float64)
-    ups = labels.sum(-1)
-    up_mean = (labels * moves).sum(-1) / np.maximum(ups, 1)
-    down_mean = ((1 - labels) * moves).sum(-1) / np.maximum(moves.shape[-1] - ups, 1)
-    return up_mean - down_mean
+def _ranks(moves: np.ndarray) -> np.ndarray:
+    """1-based ranks of `moves`, ties sharing their mean rank."""
+    order = np.argsort(moves, kind="stable")
+    ranks = np.empty(moves.size, dtype=np.float64)
+    ranks[order] = np.arange(1, moves.size + 1)
+    values = moves[order]
+    start = 0
+    for end in range(1, moves.size + 1):  # average the ranks of each run of equal values
+        if end == moves.size or values[end] != values[start]:
+            ranks[order[start:end]] = (start + 1 + end) / 2
+            start = end
+    return ranks
+
+
+def _auc(ranks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The share of (label-True, label-False) pairs whose True answer ranks higher (ties one
+    half), from the rank sum of the True answers; `labels` [draws, n] or [n]."""
+    lab = labels.astype(np.float64)
+    ups = lab.sum(-1)
+    downs = ranks.shape[-1] - ups
+    u = (lab * ranks).sum(-1) - ups * (ups + 1) / 2
+    return u / np.maximum(ups * downs, 1)
 
 
 def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
                   draws: int | None = None, seed: int = 0) -> float:
-    """One-sided p-value of "desirable answers moved up more than undesirable ones": the share
-    of label arrangements (shuffled within each group of several answers; the answers alone in
+    """One-sided p-value of "desirable answers moved up more than undesirable ones" (the AUC of
+    their moves above its value under random labels): the share of label arrangements (shuffled within each group of several answers; the answers alone in
     their group shuffled together) whose statistic is at least the observed one, with the
     (1 + hits) / (1 + draws) correction that keeps a Monte Carlo p-value valid."""
     draws = DRAWS if draws is None else draws
@@ -50,27 +68,31 @@ def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
     block_of = {g: i for i, g in enumerate(sorted(g for g in sizes if sizes[g] > 1))}
     lone = len(block_of)  # one block for every answer alone in its group
     blocks = np.array([block_of.get(g, lone) for g in groups])
-    observed = _statistic(m, lab) - 1e-12 * max(1.0, float(np.abs(m).sum()))  # ties count as hits
+    ranks = _ranks(m)
+    observed = _auc(ranks, lab) - 1e-12  # ties count as hits
     rng = np.random.default_rng(seed)
     order = np.argsort(blocks, kind="stable")  # answers grouped by block
     keys = rng.random((draws, m.size)) + blocks[order][None, :] * 2.0  # shuffles within blocks
     shuffled = order[np.argsort(keys, axis=1)]  # [draws, n]: which answer's label each slot gets
     permuted = np.empty((draws, m.size), dtype=bool)
     permuted[:, order] = lab[shuffled]
-    hits = int((_statistic(m, permuted) >= observed).sum())
+    hits = int((_auc(ranks, permuted) >= observed).sum())
     return (1 + hits) / (1 + draws)
 
 
 def _interval(moves: np.ndarray, lab: np.ndarray, confidence: float, draws: int = 4000,
               seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap of the statistic, resampling the desirable and the undesirable
-    answers separately (reported beside the test)."""
+    """Percentile bootstrap of the AUC, resampling the desirable and the undesirable answers
+    separately (reported beside the test): each resample's AUC is its counts of every original
+    answer weighting the (liked, disliked) comparison matrix."""
     rng = np.random.default_rng(seed)
     up, down = moves[lab], moves[~lab]
     if up.size == 0 or down.size == 0:
         return math.nan, math.nan
-    stats = (up[rng.integers(0, up.size, (draws, up.size))].mean(1)
-             - down[rng.integers(0, down.size, (draws, down.size))].mean(1))
+    wins = (up[:, None] > down[None, :]) + 0.5 * (up[:, None] == down[None, :])  # [up, down]
+    cu = rng.multinomial(up.size, np.full(up.size, 1 / up.size), size=draws)  # [draws, up]
+    cd = rng.multinomial(down.size, np.full(down.size, 1 / down.size), size=draws)
+    stats = ((cu @ wins) * cd).sum(1) / (up.size * down.size)
     alpha = (1.0 - confidence) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
@@ -92,7 +114,7 @@ class PermutationTest:
     def of(cls, moves: list[float], labels: list[bool], groups: list[str],
            confidence: float) -> "PermutationTest":
         m, lab = np.asarray(moves, dtype=np.float64), np.asarray(labels, dtype=bool)
-        stat = float(_statistic(m, lab)) if lab.any() and not lab.all() else math.nan
+        stat = float(_auc(_ranks(m), lab)) if lab.any() and not lab.all() else math.nan
         lower, upper = _interval(m, lab, confidence)
         return cls(int(m.size), int(lab.sum()), stat, lower, upper,
                    permutation_p(moves, labels, groups), confidence)
@@ -104,11 +126,16 @@ class PermutationTest:
     def describe(self, what: str, unit: str) -> str:
         if not 0 < self.ups < self.n:
             return f"{what}: held-out answers of one label only, nothing to compare"
-        return (f"every held-out answer ({self.ups} up, {self.n - self.ups} down): mean move of "
-                f"the liked minus the disliked {self.mean:+.4f} nats/token, "
-                f"{self.confidence:.0%} bootstrap interval [{self.lower:+.4f}, {self.upper:+.4f}]:"
+        return (f"every held-out answer ({self.ups} up, {self.n - self.ups} down): a liked answer "
+                f"moved more than a disliked one in {self.mean:.3f} of their pairs (AUC of the "
+                f"moves per token), {self.confidence:.0%} bootstrap interval [{self.lower:.3f}, "
+                f"{self.upper:.3f}]:"
                 f" one-sided randomization p = {self.p_value:.3g} "
                 f"{'<' if self.passed else '>='} {(1.0 - self.confidence) / 2:.3g}")
 
     def result(self) -> MarginResult:
-        return MarginResult(self.n, self.mean, self.lower, self.upper, self.p_value)
+        """As a margin: the AUC minus 1/2, so that 0 is "no move" and a negative upper end is
+        "measurably worse", as for the mean margin it stands in for (runner.inconclusive_but_safe
+        and the gate record read it so)."""
+        return MarginResult(self.n, self.mean - 0.5, self.lower - 0.5, self.upper - 0.5,
+                            self.p_value)

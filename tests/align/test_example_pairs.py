@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 
+import numpy as np
 import torch
 
 from prefloop.align import data, evaluate, gate, rating_test
@@ -80,24 +81,36 @@ def test_randomization_p_values_match_exact_counts():
     moves = [5.0, 4.0, -3.0, -4.0, 0.5, 0.1]
     labels = [True, False, True, False, True, False]
     groups = ["q", "q", "r", "r", "s", "t"]
+    def auc(lab):  # share of (liked, disliked) pairs whose liked answer moved more
+        ups = [m for m, x in zip(moves, lab) if x]
+        downs = [m for m, x in zip(moves, lab) if not x]
+        return sum((u > d) + 0.5 * (u == d) for u in ups for d in downs) / (len(ups) * len(downs))
     exact = 0.0
     for q in (0, 1):  # q, r and the lone pair s / t each as labelled (1) or swapped (0)
         for r in (0, 1):
             for t in (0, 1):
-                lab = [bool(q), not q, bool(r), not r, bool(t), not t]
-                ups = [m for m, x in zip(moves, lab) if x]
-                downs = [m for m, x in zip(moves, lab) if not x]
-                stat = sum(ups) / 3 - sum(downs) / 3
-                exact += stat >= (5.0 - 3.0 + 0.5) / 3 - (4.0 - 4.0 + 0.1) / 3 - 1e-9
+                exact += auc([bool(q), not q, bool(r), not r, bool(t), not t]) >= auc(labels) - 1e-9
     exact /= 8
     assert abs(rating_test.permutation_p(moves, labels, groups) - exact) < 0.015
     assert rating_test.permutation_p([1.0, 2.0], [True, True], ["a", "b"]) == 1.0  # one label
 
 
-def test_the_randomization_test_finds_a_clear_move_and_reports_it():
+def test_the_randomization_test_sees_many_small_moves_that_a_few_large_ones_would_hide():
+    """Liked answers move up a little more, consistently; three disliked answers of one prompt
+    moved far up. A mean difference is swamped; the AUC of the ranks is not."""
     rng = random.Random(0)
-    labels = [rng.random() < 0.3 for _ in range(60)]
-    moves = [(0.02 if lab else -0.01) + rng.gauss(0, 0.01) for lab in labels]
-    test = rating_test.PermutationTest.of(moves, labels, [f"q{i}" for i in range(60)], 0.95)
-    assert test.passed and test.p_value < 0.001 and test.lower > 0
+    labels = [rng.random() < 0.3 for _ in range(60)] + [False] * 3
+    moves = [(0.01 if lab else -0.01) + rng.gauss(0, 0.005) for lab in labels[:60]] + [5.0] * 3
+    test = rating_test.PermutationTest.of(moves, labels, [f"q{i}" for i in range(60)] + ["z"] * 3,
+                                          0.95)
+    ups = [m for m, x in zip(moves, labels) if x]
+    downs = [m for m, x in zip(moves, labels) if not x]
+    assert sum(ups) / len(ups) < sum(downs) / len(downs)  # the mean says "worse"
+    assert test.passed and test.p_value < 0.001 and 0.5 < test.lower <= test.mean <= test.upper
+    margin = test.result()  # as a margin: the AUC minus 1/2
+    assert margin.mean == test.mean - 0.5 and margin.lower > 0
     assert "every held-out answer (" in test.describe("", "pairs")
+
+
+def test_ranks_share_ties():
+    assert rating_test._ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
