@@ -352,14 +352,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preferences", default="short_sentences,plain_words,friendly_opening,random",
-                    help="comma-separated (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
-    ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")
-    ap.add_argument("--method", default="", choices=("", "dpo", "kto", "sft"),
-                    help="align run METHOD (default: none, the product's default)")
+def add_user_arguments(ap: argparse.ArgumentParser) -> None:
+    """How the simulated users give feedback and see answers (also loop_sweep.py's flags)."""
     ap.add_argument("--feedback", default="pairs", choices=sorted(MIXES),
                     help="how users give feedback: pairs (everyone compares two answers), thumbs "
                          "(everyone rates one), population (70%% thumbs, 25%% compare, 5%% edit) "
@@ -373,6 +367,17 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=None,
                     help="sampling temperature of every answer (default: the server's; the web "
                          "page sends 0.7)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preferences", default="short_sentences,plain_words,friendly_opening,random",
+                    help="comma-separated (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2, help="vote -> retrain -> swap rounds (default %(default)s)")
+    ap.add_argument("--votes-per-round", type=int, default=100, help="prompts voted on per round (default %(default)s)")
+    ap.add_argument("--method", default="", choices=("", "dpo", "kto", "sft"),
+                    help="align run METHOD (default: none, the product's default)")
+    add_user_arguments(ap)
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")
     ap.add_argument("--heldout-samples", type=int, default=2,

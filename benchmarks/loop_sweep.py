@@ -41,8 +41,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_quality import Users, judge, run_job, start_server, user_name, vote_round  # noqa: E402
-from loop_users import MIXES, prompts, up_bar, user_kinds  # noqa: E402
+from loop_quality import Users, add_user_arguments, judge, run_job, start_server, user_name, vote_round  # noqa: E402
+from loop_users import prompts, up_bar, user_kinds  # noqa: E402
 
 from prefloop.clients import Client  # noqa: E402
 
@@ -224,17 +224,8 @@ def main() -> int:
     ap.add_argument("--rm-flags", default="",
                     help="with --method ppo: `align rm` flags of the reward model trained first on the "
                          "same votes (default: its defaults)")
-    ap.add_argument("--feedback", default="pairs", choices=sorted(MIXES),
-                    help="how users give feedback (benchmarks/loop_quality.py; default %(default)s)")
-    ap.add_argument("--noise", type=float, default=0.0,
-                    help="share of each user's votes flipped (default %(default)s)")
-    ap.add_argument("--up-rate", type=float, default=0.3,
-                    help="share of the base's answers a thumbs user rates up (default %(default)s)")
+    add_user_arguments(ap)
     ap.add_argument("--users", type=int, default=20, help="simulated users (default %(default)s)")
-    ap.add_argument("--max-tokens", type=int, default=64,
-                    help="answer length; 0: the server's default (default %(default)s)")
-    ap.add_argument("--temperature", type=float, default=None,
-                    help="sampling temperature (default: the server's; the web page sends 0.7)")
     ap.add_argument("--heldout-samples", type=int, default=2,
                     help="answers per held-out prompt (default %(default)s)")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
@@ -246,6 +237,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep each setting's data dir (run-NAME under --work) with its candidate")
     args = ap.parse_args()
+    if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1 or args.users < 1:
+        ap.error("--noise must be in [0, 0.5), --up-rate in (0, 1) and --users >= 1")
     settings = [s.split("=", 1) for s in (args.setting or ["defaults="])]
     args.max_tokens = args.max_tokens or None
     work = Path(args.work) / (f"{args.preference}-{args.feedback}-noise{args.noise}-"
