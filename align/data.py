@@ -11,6 +11,8 @@ Rows are the log's typed training rows (`prefloop.server.feedback.rows`: `Prefer
 - `example_pairs`: held-out KTO examples as (desirable, undesirable) index pairs of the same
   prompt, plus the examples left over matched across prompts (thumbs on one answer per prompt),
   so every kind of feedback is gated on the same paired differences;
+- `without_looping_desirable`: training rows less those that would teach a looping answer as a
+  good one (a thumbs-up / chosen / SFT answer that repeats a three-word sequence three times);
 - `sft_examples` / `load_sft_examples`: supervised (prompt, completion) examples for SFT: the
   chosen answer of every preference (a text-form preference's chosen text is what the user wrote
   themselves: source "user_answer"; a pick between two generated answers: "chosen") and every
@@ -174,6 +176,29 @@ def example_pairs(examples: list[RatedAnswer], seed: int = 0,
     for lab in left:
         rng.shuffle(left[lab])
     return same + list(zip(left[True], left[False])), len(same)
+
+
+def desirable_text(row: PreferencePair | RatedAnswer | SftExample) -> str | None:
+    """The answer a row trains as a good one: a pair's chosen, a liked rated answer, an SFT
+    completion (None for a disliked rated answer)."""
+    if isinstance(row, PreferencePair):
+        return row.chosen_text
+    if isinstance(row, RatedAnswer):
+        return row.text if row.label else None
+    return row.text
+
+
+def without_looping_desirable(rows: list[D]) -> tuple[list[D], int]:
+    """`rows` less those whose desirable answer loops (align/degeneration.py's `answer_stats`:
+    a three-word sequence three times or more), and how many went. Nobody wants a loop; a liked
+    or chosen one is a misclick or a preference the loop happens to satisfy ("They're so good."
+    three times is very short sentences), and training on it teaches the cheapest way to
+    please that preference. Disliked and rejected looping answers stay: they teach the right
+    thing."""
+    from prefloop.align.degeneration import answer_stats
+
+    kept = [r for r in rows if (t := desirable_text(r)) is None or not answer_stats(t).loops]
+    return kept, len(rows) - len(kept)
 
 SFT_SOURCES = {"explicit": "user_answer", "reference": "chosen", "ratings": "chosen"}
 

@@ -196,7 +196,7 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None,
+                    "stop_kl": None, "keep_looping": False,
                     "max_steps": -1, "verbose": False}
 
 
@@ -254,6 +254,9 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
     if trl:
         d.add_argument("--max-pairs", type=int, default=None, metavar="N",
                        help="use only the newest N pairs (kto: examples)")
+        d.add_argument("--keep-looping", action="store_true",
+                       help="also train on rows whose liked / chosen answer loops (a three-word "
+                            "sequence three times); by default they are left out and counted")
         _voter_cap(d)
     _evaluation(d, eval_batch_size=4)
     if trl:
@@ -580,6 +583,7 @@ def job_config(args: argparse.Namespace):
         pairs_from_ratings=args.pairs_from_ratings, voter_cap=_voter_cap_of(args),
         heldout_fraction=args.heldout_fraction, eval_batch_size=args.eval_batch_size,
         max_train_eval=args.max_train_eval, publish=args.publish,
+        drop_looping=not args.keep_looping,
         device=args.device, **_promote_and_keep(args))
 
 

@@ -60,6 +60,7 @@ class JobConfig:
     max_train_eval: int = 64  # newest training rows scored for the train metrics
     device: str | None = None  # evaluation device (default: cuda if available, else cpu)
     publish: str = "adapter"  # LoRA: publish the adapter, or "full" merged weights
+    drop_looping: bool = True  # train no looping answer as a good one (data.without_looping_desirable)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -135,7 +136,16 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     if split is None or _too_few_to_judge(cfg, split, result):
         return result
     base_dir = registry.version_dir(base)
-    trl_rows = [r.to_trl() for r in split.train]
+    train_rows = split.train
+    if cfg.drop_looping:
+        train_rows, dropped = data_mod.without_looping_desirable(split.train)
+        result.data["looping_desirable_dropped"] = dropped
+        if not train_rows:
+            result.status, result.reason = runner.SKIPPED, (
+                f"every one of the {dropped} training rows trains a looping answer as a good "
+                "one (--keep-looping trains on them)")
+            return result
+    trl_rows = [r.to_trl() for r in train_rows]
     if train_fn is None:
         from prefloop.align.train.preference import train as train_fn
     started = time.perf_counter()
@@ -156,6 +166,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
             cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,
+                     drop_looping=cfg.drop_looping,
                      max_rows=cfg.max_rows,
                      voter_cap=dataclasses.asdict(cfg.voter_cap) if cfg.voter_cap else None)
         adapter = getattr(trained, "adapter", None) if cfg.publish == "adapter" else None

@@ -162,3 +162,17 @@ def test_schedule_passes_the_season_drift_and_degeneration_flags_on():
     assert (gate_cfg.spending, gate_cfg.look_growth, gate_cfg.degeneration_prompts,
             gate_cfg.max_root_kl) == ("none", 2.0, 4, 2.0)
     assert again.promote_via == "auto"
+
+
+def test_no_looping_answer_is_trained_as_a_good_one():
+    from prefloop.server.feedback.rows import PreferencePair, RatedAnswer, SftExample
+    loop = [{"role": "assistant", "content": "They are good. They are good. They are good."}]
+    fine = [{"role": "assistant", "content": "Bees make honey in their hives."}]
+    q = [{"role": "user", "content": "Tell me about bees."}]
+    rows = [PreferencePair(q, loop, fine, "p1", T0), PreferencePair(q, fine, loop, "p2", T0),
+            RatedAnswer(q, loop, True, "r1", T0), RatedAnswer(q, loop, False, "r2", T0),
+            RatedAnswer(q, fine, True, "r3", T0), SftExample(q, loop, T0, "s1", "chosen"),
+            SftExample(q, fine, T0, "s2", "chosen")]
+    kept, dropped = data.without_looping_desirable(rows)
+    # a chosen / liked / SFT loop goes; a rejected or disliked one teaches the right thing
+    assert dropped == 3 and [r.feedback_id for r in kept] == ["p2", "r2", "r3", "s2"]

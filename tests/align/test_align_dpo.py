@@ -263,6 +263,7 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert held["examples"] == 14 and 0.0 <= held["label_accuracy"] <= 1.0
     assert "kl_per_token" in held and held["pairs"] == 7
     assert "7 pairs of the same prompt, 0 matched across prompts" in out["metrics"]["gate_basis"]
+    assert out["data"]["looping_desirable_dropped"] == 0  # counted (none of these answers loops)
     assert reg.Registry(data_dir).manifest("v0001").method == "kto"
 
 
