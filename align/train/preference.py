@@ -194,6 +194,10 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         trainer.train_dataset = drop_end_of_turn(trainer.train_dataset, tokenizer, cfg.method)
         quiet_progress(trainer)
         sharded = str(trainer.accelerator.distributed_type) in _SHARDED
+        if sharded and kl_stop is not None:  # its forward passes would run outside FSDP / ZeRO
+            trainer.remove_callback(kl_stop)
+            log.warning("--stop-kl is not measured under FSDP / DeepSpeed sharding: every step runs")
+            kl_stop = None
         if sharded and cfg.lora:
             raise InvalidArgument("LoRA (the default) is not supported with FSDP / DeepSpeed "
                                   "sharding: pass --no-lora for a sharded full fine-tune, or use "
