@@ -147,7 +147,8 @@ def time_split(rows: list[D], heldout_fraction: float = 0.2, min_heldout: int = 
 def example_pairs(examples: list[RatedAnswer], seed: int = 0,
                   max_per_prompt: int = MAX_PAIRS_PER_PROMPT) -> tuple[list[tuple[int, int]], int]:
     """(desirable, undesirable) index pairs of `examples` for the gate, and how many of them
-    answer the same prompt (they come first, as `pairs_from_examples` builds them).
+    answer the same prompt (they come first: every liked x disliked answer of one prompt with
+    different texts, at most `max_per_prompt` a prompt).
 
     An example in no same-prompt pair (a thumb on the only answer a prompt got, the usual case
     on a chat page) is matched to one of the other label answering another prompt: the

@@ -54,9 +54,10 @@ def _auc(ranks: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
                   draws: int | None = None, seed: int = 0) -> float:
     """One-sided p-value of "desirable answers moved up more than undesirable ones" (the AUC of
-    their moves above its value under random labels): the share of label arrangements (shuffled within each group of several answers; the answers alone in
-    their group shuffled together) whose statistic is at least the observed one, with the
-    (1 + hits) / (1 + draws) correction that keeps a Monte Carlo p-value valid."""
+    their moves above its value under random labels): the share of label arrangements (shuffled
+    within each group of several answers; the answers alone in their group shuffled together)
+    whose AUC is at least the observed one, with the (1 + hits) / (1 + draws) correction that
+    keeps a Monte Carlo p-value valid."""
     draws = DRAWS if draws is None else draws
     m = np.asarray(moves, dtype=np.float64)
     lab = np.asarray(labels, dtype=bool)

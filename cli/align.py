@@ -440,7 +440,8 @@ def _schedule_arguments(p: argparse.ArgumentParser) -> None:
 def canonical_argv(argv: list[str]) -> list[str]:
     """The old spelling `align run|schedule [flags] --method M [flags]` as the sub-command form
     `align run|schedule M [flags]`; no method at all: DEFAULT_RUN_METHOD (kto, which trains on
-    every kind of feedback). `align run --help` without a method keeps listing the methods. Other command lines are returned as they are."""
+    every kind of feedback). `align run --help` without a method keeps listing the methods.
+    Other command lines are returned as they are."""
     try:
         at = argv.index("align")
     except ValueError:
@@ -550,13 +551,11 @@ def _promote_and_keep(args: argparse.Namespace) -> dict:
     return {"promote": args.promote, "keep_rejected": args.keep_rejected}
 
 
-def _stop_kl(args: argparse.Namespace, method: str) -> float:
-    """--stop-kl, or half of the gate's KL bound (align/train/kl_stop.py); 0 for sft."""
+def _stop_kl(args: argparse.Namespace, method: str, max_kl: float) -> float:
+    """--stop-kl, or half of the gate's KL bound `max_kl` (align/train/kl_stop.py); 0 for sft."""
     if method not in ("dpo", "kto"):
         return 0.0
-    if args.stop_kl is not None:
-        return args.stop_kl
-    return _gate_config(args).max_kl / 2
+    return args.stop_kl if args.stop_kl is not None else max_kl / 2
 
 
 def job_config(args: argparse.Namespace):
@@ -565,6 +564,7 @@ def job_config(args: argparse.Namespace):
     from prefloop.align.train.preference import TrainConfig
 
     method = args.align_command if args.align_command in ("dpo", "kto", "sft") else args.method
+    gate = _gate_config(args)
     train = TrainConfig(
         method=method, beta=args.beta, loss=args.loss, label_smoothing=args.label_smoothing,
         epochs=args.epochs,
@@ -573,10 +573,10 @@ def job_config(args: argparse.Namespace):
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-        stop_kl=_stop_kl(args, method))
+        stop_kl=_stop_kl(args, method, gate.max_kl))
     incremental = _incremental(args)
     return JobConfig(
-        data_dir=Path(args.data_dir), train=train, gate=_gate_config(args),
+        data_dir=Path(args.data_dir), train=train, gate=gate,
         command=args.align_command, base=args.base, model=args.model, cache_dir=args.cache_dir,
         since=args.since, incremental=incremental,
         min_new=args.min_new_pairs if incremental else 0, max_rows=args.max_pairs,

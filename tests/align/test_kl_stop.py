@@ -65,3 +65,15 @@ def test_kto_weights_balance_the_labels_unless_given():
         TrainConfig(method="kto", stop_kl=-1.0)
     with pytest.raises(InvalidArgument, match="desirable weight"):
         TrainConfig(method="kto", desirable_weight=0.0)
+
+
+def test_the_stop_defaults_to_half_the_gates_kl_bound_and_sft_has_none():
+    from prefloop.cli.align import canonical_argv, job_config
+    from prefloop.cli.main import build_parser
+
+    def stop(*argv):
+        argv = canonical_argv(["align", *argv])
+        return job_config(build_parser(argv).parse_args(argv)).train.stop_kl
+    assert stop("run") == 0.25 and stop("run", "--max-kl", "0.4") == 0.2
+    assert stop("dpo", "--stop-kl", "0") == 0.0 and stop("kto", "--stop-kl", "0.1") == 0.1
+    assert stop("sft") == 0.0
