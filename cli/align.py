@@ -196,7 +196,7 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "keep_looping": False,
+                    "stop_kl": None, "max_lr_scale": 1.0, "keep_looping": False,
                     "max_steps": -1, "verbose": False}
 
 
@@ -236,6 +236,11 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                        help="stop training once the KL per answer token to the reference, "
                             "measured every 4 steps on 8 training answers, reaches NATS "
                             "(default: half of --max-kl; 0: train every step)")
+        g.add_argument("--max-lr-scale", type=float, default=4.0, metavar="X",
+                       help="at each of those checks, when the KL is on course to end far under "
+                            "the stop KL, raise the rest of the learning-rate schedule towards it, "
+                            "up to X times the set rate in all (default %(default)s; 1: no pacing; "
+                            "needs --stop-kl)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,
                  max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
@@ -573,7 +578,7 @@ def job_config(args: argparse.Namespace):
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-        stop_kl=_stop_kl(args, method, gate.max_kl))
+        stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale)
     incremental = _incremental(args)
     return JobConfig(
         data_dir=Path(args.data_dir), train=train, gate=gate,

@@ -10,6 +10,14 @@ bound: held-out answers move less than trained ones, and the rest is headroom). 
 the LoRA policy with its adapter switched off (the default), or the frozen copy of a full
 fine-tune. Each check is two forward passes over the probe (no gradients), a few percent of a
 step's cost at the defaults.
+
+It also **paces** the run (`max_scale` > 1): at each check it projects the KL the run would end
+at if the learning rate kept its schedule — the distance from the reference grows with the
+learning rate spent, and the KL with the square of the distance — and, when that projection falls
+short of `PACE_AIM` of the target, multiplies the rest of the schedule by what would reach it (at
+most `PACE_GAIN` per check, `max_scale` in all, never down). A weak preference then moves as far
+as the evidence is allowed to move it instead of hundredths of a nat, in the same number of steps
+(no extra epochs, no extra minutes), and a strong one reaches the target and stops as before.
 """
 from __future__ import annotations
 
@@ -24,20 +32,43 @@ from prefloop.align.evaluate import encode, score_encoded
 log = logging.getLogger(__name__)
 
 PROBE_ANSWERS = 8
+PACE_AIM = 0.8  # pacing aims the run's end at this share of the target (the stop catches overshoot)
+PACE_GAIN = 2.0  # the most one check multiplies the learning rate by
 
 
 @dataclass(slots=True)
 class KLRecord:
-    """What the callback saw: (step, KL per token) of every check, and the step it stopped at
-    (None: the run ended on its own)."""
+    """What the callback saw: (step, KL per token, learning-rate multiplier from then on) of every
+    check, and the step it stopped at (None: the run ended on its own)."""
 
     target: float
-    checks: list[tuple[int, float]] = field(default_factory=list)
+    max_scale: float = 1.0
+    checks: list[tuple[int, float, float]] = field(default_factory=list)
     stopped_at: int | None = None
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate multiplier the run ended with (1: never paced up)."""
+        return self.checks[-1][2] if self.checks else 1.0
 
     def to_record(self) -> dict[str, Any]:
         return {"target": self.target, "stopped_at_step": self.stopped_at,
-                "checks": [[s, round(k, 5)] for s, k in self.checks]}
+                "max_lr_scale": self.max_scale, "lr_scale": round(self.lr_scale, 4),
+                "checks": [[s, round(k, 5), round(g, 4)] for s, k, g in self.checks]}
+
+
+def pace_gain(kl: float, target: float, spent: float, remaining: float) -> float:
+    """By how much to multiply the rest of the learning-rate schedule so that a run that has
+    spent `spent` (sum of the rates of its steps so far) and reached `kl` ends near `PACE_AIM` ×
+    `target`, if the KL grows with the square of the rate spent: the distance still wanted is
+    spent·(sqrt(aim·target / kl) − 1), `remaining` at the present rate. Between 1 and
+    `PACE_GAIN`."""
+    if spent <= 0 or remaining <= 0:
+        return 1.0
+    if kl <= 0:
+        return PACE_GAIN
+    wanted = spent * (((PACE_AIM * target) / kl) ** 0.5 - 1.0)
+    return float(min(PACE_GAIN, max(1.0, wanted / remaining)))
 
 
 class _AdapterOff:
@@ -75,10 +106,17 @@ class KLStop(TrainerCallback):
     """Stop training when the probe's KL per answer token reaches `target` (module docstring)."""
 
     def __init__(self, tokenizer, items: list, target: float, every: int = 4,
-                 reference=None) -> None:
+                 reference=None, max_scale: float = 1.0) -> None:
         self.tokenizer, self.items, self.every = tokenizer, items, max(1, every)
         self.reference = reference
-        self.record = KLRecord(target)
+        self.record = KLRecord(target, max_scale)
+        self.scale = 1.0  # the learning-rate multiplier pacing has applied so far
+        self.spent = 0.0  # the sum of the learning rates of the steps run so far
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            self.spent += float(optimizer.param_groups[0]["lr"])
+        return control
 
     def kl_per_token(self, model) -> float:
         reference = self.reference if self.reference is not None else _AdapterOff(model)
@@ -97,10 +135,37 @@ class KLStop(TrainerCallback):
         if self.reference is None and not hasattr(model, "disable_adapter"):
             return control  # neither an adapter to switch off nor a frozen copy: no reference
         kl = self.kl_per_token(model)
-        self.record.checks.append((int(state.global_step), kl))
         if kl >= self.record.target:
+            self.record.checks.append((int(state.global_step), kl, self.scale))
             self.record.stopped_at = int(state.global_step)
             control.should_training_stop = True
             log.info("KL per token %.4f reached the target %.4f at step %d: training stops",
                      kl, self.record.target, state.global_step)
+            return control
+        self._pace(kl, state, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+        self.record.checks.append((int(state.global_step), kl, self.scale))
         return control
+
+    def _pace(self, kl: float, state, optimizer, scheduler) -> None:
+        """Multiply the rest of the schedule by `pace_gain` (within `max_scale`): the scheduler's
+        base rates (what every later step's rate is computed from) and the rate the next step
+        already got (and the scheduler's record of it, which the trainer logs)."""
+        inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
+        lambdas = getattr(inner, "lr_lambdas", None)
+        if self.record.max_scale <= self.scale or optimizer is None or not lambdas:
+            return
+        step, last = int(state.global_step), int(state.max_steps)
+        base = float(inner.base_lrs[0])
+        remaining = base * sum(float(lambdas[0](t)) for t in range(step, last))
+        gain = min(pace_gain(kl, self.record.target, self.spent, remaining),
+                   self.record.max_scale / self.scale)
+        if gain <= 1.0:
+            return
+        self.scale *= gain
+        inner.base_lrs = [b * gain for b in inner.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= gain
+        if hasattr(inner, "_last_lr"):  # what the trainer logs as the next step's rate
+            inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+        log.info("KL per token %.4f at step %d is on course to end far under the target %.4f: "
+                 "learning rate x%.2f from now on", kl, step, self.record.target, self.scale)

@@ -71,6 +71,7 @@ class TrainConfig:
     desirable_weight: float | None = None  # kto; None (both): balance the label counts
     undesirable_weight: float | None = None  # kto
     stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
+    max_lr_scale: float = 4.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False
@@ -88,6 +89,8 @@ class TrainConfig:
         check_trainer_fields(self, SFT_LR if self.method == "sft" else PREFERENCE_LR)
         if self.stop_kl < 0:
             raise InvalidArgument(f"stop KL must be >= 0 (0: off), got {self.stop_kl}")
+        if not self.max_lr_scale >= 1:
+            raise InvalidArgument(f"max lr scale must be >= 1 (1: no pacing), got {self.max_lr_scale}")
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be > 0")
@@ -104,6 +107,7 @@ class TrainConfig:
             d.pop("undesirable_weight")
         if self.method == "sft":
             d.pop("stop_kl")
+            d.pop("max_lr_scale")
         if self.method != "dpo":
             d.pop("loss")
             d.pop("label_smoothing")
@@ -166,7 +170,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     kl_stop = None
     if cfg.stop_kl and cfg.method in ("dpo", "kto"):
         kl_stop = KLStop(tokenizer, probe_items(tokenizer, rows, cfg.max_length), cfg.stop_kl,
-                         reference=ref_model)
+                         reference=ref_model, max_scale=cfg.max_lr_scale)
         callbacks.append(kl_stop)
     weights = kto_weights(rows, cfg.desirable_weight, cfg.undesirable_weight) \
         if cfg.method == "kto" else None

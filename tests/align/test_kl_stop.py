@@ -37,7 +37,7 @@ def test_training_stops_at_the_first_check_over_the_target_with_the_kl_the_weigh
     trained = train(tiny, rows, cfg)
     record = trained.kl_stop
     assert trained.steps == 4 and record.stopped_at == 4, record
-    (step, kl), = record.checks
+    (step, kl, _), = record.checks
     assert step == 4 and kl >= cfg.stop_kl
     # the callback's reference (the adapter switched off / the frozen copy) is the base: scoring
     # the returned weights against a fresh load of the base gives the same KL on the same answers
@@ -77,3 +77,38 @@ def test_the_stop_defaults_to_half_the_gates_kl_bound_and_sft_has_none():
     assert stop("run") == 0.25 and stop("run", "--max-kl", "0.4") == 0.2
     assert stop("dpo", "--stop-kl", "0") == 0.0 and stop("kto", "--stop-kl", "0.1") == 0.1
     assert stop("sft") == 0.0
+
+
+def test_pace_gain_reaches_the_aim_if_kl_grows_with_the_square_of_the_rate_spent():
+    from prefloop.align.train.kl_stop import PACE_AIM, PACE_GAIN, pace_gain
+    # spent 1, KL 0.002 of target 0.25: the end wants sqrt(0.2 / 0.002) = 10x the distance, so
+    # 9 more units of rate; 6 remain at the present rate: x1.5
+    assert pace_gain(0.002, 0.25, spent=1.0, remaining=6.0) == pytest.approx(
+        (((PACE_AIM * 0.25) / 0.002) ** 0.5 - 1) / 6.0)
+    assert pace_gain(0.0002, 0.25, 1.0, 6.0) == PACE_GAIN  # far under: at most PACE_GAIN a check
+    assert pace_gain(0.0, 0.25, 1.0, 6.0) == PACE_GAIN
+    assert pace_gain(0.15, 0.25, 1.0, 6.0) == 1.0  # on course already: never down
+    assert pace_gain(0.01, 0.25, 1.0, 0.0) == 1.0  # nothing left to scale
+
+
+def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_target(tiny):
+    rows = dpo_rows(32)
+
+    def run(max_scale):
+        cfg = TrainConfig(method="dpo", lr=1e-4, batch_size=4, max_steps=12, lora=True, lora_r=4,
+                          stop_kl=10.0, max_lr_scale=max_scale, bf16=False)
+        return train(tiny, rows, cfg)
+    plain, paced = run(1.0), run(4.0)
+    assert plain.kl_stop.lr_scale == 1.0 and plain.steps == paced.steps == 12
+    # x2 a check, 4 in all; the last check (step 12) has no steps left to scale
+    assert [g for _, _, g in paced.kl_stop.checks] == [2.0, 4.0, 4.0]
+    lrs = {name: [h["learning_rate"] for h in r.log_history if "learning_rate" in h]
+           for name, r in (("plain", plain), ("paced", paced))}
+    # steps 1-4 ran at the set schedule; steps 5-8 at 2x the plain run's rate, then 4x
+    assert lrs["paced"][:4] == pytest.approx(lrs["plain"][:4])
+    assert lrs["paced"][4:8] == pytest.approx([2 * x for x in lrs["plain"][4:8]])
+    assert lrs["paced"][8:11] == pytest.approx([4 * x for x in lrs["plain"][8:11]])
+    (_, kl_plain, _), (_, kl_paced, _) = plain.kl_stop.checks[-1], paced.kl_stop.checks[-1]
+    assert kl_paced > 2 * kl_plain
+    record = paced.kl_stop.to_record()
+    assert record["max_lr_scale"] == 4.0 and record["lr_scale"] == 4.0
