@@ -47,6 +47,11 @@ class KLRecord:
     stopped_at: int | None = None
 
     @property
+    def latest_kl(self) -> float:
+        """The last check's KL per token (0 before the first: the policy starts as its reference)."""
+        return self.checks[-1][1] if self.checks else 0.0
+
+    @property
     def lr_scale(self) -> float:
         """The learning-rate multiplier the run ended with (1: never paced up)."""
         return self.checks[-1][2] if self.checks else 1.0
@@ -104,6 +109,10 @@ def probe_items(tokenizer, rows: list[dict[str, Any]], max_length: int,
 
 class KLStop(TrainerCallback):
     """Stop training when the probe's KL per answer token reaches `target` (module docstring)."""
+
+    @property
+    def latest_kl(self) -> float:
+        return self.record.latest_kl
 
     def __init__(self, tokenizer, items: list, target: float, every: int = 4,
                  reference=None, max_scale: float = 1.0) -> None:

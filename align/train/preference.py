@@ -40,6 +40,7 @@ from prefloop.align.train.common import (
 )
 from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.align.train.kl_stop import KLRecord, KLStop, probe_items
+from prefloop.align.train.kto_reference import probe_reference_kto
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -191,9 +192,11 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         else:
             args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=weights[0],
                              undesirable_weight=weights[1])
-            trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
-                                 train_dataset=dataset, processing_class=tokenizer,
-                                 peft_config=peft_config, callbacks=callbacks)
+            # with the KL stop, z0 is its probe's KL (align/train/kto_reference.py)
+            kto_class = KTOTrainer if kl_stop is None else probe_reference_kto(kl_stop)
+            trainer = kto_class(model=model, ref_model=ref_model, args=args,
+                                train_dataset=dataset, processing_class=tokenizer,
+                                peft_config=peft_config, callbacks=callbacks)
         # answers the user saw cut keep no end-of-turn tokens (TRL's template adds them)
         trainer.train_dataset = drop_end_of_turn(trainer.train_dataset, tokenizer, cfg.method)
         quiet_progress(trainer)
@@ -202,6 +205,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
             trainer.remove_callback(kl_stop)
             log.warning("--stop-kl is not measured under FSDP / DeepSpeed sharding: every step runs")
             kl_stop = None
+            if hasattr(trainer, "kl_source"):
+                trainer.kl_source = None  # KTO's reference point: TRL's own estimate
         if sharded and cfg.lora:
             raise InvalidArgument("LoRA (the default) is not supported with FSDP / DeepSpeed "
                                   "sharding: pass --no-lora for a sharded full fine-tune, or use "

@@ -112,3 +112,52 @@ def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_tar
     assert kl_paced > 2 * kl_plain
     record = paced.kl_stop.to_record()
     assert record["max_lr_scale"] == 4.0 and record["lr_scale"] == 4.0
+
+
+def kto_rows(n: int) -> list[dict]:
+    rows = []
+    for p in banana_pairs(n, seed=5):
+        rows.append({"prompt": p["prompt"], "completion": [
+            {"role": "assistant", "content": p["chosen"]}], "label": True})
+        rows.append({"prompt": p["prompt"], "completion": [
+            {"role": "assistant", "content": p["rejected"]}], "label": False})
+    return rows
+
+
+def test_kto_takes_its_reference_point_from_the_probe_without_forward_passes_of_its_own(
+        tiny, monkeypatch):
+    import trl
+
+    from prefloop.align.train import preference as P
+    from prefloop.align.train.kto_reference import probe_reference_kto
+
+    def no_kl_passes(self, model, batch):
+        raise AssertionError("TRL's KL forward passes ran")
+    monkeypatch.setattr(trl.KTOTrainer, "_compute_kl_logps", no_kl_passes)
+    calls = []  # (lengths, returned, the probe's KL at the time)
+
+    def recording(kl_stop):
+        class Recording(probe_reference_kto(kl_stop)):
+            def _compute_kl_logps(self, model, batch):
+                out = super()._compute_kl_logps(model, batch)
+                calls.append((batch["KL_completion_mask"].sum(-1).float(), out,
+                               kl_stop.latest_kl))
+                return out
+        return Recording
+    monkeypatch.setattr(P, "probe_reference_kto", recording)
+    cfg = TrainConfig(method="kto", lr=5e-3, batch_size=4, max_steps=8, lora=True, lora_r=4,
+                      stop_kl=10.0, max_lr_scale=1.0, bf16=False)
+    trained = train(tiny, kto_rows(16), cfg)
+    assert trained.steps == 8 and len(calls) == 16  # a policy and a reference call a step
+    (_, kl_at_4, _), _ = trained.kl_stop.checks
+    assert kl_at_4 > 0
+    for i, (lengths, out, kl) in enumerate(calls):
+        policy_call = i % 2 == 0
+        assert kl == (0.0 if i < 8 else kl_at_4)  # steps 1-4 before the first check, 5-8 after
+        assert out.tolist() == pytest.approx((lengths * kl).tolist() if policy_call
+                                             else [0.0] * len(lengths))
+    # TRL's logged z0 is the mean of the policy's minus the reference's values
+    logged = [h["kl"] for h in trained.log_history if "kl" in h]
+    assert logged[:4] == [0.0] * 4
+    assert logged[4:] == pytest.approx([float(calls[2 * s][0].mean()) * kl_at_4
+                                        for s in range(4, 8)], rel=1e-5)
