@@ -265,7 +265,7 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
         _voter_cap(d)
     _evaluation(d, eval_batch_size=4)
     if trl:
-        d.add_argument("--max-train-eval", type=int, default=64, metavar="N",
+        d.add_argument("--max-train-eval", type=int, default=32, metavar="N",
                        help="newest N training rows scored for the train metrics (0: none; the "
                             "gate reads held-out rows only)")
     _gate(p, "win rate over the current version on held-out pairs" if trl else

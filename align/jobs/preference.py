@@ -57,7 +57,7 @@ class JobConfig:
     # when the offline evidence is inconclusive but the candidate safe (runner.conclude)
     keep_rejected: bool = True  # publish a candidate the gate rejected (marked rejected)
     eval_batch_size: int = 4
-    max_train_eval: int = 64  # newest training rows scored for the train metrics
+    max_train_eval: int = 32  # newest training rows scored for the train metrics
     device: str | None = None  # evaluation device (default: cuda if available, else cpu)
     publish: str = "adapter"  # LoRA: publish the adapter, or "full" merged weights
     drop_looping: bool = True  # train no looping answer as a good one (data.without_looping_desirable)
@@ -160,7 +160,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                                      decision_config(cfg.gate, season.next_decision)),
                            season, cfg.gate)
     seconds["score"] = time.perf_counter() - started
-    result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()} | \
+        result.metrics.get("seconds", {})
     result.gate = decision.to_record()
     if decision.passed or cfg.keep_rejected or (
             cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
@@ -329,11 +330,13 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                                 gate_config.degeneration_prompts)
     degeneration = None
     if prompts:
+        started = time.perf_counter()
         current_model = (reference if current in (None, base)
                          else load_causal_lm(registry.version_dir(current), dev))
-        degeneration = _degeneration(policy, current_model, tok, prompts, gate_config)
+        degeneration = _degeneration(policy, current_model, tok, prompts, gate_config, tc.bf16)
         result.metrics["degeneration"] = degeneration.to_record()
         del current_model
+        result.metrics["seconds"] = {"degeneration": round(time.perf_counter() - started, 1)}
     for key in ("implicit_reward_accuracy", "implicit_reward_margin"):
         if key in outcomes:
             heldout[f"{key}_vs_current"] = outcomes[key]
@@ -365,15 +368,25 @@ def _distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]
     return out[::-1]
 
 
-def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_config: GateConfig):
-    """Both versions answer `prompts` (same seeds, temperature 0.7: the page's default)."""
+def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_config: GateConfig,
+                  bf16: bool | None = None):
+    """Both versions answer `prompts` (same seeds, temperature 0.7: the page's default), under
+    bf16 autocast where training would use it (`use_bf16`: a 1.4x shorter check on this CPU; the
+    check counts loops and words, and both versions sample in the same precision)."""
+    import torch
+
+    from prefloop.align.train.common import use_bf16
     from prefloop.align.train.ppo import sample_texts
     kw = dict(max_new_tokens=gate_config.degeneration_tokens, temperature=0.7, seed=0)
+    device = next(policy.parameters()).device.type
+    autocast = torch.autocast(device, dtype=torch.bfloat16,
+                              enabled=use_bf16(bf16, cpu_native=True) and device in ("cpu", "cuda"))
     was_training = policy.training
     policy.eval()
     try:
-        return Degeneration.of(sample_texts(policy, tok, prompts, **kw),
-                               sample_texts(current_model, tok, prompts, **kw))
+        with autocast:
+            return Degeneration.of(sample_texts(policy, tok, prompts, **kw),
+                                   sample_texts(current_model, tok, prompts, **kw))
     finally:
         policy.train(was_training)
 

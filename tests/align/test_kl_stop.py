@@ -47,6 +47,39 @@ def test_training_stops_at_the_first_check_over_the_target_with_the_kl_the_weigh
     assert float(scores.kl_sum.sum() / scores.tokens.sum()) == pytest.approx(kl, rel=1e-3)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_later_checks_measure_the_kl_the_weights_have_with_the_reference_run_once(tiny, lora,
+                                                                                  monkeypatch):
+    from prefloop.align.train import kl_stop
+    runs = []
+    real = kl_stop._OnceOnProbe.get_decoder
+
+    def counting(self):
+        decoder = self._reference.get_decoder()
+
+        def run(**kwargs):
+            runs.append(1)
+            return decoder(**kwargs)
+        inner = type("R", (), {"get_decoder": lambda _: run})()
+        probe, self._reference = self._reference, inner
+        try:
+            return real(self)
+        finally:
+            self._reference = probe
+    monkeypatch.setattr(kl_stop._OnceOnProbe, "get_decoder", counting)
+    rows = dpo_rows(16)
+    cfg = TrainConfig(method="dpo", lr=5e-2 if lora else 1e-2, batch_size=4, max_steps=8,
+                      lora=lora, lora_r=4, stop_kl=10.0, max_lr_scale=1.0, bf16=False)
+    trained = train(tiny, rows, cfg)
+    assert [s for s, _, _ in trained.kl_stop.checks] == [4, 8] and len(runs) == 1
+    (_, first, _), (_, last, _) = trained.kl_stop.checks
+    items = probe_items(trained.tokenizer, rows, cfg.max_length)
+    scores = ev.score_encoded(trained.model.float().eval(), trained.tokenizer, items,
+                              reference=load_causal_lm(tiny), batch_size=len(items))
+    assert last != first
+    assert float(scores.kl_sum.sum() / scores.tokens.sum()) == pytest.approx(last, rel=1e-3)
+
+
 def test_a_target_of_zero_trains_every_step(tiny):
     cfg = TrainConfig(method="dpo", lr=1e-2, batch_size=4, max_steps=8, lora=False, stop_kl=0.0,
                       bf16=False)
