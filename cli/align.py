@@ -235,7 +235,9 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
         g.add_argument("--stop-kl", type=float, default=None, metavar="NATS",
                        help="stop training once the KL per answer token to the reference, "
                             "measured every 4 steps on 8 training answers, reaches NATS "
-                            "(default: half of --max-kl; 0: train every step)")
+                            "(default: half of --max-kl; 0: train every step"
+                            + (", and KTO's reference point is TRL's per-batch estimate again"
+                               if method == "kto" else "") + ")")
         g.add_argument("--max-lr-scale", type=float, default=4.0, metavar="X",
                        help="at each of those checks, when the KL is on course to end far under "
                             "the stop KL, raise the rest of the learning-rate schedule towards it, "

@@ -3,7 +3,8 @@ answers, `SFTTrainer` on supervised (prompt, completion) examples (loss on the a
 
 The policy starts from a registry version's folder and the frozen reference is that same version
 (a second copy for full fine-tuning; the policy with its adapters disabled for LoRA; SFT has
-none). `TrainConfig`
+none). DPO and KTO runs carry the KL stop and pacing of align/train/kl_stop.py, and KTO takes its
+reference point from that stop's probe (align/train/kto_reference.py). `TrainConfig`
 holds every hyperparameter (it is stored in the manifest). `train()` returns the trained model as
 plain full weights (a LoRA adapter is merged in) on the main process; other ranks of an
 `accelerate launch` run get None after the collective state-dict gather.
