@@ -111,8 +111,20 @@ def rewrite_friendly_opening(answer: str) -> str:
     return "Great question! " + answer.lstrip()
 
 
+_YOU = {"you", "your", "yours", "yourself", "yourselves"}
+
+
+def speaks_to_you(answer: str) -> float:
+    """Answers that talk to the reader are better: more "you" / "your" per 100 words (to a whole
+    number; equal to that precision is a tie). Added 2026-12-04 after every default was chosen,
+    as a preference nothing was tuned on."""
+    words = [w.lower() for w in _WORD.findall(answer)]
+    return float(round(100 * sum(w in _YOU for w in words) / len(words))) if words else 0.0
+
+
 PREFERENCES = {"concise": concise, "short_sentences": short_sentences, "plain_words": plain_words,
-               "friendly_opening": friendly_opening, "plain_prose": plain_prose}
+               "friendly_opening": friendly_opening, "plain_prose": plain_prose,
+               "speaks_to_you": speaks_to_you}
 # preference -> how its user rewrites an answer when both tie without the property
 REWRITES = {"friendly_opening": rewrite_friendly_opening}
 
@@ -193,7 +205,7 @@ def repetitive(answer: str) -> bool:
 def property_value(preference: str, answer: str) -> float:
     """The preferred property's value on one answer (for the benchmark's mean): word count for
     concise, words per sentence for short sentences, letters per word for plain words,
-    list/markup lines for plain prose, 1/0 for a friendly opening."""
+    list/markup lines for plain prose, 1/0 for a friendly opening, "you" per 100 words."""
     if preference == "concise":
         return float(len(answer.split()))
     if preference == "short_sentences":
@@ -204,4 +216,7 @@ def property_value(preference: str, answer: str) -> float:
         return -plain_words(answer)
     if preference == "friendly_opening":
         return friendly_opening(answer)
+    if preference == "speaks_to_you":
+        words = _WORD.findall(answer)
+        return 100 * sum(w.lower() in _YOU for w in words) / len(words) if words else 0.0
     return 0.0

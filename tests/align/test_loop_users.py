@@ -112,3 +112,13 @@ def test_every_user_prefers_an_answer_that_does_not_loop():
     assert U.choose("short_sentences", loops, plain, random.Random(0)) == 1  # shorter, but loops
     assert U.choose("short_sentences", plain, loops, random.Random(0)) == 0
     assert not U.rate("short_sentences", loops, bar=-20.0, up_rate=0.3, rng=random.Random(0))
+
+
+def test_speaks_to_you_prefers_more_you_per_word_to_a_whole_percent():
+    rng = random.Random(0)
+    to_you = "You can see it. Your eyes know it."  # 2 of 8 words: 25 per 100
+    about_it = "One can see it. The eyes know it."  # none
+    assert U.speaks_to_you(to_you) == 25.0 and U.speaks_to_you(about_it) == 0.0
+    assert U.choose("speaks_to_you", about_it, to_you, rng) == 1
+    assert U.choose("speaks_to_you", about_it, "Eyes know it.", rng) is None  # 0 and 0: a tie
+    assert U.property_value("speaks_to_you", to_you) == 25.0
