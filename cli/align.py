@@ -238,11 +238,12 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "(default: half of --max-kl; 0: train every step"
                             + (", and KTO's reference point is TRL's per-batch estimate again"
                                if method == "kto" else "") + ")")
-        g.add_argument("--max-lr-scale", type=float, default=4.0, metavar="X",
+        g.add_argument("--max-lr-scale", type=float, default=1.0, metavar="X",
                        help="at each of those checks, when the KL is on course to end far under "
                             "the stop KL, raise the rest of the learning-rate schedule towards it, "
-                            "up to X times the set rate in all (default %(default)s; 1: no pacing; "
-                            "needs --stop-kl)")
+                            "up to X times the set rate in all (default %(default)s: no pacing; "
+                            "it drifted answers off topic on noisy thumbs, docs/align.md; needs "
+                            "--stop-kl)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,
                  max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")

@@ -73,7 +73,7 @@ class TrainConfig:
     desirable_weight: float | None = None  # kto; None (both): balance the label counts
     undesirable_weight: float | None = None  # kto
     stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
-    max_lr_scale: float = 4.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
+    max_lr_scale: float = 1.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False

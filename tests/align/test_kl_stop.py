@@ -194,3 +194,16 @@ def test_kto_takes_its_reference_point_from_the_probe_without_forward_passes_of_
     assert logged[:4] == [0.0] * 4
     assert logged[4:] == pytest.approx([float(calls[2 * s][0].mean()) * kl_at_4
                                         for s in range(4, 8)], rel=1e-5)
+
+
+def test_pacing_is_off_unless_asked_for():
+    from prefloop.cli.align import canonical_argv, job_config
+    from prefloop.cli.main import build_parser
+
+    def scale(*argv):
+        argv = canonical_argv(["align", *argv])
+        return job_config(build_parser(argv).parse_args(argv)).train.max_lr_scale
+    assert TrainConfig().max_lr_scale == 1.0 and scale("run") == 1.0
+    assert scale("run", "--max-lr-scale", "4") == 4.0
+    with pytest.raises(InvalidArgument, match="max lr scale"):
+        TrainConfig(max_lr_scale=0.5)
