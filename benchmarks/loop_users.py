@@ -114,12 +114,16 @@ def rewrite_friendly_opening(answer: str) -> str:
 _YOU = {"you", "your", "yours", "yourself", "yourselves"}
 
 
+def you_per_100_words(answer: str) -> float:
+    words = [w.lower() for w in _WORD.findall(answer)]
+    return 100 * sum(w in _YOU for w in words) / len(words) if words else 0.0
+
+
 def speaks_to_you(answer: str) -> float:
     """Answers that talk to the reader are better: more "you" / "your" per 100 words (to a whole
     number; equal to that precision is a tie). Added 2026-12-04 after every default was chosen,
     as a preference nothing was tuned on."""
-    words = [w.lower() for w in _WORD.findall(answer)]
-    return float(round(100 * sum(w in _YOU for w in words) / len(words))) if words else 0.0
+    return float(round(you_per_100_words(answer)))
 
 
 PREFERENCES = {"concise": concise, "short_sentences": short_sentences, "plain_words": plain_words,
@@ -217,6 +221,5 @@ def property_value(preference: str, answer: str) -> float:
     if preference == "friendly_opening":
         return friendly_opening(answer)
     if preference == "speaks_to_you":
-        words = _WORD.findall(answer)
-        return 100 * sum(w.lower() in _YOU for w in words) / len(words) if words else 0.0
+        return you_per_100_words(answer)
     return 0.0

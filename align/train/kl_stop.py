@@ -9,8 +9,8 @@ answer token — the number the gate checks, on a fixed probe of training answer
 bound: held-out answers move less than trained ones, and the rest is headroom). The reference is
 the LoRA policy with its adapter switched off (the default), or the frozen copy of a full
 fine-tune. Each check is one forward pass of the policy over the probe (no gradients; the frozen
-reference's hidden states on it are computed at the first check and kept), a few percent of a
-step's cost at the defaults.
+reference's hidden states on it are computed at the first check and kept); its time counts in the
+job's training time.
 
 It also **paces** the run (`max_scale` > 1): at each check it projects the KL the run would end
 at if the learning rate kept its schedule — the distance from the reference grows with the

@@ -52,21 +52,24 @@ def test_later_checks_measure_the_kl_the_weights_have_with_the_reference_run_onc
                                                                                   monkeypatch):
     from prefloop.align.train import kl_stop
     runs = []
-    real = kl_stop._OnceOnProbe.get_decoder
 
-    def counting(self):
-        decoder = self._reference.get_decoder()
+    class Counting:  # the reference, counting the passes of its decoder
+        def __init__(self, reference):
+            self.reference = reference
 
-        def run(**kwargs):
-            runs.append(1)
-            return decoder(**kwargs)
-        inner = type("R", (), {"get_decoder": lambda _: run})()
-        probe, self._reference = self._reference, inner
-        try:
-            return real(self)
-        finally:
-            self._reference = probe
-    monkeypatch.setattr(kl_stop._OnceOnProbe, "get_decoder", counting)
+        def get_decoder(self):
+            decoder = self.reference.get_decoder()
+
+            def run(**kwargs):
+                runs.append(1)
+                return decoder(**kwargs)
+            return run
+
+        def get_output_embeddings(self):
+            return self.reference.get_output_embeddings()
+    real_init = kl_stop._OnceOnProbe.__init__
+    monkeypatch.setattr(kl_stop._OnceOnProbe, "__init__",
+                        lambda self, reference: real_init(self, Counting(reference)))
     rows = dpo_rows(16)
     cfg = TrainConfig(method="dpo", lr=5e-2 if lora else 1e-2, batch_size=4, max_steps=8,
                       lora=lora, lora_r=4, stop_kl=10.0, max_lr_scale=1.0, bf16=False)
@@ -100,13 +103,17 @@ def test_kto_weights_balance_the_labels_unless_given():
         TrainConfig(method="kto", desirable_weight=0.0)
 
 
-def test_the_stop_defaults_to_half_the_gates_kl_bound_and_sft_has_none():
+def train_config_of(*argv) -> TrainConfig:
+    """The TrainConfig an `align ...` command line builds."""
     from prefloop.cli.align import canonical_argv, job_config
     from prefloop.cli.main import build_parser
+    argv = canonical_argv(["align", *argv])
+    return job_config(build_parser(argv).parse_args(argv)).train
 
+
+def test_the_stop_defaults_to_half_the_gates_kl_bound_and_sft_has_none():
     def stop(*argv):
-        argv = canonical_argv(["align", *argv])
-        return job_config(build_parser(argv).parse_args(argv)).train.stop_kl
+        return train_config_of(*argv).stop_kl
     assert stop("run") == 0.25 and stop("run", "--max-kl", "0.4") == 0.2
     assert stop("dpo", "--stop-kl", "0") == 0.0 and stop("kto", "--stop-kl", "0.1") == 0.1
     assert stop("sft") == 0.0
@@ -197,12 +204,8 @@ def test_kto_takes_its_reference_point_from_the_probe_without_forward_passes_of_
 
 
 def test_pacing_is_off_unless_asked_for():
-    from prefloop.cli.align import canonical_argv, job_config
-    from prefloop.cli.main import build_parser
-
     def scale(*argv):
-        argv = canonical_argv(["align", *argv])
-        return job_config(build_parser(argv).parse_args(argv)).train.max_lr_scale
+        return train_config_of(*argv).max_lr_scale
     assert TrainConfig().max_lr_scale == 1.0 and scale("run") == 1.0
     assert scale("run", "--max-lr-scale", "4") == 4.0
     with pytest.raises(InvalidArgument, match="max lr scale"):
