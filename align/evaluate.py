@@ -13,6 +13,8 @@ rejected answers of a batch go through one concatenated forward pass per model.
 - `pair_metrics(...)`: loss, reward accuracy / margin (implicit rewards β·log π/π_ref, as TRL logs
   them), reference-free preference accuracy (what the gate compares), KL per token;
 - `score_examples` / `example_metrics`: the same for unpaired KTO examples;
+- `centered_moves`: per answer, the candidate's log-ratio to the current version minus its
+  expectation under the current version's own sampling (benchmarks/gate_power.py);
 - `paired_pair_outcomes` / `indexed_pair_outcomes`: candidate vs current version on the same
   held-out items, as the win / loss / tie counts the gate's paired tests take (align/gate.py);
 - `sft_metrics`: negative log-likelihood per token of supervised examples.
@@ -91,12 +93,14 @@ class Scores:
     tokens: torch.Tensor  # [n]
     ref_logps: torch.Tensor | None = None  # [n]
     kl_sum: torch.Tensor | None = None  # [n] sum over completion tokens of KL(policy ‖ ref)
+    back_kl_sum: torch.Tensor | None = None  # [n] the same sum of KL(ref ‖ policy), if asked
 
 
 @torch.no_grad()
 def _score_items(policy, tokenizer, items: list[Encoded], groups: Iterable[list[int]], *,
-                 reference=None, progress: str | None = None) -> Scores:
-    """Score `items`; each group of item indices goes through one forward pass per model."""
+                 reference=None, progress: str | None = None, back_kl: bool = False) -> Scores:
+    """Score `items`; each group of item indices goes through one forward pass per model
+    (`back_kl`: also Σ_t KL_t(reference ‖ policy), for `centered_moves`)."""
     from tqdm.auto import tqdm
     device = next(policy.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -104,6 +108,8 @@ def _score_items(policy, tokenizer, items: list[Encoded], groups: Iterable[list[
     logps, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     ref_logps = torch.zeros(n, dtype=torch.float64) if reference is not None else None
     kl_sum = torch.zeros(n, dtype=torch.float64) if reference is not None else None
+    back_kl_sum = torch.zeros(n, dtype=torch.float64) if reference is not None and back_kl \
+        else None
     groups = list(groups)
     for group in tqdm(groups, desc=progress, disable=progress is None, leave=False):
         input_ids, attention_mask, completion_mask = _batch([items[i] for i in group], pad_id,
@@ -126,7 +132,25 @@ def _score_items(policy, tokenizer, items: list[Encoded], groups: Iterable[list[
             kl = torch.cat([token_kl(logits[s:s + _KL_CHUNK], ref_logits[s:s + _KL_CHUNK])
                             for s in range(0, logits.shape[0], _KL_CHUNK)]).double().cpu()  # [n]
             kl_sum[index] = torch.zeros(len(group), dtype=torch.float64).index_add_(0, rows, kl)
-    return Scores(logps, tokens, ref_logps, kl_sum)
+            if back_kl_sum is not None:
+                back = torch.cat([token_kl(ref_logits[s:s + _KL_CHUNK], logits[s:s + _KL_CHUNK])
+                                  for s in range(0, logits.shape[0], _KL_CHUNK)]).double().cpu()
+                back_kl_sum[index] = torch.zeros(len(group), dtype=torch.float64).index_add_(
+                    0, rows, back)
+    return Scores(logps, tokens, ref_logps, kl_sum, back_kl_sum)
+
+
+def centered_moves(scores: Scores) -> list[float]:
+    """Per answer scored with `back_kl` (policy = candidate, reference = the version it would
+    replace): its move, Σ_t log π_cand/π_cur (y_t), minus what that sum is expected to be had
+    every token been drawn from the current version given the same prefix
+    (−Σ_t KL_t(π_cur ‖ π_cand)), so that a prompt all of whose answers the candidate shifts
+    centres near 0. A statistic the gate was measured with and did not take (the tuning votes
+    disagreed about it: benchmarks/gate_power.py, docs/align.md)."""
+    if scores.ref_logps is None or scores.back_kl_sum is None:
+        raise ValueError("centered moves need scores taken with back_kl against the current "
+                         "version")
+    return (scores.logps - scores.ref_logps + scores.back_kl_sum).tolist()
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[Encoded]:
@@ -152,19 +176,21 @@ def score_pairs(policy, tokenizer, pairs: list[PreferencePair], *, reference=Non
 
 def score_examples(policy, tokenizer, examples: list[RatedAnswer | SftExample], *,
                    reference=None, batch_size: int = 8, max_length: int = 1024,
-                   progress: str | None = None) -> Scores:
+                   progress: str | None = None, back_kl: bool = False) -> Scores:
     items = [encode(tokenizer, e.prompt, e.completion, max_length, is_cut(e.finish_reason))
              for e in examples]
     return score_encoded(policy, tokenizer, items, reference=reference, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, back_kl=back_kl)
 
 
 def score_encoded(policy, tokenizer, items: list[Encoded], *, reference=None,
-                  batch_size: int = 8, progress: str | None = None) -> Scores:
+                  batch_size: int = 8, progress: str | None = None,
+                  back_kl: bool = False) -> Scores:
     """Scores of already encoded (prompt, completion) items (`encode`), `batch_size` a pass."""
     groups = [list(range(s, min(s + batch_size, len(items))))
               for s in range(0, len(items), batch_size)]
-    return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress)
+    return _score_items(policy, tokenizer, items, groups, reference=reference, progress=progress,
+                        back_kl=back_kl)
 
 
 def split_pair_scores(scores: Scores) -> tuple[Scores, Scores]:
@@ -173,7 +199,8 @@ def split_pair_scores(scores: Scores) -> tuple[Scores, Scores]:
     def part(sl: slice) -> Scores:
         return Scores(scores.logps[sl], scores.tokens[sl],
                       None if scores.ref_logps is None else scores.ref_logps[sl],
-                      None if scores.kl_sum is None else scores.kl_sum[sl])
+                      None if scores.kl_sum is None else scores.kl_sum[sl],
+                      None if scores.back_kl_sum is None else scores.back_kl_sum[sl])
     return part(slice(0, n)), part(slice(n, 2 * n))
 
 

@@ -3,7 +3,12 @@ did the candidate move the answers people liked up relative to the answers they 
 
 Matched (desirable, undesirable) pairs (`data.example_pairs`) use min(#up, #down) of the lone
 thumbs and drop the rest; this test uses every held-out answer. A move is the candidate's
-log-prob of an answer minus the current version's, per answer token; the statistic is rank-based
+log-prob of an answer minus the current version's, summed over the answer's tokens: the
+implicit reward KTO and DPO train on (up to β). Until 2026-12-05 it was divided by the answer's
+length; on both tuning splits of the population benchmark the sum saw more (randomization p
+0.037 -> 0.011 and 0.021 -> 0.017 on the same candidates; a move centred on its expectation
+under the current version's own sampling was better on one split and worse on the other:
+benchmarks/gate_power.py, docs/align.md "What the gate looks at"). The statistic is rank-based
 — the AUC, the share of (liked, disliked) answer pairs in which the liked one moved more (ties
 one half), i.e. the Mann-Whitney U scaled to [0, 1] — because moves are heavy-tailed: a mean
 difference of moves was tried first and a few large moves of one prompt hid 19 of 27 matched
@@ -129,7 +134,7 @@ class PermutationTest:
             return f"{what}: held-out answers of one label only, nothing to compare"
         return (f"every held-out answer ({self.ups} up, {self.n - self.ups} down): a liked answer "
                 f"moved more than a disliked one in {self.mean:.3f} of their pairs (AUC of the "
-                f"moves per token), {self.confidence:.0%} bootstrap interval [{self.lower:.3f}, "
+                f"summed moves), {self.confidence:.0%} bootstrap interval [{self.lower:.3f}, "
                 f"{self.upper:.3f}]:"
                 f" one-sided randomization p = {self.p_value:.3g} "
                 f"{'<' if self.passed else '>='} {(1.0 - self.confidence) / 2:.3g}")

@@ -308,8 +308,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                                                dev))
         outcomes = ev.indexed_pair_outcomes(example_scores, current_scores, index_pairs,
                                             beta=tc.beta)
-        moves = ((example_scores.logps - current_scores.logps)
-                 / example_scores.tokens.clamp(min=1)).tolist()
+        moves = (example_scores.logps - current_scores.logps).tolist()  # summed: rating_test
         outcomes["ratings"] = (moves, [bool(r.label) for r in split.heldout],
                                [logschema.prompt_fingerprint(None, r.prompt)
                                 for r in split.heldout])

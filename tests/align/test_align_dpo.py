@@ -265,6 +265,14 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert "7 pairs of the same prompt, 0 matched across prompts" in out["metrics"]["gate_basis"]
     assert out["data"]["looping_desirable_dropped"] == 0  # counted (none of these answers loops)
     assert reg.Registry(data_dir).manifest("v0001").method == "kto"
+    # a candidate trained from v0000 while v0001 is current: judged against v0001's own weights
+    reg.Registry(data_dir).promote("v0001", force=True, reason="test")
+    rc = cli.main(["align", "kto", "--data-dir", str(data_dir), "--model", str(tiny),
+                   "--base", "v0000", "--max-steps", "2", "--json", *FAST])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["status"] in ("promoted", "rejected", "published"), out
+    reasons = " ".join(out["gate"]["reasons"])
+    assert "vs v0001" in reasons and "AUC of the summed moves" in reasons, reasons
 
 
 def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):

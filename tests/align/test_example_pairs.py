@@ -7,6 +7,7 @@ import datetime as dt
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from prefloop.align import data, evaluate, gate, rating_test
@@ -114,3 +115,33 @@ def test_the_randomization_test_sees_many_small_moves_that_a_few_large_ones_woul
 
 def test_ranks_share_ties():
     assert rating_test._ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def _tiny_lm(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_centered_moves_average_zero_over_the_current_versions_answers_where_raw_moves_do_not():
+    """Exact oracle: over EVERY 3-token answer (6^3 of them) weighted by the current version's
+    probability of it, the centered move sums to 0 (each token's term has mean 0 given its
+    prefix), while the raw log-ratio sums to minus the sequence KL(current ‖ candidate) < 0."""
+    import itertools
+    from types import SimpleNamespace
+    candidate, current = _tiny_lm(1), _tiny_lm(2)
+    items = [evaluate.Encoded([1, 2], list(y)) for y in itertools.product(range(6), repeat=3)]
+    scores = evaluate.score_encoded(candidate, SimpleNamespace(pad_token_id=0), items,
+                                    reference=current, batch_size=64, back_kl=True)
+    weights = scores.ref_logps.exp()
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+    centered = torch.tensor(evaluate.centered_moves(scores), dtype=torch.float64)
+    raw = scores.logps - scores.ref_logps
+    assert float((weights * centered).sum()) == pytest.approx(0.0, abs=1e-6)
+    sequence_kl = float((weights * -raw).sum())
+    assert sequence_kl > 0.005  # 0.011 for these two random models
+    # the back KL is KL(current ‖ candidate) token by token: its mean over current's answers is
+    # the same sequence KL
+    assert float((weights * scores.back_kl_sum).sum()) == pytest.approx(sequence_kl, rel=1e-4)

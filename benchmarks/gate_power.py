@@ -1,0 +1,121 @@
+"""Which held-out statistic sees what a candidate learned from votes? One kept candidate (a
+`loop_sweep.py --keep` run dir), the gate's own held-out answers (the job's time split), and the
+rating test's one-sided randomization p-value (align/rating_test.py) under each way of measuring
+an answer's move, side by side:
+
+- per_token: Σ_t log π_cand/π_cur (y_t) / tokens (the gate until 2026-12-05);
+- sum: the same sum undivided (the implicit reward KTO and DPO train; the gate now);
+- centered_per_token / centered_sum: minus its expectation had every token been drawn from the
+  current version given the same prefix, −Σ_t KL_t(π_cur ‖ π_cand) (`evaluate.centered_moves`);
+- sampled_baseline (with --samples K > 0): per_token minus the mean per-token move of K answers
+  the current version samples for the same prompt at the page's settings — the same idea by
+  sampling, at the cost of generating K answers per held-out prompt.
+
+    python benchmarks/gate_power.py --run /tmp/sweep3/short_sentences-...-seed2/run-default
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefloop.align import data as data_mod
+from prefloop.align import evaluate as ev
+from prefloop.align.rating_test import PermutationTest
+from prefloop.align.train.common import load_causal_lm
+from prefloop.align.train.ppo import (
+    answer_mask,
+    answer_texts,
+    encode_prompt,
+    eos_token_ids,
+    left_pad,
+    sample_answers,
+)
+from prefloop.server import registry as reg
+from prefloop.server.feedback import schema as logschema
+from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
+
+
+def sampled(lm, tok, prompts, k: int, max_new_tokens: int, temperature: float, seed: int,
+            batch_size: int = 8) -> list[tuple[int, str, bool]]:
+    """(prompt index, text, cut) for `k` answers of every prompt, sampled under bf16 autocast."""
+    eos = eos_token_ids(lm, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    jobs = [i for i in range(len(prompts)) for _ in range(k)]
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        torch.manual_seed(seed + start)
+        idx = jobs[start:start + batch_size]
+        ids, mask = left_pad([encode_prompt(tok, prompts[i], 512) for i in idx], pad, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            resp = sample_answers(lm, ids, mask, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, pad_id=pad, eos_ids=eos)
+        ended = torch.isin(resp, torch.tensor(eos)).any(1).tolist()
+        texts = answer_texts(tok, resp, answer_mask(resp, eos), eos)
+        out += [(i, t, not e) for i, t, e in zip(idx, texts, ended)]
+        print(f"  sampled {min(start + batch_size, len(jobs))}/{len(jobs)}", file=sys.stderr,
+              flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True,
+                    help="a kept loop_sweep run dir (its registry holds v0000 and the candidate)")
+    ap.add_argument("--candidate", default=None, help="the candidate version (default: newest)")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="current's answers per held-out prompt for sampled_baseline (0: skip)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="of each sampled answer")
+    ap.add_argument("--temperature", type=float, default=0.7, help="of the sampled answers")
+    ap.add_argument("--heldout-fraction", type=float, default=0.2, help="as the job's")
+    ap.add_argument("--seed", type=int, default=0, help="of the sampled answers")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    registry = reg.Registry(args.run)
+    cand = args.candidate or sorted(p.name for p in registry.versions_dir.iterdir())[-1]
+    held = data_mod.time_split(data_mod.load_examples(args.run, voter_cap=DEFAULT_VOTER_CAP),
+                               args.heldout_fraction).heldout
+    print(f"gate_power: {cand} vs v0000 on {len(held)} held-out answers", file=sys.stderr,
+          flush=True)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(registry.version_dir("v0000"))
+    policy = load_causal_lm(registry.version_dir(cand), "cpu")
+    current = load_causal_lm(registry.version_dir("v0000"), "cpu")
+    scores = ev.score_examples(policy, tok, held, reference=current, batch_size=4, back_kl=True)
+    raw = (scores.logps - scores.ref_logps).numpy()
+    centered = np.array(ev.centered_moves(scores))
+    tokens = scores.tokens.clamp(min=1).numpy()
+    labels = [bool(r.label) for r in held]
+    groups = [logschema.prompt_fingerprint(None, r.prompt) for r in held]
+    variants = {"per_token": raw / tokens, "sum": raw, "centered_per_token": centered / tokens,
+                "centered_sum": centered}
+    keys = sorted(set(groups))
+    if args.samples > 0:
+        prompt_of = {g: r.prompt for g, r in zip(groups, held)}
+        samples = sampled(current, tok, [prompt_of[g] for g in keys], args.samples,
+                          args.max_tokens, args.temperature, args.seed)
+        s_items = [ev.encode(tok, prompt_of[keys[i]], [{"role": "assistant", "content": t}], 1024,
+                             cut) for i, t, cut in samples]
+        s = ev.score_encoded(policy, tok, s_items, reference=current, batch_size=4)
+        s_moves = ((s.logps - s.ref_logps) / s.tokens.clamp(min=1)).numpy()
+        baseline = {g: float(np.mean([m for (i, _, _), m in zip(samples, s_moves) if keys[i] == g]))
+                    for g in keys}
+        variants["sampled_baseline"] = raw / tokens - np.array([baseline[g] for g in groups])
+    out = {"run": str(args.run), "candidate": cand, "answers": len(held), "ups": sum(labels),
+           "prompts": len(keys), "samples_per_prompt": args.samples}
+    for name, moves in variants.items():
+        test = PermutationTest.of(moves.tolist(), labels, groups, 0.9)
+        out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(out))
+    print(f"gate_power: done in {out['seconds']} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
