@@ -8,12 +8,20 @@ each answer is measured (`answer_stats`):
 - **loops**: some three-word sequence occurs three times or more;
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
-- **length**: words.
+- **length**: words;
+- **KL on its own answers**: the exact per-token KL(candidate ‖ current) at every prefix of the
+  candidate's sampled answers, averaged over their tokens. The gate's KL bound is measured on the
+  held-out answers, which the current version wrote; a candidate that has left the current
+  version's language or topic writes text the current version would never write, and the KL
+  there, on its own answers, is the same quantity taken where the candidate actually goes
+  (docs/align.md: a run at KL 0.135 on held-out answers answered "Tell me about chocolate." in
+  French-like gibberish).
 
 `degeneration_check` rejects a candidate that loops in measurably more prompts than the current
 version (one-sided exact sign test on the prompts where exactly one of the two loops, at 5 %),
 whose mean distinct ratio drops by more than `max_distinct_drop`, or whose mean length leaves
-[current / `max_length_ratio`, current × `max_length_ratio`] (collapsed or runaway answers).
+[current / `max_length_ratio`, current × `max_length_ratio`] (collapsed or runaway answers), or
+whose KL on its own answers exceeds `max_own_kl` (the gate's KL bound).
 The numbers go into the gate's reasons either way.
 """
 from __future__ import annotations
@@ -59,9 +67,11 @@ class Degeneration:
     current_distinct: float
     candidate_words: float  # mean answer length in words
     current_words: float
+    candidate_own_kl: float | None = None  # nats per token on its own answers (None: unmeasured)
 
     @classmethod
-    def of(cls, candidate: list[str], current: list[str]) -> "Degeneration":
+    def of(cls, candidate: list[str], current: list[str],
+           candidate_own_kl: float | None = None) -> "Degeneration":
         if len(candidate) != len(current):
             raise ValueError("one answer per prompt from each version")
         a = [answer_stats(t) for t in candidate]
@@ -71,30 +81,36 @@ class Degeneration:
                    sum(x.loops and not y.loops for x, y in zip(a, b)),
                    sum(y.loops and not x.loops for x, y in zip(a, b)),
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
-                   sum(s.words for s in a) / n, sum(s.words for s in b) / n)
+                   sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl)
 
     def to_record(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
 def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_drop: float = 0.2,
-                       max_length_ratio: float = 4.0) -> Check:
+                       max_length_ratio: float = 4.0, max_own_kl: float | None = None) -> Check:
     """The deciding check (see the module docstring); its text carries every number."""
     p = sign_test_p(d.only_candidate_loops, d.only_current_loops)
     more_loops = d.only_candidate_loops > d.only_current_loops and p < level
     drop = d.current_distinct - d.candidate_distinct
     ratio = (d.candidate_words / d.current_words) if d.current_words else float("inf")
     extreme = d.current_words > 0 and not 1 / max_length_ratio <= ratio <= max_length_ratio
+    far = (max_own_kl is not None and d.candidate_own_kl is not None
+           and d.candidate_own_kl > max_own_kl)
     problems = [what for bad, what in (
         (more_loops, f"loops in more prompts (p {p:.3f} < {level:g})"),
         (drop > max_distinct_drop, f"distinct-word ratio dropped by {drop:.2f} > "
                                    f"{max_distinct_drop:g}"),
         (extreme, f"mean length {ratio:.2f}x the current version's (outside "
-                  f"[1/{max_length_ratio:g}, {max_length_ratio:g}])")) if bad]
+                  f"[1/{max_length_ratio:g}, {max_length_ratio:g}])"),
+        (far, f"KL on its own answers {d.candidate_own_kl or 0:.3f} nats/token > bound "
+              f"{max_own_kl or 0:g} (it writes what the current version would not)")) if bad]
     text = (f"degeneration on {d.prompts} held-out prompts: loops {d.candidate_loops} vs current "
             f"{d.current_loops} (only one loops: {d.only_candidate_loops} / "
             f"{d.only_current_loops}, sign-test p {p:.3f}); distinct-word ratio "
             f"{d.candidate_distinct:.2f} vs {d.current_distinct:.2f}; mean words "
-            f"{d.candidate_words:.1f} vs {d.current_words:.1f}")
+            f"{d.candidate_words:.1f} vs {d.current_words:.1f}"
+            + ("" if d.candidate_own_kl is None else
+               f"; KL on its own answers {d.candidate_own_kl:.3f} nats/token"))
     return Check(CHECK_DEGENERATION, not problems,
                  text + (": " + "; ".join(problems) if problems else ""))

@@ -352,7 +352,8 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                       ratings=outcomes.get("ratings"))
     decision = with_drift(decision, kl_to_root, root, gate_config)
     if degeneration is not None:
-        decision = with_check(decision, degeneration_check(degeneration))
+        decision = with_check(decision, degeneration_check(degeneration,
+                                                           max_own_kl=gate_config.max_kl))
     return decision
 
 
@@ -384,10 +385,26 @@ def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_co
     policy.eval()
     try:
         with autocast:
-            return Degeneration.of(sample_texts(policy, tok, prompts, **kw),
-                                   sample_texts(current_model, tok, prompts, **kw))
+            candidate = sample_texts(policy, tok, prompts, **kw)
+            current = sample_texts(current_model, tok, prompts, **kw)
+        return Degeneration.of(candidate, current,
+                               own_answer_kl(policy, current_model, tok, prompts, candidate))
     finally:
         policy.train(was_training)
+
+
+def own_answer_kl(policy, current_model, tok, prompts: list[list[dict]],
+                  answers: list[str]) -> float | None:
+    """The exact per-token KL(policy ‖ current) at every prefix of `answers` (the policy's own
+    samples), per answer token: align/degeneration.py. Each answer is scored as written (no
+    end-of-turn token appended: it may have been cut at the length limit)."""
+    from prefloop.align import evaluate as ev
+    items = [ev.encode(tok, p, [{"role": "assistant", "content": a}], 4096, cut=True)
+             for p, a in zip(prompts, answers) if a]
+    if not items:
+        return None
+    scores = ev.score_encoded(policy, tok, items, reference=current_model, batch_size=8)
+    return float(scores.kl_sum.sum() / scores.tokens.sum().clamp(min=1))
 
 
 def _kl_to(cfg: JobConfig, root_dir: Path, policy, tok, pairs: list | None,

@@ -2,6 +2,8 @@
 length of the candidate's answers against the current version's on the same prompts."""
 from __future__ import annotations
 
+import pytest
+
 from prefloop.align.degeneration import Degeneration, answer_stats, degeneration_check
 
 FINE = "The cat sat on the warm mat and looked at the garden for a while."
@@ -45,3 +47,33 @@ def test_a_longer_natural_answer_keeps_its_distinct_ratio():
             "them waited there until the evening came and the lights went on in the house.")
     assert answer_stats(long).distinct_ratio > 0.75  # the first 32 words only
     assert degeneration_check(Degeneration.of([long] * 10, [FINE] * 10)).passed  # 3.2x longer
+
+
+def test_a_candidate_far_from_the_current_version_on_its_own_answers_is_rejected():
+    def check(kl):
+        return degeneration_check(Degeneration.of([FINE] * 10, [FINE] * 10, kl), max_own_kl=0.5)
+    far = check(0.9)
+    assert not far.passed
+    assert "KL on its own answers 0.900 nats/token > bound 0.5" in far.text
+    assert check(0.3).passed and "KL on its own answers 0.300 nats/token" in check(0.3).text
+    assert check(None).passed and "own answers" not in check(None).text  # not measured
+
+
+def test_own_answer_kl_is_zero_for_the_same_weights_and_grows_with_a_perturbation(tmp_path):
+    import torch
+    from align_helpers import tiny_policy
+    from transformers import AutoTokenizer
+
+    from prefloop.align.jobs.preference import own_answer_kl
+    from prefloop.align.train.common import load_causal_lm
+    path = tiny_policy(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    current, candidate = load_causal_lm(path), load_causal_lm(path)
+    prompts = [[{"role": "user", "content": q}] for q in ("hi", "tell me about cats")]
+    answers = ["hello there friend", "cats are small and they like to sleep"]
+    assert own_answer_kl(candidate, current, tok, prompts, answers) == pytest.approx(0, abs=1e-6)
+    with torch.no_grad():
+        candidate.get_output_embeddings().weight.mul_(3.0)  # sharper everywhere
+    kl = own_answer_kl(candidate, current, tok, prompts, answers)
+    assert kl > 0.01
+    assert own_answer_kl(candidate, current, tok, prompts, ["", ""]) is None  # nothing to score
