@@ -11,6 +11,9 @@ an answer's move, side by side:
   the current version samples for the same prompt at the page's settings — the same idea by
   sampling, at the cost of generating K answers per held-out prompt.
 
+Beside them: the candidate's KL to the current version on the held-out answers (the gate's KL) and
+on its own answers to 16 held-out prompts (the degeneration check's, align/degeneration.py).
+
     python benchmarks/gate_power.py --run /tmp/sweep3/short_sentences-...-seed2/run-default
 """
 from __future__ import annotations
@@ -75,6 +78,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7, help="of the sampled answers")
     ap.add_argument("--heldout-fraction", type=float, default=0.2, help="as the job's")
     ap.add_argument("--seed", type=int, default=0, help="of the sampled answers")
+    ap.add_argument("--own-kl-prompts", type=int, default=16,
+                    help="held-out prompts the candidate answers for its KL on its own answers, "
+                         "as the degeneration check takes it (0: skip)")
     args = ap.parse_args()
     started = time.perf_counter()
     registry = reg.Registry(args.run)
@@ -112,6 +118,16 @@ def main() -> None:
     for name, moves in variants.items():
         test = PermutationTest.of(moves.tolist(), labels, groups, 0.9)
         out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
+    if args.own_kl_prompts:
+        from prefloop.align.jobs.preference import own_answer_kl
+        from prefloop.align.train.ppo import sample_texts
+        prompts = [r.prompt for r in held]
+        prompts = [p for i, p in enumerate(prompts) if p not in prompts[:i]][-args.own_kl_prompts:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            answers = sample_texts(policy, tok, prompts, max_new_tokens=96, temperature=0.7,
+                                   seed=0)
+        out["own_answer_kl"] = round(own_answer_kl(policy, current, tok, prompts, answers), 4)
+        out["heldout_kl"] = round(float(scores.kl_sum.sum() / scores.tokens.sum()), 4)
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out))
     print(f"gate_power: done in {out['seconds']} s", file=sys.stderr)
