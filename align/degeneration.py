@@ -11,11 +11,11 @@ each answer is measured (`answer_stats`):
 - **length**: words;
 - **KL on its own answers**: the exact per-token KL(candidate ‖ current) at every prefix of the
   candidate's sampled answers, averaged over their tokens. The gate's KL bound is measured on the
-  held-out answers, which the current version wrote; a candidate that has left the current
-  version's language or topic writes text the current version would never write, and the KL
-  there, on its own answers, is the same quantity taken where the candidate actually goes
-  (docs/align.md: a run at KL 0.135 on held-out answers answered "Tell me about chocolate." in
-  French-like gibberish).
+  held-out answers, which the current version wrote; this is the same quantity where the
+  candidate actually goes, so the bound holds there too. On the five population candidates of
+  2026-12-05 it read 0.6-1.0x their held-out KL (0.019-0.073 nats/token; docs/align.md, "What the
+  gate looks at"), the off-topic ones included: it bounds a candidate that has gone far, it does
+  not detect a mild drift of topic.
 
 `degeneration_check` rejects a candidate that loops in measurably more prompts than the current
 version (one-sided exact sign test on the prompts where exactly one of the two loops, at 5 %),

@@ -7,8 +7,9 @@ log-prob of an answer minus the current version's, summed over the answer's toke
 implicit reward KTO and DPO train on (up to β). Until 2026-12-05 it was divided by the answer's
 length; on both tuning splits of the population benchmark the sum saw more (randomization p
 0.037 -> 0.011 and 0.021 -> 0.017 on the same candidates; a move centred on its expectation
-under the current version's own sampling was better on one split and worse on the other:
-benchmarks/gate_power.py, docs/align.md "What the gate looks at"). The statistic is rank-based
+under the current version's own sampling was better on one split and worse on the other;
+on the fresh split reported after, no variant separated the candidates, p 0.19-0.20 for the good
+one: benchmarks/gate_power.py, docs/align.md "What the gate looks at"). The statistic is rank-based
 — the AUC, the share of (liked, disliked) answer pairs in which the liked one moved more (ties
 one half), i.e. the Mann-Whitney U scaled to [0, 1] — because moves are heavy-tailed: a mean
 difference of moves was tried first and a few large moves of one prompt hid 19 of 27 matched
