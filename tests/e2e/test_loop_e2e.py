@@ -74,6 +74,8 @@ def test_served_voted_retrained_served_better(tmp_path):
         assert registry.current() == "v0001", job.stdout
         gate = registry.manifest("v0001").gate
         assert gate["passed"] and gate["candidate_accuracy"] > gate["current_accuracy"], gate
+        # the degeneration check ran on the LoRA candidate, its own-answer KL within the bound
+        assert any("KL on its own answers" in r for r in gate["reasons"]), gate["reasons"]
         with Client(server.target, token=ADMIN_TOKEN) as admin:
             assert wait_until(lambda: admin.model_info().model_version == "v0001", timeout=120)
             answer = admin.chat([{"role": "user", "content": "Say one sentence about a cat."}],
