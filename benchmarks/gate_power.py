@@ -29,41 +29,13 @@ import torch
 
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
+from prefloop.align.jobs.preference import distinct_prompts, own_answer_kl
 from prefloop.align.rating_test import PermutationTest
 from prefloop.align.train.common import load_causal_lm
-from prefloop.align.train.ppo import (
-    answer_mask,
-    answer_texts,
-    encode_prompt,
-    eos_token_ids,
-    left_pad,
-    sample_answers,
-)
+from prefloop.align.train.ppo import sample_texts
 from prefloop.server import registry as reg
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
-
-
-def sampled(lm, tok, prompts, k: int, max_new_tokens: int, temperature: float, seed: int,
-            batch_size: int = 8) -> list[tuple[int, str, bool]]:
-    """(prompt index, text, cut) for `k` answers of every prompt, sampled under bf16 autocast."""
-    eos = eos_token_ids(lm, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    jobs = [i for i in range(len(prompts)) for _ in range(k)]
-    out = []
-    for start in range(0, len(jobs), batch_size):
-        torch.manual_seed(seed + start)
-        idx = jobs[start:start + batch_size]
-        ids, mask = left_pad([encode_prompt(tok, prompts[i], 512) for i in idx], pad, "cpu")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            resp = sample_answers(lm, ids, mask, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, pad_id=pad, eos_ids=eos)
-        ended = torch.isin(resp, torch.tensor(eos)).any(1).tolist()
-        texts = answer_texts(tok, resp, answer_mask(resp, eos), eos)
-        out += [(i, t, not e) for i, t, e in zip(idx, texts, ended)]
-        print(f"  sampled {min(start + batch_size, len(jobs))}/{len(jobs)}", file=sys.stderr,
-              flush=True)
-    return out
 
 
 def main() -> None:
@@ -104,13 +76,16 @@ def main() -> None:
     keys = sorted(set(groups))
     if args.samples > 0:
         prompt_of = {g: r.prompt for g, r in zip(groups, held)}
-        samples = sampled(current, tok, [prompt_of[g] for g in keys], args.samples,
-                          args.max_tokens, args.temperature, args.seed)
-        s_items = [ev.encode(tok, prompt_of[keys[i]], [{"role": "assistant", "content": t}], 1024,
-                             cut) for i, t, cut in samples]
+        asked = [g for g in keys for _ in range(args.samples)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            texts = sample_texts(current, tok, [prompt_of[g] for g in asked],
+                                 max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                 seed=args.seed)
+        s_items = [ev.encode(tok, prompt_of[g], [{"role": "assistant", "content": t}], 1024,
+                             cut=True) for g, t in zip(asked, texts)]
         s = ev.score_encoded(policy, tok, s_items, reference=current, batch_size=4)
         s_moves = ((s.logps - s.ref_logps) / s.tokens.clamp(min=1)).numpy()
-        baseline = {g: float(np.mean([m for (i, _, _), m in zip(samples, s_moves) if keys[i] == g]))
+        baseline = {g: float(np.mean([m for h, m in zip(asked, s_moves) if h == g]))
                     for g in keys}
         variants["sampled_baseline"] = raw / tokens - np.array([baseline[g] for g in groups])
     out = {"run": str(args.run), "candidate": cand, "answers": len(held), "ups": sum(labels),
@@ -119,10 +94,7 @@ def main() -> None:
         test = PermutationTest.of(moves.tolist(), labels, groups, 0.9)
         out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
     if args.own_kl_prompts:
-        from prefloop.align.jobs.preference import own_answer_kl
-        from prefloop.align.train.ppo import sample_texts
-        prompts = [r.prompt for r in held]
-        prompts = [p for i, p in enumerate(prompts) if p not in prompts[:i]][-args.own_kl_prompts:]
+        prompts = distinct_prompts([r.prompt for r in held], args.own_kl_prompts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             answers = sample_texts(policy, tok, prompts, max_new_tokens=96, temperature=0.7,
                                    seed=0)

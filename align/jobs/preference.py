@@ -325,7 +325,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
         kl_to_root = _kl_to(cfg, registry.version_dir(root), policy, tok,
                             gate_pairs or None, None if gate_pairs else split.heldout, dev)
     heldout["kl_to_root_per_token"], heldout["root_version"] = kl_to_root, root
-    prompts = _distinct_prompts([p.prompt for p in gate_pairs] or [r.prompt for r in split.heldout],
+    prompts = distinct_prompts([p.prompt for p in gate_pairs] or [r.prompt for r in split.heldout],
                                 gate_config.degeneration_prompts)
     degeneration = None
     if prompts:
@@ -357,7 +357,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     return decision
 
 
-def _distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:
+def distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:
     """The newest `limit` distinct prompts of `prompts` (oldest first)."""
     seen, out = set(), []
     for p in reversed(prompts):
