@@ -14,12 +14,14 @@ logits at every position) and generates its own greedy continuation. Reported pe
   extra) is installed and the model is the embedded one (its Q4_1 GGUF).
 
     python benchmarks/quant_quality.py [--modes bfloat16,bfloat16+torch-ops,bfloat16+int8] [--max-tokens 64]
-                                       [--prompts 8] [--model PATH]
+                                       [--prompts 8] [--model PATH] [--steps prefill|decode]
 
 A mode is DTYPE, optionally followed by `+int8` (`--quantize int8`), `+int4` (`--quantize int4`:
-groups of 32, int8 LM head), `+int4-head` (int4 with the LM head in int4 too), and/or `+torch-ops` (bfloat16
+groups of 32, int8 LM head), `+int4-head` (int4 with the LM head in int4 too), `+torch-ops` (bfloat16
 without the kernel library's fused norm / RoPE / SiLU ops, which the engine uses by default: see
-docs/engine.md). Modes run eager: `--compile` computes the same model (tests/model/test_compile.py).
+docs/engine.md) and/or `+torch-kernel` (a quantized mode's small batches through torch's
+weight-only kernels instead of prefloop's integer-dot ones, which round the activations to int8:
+server/model/quant_gemv.py; compare them with `--steps decode`, since a prefill never takes them). Modes run eager: `--compile` computes the same model (tests/model/test_compile.py).
 """
 from __future__ import annotations
 
@@ -45,8 +47,13 @@ def continuations(model, prompts: list[list[int]], max_tokens: int) -> list[list
     return [out[str(i)][0] for i in range(len(prompts))]
 
 
+STEPS = "prefill"  # or "decode" (--steps): how all_logits feeds a sequence to the model
+
+
 def all_logits(model, seq_ids: list[int]) -> torch.Tensor:
-    """Teacher-forced logits [len, vocab] (float32) of one sequence: one prefill step."""
+    """Teacher-forced logits [len, vocab] (float32) of one sequence: one prefill step, or with
+    `--steps decode` one step per token (the path of a decoding stream: quantized modes' small-batch
+    kernels, which a prefill's large batch never reaches)."""
     from prefloop.server.engine.model_runner import ModelRunner
     from prefloop.server.engine.sampling_params import SamplingParams
     from prefloop.server.engine.scheduler import ScheduledSeq
@@ -55,8 +62,15 @@ def all_logits(model, seq_ids: list[int]) -> torch.Tensor:
     runner = ModelRunner(model, -(-n // block), block)
     seq = Sequence(0, "score", 0, list(seq_ids), n, SamplingParams(max_tokens=1), 0)
     seq.block_table, seq.num_computed = list(range(-(-n // block))), 0
-    ids, positions, meta, _, _ = runner.build([ScheduledSeq(seq, n)])
-    return model(ids, positions, runner.kv_caches, meta, torch.arange(n)).float()
+    if STEPS == "prefill":
+        ids, positions, meta, _, _ = runner.build([ScheduledSeq(seq, n)])
+        return model(ids, positions, runner.kv_caches, meta, torch.arange(n)).float()
+    rows = []
+    for i in range(n):
+        seq.num_computed = i
+        ids, positions, meta, _, _ = runner.build([ScheduledSeq(seq, 1)])
+        rows.append(model(ids, positions, runner.kv_caches, meta, torch.arange(1)).float())
+    return torch.cat(rows)
 
 
 HELD_TEXT = Path(__file__).resolve().parent / "data" / "held_text.txt"
@@ -112,7 +126,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded model)")
     ap.add_argument("--text", default=str(HELD_TEXT), help="held text for perplexity (default %(default)s)")
+    ap.add_argument("--steps", default="prefill", choices=["prefill", "decode"],
+                    help="score each sequence in one prefill step or one decode step per token "
+                         "(the path a decoding stream takes; default %(default)s)")
     args = ap.parse_args()
+    global STEPS
+    STEPS = args.steps
     from prefloop.server.model.loader import load_model, resolve_model_dir
     from prefloop.server.serving.tokenizer import Tokenizer
 
@@ -136,16 +155,18 @@ def main() -> None:
             print(f"{'llama.cpp Q4_1':18} {'-':>15} {'-':>7} {'-':>7} {llama_ppl:7.3f} {'-':>8}")
     for mode in args.modes.split(","):
         dtype, *options = mode.split("+")
-        unknown = set(options) - {"int8", "int4", "int4-head", "torch-ops"}
+        unknown = set(options) - {"int8", "int4", "int4-head", "torch-ops", "torch-kernel"}
         if unknown:
             ap.error(f"unknown mode options {sorted(unknown)} in {mode!r}; use +int8, +int4, "
-                     "+int4-head and/or +torch-ops")
+                     "+int4-head, +torch-ops and/or +torch-kernel")
         t0 = time.perf_counter()
         quantize = next((q for q in ("int8", "int4") if q in options), "none")
-        if "int4-head" in options:  # not a serve option: quantized here, after a plain load
+        if "int4-head" in options or "torch-kernel" in options:  # not serve options: quantized here
             from prefloop.server.model.quantize import quantize_model
             model = quantize_model(load_model(model_dir, dtype=dtype, weight_layout="plain"),
-                                   "int4", head="int4")
+                                   "int4" if "int4-head" in options else quantize,
+                                   head="int4" if "int4-head" in options else "int8",
+                                   kernel="torch" if "torch-kernel" in options else "auto")
         else:
             model = load_model(model_dir, dtype=dtype, quantize=quantize)
         if "torch-ops" in options:

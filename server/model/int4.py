@@ -3,8 +3,10 @@
 Group-wise and asymmetric, as llama.cpp's Q4_1: every `group` (default 32) input channels of an
 output row share a scale and a zero point, w ≈ (q - 8) * scale + zero with q in 0..15, where zero
 = min + 8 * scale of the group. Small batches (one or a few decoding streams: memory-bound, the
-weights dominate the bytes read) run torch's CPU int4 kernel `aten._weight_int4pack_mm_for_cpu`
-on weights packed two per byte, a quarter of bf16's bytes; larger batches (compute-bound) multiply
+weights dominate the bytes read) run on weights packed two per byte, a quarter of bf16's bytes:
+prefloop's integer-dot kernel where it runs fast (bfloat16 layers on an AVX512-VNNI CPU; the
+activations rounded to int8 in groups of 32, as llama.cpp does: server/model/quant_gemv.py), else
+torch's CPU int4 kernel `aten._weight_int4pack_mm_for_cpu`; larger batches (compute-bound) multiply
 by the dequantized weight, built once on first use, so both paths compute with the same
 quantized weights. Embeddings and norms stay as they are.
 
@@ -22,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefloop.server.model.packed_linear import pack_weight, packed_linear
+from prefloop.server.model.quant_gemv import max_rows_for, pack_int4, unpack_int4, use_native
 
 log = logging.getLogger(__name__)
 
 INT4_GROUP = 32  # input channels per scale and zero point
 INT4_GROUPS = (32, 64, 128, 256)  # what the CPU kernel takes
-INT4_MAX_ROWS = 4  # batches up to this many tokens take the int4 kernel
 
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:
@@ -59,33 +61,45 @@ def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, max_rows: int = INT4_MAX_ROWS):
+    """`kernel`: "auto" / "torch" / "native", which small-batch kernel (server/model/quant_gemv.py)."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, max_rows: int | None = None,
+                 kernel: str = "auto"):
         super().__init__()
         out_f, in_f = linear.weight.shape
         if not int4_fits(out_f, in_f, group):
             raise ValueError(f"the int4 kernel cannot run a {out_f}x{in_f} layer in groups of {group}")
         dtype = linear.weight.dtype
         q, scales, zeros = quantize_groups(linear.weight, group)
-        self.register_buffer(
-            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        # [in/group, out, 2]: the kernel's layout of (scale, zero)
-        self.register_buffer(
-            "scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype))
+        self.native = use_native(kernel, dtype, group)
+        if self.native:  # [out/16, in/32, 320]: nibbles, scales and zeros per block of 16 outputs
+            self.register_buffer("packed", pack_int4(q, scales.to(dtype), zeros.to(dtype)))
+            self.scales_and_zeros = None
+        else:
+            self.register_buffer(
+                "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            # [in/group, out, 2]: the kernel's layout of (scale, zero)
+            self.register_buffer(
+                "scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype))
+        self.dtype = dtype
         self.bias = linear.bias
         self.group = group
-        self.max_rows = max_rows
+        self.max_rows = max_rows_for(self.native, max_rows)  # batches up to this take the int4 kernel
         self.out_features, self.in_features = out_f, in_f
         self._dense: torch.Tensor | None = None
 
     def weight_float(self) -> torch.Tensor:
         """The dequantized weight in float32 (the oracle of the tests, and of `dequantized`)."""
+        if self.native:
+            q, scales, zeros = unpack_int4(self.packed)
+            return dequantize_groups(q, scales.float(), zeros.float())
         sz = self.scales_and_zeros.float().transpose(0, 1)  # [out, in/group, 2]
         q = _unpack(self.packed, self.out_features, self.in_features)
         return dequantize_groups(q, sz[..., 0], sz[..., 1])
 
     def dequantized(self) -> torch.Tensor:
         if self._dense is None:
-            self._dense = self.weight_float().to(self.scales_and_zeros.dtype).contiguous()
+            self._dense = self.weight_float().to(self.dtype).contiguous()
         return self._dense
 
     def prepare_for_compile(self) -> None:
@@ -115,9 +129,11 @@ def _unpack(packed: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
     return (cols.t() + 8.0).round().to(torch.uint8)
 
 
-def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None,
                  dense: torch.Tensor, group: int, max_rows: int) -> torch.Tensor:
     if x.shape[0] <= max_rows:
+        if scales_and_zeros is None:  # the native layout (scales inside)
+            return torch.ops.prefloop_kernels.int4_gemv(x, packed)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group,
                                                           scales_and_zeros)
     return packed_linear(x, dense, None) if dense.is_mkldnn else F.linear(x, dense)
@@ -125,7 +141,7 @@ def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.
 
 # Under torch.compile one opaque op, as int8's (quantize.py).
 @torch.library.custom_op("prefloop::int4_linear", mutates_args=())
-def _int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+def _int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None,
                     dense: torch.Tensor, group: int, max_rows: int) -> torch.Tensor:
     return _int4_linear(x, packed, scales_and_zeros, dense, group, max_rows)
 

@@ -16,7 +16,8 @@
 
 The same library carries the eager fused norm / residual / RoPE / SiLU ops (server/model/csrc/fused_ops.cpp):
 `load_model` turns them on (`LlamaModel.fused_ops`) for bfloat16 whenever the decode kernel is in use,
-and the batched LoRA update (server/model/csrc/lora_update.cpp) that per-request adapters use on CPU.
+the batched LoRA update (server/model/csrc/lora_update.cpp) that per-request adapters use on CPU, and
+the integer-dot int4 / int8 matmuls of quantized decode steps (server/model/csrc/quant_gemv.cpp).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 # and the batched LoRA update of one projection (server/model/lora.py)
 LORA_SOURCE = Path(__file__).parent / "csrc" / "lora_update.cpp"
-SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE)
+# and the integer-dot int4 / int8 matmuls of quantized decode steps (server/model/quant_gemv.py)
+QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_gemv.cpp"
+SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE, QUANT_SOURCE)
 HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.

@@ -88,9 +88,12 @@ def test_two_engines_stepping_on_two_threads(tiny_dir, compile):
     assert results == [reference, reference]
 
 
-def test_compiled_int8_equals_eager_int8(tiny_dir):
-    eager = engine_for(load_model(tiny_dir, quantize="int8"))
-    compiled = engine_for(load_model(tiny_dir, quantize="int8", compile=True))
+@pytest.mark.parametrize("dtype,quantize", [("float32", "int8"), ("bfloat16", "int4")])
+def test_compiled_quantized_equals_eager_quantized(tiny_dir, dtype, quantize):
+    """float32: torch's int8 kernel; bfloat16: the native integer-dot kernels where the CPU has
+    AVX512-VNNI (server/model/quant_gemv.py), one opaque op inside the compiled graph."""
+    eager = engine_for(load_model(tiny_dir, dtype=dtype, quantize=quantize))
+    compiled = engine_for(load_model(tiny_dir, dtype=dtype, quantize=quantize, compile=True))
     ps = prompts(6)
     for engine_out in (compiled.generate({str(i): (p, greedy(16)) for i, p in enumerate(ps)}),
                        {"0": compiled.generate({"0": (ps[0], greedy(16))})["0"]}):
