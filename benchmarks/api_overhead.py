@@ -10,7 +10,7 @@ layer, gRPC and HTTP / engine what a user gets of the engine's speed (the raw en
 round's streams as one batch that starts together; the others start streams as they come).
 
     python benchmarks/api_overhead.py [--concurrency 1,8,32] [--max-tokens 128] [--rounds 2]
-                                      [--dtype auto] [--engine-thread main,own]
+                                      [--dtype auto] [--quantize none] [--engine-thread main,own]
 
 `--engine-thread` runs the server once per value (`prefloop serve --engine-thread`): `main` steps
 the engine on the server's main thread (the default), `own` on a thread of the engine's own (as
@@ -59,12 +59,12 @@ def raw_engine(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int
     return out
 
 
-async def offline(levels: list[int], max_tokens: int, rounds: int, dtype: str
+async def offline(levels: list[int], max_tokens: int, rounds: int, dtype: str, quantize: str = "none"
                   ) -> tuple[dict[int, float], dict[int, float]]:
     """(raw engine, Generator) tokens/s at each level, on one loaded model."""
     from prefloop.server.engine.sampling_params import SamplingParams
     from prefloop.server.serving.build import build_generator
-    gen = build_generator(dtype=dtype)
+    gen = build_generator(dtype=dtype, quantize=quantize)
     raw = raw_engine(gen, levels, max_tokens, rounds)
     await gen.start()
     out = {}
@@ -167,17 +167,21 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream (default %(default)s)")
     ap.add_argument("--dtype", default="auto", help="model dtype, offline and served (default %(default)s)")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                    help="weights, offline and served (default %(default)s)")
     ap.add_argument("--engine-thread", default="main,own",
                     help="server runs, one per value of serve's --engine-thread (default %(default)s)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     modes = args.engine_thread.split(",")
     print(f"api_overhead: raw engine, Generator, gRPC and HTTP at {args.concurrency} streams, "
-          f"{args.max_tokens} greedy tokens, {args.rounds} rounds, dtype {args.dtype}, server "
+          f"{args.max_tokens} greedy tokens, {args.rounds} rounds, dtype {args.dtype}, quantize "
+          f"{args.quantize}, server "
           f"engine thread {' then '.join(modes)}", flush=True)
-    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds, args.dtype))
+    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds, args.dtype, args.quantize))
     served = {m: online(args.concurrency, args.max_tokens, args.rounds,
-                        ("--dtype", args.dtype, "--engine-thread", m)) for m in modes}
+                        ("--dtype", args.dtype, "--quantize", args.quantize, "--engine-thread", m))
+              for m in modes}
     print(f"{'conc':>4} {'thread':>6} {'engine':>7} {'gen':>7} {'gRPC':>7} {'HTTP':>7} {'gen/eng':>7} "
           f"{'gRPC/eng':>8} {'HTTP/eng':>8} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
     for c in levels:
