@@ -5,8 +5,11 @@ token, and peak RSS, for float32 and bfloat16, all in one run on the same weight
 comparable on a noisy machine. Each measurement runs in its own subprocess (clean peak memory).
 
     python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
-                                           [--int4] [--sdpa] [--plain] [--packed] [--json out.json]
+                                           [--int4] [--torch-kernel] [--sdpa] [--plain] [--packed]
+                                           [--no-llama-cpp] [--json out.json]
 
+`--torch-kernel` adds, with `--int8` / `--int4`, the same with `--quant-kernel torch` (torch's
+weight-only kernels for small batches instead of prefloop's integer-dot ones).
 `--compile` adds prefloop with `--compile` (the model step through torch.compile; compilation
 happens at engine start and is not timed), `--int8` / `--int4` prefloop with `--quantize int8` /
 `int4`; with --compile and --int8, also the two together; `--sdpa` prefloop with `--attention sdpa` (gather + SDPA decode attention instead
@@ -41,7 +44,7 @@ def peak_rss_mib() -> float:
 
 
 def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", compile: bool = False,
-                 attention: str = "auto", weight_layout: str = "auto") -> dict:
+                 attention: str = "auto", weight_layout: str = "auto", quant_kernel: str = "auto") -> dict:
     from prefloop.server.engine.kv_cache import KVCacheConfig
     from prefloop.server.engine.llm_engine import LLMEngine
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -50,7 +53,7 @@ def run_prefloop(dtype: str, bs: int, max_tokens: int, quantize: str = "none", c
     d = resolve_model_dir(None)
     tok = Tokenizer(d)
     engine = LLMEngine(load_model(d, dtype=dtype, quantize=quantize, compile=compile, attention=attention,
-                                  weight_layout=weight_layout),
+                                  weight_layout=weight_layout, quant_kernel=quant_kernel),
                        KVCacheConfig(capacity_tokens=bs * (max_tokens + 64) + 256, enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate({"warm": (prompt_ids(tok, 1)[0], SamplingParams(temperature=0, max_tokens=4))})
@@ -123,6 +126,10 @@ RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cp
            "prefloop-sdpa": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, attention="sdpa"),
            "prefloop-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8"),
            "prefloop-int4": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int4"),
+           "prefloop-int8-torchk": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8",
+                                                                              quant_kernel="torch"),
+           "prefloop-int4-torchk": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int4",
+                                                                              quant_kernel="torch"),
            "prefloop-compiled": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, compile=True),
            "prefloop-compiled-int8": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens, "int8",
                                                                                  compile=True)}
@@ -135,6 +142,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="also run prefloop --quantize int8")
     ap.add_argument("--int4", action="store_true", help="also run prefloop --quantize int4")
+    ap.add_argument("--torch-kernel", action="store_true",
+                    help="with --int8 / --int4, also run them with --quant-kernel torch")
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip llama.cpp even when installed (e.g. under ATEN_CPU_CAPABILITY, which "
+                         "does not reach it)")
     ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
     ap.add_argument("--sdpa", action="store_true", help="also run prefloop --attention sdpa")
     ap.add_argument("--plain", action="store_true", help="also run prefloop --weight-layout plain")
@@ -149,13 +161,15 @@ def main() -> int:
         return 0
     try:
         import llama_cpp  # noqa: F401
-        systems = ["prefloop", "transformers", "llama.cpp"]
+        systems = ["prefloop", "transformers"] + ([] if args.no_llama_cpp else ["llama.cpp"])
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
     variants = [v for v, on in (("prefloop-plain", args.plain), ("prefloop-packed", args.packed),
                                 ("prefloop-sdpa", args.sdpa), ("prefloop-compiled", args.compile),
                                 ("prefloop-int8", args.int8), ("prefloop-int4", args.int4),
+                                ("prefloop-int8-torchk", args.int8 and args.torch_kernel),
+                                ("prefloop-int4-torchk", args.int4 and args.torch_kernel),
                                 ("prefloop-compiled-int8", args.compile and args.int8)) if on]
     systems[1:1] = variants
     ours_all = ["prefloop"] + variants

@@ -23,6 +23,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="native engine: weight-only int8 (per row) or int4 (groups of 32, "
                         "int8 LM head) linear layers: faster decode at low concurrency on CPU; "
                         "another model: outputs can differ (default none)")
+    g.add_argument("--quant-kernel", default="auto", choices=["auto", "torch", "native"],
+                   help="with --quantize, the small-batch (decode) matmuls: native = prefloop's "
+                        "integer-dot kernels (activations rounded to int8 in groups of 32, as "
+                        "llama.cpp does; 2.5-4x torch's on AVX512-VNNI), torch = torch's weight-only "
+                        "kernels (activations as they are); auto = native for bfloat16 on a CPU with "
+                        "AVX512-VNNI or AVX2, else torch (default)")
     g.add_argument("--compile", action="store_true",
                    help="native engine: run the model step through torch.compile (≈ 1.1-1.2x faster "
                         "decode steps on CPU; 25-100 s of compiling at start on 2 cores, cached on "
@@ -100,5 +106,6 @@ def generator_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                 enable_lora=args.enable_lora, max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank,
-                quantize=args.quantize, compile=args.compile, attention=args.attention,
+                quantize=args.quantize, quant_kernel=args.quant_kernel, compile=args.compile,
+                attention=args.attention,
                 weight_layout=args.weight_layout, max_grammar_size=args.max_grammar_size)

@@ -4,7 +4,7 @@ Group-wise and asymmetric, as llama.cpp's Q4_1: every `group` (default 32) input
 output row share a scale and a zero point, w ≈ (q - 8) * scale + zero with q in 0..15, where zero
 = min + 8 * scale of the group. Small batches (one or a few decoding streams: memory-bound, the
 weights dominate the bytes read) run on weights packed two per byte, a quarter of bf16's bytes:
-prefloop's integer-dot kernel where it runs fast (bfloat16 layers on an AVX512-VNNI CPU; the
+prefloop's integer-dot kernel where it runs fast (bfloat16 layers on an AVX512-VNNI or AVX2 CPU; the
 activations rounded to int8 in groups of 32, as llama.cpp does: server/model/quant_gemv.py), else
 torch's CPU int4 kernel `aten._weight_int4pack_mm_for_cpu`; larger batches (compute-bound) multiply
 by the dequantized weight, built once on first use, so both paths compute with the same

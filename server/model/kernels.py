@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import sys
 import threading
@@ -49,7 +50,10 @@ SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE, QUANT_SOURCE)
 HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# PREFLOOP_KERNEL_MARCH (default native) builds for another CPU level, e.g. `haswell` (AVX2, no
+# AVX-512) to test and measure that path of the kernels on a newer CPU; a separate build (the flags
+# are in its name).
+CFLAGS = ["-O3", f"-march={os.environ.get('PREFLOOP_KERNEL_MARCH', 'native')}", "-fopenmp"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what paged_decode.cpp is instantiated for
 
 DecodeKernel = Callable[..., torch.Tensor]  # (q, k_cache, v_cache, block_tables, ctx_lens, scale) -> out

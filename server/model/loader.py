@@ -55,12 +55,13 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
                quantize: str = "none", compile: bool = False, attention: str = "auto",
-               weight_layout: str = "auto") -> LlamaModel:
+               weight_layout: str = "auto", quant_kernel: str = "auto") -> LlamaModel:
     """Build `LlamaModel` from an HF folder; every parameter must be filled exactly once.
     `quantize` "int8" / "int4": weight-only linear layers (server/model/quantize.py); `compile`: the step
     runs through torch.compile (server/model/compile.py; compiled when an engine warms it up);
     `attention`: auto / native / sdpa decode attention (server/model/kernels.py);
-    `weight_layout`: auto / packed / plain linear weights (server/model/packed_linear.py)."""
+    `weight_layout`: auto / packed / plain linear weights (server/model/packed_linear.py);
+    `quant_kernel`: auto / torch / native small-batch matmuls of quantized layers (server/model/quant_gemv.py)."""
     if dtype not in DTYPES:
         raise UnsupportedModel(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
     decode_kernel = resolve_decode_kernel(attention, device, DTYPES[dtype])  # before the weights: fail fast
@@ -116,7 +117,10 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu",
     if pending or missing:
         raise UnsupportedModel(f"{model_dir} is missing weights: {sorted(missing + list(pending))[:5]}")
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-    model = quantize_model(model, quantize)
+    try:
+        model = quantize_model(model, quantize, kernel=quant_kernel)
+    except ValueError as exc:  # a kernel asked for that cannot run here
+        raise UnsupportedModel(str(exc)) from exc
     if pack:
         pack_model(model)
     model.packed_weights = pack

@@ -1,13 +1,14 @@
 """The integer-dot kernels for quantized decode (server/model/csrc/quant_gemv.cpp): whether to use
 them, and the weight layouts they read.
 
-`Int4Linear` and `Int8Linear` multiply one to four rows (decode steps of a few streams) either
-with torch's weight-only kernels, which widen every weight to float, or with prefloop's own
-kernels, which quantize the activations to int8 in groups of 32 (as llama.cpp does for its Q4_1
-and Q8_0 dot products) and add 64 byte products per AVX512-VNNI instruction. `kernel`:
-- "auto" (default): the native kernels when the kernel library was built with AVX512-VNNI and the
-  layer's scales are bfloat16 (the layout stores them so; a float32 model keeps torch's kernels,
-  whose exact-activation path the float32 parity tests rely on), else torch's;
+`Int4Linear` and `Int8Linear` multiply small batches (decode steps of a few streams) either with
+torch's weight-only kernels, which widen every weight to float, or with prefloop's own kernels,
+which quantize the activations to int8 in groups of 32 (as llama.cpp does for its Q4_1 and Q8_0
+dot products) and add 64 byte products per AVX512-VNNI instruction (32 per two AVX2 ones).
+`kernel`:
+- "auto" (default): the native kernels when the kernel library was built with AVX512-VNNI or AVX2
+  and the layer's scales are bfloat16 (the layout stores them so; a float32 model keeps torch's
+  kernels, whose exact-activation path the float32 parity tests rely on), else torch's;
 - "torch": always torch's (the benchmarks' comparison, `quant_quality.py`'s `+torch-kernel`);
 - "native": the native kernels, an error where they cannot run fast.
 Larger batches use the dequantized weight either way. The layouts are documented in the C++ file;
@@ -36,16 +37,24 @@ def max_rows_for(native: bool, max_rows: int | None) -> int:
     return NATIVE_MAX_ROWS if native else TORCH_MAX_ROWS
 
 
+FAST_ISAS = ("avx512-vnni", "avx2")  # what the kernels were built for where they beat torch's
+
+
 @functools.cache
-def native_available() -> bool:
-    """Were the kernels built here with AVX512-VNNI? (loads the kernel library; False when it
-    cannot be built)."""
+def kernel_isa() -> str | None:
+    """What the kernel library's quantized matmuls were built for here: "avx512-vnni", "avx2",
+    "portable" (plain loops: correct, slow), or None when the library cannot be built."""
     from prefloop.server.model.kernels import NativeAttentionUnavailable, load_decode_kernel
     try:
         load_decode_kernel()
     except NativeAttentionUnavailable:
-        return False
-    return bool(torch.ops.prefloop_kernels.quant_gemv_vnni())
+        return None
+    return str(torch.ops.prefloop_kernels.quant_gemv_isa())
+
+
+def native_available() -> bool:
+    """Do the native kernels run fast here (built with AVX512-VNNI or AVX2)?"""
+    return kernel_isa() in FAST_ISAS
 
 
 def use_native(kernel: str, dtype: torch.dtype, group: int = GROUP) -> bool:
@@ -60,8 +69,8 @@ def use_native(kernel: str, dtype: torch.dtype, group: int = GROUP) -> bool:
             raise ValueError("the native quantized kernels take bfloat16 layers (int4 in groups of "
                              f"{GROUP}); got {dtype}, groups of {group}")
         if not native_available():
-            raise ValueError("the native quantized kernels need a CPU with AVX512-VNNI and the "
-                             "kernel library (a C++ compiler); use kernel 'torch' or 'auto'")
+            raise ValueError("the native quantized kernels need a CPU with AVX512-VNNI or AVX2 and "
+                             "the kernel library (a C++ compiler); use kernel 'torch' or 'auto'")
         return True
     return fits and native_available()
 

@@ -3,7 +3,7 @@
 
 Each output row of a weight gets one scale (symmetric, absmax / 127). Small batches (decode of a
 few streams: memory-bound, the weights dominate the bytes read) read half the bytes of bf16:
-prefloop's integer-dot kernel where it runs fast (bfloat16 layers on an AVX512-VNNI CPU; the
+prefloop's integer-dot kernel where it runs fast (bfloat16 layers on an AVX512-VNNI or AVX2 CPU; the
 activations rounded to int8 in groups of 32, as llama.cpp's Q8_0 dot products do:
 server/model/quant_gemv.py), else torch's int8-weight kernel `aten._weight_int8pack_mm` (activations
 in the model dtype); larger batches (compute-bound) multiply by the dequantized weight, built once on first use (or

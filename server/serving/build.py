@@ -31,6 +31,8 @@ from prefloop.server.model.loader import (
 )
 from prefloop.server.model.options import DTYPE_CHOICES, auto_dtype, check_model_path
 from prefloop.server.model.packed_linear import resolve_weight_layout
+from prefloop.server.model.quant_gemv import KERNELS as QUANT_KERNELS
+from prefloop.server.model.quant_gemv import use_native
 from prefloop.server.model.quantize import QUANT_MODES
 from prefloop.server.serving.generator import Backend, Generator, ModelInfo
 from prefloop.server.serving.tokenizer import Tokenizer
@@ -61,7 +63,7 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                     backend: str = "native", tensor_parallel_size: int = 1,
                     gpu_memory_utilization: float | None = None,
                     enforce_eager: bool = False, enable_lora: bool = False, max_loras: int = 4,
-                    max_lora_rank: int = 64, quantize: str = "none",
+                    max_lora_rank: int = 64, quantize: str = "none", quant_kernel: str = "auto",
                     compile: bool = False, attention: str = "auto",
                     weight_layout: str = "auto", driver=None,
                     max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Generator:
@@ -92,6 +94,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         raise InvalidArgument(str(exc)) from exc
     if quantize not in QUANT_MODES:
         raise InvalidArgument(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
+    if quant_kernel not in QUANT_KERNELS:
+        raise InvalidArgument(f"quant kernel must be one of {QUANT_KERNELS}, got {quant_kernel!r}")
     check_model_path(model)  # a wrong --model fails now, before any kernel build or load
     dtype = resolve_dtype(dtype, "cuda" if backend == "vllm" and torch.cuda.is_available() else device)
     if backend == "vllm":
@@ -142,14 +146,20 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     # builds the kernel once (or refuses) before anything is loaded
     resolve_decode_kernel(attention, device, DTYPES.get(dtype, torch.float32))
     resolve_weight_layout(weight_layout, device, DTYPES.get(dtype, torch.float32))
+    if quantize != "none" and quant_kernel == "native":
+        try:  # refused now, before the weights are loaded
+            use_native("native", DTYPES.get(dtype, torch.float32))
+        except ValueError as exc:
+            raise InvalidArgument(f"--quant-kernel native: {exc}") from exc
     loader = functools.partial(
         load_backend, dtype=dtype, device=device,
         cache=KVCacheConfig(block_size=block_size or 16, capacity_tokens=kv_cache_tokens,
                             capacity_gib=kv_cache_gib, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens),
-        context=context, quantize=quantize, compile=compile, attention=attention,
-        weight_layout=weight_layout, driver=driver, max_grammar_size=max_grammar_size)
+        context=context, quantize=quantize, quant_kernel=quant_kernel, compile=compile,
+        attention=attention, weight_layout=weight_layout, driver=driver,
+        max_grammar_size=max_grammar_size)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
 
 
@@ -162,14 +172,14 @@ def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ..
 
 
 def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cache: KVCacheConfig,
-                 scheduler: SchedulerConfig, context, quantize: str = "none",
+                 scheduler: SchedulerConfig, context, quantize: str = "none", quant_kernel: str = "auto",
                  compile: bool = False, attention: str = "auto", weight_layout: str = "auto",
                  driver=None, max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Backend:
     """Load one model version (strict: every weight present with the config's shape)."""
     model_dir = Path(model_dir)
     tokenizer = Tokenizer(model_dir)
     llama = load_model(model_dir, dtype=dtype, device=device, quantize=quantize, compile=compile,
-                       attention=attention, weight_layout=weight_layout)
+                       attention=attention, weight_layout=weight_layout, quant_kernel=quant_kernel)
     eos = _eos_ids(model_dir, llama.config.eos_token_ids, tokenizer)
     grammar = GrammarCompiler.for_model(model_dir, llama.config.vocab_size, eos, max_grammar_size)
     engine = LLMEngine(llama, cache, scheduler, eos_token_ids=eos, context=context, grammar=grammar)
@@ -177,11 +187,14 @@ def load_backend(model_dir: Path, version: str, *, dtype: str, device: str, cach
                      context_length=engine.max_model_len,
                      dtype=dtype if quantize == "none" else f"{dtype}+{quantize}", backend="native",
                      model_path=str(model_dir), sampling_defaults=read_sampling_defaults(model_dir))
+    quantized = [m for m in llama.modules() if hasattr(m, "native") and hasattr(m, "max_rows")]
+    kernels = {"native integer-dot" if m.native else "torch" for m in quantized}
     log.info("loaded %s (%s, %s) with %d KV blocks of %d tokens, %s decode attention, %s linear "
-             "weights%s", version, info.architecture, dtype, engine.blocks.num_blocks, cache.block_size,
-             "native" if llama.decode_kernel is not None else "SDPA",
+             "weights%s%s", version, info.architecture, info.dtype, engine.blocks.num_blocks,
+             cache.block_size, "native" if llama.decode_kernel is not None else "SDPA",
              "packed" if llama.packed_weights else "plain",
-             ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "")
+             ", fused norm/RoPE/SiLU ops" if llama.fused_ops else "",
+             f", {' + '.join(sorted(kernels))} quantized matmuls" if kernels else "")
     return Backend(AsyncEngine(engine, driver), tokenizer, info, owns_weights=True)
 
 

@@ -98,7 +98,7 @@ def test_layers_take_the_native_kernels_only_for_bfloat16_where_they_run_fast():
     assert Int4Linear(bf16).native == Int8Linear(bf16).native == qg.native_available()
 
 
-@pytest.mark.skipif(not qg.native_available(), reason="needs the kernels built with AVX512-VNNI")
+@pytest.mark.skipif(not qg.native_available(), reason="needs the kernels built with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("rows", [1, 4, 9])  # the kernel up to 4 rows, the dequantized weight above
 def test_native_layers_compute_with_the_same_weights_as_torchs(rows):
     torch.manual_seed(2)
@@ -112,3 +112,28 @@ def test_native_layers_compute_with_the_same_weights_as_torchs(rows):
         xin = qg.quantize_activations(x) if rows <= 4 else x.float()
         ref = F.linear(xin, w, lin.bias.float())
         assert (native(x).float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("march,isa", [("haswell", "avx2"), ("x86-64", "portable")])
+def test_the_avx2_and_portable_builds_pass_the_same_checks(kernels, march, isa):
+    """The kernel library built for an older CPU level (PREFLOOP_KERNEL_MARCH, its own cached build)
+    runs this file's oracle checks in a fresh process: the AVX2 path (vpmaddubsw) and the plain
+    loops are tested on whatever CPU runs the suite."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, PREFLOOP_KERNEL_MARCH=march)
+    probe = subprocess.run([sys.executable, "-c", "from prefloop.server.model import quant_gemv as q; "
+                            "print(q.kernel_isa())"], env=env, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.strip().splitlines()[-1] == isa, probe.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "kernels_equal or reject or same_weights"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 41  # 40 oracle cases + rejects
+    # the layers take the native kernels on AVX2 (their test runs), not on plain loops (skipped)
+    assert ("skipped" in run.stdout) == (isa == "portable"), run.stdout[-1000:]

@@ -103,6 +103,12 @@ def test_quantize_flag_reaches_the_generator_and_is_refused_where_unsupported():
         build_generator(backend="vllm", quantize="int8")
     with pytest.raises(InvalidArgument, match="quantize must be one of"):
         build_generator(quantize="int2")
+    assert generator_kwargs(p.parse_args([]))["quant_kernel"] == "auto"
+    assert generator_kwargs(p.parse_args(["--quant-kernel", "torch"]))["quant_kernel"] == "torch"
+    with pytest.raises(InvalidArgument, match="quant kernel must be one of"):
+        build_generator(quantize="int4", quant_kernel="fast")
+    with pytest.raises(InvalidArgument, match="--quant-kernel native: .*bfloat16"):  # before loading
+        build_generator(quantize="int4", quant_kernel="native", dtype="float32")
 
 
 @pytest.mark.slow

@@ -2,14 +2,15 @@
 //
 //   int4_gemv(x [n, K], packed uint8 [N/16, K/32, 320])        -> [n, N] in x's dtype
 //   int8_gemv(x [n, K], packed uint8 [N/16, K/32, 512], scales float32 [N]) -> [n, N]
-//   quant_gemv_vnni() -> bool   (compiled with AVX512-VNNI: the fast path below; else portable loops)
+//   quant_gemv_isa() -> str     "avx512-vnni", "avx2" (the fast paths below) or "portable" (plain loops)
 //
 // One decode stream is bound by the bytes of weights read per token; torch's int4 / int8 CPU
 // kernels convert each weight to float and multiply in float, which on a 2-core CPU reaches about
 // 60 % of the memory bandwidth (docs/performance.md). As llama.cpp does, these multiply integers:
 // each row of x is quantized to int8 in groups of 32 inputs (one float scale per group, absmax /
 // 127), and vpdpbusd adds 64 products of unsigned weight bytes and signed activation bytes per
-// instruction into 16 int32 lanes, one lane per output.
+// instruction into 16 int32 lanes, one lane per output (AVX512-VNNI; on AVX2, vpmaddubsw +
+// vpmaddwd do the same in two instructions per 32 products).
 //
 // Weights are stored per block of 16 outputs and group of 32 inputs, in the order the lanes read
 // them: a 64-byte vector holds 4 consecutive inputs of each of the 16 outputs (lane j: bytes
@@ -30,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "vec_math.h"
@@ -137,6 +139,77 @@ void block_outputs(const uint8_t* w, int64_t groups, const QuantRow* const* rows
     if constexpr (!Int4) res[r] = _mm512_mul_ps(res[r], _mm512_loadu_ps(row_scale));
     _mm512_storeu_ps(out[r], res[r]);
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // AVX2 (no VNNI): each 64-byte vector as two halves of 8 outputs. vpmaddubsw multiplies unsigned
+  // weight bytes by signed activation bytes and adds pairs into int16, vpmaddwd by ones widens to
+  // int32. int4: a product is at most 15 * 127, so a group's 8 int16 partial sums (16 products per
+  // lane) fit in int16 before one widening. int8: 255 * 127 * 2 would saturate int16, so the
+  // weight bytes go back to signed q (xor 0x80) and the activations' signs move onto them
+  // (vpsignb), as llama.cpp does: |a| * ±q, at most 2 * 127 * 127 per pair; the sum is then Σ q a.
+  constexpr int64_t stride = Int4 ? kInt4Bytes : kInt8Bytes;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 res[R][2];
+  for (int r = 0; r < R; ++r) res[r][0] = res[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = w + g * stride;
+    for (int h = 0; h < 2; ++h) {  // outputs 8h..8h+7: bytes 32h..32h+31 of every 64-byte vector
+      __m256i acc[R];
+      if constexpr (Int4) {
+        __m256i sum16[R];
+        for (int r = 0; r < R; ++r) sum16[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, nibble);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* a = rows[r]->a.data() + g * kGroup + 8 * c;
+            int32_t a_lo, a_hi;
+            std::memcpy(&a_lo, a, 4);
+            std::memcpy(&a_hi, a + 4, 4);
+            sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a_lo)));
+            sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a_hi)));
+          }
+        }
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_madd_epi16(sum16[r], ones);
+      } else {
+        const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i q = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32 * h)), flip);
+          for (int r = 0; r < R; ++r) {
+            int32_t a4;
+            std::memcpy(&a4, rows[r]->a.data() + g * kGroup + 4 * c, 4);
+            const __m256i a = _mm256_set1_epi32(a4);
+            const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(q, a));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(prod, ones));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int32_t sum = rows[r]->sum[g];
+        const __m256 d = _mm256_set1_ps(rows[r]->d[g]);
+        if constexpr (Int4) {
+          const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256 + 16 * h))), 16));
+          const __m256 zv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 288 + 16 * h))), 16));
+          const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], _mm256_set1_epi32(8 * sum)));
+          const __m256 part = _mm256_fmadd_ps(sv, t, _mm256_mul_ps(zv, _mm256_set1_ps(static_cast<float>(sum))));
+          res[r][h] = _mm256_fmadd_ps(d, part, res[r][h]);
+        } else {
+          res[r][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[r]), res[r][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = res[r][h];
+      if constexpr (!Int4) v = _mm256_mul_ps(v, _mm256_loadu_ps(row_scale + 8 * h));
+      _mm256_storeu_ps(out[r] + 8 * h, v);
+    }
 #else
   constexpr int64_t stride = Int4 ? kInt4Bytes : kInt8Bytes;
   for (int r = 0; r < R; ++r) std::fill(out[r], out[r] + 16, 0.f);
@@ -244,11 +317,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return run(x, packed, &scales, false);
 }
 
-bool quant_gemv_vnni() {
+std::string quant_gemv_isa() {
 #if defined(PREFLOOP_VNNI)
-  return true;
+  return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }
 
@@ -257,8 +332,8 @@ bool quant_gemv_vnni() {
 TORCH_LIBRARY_FRAGMENT(prefloop_kernels, m) {
   m.def("int4_gemv(Tensor x, Tensor packed) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor packed, Tensor scales) -> Tensor");
-  m.def("quant_gemv_vnni() -> bool");
+  m.def("quant_gemv_isa() -> str");
   m.impl("int4_gemv", c10::DispatchKey::CPU, &int4_gemv);
   m.impl("int8_gemv", c10::DispatchKey::CPU, &int8_gemv);
-  m.impl("quant_gemv_vnni", c10::DispatchKey::CatchAll, &quant_gemv_vnni);
+  m.impl("quant_gemv_isa", c10::DispatchKey::CatchAll, &quant_gemv_isa);
 }
