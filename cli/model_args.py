@@ -19,10 +19,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights/activations dtype; auto = bfloat16 on CUDA or on a CPU with native "
                         "bf16 (AVX512-BF16 / AMX), float32 elsewhere (the choice is logged at start)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
-    g.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+    g.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "auto"],
                    help="native engine: weight-only int8 (per row) or int4 (groups of 32, "
                         "int8 LM head) linear layers: faster decode at low concurrency on CPU; "
-                        "another model: outputs can differ (default none)")
+                        "another model: outputs can differ; auto = int4 for bfloat16 where "
+                        "prefloop's quantized kernels run (AVX512-VNNI / AVX2), else none "
+                        "(default none: the served weights are the trained ones unless asked)")
     g.add_argument("--quant-kernel", default="auto", choices=["auto", "torch", "native"],
                    help="with --quantize, the small-batch (decode) matmuls: native = prefloop's "
                         "integer-dot kernels (activations rounded to int8 in groups of 32, as "

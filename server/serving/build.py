@@ -32,7 +32,7 @@ from prefloop.server.model.loader import (
 from prefloop.server.model.options import DTYPE_CHOICES, auto_dtype, check_model_path
 from prefloop.server.model.packed_linear import resolve_weight_layout
 from prefloop.server.model.quant_gemv import KERNELS as QUANT_KERNELS
-from prefloop.server.model.quant_gemv import use_native
+from prefloop.server.model.quant_gemv import native_available, use_native
 from prefloop.server.model.quantize import QUANT_MODES
 from prefloop.server.serving.generator import Backend, Generator, ModelInfo
 from prefloop.server.serving.tokenizer import Tokenizer
@@ -75,7 +75,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     `context_overflow` (error | truncate | shift), `context_keep` and `context_discard` set what the
     engine does when prompt + max_tokens outgrows the context (server/engine/context.py).
     `quantize` "int8" / "int4" makes the native engine's linear layers weight-only int8 / int4
-    (server/model/quantize.py, int4.py).
+    (server/model/quantize.py, int4.py); "auto" picks int4 where prefloop's quantized kernels
+    make it the fastest mode (`auto_quantize`), else none.
     `compile` runs the native engine's model step through torch.compile (server/model/compile.py).
     `attention` (auto | native | sdpa) picks the native engine's decode attention
     (server/model/kernels.py); `weight_layout` (auto | packed | plain) whether its linear
@@ -92,12 +93,14 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         context = ContextConfig(overflow=context_overflow, keep=context_keep, discard=context_discard)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from exc
-    if quantize not in QUANT_MODES:
-        raise InvalidArgument(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
+    if quantize not in QUANT_MODES + ("auto",):
+        raise InvalidArgument(f"quantize must be one of {QUANT_MODES + ('auto',)}, got {quantize!r}")
     if quant_kernel not in QUANT_KERNELS:
         raise InvalidArgument(f"quant kernel must be one of {QUANT_KERNELS}, got {quant_kernel!r}")
     check_model_path(model)  # a wrong --model fails now, before any kernel build or load
     dtype = resolve_dtype(dtype, "cuda" if backend == "vllm" and torch.cuda.is_available() else device)
+    if quantize == "auto":
+        quantize = auto_quantize(backend, device, dtype, quant_kernel)
     if backend == "vllm":
         if quantize != "none":
             raise InvalidArgument("--quantize is a native-engine option; vLLM reads the "
@@ -161,6 +164,28 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         attention=attention, weight_layout=weight_layout, driver=driver,
         max_grammar_size=max_grammar_size)
     return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
+
+
+def auto_quantize(backend: str, device: str, dtype: str, quant_kernel: str) -> str:
+    """`--quantize auto`: int4 for the native engine on a CPU in bfloat16 where prefloop's
+    integer-dot kernels run (AVX512-VNNI or AVX2) and `--quant-kernel` allows them — there int4 is
+    the fastest mode at 1 and 8 streams and ties bf16 at 32, with perplexity within 0.5 % of
+    float32 (docs/performance.md) — else none (torch's int4 kernel is no faster than bf16 beyond a
+    few streams). Logged with the reason either way."""
+    why = None
+    if backend != "native" or device != "cpu":
+        why = "it is a native-engine CPU option"
+    elif dtype != "bfloat16":
+        why = f"the dtype is {dtype} (the integer-dot kernels take bfloat16)"
+    elif quant_kernel == "torch":
+        why = "--quant-kernel torch"
+    elif not native_available():
+        why = "prefloop's quantized kernels do not run fast on this CPU (no AVX512-VNNI or AVX2)"
+    if why is not None:
+        log.info("--quantize auto: none, because %s", why)
+        return "none"
+    log.info("--quantize auto: int4 (bfloat16 with prefloop's integer-dot kernels on this CPU)")
+    return "int4"
 
 
 def _eos_ids(model_dir: Path, config_eos, tokenizer: Tokenizer) -> tuple[int, ...]:

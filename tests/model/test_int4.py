@@ -126,7 +126,8 @@ def test_engine_with_int4_matches_transformers_on_the_dequantized_weights(tmp_pa
 @pytest.mark.slow
 def test_default_model_serves_int4_in_bfloat16_and_answers_like_full_precision():
     """The embedded model through build_generator with --quantize int4 (bf16 activations, the
-    int4 kernel while decoding one stream): it knows what the unquantized model knows."""
+    int4 kernel while decoding one stream): it knows what the unquantized model knows; and with
+    --quantize auto."""
     import asyncio
 
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -146,3 +147,8 @@ def test_default_model_serves_int4_in_bfloat16_and_answers_like_full_precision()
     dtype, int4_text = asyncio.run(answer("int4"))
     assert dtype == "bfloat16+int4"
     assert "Paris" in int4_text
+    # --quantize auto: int4 exactly where prefloop's integer-dot kernels run, the same answer
+    from prefloop.server.model.quant_gemv import native_available
+    auto_dtype, auto_text = asyncio.run(answer("auto"))
+    assert auto_dtype == ("bfloat16+int4" if native_available() else "bfloat16")
+    assert auto_text == int4_text or not native_available()

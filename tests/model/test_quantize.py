@@ -132,3 +132,21 @@ def test_default_model_serves_int8_close_to_full_precision():
     (dtype, int8_text), (_, full_text) = asyncio.run(answer("int8")), asyncio.run(answer("none"))
     assert dtype == "float32+int8"
     assert "Paris" in int8_text and "Paris" in full_text
+
+
+def test_quantize_auto_picks_int4_only_where_the_integer_dot_kernels_run(monkeypatch):
+    import argparse
+
+    from prefloop.cli.model_args import add_model_arguments, generator_kwargs
+    from prefloop.server.serving import build
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    assert generator_kwargs(p.parse_args(["--quantize", "auto"]))["quantize"] == "auto"
+    monkeypatch.setattr(build, "native_available", lambda: True)
+    assert build.auto_quantize("native", "cpu", "bfloat16", "auto") == "int4"
+    assert build.auto_quantize("native", "cpu", "bfloat16", "native") == "int4"
+    assert build.auto_quantize("native", "cpu", "float32", "auto") == "none"  # torch's kernels only
+    assert build.auto_quantize("native", "cpu", "bfloat16", "torch") == "none"
+    assert build.auto_quantize("vllm", "cuda", "bfloat16", "auto") == "none"
+    monkeypatch.setattr(build, "native_available", lambda: False)  # e.g. no AVX2, no compiler
+    assert build.auto_quantize("native", "cpu", "bfloat16", "auto") == "none"
