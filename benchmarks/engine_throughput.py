@@ -6,7 +6,7 @@ comparable on a noisy machine. Each measurement runs in its own subprocess (clea
 
     python benchmarks/engine_throughput.py [--batch-sizes 1,8,32] [--max-tokens 128] [--compile] [--int8]
                                            [--int4] [--torch-kernel] [--sdpa] [--plain] [--packed]
-                                           [--no-llama-cpp] [--json out.json]
+                                           [--no-llama-cpp] [--llama-cpp-q8] [--json out.json]
 
 `--torch-kernel` adds, with `--int8` / `--int4`, the same with `--quant-kernel torch` (torch's
 weight-only kernels for small batches instead of prefloop's integer-dot ones).
@@ -17,7 +17,8 @@ of the native kernel, which `prefloop` uses when it builds); `--plain` / `--pack
 `--weight-layout plain` / `packed` (`prefloop` itself runs the default `auto`: packed oneDNN weights
 for bfloat16, plain for float32). Every prefloop column gets its ratio to transformers.
 llama.cpp (llama-cpp-python, the `bench` extra) runs the embedded Q4_1 GGUF at one stream, and
-each prefloop column at one stream also gets its ratio to it.
+each prefloop column at one stream also gets its ratio to it; `--llama-cpp-q8` adds llama.cpp on a
+Q8_0 copy of that GGUF (benchmarks/gguf_requant.py), with ratios to it too.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROMPTS = ["Write a story about a dragon who learns to cook.", "Explain how rainbows form.",
            "List ten fruits and describe each.", "Describe the history of the bicycle.",
@@ -95,13 +97,16 @@ def run_transformers(dtype: str, bs: int, max_tokens: int) -> dict:
     return {"tokens_per_s": produced / dt, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
+Q8_GGUF: str | None = None  # --q8-gguf: the Q8_0 copy llama.cpp-q8 runs
+
+
+def run_llama_cpp(dtype: str, bs: int, max_tokens: int, gguf: str | None = None) -> dict:
     from llama_cpp import Llama  # optional peer: only when llama-cpp-python is installed
 
     from prefloop.server.model.default_model import default_gguf_path
     # n_batch=1: llama-cpp-python 0.3.x built on an AMX Xeon segfaulted evaluating a multi-token
     # prompt in one batch (issue 32); one token per batch leaves the decode speed as it is
-    llm = Llama(str(default_gguf_path()), n_ctx=2048, n_threads=2, n_batch=1, n_ubatch=1,
+    llm = Llama(gguf or str(default_gguf_path()), n_ctx=2048, n_threads=2, n_batch=1, n_ubatch=1,
                 verbose=False)
     prompt = llm.tokenize(PROMPTS[0].encode())
     t0 = time.perf_counter()
@@ -119,6 +124,7 @@ def run_llama_cpp(dtype: str, bs: int, max_tokens: int) -> dict:
 
 
 RUNNERS = {"prefloop": run_prefloop, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+           "llama.cpp-q8": lambda dtype, bs, max_tokens: run_llama_cpp(dtype, bs, max_tokens, Q8_GGUF),
            "prefloop-plain": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens,
                                                                         weight_layout="plain"),
            "prefloop-packed": lambda dtype, bs, max_tokens: run_prefloop(dtype, bs, max_tokens,
@@ -147,6 +153,9 @@ def main() -> int:
     ap.add_argument("--no-llama-cpp", action="store_true",
                     help="skip llama.cpp even when installed (e.g. under ATEN_CPU_CAPABILITY, which "
                          "does not reach it)")
+    ap.add_argument("--llama-cpp-q8", action="store_true",
+                    help="also run llama.cpp on a Q8_0 copy of the embedded GGUF (benchmarks/gguf_requant.py)")
+    ap.add_argument("--q8-gguf", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help="also run prefloop --compile")
     ap.add_argument("--sdpa", action="store_true", help="also run prefloop --attention sdpa")
     ap.add_argument("--plain", action="store_true", help="also run prefloop --weight-layout plain")
@@ -155,6 +164,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--one", nargs=3, metavar=("SYSTEM", "DTYPE", "BS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global Q8_GGUF
+    Q8_GGUF = args.q8_gguf
     if args.one:
         system, dtype, bs = args.one
         print(json.dumps(RUNNERS[system](dtype, int(bs), args.max_tokens)))
@@ -162,6 +173,15 @@ def main() -> int:
     try:
         import llama_cpp  # noqa: F401
         systems = ["prefloop", "transformers"] + ([] if args.no_llama_cpp else ["llama.cpp"])
+        if args.llama_cpp_q8 and not args.no_llama_cpp:
+            import tempfile
+
+            from gguf_requant import requantize
+
+            from prefloop.server.model.default_model import default_gguf_path
+            Q8_GGUF = str(Path(tempfile.mkdtemp()) / "model-q8_0.gguf")
+            requantize(default_gguf_path(), Path(Q8_GGUF), "Q8_0")
+            systems.append("llama.cpp-q8")
     except ImportError:
         systems = ["prefloop", "transformers"]
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
@@ -181,10 +201,10 @@ def main() -> int:
         for bs in map(int, args.batch_sizes.split(",")):
             res = {}
             for system in systems:
-                if system == "llama.cpp" and bs != 1:
+                if system.startswith("llama.cpp") and bs != 1:
                     continue  # one stream is its reference point (its own dtype: Q4_1)
                 cmd = [sys.executable, __file__, "--one", system, dtype, str(bs), "--max-tokens",
-                       str(args.max_tokens)]
+                       str(args.max_tokens)] + (["--q8-gguf", Q8_GGUF] if Q8_GGUF else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)
@@ -197,6 +217,9 @@ def main() -> int:
             llama_tps = res.get("llama.cpp", {}).get("tokens_per_s")
             vs_llama = {s: res[s]["tokens_per_s"] / llama_tps for s in ours_all
                         if llama_tps and s in res}
+            q8_tps = res.get("llama.cpp-q8", {}).get("tokens_per_s")
+            vs_q8 = " ".join(f"{s.replace('prefloop', 'x')} {res[s]['tokens_per_s'] / q8_tps:.2f}"
+                             for s in ours_all if q8_tps and s in res)
             rows.append({"dtype": dtype, "batch_size": bs, "ratio_vs_transformers": ratios["prefloop"],
                          "ratios_vs_transformers": ratios, "ratios_vs_llama_cpp": vs_llama,
                          **{s: r for s, r in res.items()}})
@@ -205,7 +228,8 @@ def main() -> int:
                   + f" {ours.get('ttft_s', 0):8.3f}/{hf.get('ttft_s', 0):<8.3f} "
                   f"{ours.get('peak_rss_mib', 0):8.0f}/{hf.get('peak_rss_mib', 0):<8.0f}"
                   + ("  vs llama.cpp: " + " ".join(f"{s.replace('prefloop', 'x')} {r:.2f}"
-                                                   for s, r in vs_llama.items()) if vs_llama else ""),
+                                                   for s, r in vs_llama.items()) if vs_llama else "")
+                  + (f"  vs llama.cpp Q8_0: {vs_q8}" if vs_q8 else ""),
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:
