@@ -257,3 +257,35 @@ def test_the_native_update_refuses_a_column_range_outside_the_stacked_factors():
     with pytest.raises(RuntimeError, match="live must be"):
         kernel(y, x, at, bt, torch.tensor([[0, 3], [0, 0]], dtype=torch.int32),
                torch.ones(3, 2, dtype=torch.uint8))  # 8 outputs: one block, not two
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_an_adapter_over_a_quantized_projection_adds_its_update_to_the_quantized_output(quantize):
+    """`--quantize` and adapter versions together: the update goes on top of whatever the
+    quantized base computes (its integer-dot kernel where the CPU has one), rows without an
+    adapter get exactly the quantized base's output."""
+    import torch
+
+    from prefloop.server.model.attention import AttentionMetadata
+    from prefloop.server.model.int4 import Int4Linear
+    from prefloop.server.model.quantize import Int8Linear
+    from prefloop.server.model.step_context import step_context
+
+    torch.manual_seed(2)
+    base = (Int4Linear if quantize == "int4" else Int8Linear)(
+        torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16))
+    layer = lora.LoraLinear(base, _update_path("native"))
+    a, b = torch.randn(4, 64), torch.randn(48, 4)
+    layer.set_adapter(5, (a, b))
+    rows = [5, 0, 5]
+    x = torch.randn(len(rows), 64).to(torch.bfloat16)
+    meta = AttentionMetadata(slot_mapping=None, num_decode=0, decode_block_tables=None,
+                             decode_ctx_lens=None, decode_mask=None, prefills=[],
+                             adapter_rows=lora.StepAdapters.of(rows))
+    with step_context([], meta):
+        y = layer(x)
+    plain = base(x)
+    assert torch.equal(y[1], plain[1])  # the row on the plain weights
+    update = (x.float() @ a.T @ b.T)[[0, 2]]
+    torch.testing.assert_close(y[[0, 2]].float(), plain[[0, 2]].float() + update, rtol=2e-2,
+                               atol=0.01 * float(update.abs().max()))
