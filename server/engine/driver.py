@@ -8,10 +8,13 @@ draining one, an A/B candidate) in turn on the thread that calls `run_beside`, t
 
 Why the main thread: on an AMX Xeon the same engine stepped from a `threading.Thread` decoded at
 17.8 tok/s against 41.3 on the main thread (issue 32, 2026-12-03), the main thread idle in
-`join()`; on an AVX2 EPYC the thread cost bfloat16 about 12 % (docs/performance.md). Stepping
-where the engine is fastest removes the cost whatever its cause in the CPU's runtime; stepping all
-engines on one thread also keeps an A/B test's two engines from fighting over the cores with two
-OpenMP teams.
+`join()`; on an AVX2 EPYC the thread cost bfloat16 about 12 %, on an AVX-512 EPYC 28 % (bf16) to
+59 % (int4). The cause, measured 2026-12-05 (docs/performance.md, "Why an engine stepped from a
+worker thread is slow"): a parallel region started from a thread other than the process's first
+does not find its OpenMP worker spinning, and waking it costs 40-50 µs per region — about 150
+regions a decode step. No OpenMP setting removes it; stepping on the main thread does. Stepping
+all engines on one thread also keeps an A/B test's two engines from fighting over the cores with
+two OpenMP teams.
 """
 from __future__ import annotations
 
