@@ -18,6 +18,8 @@ import argparse
 import statistics
 import time
 
+from step_variants import decode_batch
+
 MODES = {"bf16": dict(), "int8": dict(quantize="int8"), "int4": dict(quantize="int4"),
          "int8-torchk": dict(quantize="int8", quant_kernel="torch"),
          "int4-torchk": dict(quantize="int4", quant_kernel="torch")}
@@ -64,9 +66,6 @@ def main() -> None:
     ap.add_argument("--profiled", type=int, default=20, help="profiled steps per mode (default %(default)s)")
     args = ap.parse_args()
     from prefloop.server.engine.model_runner import ModelRunner
-    from prefloop.server.engine.sampling_params import SamplingParams
-    from prefloop.server.engine.scheduler import ScheduledSeq
-    from prefloop.server.engine.sequence import Sequence
     from prefloop.server.model.loader import load_model, resolve_model_dir
 
     names = args.modes.split(",")
@@ -81,12 +80,7 @@ def main() -> None:
         runners[name] = ModelRunner(load_model(resolve_model_dir(None), dtype="bfloat16", **MODES[name]),
                                     per_seq * bs, block)
         runners[name].warm_up()
-    params = SamplingParams(temperature=0, max_tokens=ctx + 100)
-    batch = []
-    for i in range(bs):
-        seq = Sequence(i, str(i), 0, [1000 + (i * 7 + j) % 5000 for j in range(ctx + 1)], ctx + 1, params, i)
-        seq.block_table, seq.num_computed = [i + k * bs for k in range(per_seq)], ctx
-        batch.append(ScheduledSeq(seq, 1))
+    batch = decode_batch(bs, ctx, block)
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.steps):
         for name in names:

@@ -31,6 +31,22 @@ VARIANTS = {"eager": dict(attention="sdpa", **PLAIN), "native": dict(attention="
             "packed-unfused": dict(fused_ops=False, **PACKED)}
 
 
+def decode_batch(bs: int, ctx: int, block: int) -> list:
+    """`bs` sequences of `ctx` cached tokens, each decoding its next one (blocks interleaved across
+    sequences, like a cache that has been in use for a while): a batch for `ModelRunner.execute`."""
+    from prefloop.server.engine.sampling_params import SamplingParams
+    from prefloop.server.engine.scheduler import ScheduledSeq
+    from prefloop.server.engine.sequence import Sequence
+    params = SamplingParams(temperature=0, max_tokens=ctx + 100)
+    per_seq = -(-(ctx + 1) // block)
+    batch = []
+    for i in range(bs):
+        seq = Sequence(i, str(i), 0, [1000 + (i * 7 + j) % 5000 for j in range(ctx + 1)], ctx + 1, params, i)
+        seq.block_table, seq.num_computed = [i + k * bs for k in range(per_seq)], ctx
+        batch.append(ScheduledSeq(seq, 1))
+    return batch
+
+
 def median_ms(times: list[float]) -> float:
     kept = sorted(times[5:])  # the first calls warm caches and allocators
     return kept[len(kept) // 2] * 1000
@@ -45,9 +61,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     from prefloop.server.engine.model_runner import ModelRunner
-    from prefloop.server.engine.sampling_params import SamplingParams
-    from prefloop.server.engine.scheduler import ScheduledSeq
-    from prefloop.server.engine.sequence import Sequence
     from prefloop.server.model.loader import load_model, resolve_model_dir
 
     names = args.variants.split(",")
@@ -70,16 +83,10 @@ def main() -> None:
         t0 = time.perf_counter()
         runners[name].warm_up()
         print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-    params = SamplingParams(temperature=0, max_tokens=ctx + 100)
     print(f"{'dtype':9} {'bs':>3} " + " ".join(f"{n + ' ms':>18}" for n in names)
           + "".join(f" {n + ' x':>18}" for n in names[1:]))
     for bs in sizes:
-        batch = []
-        for i in range(bs):
-            # blocks interleaved across sequences, like a cache that has been in use for a while
-            seq = Sequence(i, str(i), 0, [1000 + (i * 7 + j) % 5000 for j in range(ctx + 1)], ctx + 1, params, i)
-            seq.block_table, seq.num_computed = [i + k * bs for k in range(per_seq)], ctx
-            batch.append(ScheduledSeq(seq, 1))
+        batch = decode_batch(bs, ctx, bsz)
         times: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(args.steps):
             for name in names:
