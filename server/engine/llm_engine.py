@@ -261,6 +261,8 @@ class LLMEngine:
         """Drop every tensor of the model (parameters, buffers, tables) of a stopped engine that
         owns its model (a retired version loaded for it): its memory comes back even while
         something still holds the engine or the model object. The model is unusable after."""
+        if hasattr(self.model, "_decode_layer_args"):
+            self.model._decode_layer_args = []  # references to the quantized weights (llama.py)
         for module in self.model.modules():
             for name in list(module._parameters):
                 module._parameters[name] = None

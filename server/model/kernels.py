@@ -46,7 +46,9 @@ FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 LORA_SOURCE = Path(__file__).parent / "csrc" / "lora_update.cpp"
 # and the integer-dot int4 / int8 matmuls of quantized decode steps (server/model/quant_gemv.py)
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_gemv.cpp"
-SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE, QUANT_SOURCE)
+# and a quantized decode layer in one call (LlamaModel's decode-only steps)
+LAYER_SOURCE = Path(__file__).parent / "csrc" / "decode_layer.cpp"
+SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE, QUANT_SOURCE, LAYER_SOURCE)
 HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)
 # -fopenmp: at::parallel_for's OpenMP pragmas must be compiled in (the symbols resolve to torch's
 # own libgomp, so the kernel runs on torch's thread pool); without it the kernel is single-threaded.

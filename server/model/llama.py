@@ -6,6 +6,9 @@ block tables) and the per-layer KV cache; the layers reach the last two through
 Q/K/V and gate/up projections are fused into one matmul each; weights are loaded from HF names in
 `server/model/loader.py`. With `fused_ops` (bfloat16 with the native kernel library) eager steps
 run each layer's norms, residual adds, RoPE and SiLU x up as four fused ops (server/model/csrc/fused_ops.cpp).
+A decode-only step whose projections all run prefloop's quantized kernels (server/model/quant_gemv.py)
+runs each layer as one native call instead (server/model/csrc/decode_layer.cpp: the same ops from
+C++, without the Python between them).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 from prefloop.server.model.attention import AttentionMetadata
 from prefloop.server.model.config import ModelConfig
 from prefloop.server.model.rope import apply_rope, config_cos_sin
-from prefloop.server.model.step_context import layer_attention, step_context
+from prefloop.server.model.step_context import current_step, layer_attention, step_context
 
 
 class RMSNorm(nn.Module):
@@ -110,6 +113,10 @@ class LlamaModel(nn.Module):
         # eager steps use the fused norm / residual / RoPE / SiLU ops of server/model/csrc/fused_ops.cpp
         # (loaded with the decode kernel: server/model/kernels.py)
         self.fused_ops = False
+        # per layer, the native decode_layer_ call's weight arguments (None: a layer it cannot run);
+        # built on the first decode step that could use them (decode_layer_args)
+        self._decode_layer_args: list | None = None
+        self._decode_layer_rows = 0  # the most rows every layer's kernels take
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +129,38 @@ class LlamaModel(nn.Module):
         cos = self.cos_table[positions].to(h.dtype)  # [num_tokens, head_dim]
         sin = self.sin_table[positions].to(h.dtype)
         fused = self.fused_ops and not torch.compiler.is_compiling()  # inductor fuses by itself
+        layer_args = self.decode_layer_args(h.shape[0]) if fused else None
+        if layer_args is not None:
+            kv_caches, meta = current_step()
+            for (k_cache, v_cache), args in zip(kv_caches, layer_args):
+                torch.ops.prefloop_kernels.decode_layer_(
+                    h, *args, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables,
+                    meta.decode_ctx_lens, self.config.num_heads, self.config.num_kv_heads,
+                    self.config.head_dim, self.layers[0].self_attn.scale)
+            return self.lm_head(self.norm(h[logits_indices])).float()
         for layer in self.layers:
             h = layer(h, cos, sin, fused)
         return self.lm_head(self.norm(h[logits_indices])).float()  # [num_sampled, vocab]
+
+    def decode_layer_args(self, num_tokens: int) -> list | None:
+        """The per-layer arguments of the native decode_layer_ op when this step can take it: every
+        token a decode (native attention), no adapter rows, and every projection of every layer on
+        prefloop's quantized kernels for this many rows, without a bias; else None."""
+        step = current_step()
+        if step is None or not self.layers:
+            return None
+        meta = step[1]
+        if meta.prefills or meta.num_decode != num_tokens or meta.decode_kernel is None \
+                or meta.adapter_rows is not None:
+            return None
+        if self._decode_layer_args is None:
+            per_layer = [_layer_args(layer) for layer in self.layers]
+            runnable = all(p is not None for p in per_layer)
+            self._decode_layer_args = [p[0] for p in per_layer] if runnable else []
+            self._decode_layer_rows = min(p[1] for p in per_layer) if runnable else 0
+        if not self._decode_layer_args or num_tokens > self._decode_layer_rows:
+            return None
+        return self._decode_layer_args
 
     def compile_step(self) -> None:
         """Run `step_logits` through torch.compile (inductor) from now on; see server/model/compile.py."""
@@ -145,3 +181,24 @@ class LlamaModel(nn.Module):
         step = self._step or self.step_logits
         with step_context(kv_caches, meta):
             return step(input_ids, positions, logits_indices)
+
+
+def _native_projection(module: nn.Module) -> tuple | None:
+    """(packed, scales or None, max rows) of a projection on the native quantized kernels (under a
+    LoRA wrapper too: decode_layer_ runs only steps without adapter rows), else None."""
+    base = getattr(module, "base", module)
+    if not getattr(base, "native", False) or getattr(base, "bias", None) is not None:
+        return None
+    return base.packed, getattr(base, "native_scales", None), base.max_rows
+
+
+def _layer_args(layer: DecoderLayer) -> tuple | None:
+    """decode_layer_'s weight arguments for one layer, or None when it cannot run the layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projs = [_native_projection(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(p is None for p in projs):
+        return None
+    (qkv, qkv_s, _), (o, o_s, _), (gu, gu_s, _), (down, down_s, _) = projs
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    return (n1.weight, n1.eps, qkv, qkv_s, o, o_s, n2.weight, n2.eps, gu, gu_s, down, down_s), \
+        min(p[2] for p in projs)

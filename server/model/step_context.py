@@ -34,6 +34,11 @@ def step_context(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Atten
         _state.step = previous
 
 
+def current_step():
+    """(kv_caches, AttentionMetadata) of the step being run, or None outside one."""
+    return getattr(_state, "step", None)
+
+
 def current_adapter_rows():
     """The step's `StepAdapters` (server/model/lora.py: which adapter each token row uses); None
     outside a step or when no sequence of the step uses an adapter."""

@@ -1,0 +1,64 @@
+"""A quantized decode layer in one native call (server/model/csrc/decode_layer.cpp, LlamaModel's
+decode-only steps): the same ops in the same order as the Python layer, so the same logits bit
+for bit, batched or alone; and steps it cannot run (a prefill, adapter rows, a layer off the
+native kernels) take the Python layer."""
+import pytest
+import torch
+from test_parity import run_with_logits
+from tiny_models import save_tiny
+
+from prefloop.server.engine.kv_cache import KVCacheConfig
+from prefloop.server.engine.llm_engine import LLMEngine
+from prefloop.server.engine.sampling_params import SamplingParams
+from prefloop.server.model import quant_gemv
+from prefloop.server.model.loader import load_model
+
+pytestmark = pytest.mark.skipif(not quant_gemv.native_available(),
+                                reason="needs prefloop's quantized kernels (AVX512-VNNI or AVX2)")
+PROMPTS = [[1, 5, 9, 33, 7], list(range(3, 40)), [8, 3, 3, 1, 12, 40]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("decode_layer") / "tiny")
+
+
+def engine_for(model_dir, quantize, one_call: bool):
+    model = load_model(model_dir, dtype="bfloat16", quantize=quantize)
+    if not one_call:
+        model._decode_layer_args = []  # as if a layer could not take it: every step in Python
+    return LLMEngine(model, KVCacheConfig(block_size=4, capacity_tokens=1024))
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_one_call_layers_give_the_python_layers_logits_bit_for_bit(tiny_dir, quantize):
+    fast, slow = engine_for(tiny_dir, quantize, True), engine_for(tiny_dir, quantize, False)
+    for ids in PROMPTS:
+        ours, our_logits = run_with_logits(fast, ids, 12)
+        ref, ref_logits = run_with_logits(slow, ids, 12)
+        assert ours == ref and torch.equal(our_logits, ref_logits)
+    assert fast.model._decode_layer_args and not slow.model._decode_layer_args  # both paths ran
+    # several sequences decoding together (rows up to the kernels' limit, then beyond it)
+    for n in (3, 12):
+        batch = {str(i): (PROMPTS[i % 3] + [i], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+                 for i in range(n)}
+        assert fast.generate(batch) == slow.generate(batch)
+
+
+def test_steps_it_cannot_run_take_the_python_layers(tiny_dir, monkeypatch):
+    from prefloop.server.model import llama
+    engine = engine_for(tiny_dir, "int4", True)
+    calls = []
+    real = llama.LlamaModel.decode_layer_args
+    monkeypatch.setattr(llama.LlamaModel, "decode_layer_args",
+                        lambda self, n: calls.append(real(self, n) is not None) or real(self, n))
+    engine.generate({"a": (PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))})
+    assert calls[0] is False and all(calls[1:])  # the prefill in Python, the decode steps in one call
+    assert llama._layer_args(engine.model.layers[0]) is not None
+    unquantized = load_model(tiny_dir, dtype="bfloat16")  # projections on dense weights
+    assert llama._layer_args(unquantized.layers[0]) is None
+    torch_kernels = load_model(tiny_dir, dtype="bfloat16", quantize="int4", quant_kernel="torch")
+    assert llama._layer_args(torch_kernels.layers[0]) is None
+    biased = load_model(save_tiny(tiny_dir.parent / "biased", attention_bias=True), dtype="bfloat16",
+                        quantize="int4")
+    assert llama._layer_args(biased.layers[0]) is None  # q/k/v biases: not in the one call
