@@ -7,7 +7,7 @@ Q/K/V and gate/up projections are fused into one matmul each; weights are loaded
 `server/model/loader.py`. With `fused_ops` (bfloat16 with the native kernel library) eager steps
 run each layer's norms, residual adds, RoPE and SiLU x up as four fused ops (server/model/csrc/fused_ops.cpp).
 A decode-only step whose projections all run prefloop's quantized kernels (server/model/quant_gemv.py)
-runs each layer as one native call instead (server/model/csrc/decode_layer.cpp: the same ops from
+or oneDNN-packed bfloat16 weights runs each layer as one native call instead (server/model/csrc/decode_layer.cpp: the same ops from
 C++, without the Python between them).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from prefloop.server.model.attention import AttentionMetadata
 from prefloop.server.model.config import ModelConfig
+from prefloop.server.model.lora import KERNEL_ROWS as LORA_KERNEL_ROWS
 from prefloop.server.model.rope import apply_rope, config_cos_sin
 from prefloop.server.model.step_context import current_step, layer_attention, step_context
 
@@ -129,29 +130,30 @@ class LlamaModel(nn.Module):
         cos = self.cos_table[positions].to(h.dtype)  # [num_tokens, head_dim]
         sin = self.sin_table[positions].to(h.dtype)
         fused = self.fused_ops and not torch.compiler.is_compiling()  # inductor fuses by itself
-        layer_args = self.decode_layer_args(h.shape[0]) if fused else None
+        layer_args = self.decode_layer_args(h.shape[0], h.dtype) if fused else None
         if layer_args is not None:
             kv_caches, meta = current_step()
-            for (k_cache, v_cache), args in zip(kv_caches, layer_args):
+            for (k_cache, v_cache), (args, lora_args) in zip(kv_caches, layer_args):
                 torch.ops.prefloop_kernels.decode_layer_(
                     h, *args, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables,
                     meta.decode_ctx_lens, self.config.num_heads, self.config.num_kv_heads,
-                    self.config.head_dim, self.layers[0].self_attn.scale)
+                    self.config.head_dim, self.layers[0].self_attn.scale, lora_args)
             return self.lm_head(self.norm(h[logits_indices])).float()
         for layer in self.layers:
             h = layer(h, cos, sin, fused)
         return self.lm_head(self.norm(h[logits_indices])).float()  # [num_sampled, vocab]
 
-    def decode_layer_args(self, num_tokens: int) -> list | None:
+    def decode_layer_args(self, num_tokens: int, dtype: torch.dtype) -> list | None:
         """The per-layer arguments of the native decode_layer_ op when this step can take it: every
         token a decode (native attention), no adapter rows, and every projection of every layer on
-        prefloop's quantized kernels for this many rows, without a bias; else None."""
+        prefloop's quantized kernels for this many rows or on oneDNN-packed bfloat16 weights,
+        without a bias; rows on adapters when every adapted projection's update runs natively
+        (server/model/lora.py). Per layer: (weight arguments, LoRA arguments); else None."""
         step = current_step()
         if step is None or not self.layers:
             return None
         meta = step[1]
-        if meta.prefills or meta.num_decode != num_tokens or meta.decode_kernel is None \
-                or meta.adapter_rows is not None:
+        if meta.prefills or meta.num_decode != num_tokens or meta.decode_kernel is None:
             return None
         if self._decode_layer_args is None:
             per_layer = [_layer_args(layer) for layer in self.layers]
@@ -160,7 +162,18 @@ class LlamaModel(nn.Module):
             self._decode_layer_rows = min(p[1] for p in per_layer) if runnable else 0
         if not self._decode_layer_args or num_tokens > self._decode_layer_rows:
             return None
-        return self._decode_layer_args
+        adapters = meta.adapter_rows
+        if adapters is None:
+            return [(args, []) for args in self._decode_layer_args]
+        if num_tokens > LORA_KERNEL_ROWS:
+            return None
+        out = []
+        for layer, args in zip(self.layers, self._decode_layer_args):
+            lora_args = _lora_args(layer, adapters, dtype)
+            if lora_args is None:
+                return None
+            out.append((args, lora_args))
+        return out
 
     def compile_step(self) -> None:
         """Run `step_logits` through torch.compile (inductor) from now on; see server/model/compile.py."""
@@ -183,13 +196,22 @@ class LlamaModel(nn.Module):
             return step(input_ids, positions, logits_indices)
 
 
+DENSE_ROWS = 1 << 30  # a oneDNN-packed projection takes any number of rows
+
+
 def _native_projection(module: nn.Module) -> tuple | None:
-    """(packed, scales or None, max rows) of a projection on the native quantized kernels (under a
-    LoRA wrapper too: decode_layer_ runs only steps without adapter rows), else None."""
+    """(packed, scales or None, max rows) of a projection decode_layer_ can run — on the native
+    quantized kernels, or a oneDNN-packed dense weight — without a bias (under a LoRA wrapper too:
+    decode_layer_ runs only steps without adapter rows); else None."""
     base = getattr(module, "base", module)
-    if not getattr(base, "native", False) or getattr(base, "bias", None) is not None:
+    if getattr(base, "bias", None) is not None:
         return None
-    return base.packed, getattr(base, "native_scales", None), base.max_rows
+    if getattr(base, "native", False):
+        return base.packed, getattr(base, "native_scales", None), base.max_rows
+    packed = getattr(base, "packed", None)
+    if isinstance(packed, torch.Tensor) and packed.is_mkldnn and packed.dtype == torch.bfloat16:
+        return packed, None, DENSE_ROWS
+    return None
 
 
 def _layer_args(layer: DecoderLayer) -> tuple | None:
@@ -202,3 +224,20 @@ def _layer_args(layer: DecoderLayer) -> tuple | None:
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
     return (n1.weight, n1.eps, qkv, qkv_s, o, o_s, n2.weight, n2.eps, gu, gu_s, down, down_s), \
         min(p[2] for p in projs)
+
+
+def _lora_args(layer: DecoderLayer, adapters, dtype: torch.dtype) -> list | None:
+    """decode_layer_'s `lora` list for one layer and step: (at, bt, ranges, live) per projection,
+    Nones where a projection has no adapter of the step; None when an update cannot run natively."""
+    attn, mlp = layer.self_attn, layer.mlp
+    out: list = []
+    for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        update = getattr(module, "native_update", None)
+        if update is None:  # not wrapped for adapters: nothing to add
+            out += [None] * 4
+            continue
+        args = update(adapters, dtype, module.base.in_features)
+        if args is False:
+            return None
+        out += [None] * 4 if args is None else list(args)
+    return out

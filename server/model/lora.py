@@ -202,6 +202,20 @@ class LoraLinear(nn.Module):
         self._kernel_stacks[(ids, pairs)] = stack
         return stack
 
+    def native_update(self, step: StepAdapters, dtype: torch.dtype, in_features: int):
+        """The native update's (at, bt, ranges, live) for this step's rows (what `forward` passes
+        the kernel, for a one-call decode layer: server/model/csrc/decode_layer.cpp); None when no
+        adapter of the step touches this projection; False when the update cannot run natively."""
+        if self.kernel is None or dtype not in (torch.bfloat16, torch.float32):
+            return False
+        key = (step.ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0)
+        stack = self._kernel_stacks.get(key, _MISSING)
+        if stack is _MISSING:
+            stack = self._kernel_stack(*key)
+        if stack is None:
+            return None
+        return stack[0], stack[1], step.ranges(stack[3]), stack[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (per decode step this runs 120 times: attribute look-ups kept few, measured)
         y = self._base_forward(x)
