@@ -9,8 +9,9 @@ step time is the median of `--steps` unprofiled steps; the split comes from torc
     python benchmarks/decode_profile.py [--modes bf16,int8,int4,int4-torchk] [--batch 1] [--context 100]
                                         [--steps 60] [--profiled 20]
 
-Modes: bf16 (bfloat16, the default layout and kernels), int8 / int4 (`--quantize`), and
-int8-torchk / int4-torchk (the same with `--quant-kernel torch`).
+Modes: bf16 (bfloat16, the default layout and kernels), int8 / int4 (`--quantize`), int8-torchk /
+int4-torchk (the same with `--quant-kernel torch`), and bf16-python / int8-python / int4-python
+(each decode layer called from Python instead of as one native call: server/model/csrc/decode_layer.cpp).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from step_variants import decode_batch
 MODES = {"bf16": dict(), "int8": dict(quantize="int8"), "int4": dict(quantize="int4"),
          "int8-torchk": dict(quantize="int8", quant_kernel="torch"),
          "int4-torchk": dict(quantize="int4", quant_kernel="torch")}
+MODES.update({f"{m}-python": dict(MODES[m], python_layers=True) for m in ("bf16", "int8", "int4")})
 QUANT = ("int4_gemv", "int8_gemv", "_weight_int4pack_mm", "_weight_int8pack_mm")
 DENSE = ("mm", "linear", "mkldnn")
 ATTENTION = ("paged_decode", "scaled_dot_product", "index_copy")  # index_copy_: the K/V cache write
@@ -77,8 +79,12 @@ def main() -> None:
     per_seq = -(-(ctx + 1) // block)
     runners = {}
     for name in names:
-        runners[name] = ModelRunner(load_model(resolve_model_dir(None), dtype="bfloat16", **MODES[name]),
-                                    per_seq * bs, block)
+        options = dict(MODES[name])
+        python_layers = options.pop("python_layers", False)
+        model = load_model(resolve_model_dir(None), dtype="bfloat16", **options)
+        if python_layers:
+            model._decode_layer_args = []  # no layer taken as one call
+        runners[name] = ModelRunner(model, per_seq * bs, block)
         runners[name].warm_up()
     batch = decode_batch(bs, ctx, block)
     times: dict[str, list[float]] = {n: [] for n in names}
