@@ -145,9 +145,9 @@ class LlamaModel(nn.Module):
 
     def decode_layer_args(self, num_tokens: int, dtype: torch.dtype) -> list | None:
         """The per-layer arguments of the native decode_layer_ op when this step can take it: every
-        token a decode (native attention), no adapter rows, and every projection of every layer on
-        prefloop's quantized kernels for this many rows or on oneDNN-packed bfloat16 weights,
-        without a bias; rows on adapters when every adapted projection's update runs natively
+        token a decode (native attention), every projection of every layer on prefloop's quantized
+        kernels for this many rows or on oneDNN-packed bfloat16 weights, without a bias, and rows
+        on adapters only where every adapted projection's update runs natively
         (server/model/lora.py). Per layer: (weight arguments, LoRA arguments); else None."""
         step = current_step()
         if step is None or not self.layers:
@@ -202,7 +202,7 @@ DENSE_ROWS = 1 << 30  # a oneDNN-packed projection takes any number of rows
 def _native_projection(module: nn.Module) -> tuple | None:
     """(packed, scales or None, max rows) of a projection decode_layer_ can run — on the native
     quantized kernels, or a oneDNN-packed dense weight — without a bias (under a LoRA wrapper too:
-    decode_layer_ runs only steps without adapter rows); else None."""
+    its update is added by the same native call, `_lora_args`); else None."""
     base = getattr(module, "base", module)
     if getattr(base, "bias", None) is not None:
         return None
