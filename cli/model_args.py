@@ -38,7 +38,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", default="auto", choices=list(ATTENTION_CHOICES),
                    help="native engine on CPU: native = prefloop's C++ kernels (decode attention "
                         "reading the paged KV cache in place; with bfloat16 also fused norm / RoPE / "
-                        "SiLU ops), built once with g++/ninja (≈ 20 s) and cached; sdpa = gather + "
+                        "SiLU ops), built once with g++/ninja (≈ 25 s) and cached; sdpa = gather + "
                         "torch SDPA and torch's own ops; auto = native when it builds, else sdpa (default)")
     g.add_argument("--weight-layout", default="auto", choices=list(LAYOUT_CHOICES),
                    help="native engine, linear layers on CPU: packed = weights reordered once into "

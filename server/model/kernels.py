@@ -127,7 +127,7 @@ def load_decode_kernel() -> DecodeKernel:
         if _failure is None:
             try:
                 from torch.utils.cpp_extension import load
-                log.info("building/loading prefloop's CPU kernels (first build ≈ 20 s)")
+                log.info("building/loading prefloop's CPU kernels (first build ≈ 25 s on 2 cores)")
                 name = build_name()
                 directory = build_dir(name)
                 directory.mkdir(parents=True, exist_ok=True)
