@@ -18,7 +18,8 @@ of the native kernel, which `prefloop` uses when it builds); `--plain` / `--pack
 for bfloat16, plain for float32). Every prefloop column gets its ratio to transformers.
 llama.cpp (llama-cpp-python, the `bench` extra) runs the embedded Q4_1 GGUF at one stream, and
 each prefloop column at one stream also gets its ratio to it; `--llama-cpp-q8` adds llama.cpp on a
-Q8_0 copy of that GGUF (benchmarks/gguf_requant.py), with ratios to it too.
+Q8_0 copy of that GGUF (benchmarks/gguf_requant.py, converted once into prefloop's cache), with
+ratios to it too.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 PROMPTS = ["Write a story about a dragon who learns to cook.", "Explain how rainbows form.",
            "List ten fruits and describe each.", "Describe the history of the bicycle.",
@@ -174,13 +174,14 @@ def main() -> int:
         import llama_cpp  # noqa: F401
         systems = ["prefloop", "transformers"] + ([] if args.no_llama_cpp else ["llama.cpp"])
         if args.llama_cpp_q8 and not args.no_llama_cpp:
-            import tempfile
-
             from gguf_requant import requantize
 
-            from prefloop.server.model.default_model import default_gguf_path
-            Q8_GGUF = str(Path(tempfile.mkdtemp()) / "model-q8_0.gguf")
-            requantize(default_gguf_path(), Path(Q8_GGUF), "Q8_0")
+            from prefloop.server.model.default_model import cache_root, default_gguf_path
+            q8 = cache_root() / "benchmarks" / f"{default_gguf_path().stem}.Q8_0.gguf"
+            if not q8.exists():  # converted once per machine (138 MB), then reused
+                q8.parent.mkdir(parents=True, exist_ok=True)
+                requantize(default_gguf_path(), q8.with_suffix(".tmp"), "Q8_0").rename(q8)
+            Q8_GGUF = str(q8)
             systems.append("llama.cpp-q8")
     except ImportError:
         systems = ["prefloop", "transformers"]

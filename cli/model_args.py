@@ -28,7 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-kernel", default="auto", choices=["auto", "torch", "native"],
                    help="with --quantize, the small-batch (decode) matmuls: native = prefloop's "
                         "integer-dot kernels (activations rounded to int8 in groups of 32, as "
-                        "llama.cpp does; 2.5-4x torch's on AVX512-VNNI), torch = torch's weight-only "
+                        "llama.cpp does; their matmuls 1.7-2.1x torch's per one-stream decode step on AVX512-VNNI), torch = torch's weight-only "
                         "kernels (activations as they are); auto = native for bfloat16 on a CPU with "
                         "AVX512-VNNI or AVX2, else torch (default)")
     g.add_argument("--compile", action="store_true",

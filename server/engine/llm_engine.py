@@ -262,7 +262,7 @@ class LLMEngine:
         owns its model (a retired version loaded for it): its memory comes back even while
         something still holds the engine or the model object. The model is unusable after."""
         if hasattr(self.model, "_decode_layer_args"):
-            self.model._decode_layer_args = []  # references to the quantized weights (llama.py)
+            self.model._decode_layer_args = []  # the one-call layers' references to the weights (llama.py)
         for module in self.model.modules():
             for name in list(module._parameters):
                 module._parameters[name] = None

@@ -46,7 +46,7 @@ FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 LORA_SOURCE = Path(__file__).parent / "csrc" / "lora_update.cpp"
 # and the integer-dot int4 / int8 matmuls of quantized decode steps (server/model/quant_gemv.py)
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_gemv.cpp"
-# and a quantized decode layer in one call (LlamaModel's decode-only steps)
+# and a decode layer in one call (LlamaModel's decode-only steps on quantized or packed bf16 weights)
 LAYER_SOURCE = Path(__file__).parent / "csrc" / "decode_layer.cpp"
 SOURCES = (SOURCE, FUSED_SOURCE, LORA_SOURCE, QUANT_SOURCE, LAYER_SOURCE)
 HEADERS = (Path(__file__).parent / "csrc" / "vec_math.h",)

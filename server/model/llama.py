@@ -114,8 +114,9 @@ class LlamaModel(nn.Module):
         # eager steps use the fused norm / residual / RoPE / SiLU ops of server/model/csrc/fused_ops.cpp
         # (loaded with the decode kernel: server/model/kernels.py)
         self.fused_ops = False
-        # per layer, the native decode_layer_ call's weight arguments (None: a layer it cannot run);
-        # built on the first decode step that could use them (decode_layer_args)
+        # per layer, the native decode_layer_ call's (weight arguments, LoRA arguments) for steps
+        # without adapters ([]: some layer it cannot run); built on the first decode step that
+        # could use them (decode_layer_args)
         self._decode_layer_args: list | None = None
         self._decode_layer_rows = 0  # the most rows every layer's kernels take
 
@@ -158,17 +159,18 @@ class LlamaModel(nn.Module):
         if self._decode_layer_args is None:
             per_layer = [_layer_args(layer) for layer in self.layers]
             runnable = all(p is not None for p in per_layer)
-            self._decode_layer_args = [p[0] for p in per_layer] if runnable else []
+            # (weight arguments, no LoRA arguments) per layer: the common step's list, built once
+            self._decode_layer_args = [(p[0], []) for p in per_layer] if runnable else []
             self._decode_layer_rows = min(p[1] for p in per_layer) if runnable else 0
         if not self._decode_layer_args or num_tokens > self._decode_layer_rows:
             return None
         adapters = meta.adapter_rows
         if adapters is None:
-            return [(args, []) for args in self._decode_layer_args]
+            return self._decode_layer_args
         if num_tokens > LORA_KERNEL_ROWS:
             return None
         out = []
-        for layer, args in zip(self.layers, self._decode_layer_args):
+        for layer, (args, _) in zip(self.layers, self._decode_layer_args):
             lora_args = _lora_args(layer, adapters, dtype)
             if lora_args is None:
                 return None

@@ -205,7 +205,8 @@ class LoraLinear(nn.Module):
     def native_update(self, step: StepAdapters, dtype: torch.dtype, in_features: int):
         """The native update's (at, bt, ranges, live) for this step's rows (what `forward` passes
         the kernel, for a one-call decode layer: server/model/csrc/decode_layer.cpp); None when no
-        adapter of the step touches this projection; False when the update cannot run natively."""
+        adapter of the step touches this projection; False when the update cannot run natively
+        (no kernel: CUDA, no compiler; a dtype it does not take)."""
         if self.kernel is None or dtype not in (torch.bfloat16, torch.float32):
             return False
         key = (step.ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0)
@@ -222,17 +223,13 @@ class LoraLinear(nn.Module):
         step = current_adapter_rows()
         if step is None:
             return y
-        kernel, dtype = self.kernel, x.dtype
-        if (kernel is not None and x.shape[0] <= KERNEL_ROWS and y.dtype is dtype
-                and (dtype is torch.bfloat16 or dtype is torch.float32) and x.dim() == 2):
-            key = (step.ids, dtype is torch.bfloat16 and self.pairs and x.shape[1] % 2 == 0)
-            stack = self._kernel_stacks.get(key, _MISSING)
-            if stack is _MISSING:
-                stack = self._kernel_stack(*key)
-            if stack is not None:
-                kernel(y, x if x.stride(-1) == 1 else x.contiguous(), stack[0], stack[1],
-                       step.ranges(stack[3]), stack[2])
-            return y
+        dtype = x.dtype
+        if x.shape[0] <= KERNEL_ROWS and y.dtype is dtype and x.dim() == 2:
+            update = self.native_update(step, dtype, x.shape[1])
+            if update is not False:
+                if update is not None:
+                    self.kernel(y, x if x.stride(-1) == 1 else x.contiguous(), *update)
+                return y
         dtype = FACTOR_DTYPE if x.shape[0] < SMALL_ROWS else x.dtype
         if step.every_row:  # one adapter on every row: no mask, two matmuls
             factors = self._factors(step.every_row, dtype)

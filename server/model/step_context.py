@@ -42,7 +42,7 @@ def current_step():
 def current_adapter_rows():
     """The step's `StepAdapters` (server/model/lora.py: which adapter each token row uses); None
     outside a step or when no sequence of the step uses an adapter."""
-    step = getattr(_state, "step", None)
+    step = current_step()
     return None if step is None else step[1].adapter_rows
 
 
