@@ -370,6 +370,7 @@ class GateConfig:
     metric: str = "implicit_either"  # decide(): one of METRICS
     spending: str = "harmonic"  # the level of a season's k-th decision (align/season.py)
     look_growth: float = 1.5  # a scheduled job looks again once its window grew by this factor
+    ab_span: float = 3.0  # --promote-via auto: an undecided A/B test ends once the window grew this much
     max_root_kl: float = DEFAULT_MAX_ROOT_KL  # KL to the root version (v0000): drift over a chain
     degeneration_prompts: int = 16  # held-out prompts both versions answer (0: no check)
     degeneration_tokens: int = 96  # the longest answer sampled for it
@@ -395,6 +396,9 @@ class GateConfig:
             raise InvalidArgument(f"max root KL must be > 0, got {self.max_root_kl}")
         if not 1.0 <= self.look_growth <= 10.0:
             raise InvalidArgument(f"look growth must be in [1, 10], got {self.look_growth}")
+        if not self.look_growth <= self.ab_span <= 100.0:
+            raise InvalidArgument(f"A/B span must be in [look growth {self.look_growth:g}, 100], "
+                                  f"got {self.ab_span}")
 
     @property
     def threshold(self) -> float:

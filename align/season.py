@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from prefloop.align import data as data_mod
 from prefloop.align.gate import REPORTED, SPENDING, Check, GateConfig, GateDecision, with_check
 from prefloop.server import registry as reg
-from prefloop.server.errors import InvalidArgument
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from prefloop.server.jobs import PROMOTED, PUBLISHED, REJECTED, JobRecord, job_history
 
 _DECIDED = (REJECTED, PUBLISHED, PROMOTED)
@@ -63,7 +63,9 @@ class Season:
 
     @property
     def next_decision(self) -> int:
-        return len(self.decisions) + 1
+        """The number of the season's next decision: one per gated job, and one more for each
+        A/B test a job started (its `ab_decision`)."""
+        return 1 + sum(1 + bool((j.gate or {}).get("ab_decision")) for j in self.decisions)
 
     def next_look(self, growth: float) -> tuple[dt.datetime | None, int]:
         """(the newest row the last decision saw, how many newer rows the next look needs):
@@ -84,6 +86,45 @@ class Season:
         return (f"decision {k} against {self.current} since it became current: one-sided level "
                 f"{alpha:g}/({k}·{k + 1}) = {level:.3g} (alpha spending: at most {alpha:g} over "
                 "the season)")
+
+
+def ab_confidence(config: GateConfig, k: int) -> float:
+    """The confidence of an A/B test that is the k-th decision of a season: its overall
+    false-promotion level (1 - confidence, split between head-to-head votes and ratings by the
+    A/B rule) is that decision's level."""
+    return 1.0 - decision_level((1.0 - config.confidence) / 2, k, config.spending)
+
+
+def ab_wait(registry: reg.Registry, promote: bool, promote_via: str, season: Season,
+            rows: list, span: float) -> str | None:
+    """Why a scheduled job that would put its candidate in front of live users (`--promote-via
+    ab|auto` with promotion on) waits while an A/B test runs: the running test's live evidence
+    decides first. A test this season's last decision started (`--promote-via auto`) runs until
+    it decides or the window has grown by `span` (`--ab-span`) since that decision; then it ends
+    as undecided (the current version stays) and the job goes on, so an undecided test does not
+    stall training. None: the job may run."""
+    if not promote or promote_via not in ("ab", "auto"):
+        return None
+    from prefloop.server.ab import state as ab_state
+    state = ab_state.running_state(registry)
+    if state is None:
+        return None
+    wait = (f"an A/B test of {state.candidate} against {state.control} is running; its live "
+            f"votes and thumbs decide before another candidate is trained (--promote-via "
+            f"{promote_via}; `prefloop models ab status`)")
+    last = season.decisions[-1] if season.decisions else None
+    if last is None or not (last.gate or {}).get("ab_decision") or last.version != state.candidate:
+        return wait  # a test this season's jobs did not start: an admin's, left to them
+    early = too_early(season, rows, span)
+    if early is not None:
+        return f"{wait}; it ends undecided if still running then (--ab-span {span:g}): {early}"
+    try:
+        ab_state.conclude(registry, ab_state.REJECTED, "undecided when the season's next look "
+                          f"was due (decision {season.next_decision}); the current version stays",
+                          actor="align")
+    except (FailedPrecondition, NotFound):
+        pass  # a server concluded it meanwhile
+    return None
 
 
 def season_of(registry: reg.Registry, current: str | None,

@@ -198,11 +198,14 @@ def vote_round(client: Client, preference: str, vote_prompts: list[str], users: 
 
 
 def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
-    """`align run [METHOD] --auto-promote`; method "" is the product's default (no method)."""
+    """`align run [METHOD] --auto-promote --promote-via gate`; method "" is the product's default
+    (no method). The offline gate decides (no live A/B test: the simulated users' later votes are
+    the benchmark's, not an A/B test's), as when the tables in docs/align.md were measured."""
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run",
                           *([method] if method else []), "--data-dir", str(data_dir),
-                          "--auto-promote", "--json", *extra], capture_output=True, text=True)
+                          "--auto-promote", "--promote-via", "gate",  # the offline gate's call
+                          "--json", *extra], capture_output=True, text=True)
     out = {"seconds": time.perf_counter() - start, "returncode": res.returncode}
     try:
         out.update(json.loads(res.stdout[res.stdout.index("{"):]))

@@ -5,7 +5,7 @@ judged against the base version's: the tuning sweep behind the defaults (docs/al
 Votes are cast once per preference exactly as in benchmarks/loop_quality.py (simulated users on
 a real `prefloop serve`, n=2 answers at the server's default sampling, concurrent users) and kept
 under --work, so later runs reuse them. Each setting then runs
-`prefloop align run --auto-promote --keep-rejected --json <flags>` on a hard-linked copy of that
+`prefloop align run --auto-promote --promote-via gate --keep-rejected --json <flags>` on a hard-linked copy of that
 data dir, and the candidate (promoted or not: the sweep measures training, the gate is reported
 beside it) answers the held-out prompts in-process at the server's default sampling with the
 same seeds as the base. Printed per setting, side by side: the gate's outcome and held-out

@@ -8,12 +8,19 @@ is N(0, 1), drawn anew per job (candidates differ between jobs, as real ones do)
 pair (every candidate ranks the pairs alike). A preference: margins N(mu, 1) with
 P(margin > 0) = the candidate's held-out win probability.
 
-For each design (spending rule x look growth) it prints the share of random-feedback seasons
-with a promotion (95 % Clopper-Pearson interval), the looks per season, and for each win
-probability the median votes until the first promotion and the share promoted by --end.
+The `--promote-via auto` design also runs the A/B tests an inconclusive but safe candidate
+starts (the real A/B rule on simulated live traffic: tests/season_sim.Live): under random
+feedback live users are indifferent; with a preference they pick the candidate's answer
+head-to-head with probability --live-win and give it --live-thumbs more thumbs up.
+
+For each design (spending rule x look growth x route) it prints the share of random-feedback
+seasons with a promotion (95 % Clopper-Pearson interval), the looks (and A/B tests) per season,
+and for each win probability the median votes until the first promotion, the share promoted by
+--end and, for the auto route, the share of those the A/B test promoted.
 
     python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \
-        [--power-seasons 200] [--wins 0.6 0.65 0.7] [--workers 2]
+        [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \
+        [--designs 0 1 2 3 4] [--workers 2]
 """
 from __future__ import annotations
 
@@ -26,22 +33,22 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from season_sim import DESIGNS, run_season  # noqa: E402
+from season_sim import DESIGNS, Live, run_season  # noqa: E402
 
 from prefloop.align.gate import clopper_pearson  # noqa: E402
 
 
-def _batch(args: tuple) -> list[tuple[int | None, int]]:
+def _batch(args: tuple) -> list[tuple[int | None, int, int, str]]:
     design_index, seeds, kw = args
     out = []
     for seed in seeds:
         r = run_season(random.Random(seed), DESIGNS[design_index], **kw)
-        out.append((r.promoted_at, r.decisions))
+        out.append((r.promoted_at, r.decisions, r.ab_tests, r.by))
     return out
 
 
 def seasons(pool, design_index: int, count: int, seed: int, workers: int, **kw
-            ) -> list[tuple[int | None, int]]:
+            ) -> list[tuple[int | None, int, int, str]]:
     seeds = [seed * 1_000_003 + i for i in range(count)]
     chunks = [seeds[i::workers * 4] for i in range(workers * 4)]
     results = pool.map(_batch, [(design_index, c, kw) for c in chunks if c])
@@ -49,7 +56,7 @@ def seasons(pool, design_index: int, count: int, seed: int, workers: int, **kw
 
 
 def rate(results) -> str:
-    k, n = sum(1 for p, _ in results if p is not None), len(results)
+    k, n = sum(1 for r in results if r[0] is not None), len(results)
     low, high = clopper_pearson(k, n, 0.95)
     return f"{k / n:6.1%} [{low:.1%}, {high:.1%}] of {n}"
 
@@ -68,39 +75,53 @@ def main() -> int:
     ap.add_argument("--wins", type=float, nargs="*", default=[0.6, 0.65, 0.7],
                     help="held-out win probabilities of a candidate that learned the voters' "
                          "preference (default %(default)s)")
+    ap.add_argument("--live-win", type=float, default=0.7,
+                    help="route auto, with a preference: the share of head-to-head picks the "
+                         "candidate's answers win (default %(default)s)")
+    ap.add_argument("--live-thumbs", type=float, default=0.1,
+                    help="route auto, with a preference: the candidate's thumbs-up rate above "
+                         "the control's 0.30 (default %(default)s)")
+    ap.add_argument("--designs", type=int, nargs="*", default=list(range(len(DESIGNS))),
+                    help="which designs, by index: " + "; ".join(
+                        f"{i}: {d.name}" for i, d in enumerate(DESIGNS)) + " (default all)")
     ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
     ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     args = ap.parse_args()
     kw = dict(end=args.end, every=args.every)
+    liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs)
     print(f"season_control: seasons of {args.end} votes, a job due every {args.every}; "
-          f"{len(DESIGNS)} designs", flush=True)
+          f"{len(args.designs)} designs; live users of a better candidate: head-to-head win "
+          f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}", flush=True)
     started = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
-        for i, design in enumerate(DESIGNS):
+        for i in args.designs:
+            design = DESIGNS[i]
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
             differ = seasons(pool, i, n, args.seed + 1, args.workers, **kw)
             same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True, **kw)
             power = {}
             for j, win in enumerate(args.wins):
                 res = seasons(pool, i, args.power_seasons, args.seed + 10 + j, args.workers,
-                              win=win, **kw)
-                promoted = sorted(p for p, _ in res if p is not None)
-                power[win] = (statistics.median(promoted) if promoted else None,
-                              len(promoted) / len(res))
-            looks = statistics.mean(d for _, d in differ)
-            rows.append((design.name, rate(differ), rate(same), looks, power))
+                              win=win, live=liked, **kw)
+                promoted = [r for r in res if r[0] is not None]
+                by_ab = sum(1 for r in promoted if r[3] != "gate")
+                power[win] = (statistics.median(r[0] for r in promoted) if promoted else None,
+                              len(promoted) / len(res), by_ab / len(res))
+            looks = statistics.mean(r[1] for r in differ)
+            tests = statistics.mean(r[2] for r in differ)
+            rows.append((design.name, rate(differ), rate(same), looks, tests, power))
             print(f"  {design.name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     print()
-    print(f"{'design':42} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
-          f"{'looks':>6}  " + "  ".join(f"{f'win {w:g}: median votes (promoted)':>30}"
-                                       for w in args.wins))
-    for name, differ, same, looks, power in rows:
-        cells = "  ".join(f"{'-' if m is None else f'{m:.0f}':>19} ({share:6.1%})   "
-                          for m, share in power.values())
-        print(f"{name:42} {differ:>31} {same:>28} {looks:6.1f}  {cells}")
+    print(f"{'design':46} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
+          f"{'looks':>6} {'A/B':>5}  " + "  ".join(
+              f"{f'win {w:g}: median votes (promoted; by A/B)':>38}" for w in args.wins))
+    for name, differ, same, looks, tests, power in rows:
+        cells = "  ".join(f"{'-' if m is None else f'{m:.0f}':>16} ({share:6.1%}; {ab:6.1%})   "
+                          for m, share, ab in power.values())
+        print(f"{name:46} {differ:>31} {same:>28} {looks:6.1f} {tests:5.2f}  {cells}")
     print(f"\nseason_control: finished in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -161,6 +161,11 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                       help="align run / schedule: after a decision against the current version, "
                            "the next job runs once the window has grown by this factor "
                            "(default %(default)s)")
+    gate.add_argument("--ab-span", type=float, default=3.0, metavar="X",
+                      help="align run / schedule with --promote-via auto: an A/B test a job "
+                           "started that is still undecided when the window has grown by this "
+                           "factor since that job ends (the current version stays) and the next "
+                           "job trains (default %(default)s; docs/align.md)")
     if policy_metric:
         gate.add_argument("--degeneration-prompts", type=int, default=16, metavar="N",
                           help="held-out prompts the candidate and the current version both "
@@ -413,13 +418,14 @@ def add_run_arguments(p: argparse.ArgumentParser, method: str) -> None:
                         "(default %(default)s)")
     p.add_argument("--auto-promote", action="store_true",
                    help="promote the candidate when the gate passes")
-    p.add_argument("--promote-via", choices=("gate", "ab", "auto"), default="gate",
-                   help="with --auto-promote: promote at once when the offline gate passes "
-                        "(gate), or start an online A/B test that live votes decide (ab; "
-                        "docs/ab.md), or auto: promote a clear offline win at once and start an "
-                        "A/B test at 10%% traffic for a candidate the offline evidence leaves "
-                        "undecided but safe (enough held-out pairs, KL in bound, not "
-                        "significantly worse) (default %(default)s)")
+    p.add_argument("--promote-via", choices=("gate", "ab", "auto"), default="auto",
+                   help="with --auto-promote: auto promotes a clear offline win at once and "
+                        "starts an A/B test at 10%% traffic for a candidate the offline evidence "
+                        "leaves undecided but safe (enough held-out pairs, KL in bound, not "
+                        "significantly worse; the test is the season's next decision, at its "
+                        "level, and ends undecided after --ab-span); gate promotes only on an "
+                        "offline pass; ab starts an A/B test on an offline pass (docs/ab.md) "
+                        "(default %(default)s)")
     _keep_rejected(p)
 
 
@@ -546,6 +552,7 @@ def _gate_config(args: argparse.Namespace):
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                       metric=args.gate_metric or "implicit_reward",
                       spending=args.season_spending, look_growth=args.look_growth,
+                      ab_span=args.ab_span,
                       max_root_kl=args.max_root_kl,
                       degeneration_prompts=getattr(args, "degeneration_prompts", 0))
 

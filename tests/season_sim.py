@@ -5,6 +5,14 @@ each held-out pair's implicit-reward margin of the job's candidate vs the curren
 drawn — N(0, 1) for feedback that carries no preference, N(mu, 1) with P(margin > 0) = `win`
 for a candidate that learned what voters prefer. Used by tests/align/test_season.py and
 benchmarks/season_control.py.
+
+The `--promote-via auto` route (`Design.route`): a verdict the real `runner.inconclusive_but_safe`
+calls inconclusive but safe starts an A/B test as the season's next decision, at the real
+`season.ab_confidence`; jobs wait while it runs (`season.ab_wait`), and every later event is
+live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each rater's
+first 5 head-to-head votes, each user's first rating, users assigned to the candidate at the
+test's traffic share) decides on after every `every` events; a test still undecided when the
+window has grown `--ab-span` since the job that started it ends there.
 """
 from __future__ import annotations
 
@@ -16,7 +24,10 @@ from types import SimpleNamespace
 
 from prefloop.align import data as data_mod
 from prefloop.align import gate as gate_mod
-from prefloop.align.season import Season, decision_config, too_early
+from prefloop.align.jobs.runner import AUTO_AB_TRAFFIC, inconclusive_but_safe
+from prefloop.align.season import Season, ab_confidence, decision_config, too_early
+from prefloop.server.ab import decision as ab_decision
+from prefloop.server.ab.evidence import MAX_HEAD_TO_HEAD_PER_RATER
 from prefloop.server.jobs import JobRecord
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -30,38 +41,112 @@ class Design:
     name: str
     spending: str
     look_growth: float
+    route: str = "gate"  # gate | auto (--promote-via)
 
 
 DESIGNS = (Design("per job, a look every 8 votes (before)", "none", 1.0),
            Design("spending, a look every 8 votes", "harmonic", 1.0),
            Design("spending, looks at 1.5x (default)", "harmonic", 1.5),
-           Design("spending, looks at 2x", "harmonic", 2.0))
+           Design("spending, looks at 2x", "harmonic", 2.0),
+           Design("spending, looks at 1.5x, --promote-via auto", "harmonic", 1.5, "auto"))
+
+
+@dataclass(slots=True, frozen=True)
+class Live:
+    """The traffic an A/B test sees: each event comes from a user drawn from a pool of `users`;
+    it is a compare pick (`compare_share`: won by the candidate with probability `win`), a thumb
+    (`thumbs_share`: up with probability `control_up`, plus `thumbs_delta` on the candidate's
+    answers), or an edit (the rest: no A/B evidence). The shares are loop_users' population."""
+
+    win: float = 0.5
+    thumbs_delta: float = 0.0
+    control_up: float = 0.30
+    compare_share: float = 0.25
+    thumbs_share: float = 0.70
+    users: int = 300
+    traffic: float = AUTO_AB_TRAFFIC
 
 
 @dataclass(slots=True)
 class SeasonResult:
     promoted_at: int | None  # the vote count of the first promotion (None: none)
     decisions: int  # gate decisions made (looks)
+    ab_tests: int = 0  # A/B tests started (route auto)
+    by: str = ""  # what promoted: "gate" or the A/B evidence that decided
+    ab_events: int = 0  # events seen while an A/B test ran
+
+
+class _ABTest:
+    """One A/B test's live evidence, event by event (see `Live`)."""
+
+    def __init__(self, rng: random.Random, live: Live, confidence: float) -> None:
+        self.rng, self.live, self.confidence = rng, live, confidence
+        self.arm = [rng.random() < live.traffic for _ in range(live.users)]  # True: candidate
+        self.picks = [0] * live.users
+        self.rated = [False] * live.users
+        self.wins = self.losses = 0
+        self.cand: list[float] = []
+        self.ctrl: list[float] = []
+        self.bets = ab_decision.RatingBets()
+
+    def event(self) -> None:
+        rng, live = self.rng, self.live
+        user, kind = rng.randrange(live.users), rng.random()
+        if kind < live.compare_share:
+            if self.picks[user] < MAX_HEAD_TO_HEAD_PER_RATER:
+                self.picks[user] += 1
+                if rng.random() < live.win:
+                    self.wins += 1
+                else:
+                    self.losses += 1
+        elif kind < live.compare_share + live.thumbs_share and not self.rated[user]:
+            self.rated[user] = True
+            cand = self.arm[user]
+            up = live.control_up + (live.thumbs_delta if cand else 0.0)
+            (self.cand if cand else self.ctrl).append(float(rng.random() < up))
+            if len(self.cand) > self.bets.pairs and len(self.ctrl) > self.bets.pairs:
+                self.bets.add(self.cand[self.bets.pairs] - self.ctrl[self.bets.pairs])
+
+    def decide(self) -> ab_decision.Decision:
+        return ab_decision.decide_combined(
+            self.wins, self.losses, self.bets.evidence(len(self.cand), len(self.ctrl)),
+            confidence=self.confidence)
 
 
 def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: int = 8,
                win: float | None = None, same_ranking: bool = False,
-               heldout_fraction: float = 0.2, config: gate_mod.GateConfig | None = None
-               ) -> SeasonResult:
+               heldout_fraction: float = 0.2, config: gate_mod.GateConfig | None = None,
+               live: Live = Live()) -> SeasonResult:
     """One season against one current version, up to `end` votes (see the module docstring).
     `same_ranking`: every candidate ranks each pair the same way (margins fixed per pair);
-    else candidates differ between jobs (fresh margins per job), as real ones do."""
+    else candidates differ between jobs (fresh margins per job), as real ones do. `live`: how
+    users answer an A/B test's candidate (route auto)."""
     config = config or gate_mod.GateConfig(spending=design.spending,
                                            look_growth=design.look_growth)
     mu = 0.0 if win is None else NormalDist().inv_cdf(win)
     fixed: list[float] = []
     rows: list[SimpleNamespace] = []
     decisions: list[JobRecord] = []
+    test: _ABTest | None = None
+    tests = ab_events = 0
     for n in range(every, end + 1, every):
+        new = range(len(rows), n)
         rows.extend(SimpleNamespace(created_at=T0 + dt.timedelta(seconds=i), feedback_id=str(i))
-                    for i in range(len(rows), n))
+                    for i in new)
         season = Season("v0000", None, tuple(decisions))
-        if too_early(season, rows, config.look_growth) is not None:
+        early = too_early(season, rows, config.look_growth)
+        if test is not None:  # jobs wait (season.ab_wait); the new events are live evidence
+            for _ in new:
+                test.event()
+            ab_events += len(new)
+            outcome = test.decide()
+            if outcome.outcome == ab_decision.PROMOTE:
+                return SeasonResult(n, len(decisions), tests, outcome.decided_by, ab_events)
+            if outcome.outcome == ab_decision.RUNNING \
+                    and too_early(season, rows, config.ab_span) is not None:
+                continue
+            test = None  # rejected, or undecided at the next look: the season goes on
+        if early is not None:
             continue
         heldout = data_mod.time_split(rows, heldout_fraction).heldout
         if len(heldout) < config.min_heldout:
@@ -77,7 +162,13 @@ def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: in
             current_version="v0000", kl_per_token=0.01, heldout_pairs=len(heldout),
             config=decision_config(config, season.next_decision), margins=margins)
         if verdict.passed:
-            return SeasonResult(n, len(decisions) + 1)
-        decisions.append(JobRecord(f"job-{n}", "rejected", data={
-            "until": data_mod.iso(rows[-1].created_at), "total_rows": len(rows)}))
-    return SeasonResult(None, len(decisions))
+            return SeasonResult(n, len(decisions) + 1, tests, "gate", ab_events)
+        gate = {}
+        if design.route == "auto" and inconclusive_but_safe(verdict):
+            k = season.next_decision + 1
+            test, tests = _ABTest(rng, live, ab_confidence(config, k)), tests + 1
+            gate = {"ab_decision": k}
+        decisions.append(JobRecord(f"job-{n}", "published" if gate else "rejected", gate=gate,
+                                   data={"until": data_mod.iso(rows[-1].created_at),
+                                         "total_rows": len(rows)}))
+    return SeasonResult(None, len(decisions), tests, "", ab_events)

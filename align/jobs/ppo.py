@@ -23,7 +23,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.jobs.reward import reward_model_version
-from prefloop.align.season import decision_config, season_of, too_early, with_season
+from prefloop.align.season import ab_wait, decision_config, season_of, too_early, with_season
 from prefloop.align.train.ppo import PPOConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -55,7 +55,7 @@ class PPOJobConfig:
     eval_samples: int = 2  # answers per held-out prompt
     eval_batch_size: int = 8
     promote: bool = False
-    promote_via: str = "gate"  # gate | ab | auto (runner.conclude)
+    promote_via: str = "auto"  # gate | ab | auto (runner.conclude)
     keep_rejected: bool = True
     force_rm: bool = False
     out_dir: Path | None = None  # metrics + plot (default <data-dir>/align-runs/<job id>/)
@@ -144,7 +144,9 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     split = runner.split_new_rows(result, rows, window, registry, after=after, incremental=cfg.incremental,
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
                            noun="prompts", empty_reason="no prompts in the window",
-                           wait=lambda rows: too_early(season, rows, cfg.gate.look_growth))
+                           wait=lambda rows: (ab_wait(registry, cfg.promote, cfg.promote_via, season,
+                                                     rows, cfg.gate.ab_span)
+                                             or too_early(season, rows, cfg.gate.look_growth)))
     if split is None:
         return result
     base_dir = registry.version_dir(base)
@@ -183,7 +185,7 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
                                  job_id=job_id)
     del trained
     return runner.conclude(result, decision, registry, job_id, "ppo", promote=cfg.promote,
-                             promote_via=cfg.promote_via)
+                           promote_via=cfg.promote_via, stated=cfg.gate)
 
 
 def _evaluate_ppo(cfg: PPOJobConfig, registry: reg.Registry, base: str, base_dir: Path,

@@ -25,7 +25,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.degeneration import Degeneration, degeneration_check
 from prefloop.align.gate import GateConfig, GateDecision, decide, with_check, with_drift
 from prefloop.align.jobs import runner
-from prefloop.align.season import decision_config, season_of, too_early, with_season
+from prefloop.align.season import ab_wait, decision_config, season_of, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -53,7 +53,7 @@ class JobConfig:
     voter_cap: VoterCap | None = DEFAULT_VOTER_CAP  # each voter's share of the rows (None: all)
     heldout_fraction: float = 0.2
     promote: bool = False  # promote the candidate when the gate passes
-    promote_via: str = "gate"  # gate: at once; ab: an A/B test instead; auto: gate, or A/B
+    promote_via: str = "auto"  # gate: at once; ab: an A/B test instead; auto: gate, or A/B
     # when the offline evidence is inconclusive but the candidate safe (runner.conclude)
     keep_rejected: bool = True  # publish a candidate the gate rejected (marked rejected)
     eval_batch_size: int = 4
@@ -129,7 +129,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                            min_new=cfg.min_new, heldout_fraction=cfg.heldout_fraction,
                            noun="pairs" if method == "dpo" else "examples",
                            empty_reason="no training rows in the window",
-                           wait=lambda rows: too_early(season, rows, cfg.gate.look_growth))
+                           wait=lambda rows: (ab_wait(registry, cfg.promote, cfg.promote_via, season,
+                                                     rows, cfg.gate.ab_span)
+                                             or too_early(season, rows, cfg.gate.look_growth)))
     if split is None and result.status == runner.SKIPPED and method == "dpo" \
             and not cfg.pairs_from_ratings:
         result.reason += _ratings_waiting(cfg, registry, after)
@@ -177,7 +179,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                                  job_id=job_id, adapter=adapter)
     del trained
     return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote,
-                             promote_via=cfg.promote_via)
+                           promote_via=cfg.promote_via, stated=cfg.gate)
 
 
 def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefloop.align import data as data_mod
-from prefloop.align.gate import GateDecision
+from prefloop.align.gate import GateConfig, GateDecision
 from prefloop.align.train.common import is_main_process
 from prefloop.server import registry as reg
 from prefloop.server.errors import FailedPrecondition, NotFound
@@ -366,43 +366,67 @@ def inconclusive_but_safe(decision: GateDecision) -> bool:
     """A rejected candidate whose only failed check is the comparison with the current version
     (every other one passed: enough held-out units, KL to its base and to the root in bound, no
     degeneration), and not because it is measurably worse: the paired interval's upper end at or
-    above 0.5 (what an A/B test at a small traffic share may settle: `--promote-via auto`)."""
+    above 0.5 (what an A/B test at a small traffic share may settle: `--promote-via auto`). A
+    candidate that ranks no held-out pair differently from the current version has changed
+    nothing an A/B test could find, so it is not one."""
     failed = decision.failed_checks
     if decision.passed or not failed or decision.kind not in ("policy", "ppo"):
         return False
     if any(c.name != decision.metric for c in failed):
         return False
     paired = decision.paired
+    if paired is not None and paired.wins + paired.losses == 0:
+        return False
     worse = paired is not None and paired.upper is not None and paired.upper < 0.5
     margin = decision.margin
     worse = worse or (margin is not None and margin.upper is not None and margin.upper < 0)
     return not worse
 
 
+def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Registry,
+                   stated: GateConfig | None) -> JobResult:
+    """`--promote-via auto` on an inconclusive but safe candidate: an A/B test at
+    `AUTO_AB_TRAFFIC` whose level is the season's next decision's (without a season, the A/B
+    default)."""
+    from prefloop.align.season import ab_confidence
+    from prefloop.server.ab import state as ab_state
+    settings: dict = {"traffic": AUTO_AB_TRAFFIC}
+    k = decision.season_decision + 1 if decision.season_decision else None
+    if stated is not None and k is not None:
+        settings["confidence"] = ab_confidence(stated, k)
+    try:
+        state = ab_state.start(registry, result.version, force=True, **settings)
+    except FailedPrecondition as e:  # e.g. another test runs: the version stays published
+        result.status = REJECTED
+        result.reason += f"; inconclusive offline, and no A/B test could start: {e}"
+        return result
+    result.status = PUBLISHED
+    if result.gate is not None and k is not None:
+        result.gate.update(ab_decision=k, ab_confidence=state.confidence)
+    season = (f", the season's decision {k} at confidence {state.confidence:.4g}"
+              if k is not None else "")
+    result.reason += (f"; inconclusive offline but safe: A/B test started against "
+                      f"{state.control} at {AUTO_AB_TRAFFIC:.0%} traffic{season} (head-to-head "
+                      "votes and thumbs decide; `prefloop models ab status`)")
+    return result
+
+
 def conclude(result: JobResult, decision: GateDecision, registry: reg.Registry, job_id: str,
-             method: str, *, promote: bool, promote_via: str = "gate") -> JobResult:
+             method: str, *, promote: bool, promote_via: str = "gate",
+             stated: GateConfig | None = None) -> JobResult:
     """After the gate (and publishing): promote if it passed and the job asked to — at once
     (`promote_via` "gate" and "auto") or by starting an online A/B test that live votes decide
     ("ab"); with "auto" an inconclusive but safe candidate (`inconclusive_but_safe`, published by
     the caller) starts an A/B test at `AUTO_AB_TRAFFIC` instead of being discarded —, set the
-    status (promoted / published / rejected) and the gate's reasons. Frees the trained model's
-    memory first (the caller has dropped its reference)."""
+    status (promoted / published / rejected) and the gate's reasons. Such a test is the season's
+    next decision (align/season.py): its confidence spends that decision's share of the `stated`
+    gate level, and the gate record keeps its number. Frees the trained model's memory first (the
+    caller has dropped its reference)."""
     gc.collect()
     result.reason = "; ".join(decision.reasons)
     if promote and promote_via == "auto" and result.version \
             and inconclusive_but_safe(decision):
-        from prefloop.server.ab import state as ab_state
-        try:
-            state = ab_state.start(registry, result.version, force=True, traffic=AUTO_AB_TRAFFIC)
-        except FailedPrecondition as e:  # e.g. another test runs: the version stays published
-            result.status = REJECTED
-            result.reason += f"; inconclusive offline, and no A/B test could start: {e}"
-            return result
-        result.status = PUBLISHED
-        result.reason += (f"; inconclusive offline but safe: A/B test started against "
-                          f"{state.control} at {AUTO_AB_TRAFFIC:.0%} traffic (head-to-head "
-                          "votes and thumbs decide; `prefloop models ab status`)")
-        return result
+        return _start_auto_ab(result, decision, registry, stated)
     if decision.passed and promote and promote_via == "ab":
         from prefloop.server.ab import state as ab_state
         state = ab_state.start(registry, result.version)

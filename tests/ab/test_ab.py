@@ -5,6 +5,7 @@ compare answers from both versions, votes for the candidate, promotion by the ru
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -364,6 +365,8 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     assert not runner.inconclusive_but_safe(verdict(False, 0.72, "min_heldout"))
     assert not runner.inconclusive_but_safe(verdict(False, 0.72, "degeneration"))
     assert not runner.inconclusive_but_safe(verdict(True, 0.9))  # a pass promotes instead
+    unchanged = dataclasses.replace(verdict(False, 1.0), paired=PairedResult(0, 0, 30, 0.0, 1.0))
+    assert not runner.inconclusive_but_safe(unchanged)  # every pair tied: nothing to A/B test
 
     registry, v1 = two_versions(tmp_path, gate_passed=None)  # the manifest's gate: the verdicts'
     worse = runner.JobResult(job_id="job-0", status="running", version=v1)
@@ -378,6 +381,17 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
         in result.reason
     state = ab_state.running_state(registry)
     assert (state.candidate, state.traffic) == (v1, 0.1)
+    ab_state.conclude(registry, ab_state.STOPPED, "test over")
+    # in a season (align/season.py) the test is the next decision and spends its level
+    from prefloop.align.gate import GateConfig
+    seasoned = runner.JobResult(job_id="job-1b", status="running", version=v1, gate={})
+    runner.conclude(seasoned, dataclasses.replace(verdict(False, 0.72), season_decision=2),
+                    registry, "job-1b", "dpo", promote=True, promote_via="auto",
+                    stated=GateConfig())
+    level = 0.05 / (3 * 4)  # decision 3 of the season
+    assert ab_state.running_state(registry).confidence == pytest.approx(1 - level)
+    assert seasoned.gate == {"ab_decision": 3, "ab_confidence": pytest.approx(1 - level)}
+    assert "the season's decision 3 at confidence 0.9958" in seasoned.reason
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     win = runner.JobResult(job_id="job-2", status="running", version=v1)
     runner.conclude(win, verdict(True, 0.9), registry, "job-2", "dpo", promote=True,

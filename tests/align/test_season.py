@@ -90,3 +90,75 @@ def test_random_feedback_seasons_are_consistent_with_5_percent_only_with_spendin
     assert max(r.decisions for r in now) <= 7  # looks at ~n, 1.5n, 2.25n, ... up to 1,000 votes
     found = [run_season(rng, default, win=0.7) for _ in range(10)]
     assert sum(r.promoted_at is not None for r in found) >= 9  # a real preference still promotes
+
+
+def test_an_ab_test_a_job_starts_is_the_seasons_next_decision_at_its_level():
+    from prefloop.server.jobs import JobRecord
+    plain = JobRecord("a", "rejected", gate={"season_decision": 1})
+    tested = JobRecord("b", "published", gate={"season_decision": 2, "ab_decision": 3})
+    assert S.Season("v0000", None, (plain,)).next_decision == 2
+    assert S.Season("v0000", None, (plain, tested)).next_decision == 4  # job 2, its test 3
+    assert S.ab_confidence(GateConfig(), 2) == pytest.approx(1 - 0.05 / 6)
+    assert S.ab_confidence(GateConfig(spending="none"), 5) == pytest.approx(0.95)
+    with pytest.raises(InvalidArgument, match="A/B span"):
+        GateConfig(look_growth=2.0, ab_span=1.5)
+
+
+def _policy_version(registry, tmp_path, tag: bytes) -> str:
+    with registry.stage() as stage:
+        for name in ("config.json", "model.safetensors"):
+            (stage.path / name).write_bytes(tag + (tmp_path / "base" / name).read_bytes())
+        return stage.publish(kind="policy", method="dpo", parent="v0000").version
+
+
+def test_a_scheduled_job_waits_for_a_running_ab_test_until_the_window_grew_by_the_span(tmp_path):
+    """--promote-via auto: while the test the last decision started runs, jobs wait; once the
+    window has grown --ab-span times since that decision the test ends undecided (the current
+    version stays, the history says why) and the job goes on. A test no job started (an
+    admin's) is waited for; --promote-via gate jobs do not wait."""
+    from prefloop.server.ab import state as ab_state
+    from prefloop.server.jobs import JobRecord
+    registry = Registry(tmp_path / "data")
+    registry.ensure_base(fake_model(tmp_path / "base"))
+    v1 = _policy_version(registry, tmp_path, b"x")
+    rows = [SimpleNamespace(created_at=T0.replace(minute=m // 60, second=m % 60), feedback_id=str(m))
+            for m in range(300)]
+    last = JobRecord("j", "published", version=v1, gate={"season_decision": 1, "ab_decision": 2},
+                     data={"total_rows": 100, "until": "2026-01-01T00:01:39Z"})  # row 99
+    season = S.Season("v0000", None, (last,))
+    assert S.ab_wait(registry, True, "auto", season, rows, 3.0) is None  # no test runs
+    ab_state.start(registry, v1, force=True, traffic=0.1)
+    assert S.ab_wait(registry, True, "gate", season, rows, 3.0) is None
+    waiting = S.ab_wait(registry, True, "auto", season, rows[:299], 3.0)
+    assert f"an A/B test of {v1} against v0000 is running" in waiting
+    assert "waits for 200" in waiting and ab_state.running_state(registry) is not None
+    assert S.ab_wait(registry, True, "auto", season, rows, 3.0) is None  # 200 newer rows
+    assert ab_state.running_state(registry) is None and registry.current() == "v0000"
+    assert registry.history()[-1].action == "ab-reject"
+    assert "undecided when the season's next look was due" in registry.history()[-1].reason
+    v2 = _policy_version(registry, tmp_path, b"y")
+    ab_state.start(registry, v2, force=True)  # an admin's test: waited for, never ended by a job
+    assert "is running" in S.ab_wait(registry, True, "ab", season, rows, 3.0)
+    assert ab_state.running_state(registry).candidate == v2
+
+
+def test_promote_via_auto_keeps_random_feedback_seasons_under_5_percent_and_finds_more():
+    """Simulated seasons through the real gate, A/B rule and season code (tests/season_sim.py):
+    with --promote-via auto, random feedback (indifferent live users too) promotes in a share
+    consistent with <= 5 %; a candidate whose offline evidence is weak (held-out win 0.55) but
+    whose answers live users prefer (0.7 head-to-head, +0.1 thumbs up) is promoted in more
+    seasons than by the offline gate alone."""
+    from season_sim import Live
+    gate_route, auto = DESIGNS[2], DESIGNS[4]
+    assert auto.route == "auto" and (auto.spending, auto.look_growth) == (
+        gate_route.spending, gate_route.look_growth)
+    rng = random.Random(11)
+    random_seasons = [run_season(rng, auto) for _ in range(60)]
+    assert promoted_share_interval(random_seasons)[0] <= 0.05
+    assert sum(r.ab_tests for r in random_seasons) > 60  # the route was taken, tests ended
+    liked = Live(win=0.7, thumbs_delta=0.1)
+    by_auto = [run_season(rng, auto, win=0.55, live=liked) for _ in range(16)]
+    by_gate = [run_season(rng, gate_route, win=0.55, live=liked) for _ in range(16)]
+    promoted = [sum(r.promoted_at is not None for r in res) for res in (by_auto, by_gate)]
+    assert promoted[0] >= 12 and promoted[0] > promoted[1] + 6, promoted
+    assert any(r.by == "head-to-head votes" for r in by_auto)

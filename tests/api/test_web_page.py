@@ -27,6 +27,7 @@ from conftest import ADMIN_TOKEN, USER_TOKEN, start_server_process, wait_until
 from registry_helpers import publish_perturbed
 from tiny_models import save_tiny
 
+from prefloop.server.ab import state as ab_state
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.export import load_table
 from prefloop.server.jobs import record_job
@@ -471,6 +472,7 @@ def test_models_view_promotes_a_version_and_the_next_answer_names_it(server, ope
     assert table.locator("tr[data-version=v0000].current").count() == 1
     page.get_by_test_id("chart-votes").locator("svg rect").first.wait_for()  # votes from earlier tests
     page.get_by_test_id("ab-status").get_by_text("No A/B test is running").wait_for()
+    assert page.get_by_test_id("ab-last").count() == 0  # no test has ever run
     # the chart: a point per measured promoted version (accuracy and win rate of the passed one)
     assert page.get_by_test_id("chart-quality").locator("circle").count() == 2
     assert table.locator("tr td.pass").count() == 1 and table.locator("tr td.fail").count() == 1
@@ -496,6 +498,22 @@ def test_models_view_promotes_a_version_and_the_next_answer_names_it(server, ope
     page.get_by_test_id("models-msg").filter(has_text="rolled back").wait_for()
     table.locator("tr[data-version=v0000].current").wait_for()
     assert server.registry.current() == "v0000"
+
+    # an A/B test that ended: the page says how and which evidence decided
+    ab_file = server.registry.root / ab_state.AB_FILE
+    ab_file.write_text(json.dumps(ab_state.ABState(
+        server.v1, "v0000", started_at="2025-01-03T00:00:00Z", status=ab_state.REJECTED,
+        decided_at="2025-01-04T00:00:00Z",
+        reason="candidate worse by ratings (thumbs / stars): ...").as_dict()))
+    try:
+        page.get_by_test_id("nav-chat").click()
+        page.get_by_test_id("nav-models").click()
+        last = page.get_by_test_id("ab-last")
+        last.wait_for()
+        assert f"Last test: {server.v1} vs v0000, rejected 2025-01-04" in last.inner_text()
+        assert "candidate worse by ratings (thumbs / stars)" in last.inner_text()
+    finally:
+        ab_file.unlink()
     assert page.errors == []
 
 

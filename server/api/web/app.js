@@ -637,6 +637,11 @@ function renderAb(data) {
   box.replaceChildren();
   if (!data || !data.running) {
     box.append(el("p", { class: "muted", text: "No A/B test is running." }));
+    if (data && data.status && data.candidate) {  // the last test, and the evidence that ended it
+      box.append(el("p", { "data-testid": "ab-last", text:
+        `Last test: ${data.candidate} vs ${data.control}, ${data.status} ${data.decided_at || ""}` +
+        (data.reason ? ` — ${data.reason}` : "") }));
+    }
     return;
   }
   const dl = el("dl", { class: "kv" });
