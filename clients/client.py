@@ -53,6 +53,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "abort"
     completion_tokens: int
     index: int
+    model_version: str = ""  # the version that wrote it (a compare request's two differ)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,8 @@ class GenerateResult:
     @classmethod
     def from_proto(cls, msg: generation_pb2.GenerateResponse) -> "GenerateResult":
         return cls(tuple(Completion(c.response_id, c.text, c.finish_reason, c.completion_tokens,
-                                    c.index) for c in msg.completions),
+                                    c.index, c.model_version or msg.model_version)
+                         for c in msg.completions),
                    msg.prompt_tokens, msg.model_version, msg.request_id)
 
 
@@ -202,17 +204,26 @@ def chat_messages(messages: Iterable[Message]) -> list[generation_pb2.ChatMessag
     return out
 
 
+def _split_compare(sampling: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """`compare=True` rides with the sampling keywords of the public methods: during an A/B test
+    the server answers once from each version (a blind pair), else once as usual."""
+    rest = dict(sampling)
+    return rest, bool(rest.pop("compare", False))
+
+
 def _generate_request(prompt: str, session_id: str, user_id: str,
                       sampling: dict[str, Any]) -> generation_pb2.GenerateRequest:
+    sampling, compare = _split_compare(sampling)
     return generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling_proto(**sampling),
-                                          session_id=session_id, user_id=user_id)
+                                          session_id=session_id, user_id=user_id, compare=compare)
 
 
 def _chat_request(messages: Iterable[Message], session_id: str, user_id: str,
                   sampling: dict[str, Any]) -> generation_pb2.ChatRequest:
+    sampling, compare = _split_compare(sampling)
     return generation_pb2.ChatRequest(messages=chat_messages(messages),
                                       sampling=sampling_proto(**sampling),
-                                      session_id=session_id, user_id=user_id)
+                                      session_id=session_id, user_id=user_id, compare=compare)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,12 +448,15 @@ class Client(_ClientBase[Iterator[Chunk]]):
     def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
                  timeout: float | None = None, **sampling: Any) -> GenerateResult:
         """Complete a raw prompt. `sampling`: max_tokens, temperature, top_p, top_k, stop,
-        seed, n, repetition_penalty (None/omitted = server default)."""
+        seed, n, repetition_penalty (None/omitted = server default); `compare=True`: during an
+        A/B test one answer from each version in random order (each `Completion` names its
+        version; leave n unset), else one answer."""
         return self._unary(self._rpcs.generate(prompt, session_id, user_id, sampling), timeout)
 
     def chat(self, messages: Iterable[Message], *, session_id: str = "", user_id: str = "",
              timeout: float | None = None, **sampling: Any) -> GenerateResult:
-        """Answer a conversation (the server applies the chat template)."""
+        """Answer a conversation (the server applies the chat template); keywords as
+        `generate`'s, `compare=True` included."""
         return self._unary(self._rpcs.chat(messages, session_id, user_id, sampling), timeout)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:

@@ -94,7 +94,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
              messages: list[dict] | None = None):
         call.meta = RequestMeta(api="grpc", method=call.meta.method, session_id=request.session_id,
                                 user_id=request.user_id)
-        self.runner.route(call)
+        self.runner.route(call, compare=request.compare)
         prompt_ids = (self.runner.prompt_ids(call, prompt) if messages is None
                       else self.runner.chat_ids(call, messages))
         params = self.runner.params(call, prompt_ids, **sampling_fields(
@@ -104,8 +104,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     @staticmethod
     def _chunk(call: Call, state, delta) -> generation_pb2.GenerateChunk:
         return generation_pb2.GenerateChunk(
-            index=delta.index, response_id=state.response_id, text_delta=delta.text_delta,
-            finish_reason=delta.finish_reason or "", model_version=call.model_version,
+            index=state.index, response_id=state.response_id, text_delta=delta.text_delta,
+            finish_reason=delta.finish_reason or "",
+            model_version=state.model_version or call.model_version,
             completion_tokens=delta.completion_tokens, prompt_tokens=call.prompt_tokens,
             request_id=call.request_id)
 
@@ -114,6 +115,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.GenerateResponse(
             completions=[generation_pb2.Completion(
                 response_id=c.response_id, text=c.text, finish_reason=c.finish_reason or "",
-                completion_tokens=c.completion_tokens, index=c.index) for c in call.completions],
+                completion_tokens=c.completion_tokens, index=c.index,
+                model_version=c.model_version or call.model_version) for c in call.completions],
             prompt_tokens=call.prompt_tokens, model_version=call.model_version,
             request_id=call.request_id)

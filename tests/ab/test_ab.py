@@ -207,6 +207,7 @@ def ab_server(tmp_path):
 
     def call(coro):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+    call.grpc_target = f"127.0.0.1:{server.port}"  # the same server's gRPC API
 
     yield url, registry, v1, controller, call
     call(server.shutdown(0))
@@ -257,6 +258,43 @@ def test_votes_for_the_candidate_promote_it(ab_server):
     assert ab_state.read_state(registry).status == ab_state.PROMOTED
     assert "candidate preferred" in registry.history()[-1].reason
     assert controller.router.candidate is None  # the losing engine is unloaded
+
+
+def test_grpc_compare_requests_get_a_blind_pair_during_a_test_and_one_answer_without(ab_server):
+    """gRPC Chat / ChatStream with compare=True: during an A/B test one answer from each version
+    (each completion and chunk names its version), whose preference vote counts head-to-head;
+    compare with n > 1 is refused; without a test, one answer as usual."""
+    from prefloop.clients import Client
+    from prefloop.clients.errors import InvalidArgument as InvalidArgumentError
+    url, registry, v1, controller, call = ab_server
+    hi = [{"role": "user", "content": "hi"}]
+    with Client(call.grpc_target, token=USER_TOKEN) as client:
+        alone = client.chat(hi, max_tokens=2, compare=True)
+        assert [c.model_version for c in alone.completions] == ["v0000"]
+        assert post(url, "/v1/admin/ab/start", {"candidate": v1, "min_votes": 10},
+                    ADMIN_TOKEN).status_code == 200
+        orders = set()
+        for i in range(12):
+            pair = client.chat([{"role": "user", "content": f"q{i}"}], max_tokens=2, compare=True,
+                               user_id=f"u{i}")
+            versions = [c.model_version for c in pair.completions]
+            assert sorted(versions) == sorted(["v0000", v1]), versions
+            assert all(("cand" in c.text) == (c.model_version == v1) for c in pair.completions)
+            orders.add(tuple(versions))
+            cand = next(c for c in pair.completions if c.model_version == v1)
+            ctrl = next(c for c in pair.completions if c.model_version == "v0000")
+            vote = post(url, "/v1/feedback/preference",  # (this server's feedback is HTTP)
+                        {"chosen_response_id": cand.response_id,
+                         "rejected_response_id": ctrl.response_id, "user_id": f"u{i}"})
+            assert vote.status_code == 200, vote.text
+        assert len(orders) == 2  # random order: 2^-11 to see one order twelve times
+        chunks = list(client.chat_stream(hi, max_tokens=2, compare=True))
+        by_index = {c.index: c.model_version for c in chunks}
+        assert sorted(by_index.values()) == sorted(["v0000", v1])
+        with pytest.raises(InvalidArgumentError, match="one answer per version"):
+            client.chat(hi, max_tokens=2, compare=True, n=2)
+    status = httpx.get(url + "/v1/admin/ab", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert (status["wins"], status["losses"]) == (12, 0)
 
 
 def test_a_damaged_state_file_serves_current_alone_until_a_forced_start(ab_server):
