@@ -26,11 +26,13 @@ goes to --plot.
         [--rounds 2] [--votes-per-round 100] [--method dpo|kto] [--max-tokens 64] [--temperature 0.7]
         [--feedback pairs|thumbs|population] [--noise 0.2] [--up-rate 0.3]
         [--plot docs/loop_quality.png] [--users 20] [--flooder-share 0.5] [--json out.json]
+        [--promote-via gate|auto]
         [--align-arg=--lr=5e-6 ...]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,8 @@ from loop_users import (  # noqa: E402
 )
 
 from prefloop.clients import Client  # noqa: E402
+from prefloop.server.ab import state as ab_state  # noqa: E402
+from prefloop.server.registry import Registry  # noqa: E402
 
 
 def wilson(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -87,7 +92,8 @@ def held_out_answers(client: Client, held: list[str], max_tokens: int | None, sa
                      ) -> tuple[list[str], str]:
     """`samples` answers per held-out prompt (seeded per prompt and sample, so base and served
     answers are paired), `concurrency` requests at a time; `max_tokens` / `temperature` None:
-    the server's defaults."""
+    the server's defaults. Also the versions that answered (with counts when an A/B test sent
+    some requests, which carry no user id, to its candidate)."""
     jobs = [(i, s, prompt) for i, prompt in enumerate(held) for s in range(samples)]
 
     def one(job):
@@ -98,7 +104,9 @@ def held_out_answers(client: Client, held: list[str], max_tokens: int | None, sa
 
     with ThreadPoolExecutor(concurrency) as pool:
         out = list(pool.map(one, jobs))
-    return [text for text, _ in out], (out[-1][1] if out else "")
+    counts = Counter(version for _, version in out)  # during an A/B test: both versions
+    return [text for text, _ in out], " + ".join(
+        v if len(counts) == 1 else f"{v} ({n})" for v, n in counts.most_common())
 
 
 def sampling(max_tokens: int | None, temperature: float | None) -> dict:
@@ -122,6 +130,7 @@ class Users:
     up_rate: float = 0.3
     max_tokens: int | None = 64
     temperature: float | None = None
+    compare: bool = False  # an A/B test runs: pickers ask for a blind pair (one per version)
 
     def kind(self, user_id: str) -> str:
         return self.kinds.get(user_id, "pick")
@@ -133,7 +142,9 @@ def vote_one(client: Client, preference: str, prompt: str, users: Users, seed: i
     prefers one (or, on a tie, rewrites one when neither has the property and the preference has
     a rewrite, else nothing); a "thumbs" user gets one answer and presses 👍 or 👎; an "edit" user
     gets one answer and rewrites it when it lacks the property (else 👍; a preference without a
-    rewrite: 👍 / 👎 as a thumbs user). Votes flip with probability `users.noise`. Returns "vote",
+    rewrite: 👍 / 👎 as a thumbs user). While an A/B test runs (`users.compare`) a pick user's two
+    answers are a blind compare pair, one from each version, as the web page's compare mode asks
+    for them. Votes flip with probability `users.noise`. Returns "vote",
     "thumb", "rewrite" or "tie". The flooder picks the answer the crowd would reject and never
     rewrites."""
     messages = [{"role": "user", "content": prompt}]
@@ -149,7 +160,11 @@ def vote_one(client: Client, preference: str, prompt: str, users: Users, seed: i
         up = noisy(rate(preference, a.text, users.bar, users.up_rate, rng), users.noise, rng)
         client.submit_rating(a.response_id, 1 if up else -1, scale="thumbs", user_id=user_id)
         return "thumb"
-    a, b = client.chat(messages, n=2, user_id=user_id, **opts).completions
+    pair = (client.chat(messages, compare=True, user_id=user_id, **opts).completions
+            if users.compare else ())
+    if len(pair) != 2:  # no A/B test (or it ended): two answers of the served version
+        pair = client.chat(messages, n=2, user_id=user_id, **opts).completions
+    a, b = pair
     pick = choose(preference, a.text, b.text, rng)
     if pick is None:
         if user_id != FLOODER and preference in REWRITES and property_value(preference, a.text) == 0:
@@ -197,14 +212,15 @@ def vote_round(client: Client, preference: str, vote_prompts: list[str], users: 
             "flooder_votes": sum(o == "vote" for (user, _), o in zip(turns, outcomes) if user == FLOODER)}
 
 
-def run_job(data_dir: Path, method: str, extra: list[str]) -> dict:
-    """`align run [METHOD] --auto-promote --promote-via gate`; method "" is the product's default
-    (no method). The offline gate decides (no live A/B test: the simulated users' later votes are
-    the benchmark's, not an A/B test's), as when the tables in docs/align.md were measured."""
+def run_job(data_dir: Path, method: str, extra: list[str], promote_via: str = "gate") -> dict:
+    """`align run [METHOD] --auto-promote --promote-via ROUTE`; method "" is the product's default
+    (no method). The benchmark's default route is `gate` (the offline gate decides, as when the
+    tables in docs/align.md were measured); `auto` (the product's default) lets an undecided
+    candidate go to an A/B test that the next rounds' users decide."""
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run",
                           *([method] if method else []), "--data-dir", str(data_dir),
-                          "--auto-promote", "--promote-via", "gate",  # the offline gate's call
+                          "--auto-promote", "--promote-via", promote_via,
                           "--json", *extra], capture_output=True, text=True)
     out = {"seconds": time.perf_counter() - start, "returncode": res.returncode}
     try:
@@ -261,6 +277,7 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
     vote_prompts, held = prompts(seed=args.seed)
     rng = random.Random(args.seed)
     proc, target = start_server(data, work / f"{preference}-server.log")
+    registry = Registry(data)
     rows = []
     try:
         with Client(target, timeout=600) as client:
@@ -276,12 +293,16 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
             for r in range(args.rounds):
                 batch = vote_prompts[r * args.votes_per_round:(r + 1) * args.votes_per_round]
                 t = time.perf_counter()
-                votes = vote_round(client, preference, batch, users, args.seed + r,
-                                   args.concurrency, args.users, args.flooder_share)
+                ab_before = ab_state.running_state(registry)
+                votes = vote_round(client, preference, batch,
+                                   dataclasses.replace(users, compare=ab_before is not None),
+                                   args.seed + r, args.concurrency, args.users,
+                                   args.flooder_share)
                 vote_s = time.perf_counter() - t
                 total_votes += votes["votes"]
                 total_flood += votes["flooder_votes"]
-                job = run_job(data, args.method, args.align_arg)
+                ab_after_votes = ab_state.read_state(registry)
+                job = run_job(data, args.method, args.align_arg, args.promote_via)
                 t = time.perf_counter()
                 deadline = time.time() + 300
                 version = job.get("version") if job.get("status") == "promoted" else None
@@ -293,8 +314,11 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                                                           args.heldout_samples, args.concurrency,
                                                           args.temperature)
                 measure_s = time.perf_counter() - t
+                ab = ab_state.read_state(registry)
                 row = {"preference": preference, "feedback": args.feedback, "noise": args.noise,
-                       "round": r + 1, "votes_total": total_votes,
+                       "round": r + 1, "votes_total": total_votes, "current": registry.current(),
+                       "ab_during_votes": ab_summary(ab_before, ab_after_votes),
+                       "ab_after_job": ab_summary(ab, ab) if ab is not None and ab.running else "",
                        "flooder_votes_total": total_flood, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
                        "served_version": served_version,
@@ -311,6 +335,16 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
     return rows
 
 
+def ab_summary(before, after) -> str:
+    """What happened to the A/B test over a phase: "" (none ran), "running vX", or how the test
+    that ran ended ("vX promoted: reason")."""
+    if before is None:
+        return ""
+    if after is not None and after.started_at == before.started_at and not after.running:
+        return f"{after.candidate} {after.status}: {after.reason}"
+    return f"{before.candidate} running ({before.traffic:.0%} traffic)"
+
+
 def format_row(row: dict) -> str:
     win = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl_per_token"] is None else f"{row['kl_per_token']:.4f}"
@@ -322,7 +356,9 @@ def format_row(row: dict) -> str:
             f"win {win} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
             f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} KL {kl} "
-            f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s")
+            f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s"
+            + (f"\n{'':>16} A/B during the votes: {row['ab_during_votes']}" if row.get("ab_during_votes") else "")
+            + (f"\n{'':>16} A/B after the job: {row['ab_after_job']}" if row.get("ab_after_job") else ""))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -392,6 +428,11 @@ def main() -> int:
     ap.add_argument("--flooder-share", type=float, default=0.0,
                     help="share of all votes cast by one more user, for the opposite of the "
                          "crowd's preference (default %(default)s: none)")
+    ap.add_argument("--promote-via", choices=("gate", "auto"), default="gate",
+                    help="the jobs' route: gate (the offline gate alone, as docs/align.md's tables) "
+                         "or auto (the product's default: an undecided but safe candidate is A/B "
+                         "tested at 10%% traffic and the next rounds' users decide; pickers then "
+                         "get blind compare pairs) (default %(default)s)")
     ap.add_argument("--align-arg", action="append", default=[], help="extra `align run` flag (repeatable)")
     ap.add_argument("--plot", default=None, help="PNG of win rate vs votes")
     ap.add_argument("--json", default=None, help="write every row here")
