@@ -291,7 +291,8 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                           max_tokens=args.max_tokens, temperature=args.temperature)
             total_votes = total_flood = 0
             for r in range(args.rounds):
-                batch = vote_prompts[r * args.votes_per_round:(r + 1) * args.votes_per_round]
+                batch = [vote_prompts[i % len(vote_prompts)]  # past the last prompt: again
+                         for i in range(r * args.votes_per_round, (r + 1) * args.votes_per_round)]
                 t = time.perf_counter()
                 ab_before = ab_state.running_state(registry)
                 votes = vote_round(client, preference, batch,
