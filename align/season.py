@@ -115,9 +115,11 @@ def ab_wait(registry: reg.Registry, promote: bool, promote_via: str, season: Sea
     last = season.decisions[-1] if season.decisions else None
     if last is None or not (last.gate or {}).get("ab_decision") or last.version != state.candidate:
         return wait  # a test this season's jobs did not start: an admin's, left to them
-    early = too_early(season, rows, span)
-    if early is not None:
-        return f"{wait}; it ends undecided if still running then (--ab-span {span:g}): {early}"
+    last_until, need = season.next_look(span)
+    have = sum(1 for r in rows if r.created_at > last_until)
+    if have < need:
+        return (f"{wait}; it ends undecided if still running once {need} rows are newer than the "
+                f"decision that started it ({have} now; --ab-span {span:g})")
     try:
         ab_state.conclude(registry, ab_state.REJECTED, "undecided when the season's next look "
                           f"was due (decision {season.next_decision}); the current version stays",

@@ -343,7 +343,9 @@ def ab_summary(before, after) -> str:
         return ""
     if after is not None and after.started_at == before.started_at and not after.running:
         return f"{after.candidate} {after.status}: {after.reason}"
-    return f"{before.candidate} running ({before.traffic:.0%} traffic)"
+    now = after if after is not None and after.started_at == before.started_at else before
+    return (f"{now.candidate} running ({now.traffic:.0%} traffic, confidence "
+            f"{now.confidence:.4g}; head-to-head {now.wins}-{now.losses} so far)")
 
 
 def format_row(row: dict) -> str:

@@ -131,7 +131,8 @@ def test_a_scheduled_job_waits_for_a_running_ab_test_until_the_window_grew_by_th
     assert S.ab_wait(registry, True, "gate", season, rows, 3.0) is None
     waiting = S.ab_wait(registry, True, "auto", season, rows[:299], 3.0)
     assert f"an A/B test of {v1} against v0000 is running" in waiting
-    assert "waits for 200" in waiting and ab_state.running_state(registry) is not None
+    assert "once 200 rows are newer than the decision that started it (199 now; --ab-span 3)" \
+        in waiting and ab_state.running_state(registry) is not None
     assert S.ab_wait(registry, True, "auto", season, rows, 3.0) is None  # 200 newer rows
     assert ab_state.running_state(registry) is None and registry.current() == "v0000"
     assert registry.history()[-1].action == "ab-reject"
