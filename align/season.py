@@ -121,8 +121,9 @@ def ab_wait(registry: reg.Registry, promote: bool, promote_via: str, season: Sea
         return (f"{wait}; it ends undecided if still running once {need} rows are newer than the "
                 f"decision that started it ({have} now; --ab-span {span:g})")
     try:
-        ab_state.conclude(registry, ab_state.REJECTED, "undecided when the season's next look "
-                          f"was due (decision {season.next_decision}); the current version stays",
+        ab_state.conclude(registry, ab_state.REJECTED, f"undecided after {have} newer rows "
+                          f"(--ab-span {span:g} since the job that started it); the current "
+                          f"version stays and decision {season.next_decision} trains",
                           actor="align")
     except (FailedPrecondition, NotFound):
         pass  # a server concluded it meanwhile

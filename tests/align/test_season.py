@@ -136,7 +136,8 @@ def test_a_scheduled_job_waits_for_a_running_ab_test_until_the_window_grew_by_th
     assert S.ab_wait(registry, True, "auto", season, rows, 3.0) is None  # 200 newer rows
     assert ab_state.running_state(registry) is None and registry.current() == "v0000"
     assert registry.history()[-1].action == "ab-reject"
-    assert "undecided when the season's next look was due" in registry.history()[-1].reason
+    assert "undecided after 200 newer rows (--ab-span 3 since the job that started it)" \
+        in registry.history()[-1].reason
     v2 = _policy_version(registry, tmp_path, b"y")
     ab_state.start(registry, v2, force=True)  # an admin's test: waited for, never ended by a job
     assert "is running" in S.ab_wait(registry, True, "ab", season, rows, 3.0)
