@@ -115,8 +115,7 @@ def ab_wait(registry: reg.Registry, promote: bool, promote_via: str, season: Sea
     last = season.decisions[-1] if season.decisions else None
     if last is None or not (last.gate or {}).get("ab_decision") or last.version != state.candidate:
         return wait  # a test this season's jobs did not start: an admin's, left to them
-    last_until, need = season.next_look(span)
-    have = sum(1 for r in rows if r.created_at > last_until)
+    have, need = look_progress(season, rows, span)  # the season has a decision: `last`
     if have < need:
         return (f"{wait}; it ends undecided if still running once {need} rows are newer than the "
                 f"decision that started it ({have} now; --ab-span {span:g})")
@@ -148,15 +147,22 @@ def season_of(registry: reg.Registry, current: str | None,
     return Season(current, since, decided)
 
 
-def too_early(season: Season, rows: list, growth: float) -> str | None:
-    """Why a scheduled job must wait before the season's next look (None: it may look now):
-    fewer rows newer than the last decision's newest than `growth` asks for."""
+def look_progress(season: Season, rows: list, growth: float) -> tuple[int, int] | None:
+    """(rows newer than the season's last decision saw, how many the window growing by `growth`
+    needs); None when the season has made no decision yet."""
     last_until, need = season.next_look(growth)
     if last_until is None:
         return None
-    have = sum(1 for r in rows if r.created_at > last_until)
-    if have >= need:
+    return sum(1 for r in rows if r.created_at > last_until), need
+
+
+def too_early(season: Season, rows: list, growth: float) -> str | None:
+    """Why a scheduled job must wait before the season's next look (None: it may look now):
+    fewer rows newer than the last decision's newest than `growth` asks for."""
+    progress = look_progress(season, rows, growth)
+    if progress is None or progress[0] >= progress[1]:
         return None
+    have, need = progress
     return (f"{have} rows since the last decision against {season.current}; its next look "
             f"(decision {season.next_decision}) waits for {need} (--look-growth {growth:g}: "
             "every look spends false-promotion level, docs/align.md)")

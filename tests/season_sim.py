@@ -145,7 +145,7 @@ def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: in
             if outcome.outcome == ab_decision.RUNNING \
                     and too_early(season, rows, config.ab_span) is not None:
                 continue
-            test = None  # rejected, or undecided at the next look: the season goes on
+            test = None  # rejected, or undecided at --ab-span: the season goes on
         if early is not None:
             continue
         heldout = data_mod.time_split(rows, heldout_fraction).heldout
