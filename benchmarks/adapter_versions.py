@@ -20,8 +20,9 @@ what every LoRA job published before). Then, side by side in one run:
 - decode throughput at `--streams` (1, 8, 32) of the plain base engine vs the same engine with
   every sequence on one adapter (an adapter version is CURRENT), with two adapters alternating
   (mixed adapters in one batch: an A/B test between adapter versions) and with one adapter
-  alternating with the plain weights (an A/B test whose control is a full version);
-  `--decode-repeats` runs of each, interleaved, median shown (`--decode-only`: just this table);
+  alternating with the plain weights (an A/B test whose control is a full version): one model,
+  an engine per configuration over it, stepped one step each in turn; `--decode-repeats` runs,
+  median shown (`--decode-only`: just this table);
   `--lora-update both` measures the native kernel's update and torch ops' side by side.
 
     python benchmarks/adapter_versions.py [--runs 5] [--rank 16] [--prompts 4] [--max-tokens 32]
@@ -147,10 +148,13 @@ def swap_seconds(registry, versions: list[str], runs: int, prompt: list[int]) ->
     return asyncio.run(run())
 
 
-def decode_tok_s(model_dir: Path, factors: list[dict | None], streams: int, tokens: int,
-                 native: bool = True) -> float:
-    """Decode tokens/s of `streams` sequences (after their prefill), each on an adapter of
-    `factors` in turn (an empty list or None entries: the plain base); `native=False` runs the
+def decode_tok_s(model_dir: Path, mixes: dict[str, list[dict | None]], streams: int, tokens: int,
+                 native: bool = True) -> dict[str, float]:
+    """Decode tokens/s of `streams` sequences (after their prefill) for each mix of `mixes`, each
+    sequence on an adapter of its mix's factors in turn (an empty list or None entries: the plain
+    base). One model in memory; one engine per mix over it (its own KV cache), the engines
+    stepped one step each in turn, so that every mix meets the same moments of this noisy VM;
+    tokens/s = tokens produced / seconds spent in the mix's own steps. `native=False` runs the
     LoRA update in torch ops instead of the native kernel."""
     from prefloop.server.engine.kv_cache import KVCacheConfig
     from prefloop.server.engine.llm_engine import LLMEngine
@@ -158,22 +162,42 @@ def decode_tok_s(model_dir: Path, factors: list[dict | None], streams: int, toke
     from prefloop.server.model import lora
     from prefloop.server.model.loader import load_model
 
-    engine = LLMEngine(load_model(model_dir, dtype="bfloat16"),
-                       KVCacheConfig(capacity_tokens=streams * (tokens + 64) + 1024))
-    if not native and any(f is not None for f in factors):
-        lora.enable(engine.model, use_kernel=False)  # wrappers without the kernel, kept after
-    ids = [engine.add_adapter(f) if f is not None else 0 for f in factors]
+    model = load_model(model_dir, dtype="bfloat16")
+    if not native:
+        lora.enable(model, use_kernel=False)  # wrappers without the kernel, kept after
+    cache = KVCacheConfig(capacity_tokens=streams * (tokens + 64) + 1024)
+    engines, ids, added = {}, {}, {}
+    first = None
+    for name, factors in mixes.items():
+        engine = LLMEngine(model, cache)
+        if first is None:
+            first = engine
+        engine.adapters = first.adapters  # the adapters live in the shared model
+        for f in factors:
+            if f is not None and id(f) not in added:
+                added[id(f)] = first.add_adapter(f)
+        ids[name] = [added[id(f)] if f is not None else 0 for f in factors]
+        engines[name] = engine
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    for i in range(streams):
-        engine.add_request(str(i), [1 + (i * 7 + j) % 1000 for j in range(32)], params,
-                           adapter=ids[i % len(ids)] if ids else 0)
-    while any(s.num_computed < s.prompt_len for s in engine.scheduler.running) \
-            or engine.scheduler.waiting:
-        engine.step()  # prefill (and the first tokens) before the clock starts
-    produced, started = 0, time.perf_counter()
-    while engine.has_unfinished():
-        produced += sum(len(o.new_token_ids) for o in engine.step())
-    return produced / (time.perf_counter() - started)
+    for name, engine in engines.items():
+        for i in range(streams):
+            engine.add_request(str(i), [1 + (i * 7 + j) % 1000 for j in range(32)], params,
+                               adapter=ids[name][i % len(ids[name])] if ids[name] else 0)
+        while any(s.num_computed < s.prompt_len for s in engine.scheduler.running) \
+                or engine.scheduler.waiting:
+            engine.step()  # prefill (and the first tokens) before the clock starts
+    produced = dict.fromkeys(engines, 0)
+    spent = dict.fromkeys(engines, 0.0)
+    turn = 0
+    while any(e.has_unfinished() for e in engines.values()):
+        names = list(engines) if turn % 2 == 0 else list(engines)[::-1]
+        turn += 1
+        for name in names:
+            if engines[name].has_unfinished():
+                started = time.perf_counter()
+                produced[name] += sum(len(o.new_token_ids) for o in engines[name].step())
+                spent[name] += time.perf_counter() - started
+    return {name: produced[name] / spent[name] for name in engines}
 
 
 def backend_tokenizer(model_dir: Path):
@@ -264,7 +288,9 @@ def main() -> None:
 def decode_table(registry, base_dir: Path, v_adapter: str, args) -> None:
     """Decode tok/s of the plain base vs every sequence on one adapter, on two adapters
     alternating, and on one adapter alternating with the plain weights (an A/B test whose
-    control is a full version); each configuration `--decode-repeats` times, interleaved."""
+    control is a full version): the configurations' engines stepped in turn over one model
+    (`decode_tok_s`), `--decode-repeats` times; the torch path's configurations (--lora-update
+    both) are a second such run beside the native one, against the native run's base."""
     from prefloop.server.model import adapters
 
     v_second, _ = publish_both(registry, base_dir, args.rank, seed=1)
@@ -275,14 +301,17 @@ def decode_table(registry, base_dir: Path, v_adapter: str, args) -> None:
     for native in paths:
         suffix = "" if len(paths) == 1 else (" (native)" if native else " (torch)")
         configs.update({name + suffix: (f, native) for name, f in mixes.items()})
-    print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16), median of "
-          f"{args.decode_repeats} interleaved runs, LoRA update: {args.lora_update}; ratio to base:")
+    print(f"\ndecode tok/s, {args.decode_tokens} tokens per stream (bfloat16), steps interleaved, "
+          f"median of {args.decode_repeats} runs, LoRA update: {args.lora_update}; ratio to base:")
     print(f"{'streams':>8}" + "".join(f" {name:>22}" for name in configs))
     for n in (int(x) for x in args.streams.split(",")):
         runs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.decode_repeats):
-            for name, (factors, native) in configs.items():
-                runs[name].append(decode_tok_s(base_dir, factors, n, args.decode_tokens, native))
+            for native in paths:
+                group = {name: f for name, (f, nat) in configs.items() if nat == native}
+                for name, tok_s in decode_tok_s(base_dir, group, n, args.decode_tokens,
+                                                native).items():
+                    runs[name].append(tok_s)
         med = {name: statistics.median(r) for name, r in runs.items()}
         cells = [f"{med['base']:22.1f}"] + [f"{med[k]:13.1f} ({med[k] / med['base']:.2f}x)"
                                             for k in list(configs)[1:]]

@@ -119,6 +119,11 @@ class LlamaModel(nn.Module):
         # could use them (decode_layer_args)
         self._decode_layer_args: list | None = None
         self._decode_layer_rows = 0  # the most rows every layer's kernels take
+        # (adapter generation, step's adapter ids, each row's adapter, dtype) -> that step's
+        # per-layer arguments with LoRA: rows keep their adapters from step to step, and building
+        # the list is 120 Python calls (~0.4 ms of a 20 ms step at 8 streams)
+        self._decode_lora_args: dict[tuple, list | None] = {}
+        self.adapter_generation = 0  # bumped by server/model/lora.py when adapters change
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +174,19 @@ class LlamaModel(nn.Module):
             return self._decode_layer_args
         if num_tokens > LORA_KERNEL_ROWS:
             return None
-        out = []
+        key = (self.adapter_generation, adapters.ids, adapters.rows, dtype)
+        if key in self._decode_lora_args:
+            return self._decode_lora_args[key]
+        out: list | None = []
         for layer, (args, _) in zip(self.layers, self._decode_layer_args):
             lora_args = _lora_args(layer, adapters, dtype)
             if lora_args is None:
-                return None
+                out = None
+                break
             out.append((args, lora_args))
+        if len(self._decode_lora_args) >= DECODE_LORA_ARGS_KEPT:
+            self._decode_lora_args.clear()
+        self._decode_lora_args[key] = out
         return out
 
     def compile_step(self) -> None:
@@ -198,6 +210,7 @@ class LlamaModel(nn.Module):
             return step(input_ids, positions, logits_indices)
 
 
+DECODE_LORA_ARGS_KEPT = 16  # steps' row layouts whose LoRA arguments a model keeps
 DENSE_ROWS = 1 << 30  # a oneDNN-packed projection takes any number of rows
 
 

@@ -11,8 +11,9 @@ step_context.py), and each wrapped projection adds the LoRA update (B carries th
 
 On CPU, a step of up to KERNEL_ROWS rows (decode) runs the whole update of a projection as one
 call of the native kernel (server/model/csrc/lora_update.cpp, built with the decode-attention
-kernel): the step's adapters' float32 factors stacked once per combination (A of each side by
-side, B on top of each other), each row given the range of stacked columns its adapter owns
+kernel): the step's adapters' float32 factors stacked once per set of adapters (A of each side by
+side, B on top of each other; made when an adapter is added, alone and beside each adapter already
+loaded: `prepare_stacks`), each row given the range of stacked columns its adapter owns
 (`StepAdapters.ranges`, built once per step and rank layout, shared by every layer), rows on the
 plain weights an empty range. For a bfloat16 model on a CPU with AVX512_BF16 the stacked factors
 are kept in bfloat16 with pairs of rows interleaved, so one vdpbf16ps instruction does 32
@@ -73,7 +74,7 @@ KERNEL_BLOCK = 128  # output columns per block of the kernel's second phase (lor
 class StepAdapters:
     """Which adapter each token row of one step uses (built by the model runner)."""
 
-    ids: tuple[int, ...]  # the adapters of the step, in first-row order
+    ids: tuple[int, ...]  # the adapters of the step, sorted (one stack per set, whatever the order)
     every_row: int = 0  # the one adapter every row uses; 0: rows differ
     rows: tuple[int, ...] = ()  # the adapter id of each row (0: none)
     masks: dict = field(default_factory=dict)  # rank layout -> [rows, ranks] 0/1 mask
@@ -82,7 +83,7 @@ class StepAdapters:
     @classmethod
     def of(cls, row_adapters: list[int]) -> "StepAdapters | None":
         """From the adapter id of each row (0: the plain weights); None when no row has one."""
-        ids = tuple(dict.fromkeys(a for a in row_adapters if a))
+        ids = tuple(sorted({a for a in row_adapters if a}))
         if not ids:
             return None
         if len(ids) == 1 and all(row_adapters):
@@ -140,9 +141,11 @@ class LoraLinear(nn.Module):
             a, b = factors
             self.adapters[adapter_id] = (a.t().contiguous().to(FACTOR_DTYPE),
                                          b.t().contiguous().to(FACTOR_DTYPE))
+        # only the stacks that hold this adapter are stale (an A/B candidate added beside the
+        # served adapter leaves that one's stack as it is)
         self._cast = {k: v for k, v in self._cast.items() if k[0] != adapter_id}
-        self._stacks.clear()
-        self._kernel_stacks.clear()
+        self._stacks = {k: v for k, v in self._stacks.items() if adapter_id not in k[0]}
+        self._kernel_stacks = {k: v for k, v in self._kernel_stacks.items() if adapter_id not in k[0]}
 
     def _factors(self, adapter_id: int, dtype: torch.dtype) -> tuple | None:
         factors = self.adapters.get(adapter_id)
@@ -201,6 +204,17 @@ class LoraLinear(nn.Module):
             self._kernel_stacks.clear()
         self._kernel_stacks[(ids, pairs)] = stack
         return stack
+
+    def prepare(self, ids: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Build the kernel's stack of the adapters `ids` (sorted) for steps in `dtype` now, not on
+        the first step that uses them (for a rank-16 adapter of the default model ~37 ms at the
+        first step of an A/B test)."""
+        if self.kernel is None or dtype not in (torch.bfloat16, torch.float32):
+            return
+        in_features = next(iter(self.adapters.values()))[0].shape[0] if self.adapters else 0
+        key = (ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0)
+        if key not in self._kernel_stacks:
+            self._kernel_stack(*key)
 
     def native_update(self, step: StepAdapters, dtype: torch.dtype, in_features: int):
         """The native update's (at, bt, ranges, live) for this step's rows (what `forward` passes
@@ -351,7 +365,23 @@ def add_adapter(model: nn.Module, adapter_id: int,
         if f is not None:
             getattr(owner, attr).set_adapter(adapter_id, f)
             size += f[0].nbytes + f[1].nbytes
+    prepare_stacks(model, adapter_id)
+    model.adapter_generation = getattr(model, "adapter_generation", 0) + 1  # cached step arguments
     return size
+
+
+def prepare_stacks(model: nn.Module, adapter_id: int) -> None:
+    """Build the native kernel's stacks of `adapter_id` alone and beside each other adapter (an
+    A/B test of two adapter versions), up to MAX_STACKS / 2 - 1 of them, so that the first steps
+    that use them do not."""
+    dtype = model.embed_tokens.weight.dtype
+    for _, _, owner, attr in _block_modules(model):
+        module = getattr(owner, attr)
+        if not isinstance(module, LoraLinear) or adapter_id not in module.adapters:
+            continue
+        others = [i for i in module.adapters if i != adapter_id][: MAX_STACKS // 2 - 1]
+        for ids in [(adapter_id,)] + [tuple(sorted((adapter_id, i))) for i in others]:
+            module.prepare(ids, dtype)
 
 
 def remove_adapter(model: nn.Module, adapter_id: int) -> None:
@@ -359,3 +389,4 @@ def remove_adapter(model: nn.Module, adapter_id: int) -> None:
         module = getattr(owner, attr)
         if isinstance(module, LoraLinear):
             module.set_adapter(adapter_id, None)
+    model.adapter_generation = getattr(model, "adapter_generation", 0) + 1

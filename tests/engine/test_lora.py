@@ -114,6 +114,30 @@ def test_two_adapters_and_the_base_in_one_batch_each_decode_as_their_own_model(v
         assert wrapped and all(m.kernel is not None for m in wrapped)
 
 
+def test_adding_an_adapter_builds_its_kernel_stacks_and_rows_in_any_order_share_them(versions):
+    """The native update's stacked factors are made when an adapter is added (alone, and beside
+    each adapter already loaded: an A/B test of two adapter versions), not on the first step that
+    uses them; a step's adapters are a set, so rows [v2, v1] use the stack of [v1, v2]."""
+    _update_path("native")
+    registry, v1 = versions
+    v2, _ = publish_random_adapter(registry, "v0000", seed=3)
+    engine = _engine(load_model(registry.version_dir("v0000")))
+    a1, a2 = (engine.add_adapter(adapters.adapter_factors(registry.version_dir(v))) for v in (v1, v2))
+    assert lora.StepAdapters.of([a2, 0, a1]).ids == lora.StepAdapters.of([a1, a2]).ids == (a1, a2)
+    wrapped = [m for m in engine.model.modules() if isinstance(m, lora.LoraLinear)]
+    expected = {((a1,), False), ((a2,), False), ((a1, a2), False)}  # float32 model: no bf16 pairs
+    assert wrapped and all(set(m._kernel_stacks) == expected for m in wrapped)
+    built = {id(m): {k: v[0] for k, v in m._kernel_stacks.items()} for m in wrapped}
+    for i, prompt in enumerate(PROMPTS):  # v2's rows first: the same set of adapters
+        engine.add_request(f"b-{i}", prompt, GREEDY, adapter=a2)
+        engine.add_request(f"a-{i}", prompt, GREEDY, adapter=a1)
+    while engine.has_unfinished():
+        engine.step()
+    for m in wrapped:  # the steps used the stacks made at add time, made nothing new
+        assert set(m._kernel_stacks) == expected
+        assert all(m._kernel_stacks[k][0] is t for k, t in built[id(m)].items())
+
+
 def _update_path(name: str):
     """The kernel argument of a LoraLinear for one update path: torch ops, or the native kernel
     (skipped where it cannot be built)."""

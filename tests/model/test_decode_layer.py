@@ -101,3 +101,39 @@ def test_rows_on_adapters_get_the_same_updates_in_one_call(tmp_path, quantize, m
     assert one_call_steps  # the adapter rows went through the one-call layers
     assert results[0] == results[1]
     assert len({tuple(v) for k, v in results[0].items() if k.startswith("0-")}) == 3  # adapters matter
+
+
+def test_decode_steps_reuse_their_lora_arguments_until_the_adapters_change(tmp_path, monkeypatch):
+    """The one-call layers' LoRA arguments (120 Python calls a step on the default model) are
+    built once for a layout of rows on adapters and reused while it holds; adding an adapter makes
+    them anew."""
+    from adapter_helpers import publish_random_adapter
+
+    from prefloop.server.model import adapters, llama
+    from prefloop.server.registry import Registry
+    registry = Registry(tmp_path / "data")
+    registry.ensure_base(save_tiny(tmp_path / "tiny"))
+    versions = [publish_random_adapter(registry, "v0000", seed=s)[0] for s in (1, 2)]
+    engine = engine_for(registry.version_dir("v0000"), "int4", True)
+    first = engine.add_adapter(adapters.adapter_factors(registry.version_dir(versions[0])))
+    real, built = llama._lora_args, []
+    monkeypatch.setattr(llama, "_lora_args", lambda *a: built.append(1) or real(*a))
+    layers = len(engine.model.layers)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def decode(request_id: str) -> list[int]:
+        engine.add_request(request_id, PROMPTS[0], params, adapter=first)
+        tokens: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.extend(out.new_token_ids)
+        return tokens
+
+    tokens = decode("a")
+    assert len(built) == layers  # five decode steps, one build
+    generation = engine.model.adapter_generation
+    engine.add_adapter(adapters.adapter_factors(registry.version_dir(versions[1])))
+    assert engine.model.adapter_generation > generation
+    built.clear()
+    assert decode("b") == tokens  # the same adapter: the same answer
+    assert len(built) == layers  # built anew once after the change

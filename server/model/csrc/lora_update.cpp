@@ -22,9 +22,15 @@
 // 0.6-0.8x of the plain one. Here the work itself (rows x rank x (in + out) multiply-adds) is all
 // there is: float32 accumulation, x read as stored (float32 or bfloat16), y rounded once.
 //
-// Phase 1 computes each row's rank activations h = x[i] @ at[:, c0:c1] (row-parallel); phase 2
-// adds h @ bt to y in blocks of 128 output columns (block-parallel: every row of a block reuses
-// the block's slice of bt from L1). A call runs on one thread below kParallelMacs multiply-adds.
+// Phase 1 computes each row's rank activations h = x[i] @ at[:, c0:c1]; phase 2 adds h @ bt to y
+// in blocks of 128 output columns (block-parallel: every row of a block reuses the block's slice
+// of bt from L1). float32 form: phase 1 row-parallel, each phase on one thread below kParallelMacs
+// multiply-adds. bfloat16 rank pairs (the form a bfloat16 model takes on AVX512_BF16 CPUs): rows
+// grouped by adapter and taken together in both phases (each slice of the factors loaded once for
+// up to 8 rows: enough independent accumulators to hide vdpbf16ps's latency), both phases in one
+// parallel region, phase 1 split over the two halves of x (one group's A read once across the
+// threads); at 8 decode rows on two adapters this took the step from 0.78-0.86x of the plain
+// weights to 0.87-0.90x (docs/performance.md, 2026-12-05).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,6 +39,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <omp.h>
 
 #include "vec_math.h"
 
@@ -150,74 +158,153 @@ inline __m512i broadcast_pair(const c10::BFloat16* p) {  // p[0], p[1] as one 32
   std::memcpy(&bits, p, sizeof(bits));
   return _mm512_set1_epi32(static_cast<int>(bits));
 }
-inline __m512 dot_pairs(__m512 acc, __m512i pair, const c10::BFloat16* p, __mmask32 k) {
-  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(pair),
-                          reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(k, p)));
+inline __m512 dot_pairs(__m512 acc, __m512i pair, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(pair), reinterpret_cast<__m512bh>(b));
 }
 
-// hb[i, 0:nr] = bf16(x[i] @ A.T[:, c0:c0+nr]) with at2 [in/2, R, 2] (x's pairs of inputs).
-void rank_activations_pairs(const c10::BFloat16* x, int64_t xs, const c10::BFloat16* at2, int64_t R,
-                            const int32_t* ranges, int64_t n, int64_t in, c10::BFloat16* hb, int64_t hs,
-                            int64_t grain) {
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c0 = ranges[2 * i], nr = ranges[2 * i + 1] - c0;
-      const c10::BFloat16* xi = x + i * xs;
-      for (int64_t cb = 0; cb < nr; cb += 64) {
-        const __mmask32 k0 = pair_lanes(nr - cb), k1 = pair_lanes(nr - cb - 16),
-                        k2 = pair_lanes(nr - cb - 32), k3 = pair_lanes(nr - cb - 48);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const c10::BFloat16* col = at2 + 2 * (c0 + cb);
-        for (int64_t q = 0; q < in / 2; ++q) {
-          const __m512i xv = broadcast_pair(xi + 2 * q);
-          const c10::BFloat16* row = col + 2 * q * R;
-          a0 = dot_pairs(a0, xv, row, k0);
-          if (k1) a1 = dot_pairs(a1, xv, row + 32, k1);
-          if (k2) a2 = dot_pairs(a2, xv, row + 64, k2);
-          if (k3) a3 = dot_pairs(a3, xv, row + 96, k3);
-        }
-        c10::BFloat16* hi = hb + i * hs + cb;
-        prefloop_vec::store16(hi, a0, prefloop_vec::lanes(nr - cb));
-        if (k1) prefloop_vec::store16(hi + 16, a1, lanes_from(nr - cb - 16));
-        if (k2) prefloop_vec::store16(hi + 32, a2, lanes_from(nr - cb - 32));
-        if (k3) prefloop_vec::store16(hi + 48, a3, lanes_from(nr - cb - 48));
+// The rows of one call grouped by column range (by adapter): order[first : first + count] share
+// [c0, c1). Both phases take a group's rows together, so each slice of the factors is read once
+// for all of them.
+struct RowGroup {
+  int32_t c0, c1, first, count;
+};
+
+std::vector<RowGroup> group_rows(const int32_t* ranges, int64_t n, std::vector<int32_t>& order) {
+  std::vector<RowGroup> groups;
+  std::vector<bool> placed(n, false);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t c0 = ranges[2 * i], c1 = ranges[2 * i + 1];
+    if (placed[i] || c1 <= c0) continue;
+    const int32_t first = static_cast<int32_t>(order.size());
+    for (int64_t j = i; j < n; ++j)
+      if (!placed[j] && ranges[2 * j] == c0 && ranges[2 * j + 1] == c1) {
+        placed[j] = true;
+        order.push_back(static_cast<int32_t>(j));
       }
-    }
-  });
+    groups.push_back({c0, c1, first, static_cast<int32_t>(order.size()) - first});
+  }
+  return groups;
 }
 
-// y[i, j] += sum_r hb[i, r] * B.T[c0 + r, j] with bt2 [R/2, out, 2], rank pairs at a time.
+// Phase 1's unit of work: up to 64 rank columns (4 vectors) of one group, for up to 8 of its rows
+// (8 for up to 32 columns, else 4), over one part of the inputs (the call's first or second half of
+// x's pairs when two threads share the phase: each reads half of A, the parts are summed after).
+struct PairTile {
+  int64_t col;   // first stacked column of the tile
+  int64_t left;  // columns from there to the end of the group's range (the tile takes up to 64)
+  int32_t first, rows;  // the tile's rows: order[first : first + rows]
+};
+
+std::vector<PairTile> pair_tiles(const std::vector<RowGroup>& groups) {
+  std::vector<PairTile> tiles;
+  for (const RowGroup& g : groups)
+    for (int64_t cb = 0; cb < g.c1 - g.c0; cb += 64) {
+      const int64_t left = g.c1 - g.c0 - cb;
+      const int32_t per = left <= 32 ? 8 : 4;
+      for (int32_t r = 0; r < g.count; r += per)
+        tiles.push_back({g.c0 + cb, left, g.first + r, std::min(per, g.count - r)});
+    }
+  return tiles;
+}
+
+// part[row, 0:16 NV] = x[row, 2 q0 : 2 q1] @ at2 rows q0..q1 of the tile's columns, for the tile's
+// rows, at2's pair rows loaded once for all of them: G x NV independent accumulator chains (one
+// row at a time had 1-4, and a rank-16 projection was bound by vdpbf16ps's latency). Rows past
+// `rows` repeat the last one (computed, not stored).
+template <int NV, int G>
+void tile_pairs(const c10::BFloat16* const* xr, const c10::BFloat16* col, int64_t R, int64_t q0, int64_t q1,
+                int64_t left, float* const* pr, int rows) {
+  __mmask32 km[NV];
+  for (int v = 0; v < NV; ++v) km[v] = pair_lanes(left - 16 * v);
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int64_t q = q0; q < q1; ++q) {
+    const c10::BFloat16* row = col + 2 * q * R;
+    __m512i a[NV];
+    for (int v = 0; v < NV; ++v) a[v] = _mm512_maskz_loadu_epi16(km[v], row + 32 * v);
+    for (int g = 0; g < G; ++g) {
+      const __m512i xv = broadcast_pair(xr[g] + 2 * q);
+      for (int v = 0; v < NV; ++v) acc[g][v] = dot_pairs(acc[g][v], xv, a[v]);
+    }
+  }
+  for (int g = 0; g < rows; ++g)
+    for (int v = 0; v < NV; ++v) prefloop_vec::store16(pr[g] + 16 * v, acc[g][v], lanes_from(left - 16 * v));
+}
+
+void run_tile(const PairTile& tile, const std::vector<int32_t>& order, const int32_t* ranges,
+              const c10::BFloat16* x, int64_t xs, const c10::BFloat16* at2, int64_t R, int64_t q0,
+              int64_t q1, float* part, int64_t hs) {
+  const c10::BFloat16* xr[8];
+  float* pr[8];
+  for (int g = 0; g < 8; ++g) {
+    const int64_t i = order[tile.first + std::min<int32_t>(g, tile.rows - 1)];
+    xr[g] = x + i * xs;
+    pr[g] = part + i * hs + (tile.col - ranges[2 * i]);
+  }
+  const c10::BFloat16* col = at2 + 2 * tile.col;
+  switch (std::min<int64_t>(4, (tile.left + 15) / 16)) {
+    case 1: tile_pairs<1, 8>(xr, col, R, q0, q1, tile.left, pr, tile.rows); break;
+    case 2: tile_pairs<2, 8>(xr, col, R, q0, q1, tile.left, pr, tile.rows); break;
+    case 3: tile_pairs<3, 4>(xr, col, R, q0, q1, tile.left, pr, tile.rows); break;
+    default: tile_pairs<4, 4>(xr, col, R, q0, q1, tile.left, pr, tile.rows); break;
+  }
+}
+
+// y[i, j0:j0+128] += hb[i] @ B.T[c0:c1, j0:j0+128] for ROWS rows of one group (the same pairs of
+// bt2 [R/2, out, 2]), each slice of B loaded once for them.
+template <int ROWS>
+void block_rows(c10::BFloat16* const* yr, const c10::BFloat16* const* hr, const c10::BFloat16* bt2,
+                int64_t out, int64_t j0, int64_t p0, int64_t np, const uint8_t* live, int64_t blocks,
+                int64_t b, const __mmask16* k, const __mmask32* k2) {
+  __m512 acc[ROWS][8];
+  for (int g = 0; g < ROWS; ++g)
+    for (int v = 0; v < 8; ++v) acc[g][v] = prefloop_vec::load16(yr[g] + 16 * v, k[v]);
+  for (int64_t p = 0; p < np; ++p) {
+    if (live != nullptr && !live[(p0 + p) * blocks + b]) continue;
+    const c10::BFloat16* row = bt2 + 2 * ((p0 + p) * out + j0);
+    __m512i hv[ROWS];
+    for (int g = 0; g < ROWS; ++g) hv[g] = broadcast_pair(hr[g] + 2 * p);
+    for (int v = 0; v < 8; ++v) {
+      if (!k[v]) continue;
+      const __m512i bv = _mm512_maskz_loadu_epi16(k2[v], row + 32 * v);
+      for (int g = 0; g < ROWS; ++g) acc[g][v] = dot_pairs(acc[g][v], hv[g], bv);
+    }
+  }
+  for (int g = 0; g < ROWS; ++g)
+    for (int v = 0; v < 8; ++v) prefloop_vec::store16(yr[g] + 16 * v, acc[g][v], k[v]);
+}
+
+// Phase 2 over output blocks [b0, b1): every group's rows, two at a time.
 void add_update_pairs(c10::BFloat16* y, int64_t ys, const c10::BFloat16* hb, int64_t hs,
-                      const c10::BFloat16* bt2, const int32_t* ranges, const uint8_t* live, int64_t n,
-                      int64_t out, int64_t grain) {
+                      const c10::BFloat16* bt2, const std::vector<RowGroup>& groups,
+                      const std::vector<int32_t>& order, const uint8_t* live, int64_t out, int64_t b0,
+                      int64_t b1) {
   const int64_t blocks = (out + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kBlock;
-      __mmask16 k[8];
-      __mmask32 k2[8];
-      for (int v = 0; v < 8; ++v) {
-        k[v] = lanes_from(out - j0 - 16 * v);
-        k2[v] = pair_lanes(out - j0 - 16 * v);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p0 = ranges[2 * i] / 2, np = (ranges[2 * i + 1] - ranges[2 * i]) / 2;
-        if (np <= 0) continue;
-        c10::BFloat16* yi = y + i * ys + j0;
-        const c10::BFloat16* hi = hb + i * hs;
-        __m512 acc[8];
-        for (int v = 0; v < 8; ++v) acc[v] = prefloop_vec::load16(yi + 16 * v, k[v]);
-        for (int64_t p = 0; p < np; ++p) {
-          if (live != nullptr && !live[(p0 + p) * blocks + b]) continue;
-          const __m512i hv = broadcast_pair(hi + 2 * p);
-          const c10::BFloat16* row = bt2 + 2 * ((p0 + p) * out + j0);
-          for (int v = 0; v < 8; ++v)
-            if (k[v]) acc[v] = dot_pairs(acc[v], hv, row + 32 * v, k2[v]);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t j0 = b * kBlock;
+    __mmask16 k[8];
+    __mmask32 k2[8];
+    for (int v = 0; v < 8; ++v) {
+      k[v] = lanes_from(out - j0 - 16 * v);
+      k2[v] = pair_lanes(out - j0 - 16 * v);
+    }
+    for (const RowGroup& g : groups) {
+      const int64_t p0 = g.c0 / 2, np = (g.c1 - g.c0) / 2;
+      for (int32_t r = 0; r < g.count; r += 2) {
+        c10::BFloat16* yr[2];
+        const c10::BFloat16* hr[2];
+        const int rows = std::min<int32_t>(2, g.count - r);
+        for (int e = 0; e < rows; ++e) {
+          const int64_t i = order[g.first + r + e];
+          yr[e] = y + i * ys + j0;
+          hr[e] = hb + i * hs;
         }
-        for (int v = 0; v < 8; ++v) prefloop_vec::store16(yi + 16 * v, acc[v], k[v]);
+        if (rows == 2) block_rows<2>(yr, hr, bt2, out, j0, p0, np, live, blocks, b, k, k2);
+        else block_rows<1>(yr, hr, bt2, out, j0, p0, np, live, blocks, b, k, k2);
       }
     }
-  });
+  }
 }
 #endif
 
@@ -237,21 +324,53 @@ void lora_add_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& at, co
                 grain2);
 }
 
-// The bfloat16 rank-pair form (see the top of this file); ranges already checked even.
+// The bfloat16 rank-pair form (see the top of this file); ranges already checked even. Both phases
+// run in one parallel region (one fork and join per call instead of two): each thread takes its
+// share of phase 1's tiles, split over the two halves of x's pairs, so that one group's A is read
+// once across the threads; at the barrier the halves are summed and rounded to bfloat16; then each
+// thread adds the update to its share of the output blocks.
 void lora_add_pairs(at::Tensor& y, const at::Tensor& x, const at::Tensor& at2, const at::Tensor& bt2,
                     const at::Tensor& ranges, const uint8_t* live, int64_t widest, int64_t rank_rows) {
 #if defined(PREFLOOP_LORA_PAIRS)
-  const int64_t n = x.size(0), in = x.size(1), R = at2.size(1), out = y.size(1);
-  std::vector<c10::BFloat16> hb(static_cast<size_t>(n * widest));
-  const int64_t macs1 = rank_rows * in, macs2 = rank_rows * out;
-  const int64_t grain1 = macs1 < 2 * kParallelMacs ? n : std::max<int64_t>(1, n / 2);
-  const int64_t blocks = (out + kBlock - 1) / kBlock;
-  const int64_t grain2 = macs2 < 2 * kParallelMacs ? blocks : std::max<int64_t>(1, blocks / 8);
   using B = c10::BFloat16;
-  rank_activations_pairs(x.data_ptr<B>(), x.stride(0), at2.data_ptr<B>(), R, ranges.data_ptr<int32_t>(), n, in,
-                         hb.data(), widest, grain1);
-  add_update_pairs(y.data_ptr<B>(), y.stride(0), hb.data(), widest, bt2.data_ptr<B>(), ranges.data_ptr<int32_t>(),
-                   live, n, out, grain2);
+  const int64_t n = x.size(0), in = x.size(1), R = at2.size(1), out = y.size(1);
+  const int32_t* rg = ranges.data_ptr<int32_t>();
+  std::vector<int32_t> order;
+  order.reserve(n);
+  const std::vector<RowGroup> groups = group_rows(rg, n, order);
+  const std::vector<PairTile> tiles = pair_tiles(groups);
+  const int threads = rank_rows * (in + out) < 4 * kParallelMacs ? 1 : std::max(1, at::get_num_threads());
+  const int splits = threads > 1 ? 2 : 1;
+  std::vector<float> part(static_cast<size_t>(splits * n * widest));
+  std::vector<B> hb(static_cast<size_t>(n * widest));
+  const int64_t ntiles = static_cast<int64_t>(tiles.size()), tasks = ntiles * splits, half_in = in / 2;
+  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  const B* xp = x.data_ptr<B>();
+  const B* ap = at2.data_ptr<B>();
+  const B* bp = bt2.data_ptr<B>();
+  B* yp = y.data_ptr<B>();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    for (int64_t t = tasks * tid / nt; t < tasks * (tid + 1) / nt; ++t) {  // split-major: a thread
+      const int64_t s = t / ntiles;  // takes one half of x's pairs for every tile, so A is read once
+      run_tile(tiles[t % ntiles], order, rg, xp, x.stride(0), ap, R, half_in * s / splits,
+               half_in * (s + 1) / splits, part.data() + s * n * widest, widest);
+    }
+#pragma omp barrier
+    for (int64_t o = static_cast<int64_t>(order.size()) * tid / nt;
+         o < static_cast<int64_t>(order.size()) * (tid + 1) / nt; ++o) {
+      const int64_t i = order[o], nr = rg[2 * i + 1] - rg[2 * i];
+      for (int64_t c = 0; c < nr; ++c) {
+        float sum = 0.f;
+        for (int s = 0; s < splits; ++s) sum += part[(s * n + i) * widest + c];
+        hb[i * widest + c] = static_cast<B>(sum);
+      }
+    }
+#pragma omp barrier
+    add_update_pairs(yp, y.stride(0), hb.data(), widest, bp, groups, order, live, out, blocks * tid / nt,
+                     blocks * (tid + 1) / nt);
+  }
 #else
   TORCH_CHECK(false, "lora_add_: bfloat16 rank pairs need a CPU with AVX512_BF16 (see lora_bf16_pairs())");
 #endif
