@@ -1,8 +1,15 @@
 """The raw engine vs the Generator vs gRPC vs HTTP: the same greedy workload run on the bare
-`LLMEngine` stepped from the main thread (the baseline, as `engine_throughput.py` runs it), on the
-Generator in-process (its engine stepped by `AsyncEngine`'s background thread, no network), through
-`prefloop bench` (gRPC) and through the OpenAI-compatible HTTP API (SSE, httpx) of one real
-`prefloop serve`, at the same concurrency, in one run.
+`LLMEngine` stepped from the main thread (the baseline, as `engine_throughput.py` runs it), through
+`prefloop bench`'s gRPC level (its client in this process) and through the OpenAI-compatible HTTP
+API (SSE, a plain asyncio client) of real `prefloop serve` processes, and on the Generator
+in-process (its engine stepped by `AsyncEngine`'s background thread, no network), at the same
+concurrency, in one run.
+
+The servers stay up for the whole run, and at every level the raw engine, gRPC and HTTP take turns
+(`--repeats` passes, the first in the turn moving from pass to pass; medians shown): this VM's
+speed drifts by 15 % over minutes, and measuring the baseline first and the servers after put that
+drift into the ratios. The Generator runs last (once its engine thread starts, the raw engine
+cannot be stepped from here).
 
 The workload (prompts, topics, max_tokens, greedy, rounds per worker) is `cli/bench.py`'s. Every
 ratio is to the raw engine: generator / engine is the cost of the engine thread and the asyncio
@@ -10,9 +17,10 @@ layer, gRPC and HTTP / engine what a user gets of the engine's speed (the raw en
 round's streams as one batch that starts together; the others start streams as they come).
 
     python benchmarks/api_overhead.py [--concurrency 1,8,32] [--max-tokens 128] [--rounds 2]
-                                      [--dtype auto] [--quantize none] [--engine-thread main,own]
+                                      [--repeats 3] [--dtype auto] [--quantize none]
+                                      [--engine-thread main,own]
 
-`--engine-thread` runs the server once per value (`prefloop serve --engine-thread`): `main` steps
+`--engine-thread` runs one server per value (`prefloop serve --engine-thread`): `main` steps
 the engine on the server's main thread (the default), `own` on a thread of the engine's own (as
 the Generator here does); both are printed against the same raw-engine baseline.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,14 +37,12 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
-
 from prefloop.cli.bench import PROMPT, TOPICS, percentile
 
 
-def raw_engine(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
-    """Tokens/s of the generator's own `LLMEngine`, stepped on this (the main) thread before the
-    generator starts its engine thread."""
+def raw_level(gen, concurrency: int, max_tokens: int, rounds: int, offset: int) -> float:
+    """Tokens/s of the generator's own `LLMEngine`, stepped on this (the main) thread (before the
+    generator starts its engine thread): `rounds` batches of `concurrency` requests."""
     from prefloop.server.engine.sampling_params import SamplingParams
     engine = gen._current.engine.engine  # the LLMEngine inside the AsyncEngine (not started yet)
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -48,24 +55,17 @@ def raw_engine(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int
             produced += sum(len(out.new_token_ids) for out in engine.step())
         return produced
 
-    run([PROMPT.format(topic=TOPICS[0])])  # warm-up
-    out = {}
-    for i, c in enumerate(levels):
-        t, tokens = time.perf_counter(), 0
-        for r in range(rounds):
-            tokens += run([PROMPT.format(topic=TOPICS[(i + w * rounds + r) % len(TOPICS)])
-                           for w in range(c)])
-        out[c] = tokens / (time.perf_counter() - t)
-    return out
+    t, tokens = time.perf_counter(), 0
+    for r in range(rounds):
+        tokens += run([PROMPT.format(topic=TOPICS[(offset + w * rounds + r) % len(TOPICS)])
+                       for w in range(concurrency)])
+    return tokens / (time.perf_counter() - t)
 
 
-async def offline(levels: list[int], max_tokens: int, rounds: int, dtype: str, quantize: str = "none"
-                  ) -> tuple[dict[int, float], dict[int, float]]:
-    """(raw engine, Generator) tokens/s at each level, on one loaded model."""
+async def generator_levels(gen, levels: list[int], max_tokens: int, rounds: int) -> dict[int, float]:
+    """The Generator's tokens/s at each level (its engine stepped by `AsyncEngine`'s background
+    thread, no network); started here, closed after."""
     from prefloop.server.engine.sampling_params import SamplingParams
-    from prefloop.server.serving.build import build_generator
-    gen = build_generator(dtype=dtype, quantize=quantize)
-    raw = raw_engine(gen, levels, max_tokens, rounds)
     await gen.start()
     out = {}
     try:
@@ -84,74 +84,122 @@ async def offline(levels: list[int], max_tokens: int, rounds: int, dtype: str, q
             out[c] = tokens / (time.perf_counter() - t)
     finally:
         await gen.close()
-    return raw, out
+    return out
+
+
+async def grpc_level(target: str, concurrency: int, max_tokens: int, rounds: int, offset: int) -> dict:
+    """One concurrency level over gRPC streaming: `prefloop bench`'s own level (cli/bench.py), its
+    client in this process as the HTTP client is."""
+    from prefloop.cli.bench import run_level
+    from prefloop.clients.client import AsyncClient
+    async with AsyncClient(target) as client:
+        level = await run_level(client, concurrency, rounds, max_tokens, 0.0, 600, offset)
+    return {"tokens_per_s": level.tokens_per_s, "ttft_ms_p50": level.ttft_ms_p50,
+            "itl_ms_p50": level.itl_ms_p50, "errors": level.errors}
+
+
+async def sse_request(url: str, body: dict) -> tuple[list[tuple[float, int]], int, int]:
+    """POST `body` to `url` (http://host:port/path) on a plain asyncio connection and read the SSE
+    stream to its `data: [DONE]`: ([(arrival time, events in that read)], completion tokens from
+    the usage event, HTTP status). The load generator shares this machine's two cores with the
+    server, so it does the least it can per event: it reads what arrives in large reads and
+    counts event markers in the bytes (httpx's per-line parsing cost 84 us per token here, 5.6 %
+    of a core at 32 streams, taken from the server being measured). Every byte is still read, and
+    tokens are the server's own count."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    arrivals: list[tuple[float, int]] = []
+    tail, usage_text = b"", b""
+    try:
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            now = time.perf_counter()
+            window = tail + data
+            events = window.count(b"data: {") - tail.count(b"data: {")
+            if events:
+                arrivals.append((now, events))
+            if b'"usage"' in window:
+                usage_text = window
+            if b"data: [DONE]" in window:
+                break
+            tail = window[-64:]
+    finally:
+        writer.close()
+    tokens = 0
+    if usage_text:
+        start = usage_text.rfind(b"data: {", 0, usage_text.find(b'"usage"'))
+        event = usage_text[start + len(b"data: "):usage_text.index(b"\n\n", start)]
+        tokens = json.loads(event)["usage"]["completion_tokens"]
+    return arrivals, tokens, status
 
 
 async def http_level(url: str, concurrency: int, max_tokens: int, rounds: int, offset: int) -> dict:
-    """One concurrency level over HTTP streaming: tokens/s, TTFT and inter-token latency."""
+    """One concurrency level over HTTP streaming (`sse_request`): tokens/s (the usage the server
+    reports), TTFT, and the gaps between arrivals (events that arrive in one read count one gap,
+    the others zero)."""
     ttfts, gaps, tokens, errors = [], [], 0, 0
 
-    async def one(client: httpx.AsyncClient, topic: str) -> None:
+    async def one(topic: str) -> None:
         nonlocal tokens, errors
         body = {"messages": [{"role": "user", "content": PROMPT.format(topic=topic)}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        start = last = None
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
         start = time.perf_counter()
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as res:
-            if res.status_code != 200:
-                errors += 1
-                return
-            async for line in res.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    ttfts.append((now - start) * 1000)
-                else:
-                    gaps.append((now - last) * 1000)
-                last = now
-                tokens += 1  # one chunk per text delta (≈ one token)
+        arrivals, n, status = await sse_request(url + "/v1/chat/completions", body)
+        if status != 200 or not arrivals:
+            errors += 1
+            return
+        ttfts.append((arrivals[0][0] - start) * 1000)
+        last = arrivals[0][0]
+        for at, events in arrivals[1:]:
+            gaps.extend([(at - last) * 1000] + [0.0] * (events - 1))
+            last = at
+        tokens += n
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        await one(client, TOPICS[0])  # warm-up
-        ttfts.clear(); gaps.clear(); tokens = 0  # noqa: E702
-
-        async def worker(w: int) -> None:
-            for r in range(rounds):
-                await one(client, TOPICS[(offset + w * rounds + r) % len(TOPICS)])
-        t = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - t
+    async def worker(w: int) -> None:
+        for r in range(rounds):
+            await one(TOPICS[(offset + w * rounds + r) % len(TOPICS)])
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - t
     return {"tokens_per_s": tokens / wall, "ttft_ms_p50": percentile(ttfts, 50),
             "itl_ms_p50": percentile(gaps, 50), "itl_ms_p99": percentile(gaps, 99), "errors": errors}
 
 
-def online(levels: str, max_tokens: int, rounds: int, server_args: tuple[str, ...] = ()
-           ) -> tuple[dict[int, dict], dict[int, dict]]:
-    """gRPC (`prefloop bench --json`) then HTTP against one fresh `prefloop serve *server_args`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([sys.executable, "-m", "prefloop.cli", "serve", "--port", "0",
-                                   "--http-port", str(_free_port()),
-                                   "--data-dir", str(Path(tmp) / "data"), *server_args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            line = ""
-            while "listening on" not in line:
-                line = server.stdout.readline()
-                if not line:
-                    raise RuntimeError("server did not start")
-            target = line.split("listening on", 1)[1].split()[0]
-            url = line.split("HTTP on ", 1)[1].split()[0]
-            res = subprocess.run([sys.executable, "-m", "prefloop.cli", "bench", "--target", target,
-                                  "--concurrency", levels, "--max-tokens", str(max_tokens),
-                                  "--rounds", str(rounds), "--json"], capture_output=True, text=True, check=True)
-            http = {c: asyncio.run(http_level(url, c, max_tokens, rounds, offset=i))
-                    for i, c in enumerate(int(x) for x in levels.split(","))}
-        finally:
-            server.terminate()
-            server.wait(60)
-    data = json.loads(res.stdout)
-    return {lvl["concurrency"]: lvl for lvl in data["results"]}, http
+class Server:
+    """One `prefloop serve *args` on free ports in a temporary data folder: `target` (gRPC) and
+    `url` (HTTP) once started; warmed up by one request on each API."""
+
+    def __init__(self, args: tuple[str, ...]):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefloop.cli", "serve", "--port", "0", "--http-port", str(_free_port()),
+             "--data-dir", str(Path(self.tmp.name) / "data"), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = ""
+        while "listening on" not in line:
+            line = self.process.stdout.readline()
+            if not line:
+                self.stop()
+                raise RuntimeError(f"server {' '.join(args)} did not start")
+        self.target = line.split("listening on", 1)[1].split()[0]
+        self.url = line.split("HTTP on ", 1)[1].split()[0]
+        asyncio.run(grpc_level(self.target, 1, 16, 1, 0))
+        asyncio.run(http_level(self.url, 1, 16, 1, 0))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        self.tmp.cleanup()
 
 
 def _free_port() -> int:
@@ -166,32 +214,68 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32", help="stream counts (default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="passes over the levels, the raw engine and each API taking turns at every "
+                         "level; medians shown (default %(default)s)")
     ap.add_argument("--dtype", default="auto", help="model dtype, offline and served (default %(default)s)")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                     help="weights, offline and served (default %(default)s)")
     ap.add_argument("--engine-thread", default="main,own",
-                    help="server runs, one per value of serve's --engine-thread (default %(default)s)")
+                    help="servers, one per value of serve's --engine-thread, all up during the run "
+                         "(default %(default)s)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     modes = args.engine_thread.split(",")
-    print(f"api_overhead: raw engine, Generator, gRPC and HTTP at {args.concurrency} streams, "
-          f"{args.max_tokens} greedy tokens, {args.rounds} rounds, dtype {args.dtype}, quantize "
-          f"{args.quantize}, server "
-          f"engine thread {' then '.join(modes)}", flush=True)
-    raw, off = asyncio.run(offline(levels, args.max_tokens, args.rounds, args.dtype, args.quantize))
-    served = {m: online(args.concurrency, args.max_tokens, args.rounds,
-                        ("--dtype", args.dtype, "--quantize", args.quantize, "--engine-thread", m))
-              for m in modes}
+    print(f"api_overhead: raw engine, gRPC and HTTP at {args.concurrency} streams taking turns, "
+          f"{args.repeats} passes, then the Generator; {args.max_tokens} greedy tokens, "
+          f"{args.rounds} rounds, dtype {args.dtype}, quantize {args.quantize}, server engine "
+          f"thread {' and '.join(modes)}", flush=True)
+    from prefloop.server.serving.build import build_generator
+    gen = build_generator(dtype=args.dtype, quantize=args.quantize)
+    raw_level(gen, 1, args.max_tokens, 1, 0)  # warm-up
+    servers: dict[str, Server] = {}
+    runs: dict[tuple, list] = {}
+    try:
+        for m in modes:
+            servers[m] = Server(("--dtype", args.dtype, "--quantize", args.quantize,
+                                 "--engine-thread", m))
+        for rep in range(args.repeats):
+            for i, c in enumerate(levels):
+                jobs = [("raw", lambda: {"tokens_per_s": raw_level(gen, c, args.max_tokens,
+                                                                   args.rounds, i)})]
+                for m, server in servers.items():
+                    jobs.append(((m, "gRPC"), lambda s=server: asyncio.run(
+                        grpc_level(s.target, c, args.max_tokens, args.rounds, i))))
+                    jobs.append(((m, "HTTP"), lambda s=server: asyncio.run(
+                        http_level(s.url, c, args.max_tokens, args.rounds, i))))
+                shift = rep % len(jobs)  # who goes first moves from pass to pass
+                for name, job in jobs[shift:] + jobs[:shift]:
+                    runs.setdefault((c, name), []).append(job())
+            print(f"  pass {rep + 1}/{args.repeats} done", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    off = asyncio.run(generator_levels(gen, levels, args.max_tokens, args.rounds))
+
+    def med(c, name, key="tokens_per_s"):
+        values = [r[key] for r in runs[(c, name)] if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
+
     print(f"{'conc':>4} {'thread':>6} {'engine':>7} {'gen':>7} {'gRPC':>7} {'HTTP':>7} {'gen/eng':>7} "
           f"{'gRPC/eng':>8} {'HTTP/eng':>8} {'TTFT p50 gRPC/HTTP':>19} {'ITL p50 gRPC/HTTP':>18}")
     for c in levels:
+        raw = med(c, "raw")
         for m in modes:
-            g, h = served[m][0][c], served[m][1][c]
-            print(f"{c:4d} {m:>6} {raw[c]:7.1f} {off[c]:7.1f} {g['tokens_per_s']:7.1f} "
-                  f"{h['tokens_per_s']:7.1f} {off[c] / raw[c]:7.2f} {g['tokens_per_s'] / raw[c]:8.2f} "
-                  f"{h['tokens_per_s'] / raw[c]:8.2f} {g['ttft_ms_p50']:9.1f}/{h['ttft_ms_p50']:<9.1f} "
-                  f"{g['itl_ms_p50']:8.1f}/{h['itl_ms_p50']:<8.1f}")
-    print("api_overhead: done (tokens/s; ratios are the result, absolute numbers vary by machine)")
+            g, h = med(c, (m, "gRPC")), med(c, (m, "HTTP"))
+            errors = sum(r.get("errors", 0) for name in ((m, "gRPC"), (m, "HTTP")) for r in runs[(c, name)])
+            print(f"{c:4d} {m:>6} {raw:7.1f} {off[c]:7.1f} {g:7.1f} {h:7.1f} {off[c] / raw:7.2f} "
+                  f"{g / raw:8.2f} {h / raw:8.2f} {med(c, (m, 'gRPC'), 'ttft_ms_p50'):9.1f}/"
+                  f"{med(c, (m, 'HTTP'), 'ttft_ms_p50'):<9.1f} {med(c, (m, 'gRPC'), 'itl_ms_p50'):8.1f}/"
+                  f"{med(c, (m, 'HTTP'), 'itl_ms_p50'):<8.1f}" + (f" errors {errors}" if errors else ""))
+    per_pass = " ".join(f"{c}:" + ",".join(f"{r['tokens_per_s']:.0f}" for r in runs[(c, 'raw')]) for c in levels)
+    print(f"raw engine tok/s per pass (level:passes): {per_pass}")
+    print("api_overhead: done (tokens/s, medians of the passes; ratios are the result, absolute "
+          "numbers vary by machine)")
     return 0
 
 

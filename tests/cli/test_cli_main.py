@@ -91,3 +91,26 @@ def test_dtype_auto_is_the_default_of_every_model_command():
     assert generator_kwargs(p.parse_args([]))["dtype"] == "auto"
     assert generator_kwargs(p.parse_args(["--dtype", "float32"]))["dtype"] == "float32"
     assert inspect.signature(build_generator).parameters["dtype"].default == "auto"
+
+
+def test_serve_runs_on_uvloop_by_default_and_refuses_a_missing_one_before_loading(tmp_path):
+    """`--event-loop auto` takes uvloop (a dependency), `asyncio` the standard loop; asking for
+    uvloop where it cannot be imported is a one-line error before torch or a model is loaded."""
+    import os
+
+    import uvloop
+
+    from prefloop.cli.serve import _loop_factory
+    assert _loop_factory("auto") is uvloop.new_event_loop is _loop_factory("uvloop")
+    assert _loop_factory("asyncio") is None
+    hidden = tmp_path / "hide" / "uvloop"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{hidden.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "serve", "--event-loop", "uvloop",
+                          "--data-dir", str(tmp_path / "data"), "--port", "0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2
+    assert "--event-loop uvloop: uvloop is not installed" in res.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line]
+    assert "torch" not in imported

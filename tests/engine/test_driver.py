@@ -200,3 +200,32 @@ def test_a_stopped_engine_frees_its_kv_cache_while_something_still_holds_it(tiny
     runner.stop()
     assert cache() is None  # freed although `engine` and `runner` are still referenced here
     assert engine.runner.kv_caches == [] and not runner.healthy
+
+
+def test_a_steps_outputs_reach_the_event_loop_in_one_wake_up(tiny_model):
+    """Four streams decoding together: each step's outputs are handed to the loop in one
+    `call_soon_threadsafe` (a wake-up through its self-pipe, a syscall), not one per stream, and
+    every stream still gets all its tokens."""
+    steps: list[int] = []
+    runner = AsyncEngine(recorded_engine(tiny_model, steps), ThreadDriver())
+    runner.start()
+    prompts = random_prompts(4, seed=5)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            calls.append(callback)
+            return real(callback, *args, **kwargs)
+        loop.call_soon_threadsafe = counting
+        got = await asyncio.gather(*(tokens(runner, f"r{i}", p) for i, p in enumerate(prompts)))
+        return got, len(calls)
+
+    try:
+        got, wake_ups = asyncio.run(go())
+    finally:
+        runner.stop()
+    assert [len(t) for t in got] == [GREEDY.max_tokens] * 4
+    assert 0 < wake_ups <= len(steps) < 4 * GREEDY.max_tokens  # one per step, not one per output
