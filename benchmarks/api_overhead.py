@@ -116,7 +116,7 @@ async def sse_request(url: str, body: dict) -> tuple[list[tuple[float, int]], in
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     arrivals: list[tuple[float, int]] = []
-    tail, usage_text = b"", b""
+    tail, last = b"", b""  # the end of the previous read (markers split by a read); of the stream
     try:
         while True:
             data = await reader.read(1 << 16)
@@ -127,17 +127,17 @@ async def sse_request(url: str, body: dict) -> tuple[list[tuple[float, int]], in
             events = window.count(b"data: {") - tail.count(b"data: {")
             if events:
                 arrivals.append((now, events))
-            if b'"usage"' in window:
-                usage_text = window
+            last = (last + data)[-4096:]  # the usage event and [DONE], whatever the reads' cuts
             if b"data: [DONE]" in window:
                 break
             tail = window[-64:]
     finally:
         writer.close()
     tokens = 0
-    if usage_text:
-        start = usage_text.rfind(b"data: {", 0, usage_text.find(b'"usage"'))
-        event = usage_text[start + len(b"data: "):usage_text.index(b"\n\n", start)]
+    at = last.rfind(b'"usage"')
+    if at >= 0:
+        start = last.rfind(b"data: {", 0, at)
+        event = last[start + len(b"data: "):last.index(b"\n\n", start)]
         tokens = json.loads(event)["usage"]["completion_tokens"]
     return arrivals, tokens, status
 

@@ -212,9 +212,13 @@ class LoraLinear(nn.Module):
         if self.kernel is None or dtype not in (torch.bfloat16, torch.float32):
             return
         in_features = next(iter(self.adapters.values()))[0].shape[0] if self.adapters else 0
-        key = (ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0)
+        key = self._stack_key(ids, dtype, in_features)
         if key not in self._kernel_stacks:
             self._kernel_stack(*key)
+
+    def _stack_key(self, ids: tuple[int, ...], dtype: torch.dtype, in_features: int) -> tuple:
+        """(ids, whether the stack is in bfloat16 rank pairs): the kernel stacks' key."""
+        return ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0
 
     def native_update(self, step: StepAdapters, dtype: torch.dtype, in_features: int):
         """The native update's (at, bt, ranges, live) for this step's rows (what `forward` passes
@@ -223,7 +227,7 @@ class LoraLinear(nn.Module):
         (no kernel: CUDA, no compiler; a dtype it does not take)."""
         if self.kernel is None or dtype not in (torch.bfloat16, torch.float32):
             return False
-        key = (step.ids, dtype is torch.bfloat16 and self.pairs and in_features % 2 == 0)
+        key = self._stack_key(step.ids, dtype, in_features)
         stack = self._kernel_stacks.get(key, _MISSING)
         if stack is _MISSING:
             stack = self._kernel_stack(*key)
