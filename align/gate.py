@@ -221,6 +221,43 @@ class MarginResult:
 
 
 @dataclass(slots=True, frozen=True)
+class ShiftResult:
+    """The recorded numbers of the answer-shift test (align/answer_shift.py): held-out answers
+    scored, prompts both versions answered, the AUC with its bootstrap interval, the one-sided
+    randomization p-value, what the candidate writes more and less of, and whether the scores
+    joined the rating test (then `margin` is that joint test's AUC − 1/2)."""
+
+    answers: int
+    prompts: int
+    auc: float
+    lower: float | None
+    upper: float | None
+    p_value: float
+    top: str = ""
+    joined: bool = False  # the scores joined the deciding rating test (a KTO job)
+
+    def to_record(self) -> dict[str, Any]:
+        def number(x: float | None) -> float | None:  # NaN (one label only) stored as null
+            return None if x is None or math.isnan(x) else x
+        return {"answer_shift": {"answers": self.answers, "prompts": self.prompts,
+                                 "auc": number(self.auc),
+                                 "interval": _interval(number(self.lower), number(self.upper)),
+                                 "p_value": self.p_value, "top": self.top,
+                                 "joined": self.joined}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ShiftResult | None":
+        r = record.get("answer_shift")
+        if not isinstance(r, dict) or r.get("p_value") is None:
+            return None
+        lower, upper = _ends(r, "interval")
+        auc = r.get("auc")
+        return cls(int(r.get("answers") or 0), int(r.get("prompts") or 0),
+                   math.nan if auc is None else float(auc), lower, upper,
+                   float(r["p_value"]), str(r.get("top") or ""), bool(r.get("joined")))
+
+
+@dataclass(slots=True, frozen=True)
 class MarginTest:
     """The implicit-reward margins of the held-out pairs (candidate vs current, per pair, in
     nats summed over the answer): is their mean above 0 at `confidence`? One-sided sign-flip
@@ -468,7 +505,7 @@ _ALWAYS = {
 _STRUCTURED = {"passed", "reasons", "failed", "checks", "heldout_pairs", "heldout_prompts",
                "wins", "losses", "ties", "win_rate", "interval", "p_value", "mean_margin",
                "margin_interval", "margin_p_value", "margin_pairs", "implicit",
-               "implicit_reward_accuracy", "accuracy_paired", *_SCALARS}
+               "implicit_reward_accuracy", "accuracy_paired", "answer_shift", *_SCALARS}
 
 
 @dataclass(slots=True)
@@ -489,6 +526,7 @@ class GateDecision:
     margin: MarginResult | None = None
     implicit: PairedResult | None = None
     accuracy_paired: PairedResult | None = None
+    answer_shift: ShiftResult | None = None  # the answer-shift test (align/answer_shift.py)
     kl_per_token: float | None = None
     candidate_accuracy: float | None = None
     current_accuracy: float | None = None
@@ -557,6 +595,8 @@ class GateDecision:
             out["implicit"] = self.implicit.to_record()
         if self.accuracy_paired is not None:
             out["accuracy_paired"] = self.accuracy_paired.to_record()
+        if self.answer_shift is not None:
+            out.update(self.answer_shift.to_record())
         out.update(self.extra)
         return out
 
@@ -593,6 +633,7 @@ class GateDecision:
                    margin=MarginResult.from_record(record),
                    implicit=PairedResult.from_record(record.get("implicit")),
                    accuracy_paired=PairedResult.from_record(record.get("accuracy_paired")),
+                   answer_shift=ShiftResult.from_record(record),
                    extra={k: v for k, v in record.items() if k not in _STRUCTURED}, **scalars)
 
 
@@ -689,18 +730,31 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
            candidate_accuracy: float | None, current_accuracy: float | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig, margins: list[float] | None = None,
-           ratings: tuple[list[float], list[bool], list[str]] | None = None) -> GateDecision:
+           ratings: tuple[list[float], list[bool], list[str]] | None = None,
+           answer_shift: Any = None) -> GateDecision:
     """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
     candidate's log-ratio margin against the current version; `margins`: those margins
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
     reverse (loss); the accuracies, and the tests the metric does not use, are reported.
     `ratings` (KTO: every held-out answer's move per token, label and prompt) replaces the margin
-    test by the randomization test of align/rating_test.py."""
+    test by the randomization test of align/rating_test.py. `answer_shift`
+    (answer_shift.ShiftEvidence: what the candidate writes more and less of than the current
+    version, and the held-out answers' resemblance to it) joins that test's statistic when the
+    held-out answers are the same (the AUC of the two scores' ranks averaged: one test, the same
+    level); its own test is reported beside the verdict."""
     either = config.metric == "implicit_either"
     confidence = 1.0 - (1.0 - config.confidence) / 2 if either else config.confidence
+    shift_test = (None if answer_shift is None else
+                  answer_shift.test(confidence, joined=ratings is not None and answer_shift.rated))
     if ratings is not None:
         from prefloop.align.rating_test import PermutationTest
-        margin_test = PermutationTest.of(*ratings, confidence)
+        moves, labels, groups = ratings
+        joins = answer_shift is not None and answer_shift.rated
+        if joins and len(answer_shift.answers) != len(moves):
+            raise ValueError("the answer shift must score the rating test's held-out answers")
+        margin_test = PermutationTest.of(
+            moves, labels, groups, confidence,
+            also=answer_shift.scores() if joins else None)
     else:
         margin_test = MarginTest.of(margins, confidence) if margins else None
     implicit_test = (Comparison.of(implicit, confidence, config.threshold)
@@ -730,6 +784,8 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     if implicit_test is not None and config.metric not in ("implicit_reward", "implicit_either"):
         checks.append(_reported("implicit_reward", implicit_test.describe(
             f"implicit-reward win rate vs {current_version}", "pairs")))
+    if shift_test is not None:
+        checks.append(_reported("answer_shift", shift_test.describe()))
     checks.append(_reported("pref_accuracy", f"reference-free preference accuracy "
                             f"{_fmt(candidate_accuracy)} vs current {current_version}'s "
                             f"{_fmt(current_accuracy)}"))
@@ -743,6 +799,7 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
         implicit=None if implicit_test is None else implicit_test.result(),
         accuracy_paired=None if accuracy is None else
         Comparison.of(accuracy, config.confidence, config.threshold).result(),
+        answer_shift=None if shift_test is None else shift_test.result(),
         kl_per_token=kl_per_token, candidate_accuracy=candidate_accuracy,
         current_accuracy=current_accuracy, **config.stated())
 

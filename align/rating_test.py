@@ -20,6 +20,16 @@ prompt. When the labels carry nothing the candidate learned, every such arrangem
 likely, so the test is exact in level whatever the share of thumbs up and however the candidate
 moved all answers. `PermutationTest` has the interface of gate.MarginTest, so `gate.decide` runs it
 in its place, each of the two tests at half the level.
+
+With the answer-shift evidence (align/answer_shift.py: how much each held-out answer resembles
+what the candidate now writes more of) the statistic ranks both: each answer's rank among the
+moves and its rank among the shift scores, averaged (`joint_scores`), then the same AUC and the
+same randomization. A liked answer must be both scored up by the candidate and like its new
+answers to count fully. Joined rather than a third test at a third of the level: on the tuning
+split (seed 2, plain words, the one candidate there whose served answers changed) the moves
+alone gave p 0.048, the shift alone 0.041 and joined 0.025 (16 prompts; docs/align.md "The
+answers the candidate writes"). None of them is under the 0.0125 a test gets at a season's first
+decision, and a third test would need 0.0083.
 """
 from __future__ import annotations
 
@@ -87,6 +97,15 @@ def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
     return (1 + hits) / (1 + draws)
 
 
+def joint_scores(moves: np.ndarray, also: np.ndarray) -> np.ndarray:
+    """Each answer's rank among the moves and its rank among `also`, averaged: one score that is
+    high when both are. A fixed function of the scores, not of the labels, so the
+    randomization test stays exact."""
+    if moves.shape != also.shape:
+        raise ValueError("both scores must be of the same answers")
+    return (_ranks(moves) + _ranks(also)) / 2
+
+
 def _interval(moves: np.ndarray, lab: np.ndarray, confidence: float, draws: int = 4000,
               seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap of the AUC, resampling the desirable and the undesirable answers
@@ -116,15 +135,21 @@ class PermutationTest:
     upper: float
     p_value: float
     confidence: float
+    joint: bool = False  # the statistic ranks the moves and the answer shift together
 
     @classmethod
     def of(cls, moves: list[float], labels: list[bool], groups: list[str],
-           confidence: float) -> "PermutationTest":
+           confidence: float, also: list[float] | None = None,
+           draws: int | None = None) -> "PermutationTest":
+        """`also`: a second score of the same answers (answer_shift.ShiftEvidence.scores); the
+        statistic is then the AUC of each answer's two ranks averaged (`joint_scores`)."""
         m, lab = np.asarray(moves, dtype=np.float64), np.asarray(labels, dtype=bool)
+        if also is not None:
+            m = joint_scores(m, np.asarray(also, dtype=np.float64))
         stat = float(_auc(_ranks(m), lab)) if lab.any() and not lab.all() else math.nan
         lower, upper = _interval(m, lab, confidence)
         return cls(int(m.size), int(lab.sum()), stat, lower, upper,
-                   permutation_p(moves, labels, groups), confidence)
+                   permutation_p(m.tolist(), labels, groups, draws), confidence, also is not None)
 
     @property
     def passed(self) -> bool:
@@ -133,11 +158,12 @@ class PermutationTest:
     def describe(self, what: str, unit: str) -> str:
         if not 0 < self.ups < self.n:
             return f"{what}: held-out answers of one label only, nothing to compare"
+        verb, statistic = (("ranked higher", "summed moves and answer shift, ranks averaged")
+                           if self.joint else ("moved more", "summed moves"))
         return (f"every held-out answer ({self.ups} up, {self.n - self.ups} down): a liked answer "
-                f"moved more than a disliked one in {self.mean:.3f} of their pairs (AUC of the "
-                f"summed moves), {self.confidence:.0%} bootstrap interval [{self.lower:.3f}, "
-                f"{self.upper:.3f}]:"
-                f" one-sided randomization p = {self.p_value:.3g} "
+                f"{verb} than a disliked one in {self.mean:.3f} of their pairs (AUC of the "
+                f"{statistic}), {self.confidence:.0%} bootstrap interval [{self.lower:.3f}, "
+                f"{self.upper:.3f}]: one-sided randomization p = {self.p_value:.3g} "
                 f"{'<' if self.passed else '>='} {(1.0 - self.confidence) / 2:.3g}")
 
     def result(self) -> MarginResult:

@@ -12,7 +12,12 @@ an answer's move, side by side:
   sampling, at the cost of generating K answers per held-out prompt.
 
 Beside them: the candidate's KL to the current version on the held-out answers (the gate's KL) and
-on its own answers to 16 held-out prompts (the degeneration check's, align/degeneration.py).
+on its own answers to --own-kl-prompts held-out prompts (the degeneration check's,
+align/degeneration.py), and from those answers and the current version's (same seeds) the
+answer-shift test (align/answer_shift.py) on all of them and on the newest half, each alone and
+joined with the summed moves as the gate joins them (`+sum`: ranks averaged). With
+--preference, the ceiling: the same test scoring every held-out answer by the simulated users'
+own preference.
 
     python benchmarks/gate_power.py --run /tmp/sweep3/short_sentences-...-seed2/run-default
 """
@@ -29,6 +34,7 @@ import torch
 
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
+from prefloop.align.answer_shift import AnswerShift
 from prefloop.align.jobs.preference import distinct_prompts, own_answer_kl
 from prefloop.align.rating_test import PermutationTest
 from prefloop.align.train.common import load_causal_lm
@@ -36,6 +42,18 @@ from prefloop.align.train.ppo import sample_texts
 from prefloop.server import registry as reg
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
+
+
+def _ceiling(preference: str, held) -> dict:
+    """The rating test with the users' own preference as the score of every held-out answer
+    (benchmarks/loop_users.py; a looping answer scores lowest, as those users rate it): how much
+    evidence the held-out labels carry at all."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loop_users import PREFERENCES, repetitive
+    score = [PREFERENCES[preference](r.text) - (1e9 if repetitive(r.text) else 0.0) for r in held]
+    test = PermutationTest.of(score, [bool(r.label) for r in held],
+                              [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)
+    return {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
 
 
 def main() -> None:
@@ -50,6 +68,11 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7, help="of the sampled answers")
     ap.add_argument("--heldout-fraction", type=float, default=0.2, help="as the job's")
     ap.add_argument("--seed", type=int, default=0, help="of the sampled answers")
+    ap.add_argument("--preference", default=None,
+                    help="the loop_users preference the votes were cast by: adds the ceiling, the "
+                         "same test with every held-out answer scored by that preference itself "
+                         "(a looping answer last), which no statistic of the candidate can beat "
+                         "by more than chance")
     ap.add_argument("--own-kl-prompts", type=int, default=16,
                     help="held-out prompts the candidate answers for its KL on its own answers, "
                          "as the degeneration check takes it (0: skip)")
@@ -61,6 +84,9 @@ def main() -> None:
                                args.heldout_fraction).heldout
     print(f"gate_power: {cand} vs v0000 on {len(held)} held-out answers", file=sys.stderr,
           flush=True)
+    out: dict = {"run": str(args.run), "candidate": cand}
+    if args.preference:
+        out["ceiling"] = _ceiling(args.preference, held)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(registry.version_dir("v0000"))
     policy = load_causal_lm(registry.version_dir(cand), "cpu")
@@ -88,8 +114,8 @@ def main() -> None:
         baseline = {g: float(np.mean([m for h, m in zip(asked, s_moves) if h == g]))
                     for g in keys}
         variants["sampled_baseline"] = raw / tokens - np.array([baseline[g] for g in groups])
-    out = {"run": str(args.run), "candidate": cand, "answers": len(held), "ups": sum(labels),
-           "prompts": len(keys), "samples_per_prompt": args.samples}
+    out.update({"answers": len(held), "ups": sum(labels), "prompts": len(keys),
+                "samples_per_prompt": args.samples})
     for name, moves in variants.items():
         test = PermutationTest.of(moves.tolist(), labels, groups, 0.9)
         out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
@@ -98,8 +124,21 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             answers = sample_texts(policy, tok, prompts, max_new_tokens=96, temperature=0.7,
                                    seed=0)
+            theirs = sample_texts(current, tok, prompts, max_new_tokens=96, temperature=0.7,
+                                  seed=0)
         out["own_answer_kl"] = round(own_answer_kl(policy, current, tok, prompts, answers), 4)
         out["heldout_kl"] = round(float(scores.kl_sum.sum() / scores.tokens.sum()), 4)
+        ids = lambda texts: [tok(t, add_special_tokens=False).input_ids for t in texts]  # noqa: E731
+        held_ids = ids([r.text for r in held])
+        for name, sl in (("answer_shift", slice(None)),
+                         (f"answer_shift_newest_{len(prompts) // 2}", slice(len(prompts) // 2, None))):
+            shift = AnswerShift.of(ids(answers[sl]), ids(theirs[sl]), len(tok))
+            scores_s = np.array(shift.scores(held_ids))
+            test = PermutationTest.of(scores_s.tolist(), labels, groups, 0.9)
+            out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4),
+                         "prompts": len(prompts[sl]), "top": shift.describe_top(tok.decode)}
+            test = PermutationTest.of(raw.tolist(), labels, groups, 0.9, also=scores_s.tolist())
+            out[name + "+sum"] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out))
     print(f"gate_power: done in {out['seconds']} s", file=sys.stderr)

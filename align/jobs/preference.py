@@ -329,12 +329,15 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     heldout["kl_to_root_per_token"], heldout["root_version"] = kl_to_root, root
     prompts = distinct_prompts([p.prompt for p in gate_pairs] or [r.prompt for r in split.heldout],
                                 gate_config.degeneration_prompts)
-    degeneration = None
+    degeneration = shift = None
     if prompts:
         started = time.perf_counter()
         current_model = (reference if current in (None, base)
                          else load_causal_lm(registry.version_dir(current), dev))
-        degeneration = _degeneration(policy, current_model, tok, prompts, gate_config, tc.bf16)
+        degeneration, written = _degeneration(policy, current_model, tok, prompts, gate_config,
+                                              tc.bf16)
+        shift = _shift_evidence(tok, written, gate_pairs, split.heldout if example_scores
+                                is not None else [])
         result.metrics["degeneration"] = degeneration.to_record()
         del current_model
         result.metrics["seconds"] = {"degeneration": round(time.perf_counter() - started, 1)}
@@ -351,7 +354,7 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
                       current_accuracy=current_accuracy, current_version=current,
                       kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
                       config=gate_config, margins=outcomes.get("margins"),
-                      ratings=outcomes.get("ratings"))
+                      ratings=outcomes.get("ratings"), answer_shift=shift)
     decision = with_drift(decision, kl_to_root, root, gate_config)
     if degeneration is not None:
         decision = with_check(decision, degeneration_check(degeneration,
@@ -370,11 +373,38 @@ def distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:
     return out[::-1]
 
 
+def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
+                    examples: list):
+    """The answer-shift test's evidence (align/answer_shift.py): the shift between the two
+    versions' `written` answers, and the held-out answers it scores — every rated answer of a
+    KTO job (grouped by prompt), or both sides of each held-out pair (a pair is its own group,
+    so shuffling its labels swaps them). A KTO job's answers are the rating test's, in its
+    order (`rated`): their scores join its statistic. None when there is nothing to score."""
+    from prefloop.align.answer_shift import AnswerShift, ShiftEvidence
+    if pairs:
+        texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
+        labels = [True, False] * len(pairs)
+        groups = [str(i // 2) for i in range(len(texts))]
+    elif examples:
+        texts = [r.text for r in examples]
+        labels = [bool(r.label) for r in examples]
+        groups = [logschema.prompt_fingerprint(None, r.prompt) for r in examples]
+    else:
+        return None
+    ids = tok([*written[0], *written[1], *texts], add_special_tokens=False).input_ids
+    n = len(written[0])
+    shift = AnswerShift.of(ids[:n], ids[n:2 * n], len(tok))
+    return ShiftEvidence(shift, ids[2 * n:], labels, groups, shift.describe_top(tok.decode),
+                         rated=not pairs)
+
+
 def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_config: GateConfig,
                   bf16: bool | None = None):
     """Both versions answer `prompts` (same seeds, temperature 0.7: the page's default), under
     bf16 autocast where training would use it (`use_bf16`: a 1.4x shorter check on this CPU; the
-    check counts loops and words, and both versions sample in the same precision)."""
+    check counts loops and words, and both versions sample in the same precision). Returns the
+    summary and the two versions' answers (candidate's, current's), which the answer-shift test
+    reads."""
     import torch
 
     from prefloop.align.train.common import use_bf16
@@ -389,8 +419,9 @@ def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_co
         with autocast:
             candidate = sample_texts(policy, tok, prompts, **kw)
             current = sample_texts(current_model, tok, prompts, **kw)
-        return Degeneration.of(candidate, current,
-                               own_answer_kl(policy, current_model, tok, prompts, candidate))
+        return (Degeneration.of(candidate, current,
+                                own_answer_kl(policy, current_model, tok, prompts, candidate)),
+                (candidate, current))
     finally:
         policy.train(was_training)
 

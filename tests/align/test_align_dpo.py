@@ -113,7 +113,11 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
     assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
     assert train["loss"] < math.log(2) - 0.2
     assert 0 < held["kl_per_token"] < 0.5
-    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 7  # count, both tests, KL, root KL, degeneration, 2 reported
+    # count, both tests, KL, root KL, degeneration, 3 reported (answer shift, pref accuracy, season)
+    assert out["gate"]["passed"] and len(out["gate"]["reasons"]) == 8
+    # a DPO job's held-out pairs: the answer-shift test is reported, not joined
+    assert any(r.startswith("reported: the answers it writes (") for r in out["gate"]["reasons"])
+    assert out["gate"]["answer_shift"]["answers"] == 12 and not out["gate"]["answer_shift"]["joined"]
     m = registry.manifest("v0001")
     assert (m.parent, m.method, m.kind, m.job_id) == ("v0000", "dpo", "policy", out["job_id"])
     assert m.hyperparameters["beta"] == 0.1 and m.hyperparameters["lr"] == 0.01
@@ -273,6 +277,12 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert rc == 0 and out["status"] in ("rejected", "published"), out  # no --auto-promote
     reasons = " ".join(out["gate"]["reasons"])
     assert "vs v0001" in reasons and "AUC of the summed moves" in reasons, reasons
+    # the degeneration check's answers join the rating test (align/answer_shift.py): the 14
+    # held-out answers ranked by move and answer shift, the shift's own test reported
+    assert "AUC of the summed moves and answer shift, ranks averaged" in reasons, reasons
+    assert "reported: the answers it writes (" in reasons
+    shift = out["gate"]["answer_shift"]
+    assert shift["answers"] == 14 and shift["prompts"] >= 1 and 0 <= shift["p_value"] <= 1
 
 
 def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):

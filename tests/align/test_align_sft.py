@@ -192,7 +192,9 @@ def test_align_sft_job_then_dpo_from_the_sft_version(tiny, tmp_path):
     assert held["kl_per_token"] > 0 and "implicit_reward_accuracy_vs_current" in held
     gate = out["gate"]
     assert {"passed", "reasons", "wins", "losses", "interval", "kl_per_token"} <= set(gate)
-    assert gate["heldout_pairs"] == 8 and len(gate["reasons"]) == 7  # count, both tests, KL, root KL, degeneration, 2 reported
+    # count, both tests, KL, root KL, degeneration, 3 reported (answer shift, pref accuracy, season)
+    assert gate["heldout_pairs"] == 8 and len(gate["reasons"]) == 8
+    assert gate["answer_shift"]["answers"] == 16 and not gate["answer_shift"]["joined"]
     registry = reg.Registry(d)
     m = registry.manifest("v0001")
     assert (m.method, m.kind, m.parent) == ("sft", "policy", "v0000")

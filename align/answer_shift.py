@@ -1,0 +1,148 @@
+"""The gate's test on the answers a candidate writes: do the held-out answers people liked look
+more like where the candidate's own answers moved than the answers they disliked?
+
+The rating test (align/rating_test.py) asks how the candidate *scores* the held-out answers, which
+the current version wrote. On the population benchmark that evidence was too weak to promote
+candidates whose served answers users preferred 0.77-0.79 of the time (docs/align.md): what
+changed is in the answers the candidate writes. This test looks there, without a judge trained on
+the same votes:
+
+1. The degeneration check already has both versions answer the same held-out prompts with the
+   same seeds. Each answer becomes its token frequencies (counts / length); the **shift** is the
+   mean over prompts of candidate minus current: which tokens the candidate writes more, which
+   less ("." and " you" up, "," and " and" down).
+2. Every held-out rated answer gets a score: the mean of the shift over its tokens, i.e. how much
+   it resembles where the candidate went.
+3. In a KTO job (every held-out answer rated) the scores join the rating test's: each answer's
+   rank among the candidate's moves and its rank among these scores, averaged, then the AUC of
+   liked against disliked and the same randomization test (`rating_test.permutation_p`: labels
+   shuffled within each prompt's answers and across lone answers), at the same level. The
+   shift's own test (`ShiftTest`: the AUC of the scores alone) is reported beside the verdict,
+   and for a DPO job's held-out pairs (both sides scored, a pair its own group) it is reported
+   only.
+
+Why the level holds: the shift is computed from the two versions' new answers, which do not
+depend on the held-out labels; when those labels carry nothing the candidate learned (random
+feedback), every arrangement of them is equally likely given the scores, so the test is exact,
+whatever the shift is. It passes when the users who were held out liked what the candidate now
+writes more of — a question about the answers themselves, which is what a served win rate
+measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from prefloop.align.rating_test import PermutationTest
+
+
+def _frequencies(ids: list[int], vocab: int) -> np.ndarray:
+    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab)[:vocab]
+    return counts / max(len(ids), 1)
+
+
+@dataclass(slots=True, frozen=True)
+class AnswerShift:
+    """Mean token frequencies of the candidate's answers minus the current version's, over the
+    prompts both answered (`shift`, one value per token id)."""
+
+    shift: np.ndarray
+    prompts: int
+
+    @classmethod
+    def of(cls, candidate: list[list[int]], current: list[list[int]],
+           vocab: int) -> "AnswerShift":
+        """`candidate[i]` and `current[i]`: the token ids of the two versions' answers to prompt
+        i (same seed). Ids at or above `vocab` are ignored, and so is a prompt where either
+        answer is empty (`prompts` counts the others)."""
+        if len(candidate) != len(current):
+            raise ValueError("one answer per prompt from each version")
+        shift = np.zeros(vocab, dtype=np.float64)
+        prompts = 0
+        for a, b in zip(candidate, current):
+            a, b = [t for t in a if t < vocab], [t for t in b if t < vocab]
+            if a and b:  # an empty answer has no frequencies to compare
+                shift += _frequencies(a, vocab) - _frequencies(b, vocab)
+                prompts += 1
+        return cls(shift / max(prompts, 1), prompts)
+
+    def scores(self, answers: list[list[int]]) -> list[float]:
+        """Per answer (token ids): the mean shift of its tokens (0 for an empty answer)."""
+        vocab = self.shift.size
+        return [float(self.shift[[t for t in ids if t < vocab]].mean())
+                if any(t < vocab for t in ids) else 0.0 for ids in answers]
+
+    def top(self, k: int = 3) -> tuple[list[int], list[int]]:
+        """The `k` token ids the candidate writes most more of, and most less of."""
+        order = np.argsort(self.shift, kind="stable")
+        up = [int(t) for t in order[::-1][:k] if self.shift[t] > 0]
+        down = [int(t) for t in order[:k] if self.shift[t] < 0]
+        return up, down
+
+    def describe_top(self, decode, k: int = 3) -> str:
+        """"more ' you', '.'; less ',', ' and'" with `decode(id) -> str`."""
+        up, down = self.top(k)
+        more = ", ".join(repr(decode(t)) for t in up) or "-"
+        less = ", ".join(repr(decode(t)) for t in down) or "-"
+        return f"the candidate writes more {more}; less {less}"
+
+
+@dataclass(slots=True, frozen=True)
+class ShiftEvidence:
+    """What the gate needs, gathered by the job: the shift, the held-out answers it scores (token
+    ids), their labels and prompts, the shift's top tokens in words, and whether those answers
+    are the rating test's own held-out answers in its order (`rated`: a KTO job's; then the
+    scores join its statistic, else the shift's test is only reported)."""
+
+    shift: AnswerShift
+    answers: list[list[int]]
+    labels: list[bool]
+    groups: list[str]
+    top: str = ""
+    rated: bool = False
+
+    def scores(self) -> list[float]:
+        """The held-out answers' resemblance to the shift (`AnswerShift.scores`)."""
+        return self.shift.scores(self.answers)
+
+    def test(self, confidence: float, joined: bool = False) -> "ShiftTest":
+        """The shift's own test; `joined`: its scores also joined the rating test."""
+        from prefloop.align.rating_test import PermutationTest
+        return ShiftTest(PermutationTest.of(self.scores(), self.labels, self.groups, confidence,
+                                            draws=REPORT_DRAWS),
+                         self.shift.prompts, self.top, joined)
+
+
+REPORT_DRAWS = 2000  # the reported test's randomizations (it decides nothing)
+
+
+@dataclass(slots=True, frozen=True)
+class ShiftTest:
+    """The shift's own test, reported beside the verdict: the AUC of the held-out answers'
+    scores, liked against disliked, and its randomization p-value."""
+
+    test: "PermutationTest"
+    prompts: int
+    top: str
+    joined: bool  # the scores also joined the deciding rating test
+
+    def describe(self) -> str:
+        t = self.test
+        top = f"; {self.top}" if self.top else ""
+        head = f"the answers it writes ({self.prompts} held-out prompts{top})"
+        if not 0 < t.ups < t.n:
+            return f"{head}: held-out answers of one label only, nothing to compare"
+        return (f"{head}: a liked held-out answer resembles the shift more than a disliked one in "
+                f"{t.mean:.3f} of their pairs (AUC over {t.ups} up, {t.n - t.ups} down), "
+                f"{t.confidence:.0%} bootstrap interval [{t.lower:.3f}, {t.upper:.3f}], one-sided "
+                f"randomization p = {t.p_value:.3g}"
+                + ("; joined with the moves in the rating test" if self.joined else ""))
+
+    def result(self):
+        from prefloop.align.gate import ShiftResult
+        t = self.test
+        return ShiftResult(t.n, self.prompts, t.mean, t.lower, t.upper, t.p_value, self.top,
+                           self.joined)
