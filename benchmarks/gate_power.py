@@ -44,7 +44,14 @@ from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
 
 
-def _ceiling(preference: str, held) -> dict:
+def heldout_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> dict:
+    """`ceiling` on the held-out answers a job with `--heldout-fraction fraction` would judge."""
+    held = data_mod.time_split(data_mod.load_examples(data_dir, voter_cap=DEFAULT_VOTER_CAP),
+                               fraction).heldout
+    return dict(ceiling(preference, held), answers=len(held))
+
+
+def ceiling(preference: str, held) -> dict:
     """The rating test with the users' own preference as the score of every held-out answer
     (benchmarks/loop_users.py; a looping answer scores lowest, as those users rate it): how much
     evidence the held-out labels carry at all."""
@@ -86,7 +93,7 @@ def main() -> None:
           flush=True)
     out: dict = {"run": str(args.run), "candidate": cand}
     if args.preference:
-        out["ceiling"] = _ceiling(args.preference, held)
+        out["ceiling"] = ceiling(args.preference, held)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(registry.version_dir("v0000"))
     policy = load_causal_lm(registry.version_dir(cand), "cpu")

@@ -8,7 +8,9 @@ under --work, so later runs reuse them. Each setting then runs
 `prefloop align run --auto-promote --promote-via gate --keep-rejected --json <flags>` on a hard-linked copy of that
 data dir, and the candidate (promoted or not: the sweep measures training, the gate is reported
 beside it) answers the held-out prompts in-process at the server's default sampling with the
-same seeds as the base. Printed per setting, side by side: the gate's outcome and held-out
+same seeds as the base. After the votes: the ceiling of the gate's rating test on them (the
+users' own preference scoring the held-out answers; benchmarks/gate_power.py). Printed per
+setting, side by side: the gate's outcome and held-out
 implicit-reward win rate, KL per token, the served win rate vs base (95%: a bootstrap over prompts when each has several answers), the
 preferred property's mean, training steps, training and whole-job seconds, pairs per second.
 
@@ -259,6 +261,14 @@ def main() -> int:
                   up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          base, args.up_rate)
+    if args.preference != "random":
+        from gate_power import heldout_ceiling
+        c = heldout_ceiling(data, args.preference)
+        print(f"  ceiling: the users' own preference ranks the {c['answers']} held-out answers of a "
+              f"default job at AUC {c['auc']:.3f}, randomization p {c['p']:.4f} (no candidate's "
+              f"statistic can beat this but by chance; each of the gate's two tests needs p < "
+              f"0.0125 at a season's first decision)",
+              flush=True)
     for name, flags in settings:
         row = run_setting(name, flags, data, work, base, held, args)
         print(format_row(row), flush=True)
