@@ -24,9 +24,9 @@ the same votes:
 Why the level holds: the shift is computed from the two versions' new answers, which do not
 depend on the held-out labels; when those labels carry nothing the candidate learned (random
 feedback), every arrangement of them is equally likely given the scores, so the test is exact,
-whatever the shift is. It passes when the users who were held out liked what the candidate now
-writes more of — a question about the answers themselves, which is what a served win rate
-measures.
+whatever the shift is. The scores are high where the users who were held out liked what the
+candidate now writes more of — a question about the answers themselves, which is what a served
+win rate measures.
 """
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ class AnswerShift:
     def scores(self, answers: list[list[int]]) -> list[float]:
         """Per answer (token ids): the mean shift of its tokens (0 for an empty answer)."""
         vocab = self.shift.size
-        return [float(self.shift[[t for t in ids if t < vocab]].mean())
-                if any(t < vocab for t in ids) else 0.0 for ids in answers]
+        known = [[t for t in ids if t < vocab] for ids in answers]
+        return [float(self.shift[ids].mean()) if ids else 0.0 for ids in known]
 
     def top(self, k: int = 3) -> tuple[list[int], list[int]]:
         """The `k` token ids the candidate writes most more of, and most less of."""

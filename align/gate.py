@@ -43,9 +43,12 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prefloop.server.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from prefloop.align.answer_shift import ShiftEvidence
 
 DEFAULT_MAX_KL = 0.5  # nats per completion token
 DEFAULT_MAX_ROOT_KL = 1.0  # nats per completion token, to the root version (the cumulative drift)
@@ -731,7 +734,7 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig, margins: list[float] | None = None,
            ratings: tuple[list[float], list[bool], list[str]] | None = None,
-           answer_shift: Any = None) -> GateDecision:
+           answer_shift: "ShiftEvidence | None" = None) -> GateDecision:
     """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
     candidate's log-ratio margin against the current version; `margins`: those margins
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the

@@ -43,6 +43,9 @@ from prefloop.server import registry as reg
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_users import PREFERENCES, repetitive  # noqa: E402
+
 
 def heldout_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> dict:
     """`ceiling` on the held-out answers a job with `--heldout-fraction fraction` would judge."""
@@ -55,8 +58,6 @@ def ceiling(preference: str, held) -> dict:
     """The rating test with the users' own preference as the score of every held-out answer
     (benchmarks/loop_users.py; a looping answer scores lowest, as those users rate it): how much
     evidence the held-out labels carry at all."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loop_users import PREFERENCES, repetitive
     score = [PREFERENCES[preference](r.text) - (1e9 if repetitive(r.text) else 0.0) for r in held]
     test = PermutationTest.of(score, [bool(r.label) for r in held],
                               [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)
