@@ -44,6 +44,39 @@ def _frequencies(ids: list[int], vocab: int) -> np.ndarray:
     return counts / max(len(ids), 1)
 
 
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's table (GPT-2's `bytes_to_unicode`, used by the default model's
+    tokenizer): the printable character that stands for each byte in a token's string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
+def token_text(tok):
+    """`decode(id)` for `AnswerShift.describe_top`: a token's text, or, for a piece of a
+    multi-byte character (an emoji is split over tokens, and each piece decodes alone to
+    U+FFFD), its bytes: the verdict then names b' \\xf0\\x9f\\x98', not a replacement character."""
+    def decode(token_id: int) -> str | bytes:
+        text = tok.decode(token_id)
+        if "\ufffd" not in text:
+            return text
+        piece = tok.convert_ids_to_tokens(token_id)
+        if not all(c in _BYTE_OF_CHAR for c in piece):
+            return text  # not a byte-level token: keep the tokenizer's own rendering
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+    return decode
+
+
 @dataclass(slots=True, frozen=True)
 class AnswerShift:
     """Mean token frequencies of the candidate's answers minus the current version's, over the
@@ -83,7 +116,7 @@ class AnswerShift:
         return up, down
 
     def describe_top(self, decode, k: int = 3) -> str:
-        """"more ' you', '.'; less ',', ' and'" with `decode(id) -> str`."""
+        """"more ' you', '.'; less ',', ' and'" with `decode(id) -> str` (or bytes: `token_text`)."""
         up, down = self.top(k)
         more = ", ".join(repr(decode(t)) for t in up) or "-"
         less = ", ".join(repr(decode(t)) for t in down) or "-"

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
 
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
-from prefloop.align.answer_shift import AnswerShift
+from prefloop.align.answer_shift import AnswerShift, token_text
 from prefloop.align.jobs.preference import distinct_prompts, own_answer_kl
 from prefloop.align.rating_test import PermutationTest
 from prefloop.align.train.common import load_causal_lm
@@ -48,10 +50,12 @@ from loop_users import PREFERENCES, repetitive  # noqa: E402
 
 
 def heldout_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> dict:
-    """`ceiling` on the held-out answers a job with `--heldout-fraction fraction` would judge."""
-    held = data_mod.time_split(data_mod.load_examples(data_dir, voter_cap=DEFAULT_VOTER_CAP),
-                               fraction).heldout
-    return dict(ceiling(preference, held), answers=len(held))
+    """`ceiling` on the held-out answers a job with `--heldout-fraction fraction` would judge, with
+    the feedback events (a thumb, a pick: distinct feedback ids) the whole log holds."""
+    rows = data_mod.load_examples(data_dir, voter_cap=DEFAULT_VOTER_CAP)
+    held = data_mod.time_split(rows, fraction).heldout
+    return dict(ceiling(preference, held), answers=len(held),
+                events=len({r.feedback_id for r in rows}))
 
 
 def ceiling(preference: str, held) -> dict:
@@ -62,6 +66,18 @@ def ceiling(preference: str, held) -> dict:
     test = PermutationTest.of(score, [bool(r.label) for r in held],
                               [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)
     return {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
+
+
+def events_for_level(p: float, events: int, level: float = 0.0125) -> int | None:
+    """About how many events the votes would need before a test whose one-sided p is `p` on
+    `events` reaches `level`, if each event carried as much evidence as these do: the z-score of a
+    rank test grows with the square root of the answers it ranks, so events × (z_level / z_p)²
+    (None when p ≥ 0.5: these votes show no direction to extrapolate). Applied to the ceiling it
+    is a lower bound on the events any candidate needs to promote offline."""
+    if not 0.0 < p < 0.5:
+        return None if p >= 0.5 else events
+    z = NormalDist().inv_cdf
+    return math.ceil(events * (z(1 - level) / z(1 - p)) ** 2)
 
 
 def main() -> None:
@@ -144,7 +160,7 @@ def main() -> None:
             scores_s = np.array(shift.scores(held_ids))
             test = PermutationTest.of(scores_s.tolist(), labels, groups, 0.9)
             out[name] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4),
-                         "prompts": len(prompts[sl]), "top": shift.describe_top(tok.decode)}
+                         "prompts": len(prompts[sl]), "top": shift.describe_top(token_text(tok))}
             test = PermutationTest.of(raw.tolist(), labels, groups, 0.9, also=scores_s.tolist())
             out[name + "+sum"] = {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
     out["seconds"] = round(time.perf_counter() - started, 1)

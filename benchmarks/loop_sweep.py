@@ -262,12 +262,15 @@ def main() -> int:
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          base, args.up_rate)
     if args.preference != "random":
-        from gate_power import heldout_ceiling
+        from gate_power import events_for_level, heldout_ceiling
         c = heldout_ceiling(data, args.preference)
+        need = events_for_level(c["p"], c["events"])
         print(f"  ceiling: the users' own preference ranks the {c['answers']} held-out answers of a "
               f"default job at AUC {c['auc']:.3f}, randomization p {c['p']:.4f} (no candidate's "
               f"statistic can beat this but by chance; each of the gate's two tests needs p < "
-              f"0.0125 at a season's first decision)",
+              f"0.0125 at a season's first decision); at this much evidence per event a perfect "
+              f"candidate needs about {need if need is not None else 'unboundedly many'} events "
+              f"(now {c['events']})",
               flush=True)
     for name, flags in settings:
         row = run_setting(name, flags, data, work, base, held, args)

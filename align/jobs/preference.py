@@ -380,7 +380,7 @@ def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
     KTO job (grouped by prompt), or both sides of each held-out pair (a pair is its own group,
     so shuffling its labels swaps them). A KTO job's answers are the rating test's, in its
     order (`rated`): their scores join its statistic. None when there is nothing to score."""
-    from prefloop.align.answer_shift import AnswerShift, ShiftEvidence
+    from prefloop.align.answer_shift import AnswerShift, ShiftEvidence, token_text
     if pairs:
         texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
         labels = [True, False] * len(pairs)
@@ -394,7 +394,7 @@ def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
     ids = tok([*written[0], *written[1], *texts], add_special_tokens=False).input_ids
     n = len(written[0])
     shift = AnswerShift.of(ids[:n], ids[n:2 * n], len(tok))
-    return ShiftEvidence(shift, ids[2 * n:], labels, groups, shift.describe_top(tok.decode),
+    return ShiftEvidence(shift, ids[2 * n:], labels, groups, shift.describe_top(token_text(tok)),
                          rated=not pairs)
 
 

@@ -28,6 +28,22 @@ def test_top_names_what_the_candidate_writes_more_and_less_of():
     assert shift.describe_top(lambda t: f"t{t}", 1) == "the candidate writes more 't1'; less 't4'"
 
 
+def test_the_top_tokens_name_a_piece_of_an_emoji_by_its_bytes_with_the_default_tokenizer():
+    from transformers import AutoTokenizer
+
+    from prefloop.align.answer_shift import token_text
+    from prefloop.server.model.loader import resolve_model_dir
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(None))
+    ids = tok(" love 😀", add_special_tokens=False).input_ids
+    decode = token_text(tok)
+    names = [decode(t) for t in ids]
+    assert names[0] == " love"
+    assert all(isinstance(n, bytes) for n in names[1:])  # the emoji is split over tokens
+    assert b"".join(names[1:]) == " 😀".encode()
+    shift = AnswerShift(np.eye(len(tok))[ids[1]], 1)
+    assert "more b' \\xf0" in shift.describe_top(decode, k=1)
+
+
 def test_one_answer_list_per_version_is_required():
     with pytest.raises(ValueError, match="one answer per prompt"):
         AnswerShift.of([[1]], [], vocab=4)
