@@ -17,7 +17,8 @@ its threshold (0.5 + `min_improvement` for "candidate better than current"). Und
 (1 - confidence) / 2: 5 % at the default confidence 0.9. Below `min_heldout` units no gate passes.
 
 - `decide` (DPO / KTO / SFT candidates), on held-out preference pairs:
-  1. at least `min_heldout` held-out pairs;
+  1. at least `min_heldout` held-out pairs (where the rating test decides, or held-out rated
+     answers as precise as that many balanced pairs: `enough_rated`);
   2. the paired comparison of `metric` passes. Pair i's implicit-reward margin is
      (log π_cand − log π_current)(chosen) − (…)(rejected): > 0 when DPO's implicit reward
      β·log π_cand/π_current ranks the voters' choice higher, i.e. the candidate moved towards
@@ -706,6 +707,24 @@ def enough_heldout(have: int, need: int, unit: str) -> Check:
     return Check(CHECK_HELDOUT, True, f"{have} held-out {unit} (>= {need})")
 
 
+def enough_rated(pairs: int, labels: list[bool], need: int) -> Check:
+    """The sample-size check where the rating test decides (a KTO job): its held-out answers
+    count as the balanced pairs they are as precise as (`rating_test.balanced_pairs`) when that
+    is more than the matched pairs: lone thumbs, mostly 👎, are matched into min(up, down)
+    pairs, while the rating test ranks every one of them."""
+    from prefloop.align.rating_test import balanced_pairs
+    weight = balanced_pairs(labels)
+    if weight <= pairs:
+        return enough_heldout(pairs, need, "pairs")
+    up = sum(1 for label in labels if label)
+    answers = (f"the rating test's {len(labels)} answers ({up} up, {len(labels) - up} down) "
+               f"weigh as {weight:.1f} balanced pairs")
+    if weight < need:
+        return Check(CHECK_HELDOUT, False,
+                     f"needs >= {need} held-out pairs, have {pairs}; {answers}: {MISSING_HINT}")
+    return Check(CHECK_HELDOUT, True, f"{pairs} held-out pairs; {answers} (>= {need})")
+
+
 def _policy_checks(comparison: Comparison | MarginTest | EitherTest | None, *, name: str,
                    what: str, unit: str, heldout: int, kl_per_token: float | None,
                    config: GateConfig, missing: str) -> list[Check]:
@@ -781,6 +800,8 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
                             heldout=heldout_pairs, kl_per_token=kl_per_token, config=config,
                             missing="implicit reward" if either
                             else config.metric.replace("_", " "))
+    if ratings is not None and config.metric in ("implicit_either", "implicit_margin"):
+        checks[0] = enough_rated(heldout_pairs, ratings[1], config.min_heldout)
     if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
         checks.append(_reported("mean_margin", margin_test.describe(
             f"implicit-reward mean margin vs {current_version}", "pairs")))

@@ -43,6 +43,17 @@ from prefloop.align.gate import MarginResult
 DRAWS = 20000
 
 
+def balanced_pairs(labels: list[bool]) -> float:
+    """How many balanced (liked, disliked) pairs this test is as precise as: the AUC's variance
+    when labels carry nothing is (up + down + 1) / (12·up·down), about (1/up + 1/down) / 12,
+    which n liked and n disliked answers give for n = 2·up·down / (up + down), the harmonic
+    mean of the two counts. 19 up and 41 down weigh as 26 pairs; matching lone thumbs into
+    pairs (`data.example_pairs`) would make 19. 0 when either label is missing."""
+    up = sum(1 for label in labels if label)
+    down = len(labels) - up
+    return 2.0 * up * down / (up + down) if up and down else 0.0
+
+
 def _ranks(moves: np.ndarray) -> np.ndarray:
     """1-based ranks of `moves`, ties sharing their mean rank."""
     order = np.argsort(moves, kind="stable")

@@ -134,8 +134,9 @@ def _gate_statistics(g) -> None:
                         "the interval's lower end clears the bar, so a candidate no better "
                         "passes at most (1-C)/2 of the time (default %(default)s: 5%%)")
     g.add_argument("--min-heldout-pairs", type=int, default=20, metavar="N",
-                   help="the gate never passes on fewer held-out pairs (ppo: prompts) "
-                        "(default %(default)s)")
+                   help="the gate never passes on fewer held-out pairs (ppo: prompts; kto: or "
+                        "rated answers that weigh as that many balanced pairs, "
+                        "2·up·down/(up+down)) (default %(default)s)")
 
 
 def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool = False) -> None:

@@ -25,6 +25,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.degeneration import Degeneration, degeneration_check
 from prefloop.align.gate import GateConfig, GateDecision, decide, with_check, with_drift
 from prefloop.align.jobs import runner
+from prefloop.align.rating_test import balanced_pairs
 from prefloop.align.season import ab_wait, decision_config, season_of, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
@@ -183,8 +184,9 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
 
 
 def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
-    """A DPO or KTO job whose held-out pairs (KTO: `data.example_pairs` of its held-out answers)
-    are fewer than the gate's minimum is rejected whatever it trains, and without
+    """A DPO or KTO job whose held-out pairs (KTO: `data.example_pairs` of its held-out answers,
+    or the balanced pairs its rated answers weigh as, `gate.enough_rated`) are fewer than the
+    gate's minimum is rejected whatever it trains, and without
     --keep-rejected nothing of it is kept: skip before loading a model (`result` SKIPPED with
     what is missing). The feedback stays for the next job."""
     method, need = cfg.train.method, cfg.gate.min_heldout
@@ -192,7 +194,10 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         return False
     have = (len(split.heldout) if method == "dpo"
             else len(data_mod.example_pairs(split.heldout)[0]))
-    if have >= need:
+    labels = [bool(r.label) for r in split.heldout]
+    weight = (balanced_pairs(labels) if method == "kto"
+              and cfg.gate.metric in ("implicit_either", "implicit_margin") else 0.0)
+    if max(have, weight) >= need:
         return False
     total, fraction = len(split.train) + len(split.heldout), cfg.heldout_fraction
     if method == "dpo":
@@ -201,10 +206,11 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         what = f"this window holds {have} (of {total})"
     else:
         ups = sum(1 for r in split.heldout if r.label)
-        more = ("more feedback (a held-out thumb pairs with one of the other kind: "
-                "min(up, down) pairs), or " if fraction > 0 else "")
+        more = ("more feedback (the rarer of up and down counts most: the weight is "
+                "2·up·down/(up + down)), or " if fraction > 0 else "")
         what = (f"the window's {len(split.heldout)} held-out answers ({ups} up, "
-                f"{len(split.heldout) - ups} down) make {have}")
+                f"{len(split.heldout) - ups} down) make {have}"
+                + (f" and the rating test weighs them as {weight:.1f}" if weight > have else ""))
     result.status = runner.SKIPPED
     result.reason = (f"the gate needs >= {need} held-out pairs and {what}: {more}raise "
                      f"--heldout-fraction (now {fraction}) or lower --min-heldout-pairs; nothing "

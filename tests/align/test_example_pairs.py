@@ -145,3 +145,54 @@ def test_centered_moves_average_zero_over_the_current_versions_answers_where_raw
     # the back KL is KL(current ‖ candidate) token by token: its mean over current's answers is
     # the same sequence KL
     assert float((weights * scores.back_kl_sum).sum()) == pytest.approx(sequence_kl, rel=1e-4)
+
+
+@pytest.mark.parametrize("up,down", [(20, 20), (19, 41), (8, 52), (3, 200)])
+def test_balanced_pairs_give_the_mann_whitney_null_variance_of_the_rated_answers(up, down):
+    n = rating_test.balanced_pairs([True] * up + [False] * down)
+    assert n == pytest.approx(2 * up * down / (up + down))
+    # the AUC's variance with labels that carry nothing, closed form (Mann-Whitney)
+    variance = lambda u, d: (u + d + 1) / (12 * u * d)  # noqa: E731
+    assert variance(n, n) == pytest.approx(variance(up, down), rel=0.1)  # the +1: about
+    assert rating_test.balanced_pairs([False] * 9) == 0.0
+
+
+def _kto_decision(up: int, down: int, metric: str = "implicit_either"):
+    labels = [True] * up + [False] * down
+    moves = list(np.random.default_rng(0).normal(size=len(labels)))
+    return gate.decide(implicit=gate.Paired(up // 2, up - up // 2), accuracy=None,
+                       candidate_accuracy=None, current_accuracy=None, current_version="v0000",
+                       kl_per_token=0.01, heldout_pairs=up, config=gate.GateConfig(metric=metric),
+                       ratings=(moves, labels, [f"q{i}" for i in range(len(labels))]))
+
+
+def test_lone_thumbs_mostly_down_meet_the_minimum_as_the_balanced_pairs_the_rating_test_weighs():
+    # 19 up and 41 down match into 19 pairs; the rating test ranks all 60, as precise as 26
+    check = next(c for c in _kto_decision(19, 41).checks if c.name == gate.CHECK_HELDOUT)
+    assert check.passed and check.text == ("19 held-out pairs; the rating test's 60 answers (19 "
+                                           "up, 41 down) weigh as 26.0 balanced pairs (>= 20)")
+    few = next(c for c in _kto_decision(8, 52).checks if c.name == gate.CHECK_HELDOUT)
+    assert few.passed is False and few.text.startswith(
+        "needs >= 20 held-out pairs, have 8; the rating test's 60 answers (8 up, 52 down) weigh "
+        "as 13.9 balanced pairs: collect more votes")
+    # where the sign test alone decides, the pairs are what it has
+    signs = next(c for c in _kto_decision(19, 41, "implicit_reward").checks
+                 if c.name == gate.CHECK_HELDOUT)
+    assert signs.passed is False and signs.text.startswith("needs >= 20 held-out pairs, have 19")
+
+
+def test_a_kto_job_of_lone_thumbs_trains_when_its_answers_weigh_enough_and_says_what_is_missing(
+        tmp_path):
+    from prefloop.align.jobs import runner
+    from prefloop.align.jobs.preference import JobConfig, _too_few_to_judge
+    from prefloop.align.train.preference import TrainConfig
+    cfg = JobConfig(data_dir=tmp_path, train=TrainConfig(method="kto"), keep_rejected=False)
+
+    def split(up, down):
+        held = [rated(f"q{i}", f"a{i}", i < up, 1000 + i) for i in range(up + down)]
+        return data.Split([rated("t", "x", True, 0)] * 240, held, None)
+    result = runner.JobResult(job_id="j", status="running")
+    assert not _too_few_to_judge(cfg, split(19, 41), result)  # 19 pairs, weighs 26: it trains
+    assert _too_few_to_judge(cfg, split(8, 52), result) and result.status == runner.SKIPPED
+    assert ("the window's 60 held-out answers (8 up, 52 down) make 8 and the rating test weighs "
+            "them as 13.9: more feedback (the rarer of up and down counts most") in result.reason
