@@ -39,21 +39,25 @@ def test_same_prompt_pairs_come_first_and_leftovers_are_matched_once_across_prom
     assert data.example_pairs(examples, seed=1)[0] != pairs
 
 
-def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answer(monkeypatch):
+@pytest.mark.parametrize("answers,min_heldout", [(160, 10), (60, 20)])
+def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answer(
+        monkeypatch, answers, min_heldout):
     """A candidate trained on mostly-down random thumbs lowers the log-prob of every answer. Signed
     by each answer's own label that is a "win" on every thumb down (the rule this replaced); as
     paired differences of matched up/down answers, and in the randomization test over every
-    answer, it is noise, and the real decision passes at most its 5 % level."""
+    answer, it is noise, and the real decision passes at most its 5 % level. 60 answers at the
+    default minimum: about 15 up make 15 pairs and weigh as 22.5 (`gate.enough_rated`), so most
+    of these decisions are taken on fewer matched pairs than the minimum."""
     monkeypatch.setattr(rating_test, "DRAWS", 1000)  # any number of draws keeps the level
-    config = gate.GateConfig(min_heldout=10)
-    passed = label_signed_wins = 0
+    config = gate.GateConfig(min_heldout=min_heldout)
+    passed = label_signed_wins = judged_on_weight = 0
     seasons = 300
     for seed in range(seasons):
         rng = random.Random(seed)
-        examples = [rated(f"q{i}", f"a{i}", rng.random() < 0.25, i) for i in range(160)]
+        examples = [rated(f"q{i}", f"a{i}", rng.random() < 0.25, i) for i in range(answers)]
         moves = torch.tensor([-0.5 - abs(rng.gauss(0, 1)) for _ in examples], dtype=torch.float64)
-        current = evaluate.Scores(torch.full((160,), -50.0, dtype=torch.float64),
-                                  torch.full((160,), 40.0, dtype=torch.float64))
+        current = evaluate.Scores(torch.full((answers,), -50.0, dtype=torch.float64),
+                                  torch.full((answers,), 40.0, dtype=torch.float64))
         candidate = evaluate.Scores(current.logps + moves, current.tokens)
         pairs, _ = data.example_pairs(examples, seed=seed)
         out = evaluate.indexed_pair_outcomes(candidate, current, pairs, beta=0.1)
@@ -64,10 +68,13 @@ def test_random_thumbs_do_not_pass_the_gate_when_the_candidate_lowers_every_answ
                                ratings=((moves / 40).tolist(), [e.label for e in examples],
                                         [e.prompt[0]["content"] for e in examples]))
         passed += decision.passed
+        judged_on_weight += len(pairs) < min_heldout and decision.checks[0].passed
         signed = [m if e.label else -m for m, e in zip(moves.tolist(), examples)]
         label_signed_wins += sum(s > 0 for s in signed) > 0.6 * len(signed)
     assert passed <= 0.05 * seasons + 2 * (0.05 * 0.95 * seasons) ** 0.5  # 5 % + 2 s.e.
     assert label_signed_wins > 0.9 * seasons  # what the old rule would have counted as evidence
+    if answers == 60:
+        assert judged_on_weight > 0.5 * seasons
 
 
 def test_randomization_p_values_match_exact_counts():
