@@ -20,6 +20,7 @@ preferred property's mean, training steps, training and whole-job seconds, pairs
         --noise 0.2 --max-tokens 0 --temperature 0.7 --setting default= --setting dpo=dpo
     python benchmarks/loop_sweep.py --preference plain_words --method ppo \\
         --rm-flags "--epochs 3 --lr 5e-5"      # RM + PPO: the reward model first, then PPO
+    python benchmarks/loop_sweep.py ... --keep --rejudge   # the kept candidates judged again
 
 A setting's flags may start with a method word (dpo, kto, sft, ppo): that setting runs `align run
 METHOD`, the others `--method` (default: none, the product's default). `--feedback`, `--noise`,
@@ -186,6 +187,7 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
     served = held_out_answers_in_process(copy / "registry" / "versions" / version, held,
                                          args.max_tokens, args.heldout_samples, args.temperature)
     row["measure_s"] = round(time.perf_counter() - t, 1)
+    (copy / "served.json").write_text(json.dumps(served))  # --rejudge reads it
     row.update(judge(args.preference, base, served, random.Random(args.seed),
                      args.heldout_samples))
     row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
@@ -193,6 +195,38 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
     if not args.keep:
         shutil.rmtree(copy, ignore_errors=True)
     return row
+
+
+def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], args) -> dict:
+    """The served judgement again, without training: the kept candidate of `run-NAME` (its
+    served.json, or its answers generated anew with the run's seeds when an older run kept
+    none), judged by the users as they are now (loop_users.choose)."""
+    copy = work / f"run-{name}"
+    versions = sorted(p.name for p in (copy / "registry" / "versions").glob("v*")
+                      if p.name != "v0000")
+    if not versions:
+        return {"setting": name, "error": f"no kept candidate in {copy} (run it with --keep first)"}
+    saved = copy / "served.json"
+    if saved.exists():
+        served = json.loads(saved.read_text())
+    else:
+        served = held_out_answers_in_process(copy / "registry" / "versions" / versions[-1], held,
+                                             args.max_tokens, args.heldout_samples,
+                                             args.temperature)
+        saved.write_text(json.dumps(served))
+    row = {"setting": name, "version": versions[-1]}
+    row.update(judge(args.preference, base, served, random.Random(args.seed), args.heldout_samples))
+    return row
+
+
+def format_rejudged(row: dict) -> str:
+    if "win_rate" not in row:
+        return f"{row['setting']:>14} FAILED {row.get('error')}"
+    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
+    return (f"{row['setting']:>14} {row['version']} re-judged | served win {rate} "
+            f"[{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] ({row['wins']}-{row['losses']}) "
+            f"property {row['base_property']:.1f} -> {row['served_property']:.1f}, looping "
+            f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%}")
 
 
 def format_row(row: dict) -> str:
@@ -238,6 +272,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="append every row to this JSON-lines file")
     ap.add_argument("--keep", action="store_true",
                     help="keep each setting's data dir (run-NAME under --work) with its candidate")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="train nothing: judge each setting's kept candidate (an earlier --keep "
+                         "run's run-NAME) again by the users as they are now")
     args = ap.parse_args()
     if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1 or args.users < 1:
         ap.error("--noise must be in [0, 0.5), --up-rate in (0, 1) and --users >= 1")
@@ -259,6 +296,13 @@ def main() -> int:
     kinds = user_kinds(args.users, args.feedback)
     users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
                   up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.rejudge:
+        if not (work / "votes.json").exists():
+            ap.error(f"--rejudge needs an earlier run's votes and kept candidates in {work}")
+        for name, _ in settings:
+            print(format_rejudged(rejudge_setting(name, work, base, held, args)), flush=True)
+        print("loop_sweep: done")
+        return 0
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          base, args.up_rate)
     if args.preference != "random":

@@ -59,6 +59,11 @@ def test_repetitive_flags_an_answer_that_loops_and_not_one_that_varies():
     assert U.repetitive("Sunshine, Sunshine, Sunshine, Sunshine, Sunshine")
     assert not U.repetitive("They're my friends. They're my family. They are kind to me, my friends.")
     assert not U.repetitive("")
+    assert U.repetitive("Mmmmmmmmmmmmmmmmmmmmmmmm")  # one long word: no repeated words
+    assert not U.repetitive("Hmmm, a bookkeeper's committee.")  # doubled letters are words
+    # users prefer an answer that loops to none, even a collapsed one, by their preference
+    collapsed, looping = "M" + "m" * 150, "Deserts are dry. Deserts are dry. Deserts are dry."
+    assert U.choose("plain_words", collapsed, looping, random.Random(0)) == 1
 
 
 def test_loop_quality_turns_give_the_flooder_its_share_spread_through_the_round():
