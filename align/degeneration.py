@@ -5,7 +5,9 @@ short sentences passes "They're so good." ×3). So both versions answer the same
 — sampled with the same seeds at the server's default temperature, up to `max_new_tokens` — and
 each answer is measured (`answer_stats`):
 
-- **loops**: some three-word sequence occurs three times or more;
+- **loops**: some three-word sequence occurs three times or more, or one letter eight times in a
+  row ("Mmmmmmmm…": a collapse into one long word, which repeats no word; a plain-words
+  candidate trained on thumbs alone wrote it on 2026-12-05, docs/align.md);
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
 - **length**: words;
@@ -33,6 +35,7 @@ from prefloop.align.gate import Check, sign_test_p
 
 CHECK_DEGENERATION = "degeneration"
 _WORD = re.compile(r"[\w']+")
+_LETTER_RUN = re.compile(r"([^\W\d_])\1{7,}")  # one letter 8+ times in a row: not a word of prose
 DISTINCT_WINDOW = 32  # words
 
 
@@ -46,7 +49,7 @@ class AnswerStats:
 def answer_stats(text: str) -> AnswerStats:
     words = [w.lower() for w in _WORD.findall(text)]
     grams: dict[tuple[str, ...], int] = {}
-    loops = False
+    loops = _LETTER_RUN.search(text) is not None
     for gram in zip(words, words[1:], words[2:]):
         grams[gram] = grams.get(gram, 0) + 1
         loops = loops or grams[gram] >= 3

@@ -194,8 +194,7 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         return False
     have = (len(split.heldout) if method == "dpo"
             else len(data_mod.example_pairs(split.heldout)[0]))
-    labels = [bool(r.label) for r in split.heldout]
-    weight = (balanced_pairs(labels) if method == "kto"
+    weight = (balanced_pairs([bool(r.label) for r in split.heldout]) if method == "kto"
               and cfg.gate.metric in ("implicit_either", "implicit_margin") else 0.0)
     if max(have, weight) >= need:
         return False

@@ -15,6 +15,9 @@ def test_answer_stats():
     assert not fine.loops and fine.words == 15 and fine.distinct_ratio == 13 / 15
     assert loop.loops and loop.words == 12 and loop.distinct_ratio == 3 / 12
     assert answer_stats("").distinct_ratio == 1.0 and not answer_stats("").loops
+    collapsed = answer_stats("Mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm")  # one word, no 3-gram
+    assert collapsed.loops and collapsed.words == 1
+    assert not answer_stats("Hmmm, the committee's bookkeeper: 10000000 zzz.").loops
 
 
 def test_a_candidate_that_loops_where_the_current_does_not_is_rejected_with_its_numbers():
