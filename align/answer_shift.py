@@ -30,6 +30,7 @@ win rate measures.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ def _byte_of_char() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_of_char()
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_text(tok):
@@ -71,8 +73,10 @@ def token_text(tok):
         if "\ufffd" not in text:
             return text
         piece = tok.convert_ids_to_tokens(token_id)
+        if _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece's byte fallback: "<0xF0>"
+            return bytes([int(piece[3:5], 16)])
         if not all(c in _BYTE_OF_CHAR for c in piece):
-            return text  # not a byte-level token: keep the tokenizer's own rendering
+            return text  # neither: keep the tokenizer's own rendering
         return bytes(_BYTE_OF_CHAR[c] for c in piece)
     return decode
 

@@ -5,8 +5,8 @@ short sentences passes "They're so good." ×3). So both versions answer the same
 — sampled with the same seeds at the server's default temperature, up to `max_new_tokens` — and
 each answer is measured (`answer_stats`):
 
-- **loops**: some three-word sequence occurs three times or more, or one letter eight times in a
-  row ("Mmmmmmmm…": a collapse into one long word, which repeats no word; a plain-words
+- **loops**: some three-word sequence occurs three times or more, or one letter 16 times in a row
+  ("Mmmmmmmmmmmmmmmm…": a collapse into one long word, which repeats no word; a plain-words
   candidate trained on thumbs alone wrote it on 2026-12-05, docs/align.md);
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
@@ -35,7 +35,9 @@ from prefloop.align.gate import Check, sign_test_p
 
 CHECK_DEGENERATION = "degeneration"
 _WORD = re.compile(r"[\w']+")
-_LETTER_RUN = re.compile(r"([^\W\d_])\1{7,}")  # one letter 8+ times in a row: not a word of prose
+# one letter 16+ times in a row, either case: a collapse, not a word ("Noooooooo!", "0xFFFFFFFF"
+# and "哈哈哈哈" stay words; a 16-letter "xxxx…" placeholder counts)
+_LETTER_RUN = re.compile(r"([^\W\d_])\1{15,}", re.IGNORECASE)
 DISTINCT_WINDOW = 32  # words
 
 

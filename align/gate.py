@@ -383,19 +383,22 @@ class EitherTest:
 
     sign: Comparison
     margin: MarginTest | None
+    sign_counts: bool = True  # False: fewer pairs than the minimum (`enough_rated`): reported only
 
     @property
     def passed(self) -> bool:
         margin_counts = self.margin is not None and self.sign.threshold == 0.5
-        return self.sign.passed or (margin_counts and self.margin.passed)
+        return (self.sign_counts and self.sign.passed) or (margin_counts and self.margin.passed)
 
     def describe(self, what: str, unit: str) -> str:
         level = (1.0 - self.sign.confidence) / 2
         margin = (self.margin.describe("mean margin", unit) if self.margin is not None
                   else "mean margin: not measured")
+        sign = self.sign.describe('', unit).lstrip()
+        if not self.sign_counts:
+            sign += " (fewer pairs than the minimum: reported, it cannot pass the candidate)"
         return (f"{what}, {'passed' if self.passed else 'failed'}: either test at half the level "
-                f"(one-sided {level:.3g} each): win rate {self.sign.describe('', unit).lstrip()}; "
-                f"{margin}")
+                f"(one-sided {level:.3g} each): win rate {sign}; {margin}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +447,12 @@ class GateConfig:
     @property
     def threshold(self) -> float:
         return 0.5 + self.min_improvement
+
+    def rating_test_decides(self) -> bool:
+        """Can the rating test (a KTO job's, align/rating_test.py) pass a candidate? It stands in
+        for the margin test, which has no win-rate threshold: only at --min-improvement 0."""
+        return self.metric == "implicit_margin" or (self.metric == "implicit_either"
+                                                     and self.threshold == 0.5)
 
     def stated(self) -> dict[str, Any]:
         return {"confidence": self.confidence, "min_heldout": self.min_heldout,
@@ -707,13 +716,14 @@ def enough_heldout(have: int, need: int, unit: str) -> Check:
     return Check(CHECK_HELDOUT, True, f"{have} held-out {unit} (>= {need})")
 
 
-def enough_rated(pairs: int, labels: list[bool], need: int) -> Check:
-    """The sample-size check where the rating test decides (a KTO job): its held-out answers
-    count as the balanced pairs they are as precise as (`rating_test.balanced_pairs`) when that
-    is more than the matched pairs: lone thumbs, mostly 👎, are matched into min(up, down)
-    pairs, while the rating test ranks every one of them."""
+def enough_rated(pairs: int, labels: list[bool], groups: list[str], need: int) -> Check:
+    """The sample-size check where the rating test decides (a KTO job at --min-improvement 0):
+    its held-out answers count as the balanced pairs they are as precise as
+    (`rating_test.balanced_pairs`) when that is more than the matched pairs: lone thumbs, mostly
+    👎, are matched into min(up, down) pairs, while the rating test ranks every one of them.
+    Met that way only, the sign test on the fewer pairs is reported and cannot pass (`decide`)."""
     from prefloop.align.rating_test import balanced_pairs
-    weight = balanced_pairs(labels)
+    weight = balanced_pairs(labels, groups)
     if weight <= pairs:
         return enough_heldout(pairs, need, "pairs")
     up = sum(1 for label in labels if label)
@@ -786,9 +796,12 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
             "implicit_reward": f"implicit-reward win rate vs {current_version}",
             "pref_accuracy": f"preference-accuracy win rate vs {current_version} (discordant pairs)"
             }[config.metric]
+    by_weight = (ratings is not None and config.rating_test_decides()
+                 and heldout_pairs < config.min_heldout)  # the minimum is met by weight or not at all
     if either:
         comparison: Comparison | MarginTest | EitherTest | None = (
-            EitherTest(implicit_test, margin_test) if implicit_test is not None else None)
+            EitherTest(implicit_test, margin_test, sign_counts=not by_weight)
+            if implicit_test is not None else None)
     elif config.metric == "implicit_margin":
         comparison = margin_test
     elif config.metric == "implicit_reward":
@@ -800,8 +813,8 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
                             heldout=heldout_pairs, kl_per_token=kl_per_token, config=config,
                             missing="implicit reward" if either
                             else config.metric.replace("_", " "))
-    if ratings is not None and config.metric in ("implicit_either", "implicit_margin"):
-        checks[0] = enough_rated(heldout_pairs, ratings[1], config.min_heldout)
+    if ratings is not None and config.rating_test_decides():
+        checks[0] = enough_rated(heldout_pairs, ratings[1], ratings[2], config.min_heldout)
     if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
         checks.append(_reported("mean_margin", margin_test.describe(
             f"implicit-reward mean margin vs {current_version}", "pairs")))

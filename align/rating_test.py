@@ -43,15 +43,39 @@ from prefloop.align.gate import MarginResult
 DRAWS = 20000
 
 
-def balanced_pairs(labels: list[bool]) -> float:
-    """How many balanced (liked, disliked) pairs this test is as precise as: the AUC's variance
-    when labels carry nothing is (up + down + 1) / (12·up·down), about (1/up + 1/down) / 12,
-    which n liked and n disliked answers give for n = 2·up·down / (up + down), the harmonic
-    mean of the two counts. 19 up and 41 down weigh as 26 pairs; matching lone thumbs into
-    pairs (`data.example_pairs`) would make 19. 0 when either label is missing."""
-    up = sum(1 for label in labels if label)
-    down = len(labels) - up
-    return 2.0 * up * down / (up + down) if up and down else 0.0
+def _blocks(groups: list[str]) -> np.ndarray:
+    """The block of each answer that the test shuffles labels within: one per group of several
+    answers, and one for all the answers alone in their group."""
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    block_of = {g: i for i, g in enumerate(sorted(g for g in sizes if sizes[g] > 1))}
+    lone = len(block_of)
+    return np.array([block_of.get(g, lone) for g in groups], dtype=np.int64)
+
+
+def balanced_pairs(labels: list[bool], groups: list[str]) -> float:
+    """How many balanced (liked, disliked) pairs this test is as precise as. Its shuffles draw,
+    in each block of n_b answers with m_b liked (`_blocks`), which m_b are liked; with the ranks
+    spread as at random, the liked answers' rank sum then has variance N(N+1)/12 ·
+    Σ_b m_b(n_b − m_b)/n_b, so the AUC's is V = that / (U·D)² (U liked, D disliked, N answers).
+    n liked and n disliked answers, each alone in its prompt, give the Mann-Whitney variance
+    (2n + 1) / (12n²), which is V for n = (1 + √(1 + 12V)) / (12V). For answers all alone in
+    their prompts V = (N + 1) / (12·U·D) and n is about 2UD / (U + D), the harmonic mean of the
+    two counts: 19 up and 41 down weigh as 26 pairs, where matching lone thumbs into pairs
+    (`data.example_pairs`) makes 19. A prompt whose answers all carry one label is never
+    reshuffled and adds nothing. 0 when no arrangement can differ."""
+    lab = np.asarray(labels, dtype=bool)
+    up, n = int(lab.sum()), lab.size
+    if up == 0 or up == n:
+        return 0.0
+    blocks = _blocks(groups)
+    spread = sum(float(m * (k - m) / k) for k, m in
+                 zip(np.bincount(blocks), np.bincount(blocks, weights=lab)) if k > 0)
+    if spread <= 0.0:
+        return 0.0
+    v = n * (n + 1) / 12.0 * spread / float(up * (n - up)) ** 2
+    return (1.0 + math.sqrt(1.0 + 12.0 * v)) / (12.0 * v)
 
 
 def _ranks(moves: np.ndarray) -> np.ndarray:
@@ -90,12 +114,7 @@ def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
     lab = np.asarray(labels, dtype=bool)
     if m.size == 0 or lab.all() or not lab.any():
         return 1.0
-    sizes: dict[str, int] = {}
-    for g in groups:
-        sizes[g] = sizes.get(g, 0) + 1
-    block_of = {g: i for i, g in enumerate(sorted(g for g in sizes if sizes[g] > 1))}
-    lone = len(block_of)  # one block for every answer alone in its group
-    blocks = np.array([block_of.get(g, lone) for g in groups])
+    blocks = _blocks(groups)
     ranks = _ranks(m)
     observed = _auc(ranks, lab) - 1e-12  # ties count as hits
     rng = np.random.default_rng(seed)

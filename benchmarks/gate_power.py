@@ -73,7 +73,8 @@ def events_for_level(p: float, events: int, level: float = 0.0125) -> int | None
     `events` reaches `level`, if each event carried as much evidence as these do: the z-score of a
     rank test grows with the square root of the answers it ranks, so events × (z_level / z_p)²
     (None when p ≥ 0.5: these votes show no direction to extrapolate). Applied to the ceiling it
-    is a lower bound on the events any candidate needs to promote offline."""
+    estimates the events any candidate needs to promote offline: roughly, since it extrapolates
+    one Monte Carlo p-value of one draw of votes."""
     if not 0.0 < p < 0.5:
         return None if p >= 0.5 else events
     z = NormalDist().inv_cdf

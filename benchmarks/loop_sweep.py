@@ -285,6 +285,8 @@ def main() -> int:
     print(f"loop_sweep: {args.preference}, {args.votes} prompts, {args.feedback} feedback "
           f"({args.noise:.0%} flipped), {len(settings)} setting(s), method "
           f"{args.method or '(default)'}", flush=True)
+    if args.rejudge and not (work / "votes.json").exists():
+        ap.error(f"--rejudge needs an earlier run's votes and kept candidates in {work}")
     data = init_data(work)
     _, held = prompts(seed=args.seed)
     base_file = work / f"base-{args.heldout_samples}.json"
@@ -297,8 +299,6 @@ def main() -> int:
     users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
                   up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
     if args.rejudge:
-        if not (work / "votes.json").exists():
-            ap.error(f"--rejudge needs an earlier run's votes and kept candidates in {work}")
         for name, _ in settings:
             print(format_rejudged(rejudge_setting(name, work, base, held, args)), flush=True)
         print("loop_sweep: done")

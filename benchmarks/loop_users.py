@@ -193,16 +193,16 @@ def noisy(verdict: int | bool, noise: float, rng: random.Random):
     return verdict
 
 
-_LETTER_RUN = re.compile(r"([A-Za-z])\1{7,}")
+_LETTER_RUN = re.compile(r"([A-Za-z])\1{15,}", re.IGNORECASE)  # the users' own rule, not the gate's
 
 
 def repetitive(answer: str) -> bool:
     """Does the answer loop? Some three-word sequence occurs three times or more ("They're my
     friends. They're my friends. They're my friends."): the cheap way to game a judge that counts
     words or sentences, so the benchmarks report its share beside every win rate. Or one letter
-    eight times in a row ("Mmmmmmmm…", which no English word has): a candidate collapsed that
-    way on 2026-12-05, and as one long word it had no repeated words, so users preferred it to a
-    base answer that looped, a served "win" no person would give."""
+    16 times in a row ("Mmmmmmmmmmmmmmmm…"): a candidate collapsed that way on 2026-12-05, and
+    as one long word it repeats no word, so before this rule a user would have preferred it to
+    a base answer that loops, a win no person would give."""
     if _LETTER_RUN.search(answer):
         return True
     words = [w.lower() for w in _WORD.findall(answer)]

@@ -40,8 +40,18 @@ def test_the_top_tokens_name_a_piece_of_an_emoji_by_its_bytes_with_the_default_t
     assert names[0] == " love"
     assert all(isinstance(n, bytes) for n in names[1:])  # the emoji is split over tokens
     assert b"".join(names[1:]) == " 😀".encode()
-    shift = AnswerShift(np.eye(len(tok))[ids[1]], 1)
+    one = np.zeros(len(tok))
+    one[ids[1]] = 1.0
+    shift = AnswerShift(one, 1)
     assert "more b' \\xf0" in shift.describe_top(decode, k=1)
+
+
+def test_a_byte_fallback_piece_is_named_by_its_byte():
+    from types import SimpleNamespace as NS
+
+    from prefloop.align.answer_shift import token_text
+    tok = NS(decode=lambda t: "\ufffd", convert_ids_to_tokens=lambda t: "<0xF0>")  # SentencePiece
+    assert token_text(tok)(7) == b"\xf0"
 
 
 def test_one_answer_list_per_version_is_required():

@@ -17,7 +17,9 @@ def test_answer_stats():
     assert answer_stats("").distinct_ratio == 1.0 and not answer_stats("").loops
     collapsed = answer_stats("Mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm")  # one word, no 3-gram
     assert collapsed.loops and collapsed.words == 1
-    assert not answer_stats("Hmmm, the committee's bookkeeper: 10000000 zzz.").loops
+    for word in ("Hmmm, the committee's bookkeeper.", "Noooooooo!", "0xFFFFFFFF", "哈哈哈哈哈哈哈哈",
+                 "1000000000000000000000"):
+        assert not answer_stats(word).loops, word
 
 
 def test_a_candidate_that_loops_where_the_current_does_not_is_rejected_with_its_numbers():

@@ -154,22 +154,59 @@ def test_centered_moves_average_zero_over_the_current_versions_answers_where_raw
     assert float((weights * scores.back_kl_sum).sum()) == pytest.approx(sequence_kl, rel=1e-4)
 
 
-@pytest.mark.parametrize("up,down", [(20, 20), (19, 41), (8, 52), (3, 200)])
-def test_balanced_pairs_give_the_mann_whitney_null_variance_of_the_rated_answers(up, down):
-    n = rating_test.balanced_pairs([True] * up + [False] * down)
-    assert n == pytest.approx(2 * up * down / (up + down))
-    # the AUC's variance with labels that carry nothing, closed form (Mann-Whitney)
-    variance = lambda u, d: (u + d + 1) / (12 * u * d)  # noqa: E731
-    assert variance(n, n) == pytest.approx(variance(up, down), rel=0.1)  # the +1: about
-    assert rating_test.balanced_pairs([False] * 9) == 0.0
+def _designs():
+    """(labels, prompts) of held-out answers: lone thumbs; lone thumbs with picks (one up, one
+    down per prompt) and prompts whose three answers were all disliked (never reshuffled)."""
+    lone = ([True] * 19 + [False] * 41, [f"q{i}" for i in range(60)])
+    labels = [True] * 15 + [False] * 30 + [True, False] * 10 + [False] * 15
+    prompts = ([f"q{i}" for i in range(45)] + [f"pick{i // 2}" for i in range(20)]
+               + [f"down{i // 3}" for i in range(15)])
+    return {"lone": lone, "mixed": (labels, prompts)}
 
 
-def _kto_decision(up: int, down: int, metric: str = "implicit_either"):
+@pytest.mark.parametrize("design", ["lone", "mixed"])
+def test_balanced_pairs_match_the_auc_variance_under_the_tests_own_shuffles(design):
+    """The oracle: the AUC's variance over label arrangements shuffled as the test shuffles them
+    (within each prompt of several answers, and across the lone answers), averaged over random
+    moves, against (2n + 1) / (12n²), the Mann-Whitney variance of n liked and n disliked lone
+    answers, for n = balanced_pairs."""
+    labels, prompts = _designs()[design]
+    n = rating_test.balanced_pairs(labels, prompts)
+    lab = np.array(labels)
+    up, down = int(lab.sum()), int((~lab).sum())
+    counts = {p: prompts.count(p) for p in prompts}
+    blocks = [[i for i, p in enumerate(prompts) if counts[p] == 1]]
+    blocks += [[i for i, p in enumerate(prompts) if p == q] for q in counts if counts[q] > 1]
+    rng = np.random.default_rng(0)
+    variances = []
+    for _ in range(100):
+        ranks = np.argsort(np.argsort(rng.normal(size=lab.size))) + 1.0
+        arranged = np.tile(lab, (300, 1))
+        for b in blocks:
+            arranged[:, b] = rng.permuted(arranged[:, b], axis=1)
+        auc = ((arranged * ranks).sum(1) - up * (up + 1) / 2) / (up * down)
+        variances.append(auc.var())
+    assert (2 * n + 1) / (12 * n * n) == pytest.approx(np.mean(variances), rel=0.05)
+    if design == "lone":  # about the harmonic mean of the two counts
+        assert n == pytest.approx(2 * 19 * 41 / 60, rel=0.01)
+
+
+def test_balanced_pairs_are_zero_when_no_arrangement_can_differ():
+    assert rating_test.balanced_pairs([False] * 9, list("abcdefghi")) == 0.0
+    assert rating_test.balanced_pairs([True, True, False, False], ["a", "a", "b", "b"]) == 0.0
+
+
+def _kto_decision(up: int, down: int, metric: str = "implicit_either", wins: int | None = None,
+                  min_improvement: float = 0.0):
+    """The KTO gate on `up` liked and `down` disliked lone answers (moves unrelated to labels),
+    whose `up` matched pairs the candidate won `wins` of (default: half)."""
     labels = [True] * up + [False] * down
     moves = list(np.random.default_rng(0).normal(size=len(labels)))
-    return gate.decide(implicit=gate.Paired(up // 2, up - up // 2), accuracy=None,
+    wins = up // 2 if wins is None else wins
+    return gate.decide(implicit=gate.Paired(wins, up - wins), accuracy=None,
                        candidate_accuracy=None, current_accuracy=None, current_version="v0000",
-                       kl_per_token=0.01, heldout_pairs=up, config=gate.GateConfig(metric=metric),
+                       kl_per_token=0.01, heldout_pairs=up,
+                       config=gate.GateConfig(metric=metric, min_improvement=min_improvement),
                        ratings=(moves, labels, [f"q{i}" for i in range(len(labels))]))
 
 
@@ -181,11 +218,22 @@ def test_lone_thumbs_mostly_down_meet_the_minimum_as_the_balanced_pairs_the_rati
     few = next(c for c in _kto_decision(8, 52).checks if c.name == gate.CHECK_HELDOUT)
     assert few.passed is False and few.text.startswith(
         "needs >= 20 held-out pairs, have 8; the rating test's 60 answers (8 up, 52 down) weigh "
-        "as 13.9 balanced pairs: collect more votes")
-    # where the sign test alone decides, the pairs are what it has
-    signs = next(c for c in _kto_decision(19, 41, "implicit_reward").checks
-                 if c.name == gate.CHECK_HELDOUT)
-    assert signs.passed is False and signs.text.startswith("needs >= 20 held-out pairs, have 19")
+        "as 14.1 balanced pairs: collect more votes")
+    # where the sign test alone can pass (its metric, or a win-rate bar the rating test has
+    # not), the pairs are what it has
+    for decision in (_kto_decision(19, 41, "implicit_reward"),
+                     _kto_decision(19, 41, min_improvement=0.05)):
+        signs = next(c for c in decision.checks if c.name == gate.CHECK_HELDOUT)
+        assert signs.passed is False and signs.text.startswith("needs >= 20 held-out pairs, have 19")
+
+
+def test_a_minimum_met_by_the_answers_weight_lets_only_the_rating_test_pass():
+    # 19 of 19 matched pairs won: the sign test alone would pass, on fewer pairs than the minimum
+    decision = _kto_decision(19, 41, wins=19)
+    assert decision.checks[0].passed and not decision.passed
+    assert "(fewer pairs than the minimum: reported, it cannot pass the candidate)" in \
+        " ".join(decision.reasons)
+    assert _kto_decision(20, 40, wins=20).passed  # at the minimum the sign test counts again
 
 
 def test_a_kto_job_of_lone_thumbs_trains_when_its_answers_weigh_enough_and_says_what_is_missing(
@@ -202,4 +250,25 @@ def test_a_kto_job_of_lone_thumbs_trains_when_its_answers_weigh_enough_and_says_
     assert not _too_few_to_judge(cfg, split(19, 41), result)  # 19 pairs, weighs 26: it trains
     assert _too_few_to_judge(cfg, split(8, 52), result) and result.status == runner.SKIPPED
     assert ("the window's 60 held-out answers (8 up, 52 down) make 8 and the rating test weighs "
-            "them as 13.9: more feedback (the rarer of up and down counts most") in result.reason
+            "them as 14.1: more feedback (the rarer of up and down counts most") in result.reason
+    weigh_not = JobConfig(data_dir=tmp_path, train=TrainConfig(method="kto"), keep_rejected=False,
+                          gate=gate.GateConfig(min_improvement=0.05))  # the sign test decides
+    assert _too_few_to_judge(weigh_not, split(19, 41), result)
+
+
+def test_a_dpo_job_too_small_for_the_gate_is_skipped_by_its_pairs(tmp_path):
+    from prefloop.align.jobs import runner
+    from prefloop.align.jobs.preference import JobConfig, _too_few_to_judge
+    from prefloop.server.feedback.rows import PreferencePair
+
+    def pair(i):
+        return PreferencePair(prompt=[{"role": "user", "content": f"q{i}"}],
+                              chosen=[{"role": "assistant", "content": "a"}],
+                              rejected=[{"role": "assistant", "content": "b"}],
+                              feedback_id=f"f{i}", created_at=T0 + dt.timedelta(seconds=i))
+    cfg = JobConfig(data_dir=tmp_path, keep_rejected=False)  # train: dpo
+    result = runner.JobResult(job_id="j", status="running")
+    assert _too_few_to_judge(cfg, data.Split([pair(0)] * 60, [pair(i) for i in range(19)], None),
+                             result)
+    assert "the gate needs >= 20 held-out pairs and this window holds 19" in result.reason
+    assert not _too_few_to_judge(cfg, data.Split([], [pair(i) for i in range(20)], None), result)

@@ -17,7 +17,7 @@ def test_events_for_level_scales_events_by_the_squared_ratio_of_z_scores():
     assert events_for_level(0.001, 300) < 300  # past it: fewer would have done
 
 
-def test_events_for_level_gives_none_when_the_votes_show_no_direction():
+def test_events_for_level_gives_none_when_the_votes_show_no_direction_and_the_events_at_p_0():
     assert events_for_level(0.5, 300) is None
     assert events_for_level(0.8, 300) is None
-    assert events_for_level(0.0, 300) == 300
+    assert events_for_level(0.0, 300) == 300  # already decided: nothing to extrapolate

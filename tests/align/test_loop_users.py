@@ -60,8 +60,9 @@ def test_repetitive_flags_an_answer_that_loops_and_not_one_that_varies():
     assert not U.repetitive("They're my friends. They're my family. They are kind to me, my friends.")
     assert not U.repetitive("")
     assert U.repetitive("Mmmmmmmmmmmmmmmmmmmmmmmm")  # one long word: no repeated words
-    assert not U.repetitive("Hmmm, a bookkeeper's committee.")  # doubled letters are words
-    # users prefer an answer that loops to none, even a collapsed one, by their preference
+    assert not U.repetitive("Hmmm, a bookkeeper's committee. Noooooooo!")  # these are words
+    # a collapsed answer counts as looping: against an answer that loops by its words, the
+    # preference decides (shorter words), as between any two answers that loop
     collapsed, looping = "M" + "m" * 150, "Deserts are dry. Deserts are dry. Deserts are dry."
     assert U.choose("plain_words", collapsed, looping, random.Random(0)) == 1
 
