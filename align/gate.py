@@ -723,7 +723,7 @@ def enough_rated(pairs: int, labels: list[bool], groups: list[str], need: int) -
     👎, are matched into min(up, down) pairs, while the rating test ranks every one of them.
     Met that way only, the sign test on the fewer pairs is reported and cannot pass (`decide`)."""
     from prefloop.align.rating_test import balanced_pairs
-    weight = balanced_pairs(labels, groups)
+    weight = math.floor(balanced_pairs(labels, groups) * 10) / 10  # as shown: 19.96 is not 20
     if weight <= pairs:
         return enough_heldout(pairs, need, "pairs")
     up = sum(1 for label in labels if label)

@@ -194,9 +194,10 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         return False
     have = (len(split.heldout) if method == "dpo"
             else len(data_mod.example_pairs(split.heldout)[0]))
-    weight = (balanced_pairs([bool(r.label) for r in split.heldout],
-                             [logschema.prompt_fingerprint(None, r.prompt) for r in split.heldout])
-              if method == "kto" and cfg.gate.rating_test_decides() else 0.0)
+    weight = (math.floor(balanced_pairs(
+        [bool(r.label) for r in split.heldout],
+        [logschema.prompt_fingerprint(None, r.prompt) for r in split.heldout]) * 10) / 10
+        if method == "kto" and cfg.gate.rating_test_decides() else 0.0)  # as gate.enough_rated
     if max(have, weight) >= need:
         return False
     total, fraction = len(split.train) + len(split.heldout), cfg.heldout_fraction
