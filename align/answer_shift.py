@@ -46,18 +46,10 @@ def _frequencies(ids: list[int], vocab: int) -> np.ndarray:
 
 
 def _byte_of_char() -> dict[str, int]:
-    """Byte-level BPE's table (GPT-2's `bytes_to_unicode`, used by the default model's
-    tokenizer): the printable character that stands for each byte in a token's string."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    """Byte-level BPE's table (GPT-2's, used by the default model's tokenizer): the byte each
+    printable character of a token's string stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 _BYTE_OF_CHAR = _byte_of_char()

@@ -723,7 +723,7 @@ def enough_rated(pairs: int, labels: list[bool], groups: list[str], need: int) -
     👎, are matched into min(up, down) pairs, while the rating test ranks every one of them.
     Met that way only, the sign test on the fewer pairs is reported and cannot pass (`decide`)."""
     from prefloop.align.rating_test import balanced_pairs
-    weight = math.floor(balanced_pairs(labels, groups) * 10) / 10  # as shown: 19.96 is not 20
+    weight = balanced_pairs(labels, groups)
     if weight <= pairs:
         return enough_heldout(pairs, need, "pairs")
     up = sum(1 for label in labels if label)
@@ -796,8 +796,8 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
             "implicit_reward": f"implicit-reward win rate vs {current_version}",
             "pref_accuracy": f"preference-accuracy win rate vs {current_version} (discordant pairs)"
             }[config.metric]
-    by_weight = (ratings is not None and config.rating_test_decides()
-                 and heldout_pairs < config.min_heldout)  # the minimum is met by weight or not at all
+    rated_minimum = ratings is not None and config.rating_test_decides()  # `enough_rated`
+    by_weight = rated_minimum and heldout_pairs < config.min_heldout  # met by weight or not at all
     if either:
         comparison: Comparison | MarginTest | EitherTest | None = (
             EitherTest(implicit_test, margin_test, sign_counts=not by_weight)
@@ -813,7 +813,7 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
                             heldout=heldout_pairs, kl_per_token=kl_per_token, config=config,
                             missing="implicit reward" if either
                             else config.metric.replace("_", " "))
-    if ratings is not None and config.rating_test_decides():
+    if rated_minimum:
         checks[0] = enough_rated(heldout_pairs, ratings[1], ratings[2], config.min_heldout)
     if margin_test is not None and config.metric not in ("implicit_margin", "implicit_either"):
         checks.append(_reported("mean_margin", margin_test.describe(

@@ -64,7 +64,8 @@ def balanced_pairs(labels: list[bool], groups: list[str]) -> float:
     their prompts V = (N + 1) / (12·U·D) and n is about 2UD / (U + D), the harmonic mean of the
     two counts: 19 up and 41 down weigh as 26 pairs, where matching lone thumbs into pairs
     (`data.example_pairs`) makes 19. A prompt whose answers all carry one label is never
-    reshuffled and adds nothing. 0 when no arrangement can differ."""
+    reshuffled and adds nothing. 0 when no arrangement can differ. In tenths rounded down, as
+    verdicts show it: a weight of 19.96 is not 20."""
     lab = np.asarray(labels, dtype=bool)
     up, n = int(lab.sum()), lab.size
     if up == 0 or up == n:
@@ -75,7 +76,7 @@ def balanced_pairs(labels: list[bool], groups: list[str]) -> float:
     if spread <= 0.0:
         return 0.0
     v = n * (n + 1) / 12.0 * spread / float(up * (n - up)) ** 2
-    return (1.0 + math.sqrt(1.0 + 12.0 * v)) / (12.0 * v)
+    return math.floor((1.0 + math.sqrt(1.0 + 12.0 * v)) / (12.0 * v) * 10) / 10
 
 
 def _ranks(moves: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ preferred property's mean, training steps, training and whole-job seconds, pairs
         --noise 0.2 --max-tokens 0 --temperature 0.7 --setting default= --setting dpo=dpo
     python benchmarks/loop_sweep.py --preference plain_words --method ppo \\
         --rm-flags "--epochs 3 --lr 5e-5"      # RM + PPO: the reward model first, then PPO
-    python benchmarks/loop_sweep.py ... --keep --rejudge   # the kept candidates judged again
+    python benchmarks/loop_sweep.py ... --rejudge   # the kept candidates (--keep) judged again
 
 A setting's flags may start with a method word (dpo, kto, sft, ppo): that setting runs `align run
 METHOD`, the others `--method` (default: none, the product's default). `--feedback`, `--noise`,
@@ -219,20 +219,24 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
     return row
 
 
+def served_text(row: dict) -> str:
+    """"served win 0.77 [0.65, 0.87] (36-11) property … looping …": the judgement of a row."""
+    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
+    return (f"served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
+            f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
+            f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
+            f"{row['served_repetitive']:.0%}")
+
+
 def format_rejudged(row: dict) -> str:
     if "win_rate" not in row:
         return f"{row['setting']:>14} FAILED {row.get('error')}"
-    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
-    return (f"{row['setting']:>14} {row['version']} re-judged | served win {rate} "
-            f"[{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] ({row['wins']}-{row['losses']}) "
-            f"property {row['base_property']:.1f} -> {row['served_property']:.1f}, looping "
-            f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%}")
+    return f"{row['setting']:>14} {row['version']} re-judged | {served_text(row)}"
 
 
 def format_row(row: dict) -> str:
     if "win_rate" not in row:
         return f"{row['setting']:>14} FAILED {row.get('error')!s:.300}"
-    rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl"] is None else f"{row['kl']:.4f}"
     pairs_s = (f"{row['train_pairs'] * row['epochs'] / row['train_s']:.2f} pairs/s"
                if row.get("train_s") and row.get("train_pairs") and not row.get("rm_version")
@@ -240,10 +244,7 @@ def format_row(row: dict) -> str:
     rm = (f"\n{'':>16}reward model {row['rm_version']} ({row['rm_status']}): held-out accuracy "
           f"{row['rm_accuracy'] or float('nan'):.3f}, {row['rm_s']}s" if row.get("rm_version") else "")
     return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
-            f"| served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
-            f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
-            f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
-            f"{row['served_repetitive']:.0%} | steps {row['steps']} train {row['train_s']}s "
+            f"| {served_text(row)} | steps {row['steps']} train {row['train_s']}s "
             + (f"score {row['score_s']}s " if row.get("score_s") else "") +
             f"job {row['job_s']}s, {pairs_s}\n{'':>16}gate: {'; '.join(row['reasons'] or [])}{rm}")
 

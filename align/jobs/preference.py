@@ -194,10 +194,9 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         return False
     have = (len(split.heldout) if method == "dpo"
             else len(data_mod.example_pairs(split.heldout)[0]))
-    weight = (math.floor(balanced_pairs(
-        [bool(r.label) for r in split.heldout],
-        [logschema.prompt_fingerprint(None, r.prompt) for r in split.heldout]) * 10) / 10
-        if method == "kto" and cfg.gate.rating_test_decides() else 0.0)  # as gate.enough_rated
+    weight = (balanced_pairs([bool(r.label) for r in split.heldout],
+                             [logschema.prompt_fingerprint(None, r.prompt) for r in split.heldout])
+              if method == "kto" and cfg.gate.rating_test_decides() else 0.0)  # gate.enough_rated
     if max(have, weight) >= need:
         return False
     total, fraction = len(split.train) + len(split.heldout), cfg.heldout_fraction
@@ -207,7 +206,7 @@ def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
         what = f"this window holds {have} (of {total})"
     else:
         ups = sum(1 for r in split.heldout if r.label)
-        more = ("more feedback (the rarer of up and down counts most: the weight is "
+        more = ("more feedback (the rarer of up and down counts most: lone thumbs weigh about "
                 "2·up·down/(up + down)), or " if fraction > 0 else "")
         what = (f"the window's {len(split.heldout)} held-out answers ({ups} up, "
                 f"{len(split.heldout) - ups} down) make {have}"
