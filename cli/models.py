@@ -128,9 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--sticky", choices=("user", "session", "request"), default="user",
                        help="what keeps a user on one version (default %(default)s)")
     start.add_argument("--min-votes", type=int, default=20,
-                       help="head-to-head votes needed before a promotion (default %(default)s)")
+                       help="head-to-head votes and paired ratings, together, needed before a "
+                            "promotion (default %(default)s)")
     start.add_argument("--confidence", type=float, default=0.95,
-                       help="confidence of the always-valid interval (default %(default)s)")
+                       help="the test promotes a candidate no better than the current version "
+                            "with probability at most 1 - this, however often it looks "
+                            "(default %(default)s)")
     start.add_argument("--max-duration", default="7d",
                        help="reject the candidate if still undecided after this (default "
                             "%(default)s)")
@@ -488,17 +491,20 @@ def format_ab(status: dict) -> str:
     if status.get("running"):
         low, high = status["interval"]
         rate = "-" if status.get("win_rate") is None else f"{status['win_rate']:.3f}"
-        half = 1 - (1 - status["confidence"]) / 2  # each kind of evidence at half the level
+        head = status.get("head_to_head") or {}
         lines.append(f"  head-to-head: {wins} wins, {losses} losses; candidate win rate {rate}, "
-                     f"{half * 100:g}% always-valid interval [{low:.3f}, {high:.3f}]")
+                     f"one-sided {status['confidence'] * 100:g}% always-valid bounds "
+                     f"[{low:.3f}, {high:.3f}]; e-value {head.get('e_better', 1.0):.3g}")
         for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
             lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
         r = status.get("ratings") or {}
         if r.get("pairs"):
             lines.append(f"  ratings: {r['candidate_users']} / {r['control_users']} users rated "
                          f"candidate / control (first rating each); {r['pairs']} pairs, mean "
-                         f"difference {r['mean_difference']:+.3f}, e-value {r['e_better']:.2f} "
-                         f"(promotes at {2 / (1 - status['confidence']):g})")
+                         f"difference {r['mean_difference']:+.3f}, e-value {r['e_better']:.3g}")
+        lines.append(f"  together (head-to-head x ratings): e-value "
+                     f"{status.get('e_better', 1.0):.3g}, promotes at "
+                     f"{1 / (1 - status['confidence']):.4g}")
         by = f", by {status['decided_by']}" if status.get("decided_by") else ""
         lines.append(f"  decision now: {status['decision']}{by} ({status['decision_reason']})")
     else:

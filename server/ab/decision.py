@@ -1,66 +1,132 @@
-"""When live votes decide an A/B test: an always-valid confidence sequence for the candidate's
-head-to-head win rate, and the rule built on it. Pure functions (no I/O).
+"""When live evidence decides an A/B test: one-sided e-values for "the candidate is better" and
+"the candidate is worse" from head-to-head votes and from ratings, and the rule built on their
+product. Pure functions (no I/O).
 
-Votes are looked at again and again while the test runs, so a fixed-n interval would promote
-indifferent candidates far more often than its level says. Instead: the beta-mixture likelihood
-ratio for Bernoulli wins (Robbins' method of mixtures),
+The evidence is looked at again and again while the test runs, so a fixed-n test would promote
+indifferent candidates far more often than its level says. Every number here is an e-process
+instead: a nonnegative supermartingale with mean <= 1 while the candidate is no better (or, for
+the "worse" side, no worse), so by Ville's inequality it ever reaches 1/alpha with probability
+<= alpha, however often it is read.
 
-    M_n(p) = B(a + W, a + L) / B(a, a) / (p^W (1 - p)^L),
+Head-to-head votes (W wins, L losses). For a win rate p0, Robbins' beta mixture of likelihood
+ratios restricted to the win rates above p0,
 
-is a nonnegative martingale with mean 1 under a true win rate p, so by Ville's inequality
-P(exists n: M_n(p) >= 1/alpha) <= alpha. The set {p : M_n(p) < 1/alpha} is therefore a confidence
-sequence: it contains the true p at every look simultaneously with probability >= 1 - alpha.
+    E+_n(p0) = ∫_{p0}^1 (q/p0)^W ((1-q)/(1-p0))^L Beta(2,2)(q) dq / Beta(2,2)([p0, 1]),
 
-The rule (`decide`): promote when the sequence's lower bound is above 0.5 and at least `min_votes`
-head-to-head votes are in; reject when its upper bound is below 0.5; reject as undecided when
-`max_duration_s` has passed; otherwise keep running. With indifferent voters (p = 0.5) the test
-promotes with probability <= alpha = 1 - confidence however often it looks (tests/ab/test_ab.py
-checks it by simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
+is such a supermartingale whenever the true win rate is <= p0: for q >= p0 a vote's factor
+(q/p0)^x ((1-q)/(1-p0))^(1-x) has mean <= 1 then. E+(1/2) is the evidence that the candidate wins
+more than half of the votes; E-(1/2) (wins and losses swapped) that it wins fewer. Its closed form
+is an incomplete beta function, summed here as a binomial tail. {p0 : E+_n(p0) < 1/alpha} is a
+one-sided always-valid confidence sequence, whose lower end is `low`; `high` likewise. One-sided
+mixtures spend no evidence on the direction a decision does not need: at a steady 0.63 win rate
+and alpha = 0.0083 they decide after about 25 % fewer votes than the two-sided interval at half
+the level that decided before 2026-12-05 (benchmarks/ab_votes.py, docs/ab.md).
+
+Ratings: `RatingEvidence.e_better` / `e_worse`, betting martingales on paired users' first
+ratings (below).
+
+The rule (`decide_combined`): promote when E+(1/2) x e_better >= 1/alpha and at least `min_votes`
+head-to-head votes and rating pairs are in together; reject when E-(1/2) x e_worse >= 1/alpha;
+keep running when either kind alone reaches 1/alpha the other way ("the two kinds of evidence
+disagree"); reject as undecided when `max_duration_s` has passed. Each event of the test (a vote
+or a rating pair) moves one factor, whose mean given everything before is <= 1 while the candidate
+is neither preferred head to head nor rated higher, so the product is an e-process too: the test
+promotes such a candidate with probability <= alpha = 1 - confidence (and rejects one that is
+neither less preferred nor rated lower with probability <= alpha). Where only one kind of evidence
+comes in, the other factor stays near 1 and the one kind decides at the whole level, not at half
+of it as a union bound would (tests/ab/test_ab.py and test_ab_ratings.py check both levels by
+simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-PRIOR = 2.0  # a of the Beta(a, a) mixture: mass near 0.5, where close calls are decided
+PRIOR = 2  # a of the Beta(a, a) mixture (an integer: the tails are then binomial sums)
 PROMOTE, REJECT, RUNNING = "promote", "reject", "running"
+HEAD, RATED, BOTH = "head-to-head votes", "ratings (thumbs / stars)", \
+    "head-to-head votes and ratings together"
 
 
 def _log_beta(x: float, y: float) -> float:
     return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
 
 
-def log_mixture_ratio(wins: int, losses: int, p: float, prior: float = PRIOR) -> float:
-    """log M_n(p): evidence against win rate p after `wins` / `losses` (0 for no votes)."""
-    if not 0 < p < 1:
-        return math.inf if wins + losses else 0.0
-    return (_log_beta(prior + wins, prior + losses) - _log_beta(prior, prior)
-            - wins * math.log(p) - losses * math.log1p(-p))
+def _log_term(j: int, n: int, x: float) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+            + j * math.log(x) + (n - j) * math.log1p(-x))
 
 
-def confidence_sequence(wins: int, losses: int, confidence: float = 0.95,
-                        prior: float = PRIOR) -> tuple[float, float]:
-    """(low, high): the always-valid interval for the win rate at this look."""
+def log_binomial_cdf(k: int, n: int, x: float) -> float:
+    """log P(Binomial(n, x) <= k). Sums the terms outward from the one nearest the mode, where
+    they fall off geometrically, so a call costs about sqrt(n) terms, not n."""
+    if k < 0:
+        return -math.inf
+    if k >= n:
+        return 0.0
+    odds = x / (1 - x)
+    if k < math.floor((n + 1) * x):  # the lower tail itself: terms k, k-1, ... fall
+        total = term = 1.0
+        for j in range(k, 0, -1):
+            term *= j / (n - j + 1) / odds
+            total += term
+            if term < 1e-17 * total:
+                break
+        return _log_term(k, n, x) + math.log(total)
+    total = term = 1.0  # one minus the upper tail: terms k+1, k+2, ... fall
+    for j in range(k + 1, n):
+        term *= (n - j) / (j + 1) * odds
+        total += term
+        if term < 1e-17 * total:
+            break
+    return math.log1p(-min(1.0, math.exp(_log_term(k + 1, n, x)) * total))
+
+
+def log_evidence_above(wins: int, losses: int, p0: float = 0.5) -> float:
+    """log E+_n(p0): the evidence that the win rate is above `p0` (0 before any vote)."""
+    if not 0 < p0 < 1:
+        raise ValueError(f"p0 must be in (0, 1), got {p0}")
+    a, n = PRIOR, wins + losses
+    return (_log_beta(a + wins, a + losses) - _log_beta(a, a)
+            + log_binomial_cdf(a + wins - 1, n + 2 * a - 1, p0)
+            - log_binomial_cdf(a - 1, 2 * a - 1, p0)
+            - wins * math.log(p0) - losses * math.log1p(-p0))
+
+
+def log_evidence_below(wins: int, losses: int, p0: float = 0.5) -> float:
+    """log E-_n(p0): the evidence that the win rate is below `p0`."""
+    return log_evidence_above(losses, wins, 1 - p0)
+
+
+def one_sided_bounds(wins: int, losses: int, confidence: float = 0.95) -> tuple[float, float]:
+    """(low, high): the always-valid one-sided bounds for the win rate at this look, each at
+    `confidence` (low is above 1/2 exactly when E+(1/2) >= 1/alpha)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    threshold = math.log(1 / (1 - confidence))
-    centre = wins / (wins + losses) if wins + losses else 0.5  # M_n <= 1 there: always inside
+    threshold, eps = math.log(1 / (1 - confidence)), 1e-9
+    centre = min(max(wins / (wins + losses) if wins + losses else 0.5, eps), 1 - eps)
 
-    def inside(p: float) -> bool:
-        return log_mixture_ratio(wins, losses, p, prior) < threshold
+    def edge(evidence, far: float, end: float) -> float:  # E(centre) <= 1: always inside
+        if evidence(far) < threshold:
+            return end
+        out, inside = far, centre
+        for _ in range(40):
+            mid = (out + inside) / 2
+            out, inside = (out, mid) if evidence(mid) < threshold else (mid, inside)
+        return (out + inside) / 2
 
-    def edge(lo: float, hi: float, want_inside_at_hi: bool) -> float:
-        for _ in range(60):  # bisection to ~1e-18
-            mid = (lo + hi) / 2
-            if inside(mid) == want_inside_at_hi:
-                hi = mid
-            else:
-                lo = mid
-        return (lo + hi) / 2
+    return (edge(lambda p: log_evidence_above(wins, losses, p), eps, 0.0),
+            edge(lambda p: log_evidence_below(wins, losses, p), 1 - eps, 1.0))
 
-    low = 0.0 if inside(1e-12) else edge(1e-12, centre, True)
-    high = 1.0 if inside(1 - 1e-12) else edge(1 - 1e-12, centre, True)
-    return low, high
+
+def e_value(log_e: float) -> float:
+    """The e-value of a log one, capped at e^700 (exp overflows past ~1e308)."""
+    return math.exp(min(log_e, 700.0))
+
+
+def e_text(log_e: float) -> str:
+    """An e-value for a reason line."""
+    return f"{e_value(log_e):.3g}" if log_e < 700 else f"1e{log_e / math.log(10):.0f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +138,8 @@ class Decision:
     high: float
     reason: str
     decided_by: str = ""  # the evidence that decided ("" while running)
+    log_e_better: float = 0.0  # log of the product of the e-values for "candidate better"
+    log_e_worse: float = 0.0  # and for "candidate worse"
 
     @property
     def votes(self) -> int:
@@ -80,26 +148,6 @@ class Decision:
     @property
     def win_rate(self) -> float | None:
         return self.wins / self.votes if self.votes else None
-
-
-def decide(wins: int, losses: int, *, confidence: float = 0.95, min_votes: int = 20,
-           elapsed_s: float = 0.0, max_duration_s: float | None = None) -> Decision:
-    """The A/B rule on the head-to-head record so far (see the module docstring)."""
-    low, high = confidence_sequence(wins, losses, confidence)
-    n = wins + losses
-    level = f"{confidence * 100:g}% always-valid interval [{low:.3f}, {high:.3f}] over {n} votes"
-    if low > 0.5 and n >= min_votes:
-        return Decision(PROMOTE, wins, losses, low, high, f"candidate preferred: {level}",
-                        "head-to-head votes")
-    if high < 0.5:
-        return Decision(REJECT, wins, losses, low, high, f"candidate worse: {level}",
-                        "head-to-head votes")
-    if max_duration_s is not None and elapsed_s >= max_duration_s:
-        return Decision(REJECT, wins, losses, low, high,
-                        f"undecided after {elapsed_s / 3600:.1f} h (max duration): {level}; the "
-                        "current version stays", "max duration")
-    missing = (f"; needs >= {min_votes} votes to promote" if low > 0.5 else "")
-    return Decision(RUNNING, wins, losses, low, high, f"running: {level}{missing}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,34 +221,61 @@ def decide_ratings(evidence: RatingEvidence, *, alpha: float, min_users: int = 2
     return RUNNING
 
 
+
+
+NO_RATINGS = RatingEvidence(0, None, 1.0, 1.0, 0, 0)
+
+
 def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confidence: float = 0.95,
                     min_votes: int = 20, elapsed_s: float = 0.0,
                     max_duration_s: float | None = None) -> Decision:
-    """The A/B rule on both kinds of live evidence at the overall level 1 - `confidence`: the
-    head-to-head confidence sequence (`decide`) and the ratings test (`decide_ratings`) each at
-    half of it (union bound). One promotes and the other does not reject: promote; one rejects
-    and the other does not promote: reject; they disagree: keep running (the max duration ends
-    it). The reason names the evidence that decided."""
-    alpha = 1.0 - confidence
-    head = decide(wins, losses, confidence=1.0 - alpha / 2, min_votes=min_votes)
-    rated = decide_ratings(ratings, alpha=alpha / 2, min_users=min_votes)
+    """The A/B rule (see the module docstring) on head-to-head votes and ratings at the level
+    1 - `confidence`. The reason names the evidence that decided and every e-value."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    threshold = math.log(1 / (1 - confidence))
+    up, down = log_evidence_above(wins, losses), log_evidence_below(wins, losses)
+    rated_up, rated_down = math.log(ratings.e_better), math.log(ratings.e_worse)
+    better, worse = up + rated_up, down + rated_down
+    low, high = one_sided_bounds(wins, losses, confidence)
+    head_text = (f"head-to-head {wins}-{losses}: e-values {e_text(up)} (better) / "
+                 f"{e_text(down)} (worse), one-sided {confidence * 100:g}% always-valid bounds "
+                 f"[{low:.3f}, {high:.3f}]")
     rating_text = (f"ratings of {ratings.pairs} user pairs: mean difference "
-                   f"{ratings.mean_difference:+.3f}, e-values {ratings.e_better:.1f} (better) / "
-                   f"{ratings.e_worse:.1f} (worse) vs threshold {2 / alpha:g}"
-                   if ratings.pairs else "no paired ratings yet")
-    outcomes = {head.outcome, rated}
-    if PROMOTE in outcomes and REJECT not in outcomes:
-        by = "head-to-head votes" if head.outcome == PROMOTE else "ratings (thumbs / stars)"
-        return Decision(PROMOTE, wins, losses, head.low, head.high,
-                        f"candidate preferred by {by}: {head.reason}; {rating_text}", by)
-    if REJECT in outcomes and PROMOTE not in outcomes:
-        by = "head-to-head votes" if head.outcome == REJECT else "ratings (thumbs / stars)"
-        return Decision(REJECT, wins, losses, head.low, head.high,
-                        f"candidate worse by {by}: {head.reason}; {rating_text}", by)
+                   f"{ratings.mean_difference:+.3f}, e-values {e_text(rated_up)} (better) / "
+                   f"{e_text(rated_down)} (worse)" if ratings.pairs else "no paired ratings yet")
+    bar = f"threshold {1 / (1 - confidence):.4g}"
+    together = (f"together {e_text(better)} (better) / {e_text(worse)} (worse), {bar}; "
+                f"{head_text}; {rating_text}" if ratings.pairs else
+                f"{head_text}, {bar}; {rating_text}")
+    disagree = (up >= threshold or rated_up >= threshold) and \
+        (down >= threshold or rated_down >= threshold)
+    disagree = disagree or (better >= threshold and worse >= threshold)
+
+    def by(head: float, rated: float) -> str:
+        return HEAD if head >= threshold else RATED if rated >= threshold else BOTH
+
+    def made(outcome: str, reason: str, decided_by: str = "") -> Decision:
+        return Decision(outcome, wins, losses, low, high, reason, decided_by, better, worse)
+
+    enough = wins + losses + ratings.pairs >= min_votes
+    if better >= threshold and enough and not disagree:
+        return made(PROMOTE, f"candidate preferred by {by(up, rated_up)}: {together}",
+                    by(up, rated_up))
+    if worse >= threshold and not disagree:
+        return made(REJECT, f"candidate worse by {by(down, rated_down)}: {together}",
+                    by(down, rated_down))
     if max_duration_s is not None and elapsed_s >= max_duration_s:
-        return Decision(REJECT, wins, losses, head.low, head.high,
-                        f"undecided after {elapsed_s / 3600:.1f} h (max duration): {head.reason}; "
-                        f"{rating_text}; the current version stays", "max duration")
-    conflict = "; the two kinds of evidence disagree" if len(outcomes - {RUNNING}) == 2 else ""
-    return Decision(RUNNING, wins, losses, head.low, head.high,
-                    f"{head.reason}; {rating_text}{conflict}")
+        return made(REJECT, f"undecided after {elapsed_s / 3600:.1f} h (max duration): "
+                            f"{together}; the current version stays", "max duration")
+    note = ("; the two kinds of evidence disagree" if disagree else
+            f"; needs >= {min_votes} votes and rating pairs to promote"
+            if better >= threshold else "")
+    return made(RUNNING, f"running: {together}{note}")
+
+
+def decide(wins: int, losses: int, *, confidence: float = 0.95, min_votes: int = 20,
+           elapsed_s: float = 0.0, max_duration_s: float | None = None) -> Decision:
+    """The rule on head-to-head votes alone (no ratings in)."""
+    return decide_combined(wins, losses, NO_RATINGS, confidence=confidence, min_votes=min_votes,
+                           elapsed_s=elapsed_s, max_duration_s=max_duration_s)

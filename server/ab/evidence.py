@@ -140,8 +140,8 @@ def rating_evidence(state: ABState, counts: Tally) -> decision.RatingEvidence:
 
 
 def verdict(state: ABState, counts: Tally) -> decision.Decision:
-    """What the rule decides now for `state`'s test on `counts`: head-to-head votes and ratings,
-    each at half the test's level (decision.decide_combined)."""
+    """What the rule decides now for `state`'s test on `counts`: the product of the head-to-head
+    votes' and the ratings' e-values against the test's level (decision.decide_combined)."""
     return decision.decide_combined(counts.wins, counts.losses, rating_evidence(state, counts),
                                     confidence=state.confidence, min_votes=state.min_votes,
                                     elapsed_s=state.elapsed_s(),
@@ -158,9 +158,15 @@ def status(registry: Registry, data_dir: Path) -> dict:
         counts = tally(data_dir, state)
         now = verdict(state, counts)
         ratings = rating_evidence(state, counts)
+        record = counts.wins, counts.losses
         out.update(evidence=counts.as_dict(), win_rate=now.win_rate, interval=[now.low, now.high],
                    decision=now.outcome, decision_reason=now.reason, wins=counts.wins,
                    losses=counts.losses, decided_by=now.decided_by,
+                   e_better=decision.e_value(now.log_e_better),
+                   e_worse=decision.e_value(now.log_e_worse),
+                   head_to_head={
+                       "e_better": decision.e_value(decision.log_evidence_above(*record)),
+                       "e_worse": decision.e_value(decision.log_evidence_below(*record))},
                    ratings={"pairs": ratings.pairs, "mean_difference": ratings.mean_difference,
                             "e_better": ratings.e_better, "e_worse": ratings.e_worse,
                             "candidate_users": ratings.candidate_users,

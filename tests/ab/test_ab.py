@@ -12,12 +12,14 @@ import random
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 
 import httpx
 import pytest
 from ab_helpers import VersionedFake, two_versions
 from conftest import ADMIN_TOKEN, USER_TOKEN, fake_model
 
+from prefloop.align.gate import clopper_pearson
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
 from prefloop.server.ab.evidence import tally
@@ -33,35 +35,69 @@ from prefloop.server.serving.hot_swap import ModelSwitcher
 # ---- the decision rule ---------------------------------------------------------------------------
 
 
-def test_no_votes_give_the_whole_interval_and_keep_running():
-    assert decision.confidence_sequence(0, 0) == (0.0, 1.0)
+def test_no_votes_give_the_whole_range_and_keep_running():
+    assert decision.one_sided_bounds(0, 0) == (0.0, 1.0)
+    assert decision.log_evidence_above(0, 0) == pytest.approx(0.0, abs=1e-12)
     d = decision.decide(0, 0)
     assert d.outcome == decision.RUNNING and d.win_rate is None
 
 
-def test_interval_edges_are_where_the_mixture_ratio_crosses_one_over_alpha():
+def test_binomial_cdf_matches_exact_fractions():
+    for n in (1, 7, 60, 400):
+        for x in (Fraction(1, 2), Fraction(3, 10), Fraction(77, 100), Fraction(1, 1000)):
+            for k in range(-1, n + 1, max(1, n // 23)):
+                exact = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(k + 1))
+                got = decision.log_binomial_cdf(k, n, float(x))
+                if exact > Fraction(1, 10 ** 300):
+                    assert math.exp(got) == pytest.approx(float(exact), rel=1e-9, abs=1e-15)
+                else:
+                    assert got < -600
+
+
+def test_evidence_is_the_one_sided_mixture_integral():
+    """E+(p0) against the integral itself, by the midpoint rule (independent of the closed form)."""
+    def integral(wins, losses, p0, steps=20000):
+        width = (1 - p0) / steps
+        total = 0.0
+        for i in range(steps):
+            q = p0 + (i + 0.5) * width
+            total += math.exp(wins * math.log(q / p0) + losses * math.log((1 - q) / (1 - p0))) \
+                * 6 * q * (1 - q) * width
+        return total / (1 - (3 * p0 ** 2 - 2 * p0 ** 3))  # Beta(2, 2) mass above p0
+    for wins, losses, p0 in ((10, 3, 0.5), (30, 20, 0.4), (5, 9, 0.6), (0, 4, 0.5)):
+        assert decision.log_evidence_above(wins, losses, p0) == pytest.approx(
+            math.log(integral(wins, losses, p0)), abs=1e-6)
+        assert decision.log_evidence_below(losses, wins, 1 - p0) == pytest.approx(
+            decision.log_evidence_above(wins, losses, p0))
+
+
+def test_bounds_are_where_the_evidence_crosses_one_over_alpha():
     """Brute force over a fine grid (an independent check of the bisection)."""
     alpha = 0.05
     for wins, losses in ((12, 3), (30, 30), (5, 40), (100, 70)):
-        low, high = decision.confidence_sequence(wins, losses, 1 - alpha)
-        grid = [i / 20000 for i in range(1, 20000)]
-        inside = [p for p in grid
-                  if decision.log_mixture_ratio(wins, losses, p) < math.log(1 / alpha)]
-        assert abs(inside[0] - low) < 1e-4 and abs(inside[-1] - high) < 1e-4
+        low, high = decision.one_sided_bounds(wins, losses, 1 - alpha)
+        grid = [i / 4000 for i in range(1, 4000)]
+        above = [p for p in grid if decision.log_evidence_above(wins, losses, p) < math.log(1 / alpha)]
+        below = [p for p in grid if decision.log_evidence_below(wins, losses, p) < math.log(1 / alpha)]
+        assert abs(above[0] - low) < 3e-4 and abs(below[-1] - high) < 3e-4
         assert low < wins / (wins + losses) < high
 
 
 def test_closed_form_all_wins():
-    """W wins, 0 losses, Beta(2,2) prior: M(p) = 6 / ((W+2)(W+3)) / p^W... solved for p."""
-    wins, alpha = 40, 0.05
-    log_b = math.lgamma(2 + wins) + math.lgamma(2) - math.lgamma(4 + wins) - (
-        math.lgamma(2) * 2 - math.lgamma(4))
-    expected_low = math.exp((log_b - math.log(1 / alpha)) / wins)  # p^W = B(..)/B(2,2) * alpha
-    low, high = decision.confidence_sequence(wins, 0, 1 - alpha)
-    assert abs(low - expected_low) < 1e-9 and high == 1.0
-    assert decision.decide(wins, 0, min_votes=20).outcome == decision.PROMOTE
-    assert decision.decide(wins, 0, min_votes=50).outcome == decision.RUNNING  # too few votes
-    assert decision.decide(0, wins).outcome == decision.REJECT
+    """W wins, 0 losses: E+(1/2) = 2 * 2^W * B(W+2, 2) / B(2, 2) * P(Bin(W+3, 1/2) <= W+1)
+    = 12 * 2^W / ((W+2)(W+3)) * (1 - (W+4) / 2^(W+3))."""
+    alpha = 0.05
+    for wins in (1, 8, 40):
+        closed = 12 * 2 ** wins / ((wins + 2) * (wins + 3)) * (1 - (wins + 4) / 2 ** (wins + 3))
+        assert decision.log_evidence_above(wins, 0) == pytest.approx(math.log(closed))
+    first = next(w for w in range(1, 100)
+                 if 12 * 2 ** w / ((w + 2) * (w + 3)) * (1 - (w + 4) / 2 ** (w + 3)) >= 1 / alpha)
+    assert first == 8  # a lucky streak of 8: why a promotion needs --min-votes as well
+    assert decision.decide(first, 0, min_votes=1).outcome == decision.PROMOTE
+    assert decision.decide(first - 1, 0, min_votes=1).outcome == decision.RUNNING
+    assert decision.decide(40, 0, min_votes=20).outcome == decision.PROMOTE
+    assert decision.decide(40, 0, min_votes=50).outcome == decision.RUNNING  # too few votes
+    assert decision.decide(0, 40).outcome == decision.REJECT
 
 
 def test_coin_flip_record_keeps_running_until_max_duration():
@@ -71,43 +107,64 @@ def test_coin_flip_record_keeps_running_until_max_duration():
     assert late.outcome == decision.REJECT and "undecided" in late.reason
 
 
-def test_promotion_is_exactly_ratio_at_one_half_over_threshold():
-    """decide() promotes iff log M_n(1/2) >= log(1/alpha) with more wins (checked on a grid), so
-    the simulation below may use the cheap form."""
+def test_decision_is_exactly_the_evidence_at_one_half_over_threshold_and_agrees_with_the_bounds():
+    """decide() promotes iff log E+(1/2) >= log(1/alpha), rejects iff log E-(1/2) does, and the
+    one-sided bounds leave 1/2 exactly then (checked on a grid); the promotions form an
+    upward-closed set in the wins, so the simulation below may use per-n boundaries."""
     thr = math.log(1 / 0.05)
     for wins in range(0, 61):
         for losses in range(0, 61):
-            promote = decision.decide(wins, losses, min_votes=1).outcome == decision.PROMOTE
-            cheap = wins > losses and decision.log_mixture_ratio(wins, losses, 0.5) >= thr
-            assert promote == cheap, (wins, losses)
+            d = decision.decide(wins, losses, min_votes=1)
+            promote = decision.log_evidence_above(wins, losses) >= thr
+            assert (d.outcome == decision.PROMOTE) == promote == (d.low > 0.5), (wins, losses)
+            reject = decision.log_evidence_below(wins, losses) >= thr
+            assert (d.outcome == decision.REJECT) == reject == (d.high < 0.5), (wins, losses)
+            if promote and losses:
+                assert decision.log_evidence_above(wins, losses - 1) >= thr
+
+
+def promotion_boundaries(max_votes: int, alpha: float) -> list[int]:
+    """For each n, the fewest wins of n votes that the rule promotes on (n + 1 if none)."""
+    thr, out = math.log(1 / alpha), []
+    for n in range(max_votes + 1):
+        lo, hi = 0, n + 1  # bisection: promote(lo) is False or lo == 0 ... promote(hi) True
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if decision.log_evidence_above(mid, n - mid) >= thr:
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(lo)
+    return out
 
 
 def simulate(p: float, tests: int, max_votes: int, seed: int, min_votes: int = 20,
              alpha: float = 0.05) -> tuple[int, int]:
-    """(promotions, rejections) over `tests` sequential tests looking after every vote."""
+    """(promotions, rejections) over `tests` sequential tests looking after every vote. A
+    rejection is a promotion with wins and losses swapped, so one table serves both."""
     rng = random.Random(seed)
-    thr = math.log(1 / alpha)
+    bound = promotion_boundaries(max_votes, alpha)
     promoted = rejected = 0
     for _ in range(tests):
         wins = losses = 0
-        for _ in range(max_votes):
+        for n in range(1, max_votes + 1):
             if rng.random() < p:
                 wins += 1
             else:
                 losses += 1
-            if decision.log_mixture_ratio(wins, losses, 0.5) >= thr:
-                if wins > losses and wins + losses >= min_votes:
-                    promoted += 1
-                    break
-                if losses > wins:
-                    rejected += 1
-                    break
+            if wins >= bound[n] and n >= min_votes:
+                promoted += 1
+                break
+            if losses >= bound[n]:
+                rejected += 1
+                break
     return promoted, rejected
 
 
-def test_indifferent_voters_promote_at_most_alpha_of_the_time_despite_looking_after_every_vote():
-    promoted, _ = simulate(0.5, tests=2000, max_votes=400, seed=1)
-    assert promoted / 2000 <= 0.05, promoted
+def test_candidates_no_better_promote_at_most_alpha_of_the_time_despite_looking_after_every_vote():
+    for p, seed in ((0.5, 1), (0.45, 5)):  # the null is "win rate <= 1/2", not only "= 1/2"
+        promoted, _ = simulate(p, tests=2000, max_votes=400, seed=seed)
+        assert clopper_pearson(promoted, 2000, 0.95)[0] <= 0.05, (p, promoted)
     # a fixed-n 95% interval looked at after every vote would promote far more often
     naive = 0
     rng = random.Random(1)
@@ -351,6 +408,8 @@ def test_cli_starts_shows_and_stops_a_test_on_the_data_dir(tmp_path):
     assert (status["running"], status["candidate"], status["traffic"]) == (True, v1, 0.5)
     text = cli("ab", "status", "--data-dir", data).stdout
     assert "0 wins, 0 losses" in text and "decision now: running" in text
+    assert "one-sided 95% always-valid bounds [0.000, 1.000]; e-value 1" in text
+    assert "together (head-to-head x ratings): e-value 1, promotes at 20" in text
     stopped = cli("ab", "stop", "--reject", "--data-dir", data, "--reason", "not better")
     assert stopped.returncode == 0 and "rejected" in stopped.stdout
     assert registry.current() == "v0000" and registry.history()[-1].action == "ab-reject"

@@ -2,11 +2,13 @@
 evidence.tally): each user's first thumbs / stars on an arm's answer, paired across the arms in
 arrival order, a mixture of betting martingales read at every look. Its level under indifferent
 raters by simulation (looking again and again), its power at realistic effects, one heavy user
-counting once, and the combined rule with head-to-head votes at half the level each; then the
+counting once, and the combined rule (the product of the head-to-head and the ratings
+e-values, its level by simulation); then the
 same through an in-process server: users rate the answers they were served, the controller
 promotes on thumbs alone."""
 from __future__ import annotations
 
+import math
 import random
 
 import httpx
@@ -62,20 +64,58 @@ def test_e_values_in_closed_form():
     assert decision.RatingEvidence.of([], [1.0]).e_better == 1.0
 
 
-def test_the_combined_rule_splits_the_level_and_names_what_decided():
+def test_the_combined_rule_multiplies_the_evidence_and_names_what_decided():
     strong = decision.RatingEvidence.of([1.0] * 40, [0.0] * 40)
-    none = decision.RatingEvidence.of([], [])
     by_thumbs = decision.decide_combined(3, 3, strong, confidence=0.95, min_votes=20)
     assert by_thumbs.outcome == decision.PROMOTE
     assert by_thumbs.decided_by == "ratings (thumbs / stars)"
-    assert "e-values" in by_thumbs.reason and "threshold 40" in by_thumbs.reason
-    # head-to-head alone at 97.5 %: 20 of 20 is enough, the interval says 97.5 %
-    by_votes = decision.decide_combined(20, 0, none, confidence=0.95, min_votes=20)
+    assert "e-values" in by_thumbs.reason and "threshold 20" in by_thumbs.reason
+    # head-to-head alone at the whole level: 20 of 20 is enough
+    by_votes = decision.decide_combined(20, 0, decision.NO_RATINGS, confidence=0.95, min_votes=20)
     assert by_votes.outcome == decision.PROMOTE and by_votes.decided_by == "head-to-head votes"
-    assert "97.5% always-valid interval" in by_votes.reason
+    assert "one-sided 95% always-valid bounds" in by_votes.reason
+    # neither kind alone reaches 1/alpha = 20 (nor 40, half the level each), their product does
+    some = decision.RatingEvidence.of([1.0] * 8 + [0.0] * 8, [0.0] * 16)
+    head = math.exp(decision.log_evidence_above(14, 4))
+    assert 5 < head < 20 and 5 < some.e_better < 20
+    both = decision.decide_combined(14, 4, some, confidence=0.95, min_votes=20)
+    assert both.outcome == decision.PROMOTE
+    assert both.decided_by == "head-to-head votes and ratings together"
+    assert math.exp(both.log_e_better) == pytest.approx(head * some.e_better)
     worse = decision.RatingEvidence.of([0.0] * 40, [1.0] * 40)
     conflict = decision.decide_combined(40, 0, worse, confidence=0.95, min_votes=20)
     assert conflict.outcome == decision.RUNNING and "disagree" in conflict.reason
+    # the vote minimum counts votes and rating pairs together: 8 straight wins are not enough
+    streak = decision.decide_combined(8, 0, decision.NO_RATINGS, confidence=0.95, min_votes=20)
+    assert streak.outcome == decision.RUNNING and "needs >= 20 votes and rating pairs" in streak.reason
+    neutral = decision.RatingEvidence.of([1.0] * 12, [1.0] * 12)  # d = 0: e-values stay 1
+    assert decision.decide_combined(8, 0, neutral, confidence=0.95,
+                                    min_votes=20).outcome == decision.PROMOTE
+
+
+def test_the_product_promotes_an_indifferent_candidate_at_most_alpha_however_often_it_looks():
+    """Users who neither prefer the candidate head to head nor rate it higher; a quarter compare,
+    the rest rate one answer of their arm; a look every 10 events through decide_combined."""
+    rng, alpha, promoted, tests = random.Random(11), 0.05, 0, 300
+    for _ in range(tests):
+        wins = losses = 0
+        cand, ctrl = [], []
+        for event in range(1, 301):
+            if rng.random() < 0.25:
+                if rng.random() < 0.5:
+                    wins += 1
+                else:
+                    losses += 1
+            else:
+                (cand if rng.random() < 0.5 else ctrl).append(float(rng.random() < 0.3))
+            if event % 10 == 0:
+                outcome = decision.decide_combined(
+                    wins, losses, decision.RatingEvidence.of(cand, ctrl),
+                    confidence=1 - alpha).outcome
+                if outcome != decision.RUNNING:
+                    promoted += outcome == decision.PROMOTE
+                    break
+    assert clopper_pearson(promoted, tests, 0.95)[0] <= alpha, promoted
 
 
 def test_a_heavy_user_counts_once(tmp_path):
@@ -114,16 +154,17 @@ def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
         for _ in range(200):  # one user picks the candidate's answer 200 times
             store.submit_preference(chosen_response_id="c", rejected_response_id="k",
                                     user_id="fan")
-        for i in range(12):  # twelve other users pick the candidate's too, three the control's
+        for i in range(10):  # ten other users pick the candidate's too, three the control's
             store.submit_preference(chosen_response_id="c", rejected_response_id="k",
                                     session_id=f"tab-{i}")
         for i in range(3):
             store.submit_preference(chosen_response_id="k", rejected_response_id="c",
                                     user_id=f"other-{i}")
     counts = tally(tmp_path / "data", state)
-    assert (counts.wins, counts.losses) == (MAX_HEAD_TO_HEAD_PER_RATER + 12, 3)
+    assert (counts.wins, counts.losses) == (MAX_HEAD_TO_HEAD_PER_RATER + 10, 3)
     assert counts.over_cap == 200 - MAX_HEAD_TO_HEAD_PER_RATER
-    assert verdict(state, counts).outcome == decision.RUNNING  # 17 of 20: not yet evidence
+    now = verdict(state, counts)  # 18 counted votes: under the minimum of 20
+    assert now.outcome == decision.RUNNING and "needs >= 20 votes" in now.reason
     assert decision.decide(212, 3).outcome == decision.PROMOTE  # what 200 of one user would do
 
 
