@@ -1,11 +1,19 @@
 """How much live evidence an A/B test needs before the rule decides, and how often it promotes —
-simulated sequential tests that look after every vote, with the server's rule
-(server/ab/decision.py): head-to-head votes by the candidate's true win rate, and ratings (each
-user's first thumbs on the arm they were assigned) by the two arms' thumbs-up rates. Each kind of
-evidence decides at half the test's level (decide_combined), which is what is simulated here.
+simulated sequential tests that look after every event, with the server's rule
+(server/ab/decision.py) beside the rule it replaced on 2026-12-05, on the same simulated users:
 
-    python benchmarks/ab_votes.py [--tests 500] [--confidence 0.95] [--min-votes 20] \
-        [--control-up 0.3] [--max-users 6000]
+- now: one-sided beta-mixture e-values for "better" and "worse", multiplied with the ratings'
+  e-values, against the whole level (`decide_combined`);
+- before: the two-sided beta-mixture interval for the head-to-head win rate and the ratings'
+  e-values, each at half the level (a union bound), one promoting and the other not rejecting.
+
+Three tables: head-to-head votes alone, by the candidate's true win rate; ratings alone (each user
+rates one answer of the arm they were assigned), by the arms' thumbs-up rates; and a population
+as the loop benchmark's users give it (a quarter compare two answers, the rest rate the one they
+got) at the auto route's 10 % traffic, where both kinds come in together.
+
+    python benchmarks/ab_votes.py [--tests 500] [--confidence 0.95] [--min-votes 20] \\
+        [--control-up 0.3] [--max-users 6000] [--traffic 0.1] [--max-events 3000]
 """
 from __future__ import annotations
 
@@ -14,28 +22,85 @@ import math
 import random
 import statistics
 import sys
+import time
 
 from prefloop.server.ab import decision
 
+PROMOTE, REJECT, UNDECIDED = "promote", "reject", "undecided"
 
-def run_test(p: float, rng: random.Random, threshold: float, min_votes: int, cap: int) -> tuple[str, int]:
+
+def before_head(wins: int, losses: int, alpha: float, min_votes: int) -> str:
+    """The previous head-to-head rule at level `alpha`: the two-sided Beta(2, 2) mixture ratio at
+    1/2 (its interval leaves 1/2 exactly when the ratio reaches 1/alpha)."""
+    a = decision.PRIOR
+    log_m = (math.lgamma(a + wins) + math.lgamma(a + losses) - math.lgamma(2 * a + wins + losses)
+             - 2 * math.lgamma(a) + math.lgamma(2 * a) + (wins + losses) * math.log(2))
+    if log_m >= math.log(1 / alpha):
+        if wins > losses and wins + losses >= min_votes:
+            return PROMOTE
+        if losses > wins:
+            return REJECT
+    return decision.RUNNING
+
+
+def now_head(wins: int, losses: int, alpha: float, min_votes: int) -> str:
+    """The rule now on head-to-head votes alone (decide_combined without ratings, without the
+    bounds it computes for display)."""
+    threshold = math.log(1 / alpha)
+    if wins + losses >= min_votes and decision.log_evidence_above(wins, losses) >= threshold:
+        return PROMOTE
+    if decision.log_evidence_below(wins, losses) >= threshold:
+        return REJECT
+    return decision.RUNNING
+
+
+def before_combined(wins: int, losses: int, ratings: decision.RatingEvidence, alpha: float,
+                    min_votes: int) -> str:
+    outcomes = {before_head(wins, losses, alpha / 2, min_votes),
+                decision.decide_ratings(ratings, alpha=alpha / 2, min_users=min_votes)}
+    if PROMOTE in outcomes and REJECT not in outcomes:
+        return PROMOTE
+    if REJECT in outcomes and PROMOTE not in outcomes:
+        return REJECT
+    return decision.RUNNING
+
+
+def before_decision(wins: int, losses: int, ratings: decision.RatingEvidence, *,
+                    confidence: float, min_votes: int = 20) -> decision.Decision:
+    """`before_combined` in `decide_combined`'s shape (for benchmarks/season_control.py)."""
+    alpha = 1 - confidence
+    outcome = before_combined(wins, losses, ratings, alpha, min_votes)
+    by = ""
+    if outcome != decision.RUNNING:
+        head = before_head(wins, losses, alpha / 2, min_votes)
+        by = decision.HEAD if head == outcome else decision.RATED
+    return decision.Decision(outcome, wins, losses, 0.0, 1.0, "the rule before 2026-12-05", by)
+
+
+def now_combined(wins: int, losses: int, ratings: decision.RatingEvidence, alpha: float,
+                 min_votes: int) -> str:
+    return decision.decide_combined(wins, losses, ratings, confidence=1 - alpha,
+                                    min_votes=min_votes).outcome
+
+
+def head_test(p: float, rng: random.Random, rule, alpha: float, min_votes: int,
+              cap: int) -> tuple[str, int]:
     wins = losses = 0
     for n in range(1, cap + 1):
         if rng.random() < p:
             wins += 1
         else:
             losses += 1
-        if decision.log_mixture_ratio(wins, losses, 0.5) >= threshold:
-            if wins > losses and n >= min_votes:
-                return "promote", n
-            if losses > wins:
-                return "reject", n
-    return "undecided", cap
+        outcome = rule(wins, losses, alpha, min_votes)
+        if outcome != decision.RUNNING:
+            return outcome, n
+    return UNDECIDED, cap
 
 
-def run_ratings_test(up_candidate: float, up_control: float, rng: random.Random, alpha: float,
-                     min_users: int, cap: int) -> tuple[str, int]:
-    """Users arrive, each assigned to an arm at random, and rate its answer once (thumbs)."""
+def ratings_test(up_candidate: float, up_control: float, rng: random.Random, alpha: float,
+                 min_users: int, cap: int) -> tuple[str, int]:
+    """Users arrive, each assigned to an arm at random, and rate its answer once (thumbs); the
+    ratings test alone at level `alpha` (what each rule does when no compare vote comes in)."""
     bets, waiting = decision.RatingBets(), {True: [], False: []}
     users = {True: 0, False: 0}
     for n in range(1, cap + 1):
@@ -48,49 +113,109 @@ def run_ratings_test(up_candidate: float, up_control: float, rng: random.Random,
                                               alpha=alpha, min_users=min_users)
             if outcome != decision.RUNNING:
                 return outcome, n
-    return "undecided", cap
+    return UNDECIDED, cap
+
+
+def population_test(win: float, up_candidate: float, up_control: float, rng: random.Random, rule,
+                    alpha: float, min_votes: int, traffic: float, cap: int,
+                    every: int = 5) -> tuple[str, int]:
+    """A quarter of the events are compare picks (a blind pair of both versions), the rest a
+    thumb on the answer of the user's arm (the candidate's with probability `traffic`); a look
+    every `every` events."""
+    wins = losses = 0
+    bets, waiting = decision.RatingBets(), {True: [], False: []}
+    users = {True: 0, False: 0}
+    for n in range(1, cap + 1):
+        if rng.random() < 0.25:
+            if rng.random() < win:
+                wins += 1
+            else:
+                losses += 1
+        else:
+            arm = rng.random() < traffic
+            waiting[arm].append(float(rng.random() < (up_candidate if arm else up_control)))
+            users[arm] += 1
+            if waiting[True] and waiting[False]:
+                bets.add(waiting[True].pop(0) - waiting[False].pop(0))
+        if n % every == 0:
+            outcome = rule(wins, losses, bets.evidence(users[True], users[False]), alpha,
+                           min_votes)
+            if outcome != decision.RUNNING:
+                return outcome, n
+    return UNDECIDED, cap
+
+
+def summary(runs: list[tuple[str, int]]) -> str:
+    decided = sorted(n for outcome, n in runs if outcome == PROMOTE)
+    median = f"{statistics.median(decided):.0f}" if decided else "-"
+    q = f"{decided[len(decided) // 4]}-{decided[3 * len(decided) // 4]}" if decided else "-"
+    share = sum(o == PROMOTE for o, _ in runs) / len(runs)
+    rejected = sum(o == REJECT for o, _ in runs) / len(runs)
+    return f"{share:8.3f} {rejected:8.3f} {median:>7} {q:>11}"
+
+
+HEADER = f"{'promoted':>8} {'rejected':>8} {'median':>7} {'quartiles':>11}"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tests", type=int, default=500, help="simulated tests per win rate (default %(default)s)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tests", type=int, default=500,
+                    help="simulated tests per row and rule (default %(default)s)")
     ap.add_argument("--confidence", type=float, default=0.95, help="default %(default)s")
     ap.add_argument("--min-votes", type=int, default=20, help="default %(default)s")
-    ap.add_argument("--max-votes", type=int, default=2000, help="votes before a test counts as undecided (default %(default)s)")
+    ap.add_argument("--max-votes", type=int, default=2000,
+                    help="votes before a test counts as undecided (default %(default)s)")
     ap.add_argument("--control-up", type=float, default=0.3,
                     help="thumbs-up rate of the control's answers (default %(default)s)")
     ap.add_argument("--max-users", type=int, default=6000,
-                    help="rating users before a ratings test counts as undecided (default %(default)s)")
+                    help="rating users before a ratings test counts as undecided (default "
+                         "%(default)s)")
+    ap.add_argument("--traffic", type=float, default=0.1,
+                    help="the candidate's share of users in the population table (default "
+                         "%(default)s, the auto route's)")
+    ap.add_argument("--max-events", type=int, default=3000,
+                    help="events before a population test counts as undecided (default "
+                         "%(default)s)")
     args = ap.parse_args()
-    half = 1 - (1 - args.confidence) / 2  # each kind of evidence at half the level
-    threshold = math.log(1 / (1 - half))
-    print(f"ab_votes: {args.tests} tests per row, confidence {args.confidence} (each kind of "
-          f"evidence at {half:g}), min votes {args.min_votes}", flush=True)
-    print("head-to-head votes:")
-    print(f"{'win rate':>8} {'promoted':>9} {'rejected':>9} {'votes to decide: median':>24} {'quartiles':>12}")
-    for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
-        rng = random.Random(int(p * 1000))
-        runs = [run_test(p, rng, threshold, args.min_votes, args.max_votes) for _ in range(args.tests)]
-        decided = sorted(n for outcome, n in runs if outcome != "undecided")
-        q = (decided[len(decided) // 4], decided[3 * len(decided) // 4]) if decided else (0, 0)
-        print(f"{p:8.2f} {sum(o == 'promote' for o, _ in runs) / args.tests:9.3f} "
-              f"{sum(o == 'reject' for o, _ in runs) / args.tests:9.3f} "
-              f"{statistics.median(decided) if decided else float('nan'):24.0f} {q[0]:>5}-{q[1]:<6}")
-    print(f"ratings (one thumbs per user, users split 50/50, control thumbs-up rate "
-          f"{args.control_up:g}, a look after every user):")
-    print(f"{'candidate up':>12} {'promoted':>9} {'rejected':>9} {'users to decide: median':>24} "
-          f"{'quartiles':>12}")
-    for delta in (-0.1, 0.0, 0.05, 0.1, 0.15, 0.2):
-        up = args.control_up + delta
-        rng = random.Random(int(up * 1000) + 7)
-        runs = [run_ratings_test(up, args.control_up, rng, 1 - half, args.min_votes, args.max_users)
-                for _ in range(args.tests)]
-        decided = sorted(n for outcome, n in runs if outcome != "undecided")
-        q = (decided[len(decided) // 4], decided[3 * len(decided) // 4]) if decided else (0, 0)
-        print(f"{up:12.2f} {sum(o == 'promote' for o, _ in runs) / args.tests:9.3f} "
-              f"{sum(o == 'reject' for o, _ in runs) / args.tests:9.3f} "
-              f"{statistics.median(decided) if decided else float('nan'):24.0f} {q[0]:>5}-{q[1]:<6}")
-    print("ab_votes: done")
+    alpha, started = 1 - args.confidence, time.monotonic()
+    print(f"ab_votes: {args.tests} tests per row and rule, confidence {args.confidence}, min "
+          f"votes {args.min_votes}; 'median' and 'quartiles': votes / users / events to a "
+          f"promotion", flush=True)
+    print(f"head-to-head votes alone (before: two-sided at {1 - alpha / 2:g}; now: one-sided at "
+          f"{args.confidence:g}):")
+    print(f"{'win rate':>8} | before {HEADER} | now {HEADER}")
+    for p in (0.4, 0.5, 0.55, 0.6, 0.63, 0.7, 0.8):
+        cells = []
+        for rule in (before_head, now_head):
+            rng = random.Random(int(p * 1000))  # the same votes for both rules
+            cells.append(summary([head_test(p, rng, rule, alpha if rule is now_head else alpha / 2,
+                                            args.min_votes, args.max_votes)
+                                  for _ in range(args.tests)]))
+        print(f"{p:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+    print(f"ratings alone (one thumb per user, users split 50/50, control thumbs-up rate "
+          f"{args.control_up:g}; before at {1 - alpha / 2:g}, now at {args.confidence:g}):")
+    print(f"{'cand. up':>8} | before {HEADER} | now {HEADER}")
+    for delta in (0.0, 0.05, 0.1, 0.15):
+        up, cells = args.control_up + delta, []
+        for level in (alpha / 2, alpha):
+            rng = random.Random(int(up * 1000) + 7)
+            cells.append(summary([ratings_test(up, args.control_up, rng, level, args.min_votes,
+                                               args.max_users) for _ in range(args.tests)]))
+        print(f"{up:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+    print(f"population (a quarter compare, the rest rate their arm's answer; candidate traffic "
+          f"{args.traffic:g}; a look every 5 events):")
+    print(f"{'win, up':>12} | before {HEADER} | now {HEADER}")
+    for win, delta in ((0.5, 0.0), (0.55, 0.05), (0.6, 0.0), (0.6, 0.1), (0.63, 0.1),
+                       (0.7, 0.1)):
+        up, cells = args.control_up + delta, []
+        for rule in (before_combined, now_combined):
+            rng = random.Random(int(win * 1000) + int(up * 100))
+            cells.append(summary([population_test(win, up, args.control_up, rng, rule, alpha,
+                                                  args.min_votes, args.traffic, args.max_events)
+                                  for _ in range(args.tests)]))
+        print(f"{win:5.2f}, {up:4.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+    print(f"ab_votes: done in {time.monotonic() - started:.0f} s")
     return 0
 
 

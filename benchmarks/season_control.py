@@ -35,6 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from season_sim import DESIGNS, Live, run_season  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_votes import before_decision  # noqa: E402
+
 from prefloop.align.gate import clopper_pearson  # noqa: E402
 
 
@@ -84,24 +87,33 @@ def main() -> int:
     ap.add_argument("--designs", type=int, nargs="*", default=list(range(len(DESIGNS))),
                     help="which designs, by index: " + "; ".join(
                         f"{i}: {d.name}" for i, d in enumerate(DESIGNS)) + " (default all)")
+    ap.add_argument("--ab-rules", nargs="*", choices=("now", "before"), default=["now"],
+                    help="the A/B rule of the --promote-via auto design: the server's, and/or "
+                         "the one it replaced on 2026-12-05 (each kind of evidence at half the "
+                         "level, two-sided head-to-head), on the same seeds (default "
+                         "%(default)s)")
     ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
     ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     args = ap.parse_args()
     kw = dict(end=args.end, every=args.every)
-    liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs)
     print(f"season_control: seasons of {args.end} votes, a job due every {args.every}; "
           f"{len(args.designs)} designs; live users of a better candidate: head-to-head win "
           f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}", flush=True)
     started = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
-        for i in args.designs:
+        for i, rule in [(i, rule) for i in args.designs
+                        for rule in (args.ab_rules if DESIGNS[i].route == "auto" else ["now"])]:
             design = DESIGNS[i]
+            name = design.name + (" (A/B rule before 2026-12-05)" if rule == "before" else "")
+            indifferent = Live(rule=before_decision if rule == "before" else None)
+            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=indifferent.rule)
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
-            differ = seasons(pool, i, n, args.seed + 1, args.workers, **kw)
-            same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True, **kw)
+            differ = seasons(pool, i, n, args.seed + 1, args.workers, live=indifferent, **kw)
+            same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True,
+                           live=indifferent, **kw)
             power = {}
             for j, win in enumerate(args.wins):
                 res = seasons(pool, i, args.power_seasons, args.seed + 10 + j, args.workers,
@@ -112,8 +124,8 @@ def main() -> int:
                               len(promoted) / len(res), by_ab / len(res))
             looks = statistics.mean(r[1] for r in differ)
             tests = statistics.mean(r[2] for r in differ)
-            rows.append((design.name, rate(differ), rate(same), looks, tests, power))
-            print(f"  {design.name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+            rows.append((name, rate(differ), rate(same), looks, tests, power))
+            print(f"  {name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     print()
     print(f"{'design':46} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
           f"{'looks':>6} {'A/B':>5}  " + "  ".join(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
 from types import SimpleNamespace
@@ -65,6 +66,7 @@ class Live:
     thumbs_share: float = 0.70
     users: int = 300
     traffic: float = AUTO_AB_TRAFFIC
+    rule: Callable[..., ab_decision.Decision] | None = None  # None: decide_combined (the server's)
 
 
 @dataclass(slots=True)
@@ -108,9 +110,9 @@ class _ABTest:
                 self.bets.add(self.cand[self.bets.pairs] - self.ctrl[self.bets.pairs])
 
     def decide(self) -> ab_decision.Decision:
-        return ab_decision.decide_combined(
-            self.wins, self.losses, self.bets.evidence(len(self.cand), len(self.ctrl)),
-            confidence=self.confidence)
+        rule = self.live.rule or ab_decision.decide_combined
+        return rule(self.wins, self.losses, self.bets.evidence(len(self.cand), len(self.ctrl)),
+                    confidence=self.confidence)
 
 
 def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: int = 8,
