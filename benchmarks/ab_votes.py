@@ -13,7 +13,8 @@ as the loop benchmark's users give it (a quarter compare two answers, the rest r
 got) at the auto route's 10 % traffic, where both kinds come in together.
 
     python benchmarks/ab_votes.py [--tests 500] [--confidence 0.95] [--min-votes 20] \\
-        [--control-up 0.3] [--max-users 6000] [--traffic 0.1] [--max-events 3000]
+        [--control-up 0.3] [--max-users 6000] [--traffic 0.1 [0.3 ...]] [--max-events 3000] \
+        [--tables votes ratings population]
 """
 from __future__ import annotations
 
@@ -171,9 +172,12 @@ def main() -> int:
     ap.add_argument("--max-users", type=int, default=6000,
                     help="rating users before a ratings test counts as undecided (default "
                          "%(default)s)")
-    ap.add_argument("--traffic", type=float, default=0.1,
-                    help="the candidate's share of users in the population table (default "
-                         "%(default)s, the auto route's)")
+    ap.add_argument("--traffic", type=float, nargs="+", default=[0.1],
+                    help="the candidate's share of users in the population table, one table "
+                         "each (default %(default)s, the auto route's)")
+    ap.add_argument("--tables", nargs="+", choices=("votes", "ratings", "population"),
+                    default=["votes", "ratings", "population"],
+                    help="which tables to print (default all)")
     ap.add_argument("--max-events", type=int, default=3000,
                     help="events before a population test counts as undecided (default "
                          "%(default)s)")
@@ -182,6 +186,17 @@ def main() -> int:
     print(f"ab_votes: {args.tests} tests per row and rule, confidence {args.confidence}, min "
           f"votes {args.min_votes}; 'median' and 'quartiles': votes / users / events to a "
           f"promotion", flush=True)
+    if "votes" in args.tables:
+        head_table(args, alpha)
+    if "ratings" in args.tables:
+        ratings_table(args, alpha)
+    for traffic in args.traffic if "population" in args.tables else ():
+        population_table(args, alpha, traffic)
+    print(f"ab_votes: done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def head_table(args: argparse.Namespace, alpha: float) -> None:
     print(f"head-to-head votes alone (before: two-sided at {1 - alpha / 2:g}; now: one-sided at "
           f"{args.confidence:g}):")
     print(f"{'win rate':>8} | before {HEADER} | now {HEADER}")
@@ -193,6 +208,9 @@ def main() -> int:
                                             args.min_votes, args.max_votes)
                                   for _ in range(args.tests)]))
         print(f"{p:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+
+
+def ratings_table(args: argparse.Namespace, alpha: float) -> None:
     print(f"ratings alone (one thumb per user, users split 50/50, control thumbs-up rate "
           f"{args.control_up:g}; before at {1 - alpha / 2:g}, now at {args.confidence:g}):")
     print(f"{'cand. up':>8} | before {HEADER} | now {HEADER}")
@@ -203,8 +221,11 @@ def main() -> int:
             cells.append(summary([ratings_test(up, args.control_up, rng, level, args.min_votes,
                                                args.max_users) for _ in range(args.tests)]))
         print(f"{up:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+
+
+def population_table(args: argparse.Namespace, alpha: float, traffic: float) -> None:
     print(f"population (a quarter compare, the rest rate their arm's answer; candidate traffic "
-          f"{args.traffic:g}; a look every 5 events):")
+          f"{traffic:g}; a look every 5 events):")
     print(f"{'win, up':>12} | before {HEADER} | now {HEADER}")
     for win, delta in ((0.5, 0.0), (0.55, 0.05), (0.6, 0.0), (0.6, 0.1), (0.63, 0.1),
                        (0.7, 0.1)):
@@ -212,11 +233,9 @@ def main() -> int:
         for rule in (before_combined, now_combined):
             rng = random.Random(int(win * 1000) + int(up * 100))
             cells.append(summary([population_test(win, up, args.control_up, rng, rule, alpha,
-                                                  args.min_votes, args.traffic, args.max_events)
+                                                  args.min_votes, traffic, args.max_events)
                                   for _ in range(args.tests)]))
         print(f"{win:5.2f}, {up:4.2f} | before {cells[0]} | now {cells[1]}", flush=True)
-    print(f"ab_votes: done in {time.monotonic() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

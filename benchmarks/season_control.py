@@ -92,6 +92,9 @@ def main() -> int:
                          "the one it replaced on 2026-12-05 (each kind of evidence at half the "
                          "level, two-sided head-to-head), on the same seeds (default "
                          "%(default)s)")
+    ap.add_argument("--ab-traffic", type=float, default=Live().traffic,
+                    help="the candidate's share of users in an A/B test the auto route starts "
+                         "(align run --ab-traffic; default %(default)s)")
     ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
     ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
@@ -108,8 +111,10 @@ def main() -> int:
                         for rule in (args.ab_rules if DESIGNS[i].route == "auto" else ["now"])]:
             design = DESIGNS[i]
             name = design.name + (" (A/B rule before 2026-12-05)" if rule == "before" else "")
-            indifferent = Live(rule=before_decision if rule == "before" else None)
-            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=indifferent.rule)
+            indifferent = Live(rule=before_decision if rule == "before" else None,
+                               traffic=args.ab_traffic)
+            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=indifferent.rule,
+                         traffic=args.ab_traffic)
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
             differ = seasons(pool, i, n, args.seed + 1, args.workers, live=indifferent, **kw)
             same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True,

@@ -167,6 +167,11 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                            "started that is still undecided when the window has grown by this "
                            "factor since that job ends (the current version stays) and the next "
                            "job trains (default %(default)s; docs/align.md)")
+    gate.add_argument("--ab-traffic", type=float, default=0.1, metavar="SHARE",
+                      help="align run / schedule with --promote-via auto: the share of users an "
+                           "A/B test a job starts serves the candidate to; more decides sooner "
+                           "on thumbs and shows more users an unproven version (default "
+                           "%(default)s; docs/ab.md)")
     if policy_metric:
         gate.add_argument("--degeneration-prompts", type=int, default=16, metavar="N",
                           help="held-out prompts the candidate and the current version both "
@@ -555,7 +560,7 @@ def _gate_config(args: argparse.Namespace):
                       confidence=args.gate_confidence, min_heldout=args.min_heldout_pairs,
                       metric=args.gate_metric or "implicit_reward",
                       spending=args.season_spending, look_growth=args.look_growth,
-                      ab_span=args.ab_span,
+                      ab_span=args.ab_span, ab_traffic=args.ab_traffic,
                       max_root_kl=args.max_root_kl,
                       degeneration_prompts=getattr(args, "degeneration_prompts", 0))
 

@@ -359,7 +359,8 @@ def stored_weights_dtype(registry: reg.Registry, version: str) -> str | None:
     return registry.manifest(root).dtype or reg.stored_dtype(registry.version_dir(root))
 
 
-AUTO_AB_TRAFFIC = 0.1  # --promote-via auto: the share an inconclusive but safe candidate gets
+AUTO_AB_TRAFFIC = GateConfig().ab_traffic  # --promote-via auto: the share (--ab-traffic) an
+# inconclusive but safe candidate gets by default
 
 
 def inconclusive_but_safe(decision: GateDecision) -> bool:
@@ -385,12 +386,13 @@ def inconclusive_but_safe(decision: GateDecision) -> bool:
 
 def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Registry,
                    stated: GateConfig | None) -> JobResult:
-    """`--promote-via auto` on an inconclusive but safe candidate: an A/B test at
-    `AUTO_AB_TRAFFIC` whose level is the season's next decision's (without a season, the A/B
-    default)."""
+    """`--promote-via auto` on an inconclusive but safe candidate: an A/B test at the stated
+    `--ab-traffic` (else `AUTO_AB_TRAFFIC`) whose level is the season's next decision's (without
+    a season, the A/B default)."""
     from prefloop.align.season import ab_confidence
     from prefloop.server.ab import state as ab_state
-    settings: dict = {"traffic": AUTO_AB_TRAFFIC}
+    traffic = stated.ab_traffic if stated is not None else AUTO_AB_TRAFFIC
+    settings: dict = {"traffic": traffic}
     k = decision.season_decision + 1 if decision.season_decision else None
     if stated is not None and k is not None:
         settings["confidence"] = ab_confidence(stated, k)
@@ -406,7 +408,7 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
     season = (f", the season's decision {k} at confidence {state.confidence:.4g}"
               if k is not None else "")
     result.reason += (f"; inconclusive offline but safe: A/B test started against "
-                      f"{state.control} at {AUTO_AB_TRAFFIC:.0%} traffic{season} (head-to-head "
+                      f"{state.control} at {traffic:.0%} traffic{season} (head-to-head "
                       "votes and thumbs decide; `prefloop models ab status`)")
     return result
 

@@ -439,7 +439,8 @@ def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
 
 def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traffic(tmp_path):
     """--promote-via auto: a clear offline win promotes at once; a candidate that failed only the
-    comparison, and not measurably worse, starts an A/B test at 10 % traffic; a worse one, or one
+    comparison, and not measurably worse, starts an A/B test at 10 % traffic (or --ab-traffic);
+    a worse one, or one
     over a KL bound or short of held-out pairs, is rejected."""
     from prefloop.align.gate import Check, GateDecision, PairedResult
     from prefloop.align.jobs import runner
@@ -484,11 +485,13 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     seasoned = runner.JobResult(job_id="job-1b", status="running", version=v1, gate={})
     runner.conclude(seasoned, dataclasses.replace(verdict(False, 0.72), season_decision=2),
                     registry, "job-1b", "dpo", promote=True, promote_via="auto",
-                    stated=GateConfig())
+                    stated=GateConfig(ab_traffic=0.3))
     level = 0.05 / (3 * 4)  # decision 3 of the season
-    assert ab_state.running_state(registry).confidence == pytest.approx(1 - level)
+    seasoned_state = ab_state.running_state(registry)
+    assert seasoned_state.confidence == pytest.approx(1 - level)
+    assert seasoned_state.traffic == 0.3  # --ab-traffic
     assert seasoned.gate == {"ab_decision": 3, "ab_confidence": pytest.approx(1 - level)}
-    assert "the season's decision 3 at confidence 0.9958" in seasoned.reason
+    assert "at 30% traffic, the season's decision 3 at confidence 0.9958" in seasoned.reason
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     win = runner.JobResult(job_id="job-2", status="running", version=v1)
     runner.conclude(win, verdict(True, 0.9), registry, "job-2", "dpo", promote=True,

@@ -155,13 +155,16 @@ def test_schedule_passes_the_season_drift_and_degeneration_flags_on():
     args = parser.parse_args(["schedule", "dpo", "--every", "6h", "--data-dir", "/d",
                               "--season-spending", "none", "--look-growth", "2",
                               "--degeneration-prompts", "4", "--max-root-kl", "2",
-                              "--auto-promote", "--promote-via", "auto"])
+                              "--auto-promote", "--promote-via", "auto", "--ab-traffic", "0.3"])
     argv = schedule.run_argv(args, lambda p: align_cmd.add_run_arguments(p, "dpo"))
     again = parser.parse_args(["run", "dpo", *argv])
     gate_cfg = align_cmd._gate_config(again)
     assert (gate_cfg.spending, gate_cfg.look_growth, gate_cfg.degeneration_prompts,
-            gate_cfg.max_root_kl) == ("none", 2.0, 4, 2.0)
+            gate_cfg.max_root_kl, gate_cfg.ab_traffic) == ("none", 2.0, 4, 2.0, 0.3)
     assert again.promote_via == "auto"
+    assert align_cmd._gate_config(parser.parse_args(["run", "dpo"])).ab_traffic == 0.1
+    with pytest.raises(InvalidArgument, match=r"A/B traffic .* must be in \(0, 1\), got 1.5"):
+        align_cmd._gate_config(parser.parse_args(["run", "dpo", "--ab-traffic", "1.5"]))
 
 
 def test_no_looping_answer_is_trained_as_a_good_one():
