@@ -89,9 +89,9 @@ class Season:
 
 
 def ab_confidence(config: GateConfig, k: int) -> float:
-    """The confidence of an A/B test that is the k-th decision of a season: its overall
-    false-promotion level (1 - confidence, split between head-to-head votes and ratings by the
-    A/B rule) is that decision's level."""
+    """The confidence of an A/B test that is the k-th decision of a season: its false-promotion
+    level (1 - confidence, for the A/B rule's product of head-to-head and ratings evidence) is
+    that decision's level."""
     return 1.0 - decision_level((1.0 - config.confidence) / 2, k, config.spending)
 
 

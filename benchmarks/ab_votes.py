@@ -13,7 +13,7 @@ as the loop benchmark's users give it (a quarter compare two answers, the rest r
 got) at the auto route's 10 % traffic, where both kinds come in together.
 
     python benchmarks/ab_votes.py [--tests 500] [--confidence 0.95] [--min-votes 20] \\
-        [--control-up 0.3] [--max-users 6000] [--traffic 0.1 [0.3 ...]] [--max-events 3000] \
+        [--control-up 0.3] [--max-users 6000] [--traffic 0.1 [0.3 ...]] [--max-events 3000] \\
         [--tables votes ratings population]
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 
+from prefloop.align.gate import clopper_pearson
 from prefloop.server.ab import decision
 
 PROMOTE, REJECT, UNDECIDED = "promote", "reject", "undecided"
@@ -158,6 +159,29 @@ def summary(runs: list[tuple[str, int]]) -> str:
 HEADER = f"{'promoted':>8} {'rejected':>8} {'median':>7} {'quartiles':>11}"
 
 
+def level_check(args: argparse.Namespace, alpha: float) -> None:
+    """The share of indifferent candidates the rule now promotes, with its interval."""
+    n = args.level_tests
+
+    def line(what: str, runs: list[tuple[str, int]]) -> None:
+        k = sum(o == PROMOTE for o, _ in runs)
+        low, high = clopper_pearson(k, n, 0.95)
+        print(f"  {what}: promoted {k} of {n} ({k / n:.1%} [{low:.1%}, {high:.1%}]), rejected "
+              f"{sum(o == REJECT for o, _ in runs)}", flush=True)
+
+    print(f"level check, the rule now at {args.confidence:g} (indifferent candidates):")
+    rng = random.Random(8)
+    line(f"votes alone, win rate 0.5, up to {args.max_votes} votes",
+         [head_test(0.5, rng, now_head, alpha, args.min_votes, args.max_votes)
+          for _ in range(n)])
+    for traffic in args.traffic:
+        rng = random.Random(int(traffic * 1000) + 9)
+        line(f"population at traffic {traffic:g}, win 0.5, thumbs up {args.control_up:g} on "
+             f"both arms, up to {args.max_events} events",
+             [population_test(0.5, args.control_up, args.control_up, rng, now_combined, alpha,
+                              args.min_votes, traffic, args.max_events) for _ in range(n)])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,9 +199,13 @@ def main() -> int:
     ap.add_argument("--traffic", type=float, nargs="+", default=[0.1],
                     help="the candidate's share of users in the population table, one table "
                          "each (default %(default)s, the auto route's)")
-    ap.add_argument("--tables", nargs="+", choices=("votes", "ratings", "population"),
+    ap.add_argument("--tables", nargs="*", choices=("votes", "ratings", "population"),
                     default=["votes", "ratings", "population"],
-                    help="which tables to print (default all)")
+                    help="which tables to print (default all; none: only --level-tests)")
+    ap.add_argument("--level-tests", type=int, default=0, metavar="N",
+                    help="also run N tests of indifferent candidates with the rule now (votes "
+                         "alone, and the population at each --traffic) and print the share "
+                         "promoted with its 95 %% interval (default %(default)s: skip)")
     ap.add_argument("--max-events", type=int, default=3000,
                     help="events before a population test counts as undecided (default "
                          "%(default)s)")
@@ -192,6 +220,8 @@ def main() -> int:
         ratings_table(args, alpha)
     for traffic in args.traffic if "population" in args.tables else ():
         population_table(args, alpha, traffic)
+    if args.level_tests:
+        level_check(args, alpha)
     print(f"ab_votes: done in {time.monotonic() - started:.0f} s")
     return 0
 

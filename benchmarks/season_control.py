@@ -18,9 +18,9 @@ seasons with a promotion (95 % Clopper-Pearson interval), the looks (and A/B tes
 and for each win probability the median votes until the first promotion, the share promoted by
 --end and, for the auto route, the share of those the A/B test promoted.
 
-    python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \
-        [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \
-        [--designs 0 1 2 3 4] [--workers 2]
+    python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \\
+        [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \\
+        [--designs 0 1 2 3 4] [--ab-rules now before] [--ab-traffic 0.1] [--workers 2]
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--designs", type=int, nargs="*", default=list(range(len(DESIGNS))),
                     help="which designs, by index: " + "; ".join(
                         f"{i}: {d.name}" for i, d in enumerate(DESIGNS)) + " (default all)")
-    ap.add_argument("--ab-rules", nargs="*", choices=("now", "before"), default=["now"],
+    ap.add_argument("--ab-rules", nargs="+", choices=("now", "before"), default=["now"],
                     help="the A/B rule of the --promote-via auto design: the server's, and/or "
                          "the one it replaced on 2026-12-05 (each kind of evidence at half the "
                          "level, two-sided head-to-head), on the same seeds (default "

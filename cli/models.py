@@ -131,9 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="head-to-head votes and paired ratings, together, needed before a "
                             "promotion (default %(default)s)")
     start.add_argument("--confidence", type=float, default=0.95,
-                       help="the test promotes a candidate no better than the current version "
-                            "with probability at most 1 - this, however often it looks "
-                            "(default %(default)s)")
+                       help="the test promotes a candidate that users neither prefer head to "
+                            "head nor rate higher than the current version with probability at "
+                            "most 1 - this, however often it looks (default %(default)s)")
     start.add_argument("--max-duration", default="7d",
                        help="reject the candidate if still undecided after this (default "
                             "%(default)s)")

@@ -19,8 +19,8 @@ more than half of the votes; E-(1/2) (wins and losses swapped) that it wins fewe
 is an incomplete beta function, summed here as a binomial tail. {p0 : E+_n(p0) < 1/alpha} is a
 one-sided always-valid confidence sequence, whose lower end is `low`; `high` likewise. One-sided
 mixtures spend no evidence on the direction a decision does not need: at a steady 0.63 win rate
-and alpha = 0.0083 they decide after about 25 % fewer votes than the two-sided interval at half
-the level that decided before 2026-12-05 (benchmarks/ab_votes.py, docs/ab.md).
+and alpha = 0.0083 they promote after 177 votes, where the two-sided interval at half the level
+that decided before 2026-12-05 needed 220 (benchmarks/ab_votes.py, docs/ab.md).
 
 Ratings: `RatingEvidence.e_better` / `e_worse`, betting martingales on paired users' first
 ratings (below).
@@ -36,6 +36,13 @@ neither less preferred nor rated lower with probability <= alpha). Where only on
 comes in, the other factor stays near 1 and the one kind decides at the whole level, not at half
 of it as a union bound would (tests/ab/test_ab.py and test_ab_ratings.py check both levels by
 simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
+
+What the bound assumes: that each counted vote, given the ones before, is won by the candidate
+with probability at most one half (so it is about the voters the test samples, e.g. each
+rater's first 5 votes, not each user's own taste), and that the thumbs-up rate does not drift
+while the test runs (ratings are paired in arrival order; at a small traffic share a candidate
+user is paired with a control user from long before). "Better" is in either sense: a candidate
+preferred head to head but rated a little lower may be promoted more often than alpha.
 """
 from __future__ import annotations
 
@@ -172,10 +179,18 @@ class RatingEvidence:
 
     pairs: int
     mean_difference: float | None  # of the paired users' ratings, candidate minus control
-    e_better: float
-    e_worse: float
+    log_e_better: float  # logs: a long test's products would underflow
+    log_e_worse: float
     candidate_users: int
     control_users: int
+
+    @property
+    def e_better(self) -> float:
+        return e_value(self.log_e_better)
+
+    @property
+    def e_worse(self) -> float:
+        return e_value(self.log_e_worse)
 
     @classmethod
     def of(cls, candidate: list[float], control: list[float]) -> "RatingEvidence":
@@ -190,30 +205,36 @@ class RatingBets:
     `RatingEvidence.of` computes; a simulation can keep one and add as users arrive)."""
 
     def __init__(self) -> None:
-        self.better = [1.0] * len(RATING_LAMBDAS)
-        self.worse = [1.0] * len(RATING_LAMBDAS)
+        self.better = [0.0] * len(RATING_LAMBDAS)  # log of each bet's running product
+        self.worse = [0.0] * len(RATING_LAMBDAS)
         self.pairs, self.total = 0, 0.0
 
     def add(self, d: float) -> None:
         """One pair's difference d = x_candidate - x_control in [-1, 1]."""
         if not -1.0 <= d <= 1.0:
             raise ValueError(f"a paired rating difference must be in [-1, 1], got {d}")
-        for j, bet in enumerate(RATING_LAMBDAS):
-            self.better[j] *= 1.0 + bet * d
-            self.worse[j] *= 1.0 - bet * d
+        for j, bet in enumerate(RATING_LAMBDAS):  # bets <= 1/2: every factor >= 1/2
+            self.better[j] += math.log1p(bet * d)
+            self.worse[j] += math.log1p(-bet * d)
         self.pairs += 1
         self.total += d
 
     def evidence(self, candidate_users: int, control_users: int) -> RatingEvidence:
         return RatingEvidence(self.pairs, self.total / self.pairs if self.pairs else None,
-                              sum(self.better) / len(self.better),
-                              sum(self.worse) / len(self.worse), candidate_users, control_users)
+                              _log_mean_exp(self.better), _log_mean_exp(self.worse),
+                              candidate_users, control_users)
+
+
+def _log_mean_exp(logs: list[float]) -> float:
+    top = max(logs)
+    return top + math.log(sum(math.exp(x - top) for x in logs) / len(logs))
 
 
 def decide_ratings(evidence: RatingEvidence, *, alpha: float, min_users: int = 20) -> str:
-    """PROMOTE when the ratings favour the candidate at level `alpha` (e_better >= 1/alpha) and at
-    least `min_users` users rated each arm; REJECT when they disfavour it (e_worse >= 1/alpha);
-    else RUNNING."""
+    """The ratings alone (the server decides by `decide_combined`; benchmarks/ab_votes.py and the
+    tests read the ratings test by itself): PROMOTE when they favour the candidate at level
+    `alpha` (e_better >= 1/alpha) and at least `min_users` users rated each arm; REJECT when they
+    disfavour it (e_worse >= 1/alpha); else RUNNING."""
     if evidence.e_better >= 1 / alpha and evidence.pairs >= min_users:
         return PROMOTE
     if evidence.e_worse >= 1 / alpha:
@@ -221,9 +242,7 @@ def decide_ratings(evidence: RatingEvidence, *, alpha: float, min_users: int = 2
     return RUNNING
 
 
-
-
-NO_RATINGS = RatingEvidence(0, None, 1.0, 1.0, 0, 0)
+NO_RATINGS = RatingEvidence(0, None, 0.0, 0.0, 0, 0)
 
 
 def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confidence: float = 0.95,
@@ -235,7 +254,7 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     threshold = math.log(1 / (1 - confidence))
     up, down = log_evidence_above(wins, losses), log_evidence_below(wins, losses)
-    rated_up, rated_down = math.log(ratings.e_better), math.log(ratings.e_worse)
+    rated_up, rated_down = ratings.log_e_better, ratings.log_e_worse
     better, worse = up + rated_up, down + rated_down
     low, high = one_sided_bounds(wins, losses, confidence)
     head_text = (f"head-to-head {wins}-{losses}: e-values {e_text(up)} (better) / "
@@ -249,11 +268,11 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
                 f"{head_text}; {rating_text}" if ratings.pairs else
                 f"{head_text}, {bar}; {rating_text}")
     disagree = (up >= threshold or rated_up >= threshold) and \
-        (down >= threshold or rated_down >= threshold)
-    disagree = disagree or (better >= threshold and worse >= threshold)
+        (down >= threshold or rated_down >= threshold)  # (both products over it implies this)
 
     def by(head: float, rated: float) -> str:
-        return HEAD if head >= threshold else RATED if rated >= threshold else BOTH
+        alone = (head >= threshold, rated >= threshold)
+        return {(True, False): HEAD, (False, True): RATED}.get(alone, BOTH)
 
     def made(outcome: str, reason: str, decided_by: str = "") -> Decision:
         return Decision(outcome, wins, losses, low, high, reason, decided_by, better, worse)
