@@ -158,15 +158,15 @@ def status(registry: Registry, data_dir: Path) -> dict:
         counts = tally(data_dir, state)
         now = verdict(state, counts)
         ratings = rating_evidence(state, counts)
-        record = counts.wins, counts.losses
+        head_better = now.log_e_better - ratings.log_e_better  # the product's head-to-head factor
+        head_worse = now.log_e_worse - ratings.log_e_worse
         out.update(evidence=counts.as_dict(), win_rate=now.win_rate, interval=[now.low, now.high],
                    decision=now.outcome, decision_reason=now.reason, wins=counts.wins,
                    losses=counts.losses, decided_by=now.decided_by,
                    e_better=decision.e_value(now.log_e_better),
                    e_worse=decision.e_value(now.log_e_worse),
-                   head_to_head={
-                       "e_better": decision.e_value(decision.log_evidence_above(*record)),
-                       "e_worse": decision.e_value(decision.log_evidence_below(*record))},
+                   head_to_head={"e_better": decision.e_value(head_better),
+                                 "e_worse": decision.e_value(head_worse)},
                    ratings={"pairs": ratings.pairs, "mean_difference": ratings.mean_difference,
                             "e_better": ratings.e_better, "e_worse": ratings.e_worse,
                             "candidate_users": ratings.candidate_users,
