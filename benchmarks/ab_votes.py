@@ -1,20 +1,26 @@
 """How much live evidence an A/B test needs before the rule decides, and how often it promotes —
 simulated sequential tests that look after every event, with the server's rule
-(server/ab/decision.py) beside the rule it replaced on 2026-12-05, on the same simulated users:
+(server/ab/decision.py) beside the rules it replaced on 2026-12-05, on the same simulated users:
 
 - now: one-sided beta-mixture e-values for "better" and "worse", multiplied with the ratings'
-  e-values, against the whole level (`decide_combined`);
-- before: the two-sided beta-mixture interval for the head-to-head win rate and the ratings'
-  e-values, each at half the level (a union bound), one promoting and the other not rejecting.
+  e-values, against the whole level (`decide_combined`); the ratings compare each candidate user
+  with the control users who rated since the candidate user before (blocks);
+- pairs: the same product, with the ratings paired in arrival order (the i-th candidate user
+  with the i-th control user), as from the morning to the evening of 2026-12-05;
+- before: the two-sided beta-mixture interval for the head-to-head win rate and the paired
+  ratings' e-values, each at half the level (a union bound), one promoting and the other not
+  rejecting.
 
 Three tables: head-to-head votes alone, by the candidate's true win rate; ratings alone (each user
 rates one answer of the arm they were assigned), by the arms' thumbs-up rates; and a population
 as the loop benchmark's users give it (a quarter compare two answers, the rest rate the one they
-got) at the auto route's 10 % traffic, where both kinds come in together.
+got), where both kinds come in together; the last two at each --traffic (default the auto
+route's 10 %). `--level-tests N` checks the rule now on indifferent candidates, also with a
+thumbs-up rate that drifts while the test runs (the pairs' assumption, not the blocks').
 
     python benchmarks/ab_votes.py [--tests 500] [--confidence 0.95] [--min-votes 20] \\
         [--control-up 0.3] [--max-users 6000] [--traffic 0.1 [0.3 ...]] [--max-events 3000] \\
-        [--tables votes ratings population]
+        [--tables votes ratings population] [--level-tests 0]
 """
 from __future__ import annotations
 
@@ -85,6 +91,26 @@ def now_combined(wins: int, losses: int, ratings: decision.RatingEvidence, alpha
                                     min_votes=min_votes).outcome
 
 
+class ArrivalPairs(decision.RatingBets):
+    """The ratings as the rules before the blocks read them: the i-th candidate user paired with
+    the i-th control user, in arrival order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: dict[bool, list[float]] = {True: [], False: []}
+
+    def add(self, candidate: bool, value: float) -> None:
+        self.users[candidate] += 1
+        self.waiting[candidate].append(value)
+        if self.waiting[True] and self.waiting[False]:
+            self._bet(self.waiting[True].pop(0) - self.waiting[False].pop(0))
+
+
+# each column of the ratings and population tables: (name, rule, how the ratings are compared)
+RULES = (("before", before_combined, ArrivalPairs), ("pairs", now_combined, ArrivalPairs),
+         ("now", now_combined, decision.RatingBets))
+
+
 def head_test(p: float, rng: random.Random, rule, alpha: float, min_votes: int,
               cap: int) -> tuple[str, int]:
     wins = losses = 0
@@ -100,33 +126,35 @@ def head_test(p: float, rng: random.Random, rule, alpha: float, min_votes: int,
 
 
 def ratings_test(up_candidate: float, up_control: float, rng: random.Random, alpha: float,
-                 min_users: int, cap: int) -> tuple[str, int]:
-    """Users arrive, each assigned to an arm at random, and rate its answer once (thumbs); the
-    ratings test alone at level `alpha` (what each rule does when no compare vote comes in)."""
-    bets, waiting = decision.RatingBets(), {True: [], False: []}
-    users = {True: 0, False: 0}
+                 min_users: int, cap: int, traffic: float = 0.5,
+                 ratings=decision.RatingBets) -> tuple[str, int]:
+    """Users arrive, each assigned to the candidate's arm with probability `traffic`, and rate
+    its answer once (thumbs); the ratings test alone at level `alpha` (what each rule does when
+    no compare vote comes in), a look after every user."""
+    bets = ratings()
     for n in range(1, cap + 1):
-        arm = rng.random() < 0.5
-        waiting[arm].append(1.0 if rng.random() < (up_candidate if arm else up_control) else 0.0)
-        users[arm] += 1
-        if waiting[True] and waiting[False]:  # pair in arrival order
-            bets.add(waiting[True].pop(0) - waiting[False].pop(0))
-            outcome = decision.decide_ratings(bets.evidence(users[True], users[False]),
-                                              alpha=alpha, min_users=min_users)
+        arm = rng.random() < traffic
+        blocks = bets.blocks
+        bets.add(arm, 1.0 if rng.random() < (up_candidate if arm else up_control) else 0.0)
+        if bets.blocks > blocks:
+            outcome = decision.decide_ratings(bets.evidence(), alpha=alpha, min_users=min_users)
             if outcome != decision.RUNNING:
                 return outcome, n
     return UNDECIDED, cap
 
 
-def population_test(win: float, up_candidate: float, up_control: float, rng: random.Random, rule,
-                    alpha: float, min_votes: int, traffic: float, cap: int,
-                    every: int = 5) -> tuple[str, int]:
+def population_test(win: float, up_candidate: float, up_control, rng: random.Random, rule,
+                    alpha: float, min_votes: int, traffic: float, cap: int, every: int = 5,
+                    ratings=decision.RatingBets) -> tuple[str, int]:
     """A quarter of the events are compare picks (a blind pair of both versions), the rest a
     thumb on the answer of the user's arm (the candidate's with probability `traffic`); a look
-    every `every` events."""
+    every `every` events. `up_control`: the control's thumbs-up rate, or a function of the
+    event's number (a rate that drifts; the candidate's is then the same plus
+    `up_candidate - up_control(0)`)."""
     wins = losses = 0
-    bets, waiting = decision.RatingBets(), {True: [], False: []}
-    users = {True: 0, False: 0}
+    bets = ratings()
+    rate = up_control if callable(up_control) else (lambda n: up_control)
+    delta = up_candidate - rate(0)
     for n in range(1, cap + 1):
         if rng.random() < 0.25:
             if rng.random() < win:
@@ -135,13 +163,9 @@ def population_test(win: float, up_candidate: float, up_control: float, rng: ran
                 losses += 1
         else:
             arm = rng.random() < traffic
-            waiting[arm].append(float(rng.random() < (up_candidate if arm else up_control)))
-            users[arm] += 1
-            if waiting[True] and waiting[False]:
-                bets.add(waiting[True].pop(0) - waiting[False].pop(0))
+            bets.add(arm, float(rng.random() < rate(n) + (delta if arm else 0.0)))
         if n % every == 0:
-            outcome = rule(wins, losses, bets.evidence(users[True], users[False]), alpha,
-                           min_votes)
+            outcome = rule(wins, losses, bets.evidence(), alpha, min_votes)
             if outcome != decision.RUNNING:
                 return outcome, n
     return UNDECIDED, cap
@@ -156,6 +180,7 @@ def summary(runs: list[tuple[str, int]]) -> str:
     return f"{share:8.3f} {rejected:8.3f} {median:>7} {q:>11}"
 
 
+DRIFT = (0.15, 0.45)  # a thumbs-up rate that drifts over a level check's test (both arms)
 HEADER = f"{'promoted':>8} {'rejected':>8} {'median':>7} {'quartiles':>11}"
 
 
@@ -180,6 +205,18 @@ def level_check(args: argparse.Namespace, alpha: float) -> None:
              f"both arms, up to {args.max_events} events",
              [population_test(0.5, args.control_up, args.control_up, rng, now_combined, alpha,
                               args.min_votes, traffic, args.max_events) for _ in range(n)])
+        low, high = DRIFT
+
+        def drift(event: int) -> float:
+            return low + (high - low) * min(event / args.max_events, 1.0)
+
+        for name, ratings in (("blocks (now)", decision.RatingBets),
+                              ("paired in arrival order", ArrivalPairs)):
+            rng = random.Random(int(traffic * 1000) + 10)
+            line(f"population at traffic {traffic:g}, win 0.5, thumbs up drifting {low:g} -> "
+                 f"{high:g} on both arms, ratings {name}",
+                 [population_test(0.5, low, drift, rng, now_combined, alpha, args.min_votes,
+                                  traffic, args.max_events, ratings=ratings) for _ in range(n)])
 
 
 def main() -> int:
@@ -216,8 +253,8 @@ def main() -> int:
           f"promotion", flush=True)
     if "votes" in args.tables:
         head_table(args, alpha)
-    if "ratings" in args.tables:
-        ratings_table(args, alpha)
+    for traffic in args.traffic if "ratings" in args.tables else ():
+        ratings_table(args, alpha, traffic)
     for traffic in args.traffic if "population" in args.tables else ():
         population_table(args, alpha, traffic)
     if args.level_tests:
@@ -240,33 +277,38 @@ def head_table(args: argparse.Namespace, alpha: float) -> None:
         print(f"{p:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
 
 
-def ratings_table(args: argparse.Namespace, alpha: float) -> None:
-    print(f"ratings alone (one thumb per user, users split 50/50, control thumbs-up rate "
-          f"{args.control_up:g}; before at {1 - alpha / 2:g}, now at {args.confidence:g}):")
-    print(f"{'cand. up':>8} | before {HEADER} | now {HEADER}")
+def ratings_table(args: argparse.Namespace, alpha: float, traffic: float) -> None:
+    print(f"ratings alone (one thumb per user, candidate traffic {traffic:g}, control thumbs-up "
+          f"rate {args.control_up:g}; before at {1 - alpha / 2:g}, pairs and now at "
+          f"{args.confidence:g}):")
+    print(f"{'cand. up':>8} | " + " | ".join(f"{name} {HEADER}" for name, _, _ in RULES))
     for delta in (0.0, 0.05, 0.1, 0.15):
         up, cells = args.control_up + delta, []
-        for level in (alpha / 2, alpha):
-            rng = random.Random(int(up * 1000) + 7)
+        for name, _, ratings in RULES:
+            rng = random.Random(int(up * 1000) + int(traffic * 100) + 7)
+            level = alpha / 2 if name == "before" else alpha
             cells.append(summary([ratings_test(up, args.control_up, rng, level, args.min_votes,
-                                               args.max_users) for _ in range(args.tests)]))
-        print(f"{up:8.2f} | before {cells[0]} | now {cells[1]}", flush=True)
+                                               args.max_users, traffic, ratings)
+                                  for _ in range(args.tests)]))
+        print(f"{up:8.2f} | " + " | ".join(f"{name} {cell}" for (name, _, _), cell
+                                           in zip(RULES, cells)), flush=True)
 
 
 def population_table(args: argparse.Namespace, alpha: float, traffic: float) -> None:
     print(f"population (a quarter compare, the rest rate their arm's answer; candidate traffic "
           f"{traffic:g}; a look every 5 events):")
-    print(f"{'win, up':>12} | before {HEADER} | now {HEADER}")
+    print(f"{'win, up':>12} | " + " | ".join(f"{name} {HEADER}" for name, _, _ in RULES))
     for win, delta in ((0.5, 0.0), (0.55, 0.05), (0.6, 0.0), (0.6, 0.1), (0.63, 0.1),
                        (0.7, 0.1)):
         up, cells = args.control_up + delta, []
-        for rule in (before_combined, now_combined):
+        for _, rule, ratings in RULES:
             rng = random.Random(int(win * 1000) + int(up * 100))
             cells.append(summary([population_test(win, up, args.control_up, rng, rule, alpha,
-                                                  args.min_votes, traffic, args.max_events)
+                                                  args.min_votes, traffic, args.max_events,
+                                                  ratings=ratings)
                                   for _ in range(args.tests)]))
-        print(f"{win:5.2f}, {up:4.2f} | before {cells[0]} | now {cells[1]}", flush=True)
-
+        print(f"{win:5.2f}, {up:4.2f} | " + " | ".join(f"{name} {cell}" for (name, _, _), cell
+                                                       in zip(RULES, cells)), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ and for each win probability the median votes until the first promotion, the sha
 
     python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \\
         [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \\
-        [--designs 0 1 2 3 4] [--ab-rules now before] [--ab-traffic 0.1] [--workers 2]
+        [--designs 0 1 2 3 4] [--ab-rules now pairs before] [--ab-traffic 0.1] [--workers 2]
 """
 from __future__ import annotations
 
@@ -36,7 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from season_sim import DESIGNS, Live, run_season  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_votes import before_decision  # noqa: E402
+from ab_votes import ArrivalPairs, before_decision  # noqa: E402
+
+AB_RULES = {  # --ab-rules: (the name's suffix, Live's rule, how Live compares ratings)
+    "now": ("", None, Live().ratings),
+    "pairs": (" (A/B ratings paired in arrival order)", None, ArrivalPairs),
+    "before": (" (A/B rule before 2026-12-05)", before_decision, ArrivalPairs)}
 
 from prefloop.align.gate import clopper_pearson  # noqa: E402
 
@@ -87,11 +92,12 @@ def main() -> int:
     ap.add_argument("--designs", type=int, nargs="*", default=list(range(len(DESIGNS))),
                     help="which designs, by index: " + "; ".join(
                         f"{i}: {d.name}" for i, d in enumerate(DESIGNS)) + " (default all)")
-    ap.add_argument("--ab-rules", nargs="+", choices=("now", "before"), default=["now"],
-                    help="the A/B rule of the --promote-via auto design: the server's, and/or "
-                         "the one it replaced on 2026-12-05 (each kind of evidence at half the "
-                         "level, two-sided head-to-head), on the same seeds (default "
-                         "%(default)s)")
+    ap.add_argument("--ab-rules", nargs="+", choices=tuple(AB_RULES), default=["now"],
+                    help="the A/B rule of the --promote-via auto design: the server's (now), "
+                         "the same with the ratings paired in arrival order (pairs), and/or the "
+                         "one replaced on 2026-12-05 (before: each kind of evidence at half the "
+                         "level, two-sided head-to-head, paired ratings), on the same seeds "
+                         "(default %(default)s)")
     ap.add_argument("--ab-traffic", type=float, default=Live().traffic,
                     help="the candidate's share of users in an A/B test the auto route starts "
                          "(align run --ab-traffic; default %(default)s)")
@@ -110,11 +116,11 @@ def main() -> int:
         for i, rule in [(i, rule) for i in args.designs
                         for rule in (args.ab_rules if DESIGNS[i].route == "auto" else ["now"])]:
             design = DESIGNS[i]
-            name = design.name + (" (A/B rule before 2026-12-05)" if rule == "before" else "")
-            indifferent = Live(rule=before_decision if rule == "before" else None,
-                               traffic=args.ab_traffic)
-            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=indifferent.rule,
-                         traffic=args.ab_traffic)
+            suffix, decide, ratings = AB_RULES[rule]
+            name = design.name + suffix
+            indifferent = Live(rule=decide, ratings=ratings, traffic=args.ab_traffic)
+            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=decide,
+                         ratings=ratings, traffic=args.ab_traffic)
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
             differ = seasons(pool, i, n, args.seed + 1, args.workers, live=indifferent, **kw)
             same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True,

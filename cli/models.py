@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--sticky", choices=("user", "session", "request"), default="user",
                        help="what keeps a user on one version (default %(default)s)")
     start.add_argument("--min-votes", type=int, default=20,
-                       help="head-to-head votes and paired ratings, together, needed before a "
+                       help="head-to-head votes and blocks of ratings (about one per candidate "
+                            "user who rated), together, needed before a "
                             "promotion (default %(default)s)")
     start.add_argument("--confidence", type=float, default=0.95,
                        help="the test promotes a candidate that users neither prefer head to "
@@ -498,10 +499,12 @@ def format_ab(status: dict) -> str:
         for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
             lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
         r = status.get("ratings") or {}
-        if r.get("pairs"):
+        if r.get("blocks"):
             lines.append(f"  ratings: {r['candidate_users']} / {r['control_users']} users rated "
-                         f"candidate / control (first rating each); {r['pairs']} pairs, mean "
-                         f"difference {r['mean_difference']:+.3f}, e-value {r['e_better']:.3g}")
+                         f"candidate / control (first rating each); {r['blocks']} "
+                         f"block{'s' * (r['blocks'] != 1)} of users who rated at about the same "
+                         f"time, mean difference "
+                         f"{r['mean_difference']:+.3f}, e-value {r['e_better']:.3g}")
         lines.append(f"  together (head-to-head x ratings): e-value "
                      f"{status.get('e_better', 1.0):.3g}, promotes at "
                      f"{1 / (1 - status['confidence']):.4g}")

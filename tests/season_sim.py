@@ -67,6 +67,7 @@ class Live:
     users: int = 300
     traffic: float = AUTO_AB_TRAFFIC
     rule: Callable[..., ab_decision.Decision] | None = None  # None: decide_combined (the server's)
+    ratings: Callable[[], ab_decision.RatingBets] = ab_decision.RatingBets  # how ratings compare
 
 
 @dataclass(slots=True)
@@ -87,9 +88,7 @@ class _ABTest:
         self.picks = [0] * live.users
         self.rated = [False] * live.users
         self.wins = self.losses = 0
-        self.cand: list[float] = []
-        self.ctrl: list[float] = []
-        self.bets = ab_decision.RatingBets()
+        self.bets = live.ratings()
 
     def event(self) -> None:
         rng, live = self.rng, self.live
@@ -105,14 +104,11 @@ class _ABTest:
             self.rated[user] = True
             cand = self.arm[user]
             up = live.control_up + (live.thumbs_delta if cand else 0.0)
-            (self.cand if cand else self.ctrl).append(float(rng.random() < up))
-            if len(self.cand) > self.bets.pairs and len(self.ctrl) > self.bets.pairs:
-                self.bets.add(self.cand[self.bets.pairs] - self.ctrl[self.bets.pairs])
+            self.bets.add(cand, float(rng.random() < up))
 
     def decide(self) -> ab_decision.Decision:
         rule = self.live.rule or ab_decision.decide_combined
-        return rule(self.wins, self.losses, self.bets.evidence(len(self.cand), len(self.ctrl)),
-                    confidence=self.confidence)
+        return rule(self.wins, self.losses, self.bets.evidence(), confidence=self.confidence)
 
 
 def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: int = 8,

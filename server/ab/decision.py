@@ -22,14 +22,14 @@ mixtures spend no evidence on the direction a decision does not need: at a stead
 and alpha = 0.0083 they promote after 177 votes, where the two-sided interval at half the level
 that decided before 2026-12-05 needed 220 (benchmarks/ab_votes.py, docs/ab.md).
 
-Ratings: `RatingEvidence.e_better` / `e_worse`, betting martingales on paired users' first
-ratings (below).
+Ratings: `RatingEvidence.e_better` / `e_worse`, betting martingales on users' first ratings,
+each candidate user against the control users who rated at about the same time (below).
 
 The rule (`decide_combined`): promote when E+(1/2) x e_better >= 1/alpha and at least `min_votes`
-head-to-head votes and rating pairs are in together; reject when E-(1/2) x e_worse >= 1/alpha;
+head-to-head votes and blocks of ratings are in together; reject when E-(1/2) x e_worse >= 1/alpha;
 keep running when either kind alone reaches 1/alpha the other way ("the two kinds of evidence
 disagree"); reject as undecided when `max_duration_s` has passed. Each event of the test (a vote
-or a rating pair) moves one factor, whose mean given everything before is <= 1 while the candidate
+or a closed block of ratings) moves one factor, whose mean given everything before is <= 1 while the candidate
 is neither preferred head to head nor rated higher, so the product is an e-process too: the test
 promotes such a candidate with probability <= alpha = 1 - confidence (and rejects one that is
 neither less preferred nor rated lower with probability <= alpha). Where only one kind of evidence
@@ -39,9 +39,9 @@ simulation). Ties and "both bad" carry no head-to-head evidence and are not coun
 
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each
-rater's first 5 votes, not each user's own taste), and that the thumbs-up rate does not drift
-while the test runs (ratings are paired in arrival order; at a small traffic share a candidate
-user is paired with a control user from long before). "Better" is in either sense: a candidate
+rater's first 5 votes, not each user's own taste), and that the users of one block of ratings
+are alike but for their arm: a thumbs-up rate that drifts within a block (about 1/traffic
+users, e.g. 10 at 10 %) would bias it; drift across blocks does not. "Better" is in either sense: a candidate
 preferred head to head but rated a little lower may be promoted more often than alpha.
 """
 from __future__ import annotations
@@ -166,19 +166,30 @@ RATING_LAMBDAS = (0.05, 0.1, 0.2, 0.35, 0.5)  # bets of the mixture (any fixed s
 
 @dataclass(frozen=True, slots=True)
 class RatingEvidence:
-    """Per-user ratings of the two arms paired in arrival order: the i-th user whose first rating
-    was on the candidate's answer with the i-th such user of the control.
+    """Per-user ratings of the two arms, compared in blocks of users who rated at about the same
+    time: a block closes when a candidate user arrives and it holds a control user, so at 10 %
+    traffic a block is mostly one candidate user and the ~9 control users who rated since the
+    candidate user before.
 
     Each user counts once (their first rating in the test: thumbs up 1, down 0; stars
-    (s - 1) / 4), so one heavy user cannot decide. Users are assigned to arms at random, so under
-    "the arms are rated alike" each pair's difference d_i = x_cand - x_ctrl in [-1, 1] has mean 0
-    given the earlier pairs, and for every bet l in [0, 1] the product of (1 + l d_i) is a
+    (s - 1) / 4), so one heavy user cannot decide. Users are assigned to arms at random and which
+    users form a block depends only on their arms and their order, so under "the arms are rated
+    alike" the values in a closed block are exchangeable: the block's difference d = mean of its
+    candidate users' values - mean of its control users', in [-1, 1], has mean 0 given the earlier
+    blocks. For every bet l in [0, 1] the product of (1 + l d) over the blocks is then a
     nonnegative martingale with mean 1; so is the average over `RATING_LAMBDAS`. By Ville's
     inequality it ever reaches 1/alpha with probability <= alpha however often it is looked at:
-    `e_better` for "the candidate is rated higher", `e_worse` (bets on -d) for "lower"."""
+    `e_better` for "the candidate is rated higher", `e_worse` (bets on -d) for "lower".
 
-    pairs: int
-    mean_difference: float | None  # of the paired users' ratings, candidate minus control
+    Why blocks, not the pairs in arrival order used before: the i-th candidate user was paired with the i-th
+    control user, which at 10 % traffic left 8 of 9 control users unused and paired the 75th
+    candidate user with a control user from ~670 users earlier, so a drifting thumbs-up rate
+    biased d. A block compares each candidate user with the control users of the same stretch
+    of time, and all of them: d's variance is about (1 + 0.26) q(1 - q) at 10 % traffic
+    against 2 q(1 - q) for a pair."""
+
+    blocks: int
+    mean_difference: float | None  # the mean of the blocks' d
     log_e_better: float  # logs: a long test's products would underflow
     log_e_worse: float
     candidate_users: int
@@ -193,36 +204,49 @@ class RatingEvidence:
         return e_value(self.log_e_worse)
 
     @classmethod
-    def of(cls, candidate: list[float], control: list[float]) -> "RatingEvidence":
+    def of(cls, users) -> "RatingEvidence":
+        """`users`: (on the candidate's arm, first rating in [0, 1]) in arrival order."""
         bets = RatingBets()
-        for i in range(min(len(candidate), len(control))):
-            bets.add(candidate[i] - control[i])
-        return bets.evidence(len(candidate), len(control))
+        for candidate, value in users:
+            bets.add(candidate, value)
+        return bets.evidence()
 
 
 class RatingBets:
-    """The running products of the mixture's bets, one paired difference at a time (what
-    `RatingEvidence.of` computes; a simulation can keep one and add as users arrive)."""
+    """The running products of the mixture's bets, fed one user's first rating at a time in
+    arrival order (what `RatingEvidence.of` computes; a simulation keeps one and adds users as
+    they come)."""
 
     def __init__(self) -> None:
         self.better = [0.0] * len(RATING_LAMBDAS)  # log of each bet's running product
         self.worse = [0.0] * len(RATING_LAMBDAS)
-        self.pairs, self.total = 0, 0.0
+        self.blocks, self.total = 0, 0.0
+        self.users = {True: 0, False: 0}
+        self._open: dict[bool, list[float]] = {True: [], False: []}  # the block being filled
 
-    def add(self, d: float) -> None:
-        """One pair's difference d = x_candidate - x_control in [-1, 1]."""
-        if not -1.0 <= d <= 1.0:
-            raise ValueError(f"a paired rating difference must be in [-1, 1], got {d}")
+    def add(self, candidate: bool, value: float) -> None:
+        """One user's first rating (in [0, 1]) on the candidate's (True) or control's answer."""
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"a rating must be in [0, 1], got {value}")
+        candidate = bool(candidate)
+        self.users[candidate] += 1
+        self._open[candidate].append(value)
+        if candidate and self._open[False]:
+            cand, ctrl = self._open[True], self._open[False]
+            self._bet(sum(cand) / len(cand) - sum(ctrl) / len(ctrl))
+            self._open = {True: [], False: []}
+
+    def _bet(self, d: float) -> None:
         for j, bet in enumerate(RATING_LAMBDAS):  # bets <= 1/2: every factor >= 1/2
             self.better[j] += math.log1p(bet * d)
             self.worse[j] += math.log1p(-bet * d)
-        self.pairs += 1
+        self.blocks += 1
         self.total += d
 
-    def evidence(self, candidate_users: int, control_users: int) -> RatingEvidence:
-        return RatingEvidence(self.pairs, self.total / self.pairs if self.pairs else None,
+    def evidence(self) -> RatingEvidence:
+        return RatingEvidence(self.blocks, self.total / self.blocks if self.blocks else None,
                               _log_mean_exp(self.better), _log_mean_exp(self.worse),
-                              candidate_users, control_users)
+                              self.users[True], self.users[False])
 
 
 def _log_mean_exp(logs: list[float]) -> float:
@@ -233,9 +257,9 @@ def _log_mean_exp(logs: list[float]) -> float:
 def decide_ratings(evidence: RatingEvidence, *, alpha: float, min_users: int = 20) -> str:
     """The ratings alone (the server decides by `decide_combined`; benchmarks/ab_votes.py and the
     tests read the ratings test by itself): PROMOTE when they favour the candidate at level
-    `alpha` (e_better >= 1/alpha) and at least `min_users` users rated each arm; REJECT when they
+    `alpha` (e_better >= 1/alpha) and at least `min_users` blocks are in; REJECT when they
     disfavour it (e_worse >= 1/alpha); else RUNNING."""
-    if evidence.e_better >= 1 / alpha and evidence.pairs >= min_users:
+    if evidence.e_better >= 1 / alpha and evidence.blocks >= min_users:
         return PROMOTE
     if evidence.e_worse >= 1 / alpha:
         return REJECT
@@ -260,12 +284,15 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
     head_text = (f"head-to-head {wins}-{losses}: e-values {e_text(up)} (better) / "
                  f"{e_text(down)} (worse), one-sided {confidence * 100:g}% always-valid bounds "
                  f"[{low:.3f}, {high:.3f}]")
-    rating_text = (f"ratings of {ratings.pairs} user pairs: mean difference "
+    rating_text = (f"ratings of {ratings.candidate_users} candidate and {ratings.control_users} "
+                   f"control users in {ratings.blocks} block{'s' * (ratings.blocks != 1)}: mean "
+                   f"difference "
                    f"{ratings.mean_difference:+.3f}, e-values {e_text(rated_up)} (better) / "
-                   f"{e_text(rated_down)} (worse)" if ratings.pairs else "no paired ratings yet")
+                   f"{e_text(rated_down)} (worse)" if ratings.blocks else
+                   "no block of ratings closed yet")
     bar = f"threshold {1 / (1 - confidence):.4g}"
     together = (f"together {e_text(better)} (better) / {e_text(worse)} (worse), {bar}; "
-                f"{head_text}; {rating_text}" if ratings.pairs else
+                f"{head_text}; {rating_text}" if ratings.blocks else
                 f"{head_text}, {bar}; {rating_text}")
     disagree = (up >= threshold or rated_up >= threshold) and \
         (down >= threshold or rated_down >= threshold)  # (both products over it implies this)
@@ -277,7 +304,7 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
     def made(outcome: str, reason: str, decided_by: str = "") -> Decision:
         return Decision(outcome, wins, losses, low, high, reason, decided_by, better, worse)
 
-    enough = wins + losses + ratings.pairs >= min_votes
+    enough = wins + losses + ratings.blocks >= min_votes
     if better >= threshold and enough and not disagree:
         return made(PROMOTE, f"candidate preferred by {by(up, rated_up)}: {together}",
                     by(up, rated_up))
@@ -288,7 +315,7 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
         return made(REJECT, f"undecided after {elapsed_s / 3600:.1f} h (max duration): "
                             f"{together}; the current version stays", "max duration")
     note = ("; the two kinds of evidence disagree" if disagree else
-            f"; needs >= {min_votes} votes and rating pairs to promote"
+            f"; needs >= {min_votes} votes and rating blocks to promote"
             if better >= threshold else "")
     return made(RUNNING, f"running: {together}{note}")
 

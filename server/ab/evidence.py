@@ -7,8 +7,8 @@ shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot
 (alone, a rater cannot reach the default 20 votes a promotion needs);
 which votes count depends only on their order, never on their outcome, so the sequential rule
 keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first rating
-(thumbs 1 / 0, stars (s - 1) / 4) in arrival order — what the ratings test reads
-(decision.RatingEvidence: one value per user, so a heavy user counts once; a rating without a
+(thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings test
+reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating without a
 user id counts as its session's, else as its own). Only rows since the test started count; a
 vote logged twice under one idempotency key (by two replicas at once) counts once.
 
@@ -43,7 +43,8 @@ class Tally:
     over_cap: int = 0  # head-to-head votes past their rater's first MAX_HEAD_TO_HEAD_PER_RATER
     thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
     stars: dict = field(default_factory=dict)  # version -> [sum, count]
-    first_ratings: dict = field(default_factory=dict)  # version -> [each user's first rating]
+    first_ratings: list = field(default_factory=list)  # (version, value): each user's first
+    # rating, in arrival order
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -123,7 +124,7 @@ def _count(rows, state: ABState) -> Tally:
                 raters.add(rater)
                 value = (1.0 if row["score"] > 0 else 0.0) if row["scale"] == "thumbs" \
                     else (row["score"] - 1) / 4.0
-                out.first_ratings.setdefault(version, []).append(value)
+                out.first_ratings.append((version, value))
             if row["scale"] == "thumbs":
                 counts = out.thumbs.setdefault(version, {"up": 0, "down": 0})
                 counts["up" if row["score"] > 0 else "down"] += 1
@@ -135,8 +136,8 @@ def _count(rows, state: ABState) -> Tally:
 
 
 def rating_evidence(state: ABState, counts: Tally) -> decision.RatingEvidence:
-    return decision.RatingEvidence.of(counts.first_ratings.get(state.candidate, []),
-                                      counts.first_ratings.get(state.control, []))
+    return decision.RatingEvidence.of((version == state.candidate, value)
+                                      for version, value in counts.first_ratings)
 
 
 def verdict(state: ABState, counts: Tally) -> decision.Decision:
@@ -167,7 +168,7 @@ def status(registry: Registry, data_dir: Path) -> dict:
                    e_worse=decision.e_value(now.log_e_worse),
                    head_to_head={"e_better": decision.e_value(head_better),
                                  "e_worse": decision.e_value(head_worse)},
-                   ratings={"pairs": ratings.pairs, "mean_difference": ratings.mean_difference,
+                   ratings={"blocks": ratings.blocks, "mean_difference": ratings.mean_difference,
                             "e_better": ratings.e_better, "e_worse": ratings.e_worse,
                             "candidate_users": ratings.candidate_users,
                             "control_users": ratings.control_users})
