@@ -60,6 +60,7 @@ from loop_users import (  # noqa: E402
 )
 
 from prefloop.clients import Client  # noqa: E402
+from prefloop.server.ab import evidence as ab_evidence  # noqa: E402
 from prefloop.server.ab import state as ab_state  # noqa: E402
 from prefloop.server.registry import Registry  # noqa: E402
 
@@ -303,6 +304,8 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                 total_votes += votes["votes"]
                 total_flood += votes["flooder_votes"]
                 ab_after_votes = ab_state.read_state(registry)
+                evidence = evidence_line(registry, data) if ab_after_votes is not None \
+                    and ab_after_votes.running else ""
                 job = run_job(data, args.method, args.align_arg, args.promote_via)
                 t = time.perf_counter()
                 deadline = time.time() + 300
@@ -319,6 +322,7 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                 row = {"preference": preference, "feedback": args.feedback, "noise": args.noise,
                        "round": r + 1, "votes_total": total_votes, "current": registry.current(),
                        "ab_during_votes": ab_summary(ab_before, ab_after_votes),
+                       "ab_evidence": evidence,
                        "ab_after_job": ab_summary(ab, ab) if ab is not None and ab.running else "",
                        "flooder_votes_total": total_flood, **votes,
                        "job_status": job.get("status"), "job_reason": job.get("reason"),
@@ -348,6 +352,20 @@ def ab_summary(before, after) -> str:
             f"{now.confidence:.4g}; head-to-head {now.wins}-{now.losses} so far)")
 
 
+def evidence_line(registry: Registry, data: Path) -> str:
+    """The running test's evidence as `ab status` computes it: the product's e-value against its
+    threshold, and each kind's factor."""
+    shown = ab_evidence.status(registry, data)
+    if not shown.get("running"):
+        return ""
+    r = shown["ratings"]
+    return (f"e-value {shown['e_better']:.3g} of {1 / (1 - shown['confidence']):.4g} to promote "
+            f"(head-to-head {shown['wins']}-{shown['losses']}: "
+            f"{shown['head_to_head']['e_better']:.3g}; ratings of {r['candidate_users']} / "
+            f"{r['control_users']} candidate / control users in {r['blocks']} blocks: "
+            f"{r['e_better']:.3g})")
+
+
 def format_row(row: dict) -> str:
     win = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     kl = "-" if row["kl_per_token"] is None else f"{row['kl_per_token']:.4f}"
@@ -361,6 +379,7 @@ def format_row(row: dict) -> str:
             f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} KL {kl} "
             f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s"
             + (f"\n{'':>16} A/B during the votes: {row['ab_during_votes']}" if row.get("ab_during_votes") else "")
+            + (f"\n{'':>16} A/B evidence after the votes: {row['ab_evidence']}" if row.get("ab_evidence") else "")
             + (f"\n{'':>16} A/B after the job: {row['ab_after_job']}" if row.get("ab_after_job") else ""))
 
 
