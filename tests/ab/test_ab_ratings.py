@@ -21,9 +21,9 @@ from conftest import ADMIN_TOKEN
 from test_ab import ab_server, post  # noqa: F401 (the in-process A/B server fixture)
 
 from prefloop.align.gate import clopper_pearson
+from prefloop.cli.models import format_ab
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
-from prefloop.cli.models import format_ab
 from prefloop.server.ab.evidence import status as ab_status
 from prefloop.server.ab.evidence import tally
 from prefloop.server.feedback.store import FeedbackStore, StoreConfig
