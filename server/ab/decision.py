@@ -29,20 +29,21 @@ The rule (`decide_combined`): promote when E+(1/2) x e_better >= 1/alpha and at 
 head-to-head votes and blocks of ratings are in together; reject when E-(1/2) x e_worse >= 1/alpha;
 keep running when either kind alone reaches 1/alpha the other way ("the two kinds of evidence
 disagree"); reject as undecided when `max_duration_s` has passed. Each event of the test (a vote
-or a closed block of ratings) moves one factor, whose mean given everything before is <= 1 while the candidate
-is neither preferred head to head nor rated higher, so the product is an e-process too: the test
-promotes such a candidate with probability <= alpha = 1 - confidence (and rejects one that is
-neither less preferred nor rated lower with probability <= alpha). Where only one kind of evidence
-comes in, the other factor stays near 1 and the one kind decides at the whole level, not at half
-of it as a union bound would (tests/ab/test_ab.py and test_ab_ratings.py check both levels by
+or a closed block of ratings) moves one factor, whose mean given everything before is <= 1 while
+the candidate is neither preferred head to head nor rated higher, so the product is an e-process
+too: the test promotes such a candidate with probability <= alpha = 1 - confidence (and rejects
+one that is neither less preferred nor rated lower with probability <= alpha). Where only one
+kind of evidence comes in, the other factor stays near 1 and the one kind decides at the whole
+level, not at half of it as a union bound would (tests/ab/test_ab.py and test_ab_ratings.py check both levels by
 simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
 
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each
 rater's first 5 votes, not each user's own taste), and that the users of one block of ratings
 are alike but for their arm: a thumbs-up rate that drifts within a block (about 1/traffic
-users, e.g. 10 at 10 %) would bias it; drift across blocks does not. "Better" is in either sense: a candidate
-preferred head to head but rated a little lower may be promoted more often than alpha.
+users, e.g. 10 at 10 %) would bias it; drift across blocks does not. "Better" is in either
+sense: a candidate preferred head to head but rated a little lower may be promoted more often
+than alpha.
 """
 from __future__ import annotations
 
@@ -181,12 +182,12 @@ class RatingEvidence:
     inequality it ever reaches 1/alpha with probability <= alpha however often it is looked at:
     `e_better` for "the candidate is rated higher", `e_worse` (bets on -d) for "lower".
 
-    Why blocks, not the pairs in arrival order used before: the i-th candidate user was paired with the i-th
-    control user, which at 10 % traffic left 8 of 9 control users unused and paired the 75th
-    candidate user with a control user from ~670 users earlier, so a drifting thumbs-up rate
-    biased d. A block compares each candidate user with the control users of the same stretch
-    of time, and all of them: d's variance is about (1 + 0.26) q(1 - q) at 10 % traffic
-    against 2 q(1 - q) for a pair."""
+    Why blocks, not the pairs in arrival order used before: the i-th candidate user was paired
+    with the i-th control user, which at 10 % traffic left 8 of 9 control users unused and paired
+    the 75th candidate user with a control user from ~670 users earlier, so a drifting thumbs-up
+    rate biased d. A block compares each candidate user with the control users of the same
+    stretch of time, and all of them: d's variance is about 1.2 q(1 - q) at 10 % traffic (a
+    block's control users number k >= 1 with E[1/k] = 0.26) against 2 q(1 - q) for a pair."""
 
     blocks: int
     mean_difference: float | None  # the mean of the blocks' d
