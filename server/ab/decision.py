@@ -35,7 +35,8 @@ too: the test promotes such a candidate with probability <= alpha = 1 - confiden
 one that is neither less preferred nor rated lower with probability <= alpha). Where only one
 kind of evidence comes in, the other factor stays near 1 and the one kind decides at the whole
 level, not at half of it as a union bound would (tests/ab/test_ab.py and test_ab_ratings.py
-check both levels by simulation). Ties and "both bad" carry no head-to-head evidence and are not counted.
+check both levels by simulation). Ties and "both bad" carry no head-to-head evidence and are not
+counted.
 
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each
