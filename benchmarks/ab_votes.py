@@ -130,7 +130,7 @@ def ratings_test(up_candidate: float, up_control: float, rng: random.Random, alp
                  ratings=decision.RatingBets) -> tuple[str, int]:
     """Users arrive, each assigned to the candidate's arm with probability `traffic`, and rate
     its answer once (thumbs); the ratings test alone at level `alpha` (what each rule does when
-    no compare vote comes in), a look after every user."""
+    no compare vote comes in), a look after every closed block (or pair)."""
     bets = ratings()
     for n in range(1, cap + 1):
         arm = rng.random() < traffic

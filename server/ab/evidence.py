@@ -6,10 +6,10 @@ chosen. Each rater's first `MAX_HEAD_TO_HEAD_PER_RATER` (5) such votes count, la
 shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot decide a test
 (alone, a rater cannot reach the default 20 votes a promotion needs);
 which votes count depends only on their order, never on their outcome, so the sequential rule
-keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first rating
-(thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings test
-reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating without a
-user id counts as its session's, else as its own). Only rows since the test started count; a
+keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first
+rating (thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings
+test reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating
+without a user id counts as its session's, else as its own). Only rows since the test started count; a
 vote logged twice under one idempotency key (by two replicas at once) counts once.
 
 `EvidenceReader` reads the log incrementally (server/feedback/peers.py following every log of the

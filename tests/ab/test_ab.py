@@ -450,8 +450,7 @@ def test_a_job_promoting_via_ab_starts_a_test_instead_of_promoting(tmp_path):
 def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traffic(tmp_path):
     """--promote-via auto: a clear offline win promotes at once; a candidate that failed only the
     comparison, and not measurably worse, starts an A/B test at 10 % traffic (or --ab-traffic);
-    a worse one, or one
-    over a KL bound or short of held-out pairs, is rejected."""
+    a worse one, or one over a KL bound or short of held-out pairs, is rejected."""
     from prefloop.align.gate import Check, GateDecision, PairedResult
     from prefloop.align.jobs import runner
 

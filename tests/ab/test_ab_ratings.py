@@ -13,7 +13,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,18 +106,14 @@ def test_a_drifting_thumbs_up_rate_keeps_the_blocks_level_and_breaks_the_pairs()
     the candidate: pairing the i-th candidate user with the i-th control user compares a late
     candidate user with an early control user, so it promotes far more often than alpha; the
     blocks compare users of the same stretch and stay at it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from ab_votes import ArrivalPairs  # the pairing benchmarks/ab_votes.py compares with
+
     def run(seed: int, paired: bool) -> str:
-        rng, bets, waiting = random.Random(seed), decision.RatingBets(), {True: [], False: []}
+        rng, bets = random.Random(seed), ArrivalPairs() if paired else decision.RatingBets()
         for i in range(1500):
             arm = rng.random() < 0.1
-            value = float(rng.random() < 0.15 + 0.4 * i / 1500)
-            if not paired:
-                bets.add(arm, value)
-            else:  # a control user then a candidate user close a block of that one pair
-                waiting[arm].append(value)
-                if waiting[True] and waiting[False]:
-                    bets.add(False, waiting[False].pop(0))
-                    bets.add(True, waiting[True].pop(0))
+            bets.add(arm, float(rng.random() < 0.15 + 0.4 * i / 1500))
             if i % 25 == 24:
                 outcome = decision.decide_ratings(bets.evidence(), alpha=0.05)
                 if outcome != decision.RUNNING:
