@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_KL = 0.5  # nats per completion token
 DEFAULT_MAX_ROOT_KL = 1.0  # nats per completion token, to the root version (the cumulative drift)
-SPENDING = ("harmonic", "none")  # how a season's decisions share the level (align/season.py)
+SPENDING = ("harmonic", "separate", "none")  # how a season's decisions share the level
+# (align/season.py; "separate": an A/B test a job starts is a decision of its own, the rule
+# before 2026-12-06)
 DEFAULT_CONFIDENCE = 0.9  # two-sided; one-sided false-pass rate (1 - 0.9) / 2 = 5 %
 DEFAULT_MIN_HELDOUT = 20
 METRICS = ("implicit_either", "implicit_margin", "implicit_reward", "pref_accuracy")

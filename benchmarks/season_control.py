@@ -16,11 +16,14 @@ head-to-head with probability --live-win and give it --live-thumbs more thumbs u
 For each design (spending rule x look growth x route) it prints the share of random-feedback
 seasons with a promotion (95 % Clopper-Pearson interval), the looks (and A/B tests) per season,
 and for each win probability the median votes until the first promotion, the share promoted by
---end and, for the auto route, the share of those the A/B test promoted.
+--end and, for the auto route, the share of those the A/B test promoted; then a second table:
+the share of seasons promoted within --by votes (issue 27 asks for 300) and the mean votes to
+the first promotion, counting a season with none as --end.
 
     python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \\
         [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \\
-        [--designs 0 1 2 3 4] [--ab-rules now pairs before] [--ab-traffic 0.1] [--workers 2]
+        [--designs 0 1 2 3 4 5] [--ab-rules now pairs before] [--ab-traffic 0.1] [--by 300] \\
+        [--workers 2] [--seed 0]
 """
 from __future__ import annotations
 
@@ -102,6 +105,9 @@ def main() -> int:
                     help="the candidate's share of users in an A/B test the auto route starts "
                          "(align run --ab-traffic; default %(default)s)")
     ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
+    ap.add_argument("--by", type=int, default=300,
+                    help="the second table: share of seasons promoted within this many votes "
+                         "(default %(default)s)")
     ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
@@ -132,7 +138,9 @@ def main() -> int:
                 promoted = [r for r in res if r[0] is not None]
                 by_ab = sum(1 for r in promoted if r[3] != "gate")
                 power[win] = (statistics.median(r[0] for r in promoted) if promoted else None,
-                              len(promoted) / len(res), by_ab / len(res))
+                              len(promoted) / len(res), by_ab / len(res),
+                              sum(1 for r in promoted if r[0] <= args.by) / len(res),
+                              statistics.mean(args.end if r[0] is None else r[0] for r in res))
             looks = statistics.mean(r[1] for r in differ)
             tests = statistics.mean(r[2] for r in differ)
             rows.append((name, rate(differ), rate(same), looks, tests, power))
@@ -143,8 +151,13 @@ def main() -> int:
               f"{f'win {w:g}: median votes (promoted; by A/B)':>38}" for w in args.wins))
     for name, differ, same, looks, tests, power in rows:
         cells = "  ".join(f"{'-' if m is None else f'{m:.0f}':>16} ({share:6.1%}; {ab:6.1%})   "
-                          for m, share, ab in power.values())
+                          for m, share, ab, _, _ in power.values())
         print(f"{name:46} {differ:>31} {same:>28} {looks:6.1f} {tests:5.2f}  {cells}")
+    print(f"\n{'design':46} " + "  ".join(
+        f"{f'win {w:g}: within {args.by} votes, mean votes':>34}" for w in args.wins))
+    for name, _, _, _, _, power in rows:
+        print(f"{name:46} " + "  ".join(f"{f'{within:6.1%}, {mean:4.0f}':>34}"
+                                         for _, _, _, within, mean in power.values()))
     print(f"\nseason_control: finished in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -152,12 +152,16 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                       help="largest KL per held-out answer token to the root version v0000: "
                            "the drift of the whole chain of versions, which per-job KL bounds "
                            "do not limit (default %(default)s)")
-    gate.add_argument("--season-spending", choices=("harmonic", "none"), default="harmonic",
+    gate.add_argument("--season-spending", choices=("harmonic", "separate", "none"),
+                      default="harmonic",
                       help="the level of each decision against one current version: harmonic "
                            "spends the stated level over the season (the k-th decision at "
                            "level/(k(k+1)), so all of them together false-promote at most the "
-                           "stated 5%%); none: the full level every job (align/season.py) "
-                           "(default %(default)s)")
+                           "stated 5%%; with --promote-via auto the offline gate gets a third of "
+                           "a decision and an A/B test it starts the rest, more of it the closer "
+                           "the offline p-value came); separate: the same, with each A/B test a "
+                           "decision of its own (the rule before 2026-12-06); none: the full "
+                           "level every job (align/season.py) (default %(default)s)")
     gate.add_argument("--look-growth", type=float, default=1.5, metavar="X",
                       help="align run / schedule: after a decision against the current version, "
                            "the next job runs once the window has grown by this factor "

@@ -6,9 +6,11 @@ drawn — N(0, 1) for feedback that carries no preference, N(mu, 1) with P(margi
 for a candidate that learned what voters prefer. Used by tests/align/test_season.py and
 benchmarks/season_control.py.
 
-The `--promote-via auto` route (`Design.route`): a verdict the real `runner.inconclusive_but_safe`
-calls inconclusive but safe starts an A/B test as the season's next decision, at the real
-`season.ab_confidence`; jobs wait while it runs (`season.ab_wait`), and every later event is
+The `--promote-via auto` route (`Design.route`): the look's offline gate decides at the real
+`season.decision_config` (a third of the decision's level under the harmonic spending), and a
+verdict the real `runner.inconclusive_but_safe` calls inconclusive but safe starts an A/B test
+at the real `season.ab_confidence` for its offline p-value (the rest of the decision; with
+`separate` spending the season's next decision); jobs wait while it runs (`season.ab_wait`), and every later event is
 live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each rater's
 first 5 head-to-head votes, each user's first rating, users assigned to the candidate at the
 test's traffic share) decides on after every `every` events; a test still undecided when the
@@ -26,7 +28,15 @@ from types import SimpleNamespace
 from prefloop.align import data as data_mod
 from prefloop.align import gate as gate_mod
 from prefloop.align.jobs.runner import AUTO_AB_TRAFFIC, inconclusive_but_safe
-from prefloop.align.season import Season, ab_confidence, decision_config, too_early
+from prefloop.align.season import (
+    Season,
+    ab_confidence,
+    ab_decision_number,
+    decision_config,
+    offline_p_value,
+    shares_with_ab,
+    too_early,
+)
 from prefloop.server.ab import decision as ab_decision
 from prefloop.server.ab.evidence import MAX_HEAD_TO_HEAD_PER_RATER
 from prefloop.server.jobs import JobRecord
@@ -49,7 +59,9 @@ DESIGNS = (Design("per job, a look every 8 votes (before)", "none", 1.0),
            Design("spending, a look every 8 votes", "harmonic", 1.0),
            Design("spending, looks at 1.5x (default)", "harmonic", 1.5),
            Design("spending, looks at 2x", "harmonic", 2.0),
-           Design("spending, looks at 1.5x, --promote-via auto", "harmonic", 1.5, "auto"))
+           Design("spending, looks at 1.5x, --promote-via auto", "harmonic", 1.5, "auto"),
+           Design("auto, A/B test a decision apart (before)", "separate", 1.5,
+                  "auto"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,18 +167,20 @@ def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: in
         margins = (fixed[first:] if same_ranking
                    else [rng.gauss(mu, 1.0) for _ in heldout])
         implicit = gate_mod.Paired.from_differences(margins)
+        k, shares = season.next_decision, shares_with_ab(config, True, design.route)
         verdict = gate_mod.decide(
             implicit=implicit, accuracy=None, candidate_accuracy=None, current_accuracy=None,
             current_version="v0000", kl_per_token=0.01, heldout_pairs=len(heldout),
-            config=decision_config(config, season.next_decision), margins=margins)
+            config=decision_config(config, k, shares), margins=margins)
         if verdict.passed:
             return SeasonResult(n, len(decisions) + 1, tests, "gate", ab_events)
-        gate = {}
+        gate = {"season_decision": k}
         if design.route == "auto" and inconclusive_but_safe(verdict):
-            k = season.next_decision + 1
-            test, tests = _ABTest(rng, live, ab_confidence(config, k)), tests + 1
-            gate = {"ab_decision": k}
-        decisions.append(JobRecord(f"job-{n}", "published" if gate else "rejected", gate=gate,
+            confidence = ab_confidence(config, k, offline_p_value(verdict))
+            test, tests = _ABTest(rng, live, confidence), tests + 1
+            gate["ab_decision"] = ab_decision_number(config, k)
+        status = "published" if "ab_decision" in gate else "rejected"
+        decisions.append(JobRecord(f"job-{n}", status, gate=gate,
                                    data={"until": data_mod.iso(rows[-1].created_at),
                                          "total_rows": len(rows)}))
     return SeasonResult(None, len(decisions), tests, "", ab_events)

@@ -23,7 +23,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision, Paired, ppo_gate, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.jobs.reward import reward_model_version
-from prefloop.align.season import ab_wait, decision_config, season_of, too_early, with_season
+from prefloop.align.season import ab_wait, decision_config, season_of, shares_with_ab, too_early, with_season
 from prefloop.align.train.ppo import PPOConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -170,9 +170,10 @@ def _run_ppo(cfg: PPOJobConfig, registry: reg.Registry, job_id: str, train_fn, m
     if cfg.plot and history:
         result.metrics["training"]["plot"] = str(plot_metrics(
             history, out_dir / "ppo_curves.png", title=f"PPO {job_id} (rm {cfg.rm})"))
+    shares = shares_with_ab(cfg.gate, cfg.promote, cfg.promote_via)
+    gate_config = decision_config(cfg.gate, season.next_decision, shares)
     decision = with_season(_evaluate_ppo(cfg, registry, base, base_dir, rm_dir, trained, split,
-                                         result, decision_config(cfg.gate, season.next_decision)),
-                           season, cfg.gate)
+                                         result, gate_config), season, cfg.gate, shares)
     result.gate = decision.to_record()
     if decision.passed or cfg.keep_rejected or (
             cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):

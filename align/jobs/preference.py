@@ -26,7 +26,7 @@ from prefloop.align.degeneration import Degeneration, degeneration_check
 from prefloop.align.gate import GateConfig, GateDecision, decide, with_check, with_drift
 from prefloop.align.jobs import runner
 from prefloop.align.rating_test import balanced_pairs
-from prefloop.align.season import ab_wait, decision_config, season_of, too_early, with_season
+from prefloop.align.season import ab_wait, decision_config, season_of, shares_with_ab, too_early, with_season
 from prefloop.align.train.preference import TrainConfig
 from prefloop.server import registry as reg
 from prefloop.server.errors import InvalidArgument
@@ -159,9 +159,10 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     result.metrics["training"] = _training_summary(trained)
     seconds = {"load_and_train": time.perf_counter() - started}
     started = time.perf_counter()
+    shares = shares_with_ab(cfg.gate, cfg.promote, cfg.promote_via)
     decision = with_season(_evaluate(cfg, registry, base, base_dir, trained, split, result,
-                                     decision_config(cfg.gate, season.next_decision)),
-                           season, cfg.gate)
+                                     decision_config(cfg.gate, season.next_decision, shares)),
+                           season, cfg.gate, shares)
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()} | \
         result.metrics.get("seconds", {})

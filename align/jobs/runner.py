@@ -387,15 +387,18 @@ def inconclusive_but_safe(decision: GateDecision) -> bool:
 def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Registry,
                    stated: GateConfig | None) -> JobResult:
     """`--promote-via auto` on an inconclusive but safe candidate: an A/B test at the stated
-    `--ab-traffic` (else `AUTO_AB_TRAFFIC`) whose level is the season's next decision's (without
-    a season, the A/B default)."""
-    from prefloop.align.season import ab_confidence
+    `--ab-traffic` (else `AUTO_AB_TRAFFIC`) whose level is the share of the season's decision
+    that the job's offline p-value leaves it (align/season.py; without a season, the A/B
+    default)."""
+    from prefloop.align.season import ab_confidence, ab_decision_number, offline_p_value
     from prefloop.server.ab import state as ab_state
     traffic = stated.ab_traffic if stated is not None else AUTO_AB_TRAFFIC
     settings: dict = {"traffic": traffic}
-    k = decision.season_decision + 1 if decision.season_decision else None
-    if stated is not None and k is not None:
-        settings["confidence"] = ab_confidence(stated, k)
+    k = None
+    if stated is not None and decision.season_decision:
+        k = ab_decision_number(stated, decision.season_decision)
+        settings["confidence"] = ab_confidence(stated, decision.season_decision,
+                                               offline_p_value(decision))
     try:
         state = ab_state.start(registry, result.version, force=True, **settings)
     except FailedPrecondition as e:  # e.g. another test runs: the version stays published
@@ -405,7 +408,8 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
     result.status = PUBLISHED
     if result.gate is not None and k is not None:
         result.gate.update(ab_decision=k, ab_confidence=state.confidence)
-    season = (f", the season's decision {k} at confidence {state.confidence:.4g}"
+    share = " (its share, by the offline p-value)" if k == decision.season_decision else ""
+    season = (f", the season's decision {k}{share} at confidence {state.confidence:.4g}"
               if k is not None else "")
     result.reason += (f"; inconclusive offline but safe: A/B test started against "
                       f"{state.control} at {traffic:.0%} traffic{season} (head-to-head "

@@ -489,18 +489,30 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     state = ab_state.running_state(registry)
     assert (state.candidate, state.traffic) == (v1, 0.1)
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
-    # in a season (align/season.py) the test is the next decision and spends its level
+    # in a season (align/season.py) the test shares the job's decision: the rest of its level,
+    # spread by the offline p-value (here 2 x the sign test's 0.2: the default metric's two tests)
+    from prefloop.align import season
     from prefloop.align.gate import GateConfig
+    leaning = dataclasses.replace(verdict(False, 0.72), season_decision=2,
+                                  paired=PairedResult(14, 12, 4, 0.34, 0.72, p_value=0.2))
     seasoned = runner.JobResult(job_id="job-1b", status="running", version=v1, gate={})
-    runner.conclude(seasoned, dataclasses.replace(verdict(False, 0.72), season_decision=2),
-                    registry, "job-1b", "dpo", promote=True, promote_via="auto",
-                    stated=GateConfig(ab_traffic=0.3))
-    level = 0.05 / (3 * 4)  # decision 3 of the season
+    runner.conclude(seasoned, leaning, registry, "job-1b", "dpo", promote=True,
+                    promote_via="auto", stated=GateConfig(ab_traffic=0.3))
+    level = season.ab_level(GateConfig(), 2, 0.4)  # tests/align/test_season.py checks b(p)
+    assert season.ab_level(GateConfig(), 2, 1.0) < level < season.ab_level(GateConfig(), 2, 0.2)
     seasoned_state = ab_state.running_state(registry)
     assert seasoned_state.confidence == pytest.approx(1 - level)
     assert seasoned_state.traffic == 0.3  # --ab-traffic
-    assert seasoned.gate == {"ab_decision": 3, "ab_confidence": pytest.approx(1 - level)}
-    assert "at 30% traffic, the season's decision 3 at confidence 0.9958" in seasoned.reason
+    assert seasoned.gate == {"ab_decision": 2, "ab_confidence": pytest.approx(1 - level)}
+    assert (f"at 30% traffic, the season's decision 2 (its share, by the offline p-value) at "
+            f"confidence {1 - level:.4g}") in seasoned.reason
+    ab_state.conclude(registry, ab_state.STOPPED, "test over")
+    # --season-spending separate (the rule before 2026-12-06): the test is the next decision
+    apart = runner.JobResult(job_id="job-1c", status="running", version=v1, gate={})
+    runner.conclude(apart, leaning, registry, "job-1c", "dpo", promote=True, promote_via="auto",
+                    stated=GateConfig(spending="separate"))
+    assert apart.gate == {"ab_decision": 3, "ab_confidence": pytest.approx(1 - 0.05 / (3 * 4))}
+    assert "the season's decision 3 at confidence 0.9958" in apart.reason
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     win = runner.JobResult(job_id="job-2", status="running", version=v1)
     runner.conclude(win, verdict(True, 0.9), registry, "job-2", "dpo", promote=True,

@@ -378,8 +378,10 @@ def test_a_job_too_small_for_the_gate_skips_before_training_unless_asked_to_keep
 
 def test_align_run_spends_its_level_over_a_season_and_waits_for_new_evidence(dpo_job, log_32, tiny,
                                                                               tmp_path):
-    """Decisions against one current version share the stated 5 % (the k-th at 5 %/(k(k+1))),
-    and a scheduled job looks again only once the window grew 1.5x since the last decision."""
+    """Decisions against one current version share the stated 5 % (the k-th at 5 %/(k(k+1)),
+    of which the offline gate gets a third on the default --promote-via auto, the rest kept for
+    an A/B test), and a scheduled job looks again only once the window grew 1.5x since the last
+    decision."""
     from prefloop.align.gate import GateConfig
     data_dir = fresh_copy(log_32, tmp_path)
     train_fn = trained_weights(dpo_job)
@@ -388,7 +390,8 @@ def test_align_run_spends_its_level_over_a_season_and_waits_for_new_evidence(dpo
                gate=GateConfig(min_heldout=3))
     first = run_job(JobConfig(**cfg), train_fn=train_fn)  # decision 1 against v0000: 8 of 8 won
     assert first.status == "promoted" and first.gate["season_decision"] == 1
-    assert first.gate["confidence"] == pytest.approx(0.95) and first.gate["stated_confidence"] == 0.9
+    assert first.gate["confidence"] == pytest.approx(1 - 2 * 0.025 / 3)
+    assert first.gate["stated_confidence"] == 0.9
     write_pairs(data_dir, banana_pairs(10, seed=7))
     second = run_job(JobConfig(**cfg), train_fn=train_fn)  # v0001's season starts afresh
     assert second.status == "rejected" and second.gate["season_decision"] == 1
@@ -401,9 +404,11 @@ def test_align_run_spends_its_level_over_a_season_and_waits_for_new_evidence(dpo
     write_pairs(data_dir, banana_pairs(5, seed=9))
     third = run_job(JobConfig(**cfg), train_fn=train_fn)
     assert third.status == "rejected" and third.gate["season_decision"] == 2
-    assert third.gate["confidence"] == pytest.approx(1 - 2 * 0.05 / 6)
+    assert third.gate["confidence"] == pytest.approx(1 - 2 * 0.05 / 6 / 3)
     assert any(r.startswith("reported: decision 2 against v0001 since it became current: "
-                            "one-sided level 0.05/(2·3) = 0.00833") for r in third.gate["reasons"])
+                            "one-sided level 0.05/(2·3) = 0.00833; the offline gate gets 0.333 of "
+                            "it (0.00278) and an A/B test this job starts the rest")
+               for r in third.gate["reasons"])
     per_job = run_job(JobConfig(**dict(cfg, incremental=False, command="dpo",
                                        gate=GateConfig(min_heldout=3, spending="none"))),
                       train_fn=train_fn)

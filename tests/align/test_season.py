@@ -6,12 +6,13 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import fake_model
 from season_sim import DESIGNS, T0, run_season
 
 from prefloop.align import season as S
-from prefloop.align.gate import GateConfig, clopper_pearson
+from prefloop.align.gate import GateConfig, Paired, clopper_pearson, decide
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.jobs import record_job
 from prefloop.server.registry import Registry
@@ -92,16 +93,75 @@ def test_random_feedback_seasons_are_consistent_with_5_percent_only_with_spendin
     assert sum(r.promoted_at is not None for r in found) >= 9  # a real preference still promotes
 
 
-def test_an_ab_test_a_job_starts_is_the_seasons_next_decision_at_its_level():
+def test_an_ab_test_a_job_starts_shares_its_decision_and_counts_once():
     from prefloop.server.jobs import JobRecord
     plain = JobRecord("a", "rejected", gate={"season_decision": 1})
-    tested = JobRecord("b", "published", gate={"season_decision": 2, "ab_decision": 3})
+    shared = JobRecord("b", "published", gate={"season_decision": 2, "ab_decision": 2})
+    apart = JobRecord("c", "published", gate={"season_decision": 3, "ab_decision": 4})
     assert S.Season("v0000", None, (plain,)).next_decision == 2
-    assert S.Season("v0000", None, (plain, tested)).next_decision == 4  # job 2, its test 3
-    assert S.ab_confidence(GateConfig(), 2) == pytest.approx(1 - 0.05 / 6)
+    assert S.Season("v0000", None, (plain, shared)).next_decision == 3  # job 2 and its test
+    assert S.Season("v0000", None, (plain, shared, apart)).next_decision == 5  # test 4 apart
+    assert [S.ab_decision_number(GateConfig(spending=m), 3) for m in S.SPENDING] == [3, 4, 4]
+    assert S.shares_with_ab(GateConfig(), True, "auto")
+    assert not S.shares_with_ab(GateConfig(), False, "auto")
+    assert not S.shares_with_ab(GateConfig(), True, "gate")
+    assert not S.shares_with_ab(GateConfig(spending="separate"), True, "auto")
+    # the gate's share: a third of the decision's one-sided level
+    assert S.decision_config(GateConfig(), 1, shares=True).confidence == \
+        pytest.approx(1 - 2 * 0.025 / 3)
+    assert S.decision_config(GateConfig(), 1).confidence == pytest.approx(0.95)
+    # separate: the next decision's level whatever the p-value; none: the stated level
+    assert S.ab_confidence(GateConfig(spending="separate"), 1, 0.01) == pytest.approx(1 - 0.05 / 6)
     assert S.ab_confidence(GateConfig(spending="none"), 5) == pytest.approx(0.95)
     with pytest.raises(InvalidArgument, match="A/B span"):
         GateConfig(look_growth=2.0, ab_span=1.5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_the_gate_and_its_ab_test_together_spend_exactly_the_decisions_level(k):
+    """Under feedback that carries no preference the offline p-value is (at least) uniform, the
+    gate promotes when p <= a and the A/B test, started for p > a, promotes with probability
+    <= b(p) (Ville): P(the decision promotes) <= a + integral_a^1 b(p) dp, which must come to
+    the decision's level alpha / (k (k + 1)). Integrated numerically on a log grid, apart from
+    the closed form and bisection the code uses; b falls with p, stays at b(a) below a and never
+    exceeds the stated 5 % (it reaches that cap near a for k = 1, 2 and 5, not 40)."""
+    config = GateConfig()
+    whole = 0.05 / (k * (k + 1))
+    a = S.offline_level(config, k, shares=True)
+    assert a == pytest.approx(whole / 3)
+    grid = np.geomspace(a, 1.0, 200_001)
+    b = np.array([S.ab_level(config, k, float(p)) for p in grid[::1000]])
+    assert np.all(np.diff(b) <= 0) and b[-1] < b[0] <= 0.05
+    assert (b[0] == pytest.approx(0.05)) == (k < 40)  # the cap binds while the level is large
+    dense = np.array([S.ab_level(config, k, float(p)) for p in grid])
+    integral = float(np.sum((dense[1:] + dense[:-1]) / 2 * np.diff(grid)))
+    assert a + integral == pytest.approx(whole, rel=1e-4)
+    assert S.ab_level(config, k, a / 10) == S.ab_level(config, k, a)  # a pass is the gate's
+    assert S.ab_level(config, k, 1.0) < whole - a < S.ab_level(config, k, 0.05)
+
+
+def test_the_offline_p_value_is_under_the_gates_level_whenever_it_passes():
+    """offline_p_value is what spreads the A/B level: it must not exceed the offline gate's
+    level when the gate's comparison passes (the sign or the margin test at half the level), or
+    the decision would spend more than its level. Random margins around small shifts, three
+    levels; the p-values are the tests' own."""
+    rng = random.Random(5)
+    passes = 0
+    for trial in range(600):
+        level = (0.025, 0.0083, 0.002)[trial % 3]
+        shift = rng.choice([0.0, 0.2, 0.4, 0.8])
+        margins = [rng.gauss(shift, 1.0) for _ in range(rng.randrange(20, 80))]
+        config = GateConfig(confidence=1 - 2 * level)
+        decision = decide(implicit=Paired.from_differences(margins), accuracy=None,
+                          candidate_accuracy=None, current_accuracy=None, current_version="v0",
+                          kl_per_token=0.01, heldout_pairs=len(margins), config=config,
+                          margins=margins)
+        p = S.offline_p_value(decision)
+        assert 0.0 < p <= 1.0
+        if decision.passed:
+            passes += 1
+            assert p <= level, (level, p, decision.paired, decision.margin)
+    assert passes > 100  # both sides of the threshold were seen
 
 
 def _policy_version(registry, tmp_path, tag: bytes) -> str:

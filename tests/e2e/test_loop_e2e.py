@@ -56,8 +56,9 @@ def vote_and_retrain(tmp_path, chooses_bananas):
             [sys.executable, "-m", "prefloop.cli", "align", "run", "--data-dir", str(data),
              "--method", "dpo", "--min-new-pairs", "16", "--auto-promote",  # default lr (LoRA)
              "--min-heldout-pairs", "8",  # 40 votes leave 8 held out
-             # judged at the per-job level: the season's spending would halve this first look's
-             # (tests/align/test_season.py); the loop's mechanics are what this test is about
+             # judged at the per-job level: the season's spending would cut this first look's
+             # to a sixth on the default --promote-via auto (tests/align/test_season.py); the
+             # loop's mechanics are what this test is about
              "--season-spending", "none",
              "--degeneration-prompts", "8",  # the check runs; 8 prompts keep the test shorter
              "--epochs", "2", "--json"], capture_output=True, text=True, timeout=1800)
