@@ -394,11 +394,10 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
     from prefloop.server.ab import state as ab_state
     traffic = stated.ab_traffic if stated is not None else AUTO_AB_TRAFFIC
     settings: dict = {"traffic": traffic}
-    k = None
+    k, offline_p = None, offline_p_value(decision)
     if stated is not None and decision.season_decision:
         k = ab_decision_number(stated, decision.season_decision)
-        settings["confidence"] = ab_confidence(stated, decision.season_decision,
-                                               offline_p_value(decision))
+        settings["confidence"] = ab_confidence(stated, decision.season_decision, offline_p)
     try:
         state = ab_state.start(registry, result.version, force=True, **settings)
     except FailedPrecondition as e:  # e.g. another test runs: the version stays published
@@ -408,7 +407,8 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
     result.status = PUBLISHED
     if result.gate is not None and k is not None:
         result.gate.update(ab_decision=k, ab_confidence=state.confidence)
-    share = " (its share, by the offline p-value)" if k == decision.season_decision else ""
+    share = (f" (its share for the offline p-value {offline_p:.3g})"
+             if k == decision.season_decision else "")
     season = (f", the season's decision {k}{share} at confidence {state.confidence:.4g}"
               if k is not None else "")
     result.reason += (f"; inconclusive offline but safe: A/B test started against "

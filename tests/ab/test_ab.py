@@ -504,8 +504,8 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     assert seasoned_state.confidence == pytest.approx(1 - level)
     assert seasoned_state.traffic == 0.3  # --ab-traffic
     assert seasoned.gate == {"ab_decision": 2, "ab_confidence": pytest.approx(1 - level)}
-    assert (f"at 30% traffic, the season's decision 2 (its share, by the offline p-value) at "
-            f"confidence {1 - level:.4g}") in seasoned.reason
+    assert (f"at 30% traffic, the season's decision 2 (its share for the offline p-value 0.4) "
+            f"at confidence {1 - level:.4g}") in seasoned.reason
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     # --season-spending separate (the rule before 2026-12-06): the test is the next decision
     apart = runner.JobResult(job_id="job-1c", status="running", version=v1, gate={})
