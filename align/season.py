@@ -53,7 +53,7 @@ _DECIDED = (REJECTED, PUBLISHED, PROMOTED)
 
 AB_SHARE = 2 / 3  # of a look's level, the share an A/B test it starts may spend (harmonic)
 AB_KAPPA = 0.3  # how steeply that test's level falls with the offline p-value: b ~ p^(κ - 1)
-# (both chosen on simulated seasons of seeds 0-13, docs/ab.md)
+# (both chosen on simulated seasons, benchmarks/season_control.py's default seeds; docs/ab.md)
 
 
 def decision_level(alpha: float, k: int, spending: str = "harmonic") -> float:
