@@ -8,12 +8,12 @@ benchmarks/season_control.py.
 
 The `--promote-via auto` route (`Design.route`): the look's offline gate decides at the real
 `season.decision_config` (a third of the decision's level under the harmonic spending), and a
-verdict the real `runner.inconclusive_but_safe` calls inconclusive but safe starts an A/B test
-at the real `season.ab_confidence` for its offline p-value (the rest of the decision; with
-`separate` spending the season's next decision); jobs wait while it runs (`season.ab_wait`), and every later event is
-live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each rater's
-first 5 head-to-head votes, each user's first rating, users assigned to the candidate at the
-test's traffic share) decides on after every `every` events; a test still undecided when the
+verdict the real `runner.inconclusive_but_safe` calls inconclusive but safe starts an A/B test at
+the real `season.ab_confidence` for its offline p-value (the rest of the decision; with `separate`
+spending the season's next decision); jobs wait while it runs (`season.ab_wait`), and every later
+event is live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each
+rater's first 5 head-to-head votes, each user's first rating, users assigned to the candidate at
+the test's traffic share) decides on after every `every` events; a test still undecided when the
 window has grown `--ab-span` since the job that started it ends there.
 """
 from __future__ import annotations
@@ -60,8 +60,7 @@ DESIGNS = (Design("per job, a look every 8 votes (before)", "none", 1.0),
            Design("spending, looks at 1.5x (default)", "harmonic", 1.5),
            Design("spending, looks at 2x", "harmonic", 2.0),
            Design("spending, looks at 1.5x, --promote-via auto", "harmonic", 1.5, "auto"),
-           Design("auto, A/B test a decision apart (before)", "separate", 1.5,
-                  "auto"))
+           Design("auto, A/B test a decision apart (before)", "separate", 1.5, "auto"))
 
 
 @dataclass(slots=True, frozen=True)

@@ -264,15 +264,16 @@ def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
 
 def test_thumbs_alone_decide_a_test_on_a_live_server(ab_server):  # noqa: F811
     """Users chat (each sticks to one arm) and rate the answer they got; no compare votes.
-    The controller promotes the candidate on its users' thumbs."""
+    The status decides for the candidate on its users' thumbs once 20 blocks of ratings are in
+    (looked at every 5 users from 40 on; the blocks per user vary with the users' arms), and the
+    controller promotes it."""
     url, registry, v1, controller, call = ab_server
     started = post(url, "/v1/admin/ab/start", {"candidate": v1, "traffic": 0.5, "min_votes": 20},
                    ADMIN_TOKEN)
     assert started.status_code == 200, started.text
     rated = {v1: 0, "v0000": 0}
+    status: dict = {}
     for i in range(400):
-        if min(rated.values()) >= 45:
-            break
         reply = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                    "max_tokens": 2, "user": f"user-{i}"}).json()
         answer = reply["choices"][0]
@@ -282,9 +283,15 @@ def test_thumbs_alone_decide_a_test_on_a_live_server(ab_server):  # noqa: F811
         vote = post(url, "/v1/feedback/rating", {"response_id": answer["response_id"],
                                                  "score": score, "user_id": f"user-{i}"})
         assert vote.status_code == 200, vote.text
-    status = httpx.get(url + "/v1/admin/ab", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+        if i >= 40 and i % 5 == 0:
+            status = httpx.get(url + "/v1/admin/ab",
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+            if status["decision"] != "running":
+                break
+    assert min(rated.values()) >= 20, rated  # both arms served and rated
     assert (status["wins"], status["losses"]) == (0, 0)  # no head-to-head votes at all
     assert status["decision"] == "promote" and status["decided_by"] == "ratings (thumbs / stars)"
+    assert status["ratings"]["blocks"] >= 20, status["ratings"]
     call(controller.check())
     assert registry.current() == v1
     assert "ratings (thumbs / stars)" in registry.history()[-1].reason
