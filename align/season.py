@@ -116,16 +116,16 @@ def ab_level(config: GateConfig, k: int, offline_p: float = 1.0) -> float:
 def _spread(a: float, budget: float, cap: float) -> float:
     """C such that the integral over (a, 1] of min(cap, C p^(κ - 1)) is `budget` (< cap (1 - a)):
     closed form where the cap does not bind, else by bisection (the integral grows with C)."""
-    k = AB_KAPPA
+    kappa = AB_KAPPA
 
     def integral(c: float) -> float:
-        meets = (c / cap) ** (1.0 / (1.0 - k))  # where C p^(k - 1) comes down to the cap
+        meets = (c / cap) ** (1.0 / (1.0 - kappa))  # where C p^(kappa - 1) comes down to the cap
         if meets <= a:
-            return c * (1.0 - a ** k) / k
-        return cap * (meets - a) + c * (1.0 - meets ** k) / k
+            return c * (1.0 - a ** kappa) / kappa
+        return cap * (meets - a) + c * (1.0 - meets ** kappa) / kappa
 
-    low = k * budget / (1.0 - a ** k)
-    if low * a ** (k - 1.0) <= cap:
+    low = kappa * budget / (1.0 - a ** kappa)
+    if low * a ** (kappa - 1.0) <= cap:
         return low
     high = low
     while integral(high) < budget:

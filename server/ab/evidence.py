@@ -9,8 +9,8 @@ which votes count depends only on their order, never on their outcome, so the se
 keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first
 rating (thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings
 test reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating
-without a user id counts as its session's, else as its own). Only rows since the test started count; a
-vote logged twice under one idempotency key (by two replicas at once) counts once.
+without a user id counts as its session's, else as its own). Only rows since the test started
+count; a vote logged twice under one idempotency key (by two replicas at once) counts once.
 
 `EvidenceReader` reads the log incrementally (server/feedback/peers.py following every log of the
 data root): each look reads only the records and parts added since the last one and keeps just
