@@ -418,6 +418,7 @@ class GateConfig:
     look_growth: float = 1.5  # a scheduled job looks again once its window grew by this factor
     ab_span: float = 3.0  # --promote-via auto: an undecided A/B test ends once the window grew this much
     ab_traffic: float = 0.1  # --promote-via auto: the candidate's share of users in the test a job starts
+    ab_futility_win: float = 0.7  # --promote-via auto: its test ends for futility below this win rate (0: never)
     max_root_kl: float = DEFAULT_MAX_ROOT_KL  # KL to the root version (v0000): drift over a chain
     degeneration_prompts: int = 16  # held-out prompts both versions answer (0: no check)
     degeneration_tokens: int = 96  # the longest answer sampled for it
@@ -446,6 +447,9 @@ class GateConfig:
         if not self.look_growth <= self.ab_span <= 100.0:
             raise InvalidArgument(f"A/B span must be in [look growth {self.look_growth:g}, 100], "
                                   f"got {self.ab_span}")
+        if not (self.ab_futility_win == 0.0 or 0.5 < self.ab_futility_win < 1.0):
+            raise InvalidArgument(f"A/B futility win rate must be in (0.5, 1), or 0 for no "
+                                  f"futility stop, got {self.ab_futility_win}")
         if not 0.0 < self.ab_traffic < 1.0:
             raise InvalidArgument(f"A/B traffic (the candidate's share of users) must be in "
                                   f"(0, 1), got {self.ab_traffic}")

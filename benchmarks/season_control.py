@@ -22,12 +22,14 @@ the first promotion, counting a season with none as --end.
 
     python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \\
         [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \\
-        [--designs 0 1 2 3 4 5] [--ab-rules now pairs before] [--ab-traffic 0.1] [--by 300] \\
+        [--designs 0 1 2 3 4 5 6] [--ab-rules now pairs before] [--ab-traffic 0.1] [--by 300] \\
+        [--learns-from 0] [--futility-wins 0 0.6 0.7] \\
         [--workers 2] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -50,19 +52,19 @@ from prefloop.align.gate import clopper_pearson  # noqa: E402
 
 
 def _batch(args: tuple) -> list[tuple[int | None, int, int, str]]:
-    design_index, seeds, kw = args
+    design, seeds, kw = args
     out = []
     for seed in seeds:
-        r = run_season(random.Random(seed), DESIGNS[design_index], **kw)
+        r = run_season(random.Random(seed), design, **kw)
         out.append((r.promoted_at, r.decisions, r.ab_tests, r.by))
     return out
 
 
-def seasons(pool, design_index: int, count: int, seed: int, workers: int, **kw
+def seasons(pool, design, count: int, seed: int, workers: int, **kw
             ) -> list[tuple[int | None, int, int, str]]:
     seeds = [seed * 1_000_003 + i for i in range(count)]
     chunks = [seeds[i::workers * 4] for i in range(workers * 4)]
-    results = pool.map(_batch, [(design_index, c, kw) for c in chunks if c])
+    results = pool.map(_batch, [(design, c, kw) for c in chunks if c])
     return [r for chunk in results for r in chunk]
 
 
@@ -104,6 +106,13 @@ def main() -> int:
     ap.add_argument("--ab-traffic", type=float, default=Live().traffic,
                     help="the candidate's share of users in an A/B test the auto route starts "
                          "(align run --ab-traffic; default %(default)s)")
+    ap.add_argument("--learns-from", type=int, default=0, metavar="ROWS",
+                    help="with a preference: candidates trained on fewer rows than this learned "
+                         "nothing (held-out and live win 1/2), as the first candidate of the real "
+                         "loops (default %(default)s: every candidate learned)")
+    ap.add_argument("--futility-wins", type=float, nargs="*", default=[],
+                    help="also run each auto design with these --ab-futility-win values (0: no "
+                         "futility stop), on the same seeds (default: the design's own)")
     ap.add_argument("--end", type=int, default=1000, help="votes per season (default %(default)s)")
     ap.add_argument("--by", type=int, default=300,
                     help="the second table: share of seasons promoted within this many votes "
@@ -113,28 +122,40 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     args = ap.parse_args()
     kw = dict(end=args.end, every=args.every)
+    power_kw = dict(kw, learns_from=args.learns_from)
     print(f"season_control: seasons of {args.end} votes, a job due every {args.every}; "
           f"{len(args.designs)} designs; live users of a better candidate: head-to-head win "
-          f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}", flush=True)
+          f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}"
+          + (f" once trained on >= {args.learns_from} rows" if args.learns_from else ""),
+          flush=True)
     started = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
-        for i, rule in [(i, rule) for i in args.designs
-                        for rule in (args.ab_rules if DESIGNS[i].route == "auto" else ["now"])]:
+        runs = []
+        for i in args.designs:
             design = DESIGNS[i]
-            suffix, decide, ratings = AB_RULES[rule]
+            if design.route != "auto":
+                runs.append((design, "now", ""))
+                continue
+            for rule in args.ab_rules:
+                runs.append((design, rule, AB_RULES[rule][0]))
+                runs.extend((dataclasses.replace(design, futility_win=f), rule,
+                             AB_RULES[rule][0] + f" (--ab-futility-win {f:g})")
+                            for f in args.futility_wins if f != design.futility_win)
+        for design, rule, suffix in runs:
+            _, decide, ratings = AB_RULES[rule]
             name = design.name + suffix
             indifferent = Live(rule=decide, ratings=ratings, traffic=args.ab_traffic)
             liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=decide,
                          ratings=ratings, traffic=args.ab_traffic)
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
-            differ = seasons(pool, i, n, args.seed + 1, args.workers, live=indifferent, **kw)
-            same = seasons(pool, i, n, args.seed + 2, args.workers, same_ranking=True,
+            differ = seasons(pool, design, n, args.seed + 1, args.workers, live=indifferent, **kw)
+            same = seasons(pool, design, n, args.seed + 2, args.workers, same_ranking=True,
                            live=indifferent, **kw)
             power = {}
             for j, win in enumerate(args.wins):
-                res = seasons(pool, i, args.power_seasons, args.seed + 10 + j, args.workers,
-                              win=win, live=liked, **kw)
+                res = seasons(pool, design, args.power_seasons, args.seed + 10 + j,
+                              args.workers, win=win, live=liked, **power_kw)
                 promoted = [r for r in res if r[0] is not None]
                 by_ab = sum(1 for r in promoted if r[3] != "gate")
                 power[win] = (statistics.median(r[0] for r in promoted) if promoted else None,
@@ -146,17 +167,18 @@ def main() -> int:
             rows.append((name, rate(differ), rate(same), looks, tests, power))
             print(f"  {name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     print()
-    print(f"{'design':46} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
+    width = max(46, *(len(r[0]) for r in rows))
+    print(f"{'design':{width}} {'random votes, candidates differ':>31} {'random, same ranking':>28} "
           f"{'looks':>6} {'A/B':>5}  " + "  ".join(
               f"{f'win {w:g}: median votes (promoted; by A/B)':>38}" for w in args.wins))
     for name, differ, same, looks, tests, power in rows:
         cells = "  ".join(f"{'-' if m is None else f'{m:.0f}':>16} ({share:6.1%}; {ab:6.1%})   "
                           for m, share, ab, _, _ in power.values())
-        print(f"{name:46} {differ:>31} {same:>28} {looks:6.1f} {tests:5.2f}  {cells}")
-    print(f"\n{'design':46} " + "  ".join(
+        print(f"{name:{width}} {differ:>31} {same:>28} {looks:6.1f} {tests:5.2f}  {cells}")
+    print(f"\n{'design':{width}} " + "  ".join(
         f"{f'win {w:g}: within {args.by} votes, mean votes':>34}" for w in args.wins))
     for name, _, _, _, _, power in rows:
-        print(f"{name:46} " + "  ".join(f"{f'{within:6.1%}, {mean:4.0f}':>34}"
+        print(f"{name:{width}} " + "  ".join(f"{f'{within:6.1%}, {mean:4.0f}':>34}"
                                          for _, _, _, within, mean in power.values()))
     print(f"\nseason_control: finished in {time.perf_counter() - started:.0f} s")
     return 0

@@ -176,6 +176,13 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
                            "A/B test a job starts serves the candidate to; more decides sooner "
                            "on thumbs and shows more users an unproven version (default "
                            "%(default)s; docs/ab.md)")
+    gate.add_argument("--ab-futility-win", type=float, default=0.7, metavar="P",
+                      help="align run / schedule with --promote-via auto: an A/B test a job "
+                           "started also ends, rejected, once its head-to-head votes are 10 times "
+                           "likelier at a win rate of 1/2 than at P while the ratings do not "
+                           "lean the candidate's way, so the next job trains sooner; a candidate "
+                           "that wins at least P of the votes is ended so with probability <= 0.1 "
+                           "(0: never; default %(default)s; docs/ab.md)")
     if policy_metric:
         gate.add_argument("--degeneration-prompts", type=int, default=16, metavar="N",
                           help="held-out prompts the candidate and the current version both "
@@ -565,6 +572,7 @@ def _gate_config(args: argparse.Namespace):
                       metric=args.gate_metric or "implicit_reward",
                       spending=args.season_spending, look_growth=args.look_growth,
                       ab_span=args.ab_span, ab_traffic=args.ab_traffic,
+                      ab_futility_win=args.ab_futility_win,
                       max_root_kl=args.max_root_kl,
                       degeneration_prompts=getattr(args, "degeneration_prompts", 0))
 

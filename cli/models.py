@@ -487,7 +487,9 @@ def format_ab(status: dict) -> str:
     lines = [f"A/B test {status['candidate']} (candidate) vs {status['control']}: {status['status']}"
              f" (started {status['started_at']}, traffic {status['traffic']:.0%}, sticky "
              f"{status['sticky']}, min votes {status['min_votes']}, confidence "
-             f"{status['confidence']})"]
+             f"{status['confidence']}"
+             + (f", ends for futility below win rate {status['futility_win']:g}"
+                if status.get("futility_win") else "") + ")"]
     wins, losses = status.get("wins", 0), status.get("losses", 0)
     if status.get("running"):
         low, high = status["interval"]

@@ -14,10 +14,17 @@ spending the season's next decision); jobs wait while it runs (`season.ab_wait`)
 event is live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each
 rater's first 5 head-to-head votes, each user's first rating, users assigned to the candidate at
 the test's traffic share) decides on after every `every` events; a test still undecided when the
-window has grown `--ab-span` since the job that started it ends there.
+window has grown `--ab-span` since the job that started it ends there, or earlier for futility
+(`--ab-futility-win`, `Design.futility_win`).
+
+`learns_from`: candidates trained on fewer rows than that learned nothing (held-out margins
+N(0, 1), live users indifferent) and later ones learned the preference — what the real loops
+showed (docs/ab.md: the first candidate of a season, trained on ~160-195 events, was not
+preferred live; the one trained on 588 was).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 from collections.abc import Callable
@@ -53,6 +60,7 @@ class Design:
     spending: str
     look_growth: float
     route: str = "gate"  # gate | auto (--promote-via)
+    futility_win: float = gate_mod.GateConfig().ab_futility_win  # --ab-futility-win (0: never)
 
 
 DESIGNS = (Design("per job, a look every 8 votes (before)", "none", 1.0),
@@ -60,7 +68,8 @@ DESIGNS = (Design("per job, a look every 8 votes (before)", "none", 1.0),
            Design("spending, looks at 1.5x (default)", "harmonic", 1.5),
            Design("spending, looks at 2x", "harmonic", 2.0),
            Design("spending, looks at 1.5x, --promote-via auto", "harmonic", 1.5, "auto"),
-           Design("auto, A/B test a decision apart (before)", "separate", 1.5, "auto"))
+           Design("auto, A/B test a decision apart (before)", "separate", 1.5, "auto", 0.0),
+           Design("auto, no futility stop (before)", "harmonic", 1.5, "auto", 0.0))
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,8 +102,10 @@ class SeasonResult:
 class _ABTest:
     """One A/B test's live evidence, event by event (see `Live`)."""
 
-    def __init__(self, rng: random.Random, live: Live, confidence: float) -> None:
+    def __init__(self, rng: random.Random, live: Live, confidence: float,
+                 futility_win: float | None = None) -> None:
         self.rng, self.live, self.confidence = rng, live, confidence
+        self.futility_win = futility_win
         self.arm = [rng.random() < live.traffic for _ in range(live.users)]  # True: candidate
         self.picks = [0] * live.users
         self.rated = [False] * live.users
@@ -118,20 +129,27 @@ class _ABTest:
             self.bets.add(cand, float(rng.random() < up))
 
     def decide(self) -> ab_decision.Decision:
-        rule = self.live.rule or ab_decision.decide_combined
-        return rule(self.wins, self.losses, self.bets.evidence(), confidence=self.confidence)
+        if self.live.rule is not None:  # another rule (benchmarks): no futility stop
+            return self.live.rule(self.wins, self.losses, self.bets.evidence(),
+                                  confidence=self.confidence)
+        return ab_decision.decide_combined(self.wins, self.losses, self.bets.evidence(),
+                                           confidence=self.confidence,
+                                           futility_win=self.futility_win)
 
 
 def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: int = 8,
                win: float | None = None, same_ranking: bool = False,
                heldout_fraction: float = 0.2, config: gate_mod.GateConfig | None = None,
-               live: Live = Live()) -> SeasonResult:
+               live: Live = Live(), learns_from: int = 0) -> SeasonResult:
     """One season against one current version, up to `end` votes (see the module docstring).
     `same_ranking`: every candidate ranks each pair the same way (margins fixed per pair);
     else candidates differ between jobs (fresh margins per job), as real ones do. `live`: how
-    users answer an A/B test's candidate (route auto)."""
+    users answer an A/B test's candidate (route auto); a candidate trained on fewer than
+    `learns_from` rows learned nothing (win 1/2 held out and live)."""
     config = config or gate_mod.GateConfig(spending=design.spending,
-                                           look_growth=design.look_growth)
+                                           look_growth=design.look_growth,
+                                           ab_futility_win=design.futility_win)
+    nothing = dataclasses.replace(live, win=0.5, thumbs_delta=0.0)
     mu = 0.0 if win is None else NormalDist().inv_cdf(win)
     fixed: list[float] = []
     rows: list[SimpleNamespace] = []
@@ -161,10 +179,11 @@ def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: in
         if len(heldout) < config.min_heldout:
             continue  # the job skips before training (preference._too_few_to_judge)
         first = len(rows) - len(heldout)
+        learned = first >= learns_from
         while len(fixed) < len(rows):
             fixed.append(rng.gauss(mu, 1.0))
         margins = (fixed[first:] if same_ranking
-                   else [rng.gauss(mu, 1.0) for _ in heldout])
+                   else [rng.gauss(mu if learned else 0.0, 1.0) for _ in heldout])
         implicit = gate_mod.Paired.from_differences(margins)
         k, shares = season.next_decision, shares_with_ab(config, True, design.route)
         verdict = gate_mod.decide(
@@ -176,7 +195,9 @@ def run_season(rng: random.Random, design: Design, *, end: int = 1000, every: in
         gate = {"season_decision": k}
         if design.route == "auto" and inconclusive_but_safe(verdict):
             confidence = ab_confidence(config, k, offline_p_value(verdict))
-            test, tests = _ABTest(rng, live, confidence), tests + 1
+            test = _ABTest(rng, live if learned else nothing, confidence,
+                           config.ab_futility_win or None)
+            tests += 1
             gate["ab_decision"] = ab_decision_number(config, k)
         status = "published" if "ab_decision" in gate else "rejected"
         decisions.append(JobRecord(f"job-{n}", status, gate=gate,

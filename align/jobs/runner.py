@@ -393,7 +393,8 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
     from prefloop.align.season import ab_confidence, ab_decision_number, offline_p_value
     from prefloop.server.ab import state as ab_state
     traffic = stated.ab_traffic if stated is not None else AUTO_AB_TRAFFIC
-    settings: dict = {"traffic": traffic}
+    futility = (stated or GateConfig()).ab_futility_win
+    settings: dict = {"traffic": traffic, "futility_win": futility or None}
     k, offline_p = None, offline_p_value(decision)
     if stated is not None and decision.season_decision:
         k = ab_decision_number(stated, decision.season_decision)
@@ -411,9 +412,11 @@ def _start_auto_ab(result: JobResult, decision: GateDecision, registry: reg.Regi
              if k == decision.season_decision else "")
     season = (f", the season's decision {k}{share} at confidence {state.confidence:.4g}"
               if k is not None else "")
+    futile = (f"; it ends for futility if the candidate looks to win fewer than {futility:g} of "
+              "the head-to-head votes" if futility else "")
     result.reason += (f"; inconclusive offline but safe: A/B test started against "
                       f"{state.control} at {traffic:.0%} traffic{season} (head-to-head "
-                      "votes and thumbs decide; `prefloop models ab status`)")
+                      f"votes and thumbs decide{futile}; `prefloop models ab status`)")
     return result
 
 

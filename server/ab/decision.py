@@ -38,6 +38,16 @@ level, not at half of it as a union bound would (tests/ab/test_ab.py and test_ab
 check both levels by simulation). Ties and "both bad" carry no head-to-head evidence and are not
 counted.
 
+Futility (`futility_win` p1, the auto route's tests: `align run --ab-futility-win`, default
+0.7): a test also ends, rejected, once its head-to-head votes are 1/`FUTILITY_LEVEL` (10) times
+likelier at a win rate of 1/2 than at p1 — the likelihood ratio (1/2 / p1)^W (1/2 / (1 - p1))^L —
+while the ratings do not lean the candidate's way (their e-value for "better" is at most 1).
+That ratio is a supermartingale with mean <= 1 for every win rate >= p1, so a candidate that
+wins at least p1 of the votes is ended for futility with probability <= 0.1 (Ville); ending a
+test early never raises the chance of a false promotion. At a steady 1/2 with p1 = 0.7 it ends
+after about 27 votes, where an undecided test ran until `--ab-span` (a 47-46 test of the real
+loop of 2026-12-06 held the season for about 390 events).
+
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each
 rater's first 5 votes, not each user's own taste), and that the users of one block of ratings
@@ -55,6 +65,8 @@ PRIOR = 2  # a of the Beta(a, a) mixture (an integer: the tails are then binomia
 PROMOTE, REJECT, RUNNING = "promote", "reject", "running"
 HEAD, RATED, BOTH = "head-to-head votes", "ratings (thumbs / stars)", \
     "head-to-head votes and ratings together"
+FUTILE = "futility"  # decided_by of a test ended for futility
+FUTILITY_LEVEL = 0.1  # the chance of ending a test of a candidate that wins >= futility_win
 
 
 def _log_beta(x: float, y: float) -> float:
@@ -105,6 +117,15 @@ def log_evidence_above(wins: int, losses: int, p0: float = 0.5) -> float:
 def log_evidence_below(wins: int, losses: int, p0: float = 0.5) -> float:
     """log E-_n(p0): the evidence that the win rate is below `p0`."""
     return log_evidence_above(losses, wins, 1 - p0)
+
+
+def log_futility(wins: int, losses: int, win: float) -> float:
+    """log of the likelihood ratio of the votes at a win rate of 1/2 against one of `win`: the
+    evidence that the candidate wins fewer than `win` of the votes (mean <= 1 at any rate >=
+    `win` > 1/2; see the module docstring's "Futility")."""
+    if not 0.5 < win < 1:
+        raise ValueError(f"the futility win rate must be in (0.5, 1), got {win}")
+    return wins * math.log(0.5 / win) + losses * math.log(0.5 / (1 - win))
 
 
 def one_sided_bounds(wins: int, losses: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -273,9 +294,11 @@ NO_RATINGS = RatingEvidence(0, None, 0.0, 0.0, 0, 0)
 
 def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confidence: float = 0.95,
                     min_votes: int = 20, elapsed_s: float = 0.0,
-                    max_duration_s: float | None = None) -> Decision:
+                    max_duration_s: float | None = None,
+                    futility_win: float | None = None) -> Decision:
     """The A/B rule (see the module docstring) on head-to-head votes and ratings at the level
-    1 - `confidence`. The reason names the evidence that decided and every e-value."""
+    1 - `confidence`; with `futility_win`, also ended for futility. The reason names the evidence
+    that decided and every e-value."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     threshold = math.log(1 / (1 - confidence))
@@ -313,6 +336,15 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
     if worse >= threshold and not disagree:
         return made(REJECT, f"candidate worse by {by(down, rated_down)}: {together}",
                     by(down, rated_down))
+    futile = (futility_win is not None and rated_up <= 0.0
+              and log_futility(wins, losses, futility_win) >= math.log(1 / FUTILITY_LEVEL))
+    if futile and not disagree:
+        return made(REJECT, f"ended for futility: the head-to-head votes are "
+                            f"{e_text(log_futility(wins, losses, futility_win))} times likelier "
+                            f"at a win rate of 1/2 than at {futility_win:g} (the least the test "
+                            f"looks for; it ends at {1 / FUTILITY_LEVEL:g}) and the ratings do "
+                            f"not lean the candidate's way; {together}; the current version "
+                            "stays", FUTILE)
     if max_duration_s is not None and elapsed_s >= max_duration_s:
         return made(REJECT, f"undecided after {elapsed_s / 3600:.1f} h (max duration): "
                             f"{together}; the current version stays", "max duration")
@@ -323,7 +355,9 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
 
 
 def decide(wins: int, losses: int, *, confidence: float = 0.95, min_votes: int = 20,
-           elapsed_s: float = 0.0, max_duration_s: float | None = None) -> Decision:
+           elapsed_s: float = 0.0, max_duration_s: float | None = None,
+           futility_win: float | None = None) -> Decision:
     """The rule on head-to-head votes alone (no ratings in)."""
     return decide_combined(wins, losses, NO_RATINGS, confidence=confidence, min_votes=min_votes,
-                           elapsed_s=elapsed_s, max_duration_s=max_duration_s)
+                           elapsed_s=elapsed_s, max_duration_s=max_duration_s,
+                           futility_win=futility_win)

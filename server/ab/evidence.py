@@ -146,7 +146,8 @@ def verdict(state: ABState, counts: Tally) -> decision.Decision:
     return decision.decide_combined(counts.wins, counts.losses, rating_evidence(state, counts),
                                     confidence=state.confidence, min_votes=state.min_votes,
                                     elapsed_s=state.elapsed_s(),
-                                    max_duration_s=state.max_duration_s)
+                                    max_duration_s=state.max_duration_s,
+                                    futility_win=state.futility_win)
 
 
 def status(registry: Registry, data_dir: Path) -> dict:

@@ -49,6 +49,7 @@ class ABState:
     min_votes: int = 20  # head-to-head votes before a promotion
     confidence: float = 0.95
     max_duration_s: float = 7 * 86400.0
+    futility_win: float | None = None  # end for futility below this win rate (decision.py); None: never
     started_at: str = ""
     status: str = RUNNING
     decided_at: str = ""
@@ -65,6 +66,8 @@ class ABState:
             raise InvalidArgument(f"min_votes must be >= 1, got {self.min_votes}")
         if not 0.5 < self.confidence < 1:
             raise InvalidArgument(f"confidence must be in (0.5, 1), got {self.confidence}")
+        if self.futility_win is not None and not 0.5 < self.futility_win < 1:
+            raise InvalidArgument(f"futility_win must be in (0.5, 1), got {self.futility_win}")
         if self.max_duration_s <= 0:
             raise InvalidArgument(f"max duration must be positive, got {self.max_duration_s}")
         if self.candidate == self.control:

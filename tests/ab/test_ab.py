@@ -195,6 +195,53 @@ def test_clear_winner_promotes_and_clear_loser_is_rejected():
     assert rejected / 300 >= 0.95
 
 
+def test_futility_is_the_likelihood_ratio_of_one_half_against_the_stated_win_rate():
+    for wins, losses in ((0, 0), (23, 24), (30, 10), (5, 40)):
+        expected = math.log(0.5 ** (wins + losses) / (0.65 ** wins * 0.35 ** losses))
+        assert decision.log_futility(wins, losses, 0.65) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="futility win rate"):
+        decision.log_futility(1, 1, 0.5)
+
+
+def test_a_test_ends_for_futility_once_the_votes_are_ten_times_likelier_at_one_half():
+    need = math.log(1 / decision.FUTILITY_LEVEL)
+    still = decision.decide(20, 20, confidence=0.99, futility_win=0.65)  # ratio 6.6: runs on
+    assert decision.log_futility(20, 20, 0.65) < need and still.outcome == decision.RUNNING
+    ended = decision.decide(25, 25, confidence=0.99, futility_win=0.65)  # 10.6
+    assert decision.log_futility(25, 25, 0.65) >= need
+    assert (ended.outcome, ended.decided_by) == (decision.REJECT, decision.FUTILE)
+    assert "10.6 times likelier at a win rate of 1/2 than at 0.65" in ended.reason
+    assert "the current version stays" in ended.reason
+    assert decision.decide(25, 25, confidence=0.99).outcome == decision.RUNNING  # off by default
+    # ratings that lean the candidate's way keep it running: they may still promote it
+    leaning = decision.RatingEvidence.of([(True, 1.0), (False, 0.0)] * 6)
+    assert leaning.log_e_better > 0
+    kept = decision.decide_combined(25, 25, leaning, confidence=0.99, futility_win=0.65)
+    assert kept.outcome == decision.RUNNING
+
+
+def test_a_candidate_winning_the_stated_rate_is_ended_for_futility_at_most_a_tenth_of_the_time():
+    """Ville's bound for the likelihood ratio, looked at after every vote: at the win rate the
+    test looks for (and above it) at most FUTILITY_LEVEL of tests end for futility; at one half
+    nearly all do, within a few hundred votes."""
+    def futile_share(p: float, seed: int, tests: int = 2000, votes: int = 400) -> float:
+        rng, ended = random.Random(seed), 0
+        for _ in range(tests):
+            wins = losses = 0
+            for _ in range(votes):
+                if rng.random() < p:
+                    wins += 1
+                else:
+                    losses += 1
+                if decision.log_futility(wins, losses, 0.65) >= math.log(10):
+                    ended += 1
+                    break
+        return ended / tests
+    assert futile_share(0.65, 1) <= decision.FUTILITY_LEVEL
+    assert futile_share(0.72, 2) <= decision.FUTILITY_LEVEL / 2
+    assert futile_share(0.5, 3, tests=300) >= 0.99
+
+
 # ---- sticky assignment ---------------------------------------------------------------------------
 
 def test_sticky_assignment_is_stable_and_splits_by_traffic():
@@ -238,6 +285,19 @@ def test_state_survives_a_restart_and_conclusions_write_history(tmp_path):
     assert lines[-2:] == [("ab-reject", "v0000"), ("promote", v1)]
     assert "0.6, 0.9" in registry.history()[-1].reason
     assert ab_state.read_state(registry).status == ab_state.PROMOTED
+
+
+def test_the_states_futility_win_is_validated_kept_and_decides_its_verdict(tmp_path):
+    from prefloop.server.ab.evidence import Tally, verdict
+    registry, v1 = two_versions(tmp_path)
+    with pytest.raises(InvalidArgument, match="futility_win must be in"):
+        ab_state.start(registry, v1, futility_win=0.5)
+    ab_state.start(registry, v1, futility_win=0.65, confidence=0.99)
+    state = ab_state.running_state(Registry(tmp_path / "data"))  # read back as a server would
+    assert state.futility_win == 0.65
+    assert verdict(state, Tally(wins=25, losses=25)).decided_by == decision.FUTILE
+    assert verdict(dataclasses.replace(state, futility_win=None),  # a state written before it
+                   Tally(wins=25, losses=25)).outcome == decision.RUNNING
 
 
 def test_duration_parsing():
@@ -451,7 +511,7 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     """--promote-via auto: a clear offline win promotes at once; a candidate that failed only the
     comparison, and not measurably worse, starts an A/B test at 10 % traffic (or --ab-traffic);
     a worse one, or one over a KL bound or short of held-out pairs, is rejected."""
-    from prefloop.align.gate import Check, GateDecision, PairedResult
+    from prefloop.align.gate import Check, GateConfig, GateDecision, PairedResult
     from prefloop.align.jobs import runner
 
     def verdict(comparison_passed: bool, upper: float, *failed_extra: str) -> GateDecision:
@@ -487,12 +547,18 @@ def test_promote_via_auto_tests_an_inconclusive_but_safe_candidate_on_live_traff
     assert "inconclusive offline but safe: A/B test started against v0000 at 10% traffic" \
         in result.reason
     state = ab_state.running_state(registry)
-    assert (state.candidate, state.traffic) == (v1, 0.1)
+    assert (state.candidate, state.traffic, state.futility_win) == (v1, 0.1, 0.7)
+    assert "it ends for futility if the candidate looks to win fewer than 0.7" in result.reason
+    ab_state.conclude(registry, ab_state.STOPPED, "test over")
+    no_stop = runner.JobResult(job_id="job-1a", status="running", version=v1)
+    runner.conclude(no_stop, verdict(False, 0.72), registry, "job-1a", "dpo", promote=True,
+                    promote_via="auto", stated=GateConfig(ab_futility_win=0.0))
+    assert ab_state.running_state(registry).futility_win is None  # --ab-futility-win 0
+    assert "futility" not in no_stop.reason
     ab_state.conclude(registry, ab_state.STOPPED, "test over")
     # in a season (align/season.py) the test shares the job's decision: the rest of its level,
     # spread by the offline p-value (here 2 x the sign test's 0.2: the default metric's two tests)
     from prefloop.align import season
-    from prefloop.align.gate import GateConfig
     leaning = dataclasses.replace(verdict(False, 0.72), season_decision=2,
                                   paired=PairedResult(14, 12, 4, 0.34, 0.72, p_value=0.2))
     seasoned = runner.JobResult(job_id="job-1b", status="running", version=v1, gate={})

@@ -148,21 +148,28 @@ def test_schedule_durations_and_run_flags():
     assert (again.method, again.auto_promote, again.beta, again.bf16) == ("kto", True, 0.2, False)
 
 
-def test_schedule_passes_the_season_drift_and_degeneration_flags_on():
+def test_schedule_passes_the_season_drift_degeneration_and_ab_flags_on():
     from prefloop.cli import align as align_cmd
     parser = argparse.ArgumentParser()
     align_cmd.add_arguments(parser)
     args = parser.parse_args(["schedule", "dpo", "--every", "6h", "--data-dir", "/d",
                               "--season-spending", "none", "--look-growth", "2",
                               "--degeneration-prompts", "4", "--max-root-kl", "2",
-                              "--auto-promote", "--promote-via", "auto", "--ab-traffic", "0.3"])
+                              "--auto-promote", "--promote-via", "auto", "--ab-traffic", "0.3",
+                              "--ab-futility-win", "0.6"])
     argv = schedule.run_argv(args, lambda p: align_cmd.add_run_arguments(p, "dpo"))
     again = parser.parse_args(["run", "dpo", *argv])
     gate_cfg = align_cmd._gate_config(again)
     assert (gate_cfg.spending, gate_cfg.look_growth, gate_cfg.degeneration_prompts,
-            gate_cfg.max_root_kl, gate_cfg.ab_traffic) == ("none", 2.0, 4, 2.0, 0.3)
+            gate_cfg.max_root_kl, gate_cfg.ab_traffic, gate_cfg.ab_futility_win) == (
+        "none", 2.0, 4, 2.0, 0.3, 0.6)
     assert again.promote_via == "auto"
-    assert align_cmd._gate_config(parser.parse_args(["run", "dpo"])).ab_traffic == 0.1
+    defaults = align_cmd._gate_config(parser.parse_args(["run", "dpo"]))
+    assert (defaults.ab_traffic, defaults.ab_futility_win) == (0.1, 0.7)
+    assert align_cmd._gate_config(parser.parse_args(
+        ["run", "dpo", "--ab-futility-win", "0"])).ab_futility_win == 0.0  # no futility stop
+    with pytest.raises(InvalidArgument, match=r"futility win rate must be in \(0.5, 1\), or 0"):
+        align_cmd._gate_config(parser.parse_args(["run", "dpo", "--ab-futility-win", "0.5"]))
     with pytest.raises(InvalidArgument, match=r"A/B traffic .* must be in \(0, 1\), got 1.5"):
         align_cmd._gate_config(parser.parse_args(["run", "dpo", "--ab-traffic", "1.5"]))
 
