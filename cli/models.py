@@ -138,6 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--max-duration", default="7d",
                        help="reject the candidate if still undecided after this (default "
                             "%(default)s)")
+    start.add_argument("--futility-win", type=float, default=None, metavar="P",
+                       help="also end the test, rejected, once its head-to-head votes are 10 "
+                            "times likelier at a win rate of 1/2 than at P while the ratings do "
+                            "not lean the candidate's way; a candidate that wins at least P of "
+                            "the votes is ended so with probability <= 0.1 (default: never; the "
+                            "tests align jobs start use 0.7, docs/ab.md)")
     start.add_argument("--force", action="store_true",
                        help="start even if the candidate did not pass the offline gate")
     where(start)
@@ -529,7 +535,8 @@ def _ab(args: argparse.Namespace) -> int:
             if args.ab_command == "start":
                 status = client.ab_start(args.candidate, traffic=args.traffic, sticky=args.sticky,
                                          min_votes=args.min_votes, confidence=args.confidence,
-                                         max_duration=args.max_duration, force=args.force)
+                                         max_duration=args.max_duration, force=args.force,
+                                         futility_win=args.futility_win)
             elif args.ab_command == "status":
                 status = client.ab_status()
             else:
@@ -546,7 +553,8 @@ def _ab(args: argparse.Namespace) -> int:
             ab_state.start(registry, args.candidate, force=args.force, traffic=args.traffic,
                            sticky=args.sticky, min_votes=args.min_votes,
                            confidence=args.confidence,
-                           max_duration_s=ab_state.parse_duration(args.max_duration))
+                           max_duration_s=ab_state.parse_duration(args.max_duration),
+                           futility_win=args.futility_win)
         elif args.ab_command == "stop":
             running = ab_state.running_state(registry)
             counts = tally(Path(args.data_dir), running) if running else None

@@ -313,8 +313,10 @@ class _Rpcs:
         return _Call(self._models.Rollback, models_pb2.RollbackRequest(reason=reason), _switch)
 
     def ab_start(self, candidate: str, traffic: float | None, sticky: str, min_votes: int | None,
-                 confidence: float | None, max_duration: str, force: bool) -> _Call[dict]:
-        optional = dict(traffic=traffic, min_votes=min_votes, confidence=confidence)
+                 confidence: float | None, max_duration: str, force: bool,
+                 futility_win: float | None = None) -> _Call[dict]:
+        optional = dict(traffic=traffic, min_votes=min_votes, confidence=confidence,
+                        futility_win=futility_win)
         request = models_pb2.StartABRequest(  # an unset optional field: the server's default
             candidate=candidate, sticky=sticky, max_duration=max_duration, force=force,
             **{k: v for k, v in optional.items() if v is not None})
@@ -482,10 +484,12 @@ class Client(_ClientBase[Iterator[Chunk]]):
     def ab_start(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
                  min_votes: int | None = None, confidence: float | None = None,
                  max_duration: str = "", force: bool = False,
-                 timeout: float | None = None) -> dict:
-        """Start an A/B test of `candidate` against the served version; its status. Admin."""
+                 futility_win: float | None = None, timeout: float | None = None) -> dict:
+        """Start an A/B test of `candidate` against the served version; its status. Admin.
+        `futility_win`: end it, rejected, once the candidate looks to win fewer than that share
+        of head-to-head votes (docs/ab.md; None: never)."""
         return self._unary(self._rpcs.ab_start(candidate, traffic, sticky, min_votes, confidence,
-                                               max_duration, force), timeout)
+                                               max_duration, force, futility_win), timeout)
 
     def ab_status(self, *, timeout: float | None = None) -> dict:
         """The running (or last) A/B test: votes, win rate, interval, decision. Admin."""
@@ -594,10 +598,12 @@ class AsyncClient(_ClientBase[AsyncIterator[Chunk]]):
     async def ab_start(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
                        min_votes: int | None = None, confidence: float | None = None,
                        max_duration: str = "", force: bool = False,
+                       futility_win: float | None = None,
                        timeout: float | None = None) -> dict:
         """See `Client.ab_start`."""
         return await self._unary(self._rpcs.ab_start(candidate, traffic, sticky, min_votes,
-                                                     confidence, max_duration, force), timeout)
+                                                     confidence, max_duration, force,
+                                                     futility_win), timeout)
 
     async def ab_status(self, *, timeout: float | None = None) -> dict:
         """See `Client.ab_status`."""

@@ -90,7 +90,8 @@ class ABController:
 
     async def start_test(self, candidate: str, *, traffic: float | None = None, sticky: str = "",
                          min_votes: int | None = None, confidence: float | None = None,
-                         max_duration: str = "", force: bool = False) -> dict:
+                         max_duration: str = "", force: bool = False,
+                         futility_win: float | None = None) -> dict:
         control = self.router.control
         if getattr(control, "reloads_in_place", False) \
                 and not getattr(control, "supports_adapters", False):  # refused before any write
@@ -109,6 +110,8 @@ class ABController:
             settings["confidence"] = confidence
         if max_duration:
             settings["max_duration_s"] = ab_state.parse_duration(max_duration)
+        if futility_win is not None:
+            settings["futility_win"] = futility_win
         await asyncio.to_thread(ab_state.start, self.registry, candidate, force=force, **settings)
         try:
             await self.check()  # loads the candidate beside the current version

@@ -21,7 +21,7 @@ from prefloop.server.version_summary import VersionSummary
 router = APIRouter()
 
 AB_START_FIELDS = {"candidate", "traffic", "sticky", "min_votes", "confidence", "max_duration",
-                   "force"}
+                   "futility_win", "force"}
 
 
 @router.get("/v1/admin/versions")
@@ -89,18 +89,19 @@ async def ab_start(request: Request, ctx: Ctx):
     body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("candidate"), str):
         raise InvalidArgument('send {"candidate": "vNNNN"} and optionally traffic, sticky, '
-                              "min_votes, confidence, max_duration, force")
+                              "min_votes, confidence, max_duration, futility_win, force")
     unknown = sorted(set(body) - AB_START_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown field(s): {', '.join(unknown)}")
     for name, kind in (("traffic", (int, float)), ("confidence", (int, float)),
-                       ("min_votes", int)):
+                       ("min_votes", int), ("futility_win", (int, float))):
         if name in body and (isinstance(body[name], bool) or not isinstance(body[name], kind)):
             raise InvalidArgument(f"{name} must be a number")
     return await ctx.ab_controller().start_test(
         body["candidate"], traffic=body.get("traffic"), sticky=str(body.get("sticky") or ""),
         min_votes=body.get("min_votes"), confidence=body.get("confidence"),
-        max_duration=str(body.get("max_duration") or ""), force=bool(body.get("force")))
+        max_duration=str(body.get("max_duration") or ""), force=bool(body.get("force")),
+        futility_win=body.get("futility_win"))
 
 
 @router.post("/v1/admin/ab/stop")

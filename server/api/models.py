@@ -82,7 +82,8 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
             sticky=request.sticky,
             min_votes=request.min_votes if request.HasField("min_votes") else None,
             confidence=request.confidence if request.HasField("confidence") else None,
-            max_duration=request.max_duration, force=request.force))
+            max_duration=request.max_duration, force=request.force,
+            futility_win=request.futility_win if request.HasField("futility_win") else None))
 
     @map_errors
     async def GetABStatus(self, request, context):

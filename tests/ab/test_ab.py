@@ -462,6 +462,30 @@ def test_indifferent_votes_do_not_promote_and_stop_keeps_current(ab_server):
     assert post(url, "/v1/admin/ab/stop", {}, ADMIN_TOKEN).status_code == 404  # none running
 
 
+def test_an_admin_test_with_a_futility_win_ends_rejected_on_even_votes(ab_server):
+    url, registry, v1, controller, call = ab_server
+    for bad, why in (({"futility_win": "high"}, "futility_win must be a number"),
+                     ({"futility_win": 0.5}, "futility_win must be in (0.5, 1)")):
+        refused = post(url, "/v1/admin/ab/start", {"candidate": v1, **bad}, ADMIN_TOKEN)
+        assert refused.status_code == 400 and why in refused.json()["error"]["message"]
+    assert ab_state.read_state(registry) is None  # nothing started
+    started = post(url, "/v1/admin/ab/start", {"candidate": v1, "futility_win": 0.7},
+                   ADMIN_TOKEN)
+    assert started.status_code == 200 and started.json()["futility_win"] == 0.7
+    for i in range(40):  # 20-20: ten times likelier at 1/2 than at 0.7 after 13-13
+        choices = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}],
+                                                     "max_tokens": 2, "compare": True,
+                                                     "user": f"u{i}"}).json()["choices"]
+        by_version = {c["model_version"]: c["response_id"] for c in choices}
+        chosen, rejected = (v1, "v0000") if i % 2 else ("v0000", v1)
+        post(url, "/v1/feedback/preference", {"chosen_response_id": by_version[chosen],
+                                              "rejected_response_id": by_version[rejected]})
+    state = call(controller.check())
+    assert state.status == ab_state.REJECTED and registry.current() == "v0000"
+    assert "ended for futility" in state.reason and "at 0.7" in state.reason
+    assert registry.history()[-1].action == "ab-reject"
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prefloop.cli", "models", *args],
                           capture_output=True, text=True, timeout=120)
@@ -472,11 +496,14 @@ def test_cli_starts_shows_and_stops_a_test_on_the_data_dir(tmp_path):
     data = str(tmp_path / "data")
     refused = cli("ab", "start", v1, "--data-dir", data)
     assert refused.returncode == 1 and "--force" in refused.stderr
-    started = cli("ab", "start", v1, "--data-dir", data, "--force", "--traffic", "0.5", "--json")
+    started = cli("ab", "start", v1, "--data-dir", data, "--force", "--traffic", "0.5",
+                  "--futility-win", "0.7", "--json")
     assert started.returncode == 0, started.stderr
     status = json.loads(started.stdout)
-    assert (status["running"], status["candidate"], status["traffic"]) == (True, v1, 0.5)
+    assert (status["running"], status["candidate"], status["traffic"], status["futility_win"]) \
+        == (True, v1, 0.5, 0.7)
     text = cli("ab", "status", "--data-dir", data).stdout
+    assert "ends for futility below win rate 0.7" in text
     assert "0 wins, 0 losses" in text and "decision now: running" in text
     assert "one-sided 95% always-valid bounds [0.000, 1.000]; e-value 1" in text
     assert "together (head-to-head x ratings): e-value 1, promotes at 20" in text

@@ -224,3 +224,21 @@ def test_promote_via_auto_keeps_random_feedback_seasons_under_5_percent_and_find
     promoted = [sum(r.promoted_at is not None for r in res) for res in (by_auto, by_gate)]
     assert promoted[0] >= 12 and promoted[0] > promoted[1] + 6, promoted
     assert any(r.by == "head-to-head votes" for r in by_auto)
+
+
+def test_futility_frees_a_season_whose_first_candidates_learned_nothing():
+    """Candidates trained on fewer than 300 rows learned nothing (held out and live), later ones
+    did (held-out win 0.6, live 0.7 head to head): a test of an early one ends for futility
+    (--ab-futility-win 0.7) and the next job trains, where without the stop each such test ran
+    to its span. Same seeds for both designs (tests/season_sim.py)."""
+    from season_sim import Live
+    auto, no_stop = DESIGNS[4], DESIGNS[6]
+    assert (auto.futility_win, no_stop.futility_win) == (0.7, 0.0)
+    assert (auto.spending, auto.route) == (no_stop.spending, no_stop.route)
+    liked = Live(win=0.7, thumbs_delta=0.1)
+    within = []
+    for design in (auto, no_stop):
+        seasons = [run_season(random.Random(s), design, win=0.6, live=liked, learns_from=300)
+                   for s in range(24)]
+        within.append(sum(1 for r in seasons if r.promoted_at and r.promoted_at <= 600))
+    assert within[0] >= within[1] + 5, within

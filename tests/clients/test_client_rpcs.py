@@ -81,7 +81,7 @@ def test_async_client_starts_reads_and_stops_an_ab_test(ab_grpc_server):
         async with AsyncClient(srv.target, token=ADMIN_TOKEN, timeout=30) as admin:
             before = await admin.ab_status()
             started = await admin.ab_start(v1, traffic=0.5, min_votes=10, sticky="session",
-                                           force=True)
+                                           futility_win=0.7, force=True)
             status = await admin.ab_status()
             stopped = await admin.ab_stop("reject", reason="not better")
             with pytest.raises(errors.NotFound):
@@ -96,14 +96,15 @@ def test_async_client_starts_reads_and_stops_an_ab_test(ab_grpc_server):
     before, started, status, stopped, again = asyncio.run(scenario())
     assert before == {"running": False}
     assert started["running"] and started["candidate"] == v1 and started["control"] == "v0000"
-    assert (started["traffic"], started["min_votes"], started["sticky"]) == (0.5, 10, "session")
+    assert (started["traffic"], started["min_votes"], started["sticky"], started["futility_win"]) \
+        == (0.5, 10, "session", 0.7)
     assert status["running"] and status["candidate"] == v1
     assert (status["wins"], status["losses"]) == (0, 0)
     assert not stopped["running"] and stopped["status"] == ab_state.REJECTED
     assert "not better" in stopped["reason"]
     defaults = ab_state.ABState(candidate=v1, control="v0000")
-    assert (again["traffic"], again["min_votes"], again["sticky"]) == (
-        defaults.traffic, defaults.min_votes, defaults.sticky)
+    assert (again["traffic"], again["min_votes"], again["sticky"], again["futility_win"]) == (
+        defaults.traffic, defaults.min_votes, defaults.sticky, None)
     assert registry.current() == "v0000"
     assert ab_state.read_state(registry).status == ab_state.STOPPED
 

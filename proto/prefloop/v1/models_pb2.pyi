@@ -68,7 +68,7 @@ class EngineStats(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StartABRequest(_message.Message):
-    __slots__ = ("candidate", "traffic", "sticky", "min_votes", "confidence", "max_duration", "force")
+    __slots__ = ("candidate", "traffic", "sticky", "min_votes", "confidence", "max_duration", "force", "futility_win")
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     STICKY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class StartABRequest(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    FUTILITY_WIN_FIELD_NUMBER: _ClassVar[int]
     candidate: str
     traffic: float
     sticky: str
@@ -83,7 +84,8 @@ class StartABRequest(_message.Message):
     confidence: float
     max_duration: str
     force: bool
-    def __init__(self, candidate: _Optional[str] = ..., traffic: _Optional[float] = ..., sticky: _Optional[str] = ..., min_votes: _Optional[int] = ..., confidence: _Optional[float] = ..., max_duration: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    futility_win: float
+    def __init__(self, candidate: _Optional[str] = ..., traffic: _Optional[float] = ..., sticky: _Optional[str] = ..., min_votes: _Optional[int] = ..., confidence: _Optional[float] = ..., max_duration: _Optional[str] = ..., force: _Optional[bool] = ..., futility_win: _Optional[float] = ...) -> None: ...
 
 class GetABStatusRequest(_message.Message):
     __slots__ = ()
