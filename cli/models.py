@@ -516,6 +516,11 @@ def format_ab(status: dict) -> str:
         lines.append(f"  together (head-to-head x ratings): e-value "
                      f"{status.get('e_better', 1.0):.3g}, promotes at "
                      f"{1 / (1 - status['confidence']):.4g}")
+        if status.get("futility"):
+            f = status["futility"]
+            lines.append(f"  futility: the head-to-head votes are {f['ratio']:.3g} times likelier "
+                         f"at a win rate of 1/2 than at {f['win']:g}; ends at {f['ends_at']:g} "
+                         "while the ratings do not lean the candidate's way")
         by = f", by {status['decided_by']}" if status.get("decided_by") else ""
         lines.append(f"  decision now: {status['decision']}{by} ({status['decision_reason']})")
     else:

@@ -173,4 +173,8 @@ def status(registry: Registry, data_dir: Path) -> dict:
                             "e_better": ratings.e_better, "e_worse": ratings.e_worse,
                             "candidate_users": ratings.candidate_users,
                             "control_users": ratings.control_users})
+        if state.futility_win is not None:  # how near the futility stop is (decision.py)
+            out["futility"] = {"win": state.futility_win, "ends_at": 1 / decision.FUTILITY_LEVEL,
+                               "ratio": decision.e_value(decision.log_futility(
+                                   counts.wins, counts.losses, state.futility_win))}
     return out

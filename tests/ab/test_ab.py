@@ -504,6 +504,8 @@ def test_cli_starts_shows_and_stops_a_test_on_the_data_dir(tmp_path):
         == (True, v1, 0.5, 0.7)
     text = cli("ab", "status", "--data-dir", data).stdout
     assert "ends for futility below win rate 0.7" in text
+    assert "futility: the head-to-head votes are 1 times likelier at a win rate of 1/2 than at " \
+        "0.7; ends at 10" in text
     assert "0 wins, 0 losses" in text and "decision now: running" in text
     assert "one-sided 95% always-valid bounds [0.000, 1.000]; e-value 1" in text
     assert "together (head-to-head x ratings): e-value 1, promotes at 20" in text
