@@ -46,7 +46,7 @@ That ratio is a supermartingale with mean <= 1 for every win rate >= p1, so a ca
 wins at least p1 of the votes is ended for futility with probability <= 0.1 (Ville); ending a
 test early never raises the chance of a false promotion. At a steady 1/2 with p1 = 0.7 it ends
 after about 27 votes, where an undecided test ran until `--ab-span` (a 47-46 test of the real
-loop of 2026-12-06 held the season for about 390 events).
+loop of 2026-12-06 held the season for 486 events).
 
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each

@@ -127,7 +127,10 @@ def test_engine_with_int4_matches_transformers_on_the_dequantized_weights(tmp_pa
 def test_default_model_serves_int4_in_bfloat16_and_answers_like_full_precision():
     """The embedded model through build_generator with --quantize int4 (bf16 activations, the
     int4 kernel while decoding one stream): it knows what the unquantized model knows; and with
-    --quantize auto."""
+    --quantize auto. The question's first answer token has a clear lead in bf16 (2.75 logits
+    over the next): "What is the capital of France?", asked here until 2026-12-06, opens with a
+    near tie ("The" 25.75 against "L" 25.625, one bf16 step), which int4 on an AMX Xeon turned
+    into "L'Étoile, la Mar" while the same model answered "Paris" on an AMD EPYC."""
     import asyncio
 
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -137,7 +140,7 @@ def test_default_model_serves_int4_in_bfloat16_and_answers_like_full_precision()
         gen = build_generator(kv_cache_tokens=1024, quantize=quantize, dtype="bfloat16")
         await gen.start()
         try:
-            ids = gen.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+            ids = gen.chat_ids([{"role": "user", "content": "What is the capital of Japan?"}])
             text = [d.text_delta async for d in
                     gen.stream("q", ids, SamplingParams(temperature=0, max_tokens=8))]
             return gen.info.dtype, "".join(text)
@@ -146,7 +149,7 @@ def test_default_model_serves_int4_in_bfloat16_and_answers_like_full_precision()
 
     dtype, int4_text = asyncio.run(answer("int4"))
     assert dtype == "bfloat16+int4"
-    assert "Paris" in int4_text
+    assert "Tokyo" in int4_text
     # --quantize auto: int4 exactly where prefloop's integer-dot kernels run, the same answer
     from prefloop.server.model.quant_gemv import native_available
     auto_dtype, auto_text = asyncio.run(answer("auto"))
