@@ -336,11 +336,11 @@ def decide_combined(wins: int, losses: int, ratings: RatingEvidence, *, confiden
     if worse >= threshold and not disagree:
         return made(REJECT, f"candidate worse by {by(down, rated_down)}: {together}",
                     by(down, rated_down))
-    futile = (futility_win is not None and rated_up <= 0.0
-              and log_futility(wins, losses, futility_win) >= math.log(1 / FUTILITY_LEVEL))
-    if futile and not disagree:
+    futility = None if futility_win is None else log_futility(wins, losses, futility_win)
+    if futility is not None and futility >= math.log(1 / FUTILITY_LEVEL) and rated_up <= 0.0 \
+            and not disagree:
         return made(REJECT, f"ended for futility: the head-to-head votes are "
-                            f"{e_text(log_futility(wins, losses, futility_win))} times likelier "
+                            f"{e_text(futility)} times likelier "
                             f"at a win rate of 1/2 than at {futility_win:g} (the least the test "
                             f"looks for; it ends at {1 / FUTILITY_LEVEL:g}) and the ratings do "
                             f"not lean the candidate's way; {together}; the current version "
