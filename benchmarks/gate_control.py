@@ -116,18 +116,18 @@ def write_random_population(data_dir: Path, events: int, rng: random.Random, *, 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """The exact two-sided interval of a binomial rate (bisection on the binomial tails)."""
-    def tail_ge(p: float) -> float:  # P(X >= k)
-        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+    def tail_ge(m: int, p: float) -> float:  # P(X >= m), increasing in p
+        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(m, n + 1))
 
-    def solve(f, target: float) -> float:
+    def solve(m: int, target: float) -> float:  # the p at which P(X >= m) = target
         lo, hi = 0.0, 1.0
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+            lo, hi = (mid, hi) if tail_ge(m, mid) < target else (lo, mid)
         return (lo + hi) / 2
     a = (1 - level) / 2
-    lower = 0.0 if k == 0 else solve(tail_ge, a)
-    upper = 1.0 if k == n else solve(lambda p: 1 - tail_ge(p) + comb(n, k) * p ** k * (1 - p) ** (n - k), 1 - a)
+    lower = 0.0 if k == 0 else solve(k, a)
+    upper = 1.0 if k == n else solve(k + 1, 1 - a)  # P(X <= k) = a
     return lower, upper
 
 
