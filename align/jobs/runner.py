@@ -44,7 +44,7 @@ from prefloop.align import data as data_mod
 from prefloop.align.gate import GateConfig, GateDecision
 from prefloop.align.train.common import is_main_process
 from prefloop.server import registry as reg
-from prefloop.server.errors import FailedPrecondition, NotFound
+from prefloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from prefloop.server.feedback.rows import Dated
 from prefloop.server.jobs import (  # noqa: F401 (the job statuses and history: re-exported)
     CRASHED,
@@ -209,18 +209,46 @@ def split_new_rows(result: JobResult, rows: list[Dated], window: dict, registry:
     if not split.train:
         result.status, result.reason = SKIPPED, empty_reason
         return None
-    print(start_line(result, len(rows), len(split.train), len(split.heldout), noun),
-          file=sys.stderr, flush=True)
+    print(start_line(result, len(rows), len(split.train), len(split.heldout), noun,
+                     last_pace(registry, result.method)), file=sys.stderr, flush=True)
     return split
 
 
-def start_line(result: JobResult, found: int, train: int, heldout: int, noun: str) -> str:
-    """The one line a job starts with: rows found, the split, base, method, rough time (on a
-    2-core CPU a full fine-tune of the 135M default model trains ≈ 1 row/s; a GPU is far faster)."""
+def last_pace(registry: reg.Registry, method: str) -> tuple[int, float] | None:
+    """(training rows, wall seconds) of the newest job of `method` on this registry that trained
+    (a training summary, a start and an end), or None: what the next job's start line estimates
+    its time from."""
+    for job in reversed(job_history(registry)):
+        rows = (job.data or {}).get("rows") or {}
+        if job.method != method or not (job.metrics or {}).get("training") or not rows.get("train"):
+            continue
+        try:
+            started = data_mod.parse_time(job.started_at)
+            finished = data_mod.parse_time(job.finished_at)
+        except InvalidArgument:  # a record this code did not write
+            continue
+        if started is None or finished is None or finished <= started:
+            continue
+        return int(rows["train"]), (finished - started).total_seconds()
+    return None
+
+
+def start_line(result: JobResult, found: int, train: int, heldout: int, noun: str,
+               pace: tuple[int, float] | None = None) -> str:
+    """The one line a job starts with: rows found, the split, base, method, and its rough time:
+    at the `pace` (training rows, seconds) of the last such job on this registry, whole job
+    included (`last_pace`), else from the rule of thumb that on a 2-core CPU the 135M default
+    model trains about 1 row/s (a GPU is far faster)."""
+    head = (f"align {result.method}: {found} {noun} found -> train {train} / held-out {heldout}, "
+            f"base {result.base}; ")
+    if pace is not None:
+        rows, seconds = pace
+        minutes = max(1, round(train * seconds / rows / 60))
+        return (head + f"rough time ≈ {minutes} min, at the pace of the last {result.method} job "
+                f"here ({rows} rows in {seconds / 60:.1f} min, the whole job)")
     minutes = max(1, round(train / 60))
-    return (f"align {result.method}: {found} {noun} found -> train {train} / held-out {heldout}, "
-            f"base {result.base}; rough time ≈ {minutes} min per epoch on a small CPU for the "
-            "default model (much less on a GPU)")
+    return (head + f"rough time ≈ {minutes} min per epoch on a small CPU for the default model "
+            "(much less on a GPU)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,39 @@ def test_job_history_merges_events_and_reports_crashes(registry):
         runner.record_job(registry, {"status": "running"})
 
 
+def test_the_start_line_estimates_from_the_last_job_of_the_same_method_that_trained(registry):
+    """The start line's time comes from this registry's last job of the same method that trained
+    (its rows and wall time, the whole job); skipped jobs, other methods and records without
+    times do not count, and with none the rule of thumb (1 row/s) says "per epoch"."""
+    assert runner.last_pace(registry, "kto") is None
+    trained = {"metrics": {"training": {"steps": 60}}}
+    runner.record_job(registry, {"job_id": "k1", "status": "running", "method": "kto",
+                                 "started_at": "2026-12-06T08:00:00Z"})
+    runner.record_job(registry, {"job_id": "k1", "status": "rejected", "method": "kto",
+                                 "data": {"rows": {"train": 240, "heldout": 60}},
+                                 "finished_at": "2026-12-06T08:08:00Z", **trained})
+    runner.record_job(registry, {"job_id": "k2", "status": "skipped", "method": "kto",
+                                 "started_at": "2026-12-06T09:00:00Z",
+                                 "finished_at": "2026-12-06T09:00:05Z",
+                                 "data": {"rows": {"train": 0}}})
+    runner.record_job(registry, {"job_id": "d1", "status": "promoted", "method": "dpo",
+                                 "started_at": "2026-12-06T10:00:00Z",
+                                 "finished_at": "2026-12-06T10:01:00Z",
+                                 "data": {"rows": {"train": 120, "heldout": 30}}, **trained})
+    runner.record_job(registry, {"job_id": "k3", "status": "failed", "method": "kto",
+                                 "started_at": "not a time", "finished_at": "2026-12-06T11:00:00Z",
+                                 "data": {"rows": {"train": 10}}, **trained})
+    assert runner.last_pace(registry, "kto") == (240, 480.0)
+    assert runner.last_pace(registry, "dpo") == (120, 60.0)
+    result = runner.JobResult(job_id="j", status="running", method="kto", base="v0001")
+    line = runner.start_line(result, 600, 480, 120, "rated answers", (240, 480.0))
+    assert line == ("align kto: 600 rated answers found -> train 480 / held-out 120, base v0001; "
+                    "rough time ≈ 16 min, at the pace of the last kto job here (240 rows in "
+                    "8.0 min, the whole job)")
+    assert runner.start_line(result, 600, 480, 120, "rated answers").endswith(
+        "rough time ≈ 8 min per epoch on a small CPU for the default model (much less on a GPU)")
+
+
 def test_a_job_record_has_one_schema_written_and_read_by_the_same_code(registry):
     with pytest.raises(InvalidArgument, match="outcome"):  # a field the records do not have
         runner.record_job(registry, {"job_id": "j1", "status": "published", "outcome": "ok"})
