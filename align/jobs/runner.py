@@ -219,17 +219,16 @@ def last_pace(registry: reg.Registry, method: str) -> tuple[int, float] | None:
     (a training summary, a start and an end), or None: what the next job's start line estimates
     its time from."""
     for job in reversed(job_history(registry)):
-        rows = (job.data or {}).get("rows") or {}
-        if job.method != method or not (job.metrics or {}).get("training") or not rows.get("train"):
+        if job.method != method or not (job.metrics or {}).get("training"):
             continue
         try:
+            train = int((job.data or {}).get("rows", {}).get("train") or 0)
             started = data_mod.parse_time(job.started_at)
             finished = data_mod.parse_time(job.finished_at)
-        except InvalidArgument:  # a record this code did not write
+        except (InvalidArgument, AttributeError, TypeError, ValueError):  # not written by this code
             continue
-        if started is None or finished is None or finished <= started:
-            continue
-        return int(rows["train"]), (finished - started).total_seconds()
+        if train > 0 and started is not None and finished is not None and finished > started:
+            return train, (finished - started).total_seconds()
     return None
 
 

@@ -107,6 +107,10 @@ def test_the_start_line_estimates_from_the_last_job_of_the_same_method_that_trai
     runner.record_job(registry, {"job_id": "k3", "status": "failed", "method": "kto",
                                  "started_at": "not a time", "finished_at": "2026-12-06T11:00:00Z",
                                  "data": {"rows": {"train": 10}}, **trained})
+    runner.record_job(registry, {"job_id": "k4", "status": "rejected", "method": "kto",
+                                 "started_at": "2026-12-06T12:00:00Z",
+                                 "finished_at": "2026-12-06T12:05:00Z",
+                                 "data": {"rows": "many"}, **trained})
     assert runner.last_pace(registry, "kto") == (240, 480.0)
     assert runner.last_pace(registry, "dpo") == (120, 60.0)
     result = runner.JobResult(job_id="j", status="running", method="kto", base="v0001")
