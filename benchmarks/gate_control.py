@@ -250,9 +250,9 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=120, help="pairs: votes per job (default %(default)s)")
     ap.add_argument("--metric", default=None, help="pairs: gate metric (default: the gate's default)")
     ap.add_argument("--lr", type=float, default=None,
-                    help="the learning rate (default: the job's; a tiny random policy barely moves "
-                         "at it, so population runs on it pass e.g. 3e-3 to move it as far as "
-                         "the default model moves at the default)")
+                    help="the learning rate (default: the job's; the tiny random policy does not "
+                         "move at it, so population runs on it pass e.g. 1e-2: KL about 0.013 "
+                         "nats/token, the default model's jobs reach 0.02-0.06)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_policy(Path(tmp) / "tiny")
