@@ -30,13 +30,12 @@ import datetime as dt
 import random
 import sys
 import tempfile
-from math import comb, nan
+from math import nan
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from align_helpers import WORDS, tiny_policy, write_pairs  # noqa: E402
-
-ROLES = ("thumbs",) * 14 + ("compare",) * 5 + ("edit",)  # of every 20 users (loop_users.py)
+from loop_users import user_kinds  # noqa: E402
 
 
 def random_pairs(n: int, rng: random.Random) -> list[dict]:
@@ -65,14 +64,14 @@ def _words(rng: random.Random) -> str:
 def write_random_population(data_dir: Path, events: int, rng: random.Random, *, users: int = 20,
                             up_rate: float = 0.3, cut_share: float = 0.3) -> dict[str, int]:
     """`events` pieces of feedback that carry no preference, through the real FeedbackStore:
-    each from a user drawn at random, who by their role (ROLES) rates the one answer they got
-    (👍 with probability `up_rate`), picks one of two answers by a coin flip, or edits an answer
-    into random words of their own. A `cut_share` of the answers were stopped by max_tokens.
+    each from a user drawn at random, who by their kind (`loop_users.user_kinds`, the population
+    mix) rates the one answer they got (👍 with probability `up_rate`), picks one of two answers
+    by a coin flip, or edits an answer into random words of their own. A `cut_share` of the answers were stopped by max_tokens.
     Returns the count of each kind."""
     from prefloop.server.feedback.store import FeedbackStore, StoreConfig
     from prefloop.server.feedback.wal import WalConfig
-    roles = [ROLES[u % len(ROLES)] for u in range(users)]
-    counts = {"thumbs": 0, "compare": 0, "edit": 0}
+    kinds = user_kinds(users, "population")
+    counts = {"thumbs": 0, "pick": 0, "edit": 0}
 
     def generate(store, rid: str, messages: list[dict]) -> str:
         text = _words(rng)
@@ -89,16 +88,16 @@ def write_random_population(data_dir: Path, events: int, rng: random.Random, *, 
     with FeedbackStore(StoreConfig(data_dir=Path(data_dir), wal=WalConfig(linger_s=0.0005))) as s:
         for i in range(events):
             user = rng.randrange(users)
-            role, who = roles[user], f"user-{user}"
+            kind, who = kinds[user], f"user-{user}"
             messages = [{"role": "user", "content": f"Tell me about {rng.choice(WORDS)} {rng.choice(WORDS)}, "
                                                     f"question {i}."}]
-            if role == "compare":
+            if kind == "pick":
                 generate(s, f"r{i}a", messages)
                 generate(s, f"r{i}b", messages)
                 s.flush()
                 a, b = (f"r{i}a", f"r{i}b") if rng.random() < 0.5 else (f"r{i}b", f"r{i}a")
                 s.submit_preference(chosen_response_id=a, rejected_response_id=b, user_id=who)
-            elif role == "edit":
+            elif kind == "edit":
                 text = generate(s, f"r{i}", messages)
                 edited = text
                 while edited == text:
@@ -110,25 +109,8 @@ def write_random_population(data_dir: Path, events: int, rng: random.Random, *, 
                 s.flush()
                 s.submit_rating(response_id=f"r{i}", score=1 if rng.random() < up_rate else -1,
                                 scale="thumbs", user_id=who)
-            counts[role] += 1
+            counts[kind] += 1
     return counts
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The exact two-sided interval of a binomial rate (bisection on the binomial tails)."""
-    def tail_ge(m: int, p: float) -> float:  # P(X >= m), increasing in p
-        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(m, n + 1))
-
-    def solve(m: int, target: float) -> float:  # the p at which P(X >= m) = target
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if tail_ge(m, mid) < target else (lo, mid)
-        return (lo + hi) / 2
-    a = (1 - level) / 2
-    lower = 0.0 if k == 0 else solve(k, a)
-    upper = 1.0 if k == n else solve(k + 1, 1 - a)  # P(X <= k) = a
-    return lower, upper
 
 
 def run_pairs(args: argparse.Namespace, tiny: Path, tmp: Path) -> int:
@@ -169,7 +151,7 @@ def run_pairs(args: argparse.Namespace, tiny: Path, tmp: Path) -> int:
 def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     """The default job's control: random population feedback, `align run --auto-promote` with
     every other flag at its default, parsed by the real command line."""
-    from prefloop.align.gate import GateDecision
+    from prefloop.align.gate import GateDecision, clopper_pearson
     from prefloop.align.jobs.preference import run_job
     from prefloop.align.season import offline_p_value
     from prefloop.cli.align import canonical_argv, job_config
@@ -178,7 +160,7 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     print(f"gate_control: {args.jobs} jobs of `align run --auto-promote` (defaults) on "
           f"{args.events} random feedback events each (14 of 20 users rate one answer, 👍 at "
           f"{args.up_rate:g}; 5 pick by a coin flip; 1 edits), model {model}", flush=True)
-    passes, started, levels, offline_ps, sign_ps, rating_ps, skipped = 0, 0, [], [], [], [], 0
+    passes, levels, offline_ps, sign_ps, rating_ps, skipped = 0, [], [], [], [], 0
     for j in range(args.first, args.first + args.jobs):
         data = tmp / f"job{j}" / "data"
         counts = write_random_population(data, args.events, random.Random(j), up_rate=args.up_rate)
@@ -203,14 +185,12 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
         rating_ps.append(rating_p)
         passes += result.status == "promoted"
         confidence = result.gate.get("ab_confidence")
-        level = 0.0
+        level = 0.0 if confidence is None else 1.0 - float(confidence)
         if confidence is not None:
-            started += 1
-            level = 1.0 - float(confidence)
             levels.append(level)
         what = ("promoted by the gate" if result.status == "promoted" else
                 f"A/B test at level {level:.4f}" if confidence is not None else result.status)
-        print(f"job {j:3d}: {counts['thumbs']} thumbs, {counts['compare']} picks, "
+        print(f"job {j:3d}: {counts['thumbs']} thumbs, {counts['pick']} picks, "
               f"{counts['edit']} edits; sign p {sign_p:.3f}, rating p {rating_p:.3f}, offline p "
               f"{p:.3f}, KL {result.gate.get('kl_per_token') or 0.0:.2g} -> {what}",
               flush=True)
@@ -218,14 +198,14 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     if not judged:
         print(f"gate_control: every job was skipped ({skipped}); nothing to count")
         return 1
-    lo, hi = clopper_pearson(passes, judged)
+    lo, hi = clopper_pearson(passes, judged, 0.95)
     bound = (passes + sum(levels)) / judged
     shares = ", ".join(f"{sum(q < t for q in offline_ps) / judged:.2f} under {t:g}"
                        for t in (0.05, 0.2, 0.5))
     alone = (f"{sum(q < 0.05 for q in sign_ps)} sign tests and {sum(q < 0.05 for q in rating_ps)} "
              "rating tests")
     print(f"gate_control: {judged} jobs judged ({skipped} skipped): the gate promoted {passes} "
-          f"({passes / judged:.1%}, 95% interval [{lo:.1%}, {hi:.1%}]); {started} A/B tests started, "
+          f"({passes / judged:.1%}, 95% interval [{lo:.1%}, {hi:.1%}]); {len(levels)} A/B tests started, "
           f"their levels sum to {sum(levels):.3f}; per-job promotion rate at most {bound:.2%} "
           f"(the season's first decision allows 2.5%). Offline p-values: {shares} (uniform: 0.05, "
           f"0.20, 0.50). Alone at the full 5% level: {alone} would pass.")
