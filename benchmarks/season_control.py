@@ -23,13 +23,19 @@ the first promotion, counting a season with none as --end.
     python benchmarks/season_control.py [--seasons 1000] [--baseline-seasons 300] \\
         [--power-seasons 200] [--wins 0.6 0.65 0.7] [--live-win 0.7] [--live-thumbs 0.1] \\
         [--designs 0 1 2 3 4 5 6] [--ab-rules now pairs before] [--ab-traffic 0.1] [--by 300] \\
-        [--learns-from 0] [--futility-wins 0 0.6 0.7] \\
+        [--learns-from 0] [--futility-wins 0 0.6 0.7] [--users 300] [--allowances now first5] \\
         [--workers 2] [--seed 0]
+
+`--users` is the pool live traffic comes from (every user compares at times); `--allowances`
+which head-to-head votes a test counts: `now` (server/ab/allowance.py: a rater's first 5, then
+its fair share) or `first5` (each rater's first 5 only, the rule before 2026-12-06). With 25
+users a test under `first5` stops growing at 125 head-to-head votes.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import random
 import statistics
 import sys
@@ -49,6 +55,12 @@ AB_RULES = {  # --ab-rules: (the name's suffix, Live's rule, how Live compares r
     "before": (" (A/B rule before 2026-12-05)", before_decision, ArrivalPairs)}
 
 from prefloop.align.gate import clopper_pearson  # noqa: E402
+from prefloop.server.ab.allowance import RaterAllowance  # noqa: E402
+
+ALLOWANCES = {  # --allowances: (the name's suffix, Live's allowance)
+    "now": ("", RaterAllowance),
+    "first5": (" (each rater's first 5 head-to-head votes: before 2026-12-06)",
+               functools.partial(RaterAllowance, factor=0))}
 
 
 def _batch(args: tuple) -> list[tuple[int | None, int, int, str]]:
@@ -119,13 +131,18 @@ def main() -> int:
                          "(default %(default)s)")
     ap.add_argument("--every", type=int, default=8, help="votes between due jobs (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
+    ap.add_argument("--users", type=int, default=Live().users,
+                    help="users live traffic comes from (default %(default)s)")
+    ap.add_argument("--allowances", nargs="+", choices=tuple(ALLOWANCES), default=["now"],
+                    help="which head-to-head votes an A/B test counts, one run each "
+                         "(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     args = ap.parse_args()
     kw = dict(end=args.end, every=args.every)
     power_kw = dict(kw, learns_from=args.learns_from)
     print(f"season_control: seasons of {args.end} votes, a job due every {args.every}; "
           f"{len(args.designs)} designs; live users of a better candidate: head-to-head win "
-          f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}"
+          f"{args.live_win:g}, thumbs up +{args.live_thumbs:g}; {args.users} users"
           + (f" once trained on >= {args.learns_from} rows" if args.learns_from else ""),
           flush=True)
     started = time.perf_counter()
@@ -135,19 +152,22 @@ def main() -> int:
         for i in args.designs:
             design = DESIGNS[i]
             if design.route != "auto":
-                runs.append((design, "now", ""))
+                runs.append((design, "now", "now", ""))
                 continue
             for rule in args.ab_rules:
-                runs.append((design, rule, AB_RULES[rule][0]))
-                runs.extend((dataclasses.replace(design, futility_win=f), rule,
-                             AB_RULES[rule][0] + f" (--ab-futility-win {f:g})")
-                            for f in args.futility_wins if f != design.futility_win)
-        for design, rule, suffix in runs:
+                for allowed in args.allowances:
+                    suffix = AB_RULES[rule][0] + ALLOWANCES[allowed][0]
+                    runs.append((design, rule, allowed, suffix))
+                    runs.extend((dataclasses.replace(design, futility_win=f), rule, allowed,
+                                 suffix + f" (--ab-futility-win {f:g})")
+                                for f in args.futility_wins if f != design.futility_win)
+        for design, rule, allowed, suffix in runs:
             _, decide, ratings = AB_RULES[rule]
             name = design.name + suffix
-            indifferent = Live(rule=decide, ratings=ratings, traffic=args.ab_traffic)
-            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, rule=decide,
-                         ratings=ratings, traffic=args.ab_traffic)
+            live = dict(rule=decide, ratings=ratings, traffic=args.ab_traffic, users=args.users,
+                        allowance=ALLOWANCES[allowed][1])
+            indifferent = Live(**live)
+            liked = Live(win=args.live_win, thumbs_delta=args.live_thumbs, **live)
             n = args.seasons if design.look_growth > 1.0 else args.baseline_seasons
             differ = seasons(pool, design, n, args.seed + 1, args.workers, live=indifferent, **kw)
             same = seasons(pool, design, n, args.seed + 2, args.workers, same_ranking=True,

@@ -504,6 +504,10 @@ def format_ab(status: dict) -> str:
         lines.append(f"  head-to-head: {wins} wins, {losses} losses; candidate win rate {rate}, "
                      f"one-sided {status['confidence'] * 100:g}% always-valid bounds "
                      f"[{low:.3f}, {high:.3f}]; e-value {head.get('e_better', 1.0):.3g}")
+        over = (status.get("evidence") or {}).get("over_cap")
+        if over:
+            lines.append(f"  {over} more head-to-head votes not counted: past their rater's "
+                         "allowance (5, then a quarter of the votes and 4x the median rater's)")
         for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
             lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
         r = status.get("ratings") or {}

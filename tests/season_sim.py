@@ -12,8 +12,8 @@ verdict the real `runner.inconclusive_but_safe` calls inconclusive but safe star
 the real `season.ab_confidence` for its offline p-value (the rest of the decision; with `separate`
 spending the season's next decision); jobs wait while it runs (`season.ab_wait`), and every later
 event is live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each
-rater's first 5 head-to-head votes, each user's first rating, users assigned to the candidate at
-the test's traffic share) decides on after every `every` events; a test still undecided when the
+rater's head-to-head votes within its allowance, server/ab/allowance.py, each user's first
+rating, users assigned to the candidate at the test's traffic share) decides on after every `every` events; a test still undecided when the
 window has grown `--ab-span` since the job that started it ends there, or earlier for futility
 (`--ab-futility-win`, `Design.futility_win`).
 
@@ -45,7 +45,7 @@ from prefloop.align.season import (
     too_early,
 )
 from prefloop.server.ab import decision as ab_decision
-from prefloop.server.ab.evidence import MAX_HEAD_TO_HEAD_PER_RATER
+from prefloop.server.ab.allowance import RaterAllowance
 from prefloop.server.jobs import JobRecord
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -88,6 +88,7 @@ class Live:
     traffic: float = AUTO_AB_TRAFFIC
     rule: Callable[..., ab_decision.Decision] | None = None  # None: decide_combined (the server's)
     ratings: Callable[[], ab_decision.RatingBets] = ab_decision.RatingBets  # how ratings compare
+    allowance: Callable[[], RaterAllowance] = RaterAllowance  # which head-to-head votes count
 
 
 @dataclass(slots=True)
@@ -107,7 +108,7 @@ class _ABTest:
         self.rng, self.live, self.confidence = rng, live, confidence
         self.futility_win = futility_win
         self.arm = [rng.random() < live.traffic for _ in range(live.users)]  # True: candidate
-        self.picks = [0] * live.users
+        self.allowance = live.allowance()
         self.rated = [False] * live.users
         self.wins = self.losses = 0
         self.bets = live.ratings()
@@ -116,8 +117,7 @@ class _ABTest:
         rng, live = self.rng, self.live
         user, kind = rng.randrange(live.users), rng.random()
         if kind < live.compare_share:
-            if self.picks[user] < MAX_HEAD_TO_HEAD_PER_RATER:
-                self.picks[user] += 1
+            if self.allowance.admit(user):
                 if rng.random() < live.win:
                     self.wins += 1
                 else:

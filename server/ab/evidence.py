@@ -2,11 +2,12 @@
 
 Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the
 feedback row = [chosen's version, rejected's version]); a win when the candidate's answer was
-chosen. Each rater's first `MAX_HEAD_TO_HEAD_PER_RATER` (5) such votes count, later ones are
-shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot decide a test
-(alone, a rater cannot reach the default 20 votes a promotion needs);
-which votes count depends only on their order, never on their outcome, so the sequential rule
-keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first
+chosen. Each rater's first 5 such votes count, and later ones while the rater holds at most a
+quarter of the counted votes and at most 4 times the median other rater's (server/ab/allowance.py);
+the rest are shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot
+decide a test (alone, a rater cannot reach the default 20 votes a promotion needs) and a small
+team's test does not stop growing; which votes count depends only on their order, never on their
+outcome, so the sequential rule keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first
 rating (thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings
 test reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating
 without a user id counts as its session's, else as its own). Only rows since the test started
@@ -28,19 +29,18 @@ from pathlib import Path
 
 from prefloop.server.ab import decision
 from prefloop.server.ab import state as ab_state
+from prefloop.server.ab.allowance import RaterAllowance
 from prefloop.server.ab.state import ABState
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.peers import PeerLogs
 from prefloop.server.registry import Registry
-
-MAX_HEAD_TO_HEAD_PER_RATER = 5  # a quarter of the default min_votes (20)
 
 
 @dataclass(slots=True)
 class Tally:
     wins: int = 0  # head-to-head: candidate's answer chosen
     losses: int = 0  # control's answer chosen
-    over_cap: int = 0  # head-to-head votes past their rater's first MAX_HEAD_TO_HEAD_PER_RATER
+    over_cap: int = 0  # head-to-head votes past their rater's allowance (allowance.py)
     thumbs: dict = field(default_factory=dict)  # version -> {"up": n, "down": n}
     stars: dict = field(default_factory=dict)  # version -> [sum, count]
     first_ratings: list = field(default_factory=list)  # (version, value): each user's first
@@ -101,7 +101,7 @@ def _count(rows, state: ABState) -> Tally:
     pair = {state.candidate, state.control}
     raters: set[str] = set()
     keys: set[str] = set()
-    head_to_head: dict[str, int] = {}  # rater -> head-to-head votes seen
+    allowance = RaterAllowance()
     for row in sorted(rows, key=lambda r: (r["created_at"], r["feedback_id"])):
         key = row.get("idempotency_key")
         if key:
@@ -111,8 +111,7 @@ def _count(rows, state: ABState) -> Tally:
         versions = row["model_versions"] or []
         rater = row["user_id"] or row["session_id"] or row["feedback_id"]
         if row["kind"] == "preference" and len(versions) == 2 and set(versions) == pair:
-            head_to_head[rater] = head_to_head.get(rater, 0) + 1
-            if head_to_head[rater] > MAX_HEAD_TO_HEAD_PER_RATER:
+            if not allowance.admit(rater):
                 out.over_cap += 1
             elif versions[0] == state.candidate:
                 out.wins += 1

@@ -236,7 +236,8 @@ def test_a_heavy_user_counts_once(tmp_path):
 def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
     from ab_helpers import two_versions
 
-    from prefloop.server.ab.evidence import MAX_HEAD_TO_HEAD_PER_RATER, verdict
+    from prefloop.server.ab.allowance import FLOOR as MAX_HEAD_TO_HEAD_PER_RATER
+    from prefloop.server.ab.evidence import verdict
     registry, v1 = two_versions(tmp_path)
     state = ab_state.start(registry, v1, force=True)
     with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
