@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from conftest import FakeGenerator, FakeInfo, fake_model
 
+from prefloop.server.feedback.store import FeedbackStore, StoreConfig
 from prefloop.server.registry import Registry
 
 
@@ -19,6 +20,18 @@ def two_versions(tmp_path, gate_passed: bool | None = True) -> tuple[Registry, s
         manifest = stage.publish(kind="policy", method="test", parent="v0000", gate=gate)
     assert src
     return registry, manifest.version
+
+
+def one_answer_each(tmp_path, candidate: str) -> FeedbackStore:
+    """An open feedback store under `tmp_path / "data"` holding one answer of each version to
+    one prompt: "c" by `candidate`, "k" by v0000 (what compare votes refer to)."""
+    store = FeedbackStore(StoreConfig(data_dir=tmp_path / "data"))
+    store.record_generation({"response_id": "c", "prompt": "p", "completion": "x",
+                             "model_version": candidate})
+    store.record_generation({"response_id": "k", "prompt": "p", "completion": "y",
+                             "model_version": "v0000"})
+    store.flush()
+    return store
 
 
 class VersionedFake(FakeGenerator):

@@ -234,18 +234,13 @@ def test_a_heavy_user_counts_once(tmp_path):
 
 
 def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
-    from ab_helpers import two_versions
+    from ab_helpers import one_answer_each, two_versions
 
     from prefloop.server.ab.allowance import FLOOR as MAX_HEAD_TO_HEAD_PER_RATER
     from prefloop.server.ab.evidence import verdict
     registry, v1 = two_versions(tmp_path)
     state = ab_state.start(registry, v1, force=True)
-    with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
-        store.record_generation({"response_id": "c", "prompt": "p", "completion": "x",
-                                 "model_version": v1})
-        store.record_generation({"response_id": "k", "prompt": "p", "completion": "y",
-                                 "model_version": "v0000"})
-        store.flush()
+    with one_answer_each(tmp_path, v1) as store:
         for _ in range(200):  # one user picks the candidate's answer 200 times
             store.submit_preference(chosen_response_id="c", rejected_response_id="k",
                                     user_id="fan")

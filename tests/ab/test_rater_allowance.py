@@ -13,7 +13,6 @@ from prefloop.server.ab import state as ab_state
 from prefloop.server.ab.allowance import RaterAllowance
 from prefloop.server.ab.evidence import status as ab_status
 from prefloop.server.ab.evidence import tally
-from prefloop.server.feedback.store import FeedbackStore, StoreConfig
 
 
 def counted(raters, allowance=None) -> dict:
@@ -65,15 +64,10 @@ def test_a_flooder_among_twenty_raters_stays_within_four_medians_and_a_quarter()
 
 
 def test_the_tally_and_ab_status_count_a_small_teams_long_test_whole_and_cap_its_flooder(tmp_path):
-    from ab_helpers import two_versions
+    from ab_helpers import one_answer_each, two_versions
     registry, v1 = two_versions(tmp_path)
     state = ab_state.start(registry, v1, force=True)
-    with FeedbackStore(StoreConfig(data_dir=tmp_path / "data")) as store:
-        store.record_generation({"response_id": "c", "prompt": "p", "completion": "x",
-                                 "model_version": v1})
-        store.record_generation({"response_id": "k", "prompt": "p", "completion": "y",
-                                 "model_version": "v0000"})
-        store.flush()
+    with one_answer_each(tmp_path, v1) as store:
         for round_ in range(8):  # ten colleagues compare 8 times each: 6 for the candidate
             for i in range(10):
                 chosen, rejected = ("c", "k") if round_ < 6 else ("k", "c")
