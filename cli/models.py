@@ -30,6 +30,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from prefloop.server.ab import allowance
 from prefloop.server.registry import DATA_DIR_ENV
 from prefloop.server.version_summary import VersionSummary
 
@@ -507,7 +508,8 @@ def format_ab(status: dict) -> str:
         over = (status.get("evidence") or {}).get("over_cap")
         if over:
             lines.append(f"  {over} more head-to-head votes not counted: past their rater's "
-                         "allowance (5, then a quarter of the votes and 4x the median rater's)")
+                         f"allowance ({allowance.FLOOR}, then at most {allowance.SHARE:.0%} of "
+                         f"the votes and {allowance.FACTOR:g}x the median rater's)")
         for version, rate in (status.get("evidence", {}).get("thumbs_up_rate") or {}).items():
             lines.append(f"  thumbs-up rate {version}: {'-' if rate is None else f'{rate:.2f}'}")
         r = status.get("ratings") or {}

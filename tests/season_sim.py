@@ -12,10 +12,10 @@ verdict the real `runner.inconclusive_but_safe` calls inconclusive but safe star
 the real `season.ab_confidence` for its offline p-value (the rest of the decision; with `separate`
 spending the season's next decision); jobs wait while it runs (`season.ab_wait`), and every later
 event is live traffic (`Live`) that the real A/B rule (`server/ab/decision.decide_combined`, each
-rater's head-to-head votes within its allowance, server/ab/allowance.py, each user's first
-rating, users assigned to the candidate at the test's traffic share) decides on after every `every` events; a test still undecided when the
-window has grown `--ab-span` since the job that started it ends there, or earlier for futility
-(`--ab-futility-win`, `Design.futility_win`).
+rater's head-to-head votes within its allowance, server/ab/allowance.py, each user's first rating,
+users assigned to the candidate at the test's traffic share) decides on after every `every` events;
+a test still undecided when the window has grown `--ab-span` since the job that started it ends
+there, or earlier for futility (`--ab-futility-win`, `Design.futility_win`).
 
 `learns_from`: candidates trained on fewer rows than that learned nothing (held-out margins
 N(0, 1), live users indifferent) and later ones learned the preference — what the real loops

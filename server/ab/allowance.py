@@ -6,9 +6,9 @@ user flooding compare votes from deciding a test, but it also caps a small team'
 loop of 2026-12-06 stopped at 74–51 that way, its evidence frozen; docs/ab.md), and a team of 10
 can give 50, fewer than a candidate that wins 0.7 needs at a season's first level.
 
-`RaterAllowance` counts a rater's vote when the rater has counted fewer than `floor` (5), or —
-past that — when counting it leaves the rater with at most `share` (a quarter) of the counted votes
-and at most `factor` (4) times the median count of the other raters. So:
+`RaterAllowance` counts a rater's vote when the rater has counted fewer than `floor` (5), or — past
+that — when counting it leaves the rater with at most `share` (a quarter) of the counted votes and
+at most `factor` (4) times the median count of the other raters. So:
 
 - a team whose members compare about as often as each other counts every vote, however long the
   test runs, once it has at least five such members (4 or fewer keep the old 5 each);

@@ -51,8 +51,8 @@ loop of 2026-12-06 held the season for 486 events).
 What the bound assumes: that each counted vote, given the ones before, is won by the candidate
 with probability at most one half (so it is about the voters the test samples, e.g. each
 rater's allowance of votes in allowance.py, not each user's own taste), and that the users of
-one block of ratings are alike but for their arm: a thumbs-up rate that drifts within a block (about 1/traffic
-users, e.g. 10 at 10 %) would bias it; drift across blocks does not. "Better" is in either
+one block of ratings are alike but for their arm: a thumbs-up rate that drifts within a block
+(about 1/traffic users, e.g. 10 at 10 %) would bias it; drift across blocks does not. "Better" is in either
 sense: a candidate preferred head to head but rated a little lower may be promoted more often
 than alpha.
 """

@@ -1,16 +1,16 @@
 """The evidence of an A/B test in the feedback log, and the status `ab status` shows.
 
-Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the
-feedback row = [chosen's version, rejected's version]); a win when the candidate's answer was
-chosen. Each rater's first 5 such votes count, and later ones while the rater holds at most a
-quarter of the counted votes and at most 4 times the median other rater's (server/ab/allowance.py);
-the rest are shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot
-decide a test (alone, a rater cannot reach the default 20 votes a promotion needs) and a small
-team's test does not stop growing; which votes count depends only on their order, never on their
-outcome, so the sequential rule keeps its level. Per version: thumbs up / down and stars on its answers, and each user's first
-rating (thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the ratings
-test reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a rating
-without a user id counts as its session's, else as its own). Only rows since the test started
+Head-to-head: form-1 preferences between an answer of each version (`model_versions` of the feedback
+row = [chosen's version, rejected's version]); a win when the candidate's answer was chosen. Each
+rater's first 5 such votes count, and later ones while the rater holds at most a quarter of the
+counted votes and at most 4 times the median other rater's (server/ab/allowance.py); the rest are
+shown (`over_cap`) but decide nothing, so one user flooding compare votes cannot decide a test
+(alone, a rater cannot reach the default 20 votes a promotion needs) and a small team's test does
+not stop growing; which votes count depends only on their order, never on their outcome, so the
+sequential rule keeps its level. Per version: thumbs up / down and stars on its answers, and each
+user's first rating (thumbs 1 / 0, stars (s - 1) / 4) with its version, in arrival order — what the
+ratings test reads (decision.RatingEvidence: one value per user, so a heavy user counts once; a
+rating without a user id counts as its session's, else as its own). Only rows since the test started
 count; a vote logged twice under one idempotency key (by two replicas at once) counts once.
 
 `EvidenceReader` reads the log incrementally (server/feedback/peers.py following every log of the

@@ -236,7 +236,7 @@ def test_a_heavy_user_counts_once(tmp_path):
 def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
     from ab_helpers import one_answer_each, two_versions
 
-    from prefloop.server.ab.allowance import FLOOR as MAX_HEAD_TO_HEAD_PER_RATER
+    from prefloop.server.ab.allowance import FLOOR
     from prefloop.server.ab.evidence import verdict
     registry, v1 = two_versions(tmp_path)
     state = ab_state.start(registry, v1, force=True)
@@ -251,8 +251,8 @@ def test_a_flood_of_compare_votes_counts_only_its_first_five(tmp_path):
             store.submit_preference(chosen_response_id="k", rejected_response_id="c",
                                     user_id=f"other-{i}")
     counts = tally(tmp_path / "data", state)
-    assert (counts.wins, counts.losses) == (MAX_HEAD_TO_HEAD_PER_RATER + 10, 3)
-    assert counts.over_cap == 200 - MAX_HEAD_TO_HEAD_PER_RATER
+    assert (counts.wins, counts.losses) == (FLOOR + 10, 3)
+    assert counts.over_cap == 200 - FLOOR
     now = verdict(state, counts)  # 18 counted votes: under the minimum of 20
     assert now.outcome == decision.RUNNING and "needs >= 20 votes" in now.reason
     assert decision.decide(212, 3).outcome == decision.PROMOTE  # what 200 of one user would do
