@@ -66,8 +66,8 @@ def write_random_population(data_dir: Path, events: int, rng: random.Random, *, 
     """`events` pieces of feedback that carry no preference, through the real FeedbackStore:
     each from a user drawn at random, who by their kind (`loop_users.user_kinds`, the population
     mix) rates the one answer they got (👍 with probability `up_rate`), picks one of two answers
-    by a coin flip, or edits an answer into random words of their own. A `cut_share` of the answers were stopped by max_tokens.
-    Returns the count of each kind."""
+    by a coin flip, or edits an answer into random words of their own. A `cut_share` of the
+    answers were stopped by max_tokens. Returns the count of each kind."""
     from prefloop.server.feedback.store import FeedbackStore, StoreConfig
     from prefloop.server.feedback.wal import WalConfig
     kinds = user_kinds(users, "population")
