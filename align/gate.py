@@ -211,10 +211,12 @@ class MarginResult:
     lower: float | None
     upper: float | None
     p_value: float
+    parts: dict[str, Any] | None = None  # a joined test's parts (rating_test.CombinedTest)
 
     def to_record(self) -> dict[str, Any]:
-        return {"mean_margin": self.mean, "margin_interval": _interval(self.lower, self.upper),
-                "margin_p_value": self.p_value, "margin_pairs": self.pairs}
+        out = {"mean_margin": self.mean, "margin_interval": _interval(self.lower, self.upper),
+               "margin_p_value": self.p_value, "margin_pairs": self.pairs}
+        return out if self.parts is None else out | {"margin_parts": self.parts}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "MarginResult | None":
@@ -223,7 +225,7 @@ class MarginResult:
         lower, upper = _ends(record, "margin_interval")
         mean = record.get("mean_margin")
         return cls(int(record["margin_pairs"]), math.nan if mean is None else float(mean),
-                   lower, upper, float(record["margin_p_value"]))
+                   lower, upper, float(record["margin_p_value"]), record.get("margin_parts"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -527,7 +529,7 @@ _ALWAYS = {
 }
 _STRUCTURED = {"passed", "reasons", "failed", "checks", "heldout_pairs", "heldout_prompts",
                "wins", "losses", "ties", "win_rate", "interval", "p_value", "mean_margin",
-               "margin_interval", "margin_p_value", "margin_pairs", "implicit",
+               "margin_interval", "margin_p_value", "margin_pairs", "margin_parts", "implicit",
                "implicit_reward_accuracy", "accuracy_paired", "answer_shift", *_SCALARS}
 
 
@@ -773,7 +775,9 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
            current_version: str | None, kl_per_token: float | None, heldout_pairs: int,
            config: GateConfig, margins: list[float] | None = None,
            ratings: tuple[list[float], list[bool], list[str]] | None = None,
-           answer_shift: "ShiftEvidence | None" = None) -> GateDecision:
+           answer_shift: "ShiftEvidence | None" = None,
+           midpoint: tuple[list[float], list[bool], list[str], float] | None = None
+           ) -> GateDecision:
     """The DPO / KTO / SFT gate (module docstring). `implicit`: per pair, the sign of the
     candidate's log-ratio margin against the current version; `margins`: those margins
     themselves (nats); `accuracy`: per pair, candidate right and current wrong (win) or the
@@ -783,7 +787,10 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     (answer_shift.ShiftEvidence: what the candidate writes more and less of than the current
     version, and the held-out answers' resemblance to it) joins that test's statistic when the
     held-out answers are the same (the AUC of the two scores' ranks averaged: one test, the same
-    level); its own test is reported beside the verdict."""
+    level); its own test is reported beside the verdict. `midpoint` (KTO: the newer half of the
+    training answers' moves under the midpoint checkpoint, labels, prompts, and the share of the
+    training rows that checkpoint had trained on; align/train/midpoint.py) joins the rating
+    test by rating_test.CombinedTest."""
     either = config.metric == "implicit_either"
     confidence = 1.0 - (1.0 - config.confidence) / 2 if either else config.confidence
     shift_test = (None if answer_shift is None else
@@ -797,6 +804,13 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
         margin_test = PermutationTest.of(
             moves, labels, groups, confidence,
             also=answer_shift.scores() if joins else None)
+        if midpoint is not None:
+            from prefloop.align.rating_test import CombinedTest, balanced_pairs
+            m_moves, m_labels, m_groups, share = midpoint
+            margin_test = CombinedTest.of(
+                margin_test, balanced_pairs(labels, groups),
+                PermutationTest.of(m_moves, m_labels, m_groups, confidence),
+                balanced_pairs(m_labels, m_groups), share)
     else:
         margin_test = MarginTest.of(margins, confidence) if margins else None
     implicit_test = (Comparison.of(implicit, confidence, config.threshold)

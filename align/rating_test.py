@@ -30,6 +30,10 @@ split (seed 2, plain words, the one candidate there whose served answers changed
 alone gave p 0.048, the shift alone 0.041 and joined 0.025 (16 prompts; docs/align.md "The
 answers the candidate writes"). None of them is under the 0.0125 a test gets at a season's first
 decision, and a third test would need 0.0083.
+
+`CombinedTest` joins this test on the held-out answers with the same test on the newer half of
+the training answers, scored by the checkpoint that had trained on the older half only
+(align/train/midpoint.py), by a weighted Stouffer sum of the two p-values (`stouffer_p`).
 """
 from __future__ import annotations
 
@@ -203,3 +207,68 @@ class PermutationTest:
         and the gate record read it so)."""
         return MarginResult(self.n, self.mean - 0.5, self.lower - 0.5, self.upper - 0.5,
                             self.p_value)
+
+
+def stouffer_p(p_values: list[float], weights: list[float]) -> float:
+    """One-sided p-value of the weighted Stouffer combination Σ w_i z_i / √(Σ w_i²), z_i =
+    Φ⁻¹(1 − p_i). Valid (≤ its level under the null) for p-values that are each valid given the
+    ones before (the midpoint's, then the held-out test's given everything it trained on):
+    the combination falls as any p_i rises, so it is at most as often small as for independent
+    uniforms. Weights must be fixed without the p-values."""
+    from statistics import NormalDist
+    normal = NormalDist()
+    pairs = [(min(max(p, 1e-12), 1 - 1e-12), w) for p, w in zip(p_values, weights) if w > 0]
+    if not pairs:
+        return 1.0
+    z = sum(w * normal.inv_cdf(1.0 - p) for p, w in pairs) / math.sqrt(sum(w * w for _, w in pairs))
+    return float(1.0 - normal.cdf(z))
+
+
+@dataclass(slots=True, frozen=True)
+class CombinedTest:
+    """The held-out rating test joined with the midpoint's (align/train/midpoint.py: the newer
+    half of the training answers, scored by the checkpoint that had trained on the older half
+    only) by `stouffer_p`. Each part weighs as the square root of the balanced pairs it is as
+    precise as (`balanced_pairs`); the midpoint's also by the share of the window's training rows
+    its checkpoint had trained on (the candidate trained on all of them: a move about that much
+    smaller is expected). The interface of gate.MarginTest; the interval is the held-out one."""
+
+    heldout: PermutationTest
+    midpoint: PermutationTest
+    weights: tuple[float, float]  # (held-out, midpoint)
+    p_value: float
+
+    @classmethod
+    def of(cls, heldout: PermutationTest, heldout_weight: float, midpoint: PermutationTest,
+           midpoint_weight: float, trained_share: float) -> "CombinedTest":
+        weights = (math.sqrt(max(heldout_weight, 0.0)),
+                   math.sqrt(max(midpoint_weight, 0.0)) * max(trained_share, 0.0))
+        return cls(heldout, midpoint, weights,
+                   stouffer_p([heldout.p_value, midpoint.p_value], list(weights)))
+
+    @property
+    def confidence(self) -> float:
+        return self.heldout.confidence
+
+    @property
+    def passed(self) -> bool:
+        return self.p_value < (1.0 - self.confidence) / 2
+
+    def describe(self, what: str, unit: str) -> str:
+        level = (1.0 - self.confidence) / 2
+        m = self.midpoint
+        part = (f"the newer half of the training answers scored at the midpoint ({m.ups} up, "
+                f"{m.n - m.ups} down): AUC {m.mean:.3f}, p = {m.p_value:.3g}"
+                if 0 < m.ups < m.n else "the midpoint's answers: one label only, nothing to compare")
+        return (f"{self.heldout.describe(what, unit)}; {part}; joined (Stouffer, weights "
+                f"{self.weights[0]:.2f} held-out, {self.weights[1]:.2f} midpoint): p = "
+                f"{self.p_value:.3g} {'<' if self.passed else '>='} {level:.3g}")
+
+    def result(self) -> MarginResult:
+        """The held-out test's result with the joined p-value."""
+        r, m = self.heldout.result(), self.midpoint
+        parts = {"heldout_p_value": self.heldout.p_value, "midpoint_p_value": m.p_value,
+                 "midpoint_auc": None if math.isnan(m.mean) else m.mean,
+                 "midpoint_answers": m.n, "midpoint_up": m.ups,
+                 "weights": [round(w, 4) for w in self.weights]}
+        return MarginResult(r.pairs, r.mean, r.lower, r.upper, self.p_value, parts)

@@ -161,6 +161,7 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
           f"{args.events} random feedback events each (14 of 20 users rate one answer, 👍 at "
           f"{args.up_rate:g}; 5 pick by a coin flip; 1 edits), model {model}", flush=True)
     passes, levels, offline_ps, sign_ps, rating_ps, skipped = 0, [], [], [], [], 0
+    part_ps: dict[str, list[float]] = {"heldout_p_value": [], "midpoint_p_value": []}
     for j in range(args.first, args.first + args.jobs):
         data = tmp / f"job{j}" / "data"
         counts = write_random_population(data, args.events, random.Random(j), up_rate=args.up_rate)
@@ -168,6 +169,8 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 "--seed", str(j)]
         if args.lr is not None:
             argv += ["--lr", str(args.lr)]
+        if args.midpoint_test:
+            argv += ["--midpoint-test"]
         argv = canonical_argv(argv)  # no method: the default (kto, every kind of feedback)
         job_args = build_parser(argv).parse_args(argv)
         result = run_job(job_config(job_args))
@@ -183,6 +186,9 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
         rating_p = nan if verdict.margin is None else verdict.margin.p_value
         sign_ps.append(sign_p)
         rating_ps.append(rating_p)
+        parts = (verdict.margin.parts if verdict.margin is not None else None) or {}
+        for key, ps in part_ps.items():  # the midpoint test's parts (align/train/midpoint.py)
+            ps.append(float(parts.get(key, nan)))
         passes += result.status == "promoted"
         confidence = result.gate.get("ab_confidence")
         level = 0.0 if confidence is None else 1.0 - float(confidence)
@@ -190,8 +196,10 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
             levels.append(level)
         what = ("promoted by the gate" if result.status == "promoted" else
                 f"A/B test at level {level:.4f}" if confidence is not None else result.status)
+        joined = (f" (held-out {parts['heldout_p_value']:.3f}, midpoint "
+                  f"{parts['midpoint_p_value']:.3f})" if parts else "")
         print(f"job {j:3d}: {counts['thumbs']} thumbs, {counts['pick']} picks, "
-              f"{counts['edit']} edits; sign p {sign_p:.3f}, rating p {rating_p:.3f}, offline p "
+              f"{counts['edit']} edits; sign p {sign_p:.3f}, rating p {rating_p:.3f}{joined}, offline p "
               f"{p:.3f}, KL {result.gate.get('kl_per_token') or 0.0:.2g} -> {what}",
               flush=True)
     judged = len(offline_ps)
@@ -203,7 +211,12 @@ def run_population(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     shares = ", ".join(f"{sum(q < t for q in offline_ps) / judged:.2f} under {t:g}"
                        for t in (0.05, 0.2, 0.5))
     alone = (f"{sum(q < 0.05 for q in sign_ps)} sign tests and {sum(q < 0.05 for q in rating_ps)} "
-             "rating tests")
+             "rating tests" + (
+                 f" (of which the midpoint test's parts alone: held-out "
+                 f"{sum(q < 0.05 for q in part_ps['heldout_p_value'])}, midpoint "
+                 f"{sum(q < 0.05 for q in part_ps['midpoint_p_value'])} of "
+                 f"{sum(q == q for q in part_ps['midpoint_p_value'])} jobs that had one)"
+                 if any(q == q for q in part_ps["midpoint_p_value"]) else ""))
     print(f"gate_control: {judged} jobs judged ({skipped} skipped): the gate promoted {passes} "
           f"({passes / judged:.1%}, 95% interval [{lo:.1%}, {hi:.1%}]); {len(levels)} A/B tests started, "
           f"their levels sum to {sum(levels):.3f}; per-job promotion rate at most {bound:.2%} "
@@ -218,6 +231,8 @@ def main() -> int:
                     help="random population feedback through `align run`, or random pairs through "
                          "a DPO job (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=20, help="random-feedback jobs (default %(default)s)")
+    ap.add_argument("--midpoint-test", action="store_true",
+                    help="population: run the jobs with `--midpoint-test` (align/train/midpoint.py)")
     ap.add_argument("--first", type=int, default=0, help="seed of the first job (default %(default)s)")
     ap.add_argument("--events", type=int, default=300,
                     help="population: feedback events per job (default %(default)s)")

@@ -58,6 +58,27 @@ def heldout_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> d
                 events=len({r.feedback_id for r in rows}))
 
 
+def midpoint_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> dict:
+    """`ceiling` of the midpoint test (align/train/midpoint.py) on the same log: the newer half
+    of a default job's training answers, and that joined with the held-out ceiling as the gate
+    joins them (rating_test.CombinedTest's weights)."""
+    from prefloop.align.rating_test import balanced_pairs, stouffer_p
+    from prefloop.align.train.midpoint import plan
+    rows = data_mod.load_examples(data_dir, voter_cap=DEFAULT_VOTER_CAP)
+    split = data_mod.time_split(rows, fraction)
+    halves = plan(split.train, drop_looping=False)
+    newer = ceiling(preference, halves.scored)
+
+    def weight(part) -> float:
+        return math.sqrt(balanced_pairs([bool(r.label) for r in part],
+                                        [logschema.prompt_fingerprint(None, r.prompt) for r in part]))
+    held = ceiling(preference, split.heldout)
+    joined = stouffer_p([held["p"], newer["p"]],
+                        [weight(split.heldout), weight(halves.scored) * halves.trained_share])
+    return dict(newer, answers=len(halves.scored), joined_p=float(f"{joined:.3g}"),
+                events=len({r.feedback_id for r in rows}))
+
+
 def ceiling(preference: str, held) -> dict:
     """The rating test with the users' own preference as the score of every held-out answer
     (benchmarks/loop_users.py; a looping answer scores lowest, as those users rate it): how much

@@ -173,6 +173,10 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
     metrics = job.get("metrics") or {}
     training = metrics.get("training") or {}
     heldout = metrics.get("heldout") or {}
+    gate = job.get("gate") or {}
+    if gate.get("margin_parts"):  # the midpoint test's parts (align/train/midpoint.py)
+        row["midpoint"] = dict(gate["margin_parts"], joined_p_value=gate.get("margin_p_value"),
+                               **(metrics.get("midpoint") or {}))
     row.update(steps=training.get("steps"), train_s=training.get("runtime_s"),
                score_s=(metrics.get("seconds") or {}).get("score"),
                kl=heldout.get("kl_per_token"),
@@ -243,6 +247,11 @@ def format_row(row: dict) -> str:
                else "-")  # PPO's steps are rollouts of prompts, not passes over pairs
     rm = (f"\n{'':>16}reward model {row['rm_version']} ({row['rm_status']}): held-out accuracy "
           f"{row['rm_accuracy'] or float('nan'):.3f}, {row['rm_s']}s" if row.get("rm_version") else "")
+    mid = row.get("midpoint")
+    rm += (f"\n{'':>16}rating test: held-out answers alone p {mid['heldout_p_value']:.4f}; the "
+           f"{mid['midpoint_answers']} newer training answers scored at step {mid.get('step')} "
+           f"p {mid['midpoint_p_value']:.4f} (AUC {mid['midpoint_auc'] or float('nan'):.3f}, "
+           f"{mid.get('seconds')}s); joined p {mid['joined_p_value']:.4f}" if mid else "")
     return (f"{row['setting']:>14} {row['status'] or 'failed':>9} KL {kl} "
             f"| {served_text(row)} | steps {row['steps']} train {row['train_s']}s "
             + (f"score {row['score_s']}s " if row.get("score_s") else "") +
@@ -307,7 +316,7 @@ def main() -> int:
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          base, args.up_rate)
     if args.preference != "random":
-        from gate_power import events_for_level, heldout_ceiling
+        from gate_power import events_for_level, heldout_ceiling, midpoint_ceiling
         c = heldout_ceiling(data, args.preference)
         need = events_for_level(c["p"], c["events"])
         print(f"  ceiling: the users' own preference ranks the {c['answers']} held-out answers of a "
@@ -317,6 +326,12 @@ def main() -> int:
               f"candidate needs about {need if need is not None else 'unboundedly many'} events "
               f"(now {c['events']})",
               flush=True)
+        m = midpoint_ceiling(data, args.preference)
+        need = events_for_level(m["joined_p"], m["events"])
+        print(f"  with the midpoint test: the {m['answers']} newer training answers at AUC "
+              f"{m['auc']:.3f}, p {m['p']:.4f}; joined with the held-out ones p "
+              f"{m['joined_p']:.3g}: a perfect candidate needs about "
+              f"{need if need is not None else 'unboundedly many'} events", flush=True)
     for name, flags in settings:
         row = run_setting(name, flags, data, work, base, held, args)
         print(format_row(row), flush=True)

@@ -7,7 +7,9 @@ its own: which rows it trains on (preference pairs for DPO, labelled answers for
 users' own and top-rated answers for SFT: `data.load_sft_examples`), the evaluation (train /
 held-out metrics against the frozen reference; the candidate against the current version on
 the same held-out pairs — for SFT the preference pairs of the held-out window) and the gate
-(`gate.decide`: paired test, minimum held-out pairs, KL bound).
+(`gate.decide`: paired test, minimum held-out pairs, KL bound). A KTO job against the current
+version can also train its older half first and have that checkpoint score the newer half,
+evidence the gate's rating test joins (`--midpoint-test`, opt-in; align/train/midpoint.py).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class JobConfig:
     device: str | None = None  # evaluation device (default: cuda if available, else cpu)
     publish: str = "adapter"  # LoRA: publish the adapter, or "full" merged weights
     drop_looping: bool = True  # train no looping answer as a good one (data.without_looping_desirable)
+    midpoint: bool = False  # kto: the midpoint test's evidence (align/train/midpoint.py)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -148,11 +151,15 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
                 f"every one of the {dropped} training rows trains a looping answer as a good "
                 "one (--keep-looping trains on them)")
             return result
+    scorer = _midpoint_scorer(cfg, registry, base, split, train_fn is None)
+    if scorer is not None:
+        train_rows = scorer.plan.rows  # the same rows, the older half first
     trl_rows = [r.to_trl() for r in train_rows]
     if train_fn is None:
         from prefloop.align.train.preference import train as train_fn
     started = time.perf_counter()
-    trained = train_fn(base_dir, trl_rows, cfg.train)
+    trained = train_fn(base_dir, trl_rows, cfg.train,
+                       **({"midpoint": scorer} if scorer is not None else {}))
     if not main or trained.model is None:
         result.status = runner.WORKER
         return result
@@ -161,7 +168,8 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     started = time.perf_counter()
     shares = shares_with_ab(cfg.gate, cfg.promote, cfg.promote_via)
     decision = with_season(_evaluate(cfg, registry, base, base_dir, trained, split, result,
-                                     decision_config(cfg.gate, season.next_decision, shares)),
+                                     decision_config(cfg.gate, season.next_decision, shares),
+                                     scorer),
                            season, cfg.gate, shares)
     seconds["score"] = time.perf_counter() - started
     result.metrics["seconds"] = {k: round(v, 1) for k, v in seconds.items()} | \
@@ -171,7 +179,7 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
             cfg.promote and cfg.promote_via == "auto" and runner.inconclusive_but_safe(decision)):
         hyper = dict(cfg.train.to_dict(), heldout_fraction=cfg.heldout_fraction,
                      gate=dataclasses.asdict(cfg.gate), pairs_from_ratings=cfg.pairs_from_ratings,
-                     drop_looping=cfg.drop_looping,
+                     drop_looping=cfg.drop_looping, midpoint=cfg.midpoint,
                      max_rows=cfg.max_rows,
                      voter_cap=dataclasses.asdict(cfg.voter_cap) if cfg.voter_cap else None)
         adapter = getattr(trained, "adapter", None) if cfg.publish == "adapter" else None
@@ -182,6 +190,27 @@ def _run(cfg: JobConfig, registry: reg.Registry, job_id: str, train_fn: TrainFn 
     del trained
     return runner.conclude(result, decision, registry, job_id, method, promote=cfg.promote,
                            promote_via=cfg.promote_via, stated=cfg.gate)
+
+
+def _midpoint_scorer(cfg: JobConfig, registry: reg.Registry, base: str, split,
+                     real_training: bool):
+    """The midpoint test's scorer (align/train/midpoint.py) for a KTO job that trains in one
+    process against the current version (the moves it scores are the gate's); else None."""
+    if not (cfg.midpoint and real_training and cfg.train.method == "kto"):
+        return None
+    if runner.current_version(registry) not in (None, base):
+        return None
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.warning("the midpoint test runs in one process only: the gate reads the held-out "
+                    "answers alone")
+        return None
+    from prefloop.align.train.midpoint import MidpointScorer, plan
+    halves = plan(split.train, drop_looping=cfg.drop_looping, seed=cfg.train.seed)
+    if halves is None:
+        return None
+    return MidpointScorer(halves, cfg.train.batch_size * cfg.train.grad_accum,
+                          cfg.train.max_length, cfg.eval_batch_size)
 
 
 def _too_few_to_judge(cfg: JobConfig, split, result: runner.JobResult) -> bool:
@@ -244,7 +273,7 @@ def _sft_gate_pairs(cfg: JobConfig, split: data_mod.Split, after) -> list[Prefer
 
 def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path, trained,
               split: data_mod.Split, result: runner.JobResult,
-              gate_config: GateConfig) -> GateDecision:
+              gate_config: GateConfig, scorer=None) -> GateDecision:
     """Train / held-out metrics of the candidate against its reference; the candidate against
     the current version on the same held-out pairs (paired counts, align/gate.py); its KL to the
     root version and whether it degenerates; the gate.
@@ -356,17 +385,38 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
     del reference
     result.metrics["current"] = {"version": current, "heldout_pref_accuracy": current_accuracy}
     policy.to("cpu")
+    midpoint = _midpoint_evidence(scorer, getattr(trained, "midpoint", None), result)
     decision = decide(implicit=outcomes.get("implicit"), accuracy=outcomes.get("accuracy"),
                       candidate_accuracy=heldout.get("pref_accuracy"),
                       current_accuracy=current_accuracy, current_version=current,
                       kl_per_token=heldout.get("kl_per_token"), heldout_pairs=heldout_units,
                       config=gate_config, margins=outcomes.get("margins"),
-                      ratings=outcomes.get("ratings"), answer_shift=shift)
+                      ratings=outcomes.get("ratings"), answer_shift=shift,
+                      midpoint=midpoint if outcomes.get("ratings") else None)
     decision = with_drift(decision, kl_to_root, root, gate_config)
     if degeneration is not None:
         decision = with_check(decision, degeneration_check(degeneration,
                                                            max_own_kl=gate_config.max_kl))
     return decision
+
+
+def _midpoint_evidence(scorer, record, result: runner.JobResult):
+    """The gate's `midpoint` argument from what the scorer measured (None when it did not
+    score: the KL stop ended training first, or the older half filled no step), recorded in
+    the job's metrics either way."""
+    if scorer is None:
+        return None
+    plan = scorer.plan
+    result.metrics["midpoint"] = {"older_rows": plan.older_rows, "newer_rows": len(plan.scored),
+                                  "trained_share": round(plan.trained_share, 4),
+                                  "scored_at_step": scorer.step}
+    if record is None:
+        result.metrics["midpoint"]["scored"] = 0
+        return None
+    result.metrics["midpoint"] |= record.to_record()
+    return (record.moves, [bool(r.label) for r in plan.scored],
+            [logschema.prompt_fingerprint(None, r.prompt) for r in plan.scored],
+            plan.weight_share(record))
 
 
 def distinct_prompts(prompts: list[list[dict]], limit: int) -> list[list[dict]]:

@@ -116,9 +116,11 @@ class TrainConfig:
         return d
 
 
-def _dpo_kto_args(cfg: TrainConfig, output_dir: str) -> dict[str, Any]:
+def _dpo_kto_args(cfg: TrainConfig, output_dir: str, sequential: bool = False) -> dict[str, Any]:
+    """`sequential`: the rows train in the order given (a midpoint run, align/train/midpoint.py)."""
     return trainer_args(cfg, output_dir, cpu_bf16=True, beta=cfg.beta,
-                        ddp_find_unused_parameters=False)
+                        ddp_find_unused_parameters=False,
+                        **({"train_sampling_strategy": "sequential"} if sequential else {}))
 
 
 @dataclass(slots=True)
@@ -131,6 +133,7 @@ class TrainResult:
     adapter: LoraAdapter | None = None  # the trained LoRA adapter (what a job publishes)
     kl_stop: KLRecord | None = None  # the KL checks of align/train/kl_stop.py (dpo, kto)
     kto_weights: tuple[float, float] | None = None  # kto: (desirable, undesirable) weights used
+    midpoint: Any = None  # midpoint.MidpointRecord: the newer half scored at the midpoint
 
 
 def kto_weights(rows: list[dict[str, Any]], desirable: float | None,
@@ -151,16 +154,20 @@ def kto_weights(rows: list[dict[str, Any]], desirable: float | None,
 
 
 def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
-          callbacks: list | None = None) -> TrainResult:
+          callbacks: list | None = None, midpoint=None) -> TrainResult:
     """Train `cfg.method` on `rows` (TRL conversational rows: prompt/chosen/rejected for dpo,
     prompt/completion/label for kto, prompt/completion for sft; `rows.*.to_trl()` adds the cut
     flags of align/train/cut_answers.py), starting from (and, for dpo and kto, regularized
-    towards) `base_dir`."""
+    towards) `base_dir`. `midpoint` (kto: a midpoint.MidpointScorer): `rows` train in their
+    order, the scorer scores the newer half at the midpoint, and KTO's label weights and the KL
+    stop's probe come from its label-free rows (align/train/midpoint.py)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
     if not rows:
         raise InvalidArgument("no training rows")
+    if midpoint is not None and cfg.method != "kto":
+        raise InvalidArgument("the midpoint test scores rated answers: kto runs only")
     fresh_accelerator_state()
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir)
@@ -169,12 +176,16 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     ref_model = None if cfg.lora or cfg.method == "sft" else load_causal_lm(base_dir)
     dataset = Dataset.from_list(rows)
     callbacks = list(callbacks or [])
+    if midpoint is not None:
+        midpoint.bind(tokenizer, ref_model)
+        callbacks.append(midpoint)
+    label_free = rows if midpoint is None else [r.to_trl() for r in midpoint.plan.label_free]
     kl_stop = None
     if cfg.stop_kl and cfg.method in ("dpo", "kto"):
-        kl_stop = KLStop(tokenizer, probe_items(tokenizer, rows, cfg.max_length), cfg.stop_kl,
-                         reference=ref_model, max_scale=cfg.max_lr_scale)
+        kl_stop = KLStop(tokenizer, probe_items(tokenizer, label_free, cfg.max_length),
+                         cfg.stop_kl, reference=ref_model, max_scale=cfg.max_lr_scale)
         callbacks.append(kl_stop)
-    weights = kto_weights(rows, cfg.desirable_weight, cfg.undesirable_weight) \
+    weights = kto_weights(label_free, cfg.desirable_weight, cfg.undesirable_weight) \
         if cfg.method == "kto" else None
     # Trainer prints its log dicts to stdout: keep stdout for the result (e.g. --json)
     with tempfile.TemporaryDirectory(prefix="prefloop-align-") as work, \
@@ -191,7 +202,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
                                  processing_class=tokenizer, peft_config=peft_config,
                                  callbacks=callbacks)
         else:
-            args = KTOConfig(**_dpo_kto_args(cfg, work), desirable_weight=weights[0],
+            args = KTOConfig(**_dpo_kto_args(cfg, work, sequential=midpoint is not None),
+                             desirable_weight=weights[0],
                              undesirable_weight=weights[1])
             # with the KL stop, z0 is its probe's KL (align/train/kto_reference.py)
             kto_class = KTOTrainer if kl_stop is None else probe_reference_kto(kl_stop)
@@ -208,6 +220,10 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
             kl_stop = None
             if hasattr(trainer, "kl_source"):
                 trainer.kl_source = None  # KTO's reference point: TRL's own estimate
+        if sharded and midpoint is not None:  # the same: its scoring would run outside sharding
+            trainer.remove_callback(midpoint)
+            log.warning("the midpoint test does not run under FSDP / DeepSpeed sharding")
+            midpoint = None
         if sharded and cfg.lora:
             raise InvalidArgument("LoRA (the default) is not supported with FSDP / DeepSpeed "
                                   "sharding: pass --no-lora for a sharded full fine-tune, or use "
@@ -221,8 +237,10 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         steps = int(trainer.state.global_step)
         runtime = float(output.metrics.get("train_runtime", 0.0))
         record = None if kl_stop is None else kl_stop.record
+        scored = None if midpoint is None else midpoint.record
         if not accelerator.is_main_process:
-            return TrainResult(None, tokenizer, history, steps, runtime, None, record, weights)
+            return TrainResult(None, tokenizer, history, steps, runtime, None, record, weights,
+                               scored)
         policy = accelerator.unwrap_model(trainer.model)
         del trainer, ref_model
     if sharded:
@@ -230,4 +248,5 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
         policy.load_state_dict(state_dict)
     adapter = lora_adapter(policy) if cfg.lora and not sharded else None
     policy = plain_weights(policy, lora=cfg.lora and not sharded)
-    return TrainResult(policy, tokenizer, history, steps, runtime, adapter, record, weights)
+    return TrainResult(policy, tokenizer, history, steps, runtime, adapter, record, weights,
+                       scored)

@@ -259,7 +259,7 @@ def test_lora_publishes_an_adapter_that_loads_as_the_full_weights_of_the_same_tr
 def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     data_dir = fresh_copy(log_32, tmp_path)
     rc = cli.main(["align", "kto", "--data-dir", str(data_dir), "--model", str(tiny),
-                   "--max-steps", "3", "--json", *FAST])
+                   "--max-steps", "3", "--midpoint-test", "--json", *FAST])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["version"] == "v0001", out
     held = out["metrics"]["heldout"]
@@ -269,12 +269,21 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert "7 pairs of the same prompt, 0 matched across prompts" in out["metrics"]["gate_basis"]
     assert out["data"]["looping_desirable_dropped"] == 0  # counted (none of these answers loops)
     assert reg.Registry(data_dir).manifest("v0001").method == "kto"
+    # the midpoint test (align/train/midpoint.py): the 50 training answers split in time, the
+    # checkpoint after the older 24 (3 steps of 8) scores the newer 26, and the rating test's
+    # p-value joins both (the held-out p alone beside it)
+    mid, parts = out["metrics"]["midpoint"], out["gate"]["margin_parts"]
+    assert (mid["older_rows"], mid["newer_rows"], mid["step"], mid["scored"]) == (24, 26, 3, 26)
+    assert parts["midpoint_answers"] == 26 and parts["midpoint_up"] == 13
+    assert out["gate"]["margin_p_value"] < max(parts["heldout_p_value"], parts["midpoint_p_value"])
+    assert "scored at the midpoint (13 up, 13 down)" in " ".join(out["gate"]["reasons"])
     # a candidate trained from v0000 while v0001 is current: judged against v0001's own weights
     reg.Registry(data_dir).promote("v0001", force=True, reason="test")
     rc = cli.main(["align", "kto", "--data-dir", str(data_dir), "--model", str(tiny),
-                   "--base", "v0000", "--max-steps", "2", "--json", *FAST])
+                   "--base", "v0000", "--max-steps", "2", "--midpoint-test", "--json", *FAST])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["status"] in ("rejected", "published"), out  # no --auto-promote
+    assert "midpoint" not in out["metrics"]  # its moves would be against v0000, not v0001
     reasons = " ".join(out["gate"]["reasons"])
     assert "vs v0001" in reasons and "AUC of the summed moves" in reasons, reasons
     # the degeneration check's answers join the rating test (align/answer_shift.py): the 14
