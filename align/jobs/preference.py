@@ -199,6 +199,7 @@ def _midpoint_scorer(cfg: JobConfig, registry: reg.Registry, base: str, split,
     if not (cfg.midpoint and real_training and cfg.train.method == "kto"):
         return None
     if runner.current_version(registry) not in (None, base):
+        log.info("no midpoint test: the current version is not the job's base %s", base)
         return None
     import os
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -402,14 +403,14 @@ def _evaluate(cfg: JobConfig, registry: reg.Registry, base: str, base_dir: Path,
 
 def _midpoint_evidence(scorer, record, result: runner.JobResult):
     """The gate's `midpoint` argument from what the scorer measured (None when it did not
-    score: the KL stop ended training first, or the older half filled no step), recorded in
-    the job's metrics either way."""
+    score: the older half filled no optimizer step), recorded in the job's metrics either
+    way."""
     if scorer is None:
         return None
     plan = scorer.plan
     result.metrics["midpoint"] = {"older_rows": plan.older_rows, "newer_rows": len(plan.scored),
                                   "trained_share": round(plan.trained_share, 4),
-                                  "scored_at_step": scorer.step}
+                                  "planned_step": scorer.step}
     if record is None:
         result.metrics["midpoint"]["scored"] = 0
         return None
