@@ -35,17 +35,19 @@ def pick_rows(n: int, loop_at: tuple[int, ...] = ()) -> list[RatedAnswer]:
 
 
 def test_the_plan_splits_in_time_keeps_a_pick_together_and_scores_the_whole_newer_half():
-    rows = pick_rows(10, loop_at=(1, 7))
+    rows = pick_rows(11, loop_at=(1, 7))
     halves = plan(list(reversed(rows)), drop_looping=True, seed=0)
     assert max(r.created_at for r in halves.older) < min(r.created_at for r in halves.scored)
-    assert len(halves.scored) == 10 and halves.older_rows == 10  # 5 picks each, in time order
+    # 22 rows: the half falls between the two answers of pick 5, which go newer together
+    assert halves.older_rows == 10 and len(halves.scored) == 12
+    assert not {r.feedback_id for r in halves.older} & {r.feedback_id for r in halves.scored}
     assert [r.created_at for r in halves.scored] == sorted(r.created_at for r in halves.scored)
     # the looping liked answers (picks 1 and 7) do not train, but the newer one is scored
-    assert len(halves.older) == 9 and len(halves.newer) == 9
+    assert len(halves.older) == 9 and len(halves.newer) == 11
     assert all(r.text != LOOP for r in halves.rows)
     assert sum(r.text == LOOP for r in halves.scored) == 1
     assert halves.label_free == halves.older + halves.scored
-    assert halves.trained_share == pytest.approx(10 / 20)
+    assert halves.trained_share == pytest.approx(10 / 22)
     assert plan(pick_rows(1), drop_looping=True) is None  # one timestamp: no newer half
 
 
