@@ -11,6 +11,14 @@ each answer is measured (`answer_stats`):
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
 - **length**: words;
+- **off topic**: the answer shares no content word with its prompt's last user message (words
+  of two letters or fewer, function words and the verbs of asking left out; plurals and "-ing"
+  folded, so "volcanoes" meets "volcano" and "cooking" meets "cook"). A prompt with no content
+  word ("hi") counts as on topic for both versions. On the loop benchmark's fresh split of
+  2026-12-06 the base's served answers were on topic 98 % of the time, and a short-sentence
+  candidate that had gone to one-liners ("Oh, I'm sorry for all the fun facts I have to share.")
+  75 %; the likelihood and prompt-PMI detectors tried before did not separate such answers
+  (docs/align.md, "Pacing again");
 - **KL on its own answers**: the exact per-token KL(candidate ‖ current) at every prefix of the
   candidate's sampled answers, averaged over their tokens. The gate's KL bound is measured on the
   held-out answers, which the current version wrote; this is the same quantity where the
@@ -21,6 +29,7 @@ each answer is measured (`answer_stats`):
 
 `degeneration_check` rejects a candidate that loops in measurably more prompts than the current
 version (one-sided exact sign test on the prompts where exactly one of the two loops, at 5 %),
+whose answers are off topic in measurably more prompts (the same test),
 whose mean distinct ratio drops by more than `max_distinct_drop`, or whose mean length leaves
 [current / `max_length_ratio`, current × `max_length_ratio`] (collapsed or runaway answers), or
 whose KL on its own answers exceeds `max_own_kl` (the gate's KL bound).
@@ -39,6 +48,49 @@ _WORD = re.compile(r"[\w']+")
 # and "哈哈哈哈" stay words; a 16-letter "xxxx…" placeholder counts)
 _LETTER_RUN = re.compile(r"([^\W\d_])\1{15,}", re.IGNORECASE)
 DISTINCT_WINDOW = 32  # words
+# what a request is made of rather than what it is about: function words and the verbs of asking
+_REQUEST_WORDS = frozenset("""
+a an the and or but if then so of to in on at by for with from about as into over under than
+that this these those it its is are was were be been being do does did have has had i me my mine
+you your yours we us our he him his she her they them their what which who whom whose when where
+why how all any some no not very can could would should will shall may might must also just
+tell explain describe give write show make want need please help know think say get let like
+one ones thing things something anything""".split())
+
+
+def _folded(word: str) -> str:
+    """A word with its plural and "-ing" folded away, lower case ("Volcanoes" -> "volcano",
+    "cooking" -> "cook", "batteries" -> "battery"): enough to tell whether two texts share it."""
+    w = word.lower().strip("'")
+    if w.endswith("ing") and len(w) > 5:
+        w = w[:-3]
+    if w.endswith("ies") and len(w) > 4:
+        w = w[:-3] + "y"
+    elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+        w = w[:-1]
+    return w[:-1] if w.endswith("e") and len(w) > 3 else w
+
+
+def content_words(text: str) -> set[str]:
+    """The folded words of `text` that say what it is about (three letters or more, not a
+    function word or a verb of asking)."""
+    return {_folded(w) for w in _WORD.findall(text)
+            if len(w) >= 3 and w.lower() not in _REQUEST_WORDS}
+
+
+def off_topic(prompt: str, answer: str) -> bool:
+    """The answer shares no content word with the prompt (a prompt without any: never)."""
+    asked = content_words(prompt)
+    return bool(asked) and not asked & {_folded(w) for w in _WORD.findall(answer)}
+
+
+def _last_user_text(prompt: str | list[dict]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    texts = [m.get("content") for m in prompt if m.get("role") == "user"]
+    return texts[-1] if texts and isinstance(texts[-1], str) else ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,20 +125,31 @@ class Degeneration:
     candidate_words: float  # mean answer length in words
     current_words: float
     candidate_own_kl: float | None = None  # nats per token on its own answers (None: unmeasured)
+    candidate_off_topic: int = 0  # prompts where the candidate's answer shares no word with it
+    current_off_topic: int = 0
+    only_candidate_off_topic: int = 0  # the discordant prompts
+    only_current_off_topic: int = 0
 
     @classmethod
     def of(cls, candidate: list[str], current: list[str],
-           candidate_own_kl: float | None = None) -> "Degeneration":
-        if len(candidate) != len(current):
+           candidate_own_kl: float | None = None,
+           prompts: list[str] | list[list[dict]] | None = None) -> "Degeneration":
+        """`prompts` (texts or chat messages, one per answer) adds the off-topic counts."""
+        if len(candidate) != len(current) or (prompts is not None and len(prompts) != len(current)):
             raise ValueError("one answer per prompt from each version")
         a = [answer_stats(t) for t in candidate]
         b = [answer_stats(t) for t in current]
+        asked = [_last_user_text(p) for p in prompts] if prompts is not None else [""] * len(a)
+        off_a = [off_topic(q, t) for q, t in zip(asked, candidate)]
+        off_b = [off_topic(q, t) for q, t in zip(asked, current)]
         n = max(len(a), 1)
         return cls(len(a), sum(s.loops for s in a), sum(s.loops for s in b),
                    sum(x.loops and not y.loops for x, y in zip(a, b)),
                    sum(y.loops and not x.loops for x, y in zip(a, b)),
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
-                   sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl)
+                   sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl,
+                   sum(off_a), sum(off_b), sum(x and not y for x, y in zip(off_a, off_b)),
+                   sum(y and not x for x, y in zip(off_a, off_b)))
 
     def to_record(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -97,6 +160,8 @@ def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_dro
     """The deciding check (see the module docstring); its text carries every number."""
     p = sign_test_p(d.only_candidate_loops, d.only_current_loops)
     more_loops = d.only_candidate_loops > d.only_current_loops and p < level
+    p_topic = sign_test_p(d.only_candidate_off_topic, d.only_current_off_topic)
+    drifted = d.only_candidate_off_topic > d.only_current_off_topic and p_topic < level
     drop = d.current_distinct - d.candidate_distinct
     ratio = (d.candidate_words / d.current_words) if d.current_words else float("inf")
     extreme = d.current_words > 0 and not 1 / max_length_ratio <= ratio <= max_length_ratio
@@ -104,6 +169,8 @@ def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_dro
            and d.candidate_own_kl > max_own_kl)
     problems = [what for bad, what in (
         (more_loops, f"loops in more prompts (p {p:.3f} < {level:g})"),
+        (drifted, f"answers off topic in more prompts (p {p_topic:.3f} < {level:g}): they share "
+                  f"no word with what was asked"),
         (drop > max_distinct_drop, f"distinct-word ratio dropped by {drop:.2f} > "
                                    f"{max_distinct_drop:g}"),
         (extreme, f"mean length {ratio:.2f}x the current version's (outside "
@@ -114,7 +181,9 @@ def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_dro
             f"{d.current_loops} (only one loops: {d.only_candidate_loops} / "
             f"{d.only_current_loops}, sign-test p {p:.3f}); distinct-word ratio "
             f"{d.candidate_distinct:.2f} vs {d.current_distinct:.2f}; mean words "
-            f"{d.candidate_words:.1f} vs {d.current_words:.1f}"
+            f"{d.candidate_words:.1f} vs {d.current_words:.1f}; off topic (no word of the prompt) "
+            f"{d.candidate_off_topic} vs {d.current_off_topic} (only one: "
+            f"{d.only_candidate_off_topic} / {d.only_current_off_topic}, sign-test p {p_topic:.3f})"
             + ("" if d.candidate_own_kl is None else
                f"; KL on its own answers {d.candidate_own_kl:.3f} nats/token"))
     return Check(CHECK_DEGENERATION, not problems,

@@ -46,7 +46,7 @@ from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_users import PREFERENCES, repetitive  # noqa: E402
+from loop_users import PREFERENCES, unwanted  # noqa: E402
 
 
 def heldout_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> dict:
@@ -79,11 +79,17 @@ def midpoint_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> 
                 events=len({r.feedback_id for r in rows}))
 
 
+def _asked(prompt: list[dict]) -> str:
+    """The last user message of a logged prompt: what the simulated user asked."""
+    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+
+
 def ceiling(preference: str, held) -> dict:
     """The rating test with the users' own preference as the score of every held-out answer
-    (benchmarks/loop_users.py; a looping answer scores lowest, as those users rate it): how much
-    evidence the held-out labels carry at all."""
-    score = [PREFERENCES[preference](r.text) - (1e9 if repetitive(r.text) else 0.0) for r in held]
+    (benchmarks/loop_users.py; an `unwanted` answer, looping or off topic, scores lowest, as those
+    users rate it): how much evidence the held-out labels carry at all."""
+    score = [PREFERENCES[preference](r.text) - (1e9 if unwanted(r.text, _asked(r.prompt)) else 0.0)
+             for r in held]
     test = PermutationTest.of(score, [bool(r.label) for r in held],
                               [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)
     return {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}

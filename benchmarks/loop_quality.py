@@ -51,6 +51,7 @@ from loop_users import (  # noqa: E402
     REWRITES,
     choose,
     noisy,
+    off_topic,
     prompts,
     property_value,
     rate,
@@ -158,7 +159,8 @@ def vote_one(client: Client, preference: str, prompt: str, users: Users, seed: i
             client.submit_preference(prompt_messages=messages, rejected_text=a.text,
                                      chosen_text=REWRITES[preference](a.text), user_id=user_id)
             return "rewrite"
-        up = noisy(rate(preference, a.text, users.bar, users.up_rate, rng), users.noise, rng)
+        up = noisy(rate(preference, a.text, users.bar, users.up_rate, rng, prompt), users.noise,
+                   rng)
         client.submit_rating(a.response_id, 1 if up else -1, scale="thumbs", user_id=user_id)
         return "thumb"
     pair = (client.chat(messages, compare=True, user_id=user_id, **opts).completions
@@ -166,7 +168,7 @@ def vote_one(client: Client, preference: str, prompt: str, users: Users, seed: i
     if len(pair) != 2:  # no A/B test (or it ended): two answers of the served version
         pair = client.chat(messages, n=2, user_id=user_id, **opts).completions
     a, b = pair
-    pick = choose(preference, a.text, b.text, rng)
+    pick = choose(preference, a.text, b.text, rng, prompt)
     if pick is None:
         if user_id != FLOODER and preference in REWRITES and property_value(preference, a.text) == 0:
             # neither answer has it: this user rewrites one, as the web page's "edit" does
@@ -249,11 +251,15 @@ def cluster_interval(per_prompt: list[tuple[int, int]], draws: int = 4000, seed:
 
 
 def judge(preference: str, base: list[str], served: list[str], rng: random.Random,
-          samples: int = 1) -> dict:
+          samples: int = 1, held: list[str] | None = None) -> dict:
     """The user's verdict on each (served, base) answer pair. Answers come `samples` per prompt,
     consecutively: with more than one, the interval is a cluster bootstrap over prompts
-    (`cluster_interval`), else Wilson's."""
-    outcomes = [choose(preference, new, old, rng) for old, new in zip(base, served)]
+    (`cluster_interval`), else Wilson's. `held`: the prompts, one per `samples` answers, so the
+    users see which answers leave their topic (loop_users.off_topic) and the shares are
+    reported."""
+    asked = [held[i // samples] for i in range(len(served))] if held is not None else \
+        [None] * len(served)
+    outcomes = [choose(preference, new, old, rng, q) for old, new, q in zip(base, served, asked)]
     wins, losses = outcomes.count(0), outcomes.count(1)
     if samples > 1:
         per_prompt = [(outcomes[i:i + samples].count(0), outcomes[i:i + samples].count(1))
@@ -267,7 +273,10 @@ def judge(preference: str, base: list[str], served: list[str], rng: random.Rando
             "base_property": sum(property_value(preference, a) for a in base) / len(base),
             "served_property": sum(property_value(preference, a) for a in served) / len(served),
             "base_repetitive": sum(map(repetitive, base)) / len(base),
-            "served_repetitive": sum(map(repetitive, served)) / len(served)}
+            "served_repetitive": sum(map(repetitive, served)) / len(served),
+            **({} if held is None else {
+                "base_off_topic": sum(map(off_topic, asked, base)) / len(base),
+                "served_off_topic": sum(map(off_topic, asked, served)) / len(served)})}
 
 
 def run_preference(preference: str, args, work: Path) -> list[dict]:
@@ -331,7 +340,7 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                        "training": (job.get("metrics") or {}).get("training"),
                        "seconds": {"vote": vote_s, "job": job["seconds"], "swap": swap_s,
                                    "measure": measure_s, "measure_base": measure_base},
-                       **judge(preference, base, served, rng, args.heldout_samples)}
+                       **judge(preference, base, served, rng, args.heldout_samples, held)}
                 rows.append(row)
                 print(format_row(row), flush=True)
     finally:
@@ -376,7 +385,8 @@ def format_row(row: dict) -> str:
             f"job {row['job_status'] or 'failed':>9} served {row['served_version']:>5} "
             f"win {win} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
-            f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} KL {kl} "
+            f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} off topic "
+            f"{row.get('base_off_topic', 0):.0%} -> {row.get('served_off_topic', 0):.0%} KL {kl} "
             f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s"
             + (f"\n{'':>16} A/B during the votes: {row['ab_during_votes']}" if row.get("ab_during_votes") else "")
             + (f"\n{'':>16} A/B evidence after the votes: {row['ab_evidence']}" if row.get("ab_evidence") else "")

@@ -193,7 +193,7 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
     row["measure_s"] = round(time.perf_counter() - t, 1)
     (copy / "served.json").write_text(json.dumps(served))  # --rejudge reads it
     row.update(judge(args.preference, base, served, random.Random(args.seed),
-                     args.heldout_samples))
+                     args.heldout_samples, held))
     row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
                        for i in range(0, len(served), max(1, len(served) // 3))][:3]
     if not args.keep:
@@ -219,7 +219,8 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
                                              args.temperature)
         saved.write_text(json.dumps(served))
     row = {"setting": name, "version": versions[-1]}
-    row.update(judge(args.preference, base, served, random.Random(args.seed), args.heldout_samples))
+    row.update(judge(args.preference, base, served, random.Random(args.seed), args.heldout_samples,
+                     held))
     return row
 
 
@@ -229,7 +230,9 @@ def served_text(row: dict) -> str:
     return (f"served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
             f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
-            f"{row['served_repetitive']:.0%}")
+            f"{row['served_repetitive']:.0%}"
+            + (f", off topic {row['base_off_topic']:.0%} -> {row['served_off_topic']:.0%}"
+               if "served_off_topic" in row else ""))
 
 
 def format_rejudged(row: dict) -> str:

@@ -10,6 +10,10 @@ A population (`MIXES`, `user_kinds`) is how people give feedback on a chat page:
 answer and press 👍 or 👎 (`rate`: 👍 when the answer's score reaches the user's bar, set so that
 about a stated share of the base model's answers pass it), some compare two answers, a few edit
 an answer into what they wanted; each flips a stated share of their votes (`noisy`).
+
+Whatever their preference, every user puts an `unwanted` answer last: one that loops, or (since
+2026-12-06) one that leaves the topic they asked about (`off_topic`). Results judged before that
+date let off-topic one-liners win on style.
 """
 from __future__ import annotations
 
@@ -133,16 +137,19 @@ PREFERENCES = {"concise": concise, "short_sentences": short_sentences, "plain_wo
 REWRITES = {"friendly_opening": rewrite_friendly_opening}
 
 
-def choose(preference: str, a: str, b: str, rng: random.Random) -> int | None:
+def choose(preference: str, a: str, b: str, rng: random.Random,
+           prompt: str | None = None) -> int | None:
     """0 if the user prefers `a`, 1 for `b`, None for a tie (no vote). "random" flips a coin.
-    Of two answers of which one loops (`repetitive`), every user prefers the other, whatever
-    their preference says: no person wants "They're so good." three times, and a judge that did
-    would reward gaming it (the judges before 2026-12-04 did)."""
+    Of two answers of which one is unwanted (`unwanted`: it loops, or, given the `prompt`, it
+    leaves what was asked about), every user prefers the other, whatever their preference says:
+    no person wants "They're so good." three times, or "Oh, I'm sorry for all the fun facts I
+    have to share." when they asked about snow; a judge that did would reward gaming it (the
+    judges before 2026-12-04 took loops, before 2026-12-06 one-liners off the topic)."""
     if preference == "random":
         return rng.randrange(2)
-    loops_a, loops_b = repetitive(a), repetitive(b)
-    if loops_a != loops_b:
-        return 1 if loops_a else 0
+    bad_a, bad_b = unwanted(a, prompt), unwanted(b, prompt)
+    if bad_a != bad_b:
+        return 1 if bad_a else 0
     score = PREFERENCES[preference]
     sa, sb = score(a), score(b)
     if sa == sb:
@@ -178,12 +185,14 @@ def up_bar(preference: str, base_answers: list[str], up_rate: float) -> float:
     return bar if bar > scores[0] else min((s for s in scores if s > scores[0]), default=bar)
 
 
-def rate(preference: str, answer: str, bar: float, up_rate: float, rng: random.Random) -> bool:
-    """A thumbs user's verdict on one answer: 👍 when its score reaches `bar` and it does not
-    loop; "random" presses 👍 with probability `up_rate`, whatever the answer says."""
+def rate(preference: str, answer: str, bar: float, up_rate: float, rng: random.Random,
+         prompt: str | None = None) -> bool:
+    """A thumbs user's verdict on one answer: 👍 when its score reaches `bar` and it is not
+    `unwanted` (loops, or leaves the `prompt`'s topic); "random" presses 👍 with probability
+    `up_rate`, whatever the answer says."""
     if preference == "random":
         return rng.random() < up_rate
-    return PREFERENCES[preference](answer) >= bar and not repetitive(answer)
+    return PREFERENCES[preference](answer) >= bar and not unwanted(answer, prompt)
 
 
 def noisy(verdict: int | bool, noise: float, rng: random.Random):
@@ -212,6 +221,52 @@ def repetitive(answer: str) -> bool:
         if grams[gram] >= 3:
             return True
     return False
+
+
+_TEMPLATE_PATTERNS = [re.compile("^" + re.escape(t).replace(re.escape("{topic}"), "(?P<topic>.+)") + "$")
+                      for t in TEMPLATES]
+
+
+def topic_of(prompt: str) -> str | None:
+    """The topic a benchmark prompt asks about ("What should I know about steel?" -> "steel");
+    None for a prompt that is not one of TEMPLATES."""
+    for pattern in _TEMPLATE_PATTERNS:
+        m = pattern.match(prompt.strip())
+        if m:
+            return m.group("topic")
+    return None
+
+
+def _names(word: str, key: str) -> bool:
+    """Does `word` name `key` (both lower case)? The same word, or one starts with the other and
+    the shorter has four letters or more ("volcanoes" / "volcanic" for "volcanoes", "cook" for
+    "cooking", "cat" only as "cat" / "cats")."""
+    if word == key or word in (key + "s", key + "es") or key in (word + "s", word + "es"):
+        return True
+    if key.endswith("ies") and word == key[:-3] + "y" or word.endswith("ies") and key == word[:-3] + "y":
+        return True
+    short, long_ = sorted((word, key), key=len)
+    return len(short) >= 4 and long_.startswith(short) or (
+        len(short) >= 5 and long_[:5] == short[:5])
+
+
+def off_topic(prompt: str, answer: str) -> bool:
+    """Does the answer leave what a benchmark prompt asked about? It names none of the topic's
+    words ("the ocean floor": "ocean" or "floor"; "a big city": "city"). The users' own rule,
+    from the topic they asked about; the gate's check (align/degeneration.py) knows only the
+    prompt's words. A prompt not from TEMPLATES is never left."""
+    topic = topic_of(prompt)
+    if topic is None:
+        return False
+    keys = [w for w in _WORD.findall(topic.lower()) if w not in ("the", "a", "big")]
+    words = {w.lower() for w in _WORD.findall(answer)}
+    return not any(_names(w, k) for k in keys for w in words)
+
+
+def unwanted(answer: str, prompt: str | None = None) -> bool:
+    """An answer every user puts last, whatever their preference: it loops (`repetitive`), or,
+    given the prompt, it is `off_topic`."""
+    return repetitive(answer) or (prompt is not None and off_topic(prompt, answer))
 
 
 def property_value(preference: str, answer: str) -> float:

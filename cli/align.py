@@ -186,8 +186,9 @@ def _gate(p: argparse.ArgumentParser, improvement: str, *, policy_metric: bool =
     if policy_metric:
         gate.add_argument("--degeneration-prompts", type=int, default=16, metavar="N",
                           help="held-out prompts the candidate and the current version both "
-                               "answer; the gate rejects a candidate that loops, repeats words "
-                               "or changes its answer length measurably more; KTO's rating "
+                               "answer; the gate rejects a candidate that loops, repeats words, "
+                               "changes its answer length or leaves its prompts' topic "
+                               "measurably more; KTO's rating "
                                "test also ranks the held-out answers by how much they resemble "
                                "what the candidate writes more of there (0: neither) "
                                "(default %(default)s)")

@@ -478,7 +478,8 @@ def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_co
             candidate = sample_texts(policy, tok, prompts, **kw)
             current = sample_texts(current_model, tok, prompts, **kw)
         return (Degeneration.of(candidate, current,
-                                own_answer_kl(policy, current_model, tok, prompts, candidate)),
+                                own_answer_kl(policy, current_model, tok, prompts, candidate),
+                                prompts),
                 (candidate, current))
     finally:
         policy.train(was_training)

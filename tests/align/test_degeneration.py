@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from prefloop.align.degeneration import Degeneration, answer_stats, degeneration_check
+from prefloop.align.degeneration import (
+    Degeneration,
+    answer_stats,
+    content_words,
+    degeneration_check,
+    off_topic,
+)
 
 FINE = "The cat sat on the warm mat and looked at the garden for a while."
 LOOP = "They're so good. They're so good. They're so good. They're so good."
@@ -44,6 +50,42 @@ def test_collapsed_or_runaway_length_is_rejected():
     assert not collapsed.passed and "mean length 0.07x" in collapsed.text
     runaway = degeneration_check(Degeneration.of([" ".join([FINE] * 5)] * 10, [FINE] * 10))
     assert not runaway.passed and "outside [1/4, 4]" in runaway.text
+
+
+def test_an_answer_is_off_topic_when_it_shares_no_content_word_with_the_prompt():
+    assert content_words("What should I know about volcanoes?") == {"volcano"}
+    assert content_words("Tell me about cooking, please.") == {"cook"}
+    assert off_topic("What should I know about steel?", "Me: Welcome to your trusty sidekick!")
+    assert not off_topic("What should I know about steel?", "Steel is iron with a little carbon.")
+    # plurals and -ing fold both ways, case does not matter
+    assert not off_topic("Tell me about volcanoes.", "A volcano is a mountain that erupts.")
+    assert not off_topic("Tell me about batteries.", "A battery stores energy.")
+    assert not off_topic("Why do people like cooking?", "They cook for friends.")
+    assert not off_topic("Tell me about the MOON.", "The moon is bright.")
+    # a prompt that asks about nothing in particular: never off topic
+    assert not off_topic("hi, can you help me?", "Of course! What would you like to know?")
+
+
+def test_a_candidate_whose_answers_leave_their_prompts_is_rejected_with_its_numbers():
+    prompts = [f"Tell me about {t}." for t in ("cats", "steel", "rivers", "bread", "trains",
+                                                 "honey", "maps", "clocks", "owls", "rice")]
+    on = [f"{q.split()[-1][:-1].capitalize()} are worth knowing about, and here is why." for q in prompts]
+    drift = "I'm a helpful assistant and I love to chat with you."
+    d = Degeneration.of([drift] * 8 + on[8:], on, prompts=prompts)
+    assert (d.candidate_off_topic, d.current_off_topic, d.only_candidate_off_topic) == (8, 0, 8)
+    check = degeneration_check(d)
+    assert not check.passed
+    assert "off topic (no word of the prompt) 8 vs 0" in check.text
+    assert "answers off topic in more prompts (p 0.004" in check.text
+    # one drifted answer is not measurably more (p 0.5); chat messages count their last user turn
+    chats = [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi!"},
+              {"role": "user", "content": q}] for q in prompts]
+    one = Degeneration.of([drift] + on[1:], on, prompts=chats)
+    assert one.only_candidate_off_topic == 1 and degeneration_check(one).passed
+    # without prompts nothing is counted off topic
+    assert Degeneration.of([drift] * 10, on).candidate_off_topic == 0
+    with pytest.raises(ValueError):
+        Degeneration.of(on, on, prompts=prompts[:3])
 
 
 def test_a_longer_natural_answer_keeps_its_distinct_ratio():

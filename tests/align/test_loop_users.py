@@ -120,6 +120,47 @@ def test_every_user_prefers_an_answer_that_does_not_loop():
     assert not U.rate("short_sentences", loops, bar=-20.0, up_rate=0.3, rng=random.Random(0))
 
 
+def test_a_benchmark_prompt_names_its_topic_and_an_answer_that_names_none_of_it_is_off_topic():
+    assert U.topic_of("What should I know about the ocean floor?") == "the ocean floor"
+    assert U.topic_of("Explain volcanoes to a child.") == "volcanoes"
+    assert U.topic_of("Write me a poem.") is None
+    asked = "Give me a fun fact about volcanoes."
+    assert U.off_topic(asked, "Oh, I'm sorry for all the fun facts I have to share.")
+    for named in ("A volcano erupts.", "Volcanic rock is light.", "VOLCANOES smoke."):
+        assert not U.off_topic(asked, named), named
+    assert not U.off_topic("Tell me about the ocean floor.", "The floor of the sea is dark.")
+    assert not U.off_topic("Tell me about cooking.", "People cook to eat.")
+    assert not U.off_topic("Tell me about batteries.", "A battery stores energy.")
+    assert U.off_topic("Tell me about cats.", "A category of animals.")  # "cat" only as itself
+    assert not U.off_topic("Write me a poem.", "Anything at all.")  # not a benchmark prompt
+
+
+def test_every_user_puts_an_off_topic_answer_last_when_it_knows_the_prompt():
+    asked = "Tell me about owls."
+    off = "I'm a helpful assistant."  # short sentences, but not about owls
+    on = "Owls hunt at night and they can turn their heads very far around to look behind them."
+    rng = random.Random(0)
+    assert U.choose("short_sentences", off, on, rng) == 0  # without the prompt: style alone
+    assert U.choose("short_sentences", off, on, rng, asked) == 1
+    assert U.choose("short_sentences", on, off, rng, asked) == 0
+    bar = U.up_bar("short_sentences", [off, on], 0.5)
+    assert U.rate("short_sentences", off, bar, 0.5, rng)
+    assert not U.rate("short_sentences", off, bar, 0.5, rng, asked)
+    assert U.unwanted(off, asked) and not U.unwanted(on, asked) and not U.unwanted(off)
+
+
+def test_the_served_judgement_reports_off_topic_shares_and_counts_them_as_losses():
+    from loop_quality import judge
+    held = ["Tell me about owls.", "Tell me about rain."]
+    base = ["Owls hunt at night, and they are quiet, and they see well in the dark woods.",
+            "Rain falls from clouds, and it waters the fields, and it fills the rivers too."]
+    served = ["I'm a helpful assistant.", "Rain falls. It waters fields."]
+    row = judge("short_sentences", base, served, random.Random(0), 1, held)
+    assert (row["wins"], row["losses"]) == (1, 1)  # the shorter owl answer loses: off topic
+    assert row["base_off_topic"] == 0.0 and row["served_off_topic"] == 0.5
+    assert judge("short_sentences", base, served, random.Random(0))["wins"] == 2  # style alone
+
+
 def test_speaks_to_you_prefers_more_you_per_word_to_a_whole_percent():
     rng = random.Random(0)
     to_you = "You can see it. Your eyes know it."  # 2 of 8 words: 25 per 100
