@@ -5,9 +5,10 @@ short sentences passes "They're so good." ×3). So both versions answer the same
 — sampled with the same seeds at the server's default temperature, up to `max_new_tokens` — and
 each answer is measured (`answer_stats`):
 
-- **loops**: some three-word sequence occurs three times or more, or one letter 16 times in a row
+- **loops**: some three-word sequence occurs three times or more, one letter 16 times in a row
   ("Mmmmmmmmmmmmmmmm…": a collapse into one long word, which repeats no word; a plain-words
-  candidate trained on thumbs alone wrote it on 2026-12-05, docs/align.md);
+  candidate trained on thumbs alone wrote it on 2026-12-05, docs/align.md), or one symbol
+  outside ASCII 8 times in a row ("🔍🔍🔍🔍🔍🔍🔍🔍…", 2026-12-06);
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
 - **length**: words;
@@ -47,6 +48,9 @@ _WORD = re.compile(r"[\w']+")
 # one letter 16+ times in a row, either case: a collapse, not a word ("Noooooooo!", "0xFFFFFFFF"
 # and "哈哈哈哈" stay words; a 16-letter "xxxx…" placeholder counts)
 _LETTER_RUN = re.compile(r"([^\W\d_])\1{15,}", re.IGNORECASE)
+# one symbol outside ASCII (an emoji, "…") 8+ times in a row: "🔍🔍🔍🔍🔍🔍🔍🔍…", a loop the words
+# miss (a paced plain-words candidate wrote it on 2026-12-06); ASCII rules like "--------" stay
+_SYMBOL_RUN = re.compile(r"([^\w\s\x00-\x7f])(?:\s?\1){7,}")
 DISTINCT_WINDOW = 32  # words
 # what a request is made of rather than what it is about: function words and the verbs of asking
 _REQUEST_WORDS = frozenset("""
@@ -103,7 +107,7 @@ class AnswerStats:
 def answer_stats(text: str) -> AnswerStats:
     words = [w.lower() for w in _WORD.findall(text)]
     grams: dict[tuple[str, ...], int] = {}
-    loops = _LETTER_RUN.search(text) is not None
+    loops = _LETTER_RUN.search(text) is not None or _SYMBOL_RUN.search(text) is not None
     for gram in zip(words, words[1:], words[2:]):
         grams[gram] = grams.get(gram, 0) + 1
         loops = loops or grams[gram] >= 3

@@ -203,6 +203,7 @@ def noisy(verdict: int | bool, noise: float, rng: random.Random):
 
 
 _LETTER_RUN = re.compile(r"([A-Za-z])\1{15,}", re.IGNORECASE)  # the users' own rule, not the gate's
+_EMOJI_RUN = re.compile(r"([\U0001F000-\U0001FFFF\u2600-\u27BF])(?:\s?\1){5,}")  # 🔍 six times on
 
 
 def repetitive(answer: str) -> bool:
@@ -211,8 +212,9 @@ def repetitive(answer: str) -> bool:
     words or sentences, so the benchmarks report its share beside every win rate. Or one letter
     16 times in a row ("Mmmmmmmmmmmmmmmm…"): a candidate collapsed that way on 2026-12-05, and
     as one long word it repeats no word, so before this rule a user would have preferred it to
-    a base answer that loops, a win no person would give."""
-    if _LETTER_RUN.search(answer):
+    a base answer that loops, a win no person would give. Or one emoji six times in a row
+    ("🔍🔍🔍🔍🔍🔍…", which has no words at all: a paced candidate wrote it on 2026-12-06)."""
+    if _LETTER_RUN.search(answer) or _EMOJI_RUN.search(answer):
         return True
     words = [w.lower() for w in _WORD.findall(answer)]
     grams: dict[tuple[str, ...], int] = {}

@@ -23,8 +23,12 @@ def test_answer_stats():
     assert answer_stats("").distinct_ratio == 1.0 and not answer_stats("").loops
     collapsed = answer_stats("Mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm")  # one word, no 3-gram
     assert collapsed.loops and collapsed.words == 1
+    emoji_run = answer_stats("I'm a bit overwhelmed by the internet! 🌍🔍" + "🔍" * 20)
+    assert emoji_run.loops and emoji_run.words == 7
+    assert answer_stats("Spaced out: " + "🔍 " * 9).loops
     for word in ("Hmmm, the committee's bookkeeper.", "Noooooooo!", "0xFFFFFFFF", "哈哈哈哈哈哈哈哈",
-                 "1000000000000000000000"):
+                 "1000000000000000000000", "Great job! 🎉🎉🎉", "| --- | ---------------- |",
+                 "Wait……"):
         assert not answer_stats(word).loops, word
 
 

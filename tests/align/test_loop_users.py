@@ -118,6 +118,8 @@ def test_every_user_prefers_an_answer_that_does_not_loop():
     assert U.choose("short_sentences", loops, plain, random.Random(0)) == 1  # shorter, but loops
     assert U.choose("short_sentences", plain, loops, random.Random(0)) == 0
     assert not U.rate("short_sentences", loops, bar=-20.0, up_rate=0.3, rng=random.Random(0))
+    assert U.repetitive("I'm a bit overwhelmed by the internet! 🌍" + "🔍" * 30)  # no words loop
+    assert not U.repetitive("Great job! 🎉🎉🎉")
 
 
 def test_a_benchmark_prompt_names_its_topic_and_an_answer_that_names_none_of_it_is_off_topic():
