@@ -63,17 +63,21 @@ one ones thing things something anything""".split())
 
 
 def _folded(word: str) -> str:
-    """A word with its plural and "-ing" folded away, lower case ("Volcanoes" -> "volcano",
-    "cooking" -> "cook", "batteries" -> "battery"): enough to tell whether two texts share it."""
+    """A word with its plural, "-ing" and a final "e" / "y" folded away, lower case: not a stem
+    anyone reads, but the singular and plural, or the verb and its "-ing", of one word fold to
+    the same string ("volcanoes" / "volcano", "batteries" / "battery", "strings" / "string",
+    "cooking" / "cook"): enough to tell whether two texts share a word."""
     w = word.lower().strip("'")
-    if w.endswith("ing") and len(w) > 5:
-        w = w[:-3]
     if w.endswith("ies") and len(w) > 4:
-        w = w[:-3] + "y"
+        w = w[:-3] + "i"
     elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
         w = w[:-2]
     elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
         w = w[:-1]
+    if w.endswith("ing") and len(w) > 5:
+        w = w[:-3]
+    if w.endswith("y") and len(w) > 3:
+        return w[:-1] + "i"
     return w[:-1] if w.endswith("e") and len(w) > 3 else w
 
 

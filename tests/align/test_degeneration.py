@@ -58,12 +58,15 @@ def test_collapsed_or_runaway_length_is_rejected():
 
 def test_an_answer_is_off_topic_when_it_shares_no_content_word_with_the_prompt():
     assert content_words("What should I know about volcanoes?") == {"volcano"}
-    assert content_words("Tell me about cooking, please.") == {"cook"}
+    assert content_words("Tell me about cooking, please.") == content_words("Cook!") == {"cook"}
     assert off_topic("What should I know about steel?", "Me: Welcome to your trusty sidekick!")
     assert not off_topic("What should I know about steel?", "Steel is iron with a little carbon.")
     # plurals and -ing fold both ways, case does not matter
     assert not off_topic("Tell me about volcanoes.", "A volcano is a mountain that erupts.")
     assert not off_topic("Tell me about batteries.", "A battery stores energy.")
+    assert not off_topic("Tell me about guitar strings.", "A string vibrates.")
+    assert not off_topic("Tell me about cookies.", "This cookie is sweet.")
+    assert not off_topic("Tell me about the horse.", "Horses run fast.")
     assert not off_topic("Why do people like cooking?", "They cook for friends.")
     assert not off_topic("Tell me about the MOON.", "The moon is bright.")
     # a prompt that asks about nothing in particular: never off topic
