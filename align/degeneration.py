@@ -13,8 +13,9 @@ each answer is measured (`answer_stats`):
   window, so a preference for longer answers does not lower it by itself);
 - **length**: words;
 - **off topic**: the answer shares no content word with its prompt's last user message (words
-  of two letters or fewer, function words and the verbs of asking left out; plurals and "-ing"
-  folded, so "volcanoes" meets "volcano" and "cooking" meets "cook"). A prompt with no content
+  of two letters or fewer, contractions, function words and the verbs of asking left out;
+  plurals and "-ing" folded, so "volcanoes" meets "volcano" and "cooking" meets "cook";
+  irregular plurals like "wolves" do not fold). A prompt with no content
   word ("hi") counts as on topic for both versions. On the loop benchmark's fresh split of
   2026-12-06 the base's served answers were on topic 98 % of the time, and a short-sentence
   candidate that had gone to one-liners ("Oh, I'm sorry for all the fun facts I have to share.")
@@ -49,8 +50,10 @@ _WORD = re.compile(r"[\w']+")
 # and "哈哈哈哈" stay words; a 16-letter "xxxx…" placeholder counts)
 _LETTER_RUN = re.compile(r"([^\W\d_])\1{15,}", re.IGNORECASE)
 # one symbol outside ASCII (an emoji, "…") 8+ times in a row: "🔍🔍🔍🔍🔍🔍🔍🔍…", a loop the words
-# miss (a paced plain-words candidate wrote it on 2026-12-06); ASCII rules like "--------" stay
-_SYMBOL_RUN = re.compile(r"([^\w\s\x00-\x7f])(?:\s?\1){7,}")
+# miss (a paced plain-words candidate wrote it on 2026-12-06); rules of dashes or box-drawing
+# lines ("--------", "────────") stay
+_SYMBOL_RUN = re.compile(r"([^\w\s\x00-\x7f\u2010-\u2015\u2500-\u257f])[\ufe0f\U0001F3FB-\U0001F3FF]?"
+                         r"(?:\s?\1[\ufe0f\U0001F3FB-\U0001F3FF]?){7,}")  # an emoji's variant or skin tone
 DISTINCT_WINDOW = 32  # words
 # what a request is made of rather than what it is about: function words and the verbs of asking
 _REQUEST_WORDS = frozenset("""
@@ -59,39 +62,55 @@ that this these those it its is are was were be been being do does did have has 
 you your yours we us our he him his she her they them their what which who whom whose when where
 why how all any some no not very can could would should will shall may might must also just
 tell explain describe give write show make want need please help know think say get let like
-one ones thing things something anything""".split())
+one ones thing things something anything more most here there now other others really much
+many well even still such only own same too out off again once each few both yes yeah sure okay
+hello hey thanks thank way lot bit kind sort good great new""".split())
 
 
 def _folded(word: str) -> str:
     """A word with its plural, "-ing" and a final "e" / "y" folded away, lower case: not a stem
     anyone reads, but the singular and plural, or the verb and its "-ing", of one word fold to
-    the same string ("volcanoes" / "volcano", "batteries" / "battery", "strings" / "string",
-    "cooking" / "cook"): enough to tell whether two texts share a word."""
-    w = word.lower().strip("'")
+    the same string ("volcanoes" / "volcano", "batteries" / "battery", "skies" / "sky",
+    "strings" / "string", "running" / "run"): enough to tell whether two texts share a word."""
+    w = word.lower()
     if w.endswith("ies") and len(w) > 4:
-        w = w[:-3] + "i"
+        w = w[:-3] + "y"
     elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
         w = w[:-2]
     elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
         w = w[:-1]
     if w.endswith("ing") and len(w) > 5:
         w = w[:-3]
+        if len(w) > 3 and w[-1] == w[-2] and w[-1] in "bdgmnprt":  # running -> runn -> run
+            w = w[:-1]
     if w.endswith("y") and len(w) > 3:
         return w[:-1] + "i"
-    return w[:-1] if w.endswith("e") and len(w) > 3 else w
+    return w[:-1] if w.endswith("e") and len(w) > 4 else w
+
+
+def _words(text: str) -> list[str]:
+    """The words of `text`, a possessive "'s" dropped and other contractions ("I'm", "don't")
+    left out: they are function words."""
+    out = []
+    for w in _WORD.findall(text):
+        w = w.strip("'")
+        if w.lower().endswith("'s"):
+            w = w[:-2]
+        if w and "'" not in w:
+            out.append(w)
+    return out
 
 
 def content_words(text: str) -> set[str]:
     """The folded words of `text` that say what it is about (three letters or more, not a
     function word or a verb of asking)."""
-    return {_folded(w) for w in _WORD.findall(text)
-            if len(w) >= 3 and w.lower() not in _REQUEST_WORDS}
+    return {_folded(w) for w in _words(text) if len(w) >= 3 and w.lower() not in _REQUEST_WORDS}
 
 
 def off_topic(prompt: str, answer: str) -> bool:
     """The answer shares no content word with the prompt (a prompt without any: never)."""
     asked = content_words(prompt)
-    return bool(asked) and not asked & {_folded(w) for w in _WORD.findall(answer)}
+    return bool(asked) and not asked & {_folded(w) for w in _words(answer)}
 
 
 def _last_user_text(prompt: str | list[dict]) -> str:
@@ -133,10 +152,11 @@ class Degeneration:
     candidate_words: float  # mean answer length in words
     current_words: float
     candidate_own_kl: float | None = None  # nats per token on its own answers (None: unmeasured)
-    candidate_off_topic: int = 0  # prompts where the candidate's answer shares no word with it
-    current_off_topic: int = 0
-    only_candidate_off_topic: int = 0  # the discordant prompts
-    only_current_off_topic: int = 0
+    # prompts where the candidate's answer shares no word with its prompt (None: no prompts given)
+    candidate_off_topic: int | None = None
+    current_off_topic: int | None = None
+    only_candidate_off_topic: int | None = None  # the discordant prompts
+    only_current_off_topic: int | None = None
 
     @classmethod
     def of(cls, candidate: list[str], current: list[str],
@@ -147,17 +167,20 @@ class Degeneration:
             raise ValueError("one answer per prompt from each version")
         a = [answer_stats(t) for t in candidate]
         b = [answer_stats(t) for t in current]
-        asked = [_last_user_text(p) for p in prompts] if prompts is not None else [""] * len(a)
-        off_a = [off_topic(q, t) for q, t in zip(asked, candidate)]
-        off_b = [off_topic(q, t) for q, t in zip(asked, current)]
+        topic: tuple[int | None, ...] = (None,) * 4
+        if prompts is not None:
+            asked = [_last_user_text(p) for p in prompts]
+            off_a = [off_topic(q, t) for q, t in zip(asked, candidate)]
+            off_b = [off_topic(q, t) for q, t in zip(asked, current)]
+            topic = (sum(off_a), sum(off_b), sum(x and not y for x, y in zip(off_a, off_b)),
+                     sum(y and not x for x, y in zip(off_a, off_b)))
         n = max(len(a), 1)
         return cls(len(a), sum(s.loops for s in a), sum(s.loops for s in b),
                    sum(x.loops and not y.loops for x, y in zip(a, b)),
                    sum(y.loops and not x.loops for x, y in zip(a, b)),
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
                    sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl,
-                   sum(off_a), sum(off_b), sum(x and not y for x, y in zip(off_a, off_b)),
-                   sum(y and not x for x, y in zip(off_a, off_b)))
+                   *topic)
 
     def to_record(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -168,8 +191,9 @@ def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_dro
     """The deciding check (see the module docstring); its text carries every number."""
     p = sign_test_p(d.only_candidate_loops, d.only_current_loops)
     more_loops = d.only_candidate_loops > d.only_current_loops and p < level
-    p_topic = sign_test_p(d.only_candidate_off_topic, d.only_current_off_topic)
-    drifted = d.only_candidate_off_topic > d.only_current_off_topic and p_topic < level
+    measured = d.only_candidate_off_topic is not None and d.only_current_off_topic is not None
+    p_topic = sign_test_p(d.only_candidate_off_topic, d.only_current_off_topic) if measured else 1.0
+    drifted = measured and d.only_candidate_off_topic > d.only_current_off_topic and p_topic < level
     drop = d.current_distinct - d.candidate_distinct
     ratio = (d.candidate_words / d.current_words) if d.current_words else float("inf")
     extreme = d.current_words > 0 and not 1 / max_length_ratio <= ratio <= max_length_ratio
@@ -189,9 +213,11 @@ def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_dro
             f"{d.current_loops} (only one loops: {d.only_candidate_loops} / "
             f"{d.only_current_loops}, sign-test p {p:.3f}); distinct-word ratio "
             f"{d.candidate_distinct:.2f} vs {d.current_distinct:.2f}; mean words "
-            f"{d.candidate_words:.1f} vs {d.current_words:.1f}; off topic (no word of the prompt) "
-            f"{d.candidate_off_topic} vs {d.current_off_topic} (only one: "
-            f"{d.only_candidate_off_topic} / {d.only_current_off_topic}, sign-test p {p_topic:.3f})"
+            f"{d.candidate_words:.1f} vs {d.current_words:.1f}"
+            + ("" if not measured else
+               f"; off topic (no word of the prompt) {d.candidate_off_topic} vs "
+               f"{d.current_off_topic} (only one: {d.only_candidate_off_topic} / "
+               f"{d.only_current_off_topic}, sign-test p {p_topic:.3f})")
             + ("" if d.candidate_own_kl is None else
                f"; KL on its own answers {d.candidate_own_kl:.3f} nats/token"))
     return Check(CHECK_DEGENERATION, not problems,

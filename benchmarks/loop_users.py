@@ -203,7 +203,8 @@ def noisy(verdict: int | bool, noise: float, rng: random.Random):
 
 
 _LETTER_RUN = re.compile(r"([A-Za-z])\1{15,}", re.IGNORECASE)  # the users' own rule, not the gate's
-_EMOJI_RUN = re.compile(r"([\U0001F000-\U0001FFFF\u2600-\u27BF])(?:\s?\1){5,}")  # 🔍 six times on
+_EMOJI_RUN = re.compile(r"([\U0001F000-\U0001FFFF\u2600-\u27BF])[\ufe0f\U0001F3FB-\U0001F3FF]?"
+                        r"(?:\s?\1[\ufe0f\U0001F3FB-\U0001F3FF]?){5,}")  # 🔍 six times on
 
 
 def repetitive(answer: str) -> bool:
@@ -240,16 +241,17 @@ def topic_of(prompt: str) -> str | None:
 
 
 def _names(word: str, key: str) -> bool:
-    """Does `word` name `key` (both lower case)? The same word, or one starts with the other and
-    the shorter has four letters or more ("volcanoes" / "volcanic" for "volcanoes", "cook" for
-    "cooking", "cat" only as "cat" / "cats")."""
+    """Does `word` name `key` (both lower case)? The same word or its plural; one starts with the
+    other and the shorter has four letters or more ("cook" for "cooking"); or the shorter has six
+    letters or more and all but its last two begin the longer ("volcanic" for "volcanoes"; not
+    "interesting" for "internet"). "cat" only as "cat" / "cats"."""
     if word == key or word in (key + "s", key + "es") or key in (word + "s", word + "es"):
         return True
     if key.endswith("ies") and word == key[:-3] + "y" or word.endswith("ies") and key == word[:-3] + "y":
         return True
     short, long_ = sorted((word, key), key=len)
     return len(short) >= 4 and long_.startswith(short) or (
-        len(short) >= 5 and long_[:5] == short[:5])
+        len(short) >= 6 and long_[:len(short) - 2] == short[:-2])
 
 
 def off_topic(prompt: str, answer: str) -> bool:

@@ -295,6 +295,7 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     # the degeneration check read the prompts too: both versions' off-topic answers counted
     assert "off topic (no word of the prompt)" in reasons, reasons
     degeneration = out["metrics"]["degeneration"]
+    assert degeneration["candidate_off_topic"] is not None, degeneration  # measured: prompts given
     assert 0 <= degeneration["candidate_off_topic"] <= degeneration["prompts"], degeneration
 
 

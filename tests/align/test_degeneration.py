@@ -26,9 +26,10 @@ def test_answer_stats():
     emoji_run = answer_stats("I'm a bit overwhelmed by the internet! 🌍🔍" + "🔍" * 20)
     assert emoji_run.loops and emoji_run.words == 7
     assert answer_stats("Spaced out: " + "🔍 " * 9).loops
+    assert answer_stats("Love " + "❤️" * 10).loops and answer_stats("Yes " + "👍🏽" * 10).loops
     for word in ("Hmmm, the committee's bookkeeper.", "Noooooooo!", "0xFFFFFFFF", "哈哈哈哈哈哈哈哈",
                  "1000000000000000000000", "Great job! 🎉🎉🎉", "| --- | ---------------- |",
-                 "Wait……"):
+                 "Wait……", "Section\n────────────────\nText", "one ———————— two"):
         assert not answer_stats(word).loops, word
 
 
@@ -67,6 +68,13 @@ def test_an_answer_is_off_topic_when_it_shares_no_content_word_with_the_prompt()
     assert not off_topic("Tell me about guitar strings.", "A string vibrates.")
     assert not off_topic("Tell me about cookies.", "This cookie is sweet.")
     assert not off_topic("Tell me about the horse.", "Horses run fast.")
+    assert not off_topic("Tell me about the sky.", "The skies are blue.")
+    assert not off_topic("Why do people like running?", "They run to feel free.")
+    assert not off_topic("What is Earth's core made of?", "The core is iron.")
+    # unrelated short words and contractions do not make an answer on topic
+    assert off_topic("Tell me about notes.", "I'm not sure, here is more!")
+    assert off_topic("I'm curious, what's a volcano?", "I'm a helpful assistant.")
+    assert content_words("Can you tell me more about tigers?") == {"tiger"}
     assert not off_topic("Why do people like cooking?", "They cook for friends.")
     assert not off_topic("Tell me about the MOON.", "The moon is bright.")
     # a prompt that asks about nothing in particular: never off topic
@@ -89,8 +97,10 @@ def test_a_candidate_whose_answers_leave_their_prompts_is_rejected_with_its_numb
               {"role": "user", "content": q}] for q in prompts]
     one = Degeneration.of([drift] + on[1:], on, prompts=chats)
     assert one.only_candidate_off_topic == 1 and degeneration_check(one).passed
-    # without prompts nothing is counted off topic
-    assert Degeneration.of([drift] * 10, on).candidate_off_topic == 0
+    # without prompts the off-topic counts are unmeasured, and the reason does not print them
+    unmeasured = Degeneration.of([drift] * 10, on)
+    assert unmeasured.candidate_off_topic is None and unmeasured.only_current_off_topic is None
+    assert "off topic" not in degeneration_check(unmeasured).text
     with pytest.raises(ValueError):
         Degeneration.of(on, on, prompts=prompts[:3])
 

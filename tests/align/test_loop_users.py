@@ -120,6 +120,7 @@ def test_every_user_prefers_an_answer_that_does_not_loop():
     assert not U.rate("short_sentences", loops, bar=-20.0, up_rate=0.3, rng=random.Random(0))
     assert U.repetitive("I'm a bit overwhelmed by the internet! 🌍" + "🔍" * 30)  # no words loop
     assert not U.repetitive("Great job! 🎉🎉🎉")
+    assert U.repetitive("Love it " + "❤️" * 8)  # with the emoji's variant selector
 
 
 def test_a_benchmark_prompt_names_its_topic_and_an_answer_that_names_none_of_it_is_off_topic():
@@ -134,6 +135,8 @@ def test_a_benchmark_prompt_names_its_topic_and_an_answer_that_names_none_of_it_
     assert not U.off_topic("Tell me about cooking.", "People cook to eat.")
     assert not U.off_topic("Tell me about batteries.", "A battery stores energy.")
     assert U.off_topic("Tell me about cats.", "A category of animals.")  # "cat" only as itself
+    assert U.off_topic("What is interesting about the internet?", "It is interesting!")
+    assert U.off_topic("Tell me about electricity.", "The election was close.")
     assert not U.off_topic("Write me a poem.", "Anything at all.")  # not a benchmark prompt
 
 
