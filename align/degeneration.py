@@ -113,11 +113,27 @@ def off_topic(prompt: str, answer: str) -> bool:
     return bool(asked) and not asked & {_folded(w) for w in _words(answer)}
 
 
-def _last_user_text(prompt: str | list[dict]) -> str:
+def last_user_text(prompt: str | list[dict]) -> str:
+    """What was asked: the prompt itself, or a chat's last user message ("" when it has none or
+    its content is not text)."""
     if isinstance(prompt, str):
         return prompt
     texts = [m.get("content") for m in prompt if m.get("role") == "user"]
     return texts[-1] if texts and isinstance(texts[-1], str) else ""
+
+
+def _tally(a: list[bool], b: list[bool]) -> tuple[int, int, int, int]:
+    """(in a, in b, only in a, only in b): how often each version's answers have a property,
+    and the discordant prompts the sign test reads."""
+    return (sum(a), sum(b), sum(x and not y for x, y in zip(a, b)),
+            sum(y and not x for x, y in zip(a, b)))
+
+
+def _more_often(only_candidate: int, only_current: int, level: float) -> tuple[bool, float]:
+    """Is the candidate's answer measurably more often the bad one of the two (one-sided exact
+    sign test on the discordant prompts)? And its p-value."""
+    p = sign_test_p(only_candidate, only_current)
+    return only_candidate > only_current and p < level, p
 
 
 @dataclass(slots=True, frozen=True)
@@ -169,15 +185,12 @@ class Degeneration:
         b = [answer_stats(t) for t in current]
         topic: tuple[int | None, ...] = (None,) * 4
         if prompts is not None:
-            asked = [_last_user_text(p) for p in prompts]
-            off_a = [off_topic(q, t) for q, t in zip(asked, candidate)]
-            off_b = [off_topic(q, t) for q, t in zip(asked, current)]
-            topic = (sum(off_a), sum(off_b), sum(x and not y for x, y in zip(off_a, off_b)),
-                     sum(y and not x for x, y in zip(off_a, off_b)))
+            asked = [last_user_text(p) for p in prompts]
+            topic = _tally([off_topic(q, t) for q, t in zip(asked, candidate)],
+                           [off_topic(q, t) for q, t in zip(asked, current)])
+        loops_a, loops_b, only_a, only_b = _tally([s.loops for s in a], [s.loops for s in b])
         n = max(len(a), 1)
-        return cls(len(a), sum(s.loops for s in a), sum(s.loops for s in b),
-                   sum(x.loops and not y.loops for x, y in zip(a, b)),
-                   sum(y.loops and not x.loops for x, y in zip(a, b)),
+        return cls(len(a), loops_a, loops_b, only_a, only_b,
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
                    sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl,
                    *topic)
@@ -189,11 +202,10 @@ class Degeneration:
 def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_drop: float = 0.2,
                        max_length_ratio: float = 4.0, max_own_kl: float | None = None) -> Check:
     """The deciding check (see the module docstring); its text carries every number."""
-    p = sign_test_p(d.only_candidate_loops, d.only_current_loops)
-    more_loops = d.only_candidate_loops > d.only_current_loops and p < level
+    more_loops, p = _more_often(d.only_candidate_loops, d.only_current_loops, level)
     measured = d.only_candidate_off_topic is not None and d.only_current_off_topic is not None
-    p_topic = sign_test_p(d.only_candidate_off_topic, d.only_current_off_topic) if measured else 1.0
-    drifted = measured and d.only_candidate_off_topic > d.only_current_off_topic and p_topic < level
+    drifted, p_topic = (_more_often(d.only_candidate_off_topic, d.only_current_off_topic, level)
+                        if measured else (False, 1.0))
     drop = d.current_distinct - d.candidate_distinct
     ratio = (d.candidate_words / d.current_words) if d.current_words else float("inf")
     extreme = d.current_words > 0 and not 1 / max_length_ratio <= ratio <= max_length_ratio

@@ -37,6 +37,7 @@ import torch
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
 from prefloop.align.answer_shift import AnswerShift, token_text
+from prefloop.align.degeneration import last_user_text
 from prefloop.align.jobs.preference import distinct_prompts, own_answer_kl
 from prefloop.align.rating_test import PermutationTest
 from prefloop.align.train.common import load_causal_lm
@@ -79,16 +80,11 @@ def midpoint_ceiling(data_dir: Path, preference: str, fraction: float = 0.2) -> 
                 events=len({r.feedback_id for r in rows}))
 
 
-def _asked(prompt: list[dict]) -> str:
-    """The last user message of a logged prompt: what the simulated user asked."""
-    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
-
-
 def ceiling(preference: str, held) -> dict:
     """The rating test with the users' own preference as the score of every held-out answer
     (benchmarks/loop_users.py; an `unwanted` answer, looping or off topic, scores lowest, as those
     users rate it): how much evidence the held-out labels carry at all."""
-    score = [PREFERENCES[preference](r.text) - (1e9 if unwanted(r.text, _asked(r.prompt)) else 0.0)
+    score = [PREFERENCES[preference](r.text) - (1e9 if unwanted(r.text, last_user_text(r.prompt)) else 0.0)
              for r in held]
     test = PermutationTest.of(score, [bool(r.label) for r in held],
                               [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)

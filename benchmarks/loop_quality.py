@@ -386,7 +386,7 @@ def format_row(row: dict) -> str:
             f"win {win} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"property {row['base_property']:.2f} -> {row['served_property']:.2f} looping "
             f"{row['base_repetitive']:.0%} -> {row['served_repetitive']:.0%} off topic "
-            f"{row.get('base_off_topic', 0):.0%} -> {row.get('served_off_topic', 0):.0%} KL {kl} "
+            f"{row['base_off_topic']:.0%} -> {row['served_off_topic']:.0%} KL {kl} "
             f"| vote {s['vote']:.0f}s job {s['job']:.0f}s swap {s['swap']:.0f}s measure {s['measure']:.0f}s"
             + (f"\n{'':>16} A/B during the votes: {row['ab_during_votes']}" if row.get("ab_during_votes") else "")
             + (f"\n{'':>16} A/B evidence after the votes: {row['ab_evidence']}" if row.get("ab_evidence") else "")
