@@ -13,13 +13,16 @@ the same votes:
    less ("." and " you" up, "," and " and" down).
 2. Every held-out rated answer gets a score: the mean of the shift over its tokens, i.e. how much
    it resembles where the candidate went.
-3. In a KTO job (every held-out answer rated) the scores join the rating test's: each answer's
-   rank among the candidate's moves and its rank among these scores, averaged, then the AUC of
-   liked against disliked and the same randomization test (`rating_test.permutation_p`: labels
-   shuffled within each prompt's answers and across lone answers), at the same level. The
-   shift's own test (`ShiftTest`: the AUC of the scores alone) is reported beside the verdict,
-   and for a DPO job's held-out pairs (both sides scored, a pair its own group) it is reported
-   only.
+3. The shift's own test (`ShiftTest`: the AUC of the scores, liked against disliked, and the
+   rating test's randomization, `rating_test.permutation_p`) is reported beside the verdict; it
+   decides nothing. Until 2026-12-06 a KTO job joined the scores to the rating test's moves
+   (each answer's two ranks averaged). On 13 kept candidates of four splits the join lowered
+   the p-value of 6 and raised that of 6 (geometric mean 0.154 joined, 0.096 alone), and the one
+   candidate under a season's first 0.0125 passed alone only (speaks_to_you: 0.011 alone, 0.088
+   joined; the shift of 16 sampled answers is near chance for a preference about one word), so
+   the moves decide alone now
+   (docs/align.md "The rating test without the answer shift"; benchmarks/gate_power.py
+   still measures the join).
 
 Why the level holds: the shift is computed from the two versions' new answers, which do not
 depend on the held-out labels; when those labels carry nothing the candidate learned (random
@@ -137,12 +140,12 @@ class ShiftEvidence:
         """The held-out answers' resemblance to the shift (`AnswerShift.scores`)."""
         return self.shift.scores(self.answers)
 
-    def test(self, confidence: float, joined: bool = False) -> "ShiftTest":
-        """The shift's own test; `joined`: its scores also joined the rating test."""
+    def test(self, confidence: float) -> "ShiftTest":
+        """The shift's own test (reported; it decides nothing)."""
         from prefloop.align.rating_test import PermutationTest
         return ShiftTest(PermutationTest.of(self.scores(), self.labels, self.groups, confidence,
                                             draws=REPORT_DRAWS),
-                         self.shift.prompts, self.top, joined)
+                         self.shift.prompts, self.top, False)
 
 
 REPORT_DRAWS = 2000  # the reported test's randomizations (it decides nothing)
@@ -156,7 +159,7 @@ class ShiftTest:
     test: "PermutationTest"
     prompts: int
     top: str
-    joined: bool  # the scores also joined the deciding rating test
+    joined: bool  # the scores also joined the deciding rating test (gates before 2026-12-06)
 
     def describe(self) -> str:
         t = self.test

@@ -785,25 +785,19 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     `ratings` (KTO: every held-out answer's move per token, label and prompt) replaces the margin
     test by the randomization test of align/rating_test.py. `answer_shift`
     (answer_shift.ShiftEvidence: what the candidate writes more and less of than the current
-    version, and the held-out answers' resemblance to it) joins that test's statistic when the
-    held-out answers are the same (the AUC of the two scores' ranks averaged: one test, the same
-    level); its own test is reported beside the verdict. `midpoint` (KTO: the newer half of the
+    version, and the held-out answers' resemblance to it) is tested and reported; it decides
+    nothing (from 2026-12-06: joined with the moves it helped 6 of 13 kept candidates and hurt
+    6, docs/align.md "The rating test without the answer shift"). `midpoint` (KTO: the newer half of the
     training answers' moves under the midpoint checkpoint, labels, prompts, and the share of the
     training rows that checkpoint had trained on; align/train/midpoint.py) joins the rating
     test by rating_test.CombinedTest."""
     either = config.metric == "implicit_either"
     confidence = 1.0 - (1.0 - config.confidence) / 2 if either else config.confidence
-    shift_test = (None if answer_shift is None else
-                  answer_shift.test(confidence, joined=ratings is not None and answer_shift.rated))
+    shift_test = None if answer_shift is None else answer_shift.test(confidence)
     if ratings is not None:
         from prefloop.align.rating_test import PermutationTest
         moves, labels, groups = ratings
-        joins = answer_shift is not None and answer_shift.rated
-        if joins and len(answer_shift.answers) != len(moves):
-            raise ValueError("the answer shift must score the rating test's held-out answers")
-        margin_test = PermutationTest.of(
-            moves, labels, groups, confidence,
-            also=answer_shift.scores() if joins else None)
+        margin_test = PermutationTest.of(moves, labels, groups, confidence)
         if midpoint is not None:
             from prefloop.align.rating_test import CombinedTest, balanced_pairs
             m_moves, m_labels, m_groups, share = midpoint

@@ -15,8 +15,8 @@ Beside them: the candidate's KL to the current version on the held-out answers (
 on its own answers to --own-kl-prompts held-out prompts (the degeneration check's,
 align/degeneration.py), and from those answers and the current version's (same seeds) the
 answer-shift test (align/answer_shift.py) on all of them and on the newest half, each alone and
-joined with the summed moves as the gate joins them (`+sum`: ranks averaged). With
---preference, the ceiling: the same test scoring every held-out answer by the simulated users'
+joined with the summed moves as the gate joined them until 2026-12-06 (`+sum`: ranks averaged).
+With --preference, the ceiling: the same test scoring every held-out answer by the simulated users'
 own preference.
 
     python benchmarks/gate_power.py --run /tmp/sweep3/short_sentences-...-seed2/run-default

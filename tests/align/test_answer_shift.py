@@ -120,20 +120,23 @@ def test_joint_scores_average_each_answers_two_ranks():
         joint_scores(np.zeros(3), np.zeros(2))
 
 
-def test_the_rating_test_ranks_moves_and_answer_shift_together_at_the_same_level():
-    """Labels that follow the shift and moves that carry nothing: the joint statistic passes at
-    the rating test's half of the level, and the shift's own test is reported beside it."""
-    d = _decide(_evidence(True))
-    assert d.passed, d.reasons
+def test_the_answer_shift_is_reported_beside_the_rating_test_and_decides_nothing():
+    """Labels that follow the shift and moves that carry nothing: the shift's own test is
+    reported (AUC 1.0) and the rating test, on the moves alone, rejects. Moves that follow the
+    labels pass whatever the shift says."""
+    ev = _evidence(True)
+    d = _decide(ev)
+    assert not d.passed, d.reasons
     text = "\n".join(d.reasons)
     assert "either test at half the level (one-sided 0.025 each)" in text
-    assert "AUC of the summed moves and answer shift, ranks averaged" in text
+    assert "(AUC of the summed moves)" in text and "ranks averaged" not in text
     assert "reported: the answers it writes (16 held-out prompts; more '7'): a liked held-out " \
            "answer resembles the shift more than a disliked one in 1.000" in text
-    assert d.answer_shift.auc == 1.0 and d.margin.p_value < 0.025
+    assert d.answer_shift.auc == 1.0 and not d.answer_shift.joined and d.margin.p_value > 0.025
     back = type(d).from_record(d.to_record())
-    assert back.answer_shift == d.answer_shift and back.passed
-    assert not _decide(_evidence(False)).passed  # labels unrelated to the shift and the moves
+    assert back.answer_shift == d.answer_shift and not back.passed
+    following = [1.0 if liked else -1.0 for liked in ev.labels]
+    assert _decide(ev, moves=following).passed
 
 
 def test_a_shift_of_other_answers_is_only_reported():
