@@ -35,7 +35,10 @@ whose answers are off topic in measurably more prompts (the same test),
 whose mean distinct ratio drops by more than `max_distinct_drop`, or whose mean length leaves
 [current / `max_length_ratio`, current × `max_length_ratio`] (collapsed or runaway answers), or
 whose KL on its own answers exceeds `max_own_kl` (the gate's KL bound).
-The numbers go into the gate's reasons either way.
+The numbers go into the gate's reasons either way, and the record (`metrics.degeneration`, the
+manifest and `align jobs --json`) keeps `samples`: up to 6 prompts with both versions' answers
+(300 characters each) and each answer's verdicts, the prompts where the two verdicts differ
+first, so a reader sees what the counts were counted on.
 """
 from __future__ import annotations
 
@@ -173,6 +176,8 @@ class Degeneration:
     current_off_topic: int | None = None
     only_candidate_off_topic: int | None = None  # the discordant prompts
     only_current_off_topic: int | None = None
+    # a few prompts with both answers (`samples`): what the numbers were counted on
+    samples: tuple[dict, ...] = ()
 
     @classmethod
     def of(cls, candidate: list[str], current: list[str],
@@ -184,19 +189,38 @@ class Degeneration:
         a = [answer_stats(t) for t in candidate]
         b = [answer_stats(t) for t in current]
         topic: tuple[int | None, ...] = (None,) * 4
-        if prompts is not None:
-            asked = [last_user_text(p) for p in prompts]
-            topic = _tally([off_topic(q, t) for q, t in zip(asked, candidate)],
-                           [off_topic(q, t) for q, t in zip(asked, current)])
+        asked = [last_user_text(p) for p in prompts] if prompts is not None else None
+        away_a = away_b = [None] * len(a)
+        if asked is not None:
+            away_a = [off_topic(q, t) for q, t in zip(asked, candidate)]
+            away_b = [off_topic(q, t) for q, t in zip(asked, current)]
+            topic = _tally(away_a, away_b)
         loops_a, loops_b, only_a, only_b = _tally([s.loops for s in a], [s.loops for s in b])
         n = max(len(a), 1)
+        rows = [{"prompt": _cut(asked[i]) if asked is not None else None,
+                 "candidate": _cut(candidate[i]), "current": _cut(current[i]),
+                 "candidate_loops": a[i].loops, "current_loops": b[i].loops,
+                 "candidate_off_topic": away_a[i], "current_off_topic": away_b[i]}
+                for i in range(len(a))]
+        differ = [r for r in rows if r["candidate_loops"] != r["current_loops"]
+                  or r["candidate_off_topic"] != r["current_off_topic"]]
+        samples = (differ + [r for r in rows if r not in differ])[:SAMPLES]
         return cls(len(a), loops_a, loops_b, only_a, only_b,
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
                    sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl,
-                   *topic)
+                   *topic, samples=tuple(samples))
 
     def to_record(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: list(getattr(self, name)) if name == "samples" else getattr(self, name)
+                for name in self.__slots__}
+
+
+SAMPLES = 6  # prompts whose two answers the record keeps: where the verdicts differ first
+SAMPLE_CHARS = 300  # of each text kept
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS - 1] + "…"
 
 
 def degeneration_check(d: Degeneration, *, level: float = 0.05, max_distinct_drop: float = 0.2,

@@ -437,7 +437,8 @@ def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
     versions' `written` answers, and the held-out answers it scores — every rated answer of a
     KTO job (grouped by prompt), or both sides of each held-out pair (a pair is its own group,
     so shuffling its labels swaps them). A KTO job's answers are the rating test's, in its
-    order (`rated`): their scores join its statistic. None when there is nothing to score."""
+    order (`rated`); the shift's test is reported beside the rating test, which it does not join
+    (since 2026-12-06). None when there is nothing to score."""
     from prefloop.align.answer_shift import AnswerShift, ShiftEvidence, token_text
     if pairs:
         texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]

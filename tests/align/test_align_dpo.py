@@ -298,6 +298,11 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     degeneration = out["metrics"]["degeneration"]
     assert degeneration["candidate_off_topic"] is not None, degeneration  # measured: prompts given
     assert 0 <= degeneration["candidate_off_topic"] <= degeneration["prompts"], degeneration
+    # and keeps what it counted on: each sample a held-out prompt with both versions' answers
+    samples = degeneration["samples"]
+    assert 1 <= len(samples) <= min(6, degeneration["prompts"]), samples
+    assert all(isinstance(x["candidate"], str) and isinstance(x["current"], str)
+               and x["prompt"] and isinstance(x["candidate_loops"], bool) for x in samples), samples
 
 
 def test_schedule_runs_jobs_on_a_timer(log_32, tiny, tmp_path):

@@ -105,6 +105,33 @@ def test_a_candidate_whose_answers_leave_their_prompts_is_rejected_with_its_numb
         Degeneration.of(on, on, prompts=prompts[:3])
 
 
+def test_the_record_keeps_sample_answers_where_the_verdicts_differ_first_cut_to_length():
+    import json
+
+    from prefloop.align.degeneration import SAMPLE_CHARS, SAMPLES
+    prompts = [f"Tell me about {t}." for t in ("cats", "steel", "rivers", "bread", "trains",
+                                                 "honey", "maps", "clocks")]
+    on = [f"{q.split()[-1][:-1].capitalize()} are worth knowing about." for q in prompts]
+    long_on = on[0] + " " + " ".join(f"fact{i}" for i in range(80))  # long, no loop
+    candidate = [long_on] + on[1:5] + [LOOP] + on[6:7] + ["I'm a helpful assistant."]
+    d = Degeneration.of(candidate, on, prompts=prompts)
+    record = json.loads(json.dumps(d.to_record()))  # what the manifest and job log store
+    samples = record["samples"]
+    assert len(samples) == SAMPLES
+    # the looping answer (prompt 6) and the off-topic one (prompt 8) come first, in prompt order
+    assert [s["prompt"] for s in samples[:2]] == ["Tell me about honey.", "Tell me about clocks."]
+    assert samples[0]["candidate_loops"] and not samples[0]["current_loops"]
+    assert samples[1]["candidate_off_topic"] and not samples[1]["current_off_topic"]
+    assert samples[1]["current"] == on[7] and samples[1]["candidate"] == "I'm a helpful assistant."
+    # then the others from the first prompt on; long texts are cut with an ellipsis
+    assert samples[2]["prompt"] == "Tell me about cats."
+    assert len(samples[2]["candidate"]) == SAMPLE_CHARS and samples[2]["candidate"].endswith("…")
+    # without prompts the answers are kept, the prompt and off-topic verdicts are unmeasured
+    bare = Degeneration.of(candidate, on).to_record()["samples"]
+    assert bare[0]["prompt"] is None and bare[0]["candidate"] == LOOP
+    assert bare[0]["candidate_off_topic"] is None
+
+
 def test_a_longer_natural_answer_keeps_its_distinct_ratio():
     long = ("The cat sat on the warm mat and looked at the garden for a while, then it "
             "walked to the kitchen where the dog was sleeping near the door, and the two of "
