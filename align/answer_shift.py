@@ -17,7 +17,8 @@ the same votes:
    rating test's randomization, `rating_test.permutation_p`) is reported beside the verdict; it
    decides nothing. Until 2026-12-06 a KTO job joined the scores to the rating test's moves
    (each answer's two ranks averaged). On 13 kept candidates of four splits the join lowered
-   the p-value of 6 and raised that of 6 (geometric mean 0.154 joined, 0.096 alone), and the one
+   the p-value of 7 (one of them by 0.003) and raised that of 6 (geometric mean 0.154 joined,
+   0.096 alone), and the one
    candidate under a season's first 0.0125 passed alone only (speaks_to_you: 0.011 alone, 0.088
    joined; the shift of 16 sampled answers is near chance for a preference about one word), so
    the moves decide alone now
@@ -125,16 +126,13 @@ class AnswerShift:
 @dataclass(slots=True, frozen=True)
 class ShiftEvidence:
     """What the gate needs, gathered by the job: the shift, the held-out answers it scores (token
-    ids), their labels and prompts, the shift's top tokens in words, and whether those answers
-    are the rating test's own held-out answers in its order (`rated`: a KTO job's; then the
-    scores join its statistic, else the shift's test is only reported)."""
+    ids), their labels and prompts, and the shift's top tokens in words."""
 
     shift: AnswerShift
     answers: list[list[int]]
     labels: list[bool]
     groups: list[str]
     top: str = ""
-    rated: bool = False
 
     def scores(self) -> list[float]:
         """The held-out answers' resemblance to the shift (`AnswerShift.scores`)."""
@@ -145,7 +143,7 @@ class ShiftEvidence:
         from prefloop.align.rating_test import PermutationTest
         return ShiftTest(PermutationTest.of(self.scores(), self.labels, self.groups, confidence,
                                             draws=REPORT_DRAWS),
-                         self.shift.prompts, self.top, False)
+                         self.shift.prompts, self.top)
 
 
 REPORT_DRAWS = 2000  # the reported test's randomizations (it decides nothing)
@@ -159,7 +157,6 @@ class ShiftTest:
     test: "PermutationTest"
     prompts: int
     top: str
-    joined: bool  # the scores also joined the deciding rating test (gates before 2026-12-06)
 
     def describe(self) -> str:
         t = self.test
@@ -170,11 +167,9 @@ class ShiftTest:
         return (f"{head}: a liked held-out answer resembles the shift more than a disliked one in "
                 f"{t.mean:.3f} of their pairs (AUC over {t.ups} up, {t.n - t.ups} down), "
                 f"{t.confidence:.0%} bootstrap interval [{t.lower:.3f}, {t.upper:.3f}], one-sided "
-                f"randomization p = {t.p_value:.3g}"
-                + ("; joined with the moves in the rating test" if self.joined else ""))
+                f"randomization p = {t.p_value:.3g}")
 
     def result(self):
         from prefloop.align.gate import ShiftResult
         t = self.test
-        return ShiftResult(t.n, self.prompts, t.mean, t.lower, t.upper, t.p_value, self.top,
-                           self.joined)
+        return ShiftResult(t.n, self.prompts, t.mean, t.lower, t.upper, t.p_value, self.top)

@@ -233,7 +233,8 @@ class ShiftResult:
     """The recorded numbers of the answer-shift test (align/answer_shift.py): held-out answers
     scored, prompts both versions answered, the AUC with its bootstrap interval, the one-sided
     randomization p-value, what the candidate writes more and less of, and whether the scores
-    joined the rating test (then `margin` is that joint test's AUC − 1/2)."""
+    joined the rating test (gates of 2026-12-05 to 2026-12-06, whose `margin` is that joint
+    test's AUC − 1/2; false since)."""
 
     answers: int
     prompts: int
@@ -242,7 +243,7 @@ class ShiftResult:
     upper: float | None
     p_value: float
     top: str = ""
-    joined: bool = False  # the scores joined the deciding rating test (a KTO job)
+    joined: bool = False  # the scores joined the deciding rating test (KTO gates before 2026-12-06)
 
     def to_record(self) -> dict[str, Any]:
         def number(x: float | None) -> float | None:  # NaN (one label only) stored as null
@@ -786,8 +787,9 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     test by the randomization test of align/rating_test.py. `answer_shift`
     (answer_shift.ShiftEvidence: what the candidate writes more and less of than the current
     version, and the held-out answers' resemblance to it) is tested and reported; it decides
-    nothing (from 2026-12-06: joined with the moves it helped 6 of 13 kept candidates and hurt
-    6, docs/align.md "The rating test without the answer shift"). `midpoint` (KTO: the newer half of the
+    nothing (from 2026-12-06: joined with the moves it lowered the p-value of 7 of 13 kept
+    candidates, one by 0.003, and raised that of 6, docs/align.md "The rating test without the
+    answer shift"). `midpoint` (KTO: the newer half of the
     training answers' moves under the midpoint checkpoint, labels, prompts, and the share of the
     training rows that checkpoint had trained on; align/train/midpoint.py) joins the rating
     test by rating_test.CombinedTest."""

@@ -25,8 +25,8 @@ in its place, each of the two tests at half the level.
 the statistic rank both: each answer's rank among the moves and its rank among the second scores,
 averaged (`joint_scores`), then the same AUC and randomization. The gate joined the answer shift
 this way from 2026-12-05 (chosen on one tuning split: moves 0.048, shift 0.041, joined 0.025) to
-2026-12-06: on 13 kept candidates of four splits it lowered the p-value of 6 and raised that of
-6, geometric mean 0.154 against 0.096 alone (docs/align.md "The rating test without the answer
+2026-12-06: on 13 kept candidates of four splits it lowered the p-value of 7 (one by 0.003) and
+raised that of 6, geometric mean 0.154 against 0.096 alone (docs/align.md "The rating test without the answer
 shift"); benchmarks/gate_power.py still measures it.
 
 `CombinedTest` joins this test on the held-out answers with the same test on the newer half of

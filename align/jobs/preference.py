@@ -436,9 +436,8 @@ def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
     """The answer-shift test's evidence (align/answer_shift.py): the shift between the two
     versions' `written` answers, and the held-out answers it scores — every rated answer of a
     KTO job (grouped by prompt), or both sides of each held-out pair (a pair is its own group,
-    so shuffling its labels swaps them). A KTO job's answers are the rating test's, in its
-    order (`rated`); the shift's test is reported beside the rating test, which it does not join
-    (since 2026-12-06). None when there is nothing to score."""
+    so shuffling its labels swaps them). The shift's test is reported beside the verdict; it
+    decides nothing (since 2026-12-06). None when there is nothing to score."""
     from prefloop.align.answer_shift import AnswerShift, ShiftEvidence, token_text
     if pairs:
         texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
@@ -453,8 +452,7 @@ def _shift_evidence(tok, written: tuple[list[str], list[str]], pairs: list,
     ids = tok([*written[0], *written[1], *texts], add_special_tokens=False).input_ids
     n = len(written[0])
     shift = AnswerShift.of(ids[:n], ids[n:2 * n], len(tok))
-    return ShiftEvidence(shift, ids[2 * n:], labels, groups, shift.describe_top(token_text(tok)),
-                         rated=not pairs)
+    return ShiftEvidence(shift, ids[2 * n:], labels, groups, shift.describe_top(token_text(tok)))
 
 
 def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_config: GateConfig,

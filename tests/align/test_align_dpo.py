@@ -292,7 +292,6 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert "reported: the answers it writes (" in reasons
     shift = out["gate"]["answer_shift"]
     assert shift["answers"] == 14 and shift["prompts"] >= 1 and 0 <= shift["p_value"] <= 1
-    assert not shift["joined"]
     # the degeneration check read the prompts too: both versions' off-topic answers counted
     assert "off topic (no word of the prompt)" in reasons, reasons
     degeneration = out["metrics"]["degeneration"]

@@ -85,18 +85,19 @@ def test_labels_that_follow_the_shift_pass_and_random_labels_keep_the_level():
     assert passes <= 27  # 5 % of 300 is 15; 27 is above its 99.9 % binomial quantile
 
 
-def _evidence(liked_use_token: bool, n: int = 60, rated: bool = True):
+def _evidence(liked_use_token: bool, n: int = 60, against: bool = False):
     """A shift towards token 7; held-out answers, half of them using token 7 often, labelled
-    liked exactly when they do (or at random when `liked_use_token` is False)."""
+    liked exactly when they do (or at random when `liked_use_token` is False; `against`: liked
+    exactly when they do not)."""
     from prefloop.align.answer_shift import ShiftEvidence
     rng = np.random.default_rng(1)
     shift = AnswerShift.of([[7] * 10 + [1] * 10] * 16, [[1] * 20] * 16, vocab=50)
     held = _held_out(rng, n, 50)
     for ids in held[::2]:
         ids += [7] * 6
-    labels = ([i % 2 == 0 for i in range(n)] if liked_use_token
+    labels = ([(i % 2 == 0) != against for i in range(n)] if liked_use_token
               else [bool(x) for x in rng.permutation([i % 2 == 0 for i in range(n)])])
-    return ShiftEvidence(shift, held, labels, [f"p{i}" for i in range(n)], "more '7'", rated)
+    return ShiftEvidence(shift, held, labels, [f"p{i}" for i in range(n)], "more '7'")
 
 
 def _decide(evidence, moves=None):
@@ -123,7 +124,8 @@ def test_joint_scores_average_each_answers_two_ranks():
 def test_the_answer_shift_is_reported_beside_the_rating_test_and_decides_nothing():
     """Labels that follow the shift and moves that carry nothing: the shift's own test is
     reported (AUC 1.0) and the rating test, on the moves alone, rejects. Moves that follow the
-    labels pass whatever the shift says."""
+    labels pass even where the labels run against the shift (the join of 2026-12-05 averaged
+    those two ranks to chance and failed)."""
     ev = _evidence(True)
     d = _decide(ev)
     assert not d.passed, d.reasons
@@ -132,20 +134,13 @@ def test_the_answer_shift_is_reported_beside_the_rating_test_and_decides_nothing
     assert "(AUC of the summed moves)" in text and "ranks averaged" not in text
     assert "reported: the answers it writes (16 held-out prompts; more '7'): a liked held-out " \
            "answer resembles the shift more than a disliked one in 1.000" in text
-    assert d.answer_shift.auc == 1.0 and not d.answer_shift.joined and d.margin.p_value > 0.025
+    assert d.answer_shift.auc == 1.0 and d.margin.p_value > 0.025
     back = type(d).from_record(d.to_record())
     assert back.answer_shift == d.answer_shift and not back.passed
-    following = [1.0 if liked else -1.0 for liked in ev.labels]
-    assert _decide(ev, moves=following).passed
-
-
-def test_a_shift_of_other_answers_is_only_reported():
-    """Evidence whose answers are not the rating test's (a DPO job's pairs: `rated` False) does
-    not join it: the moves decide alone, the shift's test is reported."""
-    d = _decide(_evidence(True, rated=False))
-    text = "\n".join(d.reasons)
-    assert "(AUC of the summed moves)" in text and "reported: the answers it writes" in text
-    assert not d.passed and d.answer_shift.joined is False and d.answer_shift.auc == 1.0
+    against = _evidence(True, against=True)
+    following = [1.0 if liked else -1.0 for liked in against.labels]
+    d = _decide(against, moves=following)
+    assert d.passed and d.answer_shift.auc == 0.0 and d.margin.p_value < 0.025, d.reasons
 
 
 def test_the_joint_statistic_keeps_its_level_on_random_labels_within_prompts():
@@ -201,12 +196,12 @@ def test_the_jobs_evidence_scores_a_kto_jobs_rated_answers_in_order_and_both_sid
             NS(text="b", label=False, prompt=[{"role": "user", "content": "x"}]),
             NS(text="c .", label=False, prompt=[{"role": "user", "content": "y"}])]
     ev = _shift_evidence(_Tok(), written, [], rows)
-    assert ev.rated and ev.labels == [True, False, False] and ev.shift.prompts == 2
+    assert ev.labels == [True, False, False] and ev.shift.prompts == 2
     assert ev.groups[0] == ev.groups[1] != ev.groups[2]
     assert ev.answers == [[1, 1], [2], [3, 5]] and ev.scores()[0] > ev.scores()[1]
     assert "more 'a'" in ev.top
     pairs = [NS(chosen_text="a", rejected_text="b"), NS(chosen_text="c", rejected_text="d")]
     ev = _shift_evidence(_Tok(), written, pairs, [])
-    assert not ev.rated and ev.labels == [True, False, True, False]
+    assert ev.labels == [True, False, True, False]
     assert ev.groups == ["0", "0", "1", "1"] and ev.answers == [[1], [2], [3], [4]]
     assert _shift_evidence(_Tok(), written, [], []) is None
