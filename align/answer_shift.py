@@ -18,12 +18,10 @@ the same votes:
    decides nothing. Until 2026-12-06 a KTO job joined the scores to the rating test's moves
    (each answer's two ranks averaged). On 13 kept candidates of four splits the join lowered
    the p-value of 7 (one of them by 0.003) and raised that of 6 (geometric mean 0.154 joined,
-   0.096 alone), and the one
-   candidate under a season's first 0.0125 passed alone only (speaks_to_you: 0.011 alone, 0.088
-   joined; the shift of 16 sampled answers is near chance for a preference about one word), so
-   the moves decide alone now
-   (docs/align.md "The rating test without the answer shift"; benchmarks/gate_power.py
-   still measures the join).
+   0.096 alone), and the one candidate under a season's first 0.0125 passed alone only
+   (speaks_to_you: 0.011 alone, 0.088 joined; the shift of 16 sampled answers is near chance
+   for a preference about one word), so the moves decide alone now (docs/align.md "The rating
+   test without the answer shift"; benchmarks/gate_power.py still measures the join).
 
 Why the level holds: the shift is computed from the two versions' new answers, which do not
 depend on the held-out labels; when those labels carry nothing the candidate learned (random
