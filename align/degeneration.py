@@ -54,9 +54,9 @@ _WORD = re.compile(r"[\w']+")
 _LETTER_RUN = re.compile(r"([^\W\d_])\1{15,}", re.IGNORECASE)
 # one symbol outside ASCII (an emoji, "…") 8+ times in a row: "🔍🔍🔍🔍🔍🔍🔍🔍…", a loop the words
 # miss (a paced plain-words candidate wrote it on 2026-12-06); rules of dashes or box-drawing
-# lines ("--------", "────────") stay
-_SYMBOL_RUN = re.compile(r"([^\w\s\x00-\x7f\u2010-\u2015\u2500-\u257f])[\ufe0f\U0001F3FB-\U0001F3FF]?"
-                         r"(?:\s?\1[\ufe0f\U0001F3FB-\U0001F3FF]?){7,}")  # an emoji's variant or skin tone
+# lines ("--------", "────────") stay; each may carry an emoji's variant selector or skin tone
+_SYMBOL_RUN = re.compile(r"([^\w\s\x00-\x7f\u2010-\u2015\u2500-\u257f])"
+                         r"[\ufe0f\U0001F3FB-\U0001F3FF]?(?:\s?\1[\ufe0f\U0001F3FB-\U0001F3FF]?){7,}")
 DISTINCT_WINDOW = 32  # words
 # what a request is made of rather than what it is about: function words and the verbs of asking
 _REQUEST_WORDS = frozenset("""
@@ -202,9 +202,8 @@ class Degeneration:
                  "candidate_loops": a[i].loops, "current_loops": b[i].loops,
                  "candidate_off_topic": away_a[i], "current_off_topic": away_b[i]}
                 for i in range(len(a))]
-        differ = [r for r in rows if r["candidate_loops"] != r["current_loops"]
-                  or r["candidate_off_topic"] != r["current_off_topic"]]
-        samples = (differ + [r for r in rows if r not in differ])[:SAMPLES]
+        samples = sorted(rows, key=lambda r: r["candidate_loops"] == r["current_loops"]
+                         and r["candidate_off_topic"] == r["current_off_topic"])[:SAMPLES]  # stable
         return cls(len(a), loops_a, loops_b, only_a, only_b,
                    sum(s.distinct_ratio for s in a) / n, sum(s.distinct_ratio for s in b) / n,
                    sum(s.words for s in a) / n, sum(s.words for s in b) / n, candidate_own_kl,
