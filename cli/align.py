@@ -221,8 +221,8 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "max_lr_scale": 1.0, "keep_looping": False, "midpoint": False,
-                    "max_steps": -1, "verbose": False}
+                    "stop_kl": None, "max_lr_scale": 1.0, "unlikelihood": 0.0, "keep_looping": False,
+                    "midpoint": False, "max_steps": -1, "verbose": False}
 
 
 def _fill_unread(p: argparse.ArgumentParser) -> None:
@@ -264,6 +264,12 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "about a fifth more job time (default: off; it found nothing the "
                             "held-out answers missed on the fresh-split runs, docs/align.md; "
                             "one process)")
+        g.add_argument("--unlikelihood", type=float, default=0.0, metavar="COEF",
+                       help="add COEF x the unlikelihood of the loops of disliked answers (each "
+                            "token that writes a 4-token sequence for the third time or more; "
+                            "align/train/unlikelihood.py) to the KTO loss (default %(default)s: "
+                            "off; at 1 it lowered looping on a tuning split but did not win more "
+                            "on a fresh one, docs/align.md)")
     if method in ("dpo", "kto"):
         g.add_argument("--stop-kl", type=float, default=None, metavar="NATS",
                        help="stop training once the KL per answer token to the reference, "
@@ -617,7 +623,8 @@ def job_config(args: argparse.Namespace):
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-        stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale)
+        stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale,
+        unlikelihood=args.unlikelihood)
     incremental = _incremental(args)
     return JobConfig(
         data_dir=Path(args.data_dir), train=train, gate=gate,

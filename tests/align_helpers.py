@@ -1,5 +1,6 @@
-"""Helpers for the align tests: a tiny random policy with the default model's tokenizer, and a
-feedback log of synthetic preferences written through the real FeedbackStore."""
+"""Helpers for the align tests: a tiny random policy with the default model's tokenizer, a
+feedback log of synthetic preferences written through the real FeedbackStore, and the training
+config an `align` command line builds."""
 from __future__ import annotations
 
 import random
@@ -50,3 +51,11 @@ def write_pairs(data_dir: Path, pairs: list[dict]) -> None:
         for p in pairs:
             s.submit_preference(prompt_messages=p["prompt"], chosen_text=p["chosen"],
                                 rejected_text=p["rejected"])
+
+
+def train_config_of(*argv):
+    """The TrainConfig an `align ...` command line builds."""
+    from prefloop.cli.align import canonical_argv, job_config
+    from prefloop.cli.main import build_parser
+    argv = canonical_argv(["align", *argv])
+    return job_config(build_parser(argv).parse_args(argv)).train

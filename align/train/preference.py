@@ -4,7 +4,8 @@ answers, `SFTTrainer` on supervised (prompt, completion) examples (loss on the a
 The policy starts from a registry version's folder and the frozen reference is that same version
 (a second copy for full fine-tuning; the policy with its adapters disabled for LoRA; SFT has
 none). DPO and KTO runs carry the KL stop and pacing of align/train/kl_stop.py, and KTO takes its
-reference point from that stop's probe (align/train/kto_reference.py). `TrainConfig`
+reference point from that stop's probe (align/train/kto_reference.py) and, with `unlikelihood`,
+weighs the loops of disliked answers (align/train/unlikelihood.py). `TrainConfig`
 holds every hyperparameter (it is stored in the manifest). `train()` returns the trained model as
 plain full weights (a LoRA adapter is merged in) on the main process; other ranks of an
 `accelerate launch` run get None after the collective state-dict gather.
@@ -42,6 +43,7 @@ from prefloop.align.train.common import (
 from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.align.train.kl_stop import KLRecord, KLStop, probe_items
 from prefloop.align.train.kto_reference import probe_reference_kto
+from prefloop.align.train.unlikelihood import unlikelihood_kto
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class TrainConfig:
     undesirable_weight: float | None = None  # kto
     stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
     max_lr_scale: float = 1.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
+    unlikelihood: float = 0.0  # kto: weight of the loops of disliked answers (0: off; unlikelihood.py)
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False
@@ -93,6 +96,10 @@ class TrainConfig:
             raise InvalidArgument(f"stop KL must be >= 0 (0: off), got {self.stop_kl}")
         if not self.max_lr_scale >= 1:
             raise InvalidArgument(f"max lr scale must be >= 1 (1: no pacing), got {self.max_lr_scale}")
+        if not self.unlikelihood >= 0:
+            raise InvalidArgument(f"unlikelihood must be >= 0 (0: off), got {self.unlikelihood}")
+        if self.unlikelihood and self.method != "kto":
+            raise InvalidArgument("unlikelihood weighs the loops of disliked answers: kto runs only")
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be > 0")
@@ -107,6 +114,7 @@ class TrainConfig:
         if self.method != "kto":
             d.pop("desirable_weight")
             d.pop("undesirable_weight")
+            d.pop("unlikelihood")
         if self.method == "sft":
             d.pop("stop_kl")
             d.pop("max_lr_scale")
@@ -207,6 +215,8 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
                              undesirable_weight=weights[1])
             # with the KL stop, z0 is its probe's KL (align/train/kto_reference.py)
             kto_class = KTOTrainer if kl_stop is None else probe_reference_kto(kl_stop)
+            if cfg.unlikelihood:  # the loops of disliked answers (align/train/unlikelihood.py)
+                kto_class = unlikelihood_kto(kto_class, cfg.unlikelihood)
             trainer = kto_class(model=model, ref_model=ref_model, args=args,
                                 train_dataset=dataset, processing_class=tokenizer,
                                 peft_config=peft_config, callbacks=callbacks)

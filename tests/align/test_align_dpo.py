@@ -259,7 +259,7 @@ def test_lora_publishes_an_adapter_that_loads_as_the_full_weights_of_the_same_tr
 def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     data_dir = fresh_copy(log_32, tmp_path)
     rc = cli.main(["align", "kto", "--data-dir", str(data_dir), "--model", str(tiny),
-                   "--max-steps", "3", "--midpoint-test", "--json", *FAST])
+                   "--max-steps", "3", "--midpoint-test", "--unlikelihood", "1", "--json", *FAST])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["version"] == "v0001", out
     held = out["metrics"]["heldout"]
@@ -269,6 +269,9 @@ def test_kto_on_labelled_answers(tiny, log_32, tmp_path, capsys):
     assert "7 pairs of the same prompt, 0 matched across prompts" in out["metrics"]["gate_basis"]
     assert out["data"]["looping_desirable_dropped"] == 0  # counted (none of these answers loops)
     assert reg.Registry(data_dir).manifest("v0001").method == "kto"
+    # unlikelihood on the loops of disliked answers (--unlikelihood 1) is recorded
+    assert reg.Registry(data_dir).manifest("v0001").hyperparameters["unlikelihood"] == 1.0
+    assert out["metrics"]["training"]["unlikelihood"]["steps"] == 3
     # the midpoint test (align/train/midpoint.py): the 50 training answers split in time, the
     # checkpoint after the older 24 (3 steps of 8) scores the newer 26, and the rating test's
     # p-value joins both (the held-out p alone beside it)

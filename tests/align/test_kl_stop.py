@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from align_helpers import banana_pairs, tiny_policy
+from align_helpers import banana_pairs, tiny_policy, train_config_of
 
 from prefloop.align import evaluate as ev
 from prefloop.align.train.common import load_causal_lm
@@ -101,14 +101,6 @@ def test_kto_weights_balance_the_labels_unless_given():
         TrainConfig(method="kto", stop_kl=-1.0)
     with pytest.raises(InvalidArgument, match="desirable weight"):
         TrainConfig(method="kto", desirable_weight=0.0)
-
-
-def train_config_of(*argv) -> TrainConfig:
-    """The TrainConfig an `align ...` command line builds."""
-    from prefloop.cli.align import canonical_argv, job_config
-    from prefloop.cli.main import build_parser
-    argv = canonical_argv(["align", *argv])
-    return job_config(build_parser(argv).parse_args(argv)).train
 
 
 def test_the_stop_defaults_to_half_the_gates_kl_bound_and_sft_has_none():

@@ -21,14 +21,16 @@ T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 LOOP = "They're so good. They're so good. They're so good."
 
 
-def pick_rows(n: int, loop_at: tuple[int, ...] = ()) -> list[RatedAnswer]:
+def pick_rows(n: int, loop_at: tuple[int, ...] = (),
+              rejected_loop_at: tuple[int, ...] = ()) -> list[RatedAnswer]:
     """Both sides of n banana picks as rated answers, one timestamp per pick; the picks in
-    `loop_at` have a looping chosen answer."""
+    `loop_at` have a looping chosen answer, those in `rejected_loop_at` a looping rejected one."""
     rows = []
     for i, p in enumerate(banana_pairs(n, seed=5)):
         at = T + dt.timedelta(minutes=i)
         chosen = LOOP if i in loop_at else p["chosen"]
-        for text, label in ((chosen, True), (p["rejected"], False)):
+        rejected = LOOP if i in rejected_loop_at else p["rejected"]
+        for text, label in ((chosen, True), (rejected, False)):
             rows.append(RatedAnswer(p["prompt"], [{"role": "assistant", "content": text}], label,
                                     f"f{i}", at, source="preference"))
     return rows
@@ -96,14 +98,16 @@ def tiny(tmp_path_factory):
 def _train_with_midpoint(tiny, rows: list[RatedAnswer]):
     halves = plan(rows, drop_looping=True, seed=0)
     cfg = TrainConfig(method="kto", lr=5e-2, batch_size=4, lora=True, lora_r=4, bf16=False,
-                      stop_kl=10.0)
+                      stop_kl=10.0, unlikelihood=1.0)
     scorer = MidpointScorer(halves, cfg.batch_size, cfg.max_length)
     trained = train(tiny, [r.to_trl() for r in halves.rows], cfg, midpoint=scorer)
     return halves, trained
 
 
 def test_the_checkpoint_scores_the_newer_half_the_same_however_its_labels_fall(tiny):
-    rows = pick_rows(12)
+    # some rejected answers loop, in both halves: KTO's unlikelihood on disliked loops
+    # (align/train/unlikelihood.py) reads labels too, and must not carry newer ones over
+    rows = pick_rows(12, rejected_loop_at=(1, 4, 7, 10))
     newer_swapped = [RatedAnswer(r.prompt, r.completion, not r.label, r.feedback_id,
                                  r.created_at, source=r.source) if i >= 12 else r
                      for i, r in enumerate(rows)]  # each newer pick's sides swap labels
@@ -111,6 +115,7 @@ def test_the_checkpoint_scores_the_newer_half_the_same_however_its_labels_fall(t
     _, second = _train_with_midpoint(tiny, newer_swapped)
     record = first.midpoint
     assert record.step == 3 and record.trained_rows == 12 and first.steps == 6
+    assert first.kto_weights and any(h.get("unlikelihood", 0) > 0 for h in first.log_history)
     assert not record.candidate and halves.weight_share(record) == halves.trained_share == 0.5
     assert len(record.moves) == len(halves.scored) == 12 and record.kl_per_token > 0
     # the checkpoint had seen only the older half: the newer labels did not reach it ...

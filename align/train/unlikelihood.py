@@ -1,0 +1,94 @@
+"""Unlikelihood on the loops of disliked answers (KTO, `--unlikelihood COEF`, opt-in).
+
+The base model loops in a third to a half of its 128-token answers at the web page's settings,
+and users put those answers last. KTO lowers a disliked answer's log-probability as a whole: it
+may do that on the answer's ordinary opening as well as on the loop that made it bad, and a
+weak preference trained that way has left candidates looping more, not less (docs/align.md).
+Unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood
+training") puts the loss where the loop is: at every token of a disliked answer that completes
+a token n-gram the answer has already written at least twice, the loss adds −log(1 − p(token)),
+whose gradient on that token's logit is proportional to p — bounded, and gone once the model no
+longer repeats it. Only disliked answers (thumbs down, the losing side of a pick) carry it: the term follows
+the users' labels, so labels that carry nothing spread it over liked and disliked loops alike.
+
+`unlikelihood_kto(base, coef)` subclasses a `KTOTrainer` (TRL's, or align/train/kto_reference.py's)
+to add `coef` × the mean over the batch's answers of each disliked answer's mean unlikelihood
+over its repeated tokens (liked answers, and answers without repeats, count 0). It reads the per-token log-probabilities TRL's own policy pass already
+computed (a forward hook on the policy), so a step costs no extra forward pass. The term is
+logged as `unlikelihood` in the trainer's history.
+"""
+from __future__ import annotations
+
+NGRAM = 4  # tokens: a repeat is a 4-token sequence written again
+REPEATS_BEFORE = 2  # ... for at least the third time (a loop, not a phrase said twice)
+
+
+def repeated_tokens(input_ids, completion_mask, n: int = NGRAM, before: int = REPEATS_BEFORE):
+    """Bool tensor shaped like `input_ids`: token t is in the completion and the n tokens ending
+    at t (all in the completion) already ended at `before` or more earlier positions of it."""
+    import torch
+
+    flags = []
+    for row, mask in zip(input_ids.tolist(), completion_mask.bool().tolist()):
+        seen: dict[tuple[int, ...], int] = {}
+        out = [False] * len(row)
+        for t in range(n - 1, len(row)):
+            if not all(mask[t - n + 1:t + 1]):
+                continue
+            gram = tuple(row[t - n + 1:t + 1])
+            count = seen.get(gram, 0)
+            out[t] = count >= before
+            seen[gram] = count + 1
+        flags.append(out)
+    return torch.tensor(flags, dtype=torch.bool, device=input_ids.device).view(input_ids.shape)
+
+
+def answer_unlikelihood(log_probs, repeated):
+    """Per answer: the mean of −log(1 − p) over its repeated tokens (0 without any).
+    `log_probs[:, j]` is the log-probability of token j + 1 (TRL's shifted labels), so
+    `repeated` is the mask of `repeated_tokens` without its first column. p is clamped under
+    1 − 1e-6: a repeat the model is that sure of adds 13.8 and no gradient."""
+    import torch
+
+    p = log_probs.exp().clamp(max=1 - 1e-6)
+    terms = -torch.log1p(-p) * repeated
+    return terms.sum(-1) / repeated.sum(-1).clamp(min=1)
+
+
+def unlikelihood_kto(base: type, coef: float) -> type:
+    """`base` (a `trl.KTOTrainer` class) with the unlikelihood term of the module docstring."""
+    import torch
+
+    class UnlikelihoodKTO(base):
+        unlikelihood_coef: float = coef
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            captured = []
+
+            def policy_pass(_module, _args, output):
+                log_probs = getattr(output, "log_probs", None)
+                if log_probs is not None and log_probs.requires_grad and not captured:
+                    captured.append(log_probs)  # the reference pass runs without gradients
+            hook = self.accelerator.unwrap_model(model).register_forward_hook(policy_pass)
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                hook.remove()
+            if not model.training or not torch.is_grad_enabled():
+                return result
+            if not captured:
+                raise RuntimeError("unlikelihood: the policy's forward pass gave no per-token "
+                                   "log-probabilities (has TRL's KTO forward changed?)")
+            ids = inputs["input_ids"]
+            repeated = repeated_tokens(ids, inputs["completion_mask"])[:, 1:].to(captured[0].device)
+            disliked = ~torch.as_tensor(inputs["label"], dtype=torch.bool, device=repeated.device)
+            log_probs = captured[0][:, -repeated.shape[1]:]
+            term = (answer_unlikelihood(log_probs, repeated) * disliked).mean()
+            logged = self.accelerator.gather_for_metrics(term.detach()).mean()
+            self._metrics["train"]["unlikelihood"].append(float(logged))
+            if return_outputs:
+                loss, outputs = result
+                return loss + self.unlikelihood_coef * term, outputs
+            return result + self.unlikelihood_coef * term
+
+    return UnlikelihoodKTO
