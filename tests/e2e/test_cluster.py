@@ -24,6 +24,10 @@ pytestmark = [pytest.mark.slow,
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS, ROUNDS, POLL_S = 32, 2, 1.0
+# A replica writes a generation row at most 50 ms after answering (docs/logging.md,
+# "Durability"): a vote on an answer the victim gave that close to its SIGKILL may find no row.
+# The window is wider because the client sees the answer later than the replica sent it.
+LOST_WINDOW_S = 1.0
 QUESTIONS = ["Name a fruit.", "Say hello.", "What is 2+2?", "Name a colour.", "Count to three."]
 
 
@@ -40,6 +44,8 @@ class Load:
         self.lock = threading.Lock()
         self.acked: dict[str, str] = {}  # idempotency key -> feedback id
         self.refused_votes: list[str] = []  # a valid vote a live replica refused
+        self.lost: list[float] = []  # when the victim gave an answer its kill lost the row of
+        self.victim: str | None = None
         self.failed: list[tuple[float, float, str]] = []  # (start, end, error) through nginx
         self.cross = 0  # votes sent to a replica other than the one that answered
         self.killed_at: float | None = None
@@ -74,7 +80,8 @@ class Load:
         with self.lock:
             self.acked[key] = ack.feedback_id
 
-    def vote(self, i: int, ids: list[str], answered: str | None, key: str) -> None:
+    def vote(self, i: int, ids: list[str], answered: str | None, key: str,
+             answered_at: float) -> None:
         others = [rid for rid in self.replicas if rid != answered]
         random.Random(key).shuffle(others)
         with self.lock:
@@ -88,7 +95,13 @@ class Load:
                 continue
             if r.status_code != 200:
                 with self.lock:
-                    self.refused_votes.append(f"{target}: {r.status_code} {r.text[:200]}")
+                    if r.status_code == 404 and self._lost_with_the_victim(answered, answered_at):
+                        self.lost.append(answered_at)
+                    else:
+                        since = ("" if self.killed_at is None else
+                                 f", {answered_at - self.killed_at:+.2f} s from the kill")
+                        self.refused_votes.append(f"{target}: {r.status_code} (answered by "
+                                                  f"{answered}{since}) {r.text[:300]}")
                 return
             with self.lock:
                 self.acked[key] = r.json()["feedback_id"]
@@ -96,12 +109,19 @@ class Load:
         with self.lock:
             self.refused_votes.append(f"{key}: no replica reachable")
 
+    def _lost_with_the_victim(self, answered: str | None, answered_at: float) -> bool:
+        """The victim answered within LOST_WINDOW_S of its kill: its row may not have been
+        written, and a replica that cannot find the id says so with 404."""
+        return (answered is not None and answered == self.victim and self.killed_at is not None
+                and abs(answered_at - self.killed_at) <= LOST_WINDOW_S)
+
     def client(self, i: int) -> None:
         rng = random.Random(i)
         for n in range(ROUNDS):
             start = time.monotonic()
             try:
                 ids, answered = self.chat(i, rng.choice(QUESTIONS))
+                answered_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - classified by the test
                 with self.lock:
                     self.failed.append((start, time.monotonic(), f"{type(exc).__name__}: {exc}"))
@@ -113,7 +133,7 @@ class Load:
                     with self.lock:
                         self.failed.append((start, time.monotonic(), f"vote: {exc}"))
             else:
-                self.vote(i, ids, answered, f"c{i}-{n}")
+                self.vote(i, ids, answered, f"c{i}-{n}", answered_at)
 
 
 def replica_health(url: str) -> dict | None:
@@ -187,6 +207,7 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
         for t in threads:
             t.start()
         assert wait_for(lambda: len(load.acked) >= 12, 300), "no votes were acknowledged"
+        load.victim = "r1"
         load.killed_at = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
         for t in threads:
@@ -208,8 +229,11 @@ def test_three_replicas_behind_nginx_take_votes_anywhere_survive_a_kill_and_foll
         assert len(load.retried) <= CLIENTS // 2, load.retried
         assert len(load.failed) <= CLIENTS
         assert not load.refused_votes, load.refused_votes
+        # a vote on an answer the victim gave just before its kill may find its row lost: at
+        # most the requests in flight on one replica of three
+        assert len(load.lost) <= CLIENTS // 2, load.lost
         assert load.cross >= CLIENTS // 2 * ROUNDS - len(load.failed)
-        assert len(load.acked) >= CLIENTS * ROUNDS - len(load.failed)
+        assert len(load.acked) >= CLIENTS * ROUNDS - len(load.failed) - len(load.lost)
 
         # an id no replica served is refused by every replica
         for url in replicas.values():
