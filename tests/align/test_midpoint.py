@@ -115,7 +115,7 @@ def test_the_checkpoint_scores_the_newer_half_the_same_however_its_labels_fall(t
     _, second = _train_with_midpoint(tiny, newer_swapped)
     record = first.midpoint
     assert record.step == 3 and record.trained_rows == 12 and first.steps == 6
-    assert first.kto_weights and any(h.get("unlikelihood", 0) > 0 for h in first.log_history)
+    assert any(h.get("unlikelihood", 0) > 0 for h in first.log_history)  # the term was on
     assert not record.candidate and halves.weight_share(record) == halves.trained_share == 0.5
     assert len(record.moves) == len(halves.scored) == 12 and record.kl_per_token > 0
     # the checkpoint had seen only the older half: the newer labels did not reach it ...
