@@ -221,7 +221,8 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "max_lr_scale": 1.0, "unlikelihood": 0.0, "keep_looping": False,
+                    "stop_kl": None, "max_lr_scale": 1.0, "unlikelihood": 0.0, "liked_nll": 0.0,
+                    "keep_looping": False,
                     "midpoint": False, "max_steps": -1, "verbose": False}
 
 
@@ -270,6 +271,11 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "align/train/unlikelihood.py) to the KTO loss (default %(default)s: "
                             "off; at 1 it lowered looping on a tuning split but did not win more "
                             "on a fresh one, docs/align.md)")
+        g.add_argument("--liked-nll", type=float, default=0.0, metavar="COEF",
+                       help="add COEF x the mean negative log-likelihood per token of liked "
+                            "answers (thumbs up, the winning side of a pick; "
+                            "align/train/liked_nll.py) to the KTO loss, as RPO adds it to DPO's "
+                            "(default %(default)s: off; docs/align.md)")
     if method in ("dpo", "kto"):
         g.add_argument("--stop-kl", type=float, default=None, metavar="NATS",
                        help="stop training once the KL per answer token to the reference, "
@@ -624,7 +630,7 @@ def job_config(args: argparse.Namespace):
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
         stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale,
-        unlikelihood=args.unlikelihood)
+        unlikelihood=args.unlikelihood, liked_nll=args.liked_nll)
     incremental = _incremental(args)
     return JobConfig(
         data_dir=Path(args.data_dir), train=train, gate=gate,

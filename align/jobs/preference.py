@@ -258,9 +258,10 @@ def _training_summary(trained) -> dict[str, Any]:
         out["kl_stop"] = trained.kl_stop.to_record()
     if getattr(trained, "kto_weights", None) is not None:
         out["kto_weights"] = list(trained.kto_weights)
-    terms = [h["unlikelihood"] for h in trained.log_history if "unlikelihood" in h]
-    if terms:  # the loops of disliked answers (align/train/unlikelihood.py)
-        out["unlikelihood"] = {"mean": round(sum(terms) / len(terms), 5), "steps": len(terms)}
+    for name in ("unlikelihood", "liked_nll"):  # extra KTO terms (align/train/kto_terms.py)
+        terms = [h[name] for h in trained.log_history if name in h]
+        if terms:
+            out[name] = {"mean": round(sum(terms) / len(terms), 5), "steps": len(terms)}
     return out
 
 

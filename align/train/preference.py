@@ -5,7 +5,8 @@ The policy starts from a registry version's folder and the frozen reference is t
 (a second copy for full fine-tuning; the policy with its adapters disabled for LoRA; SFT has
 none). DPO and KTO runs carry the KL stop and pacing of align/train/kl_stop.py, and KTO takes its
 reference point from that stop's probe (align/train/kto_reference.py) and, with `unlikelihood`,
-weighs the loops of disliked answers (align/train/unlikelihood.py). `TrainConfig`
+weighs the loops of disliked answers (align/train/unlikelihood.py), with `liked_nll` the
+likelihood of liked answers (align/train/liked_nll.py). `TrainConfig`
 holds every hyperparameter (it is stored in the manifest). `train()` returns the trained model as
 plain full weights (a LoRA adapter is merged in) on the main process; other ranks of an
 `accelerate launch` run get None after the collective state-dict gather.
@@ -43,7 +44,9 @@ from prefloop.align.train.common import (
 from prefloop.align.train.cut_answers import drop_end_of_turn
 from prefloop.align.train.kl_stop import KLRecord, KLStop, probe_items
 from prefloop.align.train.kto_reference import probe_reference_kto
-from prefloop.align.train.unlikelihood import unlikelihood_kto
+from prefloop.align.train.kto_terms import kto_with_terms
+from prefloop.align.train.liked_nll import liked_nll_term
+from prefloop.align.train.unlikelihood import unlikelihood_term
 from prefloop.server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class TrainConfig:
     stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
     max_lr_scale: float = 1.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
     unlikelihood: float = 0.0  # kto: weight of the loops of disliked answers (0: off; unlikelihood.py)
+    liked_nll: float = 0.0  # kto: weight of the liked answers' likelihood (0: off; liked_nll.py)
     seed: int = 0
     bf16: bool | None = None  # None: on for CUDA with bf16 or a CPU with native bf16
     gradient_checkpointing: bool = False
@@ -100,6 +104,10 @@ class TrainConfig:
             raise InvalidArgument(f"unlikelihood must be >= 0 (0: off), got {self.unlikelihood}")
         if self.unlikelihood and self.method != "kto":
             raise InvalidArgument("unlikelihood weighs the loops of disliked answers: kto runs only")
+        if not self.liked_nll >= 0:
+            raise InvalidArgument(f"liked nll must be >= 0 (0: off), got {self.liked_nll}")
+        if self.liked_nll and self.method != "kto":
+            raise InvalidArgument("liked nll weighs the liked answers of rated feedback: kto runs only")
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name.replace('_', ' ')} must be > 0")
@@ -115,6 +123,7 @@ class TrainConfig:
             d.pop("desirable_weight")
             d.pop("undesirable_weight")
             d.pop("unlikelihood")
+            d.pop("liked_nll")
         if self.method == "sft":
             d.pop("stop_kl")
             d.pop("max_lr_scale")
@@ -215,8 +224,11 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
                              undesirable_weight=weights[1])
             # with the KL stop, z0 is its probe's KL (align/train/kto_reference.py)
             kto_class = KTOTrainer if kl_stop is None else probe_reference_kto(kl_stop)
-            if cfg.unlikelihood:  # the loops of disliked answers (align/train/unlikelihood.py)
-                kto_class = unlikelihood_kto(kto_class, cfg.unlikelihood)
+            terms = [(name, coef, term) for name, coef, term in (
+                ("unlikelihood", cfg.unlikelihood, unlikelihood_term),  # loops of disliked answers
+                ("liked_nll", cfg.liked_nll, liked_nll_term)) if coef]  # liked answers' likelihood
+            if terms:  # added to KTO's loss from its own policy pass (align/train/kto_terms.py)
+                kto_class = kto_with_terms(kto_class, terms)
             trainer = kto_class(model=model, ref_model=ref_model, args=args,
                                 train_dataset=dataset, processing_class=tokenizer,
                                 peft_config=peft_config, callbacks=callbacks)

@@ -13,11 +13,13 @@ the users' labels, so labels that carry nothing spread it over liked and dislike
 
 `unlikelihood_kto(base, coef)` subclasses a `KTOTrainer` (TRL's, or align/train/kto_reference.py's)
 to add `coef` × the mean over the batch's answers of each disliked answer's mean unlikelihood
-over its repeated tokens (liked answers, and answers without repeats, count 0). It reads the per-token log-probabilities TRL's own policy pass already
-computed (a forward hook on the policy), so a step costs no extra forward pass. The term is
-logged as `unlikelihood` in the trainer's history.
+over its repeated tokens (liked answers, and answers without repeats, count 0), read from TRL's
+own policy pass (align/train/kto_terms.py). The term is logged as `unlikelihood` in the
+trainer's history.
 """
 from __future__ import annotations
+
+from prefloop.align.train.kto_terms import kto_with_terms
 
 NGRAM = 4  # tokens: a repeat is a 4-token sequence written again
 REPEATS_BEFORE = 2  # ... for at least the third time (a loop, not a phrase said twice)
@@ -55,40 +57,16 @@ def answer_unlikelihood(log_probs, repeated):
     return terms.sum(-1) / repeated.sum(-1).clamp(min=1)
 
 
-def unlikelihood_kto(base: type, coef: float) -> type:
-    """`base` (a `trl.KTOTrainer` class) with the unlikelihood term of the module docstring."""
+def unlikelihood_term(log_probs, inputs):
+    """Per answer: its mean unlikelihood over its repeats if disliked, else 0."""
     import torch
 
-    class UnlikelihoodKTO(base):
-        unlikelihood_coef: float = coef
+    repeated = repeated_tokens(inputs["input_ids"], inputs["completion_mask"])[:, 1:]
+    repeated = repeated.to(log_probs.device)
+    disliked = ~torch.as_tensor(inputs["label"], dtype=torch.bool, device=repeated.device)
+    return answer_unlikelihood(log_probs, repeated) * disliked
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            captured = []
 
-            def policy_pass(_module, _args, output):
-                log_probs = getattr(output, "log_probs", None)
-                if log_probs is not None and log_probs.requires_grad and not captured:
-                    captured.append(log_probs)  # the reference pass runs without gradients
-            hook = self.accelerator.unwrap_model(model).register_forward_hook(policy_pass)
-            try:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            finally:
-                hook.remove()
-            if not model.training or not torch.is_grad_enabled():
-                return result
-            if not captured:
-                raise RuntimeError("unlikelihood: the policy's forward pass gave no per-token "
-                                   "log-probabilities (has TRL's KTO forward changed?)")
-            ids = inputs["input_ids"]
-            repeated = repeated_tokens(ids, inputs["completion_mask"])[:, 1:].to(captured[0].device)
-            disliked = ~torch.as_tensor(inputs["label"], dtype=torch.bool, device=repeated.device)
-            log_probs = captured[0][:, -repeated.shape[1]:]
-            term = (answer_unlikelihood(log_probs, repeated) * disliked).mean()
-            logged = self.accelerator.gather_for_metrics(term.detach()).mean()
-            self._metrics["train"]["unlikelihood"].append(float(logged))
-            if return_outputs:
-                loss, outputs = result
-                return loss + self.unlikelihood_coef * term, outputs
-            return result + self.unlikelihood_coef * term
-
-    return UnlikelihoodKTO
+def unlikelihood_kto(base: type, coef: float) -> type:
+    """`base` (a `trl.KTOTrainer` class) with the unlikelihood term of the module docstring."""
+    return kto_with_terms(base, [("unlikelihood", coef, unlikelihood_term)])
