@@ -251,25 +251,27 @@ def cluster_interval(per_prompt: list[tuple[int, int]], draws: int = 4000, seed:
 
 
 def judge(preference: str, base: list[str], served: list[str], rng: random.Random,
-          samples: int = 1, held: list[str] | None = None) -> dict:
+          samples: int = 1, held: list[str] | None = None, cluster: int | None = None) -> dict:
     """The user's verdict on each (served, base) answer pair. Answers come `samples` per prompt,
-    consecutively: with more than one, the interval is a cluster bootstrap over prompts
-    (`cluster_interval`), else Wilson's. `held`: the prompts, one per `samples` answers, so the
-    users see which answers leave their topic (loop_users.off_topic) and the shares are
-    reported."""
+    consecutively, and `cluster` (default `samples`) consecutive answers share a topic: with
+    more than one, the interval is a cluster bootstrap over topics (`cluster_interval`), else
+    Wilson's. `held`: the prompts, one per `samples` answers, so the users see which answers
+    leave their topic (loop_users.off_topic) and the shares are reported."""
+    cluster = cluster or samples
     asked = [held[i // samples] for i in range(len(served))] if held is not None else \
         [None] * len(served)
     outcomes = [choose(preference, new, old, rng, q) for old, new, q in zip(base, served, asked)]
     wins, losses = outcomes.count(0), outcomes.count(1)
-    if samples > 1:
-        per_prompt = [(outcomes[i:i + samples].count(0), outcomes[i:i + samples].count(1))
-                      for i in range(0, len(outcomes), samples)]
-        low, high = cluster_interval(per_prompt)
+    if cluster > 1:
+        per_topic = [(outcomes[i:i + cluster].count(0), outcomes[i:i + cluster].count(1))
+                     for i in range(0, len(outcomes), cluster)]
+        low, high = cluster_interval(per_topic)
     else:
         low, high = wilson(wins, wins + losses)
     return {"wins": wins, "losses": losses, "win_rate": wins / (wins + losses) if wins + losses else None,
-            "interval": [low, high], "interval_kind": "cluster bootstrap by prompt" if samples > 1
-            else "Wilson",
+            "interval": [low, high], "interval_kind": (
+                "Wilson" if cluster == 1 else "cluster bootstrap by prompt" if cluster == samples
+                else "cluster bootstrap by topic"),
             "base_property": sum(property_value(preference, a) for a in base) / len(base),
             "served_property": sum(property_value(preference, a) for a in served) / len(served),
             "base_repetitive": sum(map(repetitive, base)) / len(base),

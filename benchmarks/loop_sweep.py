@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_quality import Users, add_user_arguments, judge, run_job, start_server, user_name, vote_round  # noqa: E402
-from loop_users import prompts, up_bar, user_kinds  # noqa: E402
+from loop_users import TEMPLATES, prompts, up_bar, user_kinds  # noqa: E402
 
 from prefloop.clients import Client  # noqa: E402
 
@@ -191,9 +191,9 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
     served = held_out_answers_in_process(copy / "registry" / "versions" / version, held,
                                          args.max_tokens, args.heldout_samples, args.temperature)
     row["measure_s"] = round(time.perf_counter() - t, 1)
-    (copy / "served.json").write_text(json.dumps(served))  # --rejudge reads it
+    (copy / served_name(args)).write_text(json.dumps(served))  # --rejudge reads it
     row.update(judge(args.preference, base, served, random.Random(args.seed),
-                     args.heldout_samples, held))
+                     args.heldout_samples, held, args.heldout_samples * args.heldout_templates))
     row["examples"] = [{"prompt": held[i // args.heldout_samples], "base": base[i], "served": served[i]}
                        for i in range(0, len(served), max(1, len(served) // 3))][:3]
     if not args.keep:
@@ -210,7 +210,7 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
                       if p.name != "v0000")
     if not versions:
         return {"setting": name, "error": f"no kept candidate in {copy} (run it with --keep first)"}
-    saved = copy / "served.json"
+    saved = copy / served_name(args)
     if saved.exists():
         served = json.loads(saved.read_text())
     else:
@@ -220,8 +220,30 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
         saved.write_text(json.dumps(served))
     row = {"setting": name, "version": versions[-1]}
     row.update(judge(args.preference, base, served, random.Random(args.seed), args.heldout_samples,
-                     held))
+                     held, args.heldout_samples * args.heldout_templates))
     return row
+
+
+def base_answers(work: Path, data: Path, held: list[str], args, suffix: str) -> list[str]:
+    """The base version's answers to `held` (kept in `work`/base-SUFFIX.json between runs)."""
+    path = work / f"base-{suffix}.json"
+    if not path.exists():
+        path.write_text(json.dumps(held_out_answers_in_process(
+            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples,
+            args.temperature)))
+    return json.loads(path.read_text())
+
+
+def design_suffix(args) -> str:
+    """The held-out design in file names: "2" (24 prompts, 2 answers each; the design before
+    2026-12-07) or "1x7" (1 answer each of 7 templates per topic)."""
+    return f"{args.heldout_samples}" + ("" if args.heldout_templates == 1
+                                        else f"x{args.heldout_templates}")
+
+
+def served_name(args) -> str:
+    """A kept candidate's held-out answers for this design (served.json: the old design's)."""
+    return "served.json" if args.heldout_templates == 1 else f"served-{design_suffix(args)}.json"
 
 
 def served_text(row: dict) -> str:
@@ -277,6 +299,10 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=20, help="simulated users (default %(default)s)")
     ap.add_argument("--heldout-samples", type=int, default=2,
                     help="answers per held-out prompt (default %(default)s)")
+    ap.add_argument("--heldout-templates", type=int, default=1, metavar="K",
+                    help="prompts per held-out topic, each in its own template (1-7; default "
+                         "%(default)s: 24 prompts; 7 with --heldout-samples 1 gives 168 answers "
+                         "and a cluster bootstrap by topic)")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")
@@ -291,6 +317,8 @@ def main() -> int:
     args = ap.parse_args()
     if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1 or args.users < 1:
         ap.error("--noise must be in [0, 0.5), --up-rate in (0, 1) and --users >= 1")
+    if not 1 <= args.heldout_templates <= len(TEMPLATES) or args.heldout_samples < 1:
+        ap.error(f"--heldout-templates must be in 1..{len(TEMPLATES)} and --heldout-samples >= 1")
     settings = [s.split("=", 1) for s in (args.setting or ["defaults="])]
     args.max_tokens = args.max_tokens or None
     work = Path(args.work) / (f"{args.preference}-{args.feedback}-noise{args.noise}-"
@@ -301,13 +329,8 @@ def main() -> int:
     if args.rejudge and not (work / "votes.json").exists():
         ap.error(f"--rejudge needs an earlier run's votes and kept candidates in {work}")
     data = init_data(work)
-    _, held = prompts(seed=args.seed)
-    base_file = work / f"base-{args.heldout_samples}.json"
-    if not base_file.exists():
-        base_file.write_text(json.dumps(held_out_answers_in_process(
-            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples,
-            args.temperature)))
-    base = json.loads(base_file.read_text())
+    _, held = prompts(seed=args.seed, templates=args.heldout_templates)
+    base = base_answers(work, data, held, args, design_suffix(args))
     kinds = user_kinds(args.users, args.feedback)
     users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
                   up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
@@ -316,8 +339,12 @@ def main() -> int:
             print(format_rejudged(rejudge_setting(name, work, base, held, args)), flush=True)
         print("loop_sweep: done")
         return 0
+    # a thumbs user's bar comes from the 24-prompt design's base answers whatever the judgement's
+    # design, so the votes do not depend on how the candidates are judged
+    bar_base = base if args.heldout_templates == 1 or (work / "votes.json").exists() else \
+        base_answers(work, data, prompts(seed=args.seed)[1], args, f"{args.heldout_samples}")
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
-                         base, args.up_rate)
+                         bar_base, args.up_rate)
     if args.preference != "random":
         from gate_power import events_for_level, heldout_ceiling, midpoint_ceiling
         c = heldout_ceiling(data, args.preference)

@@ -40,14 +40,20 @@ TEMPLATES = [
 ]
 
 
-def prompts(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(voting prompts, held-out prompts): disjoint topics, so held-out prompts are new."""
+def prompts(seed: int = 0, templates: int = 1) -> tuple[list[str], list[str]]:
+    """(voting prompts, held-out prompts): disjoint topics, so held-out prompts are new. Each of
+    the 24 held-out topics is asked in `templates` consecutive templates (1: one prompt per
+    topic, the benchmark's set before 2026-12-07; up to len(TEMPLATES)), topic by topic, so
+    `templates` consecutive prompts share a topic; the voting prompts do not depend on it."""
+    if not 1 <= templates <= len(TEMPLATES):
+        raise ValueError(f"templates must be in 1..{len(TEMPLATES)}, got {templates}")
     rng = random.Random(seed)
     topics = TOPICS[:]
     rng.shuffle(topics)
     held_topics, vote_topics = topics[:24], topics[24:]
     vote = [t.format(topic=topic) for topic in vote_topics for t in TEMPLATES]
-    held = [TEMPLATES[i % len(TEMPLATES)].format(topic=topic) for i, topic in enumerate(held_topics)]
+    held = [TEMPLATES[(i + j) % len(TEMPLATES)].format(topic=topic)
+            for i, topic in enumerate(held_topics) for j in range(templates)]
     rng.shuffle(vote)
     return vote, held
 

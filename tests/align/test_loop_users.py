@@ -4,6 +4,8 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import loop_users as U  # noqa: E402
 
@@ -52,6 +54,33 @@ def test_voting_and_held_out_prompts_share_no_topic():
     assert len(held) == 24 and len(vote) >= 400
     held_topics = {t for t in U.TOPICS if any(t in p for p in held)}
     assert not any(any(f" {t}" in p for t in held_topics if len(t) > 4) for p in vote)
+
+
+def test_held_out_templates_ask_each_topic_in_consecutive_templates_and_keep_the_old_set_first():
+    vote, held = U.prompts(seed=3)
+    vote7, held7 = U.prompts(seed=3, templates=7)
+    assert vote7 == vote and len(held7) == 24 * 7 and len(set(held7)) == 24 * 7
+    assert held7[::7] == held  # the one-template set is each topic's first prompt
+    for i in range(24):  # the 7 prompts of a topic are consecutive and all its templates
+        topic = next(t for t in U.TOPICS if held[i] == U.TEMPLATES[i % 7].format(topic=t))
+        assert sorted(held7[7 * i:7 * i + 7]) == sorted(t.format(topic=topic) for t in U.TEMPLATES)
+    with pytest.raises(ValueError, match="templates"):
+        U.prompts(seed=3, templates=8)
+
+
+def test_the_served_interval_resamples_whole_topics_when_answers_share_one():
+    from loop_quality import judge
+    # 6 topics x 4 answers: four topics all wins, two all losses -> answers within a topic agree
+    # more than independent answers would, so the topic bootstrap is wider than Wilson's
+    base = ["One two three four five six seven eight. Nine ten eleven twelve."] * 24
+    win, lose = "One two. Three four.", "One two three four five six seven eight nine ten eleven twelve."
+    served = [win] * 16 + [lose] * 8
+    by_answer = judge("short_sentences", base, served, random.Random(0), 1)
+    by_topic = judge("short_sentences", base, served, random.Random(0), 1, cluster=4)
+    assert by_answer["interval_kind"] == "Wilson" and by_topic["interval_kind"] == "cluster bootstrap by topic"
+    assert by_topic["win_rate"] == by_answer["win_rate"] == 16 / 24
+    (lo_a, hi_a), (lo_t, hi_t) = by_answer["interval"], by_topic["interval"]
+    assert hi_t - lo_t > hi_a - lo_a
 
 
 def test_repetitive_flags_an_answer_that_loops_and_not_one_that_varies():
