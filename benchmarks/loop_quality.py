@@ -254,8 +254,9 @@ def judge(preference: str, base: list[str], served: list[str], rng: random.Rando
           samples: int = 1, held: list[str] | None = None, cluster: int | None = None) -> dict:
     """The user's verdict on each (served, base) answer pair. Answers come `samples` per prompt,
     consecutively, and `cluster` (default `samples`) consecutive answers share a topic: with
-    more than one, the interval is a cluster bootstrap over topics (`cluster_interval`), else
-    Wilson's. `held`: the prompts, one per `samples` answers, so the users see which answers
+    more than one, the interval spans both a cluster bootstrap over topics (`cluster_interval`)
+    and Wilson's (a bootstrap of a few dozen topics can come out narrower than independent
+    answers would allow), else it is Wilson's. `held`: the prompts, one per `samples` answers, so the users see which answers
     leave their topic (loop_users.off_topic) and the shares are reported."""
     cluster = cluster or samples
     asked = [held[i // samples] for i in range(len(served))] if held is not None else \
@@ -266,12 +267,14 @@ def judge(preference: str, base: list[str], served: list[str], rng: random.Rando
         per_topic = [(outcomes[i:i + cluster].count(0), outcomes[i:i + cluster].count(1))
                      for i in range(0, len(outcomes), cluster)]
         low, high = cluster_interval(per_topic)
+        w_low, w_high = wilson(wins, wins + losses)
+        low, high = min(low, w_low), max(high, w_high)
     else:
         low, high = wilson(wins, wins + losses)
     return {"wins": wins, "losses": losses, "win_rate": wins / (wins + losses) if wins + losses else None,
             "interval": [low, high], "interval_kind": (
-                "Wilson" if cluster == 1 else "cluster bootstrap by prompt" if cluster == samples
-                else "cluster bootstrap by topic"),
+                "Wilson" if cluster == 1 else "cluster bootstrap by prompt, or Wilson where wider"
+                if cluster == samples else "cluster bootstrap by topic, or Wilson where wider"),
             "base_property": sum(property_value(preference, a) for a in base) / len(base),
             "served_property": sum(property_value(preference, a) for a in served) / len(served),
             "base_repetitive": sum(map(repetitive, base)) / len(base),
