@@ -11,8 +11,13 @@ beside it) answers the held-out prompts in-process at the server's default sampl
 same seeds as the base. After the votes: the ceiling of the gate's rating test on them (the
 users' own preference scoring the held-out answers; benchmarks/gate_power.py). Printed per
 setting, side by side: the gate's outcome and held-out
-implicit-reward win rate, KL per token, the served win rate vs base (95%: a bootstrap over prompts when each has several answers), the
-preferred property's mean, training steps, training and whole-job seconds, pairs per second.
+implicit-reward win rate, KL per token, the served win rate vs base, the preferred property's
+mean, training steps, training and whole-job seconds, pairs per second. The served win is judged
+on 168 answers by default: each of the 24 held-out topics (nobody voted on them) asked in all 7
+templates, one answer each, with a 95 % interval that resamples topics (or Wilson's where wider);
+`--heldout-templates 1 --heldout-samples 2` is the 48-answer design of the runs before
+2026-12-07, whose ±0.15 intervals could not tell settings apart (docs/align.md, "168 held-out
+answers").
 
     python benchmarks/loop_sweep.py --preference short_sentences --votes 200 \\
         --setting defaults= --setting lr1.5e-4=--lr=1.5e-4 --setting "full=--no-lora --lr=2e-5"
@@ -117,6 +122,7 @@ def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: in
 
 
 METHODS = ("dpo", "kto", "sft", "ppo")
+BAR_SAMPLES = 2  # base answers per held-out prompt that a thumbs user's bar comes from
 
 
 def _flag(flags: str, name: str, default: float) -> float:
@@ -224,12 +230,14 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
     return row
 
 
-def base_answers(work: Path, data: Path, held: list[str], args, suffix: str) -> list[str]:
-    """The base version's answers to `held` (kept in `work`/base-SUFFIX.json between runs)."""
+def base_answers(work: Path, data: Path, held: list[str], args, samples: int, suffix: str
+                 ) -> list[str]:
+    """The base version's `samples` answers to each of `held` (kept in `work`/base-SUFFIX.json
+    between runs)."""
     path = work / f"base-{suffix}.json"
     if not path.exists():
         path.write_text(json.dumps(held_out_answers_in_process(
-            data / "registry" / "versions" / "v0000", held, args.max_tokens, args.heldout_samples,
+            data / "registry" / "versions" / "v0000", held, args.max_tokens, samples,
             args.temperature)))
     return json.loads(path.read_text())
 
@@ -297,12 +305,13 @@ def main() -> int:
                          "same votes (default: its defaults)")
     add_user_arguments(ap)
     ap.add_argument("--users", type=int, default=20, help="simulated users (default %(default)s)")
-    ap.add_argument("--heldout-samples", type=int, default=2,
-                    help="answers per held-out prompt (default %(default)s)")
-    ap.add_argument("--heldout-templates", type=int, default=1, metavar="K",
-                    help="prompts per held-out topic, each in its own template (1-7; default "
-                         "%(default)s: 24 prompts; 7 with --heldout-samples 1 gives 168 answers "
-                         "and a cluster bootstrap by topic)")
+    ap.add_argument("--heldout-samples", type=int, default=1,
+                    help="answers per held-out prompt (default %(default)s; 2 with "
+                         "--heldout-templates 1 is the design before 2026-12-07)")
+    ap.add_argument("--heldout-templates", type=int, default=7, metavar="K",
+                    help="prompts per held-out topic of the 24, each in its own template (1-7; "
+                         "default %(default)s: 168 answers, an interval that resamples topics; "
+                         "docs/align.md, \"168 held-out answers\")")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")
@@ -330,7 +339,7 @@ def main() -> int:
         ap.error(f"--rejudge needs an earlier run's votes and kept candidates in {work}")
     data = init_data(work)
     _, held = prompts(seed=args.seed, templates=args.heldout_templates)
-    base = base_answers(work, data, held, args, design_suffix(args))
+    base = base_answers(work, data, held, args, args.heldout_samples, design_suffix(args))
     kinds = user_kinds(args.users, args.feedback)
     users = Users({user_name(i): k for i, k in enumerate(kinds)}, noise=args.noise,
                   up_rate=args.up_rate, max_tokens=args.max_tokens, temperature=args.temperature)
@@ -339,10 +348,12 @@ def main() -> int:
             print(format_rejudged(rejudge_setting(name, work, base, held, args)), flush=True)
         print("loop_sweep: done")
         return 0
-    # a thumbs user's bar comes from the 24-prompt design's base answers whatever the judgement's
-    # design, so the votes do not depend on how the candidates are judged
-    bar_base = base if args.heldout_templates == 1 or (work / "votes.json").exists() else \
-        base_answers(work, data, prompts(seed=args.seed)[1], args, f"{args.heldout_samples}")
+    # a thumbs user's bar comes from the base's answers in the design before 2026-12-07 (24
+    # prompts, 2 answers each) whatever the judgement's design, so the votes do not depend on
+    # how the candidates are judged
+    old_design = args.heldout_templates == 1 and args.heldout_samples == BAR_SAMPLES
+    bar_base = base if old_design or (work / "votes.json").exists() else base_answers(
+        work, data, prompts(seed=args.seed)[1], args, BAR_SAMPLES, f"{BAR_SAMPLES}")
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          bar_base, args.up_rate)
     if args.preference != "random":

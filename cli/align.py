@@ -275,7 +275,8 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                        help="add COEF x the mean negative log-likelihood per token of liked "
                             "answers (thumbs up, the winning side of a pick; "
                             "align/train/liked_nll.py) to the KTO loss, as RPO adds it to DPO's "
-                            "(default %(default)s: off; docs/align.md)")
+                            "(default %(default)s: off; level with the default on a tuning "
+                            "split, docs/align.md)")
     if method in ("dpo", "kto"):
         g.add_argument("--stop-kl", type=float, default=None, metavar="NATS",
                        help="stop training once the KL per answer token to the reference, "
