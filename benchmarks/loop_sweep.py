@@ -111,8 +111,11 @@ def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: in
             async def one(i: int, s: int, prompt: str) -> str:
                 ids = gen.chat_ids([{"role": "user", "content": prompt}])
                 length = {} if max_tokens is None else {"max_tokens": max_tokens}
+                # up to 100 prompts the seeds of loop_quality.held_out_answers (kept answers
+                # stay comparable); beyond, seeds that no two (prompt, sample) share
+                seed = 1000 + 100 * s + i if len(held) <= 100 else 1000 + samples * i + s
                 params = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
-                                        top_k=defaults.top_k, seed=1000 + 100 * s + i, **length)
+                                        top_k=defaults.top_k, seed=seed, **length)
                 return "".join([d.text_delta async for d in gen.stream(uuid.uuid4().hex, ids, params)])
             return list(await asyncio.gather(*(one(i, s, p) for i, p in enumerate(held)
                                                for s in range(samples))))
@@ -224,6 +227,9 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
                                              args.max_tokens, args.heldout_samples,
                                              args.temperature)
         saved.write_text(json.dumps(served))
+    if len(served) != len(base):
+        return {"setting": name, "error": f"{saved} holds {len(served)} answers, the design "
+                f"{design_suffix(args)} has {len(base)}"}
     row = {"setting": name, "version": versions[-1]}
     row.update(judge(args.preference, base, served, random.Random(args.seed), args.heldout_samples,
                      held, args.heldout_samples * args.heldout_templates))
@@ -250,8 +256,10 @@ def design_suffix(args) -> str:
 
 
 def served_name(args) -> str:
-    """A kept candidate's held-out answers for this design (served.json: the old design's)."""
-    return "served.json" if args.heldout_templates == 1 else f"served-{design_suffix(args)}.json"
+    """A kept candidate's held-out answers for this design (served.json: the 24 x 2 design's,
+    as runs before 2026-12-07 kept them)."""
+    old = args.heldout_templates == 1 and args.heldout_samples == BAR_SAMPLES
+    return "served.json" if old else f"served-{design_suffix(args)}.json"
 
 
 def served_text(row: dict) -> str:

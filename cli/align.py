@@ -272,8 +272,9 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "off; at 1 it lowered looping on a tuning split but did not win more "
                             "on a fresh one, docs/align.md)")
         g.add_argument("--liked-nll", type=float, default=0.0, metavar="COEF",
-                       help="add COEF x the mean negative log-likelihood per token of liked "
-                            "answers (thumbs up, the winning side of a pick; "
+                       help="add COEF x the batch mean of each answer's negative "
+                            "log-likelihood per token, liked answers only (thumbs up, the "
+                            "winning side of a pick; disliked ones count 0; "
                             "align/train/liked_nll.py) to the KTO loss, as RPO adds it to DPO's "
                             "(default %(default)s: off; level with the default on a tuning "
                             "split, docs/align.md)")

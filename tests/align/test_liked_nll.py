@@ -4,6 +4,8 @@ is the base model's mean NLL of the batch's liked answers (scored independently)
 makes a liked answer likelier than KTO alone, and the flag and config defaults."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from align_helpers import tiny_policy, train_config_of
@@ -95,3 +97,18 @@ def test_liked_nll_is_off_by_default_and_kto_only():
         TrainConfig(method="dpo", liked_nll=0.5)
     with pytest.raises(InvalidArgument, match=">= 0"):
         TrainConfig(method="kto", liked_nll=-1.0)
+
+
+def test_both_kto_terms_together_are_logged_and_added_each_with_its_weight(tiny):
+    looping = [dict(r, completion=[{"role": "assistant", "content": "Go away now. " * 8}])
+               if not r["label"] else r for r in rows()]
+    plain = train(tiny, looping, cfg(0.0, steps=1, batch=8))
+    # the tiny model's repeats have p ~ 1/49152: a large weight makes them count
+    both = train(tiny, looping, dataclasses.replace(cfg(0.5, steps=1, batch=8), unlikelihood=1e4))
+    nll = [h["liked_nll"] for h in both.log_history if "liked_nll" in h][0]
+    ul = [h["unlikelihood"] for h in both.log_history if "unlikelihood" in h][0]
+    assert nll > 0 and ul > 0
+    first = [h["loss"] for h in plain.log_history if "loss" in h][0]
+    first_both = [h["loss"] for h in both.log_history if "loss" in h][0]
+    assert first_both - first == pytest.approx(0.5 * nll + 1e4 * ul, rel=1e-3)
+    assert 1e4 * ul > 0.01 * (0.5 * nll)  # the unlikelihood part is not lost in the tolerance
