@@ -255,11 +255,15 @@ def design_suffix(args) -> str:
                                         else f"x{args.heldout_templates}")
 
 
+def old_design(args) -> bool:
+    """The design before 2026-12-07: 24 prompts, BAR_SAMPLES answers each."""
+    return args.heldout_templates == 1 and args.heldout_samples == BAR_SAMPLES
+
+
 def served_name(args) -> str:
-    """A kept candidate's held-out answers for this design (served.json: the 24 x 2 design's,
-    as runs before 2026-12-07 kept them)."""
-    old = args.heldout_templates == 1 and args.heldout_samples == BAR_SAMPLES
-    return "served.json" if old else f"served-{design_suffix(args)}.json"
+    """A kept candidate's held-out answers for this design (served.json: the old design's, as
+    runs before 2026-12-07 kept them)."""
+    return "served.json" if old_design(args) else f"served-{design_suffix(args)}.json"
 
 
 def served_text(row: dict) -> str:
@@ -359,8 +363,7 @@ def main() -> int:
     # a thumbs user's bar comes from the base's answers in the design before 2026-12-07 (24
     # prompts, 2 answers each) whatever the judgement's design, so the votes do not depend on
     # how the candidates are judged
-    old_design = args.heldout_templates == 1 and args.heldout_samples == BAR_SAMPLES
-    bar_base = base if old_design or (work / "votes.json").exists() else base_answers(
+    bar_base = base if old_design(args) or (work / "votes.json").exists() else base_answers(
         work, data, prompts(seed=args.seed)[1], args, BAR_SAMPLES, f"{BAR_SAMPLES}")
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
                          bar_base, args.up_rate)

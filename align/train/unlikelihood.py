@@ -11,15 +11,12 @@ whose gradient on that token's logit is proportional to p — bounded, and gone 
 longer repeats it. Only disliked answers (thumbs down, the losing side of a pick) carry it: the term follows
 the users' labels, so labels that carry nothing spread it over liked and disliked loops alike.
 
-`unlikelihood_kto(base, coef)` subclasses a `KTOTrainer` (TRL's, or align/train/kto_reference.py's)
-to add `coef` × the mean over the batch's answers of each disliked answer's mean unlikelihood
-over its repeated tokens (liked answers, and answers without repeats, count 0), read from TRL's
-own policy pass (align/train/kto_terms.py). The term is logged as `unlikelihood` in the
-trainer's history.
+`unlikelihood_term` gives, per answer, a disliked answer's mean unlikelihood over its repeated
+tokens (liked answers, and answers without repeats, count 0); `kto_with_terms`
+(align/train/kto_terms.py) adds COEF × its batch mean to KTO's loss, read from TRL's own policy
+pass, and logs it as `unlikelihood` in the trainer's history.
 """
 from __future__ import annotations
-
-from prefloop.align.train.kto_terms import kto_with_terms
 
 NGRAM = 4  # tokens: a repeat is a 4-token sequence written again
 REPEATS_BEFORE = 2  # ... for at least the third time (a loop, not a phrase said twice)
@@ -65,8 +62,3 @@ def unlikelihood_term(log_probs, inputs):
     repeated = repeated.to(log_probs.device)
     disliked = ~torch.as_tensor(inputs["label"], dtype=torch.bool, device=repeated.device)
     return answer_unlikelihood(log_probs, repeated) * disliked
-
-
-def unlikelihood_kto(base: type, coef: float) -> type:
-    """`base` (a `trl.KTOTrainer` class) with the unlikelihood term of the module docstring."""
-    return kto_with_terms(base, [("unlikelihood", coef, unlikelihood_term)])
