@@ -3,7 +3,7 @@ more like where the candidate's own answers moved than the answers they disliked
 
 The rating test (align/rating_test.py) asks how the candidate *scores* the held-out answers, which
 the current version wrote. On the population benchmark that evidence was too weak to promote
-candidates whose served answers users preferred 0.77-0.79 of the time (docs/align.md): what
+candidates whose served answers users preferred 0.77-0.79 of the time (docs/loop_benchmark.md): what
 changed is in the answers the candidate writes. This test looks there, without a judge trained on
 the same votes:
 
@@ -20,8 +20,8 @@ the same votes:
    the p-value of 7 (one of them by 0.003) and raised that of 6 (geometric mean 0.154 joined,
    0.096 alone), and the one candidate under a season's first 0.0125 passed alone only
    (speaks_to_you: 0.011 alone, 0.088 joined; the shift of 16 sampled answers is near chance
-   for a preference about one word), so the moves decide alone now (docs/align.md "The rating
-   test without the answer shift"; benchmarks/gate_power.py still measures the join).
+   for a preference about one word), so the moves decide alone now (docs/loop_benchmark.md "The
+   rating test without the answer shift"; benchmarks/gate_power.py still measures the join).
 
 Why the level holds: the shift is computed from the two versions' new answers, which do not
 depend on the held-out labels; when those labels carry nothing the candidate learned (random

@@ -7,7 +7,7 @@ each answer is measured (`answer_stats`):
 
 - **loops**: some three-word sequence occurs three times or more, one letter 16 times in a row
   ("Mmmmmmmmmmmmmmmm…": a collapse into one long word, which repeats no word; a plain-words
-  candidate trained on thumbs alone wrote it on 2026-12-05, docs/align.md), or one symbol
+  candidate trained on thumbs alone wrote it on 2026-12-05, docs/loop_benchmark.md), or one symbol
   outside ASCII 8 times in a row ("🔍🔍🔍🔍🔍🔍🔍🔍…", 2026-12-06);
 - **distinct ratio**: distinct words / words among the first 32 (1.0: no word repeated; a fixed
   window, so a preference for longer answers does not lower it by itself);
@@ -20,13 +20,13 @@ each answer is measured (`answer_stats`):
   2026-12-06 the base's served answers were on topic 98 % of the time, and a short-sentence
   candidate that had gone to one-liners ("Oh, I'm sorry for all the fun facts I have to share.")
   75 %; the likelihood and prompt-PMI detectors tried before did not separate such answers
-  (docs/align.md, "Pacing again");
+  (docs/loop_benchmark.md, "Pacing again");
 - **KL on its own answers**: the exact per-token KL(candidate ‖ current) at every prefix of the
   candidate's sampled answers, averaged over their tokens. The gate's KL bound is measured on the
   held-out answers, which the current version wrote; this is the same quantity where the
   candidate actually goes, so the bound holds there too. On the five population candidates of
-  2026-12-05 it read 0.6-1.0x their held-out KL (0.019-0.073 nats/token; docs/align.md, "What the
-  gate looks at"), the off-topic ones included: it bounds a candidate that has gone far, it does
+  2026-12-05 it read 0.6-1.0x their held-out KL (0.019-0.073 nats/token; docs/loop_benchmark.md, "What
+  the gate looks at"), the off-topic ones included: it bounds a candidate that has gone far, it does
   not detect a mild drift of topic.
 
 `degeneration_check` rejects a candidate that loops in measurably more prompts than the current

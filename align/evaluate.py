@@ -146,7 +146,7 @@ def centered_moves(scores: Scores) -> list[float]:
     every token been drawn from the current version given the same prefix
     (−Σ_t KL_t(π_cur ‖ π_cand)), so that a prompt all of whose answers the candidate shifts
     centres near 0. A statistic the gate was measured with and did not take (the tuning votes
-    disagreed about it: benchmarks/gate_power.py, docs/align.md)."""
+    disagreed about it: benchmarks/gate_power.py, docs/loop_benchmark.md)."""
     if scores.ref_logps is None or scores.back_kl_sum is None:
         raise ValueError("centered moves need scores taken with back_kl against the current "
                          "version")

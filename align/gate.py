@@ -788,8 +788,8 @@ def decide(*, implicit: Paired | None, accuracy: Paired | None,
     (answer_shift.ShiftEvidence: what the candidate writes more and less of than the current
     version, and the held-out answers' resemblance to it) is tested and reported; it decides
     nothing (from 2026-12-06: joined with the moves it lowered the p-value of 7 of 13 kept
-    candidates, one by 0.003, and raised that of 6, docs/align.md "The rating test without the
-    answer shift"). `midpoint` (KTO: the newer half of the
+    candidates, one by 0.003, and raised that of 6, docs/loop_benchmark.md "The rating test without
+    the answer shift"). `midpoint` (KTO: the newer half of the
     training answers' moves under the midpoint checkpoint, labels, prompts, and the share of the
     training rows that checkpoint had trained on; align/train/midpoint.py) joins the rating
     test by rating_test.CombinedTest."""

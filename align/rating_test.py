@@ -9,11 +9,11 @@ length; on both tuning splits of the population benchmark the sum saw more (rand
 0.037 -> 0.011 and 0.021 -> 0.017 on the same candidates; a move centred on its expectation
 under the current version's own sampling was better on one split and worse on the other;
 on the fresh split reported after, no variant separated the candidates, p 0.19-0.20 for the good
-one: benchmarks/gate_power.py, docs/align.md "What the gate looks at"). The statistic is rank-based
-— the AUC, the share of (liked, disliked) answer pairs in which the liked one moved more (ties
+one: benchmarks/gate_power.py, docs/loop_benchmark.md "What the gate looks at"). The statistic is
+rank-based — the AUC, the share of (liked, disliked) answer pairs in which the liked one moved more (ties
 one half), i.e. the Mann-Whitney U scaled to [0, 1] — because moves are heavy-tailed: a mean
 difference of moves was tried first and a few large moves of one prompt hid 19 of 27 matched
-pairs moving the right way (docs/align.md, the population runs of 2026-12-04). Its p-value is a
+pairs moving the right way (docs/loop_benchmark.md, the population runs of 2026-12-04). Its p-value is a
 randomization test (`permutation_p`): labels are shuffled within each prompt that has several
 rated answers (a pick's two sides swap) and across the answers that are the only one of their
 prompt. When the labels carry nothing the candidate learned, every such arrangement is equally
@@ -26,8 +26,8 @@ the statistic rank both: each answer's rank among the moves and its rank among t
 averaged (`joint_scores`), then the same AUC and randomization. The gate joined the answer shift
 this way from 2026-12-05 (chosen on one tuning split: moves 0.048, shift 0.041, joined 0.025) to
 2026-12-06: on 13 kept candidates of four splits it lowered the p-value of 7 (one by 0.003) and
-raised that of 6, geometric mean 0.154 against 0.096 alone (docs/align.md "The rating test without the answer
-shift"); benchmarks/gate_power.py still measures it.
+raised that of 6, geometric mean 0.154 against 0.096 alone (docs/loop_benchmark.md "The rating test
+without the answer shift"); benchmarks/gate_power.py still measures it.
 
 `CombinedTest` joins this test on the held-out answers with the same test on the newer half of
 the training answers, scored by the checkpoint that had trained on the older half only

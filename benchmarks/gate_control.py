@@ -8,7 +8,7 @@ tokenizer (seconds per job on CPU):
   answers to one prompt by a coin flip, 1 edits (their own random words over the answer). Each
   job runs the real command line's defaults (KTO on every kind of feedback, the KL stop, the
   rating test on the candidate's moves — joined with the answers it writes from 2026-12-05 to
-  2026-12-06, when the 60-job control in docs/align.md ran —, the degeneration check, the season's
+  2026-12-06, when the 60-job control in docs/loop_benchmark.md ran —, the degeneration check, the season's
   first decision, the auto route). A candidate the gate leaves inconclusive but safe goes to an
   A/B test whose false-promotion level b(p) (align/season.py) is what it can add: under live
   users who are as indifferent as these, that test promotes with probability at most b(p). So the

@@ -218,7 +218,7 @@ def vote_round(client: Client, preference: str, vote_prompts: list[str], users: 
 def run_job(data_dir: Path, method: str, extra: list[str], promote_via: str = "gate") -> dict:
     """`align run [METHOD] --auto-promote --promote-via ROUTE`; method "" is the product's default
     (no method). The benchmark's default route is `gate` (the offline gate decides, as when the
-    tables in docs/align.md were measured); `auto` (the product's default) lets an undecided
+    tables in docs/loop_benchmark.md were measured); `auto` (the product's default) lets an undecided
     candidate go to an A/B test that the next rounds' users decide."""
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run",
@@ -466,7 +466,7 @@ def main() -> int:
                     help="share of all votes cast by one more user, for the opposite of the "
                          "crowd's preference (default %(default)s: none)")
     ap.add_argument("--promote-via", choices=("gate", "auto"), default="gate",
-                    help="the jobs' route: gate (the offline gate alone, as docs/align.md's tables) "
+                    help="the jobs' route: gate (the offline gate alone, as docs/loop_benchmark.md's tables) "
                          "or auto (the product's default: an undecided but safe candidate is A/B "
                          "tested at 10%% traffic and the next rounds' users decide; pickers then "
                          "get blind compare pairs) (default %(default)s)")

@@ -1,6 +1,7 @@
 """Which `align run` settings make votes change the served answers? One set of votes per
 preference, then one job per setting on a copy of that log, each candidate's held-out answers
-judged against the base version's: the tuning sweep behind the defaults (docs/align.md).
+judged against the base version's: the tuning sweep behind the defaults
+(docs/loop_benchmark.md).
 
 Votes are cast once per preference exactly as in benchmarks/loop_quality.py (simulated users on
 a real `prefloop serve`, n=2 answers at the server's default sampling, concurrent users) and kept
@@ -16,8 +17,8 @@ mean, training steps, training and whole-job seconds, pairs per second. The serv
 on 168 answers by default: each of the 24 held-out topics (nobody voted on them) asked in all 7
 templates, one answer each, with a 95 % interval that resamples topics (or Wilson's where wider);
 `--heldout-templates 1 --heldout-samples 2` is the 48-answer design of the runs before
-2026-12-07, whose ±0.15 intervals could not tell settings apart (docs/align.md, "168 held-out
-answers").
+2026-12-07, whose ±0.15 intervals could not tell settings apart (docs/loop_benchmark.md, "168
+held-out answers").
 
     python benchmarks/loop_sweep.py --preference short_sentences --votes 200 \\
         --setting defaults= --setting lr1.5e-4=--lr=1.5e-4 --setting "full=--no-lora --lr=2e-5"
@@ -323,7 +324,7 @@ def main() -> int:
     ap.add_argument("--heldout-templates", type=int, default=7, metavar="K",
                     help="prompts per held-out topic of the 24, each in its own template (1-7; "
                          "default %(default)s: 168 answers, an interval that resamples topics; "
-                         "docs/align.md, \"168 held-out answers\")")
+                         "docs/loop_benchmark.md, \"168 held-out answers\")")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")

@@ -63,7 +63,8 @@ def prompts(seed: int = 0, templates: int = 1) -> tuple[list[str], list[str]]:
 def concise(answer: str) -> float:
     """Shorter answers are better (fewer words). Only meaningful on answers that end: of two
     answers cut at 64 tokens the one with fewer words is the one with longer words, which is not
-    what this user means (docs/align.md), so the benchmarks judge conciseness by short_sentences."""
+    what this user means (docs/loop_benchmark.md), so the benchmarks judge conciseness by
+    short_sentences."""
     return -float(len(answer.split()))
 
 
@@ -112,7 +113,7 @@ _FRIENDLY_OPENING = re.compile(
 def friendly_opening(answer: str) -> float:
     """A warm opening is better: the answer starts by welcoming the question ("Great question!",
     "Sure!", "Of course", ...). An opening, not a closing: answers are cut at 64 tokens here, so a
-    closing line would never reach the user (benchmarks/loop_quality.py, docs/align.md)."""
+    closing line would never reach the user (benchmarks/loop_quality.py, docs/loop_benchmark.md)."""
     return 1.0 if _FRIENDLY_OPENING.search(answer.strip()) else 0.0
 
 

@@ -14,7 +14,7 @@ from prefloop.server.errors import InvalidArgument
 
 # Default learning rates {lora: lr} of the TRL policy trainers (here, not in train/preference.py,
 # so the CLI's help can name them without importing torch). DPO with LoRA: the sweep of
-# benchmarks/loop_sweep.py (docs/align.md, "Does the loop keep its promise?") — the largest step
+# benchmarks/loop_sweep.py (docs/loop_benchmark.md, "Does the loop keep its promise?") — the largest step
 # that kept 200 identical edits inside the gate's KL bound (0.43 < 0.5); the full fine-tune rate
 # was measured on one preference only, SFT's not by the sweep.
 PREFERENCE_LR = {False: 2e-5, True: 1.25e-4}

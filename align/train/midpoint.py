@@ -3,8 +3,8 @@ checkpoint that has seen only them scores the newer half before training on it.
 
 The gate judges a candidate on the newest fifth of the window (the held-out rows); the other
 four fifths only train. With 300 noisy feedback events those 60 held-out answers do not hold the
-evidence a season's first decision needs even for a perfect candidate (docs/align.md, "Each
-kind of feedback alone"). Here the training rows are split in time (`data.time_split` at one
+evidence a season's first decision needs even for a perfect candidate (docs/loop_benchmark.md,
+"Each kind of feedback alone"). Here the training rows are split in time (`data.time_split` at one
 half: rows of one pick stay together) and trained in that order, each half shuffled within
 itself (`train_sampling_strategy="sequential"`). After the last optimizer step whose batches hold
 only older rows (or at the end, when the KL stop ends training sooner: the candidate then has
