@@ -9,7 +9,8 @@
   (`<cache>/kernels/<name>`, cache = $PREFLOOP_CACHE_DIR or ~/.cache/prefloop), the name keyed by
   the sources, the flags, this CPU's flags, the torch version and torch's install path — so two
   virtualenvs on one machine each keep their own build instead of rebuilding each other's; later
-  starts load the built library in well under a second.
+  starts load the built library in well under a second. A start killed mid-build is finished by
+  the next one (`_one_builder`), which before 2026-12-07 waited forever on the dead build's lock.
 - `sdpa`: gather the context blocks and call torch's scaled_dot_product_attention (the portable
   path; also what CUDA and prefill chunks always use).
 - `auto` (default): `native` on CPU when the kernel builds, else `sdpa` with a warning saying why.
@@ -21,6 +22,8 @@ the integer-dot int4 / int8 matmuls of quantized decode steps (server/model/csrc
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -115,6 +118,33 @@ def _missing_tools() -> str | None:
     return None
 
 
+TORCH_BATON = "lock"  # the file torch's extension builder holds while it builds (FileBaton)
+
+
+@contextlib.contextmanager
+def _one_builder(directory: Path):
+    """Build in `directory` one process at a time, and survive a builder that was killed.
+
+    torch's builder guards a build with a plain file (`lock`) that the waiting processes poll
+    for; a builder killed mid-build (SIGKILL, OOM, a reboot) leaves it behind, and every later
+    start then waits on it forever — or, once someone deletes it, loads a library that was never
+    linked. So prefloop's processes first take an advisory lock on their own file (`flock`: the
+    kernel drops it when its holder dies, however it dies). Whoever holds it is the only one of
+    them building here, so a `lock` file it finds was left by a dead builder: it is removed, and
+    torch's builder (ninja) finishes what the dead one started instead of trusting it."""
+    with open(directory / ".build.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            baton = directory / TORCH_BATON
+            if baton.exists():
+                log.warning("removing %s, left by a kernel build that did not finish (a killed "
+                            "process); building again", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 def load_decode_kernel() -> DecodeKernel:
     """Build (first time on this machine) and load the kernel; raises NativeAttentionUnavailable
     saying why when it cannot. Loaded once per process (the op library can be registered once)."""
@@ -131,8 +161,9 @@ def load_decode_kernel() -> DecodeKernel:
                 name = build_name()
                 directory = build_dir(name)
                 directory.mkdir(parents=True, exist_ok=True)
-                load(name=name, sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
-                     build_directory=str(directory), is_python_module=False, verbose=False)
+                with _one_builder(directory):
+                    load(name=name, sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS,
+                         build_directory=str(directory), is_python_module=False, verbose=False)
                 _loaded = torch.ops.prefloop_kernels.paged_decode
                 return _loaded
             except Exception as e:  # compiler errors, a broken build folder, a locked-down /tmp ...

@@ -178,3 +178,30 @@ def test_build_is_keyed_by_torch_version_and_install_path(tmp_path, monkeypatch)
     assert name() == name(torch.__version__, None)  # the default: this process's torch
     monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path))
     assert native_attention.build_dir() == tmp_path / "kernels" / name()
+
+
+def test_a_build_left_by_a_killed_builder_is_finished_not_waited_on(kernel, tmp_path):
+    """A builder SIGKILLed mid-build leaves torch's `lock` file and no linked library; the next
+    start used to wait on that file forever. Here the built folder is copied without its library
+    and with the dead builder's `lock` (exactly what the kill leaves: the advisory lock died with
+    its holder), and a fresh process must load the kernel within the timeout, having removed the
+    stale file and linked the library."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    name = native_attention.build_name()
+    built = native_attention.build_dir(name)
+    left = tmp_path / "kernels" / name
+    shutil.copytree(built, left, ignore=shutil.ignore_patterns("*.so", "lock", ".build.flock"))
+    (left / native_attention.TORCH_BATON).touch()
+    env = dict(os.environ, PREFLOOP_CACHE_DIR=str(tmp_path))
+    code = ("from prefloop.server.model.kernels import load_decode_kernel; "
+            "print('loaded', load_decode_kernel())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded" in done.stdout and "did not finish" in done.stderr
+    assert not (left / native_attention.TORCH_BATON).exists()
+    assert (left / f"{name}.so").exists()
