@@ -272,7 +272,10 @@ def served_text(row: dict) -> str:
     rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
     return (f"served win {rate} [{row['interval'][0]:.2f}, {row['interval'][1]:.2f}] "
             f"({row['wins']}-{row['losses']}) property {row['base_property']:.1f} -> "
-            f"{row['served_property']:.1f}, looping {row['base_repetitive']:.0%} -> "
+            f"{row['served_property']:.1f}"
+            + (f" (median {row['base_property_median']:.1f} -> {row['served_property_median']:.1f})"
+               if "served_property_median" in row else "")
+            + f", looping {row['base_repetitive']:.0%} -> "
             f"{row['served_repetitive']:.0%}"
             + (f", off topic {row['base_off_topic']:.0%} -> {row['served_off_topic']:.0%}"
                if "served_off_topic" in row else ""))
