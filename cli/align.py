@@ -221,7 +221,7 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "max_lr_scale": 1.0, "unlikelihood": 0.0, "liked_nll": 0.0,
+                    "stop_kl": None, "max_lr_scale": 1.0, "pace_kl": 0.0, "unlikelihood": 0.0, "liked_nll": 0.0,
                     "keep_looping": False,
                     "midpoint": False, "max_steps": -1, "verbose": False}
 
@@ -285,12 +285,18 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "(default: half of --max-kl; 0: train every step"
                             + (", and KTO's reference point is TRL's per-batch estimate again"
                                if method == "kto" else "") + ")")
-        g.add_argument("--max-lr-scale", type=float, default=1.0, metavar="X",
+        g.add_argument("--max-lr-scale", type=float, default=4.0, metavar="X",
                        help="at each of those checks, when the KL is on course to end far under "
                             "the stop KL, raise the rest of the learning-rate schedule towards it, "
-                            "up to X times the set rate in all (default %(default)s: no pacing; "
-                            "it drifted answers off topic on noisy thumbs, docs/align.md; needs "
+                            "up to X times the set rate in all (default %(default)s; 1: no pacing; "
+                            "it moves weak preferences further and may drift some answers off "
+                            "topic, which the gate's topic check weighs, docs/align.md; needs "
                             "--stop-kl)")
+        g.add_argument("--pace-kl", type=float, default=0.1, metavar="NATS",
+                       help="pacing aims the run's end at 0.8 x NATS KL per answer token (or 0.8 x "
+                            "the stop KL where that is lower; 0: the stop KL): paced runs past "
+                            "about 0.12 wrote answers that left their topic, docs/align.md "
+                            "(default %(default)s)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,
                  max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
@@ -632,6 +638,7 @@ def job_config(args: argparse.Namespace):
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
         stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale,
+        pace_kl=args.pace_kl,
         unlikelihood=args.unlikelihood, liked_nll=args.liked_nll)
     incremental = _incremental(args)
     return JobConfig(

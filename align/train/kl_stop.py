@@ -15,10 +15,13 @@ job's training time.
 It also **paces** the run (`max_scale` > 1): at each check it projects the KL the run would end
 at if the learning rate kept its schedule — the distance from the reference grows with the
 learning rate spent, and the KL with the square of the distance — and, when that projection falls
-short of `PACE_AIM` of the target, multiplies the rest of the schedule by what would reach it (at
-most `PACE_GAIN` per check, `max_scale` in all, never down). A weak preference then moves as far
-as the evidence is allowed to move it instead of hundredths of a nat, in the same number of steps
-(no extra epochs, no extra minutes), and a strong one reaches the target and stops as before.
+short of `PACE_AIM` of the pace KL (`pace_kl`, or the target where that is lower), multiplies the
+rest of the schedule by what would reach it (at most `PACE_GAIN` per check, `max_scale` in all,
+never down). A weak preference then moves a tenth of a nat per token instead of hundredths, in the
+same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target and
+stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
+paced runs that ended past about 0.12 nats/token wrote answers that left their topic
+(docs/loop_benchmark.md, "Pacing's aim").
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class KLRecord:
 
     target: float
     max_scale: float = 1.0
+    pace_kl: float | None = None
     checks: list[tuple[int, float, float]] = field(default_factory=list)
     stopped_at: int | None = None
 
@@ -60,7 +64,8 @@ class KLRecord:
 
     def to_record(self) -> dict[str, Any]:
         return {"target": self.target, "stopped_at_step": self.stopped_at,
-                "max_lr_scale": self.max_scale, "lr_scale": round(self.lr_scale, 4),
+                "max_lr_scale": self.max_scale, "pace_kl": self.pace_kl,
+                "lr_scale": round(self.lr_scale, 4),
                 "checks": [[s, round(k, 5), round(g, 4)] for s, k, g in self.checks]}
 
 
@@ -144,10 +149,10 @@ class KLStop(TrainerCallback):
         return self.record.latest_kl
 
     def __init__(self, tokenizer, items: list, target: float, every: int = 4,
-                 reference=None, max_scale: float = 1.0) -> None:
+                 reference=None, max_scale: float = 1.0, pace_kl: float | None = None) -> None:
         self.tokenizer, self.items, self.every = tokenizer, items, max(1, every)
         self.reference = None if reference is None else _OnceOnProbe(reference)
-        self.record = KLRecord(target, max_scale)
+        self.record = KLRecord(target, max_scale, pace_kl or None)
         self.scale = 1.0  # the learning-rate multiplier pacing has applied so far
         self.spent = 0.0  # the sum of the learning rates of the steps run so far
 
@@ -186,6 +191,12 @@ class KLStop(TrainerCallback):
         self.record.checks.append((int(state.global_step), kl, self.scale))
         return control
 
+    @property
+    def pace_target(self) -> float:
+        """The KL pacing aims `PACE_AIM` of: the pace KL, or the stop's target where lower."""
+        pace = self.record.pace_kl
+        return self.record.target if pace is None else min(pace, self.record.target)
+
     def _pace(self, kl: float, state, optimizer, scheduler) -> None:
         """Multiply the rest of the schedule by `pace_gain` (within `max_scale`): the scheduler's
         base rates (what every later step's rate is computed from) and the rate the next step
@@ -197,7 +208,7 @@ class KLStop(TrainerCallback):
         step, last = int(state.global_step), int(state.max_steps)
         base = float(inner.base_lrs[0])
         remaining = base * sum(float(lambdas[0](t)) for t in range(step, last))
-        gain = min(pace_gain(kl, self.record.target, self.spent, remaining),
+        gain = min(pace_gain(kl, self.pace_target, self.spent, remaining),
                    self.record.max_scale / self.scale)
         if gain <= 1.0:
             return
@@ -207,5 +218,5 @@ class KLStop(TrainerCallback):
             group["lr"] *= gain
         if hasattr(inner, "_last_lr"):  # what the trainer logs as the next step's rate
             inner._last_lr = [group["lr"] for group in optimizer.param_groups]
-        log.info("KL per token %.4f at step %d is on course to end far under the target %.4f: "
-                 "learning rate x%.2f from now on", kl, step, self.record.target, self.scale)
+        log.info("KL per token %.4f at step %d is on course to end far under the pace KL %.4f: "
+                 "learning rate x%.2f from now on", kl, step, self.pace_target, self.scale)

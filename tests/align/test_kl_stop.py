@@ -10,7 +10,7 @@ from align_helpers import banana_pairs, tiny_policy, train_config_of
 
 from prefloop.align import evaluate as ev
 from prefloop.align.train.common import load_causal_lm
-from prefloop.align.train.kl_stop import probe_items
+from prefloop.align.train.kl_stop import KLStop, probe_items
 from prefloop.align.train.preference import TrainConfig, kto_weights, train
 from prefloop.server.errors import InvalidArgument
 from prefloop.server.feedback.rows import PreferencePair
@@ -126,11 +126,13 @@ def test_pace_gain_reaches_the_aim_if_kl_grows_with_the_square_of_the_rate_spent
 def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_target(tiny):
     rows = dpo_rows(32)
 
-    def run(max_scale):
+    def run(max_scale, pace_kl=0.1):
         cfg = TrainConfig(method="dpo", lr=1e-4, batch_size=4, max_steps=12, lora=True, lora_r=4,
-                          stop_kl=10.0, max_lr_scale=max_scale, bf16=False)
+                          stop_kl=10.0, max_lr_scale=max_scale, pace_kl=pace_kl, bf16=False)
         return train(tiny, rows, cfg)
-    plain, paced = run(1.0), run(4.0)
+    plain, paced, aimed_low = run(1.0), run(4.0), run(4.0, pace_kl=1e-9)
+    # a run already on course for 0.8 x its pace KL is never paced up, whatever the stop's target
+    assert [g for _, _, g in aimed_low.kl_stop.checks] == [1.0, 1.0, 1.0]
     assert plain.kl_stop.lr_scale == 1.0 and plain.steps == paced.steps == 12
     # x2 a check, 4 in all; the last check (step 12) has no steps left to scale
     assert [g for _, _, g in paced.kl_stop.checks] == [2.0, 4.0, 4.0]
@@ -143,7 +145,14 @@ def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_tar
     (_, kl_plain, _), (_, kl_paced, _) = plain.kl_stop.checks[-1], paced.kl_stop.checks[-1]
     assert kl_paced > 2 * kl_plain
     record = paced.kl_stop.to_record()
-    assert record["max_lr_scale"] == 4.0 and record["lr_scale"] == 4.0
+    assert record["max_lr_scale"] == 4.0 and record["lr_scale"] == 4.0 and record["pace_kl"] == 0.1
+
+
+def test_pacing_aims_at_the_pace_kl_or_the_stop_kl_whichever_is_lower():
+    def aim(target, pace_kl):
+        return KLStop(None, [], target, max_scale=4.0, pace_kl=pace_kl).pace_target
+    assert aim(0.25, 0.1) == 0.1 and aim(0.25, 0.5) == 0.25
+    assert aim(0.25, None) == 0.25 and aim(0.25, 0.0) == 0.25  # 0: the stop KL, as before
 
 
 def kto_rows(n: int) -> list[dict]:
@@ -195,10 +204,14 @@ def test_kto_takes_its_reference_point_from_the_probe_without_forward_passes_of_
                                         for s in range(4, 8)], rel=1e-5)
 
 
-def test_pacing_is_off_unless_asked_for():
+def test_pacing_is_on_by_default_up_to_four_times_and_one_turns_it_off():
     def scale(*argv):
         return train_config_of(*argv).max_lr_scale
-    assert TrainConfig().max_lr_scale == 1.0 and scale("run") == 1.0
-    assert scale("run", "--max-lr-scale", "4") == 4.0
+    assert TrainConfig().max_lr_scale == 4.0 and scale("run") == 4.0 and scale("run", "kto") == 4.0
+    assert scale("run", "dpo") == 4.0 and scale("run", "--max-lr-scale", "1") == 1.0
+    assert TrainConfig().pace_kl == 0.1 and train_config_of("run").pace_kl == 0.1
+    assert train_config_of("run", "--pace-kl", "0").pace_kl == 0.0
+    with pytest.raises(InvalidArgument, match="pace KL"):
+        TrainConfig(pace_kl=-0.1)
     with pytest.raises(InvalidArgument, match="max lr scale"):
         TrainConfig(max_lr_scale=0.5)
