@@ -16,10 +16,11 @@ It also **paces** the run (`max_scale` > 1): at each check it projects the KL th
 at if the learning rate kept its schedule — the distance from the reference grows with the
 learning rate spent, and the KL with the square of the distance — and, when that projection falls
 short of `PACE_AIM` of the pace KL (`pace_kl`, or the target where that is lower), multiplies the
-rest of the schedule by what would reach it (at most `PACE_GAIN` per check, `max_scale` in all,
-never down). A weak preference then moves a tenth of a nat per token instead of hundredths, in the
-same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target and
-stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
+rest of the schedule by what would reach it (at most `PACE_GAIN` per check, `max_scale` in all);
+when it projects past that aim, it takes back what it had added, down to the set schedule and
+never under it. A weak preference then moves a tenth of a nat per token instead of hundredths, in
+the same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target
+and stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
 paced runs that ended past about 0.12 nats/token wrote answers that left their topic
 (docs/loop_benchmark.md, "Pacing's aim").
 """
@@ -69,18 +70,19 @@ class KLRecord:
                 "checks": [[s, round(k, 5), round(g, 4)] for s, k, g in self.checks]}
 
 
-def pace_gain(kl: float, target: float, spent: float, remaining: float) -> float:
+def pace_gain(kl: float, target: float, spent: float, remaining: float,
+              floor: float = 1.0) -> float:
     """By how much to multiply the rest of the learning-rate schedule so that a run that has
     spent `spent` (sum of the rates of its steps so far) and reached `kl` ends near `PACE_AIM` ×
     `target`, if the KL grows with the square of the rate spent: the distance still wanted is
-    spent·(sqrt(aim·target / kl) − 1), `remaining` at the present rate. Between 1 and
-    `PACE_GAIN`."""
+    spent·(sqrt(aim·target / kl) − 1), `remaining` at the present rate. Between `floor` (1: never
+    down; 1/multiplier so far: back to the set schedule at most) and `PACE_GAIN`."""
     if spent <= 0 or remaining <= 0:
         return 1.0
     if kl <= 0:
         return PACE_GAIN
     wanted = spent * (((PACE_AIM * target) / kl) ** 0.5 - 1.0)
-    return float(min(PACE_GAIN, max(1.0, wanted / remaining)))
+    return float(min(PACE_GAIN, max(floor, wanted / remaining)))
 
 
 class _AdapterOff:
@@ -198,19 +200,19 @@ class KLStop(TrainerCallback):
         return self.record.target if pace is None else min(pace, self.record.target)
 
     def _pace(self, kl: float, state, optimizer, scheduler) -> None:
-        """Multiply the rest of the schedule by `pace_gain` (within `max_scale`): the scheduler's
-        base rates (what every later step's rate is computed from) and the rate the next step
+        """Multiply the rest of the schedule by `pace_gain` (within `max_scale`, and down to the
+        set schedule at most, which a run that never paced up stays on): the scheduler's base rates (what every later step's rate is computed from) and the rate the next step
         already got (and the scheduler's record of it, which the trainer logs)."""
         inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
         lambdas = getattr(inner, "lr_lambdas", None)
-        if self.record.max_scale <= self.scale or optimizer is None or not lambdas:
+        if self.record.max_scale <= 1.0 or optimizer is None or not lambdas:
             return
         step, last = int(state.global_step), int(state.max_steps)
         base = float(inner.base_lrs[0])
         remaining = base * sum(float(lambdas[0](t)) for t in range(step, last))
-        gain = min(pace_gain(kl, self.pace_target, self.spent, remaining),
+        gain = min(pace_gain(kl, self.pace_target, self.spent, remaining, floor=1.0 / self.scale),
                    self.record.max_scale / self.scale)
-        if gain <= 1.0:
+        if gain == 1.0:
             return
         self.scale *= gain
         inner.base_lrs = [b * gain for b in inner.base_lrs]
@@ -218,5 +220,6 @@ class KLStop(TrainerCallback):
             group["lr"] *= gain
         if hasattr(inner, "_last_lr"):  # what the trainer logs as the next step's rate
             inner._last_lr = [group["lr"] for group in optimizer.param_groups]
-        log.info("KL per token %.4f at step %d is on course to end far under the pace KL %.4f: "
-                 "learning rate x%.2f from now on", kl, step, self.pace_target, self.scale)
+        log.info("KL per token %.4f at step %d is on course to end %s the pace KL %.4f: "
+                 "learning rate x%.2f from now on", kl, step,
+                 "far under" if gain > 1.0 else "past", self.pace_target, self.scale)

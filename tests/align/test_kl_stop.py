@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+import torch
 from align_helpers import banana_pairs, tiny_policy, train_config_of
 
 from prefloop.align import evaluate as ev
@@ -121,6 +122,32 @@ def test_pace_gain_reaches_the_aim_if_kl_grows_with_the_square_of_the_rate_spent
     assert pace_gain(0.0, 0.25, 1.0, 6.0) == PACE_GAIN
     assert pace_gain(0.15, 0.25, 1.0, 6.0) == 1.0  # on course already: never down
     assert pace_gain(0.01, 0.25, 1.0, 0.0) == 1.0  # nothing left to scale
+    # past the aim: down by what the projection asks, to the floor (the set schedule) at most
+    assert pace_gain(0.15, 0.25, 1.0, 6.0, floor=0.25) == pytest.approx(
+        max(0.25, ((PACE_AIM * 0.25 / 0.15) ** 0.5 - 1) / 6.0))
+    assert pace_gain(0.5, 0.25, 1.0, 6.0, floor=0.25) == 0.25
+
+
+def test_pacing_takes_back_its_raise_when_the_kl_heads_past_the_aim_but_never_goes_under_the_set_rate():
+    import types
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    stop = KLStop(None, [], target=0.25, max_scale=4.0, pace_kl=0.1)
+
+    def check(step, kl):
+        stop.spent += 4 * optimizer.param_groups[0]["lr"]  # the 4 steps since the last check
+        stop._pace(kl, types.SimpleNamespace(global_step=step, max_steps=40), optimizer, scheduler)
+        return stop.scale, optimizer.param_groups[0]["lr"]
+    assert check(4, 1e-5) == (2.0, pytest.approx(2e-3))  # far under: up, x2 a check
+    assert check(8, 1e-5) == (4.0, pytest.approx(4e-3))  # up to max_scale in all
+    # 0.01 after 0.028 spent, 28 steps of 4e-3 to go: (0.14 / 0.028)^2 x 0.01 = 0.25, past 0.08
+    scale, lr = check(12, 0.01)
+    assert scale == pytest.approx(4.0 * 0.028 * ((0.08 / 0.01) ** 0.5 - 1) / 0.112)  # what lands on it
+    assert 1.0 < scale < 4.0 and lr == pytest.approx(1e-3 * scale)
+    assert check(16, 0.2) == (pytest.approx(1.0), pytest.approx(1e-3))  # far past: the set rate
+    assert scheduler.base_lrs == pytest.approx([1e-3])  # and every later step's rate with it
 
 
 def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_target(tiny):
