@@ -201,8 +201,9 @@ class KLStop(TrainerCallback):
 
     def _pace(self, kl: float, state, optimizer, scheduler) -> None:
         """Multiply the rest of the schedule by `pace_gain` (within `max_scale`, and down to the
-        set schedule at most, which a run that never paced up stays on): the scheduler's base rates (what every later step's rate is computed from) and the rate the next step
-        already got (and the scheduler's record of it, which the trainer logs)."""
+        set schedule at most, which a run that never paced up stays on): the scheduler's base
+        rates (what every later step's rate is computed from) and the rate the next step already
+        got (and the scheduler's record of it, which the trainer logs)."""
         inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
         lambdas = getattr(inner, "lr_lambdas", None)
         if self.record.max_scale <= 1.0 or optimizer is None or not lambdas:
