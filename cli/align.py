@@ -287,11 +287,10 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                                if method == "kto" else "") + ")")
         g.add_argument("--max-lr-scale", type=float, default=4.0, metavar="X",
                        help="at each of those checks, when the KL is on course to end far under "
-                            "the stop KL, raise the rest of the learning-rate schedule towards it, "
-                            "up to X times the set rate in all (default %(default)s; 1: no pacing; "
-                            "it moves weak preferences further and may drift some answers off "
-                            "topic, which the gate's topic check weighs, docs/align.md; needs "
-                            "--stop-kl)")
+                            "--pace-kl, raise the rest of the learning-rate schedule towards it, "
+                            "up to X times the set rate in all; when it heads past it, take the "
+                            "raise back, down to the set rate (default %(default)s; 1: no pacing; "
+                            "needs --stop-kl; docs/align.md)")
         g.add_argument("--pace-kl", type=float, default=0.1, metavar="NATS",
                        help="pacing aims the run's end at 0.8 x NATS KL per answer token (or 0.8 x "
                             "the stop KL where that is lower; 0: the stop KL): paced runs past "
