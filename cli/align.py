@@ -293,8 +293,8 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "needs --stop-kl; docs/align.md)")
         g.add_argument("--pace-kl", type=float, default=0.1, metavar="NATS",
                        help="pacing aims the run's end at 0.8 x NATS KL per answer token (or 0.8 x "
-                            "the stop KL where that is lower; 0: the stop KL): paced runs past "
-                            "about 0.12 wrote answers that left their topic, docs/align.md "
+                            "the stop KL where that is lower; 0: the stop KL): most paced runs "
+                            "that ended past about 0.12 drifted off topic, docs/align.md "
                             "(default %(default)s)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,

@@ -21,7 +21,8 @@ when it projects past that aim, it takes back what it had added, down to the set
 never under it. A weak preference then moves a tenth of a nat per token instead of hundredths, in
 the same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target
 and stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
-paced runs that ended past about 0.12 nats/token wrote answers that left their topic
+four of the five paced runs that ended past about 0.12 nats/token wrote answers that left their
+topic (the fifth gained nothing)
 (docs/loop_benchmark.md, "Pacing's aim").
 """
 from __future__ import annotations
