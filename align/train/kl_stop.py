@@ -21,9 +21,8 @@ when it projects past that aim, it takes back what it had added, down to the set
 never under it. A weak preference then moves a tenth of a nat per token instead of hundredths, in
 the same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target
 and stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
-four of the five paced runs that ended past about 0.12 nats/token wrote answers that left their
-topic (the fifth gained nothing)
-(docs/loop_benchmark.md, "Pacing's aim").
+five of the six paced runs that ended past about 0.12 nats/token wrote answers that left their
+topic, and the sixth gained nothing (docs/loop_benchmark.md, "Pacing's aim").
 """
 from __future__ import annotations
 
@@ -212,11 +211,11 @@ class KLStop(TrainerCallback):
         step, last = int(state.global_step), int(state.max_steps)
         base = float(inner.base_lrs[0])
         remaining = base * sum(float(lambdas[0](t)) for t in range(step, last))
-        gain = min(pace_gain(kl, self.pace_target, self.spent, remaining, floor=1.0 / self.scale),
-                   self.record.max_scale / self.scale)
-        if gain == 1.0:
+        wanted = pace_gain(kl, self.pace_target, self.spent, remaining, floor=0.0)
+        scale = min(self.record.max_scale, max(1.0, self.scale * wanted))  # exact at either bound
+        if scale == self.scale:
             return
-        self.scale *= gain
+        gain, self.scale = scale / self.scale, scale
         inner.base_lrs = [b * gain for b in inner.base_lrs]
         for group in optimizer.param_groups:
             group["lr"] *= gain
