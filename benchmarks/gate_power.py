@@ -39,7 +39,7 @@ from prefloop.align import evaluate as ev
 from prefloop.align.answer_shift import AnswerShift, token_text
 from prefloop.align.degeneration import last_user_text
 from prefloop.align.jobs.preference import distinct_prompts, own_answer_kl
-from prefloop.align.rating_test import PermutationTest
+from prefloop.align.rating_test import DRAWS, PermutationTest
 from prefloop.align.train.common import load_causal_lm
 from prefloop.align.train.ppo import sample_texts
 from prefloop.server import registry as reg
@@ -88,7 +88,10 @@ def ceiling(preference: str, held) -> dict:
              for r in held]
     test = PermutationTest.of(score, [bool(r.label) for r in held],
                               [logschema.prompt_fingerprint(None, r.prompt) for r in held], 0.9)
-    return {"auc": round(test.mean, 3), "p": round(test.p_value, 4)}
+    # three significant digits: rounded to four decimals a p-value under 5e-5 read as 0, and
+    # `events_for_level` then gave the events the votes already have
+    return {"auc": round(test.mean, 3), "p": float(f"{test.p_value:.3g}"),
+            "at_floor": test.p_value <= 1.0 / (1 + DRAWS) * (1 + 1e-9)}
 
 
 def events_for_level(p: float, events: int, level: float = 0.0125) -> int | None:

@@ -376,16 +376,17 @@ def main() -> int:
         c = heldout_ceiling(data, args.preference)
         need = events_for_level(c["p"], c["events"])
         print(f"  ceiling: the users' own preference ranks the {c['answers']} held-out answers of a "
-              f"default job at AUC {c['auc']:.3f}, randomization p {c['p']:.4f} (no candidate's "
+              f"default job at AUC {c['auc']:.3f}, randomization p {c['p']:.3g} (no candidate's "
               f"statistic can beat this but by chance; each of the gate's two tests needs p < "
               f"0.0125 at a season's first decision); at this much evidence per event a perfect "
-              f"candidate needs about {need if need is not None else 'unboundedly many'} events "
-              f"(now {c['events']})",
+              f"candidate needs {'at most ' if c['at_floor'] else ''}about "
+              f"{need if need is not None else 'unboundedly many'} events (now {c['events']}"
+              f"{'; p is the randomization floor, 1/(1 + draws)' if c['at_floor'] else ''})",
               flush=True)
         m = midpoint_ceiling(data, args.preference)
         need = events_for_level(m["joined_p"], m["events"])
         print(f"  with the midpoint test: the {m['answers']} newer training answers at AUC "
-              f"{m['auc']:.3f}, p {m['p']:.4f}; joined with the held-out ones p "
+              f"{m['auc']:.3f}, p {m['p']:.3g}; joined with the held-out ones p "
               f"{m['joined_p']:.3g}: a perfect candidate needs about "
               f"{need if need is not None else 'unboundedly many'} events", flush=True)
     for name, flags in settings:
