@@ -221,7 +221,7 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "max_lr_scale": 1.0, "pace_kl": 0.0, "unlikelihood": 0.0,
+                    "stop_kl": None, "max_lr_scale": 1.0, "pace_kl": 0.0, "min_lr_scale": 1.0, "unlikelihood": 0.0,
                     "liked_nll": 0.0, "keep_looping": False,
                     "midpoint": False, "max_steps": -1, "verbose": False}
 
@@ -296,6 +296,12 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
                             "the stop KL where that is lower; 0: the stop KL): most paced runs "
                             "that ended past about 0.12 drifted off topic, docs/align.md "
                             "(default %(default)s)")
+        g.add_argument("--min-lr-scale", type=float, default=1.0, metavar="X",
+                       help="when the KL heads past the pace KL even at the set rate, pacing may "
+                            "lower the rest of the schedule down to X times the set rate (in (0, "
+                            "1]; default %(default)s: never under the set rate; e.g. 0.25 holds a "
+                            "log whose votes all say the same near the pace KL instead of letting "
+                            "it run to the stop)")
     if trl:
         _trainer(g, default_lr=_policy_lr(), lora=True,
                  max_length_help="longest prompt+answer in tokens (longer ones are cut at the end)")
@@ -637,7 +643,7 @@ def job_config(args: argparse.Namespace):
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
         stop_kl=_stop_kl(args, method, gate.max_kl), max_lr_scale=args.max_lr_scale,
-        pace_kl=args.pace_kl,
+        pace_kl=args.pace_kl, min_lr_scale=args.min_lr_scale,
         unlikelihood=args.unlikelihood, liked_nll=args.liked_nll)
     incremental = _incremental(args)
     return JobConfig(

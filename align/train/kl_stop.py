@@ -18,7 +18,7 @@ learning rate spent, and the KL with the square of the distance — and, when th
 short of `PACE_AIM` of the pace KL (`pace_kl`, or the target where that is lower), multiplies the
 rest of the schedule by what would reach it (at most `PACE_GAIN` per check, `max_scale` in all);
 when it projects past that aim, it takes back what it had added, down to the set schedule and
-never under it. A weak preference then moves a tenth of a nat per token instead of hundredths, in
+never under it unless `min_scale` < 1 (`--min-lr-scale`, opt-in) lets it slow the set schedule too. A weak preference then moves a tenth of a nat per token instead of hundredths, in
 the same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target
 and stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
 five of the six paced runs that ended past about 0.12 nats/token wrote answers that left their
@@ -50,6 +50,7 @@ class KLRecord:
     target: float
     max_scale: float = 1.0
     pace_kl: float | None = None
+    min_scale: float = 1.0
     checks: list[tuple[int, float, float]] = field(default_factory=list)
     stopped_at: int | None = None
 
@@ -66,6 +67,7 @@ class KLRecord:
     def to_record(self) -> dict[str, Any]:
         return {"target": self.target, "stopped_at_step": self.stopped_at,
                 "max_lr_scale": self.max_scale, "pace_kl": self.pace_kl,
+                "min_lr_scale": self.min_scale,
                 "lr_scale": round(self.lr_scale, 4),
                 "checks": [[s, round(k, 5), round(g, 4)] for s, k, g in self.checks]}
 
@@ -151,10 +153,11 @@ class KLStop(TrainerCallback):
         return self.record.latest_kl
 
     def __init__(self, tokenizer, items: list, target: float, every: int = 4,
-                 reference=None, max_scale: float = 1.0, pace_kl: float | None = None) -> None:
+                 reference=None, max_scale: float = 1.0, pace_kl: float | None = None,
+                 min_scale: float = 1.0) -> None:
         self.tokenizer, self.items, self.every = tokenizer, items, max(1, every)
         self.reference = None if reference is None else _OnceOnProbe(reference)
-        self.record = KLRecord(target, max_scale, pace_kl or None)
+        self.record = KLRecord(target, max_scale, pace_kl or None, min(1.0, min_scale))
         self.scale = 1.0  # the learning-rate multiplier pacing has applied so far
         self.spent = 0.0  # the sum of the learning rates of the steps run so far
 
@@ -200,19 +203,20 @@ class KLStop(TrainerCallback):
         return self.record.target if pace is None else min(pace, self.record.target)
 
     def _pace(self, kl: float, state, optimizer, scheduler) -> None:
-        """Multiply the rest of the schedule by `pace_gain` (within `max_scale`, and down to the
-        set schedule at most, which a run that never paced up stays on): the scheduler's base
+        """Multiply the rest of the schedule by `pace_gain` (within `max_scale`, and down to
+        `min_scale` of the set schedule at most: 1, the default, never under it): the scheduler's base
         rates (what every later step's rate is computed from) and the rate the next step already
         got (and the scheduler's record of it, which the trainer logs)."""
         inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
         lambdas = getattr(inner, "lr_lambdas", None)
-        if self.record.max_scale <= 1.0 or optimizer is None or not lambdas:
+        lowest, highest = self.record.min_scale, self.record.max_scale
+        if (highest <= 1.0 and lowest >= 1.0) or optimizer is None or not lambdas:
             return
         step, last = int(state.global_step), int(state.max_steps)
         base = float(inner.base_lrs[0])
         remaining = base * sum(float(lambdas[0](t)) for t in range(step, last))
         wanted = pace_gain(kl, self.pace_target, self.spent, remaining, floor=0.0)
-        scale = min(self.record.max_scale, max(1.0, self.scale * wanted))  # exact at either bound
+        scale = min(highest, max(lowest, self.scale * wanted))  # exact at either bound
         if scale == self.scale:
             return
         gain, self.scale = scale / self.scale, scale

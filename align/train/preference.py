@@ -80,6 +80,7 @@ class TrainConfig:
     stop_kl: float = DEFAULT_MAX_KL / 2  # dpo, kto: stop at this KL per token (0: off; kl_stop.py)
     max_lr_scale: float = 4.0  # dpo, kto: pacing may raise the rate up to this (1: off; kl_stop.py)
     pace_kl: float = 0.1  # dpo, kto: pacing aims under this KL per token (0: the stop KL; kl_stop.py)
+    min_lr_scale: float = 1.0  # dpo, kto: pacing may lower the rate down to this (1: never under it)
     unlikelihood: float = 0.0  # kto: weight of the loops of disliked answers (0: off; unlikelihood.py)
     liked_nll: float = 0.0  # kto: weight of the liked answers' likelihood (0: off; liked_nll.py)
     seed: int = 0
@@ -101,6 +102,9 @@ class TrainConfig:
             raise InvalidArgument(f"stop KL must be >= 0 (0: off), got {self.stop_kl}")
         if not self.max_lr_scale >= 1:
             raise InvalidArgument(f"max lr scale must be >= 1 (1: no pacing), got {self.max_lr_scale}")
+        if not 0 < self.min_lr_scale <= 1:
+            raise InvalidArgument(f"min lr scale must be in (0, 1] (1: never under the set rate), "
+                                  f"got {self.min_lr_scale}")
         if not self.pace_kl >= 0:
             raise InvalidArgument(f"pace KL must be >= 0 (0: the stop KL), got {self.pace_kl}")
         if not self.unlikelihood >= 0:
@@ -131,6 +135,7 @@ class TrainConfig:
             d.pop("stop_kl")
             d.pop("max_lr_scale")
             d.pop("pace_kl")
+            d.pop("min_lr_scale")
         if self.method != "dpo":
             d.pop("loss")
             d.pop("label_smoothing")
@@ -205,7 +210,7 @@ def train(base_dir: Path, rows: list[dict[str, Any]], cfg: TrainConfig,
     if cfg.stop_kl and cfg.method in ("dpo", "kto"):
         kl_stop = KLStop(tokenizer, probe_items(tokenizer, label_free, cfg.max_length),
                          cfg.stop_kl, reference=ref_model, max_scale=cfg.max_lr_scale,
-                         pace_kl=cfg.pace_kl)
+                         pace_kl=cfg.pace_kl, min_scale=cfg.min_lr_scale)
         callbacks.append(kl_stop)
     weights = kto_weights(label_free, cfg.desirable_weight, cfg.undesirable_weight) \
         if cfg.method == "kto" else None

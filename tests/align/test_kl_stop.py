@@ -149,6 +149,30 @@ def test_pacing_takes_back_its_raise_when_the_kl_heads_past_the_aim_but_never_go
     assert scheduler.base_lrs == pytest.approx([1e-3])  # and every later step's rate with it
 
 
+def test_a_min_lr_scale_under_one_lets_pacing_slow_the_set_rate_of_a_run_heading_past_its_aim():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    stop = KLStop(None, [], target=0.25, max_scale=1.0, pace_kl=0.1, min_scale=0.25)
+
+    def check(step, kl):
+        stop.spent += 4 * optimizer.param_groups[0]["lr"]
+        stop._pace(kl, types.SimpleNamespace(global_step=step, max_steps=40), optimizer, scheduler)
+        return stop.scale, optimizer.param_groups[0]["lr"]
+    assert check(4, 1e-5) == (1.0, pytest.approx(1e-3))  # far under, but max_scale 1: no raise
+    # 0.02 after 0.008 spent, 32 steps of 1e-3 to go: on course for (0.04 / 0.008)^2 x 0.02 =
+    # 0.5; slowed to what lands on 0.08: 0.008 x (sqrt(0.08 / 0.02) - 1) / 0.032 = 0.25
+    assert check(8, 0.02) == (pytest.approx(0.25), pytest.approx(2.5e-4))
+    assert scheduler.base_lrs == pytest.approx([2.5e-4])
+    assert check(12, 0.5) == (0.25, pytest.approx(2.5e-4))  # far past: min_scale, exactly
+    assert stop.record.to_record()["min_lr_scale"] == 0.25
+    # the default (1) never goes under the set rate, the behaviour before the flag
+    default = KLStop(None, [], target=0.25, max_scale=1.0, pace_kl=0.1)
+    default.spent = 0.008
+    default._pace(0.5, types.SimpleNamespace(global_step=8, max_steps=40), optimizer, scheduler)
+    assert default.scale == 1.0 and default.record.min_scale == 1.0
+
+
 def test_pacing_raises_the_rest_of_the_schedule_when_the_kl_is_far_under_the_target(tiny):
     rows = dpo_rows(32)
 
@@ -241,3 +265,8 @@ def test_pacing_is_on_by_default_up_to_four_times_and_one_turns_it_off():
         TrainConfig(pace_kl=-0.1)
     with pytest.raises(InvalidArgument, match="max lr scale"):
         TrainConfig(max_lr_scale=0.5)
+    assert TrainConfig().min_lr_scale == 1.0 and train_config_of("run").min_lr_scale == 1.0
+    assert train_config_of("run", "--min-lr-scale", "0.25").min_lr_scale == 0.25
+    for bad in (0.0, 1.5):
+        with pytest.raises(InvalidArgument, match="min lr scale"):
+            TrainConfig(min_lr_scale=bad)
