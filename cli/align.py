@@ -221,8 +221,8 @@ def _policy_lr() -> str:
 # only its own flags; these fill the rest so the config builders read plain attributes).
 _UNREAD_DEFAULTS = {"publish": "full", "loss": "sigmoid", "label_smoothing": 0.0, "pairs_from_ratings": False,
                     "desirable_weight": None, "undesirable_weight": None, "gate_metric": None,
-                    "stop_kl": None, "max_lr_scale": 1.0, "pace_kl": 0.0, "min_lr_scale": 1.0, "unlikelihood": 0.0,
-                    "liked_nll": 0.0, "keep_looping": False,
+                    "stop_kl": None, "max_lr_scale": 1.0, "pace_kl": 0.0, "min_lr_scale": 1.0,
+                    "unlikelihood": 0.0, "liked_nll": 0.0, "keep_looping": False,
                     "midpoint": False, "max_steps": -1, "verbose": False}
 
 

@@ -18,11 +18,12 @@ learning rate spent, and the KL with the square of the distance — and, when th
 short of `PACE_AIM` of the pace KL (`pace_kl`, or the target where that is lower), multiplies the
 rest of the schedule by what would reach it (at most `PACE_GAIN` per check, `max_scale` in all);
 when it projects past that aim, it takes back what it had added, down to the set schedule and
-never under it unless `min_scale` < 1 (`--min-lr-scale`, opt-in) lets it slow the set schedule too. A weak preference then moves a tenth of a nat per token instead of hundredths, in
-the same number of steps (no extra epochs, no extra minutes), and a strong one reaches the target
-and stops as before. The pace KL sits under the stop because the KL budget is not a quality budget:
-five of the six paced runs that ended past about 0.12 nats/token wrote answers that left their
-topic, and the sixth gained nothing (docs/loop_benchmark.md, "Pacing's aim").
+never under it unless `min_scale` < 1 (`--min-lr-scale`, opt-in) lets it slow the set schedule
+too. A weak preference then moves a tenth of a nat per token instead of hundredths, in the same
+number of steps (no extra epochs, no extra minutes), and a strong one reaches the target and stops
+as before. The pace KL sits under the stop because the KL budget is not a quality budget: six of
+the seven paced runs that ended past about 0.12 nats/token wrote answers that left their topic,
+and the seventh gained nothing (docs/loop_benchmark.md, "Pacing's aim" and "fresh split 18").
 """
 from __future__ import annotations
 
