@@ -1,0 +1,76 @@
+"""Where a KTO job's training time goes on a CPU, and what scoring only the answer tokens saves.
+
+The rows of one kept loop run (`loop_sweep.py --keep` run dir: the job's time split, its training
+rows without looping liked answers), trained for --steps steps through the real training path
+(align/train/preference.py: LoRA, bf16 autocast, the KL stop's probe) from the run's base v0000:
+
+- `--profile`: one run under torch.profiler, the operators by their own CPU time;
+- otherwise --repeats alternating runs of TRL's fused LM head as shipped (on a CPU it projects
+  every position of the padded batch, prompt and padding included) and of the same head on the
+  answer positions only (the positions TRL projects on a GPU), the losses of both (they must be
+  equal) and the ratio of their times.
+
+    python benchmarks/kto_step_profile.py --run /tmp/fresh18/short_sentences/short_sentences-pairs-noise0.2-t0.7-m128-seed18/run-default
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from prefloop.align import data as data_mod
+from prefloop.align.train.preference import TrainConfig, train
+
+
+def training_rows(run: Path) -> list[dict]:
+    rows = data_mod.time_split(data_mod.load_examples(run), 0.2).train
+    return [r.to_trl() for r in data_mod.without_looping_desirable(rows)[0]]
+
+
+def timed(run: Path, rows: list[dict], steps: int, answer_positions_only: bool) -> tuple[float, list]:
+    import trl.trainer.utils as trl_utils
+    shipped = trl_utils._use_triton
+    if answer_positions_only:  # TRL's `compact` branch: the head sees the labelled positions only
+        trl_utils._use_triton = lambda device: True
+    try:
+        result = train(run / "registry" / "versions" / "v0000", rows,
+                       TrainConfig(method="kto", max_steps=steps))
+    finally:
+        trl_utils._use_triton = shipped
+    return result.runtime_s, [round(h["loss"], 5) for h in result.log_history if "loss" in h]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a loop_sweep.py --keep run dir")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each head, alternating")
+    ap.add_argument("--profile", action="store_true", help="one profiled run of the shipped head")
+    args = ap.parse_args()
+    rows = training_rows(args.run)
+    print(f"kto_step_profile: {len(rows)} training answers, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            timed(args.run, rows, args.steps, False)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        return
+    times: dict[bool, list[float]] = {False: [], True: []}
+    losses: dict[bool, list] = {}
+    for _ in range(args.repeats):
+        for compact in (False, True):
+            seconds, losses[compact] = timed(args.run, rows, args.steps, compact)
+            times[compact].append(seconds)
+            print(f"  {'answer positions' if compact else 'shipped head':>16}: {seconds:.1f} s",
+                  flush=True)
+    ratio = statistics.mean(times[True]) / statistics.mean(times[False])
+    print(f"answer positions only / shipped: {ratio:.3f} of the time over {args.repeats} runs each; "
+          f"losses {'equal' if losses[True] == losses[False] else 'DIFFER'} "
+          f"({losses[False][:3]} ...)")
+
+
+if __name__ == "__main__":
+    main()
