@@ -117,17 +117,23 @@ def permutation_p(moves: list[float], labels: list[bool], groups: list[str],
     lab = np.asarray(labels, dtype=bool)
     if m.size == 0 or lab.all() or not lab.any():
         return 1.0
-    blocks = _blocks(groups)
     ranks = _ranks(m)
     observed = _auc(ranks, lab) - 1e-12  # ties count as hits
+    hits = int((_auc(ranks, arrangements(lab, groups, draws, seed)) >= observed).sum())
+    return (1 + hits) / (1 + draws)
+
+
+def arrangements(labels: np.ndarray, groups: list[str], draws: int, seed: int = 0) -> np.ndarray:
+    """[draws, n] arrangements of `labels` as the test draws them: shuffled within each group of
+    several answers, and across the answers alone in their group (`_blocks`)."""
+    blocks = _blocks(groups)
     rng = np.random.default_rng(seed)
     order = np.argsort(blocks, kind="stable")  # answers grouped by block
-    keys = rng.random((draws, m.size)) + blocks[order][None, :] * 2.0  # shuffles within blocks
+    keys = rng.random((draws, labels.size)) + blocks[order][None, :] * 2.0  # shuffles within blocks
     shuffled = order[np.argsort(keys, axis=1)]  # [draws, n]: which answer's label each slot gets
-    permuted = np.empty((draws, m.size), dtype=bool)
-    permuted[:, order] = lab[shuffled]
-    hits = int((_auc(ranks, permuted) >= observed).sum())
-    return (1 + hits) / (1 + draws)
+    permuted = np.empty((draws, labels.size), dtype=bool)
+    permuted[:, order] = labels[shuffled]
+    return permuted
 
 
 def joint_scores(moves: np.ndarray, also: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import torch
 
 from prefloop.align import data as data_mod
 from prefloop.align import evaluate as ev
-from prefloop.align.rating_test import _blocks
+from prefloop.align.rating_test import _auc, arrangements
 from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.server.feedback import schema as logschema
 from prefloop.server.feedback.voter_caps import DEFAULT_VOTER_CAP
@@ -75,22 +75,9 @@ def out_of_fold_map(x: np.ndarray, folds: np.ndarray, lam: float) -> np.ndarray:
 
 
 def aucs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUC of each column of `scores` [n, draws] against the same column of `labels` (continuous
+    """AUC of each row of `scores` [draws, n] against the same row of `labels` (continuous
     scores: no ties)."""
-    ranks = np.argsort(np.argsort(scores, axis=0), axis=0) + 1.0
-    ups = labels.sum(0)
-    return ((ranks * labels).sum(0) - ups * (ups + 1) / 2) / np.maximum(ups * (len(labels) - ups), 1)
-
-
-def shuffled_labels(labels: np.ndarray, groups: list[str], draws: int, seed: int) -> np.ndarray:
-    """[n, draws] arrangements of `labels`, shuffled as the rating test shuffles them."""
-    rng = np.random.default_rng(seed)
-    blocks = _blocks(groups)
-    out = np.repeat(labels[:, None], draws, 1)
-    for b in np.unique(blocks):
-        idx = np.flatnonzero(blocks == b)
-        out[idx] = labels[idx][np.argsort(rng.random((idx.size, draws)), axis=0)]
-    return out
+    return _auc(np.argsort(np.argsort(scores, axis=-1), axis=-1) + 1.0, labels)
 
 
 def probe_test(x: np.ndarray, labels: np.ndarray, groups: list[str], scale: float,
@@ -100,9 +87,9 @@ def probe_test(x: np.ndarray, labels: np.ndarray, groups: list[str], scale: floa
     folds = np.array([prompt_of[g] % FOLDS for g in groups])
     lam = scale * float(np.trace(np.cov(x.T))) * len(x) / x.shape[1]
     s = out_of_fold_map(x, folds, lam)
-    observed = float(aucs((s @ labels.astype(float))[:, None], labels[:, None])[0])
-    arranged = shuffled_labels(labels, groups, draws, seed)
-    null = aucs(s @ arranged.astype(float), arranged)
+    observed = float(aucs(s @ labels.astype(float), labels))
+    arranged = arrangements(labels, groups, draws, seed)  # [draws, n]
+    null = aucs(arranged.astype(float) @ s.T, arranged)
     return observed, float((1 + (null >= observed).sum()) / (1 + draws))
 
 
