@@ -326,9 +326,10 @@ def _common(p: argparse.ArgumentParser, method: str) -> None:
         _voter_cap(d)
     _evaluation(d, eval_batch_size=4)
     if trl:
-        d.add_argument("--max-train-eval", type=int, default=32, metavar="N",
+        d.add_argument("--max-train-eval", type=int, default=16, metavar="N",
                        help="newest N training rows scored for the train metrics (0: none; the "
-                            "gate reads held-out rows only)")
+                            "gate reads held-out rows only; the trainer's last logged metrics "
+                            "are in the job record either way)")
     _gate(p, "win rate over the current version on held-out pairs" if trl else
           "reward-model win rate of its answers over the current version's", policy_metric=trl)
     _json(p)

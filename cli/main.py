@@ -118,6 +118,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the `prefloop` command itself, not a caller importing it
     argv = sys.argv[1:] if argv is None else argv
     if "align" in argv:  # `align run --method M` (the older spelling) -> `align run M`
         from prefloop.cli.align import canonical_argv
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.error(unknown_flags_message(sub, extras))
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if own_process and args.command == "align":  # a job's steps reuse what the last one freed
+        from prefloop.align.train.heap import keep_freed_memory
+        keep_freed_memory()
     return int(args._run(args) or 0)
 
 

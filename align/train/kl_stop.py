@@ -4,13 +4,13 @@ reference as the gate allows a candidate to go, whatever the learning rate would
 A fixed learning rate moves a weak preference by hundredths of a nat per token and a strong or
 repeated one (the same edit many times, thumbs that all say the same) past the gate's KL bound,
 after which the whole job is thrown away. `KLStop` measures the exact KL(policy ‖ reference) per
-answer token — the number the gate checks, on a fixed probe of training answers — every
-`every` optimizer steps, and ends training when it reaches `target` (by default half the gate's
-bound: held-out answers move less than trained ones, and the rest is headroom). The reference is
-the LoRA policy with its adapter switched off (the default), or the frozen copy of a full
-fine-tune. Each check is one forward pass of the policy over the probe (no gradients; the frozen
-reference's hidden states on it are computed at the first check and kept); its time counts in the
-job's training time.
+answer token — the number the gate checks, on a fixed probe of training answers (the newest
+8, at most about 1,000 answer tokens: `probe_items`) — every `every` optimizer steps, and ends
+training when it reaches `target` (by default half the gate's bound: held-out answers move less
+than trained ones, and the rest is headroom). The reference is the LoRA policy with its adapter
+switched off (the default), or the frozen copy of a full fine-tune. Each check is one forward
+pass of the policy over the probe (no gradients; the frozen reference's hidden states on it are
+computed at the first check and kept); its time counts in the job's training time.
 
 It also **paces** the run (`max_scale` > 1): at each check it projects the KL the run would end
 at if the learning rate kept its schedule — the distance from the reference grows with the
@@ -38,7 +38,11 @@ from prefloop.align.evaluate import encode, score_encoded
 
 log = logging.getLogger(__name__)
 
-PROBE_ANSWERS = 8
+PROBE_ANSWERS = 8  # the newest training answers the probe holds, at most
+# ... and at most this many answer tokens after its newest answer: what 8 answers hold at the
+# 128-token length pacing was tuned at (680-1,023 tokens on seeds 18-19), so at the server's 256 a
+# check scores 5 or 6 answers in the time 8 shorter ones took, not 8 whole ones (1,385 tokens)
+PROBE_TOKENS = 1024
 PACE_AIM = 0.8  # pacing aims the run's end at this share of the target (the stop catches overshoot)
 PACE_GAIN = 2.0  # the most one check multiplies the learning rate by
 
@@ -135,15 +139,20 @@ class _OnceOnProbe:
 
 
 def probe_items(tokenizer, rows: list[dict[str, Any]], max_length: int,
-                count: int = PROBE_ANSWERS) -> list:
-    """The newest `count` training answers (TRL rows: `completion`, or a pair's `chosen`), encoded
-    as the evaluation encodes them (a cut answer without its end-of-turn tokens)."""
-    items = []
-    for row in rows[-count:]:
+                count: int = PROBE_ANSWERS, max_tokens: int = PROBE_TOKENS) -> list:
+    """The newest training answers (TRL rows: `completion`, or a pair's `chosen`), at most `count`
+    of them and — the newest always — at most `max_tokens` answer tokens in all, encoded as the
+    evaluation encodes them (a cut answer without its end-of-turn tokens), oldest first."""
+    items, tokens = [], 0
+    for row in reversed(rows[-count:]):
         completion = row.get("completion") or row.get("chosen")
         cut = bool(row.get("completion_cut") or row.get("chosen_cut"))
-        items.append(encode(tokenizer, row["prompt"], completion, max_length, cut))
-    return items
+        item = encode(tokenizer, row["prompt"], completion, max_length, cut)
+        tokens += len(item.completion_ids)
+        if items and tokens > max_tokens:
+            break
+        items.append(item)
+    return items[::-1]
 
 
 class KLStop(TrainerCallback):

@@ -108,7 +108,7 @@ def test_dpo_job_moves_heldout_accuracy_and_publishes_a_version(dpo_job, tiny):
           f"reward accuracy {held['reward_accuracy']}, margin {held['reward_margin']:.3f}, "
           f"KL/token {held['kl_per_token']:.4f}; train loss {train['loss']:.3f}")
     assert out["metrics"]["current"]["version"] == "v0000"
-    assert held["pairs"] == 6 and train["pairs"] == 26
+    assert held["pairs"] == 6 and train["pairs"] == 16  # the newest 16 of 26 (--max-train-eval)
     assert held["pref_accuracy"] >= 0.9 and held["pref_accuracy"] > base_accuracy
     assert held["reward_accuracy"] >= 0.9 and held["reward_margin"] > 0
     assert train["loss"] < math.log(2) - 0.2

@@ -11,7 +11,7 @@ import torch
 from align_helpers import banana_pairs, tiny_policy, train_config_of
 
 from prefloop.align import evaluate as ev
-from prefloop.align.train.common import load_causal_lm
+from prefloop.align.train.common import load_causal_lm, load_tokenizer
 from prefloop.align.train.kl_stop import KLStop, probe_items
 from prefloop.align.train.preference import TrainConfig, kto_weights, train
 from prefloop.server.errors import InvalidArgument
@@ -83,6 +83,20 @@ def test_later_checks_measure_the_kl_the_weights_have_with_the_reference_run_onc
                               reference=load_causal_lm(tiny), batch_size=len(items))
     assert last != first
     assert float(scores.kl_sum.sum() / scores.tokens.sum()) == pytest.approx(last, rel=1e-3)
+
+
+def test_the_probe_holds_the_newest_answers_within_its_answer_token_budget(tiny):
+    tok, rows = load_tokenizer(tiny), dpo_rows(16)
+    eight = probe_items(tok, rows, 1024, max_tokens=10**6)
+    assert [i.completion_ids for i in eight] == [
+        ev.encode(tok, r["prompt"], r["chosen"], 1024, False).completion_ids for r in rows[-8:]]
+    lengths = [len(i.completion_ids) for i in eight]
+    # the newest answers, oldest first, while their answer tokens fit the budget
+    assert probe_items(tok, rows, 1024, max_tokens=sum(lengths[-3:])) == eight[-3:]
+    assert probe_items(tok, rows, 1024, max_tokens=sum(lengths[-3:]) - 1) == eight[-2:]
+    # the newest answer always, whatever its length; never more than `count`
+    assert probe_items(tok, rows, 1024, max_tokens=0) == eight[-1:]
+    assert probe_items(tok, rows, 1024, count=2, max_tokens=10**6) == eight[-2:]
 
 
 def test_a_target_of_zero_trains_every_step(tiny):
