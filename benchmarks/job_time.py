@@ -17,16 +17,15 @@ revisions changed about training changes them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_quality import run_job  # noqa: E402
 from loop_sweep import link_copy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,21 +51,16 @@ def export_revision(rev: str, into: Path) -> Path:
     return into
 
 
-def run_job(code: Path, data: Path, work: Path, flags: list[str]) -> dict:
+def job_of(code: Path, data: Path, work: Path, flags: list[str]) -> dict:
+    """The loop benchmark's job (loop_quality.run_job) with `code` imported, on a copy of `data`."""
     copy = work / "data"
     link_copy(data, copy)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(code), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run", "--data-dir",
-                          str(copy), "--auto-promote", "--promote-via", "gate", "--keep-rejected",
-                          "--json", *flags], capture_output=True, text=True, env=env, cwd=work)
-    out = {"seconds": time.perf_counter() - start}
-    try:
-        out.update(json.loads(res.stdout[res.stdout.index("{"):]))
-    except ValueError:
-        out["error"] = res.stderr[-2000:]
-    return out
+    job = run_job(copy, "", ["--keep-rejected", *flags], env=env)
+    if "stderr" in job:
+        job["error"] = job.pop("stderr")
+    return job
 
 
 def summary(job: dict) -> str:
@@ -109,7 +103,7 @@ def main() -> None:
             for name, code in codes.items():
                 work = tmp / f"run-{len(seconds[name])}-{name.replace(' ', '-')}"
                 work.mkdir()
-                job = run_job(code, args.data, work, args.flags.split())
+                job = job_of(code, args.data, work, args.flags.split())
                 print(f"  {name:>13} #{repeat + 1}: {summary(job)}", flush=True)
                 if "error" not in job:
                     seconds[name].append(job["seconds"])

@@ -8,8 +8,8 @@ rows without looping liked answers), trained for --steps steps through the real 
 - `--profile`: one run under torch.profiler, the operators by their own CPU time;
 - `--heap`: --repeats alternating runs, each in a process of its own, with glibc's malloc as it
   comes and with `keep_freed_memory` (align/train/heap.py, what `prefloop align` sets): the
-  training time, the process's user and kernel CPU seconds and page faults, the losses (they must
-  be equal) and the ratio of the times;
+  training time, the process's user and kernel CPU seconds, page faults and peak memory, the
+  losses (they must be equal) and the ratio of the times;
 - otherwise --repeats alternating runs of TRL's fused LM head as shipped (on a CPU it projects
   every position of the padded batch, prompt and padding included) and of the same head on the
   answer positions only (the positions TRL projects on a GPU), the losses of both (they must be
@@ -62,7 +62,8 @@ def heap_run(run: Path, steps: int, kept: bool) -> dict:
     seconds, losses = timed(run, rows, steps, False)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "losses": losses, "user": after.ru_utime - before.ru_utime,
-            "kernel": after.ru_stime - before.ru_stime, "faults": after.ru_minflt - before.ru_minflt}
+            "kernel": after.ru_stime - before.ru_stime, "faults": after.ru_minflt - before.ru_minflt,
+            "peak_gb": after.ru_maxrss / 2**20}  # ru_maxrss: KiB on Linux
 
 
 def compare_heaps(args) -> None:
@@ -77,7 +78,8 @@ def compare_heaps(args) -> None:
             results[kept].append(r)
             print(f"  {'freed memory kept' if kept else 'malloc as it comes':>18}: {r['seconds']:.1f} s "
                   f"training; CPU {r['user']:.1f} s user, {r['kernel']:.1f} s kernel; "
-                  f"{r['faults'] / 1e6:.2f} M page faults", flush=True)
+                  f"{r['faults'] / 1e6:.2f} M page faults; peak memory {r['peak_gb']:.2f} GiB",
+                  flush=True)
     mean = {k: statistics.mean(r["seconds"] for r in v) for k, v in results.items()}
     same = all(r["losses"] == results[False][0]["losses"] for v in results.values() for r in v)
     print(f"freed memory kept / as it comes: {mean[True] / mean[False]:.3f} of the training time over "

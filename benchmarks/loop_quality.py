@@ -216,7 +216,8 @@ def vote_round(client: Client, preference: str, vote_prompts: list[str], users: 
             "flooder_votes": sum(o == "vote" for (user, _), o in zip(turns, outcomes) if user == FLOODER)}
 
 
-def run_job(data_dir: Path, method: str, extra: list[str], promote_via: str = "gate") -> dict:
+def run_job(data_dir: Path, method: str, extra: list[str], promote_via: str = "gate",
+            env: dict[str, str] | None = None) -> dict:
     """`align run [METHOD] --auto-promote --promote-via ROUTE`; method "" is the product's default
     (no method). The benchmark's default route is `gate` (the offline gate decides, as when the
     tables in docs/loop_benchmark.md were measured); `auto` (the product's default) lets an undecided
@@ -225,7 +226,7 @@ def run_job(data_dir: Path, method: str, extra: list[str], promote_via: str = "g
     res = subprocess.run([sys.executable, "-m", "prefloop.cli", "align", "run",
                           *([method] if method else []), "--data-dir", str(data_dir),
                           "--auto-promote", "--promote-via", promote_via,
-                          "--json", *extra], capture_output=True, text=True)
+                          "--json", *extra], capture_output=True, text=True, env=env)
     out = {"seconds": time.perf_counter() - start, "returncode": res.returncode}
     try:
         out.update(json.loads(res.stdout[res.stdout.index("{"):]))

@@ -465,9 +465,9 @@ def _degeneration(policy, current_model, tok, prompts: list[list[dict]], gate_co
     """Both versions answer `prompts` (same seeds, temperature 0.7: the page's default), under
     bf16 autocast where training would use it (`use_bf16`: a 1.4x shorter check on this CPU; the
     check counts loops and words, and both versions sample in the same precision), up to
-    `DEGENERATION_BATCH` prompts a batch (a decoding step reads every weight whatever the batch:
-    on this CPU 16 prompts at once take half the time two batches of 8 took). Returns the summary
-    and the two versions' answers (candidate's, current's), which the answer-shift test reads."""
+    `DEGENERATION_BATCH` prompts a batch (a decoding step reads every weight whatever the batch,
+    so one batch of 16 costs about what one of 8 did). Returns the summary and the two versions'
+    answers (candidate's, current's), which the answer-shift test reads."""
     import torch
 
     from prefloop.align.train.common import use_bf16
