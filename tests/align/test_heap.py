@@ -1,5 +1,5 @@
 """align/train/heap.py: with `keep_freed_memory`, the large temporaries of steps after the first
-few are served from the process's heap without page faults; `prefloop align`
+few are served from the process's heap, nearly without page faults; `prefloop align`
 sets it when it is its own process (cli/main.py), not when a caller imports the CLI and passes
 its arguments."""
 from __future__ import annotations
@@ -41,7 +41,9 @@ def test_kept_freed_memory_serves_the_next_large_block_without_page_faults():
     kept = faults("from prefloop.align.train.heap import keep_freed_memory\n"
                   "assert keep_freed_memory()\n")
     assert plain > 1000  # every 4 KiB page of each block, faulted in again from a fresh mmap
-    assert kept < plain / 100
+    # 0 in most processes; where the heap's layout leaves one block to fault in again, that
+    # block's pages only (1/15 of them all)
+    assert kept < plain / 8
 
 
 def test_the_align_command_keeps_freed_memory_only_as_its_own_process(tmp_path):
