@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PROBE_ANSWERS = 8  # the newest training answers the probe holds, at most
 # ... and at most this many answer tokens after its newest answer: what 8 answers hold at the
-# 128-token length pacing was tuned at (680-1,023 tokens on seeds 18-19), so at the server's 256 a
+# 128-token length pacing was tuned at (677-1,023 tokens on seeds 18-19), so at the server's 256 a
 # check scores 5 or 6 answers in the time 8 shorter ones took, not 8 whole ones (1,385 tokens)
 PROBE_TOKENS = 1024
 PACE_AIM = 0.8  # pacing aims the run's end at this share of the target (the stop catches overshoot)
