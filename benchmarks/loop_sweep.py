@@ -116,7 +116,8 @@ def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: in
                 # stay comparable); beyond, seeds that no two (prompt, sample) share
                 seed = 1000 + 100 * s + i if len(held) <= 100 else 1000 + samples * i + s
                 params = SamplingParams(temperature=defaults.temperature, top_p=defaults.top_p,
-                                        top_k=defaults.top_k, seed=seed, **length)
+                                        top_k=defaults.top_k, seed=seed,
+                                        repetition_penalty=defaults.repetition_penalty, **length)
                 return "".join([d.text_delta async for d in gen.stream(uuid.uuid4().hex, ids, params)])
             return list(await asyncio.gather(*(one(i, s, p) for i, p in enumerate(held)
                                                for s in range(samples))))

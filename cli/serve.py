@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-top-p", type=float, default=None,
                         help="top_p of requests that leave it unset (default: the model's "
                              "generation_config.json, else 0.9)")
+    parser.add_argument("--default-repetition-penalty", type=float, default=None,
+                        help="repetition_penalty of requests that leave it unset (> 1 makes "
+                             "tokens already in the prompt or answer less likely; default: the "
+                             "model's generation_config.json, else 1 = off)")
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "data"),
                         help=f"where logs and feedback are written (default ${DATA_DIR_ENV} "
                              "or ./data)")
@@ -198,8 +202,9 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_n=args.max_n, max_message_bytes=args.max_message_bytes,
         max_concurrent=args.max_concurrent, max_queued=args.max_queued,
         max_grammar_size=args.max_grammar_size)
-    SamplingDefaults.resolve({}, temperature=args.default_temperature,
-                             top_p=args.default_top_p)  # checked before the model loads
+    SamplingDefaults.resolve({}, temperature=args.default_temperature, top_p=args.default_top_p,
+                             repetition_penalty=args.default_repetition_penalty
+                             )  # checked before the model loads
     return ServerConfig(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grace_s=args.grace, limits=limits, auth=AuthConfig.load(args.auth_tokens),
@@ -281,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config.defaults = SamplingDefaults.resolve(
         getattr(generator.info, "sampling_defaults", None), temperature=args.default_temperature,
-        top_p=args.default_top_p)
+        top_p=args.default_top_p, repetition_penalty=args.default_repetition_penalty)
     switcher = ModelSwitcher(generator, registry, poll_interval_s=args.registry_poll)
     if driver is None:
         return _run_loop(_serve(generator, config, args, switcher, registry), loop_factory)
@@ -325,7 +330,8 @@ async def _serve(generator, config: ServerConfig, args: argparse.Namespace,
                  f"tls {'on' if config.tls_cert else 'off'}, "
                  f"auth {'on' if config.auth.enabled else 'off'}, "
                  f"sampling defaults temperature {config.defaults.temperature} top_p "
-                 f"{config.defaults.top_p})")
+                 f"{config.defaults.top_p} repetition_penalty "
+                 f"{config.defaults.repetition_penalty})")
         if server.http_port is not None:
             scheme = "https" if config.tls_cert else "http"
             ready += f"; HTTP on {scheme}://{config.host}:{server.http_port} (chat page at /)"

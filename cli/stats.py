@@ -39,10 +39,12 @@ def report(info: ModelInfo, stats: EngineStats) -> dict:
 
 
 def format_defaults(defaults: dict) -> str:
-    """"temperature 0.3, top_p 0.9, top_k 0 (a request's unset fields)" or "-"."""
+    """"temperature 0.3, top_p 0.9, top_k 0, repetition_penalty 1 (a request's unset fields)" or
+    "-" (repetition_penalty only where the server reports it)."""
     if not defaults:
         return "-"
-    return (", ".join(f"{k} {defaults[k]:g}" for k in ("temperature", "top_p", "top_k"))
+    return (", ".join(f"{k} {defaults[k]:g}" for k in ("temperature", "top_p", "top_k",
+                                                        "repetition_penalty") if k in defaults)
             + " (a request's unset fields)")
 
 

@@ -110,8 +110,9 @@ class ModelInfo:
     context_length: int
     dtype: str
     backend: str
-    # what a request leaving a sampling field unset gets: temperature, top_p, top_k ({} from a
-    # server older than the field)
+    # what a request leaving a sampling field unset gets: temperature, top_p, top_k and
+    # repetition_penalty ({} from a server older than the field; no repetition_penalty from one
+    # older than that)
     sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,6 +132,8 @@ def _model_info(msg: models_pb2.ModelInfo) -> ModelInfo:
     d = msg.sampling_defaults
     defaults = ({"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k}
                 if msg.HasField("sampling_defaults") else {})
+    if defaults and d.HasField("repetition_penalty"):
+        defaults["repetition_penalty"] = d.repetition_penalty
     return ModelInfo(msg.model_version, msg.architecture, msg.context_length, msg.dtype,
                      msg.backend, defaults)
 

@@ -67,6 +67,7 @@ class SamplingDefaults:
     temperature: float = 0.3
     top_p: float = 0.9
     top_k: int = 0
+    repetition_penalty: float = 1.0  # 1 = off
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -75,21 +76,27 @@ class SamplingDefaults:
             raise ValueError(f"default top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"default top_k must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"default repetition_penalty must be a finite number > 0 (1 = off), "
+                             f"got {self.repetition_penalty}")
 
     @classmethod
     def resolve(cls, model_defaults: dict | None, *, temperature: float | None = None,
-                top_p: float | None = None) -> "SamplingDefaults":
+                top_p: float | None = None, repetition_penalty: float | None = None,
+                ) -> "SamplingDefaults":
         """Flags over the model's generation_config.json over the fallbacks."""
         base = cls()
         model_defaults = model_defaults or {}
-        return cls(
-            temperature=float(temperature if temperature is not None
-                              else model_defaults.get("temperature", base.temperature)),
-            top_p=float(top_p if top_p is not None else model_defaults.get("top_p", base.top_p)),
-            top_k=int(model_defaults.get("top_k", base.top_k) or 0))
+
+        def pick(name: str, flag: float | None) -> float:
+            return float(flag if flag is not None else model_defaults.get(name, getattr(base, name)))
+        return cls(temperature=pick("temperature", temperature), top_p=pick("top_p", top_p),
+                   top_k=int(model_defaults.get("top_k", base.top_k) or 0),
+                   repetition_penalty=pick("repetition_penalty", repetition_penalty))
 
     def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass(slots=True)

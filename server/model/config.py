@@ -122,13 +122,14 @@ class ModelConfig:
         return cls.from_hf_dict(json.loads(cfg_path.read_text()))
 
 
-SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def read_sampling_defaults(model_dir: Path) -> dict:
     """The sampling defaults the checkpoint ships in generation_config.json (temperature, top_p,
-    top_k, the keys present; vLLM reads the same), or {} when it has none. A checkpoint with
-    `do_sample: false` asks for greedy decoding: temperature 0."""
+    top_k, repetition_penalty, the keys present; vLLM reads the same), or {} when it has none. A
+    checkpoint with `do_sample: false` beside a sampling key asks for greedy decoding:
+    temperature 0."""
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
@@ -138,6 +139,6 @@ def read_sampling_defaults(model_dir: Path) -> dict:
         return {}
     defaults = {k: cfg[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(cfg.get(k), (int, float))
                 and not isinstance(cfg.get(k), bool)}
-    if cfg.get("do_sample") is False and defaults:
+    if cfg.get("do_sample") is False and defaults.keys() & {"temperature", "top_p", "top_k"}:
         defaults["temperature"] = 0.0
     return defaults

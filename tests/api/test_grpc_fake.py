@@ -54,10 +54,12 @@ def test_unary_generate_and_chat(fake_server):
 def test_model_info_reports_the_servers_sampling_defaults(fake_server_factory):
     from prefloop.server.api.completions import SamplingDefaults
 
-    srv = fake_server_factory(defaults=SamplingDefaults(temperature=0.5, top_p=0.8, top_k=7))
+    srv = fake_server_factory(defaults=SamplingDefaults(temperature=0.5, top_p=0.8, top_k=7,
+                                                        repetition_penalty=1.15))
     with Client(srv.target) as client:
         info = client.model_info()
-    assert info.sampling_defaults == {"temperature": 0.5, "top_p": 0.8, "top_k": 7}
+    assert info.sampling_defaults == {"temperature": 0.5, "top_p": 0.8, "top_k": 7,
+                                      "repetition_penalty": 1.15}
     assert info.sampling_defaults == srv.server.runner.defaults.as_dict()  # GET /v1/models' too
 
     async def of_async():
@@ -79,6 +81,18 @@ def test_stream_n2_interleaves_with_distinct_ids(fake_server):
         assert own[-1].completion_tokens == 4
     assert by_index[0][0].response_id != by_index[1][0].response_id
     assert len({c.request_id for c in chunks}) == 1
+
+
+def test_unset_repetition_penalty_gets_the_servers_default_and_a_set_one_is_kept(
+        fake_server_factory):
+    from prefloop.server.api.completions import SamplingDefaults
+
+    srv = fake_server_factory(defaults=SamplingDefaults(repetition_penalty=1.15))
+    with Client(srv.target) as client:
+        client.generate("x", max_tokens=2)
+        client.generate("x", max_tokens=2, repetition_penalty=1.0)
+    used = [r["sampling"]["repetition_penalty"] for r in srv.recorder.rows]
+    assert used == [1.15, 1.0]
 
 
 def test_unset_max_tokens_uses_server_default(fake_server_factory):

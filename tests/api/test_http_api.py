@@ -128,7 +128,8 @@ def test_completions_route_and_models_route(http):
     models = client.models.list()
     served = [m for m in models.data if m.model_extra["serving"]]
     assert [m.id for m in served] == ["fake-v0"]
-    assert served[0].model_extra["sampling_defaults"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0}
+    assert served[0].model_extra["sampling_defaults"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0,
+                                                          "repetition_penalty": 1.0}
 
 
 def test_unknown_field_is_refused_by_name_and_harmless_ones_pass(http):

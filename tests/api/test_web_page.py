@@ -281,6 +281,7 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     answer.get_by_test_id("thumbs-down").click()
     answer.get_by_test_id("vote-saved").wait_for()
     SENT["ratings"].append((response_id, -1))
+    settings(page, repetition_penalty="1.3")  # the drawer's field reaches the engine
     say(page, "And what else?")
     second = last_answer(page)
     wait_done(second)
@@ -288,6 +289,9 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     assert rid2 != response_id
     assert wait_until(lambda: rows_where(server.generations(), response_id=rid2))
     (gen,) = rows_where(server.generations(), response_id=rid2)
+    assert gen["sampling"]["repetition_penalty"] == 1.3
+    (first,) = rows_where(server.generations(), response_id=response_id)
+    assert first["sampling"]["repetition_penalty"] == 1.0  # left empty: the server's default
     contents = [m["content"] for m in gen["messages"]]
     assert "Hello there, who are you?" in contents and text in contents and contents[-1] == "And what else?"
     shot(page, shots / "chat-desktop.png")

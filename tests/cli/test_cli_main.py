@@ -114,3 +114,16 @@ def test_serve_runs_on_uvloop_by_default_and_refuses_a_missing_one_before_loadin
     assert "--event-loop uvloop: uvloop is not installed" in res.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line]
     assert "torch" not in imported
+
+
+@pytest.mark.parametrize("value", ["0", "nan"])
+def test_serve_refuses_a_bad_default_repetition_penalty_before_loading(tmp_path, value):
+    res = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "serve",
+                          "--default-repetition-penalty", value, "--data-dir", str(tmp_path / "data"),
+                          "--port", "0", "--http-port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert f"default repetition_penalty must be a finite number > 0 (1 = off), got {float(value)}" \
+        in res.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line]
+    assert "torch" not in imported

@@ -29,7 +29,7 @@ def test_chat_session_keeps_the_conversation(fake_server):
         assert session.last_response_id.startswith("resp-") and session.last_response_id != first_id
         assert handle_line(session, "/version")
         assert "fake-v0" in out.getvalue()
-        assert "server sampling defaults: temperature 0.3, top_p 0.9, top_k 0" in out.getvalue()
+        assert "server sampling defaults: temperature 0.3, top_p 0.9, top_k 0, repetition_penalty 1" in out.getvalue()
         assert handle_line(session, "/reset")
         assert session.messages == [{"role": "system", "content": "be brief"}]
         assert session.last_response_id is None
@@ -198,11 +198,12 @@ def test_stats_command_prints_the_engine_stats(fake_server):
     for label in ("version", "running", "waiting", "KV cache used", "prefix hits", "requests"):
         assert label in out
     assert "fake-v0" in out
-    assert "sampling       temperature 0.3, top_p 0.9, top_k 0" in out  # the server's defaults
+    assert "sampling       temperature 0.3, top_p 0.9, top_k 0, repetition_penalty 1" in out
     as_json = json.loads(_cli("stats", "--target", fake_server.target, "--json",
                               timeout=60).stdout)
     assert as_json["model_version"] == "fake-v0"
-    assert as_json["sampling_defaults"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0}
+    assert as_json["sampling_defaults"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0,
+                                            "repetition_penalty": 1.0}
     assert {"running", "waiting", "free_blocks", "total_blocks", "kv_use",
             "prefix_cache_hit_tokens"} <= set(as_json)
     down = _cli("stats", "--target", "127.0.0.1:1", "--timeout", "2", timeout=60)

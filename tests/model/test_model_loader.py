@@ -65,9 +65,14 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     assert read_sampling_defaults(tmp_path) == {}  # a file without sampling values
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "max_length": 9}))
-    assert read_sampling_defaults(tmp_path) == {"temperature": 0.2, "top_p": 0.9, "top_k": 50}
+    assert read_sampling_defaults(tmp_path) == {"temperature": 0.2, "top_p": 0.9, "top_k": 50,
+                                                "repetition_penalty": 1.1}
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "do_sample": False}))
     assert read_sampling_defaults(tmp_path) == {"temperature": 0.0}  # greedy, as transformers reads it
+    # a penalty alone beside do_sample false (as some saved configs carry it) asks for no greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 1.2, "do_sample": False}))
+    assert read_sampling_defaults(tmp_path) == {"repetition_penalty": 1.2}
 
 
 def test_model_info_reports_the_checkpoints_sampling_defaults(tmp_path):

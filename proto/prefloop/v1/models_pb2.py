@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prefloop/v1/models.proto\x12\x0bprefloop.v1\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x38\n\x11sampling_defaults\x18\x06 \x01(\x0b\x32\x1d.prefloop.v1.SamplingDefaults\"E\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\"\x17\n\x15GetEngineStatsRequest\"\x8f\x02\n\x0b\x45ngineStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x05\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\x05\x12\x32\n\x05\x65xtra\x18\x08 \x03(\x0b\x32#.prefloop.v1.EngineStats.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf4\x01\n\x0eStartABRequest\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x14\n\x07traffic\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06sticky\x18\x03 \x01(\t\x12\x16\n\tmin_votes\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0cmax_duration\x18\x06 \x01(\t\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x19\n\x0c\x66utility_win\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_trafficB\x0c\n\n_min_votesB\r\n\x0b_confidenceB\x0f\n\r_futility_win\"\x14\n\x12GetABStatusRequest\"0\n\rStopABRequest\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd1\x01\n\x08\x41\x42Status\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0c\n\x04wins\x18\x05 \x01(\x05\x12\x0e\n\x06losses\x18\x06 \x01(\x05\x12\x14\n\x0cinterval_low\x18\x07 \x01(\x01\x12\x15\n\rinterval_high\x18\x08 \x01(\x01\x12\x10\n\x08\x64\x65\x63ision\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x13\n\x0bstatus_json\x18\x0b \x01(\t\"\x15\n\x13ListVersionsRequest\"\x9a\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x06 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\t\x12\x11\n\tgate_json\x18\x08 \x01(\t\"t\n\x14ListVersionsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.prefloop.v1.VersionInfo\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\"@\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"!\n\x0fRollbackRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x0eSwitchResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t2\xc6\x04\n\x06Models\x12H\n\x0cGetModelInfo\x12 .prefloop.v1.GetModelInfoRequest\x1a\x16.prefloop.v1.ModelInfo\x12N\n\x0eGetEngineStats\x12\".prefloop.v1.GetEngineStatsRequest\x1a\x18.prefloop.v1.EngineStats\x12S\n\x0cListVersions\x12 .prefloop.v1.ListVersionsRequest\x1a!.prefloop.v1.ListVersionsResponse\x12\x43\n\x07Promote\x12\x1b.prefloop.v1.PromoteRequest\x1a\x1b.prefloop.v1.SwitchResponse\x12\x45\n\x08Rollback\x12\x1c.prefloop.v1.RollbackRequest\x1a\x1b.prefloop.v1.SwitchResponse\x12=\n\x07StartAB\x12\x1b.prefloop.v1.StartABRequest\x1a\x15.prefloop.v1.ABStatus\x12\x45\n\x0bGetABStatus\x12\x1f.prefloop.v1.GetABStatusRequest\x1a\x15.prefloop.v1.ABStatus\x12;\n\x06StopAB\x12\x1a.prefloop.v1.StopABRequest\x1a\x15.prefloop.v1.ABStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prefloop/v1/models.proto\x12\x0bprefloop.v1\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x38\n\x11sampling_defaults\x18\x06 \x01(\x0b\x32\x1d.prefloop.v1.SamplingDefaults\"}\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_repetition_penalty\"\x17\n\x15GetEngineStatsRequest\"\x8f\x02\n\x0b\x45ngineStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x05\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\x05\x12\x32\n\x05\x65xtra\x18\x08 \x03(\x0b\x32#.prefloop.v1.EngineStats.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf4\x01\n\x0eStartABRequest\x12\x11\n\tcandidate\x18\x01 \x01(\t\x12\x14\n\x07traffic\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06sticky\x18\x03 \x01(\t\x12\x16\n\tmin_votes\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0cmax_duration\x18\x06 \x01(\t\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x19\n\x0c\x66utility_win\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_trafficB\x0c\n\n_min_votesB\r\n\x0b_confidenceB\x0f\n\r_futility_win\"\x14\n\x12GetABStatusRequest\"0\n\rStopABRequest\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd1\x01\n\x08\x41\x42Status\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontrol\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0c\n\x04wins\x18\x05 \x01(\x05\x12\x0e\n\x06losses\x18\x06 \x01(\x05\x12\x14\n\x0cinterval_low\x18\x07 \x01(\x01\x12\x15\n\rinterval_high\x18\x08 \x01(\x01\x12\x10\n\x08\x64\x65\x63ision\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x13\n\x0bstatus_json\x18\x0b \x01(\t\"\x15\n\x13ListVersionsRequest\"\x9a\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x06 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x07 \x01(\t\x12\x11\n\tgate_json\x18\x08 \x01(\t\"t\n\x14ListVersionsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.prefloop.v1.VersionInfo\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\"@\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"!\n\x0fRollbackRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x0eSwitchResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t2\xc6\x04\n\x06Models\x12H\n\x0cGetModelInfo\x12 .prefloop.v1.GetModelInfoRequest\x1a\x16.prefloop.v1.ModelInfo\x12N\n\x0eGetEngineStats\x12\".prefloop.v1.GetEngineStatsRequest\x1a\x18.prefloop.v1.EngineStats\x12S\n\x0cListVersions\x12 .prefloop.v1.ListVersionsRequest\x1a!.prefloop.v1.ListVersionsResponse\x12\x43\n\x07Promote\x12\x1b.prefloop.v1.PromoteRequest\x1a\x1b.prefloop.v1.SwitchResponse\x12\x45\n\x08Rollback\x12\x1c.prefloop.v1.RollbackRequest\x1a\x1b.prefloop.v1.SwitchResponse\x12=\n\x07StartAB\x12\x1b.prefloop.v1.StartABRequest\x1a\x15.prefloop.v1.ABStatus\x12\x45\n\x0bGetABStatus\x12\x1f.prefloop.v1.GetABStatusRequest\x1a\x15.prefloop.v1.ABStatus\x12;\n\x06StopAB\x12\x1a.prefloop.v1.StopABRequest\x1a\x15.prefloop.v1.ABStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=65
   _globals['_MODELINFO']._serialized_end=235
   _globals['_SAMPLINGDEFAULTS']._serialized_start=237
-  _globals['_SAMPLINGDEFAULTS']._serialized_end=306
-  _globals['_GETENGINESTATSREQUEST']._serialized_start=308
-  _globals['_GETENGINESTATSREQUEST']._serialized_end=331
-  _globals['_ENGINESTATS']._serialized_start=334
-  _globals['_ENGINESTATS']._serialized_end=605
-  _globals['_ENGINESTATS_EXTRAENTRY']._serialized_start=561
-  _globals['_ENGINESTATS_EXTRAENTRY']._serialized_end=605
-  _globals['_STARTABREQUEST']._serialized_start=608
-  _globals['_STARTABREQUEST']._serialized_end=852
-  _globals['_GETABSTATUSREQUEST']._serialized_start=854
-  _globals['_GETABSTATUSREQUEST']._serialized_end=874
-  _globals['_STOPABREQUEST']._serialized_start=876
-  _globals['_STOPABREQUEST']._serialized_end=924
-  _globals['_ABSTATUS']._serialized_start=927
-  _globals['_ABSTATUS']._serialized_end=1136
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1138
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1159
-  _globals['_VERSIONINFO']._serialized_start=1162
-  _globals['_VERSIONINFO']._serialized_end=1316
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1318
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1434
-  _globals['_PROMOTEREQUEST']._serialized_start=1436
-  _globals['_PROMOTEREQUEST']._serialized_end=1500
-  _globals['_ROLLBACKREQUEST']._serialized_start=1502
-  _globals['_ROLLBACKREQUEST']._serialized_end=1535
-  _globals['_SWITCHRESPONSE']._serialized_start=1537
-  _globals['_SWITCHRESPONSE']._serialized_end=1604
-  _globals['_MODELS']._serialized_start=1607
-  _globals['_MODELS']._serialized_end=2189
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=362
+  _globals['_GETENGINESTATSREQUEST']._serialized_start=364
+  _globals['_GETENGINESTATSREQUEST']._serialized_end=387
+  _globals['_ENGINESTATS']._serialized_start=390
+  _globals['_ENGINESTATS']._serialized_end=661
+  _globals['_ENGINESTATS_EXTRAENTRY']._serialized_start=617
+  _globals['_ENGINESTATS_EXTRAENTRY']._serialized_end=661
+  _globals['_STARTABREQUEST']._serialized_start=664
+  _globals['_STARTABREQUEST']._serialized_end=908
+  _globals['_GETABSTATUSREQUEST']._serialized_start=910
+  _globals['_GETABSTATUSREQUEST']._serialized_end=930
+  _globals['_STOPABREQUEST']._serialized_start=932
+  _globals['_STOPABREQUEST']._serialized_end=980
+  _globals['_ABSTATUS']._serialized_start=983
+  _globals['_ABSTATUS']._serialized_end=1192
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1194
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1215
+  _globals['_VERSIONINFO']._serialized_start=1218
+  _globals['_VERSIONINFO']._serialized_end=1372
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1374
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1490
+  _globals['_PROMOTEREQUEST']._serialized_start=1492
+  _globals['_PROMOTEREQUEST']._serialized_end=1556
+  _globals['_ROLLBACKREQUEST']._serialized_start=1558
+  _globals['_ROLLBACKREQUEST']._serialized_end=1591
+  _globals['_SWITCHRESPONSE']._serialized_start=1593
+  _globals['_SWITCHRESPONSE']._serialized_end=1660
+  _globals['_MODELS']._serialized_start=1663
+  _globals['_MODELS']._serialized_end=2245
 # @@protoc_insertion_point(module_scope)

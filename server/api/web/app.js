@@ -175,6 +175,8 @@ function sampling() {
   if (maxTokens > 0) body.max_tokens = maxTokens;
   const temperature = parseFloat(byTestId("temperature").value);
   if (isFinite(temperature)) body.temperature = temperature;
+  const penalty = parseFloat(byTestId("repetition-penalty").value);
+  if (penalty > 0) body.repetition_penalty = penalty;
   return body;
 }
 
