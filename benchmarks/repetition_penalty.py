@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_quality import wilson  # noqa: E402
 from loop_users import prompts  # noqa: E402
 from sampling_defaults import QUESTIONS, right  # noqa: E402
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson interval of k successes in n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return mid - half, mid + half
 
 
 async def answers(gen, asks: list[str], *, temperature: float, top_p: float, penalty: float,
