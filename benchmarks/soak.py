@@ -182,6 +182,7 @@ class Soak:
         self.epoch = 0  # bumps at every kill: a request of an older epoch was in flight
         self.up = threading.Event()  # set while a started server has not been killed
         self.running = threading.Event()  # load runs while set
+        self.in_flight = 0  # rounds started and not finished (under `lock`)
         self.stop = threading.Event()
         self.server = None
         self.url = self.target = ""
@@ -254,7 +255,10 @@ class Soak:
             if not self.running.wait(0.2) or not self.up.wait(0.2):
                 continue
             with self.lock:
+                if not self.running.is_set():  # paused between the wait and here
+                    continue
                 epoch = self.epoch
+                self.in_flight += 1
             try:
                 self.one_round(rng, use_grpc=(i == 0))
                 with self.lock:
@@ -270,12 +274,25 @@ class Soak:
                         self.report.failed_outside += 1
                         self.report.failures.append(f"{type(exc).__name__}: {exc}"[:300])
                 time.sleep(0.2)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
 
     # -- checks ----------------------------------------------------------------------------------
 
-    def pause(self) -> None:
-        self.running.clear()
-        time.sleep(1.0)  # let the rounds in flight finish
+    def pause(self, limit_s: float = 180.0) -> None:
+        """Stop the load and wait until the rounds in flight finish (a vote acked after the
+        check read the log would count as lost): a fixed second was too short on a slow machine,
+        where one round (a chat and two votes) took over 2 s."""
+        with self.lock:
+            self.running.clear()
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.in_flight == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"soak: {self.in_flight} round(s) still in flight after {limit_s:.0f} s")
 
     def check(self, label: str) -> None:
         from prefloop.server.ab import state as ab_state
