@@ -283,7 +283,7 @@ class Soak:
     def pause(self, limit_s: float = 180.0) -> None:
         """Stop the load and wait until the rounds in flight finish (a vote acked after the
         check read the log would count as lost): a fixed second was too short on a slow machine,
-        where one round (a chat and two votes) took over 2 s."""
+        where the chat of one round (then two votes) took up to 1.9 s."""
         with self.lock:
             self.running.clear()
         deadline = time.monotonic() + limit_s
