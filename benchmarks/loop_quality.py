@@ -76,11 +76,13 @@ def wilson(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, log_path: Path, extra: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, str]:
+    """A real `prefloop serve` on `data_dir` with `extra` serve flags; (process, gRPC target)."""
     proc = subprocess.Popen([sys.executable, "-m", "prefloop.cli", "serve", "--port", "0",
                              "--http-port", "0", "--data-dir", str(data_dir), "--registry-poll", "0.5",
                              # simulated users vote faster than people: no per-voter limit
-                             "--votes-per-minute", "0", "--token-votes-per-minute", "0"],
+                             "--votes-per-minute", "0", "--token-votes-per-minute", "0", *extra],
                             stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
     line = ""
     while "listening on" not in line:

@@ -57,9 +57,11 @@ from prefloop.clients import Client  # noqa: E402
 
 
 def collect_votes(work: Path, preference: str, votes: int, users: Users, seed: int,
-                  concurrency: int, base: list[str], up_rate: float) -> Path:
+                  concurrency: int, base: list[str], up_rate: float,
+                  repetition_penalty: float | None = None) -> Path:
     """A data dir with v0000 and `votes` prompts voted on by `users` (reused when already
-    there); a thumbs user's bar comes from the base's held-out answers `base`."""
+    there); a thumbs user's bar comes from the base's held-out answers `base`. The server
+    answers at `repetition_penalty` as its default (None: the model's)."""
     data = work / "data"
     done = work / "votes.json"
     if done.exists():
@@ -67,7 +69,9 @@ def collect_votes(work: Path, preference: str, votes: int, users: Users, seed: i
         return data
     users = dataclasses.replace(users, bar=up_bar(preference, base, up_rate))
     vote_prompts, _ = prompts(seed=seed)
-    proc, target = start_server(data, work / "server.log")
+    extra = () if repetition_penalty is None else ("--default-repetition-penalty",
+                                                   str(repetition_penalty))
+    proc, target = start_server(data, work / "server.log", extra)
     try:
         t = time.perf_counter()
         with Client(target, timeout=600) as client:
@@ -96,9 +100,10 @@ def init_data(work: Path) -> Path:
 
 
 def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: int | None,
-                                samples: int, temperature: float | None = None) -> list[str]:
+                                samples: int, temperature: float | None = None,
+                                repetition_penalty: float | None = None) -> list[str]:
     """The version's answers to the held-out prompts at the server's default sampling (or
-    `temperature`, and the default length when `max_tokens` is None), seeded as
+    `temperature` / `repetition_penalty`, and the default length when `max_tokens` is None), seeded as
     loop_quality.held_out_answers seeds them (in-process Generator, all at once)."""
     from prefloop.server.api.completions import SamplingDefaults
     from prefloop.server.engine.sampling_params import SamplingParams
@@ -106,7 +111,8 @@ def held_out_answers_in_process(model_dir: Path, held: list[str], max_tokens: in
 
     async def run() -> list[str]:
         gen = build_generator(str(model_dir))
-        defaults = SamplingDefaults.resolve(gen.info.sampling_defaults, temperature=temperature)
+        defaults = SamplingDefaults.resolve(gen.info.sampling_defaults, temperature=temperature,
+                                            repetition_penalty=repetition_penalty)
         await gen.start()
         try:
             async def one(i: int, s: int, prompt: str) -> str:
@@ -200,7 +206,8 @@ def run_setting(name: str, flags: str, data: Path, work: Path, base: list[str], 
         return row
     t = time.perf_counter()
     served = held_out_answers_in_process(copy / "registry" / "versions" / version, held,
-                                         args.max_tokens, args.heldout_samples, args.temperature)
+                                         args.max_tokens, args.heldout_samples, args.temperature,
+                                         args.repetition_penalty)
     row["measure_s"] = round(time.perf_counter() - t, 1)
     (copy / served_name(args)).write_text(json.dumps(served))  # --rejudge reads it
     row.update(judge(args.preference, base, served, random.Random(args.seed),
@@ -227,7 +234,7 @@ def rejudge_setting(name: str, work: Path, base: list[str], held: list[str], arg
     else:
         served = held_out_answers_in_process(copy / "registry" / "versions" / versions[-1], held,
                                              args.max_tokens, args.heldout_samples,
-                                             args.temperature)
+                                             args.temperature, args.repetition_penalty)
         saved.write_text(json.dumps(served))
     if len(served) != len(base):
         return {"setting": name, "error": f"{saved} holds {len(served)} answers, the design "
@@ -246,7 +253,7 @@ def base_answers(work: Path, data: Path, held: list[str], args, samples: int, su
     if not path.exists():
         path.write_text(json.dumps(held_out_answers_in_process(
             data / "registry" / "versions" / "v0000", held, args.max_tokens, samples,
-            args.temperature)))
+            args.temperature, args.repetition_penalty)))
     return json.loads(path.read_text())
 
 
@@ -329,6 +336,10 @@ def main() -> int:
                     help="prompts per held-out topic of the 24, each in its own template (1-7; "
                          "default %(default)s: 168 answers, an interval that resamples topics; "
                          "docs/loop_benchmark.md, \"168 held-out answers\")")
+    ap.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                    help="the loop server's `--default-repetition-penalty`, also for the base's and "
+                         "candidates' held-out answers (default: the model's, 1); the gate's "
+                         "degeneration check samples without it")
     ap.add_argument("--concurrency", type=int, default=8, help="users voting at a time (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt split and user randomness (default %(default)s)")
@@ -343,12 +354,16 @@ def main() -> int:
     args = ap.parse_args()
     if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1 or args.users < 1:
         ap.error("--noise must be in [0, 0.5), --up-rate in (0, 1) and --users >= 1")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        ap.error("--repetition-penalty must be > 0")
     if not 1 <= args.heldout_templates <= len(TEMPLATES) or args.heldout_samples < 1:
         ap.error(f"--heldout-templates must be in 1..{len(TEMPLATES)} and --heldout-samples >= 1")
     settings = [s.split("=", 1) for s in (args.setting or ["defaults="])]
     args.max_tokens = args.max_tokens or None
     work = Path(args.work) / (f"{args.preference}-{args.feedback}-noise{args.noise}-"
-                              f"t{args.temperature}-m{args.max_tokens}-seed{args.seed}")
+                              f"t{args.temperature}-m{args.max_tokens}-seed{args.seed}"
+                              + ("" if args.repetition_penalty is None
+                                 else f"-rp{args.repetition_penalty}"))
     print(f"loop_sweep: {args.preference}, {args.votes} prompts, {args.feedback} feedback "
           f"({args.noise:.0%} flipped), {len(settings)} setting(s), method "
           f"{args.method or '(default)'}", flush=True)
@@ -371,7 +386,7 @@ def main() -> int:
     bar_base = base if old_design(args) or (work / "votes.json").exists() else base_answers(
         work, data, prompts(seed=args.seed)[1], args, BAR_SAMPLES, f"{BAR_SAMPLES}")
     data = collect_votes(work, args.preference, args.votes, users, args.seed, args.concurrency,
-                         bar_base, args.up_rate)
+                         bar_base, args.up_rate, args.repetition_penalty)
     if args.preference != "random":
         from gate_power import events_for_level, heldout_ceiling, midpoint_ceiling
         c = heldout_ceiling(data, args.preference)
