@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens; 0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already in the context; 1 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's, in [-2, 2]: subtracted from a token's logit per time it occurs in "
+                        "the completion so far; 0 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's, in [-2, 2]: subtracted once from a token that occurs in the "
+                        "completion so far; 0 = off")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling (same seed and settings, same text; default random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -43,7 +49,9 @@ def _check(args) -> SamplingParams:
     check_model_path(args.model)
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop),
-                          repetition_penalty=args.repetition_penalty)
+                          repetition_penalty=args.repetition_penalty,
+                          frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty)
 
 
 async def _generate(args, params: SamplingParams) -> dict:

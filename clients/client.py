@@ -178,6 +178,7 @@ def sampling_proto(*, max_tokens: int | None = None, temperature: float | None =
                    top_p: float | None = None, top_k: int | None = None,
                    stop: Sequence[str] | str | None = None, seed: int | None = None,
                    n: int | None = None, repetition_penalty: float | None = None,
+                   frequency_penalty: float | None = None, presence_penalty: float | None = None,
                    response_format: Mapping[str, Any] | None = None,
                    ) -> generation_pb2.SamplingParams:
     """A proto SamplingParams; None leaves a field unset (the server's default applies).
@@ -185,7 +186,8 @@ def sampling_proto(*, max_tokens: int | None = None, temperature: float | None =
     `response_format` is OpenAI's: {"type": "json_object"} or {"type": "json_schema",
     "json_schema": {"name": ..., "schema": {...}}}."""
     fields = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  seed=seed, n=n, repetition_penalty=repetition_penalty)
+                  seed=seed, n=n, repetition_penalty=repetition_penalty,
+                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     msg = generation_pb2.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
     if stop:
         msg.stop.extend([stop] if isinstance(stop, str) else stop)
@@ -453,8 +455,8 @@ class Client(_ClientBase[Iterator[Chunk]]):
     def generate(self, prompt: str, *, session_id: str = "", user_id: str = "",
                  timeout: float | None = None, **sampling: Any) -> GenerateResult:
         """Complete a raw prompt. `sampling`: max_tokens, temperature, top_p, top_k, stop,
-        seed, n, repetition_penalty (None/omitted = server default); `compare=True`: during an
-        A/B test one answer from each version in random order (each `Completion` names its
+        seed, n, repetition_penalty, frequency_penalty, presence_penalty (None/omitted = server
+        default); `compare=True`: during an A/B test one answer from each version in random order (each `Completion` names its
         version; leave n unset), else one answer."""
         return self._unary(self._rpcs.generate(prompt, session_id, user_id, sampling), timeout)
 

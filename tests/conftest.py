@@ -68,7 +68,8 @@ class FakeGenerator:
     """Tokens are the prompt's bytes; completion i emits " w<step>" words, one per `step_s`.
 
     A prompt containing "BOOM" raises RuntimeError inside stream (an unexpected server bug).
-    `running` holds the request ids being generated; each holds `blocks_per_request` blocks.
+    `running` holds the request ids being generated; each holds `blocks_per_request` blocks;
+    `params` the SamplingParams of every request, in order.
     """
 
     def __init__(self, step_s: float = 0.005, total_blocks: int = 64,
@@ -79,6 +80,7 @@ class FakeGenerator:
         self.blocks_per_request = blocks_per_request
         self.running: set[str] = set()
         self.aborted: list[str] = []
+        self.params: list[SamplingParams] = []
         self.started = False
         self.closed = False
 
@@ -107,6 +109,7 @@ class FakeGenerator:
         if b"BOOM" in bytes(prompt_ids):
             raise RuntimeError("fake engine bug")
         self.running.add(request_id)
+        self.params.append(params)
         try:
             for step in range(1, params.max_tokens + 1):
                 await asyncio.sleep(self.step_s)

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("prefloop.server.access")
 
 MAX_ID_CHARS = 256  # session_id / user_id, as on the feedback path
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "n", "repetition_penalty")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "n", "repetition_penalty",
+                   "frequency_penalty", "presence_penalty")
 
 
 class Recorder(Protocol):
@@ -168,7 +169,9 @@ class Call:
 def sampling_as_dict(params: SamplingParams) -> dict:
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "max_tokens": params.max_tokens, "stop": list(params.stop), "seed": params.seed,
-            "n": params.n, "repetition_penalty": params.repetition_penalty}
+            "n": params.n, "repetition_penalty": params.repetition_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "presence_penalty": params.presence_penalty}
 
 
 class CompletionRunner:

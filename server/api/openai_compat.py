@@ -23,14 +23,13 @@ from prefloop.server.engine.response_format import (
 from prefloop.server.errors import InvalidArgument
 
 COMMON = {"model", "temperature", "top_p", "max_tokens", "n", "stop", "seed", "user", "stream",
-          "stream_options",
+          "stream_options", "frequency_penalty", "presence_penalty",
           # prefloop's extensions
           "session_id", "top_k", "repetition_penalty", "response_format"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "compare", "tools", "tool_choice"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 IGNORED = {"store", "metadata", "service_tier", "parallel_tool_calls"}
 IGNORED_AT_DEFAULT: dict[str, tuple] = {  # field -> values that change nothing
-    "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
     "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
     "echo": (False, None),
     "suffix": (None, ""), "best_of": (1, None),
@@ -178,6 +177,8 @@ def _common(body: Any, allowed: set[str], max_grammar_size: int) -> ParsedReques
         "seed": _number(body, "seed", integer=True),
         "n": _number(body, "n", integer=True, low=1),
         "repetition_penalty": _number(body, "repetition_penalty", low=0),
+        "frequency_penalty": _number(body, "frequency_penalty", low=-2, high=2),
+        "presence_penalty": _number(body, "presence_penalty", low=-2, high=2),
     }
     return ParsedRequest(model=model or None, stream=stream,
                          include_usage=bool(options.get("include_usage")), sampling=sampling,

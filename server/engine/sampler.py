@@ -1,6 +1,7 @@
 """Sampling as pure functions on logits [num_seqs, vocab].
 
-Order (as in HF/vLLM): repetition penalty -> temperature -> top-k -> top-p -> draw. Greedy rows
+Order (as in HF/vLLM): repetition penalty -> frequency / presence penalties -> temperature ->
+top-k -> top-p -> draw. Greedy rows
 (temperature 0) take the argmax. Every random row draws with its own `torch.Generator`, so a seeded
 request gives the same tokens alone or in any batch.
 """
@@ -34,6 +35,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+def apply_frequency_presence_penalties(logits: torch.Tensor, output_ids: list[int],
+                                       frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's penalties on one row [vocab], as vLLM applies them: the completion's own tokens
+    (not the prompt's) lose `frequency` per occurrence and `presence` once."""
+    if (frequency == 0.0 and presence == 0.0) or not output_ids:
+        return logits
+    counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long),
+                            minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of a row [vocab] (k <= 0 or >= vocab keeps all)."""
     if k <= 0 or k >= logits.shape[-1]:
@@ -65,11 +77,11 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 
 def sample(logits: torch.Tensor, rows: list) -> list[int]:
-    """One token per row. `rows[i]` has .params (SamplingParams), .generator and .token_ids."""
+    """One token per row. `rows[i]` has .params (SamplingParams), .generator, .token_ids (prompt
+    then completion) and .prompt_len."""
     logits = logits.float()
     out: list[int] = []
-    greedy_plain = [i for i, r in enumerate(rows)
-                    if r.params.temperature == 0.0 and r.params.repetition_penalty == 1.0]
+    greedy_plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.penalized]
     argmax = logits.argmax(-1).tolist() if greedy_plain else None
     plain = set(greedy_plain)
     for i, row in enumerate(rows):
@@ -81,5 +93,8 @@ def sample(logits: torch.Tensor, rows: list) -> list[int]:
         if p.repetition_penalty != 1.0:
             lg = apply_repetition_penalty(lg, torch.tensor(row.token_ids, dtype=torch.long),
                                           p.repetition_penalty)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            lg = apply_frequency_presence_penalties(lg, row.token_ids[row.prompt_len:],
+                                                    p.frequency_penalty, p.presence_penalty)
         out.append(sample_row(lg, p.temperature, p.top_k, p.top_p, row.generator))
     return out

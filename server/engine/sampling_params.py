@@ -14,7 +14,9 @@ from prefloop.server.errors import InvalidArgument
 # Stop strings are matched against the decoded text after every step, so they cost every step.
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty")
+MAX_ABS_PENALTY = 2.0  # OpenAI's (and vLLM's) range for frequency / presence penalties
 
 
 @dataclass(slots=True)
@@ -28,6 +30,10 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     repetition_penalty: float = 1.0  # 1 disables; > 1 discourages repeats
+    # OpenAI's: subtracted from a token's logit per time it occurs in the completion so far
+    # (frequency) or once if it occurs at all (presence); 0 disables, < 0 encourages repeats
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None  # JSON output constraint (None: free text)
 
@@ -51,6 +57,10 @@ class SamplingParams:
         if not (self.repetition_penalty > 0.0):
             raise InvalidArgument(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if abs(getattr(self, name)) > MAX_ABS_PENALTY:
+                raise InvalidArgument(f"{name} must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}] "
+                                      f"(0 = off), got {getattr(self, name)}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidArgument(
                 f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
@@ -65,3 +75,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Does any penalty change the logits (so greedy is not a plain argmax)?"""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)

@@ -58,6 +58,9 @@ SAMPLING = pa.struct([
     ("seed", pa.int64()),
     ("n", pa.int32()),
     ("repetition_penalty", pa.float64()),
+    # added 2026-12-08 (a minor change: older parts read them as null)
+    ("frequency_penalty", pa.float64()),
+    ("presence_penalty", pa.float64()),
 ])
 SAMPLING_FIELDS = tuple(f.name for f in SAMPLING)
 
@@ -299,6 +302,8 @@ def normalize_sampling(sampling: Any) -> dict[str, Any] | None:
         "seed": _opt_int(get("seed")),
         "n": _opt_int(get("n")),
         "repetition_penalty": _opt_float(get("repetition_penalty")),
+        "frequency_penalty": _opt_float(get("frequency_penalty")),
+        "presence_penalty": _opt_float(get("presence_penalty")),
     }
 
 

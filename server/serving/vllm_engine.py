@@ -144,7 +144,9 @@ def to_vllm_params(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> Vl
             disable_any_whitespace=True)
     return VllmSamplingParams(
         n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
-        top_k=params.top_k, repetition_penalty=params.repetition_penalty, seed=params.seed,
+        top_k=params.top_k, repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+        seed=params.seed,
         max_tokens=params.max_tokens, stop_token_ids=sorted(set(stop_ids)),
         ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
         structured_outputs=structured)

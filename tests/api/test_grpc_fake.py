@@ -95,6 +95,18 @@ def test_unset_repetition_penalty_gets_the_servers_default_and_a_set_one_is_kept
     assert used == [1.15, 1.0]
 
 
+def test_frequency_and_presence_penalties_travel_over_grpc_and_unset_is_off(fake_server_factory):
+    srv = fake_server_factory()
+    with Client(srv.target) as client:
+        client.generate("x", max_tokens=2, frequency_penalty=0.5, presence_penalty=-1.0)
+        client.chat([{"role": "user", "content": "x"}], max_tokens=2)
+        with pytest.raises(cerr.InvalidArgument, match="presence_penalty must be in"):
+            client.generate("x", max_tokens=2, presence_penalty=2.5)
+    used = [(r["sampling"]["frequency_penalty"], r["sampling"]["presence_penalty"])
+            for r in srv.recorder.rows]
+    assert used == [(0.5, -1.0), (0.0, 0.0)]
+
+
 def test_unset_max_tokens_uses_server_default(fake_server_factory):
     srv = fake_server_factory(limits=Limits(default_max_tokens=5))
     with Client(srv.target) as client:

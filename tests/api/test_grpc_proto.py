@@ -32,7 +32,7 @@ def test_optional_scalars_distinguish_zero_from_unset():
     unset = generation_pb2.SamplingParams()
     greedy = generation_pb2.SamplingParams(temperature=0.0, seed=0, max_tokens=0)
     for name in ("temperature", "seed", "max_tokens", "top_p", "top_k", "n",
-                 "repetition_penalty"):
+                 "repetition_penalty", "frequency_penalty", "presence_penalty"):
         assert not unset.HasField(name)
     assert greedy.HasField("temperature") and greedy.HasField("seed")
     decoded = generation_pb2.SamplingParams.FromString(greedy.SerializeToString())

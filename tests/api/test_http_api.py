@@ -140,11 +140,34 @@ def test_unknown_field_is_refused_by_name_and_harmless_ones_pass(http):
     assert "guided_json" in err.value.message and err.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="prefloop", messages=MESSAGES, max_tokens=2,
-                                       frequency_penalty=0.5)
-    assert "frequency_penalty" in err.value.message
+                                       logprobs=True)
+    assert "logprobs" in err.value.message
     ok = client.chat.completions.create(model="prefloop", messages=MESSAGES, max_tokens=2,
-                                        frequency_penalty=0, store=False)
+                                        logprobs=False, store=False)
     assert ok.choices[0].message.content == " w1 w2"
+
+
+def test_frequency_and_presence_penalties_reach_the_engine_and_the_log_and_are_range_checked(http):
+    client = http.client()
+    client.chat.completions.create(model="prefloop", messages=MESSAGES, max_tokens=2,
+                                   frequency_penalty=0.5, presence_penalty=-0.25)
+    client.completions.create(model="prefloop", prompt="x", max_tokens=2, presence_penalty=1.5)
+    client.chat.completions.create(model="prefloop", messages=MESSAGES, max_tokens=2)
+    used = [(p.frequency_penalty, p.presence_penalty) for p in http.generator.params]
+    assert used == [(0.5, -0.25), (0.0, 1.5), (0.0, 0.0)]  # unset: off, as in OpenAI's API
+    for bad in ({"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"presence_penalty": "x"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="prefloop", messages=MESSAGES, max_tokens=2,
+                                           extra_body=bad)
+        assert next(iter(bad)) in err.value.message and err.value.status_code == 400
+    assert len(http.generator.params) == 3  # refused before the engine
+    http.stop()  # flushes the log
+    from prefloop.server.feedback import schema as logschema
+    from prefloop.server.feedback.export import load_table
+    rows = load_table(http.data_dir, logschema.GENERATIONS).to_pylist()
+    logged = sorted((r["sampling"]["frequency_penalty"], r["sampling"]["presence_penalty"])
+                    for r in rows)
+    assert logged == sorted(used)
 
 
 def test_bad_values_raise_bad_request_with_openai_error_body(http):

@@ -49,6 +49,7 @@ def test_help_shows_defaults_and_every_flag_has_help():
     (("generate", ""), "prompt is empty"),
     (("generate", "hi", "--model", "/no/such/model"), "model path '/no/such/model' does not exist"),
     (("generate", "hi", "--temperature", "inf"), "temperature must be a finite number"),
+    (("generate", "hi", "--frequency-penalty", "3"), "frequency_penalty must be in [-2, 2]"),
 ])
 def test_generate_refuses_at_once_before_torch_is_imported(args, message):
     start = time.perf_counter()

@@ -131,6 +131,29 @@ def test_n_candidates_share_prompt_blocks_and_seed_is_reproducible(tiny_model):
     assert other_seed != alone
 
 
+def test_greedy_frequency_and_presence_penalties_match_a_reference_loop_on_transformers(
+        tiny_model, tiny_dir):
+    """Oracle: transformers' logits of the whole sequence, the completion's token counts
+    subtracted by hand (frequency per occurrence, presence once; the prompt's tokens do not
+    count), argmax. The penalties are large enough to change the answer."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    prompt = prompts(1)[0]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                            frequency_penalty=0.2, presence_penalty=0.1)
+    ours = make_engine(tiny_model).generate({"a": (prompt, params)})["a"][0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(16):
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(ids[len(prompt):] or [0]),
+                                    minlength=logits.shape[0]).float()
+            if len(ids) == len(prompt):
+                counts.zero_()
+            ids.append(int(torch.argmax(logits - 0.2 * counts - 0.1 * (counts > 0).float())))
+    assert ours == ids[len(prompt):]
+    assert ours != make_engine(tiny_model).generate({"a": (prompt, greedy(16))})["a"][0]
+
+
 def test_stop_token_ids_and_max_tokens(tiny_model):
     engine = make_engine(tiny_model)
     free_run = engine.generate({"a": ([5, 6, 7], greedy(20))})["a"][0]
@@ -183,13 +206,15 @@ def test_request_larger_than_cache_is_resource_exhausted(tiny_model):
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(top_p=0.0), dict(top_p=1.5),
                                     dict(temperature=-0.1), dict(n=0), dict(top_k=-1),
-                                    dict(repetition_penalty=0.0), dict(stop=("",))])
+                                    dict(repetition_penalty=0.0), dict(stop=("",)),
+                                    dict(frequency_penalty=2.5), dict(presence_penalty=-2.01)])
 def test_sampling_params_validation(kwargs):
     with pytest.raises(InvalidArgument):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty",
+                                  "frequency_penalty", "presence_penalty"])
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_sampling_values_are_refused(name, value):
     with pytest.raises(InvalidArgument, match=f"{name} must be a finite number"):

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from prefloop.server.engine.sampler import (
+    apply_frequency_presence_penalties,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -36,6 +37,30 @@ def test_repetition_penalty_divides_positive_multiplies_negative():
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
+def test_frequency_penalty_counts_occurrences_and_presence_counts_once():
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    out = apply_frequency_presence_penalties(logits, [1, 1, 1, 2], frequency=0.5, presence=0.25)
+    # token 1: 1 - 3 * 0.5 - 0.25; token 2: 1 - 0.5 - 0.25; tokens 0 and 3 never occurred
+    assert out.tolist() == [1.0, -0.75, 0.25, 1.0]
+    encouraged = apply_frequency_presence_penalties(logits, [3], frequency=0.0, presence=-1.0)
+    assert encouraged.tolist() == [1.0, 1.0, 1.0, 2.0]
+    assert apply_frequency_presence_penalties(logits, [], 1.0, 1.0) is logits
+
+
+def test_frequency_penalty_counts_the_completion_not_the_prompt():
+    """Greedy rows: token 0 leads by 1; the prompt repeats it (no effect, as in OpenAI's and
+    vLLM's penalties), the completion's two occurrences at 0.6 each hand the lead to token 1."""
+    logits = torch.tensor([[2.0, 1.0, 0.0]] * 3)
+
+    def row(token_ids, prompt_len, frequency):
+        return SimpleNamespace(params=SamplingParams(temperature=0, frequency_penalty=frequency),
+                               generator=None, token_ids=token_ids, prompt_len=prompt_len)
+    rows = [row([0, 0, 0, 0], 4, 0.6),  # all four in the prompt: not penalized
+            row([0, 0, 0, 0], 2, 0.6),  # two in the completion: 2 - 1.2 < 1
+            row([0, 0, 0, 0], 2, 0.0)]  # penalty off: plain argmax
+    assert sample(logits, rows) == [0, 1, 0]
+
+
 def test_temperature_sampling_frequencies_match_softmax():
     logits = torch.tensor([0.0, math.log(3.0)])  # p = [0.25, 0.75] at temperature 1
     g = torch.Generator().manual_seed(0)
@@ -49,7 +74,8 @@ def test_temperature_sampling_frequencies_match_softmax():
 def _row(seed, index=0):
     """A sequence as `sample` sees it: its params and its own per-request generator."""
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
-    return SimpleNamespace(params=params, generator=request_generator(seed, index), token_ids=[])
+    return SimpleNamespace(params=params, generator=request_generator(seed, index), token_ids=[],
+                           prompt_len=0)
 
 
 def test_same_seed_in_one_batch_gives_the_same_tokens_and_other_seeds_differ():

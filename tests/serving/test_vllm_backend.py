@@ -259,9 +259,11 @@ def test_sampling_params_mapping():
     greedy = to_vllm_params(SamplingParams(temperature=0, n=3, max_tokens=5, stop_token_ids=(7,)), (2,))
     assert greedy.n == 1 and greedy.max_tokens == 5 and sorted(greedy.stop_token_ids) == [2, 7]
     sampled = to_vllm_params(SamplingParams(temperature=0.7, top_p=0.9, top_k=20, n=2, seed=4,
-                                            repetition_penalty=1.1, ignore_eos=True), (2,))
+                                            repetition_penalty=1.1, ignore_eos=True,
+                                            frequency_penalty=0.5, presence_penalty=-0.5), (2,))
     assert (sampled.n, sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (2, 0.7, 0.9, 20, 4)
     assert sampled.repetition_penalty == 1.1 and sampled.ignore_eos and sampled.stop_token_ids == []
+    assert (sampled.frequency_penalty, sampled.presence_penalty) == (0.5, -0.5)
     assert sampled.detokenize is False
 
 

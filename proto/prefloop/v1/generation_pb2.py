@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprefloop/v1/generation.proto\x12\x0bprefloop.v1\"\xcc\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\t \x01(\x0b\x32\x1b.prefloop.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x04\n\x02_nB\x15\n\x13_repetition_penalty\"A\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.prefloop.v1.SamplingParams\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ompare\x18\x05 \x01(\x08\"\x9e\x01\n\x0b\x43hatRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.prefloop.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.prefloop.v1.SamplingParams\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ompare\x18\x05 \x01(\x08\"\x87\x01\n\nCompletion\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"\x82\x01\n\x10GenerateResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.prefloop.v1.Completion\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xbb\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\t2\xaa\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.prefloop.v1.GenerateRequest\x1a\x1d.prefloop.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.prefloop.v1.GenerateRequest\x1a\x1a.prefloop.v1.GenerateChunk0\x01\x12?\n\x04\x43hat\x12\x18.prefloop.v1.ChatRequest\x1a\x1d.prefloop.v1.GenerateResponse\x12\x44\n\nChatStream\x12\x18.prefloop.v1.ChatRequest\x1a\x1a.prefloop.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprefloop/v1/generation.proto\x12\x0bprefloop.v1\"\xb6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\t \x01(\x0b\x32\x1b.prefloop.v1.ResponseFormat\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x04\n\x02_nB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"A\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.prefloop.v1.SamplingParams\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ompare\x18\x05 \x01(\x08\"\x9e\x01\n\x0b\x43hatRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.prefloop.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.prefloop.v1.SamplingParams\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63ompare\x18\x05 \x01(\x08\"\x87\x01\n\nCompletion\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"\x82\x01\n\x10GenerateResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.prefloop.v1.Completion\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xbb\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\t2\xaa\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.prefloop.v1.GenerateRequest\x1a\x1d.prefloop.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.prefloop.v1.GenerateRequest\x1a\x1a.prefloop.v1.GenerateChunk0\x01\x12?\n\x04\x43hat\x12\x18.prefloop.v1.ChatRequest\x1a\x1d.prefloop.v1.GenerateResponse\x12\x44\n\nChatStream\x12\x18.prefloop.v1.ChatRequest\x1a\x1a.prefloop.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prefloop.v1.generation_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=378
-  _globals['_RESPONSEFORMAT']._serialized_start=380
-  _globals['_RESPONSEFORMAT']._serialized_end=445
-  _globals['_CHATMESSAGE']._serialized_start=447
-  _globals['_CHATMESSAGE']._serialized_end=491
-  _globals['_GENERATEREQUEST']._serialized_start=494
-  _globals['_GENERATEREQUEST']._serialized_end=628
-  _globals['_CHATREQUEST']._serialized_start=631
-  _globals['_CHATREQUEST']._serialized_end=789
-  _globals['_COMPLETION']._serialized_start=792
-  _globals['_COMPLETION']._serialized_end=927
-  _globals['_GENERATERESPONSE']._serialized_start=930
-  _globals['_GENERATERESPONSE']._serialized_end=1060
-  _globals['_GENERATECHUNK']._serialized_start=1063
-  _globals['_GENERATECHUNK']._serialized_end=1250
-  _globals['_GENERATION']._serialized_start=1253
-  _globals['_GENERATION']._serialized_end=1551
+  _globals['_SAMPLINGPARAMS']._serialized_end=484
+  _globals['_RESPONSEFORMAT']._serialized_start=486
+  _globals['_RESPONSEFORMAT']._serialized_end=551
+  _globals['_CHATMESSAGE']._serialized_start=553
+  _globals['_CHATMESSAGE']._serialized_end=597
+  _globals['_GENERATEREQUEST']._serialized_start=600
+  _globals['_GENERATEREQUEST']._serialized_end=734
+  _globals['_CHATREQUEST']._serialized_start=737
+  _globals['_CHATREQUEST']._serialized_end=895
+  _globals['_COMPLETION']._serialized_start=898
+  _globals['_COMPLETION']._serialized_end=1033
+  _globals['_GENERATERESPONSE']._serialized_start=1036
+  _globals['_GENERATERESPONSE']._serialized_end=1166
+  _globals['_GENERATECHUNK']._serialized_start=1169
+  _globals['_GENERATECHUNK']._serialized_end=1356
+  _globals['_GENERATION']._serialized_start=1359
+  _globals['_GENERATION']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)
