@@ -281,7 +281,7 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     answer.get_by_test_id("thumbs-down").click()
     answer.get_by_test_id("vote-saved").wait_for()
     SENT["ratings"].append((response_id, -1))
-    settings(page, repetition_penalty="1.3")  # the drawer's field reaches the engine
+    settings(page, repetition_penalty="1.3", frequency_penalty="0.4")  # the drawer's fields reach the engine
     say(page, "And what else?")
     second = last_answer(page)
     wait_done(second)
@@ -290,6 +290,7 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     assert wait_until(lambda: rows_where(server.generations(), response_id=rid2))
     (gen,) = rows_where(server.generations(), response_id=rid2)
     assert gen["sampling"]["repetition_penalty"] == 1.3
+    assert (gen["sampling"]["frequency_penalty"], gen["sampling"]["presence_penalty"]) == (0.4, 0.0)
     (first,) = rows_where(server.generations(), response_id=response_id)
     assert first["sampling"]["repetition_penalty"] == 1.0  # left empty: the server's default
     contents = [m["content"] for m in gen["messages"]]

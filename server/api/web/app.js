@@ -177,6 +177,10 @@ function sampling() {
   if (isFinite(temperature)) body.temperature = temperature;
   const penalty = parseFloat(byTestId("repetition-penalty").value);
   if (penalty > 0) body.repetition_penalty = penalty;
+  for (const name of ["frequency", "presence"]) {  // OpenAI's, -2..2; empty or 0: off
+    const value = parseFloat(byTestId(name + "-penalty").value);
+    if (isFinite(value) && value !== 0) body[name + "_penalty"] = Math.max(-2, Math.min(2, value));
+  }
   return body;
 }
 
