@@ -456,8 +456,8 @@ class Client(_ClientBase[Iterator[Chunk]]):
                  timeout: float | None = None, **sampling: Any) -> GenerateResult:
         """Complete a raw prompt. `sampling`: max_tokens, temperature, top_p, top_k, stop,
         seed, n, repetition_penalty, frequency_penalty, presence_penalty (None/omitted = server
-        default); `compare=True`: during an A/B test one answer from each version in random order (each `Completion` names its
-        version; leave n unset), else one answer."""
+        default); `compare=True`: during an A/B test one answer from each version in random
+        order (each `Completion` names its version; leave n unset), else one answer."""
         return self._unary(self._rpcs.generate(prompt, session_id, user_id, sampling), timeout)
 
     def chat(self, messages: Iterable[Message], *, session_id: str = "", user_id: str = "",
