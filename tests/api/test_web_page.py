@@ -281,7 +281,8 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     answer.get_by_test_id("thumbs-down").click()
     answer.get_by_test_id("vote-saved").wait_for()
     SENT["ratings"].append((response_id, -1))
-    settings(page, repetition_penalty="1.3", frequency_penalty="0.4")  # the drawer's fields reach the engine
+    # the drawer's fields reach the engine
+    settings(page, repetition_penalty="1.3", frequency_penalty="0.4")
     say(page, "And what else?")
     second = last_answer(page)
     wait_done(second)
@@ -296,6 +297,14 @@ def test_chat_streams_and_thumbs_are_logged(server, open_page, shots):
     contents = [m["content"] for m in gen["messages"]]
     assert "Hello there, who are you?" in contents and text in contents and contents[-1] == "And what else?"
     shot(page, shots / "chat-desktop.png")
+
+    # out of range: sent as typed, so the user reads the server's message (no silent clamp)
+    settings(page, frequency_penalty="5")
+    page.expected_errors.append("400")
+    say(page, "One more thing?")
+    refused = last_answer(page).get_by_test_id("chat-error")
+    refused.wait_for()
+    assert "frequency_penalty must be in [-2, 2]" in refused.inner_text()
 
     page.get_by_test_id("new-chat").click()
     assert page.get_by_test_id("answer").count() == 0

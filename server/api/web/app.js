@@ -175,11 +175,13 @@ function sampling() {
   if (maxTokens > 0) body.max_tokens = maxTokens;
   const temperature = parseFloat(byTestId("temperature").value);
   if (isFinite(temperature)) body.temperature = temperature;
-  const penalty = parseFloat(byTestId("repetition-penalty").value);
-  if (penalty > 0) body.repetition_penalty = penalty;
-  for (const name of ["frequency", "presence"]) {  // OpenAI's, -2..2; empty or 0: off
+  // empty: left out (the server's default); any number is sent as typed (the composer is
+  // novalidate: the drawer is closed when Send is pressed, so the browser could not show why it
+  // refused), and an out-of-range one gets the server's message in the answer
+  // (e.g. "frequency_penalty must be in [-2, 2]")
+  for (const name of ["repetition", "frequency", "presence"]) {
     const value = parseFloat(byTestId(name + "-penalty").value);
-    if (isFinite(value) && value !== 0) body[name + "_penalty"] = Math.max(-2, Math.min(2, value));
+    if (isFinite(value)) body[name + "_penalty"] = value;
   }
   return body;
 }
