@@ -299,7 +299,9 @@ def run_preference(preference: str, args, work: Path) -> list[dict]:
                    check=True, capture_output=True)
     vote_prompts, held = prompts(seed=args.seed)
     rng = random.Random(args.seed)
-    proc, target = start_server(data, work / f"{preference}-server.log")
+    extra = () if args.repetition_penalty is None else ("--default-repetition-penalty",
+                                                        str(args.repetition_penalty))
+    proc, target = start_server(data, work / f"{preference}-server.log", extra)
     registry = Registry(data)
     rows = []
     try:
@@ -479,6 +481,10 @@ def main() -> int:
                          "tested at 10%% traffic and the next rounds' users decide; pickers then "
                          "get blind compare pairs) (default %(default)s)")
     ap.add_argument("--align-arg", action="append", default=[], help="extra `align run` flag (repeatable)")
+    ap.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                    help="the server's `--default-repetition-penalty`: every answer users vote on "
+                         "and every held-out answer is sampled at it (default: the model's, 1); "
+                         "the gate's degeneration check samples without it")
     ap.add_argument("--plot", default=None, help="PNG of win rate vs votes")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args()
@@ -486,12 +492,16 @@ def main() -> int:
         ap.error("--flooder-share must be in [0, 1) and --users >= 1")
     if not 0 <= args.noise < 0.5 or not 0 < args.up_rate < 1:
         ap.error("--noise must be in [0, 0.5) and --up-rate in (0, 1)")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        ap.error("--repetition-penalty must be > 0")
     args.max_tokens = args.max_tokens or None
     prefs = args.preferences.split(",")
     flood = f", a flooder casting {args.flooder_share:.0%} of the votes" if args.flooder_share else ""
     print(f"loop_quality: {prefs}, {args.rounds} round(s) of {args.votes_per_round} votes from "
           f"{args.users} users ({args.feedback} feedback, {args.noise:.0%} flipped){flood}, "
-          f"align run {args.method or '(default method)'} {' '.join(args.align_arg)}",
+          f"align run {args.method or '(default method)'} {' '.join(args.align_arg)}"
+          + ("" if args.repetition_penalty is None
+             else f", server repetition penalty {args.repetition_penalty}"),
           flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
