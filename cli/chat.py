@@ -17,7 +17,8 @@ from prefloop.clients.chat_session import COMMANDS, ChatSession, Command, comman
 from prefloop.clients.client import DEFAULT_TARGET, TOKEN_ENV, Client
 from prefloop.clients.errors import ClientError
 
-__all__ = ["COMMANDS", "ChatSession", "Command", "add_arguments", "command", "handle_line", "run"]
+__all__ = ["COMMANDS", "ChatSession", "Command", "add_arguments", "command", "handle_line", "run",
+           "sampling_of"]
 
 PROMPT = "you> "
 
@@ -38,6 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="nucleus sampling: keep the smallest set of tokens whose probability "
                              "reaches P, in (0, 1] (default: the server's)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="> 1 discourages tokens already in the context; 1 = off (default: the "
+                             "server's)")
+    parser.add_argument("--frequency-penalty", type=float, default=None,
+                        help="OpenAI's, in [-2, 2]: subtracted from a token's logit per time it occurs "
+                             "in the answer so far; 0 = off (default 0)")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="OpenAI's, in [-2, 2]: subtracted once from a token that occurs in the "
+                             "answer so far; 0 = off (default 0)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of each answer's sampling: the same seed and settings give the "
                              "same answer (default: random)")
@@ -47,6 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="user id recorded with each answer (default $USER)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="deadline of each call in seconds (default %(default)s)")
+
+
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty", "seed")
+
+
+def sampling_of(args: argparse.Namespace) -> dict:
+    """The sampling fields every turn sends: the flags given (None leaves one to the server).
+    Raises InvalidArgument for a value no server takes (checked as the server checks it), so a
+    mistake is reported before connecting, not after every turn."""
+    from prefloop.server.engine.sampling_params import SamplingParams
+
+    sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    SamplingParams(**sampling)
+    return sampling
 
 
 def _catch_ctrl_c() -> None:
@@ -75,10 +100,15 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
+    from prefloop.server.errors import InvalidArgument
+
+    try:
+        sampling = sampling_of(args)
+    except InvalidArgument as exc:
+        print(f"prefloop chat: {exc}", file=sys.stderr)
+        return 2
     client = Client(args.target, token=args.token, root_certificates=args.tls_root_cert,
                     tls=args.tls, timeout=args.timeout)
-    sampling = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed).items() if v is not None}
     _catch_ctrl_c()
     session = ChatSession(client, system=args.system, sampling=sampling,
                           session_id=args.session_id or f"chat-{uuid.uuid4().hex[:12]}",

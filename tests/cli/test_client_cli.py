@@ -2,6 +2,7 @@
 commands as subprocesses against the real server (slow)."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from conftest import USER_TOKEN
 
 from prefloop.cli.bench import percentile
-from prefloop.cli.chat import COMMANDS, ChatSession, command, handle_line
+from prefloop.cli.chat import COMMANDS, ChatSession, add_arguments, command, handle_line, sampling_of
 from prefloop.clients import Client
 
 
@@ -65,6 +66,32 @@ def test_chat_commands_are_extensible(fake_server):
         assert seen == [session.last_response_id] and seen[0]
     finally:
         COMMANDS.pop("/good")
+
+
+def test_chat_flags_reach_the_engine_as_sampling_params(fake_server):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-tokens", "2", "--repetition-penalty", "1.1",
+                              "--frequency-penalty", "0.5", "--presence-penalty", "-0.25", "--seed", "7"])
+    sampling = sampling_of(args)
+    assert "temperature" not in sampling and "top_p" not in sampling  # unset: the server's defaults
+    with Client(fake_server.target, timeout=30) as client:
+        assert handle_line(ChatSession(client, out=io.StringIO(), sampling=sampling), "hi")
+    used = fake_server.generator.params[-1]
+    assert (used.max_tokens, used.repetition_penalty, used.frequency_penalty, used.presence_penalty,
+            used.seed) == (2, 1.1, 0.5, -0.25, 7)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--frequency-penalty", "3", "frequency_penalty must be in [-2, 2]"),
+    ("--presence-penalty", "-2.5", "presence_penalty must be in [-2, 2]"),
+    ("--repetition-penalty", "0", "repetition_penalty must be > 0"),
+])
+def test_chat_refuses_a_bad_sampling_flag_before_connecting(flag, value, message):
+    result = _cli("chat", "--target", "127.0.0.1:1", flag, value, stdin="hi\n", timeout=60)
+    assert result.returncode == 2
+    assert f"prefloop chat: {message}" in result.stderr
+    assert "cannot reach" not in result.stderr  # it never tried to connect
 
 
 def test_percentile():
