@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "%(default)s)")
     parser.add_argument("--no-reflection", action="store_true",
                         help="do not serve gRPC server reflection")
+    parser.add_argument("--no-merge-adapters", action="store_true",
+                        help="keep a version published as a LoRA adapter (align's default) as a "
+                             "per-request adapter on the engine it was trained over after a "
+                             "hot-swap (decode about 0.6-0.9x) instead of loading its merged "
+                             "weights in the background and moving to them (the default; native "
+                             "backend; the load briefly holds a second copy of the weights and KV "
+                             "cache)")
     parser.add_argument("--registry-poll", type=float, default=2.0, metavar="SECONDS",
                         help="how often to check <data-dir>/registry/CURRENT and hot-swap to a newly "
                              "promoted version (0 = only through Models.Promote; the A/B test "
@@ -269,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
 
     registry = Registry(config.data_dir)
     kwargs = generator_kwargs(args)
+    kwargs["merge_adapters"] = not args.no_merge_adapters
     driver = None
     if args.backend == "native" and args.engine_thread == "main":
         driver = kwargs["driver"] = MainThreadDriver()

@@ -66,7 +66,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
                     max_lora_rank: int = 64, quantize: str = "none", quant_kernel: str = "auto",
                     compile: bool = False, attention: str = "auto",
                     weight_layout: str = "auto", driver=None,
-                    max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE) -> Generator:
+                    max_grammar_size: int = DEFAULT_MAX_GRAMMAR_SIZE,
+                    merge_adapters: bool = False) -> Generator:
     """Load a model (None = the embedded default) and wrap it in an engine and a Generator.
 
     `dtype` "auto" (default) is bfloat16 on CUDA or on a CPU with native bf16, else float32
@@ -86,6 +87,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
     `tensor_parallel_size`, `gpu_memory_utilization`, `enforce_eager`, and `enable_lora`,
     `max_loras`, `max_lora_rank` for adapter versions as LoRA requests; the device is the one vLLM
     was built for).
+    `merge_adapters`: after a hot-swap to a version served as a per-request adapter, load its
+    merged weights in the background and move to them (native only; generator.py).
     """
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -163,7 +166,8 @@ def build_generator(model: str | None = None, dtype: str = "auto", device: str =
         context=context, quantize=quantize, quant_kernel=quant_kernel, compile=compile,
         attention=attention, weight_layout=weight_layout, driver=driver,
         max_grammar_size=max_grammar_size)
-    return Generator(loader(model_dir, model_version or Path(model_dir).name), loader)
+    return Generator(loader(model_dir, model_version or Path(model_dir).name), loader,
+                     merge_adapters=merge_adapters)
 
 
 def auto_quantize(backend: str, device: str, dtype: str, quant_kernel: str) -> str:

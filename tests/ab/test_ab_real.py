@@ -137,7 +137,8 @@ def test_thumbs_only_traffic_rejects_nothing_it_cannot_tell_and_promotes_a_liked
     promote; then, in a new test, users who like the candidate's answers promote it through the
     ratings test, while 8 streams run through the start, the decision and the swap unfailed.
     The candidate is a LoRA adapter over the served version (what a LoRA job publishes), so it
-    runs on the served engine, during the test and after its promotion (no load at all)."""
+    runs on the served engine during the test and at once after its promotion (its merged weights
+    are then loaded in the background: tests/serving/test_hot_swap.py)."""
     tmp, registry, _, server, url, _ = ab_real
     v1, _ = publish_random_adapter(registry, "v0000", seed=5, scale=0.2)
     with Client(server.target, token=ADMIN_TOKEN) as admin:

@@ -10,7 +10,9 @@ A hot-swap to a version that is the serving engine's weights plus LoRA adapters 
 engine with the chain's adapters as one per-request adapter and answer as the merged version on an
 engine of its own; a request already running finishes on the version it started with; a rollback
 to the engine's own weights is instant too; a full version still gets its own engine, and the old
-engine stops only when no version on it is left."""
+engine stops only when no version on it is left. With `merge_adapters` (the server's default) a
+swap to an adapter is served that way at once and then moves to the version's merged weights,
+loaded in the background; a newer swap cancels a merge still loading."""
 from __future__ import annotations
 
 import asyncio
@@ -167,3 +169,74 @@ def test_swaps_along_an_adapter_chain_keep_one_engine_and_answer_as_the_merged_v
     # a full version: its own engine, the same answers as the chain it was merged from; the old
     # engine stopped once no version on it was left
     assert not full_shares and full == merged_v2 and old_stopped
+
+
+def _merging_generator(registry, version):
+    return build_generator(model=str(registry.version_dir(version)), model_version=version,
+                           dtype="float32", kv_cache_tokens=2048, merge_adapters=True)
+
+
+def test_a_swap_to_an_adapter_is_instant_then_moves_to_its_merged_weights_in_the_background(
+        registry, alone):
+    async def run():
+        generator = _merging_generator(registry, "v0000")
+        await generator.start()
+        engine = generator._current.engine
+        await generator.swap(registry.version_dir("v0001"), "v0001")
+        view = (generator._current.engine is engine, generator._current.adapter)
+        merging = generator._merging
+        # a request that starts on the view, before the merged weights are ready
+        long_params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        ids = generator.chat_ids([{"role": "user", "content": QUESTIONS[0]}])
+        stream = generator.stream("on-view", ids, long_params)
+        first = await anext(stream)
+        await merging
+        merged = (generator._current.engine is engine, generator._current.adapter,
+                  generator._current.weights_version, generator.info.model_version)
+        answers = await _answers(generator, "merged")
+        rest = [d async for d in stream]
+        for thread in generator._retiring:
+            await asyncio.to_thread(thread.join, 30)
+        old_stopped = engine.stopping
+        await generator.close()
+        on_view = (first.text_delta + "".join(d.text_delta for d in rest),
+                   {first.model_version, *(d.model_version for d in rest)})
+        return view, merging, merged, answers, on_view, old_stopped
+
+    view, merging, merged, answers, on_view, old_stopped = asyncio.run(run())
+    assert view[0] and view[1] > 0  # served at once as an adapter on the same engine
+    assert merging is not None and merging.done() and not merging.cancelled()
+    # then on an engine of its own, holding the merged weights (no adapter)
+    assert merged == (False, 0, "v0001", "v0001")
+    assert answers == alone["v0001"]
+    # the request that started on the view finished there, whole, as v0001; then the view's
+    # engine stopped, nothing being left on it
+    assert on_view[1] == {"v0001"} and on_view[0].startswith(alone["v0001"][0])
+    assert old_stopped
+
+
+def test_a_newer_swap_cancels_the_merge_of_the_version_it_replaces(registry, alone):
+    async def run():
+        generator = _merging_generator(registry, "v0000")
+        await generator.start()
+        engine = generator._current.engine
+        await generator.swap(registry.version_dir("v0001"), "v0001")
+        first_merge = generator._merging
+        await generator.swap(registry.version_dir("v0002"), "v0002")  # before v0001's load ends
+        second_merge = generator._merging
+        await asyncio.gather(first_merge, return_exceptions=True)
+        await second_merge
+        state = (generator._current.engine is engine, generator._current.adapter,
+                 generator.info.model_version)
+        answers = await _answers(generator, "v2")
+        rollback = await generator.swap(registry.version_dir("v0000"), "v0000")  # a full load
+        back = (generator._current.adapter, generator._merging, await _answers(generator, "back"))
+        await generator.close()
+        return first_merge, second_merge, state, answers, rollback, back
+
+    first_merge, second_merge, state, answers, rollback, back = asyncio.run(run())
+    assert first_merge.cancelled() and second_merge is not first_merge
+    assert state == (False, 0, "v0002") and answers == alone["v0002"]
+    # back to v0000 from v0002's merged engine: its own weights again, nothing left to merge
+    assert rollback.model_version == "v0000" and back[0] == 0 and back[1] is None
+    assert back[2] == alone["v0000"]

@@ -91,10 +91,13 @@ def test_corrupt_version_refused_and_old_keeps_serving(registry_server):
     assert err.value.code == "PERMISSION_DENIED"
 
 
-def test_promote_and_rollback_to_an_adapter_version_under_load_load_nothing(registry_server):
-    """A LoRA adapter version over the served one is promoted and rolled back while 8 clients
-    stream: no request fails, every answer is its version's (the merged weights' answer, from a
-    separate process), and the server ran it on the engine it had instead of loading one."""
+def test_an_adapter_version_promoted_under_load_serves_at_once_then_merges_and_rolls_back(
+        registry_server):
+    """A LoRA adapter version over the served one is promoted while 8 clients stream: the server
+    serves it at once on the engine it had (an adapter view, nothing loaded), then moves to its
+    merged weights loaded in the background while the clients keep streaming, then rolls back.
+    No request fails and every answer is its version's (the merged weights' answer, from a
+    separate process)."""
     from adapter_helpers import publish_random_adapter
 
     server, registry, _, expected = registry_server
@@ -105,12 +108,20 @@ def test_promote_and_rollback_to_an_adapter_version_under_load_load_nothing(regi
         adapter, _ = publish_random_adapter(registry, served, seed=5, scale=0.5)
         answers = {served: expected[served], adapter: cli_generate(registry.version_dir(adapter))}
         assert answers[adapter] != answers[served], "the adapter must change the answer"
-        switched, load = swap_under_load(server.target, lambda: admin.promote(adapter), n=8)
+        merged = f"now serving {adapter} from its merged weights"
+
+        def promote_and_merge():
+            switched = admin.promote(adapter)
+            assert wait_until(lambda: merged in server.log_text(), timeout=120)
+            return switched
+
+        switched, load = swap_under_load(server.target, promote_and_merge, n=8)
         assert switched == (served, adapter)
         assert_each_answer_from_its_version(load, answers, final=adapter)
         switched, load = swap_under_load(server.target, lambda: admin.rollback(), n=8)
         assert switched == (adapter, served)
         assert_each_answer_from_its_version(load, answers, final=served)
     log = server.log_text()
-    assert f"now serving {adapter} (an adapter on the engine of {served})" in log
-    assert f"now serving {served} (the weights of {served})" in log
+    view = log.index(f"now serving {adapter} (an adapter on the engine of {served})")
+    # the rollback leaves the merged engine: v0000's weights are loaded again
+    assert view < log.index(merged) < log.rindex(f"now serving {served} (")
