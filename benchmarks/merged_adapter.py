@@ -8,11 +8,13 @@ what users get from each, against the bare thing: the same engine serving the ba
 
 One registry in a temporary folder: v0000 the default model, v0001 a random adapter of the align
 job's shape and size (benchmarks/adapter_versions.py `publish_both`). Per repeat, in one process:
-a generator on v0000 decodes `--streams` concurrent answers of `--tokens` tokens each (ignore_eos,
-the web page's temperature 0.7, `--repetition-penalty`), is swapped to v0001 and decodes the same
-on the view; a second generator with `merge_adapters` is swapped to v0001, waits for the merge and
-decodes the same on the merged weights. Aggregate tokens/s of each, and each repeat's ratios to
-that repeat's base; the median over `--repeats` (ratios, not absolute times: this VM is noisy).
+a generator on v0000 serves `--streams` users who each ask 3 questions one after the other,
+answers of `--tokens`/2 to `--tokens` tokens (ignore_eos; the web page's temperature 0.7,
+`--repetition-penalty`; prompts arrive while others decode, as on a server), is swapped to
+v0001 and serves the same on the view; a second generator with `merge_adapters` is swapped to
+v0001, waits for the merge and serves the same on the merged weights. Aggregate tokens/s of
+each, and each repeat's ratios to that repeat's base; the median over `--repeats` (ratios, not
+absolute times: this VM is noisy).
 
     python benchmarks/merged_adapter.py [--streams 8] [--tokens 128] [--repeats 3]
 """
@@ -33,22 +35,31 @@ from adapter_versions import publish_both  # noqa: E402
 QUESTION = "Tell me about the sea."
 
 
-async def decode_tok_s(generator, streams: int, tokens: int, repetition_penalty: float) -> float:
-    """Aggregate tokens/s of `streams` concurrent answers of exactly `tokens` tokens."""
+async def decode_tok_s(generator, streams: int, tokens: int, repetition_penalty: float,
+                       requests: int = 3) -> float:
+    """Aggregate tokens/s of `streams` users each asking `requests` questions one after the other,
+    every answer exactly its drawn length (`tokens`/2 to `tokens`, the same draws every call), so
+    new prompts arrive while others decode, as on a server; not only one burst then pure decode."""
+    import random
+
     from prefloop.server.engine.sampling_params import SamplingParams
 
     ids = generator.chat_ids([{"role": "user", "content": QUESTION}])
+    draws = random.Random(0)
+    lengths = [[draws.randint(max(1, tokens // 2), tokens) for _ in range(requests)]
+               for _ in range(streams)]
 
-    async def one(i: int) -> int:
-        params = SamplingParams(temperature=0.7, max_tokens=tokens, seed=i, ignore_eos=True,
-                                repetition_penalty=repetition_penalty)
+    async def user(i: int) -> int:
         n = 0
-        async for delta in generator.stream(f"bench-{time.monotonic_ns()}-{i}", ids, params):
-            n += len(delta.token_ids)
+        for j, length in enumerate(lengths[i]):
+            params = SamplingParams(temperature=0.7, max_tokens=length, seed=100 * i + j,
+                                    ignore_eos=True, repetition_penalty=repetition_penalty)
+            async for delta in generator.stream(f"bench-{time.monotonic_ns()}-{i}-{j}", ids, params):
+                n += len(delta.token_ids)
         return n
 
     started = time.perf_counter()
-    total = sum(await asyncio.gather(*(one(i) for i in range(streams))))
+    total = sum(await asyncio.gather(*(user(i) for i in range(streams))))
     return total / (time.perf_counter() - started)
 
 
@@ -64,7 +75,7 @@ async def one_repeat(registry, adapter: str, args) -> dict[str, float]:
     view = generator(False)
     await view.start()
     try:
-        await decode_tok_s(view, 2, 8, args.repetition_penalty)  # warm-up
+        await decode_tok_s(view, 2, 8, args.repetition_penalty, 1)  # warm-up
         out["base"] = await decode_tok_s(view, args.streams, args.tokens, args.repetition_penalty)
         await view.swap(registry.version_dir(adapter), adapter)
         assert view._current.adapter, "the swap did not serve an adapter view"
@@ -79,7 +90,7 @@ async def one_repeat(registry, adapter: str, args) -> dict[str, float]:
         await merged._merging
         out["merge_s"] = time.perf_counter() - started
         assert not merged._current.adapter, "the merge did not take over"
-        await decode_tok_s(merged, 2, 8, args.repetition_penalty)  # warm-up of the new engine
+        await decode_tok_s(merged, 2, 8, args.repetition_penalty, 1)  # warm-up of the new engine
         out["merged"] = await decode_tok_s(merged, args.streams, args.tokens, args.repetition_penalty)
     finally:
         await merged.close()
