@@ -14,8 +14,8 @@ requests move to it while running ones finish on the old weights; vLLM (one copy
 reloaded in place) holds new requests while running ones finish, reloads, then starts them.
 
 A view decodes slower than plain weights (the LoRA update on every projection: 0.6x per token in
-a real loop's server on 2026-12-08, 0.86-0.90x in the engine benchmark), and a promoted version
-is served for days. So with `merge_adapters` (the server's default) a native generator then loads
+a real loop's server on 2026-12-08, 0.74x in benchmarks/merged_adapter.py, 0.86-0.92x in the
+engine's pure-decode benchmark), and a promoted version is served for days. So with `merge_adapters` (the server's default) a native generator then loads
 the version's merged weights on an engine of their own in the background, and moves new requests
 there once they are ready, exactly as a swap to a full version does; requests that started on the
 view finish there, and the view's engine stops once nothing runs on it (an A/B candidate served
